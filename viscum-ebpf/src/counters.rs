@@ -1,0 +1,28 @@
+//! Global counters and the runtime configuration slot.
+
+use aya_ebpf::{macros::map, maps::{Array, PerCpuArray}};
+use viscum_common::{DatapathConfig, GLOBAL_COUNTERS, GlobalCounter};
+
+/// Per-CPU so the hot path never needs an atomic add.
+#[map(name = "VISCUM_GLOBAL")]
+static GLOBAL: PerCpuArray<u64> = PerCpuArray::pinned(GLOBAL_COUNTERS, 0);
+
+/// One slot, written by user space (`viscum trace` flips `log_debug`).
+#[map(name = "VISCUM_CONFIG")]
+static CONFIG: Array<DatapathConfig> = Array::pinned(1, 0);
+
+#[inline(always)]
+pub fn bump(counter: GlobalCounter) {
+    if let Some(slot) = GLOBAL.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn log_enabled() -> bool {
+    match CONFIG.get(0) {
+        Some(cfg) => cfg.log_debug != 0,
+        None => false,
+    }
+}

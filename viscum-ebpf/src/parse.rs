@@ -1,0 +1,148 @@
+//! Header parsing with direct packet access.
+//!
+//! Every read goes through [`load`], which checks `offset + size <= data_end`
+//! right before the access: the verifier only accepts packet reads it can see
+//! bounded against `data_end`. Offsets derived from packet bytes (IHL, IPv6
+//! extension header lengths) are masked to small ranges first so the
+//! verifier can track them.
+
+use aya_ebpf::{helpers::bpf_skb_pull_data, programs::TcContext};
+use viscum_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceKey};
+
+const ETH_HLEN: usize = 14;
+const VLAN_HLEN: usize = 4;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86DD;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88A8;
+const IPV6_HLEN: usize = 40;
+/// Enough linear bytes for Ethernet + VLAN + IPv6 + a few extension headers + ports.
+const MAX_HEADERS: u32 = 192;
+/// IPv6 extension headers walked before giving up (verifier needs a bound).
+const MAX_V6_EXT: usize = 4;
+
+pub enum ParseError {
+    /// Not IPv4/IPv6 over Ethernet, or not TCP/UDP: none of our business.
+    NotIp,
+    /// An IP fragment.
+    Fragment,
+    /// Truncated or inconsistent headers.
+    Malformed,
+}
+
+/// What the classifier needs from a packet.
+pub struct Parsed {
+    pub key: ServiceKey,
+    /// The frame carries an 802.1Q/802.1ad tag in its data (not only in the
+    /// skb metadata); the redirect path must strip it.
+    pub l2_vlan: bool,
+}
+
+enum Short {
+    Yes,
+}
+
+#[inline(always)]
+fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Short> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + off + core::mem::size_of::<T>() > end {
+        return Err(Short::Yes);
+    }
+    // SAFETY: bounds checked just above; unaligned because headers are not
+    // naturally aligned after a 14-byte Ethernet header.
+    Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
+}
+
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Result<Parsed, ParseError> {
+    match parse_linear(ctx) {
+        Ok(r) => r,
+        Err(Short::Yes) => {
+            // Headers may sit partly in paged data (GRO, some drivers): pull
+            // them into the linear area once and retry. A packet that is
+            // genuinely shorter than its headers fails again and is malformed.
+            let len = ctx.len();
+            let want = if len < MAX_HEADERS { len } else { MAX_HEADERS };
+            // SAFETY: plain helper call on our own skb.
+            if unsafe { bpf_skb_pull_data(ctx.skb.skb as *mut _, want) } != 0 {
+                return Err(ParseError::Malformed);
+            }
+            match parse_linear(ctx) {
+                Ok(r) => r,
+                Err(Short::Yes) => Err(ParseError::Malformed),
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
+    let mut ethertype = u16::from_be(load::<u16>(ctx, 12)?);
+    let mut l3 = ETH_HLEN;
+    let mut l2_vlan = false;
+    if ethertype == ETH_P_8021Q || ethertype == ETH_P_8021AD {
+        ethertype = u16::from_be(load::<u16>(ctx, ETH_HLEN + 2)?);
+        l3 += VLAN_HLEN;
+        l2_vlan = true;
+    }
+    let mut key = ServiceKey { addr: [0; 16], port: 0, proto: 0, family: 0 };
+    let l4 = match ethertype {
+        ETH_P_IP => {
+            let vihl = load::<u8>(ctx, l3)?;
+            if vihl >> 4 != 4 {
+                return Ok(Err(ParseError::Malformed));
+            }
+            let ihl = ((vihl & 0x0f) as usize) * 4;
+            if ihl < 20 {
+                return Ok(Err(ParseError::Malformed));
+            }
+            let frag = u16::from_be(load::<u16>(ctx, l3 + 6)?);
+            // MF set, or a non-zero offset: some fragment of a datagram.
+            if frag & 0x3fff != 0 {
+                return Ok(Err(ParseError::Fragment));
+            }
+            key.proto = load::<u8>(ctx, l3 + 9)?;
+            let daddr = load::<[u8; 4]>(ctx, l3 + 16)?;
+            key.addr[..4].copy_from_slice(&daddr);
+            key.family = FAMILY_V4;
+            // ihl <= 60: bounded for the verifier.
+            l3 + (ihl & 0x3c)
+        }
+        ETH_P_IPV6 => {
+            let vtc = load::<u8>(ctx, l3)?;
+            if vtc >> 4 != 6 {
+                return Ok(Err(ParseError::Malformed));
+            }
+            key.addr = load::<[u8; 16]>(ctx, l3 + 24)?;
+            key.family = FAMILY_V6;
+            let mut next = load::<u8>(ctx, l3 + 6)?;
+            let mut off = l3 + IPV6_HLEN;
+            for _ in 0..MAX_V6_EXT {
+                match next {
+                    // Hop-by-hop, routing, destination options: (len + 1) * 8 bytes.
+                    0 | 43 | 60 => {
+                        let hdr = load::<[u8; 2]>(ctx, off)?;
+                        next = hdr[0];
+                        off += ((hdr[1] as usize) + 1) * 8 & 0x7f8;
+                    }
+                    44 => return Ok(Err(ParseError::Fragment)),
+                    _ => break,
+                }
+            }
+            key.proto = next;
+            // Bound for the verifier: Ethernet + VLAN + 40 + 4 * 2040 max.
+            if off > 8 * 1024 {
+                return Ok(Err(ParseError::Malformed));
+            }
+            off
+        }
+        _ => return Ok(Err(ParseError::NotIp)),
+    };
+    if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
+        return Ok(Err(ParseError::NotIp));
+    }
+    // Destination port, left in network byte order (see ServiceKey::port).
+    key.port = load::<u16>(ctx, l4 + 2)?;
+    Ok(Ok(Parsed { key, l2_vlan }))
+}

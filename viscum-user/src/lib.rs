@@ -1,0 +1,18 @@
+//! Viscum user space: the loader, the CLI and (later) the daemon.
+//!
+//! # Layout
+//!
+//! * [`bpffs`]: finding or mounting the bpffs directory that holds the pins.
+//! * [`endpoint`]: `PROTO://ADDR[:PORT]` parsing and its map key encoding.
+//! * [`engine`]: loading, attaching and pinning the classifier; editing its maps.
+//! * [`netns`]: named network namespaces, veths, addresses and routes over netlink.
+//! * [`cli`]: the `viscum` command line, one module per command.
+
+pub mod bpffs;
+pub mod cli;
+pub mod endpoint;
+pub mod engine;
+pub mod netns;
+
+/// The compiled classifier object, embedded at build time.
+pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/viscum"));
