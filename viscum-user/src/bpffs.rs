@@ -1,1 +1,84 @@
-//! TODO
+//! The bpffs directory that holds Viscum's pins.
+//!
+//! Pins are what let the datapath outlive the process that attached it and
+//! let every later `viscum` command find the maps. A fresh box often has no
+//! bpffs mounted at all, so we mount one where needed.
+//!
+//! `ip netns exec` runs commands in a private mount namespace with a fresh
+//! `/sys`, where `/sys/fs/bpf` is an empty directory (see
+//! shared/docs/toolchain.md). A directory outside `/sys` (e.g. under `/run`)
+//! on which we mount bpffs ourselves stays shared with every process of the
+//! root mount namespace, which is why both locations are supported.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+use nix::mount::{MsFlags, mount};
+
+/// Magic number of bpffs in `statfs(2)` (linux/magic.h).
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+/// The conventional system-wide bpffs mount point.
+const SYS_FS_BPF: &str = "/sys/fs/bpf";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpffsError {
+    #[error("cannot inspect {path}")]
+    Stat {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("cannot create directory {path}")]
+    Mkdir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot mount bpffs on {path} (is this root, with CAP_SYS_ADMIN?)")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: nix::Error,
+    },
+    #[error("bpffs directory {0} must be an absolute path")]
+    Relative(PathBuf),
+}
+
+/// Is `path` on a bpffs?
+pub fn is_bpffs(path: &Path) -> Result<bool, BpffsError> {
+    let st = nix::sys::statfs::statfs(path)
+        .map_err(|source| BpffsError::Stat { path: path.to_owned(), source })?;
+    Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+}
+
+/// Makes sure `dir` exists on a bpffs, mounting one if needed, without
+/// touching anything when it already does.
+///
+/// * nearest existing ancestor on bpffs: create the missing directories in it;
+/// * `/sys/fs/bpf/...` with no bpffs mounted yet: mount it at `/sys/fs/bpf`,
+///   as systemd would have;
+/// * anywhere else: create `dir` and mount a bpffs instance on it.
+pub fn ensure(dir: &Path) -> Result<(), BpffsError> {
+    if !dir.is_absolute() {
+        return Err(BpffsError::Relative(dir.to_owned()));
+    }
+    let ancestor = dir.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
+    if is_bpffs(ancestor)? {
+        return mkdir_all(dir);
+    }
+    let sys = Path::new(SYS_FS_BPF);
+    let mount_point = if dir.starts_with(sys) && sys.is_dir() { sys.to_path_buf() } else { dir.to_path_buf() };
+    mkdir_all(&mount_point)?;
+    if !is_bpffs(&mount_point)? {
+        mount(Some("bpf"), &mount_point, Some("bpf"), MsFlags::empty(), None::<&str>)
+            .map_err(|source| BpffsError::Mount { path: mount_point.clone(), source })?;
+        log::info!("mounted bpffs on {}", mount_point.display());
+    }
+    mkdir_all(dir)
+}
+
+fn mkdir_all(dir: &Path) -> Result<(), BpffsError> {
+    std::fs::create_dir_all(dir).map_err(|source| BpffsError::Mkdir { path: dir.to_owned(), source })
+}

@@ -6,6 +6,7 @@
 //! * [`endpoint`]: `PROTO://ADDR[:PORT]` parsing and its map key encoding.
 //! * [`engine`]: loading, attaching and pinning the classifier; editing its maps.
 //! * [`netns`]: named network namespaces, veths, addresses and routes over netlink.
+//! * [`redirect`]: redirect entries plus the local routes they need in service namespaces.
 //! * [`cli`]: the `viscum` command line, one module per command.
 
 pub mod bpffs;
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod endpoint;
 pub mod engine;
 pub mod netns;
+pub mod redirect;
 
 /// The compiled classifier object, embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/viscum"));

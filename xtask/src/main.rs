@@ -1,1 +1,69 @@
-fn main(){}
+//! Developer tasks for Viscum, run as `cargo xtask <command>` (aliased in
+//! `.cargo/config.toml`).
+//!
+//! # Layout
+//!
+//! One module per command: [`setup`] installs the toolchain and test tools,
+//! [`build`] builds the `viscum` binary (and finds it), [`run`] runs it or
+//! starts the [`lab`], [`test`] runs every test, [`dist`] makes release
+//! binaries, [`bench`] is a placeholder. [`process`] holds the small helpers
+//! they share for running commands.
+//!
+//! xtask is an edge of the project, so errors are `anyhow` and are printed
+//! once, with their whole chain, in `main`.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod build;
+mod dist;
+mod lab;
+mod process;
+mod run;
+mod setup;
+mod test;
+
+/// Developer tasks for Viscum.
+#[derive(Parser)]
+#[command(name = "cargo xtask", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install what building and testing Viscum needs; a quick no-op when all of it is there.
+    Setup(setup::Options),
+    /// Set up, then `cargo build -p viscum-user` (the `viscum` binary embeds the eBPF object).
+    Build(build::Options),
+    /// Set up, build, then run all tests (privileged namespace tests need root).
+    Test(test::Options),
+    /// Set up, build, then run `viscum ARGS...`; without ARGS, start the lab until Ctrl-C.
+    Run(run::Options),
+    /// Release-build stripped `viscum` binaries (static musl where the target is installed).
+    Dist(dist::Options),
+    /// Benchmarks (not implemented yet).
+    Bench,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Setup(opts) => setup::run(&opts),
+        Command::Build(opts) => build::run(&opts),
+        Command::Test(opts) => test::run(&opts),
+        Command::Run(opts) => run::run(opts),
+        Command::Dist(opts) => dist::run(&opts),
+        Command::Bench => bench::run(),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

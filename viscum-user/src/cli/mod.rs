@@ -1,1 +1,122 @@
-//! TODO
+//! The `viscum` command line: argument definitions here, one module per command.
+
+mod attach;
+mod ns;
+mod redirect;
+mod stats;
+mod trace;
+
+use std::{io::Write as _, path::PathBuf};
+
+use clap::{Parser, Subcommand};
+
+use crate::engine::Pins;
+
+/// Viscum: serve cloud addresses from local copies at the edge, with an eBPF
+/// classifier at TC ingress.
+#[derive(Debug, Parser)]
+#[command(name = "viscum", version, propagate_version = true)]
+pub struct Cli {
+    /// bpffs directory holding this instance's pinned program, maps and links.
+    /// Independent instances use different directories. A bpffs is mounted
+    /// there if none is.
+    #[arg(long, global = true, env = "VISCUM_BPFFS", default_value = "/sys/fs/bpf/viscum")]
+    pub bpffs: PathBuf,
+
+    /// Verbosity of viscum's own messages: off, error, warn, info, debug, trace.
+    /// `debug` also turns on the classifier's per-packet decision records
+    /// for commands that stream them (`viscum trace`).
+    #[arg(long, global = true, env = "VISCUM_LOG", default_value = "warn")]
+    pub log_level: log::LevelFilter,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach the classifier at TC ingress of client-facing interfaces (idempotent).
+    Attach(attach::AttachArgs),
+    /// Detach the classifier from interfaces; entries stay pinned for a later attach.
+    Detach(attach::DetachArgs),
+    /// Manage service namespaces.
+    #[command(subcommand)]
+    Ns(ns::NsCommand),
+    /// Manage redirect entries.
+    #[command(subcommand)]
+    Redirect(redirect::RedirectCommand),
+    /// Show datapath counters and entries.
+    Stats(stats::StatsArgs),
+    /// Stream the classifier's per-packet decisions until Ctrl-C.
+    Trace(trace::TraceArgs),
+}
+
+/// Failure of a command, printed as `viscum: <message>: <causes>`.
+pub type Result<T> = anyhow::Result<T>;
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> Result<()> {
+    check_privileges()?;
+    let pins = Pins::new(&cli.bpffs);
+    match cli.command {
+        Command::Attach(args) => attach::attach(&pins, args),
+        Command::Detach(args) => attach::detach(&pins, args),
+        Command::Ns(cmd) => ns::run(&pins, cmd).await,
+        Command::Redirect(cmd) => redirect::run(&pins, cmd).await,
+        Command::Stats(args) => stats::run(&pins, args).await,
+        Command::Trace(args) => trace::run(&pins, args).await,
+    }
+}
+
+/// Capabilities the commands need: CAP_NET_ADMIN for netlink and TC,
+/// CAP_BPF (or CAP_SYS_ADMIN) for maps and programs, CAP_SYS_ADMIN for
+/// namespaces and mounts. Checked up front so an unprivileged run fails with
+/// one clear line instead of an EPERM from deep inside.
+fn check_privileges() -> Result<()> {
+    const CAP_NET_ADMIN: u32 = 12;
+    const CAP_SYS_ADMIN: u32 = 21;
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        .unwrap_or(0);
+    let has = |cap: u32| eff & (1u64 << cap) != 0;
+    if !has(CAP_NET_ADMIN) || !has(CAP_SYS_ADMIN) {
+        anyhow::bail!("viscum needs root privileges (CAP_NET_ADMIN and CAP_SYS_ADMIN): run it as root");
+    }
+    Ok(())
+}
+
+/// Prints `value` as pretty JSON on stdout.
+fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    serde_json::to_writer_pretty(&mut out, value)?;
+    writeln!(out)?;
+    Ok(())
+}
+
+/// Prints rows as a left-aligned table with a header.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}

@@ -1,1 +1,106 @@
-//! TODO
+//! The datapath as user space sees it: loading and attaching the classifier
+//! ([`attach`]), and reading and editing its pinned maps ([`maps`]).
+//!
+//! Everything lives under one bpffs directory (the `--bpffs` option), so
+//! several independent instances can coexist on one box:
+//!
+//! ```text
+//! <bpffs>/prog_ingress          the loaded classifier
+//! <bpffs>/VISCUM_SERVICES       redirect entries (pinned by name by aya)
+//! <bpffs>/VISCUM_GLOBAL         global counters
+//! <bpffs>/VISCUM_CONFIG         runtime knobs
+//! <bpffs>/links/<ifname>        one TCX link per attached interface
+//! ```
+
+pub mod attach;
+pub mod maps;
+
+use std::path::{Path, PathBuf};
+
+pub use attach::{AttachOutcome, attach, attached_interfaces, detach, purge};
+pub use maps::{Engine, EntryView, GlobalStats};
+
+/// Errors of the engine. Messages are for the person at the prompt.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("viscum is not attached: no datapath is pinned under {0} (run `viscum attach IFACE` first, or pass the --bpffs used then)")]
+    NotAttached(PathBuf),
+    #[error("interface {0} does not exist")]
+    UnknownInterface(String),
+    #[error("'{0}' is not a valid interface name")]
+    BadInterfaceName(String),
+    #[error("viscum is not attached to {0}")]
+    NotAttachedTo(String),
+    #[error("an entry for {0} already exists (delete it first to change its target)")]
+    Duplicate(String),
+    #[error("no entry for {0}")]
+    NoSuchEntry(String),
+    #[error("the services map is full ({0} entries); attach with a larger --max-entries")]
+    Full(u32),
+    #[error(transparent)]
+    Bpffs(#[from] crate::bpffs::BpffsError),
+    #[error("cannot load the classifier into the kernel")]
+    Load(#[source] Box<aya::EbpfError>),
+    #[error("{what}")]
+    Program {
+        what: String,
+        #[source]
+        source: Box<aya::programs::ProgramError>,
+    },
+    #[error("{what}")]
+    Map {
+        what: String,
+        #[source]
+        source: Box<aya::maps::MapError>,
+    },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl EngineError {
+    pub(crate) fn map(what: impl Into<String>, source: aya::maps::MapError) -> Self {
+        EngineError::Map { what: what.into(), source: Box::new(source) }
+    }
+    pub(crate) fn prog(what: impl Into<String>, source: aya::programs::ProgramError) -> Self {
+        EngineError::Program { what: what.into(), source: Box::new(source) }
+    }
+    pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        EngineError::Io { what: what.into(), source }
+    }
+}
+
+/// Paths of the pins under one bpffs directory.
+#[derive(Clone, Debug)]
+pub struct Pins {
+    pub dir: PathBuf,
+}
+
+impl Pins {
+    pub fn new(dir: impl AsRef<Path>) -> Self {
+        Pins { dir: dir.as_ref().to_owned() }
+    }
+    pub fn program(&self) -> PathBuf {
+        self.dir.join("prog_ingress")
+    }
+    pub fn map(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+    pub fn links_dir(&self) -> PathBuf {
+        self.dir.join("links")
+    }
+    pub fn link(&self, ifname: &str) -> PathBuf {
+        self.links_dir().join(ifname)
+    }
+}
+
+/// Interface index by name, in the calling thread's network namespace.
+pub fn ifindex(name: &str) -> Result<u32, EngineError> {
+    if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace) {
+        return Err(EngineError::BadInterfaceName(name.to_owned()));
+    }
+    nix::net::if_::if_nametoindex(name).map_err(|_| EngineError::UnknownInterface(name.to_owned()))
+}

@@ -1,0 +1,65 @@
+//! `viscum attach` and `viscum detach`.
+
+use anyhow::Context as _;
+use clap::Args;
+use viscum_common::DEFAULT_MAX_ENTRIES;
+
+use super::Result;
+use crate::engine::{self, AttachOutcome, Pins};
+
+#[derive(Debug, Args)]
+pub struct AttachArgs {
+    /// Client-facing interfaces (e.g. br-lan, eth0.100).
+    #[arg(required = true, value_name = "IFACE")]
+    pub ifaces: Vec<String>,
+    /// Capacity of the services map; only used when the datapath is first loaded.
+    #[arg(long, default_value_t = DEFAULT_MAX_ENTRIES, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
+    pub max_entries: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct DetachArgs {
+    /// Interfaces to detach from.
+    #[arg(value_name = "IFACE", required_unless_present = "all", conflicts_with = "all")]
+    pub ifaces: Vec<String>,
+    /// Detach from every interface this instance is attached to.
+    #[arg(long)]
+    pub all: bool,
+    /// With --all: also remove the pinned program and maps (every entry is lost).
+    #[arg(long, requires = "all")]
+    pub purge: bool,
+}
+
+pub fn attach(pins: &Pins, args: AttachArgs) -> Result<()> {
+    let done = engine::attach(pins, &args.ifaces, args.max_entries)?;
+    for (iface, outcome) in done {
+        match outcome {
+            AttachOutcome::Tcx => println!("attached to {iface} (tcx)"),
+            AttachOutcome::Clsact => println!("attached to {iface} (clsact)"),
+            AttachOutcome::AlreadyAttached => println!("already attached to {iface}"),
+        }
+    }
+    if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").map(|v| v.trim() == "0").unwrap_or(false) {
+        log::warn!("IPv4 forwarding is off in this namespace: replies from service namespaces will not be routed back to clients");
+    }
+    Ok(())
+}
+
+pub fn detach(pins: &Pins, args: DetachArgs) -> Result<()> {
+    if args.all {
+        let ifaces = engine::attached_interfaces(pins);
+        if args.purge {
+            engine::purge(pins).with_context(|| format!("cannot purge {}", pins.dir.display()))?;
+            println!("detached from {} interface(s) and removed all pins under {}", ifaces.len(), pins.dir.display());
+        } else {
+            engine::detach(pins, &ifaces)?;
+            println!("detached from {} interface(s)", ifaces.len());
+        }
+        return Ok(());
+    }
+    engine::detach(pins, &args.ifaces)?;
+    for iface in &args.ifaces {
+        println!("detached from {iface}");
+    }
+    Ok(())
+}

@@ -1,0 +1,53 @@
+//! `viscum stats`.
+
+use clap::Args;
+
+use super::{Result, print_json, print_table};
+use crate::{
+    engine::{self, Engine, GlobalStats, Pins},
+    redirect::{self, EntryRow},
+};
+
+#[derive(Debug, Args)]
+pub struct StatsArgs {
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(serde::Serialize)]
+struct StatsReport {
+    bpffs: String,
+    interfaces: Vec<String>,
+    global: GlobalStats,
+    entries: Vec<EntryRow>,
+}
+
+pub async fn run(pins: &Pins, args: StatsArgs) -> Result<()> {
+    let engine = Engine::open(pins)?;
+    let report = StatsReport {
+        bpffs: pins.dir.display().to_string(),
+        interfaces: engine::attached_interfaces(pins),
+        global: engine.global_stats()?,
+        entries: redirect::list(&engine).await?,
+    };
+    if args.json {
+        return print_json(&report);
+    }
+    let g = report.global;
+    println!("attached to: {}", if report.interfaces.is_empty() { "-".into() } else { report.interfaces.join(", ") });
+    print_table(
+        &["SEEN", "REDIRECTED", "PASSED", "FRAGMENTS", "UNPARSABLE", "REDIRECT_ERRORS"],
+        &[vec![
+            g.seen.to_string(),
+            g.redirected.to_string(),
+            g.passed.to_string(),
+            g.fragments.to_string(),
+            g.unparsable.to_string(),
+            g.redirect_errors.to_string(),
+        ]],
+    );
+    println!();
+    super::redirect::print_entries(&report.entries);
+    Ok(())
+}

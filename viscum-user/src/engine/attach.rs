@@ -1,0 +1,220 @@
+//! Loading the classifier once, attaching it at TC ingress of interfaces,
+//! and pinning program, maps and links so the datapath outlives us.
+
+use std::{fs, io};
+
+use aya::{
+    EbpfLoader,
+    programs::{
+        SchedClassifier, TcAttachType,
+        links::{FdLink, PinnedLink},
+        tc,
+    },
+    util::KernelVersion,
+};
+use viscum_common::{INGRESS_PROG, SERVICES_MAP};
+
+use super::{EngineError, Pins, ifindex};
+
+/// What `attach` did for one interface.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub enum AttachOutcome {
+    /// Newly attached with a pinned TCX link.
+    Tcx,
+    /// Newly attached through a clsact qdisc (kernels < 6.6); nothing to pin.
+    Clsact,
+    /// Was already attached: nothing changed.
+    AlreadyAttached,
+}
+
+/// TCX (bpf links) exists from 6.6; before that, a clsact qdisc filter.
+fn has_tcx() -> bool {
+    kernel_at_least(6, 6)
+}
+
+/// Kernel version check; an unreadable version counts as "new enough"
+/// because every box we target runs a modern kernel.
+pub fn kernel_at_least(major: u8, minor: u8) -> bool {
+    match KernelVersion::current() {
+        Ok(v) => v >= KernelVersion::new(major, minor, 0),
+        Err(_) => true,
+    }
+}
+
+/// Loads the classifier (or reopens the pinned one) and attaches it at TC
+/// ingress of each interface. Idempotent per interface.
+///
+/// All interfaces are checked before anything is loaded, so a typo in the
+/// third name changes nothing.
+pub fn attach(pins: &Pins, ifaces: &[String], max_entries: u32) -> Result<Vec<(String, AttachOutcome)>, EngineError> {
+    for name in ifaces {
+        ifindex(name)?;
+    }
+    crate::bpffs::ensure(&pins.dir)?;
+    let mut prog = load_or_open(pins, max_entries)?;
+    let prog_id = prog
+        .info()
+        .map_err(|e| EngineError::prog("cannot read the classifier's info", e))?
+        .id();
+    fs::create_dir_all(pins.links_dir())
+        .map_err(|e| EngineError::io(format!("cannot create {}", pins.links_dir().display()), e))?;
+
+    let mut out = Vec::new();
+    for name in ifaces {
+        let outcome = attach_one(pins, &mut prog, prog_id, name)?;
+        out.push((name.clone(), outcome));
+    }
+    Ok(out)
+}
+
+fn load_or_open(pins: &Pins, max_entries: u32) -> Result<SchedClassifier, EngineError> {
+    let path = pins.program();
+    if path.exists() {
+        return SchedClassifier::from_pin(&path)
+            .map_err(|e| EngineError::prog(format!("cannot open the pinned classifier {}", path.display()), e));
+    }
+    // Kernels >= 5.11 account BPF memory to the cgroup; older ones need a
+    // higher memlock limit. Raising it fails without CAP_SYS_RESOURCE, which
+    // is harmless on the former, so the error is only logged.
+    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    // SAFETY: plain syscall with a valid pointer.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+        log::debug!("could not raise RLIMIT_MEMLOCK: {}", io::Error::last_os_error());
+    }
+    // Maps are pinned by name in the directory; if they are already there
+    // (a previous attach whose program was purged), aya reuses them and the
+    // entries survive.
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(&pins.dir)
+        .map_max_entries(SERVICES_MAP, max_entries)
+        .load(crate::EBPF_OBJECT)
+        .map_err(|e| EngineError::Load(Box::new(e)))?;
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(INGRESS_PROG)
+        .ok_or_else(|| EngineError::io("the embedded object has no classifier", io::ErrorKind::NotFound.into()))?
+        .try_into()
+        .map_err(|e| EngineError::prog("the embedded classifier has the wrong type", e))?;
+    prog.load().map_err(|e| EngineError::prog("the kernel rejected the classifier", e))?;
+    prog.pin(&path).map_err(|e| {
+        EngineError::io(format!("cannot pin the classifier at {}", path.display()), io::Error::other(e))
+    })?;
+    // Reopen from the pin so the caller owns a handle independent of `ebpf`.
+    SchedClassifier::from_pin(&path)
+        .map_err(|e| EngineError::prog(format!("cannot open the pinned classifier {}", path.display()), e))
+}
+
+fn attach_one(pins: &Pins, prog: &mut SchedClassifier, prog_id: u32, name: &str) -> Result<AttachOutcome, EngineError> {
+    if is_attached(pins, prog_id, name)? {
+        return Ok(AttachOutcome::AlreadyAttached);
+    }
+    let link_pin = pins.link(name);
+    if link_pin.exists() {
+        // A pin for a link that no longer points at this interface (it was
+        // deleted and recreated): drop it so we can attach afresh.
+        let _ = fs::remove_file(&link_pin);
+    }
+    if has_tcx() {
+        let id = prog
+            .attach(name, TcAttachType::Ingress)
+            .map_err(|e| EngineError::prog(format!("cannot attach to {name}"), e))?;
+        let link = prog.take_link(id).map_err(|e| EngineError::prog("cannot take the TCX link", e))?;
+        let fd_link: FdLink = link
+            .try_into()
+            .map_err(|e: aya::programs::links::LinkError| EngineError::io("TCX link has no fd", io::Error::other(e)))?;
+        fd_link.pin(&link_pin).map_err(|e| {
+            EngineError::io(format!("cannot pin the link at {}", link_pin.display()), io::Error::other(e))
+        })?;
+        Ok(AttachOutcome::Tcx)
+    } else {
+        if let Err(e) = tc::qdisc_add_clsact(name) {
+            log::debug!("clsact on {name}: {e} (probably exists already)");
+        }
+        let id = prog
+            .attach(name, TcAttachType::Ingress)
+            .map_err(|e| EngineError::prog(format!("cannot attach to {name}"), e))?;
+        // A netlink filter stays in the kernel after we exit; forget the
+        // link so dropping it does not detach.
+        let link = prog.take_link(id).map_err(|e| EngineError::prog("cannot take the tc link", e))?;
+        std::mem::forget(link);
+        // Record the attachment so `detach`/`stats` know about it.
+        fs::create_dir_all(pins.link(name)).ok();
+        Ok(AttachOutcome::Clsact)
+    }
+}
+
+/// Is our program (by id) attached at ingress of `name`?
+fn is_attached(pins: &Pins, prog_id: u32, name: &str) -> Result<bool, EngineError> {
+    if has_tcx() {
+        let (_, progs) = SchedClassifier::query_tcx(name, TcAttachType::Ingress)
+            .map_err(|e| EngineError::prog(format!("cannot query TCX programs on {name}"), e))?;
+        Ok(progs.iter().any(|p| p.id() == prog_id) && pins.link(name).exists())
+    } else {
+        Ok(pins.link(name).is_dir())
+    }
+}
+
+/// Interfaces this instance is attached to (by its link pins).
+pub fn attached_interfaces(pins: &Pins) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(pins.links_dir())
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Detaches the classifier from each interface. The maps (and so the
+/// redirect entries) stay pinned for a later `attach`.
+pub fn detach(pins: &Pins, ifaces: &[String]) -> Result<(), EngineError> {
+    let attached = attached_interfaces(pins);
+    for name in ifaces {
+        if !attached.iter().any(|a| a == name) {
+            return Err(EngineError::NotAttachedTo(name.clone()));
+        }
+    }
+    for name in ifaces {
+        detach_one(pins, name)?;
+    }
+    Ok(())
+}
+
+fn detach_one(pins: &Pins, name: &str) -> Result<(), EngineError> {
+    let path = pins.link(name);
+    if path.is_dir() {
+        // clsact attachment (old kernels).
+        match tc::qdisc_detach_program(name, TcAttachType::Ingress, INGRESS_PROG) {
+            Ok(()) => {}
+            Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(EngineError::io(format!("cannot detach from {name}"), io::Error::other(e)));
+            }
+        }
+        fs::remove_dir(&path).map_err(|e| EngineError::io(format!("cannot remove {}", path.display()), e))?;
+        return Ok(());
+    }
+    // Unpinning and dropping the last reference to a TCX link detaches it.
+    let link = PinnedLink::from_pin(&path)
+        .map_err(|e| EngineError::io(format!("cannot open the link pin {}", path.display()), io::Error::other(e)))?;
+    let fd_link = link.unpin().map_err(|e| EngineError::io(format!("cannot unpin {}", path.display()), e))?;
+    drop(fd_link);
+    Ok(())
+}
+
+/// Detaches everywhere and removes every pin of this instance: program,
+/// maps (and with them all entries) and the directory.
+pub fn purge(pins: &Pins) -> Result<(), EngineError> {
+    for name in attached_interfaces(pins) {
+        detach_one(pins, &name)?;
+    }
+    let _ = fs::remove_dir(pins.links_dir());
+    if pins.dir.exists() {
+        for entry in fs::read_dir(&pins.dir).map_err(|e| EngineError::io(format!("cannot list {}", pins.dir.display()), e))? {
+            let entry = entry.map_err(|e| EngineError::io("cannot list pins", e))?;
+            let p = entry.path();
+            if p.is_file() || !p.is_dir() {
+                fs::remove_file(&p).map_err(|e| EngineError::io(format!("cannot remove {}", p.display()), e))?;
+            }
+        }
+        let _ = fs::remove_dir(&pins.dir);
+    }
+    Ok(())
+}

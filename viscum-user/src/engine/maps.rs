@@ -1,0 +1,189 @@
+//! Reading and editing the pinned maps of a running datapath.
+
+use aya::{
+    maps::{Array, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    util::nr_cpus,
+};
+use viscum_common::{
+    CONFIG_MAP, DatapathConfig, GLOBAL_STATS_MAP, GlobalCounter, SERVICES_MAP, ServiceEntry, ServiceKey,
+};
+
+use super::{EngineError, Pins};
+use crate::endpoint::Endpoint;
+
+/// `BPF_NOEXIST`: fail instead of overwriting, so a duplicate add is caught
+/// by the kernel atomically rather than by a racy check.
+const BPF_NOEXIST: u64 = 1;
+
+/// Handles to the pinned maps of one Viscum instance.
+pub struct Engine {
+    pins: Pins,
+    services: PerCpuHashMap<MapData, ServiceKey, ServiceEntry>,
+    global: PerCpuArray<MapData, u64>,
+    config: Array<MapData, DatapathConfig>,
+    nr_cpus: usize,
+    max_entries: u32,
+}
+
+/// One redirect entry with its counters summed over CPUs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryView {
+    pub endpoint: Endpoint,
+    pub ifindex: u32,
+    pub flags: u32,
+    pub mac: [u8; 6],
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// The global counters summed over CPUs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct GlobalStats {
+    pub seen: u64,
+    pub redirected: u64,
+    pub passed: u64,
+    pub fragments: u64,
+    pub unparsable: u64,
+    pub redirect_errors: u64,
+}
+
+fn open_map(pins: &Pins, name: &str) -> Result<Map, EngineError> {
+    let path = pins.map(name);
+    if !path.exists() {
+        return Err(EngineError::NotAttached(pins.dir.clone()));
+    }
+    let data = MapData::from_pin(&path).map_err(|e| EngineError::map(format!("cannot open {}", path.display()), e))?;
+    Map::from_map_data(data).map_err(|e| EngineError::map(format!("cannot open {}", path.display()), e))
+}
+
+impl Engine {
+    /// Opens the maps pinned under `pins.dir`; fails with
+    /// [`EngineError::NotAttached`] when nothing was ever attached there.
+    pub fn open(pins: &Pins) -> Result<Self, EngineError> {
+        if !pins.dir.exists() || !pins.program().exists() {
+            return Err(EngineError::NotAttached(pins.dir.clone()));
+        }
+        let services_map = open_map(pins, SERVICES_MAP)?;
+        let max_entries = match &services_map {
+            Map::PerCpuHashMap(m) => m.info().map(|i| i.max_entries()).unwrap_or(0),
+            _ => 0,
+        };
+        let services = PerCpuHashMap::try_from(services_map)
+            .map_err(|e| EngineError::map("the services map has an unexpected layout", e))?;
+        let global = PerCpuArray::try_from(open_map(pins, GLOBAL_STATS_MAP)?)
+            .map_err(|e| EngineError::map("the counters map has an unexpected layout", e))?;
+        let config = Array::try_from(open_map(pins, CONFIG_MAP)?)
+            .map_err(|e| EngineError::map("the config map has an unexpected layout", e))?;
+        let nr_cpus = nr_cpus().map_err(|(what, e)| EngineError::io(format!("cannot count CPUs ({what})"), e))?;
+        Ok(Engine { pins: pins.clone(), services, global, config, nr_cpus, max_entries })
+    }
+
+    pub fn pins(&self) -> &Pins {
+        &self.pins
+    }
+
+    /// Every entry, sorted by its match for stable output.
+    pub fn entries(&self) -> Result<Vec<EntryView>, EngineError> {
+        let mut out = Vec::new();
+        for item in self.services.iter() {
+            let (key, values) = item.map_err(|e| EngineError::map("cannot read the services map", e))?;
+            let Some(endpoint) = Endpoint::from_key(&key) else {
+                log::warn!("skipping an undecodable key in the services map: {key:?}");
+                continue;
+            };
+            out.push(Self::view(endpoint, &values));
+        }
+        out.sort_by_key(|e| (e.endpoint.addr, e.endpoint.proto as u8, e.endpoint.port));
+        Ok(out)
+    }
+
+    fn view(endpoint: Endpoint, values: &PerCpuValues<ServiceEntry>) -> EntryView {
+        let first = values.first().copied().unwrap_or(ServiceEntry {
+            ifindex: 0,
+            flags: 0,
+            mac: [0; 6],
+            _pad: [0; 2],
+            packets: 0,
+            bytes: 0,
+        });
+        EntryView {
+            endpoint,
+            ifindex: first.ifindex,
+            flags: first.flags,
+            mac: first.mac,
+            packets: values.iter().map(|v| v.packets).sum(),
+            bytes: values.iter().map(|v| v.bytes).sum(),
+        }
+    }
+
+    /// One entry, if present.
+    pub fn get(&self, endpoint: &Endpoint) -> Result<Option<EntryView>, EngineError> {
+        match self.services.get(&endpoint.key(), 0) {
+            Ok(values) => Ok(Some(Self::view(*endpoint, &values))),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(EngineError::map(format!("cannot read the entry for {endpoint}"), e)),
+        }
+    }
+
+    /// Adds an entry; fails if one exists for the same match.
+    pub fn insert(&mut self, endpoint: &Endpoint, ifindex: u32, flags: u32, mac: [u8; 6]) -> Result<(), EngineError> {
+        let value = ServiceEntry { ifindex, flags, mac, _pad: [0; 2], packets: 0, bytes: 0 };
+        let values = PerCpuValues::try_from(vec![value; self.nr_cpus])
+            .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
+        match self.services.insert(endpoint.key(), values, BPF_NOEXIST) {
+            Ok(()) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
+                Err(EngineError::Duplicate(endpoint.to_string()))
+            }
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
+                Err(EngineError::Full(self.max_entries))
+            }
+            Err(e) => Err(EngineError::map(format!("cannot add the entry for {endpoint}"), e)),
+        }
+    }
+
+    /// Removes an entry; fails if there is none.
+    pub fn remove(&mut self, endpoint: &Endpoint) -> Result<(), EngineError> {
+        match self.services.remove(&endpoint.key()) {
+            Ok(()) => Ok(()),
+            Err(MapError::KeyNotFound) => Err(EngineError::NoSuchEntry(endpoint.to_string())),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Err(EngineError::NoSuchEntry(endpoint.to_string()))
+            }
+            Err(e) => Err(EngineError::map(format!("cannot delete the entry for {endpoint}"), e)),
+        }
+    }
+
+    /// Global counters summed over CPUs.
+    pub fn global_stats(&self) -> Result<GlobalStats, EngineError> {
+        let read = |c: GlobalCounter| -> Result<u64, EngineError> {
+            let v = self
+                .global
+                .get(&(c as u32), 0)
+                .map_err(|e| EngineError::map("cannot read the global counters", e))?;
+            Ok(v.iter().sum())
+        };
+        Ok(GlobalStats {
+            seen: read(GlobalCounter::Seen)?,
+            redirected: read(GlobalCounter::Redirected)?,
+            passed: read(GlobalCounter::Passed)?,
+            fragments: read(GlobalCounter::Fragments)?,
+            unparsable: read(GlobalCounter::Unparsable)?,
+            redirect_errors: read(GlobalCounter::RedirectErrors)?,
+        })
+    }
+
+    /// Turns the classifier's per-decision debug records on or off.
+    pub fn set_log_debug(&mut self, on: bool) -> Result<(), EngineError> {
+        let cfg = DatapathConfig { log_debug: u32::from(on), _reserved: 0 };
+        self.config.set(0, cfg, 0).map_err(|e| EngineError::map("cannot write the datapath config", e))
+    }
+
+    /// Id of the pinned classifier (for aya-log's `init_from_id`).
+    pub fn program_id(&self) -> Result<u32, EngineError> {
+        let prog = aya::programs::SchedClassifier::from_pin(self.pins.program())
+            .map_err(|e| EngineError::prog("cannot open the pinned classifier", e))?;
+        let info = prog.info().map_err(|e| EngineError::prog("cannot read the classifier's info", e))?;
+        Ok(info.id())
+    }
+}

@@ -1,0 +1,87 @@
+//! `cargo xtask build`: set up, then build `viscum-user`.
+//!
+//! The eBPF object needs no separate step: `viscum-user/build.rs` builds it
+//! with aya-build (nightly + bpf-linker) and embeds it in the binary.
+
+use std::{
+    io::{BufRead as _, BufReader},
+    path::PathBuf,
+    process::{ExitCode, Stdio},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+use crate::{process, setup};
+
+/// Options of `cargo xtask build`.
+#[derive(clap::Args)]
+pub struct Options {
+    /// Build with the release profile.
+    #[arg(long)]
+    release: bool,
+    /// Build for this target triple (e.g. aarch64-unknown-linux-musl) instead of the host.
+    #[arg(long, value_name = "TRIPLE")]
+    target: Option<String>,
+}
+
+/// `cargo xtask build`.
+pub fn run(opts: &Options) -> Result<ExitCode> {
+    setup::ensure()?;
+    let mut args = vec!["build", "-p", "viscum-user"];
+    if opts.release {
+        args.push("--release");
+    }
+    if let Some(target) = &opts.target {
+        args.extend(["--target", target]);
+    }
+    let binary = cargo_build(&args)?;
+    println!("built {}", binary.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Builds the `viscum` binary (debug profile, host) and returns its absolute path.
+pub fn viscum_debug() -> Result<PathBuf> {
+    cargo_build(&["build", "-p", "viscum-user", "--bin", "viscum"])
+}
+
+/// Runs `cargo <args>` and returns the path of the `viscum` executable it built.
+///
+/// Cargo's own JSON messages tell where the binary went, so this is right
+/// whatever `CARGO_TARGET_DIR`, `--target` or profile is in force; the
+/// `-render-diagnostics` variant keeps warnings and errors human-readable on
+/// stderr.
+pub fn cargo_build(args: &[&str]) -> Result<PathBuf> {
+    let mut cmd = process::cargo();
+    cmd.args(args)
+        .arg("--message-format=json-render-diagnostics")
+        .stdout(Stdio::piped());
+    println!("+ {}", process::display(&cmd));
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", process::display(&cmd)))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let mut binary = None;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.context("reading cargo's output")?;
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
+            // Not a JSON message (a build script printing to stdout): pass it on.
+            println!("{line}");
+            continue;
+        };
+        if msg["reason"] == "compiler-artifact"
+            && msg["target"]["name"] == "viscum"
+            && msg["target"]["kind"][0] == "bin"
+            && msg["manifest_path"]
+                .as_str()
+                .is_some_and(|p| p.ends_with("viscum-user/Cargo.toml"))
+            && let Some(exe) = msg["executable"].as_str()
+        {
+            binary = Some(PathBuf::from(exe));
+        }
+    }
+    let status = child.wait().context("waiting for cargo")?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", process::display(&cmd));
+    }
+    binary.context("cargo built no `viscum` binary")
+}

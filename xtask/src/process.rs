@@ -1,0 +1,114 @@
+//! Helpers for running the commands xtask is made of: print what runs, and
+//! turn a failure into an error that names the command and shows its stderr.
+
+use std::{
+    env,
+    ffi::OsStr,
+    path::{Path, PathBuf},
+    process::{Command, ExitCode, ExitStatus, Output},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+/// The workspace root, so xtask works from any directory of the tree.
+pub fn workspace_root() -> PathBuf {
+    // xtask/ sits directly in the workspace root.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent directory")
+        .to_path_buf()
+}
+
+/// A `cargo` command run from the workspace root.
+///
+/// Uses the `cargo` that started xtask (`$CARGO`), so a `cargo +toolchain
+/// xtask` keeps its toolchain.
+pub fn cargo() -> Command {
+    let mut cmd = Command::new(env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+/// The command line of `cmd`, for messages (`ip -n vlab-edge link ...`).
+pub fn display(cmd: &Command) -> String {
+    let mut line = Vec::new();
+    for (key, value) in cmd.get_envs() {
+        if let Some(value) = value {
+            line.push(format!(
+                "{}={}",
+                key.to_string_lossy(),
+                value.to_string_lossy()
+            ));
+        }
+    }
+    line.push(cmd.get_program().to_string_lossy().into_owned());
+    line.extend(cmd.get_args().map(quote));
+    line.join(" ")
+}
+
+fn quote(arg: &OsStr) -> String {
+    let arg = arg.to_string_lossy();
+    let plain = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=+@,%[]".contains(c));
+    if plain {
+        arg.into_owned()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
+    }
+}
+
+/// Runs `cmd` with the terminal as its stdin/stdout/stderr, printing it first;
+/// fails if it does not exit 0.
+pub fn run(cmd: &mut Command) -> Result<()> {
+    println!("+ {}", display(cmd));
+    let status = cmd
+        .status()
+        .with_context(|| format!("cannot start `{}`", display(cmd)))?;
+    if !status.success() {
+        bail!("`{}` failed ({status})", display(cmd));
+    }
+    Ok(())
+}
+
+/// Runs `cmd` quietly and returns its stdout; on failure the error carries
+/// the command line and its stderr.
+pub fn output(cmd: &mut Command) -> Result<String> {
+    let out = capture(cmd)?;
+    if !out.status.success() {
+        bail!(
+            "`{}` failed ({}): {}",
+            display(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `cmd` quietly and returns whatever it produced, success or not.
+pub fn capture(cmd: &mut Command) -> Result<Output> {
+    cmd.output()
+        .with_context(|| format!("cannot start `{}`", display(cmd)))
+}
+
+/// `true` when `program` is found on `PATH`.
+pub fn have(program: &str) -> bool {
+    which::which(program).is_ok()
+}
+
+/// The exit code to hand on for a child's `status` (1 when it died by a signal).
+pub fn exit_code(status: ExitStatus) -> ExitCode {
+    match status.code() {
+        Some(0) => ExitCode::SUCCESS,
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        None => ExitCode::FAILURE,
+    }
+}
+
+/// `true` when running as root, which the namespace tests, the lab and
+/// `apt-get` need.
+pub fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}

@@ -1,0 +1,38 @@
+//! `cargo xtask run`: run `viscum` with arguments, or start the lab.
+
+use std::{ffi::OsString, os::unix::process::CommandExt as _, path::PathBuf, process::Command, process::ExitCode};
+
+use anyhow::{Context as _, Result};
+
+use crate::{build, lab, process, setup};
+
+/// Options of `cargo xtask run`.
+#[derive(clap::Args)]
+pub struct Options {
+    /// Use this viscum binary instead of building one (e.g. a stub while working on the lab).
+    #[arg(long, value_name = "PATH")]
+    viscum: Option<PathBuf>,
+    /// Arguments for `viscum` (e.g. `-- redirect list`); without any, start the lab.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+    args: Vec<OsString>,
+}
+
+/// `cargo xtask run`.
+pub fn run(opts: Options) -> Result<ExitCode> {
+    setup::ensure()?;
+    let viscum = match opts.viscum {
+        Some(path) => std::path::absolute(&path)
+            .with_context(|| format!("cannot resolve {}", path.display()))?,
+        None => build::viscum_debug()?,
+    };
+    if opts.args.is_empty() {
+        return lab::run(&viscum);
+    }
+    let mut cmd = Command::new(&viscum);
+    cmd.args(&opts.args);
+    println!("+ {}", process::display(&cmd));
+    // exec, not spawn: viscum gets the terminal's signals directly and its
+    // exit code becomes ours without a middleman.
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("cannot run {}", viscum.display()))
+}
