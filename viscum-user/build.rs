@@ -16,6 +16,8 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("viscum-ebpf manifest has no parent directory"))?;
+    // Profiles for the eBPF object live in the workspace manifest.
+    println!("cargo:rerun-if-changed=../Cargo.toml");
     aya_build::build_ebpf(
         [aya_build::Package {
             name: ebpf.name.as_str(),

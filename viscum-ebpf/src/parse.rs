@@ -104,7 +104,12 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
             }
             key.proto = load::<u8>(ctx, l3 + 9)?;
             let daddr = load::<[u8; 4]>(ctx, l3 + 16)?;
-            key.addr[..4].copy_from_slice(&daddr);
+            // Element-wise: copy_from_slice carries a length-mismatch panic
+            // path, and a panic is an unverifiable infinite loop in BPF.
+            key.addr[0] = daddr[0];
+            key.addr[1] = daddr[1];
+            key.addr[2] = daddr[2];
+            key.addr[3] = daddr[3];
             key.family = FAMILY_V4;
             // ihl <= 60: bounded for the verifier.
             l3 + (ihl & 0x3c)

@@ -1,6 +1,11 @@
 //! `cargo xtask run`: run `viscum` with arguments, or start the lab.
 
-use std::{ffi::OsString, os::unix::process::CommandExt as _, path::PathBuf, process::Command, process::ExitCode};
+use std::{
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
 
 use anyhow::{Context as _, Result};
 
@@ -13,7 +18,11 @@ pub struct Options {
     #[arg(long, value_name = "PATH")]
     viscum: Option<PathBuf>,
     /// Arguments for `viscum` (e.g. `-- redirect list`); without any, start the lab.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "ARGS")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "ARGS"
+    )]
     args: Vec<OsString>,
 }
 

@@ -5,7 +5,11 @@
 //! there, so on a machine that has everything the whole thing is a quick
 //! no-op (`build`, `run` and `test` call it every time).
 
-use std::{fs, path::PathBuf, process::Command, process::ExitCode};
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Command, ExitCode},
+};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -34,16 +38,52 @@ struct Tool {
 /// linked against that LLVM. The rest are what the integration tests and the
 /// lab drive from the outside (the product itself never runs them).
 const TOOLS: &[Tool] = &[
-    Tool { program: "llvm-config-22", package: "llvm-22-dev", required: true },
-    Tool { program: "ip", package: "iproute2", required: true },
-    Tool { program: "nsenter", package: "util-linux", required: true },
-    Tool { program: "python3", package: "python3", required: true },
-    Tool { program: "iperf3", package: "iperf3", required: true },
-    Tool { program: "nft", package: "nftables", required: true },
-    Tool { program: "curl", package: "curl", required: true },
-    Tool { program: "socat", package: "socat", required: true },
+    Tool {
+        program: "llvm-config-22",
+        package: "llvm-22-dev",
+        required: true,
+    },
+    Tool {
+        program: "ip",
+        package: "iproute2",
+        required: true,
+    },
+    Tool {
+        program: "nsenter",
+        package: "util-linux",
+        required: true,
+    },
+    Tool {
+        program: "python3",
+        package: "python3",
+        required: true,
+    },
+    Tool {
+        program: "iperf3",
+        package: "iperf3",
+        required: true,
+    },
+    Tool {
+        program: "nft",
+        package: "nftables",
+        required: true,
+    },
+    Tool {
+        program: "curl",
+        package: "curl",
+        required: true,
+    },
+    Tool {
+        program: "socat",
+        package: "socat",
+        required: true,
+    },
     // Handy for looking at loaded programs and pinned maps; nothing needs it.
-    Tool { program: "bpftool", package: "bpftool", required: false },
+    Tool {
+        program: "bpftool",
+        package: "bpftool",
+        required: false,
+    },
 ];
 
 /// Options of `cargo xtask setup`.
@@ -98,7 +138,9 @@ fn check() -> Vec<String> {
         })
         .collect();
     match nightly_version() {
-        Err(_) => missing.push(format!("the nightly toolchain (would install {PINNED_NIGHTLY})")),
+        Err(_) => missing.push(format!(
+            "the nightly toolchain (would install {PINNED_NIGHTLY})"
+        )),
         Ok(vv) => {
             if let Err(e) = check_llvm(&vv) {
                 missing.push(format!("{e:#}"));
@@ -124,10 +166,21 @@ fn ensure_packages() -> Result<bool> {
     if missing.is_empty() {
         return Ok(false);
     }
-    let required: Vec<&str> = missing.iter().filter(|t| t.required).map(|t| t.package).collect();
-    let optional: Vec<&str> = missing.iter().filter(|t| !t.required).map(|t| t.package).collect();
+    let required: Vec<&str> = missing
+        .iter()
+        .filter(|t| t.required)
+        .map(|t| t.package)
+        .collect();
+    let optional: Vec<&str> = missing
+        .iter()
+        .filter(|t| !t.required)
+        .map(|t| t.package)
+        .collect();
     for t in &missing {
-        println!("setup: {} is missing (Debian package {})", t.program, t.package);
+        println!(
+            "setup: {} is missing (Debian package {})",
+            t.program, t.package
+        );
     }
 
     if !have("apt-get") {
@@ -142,7 +195,10 @@ fn ensure_packages() -> Result<bool> {
                 .join(", ")
         };
         if !optional.is_empty() {
-            eprintln!("warning: setup: optional tools missing, install them if you want them: {}", what(&optional));
+            eprintln!(
+                "warning: setup: optional tools missing, install them if you want them: {}",
+                what(&optional)
+            );
         }
         if required.is_empty() {
             return Ok(false);
@@ -157,7 +213,11 @@ fn ensure_packages() -> Result<bool> {
         bail!(
             "installing Debian packages needs root: run `apt-get update && apt-get install -y {}` as root, \
              or run `cargo xtask setup` as root",
-            missing.iter().map(|t| t.package).collect::<Vec<_>>().join(" ")
+            missing
+                .iter()
+                .map(|t| t.package)
+                .collect::<Vec<_>>()
+                .join(" ")
         );
     }
 
@@ -165,10 +225,18 @@ fn ensure_packages() -> Result<bool> {
     // fresh machine's package lists may be empty or stale.
     process::run(apt().arg("update"))?;
     if !required.is_empty() {
-        process::run(apt().args(["install", "-y", "--no-install-recommends"]).args(&required))?;
+        process::run(
+            apt()
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&required),
+        )?;
     }
     if !optional.is_empty()
-        && let Err(e) = process::run(apt().args(["install", "-y", "--no-install-recommends"]).args(&optional))
+        && let Err(e) = process::run(
+            apt()
+                .args(["install", "-y", "--no-install-recommends"])
+                .args(&optional),
+        )
     {
         eprintln!("warning: setup: could not install optional packages (carrying on): {e:#}");
     }
@@ -179,7 +247,10 @@ fn ensure_packages() -> Result<bool> {
         .map(|t| t.program)
         .collect();
     if !still.is_empty() {
-        bail!("still not on PATH after apt-get install: {}", still.join(", "));
+        bail!(
+            "still not on PATH after apt-get install: {}",
+            still.join(", ")
+        );
     }
     Ok(true)
 }
@@ -195,7 +266,9 @@ fn apt() -> Command {
 /// Returns whether it installed anything.
 fn ensure_nightly() -> Result<bool> {
     if !have("rustup") {
-        bail!("rustup is not on PATH: the eBPF crate is built with `rustup run nightly` (aya-build)");
+        bail!(
+            "rustup is not on PATH: the eBPF crate is built with `rustup run nightly` (aya-build)"
+        );
     }
     let mut did = false;
     let vv = match nightly_version() {
@@ -204,13 +277,20 @@ fn ensure_nightly() -> Result<bool> {
             println!("setup: no nightly toolchain; installing the known-good {PINNED_NIGHTLY}");
             install_pinned_nightly()?;
             did = true;
-            nightly_version().context("the nightly toolchain still does not run after installing it")?
+            nightly_version()
+                .context("the nightly toolchain still does not run after installing it")?
         }
     };
     check_llvm(&vv)?;
     if !has_rust_src()? {
         println!("setup: rust-src is missing for nightly (needed for -Z build-std=core)");
-        process::run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        process::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
         did = true;
     }
     Ok(did)
@@ -248,15 +328,18 @@ fn has_rust_src() -> Result<bool> {
         "nightly",
         "--installed",
     ]))?;
-    Ok(installed.lines().any(|l| l.trim() == "rust-src" || l.starts_with("rust-src-")))
+    Ok(installed
+        .lines()
+        .any(|l| l.trim() == "rust-src" || l.starts_with("rust-src-")))
 }
 
 /// Installs the pinned nightly and makes `nightly` resolve to it.
 ///
 /// aya-build runs `rustup run nightly`, so a toolchain named by its date is
 /// not enough. rustup refuses `toolchain link nightly` (a channel name), so
-/// we point `toolchains/nightly-<host>` at the dated directory, the same way
-/// rustup itself lays out a channel toolchain.
+/// we point `toolchains/nightly-<host>` at the dated directory: rustup finds
+/// toolchains by directory name, so `rustup run nightly` and `rustup component
+/// ... --toolchain nightly` then use the dated one (verified with rustup 1.29).
 fn install_pinned_nightly() -> Result<()> {
     process::run(Command::new("rustup").args([
         "toolchain",
@@ -266,17 +349,25 @@ fn install_pinned_nightly() -> Result<()> {
         "minimal",
         "--component",
         "rust-src",
+        // Never replace the machine's rustup as a side effect: where
+        // auto-self-update is not disabled, `toolchain install` would fetch
+        // whatever rustup the dist server offers (possibly an older one).
+        "--no-self-update",
     ]))?;
     let host = process::output(Command::new("rustc").arg("-vV"))?
         .lines()
         .find_map(|l| l.strip_prefix("host: ").map(str::to_owned))
         .context("`rustc -vV` prints no host triple")?;
-    let home = PathBuf::from(process::output(Command::new("rustup").args(["show", "home"]))?.trim());
+    let home =
+        PathBuf::from(process::output(Command::new("rustup").args(["show", "home"]))?.trim());
     let toolchains = home.join("toolchains");
     let dated = format!("{PINNED_NIGHTLY}-{host}");
     let channel = toolchains.join(format!("nightly-{host}"));
     if fs::symlink_metadata(&channel).is_ok() {
-        bail!("{} exists but `rustup run nightly` fails: repair or remove it", channel.display());
+        bail!(
+            "{} exists but `rustup run nightly` fails: repair or remove it",
+            channel.display()
+        );
     }
     println!("+ ln -s {dated} {}", channel.display());
     std::os::unix::fs::symlink(&dated, &channel)
@@ -295,16 +386,24 @@ fn bpf_linker_version() -> Option<String> {
 fn ensure_bpf_linker() -> Result<bool> {
     match bpf_linker_version() {
         Some(v) if v.starts_with(BPF_LINKER_SERIES) => return Ok(false),
-        Some(v) => println!("setup: bpf-linker {v} found, {BPF_LINKER_VERSION} needed (LLVM {LLVM_MAJOR})"),
+        Some(v) => {
+            println!("setup: bpf-linker {v} found, {BPF_LINKER_VERSION} needed (LLVM {LLVM_MAJOR})")
+        }
         None => println!("setup: bpf-linker is missing"),
     }
     // bpf-linker's build finds LLVM through LLVM_PREFIX; without it the link
     // fails with `unable to find library -lLLVM`.
-    let prefix = process::output(Command::new(format!("llvm-config-{LLVM_MAJOR}")).arg("--prefix"))?;
+    let prefix =
+        process::output(Command::new(format!("llvm-config-{LLVM_MAJOR}")).arg("--prefix"))?;
     process::run(
         process::cargo()
             .env("LLVM_PREFIX", prefix.trim())
-            .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--no-default-features"])
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--no-default-features",
+            ])
             .args(["--features", &format!("llvm-{LLVM_MAJOR}")]),
     )?;
     match bpf_linker_version() {

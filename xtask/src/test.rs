@@ -10,7 +10,11 @@ use crate::{build, process, setup};
 #[derive(clap::Args)]
 pub struct Options {
     /// Extra arguments for the test binaries, e.g. a test name filter.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, value_name = "TEST_ARGS")]
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "TEST_ARGS"
+    )]
     args: Vec<OsString>,
 }
 
@@ -21,7 +25,9 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         if ci {
             // Privileged tests skip themselves without root; in CI that would
             // turn the run green without testing the datapath at all.
-            bail!("CI=true but not running as root: the privileged integration tests must run in CI");
+            bail!(
+                "CI=true but not running as root: the privileged integration tests must run in CI"
+            );
         }
         eprintln!("warning: not root: the privileged integration tests will skip themselves");
     }

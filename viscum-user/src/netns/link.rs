@@ -1,0 +1,220 @@
+//! Links: lookup, veth pairs across namespaces, VLAN subinterfaces, up, delete.
+
+use std::{fs::File, os::fd::AsRawFd};
+
+use futures::TryStreamExt;
+use netlink_packet_route::link::{
+    self as nl, InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage,
+};
+use rtnetlink::{Handle, LinkUnspec, LinkVlan};
+
+use super::{NetnsError, errno_of, named::checked_path, netlink_err};
+
+/// The longest interface name the kernel accepts (IFNAMSIZ - 1).
+const IFNAME_MAX: usize = 15;
+
+/// What viscum needs to know about a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkInfo {
+    /// Interface index in the link's namespace.
+    pub index: u32,
+    /// Interface name.
+    pub name: String,
+    /// `IFLA_INFO_KIND`: "veth", "vlan", ...; `None` for physical devices and loopback.
+    pub kind: Option<String>,
+    /// Hardware address, when the link has a 6-byte one.
+    pub mac: Option<[u8; 6]>,
+    /// Administratively up (`IFF_UP`).
+    pub up: bool,
+    /// `IFLA_LINK`: a veth's peer index (in the peer's namespace) or a VLAN's parent index.
+    pub peer_index: Option<u32>,
+}
+
+impl LinkInfo {
+    fn from_message(msg: &LinkMessage) -> Self {
+        let mut info = LinkInfo {
+            index: msg.header.index,
+            name: String::new(),
+            kind: None,
+            mac: None,
+            up: msg.header.flags.contains(LinkFlags::Up),
+            peer_index: None,
+        };
+        for attr in &msg.attributes {
+            match attr {
+                LinkAttribute::IfName(name) => info.name = name.clone(),
+                LinkAttribute::Address(addr) => info.mac = <[u8; 6]>::try_from(&addr[..]).ok(),
+                LinkAttribute::Link(index) => info.peer_index = Some(*index),
+                LinkAttribute::LinkInfo(infos) => {
+                    info.kind = infos.iter().find_map(|i| match i {
+                        nl::LinkInfo::Kind(kind) => Some(kind.to_string()),
+                        _ => None,
+                    });
+                }
+                _ => {}
+            }
+        }
+        info
+    }
+}
+
+/// Looks a link up by name in the namespace of `handle`.
+pub async fn link_by_name(handle: &Handle, name: &str) -> Result<LinkInfo, NetnsError> {
+    let unknown = || NetnsError::UnknownInterface {
+        name: name.to_string(),
+    };
+    // The kernel cannot hold such a name; asking would only earn an EINVAL.
+    if name.is_empty() || name.len() > IFNAME_MAX {
+        return Err(unknown());
+    }
+    let mut links = handle.link().get().match_name(name).execute();
+    match links.try_next().await {
+        Ok(Some(msg)) => Ok(LinkInfo::from_message(&msg)),
+        Ok(None) => Err(unknown()),
+        Err(e) if errno_of(&e) == Some(libc::ENODEV) => Err(unknown()),
+        Err(e) => Err(netlink_err(format!("look up interface {name}"), e)),
+    }
+}
+
+/// Looks a link up by index in the namespace of `handle`.
+pub async fn link_by_index(handle: &Handle, index: u32) -> Result<LinkInfo, NetnsError> {
+    let unknown = || NetnsError::UnknownIfindex { index };
+    // Index 0 would turn the request into "any link" on some kernels.
+    if index == 0 {
+        return Err(unknown());
+    }
+    let mut links = handle.link().get().match_index(index).execute();
+    match links.try_next().await {
+        Ok(Some(msg)) => Ok(LinkInfo::from_message(&msg)),
+        Ok(None) => Err(unknown()),
+        Err(e) if errno_of(&e) == Some(libc::ENODEV) => Err(unknown()),
+        Err(e) => Err(netlink_err(
+            format!("look up interface with index {index}"),
+            e,
+        )),
+    }
+}
+
+/// All links in the namespace of `handle`, in index order.
+pub async fn list_links(handle: &Handle) -> Result<Vec<LinkInfo>, NetnsError> {
+    let mut links: Vec<LinkInfo> = handle
+        .link()
+        .get()
+        .execute()
+        .map_ok(|msg| LinkInfo::from_message(&msg))
+        .try_collect()
+        .await
+        .map_err(|e| netlink_err("list interfaces", e))?;
+    links.sort_by_key(|l| l.index);
+    Ok(links)
+}
+
+/// Sets a link administratively up.
+pub async fn set_up(handle: &Handle, index: u32) -> Result<(), NetnsError> {
+    handle
+        .link()
+        .change(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .map_err(|e| match errno_of(&e) {
+            Some(libc::ENODEV) => NetnsError::UnknownIfindex { index },
+            _ => netlink_err(format!("set interface with index {index} up"), e),
+        })
+}
+
+/// Creates a veth pair: `host` stays in the handle's namespace, `peer_name` is created
+/// directly inside the named namespace `peer_ns`, with `peer_mac` as its address if given.
+///
+/// Creating the peer in place (`IFLA_NET_NS_FD` inside the peer's `VETH_INFO_PEER`) instead of
+/// moving it afterwards means a name such as `eth0` never has to be free in the host's
+/// namespace, and nothing is left half-moved on failure.
+pub async fn create_veth(
+    handle: &Handle,
+    host: &str,
+    peer_name: &str,
+    peer_ns: &str,
+    peer_mac: Option<[u8; 6]>,
+) -> Result<(), NetnsError> {
+    let ns_path = checked_path(peer_ns)?;
+    let ns_file = File::open(&ns_path).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => NetnsError::UnknownNamespace {
+            name: peer_ns.to_string(),
+        },
+        _ => NetnsError::Enter {
+            path: ns_path,
+            source,
+        },
+    })?;
+
+    let mut peer = LinkUnspec::new_with_name(peer_name).setns_by_fd(ns_file.as_raw_fd());
+    if let Some(mac) = peer_mac {
+        peer = peer.address(mac.to_vec());
+    }
+    let message = rtnetlink::LinkVeth::new(host, peer_name)
+        .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
+        .build();
+
+    // The kernel resolves the fd while handling the request (synchronously, in this
+    // process's fd table), so the file must stay open until the answer arrives.
+    let result = handle.link().add(message).execute().await;
+    drop(ns_file);
+    result.map_err(|e| match errno_of(&e) {
+        Some(libc::EEXIST) => NetnsError::InterfaceExists {
+            name: format!("{host} (or {peer_name} in namespace {peer_ns})"),
+        },
+        _ => netlink_err(
+            format!("create veth {host} with peer {peer_name} in namespace {peer_ns}"),
+            e,
+        ),
+    })
+}
+
+/// Creates an 802.1Q VLAN subinterface `name` with id `vlan_id` on the link `parent` (same
+/// namespace), and returns its index.
+pub async fn create_vlan(
+    handle: &Handle,
+    name: &str,
+    parent: u32,
+    vlan_id: u16,
+) -> Result<u32, NetnsError> {
+    handle
+        .link()
+        .add(LinkVlan::new(name, parent, vlan_id).build())
+        .execute()
+        .await
+        .map_err(|e| match errno_of(&e) {
+            Some(libc::EEXIST) => NetnsError::InterfaceExists {
+                name: name.to_string(),
+            },
+            _ => netlink_err(
+                format!("create vlan {name} (id {vlan_id}) on interface with index {parent}"),
+                e,
+            ),
+        })?;
+    Ok(link_by_name(handle, name).await?.index)
+}
+
+/// Deletes a link. Deleting either end of a veth pair removes both.
+pub async fn delete_link(handle: &Handle, index: u32) -> Result<(), NetnsError> {
+    handle
+        .link()
+        .del(index)
+        .execute()
+        .await
+        .map_err(|e| match errno_of(&e) {
+            Some(libc::ENODEV) => NetnsError::UnknownIfindex { index },
+            _ => netlink_err(format!("delete interface with index {index}"), e),
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use netlink_packet_route::link::InfoKind;
+
+    #[test]
+    fn veth_kind_name_is_what_the_kernel_reports() {
+        // LinkInfo::kind relies on InfoKind's Display matching IFLA_INFO_KIND strings.
+        assert_eq!(InfoKind::Veth.to_string(), "veth");
+        assert_eq!(InfoKind::Vlan.to_string(), "vlan");
+    }
+}
