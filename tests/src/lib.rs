@@ -1,0 +1,30 @@
+//! Harness for viscum's privileged integration tests: real network namespaces, veths, VLANs,
+//! a private bpffs, the real `viscum` binary, and real TCP/UDP traffic.
+//!
+//! # Layout
+//!
+//! * [`guard`]: [`Netns`] and [`Bpffs`], uniquely named resources removed on drop (panics
+//!   included), plus [`skip_unless_root`], [`wait_until`] and [`block_on`].
+//! * [`lab`]: the [`Lab`] topology `client -- edge -- cloud` and running `viscum` inside its
+//!   edge namespace.
+//! * [`identity`]: [`IdentityServer`], which answers TCP and UDP with a fixed identity string
+//!   so a test knows which copy of a service answered, and the clients [`tcp_ask`],
+//!   [`udp_ask`] and [`ask`].
+//!
+//! Namespaces are entered per thread with `setns` (through `viscum::netns::in_netns`), never
+//! with `ip netns exec`, which hides the bpffs mounts viscum depends on (see
+//! `docs/toolchain.md`). Every wait is bounded and polls for the condition it needs; no test
+//! sleeps to "let things settle".
+//!
+//! Run the tests one at a time (`--test-threads=1`); tests that need root call
+//! [`skip_unless_root`] first.
+
+pub mod guard;
+pub mod identity;
+pub mod lab;
+
+pub use self::{
+    guard::{Bpffs, Netns, block_on, skip_unless_root, unique_name, wait_until},
+    identity::{IdentityServer, Proto, ask, tcp_ask, udp_ask},
+    lab::{Lab, LabOptions},
+};

@@ -63,9 +63,21 @@ pub const TARGET_F_PEER: u32 = 1 << 0;
 /// where the peer would otherwise drop the frame as `PACKET_OTHERHOST`.
 pub const TARGET_F_SET_MAC: u32 = 1 << 1;
 
+/// Destination rewrite on the way in and source restore on the way out
+/// (NAT mode): the service keeps its own address (`nat_addr`, `nat_port`).
+/// Without it (the default, "AnyIP"), packets keep the cloud address and the
+/// namespace accepts them through a `local` route.
+pub const TARGET_F_NAT: u32 = 1 << 2;
+/// The entry takes no new flows; flows already at the edge stay there. Set
+/// while a service drains before it is stopped.
+pub const TARGET_F_DRAINING: u32 = 1 << 3;
+/// Mirror (canary) mode: new flows are cloned to the edge copy while the
+/// original continues to the cloud, which keeps serving the client.
+pub const TARGET_F_MIRROR: u32 = 1 << 4;
+
 /// Where a matching packet goes, plus the entry's counters.
 ///
-/// The map holding it is per-CPU, so each CPU bumps its own `packets`/`bytes`
+/// The map holding it is per-CPU, so each CPU bumps its own counters
 /// without atomics; user space writes the same target to every CPU's copy
 /// and sums the counters when it reads them.
 #[repr(C)]
@@ -78,12 +90,123 @@ pub struct ServiceEntry {
     /// MAC of the namespace-side veth (valid with [`TARGET_F_SET_MAC`]).
     pub mac: [u8; 6],
     pub _pad: [u8; 2],
+    /// NAT mode: the service's own address (same layout as `ServiceKey::addr`).
+    pub nat_addr: [u8; 16],
+    /// NAT mode: the service's own port, network byte order (0 = keep the port).
+    pub nat_port: u16,
+    pub _pad2: [u8; 6],
+    /// `bpf_ktime_get_ns()` time before which the entry only *learns*: new
+    /// UDP 5-tuples are recorded as cloud flows, so datagram flows that were
+    /// already talking to the cloud when the entry appeared stay there.
+    pub active_after_ns: u64,
     /// Packets redirected by this entry (this CPU's share).
     pub packets: u64,
     /// Bytes (L2 length as seen at ingress) redirected by this entry.
     pub bytes: u64,
+    /// Flows that started at the edge.
+    pub new_flows: u64,
+    /// New flows that matched but went to the cloud (learning or draining).
+    pub cloud_flows: u64,
 }
-const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 32);
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 80);
+
+impl ServiceEntry {
+    /// A target with zeroed counters.
+    pub const fn new(ifindex: u32, flags: u32, mac: [u8; 6]) -> Self {
+        ServiceEntry {
+            ifindex,
+            flags,
+            mac,
+            _pad: [0; 2],
+            nat_addr: [0; 16],
+            nat_port: 0,
+            _pad2: [0; 6],
+            active_after_ns: 0,
+            packets: 0,
+            bytes: 0,
+            new_flows: 0,
+            cloud_flows: 0,
+        }
+    }
+}
+
+/// Name of the LRU flow table (`FlowKey` -> `FlowState`).
+pub const FLOWS_MAP: &str = "VISCUM_FLOWS";
+/// Name of the LRU reply table (`ReplyKey` -> `ReplyState`).
+pub const REPLIES_MAP: &str = "VISCUM_REPLIES";
+/// Name of the reply-path classifier attached to service veths.
+pub const REPLY_PROG: &str = "viscum_reply";
+/// Default capacity of the flow and reply tables.
+pub const DEFAULT_FLOW_ENTRIES: u32 = 65_536;
+
+/// A client's flow towards a matched service, as seen on the way in.
+/// Addresses and ports in network byte order, IPv4 in the first 4 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub client: [u8; 16],
+    pub service: [u8; 16],
+    pub client_port: u16,
+    pub service_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
+
+/// The flow went to the edge copy.
+pub const FLOW_EDGE: u32 = 1;
+/// The flow went to the cloud.
+pub const FLOW_CLOUD: u32 = 2;
+
+/// What was decided for a flow, and when it was last seen.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowState {
+    pub last_seen_ns: u64,
+    /// Set at the first FIN/RST: the flow is forgotten this much later.
+    pub closing_at_ns: u64,
+    /// `FLOW_EDGE` or `FLOW_CLOUD`.
+    pub decision: u32,
+    /// Host veth of the edge copy (for draining counts in user space).
+    pub ifindex: u32,
+}
+const _: () = assert!(core::mem::size_of::<FlowState>() == 24);
+
+/// A reply leaving a service namespace, keyed as it arrives on the host veth:
+/// the client is the destination; `local_port` is the source port the
+/// service answers from (the cloud port, or the NAT port).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReplyKey {
+    pub client: [u8; 16],
+    pub client_port: u16,
+    pub local_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+    /// Host veth the reply arrives on.
+    pub ifindex: u32,
+}
+const _: () = assert!(core::mem::size_of::<ReplyKey>() == 28);
+
+/// The identity a reply must carry: the cloud address and port the client
+/// talked to. A reply from any other source (a UDP server answering from
+/// its veth address, or NAT mode) is rewritten to it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyState {
+    pub service: [u8; 16],
+    pub service_port: u16,
+    pub _pad: [u8; 2],
+    /// `REPLY_F_*` bits.
+    pub flags: u32,
+}
+
+/// The flow is mirrored: the cloud answers the client, so the edge copy's
+/// replies are dropped on the service veth.
+pub const REPLY_F_DROP: u32 = 1 << 0;
+const _: () = assert!(core::mem::size_of::<ReplyState>() == 24);
 
 /// Indices into the global per-CPU counter array.
 #[repr(u32)]
@@ -99,12 +222,29 @@ pub enum GlobalCounter {
     Fragments = 3,
     /// Truncated or malformed headers, always passed.
     Unparsable = 4,
-    /// A hit whose redirect helper failed (target gone): passed to the cloud.
+    /// A hit whose redirect helper failed (target gone).
     RedirectErrors = 5,
+    /// Flows that started at the edge.
+    FlowsEdge = 6,
+    /// Matched flows sent to the cloud (entry learning or draining).
+    FlowsCloud = 7,
+    /// Mid-flow TCP packets for a matched service with no flow state: flows
+    /// opened before the entry, or evicted from a full flow table.
+    FlowOrphans = 8,
+    /// Replies forwarded straight to the client-facing interface.
+    RepliesForwarded = 9,
+    /// Replies whose source was rewritten to the cloud identity.
+    RepliesRewritten = 10,
+    /// Replies left to the kernel's routing (no FIB result, or TTL expiring).
+    RepliesToStack = 11,
+    /// Packets from service namespaces that belong to no known flow.
+    RepliesUnknown = 12,
+    /// Packets cloned to a mirror (canary) target.
+    Mirrored = 13,
 }
 
 /// Number of slots in the global counter array.
-pub const GLOBAL_COUNTERS: u32 = 6;
+pub const GLOBAL_COUNTERS: u32 = 14;
 
 /// Runtime knobs read by the classifier on every packet (one array slot).
 #[repr(C)]
@@ -113,14 +253,24 @@ pub struct DatapathConfig {
     /// Non-zero: emit aya-log debug records for every decision.
     pub log_debug: u32,
     pub _reserved: u32,
+    /// A TCP flow idle this long is forgotten (0 = default 2 h).
+    pub tcp_idle_ns: u64,
+    /// A UDP flow idle this long is forgotten (0 = default 30 s).
+    pub udp_idle_ns: u64,
+    /// How long a TCP flow is remembered after its first FIN/RST (0 = 10 s).
+    pub linger_ns: u64,
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 8);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 32);
 
 #[cfg(feature = "user")]
 mod pod {
-    // SAFETY: all three are repr(C), contain only integers and byte arrays,
+    // SAFETY: all are repr(C), contain only integers and byte arrays,
     // and have no implicit padding (asserted above).
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceEntry {}
     unsafe impl aya::Pod for super::DatapathConfig {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::FlowState {}
+    unsafe impl aya::Pod for super::ReplyKey {}
+    unsafe impl aya::Pod for super::ReplyState {}
 }

@@ -19,6 +19,28 @@ pub fn bump(counter: GlobalCounter) {
     }
 }
 
+/// Flow timeouts in nanoseconds, defaults filled in.
+pub struct Timeouts {
+    pub tcp_idle_ns: u64,
+    pub udp_idle_ns: u64,
+    pub linger_ns: u64,
+}
+
+const SEC: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn timeouts() -> Timeouts {
+    let (tcp, udp, linger) = match CONFIG.get(0) {
+        Some(c) => (c.tcp_idle_ns, c.udp_idle_ns, c.linger_ns),
+        None => (0, 0, 0),
+    };
+    Timeouts {
+        tcp_idle_ns: if tcp == 0 { 7200 * SEC } else { tcp },
+        udp_idle_ns: if udp == 0 { 30 * SEC } else { udp },
+        linger_ns: if linger == 0 { 10 * SEC } else { linger },
+    }
+}
+
 #[inline(always)]
 pub fn log_enabled() -> bool {
     match CONFIG.get(0) {

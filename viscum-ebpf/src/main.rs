@@ -1,27 +1,43 @@
-//! Viscum's TC-ingress classifier.
+//! Viscum's TC classifiers.
 //!
 //! # Layout
 //!
 //! * [`parse`]: Ethernet / VLAN / IPv4 / IPv6 / TCP / UDP, every access bounds-checked.
 //! * [`lookup`]: the services map and its exact-port-then-all-ports precedence.
-//! * [`redirect`]: VLAN pop, MAC rewrite and the redirect helpers.
+//! * [`flow`]: per-flow decisions (cutover consistency) and the reply index.
+//! * [`nat`]: address/port rewrites with incremental checksums.
+//! * [`redirect`]: into the service namespace, back to the client, mirrors.
 //! * [`counters`]: global per-CPU counters and the runtime config.
 //!
-//! Everything the program does not redirect leaves with `TC_ACT_OK` and
-//! unmodified: Viscum must never touch traffic that is not its own.
+//! Two programs: `viscum_ingress` on client-facing interfaces and
+//! `viscum_reply` on the host side of each service veth. Everything they do
+//! not handle leaves with `TC_ACT_OK`, unmodified: Viscum must never touch
+//! traffic that is not its own.
 #![no_std]
 #![no_main]
 
 mod counters;
+mod flow;
 mod lookup;
+mod nat;
 mod parse;
 mod redirect;
 
-use aya_ebpf::{bindings::TC_ACT_OK, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    macros::classifier,
+    programs::TcContext,
+};
 use aya_log_ebpf::debug;
-use viscum_common::GlobalCounter;
+use viscum_common::{
+    FlowKey, GlobalCounter, REPLY_F_DROP, TARGET_F_MIRROR, TARGET_F_NAT,
+};
 
-use crate::parse::{ParseError, Parsed};
+use crate::{
+    flow::Decision,
+    nat::End,
+    parse::{ParseError, Parsed},
+};
 
 #[classifier]
 pub fn viscum_ingress(ctx: TcContext) -> i32 {
@@ -31,37 +47,81 @@ pub fn viscum_ingress(ctx: TcContext) -> i32 {
     }
 }
 
-/// Every exit names its TC action; `Err` carries the action for packets the
-/// classifier could not or would not handle (always `TC_ACT_OK`).
+#[classifier]
+pub fn viscum_reply(ctx: TcContext) -> i32 {
+    match try_reply(&ctx) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+/// Parses, counting what cannot be handled; `Err` carries `TC_ACT_OK`.
 #[inline(always)]
-fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
-    let parsed = match parse::parse(ctx) {
-        Ok(p) => p,
-        Err(ParseError::NotIp) => return Err(pass()),
+fn parse_or_pass(ctx: &TcContext) -> Result<Parsed, i32> {
+    match parse::parse(ctx) {
+        Ok(p) => Ok(p),
+        Err(ParseError::NotIp) => Err(pass()),
         Err(ParseError::Fragment) => {
             // All fragments of a datagram must take the same path, and only
             // the first one carries ports: never redirect any of them.
             counters::bump(GlobalCounter::Fragments);
-            return Err(pass());
+            Err(pass())
         }
         Err(ParseError::Malformed) => {
             counters::bump(GlobalCounter::Unparsable);
-            return Err(pass());
+            Err(pass())
         }
-    };
-    let Parsed { key, l2_vlan } = parsed;
-    let Some(entry) = lookup::find(&key) else {
+    }
+}
+
+/// Every exit names its TC action; `Err` carries the action for packets the
+/// classifier could not or would not handle (always `TC_ACT_OK`).
+#[inline(always)]
+fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
+    let p = parse_or_pass(ctx)?;
+    let Some(entry) = lookup::find(&p.key) else {
         if counters::log_enabled() {
-            debug!(ctx, "miss proto={} port={}", key.proto, u16::from_be(key.port));
+            debug!(ctx, "miss proto={} port={}", p.key.proto, u16::from_be(p.key.port));
         }
         return Ok(pass());
     };
     // SAFETY: per-CPU value, only this CPU writes it while we run.
     let entry = unsafe { &mut *entry };
+
+    if entry.flags & TARGET_F_MIRROR != 0 {
+        // The cloud keeps serving; the edge copy sees a clone and its
+        // answers are dropped on the way back.
+        flow::remember_reply(&p, entry, REPLY_F_DROP);
+        redirect::mirror(ctx, entry);
+        return Ok(pass());
+    }
+
+    let fkey = FlowKey {
+        client: p.saddr,
+        service: p.key.addr,
+        client_port: p.sport,
+        service_port: p.key.port,
+        proto: p.key.proto,
+        family: p.key.family,
+        _pad: [0; 2],
+    };
+    if flow::decide(&p, entry, &fkey) == Decision::Cloud {
+        if counters::log_enabled() {
+            debug!(ctx, "cloud flow proto={} port={}", p.key.proto, u16::from_be(p.key.port));
+        }
+        return Ok(pass());
+    }
     entry.packets += 1;
     entry.bytes += u64::from(ctx.len());
-    let action = redirect::redirect(ctx, entry, l2_vlan);
-    if action == aya_ebpf::bindings::TC_ACT_REDIRECT as i32 {
+
+    if entry.flags & TARGET_F_NAT != 0 {
+        let port = if entry.nat_port != 0 { entry.nat_port } else { p.key.port };
+        if !nat::rewrite(ctx, &p, End::Destination, &p.key.addr, &entry.nat_addr, p.key.port, port) {
+            counters::bump(GlobalCounter::RedirectErrors);
+            return Err(TC_ACT_SHOT);
+        }
+    }
+    let action = redirect::to_service(ctx, entry, p.l2_vlan);
+    if action == TC_ACT_REDIRECT as i32 {
         counters::bump(GlobalCounter::Redirected);
     } else {
         counters::bump(GlobalCounter::RedirectErrors);
@@ -69,14 +129,46 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     if counters::log_enabled() {
         debug!(
             ctx,
-            "hit proto={} port={} -> ifindex {} action {}",
-            key.proto,
-            u16::from_be(key.port),
+            "edge proto={} port={} -> ifindex {} action {}",
+            p.key.proto,
+            u16::from_be(p.key.port),
             entry.ifindex,
             action
         );
     }
     Ok(action)
+}
+
+/// Replies leaving a service namespace (TC ingress of its host veth).
+#[inline(always)]
+fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
+    let p = match parse::parse(ctx) {
+        Ok(p) => p,
+        Err(_) => return Err(TC_ACT_OK),
+    };
+    // SAFETY: reading our own __sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    let Some(id) = flow::reply_identity(&p, ifindex) else {
+        // The namespace's own traffic (DNS lookups, updates...): routed as usual.
+        counters::bump(GlobalCounter::RepliesUnknown);
+        return Ok(TC_ACT_OK);
+    };
+    if id.flags & REPLY_F_DROP != 0 {
+        return Ok(TC_ACT_SHOT);
+    }
+    if id.service != p.saddr || id.service_port != p.sport {
+        // NAT mode, or a UDP server that answered from its veth address
+        // (plain sendto() on a 0.0.0.0 socket): restore the cloud identity
+        // the client expects, or a connected client drops the reply.
+        if !nat::rewrite(ctx, &p, End::Source, &p.saddr, &id.service, p.sport, id.service_port) {
+            return Err(TC_ACT_SHOT);
+        }
+        counters::bump(GlobalCounter::RepliesRewritten);
+    }
+    let mut fwd = p;
+    fwd.saddr = id.service;
+    fwd.sport = id.service_port;
+    Ok(redirect::reply_to_client(ctx, &fwd))
 }
 
 #[inline(always)]

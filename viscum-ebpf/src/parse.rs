@@ -30,13 +30,30 @@ pub enum ParseError {
     Malformed,
 }
 
-/// What the classifier needs from a packet.
+/// What the classifiers need from a packet.
+#[derive(Clone, Copy)]
 pub struct Parsed {
+    /// Destination as a services-map key (proto, family, daddr, dport).
     pub key: ServiceKey,
+    /// Source address (same layout as `key.addr`) and port (network order).
+    pub saddr: [u8; 16],
+    pub sport: u16,
+    /// TCP flags byte (0 for UDP).
+    pub tcp_flags: u8,
     /// The frame carries an 802.1Q/802.1ad tag in its data (not only in the
     /// skb metadata); the redirect path must strip it.
     pub l2_vlan: bool,
+    /// Offsets of the IP and TCP/UDP headers from the start of the frame.
+    pub l3: u32,
+    pub l4: u32,
+    /// IP total length (host order), for the FIB lookup's MTU check.
+    pub ip_len: u16,
 }
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 enum Short {
     Yes,
@@ -87,6 +104,8 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
         l2_vlan = true;
     }
     let mut key = ServiceKey { addr: [0; 16], port: 0, proto: 0, family: 0 };
+    let mut saddr = [0u8; 16];
+    let ip_len: u16;
     let l4 = match ethertype {
         ETH_P_IP => {
             let vihl = load::<u8>(ctx, l3)?;
@@ -103,6 +122,12 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
                 return Ok(Err(ParseError::Fragment));
             }
             key.proto = load::<u8>(ctx, l3 + 9)?;
+            ip_len = u16::from_be(load::<u16>(ctx, l3 + 2)?);
+            let src = load::<[u8; 4]>(ctx, l3 + 12)?;
+            saddr[0] = src[0];
+            saddr[1] = src[1];
+            saddr[2] = src[2];
+            saddr[3] = src[3];
             let daddr = load::<[u8; 4]>(ctx, l3 + 16)?;
             // Element-wise: copy_from_slice carries a length-mismatch panic
             // path, and a panic is an unverifiable infinite loop in BPF.
@@ -119,6 +144,8 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
             if vtc >> 4 != 6 {
                 return Ok(Err(ParseError::Malformed));
             }
+            ip_len = u16::from_be(load::<u16>(ctx, l3 + 4)?).wrapping_add(IPV6_HLEN as u16);
+            saddr = load::<[u8; 16]>(ctx, l3 + 8)?;
             key.addr = load::<[u8; 16]>(ctx, l3 + 24)?;
             key.family = FAMILY_V6;
             let mut next = load::<u8>(ctx, l3 + 6)?;
@@ -147,7 +174,18 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
     if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
         return Ok(Err(ParseError::NotIp));
     }
-    // Destination port, left in network byte order (see ServiceKey::port).
-    key.port = load::<u16>(ctx, l4 + 2)?;
-    Ok(Ok(Parsed { key, l2_vlan }))
+    // Ports, left in network byte order (see ServiceKey::port).
+    let ports = load::<[u16; 2]>(ctx, l4)?;
+    key.port = ports[1];
+    let tcp_flags = if key.proto == PROTO_TCP { load::<u8>(ctx, l4 + 13)? } else { 0 };
+    Ok(Ok(Parsed {
+        key,
+        saddr,
+        sport: ports[0],
+        tcp_flags,
+        l2_vlan,
+        l3: l3 as u32,
+        l4: l4 as u32,
+        ip_len,
+    }))
 }

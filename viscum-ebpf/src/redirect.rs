@@ -1,22 +1,28 @@
-//! Steering a hit into its service namespace.
+//! Steering packets: hits into their service namespace, replies straight
+//! back out of the client-facing interface, mirrors as clones.
 
 use aya_ebpf::{
-    helpers::{bpf_redirect, bpf_redirect_peer, bpf_skb_vlan_pop},
+    bindings::{TC_ACT_OK, bpf_fib_lookup, bpf_redir_neigh},
+    helpers::{bpf_clone_redirect, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_vlan_pop},
     programs::TcContext,
 };
-use viscum_common::{ServiceEntry, TARGET_F_PEER, TARGET_F_SET_MAC};
+use viscum_common::{FAMILY_V4, GlobalCounter, ServiceEntry, TARGET_F_PEER, TARGET_F_SET_MAC};
 
-/// Redirects the packet to `entry`'s veth and returns the helper's verdict
-/// (`TC_ACT_REDIRECT`, or `TC_ACT_SHOT` if the kernel refused).
+use crate::{counters, parse::Parsed};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+const BPF_FIB_LKUP_RET_SUCCESS: i64 = 0;
+const BPF_FIB_LKUP_RET_NO_NEIGH: i64 = 7;
+
+/// The service namespace has no VLAN devices: a tag left in the skb
+/// metadata (the kernel untags into it before TC ingress) or in the data
+/// would make its veth treat the frame as PACKET_OTHERHOST and drop it.
 #[inline(always)]
-pub fn redirect(ctx: &TcContext, entry: &ServiceEntry, l2_vlan: bool) -> i32 {
+fn strip_vlan(ctx: &TcContext, l2_vlan: bool) {
     let skb = ctx.skb.skb;
-    // The service namespace has no VLAN devices: a tag left in the skb
-    // metadata (the kernel untags into it before TC ingress) or in the data
-    // would make its veth treat the frame as PACKET_OTHERHOST and drop it.
     // SAFETY: reading a field of our own __sk_buff.
-    let hw_vlan = unsafe { (*skb).vlan_present } != 0;
-    if hw_vlan {
+    if unsafe { (*skb).vlan_present } != 0 {
         // SAFETY: helper on our own skb; only fails on an skb without a tag.
         unsafe { bpf_skb_vlan_pop(skb) };
     }
@@ -24,14 +30,25 @@ pub fn redirect(ctx: &TcContext, entry: &ServiceEntry, l2_vlan: bool) -> i32 {
         // SAFETY: as above; pops the in-data tag now that the metadata one is gone.
         unsafe { bpf_skb_vlan_pop(skb) };
     }
+}
+
+#[inline(always)]
+fn set_dst_mac(ctx: &TcContext, mac: &[u8; 6]) {
+    // Re-read the pointers: vlan_pop invalidated any earlier ones.
+    let start = ctx.data();
+    if start + 6 <= ctx.data_end() {
+        // SAFETY: 6 bytes checked above; the TC prologue made the head writable.
+        unsafe { core::ptr::write_unaligned(start as *mut [u8; 6], *mac) };
+    }
+}
+
+/// Redirects a hit to `entry`'s veth and returns the helper's verdict
+/// (`TC_ACT_REDIRECT`, or `TC_ACT_SHOT` if the kernel refused).
+#[inline(always)]
+pub fn to_service(ctx: &TcContext, entry: &ServiceEntry, l2_vlan: bool) -> i32 {
+    strip_vlan(ctx, l2_vlan);
     if entry.flags & TARGET_F_SET_MAC != 0 {
-        // Re-read the pointers: vlan_pop invalidated any earlier ones.
-        let start = ctx.data();
-        if start + 6 <= ctx.data_end() {
-            // SAFETY: 6 bytes checked above; the TC prologue has made the
-            // head writable.
-            unsafe { core::ptr::write_unaligned(start as *mut [u8; 6], entry.mac) };
-        }
+        set_dst_mac(ctx, &entry.mac);
     }
     // SAFETY: helper calls with a plain ifindex; flags must be 0.
     let ret = if entry.flags & TARGET_F_PEER != 0 {
@@ -40,4 +57,125 @@ pub fn redirect(ctx: &TcContext, entry: &ServiceEntry, l2_vlan: bool) -> i32 {
         unsafe { bpf_redirect(entry.ifindex, 0) }
     };
     ret as i32
+}
+
+/// Mirror mode: a clone goes to the edge copy, the original continues to
+/// the cloud unchanged (the MAC is restored before returning).
+#[inline(always)]
+pub fn mirror(ctx: &TcContext, entry: &ServiceEntry) {
+    let start = ctx.data();
+    if start + 6 > ctx.data_end() {
+        return;
+    }
+    // SAFETY: bounds checked above.
+    let orig = unsafe { core::ptr::read_unaligned(start as *const [u8; 6]) };
+    set_dst_mac(ctx, &entry.mac);
+    // SAFETY: clone to the host veth's egress, which delivers to its peer.
+    if unsafe { bpf_clone_redirect(ctx.skb.skb, entry.ifindex, 0) } == 0 {
+        counters::bump(GlobalCounter::Mirrored);
+    }
+    set_dst_mac(ctx, &orig);
+}
+
+/// Sends a reply from a service namespace straight out of the interface
+/// that leads to the client, as the kernel's forwarding would, but without
+/// the forward chain, conntrack or reverse-path filtering: a router whose
+/// firewall drops `ct state invalid` (it never saw the redirected request)
+/// would otherwise drop every reply.
+#[inline(always)]
+pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
+    let skb = ctx.skb.skb;
+    // SAFETY: plain zero-initialised C struct.
+    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    fib.l4_protocol = p.key.proto;
+    fib.sport = p.sport;
+    fib.dport = p.key.port;
+    fib.__bindgen_anon_1.tot_len = p.ip_len;
+    // SAFETY: reading our own __sk_buff.
+    fib.ifindex = unsafe { (*skb).ifindex };
+    if p.key.family == FAMILY_V4 {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([p.saddr[0], p.saddr[1], p.saddr[2], p.saddr[3]]);
+        fib.__bindgen_anon_4.ipv4_dst =
+            u32::from_ne_bytes([p.key.addr[0], p.key.addr[1], p.key.addr[2], p.key.addr[3]]);
+    } else {
+        fib.family = AF_INET6;
+        // SAFETY: same size, plain bytes.
+        fib.__bindgen_anon_3.ipv6_src = unsafe { core::mem::transmute(p.saddr) };
+        fib.__bindgen_anon_4.ipv6_dst = unsafe { core::mem::transmute(p.key.addr) };
+    }
+    // SAFETY: the params struct lives on our stack with its real size.
+    let rc = unsafe {
+        fib_lookup(skb as *mut _, &mut fib, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+    };
+    if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
+        // No route, forwarding off, fragmentation needed...: the kernel's
+        // own path knows how to answer those (ICMP errors and so on).
+        counters::bump(GlobalCounter::RepliesToStack);
+        return TC_ACT_OK;
+    }
+    if !decrement_ttl(ctx, p) {
+        counters::bump(GlobalCounter::RepliesToStack);
+        return TC_ACT_OK;
+    }
+    counters::bump(GlobalCounter::RepliesForwarded);
+    if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        let start = ctx.data();
+        if start + 12 <= ctx.data_end() {
+            // SAFETY: 12 bytes checked above.
+            unsafe {
+                core::ptr::write_unaligned(start as *mut [u8; 6], fib.dmac);
+                core::ptr::write_unaligned((start + 6) as *mut [u8; 6], fib.smac);
+            }
+        }
+        // SAFETY: egress redirect to the FIB's output device.
+        return unsafe { bpf_redirect(fib.ifindex, 0) } as i32;
+    }
+    // The neighbour is not resolved yet: let the kernel resolve it.
+    // SAFETY: a null neighbour asks the kernel to look the next hop up itself.
+    unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut::<bpf_redir_neigh>(), 0, 0) as i32 }
+}
+
+/// Forwarding decrements the TTL / hop limit like any router hop; a packet
+/// about to expire is left to the stack, which sends the ICMP error.
+#[inline(always)]
+fn decrement_ttl(ctx: &TcContext, p: &Parsed) -> bool {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    let l3 = (p.l3 & 0xff) as usize;
+    if p.key.family == FAMILY_V4 {
+        if start + l3 + 20 > end {
+            return false;
+        }
+        // SAFETY: bounds checked above.
+        let ttl = unsafe { *((start + l3 + 8) as *const u8) };
+        if ttl <= 1 {
+            return false;
+        }
+        // TTL and protocol share one 16-bit word of the header checksum.
+        let old = u16::from_be_bytes([ttl, p.key.proto]);
+        let new = u16::from_be_bytes([ttl - 1, p.key.proto]);
+        if ctx.l3_csum_replace(p.l3 as usize + 10, old.to_be() as u64, new.to_be() as u64, 2).is_err() {
+            return false;
+        }
+        // Re-validate: the csum helper invalidates packet pointers.
+        let start = ctx.data();
+        if start + l3 + 20 > ctx.data_end() {
+            return false;
+        }
+        // SAFETY: bounds checked just above.
+        unsafe { *((start + l3 + 8) as *mut u8) = ttl - 1 };
+    } else {
+        if start + l3 + 40 > end {
+            return false;
+        }
+        // SAFETY: bounds checked above.
+        let hop = unsafe { *((start + l3 + 7) as *const u8) };
+        if hop <= 1 {
+            return false;
+        }
+        // SAFETY: as above; IPv6 has no header checksum.
+        unsafe { *((start + l3 + 7) as *mut u8) = hop - 1 };
+    }
+    true
 }

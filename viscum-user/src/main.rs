@@ -6,8 +6,15 @@ use viscum::cli::{self, Cli};
 
 fn main() {
     let cli = Cli::parse();
+    // `trace` exists to show the classifier's debug records.
+    let level = match cli.command {
+        cli::Command::Trace(_) => cli.log_level.max(log::LevelFilter::Debug),
+        _ => cli.log_level,
+    };
     env_logger::Builder::new()
-        .filter_level(cli.log_level)
+        .filter_level(level)
+        // aya's own debug output (feature probing) drowns the records we want.
+        .filter_module("aya", level.min(log::LevelFilter::Info))
         .format_timestamp(None)
         .init();
     // One thread is plenty for a CLI and keeps the footprint small on routers.

@@ -7,15 +7,41 @@
 //! the last entry for that address. The kernel is the only state: which
 //! namespace an entry goes to is read back from its target ifindex.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Duration};
 
-use viscum_common::{TARGET_F_PEER, TARGET_F_SET_MAC};
+use viscum_common::{
+    ServiceEntry, TARGET_F_DRAINING, TARGET_F_MIRROR, TARGET_F_NAT, TARGET_F_PEER, TARGET_F_SET_MAC,
+};
 
 use crate::{
-    endpoint::Endpoint,
-    engine::{Engine, EngineError, EntryView, attach::kernel_at_least},
+    endpoint::{Endpoint, Proto},
+    engine::{self, Engine, EngineError, EntryView, attach::kernel_at_least},
     netns::{self, NetnsError},
 };
+
+/// How an entry treats its traffic beyond "redirect to the target".
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RedirectOptions {
+    /// NAT mode: rewrite the destination to the service's own address and
+    /// port (`None` inside = the namespace's own IPv4 address / same port).
+    pub nat: Option<NatTarget>,
+    /// Mirror (canary) mode: clone to the edge, the cloud keeps serving.
+    pub mirror: bool,
+    /// Learning period before new flows go to the edge (`None` = the
+    /// default: 0 for TCP, whose SYN marks new flows; 1 s for UDP, so
+    /// datagram flows already talking to the cloud are recognised first).
+    pub learn: Option<Duration>,
+}
+
+/// The service's own address for NAT mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NatTarget {
+    pub addr: Option<IpAddr>,
+    pub port: Option<u16>,
+}
+
+/// Default learning period for UDP entries.
+pub const UDP_LEARN: Duration = Duration::from_secs(1);
 
 /// Where a redirect sends its packets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -34,6 +60,16 @@ pub enum RedirectError {
     Netns(#[from] NetnsError),
     #[error("interface {name} is not a veth (it is {kind}): redirect targets must be the host side of a veth pair")]
     NotVeth { name: String, kind: String },
+    #[error("NAT for {0} needs an explicit IPv6 service address (--nat-to [ADDR]:PORT)")]
+    NatNeedsV6Address(String),
+    #[error("NAT address {nat} is not of the same family as {endpoint}")]
+    NatFamily { nat: IpAddr, endpoint: String },
+    #[error("--nat-to needs a namespace target (--ns), or an address and a --to veth whose routes you manage")]
+    NatWithoutAddress,
+    #[error("namespace {ns} has no usable IPv4 address ({addr}) to NAT to")]
+    NoNsAddress { ns: String, addr: String },
+    #[error("mirror and NAT modes cannot be combined")]
+    MirrorNat,
 }
 
 /// An entry as shown by `redirect list` and `stats`.
@@ -51,16 +87,29 @@ pub struct EntryRow {
     /// The Viscum namespace behind `target`, if it is one.
     pub ns: Option<String>,
     pub peer_redirect: bool,
+    /// "anyip" (the default), "nat" or "mirror".
+    pub mode: &'static str,
+    /// NAT mode: where the service really listens.
+    pub nat_to: Option<String>,
+    /// The entry takes no new flows.
+    pub draining: bool,
     pub packets: u64,
     pub bytes: u64,
+    /// Flows started at the edge by this entry.
+    pub edge_flows: u64,
+    /// Matched flows that went to the cloud (learning/draining).
+    pub cloud_flows: u64,
+    /// Edge flows still alive in the flow table.
+    pub live_flows: u64,
 }
 
 /// Resolved target: ifindex, flags and peer MAC, plus the namespace if Viscum owns it.
 struct Resolved {
     ifindex: u32,
+    ifname: String,
     flags: u32,
     mac: [u8; 6],
-    ns: Option<String>,
+    ns: Option<netns::ServiceNs>,
 }
 
 async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
@@ -71,7 +120,13 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
         Target::Namespace(name) => {
             netns::validate_name(name)?;
             let ns = netns::service_ns_get(name).await?;
-            Ok(Resolved { ifindex: ns.host_ifindex, flags: peer | TARGET_F_SET_MAC, mac: ns.ns_mac, ns: Some(ns.name) })
+            Ok(Resolved {
+                ifindex: ns.host_ifindex,
+                ifname: ns.host_veth.clone(),
+                flags: peer | TARGET_F_SET_MAC,
+                mac: ns.ns_mac,
+                ns: Some(ns),
+            })
         }
         Target::Veth(ifname) => {
             crate::engine::ifindex(ifname)?;
@@ -91,37 +146,116 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
                 Some(name) => (peer | TARGET_F_SET_MAC, netns::service_ns_get(name).await?.ns_mac),
                 None => (peer, [0; 6]),
             };
-            Ok(Resolved { ifindex: link.index, flags, mac, ns: None })
+            Ok(Resolved { ifindex: link.index, ifname: link.name, flags, mac, ns: None })
         }
     }
 }
 
-/// Adds a redirect entry. Validates everything first; on failure nothing changed.
+/// Adds a plain (AnyIP) redirect entry with default options.
 pub async fn add(engine: &mut Engine, endpoint: &Endpoint, target: &Target) -> Result<(), RedirectError> {
+    add_with(engine, endpoint, target, &RedirectOptions::default()).await
+}
+
+/// The address a namespace must accept for an entry: the cloud address
+/// (AnyIP) or the NAT address.
+fn local_addr(endpoint: &Endpoint, entry: &ServiceEntry) -> IpAddr {
+    if entry.flags & TARGET_F_NAT != 0 { addr_from_key(&entry.nat_addr, endpoint.addr) } else { endpoint.addr }
+}
+
+fn addr_from_key(bytes: &[u8; 16], like: IpAddr) -> IpAddr {
+    match like {
+        IpAddr::V4(_) => IpAddr::from([bytes[0], bytes[1], bytes[2], bytes[3]]),
+        IpAddr::V6(_) => IpAddr::from(*bytes),
+    }
+}
+
+fn prefix_of(addr: IpAddr) -> u8 {
+    if addr.is_ipv4() { 32 } else { 128 }
+}
+
+fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out pointer; the datapath's bpf_ktime_get_ns is CLOCK_MONOTONIC too.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Adds a redirect entry. Validates everything first; on failure nothing changed.
+pub async fn add_with(
+    engine: &mut Engine,
+    endpoint: &Endpoint,
+    target: &Target,
+    opts: &RedirectOptions,
+) -> Result<(), RedirectError> {
+    if opts.mirror && opts.nat.is_some() {
+        return Err(RedirectError::MirrorNat);
+    }
     if engine.get(endpoint)?.is_some() {
         return Err(EngineError::Duplicate(endpoint.to_string()).into());
     }
     let r = resolve(target).await?;
-    let mut added_route = false;
+    let mut entry = ServiceEntry::new(r.ifindex, r.flags, r.mac);
+    if opts.mirror {
+        entry.flags |= TARGET_F_MIRROR;
+    }
+    if let Some(nat) = opts.nat {
+        let addr = match (nat.addr, &r.ns, endpoint.addr) {
+            (Some(a), _, _) => a,
+            (None, Some(ns), IpAddr::V4(_)) => {
+                let a = ns.ns_addr.split('/').next().unwrap_or_default();
+                a.parse().map_err(|_| RedirectError::NoNsAddress { ns: ns.name.clone(), addr: ns.ns_addr.clone() })?
+            }
+            (None, Some(_), IpAddr::V6(_)) => return Err(RedirectError::NatNeedsV6Address(endpoint.to_string())),
+            (None, None, _) => return Err(RedirectError::NatWithoutAddress),
+        };
+        if addr.is_ipv4() != endpoint.addr.is_ipv4() {
+            return Err(RedirectError::NatFamily { nat: addr, endpoint: endpoint.to_string() });
+        }
+        entry.flags |= TARGET_F_NAT;
+        let key = Endpoint { addr, ..*endpoint }.key();
+        entry.nat_addr = key.addr;
+        entry.nat_port = nat.port.or(endpoint.port).unwrap_or(0).to_be();
+    }
+    let learn = opts.learn.unwrap_or(if endpoint.proto == Proto::Udp { UDP_LEARN } else { Duration::ZERO });
+    if !learn.is_zero() {
+        entry.active_after_ns = monotonic_ns() + learn.as_nanos() as u64;
+    }
+
+    // Side effects, in an order that never exposes a half-made entry: the
+    // reply path and the local route exist before the first packet can be
+    // redirected.
+    engine::attach_reply(engine.pins(), &r.ifname)?;
+    let mut added_route = None;
     if let Some(ns) = &r.ns {
-        let had = has_local_route(ns, endpoint).await?;
-        if !had {
-            netns::service_ns_add_local(ns, endpoint.addr, endpoint.host_prefix()).await?;
-            added_route = true;
+        let addr = local_addr(endpoint, &entry);
+        let is_own = ns.ns_addr.split('/').next() == Some(addr.to_string().as_str());
+        let want = format!("{addr}/{}", prefix_of(addr));
+        if !is_own && !ns.local_routes.iter().any(|x| *x == want) {
+            netns::service_ns_add_local(&ns.name, addr, prefix_of(addr)).await?;
+            added_route = Some((ns.name.clone(), addr));
         }
     }
-    if let Err(e) = engine.insert(endpoint, r.ifindex, r.flags, r.mac) {
-        if added_route && let Some(ns) = &r.ns {
-            let _ = netns::service_ns_del_local(ns, endpoint.addr, endpoint.host_prefix()).await;
+    if let Err(e) = engine.insert(endpoint, entry) {
+        if let Some((ns, addr)) = added_route {
+            let _ = netns::service_ns_del_local(&ns, addr, prefix_of(addr)).await;
         }
         return Err(e.into());
     }
     Ok(())
 }
 
-async fn has_local_route(ns: &str, endpoint: &Endpoint) -> Result<bool, RedirectError> {
-    let want = format!("{}/{}", endpoint.addr, endpoint.host_prefix());
-    Ok(netns::service_ns_get(ns).await?.local_routes.iter().any(|r| *r == want))
+/// Stops an entry from taking new flows; flows already at the edge stay.
+pub async fn drain(engine: &mut Engine, endpoint: &Endpoint) -> Result<(), RedirectError> {
+    engine.update_flags(endpoint, |f| f | TARGET_F_DRAINING)?;
+    Ok(())
+}
+
+/// Live edge flows of the entry's target.
+pub fn live_flows(engine: &Engine, endpoint: &Endpoint) -> Result<u64, RedirectError> {
+    let Some(e) = engine.get(endpoint)? else {
+        return Err(EngineError::NoSuchEntry(endpoint.to_string()).into());
+    };
+    Ok(engine.edge_flows()?.get(&e.ifindex).copied().unwrap_or(0))
 }
 
 /// Deletes a redirect entry, and the namespace's local route if no other
@@ -138,12 +272,13 @@ async fn release_route(engine: &Engine, removed: &EntryView) -> Result<(), Redir
     let Some(ns) = netns::service_ns_by_host_ifindex(removed.ifindex).await? else {
         return Ok(());
     };
+    let addr = local_addr(&removed.endpoint, &removed.target);
     let still_needed = engine
         .entries()?
         .iter()
-        .any(|e| e.ifindex == removed.ifindex && e.endpoint.addr == removed.endpoint.addr);
+        .any(|e| e.ifindex == removed.ifindex && local_addr(&e.endpoint, &e.target) == addr);
     if !still_needed {
-        netns::service_ns_del_local(&ns, removed.endpoint.addr, removed.endpoint.host_prefix()).await?;
+        netns::service_ns_del_local(&ns, addr, prefix_of(addr)).await?;
     }
     Ok(())
 }
@@ -163,6 +298,7 @@ pub async fn del_all_to(engine: &mut Engine, ifindex: u32) -> Result<Vec<Endpoin
 /// Every entry with its target's name, for display.
 pub async fn list(engine: &Engine) -> Result<Vec<EntryRow>, RedirectError> {
     let handle = netns::handle_here().await?;
+    let live = engine.edge_flows()?;
     let mut rows = Vec::new();
     for e in engine.entries()? {
         let target = match netns::link_by_index(&handle, e.ifindex).await {
@@ -179,8 +315,28 @@ pub async fn list(engine: &Engine) -> Result<Vec<EntryRow>, RedirectError> {
             ifindex: e.ifindex,
             ns,
             peer_redirect: e.flags & TARGET_F_PEER != 0,
+            mode: if e.flags & TARGET_F_MIRROR != 0 {
+                "mirror"
+            } else if e.flags & TARGET_F_NAT != 0 {
+                "nat"
+            } else {
+                "anyip"
+            },
+            nat_to: (e.flags & TARGET_F_NAT != 0).then(|| {
+                let a = addr_from_key(&e.target.nat_addr, e.endpoint.addr);
+                match (a, u16::from_be(e.target.nat_port)) {
+                    (IpAddr::V4(a), 0) => a.to_string(),
+                    (IpAddr::V6(a), 0) => format!("[{a}]"),
+                    (IpAddr::V4(a), p) => format!("{a}:{p}"),
+                    (IpAddr::V6(a), p) => format!("[{a}]:{p}"),
+                }
+            }),
+            draining: e.flags & TARGET_F_DRAINING != 0,
             packets: e.packets,
             bytes: e.bytes,
+            edge_flows: e.new_flows,
+            cloud_flows: e.cloud_flows,
+            live_flows: live.get(&e.ifindex).copied().unwrap_or(0),
         });
     }
     Ok(rows)

@@ -2,7 +2,7 @@
 
 use anyhow::Context as _;
 use clap::Args;
-use viscum_common::DEFAULT_MAX_ENTRIES;
+use viscum_common::{DEFAULT_FLOW_ENTRIES, DEFAULT_MAX_ENTRIES};
 
 use super::Result;
 use crate::engine::{self, AttachOutcome, Pins};
@@ -15,6 +15,19 @@ pub struct AttachArgs {
     /// Capacity of the services map; only used when the datapath is first loaded.
     #[arg(long, default_value_t = DEFAULT_MAX_ENTRIES, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
     pub max_entries: u32,
+    /// Capacity of the flow table (LRU: the oldest flows are evicted when
+    /// full); only used when the datapath is first loaded.
+    #[arg(long, default_value_t = DEFAULT_FLOW_ENTRIES, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
+    pub flow_table_size: u32,
+    /// Forget an idle TCP flow after this many seconds.
+    #[arg(long, default_value_t = 7200, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    pub tcp_idle: u64,
+    /// Forget an idle UDP flow after this many seconds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub udp_idle: u64,
+    /// Keep a TCP flow's decision this many seconds after its FIN/RST.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub linger: u64,
 }
 
 #[derive(Debug, Args)]
@@ -31,7 +44,10 @@ pub struct DetachArgs {
 }
 
 pub fn attach(pins: &Pins, args: AttachArgs) -> Result<()> {
-    let done = engine::attach(pins, &args.ifaces, args.max_entries)?;
+    let sizes = engine::MapSizes { services: args.max_entries, flows: args.flow_table_size };
+    let done = engine::attach(pins, &args.ifaces, sizes)?;
+    const S: u64 = 1_000_000_000;
+    engine::Engine::open(pins)?.set_timeouts(args.tcp_idle * S, args.udp_idle * S, args.linger * S)?;
     for (iface, outcome) in done {
         match outcome {
             AttachOutcome::Tcx => println!("attached to {iface} (tcx)"),

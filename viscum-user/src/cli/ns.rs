@@ -50,6 +50,7 @@ pub async fn run(pins: &Pins, cmd: NsCommand) -> Result<()> {
                     for ep in redirect::del_all_to(&mut engine, ns.host_ifindex).await? {
                         println!("deleted {ep}");
                     }
+                    crate::engine::detach_reply(pins, &ns.host_veth)?;
                 }
                 Err(EngineError::NotAttached(_)) => {}
                 Err(e) => return Err(e.into()),

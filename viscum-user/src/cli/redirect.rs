@@ -6,7 +6,7 @@ use super::{Result, print_json, print_table};
 use crate::{
     endpoint::Endpoint,
     engine::{Engine, Pins},
-    redirect::{self, Target},
+    redirect::{self, NatTarget, RedirectOptions, Target},
 };
 
 #[derive(Debug, Subcommand)]
@@ -17,6 +17,19 @@ pub enum RedirectCommand {
     Del(DelArgs),
     /// List entries with their targets and counters.
     List(ListArgs),
+    /// Stop an entry from taking new flows (flows at the edge continue);
+    /// optionally wait for them to end and delete the entry.
+    Drain(DrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DrainArgs {
+    /// The entry's match, as given to `redirect add`.
+    #[arg(value_name = "PROTO://ADDR[:PORT]")]
+    pub endpoint: Endpoint,
+    /// Wait up to this many seconds for the edge flows to end, then delete the entry.
+    #[arg(long, value_name = "SECS")]
+    pub delete_after: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -31,6 +44,32 @@ pub struct AddArgs {
     /// Host side of a veth into a namespace Viscum did not create (its routes are yours).
     #[arg(long, value_name = "HOST_VETH")]
     pub to: Option<String>,
+    /// NAT mode: rewrite the destination to the namespace's own IPv4 address
+    /// (same port) and replies back; for services that must keep their own address.
+    #[arg(long, conflicts_with = "mirror")]
+    pub nat: bool,
+    /// NAT mode with an explicit service address: ADDR, ADDR:PORT, [V6ADDR]:PORT.
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_nat_to, conflicts_with = "mirror")]
+    pub nat_to: Option<NatTarget>,
+    /// Mirror (canary) mode: clone matching traffic to the edge copy while
+    /// the cloud keeps serving the client; the edge copy's replies are dropped.
+    #[arg(long)]
+    pub mirror: bool,
+    /// Learning period in ms before new flows go to the edge, so flows that
+    /// already talk to the cloud are recognised (default: 0 for TCP, 1000 for UDP).
+    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub learn_ms: Option<u64>,
+}
+
+fn parse_nat_to(s: &str) -> std::result::Result<NatTarget, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(NatTarget { addr: Some(ip), port: None });
+    }
+    match s.parse::<std::net::SocketAddr>() {
+        Ok(sa) if sa.port() != 0 => Ok(NatTarget { addr: Some(sa.ip()), port: Some(sa.port()) }),
+        Ok(_) => Err("port 0 is not a valid port".into()),
+        Err(_) => Err(format!("'{s}' is not ADDR, ADDR:PORT or [V6ADDR]:PORT")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -56,7 +95,12 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
                 (None, Some(to)) => Target::Veth(to),
                 (None, None) => unreachable!("clap requires --ns or --to"),
             };
-            redirect::add(&mut engine, &args.endpoint, &target).await?;
+            let opts = RedirectOptions {
+                nat: args.nat_to.or(args.nat.then(NatTarget::default)),
+                mirror: args.mirror,
+                learn: args.learn_ms.map(std::time::Duration::from_millis),
+            };
+            redirect::add_with(&mut engine, &args.endpoint, &target, &opts).await?;
             let to = match &target {
                 Target::Namespace(n) => format!("namespace {n}"),
                 Target::Veth(v) => v.clone(),
@@ -66,6 +110,25 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
         RedirectCommand::Del(args) => {
             redirect::del(&mut engine, &args.endpoint).await?;
             println!("deleted {}", args.endpoint);
+        }
+        RedirectCommand::Drain(args) => {
+            redirect::drain(&mut engine, &args.endpoint).await?;
+            println!("draining {}: no new flows go to the edge", args.endpoint);
+            if let Some(secs) = args.delete_after {
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+                loop {
+                    let live = redirect::live_flows(&engine, &args.endpoint)?;
+                    if live == 0 || std::time::Instant::now() >= deadline {
+                        if live > 0 {
+                            println!("{live} edge flow(s) still open after {secs} s; deleting anyway");
+                        }
+                        break;
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                redirect::del(&mut engine, &args.endpoint).await?;
+                println!("deleted {}", args.endpoint);
+            }
         }
         RedirectCommand::List(args) => {
             let rows = redirect::list(&engine).await?;
@@ -87,10 +150,18 @@ pub(super) fn print_entries(rows: &[redirect::EntryRow]) {
                 r.endpoint.clone(),
                 r.target.clone(),
                 r.ns.clone().unwrap_or_else(|| "-".into()),
+                match (&r.nat_to, r.draining) {
+                    (Some(n), false) => format!("nat->{n}"),
+                    (Some(n), true) => format!("nat->{n},draining"),
+                    (None, true) => format!("{},draining", r.mode),
+                    (None, false) => r.mode.to_string(),
+                },
+                r.edge_flows.to_string(),
+                r.live_flows.to_string(),
                 r.packets.to_string(),
                 r.bytes.to_string(),
             ]
         })
         .collect();
-    print_table(&["MATCH", "TARGET", "NAMESPACE", "PACKETS", "BYTES"], &table);
+    print_table(&["MATCH", "TARGET", "NAMESPACE", "MODE", "FLOWS", "LIVE", "PACKETS", "BYTES"], &table);
 }

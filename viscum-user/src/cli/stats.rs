@@ -48,6 +48,19 @@ pub async fn run(pins: &Pins, args: StatsArgs) -> Result<()> {
         ]],
     );
     println!();
+    print_table(
+        &["EDGE_FLOWS", "CLOUD_FLOWS", "ORPHANS", "REPLIES_FWD", "REPLIES_REWRITTEN", "REPLIES_TO_STACK", "MIRRORED"],
+        &[vec![
+            g.flows_edge.to_string(),
+            g.flows_cloud.to_string(),
+            g.flow_orphans.to_string(),
+            g.replies_forwarded.to_string(),
+            g.replies_rewritten.to_string(),
+            g.replies_to_stack.to_string(),
+            g.mirrored.to_string(),
+        ]],
+    );
+    println!();
     super::redirect::print_entries(&report.entries);
     Ok(())
 }

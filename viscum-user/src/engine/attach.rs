@@ -12,7 +12,7 @@ use aya::{
     },
     util::KernelVersion,
 };
-use viscum_common::{INGRESS_PROG, SERVICES_MAP};
+use viscum_common::{FLOWS_MAP, INGRESS_PROG, REPLIES_MAP, REPLY_PROG, SERVICES_MAP};
 
 use super::{EngineError, Pins, ifindex};
 
@@ -46,12 +46,12 @@ pub fn kernel_at_least(major: u8, minor: u8) -> bool {
 ///
 /// All interfaces are checked before anything is loaded, so a typo in the
 /// third name changes nothing.
-pub fn attach(pins: &Pins, ifaces: &[String], max_entries: u32) -> Result<Vec<(String, AttachOutcome)>, EngineError> {
+pub fn attach(pins: &Pins, ifaces: &[String], sizes: MapSizes) -> Result<Vec<(String, AttachOutcome)>, EngineError> {
     for name in ifaces {
         ifindex(name)?;
     }
     crate::bpffs::ensure(&pins.dir)?;
-    let mut prog = load_or_open(pins, max_entries)?;
+    let mut prog = load_or_open(pins, sizes, INGRESS_PROG)?;
     let prog_id = prog
         .info()
         .map_err(|e| EngineError::prog("cannot read the classifier's info", e))?
@@ -67,8 +67,22 @@ pub fn attach(pins: &Pins, ifaces: &[String], max_entries: u32) -> Result<Vec<(S
     Ok(out)
 }
 
-fn load_or_open(pins: &Pins, max_entries: u32) -> Result<SchedClassifier, EngineError> {
-    let path = pins.program();
+/// Map capacities, fixed when the datapath is first loaded.
+#[derive(Debug, Clone, Copy)]
+pub struct MapSizes {
+    pub services: u32,
+    pub flows: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        MapSizes { services: viscum_common::DEFAULT_MAX_ENTRIES, flows: viscum_common::DEFAULT_FLOW_ENTRIES }
+    }
+}
+
+/// Opens one of the two pinned programs, loading and pinning both on first use.
+fn load_or_open(pins: &Pins, sizes: MapSizes, which: &str) -> Result<SchedClassifier, EngineError> {
+    let path = if which == REPLY_PROG { pins.reply_program() } else { pins.program() };
     if path.exists() {
         return SchedClassifier::from_pin(&path)
             .map_err(|e| EngineError::prog(format!("cannot open the pinned classifier {}", path.display()), e));
@@ -86,28 +100,62 @@ fn load_or_open(pins: &Pins, max_entries: u32) -> Result<SchedClassifier, Engine
     // entries survive.
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&pins.dir)
-        .map_max_entries(SERVICES_MAP, max_entries)
+        .map_max_entries(SERVICES_MAP, sizes.services)
+        .map_max_entries(FLOWS_MAP, sizes.flows)
+        .map_max_entries(REPLIES_MAP, sizes.flows)
         .load(crate::EBPF_OBJECT)
         .map_err(|e| EngineError::Load(Box::new(e)))?;
-    let prog: &mut SchedClassifier = ebpf
-        .program_mut(INGRESS_PROG)
-        .ok_or_else(|| EngineError::io("the embedded object has no classifier", io::ErrorKind::NotFound.into()))?
-        .try_into()
-        .map_err(|e| EngineError::prog("the embedded classifier has the wrong type", e))?;
-    prog.load().map_err(|e| EngineError::prog("the kernel rejected the classifier", e))?;
-    prog.pin(&path).map_err(|e| {
-        EngineError::io(format!("cannot pin the classifier at {}", path.display()), io::Error::other(e))
-    })?;
+    for (name, pin) in [(INGRESS_PROG, pins.program()), (REPLY_PROG, pins.reply_program())] {
+        let prog: &mut SchedClassifier = ebpf
+            .program_mut(name)
+            .ok_or_else(|| EngineError::io(format!("the embedded object has no program {name}"), io::ErrorKind::NotFound.into()))?
+            .try_into()
+            .map_err(|e| EngineError::prog(format!("the embedded program {name} has the wrong type"), e))?;
+        prog.load().map_err(|e| EngineError::prog(format!("the kernel rejected the classifier {name}"), e))?;
+        prog.pin(&pin).map_err(|e| {
+            EngineError::io(format!("cannot pin the classifier at {}", pin.display()), io::Error::other(e))
+        })?;
+    }
     // Reopen from the pin so the caller owns a handle independent of `ebpf`.
     SchedClassifier::from_pin(&path)
         .map_err(|e| EngineError::prog(format!("cannot open the pinned classifier {}", path.display()), e))
 }
 
 fn attach_one(pins: &Pins, prog: &mut SchedClassifier, prog_id: u32, name: &str) -> Result<AttachOutcome, EngineError> {
-    if is_attached(pins, prog_id, name)? {
+    attach_at(prog, prog_id, name, &pins.link(name))
+}
+
+/// Attaches the reply classifier at ingress of a service's host veth
+/// (idempotent). Replies then go straight to the client-facing interface.
+pub fn attach_reply(pins: &Pins, name: &str) -> Result<AttachOutcome, EngineError> {
+    ifindex(name)?;
+    let mut prog = load_or_open(pins, MapSizes::default(), REPLY_PROG)?;
+    let prog_id = prog.info().map_err(|e| EngineError::prog("cannot read the reply classifier's info", e))?.id();
+    fs::create_dir_all(pins.reply_links_dir())
+        .map_err(|e| EngineError::io(format!("cannot create {}", pins.reply_links_dir().display()), e))?;
+    attach_at(&mut prog, prog_id, name, &pins.reply_link(name))
+}
+
+/// Detaches the reply classifier from a service veth, if attached; a veth
+/// that is already gone took its link with it, so only the pin is removed.
+pub fn detach_reply(pins: &Pins, name: &str) -> Result<(), EngineError> {
+    let path = pins.reply_link(name);
+    if path.is_dir() {
+        let _ = tc::qdisc_detach_program(name, TcAttachType::Ingress, REPLY_PROG);
+        let _ = fs::remove_dir(&path);
+    } else if path.exists() {
+        let link = PinnedLink::from_pin(&path)
+            .map_err(|e| EngineError::io(format!("cannot open the link pin {}", path.display()), io::Error::other(e)))?;
+        drop(link.unpin().map_err(|e| EngineError::io(format!("cannot unpin {}", path.display()), e))?);
+    }
+    Ok(())
+}
+
+fn attach_at(prog: &mut SchedClassifier, prog_id: u32, name: &str, link_pin: &std::path::Path) -> Result<AttachOutcome, EngineError> {
+    if is_attached(link_pin, prog_id, name)? {
         return Ok(AttachOutcome::AlreadyAttached);
     }
-    let link_pin = pins.link(name);
+    let link_pin = link_pin.to_path_buf();
     if link_pin.exists() {
         // A pin for a link that no longer points at this interface (it was
         // deleted and recreated): drop it so we can attach afresh.
@@ -137,19 +185,19 @@ fn attach_one(pins: &Pins, prog: &mut SchedClassifier, prog_id: u32, name: &str)
         let link = prog.take_link(id).map_err(|e| EngineError::prog("cannot take the tc link", e))?;
         std::mem::forget(link);
         // Record the attachment so `detach`/`stats` know about it.
-        fs::create_dir_all(pins.link(name)).ok();
+        fs::create_dir_all(&link_pin).ok();
         Ok(AttachOutcome::Clsact)
     }
 }
 
 /// Is our program (by id) attached at ingress of `name`?
-fn is_attached(pins: &Pins, prog_id: u32, name: &str) -> Result<bool, EngineError> {
+fn is_attached(link_pin: &std::path::Path, prog_id: u32, name: &str) -> Result<bool, EngineError> {
     if has_tcx() {
         let (_, progs) = SchedClassifier::query_tcx(name, TcAttachType::Ingress)
             .map_err(|e| EngineError::prog(format!("cannot query TCX programs on {name}"), e))?;
-        Ok(progs.iter().any(|p| p.id() == prog_id) && pins.link(name).exists())
+        Ok(progs.iter().any(|p| p.id() == prog_id) && link_pin.exists())
     } else {
-        Ok(pins.link(name).is_dir())
+        Ok(link_pin.is_dir())
     }
 }
 
@@ -206,15 +254,25 @@ pub fn purge(pins: &Pins) -> Result<(), EngineError> {
         detach_one(pins, &name)?;
     }
     let _ = fs::remove_dir(pins.links_dir());
-    if pins.dir.exists() {
-        for entry in fs::read_dir(&pins.dir).map_err(|e| EngineError::io(format!("cannot list {}", pins.dir.display()), e))? {
-            let entry = entry.map_err(|e| EngineError::io("cannot list pins", e))?;
-            let p = entry.path();
-            if p.is_file() || !p.is_dir() {
-                fs::remove_file(&p).map_err(|e| EngineError::io(format!("cannot remove {}", p.display()), e))?;
-            }
+    if let Ok(rd) = fs::read_dir(pins.reply_links_dir()) {
+        for e in rd.flatten() {
+            detach_reply(pins, &e.file_name().to_string_lossy())?;
         }
-        let _ = fs::remove_dir(&pins.dir);
     }
+    let _ = fs::remove_dir(pins.reply_links_dir());
+    // Only our own pins: a bpffs mounted right on the directory also holds
+    // the kernel's `maps.debug`/`progs.debug` iterators.
+    let ours = [pins.program(), pins.reply_program()]
+        .into_iter()
+        .chain(fs::read_dir(&pins.dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| {
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("VISCUM_") || n == "AYA_LOGS")
+        }));
+    for p in ours {
+        if p.exists() {
+            fs::remove_file(&p).map_err(|e| EngineError::io(format!("cannot remove {}", p.display()), e))?;
+        }
+    }
+    // Fails harmlessly when the directory is itself a bpffs mount point.
+    let _ = fs::remove_dir(&pins.dir);
     Ok(())
 }

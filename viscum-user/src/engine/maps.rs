@@ -1,16 +1,19 @@
 //! Reading and editing the pinned maps of a running datapath.
 
 use aya::{
-    maps::{Array, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
     util::nr_cpus,
 };
 use viscum_common::{
-    CONFIG_MAP, DatapathConfig, GLOBAL_STATS_MAP, GlobalCounter, SERVICES_MAP, ServiceEntry, ServiceKey,
+    CONFIG_MAP, DatapathConfig, FLOW_EDGE, FLOWS_MAP, FlowKey, FlowState, GLOBAL_STATS_MAP, GlobalCounter,
+    SERVICES_MAP, ServiceEntry, ServiceKey,
 };
 
 use super::{EngineError, Pins};
 use crate::endpoint::Endpoint;
 
+/// `BPF_EXIST`: update only an existing element.
+const BPF_EXIST: u64 = 2;
 /// `BPF_NOEXIST`: fail instead of overwriting, so a duplicate add is caught
 /// by the kernel atomically rather than by a racy check.
 const BPF_NOEXIST: u64 = 1;
@@ -21,6 +24,7 @@ pub struct Engine {
     services: PerCpuHashMap<MapData, ServiceKey, ServiceEntry>,
     global: PerCpuArray<MapData, u64>,
     config: Array<MapData, DatapathConfig>,
+    flows: HashMap<MapData, FlowKey, FlowState>,
     nr_cpus: usize,
     max_entries: u32,
 }
@@ -29,11 +33,14 @@ pub struct Engine {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryView {
     pub endpoint: Endpoint,
+    /// The target as written (counters of CPU 0 only; use the sums below).
+    pub target: ServiceEntry,
     pub ifindex: u32,
     pub flags: u32,
-    pub mac: [u8; 6],
     pub packets: u64,
     pub bytes: u64,
+    pub new_flows: u64,
+    pub cloud_flows: u64,
 }
 
 /// The global counters summed over CPUs.
@@ -45,6 +52,14 @@ pub struct GlobalStats {
     pub fragments: u64,
     pub unparsable: u64,
     pub redirect_errors: u64,
+    pub flows_edge: u64,
+    pub flows_cloud: u64,
+    pub flow_orphans: u64,
+    pub replies_forwarded: u64,
+    pub replies_rewritten: u64,
+    pub replies_to_stack: u64,
+    pub replies_unknown: u64,
+    pub mirrored: u64,
 }
 
 fn open_map(pins: &Pins, name: &str) -> Result<Map, EngineError> {
@@ -74,8 +89,10 @@ impl Engine {
             .map_err(|e| EngineError::map("the counters map has an unexpected layout", e))?;
         let config = Array::try_from(open_map(pins, CONFIG_MAP)?)
             .map_err(|e| EngineError::map("the config map has an unexpected layout", e))?;
+        let flows = HashMap::try_from(open_map(pins, FLOWS_MAP)?)
+            .map_err(|e| EngineError::map("the flow table has an unexpected layout", e))?;
         let nr_cpus = nr_cpus().map_err(|(what, e)| EngineError::io(format!("cannot count CPUs ({what})"), e))?;
-        Ok(Engine { pins: pins.clone(), services, global, config, nr_cpus, max_entries })
+        Ok(Engine { pins: pins.clone(), services, global, config, flows, nr_cpus, max_entries })
     }
 
     pub fn pins(&self) -> &Pins {
@@ -98,21 +115,16 @@ impl Engine {
     }
 
     fn view(endpoint: Endpoint, values: &PerCpuValues<ServiceEntry>) -> EntryView {
-        let first = values.first().copied().unwrap_or(ServiceEntry {
-            ifindex: 0,
-            flags: 0,
-            mac: [0; 6],
-            _pad: [0; 2],
-            packets: 0,
-            bytes: 0,
-        });
+        let first = values.first().copied().unwrap_or(ServiceEntry::new(0, 0, [0; 6]));
         EntryView {
             endpoint,
+            target: first,
             ifindex: first.ifindex,
             flags: first.flags,
-            mac: first.mac,
             packets: values.iter().map(|v| v.packets).sum(),
             bytes: values.iter().map(|v| v.bytes).sum(),
+            new_flows: values.iter().map(|v| v.new_flows).sum(),
+            cloud_flows: values.iter().map(|v| v.cloud_flows).sum(),
         }
     }
 
@@ -126,8 +138,8 @@ impl Engine {
     }
 
     /// Adds an entry; fails if one exists for the same match.
-    pub fn insert(&mut self, endpoint: &Endpoint, ifindex: u32, flags: u32, mac: [u8; 6]) -> Result<(), EngineError> {
-        let value = ServiceEntry { ifindex, flags, mac, _pad: [0; 2], packets: 0, bytes: 0 };
+    pub fn insert(&mut self, endpoint: &Endpoint, target: ServiceEntry) -> Result<(), EngineError> {
+        let value = ServiceEntry { packets: 0, bytes: 0, new_flows: 0, cloud_flows: 0, ..target };
         let values = PerCpuValues::try_from(vec![value; self.nr_cpus])
             .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
         match self.services.insert(endpoint.key(), values, BPF_NOEXIST) {
@@ -140,6 +152,60 @@ impl Engine {
             }
             Err(e) => Err(EngineError::map(format!("cannot add the entry for {endpoint}"), e)),
         }
+    }
+
+    /// Changes an entry's flags (e.g. sets `TARGET_F_DRAINING`), keeping
+    /// its target and counters. Increments made by the datapath between our
+    /// read and write are lost; the flag change itself is atomic per CPU copy.
+    pub fn update_flags(&mut self, endpoint: &Endpoint, f: impl Fn(u32) -> u32) -> Result<(), EngineError> {
+        let values = match self.services.get(&endpoint.key(), 0) {
+            Ok(v) => v,
+            Err(MapError::KeyNotFound) => return Err(EngineError::NoSuchEntry(endpoint.to_string())),
+            Err(e) => return Err(EngineError::map(format!("cannot read the entry for {endpoint}"), e)),
+        };
+        let updated: Vec<ServiceEntry> = values.iter().map(|v| ServiceEntry { flags: f(v.flags), ..*v }).collect();
+        let values = PerCpuValues::try_from(updated).map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
+        self.services
+            .insert(endpoint.key(), values, BPF_EXIST)
+            .map_err(|e| EngineError::map(format!("cannot update the entry for {endpoint}"), e))
+    }
+
+    /// Live edge flows per target ifindex (for draining and `stats`).
+    pub fn edge_flows(&self) -> Result<std::collections::HashMap<u32, u64>, EngineError> {
+        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: valid out pointer; bpf_ktime_get_ns uses CLOCK_MONOTONIC.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+        let now = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+        let cfg = self.config.get(&0, 0).unwrap_or_default();
+        let linger = if cfg.linger_ns == 0 { 10_000_000_000 } else { cfg.linger_ns };
+        let tcp_idle = if cfg.tcp_idle_ns == 0 { 7_200_000_000_000 } else { cfg.tcp_idle_ns };
+        let udp_idle = if cfg.udp_idle_ns == 0 { 30_000_000_000 } else { cfg.udp_idle_ns };
+        let mut out = std::collections::HashMap::new();
+        for item in self.flows.iter() {
+            let Ok((key, state)) = item else { continue };
+            if state.decision != FLOW_EDGE {
+                continue;
+            }
+            let idle = if key.proto == viscum_common::PROTO_TCP { tcp_idle } else { udp_idle };
+            let closed = state.closing_at_ns != 0 && now.saturating_sub(state.closing_at_ns) > linger;
+            if closed || now.saturating_sub(state.last_seen_ns) > idle {
+                continue;
+            }
+            *out.entry(state.ifindex).or_insert(0) += 1;
+        }
+        Ok(out)
+    }
+
+    /// Writes flow timeouts (0 keeps the datapath's default).
+    pub fn set_timeouts(&mut self, tcp_idle_ns: u64, udp_idle_ns: u64, linger_ns: u64) -> Result<(), EngineError> {
+        let cur = self.config.get(&0, 0).unwrap_or_default();
+        let cfg = DatapathConfig { tcp_idle_ns, udp_idle_ns, linger_ns, ..cur };
+        self.config.set(0, cfg, 0).map_err(|e| EngineError::map("cannot write the datapath config", e))
+    }
+
+    /// Capacity of the services map.
+    pub fn max_entries(&self) -> u32 {
+        self.max_entries
     }
 
     /// Removes an entry; fails if there is none.
@@ -170,12 +236,21 @@ impl Engine {
             fragments: read(GlobalCounter::Fragments)?,
             unparsable: read(GlobalCounter::Unparsable)?,
             redirect_errors: read(GlobalCounter::RedirectErrors)?,
+            flows_edge: read(GlobalCounter::FlowsEdge)?,
+            flows_cloud: read(GlobalCounter::FlowsCloud)?,
+            flow_orphans: read(GlobalCounter::FlowOrphans)?,
+            replies_forwarded: read(GlobalCounter::RepliesForwarded)?,
+            replies_rewritten: read(GlobalCounter::RepliesRewritten)?,
+            replies_to_stack: read(GlobalCounter::RepliesToStack)?,
+            replies_unknown: read(GlobalCounter::RepliesUnknown)?,
+            mirrored: read(GlobalCounter::Mirrored)?,
         })
     }
 
     /// Turns the classifier's per-decision debug records on or off.
     pub fn set_log_debug(&mut self, on: bool) -> Result<(), EngineError> {
-        let cfg = DatapathConfig { log_debug: u32::from(on), _reserved: 0 };
+        let cur = self.config.get(&0, 0).unwrap_or_default();
+        let cfg = DatapathConfig { log_debug: u32::from(on), ..cur };
         self.config.set(0, cfg, 0).map_err(|e| EngineError::map("cannot write the datapath config", e))
     }
 

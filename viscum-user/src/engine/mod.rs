@@ -9,7 +9,10 @@
 //! <bpffs>/VISCUM_SERVICES       redirect entries (pinned by name by aya)
 //! <bpffs>/VISCUM_GLOBAL         global counters
 //! <bpffs>/VISCUM_CONFIG         runtime knobs
+//! <bpffs>/prog_reply            the reply-path classifier (service veths)
+//! <bpffs>/VISCUM_FLOWS          flow table (LRU), VISCUM_REPLIES its reverse index
 //! <bpffs>/links/<ifname>        one TCX link per attached interface
+//! <bpffs>/reply-links/<ifname>  one TCX link per service veth
 //! ```
 
 pub mod attach;
@@ -17,7 +20,7 @@ pub mod maps;
 
 use std::path::{Path, PathBuf};
 
-pub use attach::{AttachOutcome, attach, attached_interfaces, detach, purge};
+pub use attach::{AttachOutcome, MapSizes, attach, attach_reply, attached_interfaces, detach, detach_reply, purge};
 pub use maps::{Engine, EntryView, GlobalStats};
 
 /// Errors of the engine. Messages are for the person at the prompt.
@@ -88,6 +91,15 @@ impl Pins {
     }
     pub fn map(&self, name: &str) -> PathBuf {
         self.dir.join(name)
+    }
+    pub fn reply_program(&self) -> PathBuf {
+        self.dir.join("prog_reply")
+    }
+    pub fn reply_links_dir(&self) -> PathBuf {
+        self.dir.join("reply-links")
+    }
+    pub fn reply_link(&self, ifname: &str) -> PathBuf {
+        self.reply_links_dir().join(ifname)
     }
     pub fn links_dir(&self) -> PathBuf {
         self.dir.join("links")

@@ -28,6 +28,12 @@ pub struct LinkInfo {
     pub up: bool,
     /// `IFLA_LINK`: a veth's peer index (in the peer's namespace) or a VLAN's parent index.
     pub peer_index: Option<u32>,
+    /// Operationally up (`IFF_RUNNING`): up, with carrier.
+    pub running: bool,
+    /// Kind of the root qdisc (`IFLA_QDISC`). It stays "noop", which drops everything, from
+    /// the moment a link comes up without carrier until the kernel's deferred link-watch
+    /// work activates it; a link is only ready to carry traffic once it is something else.
+    pub qdisc: Option<String>,
 }
 
 impl LinkInfo {
@@ -39,12 +45,15 @@ impl LinkInfo {
             mac: None,
             up: msg.header.flags.contains(LinkFlags::Up),
             peer_index: None,
+            running: msg.header.flags.contains(LinkFlags::Running),
+            qdisc: None,
         };
         for attr in &msg.attributes {
             match attr {
                 LinkAttribute::IfName(name) => info.name = name.clone(),
                 LinkAttribute::Address(addr) => info.mac = <[u8; 6]>::try_from(&addr[..]).ok(),
                 LinkAttribute::Link(index) => info.peer_index = Some(*index),
+                LinkAttribute::Qdisc(qdisc) => info.qdisc = Some(qdisc.clone()),
                 LinkAttribute::LinkInfo(infos) => {
                     info.kind = infos.iter().find_map(|i| match i {
                         nl::LinkInfo::Kind(kind) => Some(kind.to_string()),

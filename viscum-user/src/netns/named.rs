@@ -151,7 +151,7 @@ pub fn create_named(name: &str) -> Result<(), NetnsError> {
     OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0)
+        .mode(0o000)
         .open(&path)
         .map_err(|source| match source.kind() {
             io::ErrorKind::AlreadyExists => NetnsError::NamespaceExists {

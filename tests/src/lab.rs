@@ -1,0 +1,404 @@
+//! The lab topology: a client, an edge box and a cloud, each in its own namespace, and the
+//! real `viscum` binary run inside the edge.
+//!
+//! ```text
+//!  client                      edge                         cloud
+//!  eth0 ──────── veth ──────── lan0   (classifier here)
+//!  192.0.2.2/24                192.0.2.1/24
+//!  2001:db8:c::2/64            2001:db8:c::1/64
+//!                              wan0 ──────── veth ──────── eth0
+//!                              198.51.100.1/24             198.51.100.7/24
+//!                              2001:db8:f::1/64            2001:db8:f::7/64
+//! ```
+//!
+//! With [`LabOptions::vlan`] the client and the edge talk through 802.1Q subinterfaces
+//! (`eth0.VID`, `lan0.VID`) that carry the LAN addresses; the veth `lan0` is the trunk and
+//! stays the classifier's attach point ([`Lab::lan_if`]).
+
+use std::{
+    fs::File,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::PathBuf,
+    process::{Command, Output, Stdio},
+    sync::{Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+use viscum::netns::{self, NETNS_RUN_DIR};
+
+use crate::guard::{Bpffs, Netns, block_on, delete_quietly, unique_name};
+
+/// The edge's client-facing interface (the trunk, with a VLAN): where tests attach viscum.
+pub const LAN_IF: &str = "lan0";
+/// The edge's cloud-facing interface.
+pub const WAN_IF: &str = "wan0";
+/// The client's interface (the trunk, with a VLAN).
+pub const CLIENT_IF: &str = "eth0";
+/// The cloud's interface.
+pub const CLOUD_IF: &str = "eth0";
+
+/// The client's IPv4 address (/24).
+pub const CLIENT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+/// The edge's LAN IPv4 address, the client's gateway (/24).
+pub const EDGE_LAN_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+/// The client's IPv6 address (/64).
+pub const CLIENT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 2);
+/// The edge's LAN IPv6 address, the client's gateway (/64).
+pub const EDGE_LAN_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 1);
+/// The edge's WAN IPv4 address, the cloud's gateway (/24).
+pub const EDGE_WAN_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 1);
+/// The cloud service's IPv4 address (/24).
+pub const CLOUD_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+/// The edge's WAN IPv6 address, the cloud's gateway (/64).
+pub const EDGE_WAN_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 1);
+/// The cloud service's IPv6 address (/64).
+pub const CLOUD_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 7);
+
+/// How long building the lab may wait for its links to become ready.
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one `viscum` command may run before it is killed.
+const VISCUM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Variations of the lab.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LabOptions {
+    /// Put the client-edge LAN on this 802.1Q VLAN: the addresses move to `eth0.VID` and
+    /// `lan0.VID`, and frames on the `lan0` trunk carry the tag.
+    pub vlan: Option<u16>,
+}
+
+/// The client/edge/cloud topology, a private bpffs for viscum's pins, and the service
+/// namespaces a test tells it about. Everything is removed on drop, panics included.
+pub struct Lab {
+    // Field order is drop order: the bpffs goes first, detaching what is pinned in it while
+    // the interfaces still exist.
+    /// viscum's pins for this lab (passed as `--bpffs`).
+    pub bpffs: Bpffs,
+    /// The client namespace.
+    pub client: Netns,
+    /// The edge box namespace, where viscum runs.
+    pub edge: Netns,
+    /// The cloud namespace.
+    pub cloud: Netns,
+    options: LabOptions,
+    /// Service namespaces to delete on drop (created by viscum during the test).
+    service_ns: Mutex<Vec<String>>,
+}
+
+impl Lab {
+    /// Builds the plain lab (no VLAN). Panics on failure, after cleaning up.
+    pub fn new() -> Lab {
+        Lab::with_options(LabOptions::default())
+    }
+
+    /// Builds the lab with `options`. Returns once every link is ready to carry traffic.
+    pub fn with_options(options: LabOptions) -> Lab {
+        let lab = Lab {
+            bpffs: Bpffs::new(),
+            client: Netns::new(),
+            edge: Netns::new(),
+            cloud: Netns::new(),
+            options,
+            service_ns: Mutex::new(Vec::new()),
+        };
+        lab.build();
+        lab
+    }
+
+    fn build(&self) {
+        for ns in [&self.client, &self.edge, &self.cloud] {
+            // Before any interface exists, so all of them inherit it: addresses (link-local
+            // ones included) are usable at once instead of after a second of DAD.
+            ns.set_sysctl("net/ipv6/conf/all/accept_dad", "0");
+            ns.set_sysctl("net/ipv6/conf/default/accept_dad", "0");
+        }
+        // A new namespace copies these from the machine's (devconf_inherit_init_net=0), and
+        // distributions often set rp_filter there; the edge routes between its links.
+        let edge = &self.edge;
+        edge.set_sysctl("net/ipv4/ip_forward", "1");
+        edge.set_sysctl("net/ipv6/conf/all/forwarding", "1");
+        edge.set_sysctl("net/ipv4/conf/all/rp_filter", "0");
+        edge.set_sysctl("net/ipv4/conf/default/rp_filter", "0");
+
+        let (client, edge, cloud) = (
+            self.client.name().to_string(),
+            self.edge.name().to_string(),
+            self.cloud.name().to_string(),
+        );
+        let vlan = self.options.vlan;
+        let edge_ifs = block_on(async move {
+            build_links(&client, &edge, &cloud, vlan)
+                .await
+                .unwrap_or_else(|e| panic!("build lab: {e:#?}"))
+        });
+        for ifname in edge_ifs {
+            self.edge
+                .set_sysctl(&format!("net/ipv4/conf/{ifname}/rp_filter"), "0");
+        }
+    }
+
+    /// The edge interface the classifier attaches to: `lan0` (the trunk, with a VLAN).
+    pub fn lan_if(&self) -> &'static str {
+        LAN_IF
+    }
+
+    /// The edge interface holding the LAN addresses: `lan0`, or `lan0.VID` with a VLAN.
+    pub fn lan_l3_if(&self) -> String {
+        match self.options.vlan {
+            Some(vid) => format!("{LAN_IF}.{vid}"),
+            None => LAN_IF.to_string(),
+        }
+    }
+
+    /// The edge's cloud-facing interface, `wan0`.
+    pub fn wan_if(&self) -> &'static str {
+        WAN_IF
+    }
+
+    /// The options the lab was built with.
+    pub fn options(&self) -> LabOptions {
+        self.options
+    }
+
+    /// The cloud service's addresses on `port`: IPv4 first, then IPv6.
+    pub fn cloud_addrs(&self, port: u16) -> [SocketAddr; 2] {
+        [
+            SocketAddr::new(IpAddr::V4(CLOUD_V4), port),
+            SocketAddr::new(IpAddr::V6(CLOUD_V6), port),
+        ]
+    }
+
+    /// The index of interface `name` in the edge namespace.
+    pub fn edge_ifindex(&self, name: &str) -> u32 {
+        let name = name.to_string();
+        self.edge.block_on(move || async move {
+            let handle = netns::handle_here().await.expect("netlink in edge");
+            netns::link_by_name(&handle, &name)
+                .await
+                .unwrap_or_else(|e| panic!("{e}"))
+                .index
+        })
+    }
+
+    /// Tracks service namespace `name` (created by viscum during the test) so it is deleted
+    /// with the lab.
+    pub fn own_service_ns(&self, name: &str) {
+        self.service_ns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(name.to_string());
+    }
+
+    /// A fresh, unique, valid service namespace name, already tracked by
+    /// [`Lab::own_service_ns`]. Namespace names are global to the machine, so tests should
+    /// use these rather than fixed names.
+    pub fn service_ns_name(&self) -> String {
+        let name = unique_name("sv");
+        self.own_service_ns(&name);
+        name
+    }
+
+    /// A `Command` for the `viscum` binary that runs in the edge namespace (setns before
+    /// exec; the mount namespace stays the caller's, so the lab's bpffs is visible), with
+    /// `--bpffs <the lab's bpffs>` before `args`. For commands that keep running (a daemon),
+    /// spawn it and stop it yourself; for the others use [`Lab::viscum`].
+    pub fn viscum_command(&self, args: &[&str]) -> Command {
+        let ns_path = PathBuf::from(NETNS_RUN_DIR).join(self.edge.name());
+        let ns_file = File::open(&ns_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", ns_path.display()));
+        let mut cmd = Command::new(viscum_bin());
+        cmd.arg("--bpffs").arg(self.bpffs.path()).args(args);
+        // SAFETY: only setns(2), async-signal-safe, runs between fork and exec. The file is
+        // moved into the closure, so its descriptor stays open as long as the Command (it is
+        // O_CLOEXEC, so viscum does not inherit it).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    }
+
+    /// Runs `viscum --bpffs <lab bpffs> ARGS` in the edge namespace and returns its output.
+    /// Killed (and the test panics) if it runs longer than a minute.
+    pub fn viscum(&self, args: &[&str]) -> Output {
+        let mut cmd = self.viscum_command(args);
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("start viscum {args:?}: {e}"));
+        let pid = child.id();
+        let (tx, rx) = mpsc::channel();
+        let waiter = thread::spawn(move || {
+            let _ = tx.send(child.wait_with_output());
+        });
+        match rx.recv_timeout(VISCUM_TIMEOUT) {
+            Ok(output) => {
+                let _ = waiter.join();
+                output.unwrap_or_else(|e| panic!("wait for viscum {args:?}: {e}"))
+            }
+            Err(_) => {
+                // Our own child, by its pid; the waiter reaps it.
+                // SAFETY: plain kill(2) on the pid of a child not yet reaped.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
+                let _ = waiter.join();
+                panic!("viscum {args:?} ran longer than {VISCUM_TIMEOUT:?} and was killed");
+            }
+        }
+    }
+
+    /// Runs viscum (see [`Lab::viscum`]), asserts it succeeded and returns its stdout.
+    pub fn viscum_ok(&self, args: &[&str]) -> String {
+        let out = self.viscum(args);
+        assert!(
+            out.status.success(),
+            "viscum {args:?} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs viscum (see [`Lab::viscum`]), asserts it failed and returns its stderr.
+    pub fn viscum_err(&self, args: &[&str]) -> String {
+        let out = self.viscum(args);
+        assert!(
+            !out.status.success(),
+            "viscum {args:?} succeeded but should have failed:\nstdout:\n{}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+}
+
+impl Default for Lab {
+    fn default() -> Self {
+        Lab::new()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        // Their host veths live in the edge namespace and go with it; the namespaces
+        // themselves are named globally and must be deleted here.
+        let names = std::mem::take(&mut *self.service_ns.lock().unwrap_or_else(|p| p.into_inner()));
+        for name in names {
+            delete_quietly(&name);
+        }
+    }
+}
+
+/// The `viscum` binary: `$VISCUM_BIN`, or `viscum` next to the test's own `deps` directory
+/// (`target/<profile>/viscum`). Panics with directions when it is missing, since
+/// `cargo test -p viscum-tests` does not build other packages' binaries.
+pub fn viscum_bin() -> PathBuf {
+    if let Some(bin) = std::env::var_os("VISCUM_BIN") {
+        let bin = PathBuf::from(bin);
+        assert!(bin.is_file(), "VISCUM_BIN={} is not a file", bin.display());
+        return bin;
+    }
+    let exe = std::env::current_exe().expect("the test's own path");
+    let bin = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .map(|profile| profile.join("viscum"))
+        .expect("test binary under target/<profile>/deps");
+    assert!(
+        bin.is_file(),
+        "viscum binary not found at {}: build it first (cargo build -p viscum-user) or set \
+         VISCUM_BIN",
+        bin.display()
+    );
+    bin
+}
+
+/// Creates the veths (and VLANs), addresses and routes, then waits for every link to be
+/// ready. Returns the edge's interface names (for per-interface sysctls).
+async fn build_links(
+    client: &str,
+    edge: &str,
+    cloud: &str,
+    vlan: Option<u16>,
+) -> Result<Vec<String>, netns::NetnsError> {
+    let c = netns::handle_in(client).await?;
+    let e = netns::handle_in(edge).await?;
+    let k = netns::handle_in(cloud).await?;
+
+    netns::create_veth(&e, LAN_IF, CLIENT_IF, client, None).await?;
+    netns::create_veth(&e, WAN_IF, CLOUD_IF, cloud, None).await?;
+
+    let mut edge_ifs = vec![LAN_IF.to_string(), WAN_IF.to_string()];
+    for (handle, ifname) in [(&c, "lo"), (&e, "lo"), (&k, "lo"), (&e, LAN_IF), (&e, WAN_IF)] {
+        let link = netns::link_by_name(handle, ifname).await?;
+        netns::set_up(handle, link.index).await?;
+    }
+    let client_if = netns::link_by_name(&c, CLIENT_IF).await?.index;
+    netns::set_up(&c, client_if).await?;
+    let cloud_if = netns::link_by_name(&k, CLOUD_IF).await?.index;
+    netns::set_up(&k, cloud_if).await?;
+    let wan = netns::link_by_name(&e, WAN_IF).await?.index;
+
+    let (edge_l3, client_l3) = match vlan {
+        Some(vid) => {
+            let lan = netns::link_by_name(&e, LAN_IF).await?.index;
+            let edge_vlan = format!("{LAN_IF}.{vid}");
+            let edge_l3 = netns::create_vlan(&e, &edge_vlan, lan, vid).await?;
+            netns::set_up(&e, edge_l3).await?;
+            edge_ifs.push(edge_vlan);
+            let client_l3 =
+                netns::create_vlan(&c, &format!("{CLIENT_IF}.{vid}"), client_if, vid).await?;
+            netns::set_up(&c, client_l3).await?;
+            (edge_l3, client_l3)
+        }
+        None => (netns::link_by_name(&e, LAN_IF).await?.index, client_if),
+    };
+
+    netns::add_address(&c, client_l3, CLIENT_V4.into(), 24).await?;
+    netns::add_address(&c, client_l3, CLIENT_V6.into(), 64).await?;
+    netns::add_address(&e, edge_l3, EDGE_LAN_V4.into(), 24).await?;
+    netns::add_address(&e, edge_l3, EDGE_LAN_V6.into(), 64).await?;
+    netns::add_address(&e, wan, EDGE_WAN_V4.into(), 24).await?;
+    netns::add_address(&e, wan, EDGE_WAN_V6.into(), 64).await?;
+    netns::add_address(&k, cloud_if, CLOUD_V4.into(), 24).await?;
+    netns::add_address(&k, cloud_if, CLOUD_V6.into(), 64).await?;
+
+    let any4 = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let any6 = IpAddr::V6(Ipv6Addr::UNSPECIFIED);
+    netns::add_route(&c, any4, 0, Some(EDGE_LAN_V4.into()), Some(client_l3)).await?;
+    netns::add_route(&c, any6, 0, Some(EDGE_LAN_V6.into()), Some(client_l3)).await?;
+    netns::add_route(&k, any4, 0, Some(EDGE_WAN_V4.into()), Some(cloud_if)).await?;
+    netns::add_route(&k, any6, 0, Some(EDGE_WAN_V6.into()), Some(cloud_if)).await?;
+
+    // A link that came up before its peer had carrier keeps the "noop" qdisc, which drops
+    // every packet, until the kernel's link-watch work runs; VLANs take their carrier from
+    // the trunk the same way. Wait for all of them rather than lose the first packets.
+    let deadline = Instant::now() + READY_TIMEOUT;
+    for (ns, handle) in [(client, &c), (edge, &e), (cloud, &k)] {
+        loop {
+            let links = netns::list_links(handle).await?;
+            let waiting: Vec<&str> = links
+                .iter()
+                .filter(|l| !(l.running && l.qdisc.as_deref().is_some_and(|q| q != "noop")))
+                .map(|l| l.name.as_str())
+                .collect();
+            if waiting.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "links {waiting:?} in namespace {ns} not ready after {READY_TIMEOUT:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    Ok(edge_ifs)
+}

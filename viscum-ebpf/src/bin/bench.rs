@@ -1,0 +1,46 @@
+//! Reference classifiers for the benchmarks (`cargo xtask bench`), never
+//! attached by `viscum` itself.
+//!
+//! * `bench_noop` returns `TC_ACT_OK` without reading the packet: the tax of
+//!   having any TC program on an interface (the "noop" floor).
+//! * `bench_hook` redirects every packet with `bpf_redirect_peer` into the
+//!   veth whose host-side ifindex user space writes into [`HOOK_IFINDEX`]
+//!   before loading: no parsing, no lookup (the "hook" floor, the cost of the
+//!   mechanism itself).
+//!
+//! Both live in their own object (`viscum-bench`) so the product's object and
+//! its verifier budget stay untouched.
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect_peer, macros::classifier, programs::TcContext};
+
+/// Host-side veth ifindex to redirect to; patched by the loader
+/// (`EbpfLoader::set_global`). Read with `read_volatile` so the compiler
+/// cannot fold the zero it is initialised with.
+#[unsafe(no_mangle)]
+static HOOK_IFINDEX: u32 = 0;
+
+#[classifier]
+pub fn bench_noop(_ctx: TcContext) -> i32 {
+    TC_ACT_OK
+}
+
+#[classifier]
+pub fn bench_hook(_ctx: TcContext) -> i32 {
+    // SAFETY: reading a plain global of this object.
+    let ifindex = unsafe { core::ptr::read_volatile(&HOOK_IFINDEX) };
+    // SAFETY: helper call with a plain ifindex; flags must be 0. Returns
+    // TC_ACT_REDIRECT, or TC_ACT_SHOT for a bad flag.
+    unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

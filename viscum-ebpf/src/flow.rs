@@ -1,0 +1,136 @@
+//! Flow consistency: a flow keeps the decision taken at its first packet.
+//!
+//! Only flows towards a *matched* service are tracked, so unmanaged traffic
+//! never touches these maps. TCP needs state only for edge flows: a
+//! mid-connection packet without state belongs to a connection that began
+//! before the entry existed, i.e. with the cloud. UDP has no "first packet"
+//! marker, so cloud decisions are recorded too (while an entry learns or
+//! drains).
+
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::LruHashMap,
+};
+use viscum_common::{
+    DEFAULT_FLOW_ENTRIES, FLOW_CLOUD, FLOW_EDGE, FlowKey, FlowState, PROTO_TCP, ReplyKey, ReplyState,
+    ServiceEntry, TARGET_F_DRAINING, TARGET_F_NAT,
+};
+
+use crate::{
+    counters::{self, Timeouts},
+    parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+};
+use viscum_common::GlobalCounter;
+
+/// 5-tuple -> decision. LRU: under pressure the oldest flows go first; the
+/// loader sizes it (`viscum attach --flow-table-size`).
+#[map(name = "VISCUM_FLOWS")]
+static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Reverse index for the reply path (see `ReplyKey`).
+#[map(name = "VISCUM_REPLIES")]
+static REPLIES: LruHashMap<ReplyKey, ReplyState> = LruHashMap::pinned(DEFAULT_FLOW_ENTRIES, 0);
+
+/// Where a matched packet goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    Edge,
+    Cloud,
+}
+
+#[inline(always)]
+fn is_live(state: &FlowState, now: u64, t: &Timeouts, tcp: bool) -> bool {
+    if state.closing_at_ns != 0 && now.wrapping_sub(state.closing_at_ns) > t.linger_ns {
+        return false;
+    }
+    let idle = if tcp { t.tcp_idle_ns } else { t.udp_idle_ns };
+    now.wrapping_sub(state.last_seen_ns) <= idle
+}
+
+/// Decides for a packet that matched `entry`, creating flow state for new flows.
+#[inline(always)]
+pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let t = counters::timeouts();
+    let tcp = p.key.proto == PROTO_TCP;
+    let syn = tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    let closing = tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+
+    if let Some(state) = FLOWS.get_ptr_mut(fkey) {
+        // SAFETY: LRU value pointer from the kernel; races only lose a
+        // timestamp update, never the decision.
+        let state = unsafe { &mut *state };
+        // A SYN on a flow that already finished starts a new connection
+        // reusing the 5-tuple: decide afresh.
+        let reused = syn && state.closing_at_ns != 0;
+        if !reused && is_live(state, now, &t, tcp) {
+            state.last_seen_ns = now;
+            if closing && state.closing_at_ns == 0 {
+                state.closing_at_ns = now;
+            }
+            return if state.decision == FLOW_EDGE { Decision::Edge } else { Decision::Cloud };
+        }
+    }
+
+    if tcp && !syn {
+        // Mid-connection without state: it began before the entry existed
+        // (or its state was evicted): the cloud has it.
+        counters::bump(GlobalCounter::FlowOrphans);
+        return Decision::Cloud;
+    }
+
+    let learning = now < entry.active_after_ns;
+    if entry.flags & TARGET_F_DRAINING != 0 || learning {
+        entry.cloud_flows += 1;
+        counters::bump(GlobalCounter::FlowsCloud);
+        if !tcp {
+            let state = FlowState { last_seen_ns: now, closing_at_ns: 0, decision: FLOW_CLOUD, ifindex: 0 };
+            let _ = FLOWS.insert(fkey, &state, 0);
+        }
+        return Decision::Cloud;
+    }
+
+    let state = FlowState { last_seen_ns: now, closing_at_ns: 0, decision: FLOW_EDGE, ifindex: entry.ifindex };
+    let _ = FLOWS.insert(fkey, &state, 0);
+    remember_reply(p, entry, 0);
+    entry.new_flows += 1;
+    counters::bump(GlobalCounter::FlowsEdge);
+    Decision::Edge
+}
+
+/// Records how replies of this flow come back from the service veth.
+#[inline(always)]
+pub fn remember_reply(p: &Parsed, entry: &ServiceEntry, flags: u32) {
+    // In NAT mode the service answers from its own port.
+    let local_port = if entry.flags & TARGET_F_NAT != 0 && entry.nat_port != 0 { entry.nat_port } else { p.key.port };
+    let rkey = ReplyKey {
+        client: p.saddr,
+        client_port: p.sport,
+        local_port,
+        proto: p.key.proto,
+        family: p.key.family,
+        _pad: [0; 2],
+        ifindex: entry.ifindex,
+    };
+    let rstate = ReplyState { service: p.key.addr, service_port: p.key.port, _pad: [0; 2], flags };
+    let _ = REPLIES.insert(&rkey, &rstate, 0);
+}
+
+/// The identity a reply arriving on `ifindex` must carry, if it belongs to
+/// an edge flow.
+#[inline(always)]
+pub fn reply_identity(p: &Parsed, ifindex: u32) -> Option<ReplyState> {
+    let rkey = ReplyKey {
+        client: p.key.addr,
+        client_port: p.key.port,
+        local_port: p.sport,
+        proto: p.key.proto,
+        family: p.key.family,
+        _pad: [0; 2],
+        ifindex,
+    };
+    // SAFETY: read-only copy out of the map value.
+    unsafe { REPLIES.get(&rkey).copied() }
+}

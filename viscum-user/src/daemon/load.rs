@@ -1,0 +1,100 @@
+//! Load shedding: when the box is overloaded, every service is sent back to the cloud.
+//!
+//! Pressure is the larger of PSI's `some avg10` for CPU and memory (the share of the last
+//! ten seconds in which some task waited for that resource), as a fraction. Where PSI is
+//! absent (`CONFIG_PSI=n`, common on routers) the 1-minute load average divided by the
+//! number of CPUs stands in. Shedding starts above `max_load` and stops only once the load
+//! has dropped below [`RESUME_RATIO`] of it, so a load hovering at the threshold does not
+//! flap entries in and out of the datapath.
+
+use std::fs;
+
+/// Shedding ends below this fraction of `max_load`.
+pub const RESUME_RATIO: f64 = 0.85;
+
+/// Where a load figure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Psi,
+    Loadavg,
+}
+
+/// `some avg10` of a PSI file, as a fraction.
+fn psi_some_avg10(path: &str) -> Option<f64> {
+    let text = fs::read_to_string(path).ok()?;
+    parse_psi(&text)
+}
+
+fn parse_psi(text: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.starts_with("some "))?;
+    let v = line.split_whitespace().find_map(|f| f.strip_prefix("avg10="))?;
+    v.parse::<f64>().ok().map(|p| p / 100.0)
+}
+
+/// The current load, or `None` if neither PSI nor loadavg is readable.
+pub fn current() -> Option<(f64, Source)> {
+    let cpu = psi_some_avg10("/proc/pressure/cpu");
+    let mem = psi_some_avg10("/proc/pressure/memory");
+    match (cpu, mem) {
+        (None, None) => {
+            let text = fs::read_to_string("/proc/loadavg").ok()?;
+            let one: f64 = text.split_whitespace().next()?.parse().ok()?;
+            let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+            Some((one / cpus, Source::Loadavg))
+        }
+        (a, b) => Some((a.unwrap_or(0.0).max(b.unwrap_or(0.0)), Source::Psi)),
+    }
+}
+
+/// The shed/resume decision with hysteresis.
+#[derive(Debug, Clone)]
+pub struct Shedder {
+    pub max_load: f64,
+    pub shedding: bool,
+}
+
+impl Shedder {
+    pub fn new(max_load: f64) -> Self {
+        Shedder { max_load, shedding: false }
+    }
+
+    /// Feeds a load figure; returns the new state if it changed.
+    pub fn update(&mut self, load: f64) -> Option<bool> {
+        let next = if self.shedding { load >= self.max_load * RESUME_RATIO } else { load > self.max_load };
+        (next != self.shedding).then(|| {
+            self.shedding = next;
+            next
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn psi_parsing() {
+        let text = "some avg10=12.50 avg60=1.00 avg300=0.00 total=1\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+        assert_eq!(parse_psi(text), Some(0.125));
+        assert_eq!(parse_psi("garbage"), None);
+    }
+
+    #[test]
+    fn hysteresis() {
+        let mut s = Shedder::new(0.9);
+        assert_eq!(s.update(0.5), None);
+        assert_eq!(s.update(0.9), None); // at the threshold: not above
+        assert_eq!(s.update(0.95), Some(true));
+        assert_eq!(s.update(0.85), None); // still above 0.765
+        assert_eq!(s.update(0.77), None);
+        assert_eq!(s.update(0.7), Some(false));
+        assert_eq!(s.update(0.8), None);
+    }
+
+    #[test]
+    fn reads_something_here() {
+        // Every Linux box has /proc/loadavg at least.
+        assert!(current().is_some());
+    }
+}
