@@ -60,7 +60,7 @@ pub enum EndpointError {
     PortZero,
     #[error("'{0}' cannot be redirected: unspecified, multicast, broadcast and loopback addresses are not services")]
     UnusableAddress(IpAddr),
-    #[error("IPv6 address with a port must be bracketed: '{0}' (e.g. tcp://[2001:db8::7]:443)")]
+    #[error("IPv6 addresses must be bracketed: '{0}' (write tcp://[2001:db8::7]:443, or tcp://[2001:db8::7] for every port)")]
     Unbracketed(String),
 }
 
@@ -102,10 +102,9 @@ impl FromStr for Endpoint {
                 .parse::<Ipv6Addr>()
                 .map_err(|_| EndpointError::BadAddress(host.to_owned()))?;
             (IpAddr::V6(addr), port)
-        } else if let Ok(v6) = rest.parse::<Ipv6Addr>() {
-            // A bare IPv6 address: every port.
-            (IpAddr::V6(v6), None)
         } else if rest.matches(':').count() > 1 {
+            // Always brackets for IPv6: `2001:db8::7:443` is itself a valid
+            // address, so without them a port could silently become part of it.
             return Err(EndpointError::Unbracketed(rest.to_owned()));
         } else {
             let (host, port) = match rest.split_once(':') {
@@ -210,7 +209,7 @@ mod tests {
         let e = ep("tcp://[2001:db8::7]:443").unwrap();
         assert_eq!((e.addr.to_string(), e.port), ("2001:db8::7".into(), Some(443)));
         assert_eq!(ep("udp://[2001:db8::7]").unwrap().port, None);
-        assert_eq!(ep("udp://2001:db8::7").unwrap().port, None);
+        assert_eq!(ep("udp://2001:db8::7"), Err(EndpointError::Unbracketed("2001:db8::7".into())));
     }
 
     #[test]
