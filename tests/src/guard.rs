@@ -25,7 +25,7 @@ pub fn skip_unless_root() -> bool {
 }
 
 /// A short name no other test or test process uses: `<prefix><pid in base 36>x<counter>`,
-/// e.g. `vt2ho5sx3`. With a two-letter prefix it stays within viscum's 12-character
+/// e.g. `vt2hwcgx3`. With a two-letter prefix it stays within viscum's 12-character
 /// service namespace names for the first 10,000 names of a process.
 pub fn unique_name(prefix: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -207,7 +207,7 @@ mod tests {
         assert_ne!(a, b);
         assert!(a.len() <= 12, "{a}");
         assert!(viscum::netns::validate_name(&a).is_ok());
-        assert_eq!(base36(4_194_304), "2ho5s");
+        assert_eq!(base36(4_194_304), "2hwcg");
         assert_eq!(base36(0), "0");
     }
 

@@ -11,14 +11,18 @@
 //!                              2001:db8:f::1/64            2001:db8:f::7/64
 //! ```
 //!
-//! With [`LabOptions::vlan`] the client and the edge talk through 802.1Q subinterfaces
-//! (`eth0.VID`, `lan0.VID`) that carry the LAN addresses; the veth `lan0` is the trunk and
-//! stays the classifier's attach point ([`Lab::lan_if`]).
+//! With [`LabOptions::vlan`] the client and the edge talk through 802.1Q: the LAN addresses
+//! move to VLAN interfaces and the veth `lan0` becomes the tagged trunk, which stays the
+//! classifier's attach point ([`Lab::lan_if`]). Kernels without 802.1Q support get the same
+//! tagged trunk from BPF taggers instead of VLAN devices ([`VlanMode`]).
 
 use std::{
     fs::File,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::{fd::AsRawFd, unix::process::CommandExt},
+    os::{
+        fd::{AsRawFd, OwnedFd},
+        unix::process::CommandExt,
+    },
     path::PathBuf,
     process::{Command, Output, Stdio},
     sync::{Mutex, mpsc},
@@ -26,9 +30,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use viscum::netns::{self, NETNS_RUN_DIR};
+use viscum::netns::{self, NETNS_RUN_DIR, NetnsError};
 
-use crate::guard::{Bpffs, Netns, block_on, delete_quietly, unique_name};
+use crate::{
+    guard::{Bpffs, Netns, block_on, delete_quietly, unique_name},
+    vlan::{self, Tag},
+};
 
 /// The edge's client-facing interface (the trunk, with a VLAN): where tests attach viscum.
 pub const LAN_IF: &str = "lan0";
@@ -83,8 +90,27 @@ pub struct Lab {
     /// The cloud namespace.
     pub cloud: Netns,
     options: LabOptions,
+    /// The edge interface carrying the LAN addresses.
+    lan_l3: String,
+    /// How the VLAN is made, if there is one.
+    vlan_mode: Option<VlanMode>,
+    /// TCX links of the BPF taggers ([`VlanMode::Bpf`]); dropping them detaches them.
+    taggers: Vec<OwnedFd>,
     /// Service namespaces to delete on drop (created by viscum during the test).
     service_ns: Mutex<Vec<String>>,
+}
+
+/// How [`LabOptions::vlan`] is realised.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VlanMode {
+    /// Kernel 802.1Q devices: `eth0.VID` in the client, `lan0.VID` on the edge.
+    Kernel,
+    /// The kernel has no 802.1Q support (`CONFIG_VLAN_8021Q` unset): TC programs push the
+    /// tag on egress and pop it on ingress of the client's `eth0` and of a passthru macvlan
+    /// `lan0vVID` on the edge, which takes over `lan0`'s MAC and all its traffic after
+    /// `lan0`'s TC ingress hook, as a VLAN subinterface would. The trunk `lan0` carries
+    /// tagged frames either way.
+    Bpf,
 }
 
 impl Lab {
@@ -95,19 +121,23 @@ impl Lab {
 
     /// Builds the lab with `options`. Returns once every link is ready to carry traffic.
     pub fn with_options(options: LabOptions) -> Lab {
-        let lab = Lab {
+        // Built in place, so a failure half-way is cleaned up by Drop like any other.
+        let mut lab = Lab {
             bpffs: Bpffs::new(),
             client: Netns::new(),
             edge: Netns::new(),
             cloud: Netns::new(),
             options,
+            lan_l3: LAN_IF.to_string(),
+            vlan_mode: None,
+            taggers: Vec::new(),
             service_ns: Mutex::new(Vec::new()),
         };
         lab.build();
         lab
     }
 
-    fn build(&self) {
+    fn build(&mut self) {
         for ns in [&self.client, &self.edge, &self.cloud] {
             // Before any interface exists, so all of them inherit it: addresses (link-local
             // ones included) are usable at once instead of after a second of DAD.
@@ -128,15 +158,22 @@ impl Lab {
             self.cloud.name().to_string(),
         );
         let vlan = self.options.vlan;
-        let edge_ifs = block_on(async move {
+        let built = block_on(async move {
             build_links(&client, &edge, &cloud, vlan)
                 .await
                 .unwrap_or_else(|e| panic!("build lab: {e:#?}"))
         });
-        for ifname in edge_ifs {
+        for ifname in &built.edge_ifs {
             self.edge
                 .set_sysctl(&format!("net/ipv4/conf/{ifname}/rp_filter"), "0");
         }
+        for (ns, ifindex, ingress, tag) in built.taggers {
+            let link = vlan::attach(&ns, ifindex, ingress, tag)
+                .unwrap_or_else(|e| panic!("attach vlan tagger in {ns}: {e}"));
+            self.taggers.push(link);
+        }
+        self.lan_l3 = built.lan_l3;
+        self.vlan_mode = built.vlan_mode;
     }
 
     /// The edge interface the classifier attaches to: `lan0` (the trunk, with a VLAN).
@@ -144,12 +181,15 @@ impl Lab {
         LAN_IF
     }
 
-    /// The edge interface holding the LAN addresses: `lan0`, or `lan0.VID` with a VLAN.
-    pub fn lan_l3_if(&self) -> String {
-        match self.options.vlan {
-            Some(vid) => format!("{LAN_IF}.{vid}"),
-            None => LAN_IF.to_string(),
-        }
+    /// The edge interface holding the LAN addresses: `lan0`; with a VLAN `lan0.VID`
+    /// ([`VlanMode::Kernel`]) or `lan0vVID` ([`VlanMode::Bpf`]).
+    pub fn lan_l3_if(&self) -> &str {
+        &self.lan_l3
+    }
+
+    /// How the VLAN was made, `None` without one.
+    pub fn vlan_mode(&self) -> Option<VlanMode> {
+        self.vlan_mode
     }
 
     /// The edge's cloud-facing interface, `wan0`.
@@ -321,20 +361,34 @@ pub fn viscum_bin() -> PathBuf {
     bin
 }
 
+/// What [`build_links`] made.
+struct Built {
+    /// The edge's interface names (for per-interface sysctls).
+    edge_ifs: Vec<String>,
+    /// The edge interface with the LAN addresses.
+    lan_l3: String,
+    vlan_mode: Option<VlanMode>,
+    /// BPF taggers to attach: (namespace, ifindex, ingress, what).
+    taggers: Vec<(String, u32, bool, Tag)>,
+}
+
 /// Creates the veths (and VLANs), addresses and routes, then waits for every link to be
-/// ready. Returns the edge's interface names (for per-interface sysctls).
+/// ready.
 async fn build_links(
     client: &str,
     edge: &str,
     cloud: &str,
     vlan: Option<u16>,
-) -> Result<Vec<String>, netns::NetnsError> {
+) -> Result<Built, NetnsError> {
     let c = netns::handle_in(client).await?;
     let e = netns::handle_in(edge).await?;
     let k = netns::handle_in(cloud).await?;
 
-    netns::create_veth(&e, LAN_IF, CLIENT_IF, client, None).await?;
-    netns::create_veth(&e, WAN_IF, CLOUD_IF, cloud, None).await?;
+    // Fixed indexes, so that no veth shares its index with its peer, as the first links of
+    // fresh namespaces would; that would delay their carrier by up to a second (see
+    // create_veth_indexed).
+    netns::create_veth_indexed(&e, LAN_IF, 10, CLIENT_IF, client, 20, None).await?;
+    netns::create_veth_indexed(&e, WAN_IF, 11, CLOUD_IF, cloud, 21, None).await?;
 
     let mut edge_ifs = vec![LAN_IF.to_string(), WAN_IF.to_string()];
     for (handle, ifname) in [(&c, "lo"), (&e, "lo"), (&k, "lo"), (&e, LAN_IF), (&e, WAN_IF)] {
@@ -347,20 +401,44 @@ async fn build_links(
     netns::set_up(&k, cloud_if).await?;
     let wan = netns::link_by_name(&e, WAN_IF).await?.index;
 
+    let lan = netns::link_by_name(&e, LAN_IF).await?.index;
+    let mut lan_l3 = LAN_IF.to_string();
+    let mut vlan_mode = None;
+    let mut taggers = Vec::new();
     let (edge_l3, client_l3) = match vlan {
-        Some(vid) => {
-            let lan = netns::link_by_name(&e, LAN_IF).await?.index;
-            let edge_vlan = format!("{LAN_IF}.{vid}");
-            let edge_l3 = netns::create_vlan(&e, &edge_vlan, lan, vid).await?;
-            netns::set_up(&e, edge_l3).await?;
-            edge_ifs.push(edge_vlan);
-            let client_l3 =
-                netns::create_vlan(&c, &format!("{CLIENT_IF}.{vid}"), client_if, vid).await?;
-            netns::set_up(&c, client_l3).await?;
-            (edge_l3, client_l3)
-        }
-        None => (netns::link_by_name(&e, LAN_IF).await?.index, client_if),
+        None => (lan, client_if),
+        Some(vid) => match netns::create_vlan(&e, &format!("{LAN_IF}.{vid}"), lan, vid).await {
+            Ok(edge_l3) => {
+                vlan_mode = Some(VlanMode::Kernel);
+                lan_l3 = format!("{LAN_IF}.{vid}");
+                netns::set_up(&e, edge_l3).await?;
+                let client_l3 =
+                    netns::create_vlan(&c, &format!("{CLIENT_IF}.{vid}"), client_if, vid)
+                        .await?;
+                netns::set_up(&c, client_l3).await?;
+                (edge_l3, client_l3)
+            }
+            Err(NetnsError::Netlink { source, .. })
+                if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+            {
+                vlan_mode = Some(VlanMode::Bpf);
+                lan_l3 = format!("{LAN_IF}v{vid}");
+                let edge_l3 = netns::create_macvlan_passthru(&e, &lan_l3, lan).await?;
+                netns::set_up(&e, edge_l3).await?;
+                taggers = vec![
+                    (client.to_string(), client_if, false, Tag::Push(vid)),
+                    (client.to_string(), client_if, true, Tag::Pop),
+                    (edge.to_string(), edge_l3, false, Tag::Push(vid)),
+                    (edge.to_string(), edge_l3, true, Tag::Pop),
+                ];
+                (edge_l3, client_if)
+            }
+            Err(e) => return Err(e),
+        },
     };
+    if lan_l3 != LAN_IF {
+        edge_ifs.push(lan_l3.clone());
+    }
 
     netns::add_address(&c, client_l3, CLIENT_V4.into(), 24).await?;
     netns::add_address(&c, client_l3, CLIENT_V6.into(), 64).await?;
@@ -400,5 +478,10 @@ async fn build_links(
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
-    Ok(edge_ifs)
+    Ok(Built {
+        edge_ifs,
+        lan_l3,
+        vlan_mode,
+        taggers,
+    })
 }

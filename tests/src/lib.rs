@@ -22,9 +22,10 @@
 pub mod guard;
 pub mod identity;
 pub mod lab;
+mod vlan;
 
 pub use self::{
     guard::{Bpffs, Netns, block_on, skip_unless_root, unique_name, wait_until},
     identity::{IdentityServer, Proto, ask, tcp_ask, udp_ask},
-    lab::{Lab, LabOptions},
+    lab::{Lab, LabOptions, VlanMode},
 };

@@ -5,7 +5,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use viscum_tests::{
-    IdentityServer, Lab, LabOptions, Proto, ask, lab, skip_unless_root, tcp_ask, udp_ask,
+    IdentityServer, Lab, LabOptions, Proto, VlanMode, ask, lab, skip_unless_root, tcp_ask, udp_ask,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(3);
@@ -45,7 +45,12 @@ fn client_reaches_cloud_over_vlan() {
     }
     let lab = Lab::with_options(LabOptions { vlan: Some(42) });
     assert_eq!(lab.lan_if(), "lan0");
-    assert_eq!(lab.lan_l3_if(), "lan0.42");
+    match lab.vlan_mode() {
+        Some(VlanMode::Kernel) => assert_eq!(lab.lan_l3_if(), "lan0.42"),
+        Some(VlanMode::Bpf) => assert_eq!(lab.lan_l3_if(), "lan0v42"),
+        None => panic!("no vlan"),
+    }
+    eprintln!("vlan mode: {:?}", lab.vlan_mode());
     assert_cloud_answers(&lab);
 }
 

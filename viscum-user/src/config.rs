@@ -391,7 +391,7 @@ impl Config {
 
         let mut services = Vec::new();
         let mut seen_names: HashMap<String, usize> = HashMap::new();
-        let mut seen_matches: HashMap<Endpoint, String> = HashMap::new();
+        let mut seen_matches: HashMap<Endpoint, (usize, String)> = HashMap::new();
         for (i, value) in raw_services.into_iter().enumerate() {
             // Name the service in messages even when the rest of its table is broken.
             let label = value
@@ -415,15 +415,28 @@ impl Config {
                     seen_names.insert(name.clone(), i);
                 }
             }
-            if let Some(svc) = validate_service(raw, &mut p) {
-                for (j, ep) in svc.matches.iter().enumerate() {
-                    match seen_matches.get(ep) {
-                        Some(other) => p.add(format!("match[{j}]"), format!("{ep} is already matched by service {other}")),
+            // Across services, every match that parses counts, even in a service with other
+            // problems: fixing those must not reveal a new one.
+            let owner = raw.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
+            let mut cross = Vec::new();
+            for (j, text) in raw.matches.iter().flatten().enumerate() {
+                if let Ok(ep) = text.parse::<Endpoint>() {
+                    match seen_matches.get(&ep) {
+                        Some((k, other)) if *k != i => {
+                            cross.push((format!("match[{j}]"), format!("{ep} is already matched by service {other}")))
+                        }
+                        Some(_) => {} // within one service: reported by validate_service
                         None => {
-                            seen_matches.insert(*ep, svc.name.clone());
+                            seen_matches.insert(ep, (i, owner.clone()));
                         }
                     }
                 }
+            }
+            let svc = validate_service(raw, &mut p);
+            for (field, msg) in cross {
+                p.add(field, msg);
+            }
+            if let Some(svc) = svc {
                 services.push(svc);
             }
         }

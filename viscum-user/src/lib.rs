@@ -7,10 +7,14 @@
 //! * [`engine`]: loading, attaching and pinning the classifier; editing its maps.
 //! * [`netns`]: named network namespaces, veths, addresses and routes over netlink.
 //! * [`redirect`]: redirect entries plus the local routes they need in service namespaces.
+//! * [`config`]: the daemon's TOML configuration: parsing and validation that reports every problem.
+//! * [`daemon`]: `viscum run`: supervised services, health-gated redirects, reload, control socket.
 //! * [`cli`]: the `viscum` command line, one module per command.
 
 pub mod bpffs;
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod endpoint;
 pub mod engine;
 pub mod netns;

@@ -627,12 +627,10 @@ fn kill_netns_processes(ns: &str) {
 
 /// `true` when something is mounted exactly at `path` (from /proc/self/mountinfo).
 fn is_mount_point(path: &str) -> bool {
-    fs::read_to_string("/proc/self/mountinfo")
-        .map(|info| {
-            info.lines()
-                .any(|l| l.split_whitespace().nth(4) == Some(path))
-        })
-        .unwrap_or(false)
+    fs::read_to_string("/proc/self/mountinfo").is_ok_and(|info| {
+        info.lines()
+            .any(|l| l.split_whitespace().nth(4) == Some(path))
+    })
 }
 
 fn print_banner(viscum: &Path) {

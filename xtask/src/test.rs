@@ -36,10 +36,18 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     let mut cmd = process::cargo();
     // The integration tests build namespaces, veths and bpffs pins and attach
     // programs: they run one at a time so they cannot see each other's state.
-    cmd.args(["test", "--workspace", "--", "--test-threads=1"])
-        .args(&opts.args)
-        // Tests that drive the real CLI run exactly the binary just built.
-        .env("VISCUM_BIN", &viscum);
+    // --no-fail-fast: one CI run should show every failing test binary,
+    // not just the first.
+    cmd.args([
+        "test",
+        "--workspace",
+        "--no-fail-fast",
+        "--",
+        "--test-threads=1",
+    ])
+    .args(&opts.args)
+    // Tests that drive the real CLI run exactly the binary just built.
+    .env("VISCUM_BIN", &viscum);
     println!("+ {}", process::display(&cmd));
     let status = cmd.status().context("cannot start cargo test")?;
     if !status.success() {

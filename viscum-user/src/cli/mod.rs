@@ -1,9 +1,14 @@
 //! The `viscum` command line: argument definitions here, one module per command.
 
 mod attach;
+mod logs;
 mod ns;
 mod redirect;
+mod reload;
+mod run;
+mod service;
 mod stats;
+mod status;
 mod trace;
 
 use std::{io::Write as _, path::PathBuf};
@@ -49,6 +54,17 @@ pub enum Command {
     Stats(stats::StatsArgs),
     /// Stream the classifier's per-packet decisions until Ctrl-C.
     Trace(trace::TraceArgs),
+    /// Run the daemon: services from a configuration file, each redirected only while healthy.
+    Run(run::RunArgs),
+    /// Show the daemon's services: state, health, redirect, counters.
+    Status(status::StatusArgs),
+    /// Start, stop or restart one of the daemon's services.
+    #[command(subcommand)]
+    Service(service::ServiceCommand),
+    /// Show a service's output (stdout and stderr).
+    Logs(logs::LogsArgs),
+    /// Make the running daemon re-read its configuration file.
+    Reload(reload::ReloadArgs),
 }
 
 /// Failure of a command, printed as `viscum: <message>: <causes>`.
@@ -65,6 +81,11 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Redirect(cmd) => redirect::run(&pins, cmd).await,
         Command::Stats(args) => stats::run(&pins, args).await,
         Command::Trace(args) => trace::run(&pins, args).await,
+        Command::Run(args) => run::run(&pins, args).await,
+        Command::Status(args) => status::run(&pins, args).await,
+        Command::Service(cmd) => service::run(&pins, cmd).await,
+        Command::Logs(args) => logs::run(&pins, args).await,
+        Command::Reload(args) => reload::run(&pins, args).await,
     }
 }
 

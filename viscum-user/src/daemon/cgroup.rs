@@ -326,6 +326,21 @@ pub fn remove(placement: &Placement) {
     }
 }
 
+/// Removes the groups of service `name` wherever they are, without knowing its placement
+/// (cleanup of a service a previous daemon ran).
+pub fn remove_named(name: &str) {
+    let mut dirs = Vec::new();
+    for h in mounts() {
+        let own = if h.v2 { own_path(None) } else { h.controllers.iter().find_map(|c| own_path(Some(c))) };
+        if let Some(own) = own {
+            dirs.push(join(&h.mount, &own).join("viscum").join(name));
+        }
+    }
+    dirs.sort();
+    dirs.dedup();
+    remove(&Placement { dirs, ..Default::default() });
+}
+
 /// Pids in the service's groups (for status and tests).
 pub fn members(placement: &Placement) -> Vec<i32> {
     let mut pids = Vec::new();

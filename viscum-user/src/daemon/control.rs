@@ -96,6 +96,11 @@ pub struct DatapathCounters {
     pub fragments: u64,
     pub unparsable: u64,
     pub redirect_errors: u64,
+    /// Flows that started at the edge / matched but stayed with the cloud.
+    #[serde(default)]
+    pub flows_edge: u64,
+    #[serde(default)]
+    pub flows_cloud: u64,
 }
 
 impl From<crate::engine::GlobalStats> for DatapathCounters {
@@ -107,6 +112,8 @@ impl From<crate::engine::GlobalStats> for DatapathCounters {
             fragments: g.fragments,
             unparsable: g.unparsable,
             redirect_errors: g.redirect_errors,
+            flows_edge: g.flows_edge,
+            flows_cloud: g.flows_cloud,
         }
     }
 }

@@ -108,7 +108,11 @@ impl Proc {
     /// Adopts a process by pid through a pidfd. The caller has checked its identity.
     pub fn adopt(pid: i32) -> io::Result<Proc> {
         let pidfd = pidfd_open(pid)?;
-        Ok(Proc::Adopted { pid, pidfd: AsyncFd::new(pidfd)? })
+        // SAFETY: `OwnedFd` keeps the descriptor open, and returns the same one, for as long as
+        // the AsyncFd owns it.
+        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+            .map_err(io::Error::from)?;
+        Ok(Proc::Adopted { pid, pidfd })
     }
 }
 

@@ -716,6 +716,10 @@ impl Actor {
                 if let Err(e) = redirect::del_all_to(&mut engine, ns.host_ifindex).await {
                     log::warn!("service {}: cannot remove entries into its namespace: {e}", self.cfg.name);
                 }
+                // The reply classifier on its host veth goes with the veth; its pin must too.
+                if let Err(e) = crate::engine::detach_reply(engine.pins(), &netns::host_veth_name(&self.cfg.name)) {
+                    log::warn!("service {}: cannot detach the reply classifier: {e}", self.cfg.name);
+                }
             }
             self.ns = None;
             match netns::service_ns_del(&self.cfg.name).await {

@@ -4,9 +4,9 @@ use std::{fs::File, os::fd::AsRawFd};
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{
-    self as nl, InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage,
+    self as nl, InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage, MacVlanMode,
 };
-use rtnetlink::{Handle, LinkUnspec, LinkVlan};
+use rtnetlink::{Handle, LinkMacVlan, LinkUnspec, LinkVlan};
 
 use super::{NetnsError, errno_of, named::checked_path, netlink_err};
 
@@ -144,6 +144,28 @@ pub async fn create_veth(
     peer_ns: &str,
     peer_mac: Option<[u8; 6]>,
 ) -> Result<(), NetnsError> {
+    create_veth_indexed(handle, host, 0, peer_name, peer_ns, 0, peer_mac).await
+}
+
+/// [`create_veth`], also choosing both ends' interface indexes (`0`: the kernel picks). The
+/// kernel honours the peer's index only when the host end's is given as well
+/// (`veth_newlink`).
+///
+/// Why it matters: the kernel reports a link's carrier change at once only if it deems it
+/// urgent, and for a veth it does so when the link's index differs from its peer's
+/// (`linkwatch_urgent_event`); otherwise the link may stay operationally down for up to a
+/// second, and IPv6 addresses on it stay tentative that long. Two fresh namespaces both
+/// number their first device 2, so topologies built from fresh namespaces (the test lab)
+/// pick distinct indexes.
+pub async fn create_veth_indexed(
+    handle: &Handle,
+    host: &str,
+    host_index: u32,
+    peer_name: &str,
+    peer_ns: &str,
+    peer_index: u32,
+    peer_mac: Option<[u8; 6]>,
+) -> Result<(), NetnsError> {
     let ns_path = checked_path(peer_ns)?;
     let ns_file = File::open(&ns_path).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => NetnsError::UnknownNamespace {
@@ -155,11 +177,15 @@ pub async fn create_veth(
         },
     })?;
 
-    let mut peer = LinkUnspec::new_with_name(peer_name).setns_by_fd(ns_file.as_raw_fd());
+    // veth_newlink takes the peer's ifindex from the peer's own ifinfomsg header.
+    let mut peer = LinkUnspec::new_with_name(peer_name)
+        .index(peer_index)
+        .setns_by_fd(ns_file.as_raw_fd());
     if let Some(mac) = peer_mac {
         peer = peer.address(mac.to_vec());
     }
     let message = rtnetlink::LinkVeth::new(host, peer_name)
+        .index(host_index)
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
         .build();
 
@@ -197,6 +223,32 @@ pub async fn create_vlan(
             },
             _ => netlink_err(
                 format!("create vlan {name} (id {vlan_id}) on interface with index {parent}"),
+                e,
+            ),
+        })?;
+    Ok(link_by_name(handle, name).await?.index)
+}
+
+/// Creates a passthru macvlan `name` on the link `parent` (same namespace) and returns its
+/// index. In passthru mode the macvlan takes over its parent's MAC address and receives all
+/// of its traffic after the parent's TC ingress hook, so it can stand in for an upper device
+/// such as a VLAN subinterface (the test lab does so on kernels built without 802.1Q).
+pub async fn create_macvlan_passthru(
+    handle: &Handle,
+    name: &str,
+    parent: u32,
+) -> Result<u32, NetnsError> {
+    handle
+        .link()
+        .add(LinkMacVlan::new(name, parent, MacVlanMode::Passthrough).build())
+        .execute()
+        .await
+        .map_err(|e| match errno_of(&e) {
+            Some(libc::EEXIST) => NetnsError::InterfaceExists {
+                name: name.to_string(),
+            },
+            _ => netlink_err(
+                format!("create macvlan {name} on interface with index {parent}"),
                 e,
             ),
         })?;

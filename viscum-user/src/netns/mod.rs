@@ -32,7 +32,7 @@ pub use self::{
     addr::{AddrInfo, add_address, list_addresses},
     handle::{handle_here, handle_in},
     link::{
-        LinkInfo, create_veth, create_vlan, delete_link, link_by_index, link_by_name, list_links,
+        LinkInfo, create_macvlan_passthru, create_veth, create_veth_indexed, create_vlan, delete_link, link_by_index, link_by_name, list_links,
         set_up,
     },
     named::{

@@ -238,6 +238,12 @@ async fn build(host: &Handle, name: &str, subnet: Ipv4Addr) -> Result<(), NetnsE
     // Without it a UDP server answering through IPV6_PKTINFO from a cloud address it only has
     // a local route for gets EINVAL (see docs/architecture.md).
     sysctl_set(Some(name), "net/ipv6/ip_nonlocal_bind", "1")?;
+    // ARP for the gateway from the namespace's own address, not from the cloud address the
+    // packet being sent carries (the kernel's default): a router with strict reverse-path
+    // filtering drops an ARP request "tell 198.51.100.7" arriving on the service veth, and
+    // every reply from the namespace then waits forever on an INCOMPLETE neighbour.
+    sysctl_set(Some(name), "net/ipv4/conf/all/arp_announce", "2")?;
+    sysctl_set(Some(name), &format!("net/ipv4/conf/{NS_VETH_NAME}/arp_announce"), "2")?;
     Ok(())
 }
 

@@ -1,0 +1,714 @@
+//! `viscum run`: the daemon, end to end, in the lab.
+//!
+//! The daemon is the real `viscum` binary started inside the lab's edge namespace; its
+//! services are small Python servers (unmodified "cloud services" as far as viscum knows)
+//! that answer the identity protocol with "edge", while the cloud's identity server answers
+//! "cloud". Every wait polls with a bound; times that matter (failover, recovery) are
+//! measured and printed.
+//!
+//! Run with `--test-threads=1 --nocapture` to see the measurements.
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Read, Write},
+    net::{IpAddr, SocketAddr, TcpStream},
+    os::unix::{fs::PermissionsExt, net::UnixStream},
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use viscum::{engine::Pins, netns};
+use viscum_tests::{IdentityServer, Lab, lab::CLOUD_V4, skip_unless_root, tcp_ask, unique_name, wait_until};
+
+/// Bound of one client request.
+const ASK: Duration = Duration::from_millis(500);
+/// Bound for "the service comes up and turns healthy" (Python starts in ~100 ms).
+const UP: Duration = Duration::from_secs(20);
+
+/// The edge copy of a service: answers the identity protocol with its identity, and
+/// `stream N\n` with N KiB spread over N x 10 ms (a long transfer).
+const SERVICE_PY: &str = r#"
+import socket, sys, threading, time
+port, ident = int(sys.argv[1]), sys.argv[2].encode()
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", port))
+srv.listen(128)
+print("listening on", port, flush=True)
+def handle(c):
+    try:
+        c.settimeout(5)
+        data = b""
+        while b"\n" not in data:
+            d = c.recv(128)
+            if not d:
+                return
+            data += d
+        if data.startswith(b"stream "):
+            for _ in range(int(data.split()[1])):
+                c.sendall(b"x" * 1024)
+                time.sleep(0.01)
+        else:
+            c.sendall(ident + b"\n")
+    except OSError:
+        pass
+    finally:
+        c.close()
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=handle, args=(conn,), daemon=True).start()
+"#;
+
+/// Files of one test: configuration, the service script, the daemon's run directory and its
+/// output. World-readable, so services running as `nobody` can read the script.
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn new() -> Files {
+        let dir = PathBuf::from("/tmp").join(format!("viscum-daemon-{}", unique_name("t")));
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let script = dir.join("service.py");
+        fs::write(&script, SERVICE_PY).unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o644)).unwrap();
+        Files { dir }
+    }
+    fn config(&self) -> PathBuf {
+        self.dir.join("viscum.toml")
+    }
+    fn control(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+    fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+    fn script(&self) -> PathBuf {
+        self.dir.join("service.py")
+    }
+    /// `[engine]` for the lab: attached to lan0, everything of the daemon under `dir`.
+    fn engine(&self, extra: &str) -> String {
+        format!(
+            "[engine]\ninterfaces = [\"lan0\"]\ncontrol = \"{}\"\nrun_dir = \"{}\"\n{extra}\n",
+            self.control().display(),
+            self.run_dir().display()
+        )
+    }
+    /// A `[[service]]` running the Python service on `port`, answering `ident`.
+    fn service(&self, name: &str, port: u16, ident: &str, extra: &str) -> String {
+        format!(
+            r#"
+[[service]]
+name = "{name}"
+match = ["tcp://{CLOUD_V4}:{port}"]
+command = ["/usr/bin/python3", "{script}", "{port}", "{ident}"]
+{extra}
+[service.health]
+tcp = {port}
+interval_ms = 200
+timeout_ms = 150
+rise = 2
+fall = 2
+"#,
+            script = self.script().display()
+        )
+    }
+    fn write_config(&self, text: &str) {
+        fs::write(self.config(), text).unwrap();
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A running `viscum run` in the lab's edge namespace. Dropping it shuts it down cleanly
+/// (SIGTERM), or kills it and whatever service processes it left if it does not stop.
+struct Daemon {
+    child: Option<Child>,
+    control: PathBuf,
+    run_dir: PathBuf,
+    output: PathBuf,
+}
+
+impl Daemon {
+    fn start(lab: &Lab, files: &Files) -> Daemon {
+        let output = files.dir.join(format!("daemon-{}.log", unique_name("d")));
+        let log = fs::File::create(&output).unwrap();
+        let config = files.config();
+        let mut cmd = lab.viscum_command(&["--log-level", "info", "run", "--config", config.to_str().unwrap()]);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        let child = cmd.spawn().expect("start viscum run");
+        let daemon =
+            Daemon { child: Some(child), control: files.control(), run_dir: files.run_dir(), output };
+        let up = wait_until(UP, || daemon.try_status().is_some());
+        assert!(up, "the daemon did not answer on its control socket:\n{}", daemon.log());
+        daemon
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// The daemon's own output so far.
+    fn log(&self) -> String {
+        fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    /// One request on the control socket.
+    fn request(&self, line: &str) -> Option<Value> {
+        let mut s = UnixStream::connect(&self.control).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+        writeln!(s, "{line}").ok()?;
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).ok()?;
+        serde_json::from_str(&answer).ok()
+    }
+
+    fn try_status(&self) -> Option<Value> {
+        Some(self.request(r#"{"cmd":"status"}"#)?["status"].clone())
+    }
+
+    fn status(&self) -> Value {
+        self.try_status().unwrap_or_else(|| panic!("no status from the daemon:\n{}", self.log()))
+    }
+
+    fn service(&self, name: &str) -> Value {
+        let status = self.status();
+        status["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no service {name} in {status:#}"))
+    }
+
+    /// Waits until `name` is healthy and redirected; returns its pid.
+    fn wait_redirected(&self, name: &str, timeout: Duration) -> i32 {
+        let ok = wait_until(timeout, || {
+            let s = self.service(name);
+            s["health"] == "healthy" && s["redirected"] == true
+        });
+        assert!(ok, "service {name} not redirected within {timeout:?}: {:#}\n{}", self.service(name), self.log());
+        self.service(name)["pid"].as_i64().unwrap() as i32
+    }
+
+    /// SIGTERM and wait for the clean shutdown to finish.
+    fn stop(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        signal(child.id() as i32, libc::SIGTERM);
+        let status = wait_child(&mut child, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("the daemon did not shut down within 30 s:\n{}", self.log()));
+        status
+    }
+
+    /// SIGKILL: the daemon vanishes without cleaning anything up, like a crash.
+    fn kill(mut self) {
+        let mut child = self.child.take().unwrap();
+        signal(child.id() as i32, libc::SIGKILL);
+        wait_child(&mut child, Duration::from_secs(10)).expect("a killed daemon exits");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id() as i32, libc::SIGTERM);
+            if wait_child(&mut child, Duration::from_secs(30)).is_none() {
+                signal(child.id() as i32, libc::SIGKILL);
+                let _ = child.wait();
+            }
+        }
+        if thread::panicking() {
+            eprintln!("--- daemon output ---\n{}", self.log());
+        }
+        // Service processes a killed daemon left behind (the lab removes their namespaces).
+        for entry in fs::read_dir(self.run_dir.join("state")).into_iter().flatten().flatten() {
+            let Ok(text) = fs::read_to_string(entry.path()) else { continue };
+            let Ok(rec) = serde_json::from_str::<Value>(&text) else { continue };
+            if let Some(pid) = rec["pid"].as_i64() {
+                signal(-(pid as i32), libc::SIGKILL);
+            }
+            if let Some(name) = rec["name"].as_str() {
+                viscum::daemon::cgroup::remove_named(name);
+            }
+        }
+    }
+}
+
+fn signal(pid: i32, sig: i32) {
+    // SAFETY: plain kill(2).
+    unsafe { libc::kill(pid, sig) };
+}
+
+fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is not alive; /proc/PID/stat's third field says.
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
+        .unwrap_or(false)
+}
+
+fn cloud_addr(port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(CLOUD_V4), port)
+}
+
+/// Who answers a new connection to the cloud address right now ("edge", "cloud", or the error).
+fn who(lab: &Lab, port: u16) -> String {
+    tcp_ask(lab.client.name(), cloud_addr(port), ASK).unwrap_or_else(|e| format!("error: {e}"))
+}
+
+/// Waits until `who` answers `want`; returns how long it took.
+fn wait_for(lab: &Lab, port: u16, want: &str, timeout: Duration) -> Duration {
+    let start = Instant::now();
+    let mut last = String::new();
+    let ok = wait_until(timeout, || {
+        last = who(lab, port);
+        last == want
+    });
+    assert!(ok, "port {port}: wanted {want:?} within {timeout:?}, last answer {last:?}");
+    start.elapsed()
+}
+
+/// The entries in the lab's datapath, as strings.
+fn entries(lab: &Lab) -> Vec<String> {
+    match viscum::engine::Engine::open(&Pins::new(lab.bpffs.path())) {
+        Ok(engine) => engine.entries().unwrap().iter().map(|e| e.endpoint.to_string()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// The network namespace inode of a process and of a named namespace, to compare.
+fn netns_inode_of_pid(pid: i32) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(format!("/proc/{pid}/ns/net")).unwrap().ino()
+}
+
+fn netns_inode_of_name(name: &str) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(Path::new(netns::NETNS_RUN_DIR).join(name)).unwrap().ino()
+}
+
+/// Scrapes the metrics endpoint from inside the edge namespace (where the daemon listens).
+fn scrape(lab: &Lab, addr: SocketAddr) -> String {
+    netns::in_netns(lab.edge.name(), move || {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    })
+    .unwrap()
+}
+
+#[test]
+fn serves_at_the_edge_while_healthy_and_fails_over_when_the_service_dies() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = Files::new();
+    let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
+    let web = lab.service_ns_name();
+    let metrics: SocketAddr = "127.0.0.1:9310".parse().unwrap();
+    files.write_config(&(files.engine(&format!("metrics = \"{metrics}\"")) + &files.service(&web, 8080, "edge", "")));
+    assert_eq!(who(&lab, 8080), "cloud");
+
+    let started = Instant::now();
+    let daemon = Daemon::start(&lab, &files);
+    let t_up = wait_for(&lab, 8080, "edge", UP);
+    eprintln!("served at the edge {:?} after the daemon started", started.elapsed().max(t_up));
+    let pid = daemon.wait_redirected(&web, UP);
+
+    // The copy runs inside its namespace, unprivileged, in its own process group.
+    assert_eq!(netns_inode_of_pid(pid), netns_inode_of_name(&web));
+    let proc_status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = proc_status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(uid_line.split_whitespace().skip(1).all(|u| u == "65534"), "{uid_line}");
+    assert_eq!(nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))).unwrap().as_raw(), pid);
+    assert_eq!(entries(&lab), vec![format!("tcp://{CLOUD_V4}:8080")]);
+
+    // Counters, the human status, logs and metrics.
+    for _ in 0..5 {
+        assert_eq!(who(&lab, 8080), "edge");
+    }
+    let s = daemon.service(&web);
+    assert!(s["packets"].as_u64().unwrap() > 0 && s["bytes"].as_u64().unwrap() > 0, "{s:#}");
+    let table = lab.viscum_ok(&["status", "--control", files.control().to_str().unwrap()]);
+    assert!(table.contains(&web) && table.contains("healthy"), "{table}");
+    let logs = lab.viscum_ok(&["logs", &web, "--control", files.control().to_str().unwrap()]);
+    assert!(logs.contains("listening on 8080") && logs.contains(&format!("started process {pid}")), "{logs}");
+    let text = scrape(&lab, metrics);
+    assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
+    assert!(text.contains(&format!("viscum_service_healthy{{service=\"{web}\"}} 1")), "{text}");
+    assert!(text.contains("viscum_datapath_packets_total{result=\"redirected\"}"), "{text}");
+
+    // kill -9: the redirect goes at once (process exit), not after `fall` failed checks.
+    let t0 = Instant::now();
+    signal(pid, libc::SIGKILL);
+    let failover = wait_for(&lab, 8080, "cloud", Duration::from_secs(2));
+    let bound = Duration::from_millis(2 * 200) + Duration::from_millis(500);
+    eprintln!("kill -9: cloud serves new connections after {failover:?} (bound {bound:?})");
+    assert!(failover < bound, "failover took {failover:?}");
+    // ...and comes back once the restarted copy is healthy (backoff 0.5 s + rise x interval).
+    let recovery = wait_for(&lab, 8080, "edge", UP);
+    eprintln!("kill -9: back at the edge {:?} after the kill", t0.elapsed());
+    let _ = recovery;
+    let s = daemon.service(&web);
+    assert_eq!(s["restarts"], 1, "{s:#}");
+    assert!(s["last_exit"].as_str().unwrap().contains("signal 9"), "{s:#}");
+    let pid2 = daemon.wait_redirected(&web, UP);
+    assert_ne!(pid2, pid);
+
+    // A hung copy (SIGSTOP) still accepts nothing: `fall` failed checks take it out.
+    let t0 = Instant::now();
+    signal(pid2, libc::SIGSTOP);
+    let hung = wait_for(&lab, 8080, "cloud", Duration::from_secs(5));
+    let bound = Duration::from_millis(2 * 200 + 150) + Duration::from_millis(600);
+    eprintln!("SIGSTOP: cloud serves new connections after {hung:?} (fall x interval + timeout = 550 ms)");
+    assert!(hung < bound, "unhealthy failover took {hung:?}");
+    assert_eq!(daemon.service(&web)["health"], "unhealthy");
+    signal(pid2, libc::SIGCONT);
+    wait_for(&lab, 8080, "edge", UP);
+    eprintln!("SIGCONT: back at the edge {:?} after the stop", t0.elapsed());
+    assert_eq!(daemon.service(&web)["pid"], pid2, "a hung process is not restarted");
+
+    // `viscum service stop|start`.
+    let ctl = files.control();
+    let ctl = ctl.to_str().unwrap();
+    lab.viscum_ok(&["service", "stop", &web, "--control", ctl]);
+    assert_eq!(who(&lab, 8080), "cloud", "stop removes the redirect before it returns");
+    assert!(!alive(pid2));
+    assert_eq!(daemon.service(&web)["state"], "stopped");
+    lab.viscum_ok(&["service", "start", &web, "--control", ctl]);
+    wait_for(&lab, 8080, "edge", UP);
+    let err = lab.viscum_err(&["service", "restart", "nosuch", "--control", ctl]);
+    assert!(err.contains("no service named nosuch"), "{err}");
+
+    // Clean shutdown: everything it made goes; the cloud serves.
+    let pid3 = daemon.service(&web)["pid"].as_i64().unwrap() as i32;
+    let status = daemon.stop();
+    assert!(status.success(), "{status}");
+    assert!(!alive(pid3), "service process left running");
+    assert!(!netns::named_exists(&web), "service namespace left behind");
+    assert!(entries(&lab).is_empty());
+    assert!(!lab.bpffs.path().join("prog_ingress").exists(), "pins left behind");
+    assert!(!files.control().exists(), "control socket left behind");
+    assert_eq!(who(&lab, 8080), "cloud");
+}
+
+#[test]
+fn a_service_whose_check_never_passes_is_never_redirected() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = Files::new();
+    let _cloud = IdentityServer::start(lab.cloud.name(), 8081, "cloud");
+    let mute = lab.service_ns_name();
+    files.write_config(&format!(
+        "{}\n[[service]]\nname = \"{mute}\"\nmatch = [\"tcp://{CLOUD_V4}:8081\"]\ncommand = [\"/bin/sleep\", \"1000\"]\n[service.health]\ntcp = 8081\ninterval_ms = 100\ntimeout_ms = 50\nrise = 1\n",
+        files.engine("")
+    ));
+    let daemon = Daemon::start(&lab, &files);
+    let ok = wait_until(UP, || {
+        // Checked on every poll: never redirected, never anything but the cloud.
+        let s = daemon.service(&mute);
+        assert_eq!(s["redirected"], false, "{s:#}");
+        assert!(entries(&lab).is_empty());
+        assert_eq!(who(&lab, 8081), "cloud");
+        s["checks_failed"].as_u64().unwrap() >= 15
+    });
+    assert!(ok, "the checks did not run: {:#}", daemon.service(&mute));
+    let s = daemon.service(&mute);
+    assert_eq!(s["state"], "running");
+    assert_eq!(s["health"], "unhealthy");
+    assert_eq!(s["checks_passed"], 0);
+    assert!(s["last_check_error"].as_str().unwrap().contains("127.0.0.1:8081"), "{s:#}");
+}
+
+#[test]
+fn reload_adds_changes_and_removes_services_without_touching_the_others() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = Files::new();
+    let _cloud_a = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
+    let _cloud_b = IdentityServer::start(lab.cloud.name(), 8082, "cloud");
+    let (a, b) = (lab.service_ns_name(), lab.service_ns_name());
+    let engine = files.engine("");
+    files.write_config(&(engine.clone() + &files.service(&a, 8080, "edge-a", "")));
+    let daemon = Daemon::start(&lab, &files);
+    let pid_a = daemon.wait_redirected(&a, UP);
+    wait_for(&lab, 8080, "edge-a", UP);
+
+    // Watch A's entry the whole time: it must never leave the datapath.
+    let a_entry = format!("tcp://{CLOUD_V4}:8080");
+    let stop = Arc::new(AtomicBool::new(false));
+    let gaps = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let (stop, gaps, bpffs, a_entry) = (stop.clone(), gaps.clone(), lab.bpffs.path().to_owned(), a_entry.clone());
+        thread::spawn(move || {
+            let engine = viscum::engine::Engine::open(&Pins::new(&bpffs)).unwrap();
+            while !stop.load(Ordering::SeqCst) {
+                let present = engine.entries().unwrap().iter().any(|e| e.endpoint.to_string() == a_entry);
+                if !present {
+                    gaps.fetch_add(1, Ordering::SeqCst);
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+
+    // Add B with `viscum reload`.
+    let ctl = files.control();
+    let ctl = ctl.to_str().unwrap();
+    files.write_config(&(engine.clone() + &files.service(&a, 8080, "edge-a", "") + &files.service(&b, 8082, "edge-b", "")));
+    let out = lab.viscum_ok(&["reload", "--control", ctl]);
+    assert!(out.contains(&format!("added: {b}")), "{out}");
+    let pid_b = daemon.wait_redirected(&b, UP);
+    wait_for(&lab, 8082, "edge-b", UP);
+    assert_eq!(daemon.service(&a)["pid"], pid_a, "A was restarted by adding B");
+
+    // An invalid file changes nothing and says why, naming service and field.
+    files.write_config(&(engine.clone() + &files.service(&a, 8080, "edge-a", "") + &files.service(&b, 70000, "edge-b", "")));
+    let err = lab.viscum_err(&["reload", "--control", ctl]);
+    assert!(err.contains(&format!("service {b}: match[0]: port '70000'")), "{err}");
+    assert!(err.contains(&format!("service {b}: health.tcp: port 70000 out of range")), "{err}");
+    assert_eq!(daemon.service(&b)["pid"], pid_b);
+    assert_eq!(who(&lab, 8082), "edge-b");
+
+    // Change B (its environment): B restarts, A does not.
+    files.write_config(
+        &(engine.clone() + &files.service(&a, 8080, "edge-a", "") + &files.service(&b, 8082, "edge-b", "env = { V = \"2\" }")),
+    );
+    let out = lab.viscum_ok(&["reload", "--control", ctl]);
+    assert!(out.contains(&format!("changed (restarted): {b}")), "{out}");
+    let pid_b2 = daemon.wait_redirected(&b, UP);
+    assert_ne!(pid_b2, pid_b);
+    assert!(!alive(pid_b));
+    assert_eq!(daemon.service(&a)["pid"], pid_a);
+
+    stop.store(true, Ordering::SeqCst);
+    watcher.join().unwrap();
+    assert_eq!(gaps.load(Ordering::SeqCst), 0, "A's entry left the datapath during reloads");
+
+    // Remove A with SIGHUP: its entry, process and namespace go; B stays as it is.
+    files.write_config(&(engine.clone() + &files.service(&b, 8082, "edge-b", "env = { V = \"2\" }")));
+    signal(daemon.pid(), libc::SIGHUP);
+    let gone = wait_until(UP, || !netns::named_exists(&a));
+    assert!(gone, "A's namespace still there:\n{}", daemon.log());
+    assert!(!alive(pid_a));
+    assert_eq!(who(&lab, 8080), "cloud");
+    assert_eq!(entries(&lab), vec![format!("tcp://{CLOUD_V4}:8082")]);
+    assert_eq!(daemon.service(&b)["pid"], pid_b2);
+    assert_eq!(daemon.status()["services"].as_array().unwrap().len(), 1);
+    assert_eq!(who(&lab, 8082), "edge-b");
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn a_daemon_restart_keeps_an_ongoing_transfer_alive() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = Files::new();
+    let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
+    let web = lab.service_ns_name();
+    files.write_config(&(files.engine("") + &files.service(&web, 8080, "edge", "")));
+    let daemon = Daemon::start(&lab, &files);
+    let pid = daemon.wait_redirected(&web, UP);
+    wait_for(&lab, 8080, "edge", UP);
+
+    // A 300 KiB transfer from the edge copy, spread over ~3 s.
+    const KIB: usize = 300;
+    let progress = Arc::new(AtomicUsize::new(0));
+    let transfer = {
+        let client = lab.client.name().to_string();
+        let progress = progress.clone();
+        thread::spawn(move || {
+            netns::in_netns(&client, move || -> std::io::Result<usize> {
+                let mut s = TcpStream::connect_timeout(&cloud_addr(8080), Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                writeln!(s, "stream {KIB}")?;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf)? {
+                        0 => return Ok(progress.load(Ordering::SeqCst)),
+                        n => progress.fetch_add(n, Ordering::SeqCst),
+                    };
+                }
+            })
+            .unwrap()
+        })
+    };
+
+    // The daemon dies (SIGKILL: no cleanup) in the middle of the transfer. The datapath and
+    // the service carry on.
+    assert!(wait_until(Duration::from_secs(5), || progress.load(Ordering::SeqCst) > 0), "the transfer did not start");
+    daemon.kill();
+    assert!(alive(pid));
+    assert_eq!(entries(&lab), vec![format!("tcp://{CLOUD_V4}:8080")]);
+    assert_eq!(who(&lab, 8080), "edge", "new connections reach the edge while no daemon runs");
+
+    // A new daemon adopts the process and its entry, without a gap.
+    let daemon = Daemon::start(&lab, &files);
+    let s = daemon.service(&web);
+    assert_eq!(s["pid"], pid, "{s:#}");
+    assert_eq!(s["adopted"], true, "{s:#}");
+    assert_eq!(daemon.wait_redirected(&web, UP), pid);
+    assert_eq!(who(&lab, 8080), "edge");
+    let at_restart = progress.load(Ordering::SeqCst);
+    assert!(at_restart < KIB * 1024, "the transfer ended before the new daemon took over; make it longer");
+    let received = transfer.join().unwrap().expect("the transfer broke");
+    assert_eq!(received, KIB * 1024, "the transfer was cut short");
+    eprintln!("transfer of {KIB} KiB completed across a daemon restart");
+
+    // Restarted with a different configuration while down: the old process is replaced.
+    daemon.kill();
+    files.write_config(&(files.engine("") + &files.service(&web, 8080, "edge2", "")));
+    let daemon = Daemon::start(&lab, &files);
+    let pid2 = daemon.wait_redirected(&web, UP);
+    assert_ne!(pid2, pid);
+    assert!(!alive(pid), "the replaced process is still running");
+    assert_eq!(daemon.service(&web)["adopted"], false);
+    wait_for(&lab, 8080, "edge2", UP);
+
+    // Restarted with the service gone from the file: the leftovers are cleaned up.
+    daemon.kill();
+    files.write_config(&files.engine(""));
+    let daemon = Daemon::start(&lab, &files);
+    assert!(!alive(pid2), "a service no longer configured is still running");
+    assert!(!netns::named_exists(&web));
+    assert!(entries(&lab).is_empty());
+    assert_eq!(who(&lab, 8080), "cloud");
+    assert!(daemon.stop().success());
+}
+
+#[test]
+fn bad_configurations_are_rejected_naming_service_and_field() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = Files::new();
+    let name = lab.service_ns_name();
+    let bad = format!(
+        r#"{}
+[[service]]
+name = "{name}"
+match = ["tcp://198.51.100.7:5201", "udp://198.51.100.7:70000"]
+command = []
+user = "no-such-user"
+restart = "sometimes"
+[service.health]
+tcp = 5201
+interval_ms = 0
+timeout_ms = 300
+[service.limits]
+memory = "lots"
+
+[[service]]
+name = "{name}"
+match = ["tcp://198.51.100.7:5201"]
+command = ["x"]
+"#,
+        files.engine("")
+    );
+    files.write_config(&bad);
+    let config = files.config();
+    let config = config.to_str().unwrap();
+    let err = lab.viscum_err(&["run", "--config", config, "--check"]);
+    for want in [
+        format!("service {name}: match[1]: port '70000' is not a number between 1 and 65535"),
+        format!("service {name}: command: empty"),
+        format!("service {name}: user: unknown user 'no-such-user'"),
+        format!("service {name}: restart: 'sometimes' is not one of always, on-failure, never"),
+        format!("service {name}: health.interval_ms: 0 must be at least 1"),
+        format!("service {name}: limits.memory: 'lots' is not a size"),
+        format!("service {name}: name: duplicate service name"),
+        format!("service {name}: match[0]: tcp://198.51.100.7:5201 is already matched by service {name}"),
+    ] {
+        assert!(err.contains(&want), "missing {want:?} in:\n{err}");
+    }
+    // Without --check the daemon refuses to start and changes nothing.
+    let err = lab.viscum_err(&["run", "--config", config]);
+    assert!(err.contains("problems"), "{err}");
+    assert!(!netns::named_exists(&name));
+    assert!(!lab.bpffs.path().join("prog_ingress").exists());
+    assert!(!files.control().exists());
+
+    files.write_config("[engine]\ninterfaces = [\"lan0\"]\nbogus = 1\n");
+    let err = lab.viscum_err(&["run", "--config", config, "--check"]);
+    assert!(err.contains("engine: unknown field `bogus`"), "{err}");
+
+    files.write_config(&(files.engine("") + &files.service(&name, 8080, "edge", "")));
+    let out = lab.viscum_ok(&["run", "--config", config, "--check"]);
+    assert!(out.contains("ok (1 service"), "{out}");
+}
+
+#[test]
+fn limits_are_enforced_in_the_service_cgroup_or_reported_unsupported() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = Files::new();
+    let web = lab.service_ns_name();
+    files.write_config(
+        &(files.engine("")
+            + &files.service(&web, 8080, "edge", "")
+            + "[service.limits]\nmemory = \"64M\"\ncpu = 0.5\npids = 32\n"),
+    );
+    let daemon = Daemon::start(&lab, &files);
+    let pid = daemon.wait_redirected(&web, UP);
+    let limits = daemon.service(&web)["limits"].clone();
+    for (limit, want) in [("memory", "67108864"), ("pids", "32")] {
+        let l = &limits[limit];
+        assert_eq!(l["value"], want, "{limits:#}");
+        let detail = l["detail"].as_str().unwrap();
+        if l["enforced"] == true {
+            // "<file>" or "<file> (cgroup v1; ...)"
+            let file = PathBuf::from(detail.split(' ').next().unwrap());
+            let value = fs::read_to_string(&file).unwrap();
+            assert_eq!(value.trim(), want, "{}", file.display());
+            let procs = fs::read_to_string(file.parent().unwrap().join("cgroup.procs")).unwrap();
+            assert!(procs.lines().any(|p| p.trim() == pid.to_string()), "pid {pid} not in {}", file.display());
+            eprintln!("{limit} limit enforced: {detail}");
+        } else {
+            assert!(detail.contains("unsupported"), "{limits:#}");
+            eprintln!("{limit} limit reported unsupported: {detail}");
+        }
+    }
+    let cpu = &limits["cpu"];
+    eprintln!("cpu limit: enforced={} {}", cpu["enforced"], cpu["detail"]);
+    let table = lab.viscum_ok(&["status", "--control", files.control().to_str().unwrap()]);
+    eprintln!("{table}");
+    assert!(daemon.stop().success());
+}

@@ -1,0 +1,179 @@
+//! The reply path: replies from service namespaces reach clients behind a strict router
+//! firewall, naive UDP servers keep the cloud identity, NAT mode and mirror mode.
+
+mod common;
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    process::Command,
+};
+
+use common::{NaiveUdpServer, TIMEOUT, no_checksum_offload};
+use serde_json::Value;
+use viscum_tests::{IdentityServer, Lab, Proto, ask, skip_unless_root, udp_ask};
+
+fn setup() -> (Lab, String) {
+    let lab = Lab::new();
+    lab.viscum_ok(&["attach", "lan0"]);
+    let ns = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &ns]);
+    (lab, ns)
+}
+
+fn url(proto: Proto, addr: SocketAddr) -> String {
+    format!("{}://{addr}", if proto == Proto::Tcp { "tcp" } else { "udp" })
+}
+
+fn global(lab: &Lab) -> Value {
+    let v: Value = serde_json::from_str(&lab.viscum_ok(&["stats", "--json"])).unwrap();
+    v["global"].clone()
+}
+
+/// An OpenWrt-like edge: the forward chain drops what conntrack calls invalid (conntrack
+/// never saw the redirected requests, so every reply would be), conntrack is strict about
+/// mid-stream TCP, and reverse-path filtering is strict everywhere.
+fn harden(lab: &Lab, ns: &str) {
+    let rules = "table inet viscumfw {\n chain forward {\n  type filter hook forward priority filter; policy accept;\n  ct state invalid counter drop\n }\n}\n";
+    let path = std::env::temp_dir().join(format!("viscum-fw-{}.nft", lab.edge.name()));
+    std::fs::write(&path, rules).unwrap();
+    // `nft` only loads the rules (verification tooling, not the product).
+    let out = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.edge.name()))
+        .args(["nft", "-f"])
+        .arg(&path)
+        .output()
+        .expect("run nft (apt-get install nftables)");
+    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+    let host_veth = format!("vh-{ns}");
+    lab.edge.set_sysctl("net/netfilter/nf_conntrack_tcp_loose", "0");
+    for key in ["all", "default", "lan0", "wan0", host_veth.as_str()] {
+        lab.edge.set_sysctl(&format!("net/ipv4/conf/{key}/rp_filter"), "1");
+    }
+}
+
+#[test]
+fn replies_survive_a_strict_router_firewall() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    let _edge = IdentityServer::start(&ns, cloud.port(), "edge");
+    harden(&lab, &ns);
+    // The firewall leaves ordinary forwarded traffic alone...
+    for addr in lab.cloud_addrs(cloud.port()) {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            assert_eq!(ask(lab.client.name(), proto, addr, TIMEOUT).unwrap(), "cloud", "{proto:?} {addr}");
+        }
+    }
+    for addr in lab.cloud_addrs(cloud.port()) {
+        for proto in [Proto::Tcp, Proto::Udp] {
+            lab.viscum_ok(&["redirect", "add", &url(proto, addr), "--ns", &ns, "--learn-ms", "0"]);
+            let got = ask(lab.client.name(), proto, addr, TIMEOUT);
+            assert!(
+                matches!(got.as_deref(), Ok("edge")),
+                "{proto:?} {addr}: {got:?}\n{}",
+                lab.viscum_ok(&["stats", "--json"])
+            );
+        }
+    }
+    assert!(global(&lab)["replies_forwarded"].as_u64().unwrap() > 0);
+
+    // Control: without the reply classifier the same firewall drops the edge's replies.
+    std::fs::remove_file(lab.bpffs.path().join(format!("reply-links/vh-{ns}"))).unwrap();
+    let [v4, _] = lab.cloud_addrs(cloud.port());
+    assert!(
+        ask(lab.client.name(), Proto::Tcp, v4, std::time::Duration::from_millis(800)).is_err(),
+        "the firewall should drop replies that bypass the reply path"
+    );
+}
+
+#[test]
+fn a_naive_udp_server_answers_as_the_cloud_address() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    // Answers from whatever source routing picks: the namespace's own address.
+    let _naive4 = NaiveUdpServer::start(&ns, cloud.port(), "naive-edge", false);
+    let other = IdentityServer::start(lab.cloud.name(), 0, "cloud6");
+    let _naive6 = NaiveUdpServer::start(&ns, other.port(), "naive-edge6", true);
+    let [v4, _] = lab.cloud_addrs(cloud.port());
+    let [_, v6] = lab.cloud_addrs(other.port());
+    for (addr, want) in [(v4, "naive-edge"), (v6, "naive-edge6")] {
+        lab.viscum_ok(&["redirect", "add", &url(Proto::Udp, addr), "--ns", &ns, "--learn-ms", "0"]);
+        // A connected client drops any reply whose source is not the address it asked.
+        assert_eq!(udp_ask(lab.client.name(), addr, TIMEOUT).unwrap(), want, "{addr}");
+    }
+    assert!(global(&lab)["replies_rewritten"].as_u64().unwrap() >= 2);
+}
+
+#[test]
+fn nat_mode_serves_tcp_and_udp_over_ipv4_and_ipv6_with_software_checksums() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    // Every checksum on the path is computed and verified in software.
+    no_checksum_offload(lab.client.name(), "eth0");
+    no_checksum_offload(lab.edge.name(), "lan0");
+    no_checksum_offload(lab.edge.name(), &format!("vh-{ns}"));
+    no_checksum_offload(&ns, "eth0");
+
+    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    // The service listens on another port than the cloud's: NAT rewrites both.
+    let edge = IdentityServer::start(&ns, 0, "edge-nat");
+    let [v4, v6] = lab.cloud_addrs(cloud.port());
+    let nat6 = format!("[fd00:7669:7363::1]:{}", edge.port());
+    let nat4 = format!("{}", edge.port());
+    for proto in [Proto::Tcp, Proto::Udp] {
+        let ns_v4: Value = serde_json::from_str(&lab.viscum_ok(&["ns", "list", "--json"])).unwrap();
+        let ns_addr = ns_v4.as_array().unwrap().iter().find(|n| n["name"] == ns.as_str()).unwrap()["ns_addr"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .to_string();
+        lab.viscum_ok(&["redirect", "add", &url(proto, v4), "--ns", &ns, "--nat-to", &format!("{ns_addr}:{nat4}"), "--learn-ms", "0"]);
+        lab.viscum_ok(&["redirect", "add", &url(proto, v6), "--ns", &ns, "--nat-to", &nat6, "--learn-ms", "0"]);
+        for addr in [v4, v6] {
+            assert_eq!(ask(lab.client.name(), proto, addr, TIMEOUT).unwrap(), "edge-nat", "{proto:?} {addr}");
+        }
+    }
+    // NAT needs no local route for the cloud address in the namespace.
+    let list: Value = serde_json::from_str(&lab.viscum_ok(&["ns", "list", "--json"])).unwrap();
+    let routes = list.as_array().unwrap().iter().find(|n| n["name"] == ns.as_str()).unwrap()["local_routes"].clone();
+    assert_eq!(routes, serde_json::json!(["fd00:7669:7363::1/128"]));
+    let entries: Value = serde_json::from_str(&lab.viscum_ok(&["redirect", "list", "--json"])).unwrap();
+    assert!(entries.as_array().unwrap().iter().all(|e| e["mode"] == "nat"));
+    assert_eq!(cloud.tcp_hits() + cloud.udp_hits(), 0);
+    let _: IpAddr = v4.ip();
+}
+
+#[test]
+fn mirror_mode_feeds_the_edge_copy_while_the_cloud_answers() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    let edge = IdentityServer::start(&ns, cloud.port(), "edge");
+    let [v4, v6] = lab.cloud_addrs(cloud.port());
+    for addr in [v4, v6] {
+        lab.viscum_ok(&["redirect", "add", &url(Proto::Udp, addr), "--ns", &ns, "--mirror"]);
+    }
+    for addr in [v4, v6] {
+        for _ in 0..3 {
+            assert_eq!(udp_ask(lab.client.name(), addr, TIMEOUT).unwrap(), "cloud", "{addr}");
+        }
+    }
+    assert!(viscum_tests::wait_until(TIMEOUT, || cloud.udp_hits() == 6), "the cloud answered {}", cloud.udp_hits());
+    assert!(
+        viscum_tests::wait_until(TIMEOUT, || edge.udp_hits() == 6),
+        "the edge copy saw {} of 6 mirrored requests",
+        edge.udp_hits()
+    );
+    assert_eq!(global(&lab)["mirrored"], 6);
+}

@@ -1,0 +1,649 @@
+//! B1 and B2 of `shared/docs/benchmarks.md`: what the classifier costs per packet, measured
+//! in the kernel with `BPF_PROG_TEST_RUN` (aya's `TestRun` on `SchedClassifier`).
+//!
+//! Two ways of running a packet are used, and both are reported:
+//!
+//! * **hot**: one packet, `repeat` = 1e6 in one call; the kernel times the loop and returns the
+//!   mean per run. Every map access hits the L1 cache after the first run, so this is the
+//!   instruction cost of a path (what the published ~13 ns no-op / ~20 ns lookup anchors are).
+//! * **spread**: a different packet per call (`repeat` = 1), cycling over 65 536 flows whose
+//!   destinations are spread over every entry of the map, ≥ 1e6 calls in all. The kernel's
+//!   figure for one run then includes its own timer reads, which the no-op program measured the
+//!   same way cancels: rows report "minus noop". This is where a 1M-entry map shows its cache
+//!   misses, which is what B2 asks about ("keys spread over ≥ 4k flows").
+//!
+//! The noop reference is `bench_noop` from the `viscum-bench` object (returns `TC_ACT_OK`
+//! without reading the packet). An ARP frame through the real classifier (parses the ethertype,
+//! bumps two counters, passes) is reported beside it as "parse only".
+//!
+//! Every measured call's return value is checked (hit = `TC_ACT_REDIRECT`, everything else =
+//! `TC_ACT_OK`), so a benchmark can never time the wrong path silently. `bpf_redirect_peer`
+//! inside a test run only records the target; nothing is sent.
+//!
+//! When the object has a flow table (`VISCUM_FLOWS`), "hit with flow-table insert" sends the
+//! first packet (SYN) of a never-seen flow per call; without one, that row is skipped.
+
+mod support;
+
+use std::{
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    process::ExitCode,
+    time::Instant,
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, PerCpuHashMap, PerCpuValues},
+    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    util::nr_cpus,
+};
+use serde_json::json;
+use viscum::endpoint::{Endpoint, Proto};
+use viscum_common::{INGRESS_PROG, SERVICES_MAP, ServiceEntry, ServiceKey, TARGET_F_PEER, TARGET_F_SET_MAC};
+
+use crate::support::{
+    bpffs::PrivateBpffs,
+    cli::Args,
+    report::{self, Bar, Fragment, Plot, Row, Series, Table},
+    sys,
+};
+
+/// The reference programs (noop and hook), built by aya-build from viscum-ebpf's
+/// `viscum-bench` binary target.
+static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/viscum-bench"));
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+/// Name of the flow table once the datapath has one (issue 4).
+const FLOWS_MAP: &str = "VISCUM_FLOWS";
+/// Distinct flows the spread mode cycles through.
+const SPREAD_FLOWS: usize = 65_536;
+/// Entries of each family in B1's map ("an edge box with a thousand services").
+const B1_ENTRIES: u32 = 1_000;
+
+fn main() -> ExitCode {
+    let args = match Args::parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("datapath bench: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    sys::install_signal_handlers();
+    let fragments = run(&args);
+    match report::write(&args, &fragments) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("datapath bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const B1_TITLE: &str = "Classifier cost per packet (BPF_PROG_TEST_RUN)";
+const B2_TITLE: &str = "Hit cost against map size";
+
+fn run(args: &Args) -> Vec<Fragment> {
+    let bpffs = match PrivateBpffs::mount(&args.run_id) {
+        Ok(b) => b,
+        Err(e) => return vec![Fragment::failed("B1", B1_TITLE, &e), Fragment::failed("B2", B2_TITLE, &e)],
+    };
+    // The measured loop runs on the calling CPU; keep it on one (the "server" CPU, away
+    // from where xtask and its children usually sit).
+    sys::pin_current_thread(sys::server_cpu());
+    let mut out = Vec::new();
+    if args.wants("B1") {
+        out.push(b1(args, &bpffs).unwrap_or_else(|e| Fragment::failed("B1", B1_TITLE, &e)));
+    }
+    if args.wants("B2") {
+        out.push(b2(args, &bpffs).unwrap_or_else(|e| Fragment::failed("B2", B2_TITLE, &e)));
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading and filling
+
+/// One loaded copy of the classifier with its own maps (pinned by name under its own bpffs
+/// subdirectory, because the object declares them pinned).
+struct Loaded {
+    ebpf: Ebpf,
+    prog_name: &'static str,
+}
+
+impl Loaded {
+    fn viscum(bpffs: &PrivateBpffs, tag: &str, max_entries: u32) -> Result<Loaded> {
+        let dir = bpffs.subdir(tag)?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .map_max_entries(SERVICES_MAP, max_entries)
+            .load(viscum::EBPF_OBJECT)
+            .with_context(|| format!("cannot load the classifier with {max_entries} map entries"))?;
+        load_prog(&mut ebpf, INGRESS_PROG)?;
+        Ok(Loaded { ebpf, prog_name: INGRESS_PROG })
+    }
+
+    fn noop(bpffs: &PrivateBpffs) -> Result<Loaded> {
+        let dir = bpffs.subdir("noop")?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .load(BENCH_OBJECT)
+            .context("cannot load the viscum-bench object")?;
+        load_prog(&mut ebpf, "bench_noop")?;
+        Ok(Loaded { ebpf, prog_name: "bench_noop" })
+    }
+
+    fn prog(&self) -> Result<&SchedClassifier> {
+        let p = self.ebpf.program(self.prog_name).with_context(|| format!("no program {}", self.prog_name))?;
+        Ok(p.try_into()?)
+    }
+
+    fn has_flow_table(&self) -> bool {
+        self.ebpf.map(FLOWS_MAP).is_some()
+    }
+
+    fn services(&mut self) -> Result<PerCpuHashMap<&mut MapData, ServiceKey, ServiceEntry>> {
+        let map = self.ebpf.map_mut(SERVICES_MAP).context("the object has no services map")?;
+        Ok(PerCpuHashMap::try_from(map)?)
+    }
+
+    /// Inserts `keys` as entries redirecting to ifindex 1 (any ifindex will do: a test run
+    /// only records the redirect target).
+    fn fill(&mut self, keys: impl Iterator<Item = ServiceKey>) -> Result<usize> {
+        let n = nr_cpus().map_err(|(what, e)| anyhow::anyhow!("cannot count CPUs ({what}): {e}"))?;
+        let entry = ServiceEntry {
+            ifindex: 1,
+            flags: TARGET_F_PEER | TARGET_F_SET_MAC,
+            mac: [0x02, 0, 0, 0, 0, 0x53],
+            _pad: [0; 2],
+            packets: 0,
+            bytes: 0,
+        };
+        let mut map = self.services()?;
+        let mut count = 0;
+        for key in keys {
+            let values = PerCpuValues::try_from(vec![entry; n])?;
+            map.insert(key, values, 0).with_context(|| format!("cannot insert entry {count}"))?;
+            count += 1;
+            if count % 65_536 == 0 {
+                sys::check_stop()?;
+            }
+        }
+        Ok(count)
+    }
+}
+
+fn load_prog(ebpf: &mut Ebpf, name: &str) -> Result<()> {
+    let prog: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .with_context(|| format!("the object has no program {name}"))?
+        .try_into()?;
+    prog.load().with_context(|| format!("the kernel rejected {name}"))?;
+    Ok(())
+}
+
+/// Entry `i` of the IPv4 family: 10.0.0.0 + i, TCP port 80.
+fn v4_entry(i: u32) -> Ipv4Addr {
+    Ipv4Addr::from(0x0a00_0000 + i)
+}
+
+/// Entry `i` of the IPv6 family: 2001:db8:1:: + i, TCP port 80.
+fn v6_entry(i: u32) -> Ipv6Addr {
+    Ipv6Addr::from(0x2001_0db8_0001_0000_0000_0000_0000_0000u128 + u128::from(i))
+}
+
+fn key(addr: IpAddr) -> ServiceKey {
+    Endpoint { proto: Proto::Tcp, addr, port: Some(80) }.key()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Packets
+
+const SRC_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x02];
+const DST_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+const TCP_SYN: u8 = 0x02;
+const TCP_ACK: u8 = 0x10;
+
+fn eth(ethertype: u16) -> Vec<u8> {
+    let mut p = Vec::with_capacity(80);
+    p.extend(DST_MAC);
+    p.extend(SRC_MAC);
+    p.extend(ethertype.to_be_bytes());
+    p
+}
+
+fn tcp_header(p: &mut Vec<u8>, sport: u16, dport: u16, flags: u8) {
+    p.extend(sport.to_be_bytes());
+    p.extend(dport.to_be_bytes());
+    p.extend(1u32.to_be_bytes()); // seq
+    p.extend(if flags & TCP_ACK != 0 { 1u32 } else { 0 }.to_be_bytes());
+    p.push(5 << 4); // data offset
+    p.push(flags);
+    p.extend(64_240u16.to_be_bytes());
+    p.extend([0, 0, 0, 0]); // checksum (not verified at TC ingress), urgent pointer
+}
+
+fn v4_tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut p = eth(0x0800);
+    let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0];
+    ip.extend(src.octets());
+    ip.extend(dst.octets());
+    let mut sum: u32 = ip.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], c[1]]))).sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let csum = !(sum as u16);
+    ip[10..12].copy_from_slice(&csum.to_be_bytes());
+    p.extend(ip);
+    tcp_header(&mut p, sport, dport, flags);
+    p
+}
+
+fn v6_tcp(src: Ipv6Addr, dst: Ipv6Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
+    let mut p = eth(0x86dd);
+    p.extend([0x60, 0, 0, 0]);
+    p.extend(20u16.to_be_bytes());
+    p.extend([6, 64]);
+    p.extend(src.octets());
+    p.extend(dst.octets());
+    tcp_header(&mut p, sport, dport, flags);
+    p
+}
+
+fn arp() -> Vec<u8> {
+    let mut p = eth(0x0806);
+    p.extend([0, 1, 8, 0, 6, 4, 0, 1]);
+    p.extend(SRC_MAC);
+    p.extend([192, 0, 2, 2]);
+    p.extend([0; 6]);
+    p.extend([192, 0, 2, 1]);
+    p
+}
+
+const CLIENT: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 2);
+const CLIENT6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 2);
+
+/// Client side of flow `f`: its own source address and port.
+fn flow_src(f: usize) -> (Ipv4Addr, u16) {
+    (Ipv4Addr::from(u32::from(CLIENT) + (f as u32 >> 14)), 1024 + (f as u16 & 0x3fff))
+}
+
+/// 65 536 packets to entries spread over all `n` entries of the IPv4 family (or to addresses
+/// not in the map when `n` is 0: misses).
+fn spread_packets(n: u32, flags: u8) -> Vec<Vec<u8>> {
+    (0..SPREAD_FLOWS)
+        .map(|f| {
+            let dst = if n == 0 {
+                Ipv4Addr::new(10, 200, (f >> 8) as u8, f as u8)
+            } else {
+                // Multiplicative spread: consecutive flows land far apart in the key space.
+                v4_entry(((f as u64 * 2_654_435_761) % u64::from(n)) as u32)
+            };
+            let (src, sport) = flow_src(f);
+            v4_tcp(src, dst, sport, 80, flags)
+        })
+        .collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measuring
+
+/// Mean ns per run of `pkt` repeated `repeat` times in one call (the kernel's figure).
+fn hot(prog: &SchedClassifier, pkt: &[u8], repeat: u32, want: u32) -> Result<f64> {
+    let r = prog
+        .test_run(TestRunOptions { data_in: Some(pkt), repeat, ..Default::default() })
+        .context("BPF_PROG_TEST_RUN failed")?;
+    if r.return_value != want {
+        bail!("returned {} instead of {want}", r.return_value);
+    }
+    Ok(r.duration.as_nanos() as f64)
+}
+
+/// ns of single runs of `calls` packets taken in turn from `pkts`, summarised as the mean of
+/// the calls below the 99th percentile (interrupts and preemption land in the top 1 %).
+fn spread(prog: &SchedClassifier, pkts: &[Vec<u8>], start: usize, calls: usize, want: u32) -> Result<(f64, Vec<u32>)> {
+    let mut ns = Vec::with_capacity(calls);
+    for i in 0..calls {
+        let pkt = &pkts[(start + i) % pkts.len()];
+        let r = prog
+            .test_run(TestRunOptions { data_in: Some(pkt), repeat: 1, ..Default::default() })
+            .context("BPF_PROG_TEST_RUN failed")?;
+        if r.return_value != want {
+            bail!("call {i} returned {} instead of {want}", r.return_value);
+        }
+        ns.push(r.duration.as_nanos() as u32);
+        if i % 16_384 == 0 {
+            sys::check_stop()?;
+        }
+    }
+    Ok((trimmed_mean(&ns), ns))
+}
+
+/// Single runs where every call is the first packet of a new flow (for the flow table).
+fn spread_new_flows(prog: &SchedClassifier, dst: Ipv4Addr, first_flow: usize, calls: usize, want: u32) -> Result<f64> {
+    let mut ns = Vec::with_capacity(calls);
+    for i in 0..calls {
+        let f = first_flow + i;
+        let src = Ipv4Addr::from(0x6440_0000 + (f as u32 >> 14)); // 100.64/10: never reused
+        let pkt = v4_tcp(src, dst, 1024 + (f as u16 & 0x3fff), 80, TCP_SYN);
+        let r = prog
+            .test_run(TestRunOptions { data_in: Some(&pkt), repeat: 1, ..Default::default() })
+            .context("BPF_PROG_TEST_RUN failed")?;
+        if r.return_value != want {
+            bail!("call {i} returned {} instead of {want}", r.return_value);
+        }
+        ns.push(r.duration.as_nanos() as u32);
+        if i % 16_384 == 0 {
+            sys::check_stop()?;
+        }
+    }
+    Ok(trimmed_mean(&ns))
+}
+
+fn trimmed_mean(ns: &[u32]) -> f64 {
+    let cut = report::quantile_u32(ns, 0.99);
+    let kept: Vec<f64> = ns.iter().map(|&x| f64::from(x)).filter(|&x| x <= cut).collect();
+    kept.iter().sum::<f64>() / kept.len().max(1) as f64
+}
+
+/// Per-round differences a_r - b_r.
+fn minus(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x - y).collect()
+}
+
+/// Per-round ratios a_r / b_r.
+fn ratios(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x / y).collect()
+}
+
+/// Knobs of one run.
+struct Plan {
+    /// Rounds of the interleaved schedule (a sample per variant per round).
+    rounds: usize,
+    /// `repeat` of a hot call.
+    repeat: u32,
+    /// Single-run calls per variant per round in spread mode.
+    spread_calls: usize,
+}
+
+impl Plan {
+    fn of(args: &Args) -> Plan {
+        let rounds = args.pick(5, 9);
+        // ≥ 1e6 spread calls per variant in a full run; a quarter of that in quick mode.
+        let spread_calls = args.pick(250_000, 1_000_000).div_ceil(rounds);
+        Plan { rounds, repeat: 1_000_000, spread_calls }
+    }
+}
+
+fn bpf_stats_note(f: &mut Fragment) {
+    match sys::read_trim("/proc/sys/kernel/bpf_stats_enabled").as_deref() {
+        Some("0") => f.note("bpf_stats_enabled was 0 (no per-run accounting overhead in these numbers)."),
+        Some(v) => f.note(format!(
+            "warning: kernel.bpf_stats_enabled = {v} during the run (someone else enabled it): every run includes two extra clock reads"
+        )),
+        None => {}
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// B1
+
+fn b1(args: &Args, bpffs: &PrivateBpffs) -> Result<Fragment> {
+    let plan = Plan::of(args);
+    let mut f = Fragment::new("B1", B1_TITLE);
+    bpf_stats_note(&mut f);
+    let noop = Loaded::noop(bpffs)?;
+    let mut vis = Loaded::viscum(bpffs, "b1", 4 * B1_ENTRIES)?;
+    vis.fill((0..B1_ENTRIES).map(|i| key(IpAddr::V4(v4_entry(i)))))?;
+    vis.fill((0..B1_ENTRIES).map(|i| key(IpAddr::V6(v6_entry(i)))))?;
+    let flows = vis.has_flow_table();
+
+    let np = noop.prog()?;
+    let vp = vis.prog()?;
+    let hit_dst = v4_entry(B1_ENTRIES / 2);
+    let hit6_dst = v6_entry(B1_ENTRIES / 2);
+    // Established-connection packets (ACK): with a flow table they take the flow path after
+    // the first run, without one they take the services lookup.
+    let pkts: Vec<(&str, &SchedClassifier, Vec<u8>, u32)> = vec![
+        ("noop", np, v4_tcp(CLIENT, hit_dst, 40_000, 80, TCP_ACK), TC_ACT_OK),
+        ("parse only (ARP)", vp, arp(), TC_ACT_OK),
+        ("miss IPv4", vp, v4_tcp(CLIENT, Ipv4Addr::new(10, 200, 0, 1), 40_000, 80, TCP_ACK), TC_ACT_OK),
+        ("miss IPv6", vp, v6_tcp(CLIENT6, Ipv6Addr::new(0x2001, 0xdb8, 0xff, 0, 0, 0, 0, 1), 40_000, 80, TCP_ACK), TC_ACT_OK),
+        ("hit IPv4", vp, v4_tcp(CLIENT, hit_dst, 40_000, 80, TCP_ACK), TC_ACT_REDIRECT),
+        ("hit IPv6", vp, v6_tcp(CLIENT6, hit6_dst, 40_000, 80, TCP_ACK), TC_ACT_REDIRECT),
+    ];
+    let miss_spread = spread_packets(0, TCP_ACK);
+    let hit_spread = spread_packets(B1_ENTRIES, TCP_ACK);
+
+    let mut hot_samples: Vec<Vec<f64>> = vec![Vec::new(); pkts.len()];
+    let mut hot_errors: Vec<Option<String>> = vec![None; pkts.len()];
+    // spread: noop, miss, hit, (flow insert)
+    let mut sp: Vec<Vec<f64>> = vec![Vec::new(); 4];
+    let mut sp_errors: Vec<Option<String>> = vec![None; 4];
+    let mut last_hist: Option<Vec<u32>> = None;
+    let mut next_flow = 0usize;
+    let started = Instant::now();
+    for round in 0..plan.rounds {
+        sys::check_stop()?;
+        // Alternate the order every round so drift does not favour whoever runs first.
+        let order: Vec<usize> = if round % 2 == 0 { (0..pkts.len()).collect() } else { (0..pkts.len()).rev().collect() };
+        for i in order {
+            let (_, prog, pkt, want) = &pkts[i];
+            match hot(prog, pkt, plan.repeat, *want) {
+                Ok(ns) => hot_samples[i].push(ns),
+                Err(e) => hot_errors[i] = Some(format!("{e:#}")),
+            }
+        }
+        let start = round * plan.spread_calls;
+        let jobs: [(usize, &SchedClassifier, &[Vec<u8>], u32); 3] =
+            [(0, np, &hit_spread, TC_ACT_OK), (1, vp, &miss_spread, TC_ACT_OK), (2, vp, &hit_spread, TC_ACT_REDIRECT)];
+        for (slot, prog, set, want) in jobs {
+            match spread(prog, set, start, plan.spread_calls, want) {
+                Ok((mean, hist)) => {
+                    sp[slot].push(mean);
+                    if slot == 2 {
+                        last_hist = Some(hist);
+                    }
+                }
+                Err(e) => sp_errors[slot] = Some(format!("{e:#}")),
+            }
+        }
+        if flows {
+            match spread_new_flows(vp, hit_dst, next_flow, plan.spread_calls, TC_ACT_REDIRECT) {
+                Ok(mean) => sp[3].push(mean),
+                Err(e) => sp_errors[3] = Some(format!("{e:#}")),
+            }
+            next_flow += plan.spread_calls;
+        }
+    }
+
+    // Hot table: raw ns and ns over noop.
+    let noop_hot = hot_samples[0].clone();
+    let mut rows = Vec::new();
+    for (i, (name, _, _, _)) in pkts.iter().enumerate() {
+        if let Some(e) = &hot_errors[i] {
+            rows.push(Row::failed(*name, e.clone()));
+            continue;
+        }
+        let row = if i == 0 {
+            Row::new("noop (bench_noop, returns TC_ACT_OK)", "ns", hot_samples[0].clone()).note("reference")
+        } else {
+            let over = minus(&hot_samples[i], &noop_hot);
+            let raw = report::Stat::of(&hot_samples[i]).map(|s| s.median).unwrap_or(f64::NAN);
+            let mut row = Row::new(format!("{name}, over noop"), "ns", over).note(format!("raw {raw:.0} ns"));
+            if name.starts_with("miss") {
+                row = row.target_value("≤ 30 ns", |v| v <= 30.0);
+            } else if name.starts_with("hit") {
+                row = row.target_value("≤ 60 ns", |v| v <= 60.0);
+            }
+            row
+        };
+        rows.push(row);
+    }
+    f.tables.push(Table { title: format!("hot: one packet, repeat = {} per call, {} rounds", plan.repeat, plan.rounds), rows });
+
+    let mut rows = Vec::new();
+    let names = ["noop (bench_noop)", "miss IPv4", "hit IPv4", "hit IPv4 with flow-table insert (new flow per packet)"];
+    for (slot, name) in names.iter().enumerate() {
+        if slot == 3 && !flows {
+            continue;
+        }
+        if let Some(e) = &sp_errors[slot] {
+            rows.push(Row::failed(*name, e.clone()));
+            continue;
+        }
+        let row = if slot == 0 {
+            Row::new(*name, "ns", sp[0].clone()).note("reference; includes the kernel's two timer reads per call")
+        } else {
+            let raw = report::Stat::of(&sp[slot]).map(|s| s.median).unwrap_or(f64::NAN);
+            let mut row = Row::new(format!("{name}, over noop"), "ns", minus(&sp[slot], &sp[0])).note(format!("raw {raw:.1} ns"));
+            row = match slot {
+                1 => row.target_value("≤ 30 ns", |v| v <= 30.0),
+                2 => row.target_value("≤ 60 ns", |v| v <= 60.0),
+                _ => row,
+            };
+            row
+        };
+        rows.push(row);
+    }
+    f.tables.push(Table {
+        title: format!(
+            "spread: one run per call over {SPREAD_FLOWS} flows, {} calls per variant per round (mean below p99)",
+            plan.spread_calls
+        ),
+        rows,
+    });
+    if !flows {
+        f.note(format!(
+            "hit with flow-table insert: not measured, the classifier object has no {FLOWS_MAP} map yet (issue 4); it is measured automatically once it does."
+        ));
+    } else {
+        f.note("hit with flow-table insert: a TCP SYN of a never-seen flow (fresh source address/port) per call.");
+    }
+    f.note(format!(
+        "map: {B1_ENTRIES} IPv4 + {B1_ENTRIES} IPv6 entries (TCP port 80); packets are TCP ACKs of 54/74 bytes; miss = address not in the map (exact-port then all-ports lookup)."
+    ));
+    f.note("hot = the kernel's mean over repeat = 1e6 runs of one packet (all in cache); spread = one run per BPF_PROG_TEST_RUN call, a different flow every call.");
+
+    let bars: Vec<Bar> = f.tables[0].rows.iter().filter_map(Bar::from_row).collect();
+    f.plots.push(Plot::Bars { file: "b1-hot".into(), title: "B1: ns per packet (hot), over noop".into(), unit: "ns".into(), bars });
+    if let Some(hist) = &last_hist {
+        let v: Vec<f64> = hist.iter().map(|&x| f64::from(x)).collect();
+        f.plots.push(Plot::Cdf {
+            file: "b1-spread-hit-cdf".into(),
+            title: "B1: hit IPv4, single-run durations (spread, last round, incl. timer)".into(),
+            unit: "ns".into(),
+            log_x: true,
+            series: vec![Series { name: "hit IPv4".into(), points: report::cdf_points(&v) }],
+        });
+    }
+    f.raw("hot_ns", json!(pkts.iter().enumerate().map(|(i, p)| (p.0, &hot_samples[i])).collect::<std::collections::BTreeMap<_, _>>()));
+    f.raw("spread_ns", json!({ "noop": sp[0], "miss_v4": sp[1], "hit_v4": sp[2], "hit_v4_flow_insert": sp[3] }));
+    f.raw("plan", json!({ "rounds": plan.rounds, "repeat": plan.repeat, "spread_calls_per_round": plan.spread_calls, "flow_table": flows }));
+    f.raw("seconds", started.elapsed().as_secs_f64());
+    Ok(f.finish())
+}
+
+// ---------------------------------------------------------------------------------------------
+// B2
+
+fn b2(args: &Args, bpffs: &PrivateBpffs) -> Result<Fragment> {
+    let plan = Plan::of(args);
+    let mut f = Fragment::new("B2", B2_TITLE);
+    bpf_stats_note(&mut f);
+    let sizes: [u32; 4] = [1, 1_000, 100_000, 1_000_000];
+    let noop = Loaded::noop(bpffs)?;
+    let mut loaded = Vec::new();
+    let fill_start = Instant::now();
+    for &n in &sizes {
+        let mut l = Loaded::viscum(bpffs, &format!("b2-{n}"), n)?;
+        l.fill((0..n).map(|i| key(IpAddr::V4(v4_entry(i)))))?;
+        loaded.push(l);
+    }
+    f.note(format!("filling the four maps took {:.1} s", fill_start.elapsed().as_secs_f64()));
+    let np = noop.prog()?;
+    let progs: Vec<&SchedClassifier> = loaded.iter().map(Loaded::prog).collect::<Result<_>>()?;
+    let hot_pkts: Vec<Vec<u8>> = sizes.iter().map(|&n| v4_tcp(CLIENT, v4_entry(n / 2), 40_000, 80, TCP_ACK)).collect();
+    let spread_pkts: Vec<Vec<Vec<u8>>> = sizes.iter().map(|&n| spread_packets(n, TCP_ACK)).collect();
+    let noop_pkts = &spread_pkts[0];
+
+    let k = sizes.len();
+    let mut hot_s: Vec<Vec<f64>> = vec![Vec::new(); k + 1];
+    let mut sp_s: Vec<Vec<f64>> = vec![Vec::new(); k + 1];
+    for round in 0..plan.rounds {
+        sys::check_stop()?;
+        let order: Vec<usize> = if round % 2 == 0 { (0..=k).collect() } else { (0..=k).rev().collect() };
+        for i in order {
+            let start = round * plan.spread_calls;
+            let (prog, want, hp, spk) = if i == k {
+                (np, TC_ACT_OK, &hot_pkts[0], noop_pkts)
+            } else {
+                (progs[i], TC_ACT_REDIRECT, &hot_pkts[i], &spread_pkts[i])
+            };
+            hot_s[i].push(hot(prog, hp, plan.repeat, want).with_context(|| format!("hot run, slot {i}"))?);
+            sp_s[i].push(spread(prog, spk, start, plan.spread_calls, want).with_context(|| format!("spread run, slot {i}"))?.0);
+        }
+    }
+    let label = |n: u32| match n {
+        1 => "1".to_string(),
+        1_000 => "1k".into(),
+        100_000 => "100k".into(),
+        1_000_000 => "1M".into(),
+        n => n.to_string(),
+    };
+    let mut tables = Vec::new();
+    let mut plot_series = Vec::new();
+    for (mode, samples) in [("spread", &sp_s), ("hot", &hot_s)] {
+        let noop_s = &samples[k];
+        let net: Vec<Vec<f64>> = (0..k).map(|i| minus(&samples[i], noop_s)).collect();
+        let mut rows = Vec::new();
+        for (i, &n) in sizes.iter().enumerate() {
+            let raw = report::Stat::of(&samples[i]).map(|s| s.median).unwrap_or(f64::NAN);
+            let mut row = Row::new(format!("hit IPv4, {} entries, over noop", label(n)), "ns", net[i].clone())
+                .ratio("1 entry", ratios(&net[i], &net[0]))
+                .note(format!("raw {raw:.1} ns"));
+            if n == 1_000_000 {
+                row = row.target_ratio("≤ 2.5×", |r| r <= 2.5);
+            }
+            rows.push(row);
+        }
+        plot_series.push(Series {
+            name: format!("{mode} (over noop)"),
+            points: sizes.iter().enumerate().filter_map(|(i, &n)| report::Stat::of(&net[i]).map(|s| [f64::from(n), s.median])).collect(),
+        });
+        let title = match mode {
+            "spread" => format!("spread over {SPREAD_FLOWS} flows covering the whole map (the B2 measure), {} rounds", plan.rounds),
+            _ => format!("hot: one packet, repeat = {} (everything cached), {} rounds", plan.repeat, plan.rounds),
+        };
+        tables.push(Table { title, rows });
+    }
+    f.tables = tables;
+    // Flat, not linear: from 1k to 1M entries (1000× more) the cost may grow by a cache miss
+    // or two, not by anything proportional.
+    if let (Some(a), Some(b)) = (
+        report::Stat::of(&minus(&sp_s[1], &sp_s[k])),
+        report::Stat::of(&minus(&sp_s[3], &sp_s[k])),
+    ) {
+        f.note(format!(
+            "flatness: 1k → 1M entries (1000× more) changes the spread hit cost from {:.1} to {:.1} ns over noop ({:.2}×).",
+            a.median,
+            b.median,
+            b.median / a.median
+        ));
+    }
+    f.note("ratio = per-round (hit(N) − noop) / (hit(1) − noop); the target is judged on the spread table.");
+    f.plots.push(Plot::Lines {
+        file: "b2-scaling".into(),
+        title: "B2: hit cost over noop vs entries".into(),
+        x_label: "entries in the services map".into(),
+        y_label: "ns per packet over noop".into(),
+        log_x: true,
+        series: plot_series,
+    });
+    f.raw("sizes", sizes);
+    f.raw("hot_ns", json!({ "per_size": &hot_s[..k], "noop": hot_s[k] }));
+    f.raw("spread_ns", json!({ "per_size": &sp_s[..k], "noop": sp_s[k] }));
+    f.raw("plan", json!({ "rounds": plan.rounds, "repeat": plan.repeat, "spread_calls_per_round": plan.spread_calls }));
+    Ok(f.finish())
+}

@@ -1,0 +1,54 @@
+//! `viscum run --config FILE [--check]`: the daemon.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use super::Result;
+use crate::{
+    config::Config,
+    daemon::{self, RunOptions},
+    engine::Pins,
+};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML): [engine] and one [[service]] per local service.
+    #[arg(long, short = 'c', env = "VISCUM_CONFIG")]
+    pub config: PathBuf,
+    /// Only validate the file: print every problem it has (exit status 1) or "ok", and exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+pub async fn run(pins: &Pins, args: RunArgs) -> Result<()> {
+    // Every problem, each naming its service and field, comes out in the error.
+    let config = Config::load(&args.config)?;
+    if args.check {
+        println!(
+            "{}: ok ({} service{}: {})",
+            args.config.display(),
+            config.services.len(),
+            if config.services.len() == 1 { "" } else { "s" },
+            config.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
+        return Ok(());
+    }
+    daemon::run(config, RunOptions { bpffs: pins.dir.clone() }, shutdown_signal()?).await?;
+    Ok(())
+}
+
+/// Completes at the first SIGINT or SIGTERM: the clean shutdown that removes everything the
+/// daemon made. (A daemon killed by SIGKILL leaves the datapath serving instead; the next one
+/// adopts it.)
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut term = signal(SignalKind::terminate())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => log::info!("SIGINT: shutting down"),
+            _ = term.recv() => log::info!("SIGTERM: shutting down"),
+        }
+    })
+}

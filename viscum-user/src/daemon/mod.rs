@@ -1,0 +1,603 @@
+//! `viscum run`: the daemon that keeps a declarative set of services running at the edge and
+//! redirects their cloud addresses to them only while they can answer.
+//!
+//! # Layout
+//!
+//! * this module: the supervisor ([`run`]): startup and adoption, the event loop (signals,
+//!   control requests, load), reload as a diff, clean shutdown.
+//! * [`service`]: one task per service: namespace, process, health checks, its entries.
+//! * [`process`]: starting a process inside a namespace as another user; stopping it.
+//! * [`health`]: tcp/http/exec checks run inside the service namespace.
+//! * [`cgroup`]: memory/cpu/pids limits (cgroup v2, v1 where needed), reported per limit.
+//! * [`logs`]: per-service log files, capped by rotation.
+//! * [`load`]: pressure figures and the shed/resume decision.
+//! * [`control`]: the line-delimited JSON control socket and the status types.
+//! * [`metrics`]: the Prometheus text endpoint.
+//! * [`state`]: run directory, ownership records, instance paths.
+//!
+//! # Restarting the daemon
+//!
+//! The datapath is pinned and needs no process: while the daemon is down, entries keep
+//! redirecting and service processes keep running (they are in their own sessions and log to
+//! files, not to pipes held by the daemon). A new daemon then takes over:
+//!
+//! * namespaces of configured services that this daemon instance created (a record in
+//!   `state/`) are reused; a namespace of the same name made by someone else is refused;
+//! * a service process is **adopted** only when it is provably the one the previous daemon
+//!   started (pid *and* start time match the record, so a reused pid is never mistaken for
+//!   it) and from the same configuration (fingerprint): it is then watched through a pidfd,
+//!   and its entries stay while the new daemon's first checks run (the first failure removes
+//!   them). Ongoing connections to the edge copy survive the restart. Anything else (spec
+//!   changed, namespace recreated, pidfd unavailable) is not trusted: entries come out, the
+//!   old process group gets SIGTERM then SIGKILL, and a fresh process starts;
+//! * records of services no longer configured are cleaned up: entries, process group,
+//!   namespace.
+//!
+//! A clean shutdown (SIGINT/SIGTERM, or the `shutdown` future) instead removes everything the
+//! daemon made: entries (first, so traffic goes to the cloud), processes, namespaces, the
+//! interfaces it attached, and the pins if it loaded the program.
+
+pub mod cgroup;
+pub mod control;
+pub mod health;
+pub mod load;
+pub mod logs;
+pub mod metrics;
+pub mod process;
+pub mod service;
+pub mod state;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    future::Future,
+    io,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::sync::{mpsc, watch};
+
+use self::{
+    control::{DaemonStatus, Envelope, ReloadReport, Request, Response},
+    health::SocketMaker,
+    load::Shedder,
+    service::Command,
+    state::{DaemonRecord, RunPaths},
+};
+use crate::{
+    config::Config,
+    engine::{self, AttachOutcome, Engine, EngineError, MapSizes, Pins},
+};
+
+/// Why the daemon could not start (once running, problems are logged and reported instead).
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("another viscum daemon already runs for this instance (it holds {path})")]
+    AlreadyRunning { path: PathBuf },
+    #[error("cannot prepare {path}")]
+    RunDir {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot attach the classifier")]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
+    #[error("cannot serve metrics on {addr}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the daemon's {what}")]
+    Setup {
+        what: &'static str,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Settings that do not come from the configuration file.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// bpffs directory when the file has no `engine.bpffs` (the CLI's `--bpffs`).
+    pub bpffs: PathBuf,
+}
+
+/// Where an instance lives, resolved from the file and the defaults.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub bpffs: PathBuf,
+    pub run_dir: PathBuf,
+    pub control: PathBuf,
+}
+
+impl Instance {
+    pub fn resolve(config: &Config, default_bpffs: &Path) -> Instance {
+        let bpffs = config.engine.bpffs.clone().unwrap_or_else(|| default_bpffs.to_owned());
+        Instance {
+            run_dir: config.engine.run_dir.clone().unwrap_or_else(|| state::default_run_dir(&bpffs)),
+            control: config.engine.control.clone().unwrap_or_else(|| state::default_control(&bpffs)),
+            bpffs,
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` completes (the binary passes SIGINT/SIGTERM; tests pass
+/// whatever they like), then removes everything it made. SIGHUP reloads the configuration
+/// file the config was loaded from.
+pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+    let instance = Instance::resolve(&config, &options.bpffs);
+    let paths = RunPaths::new(&instance.run_dir);
+    paths.create().map_err(|source| DaemonError::RunDir { path: paths.run_dir.clone(), source })?;
+    let _lock = lock(&paths)?;
+
+    let control_listener = control::bind(&instance.control).await?;
+    let _socket = RemoveOnDrop(instance.control.clone());
+    let metrics_listener = match config.engine.metrics {
+        Some(addr) => Some(metrics::bind(addr).await.map_err(|source| DaemonError::Metrics { addr, source })?),
+        None => None,
+    };
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .map_err(|source| DaemonError::Setup { what: "SIGHUP handler", source })?;
+
+    let pins = Pins::new(&instance.bpffs);
+    let mut record: DaemonRecord = state::read_record(&paths.daemon_record()).unwrap_or_default();
+    let had_program = pins.program().exists();
+    let outcomes = engine::attach(&pins, &config.engine.interfaces, MapSizes::default())?;
+    note_attached(&mut record, &outcomes);
+    record.loaded_program |= !had_program;
+    // Interfaces a previous daemon attached that the file no longer names.
+    let dropped: Vec<String> =
+        record.attached.iter().filter(|i| !config.engine.interfaces.contains(i)).cloned().collect();
+    detach_ours(&pins, &mut record, &dropped);
+    save_record(&paths, &record);
+    let engine = Engine::open(&pins)?;
+    log::info!(
+        "attached to {} (pins in {})",
+        if config.engine.interfaces.is_empty() { "no interface".into() } else { config.engine.interfaces.join(", ") },
+        instance.bpffs.display()
+    );
+
+    let sockets = SocketMaker::start().map_err(|source| DaemonError::Setup { what: "socket helper thread", source })?;
+    let (shed, _) = watch::channel(false);
+    let ctx = Arc::new(service::Context { engine: Arc::new(tokio::sync::Mutex::new(engine)), paths, sockets, shed });
+
+    let mut daemon = Daemon {
+        shedder: config.engine.max_load.map(Shedder::new),
+        config,
+        instance,
+        pins,
+        ctx,
+        record,
+        services: BTreeMap::new(),
+        started: Instant::now(),
+        load: None,
+    };
+    daemon.remove_stale().await;
+    for svc in daemon.config.services.clone() {
+        let name = svc.name.clone();
+        daemon.services.insert(name, service::spawn(svc, daemon.ctx.clone()));
+    }
+
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Envelope>(16);
+    let control_task = tokio::spawn(control::serve(control_listener, ctl_tx));
+    let (scrape_tx, mut scrape_rx) = mpsc::channel::<metrics::Scrape>(16);
+    let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, scrape_tx)));
+    log::info!(
+        "running {} service(s); control socket {}",
+        daemon.services.len(),
+        daemon.instance.control.display()
+    );
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut load_tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            _ = hup.recv() => {
+                log::info!("SIGHUP: reloading the configuration");
+                let response = daemon.reload().await;
+                if !response.ok {
+                    log::error!("reload refused: {}", response.problems.join("; "));
+                }
+            }
+            Some((request, reply)) = ctl_rx.recv() => {
+                let response = daemon.handle(request).await;
+                let _ = reply.send(response);
+            }
+            Some(reply) = scrape_rx.recv() => {
+                let status = daemon.status().await;
+                let _ = reply.send(metrics::render(&status));
+            }
+            _ = load_tick.tick(), if daemon.shedder.is_some() => daemon.check_load(),
+        }
+    }
+
+    control_task.abort();
+    if let Some(t) = metrics_task {
+        t.abort();
+    }
+    daemon.shutdown().await;
+    Ok(())
+}
+
+/// Takes the instance lock (an `flock` on `<run_dir>/daemon.lock`, released by the kernel
+/// however the daemon ends, so a crashed daemon never blocks its successor).
+fn lock(paths: &RunPaths) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let path = paths.lock();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|source| DaemonError::RunDir { path: path.clone(), source })?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => {
+            let _ = lock.set_len(0);
+            let _ = io::Write::write_all(&mut &*lock, format!("{}\n", std::process::id()).as_bytes());
+            Ok(lock)
+        }
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(DaemonError::AlreadyRunning { path }),
+        Err((_, e)) => Err(DaemonError::RunDir { path, source: e.into() }),
+    }
+}
+
+/// Removes a file when dropped (the control socket, however `run` returns).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn note_attached(record: &mut DaemonRecord, outcomes: &[(String, AttachOutcome)]) {
+    for (iface, outcome) in outcomes {
+        if *outcome != AttachOutcome::AlreadyAttached && !record.attached.contains(iface) {
+            record.attached.push(iface.clone());
+        }
+    }
+}
+
+/// Detaches those of `ifaces` this daemon attached (and that are still attached).
+fn detach_ours(pins: &Pins, record: &mut DaemonRecord, ifaces: &[String]) -> Vec<String> {
+    let attached = engine::attached_interfaces(pins);
+    let mut done = Vec::new();
+    for iface in ifaces {
+        if !record.attached.contains(iface) {
+            continue;
+        }
+        if attached.contains(iface) {
+            match engine::detach(pins, std::slice::from_ref(iface)) {
+                Ok(()) => {
+                    log::info!("detached from {iface}");
+                    done.push(iface.clone());
+                }
+                Err(e) => {
+                    log::warn!("cannot detach from {iface}: {}", service::error_chain(&e));
+                    continue;
+                }
+            }
+        }
+        record.attached.retain(|i| i != iface);
+    }
+    done
+}
+
+fn save_record(paths: &RunPaths, record: &DaemonRecord) {
+    if let Err(e) = state::write_record(&paths.daemon_record(), record) {
+        log::warn!("cannot write {}: {e}", paths.daemon_record().display());
+    }
+}
+
+/// The supervisor's state.
+struct Daemon {
+    config: Config,
+    instance: Instance,
+    pins: Pins,
+    ctx: Arc<service::Context>,
+    record: DaemonRecord,
+    /// Service tasks by name.
+    services: BTreeMap<String, service::Handle>,
+    started: Instant,
+    /// Present when `max_load` is set.
+    shedder: Option<Shedder>,
+    load: Option<(f64, load::Source)>,
+}
+
+impl Daemon {
+    /// Cleans up services a previous daemon ran that the configuration no longer has:
+    /// entries into their namespaces, their processes, the namespaces, the records.
+    async fn remove_stale(&mut self) {
+        let recorded = match self.ctx.paths.recorded_services() {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!("cannot list {}: {e}", self.ctx.paths.state_dir().display());
+                return;
+            }
+        };
+        for name in recorded {
+            if self.config.service(&name).is_some() {
+                continue;
+            }
+            log::info!("service {name}: no longer configured; removing what a previous daemon left");
+            let path = self.ctx.paths.service_record(&name);
+            let rec: Option<state::ServiceRecord> = state::read_record(&path);
+            if let Ok(ns) = crate::netns::service_ns_get(&name).await {
+                let mut engine = self.ctx.engine.lock().await;
+                let _ = engine::detach_reply(&self.pins, &ns.host_veth);
+                match crate::redirect::del_all_to(&mut engine, ns.host_ifindex).await {
+                    Ok(removed) if !removed.is_empty() => log::info!(
+                        "service {name}: removed {}",
+                        removed.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                    ),
+                    Ok(_) => {}
+                    Err(e) => log::warn!("service {name}: cannot remove its entries: {e}"),
+                }
+            }
+            if let Some(rec) = rec
+                && let (Some(pid), Some(start)) = (rec.pid, rec.start_time)
+                && process::is_same_process(pid, start)
+            {
+                process::stop_stale(pid, Duration::from_millis(crate::config::DEFAULT_STOP_GRACE_MS)).await;
+            }
+            match crate::netns::service_ns_del(&name).await {
+                Ok(()) | Err(crate::netns::NetnsError::UnknownNamespace { .. }) => {}
+                Err(e) => log::warn!("service {name}: cannot delete its namespace: {}", service::error_chain(&e)),
+            }
+            cgroup::remove_named(&name);
+            let _ = state::remove_record(&path);
+        }
+    }
+
+    async fn handle(&mut self, request: Request) -> Response {
+        match request {
+            Request::Status => Response { ok: true, status: Some(self.status().await), ..Default::default() },
+            Request::Reload => self.reload().await,
+            Request::Start { service } => self.forward(&service, Command::Start).await,
+            Request::Stop { service } => self.forward(&service, Command::Stop).await,
+            Request::Restart { service } => self.forward(&service, Command::Restart).await,
+        }
+    }
+
+    async fn forward(&self, name: &str, make: impl FnOnce(service::Reply) -> Command) -> Response {
+        let Some(handle) = self.services.get(name) else {
+            let known = self.services.keys().cloned().collect::<Vec<_>>().join(", ");
+            return Response::error(format!(
+                "no service named {name} (configured: {})",
+                if known.is_empty() { "none" } else { &known }
+            ));
+        };
+        match handle.request(make).await {
+            Ok(msg) => Response::ok(msg),
+            Err(e) => Response::error(e),
+        }
+    }
+
+    /// A consistent snapshot: service counters are read under the engine lock, the same lock
+    /// service tasks hold while they move entries in and out.
+    async fn status(&self) -> DaemonStatus {
+        let engine = self.ctx.engine.lock().await;
+        let now = Instant::now();
+        let mut services = Vec::new();
+        for handle in self.services.values() {
+            let shared = handle.lock();
+            let mut s = shared.status.clone();
+            s.uptime_s = shared.started.map(|t| now.saturating_duration_since(t).as_secs());
+            s.next_start_in_ms = shared.next_start.map(|t| t.saturating_duration_since(now).as_millis() as u64);
+            let (mut packets, mut bytes) = (shared.acc_packets, shared.acc_bytes);
+            for ep in &shared.installed {
+                if let Ok(Some(e)) = engine.get(ep)
+                    && Some(e.ifindex) == shared.host_ifindex
+                {
+                    packets += e.packets;
+                    bytes += e.bytes;
+                }
+            }
+            s.packets = packets;
+            s.bytes = bytes;
+            services.push(s);
+        }
+        let datapath = engine.global_stats().ok().map(Into::into);
+        drop(engine);
+        DaemonStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            config: self.config.source.clone(),
+            bpffs: self.instance.bpffs.clone(),
+            run_dir: self.instance.run_dir.clone(),
+            control: self.instance.control.clone(),
+            interfaces: engine::attached_interfaces(&self.pins),
+            uptime_s: self.started.elapsed().as_secs(),
+            load: self.load.map(|l| l.0),
+            load_source: self.load.map(|l| l.1),
+            max_load: self.config.engine.max_load,
+            shedding: *self.ctx.shed.borrow(),
+            datapath,
+            services,
+        }
+    }
+
+    fn check_load(&mut self) {
+        let Some(shedder) = &mut self.shedder else { return };
+        let Some((value, source)) = load::current() else {
+            if self.load.is_some() {
+                log::warn!("cannot read the load any more (no PSI, no /proc/loadavg)");
+            }
+            self.load = None;
+            return;
+        };
+        self.load = Some((value, source));
+        if let Some(shedding) = shedder.update(value) {
+            if shedding {
+                log::warn!(
+                    "load {value:.2} ({source:?}) is above max_load {:.2}: shedding every service to the cloud",
+                    shedder.max_load
+                );
+            } else {
+                log::warn!(
+                    "load {value:.2} ({source:?}) is back below {:.2}: services may be redirected again",
+                    shedder.max_load * load::RESUME_RATIO
+                );
+            }
+            self.ctx.shed.send_replace(shedding);
+        }
+    }
+
+    /// Re-reads the file and applies it as a diff; an invalid file changes nothing.
+    async fn reload(&mut self) -> Response {
+        let Some(path) = self.config.source.clone() else {
+            return Response::error("the daemon was started without a configuration file: nothing to reload");
+        };
+        let new = match Config::load(&path) {
+            Ok(c) => c,
+            Err(e) => {
+                log::error!("reload: keeping the running configuration: {e}");
+                return Response {
+                    ok: false,
+                    error: Some(format!("{path}: invalid configuration, nothing changed", path = path.display())),
+                    problems: e.problems(),
+                    ..Default::default()
+                };
+            }
+        };
+        // What only a restart can change, and interfaces that do not exist: refuse up front,
+        // before anything is touched.
+        let mut problems = Vec::new();
+        let next = Instance::resolve(&new, &self.instance.bpffs);
+        for (field, old, new) in [
+            ("bpffs", &self.instance.bpffs, &next.bpffs),
+            ("run_dir", &self.instance.run_dir, &next.run_dir),
+            ("control", &self.instance.control, &next.control),
+        ] {
+            if old != new {
+                problems.push(format!("engine: {field}: cannot change while running (restart the daemon)"));
+            }
+        }
+        if new.engine.metrics != self.config.engine.metrics {
+            problems.push("engine: metrics: cannot change while running (restart the daemon)".into());
+        }
+        for (i, iface) in new.engine.interfaces.iter().enumerate() {
+            if !self.config.engine.interfaces.contains(iface)
+                && let Err(e) = engine::ifindex(iface)
+            {
+                problems.push(format!("engine: interfaces[{i}]: {e}"));
+            }
+        }
+        if !problems.is_empty() {
+            log::error!("reload: keeping the running configuration: {}", problems.join("; "));
+            return Response {
+                ok: false,
+                error: Some(format!("{}: cannot apply, nothing changed", path.display())),
+                problems,
+                ..Default::default()
+            };
+        }
+
+        let mut report = ReloadReport::default();
+        let old_names: BTreeSet<String> = self.services.keys().cloned().collect();
+        let new_names: BTreeSet<String> = new.services.iter().map(|s| s.name.clone()).collect();
+        let mut stopping = Vec::new();
+        for name in &old_names {
+            match new.service(name) {
+                None => {
+                    report.removed.push(name.clone());
+                    stopping.push((self.services.remove(name).expect("listed"), true));
+                }
+                Some(cfg) if *cfg != *self.services[name].config => {
+                    report.changed.push(name.clone());
+                    stopping.push((self.services.remove(name).expect("listed"), false));
+                }
+                Some(_) => report.unchanged.push(name.clone()),
+            }
+        }
+        // Removed and changed services release their entries before anyone else may need
+        // their matches.
+        futures::future::join_all(stopping.into_iter().map(|(h, delete)| h.shutdown(delete))).await;
+        for svc in &new.services {
+            if !self.services.contains_key(&svc.name) {
+                if !old_names.contains(&svc.name) {
+                    report.added.push(svc.name.clone());
+                }
+                self.services.insert(svc.name.clone(), service::spawn(svc.clone(), self.ctx.clone()));
+            }
+        }
+        debug_assert_eq!(self.services.keys().cloned().collect::<BTreeSet<_>>(), new_names);
+
+        // Interfaces.
+        let added: Vec<String> =
+            new.engine.interfaces.iter().filter(|i| !self.config.engine.interfaces.contains(i)).cloned().collect();
+        if !added.is_empty() {
+            match engine::attach(&self.pins, &added, MapSizes::default()) {
+                Ok(outcomes) => {
+                    note_attached(&mut self.record, &outcomes);
+                    report.attached = added;
+                }
+                Err(e) => log::error!("reload: cannot attach to {}: {}", added.join(", "), service::error_chain(&e)),
+            }
+        }
+        let gone: Vec<String> =
+            self.config.engine.interfaces.iter().filter(|i| !new.engine.interfaces.contains(i)).cloned().collect();
+        report.detached = detach_ours(&self.pins, &mut self.record, &gone);
+        save_record(&self.ctx.paths, &self.record);
+
+        // Load shedding.
+        if new.engine.max_load != self.config.engine.max_load {
+            let was = self.shedder.as_ref().is_some_and(|s| s.shedding);
+            self.shedder = new.engine.max_load.map(|m| Shedder { max_load: m, shedding: was });
+            if self.shedder.is_none() {
+                self.load = None;
+                if was {
+                    log::warn!("max_load removed: services may be redirected again");
+                    self.ctx.shed.send_replace(false);
+                }
+            }
+        }
+
+        self.config = new;
+        log::info!(
+            "reloaded: added [{}], removed [{}], changed [{}], unchanged [{}]",
+            report.added.join(", "),
+            report.removed.join(", "),
+            report.changed.join(", "),
+            report.unchanged.join(", ")
+        );
+        Response {
+            ok: true,
+            message: Some(format!(
+                "reloaded: {} added, {} removed, {} changed, {} unchanged",
+                report.added.len(),
+                report.removed.len(),
+                report.changed.len(),
+                report.unchanged.len()
+            )),
+            reload: Some(report),
+            ..Default::default()
+        }
+    }
+
+    /// Clean shutdown: every service's entries, process and namespace, then the interfaces
+    /// this daemon attached, then the pins if it loaded the program and nothing else uses it.
+    async fn shutdown(mut self) {
+        log::info!("shutting down: removing {} service(s)", self.services.len());
+        let handles: Vec<_> = std::mem::take(&mut self.services).into_values().collect();
+        futures::future::join_all(handles.into_iter().map(|h| h.shutdown(true))).await;
+        let ours = self.record.attached.clone();
+        detach_ours(&self.pins, &mut self.record, &ours);
+        let leftover = self.ctx.engine.lock().await.entries().map(|e| e.len()).unwrap_or(usize::MAX);
+        if self.record.loaded_program && leftover == 0 && engine::attached_interfaces(&self.pins).is_empty() {
+            match engine::purge(&self.pins) {
+                Ok(()) => log::info!("removed the pins in {}", self.pins.dir.display()),
+                Err(e) => log::warn!("cannot remove the pins: {}", service::error_chain(&e)),
+            }
+        } else if leftover > 0 {
+            log::info!("leaving the datapath pinned: {leftover} entries were not made by this daemon");
+        }
+        let _ = state::remove_record(&self.ctx.paths.daemon_record());
+        log::info!("stopped");
+    }
+}
