@@ -109,12 +109,12 @@ impl IdentityServer {
         &self.identity
     }
 
-    /// TCP connections answered so far.
+    /// TCP connections answered so far (counted before the answer is sent).
     pub fn tcp_hits(&self) -> usize {
         self.tcp_hits.load(Ordering::SeqCst)
     }
 
-    /// UDP datagrams answered so far.
+    /// UDP datagrams answered so far (counted before the answer is sent).
     pub fn udp_hits(&self) -> usize {
         self.udp_hits.load(Ordering::SeqCst)
     }
@@ -194,7 +194,10 @@ fn serve(
             if io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
                 continue;
             }
-            eprintln!("identity server {identity}: poll: {}", io::Error::last_os_error());
+            eprintln!(
+                "identity server {identity}: poll: {}",
+                io::Error::last_os_error()
+            );
             return;
         }
         if pollfds[4].revents != 0 {
@@ -222,9 +225,7 @@ fn accept_all(listener: &TcpListener, identity: &str, hits: &Arc<AtomicUsize>) {
                 let identity = identity.to_string();
                 let hits = hits.clone();
                 thread::spawn(move || {
-                    if answer_tcp(conn, &identity).is_ok() {
-                        hits.fetch_add(1, Ordering::SeqCst);
-                    }
+                    let _ = answer_tcp(conn, &identity, &hits);
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
@@ -235,7 +236,7 @@ fn accept_all(listener: &TcpListener, identity: &str, hits: &Arc<AtomicUsize>) {
     }
 }
 
-fn answer_tcp(mut conn: TcpStream, identity: &str) -> io::Result<()> {
+fn answer_tcp(mut conn: TcpStream, identity: &str, hits: &AtomicUsize) -> io::Result<()> {
     conn.set_nonblocking(false)?;
     conn.set_read_timeout(Some(SERVER_IO_TIMEOUT))?;
     conn.set_write_timeout(Some(SERVER_IO_TIMEOUT))?;
@@ -249,6 +250,8 @@ fn answer_tcp(mut conn: TcpStream, identity: &str) -> io::Result<()> {
             _ => request.push(byte[0]),
         }
     }
+    // Counted before answering, so a client holding the answer can rely on the count.
+    hits.fetch_add(1, Ordering::SeqCst);
     conn.write_all(format!("{identity}\n").as_bytes())?;
     conn.shutdown(Shutdown::Write)
 }
@@ -286,6 +289,9 @@ fn answer_all(udp: &UdpSocket, identity: &str, hits: &AtomicUsize) {
         };
         let Some(peer) = peer else { continue };
         let reply = [IoSlice::new(identity.as_bytes())];
+        // Counted before answering (and taken back on failure), so a client holding the
+        // answer can rely on the count.
+        hits.fetch_add(1, Ordering::SeqCst);
         let sent = match info {
             Some(PacketInfo::V4(pi)) => {
                 // ipi_spec_dst is the source to use; ifindex 0 leaves the route to the kernel.
@@ -323,11 +329,9 @@ fn answer_all(udp: &UdpSocket, identity: &str, hits: &AtomicUsize) {
             }
             None => socket::sendmsg(fd, &reply, &[], MsgFlags::empty(), Some(&peer)),
         };
-        match sent {
-            Ok(_) => {
-                hits.fetch_add(1, Ordering::SeqCst);
-            }
-            Err(e) => eprintln!("identity server {identity}: reply to {peer}: {e}"),
+        if let Err(e) = sent {
+            hits.fetch_sub(1, Ordering::SeqCst);
+            eprintln!("identity server {identity}: reply to {peer}: {e}");
         }
     }
 }

@@ -246,8 +246,8 @@ impl Lab {
     /// spawn it and stop it yourself; for the others use [`Lab::viscum`].
     pub fn viscum_command(&self, args: &[&str]) -> Command {
         let ns_path = PathBuf::from(NETNS_RUN_DIR).join(self.edge.name());
-        let ns_file = File::open(&ns_path)
-            .unwrap_or_else(|e| panic!("open {}: {e}", ns_path.display()));
+        let ns_file =
+            File::open(&ns_path).unwrap_or_else(|e| panic!("open {}: {e}", ns_path.display()));
         let mut cmd = Command::new(viscum_bin());
         cmd.arg("--bpffs").arg(self.bpffs.path()).args(args);
         // SAFETY: only setns(2), async-signal-safe, runs between fork and exec. The file is
@@ -386,12 +386,19 @@ async fn build_links(
 
     // Fixed indexes, so that no veth shares its index with its peer, as the first links of
     // fresh namespaces would; that would delay their carrier by up to a second (see
-    // create_veth_indexed).
-    netns::create_veth_indexed(&e, LAN_IF, 10, CLIENT_IF, client, 20, None).await?;
-    netns::create_veth_indexed(&e, WAN_IF, 11, CLOUD_IF, cloud, 21, None).await?;
+    // create_veth_indexed). The edge keeps 2 and 3, so the links viscum creates there later
+    // (host veths of service namespaces, numbered from 4) do not meet their peers' 2 either.
+    netns::create_veth_indexed(&e, LAN_IF, 2, CLIENT_IF, client, 20, None).await?;
+    netns::create_veth_indexed(&e, WAN_IF, 3, CLOUD_IF, cloud, 21, None).await?;
 
     let mut edge_ifs = vec![LAN_IF.to_string(), WAN_IF.to_string()];
-    for (handle, ifname) in [(&c, "lo"), (&e, "lo"), (&k, "lo"), (&e, LAN_IF), (&e, WAN_IF)] {
+    for (handle, ifname) in [
+        (&c, "lo"),
+        (&e, "lo"),
+        (&k, "lo"),
+        (&e, LAN_IF),
+        (&e, WAN_IF),
+    ] {
         let link = netns::link_by_name(handle, ifname).await?;
         netns::set_up(handle, link.index).await?;
     }
@@ -413,8 +420,7 @@ async fn build_links(
                 lan_l3 = format!("{LAN_IF}.{vid}");
                 netns::set_up(&e, edge_l3).await?;
                 let client_l3 =
-                    netns::create_vlan(&c, &format!("{CLIENT_IF}.{vid}"), client_if, vid)
-                        .await?;
+                    netns::create_vlan(&c, &format!("{CLIENT_IF}.{vid}"), client_if, vid).await?;
                 netns::set_up(&c, client_l3).await?;
                 (edge_l3, client_l3)
             }

@@ -10,7 +10,11 @@
 //! links; closing a link's descriptor detaches it. They return `TCX_NEXT`, so they never
 //! hide a packet from another program on the same hook.
 
-use std::{ffi::c_long, io, mem, os::fd::{FromRawFd, OwnedFd}};
+use std::{
+    ffi::c_long,
+    io, mem,
+    os::fd::{FromRawFd, OwnedFd},
+};
 
 use viscum::netns;
 
@@ -51,15 +55,30 @@ struct Insn {
 
 const fn mov64_imm(dst: u8, imm: i32) -> Insn {
     // BPF_ALU64 | BPF_MOV | BPF_K
-    Insn { code: 0xb7, regs: dst, off: 0, imm }
+    Insn {
+        code: 0xb7,
+        regs: dst,
+        off: 0,
+        imm,
+    }
 }
 
 const fn call(func: i32) -> Insn {
     // BPF_JMP | BPF_CALL
-    Insn { code: 0x85, regs: 0, off: 0, imm: func }
+    Insn {
+        code: 0x85,
+        regs: 0,
+        off: 0,
+        imm: func,
+    }
 }
 
-const EXIT: Insn = Insn { code: 0x95, regs: 0, off: 0, imm: 0 };
+const EXIT: Insn = Insn {
+    code: 0x95,
+    regs: 0,
+    off: 0,
+    imm: 0,
+};
 
 fn program(tag: Tag) -> Vec<Insn> {
     // r1 holds the skb on entry and is what both helpers take first.
@@ -151,7 +170,10 @@ fn load(tag: Tag) -> io::Result<OwnedFd> {
         let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
         io::Error::new(
             e.kind(),
-            format!("load vlan {tag:?} program: {e}: {}", String::from_utf8_lossy(&log[..end])),
+            format!(
+                "load vlan {tag:?} program: {e}: {}",
+                String::from_utf8_lossy(&log[..end])
+            ),
         )
     })
 }
@@ -165,7 +187,11 @@ pub(crate) fn attach(ns: &str, ifindex: u32, ingress: bool, tag: Tag) -> io::Res
         let mut attr = LinkCreateAttr {
             prog_fd: std::os::fd::AsRawFd::as_raw_fd(&prog) as u32,
             target_ifindex: ifindex,
-            attach_type: if ingress { BPF_TCX_INGRESS } else { BPF_TCX_EGRESS },
+            attach_type: if ingress {
+                BPF_TCX_INGRESS
+            } else {
+                BPF_TCX_EGRESS
+            },
             flags: 0,
             relative_fd: 0,
             _pad: 0,

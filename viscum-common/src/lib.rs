@@ -130,6 +130,64 @@ impl ServiceEntry {
     }
 }
 
+/// Name of the LPM trie of prefix / port-range / source-restricted rules
+/// (`lpm Key<PrefixData>` -> `PrefixNode`).
+pub const PREFIXES_MAP: &str = "VISCUM_PREFIXES";
+/// Name of the per-CPU array of rule targets and counters, indexed by rule id.
+pub const RULES_MAP: &str = "VISCUM_RULES";
+/// Capacity of the rules array (rule ids are `0..MAX_RULES`).
+pub const MAX_RULES: u32 = 4096;
+/// Rules one address prefix can hold (distinct port ranges / sources).
+pub const RULES_PER_PREFIX: usize = 4;
+/// Address prefixes walked from longest to shortest before giving up.
+pub const MAX_PREFIX_LEVELS: usize = 8;
+
+/// Data part of the LPM key. The fixed leading 32 bits (protocol, family,
+/// padding) are always covered, so `prefix_len = 32 + address prefix`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PrefixData {
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+    pub addr: [u8; 16],
+}
+const _: () = assert!(core::mem::size_of::<PrefixData>() == 20);
+
+/// Bits of the LPM key before the address.
+pub const PREFIX_KEY_FIXED_BITS: u32 = 32;
+
+/// One rule under an address prefix: a port range and an optional source
+/// prefix, pointing at a slot of the rules array.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct PortRule {
+    /// Source prefix (same layout as `ServiceKey::addr`), valid for `src_prefix` bits.
+    pub src: [u8; 16],
+    /// Inclusive destination port range, **host** byte order (compared, not hashed).
+    pub port_lo: u16,
+    pub port_hi: u16,
+    /// 0 = any source.
+    pub src_prefix: u8,
+    pub _pad: [u8; 3],
+    pub rule_id: u32,
+}
+const _: () = assert!(core::mem::size_of::<PortRule>() == 28);
+
+/// Everything under one address prefix, most specific rule first (user space
+/// keeps the order: source-restricted before unrestricted, narrow port
+/// ranges before wide ones).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefixNode {
+    pub rules: [PortRule; RULES_PER_PREFIX],
+    pub count: u32,
+    /// This node's own key prefix length: an LPM lookup does not say which
+    /// prefix matched, and the walk to shorter prefixes needs it.
+    pub prefix_len: u32,
+}
+const _: () = assert!(core::mem::size_of::<PrefixNode>() == 120);
+
 /// Name of the LRU flow table (`FlowKey` -> `FlowState`).
 pub const FLOWS_MAP: &str = "VISCUM_FLOWS";
 /// Name of the LRU reply table (`ReplyKey` -> `ReplyState`).
@@ -252,7 +310,8 @@ pub const GLOBAL_COUNTERS: u32 = 14;
 pub struct DatapathConfig {
     /// Non-zero: emit aya-log debug records for every decision.
     pub log_debug: u32,
-    pub _reserved: u32,
+    /// Number of prefix rules: 0 lets unmatched traffic skip the LPM lookup.
+    pub prefix_rules: u32,
     /// A TCP flow idle this long is forgotten (0 = default 2 h).
     pub tcp_idle_ns: u64,
     /// A UDP flow idle this long is forgotten (0 = default 30 s).
@@ -273,4 +332,6 @@ mod pod {
     unsafe impl aya::Pod for super::FlowState {}
     unsafe impl aya::Pod for super::ReplyKey {}
     unsafe impl aya::Pod for super::ReplyState {}
+    unsafe impl aya::Pod for super::PrefixData {}
+    unsafe impl aya::Pod for super::PrefixNode {}
 }

@@ -41,6 +41,16 @@ pub fn timeouts() -> Timeouts {
     }
 }
 
+/// Are there prefix rules at all? Without any, unmatched traffic skips the
+/// LPM lookup (the miss path is the tax every unmanaged packet pays).
+#[inline(always)]
+pub fn have_rules() -> bool {
+    match CONFIG.get(0) {
+        Some(cfg) => cfg.prefix_rules != 0,
+        None => false,
+    }
+}
+
 #[inline(always)]
 pub fn log_enabled() -> bool {
     match CONFIG.get(0) {

@@ -1,23 +1,88 @@
-//! The services map: `(proto, family, dst addr, dst port)` -> target + counters.
+//! Finding the entry a packet matches.
+//!
+//! Precedence, most specific first:
+//! 1. the exact-match hash: one address, one port, any source (the fast path);
+//! 2. the LPM trie, longest address prefix first; under one prefix, rules are
+//!    kept most specific first (source-restricted, then narrow port ranges,
+//!    then "all ports"); if none of a prefix's rules matches, the walk goes on
+//!    to the next shorter prefix.
 
-use aya_ebpf::{macros::map, maps::PerCpuHashMap};
-use viscum_common::{DEFAULT_MAX_ENTRIES, ServiceEntry, ServiceKey};
+use aya_ebpf::{
+    macros::map,
+    maps::{LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+};
+use viscum_common::{
+    DEFAULT_MAX_ENTRIES, MAX_PREFIX_LEVELS, MAX_RULES, PREFIX_KEY_FIXED_BITS, PortRule, PrefixData, PrefixNode,
+    RULES_PER_PREFIX, ServiceEntry, ServiceKey,
+};
+
+use crate::parse::Parsed;
 
 /// Per-CPU so each CPU bumps its own entry counters without atomics; user
 /// space writes the same target into every CPU's copy. The size here is a
 /// default: the loader overrides it (`viscum attach --max-entries`).
 #[map(name = "VISCUM_SERVICES")]
-static SERVICES: PerCpuHashMap<ServiceKey, ServiceEntry> =
-    PerCpuHashMap::pinned(DEFAULT_MAX_ENTRIES, 0);
+static SERVICES: PerCpuHashMap<ServiceKey, ServiceEntry> = PerCpuHashMap::pinned(DEFAULT_MAX_ENTRIES, 0);
 
-/// Exact port first; then the address's "all ports" entry (port 0).
+#[map(name = "VISCUM_PREFIXES")]
+static PREFIXES: LpmTrie<PrefixData, PrefixNode> = LpmTrie::pinned(MAX_RULES, 0);
+
+/// Targets and counters of prefix rules, by rule id (per-CPU like `SERVICES`).
+#[map(name = "VISCUM_RULES")]
+static RULES: PerCpuArray<ServiceEntry> = PerCpuArray::pinned(MAX_RULES, 0);
+
 #[inline(always)]
-pub fn find(key: &ServiceKey) -> Option<*mut ServiceEntry> {
-    if let Some(e) = SERVICES.get_ptr_mut(key) {
+pub fn find(p: &Parsed, have_rules: bool) -> Option<*mut ServiceEntry> {
+    if let Some(e) = SERVICES.get_ptr_mut(&p.key) {
         return Some(e);
     }
-    if key.port == 0 {
-        return None;
+    if have_rules {
+        return find_rule(p);
     }
-    SERVICES.get_ptr_mut(key.any_port())
+    None
+}
+
+#[inline(always)]
+fn find_rule(p: &Parsed) -> Option<*mut ServiceEntry> {
+    let data = PrefixData { proto: p.key.proto, family: p.key.family, _pad: [0; 2], addr: p.key.addr };
+    let host_bits: u32 = if p.key.family == viscum_common::FAMILY_V4 { 32 } else { 128 };
+    let mut prefix_len = PREFIX_KEY_FIXED_BITS + host_bits;
+    let port = u16::from_be(p.key.port);
+    for _ in 0..MAX_PREFIX_LEVELS {
+        let node = PREFIXES.get(Key::new(prefix_len, data))?;
+        for i in 0..RULES_PER_PREFIX {
+            if (i as u32) < node.count && rule_matches(&node.rules[i], port, &p.saddr) {
+                return RULES.get_ptr_mut(node.rules[i].rule_id);
+            }
+        }
+        if node.prefix_len <= PREFIX_KEY_FIXED_BITS {
+            return None;
+        }
+        prefix_len = node.prefix_len - 1;
+    }
+    None
+}
+
+#[inline(always)]
+fn rule_matches(rule: &PortRule, port: u16, saddr: &[u8; 16]) -> bool {
+    if port < rule.port_lo || port > rule.port_hi {
+        return false;
+    }
+    let bits = rule.src_prefix as usize;
+    if bits == 0 {
+        return true;
+    }
+    // Compare the first `bits` bits of the source, a byte at a time
+    // (bounded loop: 16 iterations for the verifier).
+    for i in 0..16 {
+        let start = i * 8;
+        if start >= bits {
+            break;
+        }
+        let mask: u8 = if bits - start >= 8 { 0xff } else { 0xffu8 << (8 - (bits - start)) };
+        if (saddr[i] ^ rule.src[i]) & mask != 0 {
+            return false;
+        }
+    }
+    true
 }

@@ -78,7 +78,7 @@ fn parse_or_pass(ctx: &TcContext) -> Result<Parsed, i32> {
 #[inline(always)]
 fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     let p = parse_or_pass(ctx)?;
-    let Some(entry) = lookup::find(&p.key) else {
+    let Some(entry) = lookup::find(&p, counters::have_rules()) else {
         if counters::log_enabled() {
             debug!(ctx, "miss proto={} port={}", p.key.proto, u16::from_be(p.key.port));
         }

@@ -156,10 +156,15 @@ pub async fn add(engine: &mut Engine, endpoint: &Endpoint, target: &Target) -> R
     add_with(engine, endpoint, target, &RedirectOptions::default()).await
 }
 
-/// The address a namespace must accept for an entry: the cloud address
-/// (AnyIP) or the NAT address.
-fn local_addr(endpoint: &Endpoint, entry: &ServiceEntry) -> IpAddr {
-    if entry.flags & TARGET_F_NAT != 0 { addr_from_key(&entry.nat_addr, endpoint.addr) } else { endpoint.addr }
+/// The `local` route a namespace needs for an entry: the cloud address or
+/// prefix (AnyIP), or the NAT address.
+fn local_route(endpoint: &Endpoint, entry: &ServiceEntry) -> (IpAddr, u8) {
+    if entry.flags & TARGET_F_NAT != 0 {
+        let a = addr_from_key(&entry.nat_addr, endpoint.addr);
+        (a, prefix_of(a))
+    } else {
+        (endpoint.addr, endpoint.prefix_len)
+    }
 }
 
 fn addr_from_key(bytes: &[u8; 16], like: IpAddr) -> IpAddr {
@@ -227,17 +232,17 @@ pub async fn add_with(
     engine::attach_reply(engine.pins(), &r.ifname)?;
     let mut added_route = None;
     if let Some(ns) = &r.ns {
-        let addr = local_addr(endpoint, &entry);
+        let (addr, len) = local_route(endpoint, &entry);
         let is_own = ns.ns_addr.split('/').next() == Some(addr.to_string().as_str());
-        let want = format!("{addr}/{}", prefix_of(addr));
+        let want = format!("{addr}/{len}");
         if !is_own && !ns.local_routes.iter().any(|x| *x == want) {
-            netns::service_ns_add_local(&ns.name, addr, prefix_of(addr)).await?;
-            added_route = Some((ns.name.clone(), addr));
+            netns::service_ns_add_local(&ns.name, addr, len).await?;
+            added_route = Some((ns.name.clone(), addr, len));
         }
     }
     if let Err(e) = engine.insert(endpoint, entry) {
-        if let Some((ns, addr)) = added_route {
-            let _ = netns::service_ns_del_local(&ns, addr, prefix_of(addr)).await;
+        if let Some((ns, addr, len)) = added_route {
+            let _ = netns::service_ns_del_local(&ns, addr, len).await;
         }
         return Err(e.into());
     }
@@ -272,13 +277,13 @@ async fn release_route(engine: &Engine, removed: &EntryView) -> Result<(), Redir
     let Some(ns) = netns::service_ns_by_host_ifindex(removed.ifindex).await? else {
         return Ok(());
     };
-    let addr = local_addr(&removed.endpoint, &removed.target);
+    let route = local_route(&removed.endpoint, &removed.target);
     let still_needed = engine
         .entries()?
         .iter()
-        .any(|e| e.ifindex == removed.ifindex && local_addr(&e.endpoint, &e.target) == addr);
+        .any(|e| e.ifindex == removed.ifindex && local_route(&e.endpoint, &e.target) == route);
     if !still_needed {
-        netns::service_ns_del_local(&ns, addr, prefix_of(addr)).await?;
+        netns::service_ns_del_local(&ns, route.0, route.1).await?;
     }
     Ok(())
 }

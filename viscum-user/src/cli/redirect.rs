@@ -34,10 +34,14 @@ pub struct DrainArgs {
 
 #[derive(Debug, Args)]
 pub struct AddArgs {
-    /// What to match: tcp://198.51.100.7:80, udp://[2001:db8::7]:53, or
-    /// tcp://198.51.100.7 for every port of the address.
+    /// What to match: tcp://198.51.100.7:80, udp://[2001:db8::7]:53,
+    /// tcp://198.51.100.7 (every port), tcp://203.0.113.0/24:443 (a prefix),
+    /// tcp://203.0.113.7:8000-8099 (a port range).
     #[arg(value_name = "PROTO://ADDR[:PORT]")]
     pub endpoint: Endpoint,
+    /// Only clients in this source prefix (same as `?from=PREFIX` in the match).
+    #[arg(long, value_name = "PREFIX", value_parser = parse_from)]
+    pub from: Option<(std::net::IpAddr, u8)>,
     /// Service namespace made with `viscum ns add`.
     #[arg(long, value_name = "NAME", required_unless_present = "to", conflicts_with = "to")]
     pub ns: Option<String>,
@@ -77,6 +81,27 @@ pub struct DelArgs {
     /// The entry's match, as given to `redirect add`.
     #[arg(value_name = "PROTO://ADDR[:PORT]")]
     pub endpoint: Endpoint,
+    /// The entry's source restriction, if it was added with one.
+    #[arg(long, value_name = "PREFIX", value_parser = parse_from)]
+    pub from: Option<(std::net::IpAddr, u8)>,
+}
+
+fn parse_from(s: &str) -> std::result::Result<(std::net::IpAddr, u8), String> {
+    crate::endpoint::parse_prefix(s).map_err(|e| e.to_string())
+}
+
+/// Folds `--from` into the match, checking the families agree.
+fn with_source(mut ep: Endpoint, from: Option<(std::net::IpAddr, u8)>) -> Result<Endpoint> {
+    if let Some((src, len)) = from {
+        if src.is_ipv4() != ep.addr.is_ipv4() {
+            anyhow::bail!(crate::endpoint::EndpointError::MixedFamilies { src, dst: ep.addr });
+        }
+        if ep.source.is_some() {
+            anyhow::bail!("give the source restriction once: either ?from= or --from");
+        }
+        ep.source = Some((src, len));
+    }
+    Ok(ep)
 }
 
 #[derive(Debug, Args)]
@@ -89,7 +114,8 @@ pub struct ListArgs {
 pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
     let mut engine = Engine::open(pins)?;
     match cmd {
-        RedirectCommand::Add(args) => {
+        RedirectCommand::Add(mut args) => {
+            args.endpoint = with_source(args.endpoint, args.from)?;
             let target = match (args.ns, args.to) {
                 (Some(ns), _) => Target::Namespace(ns),
                 (None, Some(to)) => Target::Veth(to),
@@ -107,7 +133,8 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
             };
             println!("redirecting {} to {to}", args.endpoint);
         }
-        RedirectCommand::Del(args) => {
+        RedirectCommand::Del(mut args) => {
+            args.endpoint = with_source(args.endpoint, args.from)?;
             redirect::del(&mut engine, &args.endpoint).await?;
             println!("deleted {}", args.endpoint);
         }

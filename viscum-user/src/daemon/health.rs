@@ -149,7 +149,7 @@ async fn exec(service: &ServiceConfig, ctx: &CheckContext, command: &[String]) -
         output: None,
         cgroup_procs: &[],
     };
-    let mut child = process::spawn(&spec).map_err(|e| format!("cannot run {}: {e}", command[0]))?;
+    let mut child = process::spawn_child(&spec).map_err(|e| format!("cannot run {}: {e}", command[0]))?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     // The caller's timeout would drop this future; make sure the check's processes go with it.
     struct KillGroup(i32);

@@ -60,8 +60,8 @@ impl std::fmt::Display for Exit {
 
 /// A running service process.
 pub enum Proc {
-    /// Started by this daemon.
-    Child(tokio::process::Child),
+    /// Started by this daemon. The pid is kept: the child forgets it once reaped.
+    Child { child: tokio::process::Child, pid: i32 },
     /// Started by a previous daemon and adopted; watched through a pidfd.
     Adopted { pid: i32, pidfd: AsyncFd<OwnedFd> },
 }
@@ -69,8 +69,7 @@ pub enum Proc {
 impl Proc {
     pub fn pid(&self) -> i32 {
         match self {
-            // A child always has an id until it has been reaped, and we drop `Proc` then.
-            Proc::Child(c) => c.id().map(|p| p as i32).unwrap_or(0),
+            Proc::Child { pid, .. } => *pid,
             Proc::Adopted { pid, .. } => *pid,
         }
     }
@@ -78,7 +77,7 @@ impl Proc {
     /// Waits for the process to end. Cancel-safe (used in `select!`).
     pub async fn wait(&mut self) -> Exit {
         match self {
-            Proc::Child(child) => match child.wait().await {
+            Proc::Child { child, pid } => match child.wait().await {
                 Ok(status) => {
                     use std::os::unix::process::ExitStatusExt;
                     match (status.code(), status.signal()) {
@@ -88,7 +87,7 @@ impl Proc {
                     }
                 }
                 Err(e) => {
-                    log::warn!("cannot wait for process {}: {e}", self.pid());
+                    log::warn!("cannot wait for process {pid}: {e}");
                     std::future::pending().await
                 }
             },
@@ -175,8 +174,15 @@ fn base_env(user: &ServiceUser) -> Vec<(String, String)> {
     ]
 }
 
+/// Starts a service process as described, in its own session and process group.
+pub fn spawn(spec: &Spec<'_>) -> io::Result<Proc> {
+    let child = spawn_child(spec)?;
+    let pid = child.id().map(|p| p as i32).ok_or_else(|| io::Error::other("the new process has no pid"))?;
+    Ok(Proc::Child { child, pid })
+}
+
 /// Starts a process as described, in its own session and process group.
-pub fn spawn(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
+pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(&spec.command[0]);
     cmd.args(&spec.command[1..]).env_clear().current_dir("/").stdin(Stdio::null());
     for (k, v) in base_env(spec.user).into_iter().chain(spec.env.iter().map(|(k, v)| (k.clone(), v.clone()))) {
@@ -252,6 +258,8 @@ pub async fn stop(proc: &mut Proc, grace: Duration) -> Exit {
     use nix::sys::signal::Signal;
     let pgid = proc.pid();
     signal_group(pgid, Signal::SIGTERM);
+    // A stopped (SIGSTOP) process only acts on SIGTERM once continued.
+    signal_group(pgid, Signal::SIGCONT);
     let exit = match tokio::time::timeout(grace, proc.wait()).await {
         Ok(exit) => exit,
         Err(_) => {

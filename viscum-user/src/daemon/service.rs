@@ -154,6 +154,8 @@ pub fn spawn(config: ServiceConfig, ctx: Arc<Context>) -> Handle {
         last_check_error: None,
         last_logged_install_error: None,
     };
+    // Visible in `status` from the start, before the task has done anything.
+    actor.publish();
     let task = tokio::spawn(actor.run(rx));
     Handle { config, shared, tx, task }
 }
@@ -566,8 +568,8 @@ impl Actor {
             cgroup_procs: &self.placement.procs,
         };
         match process::spawn(&spec) {
-            Ok(child) => {
-                let pid = child.id().map(|p| p as i32).unwrap_or(0);
+            Ok(proc) => {
+                let pid = proc.pid();
                 if self.restart_pending {
                     self.restarts += 1;
                     self.restart_pending = false;
@@ -577,7 +579,7 @@ impl Actor {
                     &format!("started process {pid}: {} (as {})", self.cfg.command.join(" "), self.cfg.user.name),
                 );
                 log::info!("service {}: started process {pid}", self.cfg.name);
-                self.proc = Some(Proc::Child(child));
+                self.proc = Some(proc);
                 self.adopted = false;
                 self.started = Some(Instant::now());
                 self.state = ServiceState::Running;

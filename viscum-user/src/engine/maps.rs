@@ -1,12 +1,16 @@
 //! Reading and editing the pinned maps of a running datapath.
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues},
+    maps::{
+        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
+        lpm_trie::Key as LpmKey,
+    },
     util::nr_cpus,
 };
 use viscum_common::{
-    CONFIG_MAP, DatapathConfig, FLOW_EDGE, FLOWS_MAP, FlowKey, FlowState, GLOBAL_STATS_MAP, GlobalCounter,
-    SERVICES_MAP, ServiceEntry, ServiceKey,
+    CONFIG_MAP, DatapathConfig, FLOW_EDGE, FLOWS_MAP, FlowKey, FlowState, GLOBAL_STATS_MAP, GlobalCounter, MAX_RULES,
+    PREFIXES_MAP, PortRule, PrefixData, PrefixNode, RULES_MAP, RULES_PER_PREFIX, SERVICES_MAP, ServiceEntry,
+    ServiceKey,
 };
 
 use super::{EngineError, Pins};
@@ -25,6 +29,8 @@ pub struct Engine {
     global: PerCpuArray<MapData, u64>,
     config: Array<MapData, DatapathConfig>,
     flows: HashMap<MapData, FlowKey, FlowState>,
+    prefixes: LpmTrie<MapData, PrefixData, PrefixNode>,
+    rules: PerCpuArray<MapData, ServiceEntry>,
     nr_cpus: usize,
     max_entries: u32,
 }
@@ -91,8 +97,12 @@ impl Engine {
             .map_err(|e| EngineError::map("the config map has an unexpected layout", e))?;
         let flows = HashMap::try_from(open_map(pins, FLOWS_MAP)?)
             .map_err(|e| EngineError::map("the flow table has an unexpected layout", e))?;
+        let prefixes = LpmTrie::try_from(open_map(pins, PREFIXES_MAP)?)
+            .map_err(|e| EngineError::map("the prefix table has an unexpected layout", e))?;
+        let rules = PerCpuArray::try_from(open_map(pins, RULES_MAP)?)
+            .map_err(|e| EngineError::map("the rules array has an unexpected layout", e))?;
         let nr_cpus = nr_cpus().map_err(|(what, e)| EngineError::io(format!("cannot count CPUs ({what})"), e))?;
-        Ok(Engine { pins: pins.clone(), services, global, config, flows, nr_cpus, max_entries })
+        Ok(Engine { pins: pins.clone(), services, global, config, flows, prefixes, rules, nr_cpus, max_entries })
     }
 
     pub fn pins(&self) -> &Pins {
@@ -110,8 +120,123 @@ impl Engine {
             };
             out.push(Self::view(endpoint, &values));
         }
-        out.sort_by_key(|e| (e.endpoint.addr, e.endpoint.proto as u8, e.endpoint.port));
+        for (len, data, node) in self.nodes()? {
+            for rule in &node.rules[..node.count as usize] {
+                let Some(endpoint) = Endpoint::from_rule(len, &data, rule) else { continue };
+                let values = self
+                    .rules
+                    .get(&rule.rule_id, 0)
+                    .map_err(|e| EngineError::map("cannot read the rules array", e))?;
+                out.push(Self::view(endpoint, &values));
+            }
+        }
+        out.sort_by_key(|e| (e.endpoint.addr, e.endpoint.prefix_len, e.endpoint.proto as u8, e.endpoint.port));
         Ok(out)
+    }
+
+    /// Every prefix node: (LPM prefix length, data, node).
+    fn nodes(&self) -> Result<Vec<(u32, PrefixData, PrefixNode)>, EngineError> {
+        let mut out = Vec::new();
+        for item in self.prefixes.iter() {
+            let (key, node) = item.map_err(|e| EngineError::map("cannot read the prefix table", e))?;
+            out.push((key.prefix_len(), key.data(), node));
+        }
+        Ok(out)
+    }
+
+    /// The node stored at exactly this prefix (an LPM lookup would also
+    /// return shorter ones).
+    fn node_at(&self, len: u32, data: PrefixData) -> Result<Option<PrefixNode>, EngineError> {
+        match self.prefixes.get(&LpmKey::new(len, data), 0) {
+            Ok(node) if node.prefix_len == len => Ok(Some(node)),
+            Ok(_) | Err(MapError::KeyNotFound) => Ok(None),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(EngineError::map("cannot read the prefix table", e)),
+        }
+    }
+
+    /// The rule for `endpoint` (a non-exact match), with its node.
+    fn find_rule(&self, endpoint: &Endpoint) -> Result<Option<(PrefixNode, usize)>, EngineError> {
+        let (len, data) = endpoint.prefix_key();
+        let want = endpoint.port_rule();
+        let Some(node) = self.node_at(len, data)? else { return Ok(None) };
+        let idx = node.rules[..node.count as usize]
+            .iter()
+            .position(|r| PortRule { rule_id: 0, ..*r } == want);
+        Ok(idx.map(|i| (node, i)))
+    }
+
+    fn sync_rule_count(&mut self) -> Result<(), EngineError> {
+        let n: u32 = self.nodes()?.iter().map(|(_, _, n)| n.count).sum();
+        let cur = self.config.get(&0, 0).unwrap_or_default();
+        self.config
+            .set(0, DatapathConfig { prefix_rules: n, ..cur }, 0)
+            .map_err(|e| EngineError::map("cannot write the datapath config", e))
+    }
+
+    fn insert_rule(&mut self, endpoint: &Endpoint, value: ServiceEntry) -> Result<(), EngineError> {
+        if self.find_rule(endpoint)?.is_some() {
+            return Err(EngineError::Duplicate(endpoint.to_string()));
+        }
+        let (len, data) = endpoint.prefix_key();
+        let mut node = self.node_at(len, data)?.unwrap_or(PrefixNode {
+            rules: [PortRule { src: [0; 16], port_lo: 0, port_hi: 0, src_prefix: 0, _pad: [0; 3], rule_id: 0 };
+                RULES_PER_PREFIX],
+            count: 0,
+            prefix_len: len,
+        });
+        if node.count as usize >= RULES_PER_PREFIX {
+            return Err(EngineError::PrefixFull { prefix: endpoint.to_string(), max: RULES_PER_PREFIX });
+        }
+        let used: std::collections::HashSet<u32> = self
+            .nodes()?
+            .iter()
+            .flat_map(|(_, _, n)| n.rules[..n.count as usize].iter().map(|r| r.rule_id).collect::<Vec<_>>())
+            .collect();
+        let id = (0..MAX_RULES).find(|i| !used.contains(i)).ok_or(EngineError::Full(MAX_RULES))?;
+        // The slot first, then the node that points at it: the datapath
+        // never follows a rule to an empty slot.
+        let values = PerCpuValues::try_from(vec![value; self.nr_cpus])
+            .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
+        self.rules.set(id, values, 0).map_err(|e| EngineError::map("cannot write the rules array", e))?;
+        let mut rules: Vec<PortRule> = node.rules[..node.count as usize].to_vec();
+        rules.push(PortRule { rule_id: id, ..endpoint.port_rule() });
+        rules.sort_by_key(Endpoint::rule_rank);
+        for (i, r) in rules.iter().enumerate() {
+            node.rules[i] = *r;
+        }
+        node.count = rules.len() as u32;
+        self.prefixes
+            .insert(&LpmKey::new(len, data), node, 0)
+            .map_err(|e| EngineError::map(format!("cannot add the rule for {endpoint}"), e))?;
+        self.sync_rule_count()
+    }
+
+    fn remove_rule(&mut self, endpoint: &Endpoint) -> Result<(), EngineError> {
+        let Some((mut node, idx)) = self.find_rule(endpoint)? else {
+            return Err(EngineError::NoSuchEntry(endpoint.to_string()));
+        };
+        let id = node.rules[idx].rule_id;
+        let (len, data) = endpoint.prefix_key();
+        let mut rules: Vec<PortRule> = node.rules[..node.count as usize].to_vec();
+        rules.remove(idx);
+        if rules.is_empty() {
+            self.prefixes
+                .remove(&LpmKey::new(len, data))
+                .map_err(|e| EngineError::map(format!("cannot delete the rule for {endpoint}"), e))?;
+        } else {
+            for (i, r) in rules.iter().enumerate() {
+                node.rules[i] = *r;
+            }
+            node.count = rules.len() as u32;
+            self.prefixes
+                .insert(&LpmKey::new(len, data), node, 0)
+                .map_err(|e| EngineError::map(format!("cannot delete the rule for {endpoint}"), e))?;
+        }
+        let empty = PerCpuValues::try_from(vec![ServiceEntry::new(0, 0, [0; 6]); self.nr_cpus])
+            .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
+        self.rules.set(id, empty, 0).map_err(|e| EngineError::map("cannot clear the rules slot", e))?;
+        self.sync_rule_count()
     }
 
     fn view(endpoint: Endpoint, values: &PerCpuValues<ServiceEntry>) -> EntryView {
@@ -130,6 +255,14 @@ impl Engine {
 
     /// One entry, if present.
     pub fn get(&self, endpoint: &Endpoint) -> Result<Option<EntryView>, EngineError> {
+        if !endpoint.is_exact() {
+            let Some((node, idx)) = self.find_rule(endpoint)? else { return Ok(None) };
+            let values = self
+                .rules
+                .get(&node.rules[idx].rule_id, 0)
+                .map_err(|e| EngineError::map("cannot read the rules array", e))?;
+            return Ok(Some(Self::view(*endpoint, &values)));
+        }
         match self.services.get(&endpoint.key(), 0) {
             Ok(values) => Ok(Some(Self::view(*endpoint, &values))),
             Err(MapError::KeyNotFound) => Ok(None),
@@ -140,6 +273,9 @@ impl Engine {
     /// Adds an entry; fails if one exists for the same match.
     pub fn insert(&mut self, endpoint: &Endpoint, target: ServiceEntry) -> Result<(), EngineError> {
         let value = ServiceEntry { packets: 0, bytes: 0, new_flows: 0, cloud_flows: 0, ..target };
+        if !endpoint.is_exact() {
+            return self.insert_rule(endpoint, value);
+        }
         let values = PerCpuValues::try_from(vec![value; self.nr_cpus])
             .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
         match self.services.insert(endpoint.key(), values, BPF_NOEXIST) {
@@ -158,6 +294,17 @@ impl Engine {
     /// its target and counters. Increments made by the datapath between our
     /// read and write are lost; the flag change itself is atomic per CPU copy.
     pub fn update_flags(&mut self, endpoint: &Endpoint, f: impl Fn(u32) -> u32) -> Result<(), EngineError> {
+        if !endpoint.is_exact() {
+            let Some((node, idx)) = self.find_rule(endpoint)? else {
+                return Err(EngineError::NoSuchEntry(endpoint.to_string()));
+            };
+            let id = node.rules[idx].rule_id;
+            let values = self.rules.get(&id, 0).map_err(|e| EngineError::map("cannot read the rules array", e))?;
+            let updated: Vec<ServiceEntry> = values.iter().map(|v| ServiceEntry { flags: f(v.flags), ..*v }).collect();
+            let values =
+                PerCpuValues::try_from(updated).map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
+            return self.rules.set(id, values, 0).map_err(|e| EngineError::map("cannot update the rule", e));
+        }
         let values = match self.services.get(&endpoint.key(), 0) {
             Ok(v) => v,
             Err(MapError::KeyNotFound) => return Err(EngineError::NoSuchEntry(endpoint.to_string())),
@@ -210,6 +357,9 @@ impl Engine {
 
     /// Removes an entry; fails if there is none.
     pub fn remove(&mut self, endpoint: &Endpoint) -> Result<(), EngineError> {
+        if !endpoint.is_exact() {
+            return self.remove_rule(endpoint);
+        }
         match self.services.remove(&endpoint.key()) {
             Ok(()) => Ok(()),
             Err(MapError::KeyNotFound) => Err(EngineError::NoSuchEntry(endpoint.to_string())),

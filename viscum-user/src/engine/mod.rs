@@ -6,7 +6,9 @@
 //!
 //! ```text
 //! <bpffs>/prog_ingress          the loaded classifier
-//! <bpffs>/VISCUM_SERVICES       redirect entries (pinned by name by aya)
+//! <bpffs>/VISCUM_SERVICES       exact redirect entries (pinned by name by aya)
+//! <bpffs>/VISCUM_PREFIXES       LPM trie of prefix / range / source rules
+//! <bpffs>/VISCUM_RULES          their targets and counters, by rule id
 //! <bpffs>/VISCUM_GLOBAL         global counters
 //! <bpffs>/VISCUM_CONFIG         runtime knobs
 //! <bpffs>/prog_reply            the reply-path classifier (service veths)
@@ -40,6 +42,8 @@ pub enum EngineError {
     NoSuchEntry(String),
     #[error("the services map is full ({0} entries); attach with a larger --max-entries")]
     Full(u32),
+    #[error("{prefix}: an address prefix holds at most {max} rules (port ranges / sources)")]
+    PrefixFull { prefix: String, max: usize },
     #[error(transparent)]
     Bpffs(#[from] crate::bpffs::BpffsError),
     #[error("cannot load the classifier into the kernel")]

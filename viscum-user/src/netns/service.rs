@@ -243,7 +243,11 @@ async fn build(host: &Handle, name: &str, subnet: Ipv4Addr) -> Result<(), NetnsE
     // filtering drops an ARP request "tell 198.51.100.7" arriving on the service veth, and
     // every reply from the namespace then waits forever on an INCOMPLETE neighbour.
     sysctl_set(Some(name), "net/ipv4/conf/all/arp_announce", "2")?;
-    sysctl_set(Some(name), &format!("net/ipv4/conf/{NS_VETH_NAME}/arp_announce"), "2")?;
+    sysctl_set(
+        Some(name),
+        &format!("net/ipv4/conf/{NS_VETH_NAME}/arp_announce"),
+        "2",
+    )?;
     Ok(())
 }
 
