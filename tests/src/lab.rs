@@ -71,8 +71,9 @@ const VISCUM_TIMEOUT: Duration = Duration::from_secs(60);
 /// Variations of the lab.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct LabOptions {
-    /// Put the client-edge LAN on this 802.1Q VLAN: the addresses move to `eth0.VID` and
-    /// `lan0.VID`, and frames on the `lan0` trunk carry the tag.
+    /// Put the client-edge LAN on this 802.1Q VLAN: frames on the `lan0` trunk carry the
+    /// tag, and the LAN addresses move to VLAN interfaces (which ones: [`VlanMode`],
+    /// [`Lab::lan_l3_if`]).
     pub vlan: Option<u16>,
 }
 

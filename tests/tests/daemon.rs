@@ -452,17 +452,24 @@ fn a_service_whose_check_never_passes_is_never_redirected() {
     let lab = Lab::new();
     let files = Files::new();
     let _cloud = IdentityServer::start(lab.cloud.name(), 8081, "cloud");
-    let mute = lab.service_ns_name();
+    let _cloud2 = IdentityServer::start(lab.cloud.name(), 8083, "cloud");
+    let (mute, probed) = (lab.service_ns_name(), lab.service_ns_name());
+    // `probed` is checked by an exec check that connects to 127.0.0.1:8083: it only passes if the
+    // check runs inside the service's namespace.
+    let probe = "import socket; socket.create_connection(('127.0.0.1', 8083), 1)";
     files.write_config(&format!(
-        "{}\n[[service]]\nname = \"{mute}\"\nmatch = [\"tcp://{CLOUD_V4}:8081\"]\ncommand = [\"/bin/sleep\", \"1000\"]\n[service.health]\ntcp = 8081\ninterval_ms = 100\ntimeout_ms = 50\nrise = 1\n",
-        files.engine("")
+        "{}\n[[service]]\nname = \"{mute}\"\nmatch = [\"tcp://{CLOUD_V4}:8081\"]\ncommand = [\"/bin/sleep\", \"1000\"]\n[service.health]\ntcp = 8081\ninterval_ms = 100\ntimeout_ms = 50\nrise = 1\n{}",
+        files.engine(""),
+        files.service_checked(&probed, 8083, "edge", "", &format!("exec = [\"/usr/bin/python3\", \"-c\", \"{probe}\"]"))
     ));
     let daemon = Daemon::start(&lab, &files);
+    daemon.wait_redirected(&probed, UP);
+    wait_for(&lab, 8083, "edge", UP);
     let ok = wait_until(UP, || {
         // Checked on every poll: never redirected, never anything but the cloud.
         let s = daemon.service(&mute);
         assert_eq!(s["redirected"], false, "{s:#}");
-        assert!(entries(&lab).is_empty());
+        assert_eq!(entries(&lab), vec![format!("tcp://{CLOUD_V4}:8083")]);
         assert_eq!(who(&lab, 8081), "cloud");
         s["checks_failed"].as_u64().unwrap() >= 15
     });

@@ -11,8 +11,11 @@
 //!
 //! Two programs: `viscum_ingress` on client-facing interfaces and
 //! `viscum_reply` on the host side of each service veth. Everything they do
-//! not handle leaves with `TC_ACT_OK`, unmodified: Viscum must never touch
-//! traffic that is not its own.
+//! not handle leaves unmodified with `TC_ACT_UNSPEC` ("no verdict"): the
+//! kernel then lets it pass exactly as `TC_ACT_OK` would, but unlike
+//! `TC_ACT_OK` (which under TCX ends the chain) it still runs whatever other
+//! programs or tc filters the router has on the same hook (QoS, firewalls).
+//! Viscum must never touch traffic that is not its own.
 #![no_std]
 #![no_main]
 
@@ -24,7 +27,7 @@ mod parse;
 mod redirect;
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_REDIRECT, TC_ACT_SHOT},
+    bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
     programs::TcContext,
 };
@@ -54,7 +57,7 @@ pub fn viscum_reply(ctx: TcContext) -> i32 {
     }
 }
 
-/// Parses, counting what cannot be handled; `Err` carries `TC_ACT_OK`.
+/// Parses, counting what cannot be handled; `Err` carries the pass verdict.
 #[inline(always)]
 fn parse_or_pass(ctx: &TcContext) -> Result<Parsed, i32> {
     match parse::parse(ctx) {
@@ -74,7 +77,7 @@ fn parse_or_pass(ctx: &TcContext) -> Result<Parsed, i32> {
 }
 
 /// Every exit names its TC action; `Err` carries the action for packets the
-/// classifier could not or would not handle (always `TC_ACT_OK`).
+/// classifier could not or would not handle (always "no verdict", see `pass`).
 #[inline(always)]
 fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     let p = parse_or_pass(ctx)?;
@@ -144,14 +147,14 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
 fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     let p = match parse::parse(ctx) {
         Ok(p) => p,
-        Err(_) => return Err(TC_ACT_OK),
+        Err(_) => return Err(TC_ACT_UNSPEC),
     };
     // SAFETY: reading our own __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(id) = flow::reply_identity(&p, ifindex) else {
         // The namespace's own traffic (DNS lookups, updates...): routed as usual.
         counters::bump(GlobalCounter::RepliesUnknown);
-        return Ok(TC_ACT_OK);
+        return Ok(TC_ACT_UNSPEC);
     };
     if id.flags & REPLY_F_DROP != 0 {
         return Ok(TC_ACT_SHOT);
@@ -171,10 +174,11 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     Ok(redirect::reply_to_client(ctx, &fwd))
 }
 
+/// Not ours: no verdict, so the packet continues as if Viscum were absent.
 #[inline(always)]
 fn pass() -> i32 {
     counters::bump(GlobalCounter::Passed);
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 #[cfg(not(test))]

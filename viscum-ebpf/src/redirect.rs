@@ -2,7 +2,7 @@
 //! back out of the client-facing interface, mirrors as clones.
 
 use aya_ebpf::{
-    bindings::{TC_ACT_OK, bpf_fib_lookup, bpf_redir_neigh},
+    bindings::{TC_ACT_UNSPEC, bpf_fib_lookup, bpf_redir_neigh},
     helpers::{bpf_clone_redirect, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_vlan_pop},
     programs::TcContext,
 };
@@ -112,11 +112,11 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
         // No route, forwarding off, fragmentation needed...: the kernel's
         // own path knows how to answer those (ICMP errors and so on).
         counters::bump(GlobalCounter::RepliesToStack);
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     }
     if !decrement_ttl(ctx, p) {
         counters::bump(GlobalCounter::RepliesToStack);
-        return TC_ACT_OK;
+        return TC_ACT_UNSPEC;
     }
     counters::bump(GlobalCounter::RepliesForwarded);
     if rc == BPF_FIB_LKUP_RET_SUCCESS {

@@ -5,6 +5,7 @@
 //! * [`bpffs`]: finding or mounting the bpffs directory that holds the pins.
 //! * [`endpoint`]: `PROTO://ADDR[:PORT]` parsing and its map key encoding.
 //! * [`engine`]: loading, attaching and pinning the classifier; editing its maps.
+//! * [`hostnames`]: cloud host names resolved and kept in step with DNS TTLs.
 //! * [`netns`]: named network namespaces, veths, addresses and routes over netlink.
 //! * [`redirect`]: redirect entries plus the local routes they need in service namespaces.
 //! * [`config`]: the daemon's TOML configuration: parsing and validation that reports every problem.
@@ -17,6 +18,7 @@ pub mod config;
 pub mod daemon;
 pub mod endpoint;
 pub mod engine;
+pub mod hostnames;
 pub mod netns;
 pub mod redirect;
 

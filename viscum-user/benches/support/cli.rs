@@ -21,6 +21,8 @@ pub struct Args {
     pub group: String,
     /// Everything after a leading `__serve` (internal helper mode of the system bench).
     pub serve: Option<Vec<String>>,
+    /// The datapath bench's JSON output, for figures that compare against B1.
+    pub reference: Option<PathBuf>,
 }
 
 impl Args {
@@ -34,6 +36,7 @@ impl Args {
                 run_id: String::new(),
                 group: String::new(),
                 serve: Some(it.collect()),
+                reference: None,
             });
         }
         let mut args = Args {
@@ -42,6 +45,7 @@ impl Args {
             run_id: format!("vb{:04x}", std::process::id() & 0xffff),
             group: "all".into(),
             serve: None,
+            reference: None,
         };
         while let Some(arg) = it.next() {
             match arg.as_str() {
@@ -50,7 +54,8 @@ impl Args {
                 "--out" => args.out = Some(it.next().context("--out needs a file")?.into()),
                 "--run-id" => args.run_id = it.next().context("--run-id needs a value")?,
                 "--group" => args.group = it.next().context("--group needs a value")?,
-                other => bail!("unknown argument '{other}' (expected --quick, --out FILE, --run-id ID, --group NAME)"),
+                "--ref" => args.reference = Some(it.next().context("--ref needs a file")?.into()),
+                other => bail!("unknown argument '{other}' (expected --quick, --out FILE, --run-id ID, --group NAME, --ref FILE)"),
             }
         }
         let valid = args.run_id.len() <= 6

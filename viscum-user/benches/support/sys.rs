@@ -76,6 +76,18 @@ pub fn pin_current_thread(cpu: usize) {
 /// fork and exec, keeping our mount namespace so bpffs pins stay visible, unlike
 /// `ip netns exec`) and optionally pinned to `cpu`.
 pub fn command_in(ns: Option<&str>, cpu: Option<usize>, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+    command_in_with(ns, cpu, None, program)
+}
+
+/// [`command_in`], plus a signal the child gets when this process dies
+/// (`PR_SET_PDEATHSIG`), so a benchmark killed outright leaves no server behind. Only for
+/// children spawned from the main thread: the signal fires when the spawning *thread* exits.
+pub fn command_in_with(
+    ns: Option<&str>,
+    cpu: Option<usize>,
+    death_signal: Option<Signal>,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> Result<Command> {
     let mut cmd = Command::new(program);
     cmd.stdin(Stdio::null());
     let file = match ns {
@@ -89,6 +101,9 @@ pub fn command_in(ns: Option<&str>, cpu: Option<usize>, program: impl AsRef<std:
                 && libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) != 0
             {
                 return Err(std::io::Error::last_os_error());
+            }
+            if let Some(sig) = death_signal {
+                libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong);
             }
             if let Some(cpu) = cpu {
                 let mut set: libc::cpu_set_t = std::mem::zeroed();

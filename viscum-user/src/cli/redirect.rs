@@ -6,6 +6,7 @@ use super::{Result, print_json, print_table};
 use crate::{
     endpoint::Endpoint,
     engine::{Engine, Pins},
+    hostnames::{HostError, HostMatch, HostTracker, Resolver},
     redirect::{self, NatTarget, RedirectOptions, Target},
 };
 
@@ -20,6 +21,54 @@ pub enum RedirectCommand {
     /// Stop an entry from taking new flows (flows at the edge continue);
     /// optionally wait for them to end and delete the entry.
     Drain(DrainArgs),
+    /// Redirect a cloud host name and keep its entries in step with DNS
+    /// (re-resolved at TTL expiry) until Ctrl-C, then remove them.
+    Follow(FollowArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct FollowArgs {
+    /// PROTO://NAME[:PORT], e.g. tcp://alpr.example.net:443.
+    #[arg(value_name = "PROTO://NAME[:PORT]")]
+    pub host: HostMatch,
+    /// Service namespace made with `viscum ns add`.
+    #[arg(long, value_name = "NAME", required_unless_present = "to", conflicts_with = "to")]
+    pub ns: Option<String>,
+    /// Host side of a veth into a namespace Viscum did not create.
+    #[arg(long, value_name = "HOST_VETH")]
+    pub to: Option<String>,
+    /// DNS server(s) to ask (default: the nameservers of /etc/resolv.conf).
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_dns)]
+    pub dns: Vec<std::net::SocketAddr>,
+}
+
+/// What `redirect add|del` accept: an address match or a host name.
+#[derive(Debug, Clone)]
+pub enum MatchArg {
+    Addr(Endpoint),
+    Host(HostMatch),
+}
+
+impl std::str::FromStr for MatchArg {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.parse::<Endpoint>() {
+            Ok(e) => Ok(MatchArg::Addr(e)),
+            Err(addr_err) => match s.parse::<HostMatch>() {
+                Ok(h) => Ok(MatchArg::Host(h)),
+                Err(HostError::NotAHost(_)) => Err(addr_err.to_string()),
+                Err(host_err) => Err(format!("{addr_err}; as a host name: {host_err}")),
+            },
+        }
+    }
+}
+
+fn parse_dns(s: &str) -> std::result::Result<std::net::SocketAddr, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, 53));
+    }
+    s.parse().map_err(|_| format!("'{s}' is not ADDR or ADDR:PORT"))
 }
 
 #[derive(Debug, Args)]
@@ -36,9 +85,13 @@ pub struct DrainArgs {
 pub struct AddArgs {
     /// What to match: tcp://198.51.100.7:80, udp://[2001:db8::7]:53,
     /// tcp://198.51.100.7 (every port), tcp://203.0.113.0/24:443 (a prefix),
-    /// tcp://203.0.113.7:8000-8099 (a port range).
+    /// tcp://203.0.113.7:8000-8099 (a port range), or a cloud host name
+    /// tcp://alpr.example.net:443 (resolved once; see `redirect follow`).
     #[arg(value_name = "PROTO://ADDR[:PORT]")]
-    pub endpoint: Endpoint,
+    pub endpoint: MatchArg,
+    /// DNS server(s) for host names (default: /etc/resolv.conf).
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_dns)]
+    pub dns: Vec<std::net::SocketAddr>,
     /// Only clients in this source prefix (same as `?from=PREFIX` in the match).
     #[arg(long, value_name = "PREFIX", value_parser = parse_from)]
     pub from: Option<(std::net::IpAddr, u8)>,
@@ -78,9 +131,13 @@ fn parse_nat_to(s: &str) -> std::result::Result<NatTarget, String> {
 
 #[derive(Debug, Args)]
 pub struct DelArgs {
-    /// The entry's match, as given to `redirect add`.
+    /// The entry's match, as given to `redirect add` (a host name deletes
+    /// the entries of the addresses it resolves to now).
     #[arg(value_name = "PROTO://ADDR[:PORT]")]
-    pub endpoint: Endpoint,
+    pub endpoint: MatchArg,
+    /// DNS server(s) for host names (default: /etc/resolv.conf).
+    #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_dns)]
+    pub dns: Vec<std::net::SocketAddr>,
     /// The entry's source restriction, if it was added with one.
     #[arg(long, value_name = "PREFIX", value_parser = parse_from)]
     pub from: Option<(std::net::IpAddr, u8)>,
@@ -114,8 +171,7 @@ pub struct ListArgs {
 pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
     let mut engine = Engine::open(pins)?;
     match cmd {
-        RedirectCommand::Add(mut args) => {
-            args.endpoint = with_source(args.endpoint, args.from)?;
+        RedirectCommand::Add(args) => {
             let target = match (args.ns, args.to) {
                 (Some(ns), _) => Target::Namespace(ns),
                 (None, Some(to)) => Target::Veth(to),
@@ -126,17 +182,93 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
                 mirror: args.mirror,
                 learn: args.learn_ms.map(std::time::Duration::from_millis),
             };
-            redirect::add_with(&mut engine, &args.endpoint, &target, &opts).await?;
             let to = match &target {
                 Target::Namespace(n) => format!("namespace {n}"),
                 Target::Veth(v) => v.clone(),
             };
-            println!("redirecting {} to {to}", args.endpoint);
+            match args.endpoint {
+                MatchArg::Addr(ep) => {
+                    let ep = with_source(ep, args.from)?;
+                    redirect::add_with(&mut engine, &ep, &target, &opts).await?;
+                    println!("redirecting {ep} to {to}");
+                }
+                MatchArg::Host(host) => {
+                    if args.from.is_some() {
+                        anyhow::bail!("--from is not supported with host names");
+                    }
+                    let resolver = Resolver::new(&args.dns)?;
+                    let mut tracker = HostTracker::new(host.clone(), target, opts);
+                    let changes = tracker.refresh(&mut engine, &resolver).await?;
+                    if changes.added.is_empty() {
+                        anyhow::bail!("{host} resolves to no address: nothing to redirect");
+                    }
+                    for ep in &changes.added {
+                        println!("redirecting {ep} to {to}");
+                    }
+                    eprintln!(
+                        "note: these entries follow DNS only while `viscum redirect follow {host}` or `viscum run` manages them"
+                    );
+                }
+            }
         }
-        RedirectCommand::Del(mut args) => {
-            args.endpoint = with_source(args.endpoint, args.from)?;
-            redirect::del(&mut engine, &args.endpoint).await?;
-            println!("deleted {}", args.endpoint);
+        RedirectCommand::Del(args) => match args.endpoint {
+            MatchArg::Addr(ep) => {
+                let ep = with_source(ep, args.from)?;
+                redirect::del(&mut engine, &ep).await?;
+                println!("deleted {ep}");
+            }
+            MatchArg::Host(host) => {
+                let resolver = Resolver::new(&args.dns)?;
+                let answer = resolver.lookup(&host.host).await?;
+                let mut deleted = 0;
+                for addr in answer.addrs {
+                    let ep = host.endpoint(addr);
+                    if engine.get(&ep)?.is_some() {
+                        redirect::del(&mut engine, &ep).await?;
+                        println!("deleted {ep}");
+                        deleted += 1;
+                    }
+                }
+                if deleted == 0 {
+                    anyhow::bail!("no entry for any address of {host}");
+                }
+            }
+        },
+        RedirectCommand::Follow(args) => {
+            let target = match (args.ns, args.to) {
+                (Some(ns), _) => Target::Namespace(ns),
+                (None, Some(to)) => Target::Veth(to),
+                (None, None) => unreachable!("clap requires --ns or --to"),
+            };
+            let resolver = Resolver::new(&args.dns)?;
+            let mut tracker = HostTracker::new(args.host.clone(), target, RedirectOptions::default());
+            eprintln!("following {} (Ctrl-C to stop and remove its entries)", args.host);
+            let result: Result<()> = async {
+                loop {
+                    match tracker.refresh(&mut engine, &resolver).await {
+                        Ok(ch) => {
+                            for ep in ch.removed {
+                                println!("removed {ep} (no longer in DNS)");
+                            }
+                            for ep in ch.added {
+                                println!("added {ep}");
+                            }
+                        }
+                        // Keep the current entries through a failed lookup.
+                        Err(e) => eprintln!("viscum: {:#}", anyhow::Error::from(e)),
+                    }
+                    let wait = tracker.next_refresh.saturating_duration_since(std::time::Instant::now());
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => break Ok(()),
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+            .await;
+            for ep in tracker.clear(&mut engine).await? {
+                println!("removed {ep}");
+            }
+            result?;
         }
         RedirectCommand::Drain(args) => {
             redirect::drain(&mut engine, &args.endpoint).await?;

@@ -132,9 +132,9 @@ pub enum ServiceState {
     Stopping,
     /// Stopped on request (`viscum service stop`).
     Stopped,
-    /// Ended and not restarted (restart policy).
+    /// Ended successfully and not restarted (restart policy).
     Exited,
-    /// Could not be set up or started, and is not retried.
+    /// Ended with a failure (or could not be started) and not restarted (restart policy).
     Failed,
 }
 

@@ -84,8 +84,6 @@ pub struct Shared {
     /// Entries in the datapath right now (updated under the engine lock, so counters read
     /// under the same lock add up).
     pub installed: Vec<Endpoint>,
-    /// The cgroups its processes are in.
-    pub cgroup_procs: Vec<PathBuf>,
 }
 
 /// The supervisor's handle on a service task.
@@ -113,8 +111,8 @@ impl Handle {
         let _ = self.task.await;
     }
 
-    /// The published status (counters not yet filled in) plus what the supervisor needs to
-    /// fill them in.
+    /// The published state: the status (counters not yet filled in) plus what the supervisor
+    /// needs to fill them in.
     pub fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
         self.shared.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -384,11 +382,15 @@ impl Actor {
         }
     }
 
+    /// Setup failed (namespace): retried with back-off like a failed start, so a transient
+    /// netlink error or a foreign namespace that an operator removes heals by itself.
     fn fail_setup(&mut self, msg: String) {
         log::error!("service {}: {msg}", self.name());
         self.error = Some(msg);
-        self.state = ServiceState::Failed;
-        self.next_start = None;
+        let delay = backoff(self.backoff_step);
+        self.backoff_step = self.backoff_step.saturating_add(1);
+        self.next_start = Some(Instant::now() + delay);
+        self.state = ServiceState::Backoff;
     }
 
     fn prepare_cgroups(&mut self) {
@@ -403,7 +405,6 @@ impl Actor {
                 log::warn!("service {}: {limit} limit {} NOT enforced: {}", self.name(), st.value, st.detail);
             }
         }
-        self.lock().cgroup_procs = self.placement.procs.clone();
     }
 
     /// This service's matches that already have an entry into its namespace. Entries for its
@@ -477,6 +478,14 @@ impl Actor {
                 Ok(()) => self.installed.push(ep),
                 Err(RedirectError::Engine(EngineError::Duplicate(_))) => match engine.get(&ep) {
                     Ok(Some(e)) if e.ifindex == ifindex => self.installed.push(ep),
+                    // Left by a namespace that no longer exists: stale, ours to replace.
+                    Ok(Some(e)) if nix::net::if_::if_indextoname(e.ifindex).is_err() => {
+                        let _ = engine.remove(&ep);
+                        match redirect::add(&mut engine, &ep, &target).await {
+                            Ok(()) => self.installed.push(ep),
+                            Err(e) => errors.push(format!("cannot redirect {ep}: {}", error_chain(&e))),
+                        }
+                    }
                     _ => errors.push(format!("{ep} is already redirected elsewhere")),
                 },
                 Err(e) => errors.push(format!("cannot redirect {ep}: {}", error_chain(&e))),
@@ -545,8 +554,7 @@ impl Actor {
             // Setup failed earlier (or the namespace vanished): try again from scratch.
             let owned = state::read_record::<ServiceRecord>(&self.ctx.paths.service_record(self.name())).is_some();
             if let Err(msg) = self.ensure_namespace(owned).await {
-                self.error = Some(msg.clone());
-                self.schedule_restart(false, &msg);
+                self.fail_setup(msg);
                 return;
             }
             self.prepare_cgroups();
@@ -612,7 +620,11 @@ impl Actor {
             self.state = ServiceState::Backoff;
             log::warn!("service {}: {what}; restarting in {} ms", self.cfg.name, delay.as_millis());
         } else {
-            self.state = if self.want_running { ServiceState::Exited } else { ServiceState::Stopped };
+            self.state = match (self.want_running, success) {
+                (false, _) => ServiceState::Stopped,
+                (true, true) => ServiceState::Exited,
+                (true, false) => ServiceState::Failed,
+            };
             log::warn!("service {}: {what}; not restarting (restart = {:?})", self.cfg.name, self.cfg.restart);
         }
     }

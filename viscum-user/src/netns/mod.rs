@@ -2,15 +2,15 @@
 //!
 //! # Layout
 //!
-//! * [`named`](self::named): named namespaces the way iproute2 keeps them (a bind mount of the
+//! * `named`: named namespaces the way iproute2 keeps them (a bind mount of the
 //!   namespace file under [`NETNS_RUN_DIR`]), and running code inside one ([`in_netns`]).
-//! * [`handle`](self::handle): rtnetlink handles bound to the current or to a named namespace.
-//! * [`link`](self::link): link lookup, veth and VLAN creation, up/down, deletion.
-//! * [`addr`](self::addr): interface addresses.
-//! * [`route`](self::route): main-table routes and the `local` routes that let a service answer
+//! * `handle`: rtnetlink handles bound to the current or to a named namespace.
+//! * `link`: link lookup, veth and VLAN creation, up/down, deletion.
+//! * `addr`: interface addresses.
+//! * `route`: main-table routes and the `local` routes that let a service answer
 //!   as a cloud address.
-//! * [`sysctl`](self::sysctl): `/proc/sys` as seen from a namespace.
-//! * [`service`](self::service): the viscum service namespace (`viscum ns add/del/list`) built
+//! * `sysctl`: `/proc/sys` as seen from a namespace.
+//! * `service`: the viscum service namespace (`viscum ns add/del/list`) built
 //!   from the pieces above.
 //!
 //! Nothing here runs the `ip` or `tc` binaries: kernel state is read and written through
