@@ -162,14 +162,19 @@ fn the_datapath_keeps_working_after_the_attaching_process_exits() {
     let s = setup(LabOptions::default());
     let [v4, _] = s.lab.cloud_addrs(s.cloud.port());
     add(&s, &url(Proto::Tcp, v4));
-    // Every viscum command above has exited; nothing of ours runs in user space now.
+    // Every viscum command above has exited: no viscum process is left in this lab's edge
+    // namespace (other labs on the machine may have their own).
+    let edge_ns = std::fs::metadata(format!("/run/netns/{}", s.lab.edge.name())).unwrap();
     let ours = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter_map(|e| std::fs::read_to_string(e.path().join("comm")).ok())
-        .filter(|c| c.trim() == "viscum")
+        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "viscum"))
+        .filter(|e| {
+            std::fs::metadata(e.path().join("ns/net"))
+                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == std::os::unix::fs::MetadataExt::ino(&edge_ns))
+        })
         .count();
-    assert_eq!(ours, 0, "no viscum process should be running");
+    assert_eq!(ours, 0, "no viscum process should be running in the edge namespace");
     assert!(s.lab.bpffs.path().join("links/lan0").exists(), "the TCX link is pinned");
     assert_eq!(answer(&s, Proto::Tcp, v4), "edge");
     // Detach: the entries stay pinned but nothing is redirected any more.

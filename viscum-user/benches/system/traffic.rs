@@ -19,7 +19,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::json;
 
 use crate::{
-    lanes::{Env, Kind, Lane, ProgStats, Spec},
+    lanes::{Env, Kind, Lane, Spec},
     support::{
         cli::Args,
         report::{self, Bar, Fragment, Plot, Row, Series, Table},
@@ -517,6 +517,5 @@ fn b3_fragment(deltas: &ProgDeltas, b1_hit_ns: Option<f64>, enabled: bool, commo
         f.plots.push(Plot::Bars { file: "b3-run-time".into(), title: "B3: viscum programs, ns per packet under load".into(), unit: "ns".into(), bars });
     }
     f.raw = serde_json::Value::Object(raw);
-    let _ = ProgStats { name: String::new(), run_time_ns: 0, run_cnt: 0 };
     f.finish()
 }

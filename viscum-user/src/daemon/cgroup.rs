@@ -326,19 +326,29 @@ pub fn remove(placement: &Placement) {
     }
 }
 
-/// Removes the groups of service `name` wherever they are, without knowing its placement
-/// (cleanup of a service a previous daemon ran).
-pub fn remove_named(name: &str) {
+/// The `<own>/viscum` directories of every hierarchy.
+fn bases() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     for h in mounts() {
         let own = if h.v2 { own_path(None) } else { h.controllers.iter().find_map(|c| own_path(Some(c))) };
         if let Some(own) = own {
-            dirs.push(join(&h.mount, &own).join("viscum").join(name));
+            dirs.push(join(&h.mount, &own).join("viscum"));
         }
     }
     dirs.sort();
     dirs.dedup();
-    remove(&Placement { dirs, ..Default::default() });
+    dirs
+}
+
+/// Removes the groups of service `name` wherever they are, without knowing its placement
+/// (cleanup of a service a previous daemon ran).
+pub fn remove_named(name: &str) {
+    remove(&Placement { dirs: bases().into_iter().map(|b| b.join(name)).collect(), ..Default::default() });
+}
+
+/// Removes the (empty) `viscum` parent groups, at a clean shutdown.
+pub fn remove_bases() {
+    remove(&Placement { dirs: bases(), ..Default::default() });
 }
 
 /// Pids in the service's groups (for status and tests).

@@ -586,6 +586,7 @@ impl Daemon {
         log::info!("shutting down: removing {} service(s)", self.services.len());
         let handles: Vec<_> = std::mem::take(&mut self.services).into_values().collect();
         futures::future::join_all(handles.into_iter().map(|h| h.shutdown(true))).await;
+        cgroup::remove_bases();
         let ours = self.record.attached.clone();
         detach_ours(&self.pins, &mut self.record, &ours);
         let leftover = self.ctx.engine.lock().await.entries().map(|e| e.len()).unwrap_or(usize::MAX);
