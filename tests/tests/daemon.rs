@@ -25,7 +25,9 @@ use std::{
 
 use serde_json::Value;
 use viscum::{engine::Pins, netns};
-use viscum_tests::{IdentityServer, Lab, lab::CLOUD_V4, skip_unless_root, tcp_ask, unique_name, wait_until};
+use viscum_tests::{
+    IdentityServer, Lab, lab::CLOUD_V4, skip_unless_root, tcp_ask, unique_name, wait_until,
+};
 
 /// Bound of one client request.
 const ASK: Duration = Duration::from_millis(500);
@@ -109,7 +111,14 @@ impl Files {
     fn service(&self, name: &str, port: u32, ident: &str, extra: &str) -> String {
         self.service_checked(name, port, ident, extra, &format!("tcp = {port}"))
     }
-    fn service_checked(&self, name: &str, port: u32, ident: &str, extra: &str, check: &str) -> String {
+    fn service_checked(
+        &self,
+        name: &str,
+        port: u32,
+        ident: &str,
+        extra: &str,
+        check: &str,
+    ) -> String {
         format!(
             r#"
 [[service]]
@@ -136,9 +145,17 @@ impl Drop for Files {
     /// Also ends service processes a killed daemon left behind (the lab removes their
     /// namespaces), found through the daemon's records. Files outlive every daemon of a test.
     fn drop(&mut self) {
-        for entry in fs::read_dir(self.run_dir().join("state")).into_iter().flatten().flatten() {
-            let Ok(text) = fs::read_to_string(entry.path()) else { continue };
-            let Ok(rec) = serde_json::from_str::<Value>(&text) else { continue };
+        for entry in fs::read_dir(self.run_dir().join("state"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let Ok(text) = fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            let Ok(rec) = serde_json::from_str::<Value>(&text) else {
+                continue;
+            };
             if let Some(pid) = rec["pid"].as_i64().filter(|p| *p > 1) {
                 signal(-(pid as i32), libc::SIGKILL);
             }
@@ -163,13 +180,28 @@ impl Daemon {
         let output = files.dir.join(format!("daemon-{}.log", unique_name("d")));
         let log = fs::File::create(&output).unwrap();
         let config = files.config();
-        let mut cmd = lab.viscum_command(&["--log-level", "info", "run", "--config", config.to_str().unwrap()]);
-        cmd.stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        let mut cmd = lab.viscum_command(&[
+            "--log-level",
+            "info",
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
         let child = cmd.spawn().expect("start viscum run");
-        let daemon =
-            Daemon { child: Some(child), control: files.control(), output };
+        let daemon = Daemon {
+            child: Some(child),
+            control: files.control(),
+            output,
+        };
         let up = wait_until(UP, || daemon.try_status().is_some());
-        assert!(up, "the daemon did not answer on its control socket:\n{}", daemon.log());
+        assert!(
+            up,
+            "the daemon did not answer on its control socket:\n{}",
+            daemon.log()
+        );
         daemon
     }
 
@@ -197,7 +229,8 @@ impl Daemon {
     }
 
     fn status(&self) -> Value {
-        self.try_status().unwrap_or_else(|| panic!("no status from the daemon:\n{}", self.log()))
+        self.try_status()
+            .unwrap_or_else(|| panic!("no status from the daemon:\n{}", self.log()))
     }
 
     fn service(&self, name: &str) -> Value {
@@ -217,7 +250,12 @@ impl Daemon {
             let s = self.service(name);
             s["health"] == "healthy" && s["redirected"] == true
         });
-        assert!(ok, "service {name} not redirected within {timeout:?}: {:#}\n{}", self.service(name), self.log());
+        assert!(
+            ok,
+            "service {name} not redirected within {timeout:?}: {:#}\n{}",
+            self.service(name),
+            self.log()
+        );
         self.service(name)["pid"].as_i64().unwrap() as i32
     }
 
@@ -225,9 +263,8 @@ impl Daemon {
     fn stop(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().unwrap();
         signal(child.id() as i32, libc::SIGTERM);
-        let status = wait_child(&mut child, Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("the daemon did not shut down within 30 s:\n{}", self.log()));
-        status
+        wait_child(&mut child, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("the daemon did not shut down within 30 s:\n{}", self.log()))
     }
 
     /// SIGKILL: the daemon vanishes without cleaning anything up, like a crash.
@@ -274,7 +311,12 @@ fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::Exit
 fn alive(pid: i32) -> bool {
     // A zombie is not alive; /proc/PID/stat's third field says.
     fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().next()) != Some("Z"))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .and_then(|r| r.split_whitespace().next())
+                != Some("Z")
+        })
         .unwrap_or(false)
 }
 
@@ -295,14 +337,22 @@ fn wait_for(lab: &Lab, port: u16, want: &str, timeout: Duration) -> Duration {
         last = who(lab, port);
         last == want
     });
-    assert!(ok, "port {port}: wanted {want:?} within {timeout:?}, last answer {last:?}");
+    assert!(
+        ok,
+        "port {port}: wanted {want:?} within {timeout:?}, last answer {last:?}"
+    );
     start.elapsed()
 }
 
 /// The entries in the lab's datapath, as strings.
 fn entries(lab: &Lab) -> Vec<String> {
     match viscum::engine::Engine::open(&Pins::new(lab.bpffs.path())) {
-        Ok(engine) => engine.entries().unwrap().iter().map(|e| e.endpoint.to_string()).collect(),
+        Ok(engine) => engine
+            .entries()
+            .unwrap()
+            .iter()
+            .map(|e| e.endpoint.to_string())
+            .collect(),
         Err(_) => Vec::new(),
     }
 }
@@ -312,7 +362,13 @@ fn entries(lab: &Lab) -> Vec<String> {
 fn wait_entry_gone(lab: &Lab, ep: &str, timeout: Duration) -> Duration {
     let start = Instant::now();
     let engine = viscum::engine::Engine::open(&Pins::new(lab.bpffs.path())).unwrap();
-    let gone = wait_until(timeout, || !engine.entries().unwrap().iter().any(|e| e.endpoint.to_string() == ep));
+    let gone = wait_until(timeout, || {
+        !engine
+            .entries()
+            .unwrap()
+            .iter()
+            .any(|e| e.endpoint.to_string() == ep)
+    });
     assert!(gone, "{ep} still in the datapath after {timeout:?}");
     start.elapsed()
 }
@@ -325,7 +381,9 @@ fn netns_inode_of_pid(pid: i32) -> u64 {
 
 fn netns_inode_of_name(name: &str) -> u64 {
     use std::os::unix::fs::MetadataExt;
-    fs::metadata(Path::new(netns::NETNS_RUN_DIR).join(name)).unwrap().ino()
+    fs::metadata(Path::new(netns::NETNS_RUN_DIR).join(name))
+        .unwrap()
+        .ino()
 }
 
 /// Scrapes the metrics endpoint from inside the edge namespace (where the daemon listens).
@@ -362,15 +420,26 @@ fn serves_at_the_edge_while_healthy_and_fails_over_when_the_service_dies() {
     let started = Instant::now();
     let daemon = Daemon::start(&lab, &files);
     let t_up = wait_for(&lab, 8080, "edge", UP);
-    eprintln!("served at the edge {:?} after the daemon started", started.elapsed().max(t_up));
+    eprintln!(
+        "served at the edge {:?} after the daemon started",
+        started.elapsed().max(t_up)
+    );
     let pid = daemon.wait_redirected(&web, UP);
 
     // The copy runs inside its namespace, unprivileged, in its own process group.
     assert_eq!(netns_inode_of_pid(pid), netns_inode_of_name(&web));
     let proc_status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let uid_line = proc_status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(uid_line.split_whitespace().skip(1).all(|u| u == "65534"), "{uid_line}");
-    assert_eq!(nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid))).unwrap().as_raw(), pid);
+    assert!(
+        uid_line.split_whitespace().skip(1).all(|u| u == "65534"),
+        "{uid_line}"
+    );
+    assert_eq!(
+        nix::unistd::getpgid(Some(nix::unistd::Pid::from_raw(pid)))
+            .unwrap()
+            .as_raw(),
+        pid
+    );
     assert_eq!(entries(&lab), vec![format!("tcp://{CLOUD_V4}:8080")]);
 
     // Counters, the human status, logs and metrics.
@@ -378,15 +447,27 @@ fn serves_at_the_edge_while_healthy_and_fails_over_when_the_service_dies() {
         assert_eq!(who(&lab, 8080), "edge");
     }
     let s = daemon.service(&web);
-    assert!(s["packets"].as_u64().unwrap() > 0 && s["bytes"].as_u64().unwrap() > 0, "{s:#}");
+    assert!(
+        s["packets"].as_u64().unwrap() > 0 && s["bytes"].as_u64().unwrap() > 0,
+        "{s:#}"
+    );
     let table = lab.viscum_ok(&["status", "--control", files.control().to_str().unwrap()]);
     assert!(table.contains(&web) && table.contains("healthy"), "{table}");
     let logs = lab.viscum_ok(&["logs", &web, "--control", files.control().to_str().unwrap()]);
-    assert!(logs.contains("listening on 8080") && logs.contains(&format!("started process {pid}")), "{logs}");
+    assert!(
+        logs.contains("listening on 8080") && logs.contains(&format!("started process {pid}")),
+        "{logs}"
+    );
     let text = scrape(&lab, metrics);
     assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
-    assert!(text.contains(&format!("viscum_service_healthy{{service=\"{web}\"}} 1")), "{text}");
-    assert!(text.contains("viscum_datapath_packets_total{result=\"redirected\"}"), "{text}");
+    assert!(
+        text.contains(&format!("viscum_service_healthy{{service=\"{web}\"}} 1")),
+        "{text}"
+    );
+    assert!(
+        text.contains("viscum_datapath_packets_total{result=\"redirected\"}"),
+        "{text}"
+    );
 
     // kill -9: the redirect goes at once (process exit), not after `fall` failed checks.
     let ep = format!("tcp://{CLOUD_V4}:8080");
@@ -395,13 +476,22 @@ fn serves_at_the_edge_while_healthy_and_fails_over_when_the_service_dies() {
     let failover = wait_entry_gone(&lab, &ep, Duration::from_secs(2));
     assert_eq!(who(&lab, 8080), "cloud");
     eprintln!("kill -9: redirect removed after {failover:?} (fall x interval would be 400 ms)");
-    assert!(failover < Duration::from_millis(300), "failover took {failover:?}");
+    assert!(
+        failover < Duration::from_millis(300),
+        "failover took {failover:?}"
+    );
     // ...and comes back once the restarted copy is healthy (backoff 0.5 s + rise x interval).
     wait_for(&lab, 8080, "edge", UP);
-    eprintln!("kill -9: back at the edge {:?} after the kill", t0.elapsed());
+    eprintln!(
+        "kill -9: back at the edge {:?} after the kill",
+        t0.elapsed()
+    );
     let s = daemon.service(&web);
     assert_eq!(s["restarts"], 1, "{s:#}");
-    assert!(s["last_exit"].as_str().unwrap().contains("signal 9"), "{s:#}");
+    assert!(
+        s["last_exit"].as_str().unwrap().contains("signal 9"),
+        "{s:#}"
+    );
     let pid2 = daemon.wait_redirected(&web, UP);
     assert_ne!(pid2, pid);
 
@@ -417,14 +507,25 @@ fn serves_at_the_edge_while_healthy_and_fails_over_when_the_service_dies() {
     assert_eq!(daemon.service(&web)["health"], "unhealthy");
     signal(pid2, libc::SIGCONT);
     wait_for(&lab, 8080, "edge", UP);
-    eprintln!("SIGCONT: back at the edge {:?} after the stop", t0.elapsed());
-    assert_eq!(daemon.service(&web)["pid"], pid2, "a hung process is not restarted");
+    eprintln!(
+        "SIGCONT: back at the edge {:?} after the stop",
+        t0.elapsed()
+    );
+    assert_eq!(
+        daemon.service(&web)["pid"],
+        pid2,
+        "a hung process is not restarted"
+    );
 
     // `viscum service stop|start`.
     let ctl = files.control();
     let ctl = ctl.to_str().unwrap();
     lab.viscum_ok(&["service", "stop", &web, "--control", ctl]);
-    assert_eq!(who(&lab, 8080), "cloud", "stop removes the redirect before it returns");
+    assert_eq!(
+        who(&lab, 8080),
+        "cloud",
+        "stop removes the redirect before it returns"
+    );
     assert!(!alive(pid2));
     assert_eq!(daemon.service(&web)["state"], "stopped");
     lab.viscum_ok(&["service", "start", &web, "--control", ctl]);
@@ -439,7 +540,10 @@ fn serves_at_the_edge_while_healthy_and_fails_over_when_the_service_dies() {
     assert!(!alive(pid3), "service process left running");
     assert!(!netns::named_exists(&web), "service namespace left behind");
     assert!(entries(&lab).is_empty());
-    assert!(!lab.bpffs.path().join("prog_ingress").exists(), "pins left behind");
+    assert!(
+        !lab.bpffs.path().join("prog_ingress").exists(),
+        "pins left behind"
+    );
     assert!(!files.control().exists(), "control socket left behind");
     assert_eq!(who(&lab, 8080), "cloud");
 }
@@ -478,7 +582,13 @@ fn a_service_whose_check_never_passes_is_never_redirected() {
     assert_eq!(s["state"], "running");
     assert_eq!(s["health"], "unhealthy");
     assert_eq!(s["checks_passed"], 0);
-    assert!(s["last_check_error"].as_str().unwrap().contains("127.0.0.1:8081"), "{s:#}");
+    assert!(
+        s["last_check_error"]
+            .as_str()
+            .unwrap()
+            .contains("127.0.0.1:8081"),
+        "{s:#}"
+    );
 }
 
 #[test]
@@ -502,11 +612,20 @@ fn reload_adds_changes_and_removes_services_without_touching_the_others() {
     let stop = Arc::new(AtomicBool::new(false));
     let gaps = Arc::new(AtomicUsize::new(0));
     let watcher = {
-        let (stop, gaps, bpffs, a_entry) = (stop.clone(), gaps.clone(), lab.bpffs.path().to_owned(), a_entry.clone());
+        let (stop, gaps, bpffs, a_entry) = (
+            stop.clone(),
+            gaps.clone(),
+            lab.bpffs.path().to_owned(),
+            a_entry.clone(),
+        );
         thread::spawn(move || {
             let engine = viscum::engine::Engine::open(&Pins::new(&bpffs)).unwrap();
             while !stop.load(Ordering::SeqCst) {
-                let present = engine.entries().unwrap().iter().any(|e| e.endpoint.to_string() == a_entry);
+                let present = engine
+                    .entries()
+                    .unwrap()
+                    .iter()
+                    .any(|e| e.endpoint.to_string() == a_entry);
                 if !present {
                     gaps.fetch_add(1, Ordering::SeqCst);
                 }
@@ -518,24 +637,44 @@ fn reload_adds_changes_and_removes_services_without_touching_the_others() {
     // Add B with `viscum reload`.
     let ctl = files.control();
     let ctl = ctl.to_str().unwrap();
-    files.write_config(&(engine.clone() + &files.service(&a, 8080, "edge-a", "") + &files.service(&b, 8082, "edge-b", "")));
+    files.write_config(
+        &(engine.clone()
+            + &files.service(&a, 8080, "edge-a", "")
+            + &files.service(&b, 8082, "edge-b", "")),
+    );
     let out = lab.viscum_ok(&["reload", "--control", ctl]);
     assert!(out.contains(&format!("added: {b}")), "{out}");
     let pid_b = daemon.wait_redirected(&b, UP);
     wait_for(&lab, 8082, "edge-b", UP);
-    assert_eq!(daemon.service(&a)["pid"], pid_a, "A was restarted by adding B");
+    assert_eq!(
+        daemon.service(&a)["pid"],
+        pid_a,
+        "A was restarted by adding B"
+    );
 
     // An invalid file changes nothing and says why, naming service and field.
-    files.write_config(&(engine.clone() + &files.service(&a, 8080, "edge-a", "") + &files.service(&b, 70000, "edge-b", "")));
+    files.write_config(
+        &(engine.clone()
+            + &files.service(&a, 8080, "edge-a", "")
+            + &files.service(&b, 70000, "edge-b", "")),
+    );
     let err = lab.viscum_err(&["reload", "--control", ctl]);
-    assert!(err.contains(&format!("service {b}: match[0]: port '70000'")), "{err}");
-    assert!(err.contains(&format!("service {b}: health.tcp: port 70000 out of range")), "{err}");
+    assert!(
+        err.contains(&format!("service {b}: match[0]: port '70000'")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("service {b}: health.tcp: port 70000 out of range")),
+        "{err}"
+    );
     assert_eq!(daemon.service(&b)["pid"], pid_b);
     assert_eq!(who(&lab, 8082), "edge-b");
 
     // Change B (its environment): B restarts, A does not.
     files.write_config(
-        &(engine.clone() + &files.service(&a, 8080, "edge-a", "") + &files.service(&b, 8082, "edge-b", "env = { V = \"2\" }")),
+        &(engine.clone()
+            + &files.service(&a, 8080, "edge-a", "")
+            + &files.service(&b, 8082, "edge-b", "env = { V = \"2\" }")),
     );
     let out = lab.viscum_ok(&["reload", "--control", ctl]);
     assert!(out.contains(&format!("changed (restarted): {b}")), "{out}");
@@ -546,10 +685,16 @@ fn reload_adds_changes_and_removes_services_without_touching_the_others() {
 
     stop.store(true, Ordering::SeqCst);
     watcher.join().unwrap();
-    assert_eq!(gaps.load(Ordering::SeqCst), 0, "A's entry left the datapath during reloads");
+    assert_eq!(
+        gaps.load(Ordering::SeqCst),
+        0,
+        "A's entry left the datapath during reloads"
+    );
 
     // Remove A with SIGHUP: its entry, process and namespace go; B stays as it is.
-    files.write_config(&(engine.clone() + &files.service(&b, 8082, "edge-b", "env = { V = \"2\" }")));
+    files.write_config(
+        &(engine.clone() + &files.service(&b, 8082, "edge-b", "env = { V = \"2\" }")),
+    );
     signal(daemon.pid(), libc::SIGHUP);
     let gone = wait_until(UP, || !netns::named_exists(&a));
     assert!(gone, "A's namespace still there:\n{}", daemon.log());
@@ -601,22 +746,37 @@ fn a_daemon_restart_keeps_an_ongoing_transfer_alive() {
 
     // The daemon dies (SIGKILL: no cleanup) in the middle of the transfer. The datapath and
     // the service carry on.
-    assert!(wait_until(Duration::from_secs(5), || progress.load(Ordering::SeqCst) > 0), "the transfer did not start");
+    assert!(
+        wait_until(Duration::from_secs(5), || progress.load(Ordering::SeqCst)
+            > 0),
+        "the transfer did not start"
+    );
     daemon.kill();
     assert!(alive(pid));
     assert_eq!(entries(&lab), vec![format!("tcp://{CLOUD_V4}:8080")]);
-    assert_eq!(who(&lab, 8080), "edge", "new connections reach the edge while no daemon runs");
+    assert_eq!(
+        who(&lab, 8080),
+        "edge",
+        "new connections reach the edge while no daemon runs"
+    );
 
     // A new daemon adopts the process and its entry, without a gap.
     let daemon = Daemon::start(&lab, &files);
-    assert!(wait_until(UP, || !daemon.service(&web)["pid"].is_null()), "{:#}", daemon.service(&web));
+    assert!(
+        wait_until(UP, || !daemon.service(&web)["pid"].is_null()),
+        "{:#}",
+        daemon.service(&web)
+    );
     let s = daemon.service(&web);
     assert_eq!(s["pid"], pid, "{s:#}");
     assert_eq!(s["adopted"], true, "{s:#}");
     assert_eq!(daemon.wait_redirected(&web, UP), pid);
     assert_eq!(who(&lab, 8080), "edge");
     let at_restart = progress.load(Ordering::SeqCst);
-    assert!(at_restart < KIB * 1024, "the transfer ended before the new daemon took over; make it longer");
+    assert!(
+        at_restart < KIB * 1024,
+        "the transfer ended before the new daemon took over; make it longer"
+    );
     let received = transfer.join().unwrap().expect("the transfer broke");
     assert_eq!(received, KIB * 1024, "the transfer was cut short");
     eprintln!("transfer of {KIB} KiB completed across a daemon restart");
@@ -635,7 +795,10 @@ fn a_daemon_restart_keeps_an_ongoing_transfer_alive() {
     daemon.kill();
     files.write_config(&files.engine(""));
     let daemon = Daemon::start(&lab, &files);
-    assert!(!alive(pid2), "a service no longer configured is still running");
+    assert!(
+        !alive(pid2),
+        "a service no longer configured is still running"
+    );
     assert!(!netns::named_exists(&web));
     assert!(entries(&lab).is_empty());
     assert_eq!(who(&lab, 8080), "cloud");
@@ -684,7 +847,9 @@ command = ["x"]
         format!("service {name}: health.interval_ms: 0 must be at least 1"),
         format!("service {name}: limits.memory: 'lots' is not a size"),
         format!("service {name}: name: duplicate service name"),
-        format!("service {name}: match[0]: tcp://198.51.100.7:5201 is already matched by service {name}"),
+        format!(
+            "service {name}: match[0]: tcp://198.51.100.7:5201 is already matched by service {name}"
+        ),
     ] {
         assert!(err.contains(&want), "missing {want:?} in:\n{err}");
     }
@@ -730,7 +895,11 @@ fn limits_are_enforced_in_the_service_cgroup_or_reported_unsupported() {
             let value = fs::read_to_string(&file).unwrap();
             assert_eq!(value.trim(), want, "{}", file.display());
             let procs = fs::read_to_string(file.parent().unwrap().join("cgroup.procs")).unwrap();
-            assert!(procs.lines().any(|p| p.trim() == pid.to_string()), "pid {pid} not in {}", file.display());
+            assert!(
+                procs.lines().any(|p| p.trim() == pid.to_string()),
+                "pid {pid} not in {}",
+                file.display()
+            );
             eprintln!("{limit} limit enforced: {detail}");
         } else {
             assert!(detail.contains("unsupported"), "{limits:#}");

@@ -123,7 +123,10 @@ impl ServiceConfig {
     pub fn fingerprint(&self) -> String {
         // SipHash with fixed keys: stable within a build, and a change across builds only
         // costs a service restart, never a wrong adoption.
-        #[expect(deprecated, reason = "SipHasher is the stable, keyed-by-zero hasher we want here")]
+        #[expect(
+            deprecated,
+            reason = "SipHasher is the stable, keyed-by-zero hasher we want here"
+        )]
         let mut h = std::hash::SipHasher::new();
         format!("{self:?}").hash(&mut h);
         format!("{:016x}", h.finish())
@@ -228,14 +231,19 @@ pub enum ConfigError {
     },
     #[error("{origin}: {} problem{}:\n  {}", problems.len(), if problems.len() == 1 { "" } else { "s" },
         problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
-    Invalid { origin: String, problems: Vec<Problem> },
+    Invalid {
+        origin: String,
+        problems: Vec<Problem>,
+    },
 }
 
 impl ConfigError {
     /// Each problem as one line (for the control protocol).
     pub fn problems(&self) -> Vec<String> {
         match self {
-            ConfigError::Invalid { problems, .. } => problems.iter().map(ToString::to_string).collect(),
+            ConfigError::Invalid { problems, .. } => {
+                problems.iter().map(ToString::to_string).collect()
+            }
             other => vec![other.to_string()],
         }
     }
@@ -268,7 +276,11 @@ struct Problems<'a> {
 
 impl Problems<'_> {
     fn add(&mut self, field: impl Into<String>, message: impl fmt::Display) {
-        self.out.push(Problem { scope: self.scope.clone(), field: field.into(), message: message.to_string() });
+        self.out.push(Problem {
+            scope: self.scope.clone(),
+            field: field.into(),
+            message: message.to_string(),
+        });
     }
 }
 
@@ -334,8 +346,10 @@ enum SizeValue {
 impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let mut config = Config::parse_named(&text, &path.display().to_string())?;
         config.source = Some(path.to_owned());
         Ok(config)
@@ -347,8 +361,10 @@ impl Config {
     }
 
     fn parse_named(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let table: toml::Table =
-            toml::from_str(text).map_err(|source| ConfigError::Syntax { origin: origin.to_owned(), source })?;
+        let table: toml::Table = toml::from_str(text).map_err(|source| ConfigError::Syntax {
+            origin: origin.to_owned(),
+            source,
+        })?;
         let mut problems = Vec::new();
 
         for key in table.keys() {
@@ -362,7 +378,10 @@ impl Config {
         }
 
         let engine = {
-            let mut p = Problems { scope: "engine".into(), out: &mut problems };
+            let mut p = Problems {
+                scope: "engine".into(),
+                out: &mut problems,
+            };
             let raw = match table.get("engine") {
                 None => Some(RawEngine::default()),
                 Some(v) => match v.clone().try_into::<RawEngine>() {
@@ -400,7 +419,10 @@ impl Config {
                 .filter(|n| !n.is_empty())
                 .map(|n| format!("service {n}"))
                 .unwrap_or_else(|| format!("service #{}", i + 1));
-            let mut p = Problems { scope: label, out: &mut problems };
+            let mut p = Problems {
+                scope: label,
+                out: &mut problems,
+            };
             let raw = match value.try_into::<RawService>() {
                 Ok(raw) => raw,
                 Err(e) => {
@@ -410,7 +432,10 @@ impl Config {
             };
             if let Some(name) = &raw.name {
                 if let Some(first) = seen_names.get(name) {
-                    p.add("name", format!("duplicate service name (also service #{})", first + 1));
+                    p.add(
+                        "name",
+                        format!("duplicate service name (also service #{})", first + 1),
+                    );
                 } else {
                     seen_names.insert(name.clone(), i);
                 }
@@ -422,9 +447,10 @@ impl Config {
             for (j, text) in raw.matches.iter().flatten().enumerate() {
                 if let Ok(ep) = text.parse::<Endpoint>() {
                     match seen_matches.get(&ep) {
-                        Some((k, other)) if *k != i => {
-                            cross.push((format!("match[{j}]"), format!("{ep} is already matched by service {other}")))
-                        }
+                        Some((k, other)) if *k != i => cross.push((
+                            format!("match[{j}]"),
+                            format!("{ep} is already matched by service {other}"),
+                        )),
                         Some(_) => {} // within one service: reported by validate_service
                         None => {
                             seen_matches.insert(ep, (i, owner.clone()));
@@ -442,8 +468,15 @@ impl Config {
         }
 
         match engine {
-            Some(engine) if problems.is_empty() => Ok(Config { engine, services, source: None }),
-            _ => Err(ConfigError::Invalid { origin: origin.to_owned(), problems }),
+            Some(engine) if problems.is_empty() => Ok(Config {
+                engine,
+                services,
+                source: None,
+            }),
+            _ => Err(ConfigError::Invalid {
+                origin: origin.to_owned(),
+                problems,
+            }),
         }
     }
 
@@ -462,35 +495,58 @@ fn validate_engine(raw: RawEngine, p: &mut Problems<'_>) -> Option<EngineConfig>
     let before = p.out.len();
     let interfaces = raw.interfaces.unwrap_or_default();
     for (i, name) in interfaces.iter().enumerate() {
-        if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace) {
-            p.add(format!("interfaces[{i}]"), format!("'{name}' is not a valid interface name"));
+        if name.is_empty()
+            || name.len() > 15
+            || name.contains('/')
+            || name.contains(char::is_whitespace)
+        {
+            p.add(
+                format!("interfaces[{i}]"),
+                format!("'{name}' is not a valid interface name"),
+            );
         } else if interfaces[..i].contains(name) {
-            p.add(format!("interfaces[{i}]"), format!("{name} is listed twice"));
+            p.add(
+                format!("interfaces[{i}]"),
+                format!("{name} is listed twice"),
+            );
         }
     }
-    for (field, path) in [("bpffs", &raw.bpffs), ("control", &raw.control), ("run_dir", &raw.run_dir)] {
+    for (field, path) in [
+        ("bpffs", &raw.bpffs),
+        ("control", &raw.control),
+        ("run_dir", &raw.run_dir),
+    ] {
         if let Some(path) = path
             && !path.is_absolute()
         {
-            p.add(field, format!("'{}' must be an absolute path", path.display()));
+            p.add(
+                field,
+                format!("'{}' must be an absolute path", path.display()),
+            );
         }
     }
     if let Some(load) = raw.max_load
         && !(load.is_finite() && load > 0.0)
     {
-        p.add("max_load", format!("{load} must be a positive fraction such as 0.9"));
+        p.add(
+            "max_load",
+            format!("{load} must be a positive fraction such as 0.9"),
+        );
     }
     let metrics = match raw.metrics {
         None => None,
         Some(text) => match text.parse::<SocketAddr>() {
             Ok(addr) => Some(addr),
             Err(_) => {
-                p.add("metrics", format!("'{text}' is not an ADDRESS:PORT such as 127.0.0.1:9310"));
+                p.add(
+                    "metrics",
+                    format!("'{text}' is not an ADDRESS:PORT such as 127.0.0.1:9310"),
+                );
                 None
             }
         },
     };
-    (p.out.len() == before).then(|| EngineConfig {
+    (p.out.len() == before).then_some(EngineConfig {
         interfaces,
         bpffs: raw.bpffs,
         control: raw.control,
@@ -518,12 +574,20 @@ fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<ServiceConf
 
     let mut matches = Vec::new();
     match raw.matches {
-        None => p.add("match", "missing: list what to redirect, e.g. [\"tcp://198.51.100.7:80\"]"),
-        Some(list) if list.is_empty() => p.add("match", "empty: list at least one tcp:// or udp:// endpoint"),
+        None => p.add(
+            "match",
+            "missing: list what to redirect, e.g. [\"tcp://198.51.100.7:80\"]",
+        ),
+        Some(list) if list.is_empty() => p.add(
+            "match",
+            "empty: list at least one tcp:// or udp:// endpoint",
+        ),
         Some(list) => {
             for (i, text) in list.iter().enumerate() {
                 match text.parse::<Endpoint>() {
-                    Ok(ep) if matches.contains(&ep) => p.add(format!("match[{i}]"), format!("{ep} is listed twice")),
+                    Ok(ep) if matches.contains(&ep) => {
+                        p.add(format!("match[{i}]"), format!("{ep} is listed twice"))
+                    }
                     Ok(ep) => matches.push(ep),
                     Err(e) => p.add(format!("match[{i}]"), e),
                 }
@@ -537,7 +601,10 @@ fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<ServiceConf
             Vec::new()
         }
         Some(c) if c.is_empty() || c[0].is_empty() => {
-            p.add("command", "empty: give the program and its arguments, e.g. [\"iperf3\", \"-s\"]");
+            p.add(
+                "command",
+                "empty: give the program and its arguments, e.g. [\"iperf3\", \"-s\"]",
+            );
             Vec::new()
         }
         Some(c) => {
@@ -574,7 +641,10 @@ fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<ServiceConf
         Some("always") => RestartPolicy::Always,
         Some("never") => RestartPolicy::Never,
         Some(other) => {
-            p.add("restart", format!("'{other}' is not one of always, on-failure, never"));
+            p.add(
+                "restart",
+                format!("'{other}' is not one of always, on-failure, never"),
+            );
             RestartPolicy::OnFailure
         }
     };
@@ -619,29 +689,47 @@ fn port_of(value: i64, field: &str, p: &mut Problems<'_>) -> Option<u16> {
 /// The port of the first TCP match that names one: the natural thing to check when the
 /// file does not say.
 fn first_tcp_port(matches: &[Endpoint]) -> Option<u16> {
-    matches.iter().find(|m| m.proto == crate::endpoint::Proto::Tcp).and_then(|m| m.port)
+    matches
+        .iter()
+        .find(|m| m.proto == crate::endpoint::Proto::Tcp)
+        .and_then(|m| m.port)
 }
 
-fn validate_health(raw: Option<RawHealth>, matches: &[Endpoint], p: &mut Problems<'_>) -> Option<HealthConfig> {
+fn validate_health(
+    raw: Option<RawHealth>,
+    matches: &[Endpoint],
+    p: &mut Problems<'_>,
+) -> Option<HealthConfig> {
     let before = p.out.len();
     let raw = raw.unwrap_or_default();
-    let kinds = usize::from(raw.tcp.is_some()) + usize::from(raw.http.is_some()) + usize::from(raw.exec.is_some());
+    let kinds = usize::from(raw.tcp.is_some())
+        + usize::from(raw.http.is_some())
+        + usize::from(raw.exec.is_some());
     let check = if kinds > 1 {
         p.add("health", "give only one of tcp, http, exec");
         None
     } else if let Some(port) = raw.tcp {
         if raw.port.is_some() {
-            p.add("health.port", "only used with http (tcp names its port itself)");
+            p.add(
+                "health.port",
+                "only used with http (tcp names its port itself)",
+            );
         }
         port_of(port, "health.tcp", p).map(|port| HealthCheck::Tcp { port })
     } else if let Some(path) = raw.http {
         if !path.starts_with('/') || path.contains(char::is_whitespace) {
-            p.add("health.http", format!("'{path}' must be a path starting with '/', without spaces"));
+            p.add(
+                "health.http",
+                format!("'{path}' must be a path starting with '/', without spaces"),
+            );
         }
         let port = match raw.port {
             Some(port) => port_of(port, "health.port", p),
             None => first_tcp_port(matches).or_else(|| {
-                p.add("health.port", "missing: no tcp match with a port to take it from");
+                p.add(
+                    "health.port",
+                    "missing: no tcp match with a port to take it from",
+                );
                 None
             }),
         };
@@ -675,10 +763,23 @@ fn validate_health(raw: Option<RawHealth>, matches: &[Endpoint], p: &mut Problem
             Some(v) => v as u64,
         }
     };
-    let interval = ms(raw.interval_ms, DEFAULT_INTERVAL_MS, "health.interval_ms", p);
-    let timeout = ms(raw.timeout_ms, DEFAULT_TIMEOUT_MS.min(interval), "health.timeout_ms", p);
+    let interval = ms(
+        raw.interval_ms,
+        DEFAULT_INTERVAL_MS,
+        "health.interval_ms",
+        p,
+    );
+    let timeout = ms(
+        raw.timeout_ms,
+        DEFAULT_TIMEOUT_MS.min(interval),
+        "health.timeout_ms",
+        p,
+    );
     if timeout > interval {
-        p.add("health.timeout_ms", format!("{timeout} is longer than interval_ms ({interval})"));
+        p.add(
+            "health.timeout_ms",
+            format!("{timeout} is longer than interval_ms ({interval})"),
+        );
     }
     let count = |value: Option<i64>, default: u32, field: &str, p: &mut Problems<'_>| -> u32 {
         match value {
@@ -710,20 +811,29 @@ fn validate_limits(raw: RawLimits, p: &mut Problems<'_>) -> Limits {
         None => None,
         Some(SizeValue::Bytes(b)) if b > 0 => Some(b as u64),
         Some(SizeValue::Bytes(b)) => {
-            p.add("limits.memory", format!("{b} must be a positive number of bytes"));
+            p.add(
+                "limits.memory",
+                format!("{b} must be a positive number of bytes"),
+            );
             None
         }
         Some(SizeValue::Text(t)) => match parse_size(&t) {
             Some(b) if b > 0 => Some(b),
             _ => {
-                p.add("limits.memory", format!("'{t}' is not a size such as 64M, 512K or 1G"));
+                p.add(
+                    "limits.memory",
+                    format!("'{t}' is not a size such as 64M, 512K or 1G"),
+                );
                 None
             }
         },
     };
     let cpu = match raw.cpu {
         Some(c) if !(c.is_finite() && c > 0.0) => {
-            p.add("limits.cpu", format!("{c} must be a positive number of CPUs such as 0.5"));
+            p.add(
+                "limits.cpu",
+                format!("{c} must be a positive number of CPUs such as 0.5"),
+            );
             None
         }
         other => other,
@@ -741,7 +851,9 @@ fn validate_limits(raw: RawLimits, p: &mut Problems<'_>) -> Limits {
 /// `64M`, `64MiB`, `512k`, `1G`, `1048576` (powers of 1024). `None` if unparsable.
 pub fn parse_size(text: &str) -> Option<u64> {
     let t = text.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit() && c != '.').unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
     let unit = unit.trim().to_ascii_lowercase();
     let mult: u64 = match unit.as_str() {
@@ -779,7 +891,13 @@ fn resolve_user(name: &str) -> Result<ServiceUser, String> {
         .into_iter()
         .map(Gid::as_raw)
         .collect();
-    Ok(ServiceUser { name: user.name, uid: user.uid.as_raw(), gid: user.gid.as_raw(), groups, home: user.dir })
+    Ok(ServiceUser {
+        name: user.name,
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        groups,
+        home: user.dir,
+    })
 }
 
 #[cfg(test)]
@@ -819,7 +937,10 @@ pids = 64
     }
 
     fn has(problems: &[String], needle: &str) {
-        assert!(problems.iter().any(|p| p.contains(needle)), "no problem containing {needle:?} in {problems:#?}");
+        assert!(
+            problems.iter().any(|p| p.contains(needle)),
+            "no problem containing {needle:?} in {problems:#?}"
+        );
     }
 
     #[test]
@@ -894,17 +1015,41 @@ interval_ms = 100
 timeout_ms = 200
 "#;
         let p = problems(text);
-        has(&p, "service speedtest: match[1]: port '70000' is not a number between 1 and 65535");
+        has(
+            &p,
+            "service speedtest: match[1]: port '70000' is not a number between 1 and 65535",
+        );
         has(&p, "service speedtest: command: empty");
-        has(&p, "service speedtest: user: unknown user 'no-such-user-here'");
-        has(&p, "service speedtest: health.interval_ms: 0 must be at least 1");
-        has(&p, "service speedtest: health.rise: 0 must be between 1 and 1000");
-        has(&p, "service speedtest: health.fall: 0 must be between 1 and 1000");
+        has(
+            &p,
+            "service speedtest: user: unknown user 'no-such-user-here'",
+        );
+        has(
+            &p,
+            "service speedtest: health.interval_ms: 0 must be at least 1",
+        );
+        has(
+            &p,
+            "service speedtest: health.rise: 0 must be between 1 and 1000",
+        );
+        has(
+            &p,
+            "service speedtest: health.fall: 0 must be between 1 and 1000",
+        );
         has(&p, "service speedtest: limits.memory: '64Q' is not a size");
         has(&p, "service speedtest: name: duplicate service name");
-        has(&p, "match[0]: tcp://198.51.100.7:5201 is already matched by service speedtest");
-        has(&p, "service Bad Name!: name: namespace name 'Bad Name!' is invalid");
-        has(&p, "service Bad Name!: health.timeout_ms: 200 is longer than interval_ms (100)");
+        has(
+            &p,
+            "match[0]: tcp://198.51.100.7:5201 is already matched by service speedtest",
+        );
+        has(
+            &p,
+            "service Bad Name!: name: namespace name 'Bad Name!' is invalid",
+        );
+        has(
+            &p,
+            "service Bad Name!: health.timeout_ms: 200 is longer than interval_ms (100)",
+        );
     }
 
     #[test]
@@ -965,16 +1110,46 @@ command = ["x"]
             )
         };
         let c = Config::parse(&base("http = \"/healthz\"")).unwrap();
-        assert_eq!(c.services[0].health.check, HealthCheck::Http { path: "/healthz".into(), port: 8080 });
+        assert_eq!(
+            c.services[0].health.check,
+            HealthCheck::Http {
+                path: "/healthz".into(),
+                port: 8080
+            }
+        );
         let c = Config::parse(&base("http = \"/\"\nport = 9000")).unwrap();
-        assert_eq!(c.services[0].health.check, HealthCheck::Http { path: "/".into(), port: 9000 });
+        assert_eq!(
+            c.services[0].health.check,
+            HealthCheck::Http {
+                path: "/".into(),
+                port: 9000
+            }
+        );
         let c = Config::parse(&base("exec = [\"true\"]")).unwrap();
-        assert_eq!(c.services[0].health.check, HealthCheck::Exec { command: vec!["true".into()] });
-        has(&problems(&base("tcp = 1\nexec = [\"true\"]")), "service h: health: give only one of tcp, http, exec");
-        has(&problems(&base("tcp = 0")), "service h: health.tcp: port 0 out of range");
-        has(&problems(&base("http = \"healthz\"")), "service h: health.http: 'healthz' must be a path");
-        has(&problems(&base("exec = []")), "service h: health.exec: empty");
-        let udp_only = "[[service]]\nname = \"dns\"\nmatch = [\"udp://198.51.100.7:53\"]\ncommand = [\"x\"]\n";
+        assert_eq!(
+            c.services[0].health.check,
+            HealthCheck::Exec {
+                command: vec!["true".into()]
+            }
+        );
+        has(
+            &problems(&base("tcp = 1\nexec = [\"true\"]")),
+            "service h: health: give only one of tcp, http, exec",
+        );
+        has(
+            &problems(&base("tcp = 0")),
+            "service h: health.tcp: port 0 out of range",
+        );
+        has(
+            &problems(&base("http = \"healthz\"")),
+            "service h: health.http: 'healthz' must be a path",
+        );
+        has(
+            &problems(&base("exec = []")),
+            "service h: health.exec: empty",
+        );
+        let udp_only =
+            "[[service]]\nname = \"dns\"\nmatch = [\"udp://198.51.100.7:53\"]\ncommand = [\"x\"]\n";
         has(&problems(udp_only), "service dns: health: missing");
     }
 
@@ -984,7 +1159,10 @@ command = ["x"]
             "[engine]\ninterfaces = [\"eth0\", \"eth0\", \"a/b\"]\nbpffs = \"rel\"\nmax_load = -1\nmetrics = \"nope\"\n",
         );
         has(&p, "engine: interfaces[1]: eth0 is listed twice");
-        has(&p, "engine: interfaces[2]: 'a/b' is not a valid interface name");
+        has(
+            &p,
+            "engine: interfaces[2]: 'a/b' is not a valid interface name",
+        );
         has(&p, "engine: bpffs: 'rel' must be an absolute path");
         has(&p, "engine: max_load: -1 must be a positive fraction");
         has(&p, "engine: metrics: 'nope' is not an ADDRESS:PORT");

@@ -49,7 +49,12 @@ async fn locate(pins: &Pins, args: &LogsArgs) -> Result<PathBuf> {
                 None => anyhow::bail!(
                     "the daemon has no service named {} (it has: {})",
                     args.name,
-                    status.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+                    status
+                        .services
+                        .iter()
+                        .map(|s| s.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
             }
         }

@@ -30,11 +30,23 @@ pub async fn run(pins: &Pins, args: RunArgs) -> Result<()> {
             args.config.display(),
             config.services.len(),
             if config.services.len() == 1 { "" } else { "s" },
-            config.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+            config
+                .services
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
         return Ok(());
     }
-    daemon::run(config, RunOptions { bpffs: pins.dir.clone() }, shutdown_signal()?).await?;
+    daemon::run(
+        config,
+        RunOptions {
+            bpffs: pins.dir.clone(),
+        },
+        shutdown_signal()?,
+    )
+    .await?;
     Ok(())
 }
 

@@ -26,15 +26,21 @@ pub struct ServiceArgs {
 pub async fn run(pins: &Pins, cmd: ServiceCommand) -> Result<()> {
     let (args, request) = match cmd {
         ServiceCommand::Start(a) => {
-            let r = Request::Start { service: a.name.clone() };
+            let r = Request::Start {
+                service: a.name.clone(),
+            };
             (a, r)
         }
         ServiceCommand::Stop(a) => {
-            let r = Request::Stop { service: a.name.clone() };
+            let r = Request::Stop {
+                service: a.name.clone(),
+            };
             (a, r)
         }
         ServiceCommand::Restart(a) => {
-            let r = Request::Restart { service: a.name.clone() };
+            let r = Request::Restart {
+                service: a.name.clone(),
+            };
             (a, r)
         }
     };

@@ -24,14 +24,19 @@ pub struct ControlArg {
 
 impl ControlArg {
     pub fn path(&self, pins: &Pins) -> PathBuf {
-        self.control.clone().unwrap_or_else(|| state::default_control(&pins.dir))
+        self.control
+            .clone()
+            .unwrap_or_else(|| state::default_control(&pins.dir))
     }
 
     /// Sends a request; a refusal becomes an error listing the daemon's problems.
     pub async fn send(&self, pins: &Pins, request: &Request) -> Result<Response> {
         let response = control::request(&self.path(pins), request).await?;
         if !response.ok {
-            let mut msg = response.error.clone().unwrap_or_else(|| "the daemon refused".into());
+            let mut msg = response
+                .error
+                .clone()
+                .unwrap_or_else(|| "the daemon refused".into());
             for p in &response.problems {
                 msg.push_str("\n  ");
                 msg.push_str(p);
@@ -53,7 +58,9 @@ pub struct StatusArgs {
 
 pub async fn run(pins: &Pins, args: StatusArgs) -> Result<()> {
     let response = args.control.send(pins, &Request::Status).await?;
-    let status = response.status.ok_or_else(|| anyhow::anyhow!("the daemon sent no status"))?;
+    let status = response
+        .status
+        .ok_or_else(|| anyhow::anyhow!("the daemon sent no status"))?;
     if args.json {
         return print_json(&status);
     }
@@ -83,14 +90,21 @@ pub fn amount(n: u64) -> String {
 
 fn print_human(s: &DaemonStatus) {
     let load = match (s.load, s.max_load) {
-        (Some(l), Some(m)) => format!(", load {l:.2}/{m:.2}{}", if s.shedding { " SHEDDING" } else { "" }),
+        (Some(l), Some(m)) => format!(
+            ", load {l:.2}/{m:.2}{}",
+            if s.shedding { " SHEDDING" } else { "" }
+        ),
         _ => String::new(),
     };
     println!(
         "daemon pid {}, up {}, attached to {}{load}",
         s.pid,
         duration(s.uptime_s),
-        if s.interfaces.is_empty() { "-".into() } else { s.interfaces.join(", ") },
+        if s.interfaces.is_empty() {
+            "-".into()
+        } else {
+            s.interfaces.join(", ")
+        },
     );
     let rows: Vec<Vec<String>> = s
         .services
@@ -100,8 +114,14 @@ fn print_human(s: &DaemonStatus) {
                 v.name.clone(),
                 v.state.as_str().into(),
                 v.health.as_str().into(),
-                if v.redirected { "yes".into() } else { "no".into() },
-                v.pid.map_or("-".into(), |p| format!("{p}{}", if v.adopted { "*" } else { "" })),
+                if v.redirected {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+                v.pid.map_or("-".into(), |p| {
+                    format!("{p}{}", if v.adopted { "*" } else { "" })
+                }),
                 v.uptime_s.map_or("-".into(), duration),
                 v.restarts.to_string(),
                 amount(v.packets),
@@ -109,20 +129,37 @@ fn print_human(s: &DaemonStatus) {
             ]
         })
         .collect();
-    print_table(&["SERVICE", "STATE", "HEALTH", "REDIRECT", "PID", "UPTIME", "RESTARTS", "PACKETS", "BYTES"], &rows);
+    print_table(
+        &[
+            "SERVICE", "STATE", "HEALTH", "REDIRECT", "PID", "UPTIME", "RESTARTS", "PACKETS",
+            "BYTES",
+        ],
+        &rows,
+    );
     // What a person needs to act on, below the table.
     for v in &s.services {
         if let Some(e) = &v.error {
             println!("{}: {e}", v.name);
-        } else if !v.redirected && v.pid.is_some() && let Some(c) = &v.last_check_error {
+        } else if !v.redirected
+            && v.pid.is_some()
+            && let Some(c) = &v.last_check_error
+        {
             println!("{}: last check failed: {c}", v.name);
         }
         if let Some(ms) = v.next_start_in_ms {
-            println!("{}: {} (restart in {} ms)", v.name, v.last_exit.as_deref().unwrap_or("not running"), ms);
+            println!(
+                "{}: {} (restart in {} ms)",
+                v.name,
+                v.last_exit.as_deref().unwrap_or("not running"),
+                ms
+            );
         }
         for (limit, st) in &v.limits {
             if !st.enforced {
-                println!("{}: {limit} limit {} not enforced: {}", v.name, st.value, st.detail);
+                println!(
+                    "{}: {limit} limit {} not enforced: {}",
+                    v.name, st.value, st.detail
+                );
             }
         }
     }

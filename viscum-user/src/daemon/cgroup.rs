@@ -71,14 +71,20 @@ fn mounts() -> Vec<Hierarchy> {
     let mut out = Vec::new();
     for line in text.lines() {
         // "... mount_point options - fstype source super_options"
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         let mount = left.split(' ').nth(4).unwrap_or("");
         let mut r = right.split(' ');
         let fstype = r.next().unwrap_or("");
         let super_opts = r.nth(1).unwrap_or("");
         let mount = PathBuf::from(mount.replace("\\040", " "));
         match fstype {
-            "cgroup2" => out.push(Hierarchy { mount, controllers: Vec::new(), v2: true }),
+            "cgroup2" => out.push(Hierarchy {
+                mount,
+                controllers: Vec::new(),
+                v2: true,
+            }),
             "cgroup" => out.push(Hierarchy {
                 mount,
                 controllers: super_opts.split(',').map(str::to_owned).collect(),
@@ -110,7 +116,12 @@ fn join(mount: &Path, cgroup_path: &str) -> PathBuf {
 }
 
 fn write(path: &Path, value: &str) -> io::Result<()> {
-    fs::write(path, value).map_err(|e| io::Error::new(e.kind(), format!("write {value:?} to {}: {e}", path.display())))
+    fs::write(path, value).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("write {value:?} to {}: {e}", path.display()),
+        )
+    })
 }
 
 fn mkdir(dir: &Path, made: &mut Vec<PathBuf>) -> io::Result<()> {
@@ -120,13 +131,20 @@ fn mkdir(dir: &Path, made: &mut Vec<PathBuf>) -> io::Result<()> {
             Ok(())
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(()),
-        Err(e) => Err(io::Error::new(e.kind(), format!("create {}: {e}", dir.display()))),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("create {}: {e}", dir.display()),
+        )),
     }
 }
 
 /// The v2 side: prepares `<own>/viscum/NAME` with `wanted` controllers enabled. Returns the
 /// directory and the controllers that could not be delegated (with why).
-fn prepare_v2(mount: &Path, name: &str, wanted: &[&str]) -> io::Result<(PathBuf, BTreeMap<String, String>)> {
+fn prepare_v2(
+    mount: &Path,
+    name: &str,
+    wanted: &[&str],
+) -> io::Result<(PathBuf, BTreeMap<String, String>)> {
     let own = own_path(None).unwrap_or_else(|| "/".into());
     let mut own_dir = join(mount, &own);
     let available = fs::read_to_string(own_dir.join("cgroup.controllers")).unwrap_or_default();
@@ -150,10 +168,14 @@ fn prepare_v2(mount: &Path, name: &str, wanted: &[&str]) -> io::Result<(PathBuf,
         // No internal processes: move ourselves into a leaf before delegating from `own`.
         let leaf = own_dir.join("viscum-daemon");
         let mut ignored = Vec::new();
-        let moved = mkdir(&leaf, &mut ignored).and_then(|()| write(&leaf.join("cgroup.procs"), "0"));
+        let moved =
+            mkdir(&leaf, &mut ignored).and_then(|()| write(&leaf.join("cgroup.procs"), "0"));
         if let Err(e) = moved {
             for c in delegate.drain(..) {
-                missing.insert(c.to_owned(), format!("cannot move the daemon into a leaf cgroup to delegate {c}: {e}"));
+                missing.insert(
+                    c.to_owned(),
+                    format!("cannot move the daemon into a leaf cgroup to delegate {c}: {e}"),
+                );
             }
         }
     }
@@ -164,7 +186,10 @@ fn prepare_v2(mount: &Path, name: &str, wanted: &[&str]) -> io::Result<(PathBuf,
         let enabled = write(&own_dir.join("cgroup.subtree_control"), &format!("+{c}"))
             .and_then(|()| write(&base.join("cgroup.subtree_control"), &format!("+{c}")));
         if let Err(e) = enabled {
-            missing.insert(c.to_owned(), format!("cannot enable the {c} controller: {e}"));
+            missing.insert(
+                c.to_owned(),
+                format!("cannot enable the {c} controller: {e}"),
+            );
         }
     }
     own_dir = base.join(name);
@@ -206,7 +231,10 @@ pub fn prepare(name: &str, limits: &Limits) -> Placement {
                     }
                     let (file, content) = match *limit {
                         "memory" => ("memory.max", value.clone()),
-                        "cpu" => ("cpu.max", format!("{} {CPU_PERIOD_US}", cpu_quota(limits.cpu.unwrap_or(1.0)))),
+                        "cpu" => (
+                            "cpu.max",
+                            format!("{} {CPU_PERIOD_US}", cpu_quota(limits.cpu.unwrap_or(1.0))),
+                        ),
                         _ => ("pids.max", value.clone()),
                     };
                     let path = dir.join(file);
@@ -214,7 +242,11 @@ pub fn prepare(name: &str, limits: &Limits) -> Placement {
                         Ok(()) => {
                             placement.report.insert(
                                 (*limit).to_owned(),
-                                LimitStatus { value: value.clone(), enforced: true, detail: path.display().to_string() },
+                                LimitStatus {
+                                    value: value.clone(),
+                                    enforced: true,
+                                    detail: path.display().to_string(),
+                                },
                             );
                             false
                         }
@@ -227,23 +259,36 @@ pub fn prepare(name: &str, limits: &Limits) -> Placement {
             }
             Err(e) => {
                 for (limit, _, _) in &pending {
-                    unsupported.insert((*limit).to_owned(), format!("cgroup v2 at {}: {e}", v2.mount.display()));
+                    unsupported.insert(
+                        (*limit).to_owned(),
+                        format!("cgroup v2 at {}: {e}", v2.mount.display()),
+                    );
                 }
             }
         }
     } else {
         for (limit, _, _) in &pending {
-            unsupported.insert((*limit).to_owned(), "no cgroup v2 hierarchy is mounted".into());
+            unsupported.insert(
+                (*limit).to_owned(),
+                "no cgroup v2 hierarchy is mounted".into(),
+            );
         }
     }
 
     // v1 fallback, one hierarchy per controller.
     for (limit, ctrl, value) in pending {
-        let Some(h) = hierarchies.iter().find(|h| !h.v2 && h.controllers.iter().any(|c| c == ctrl)) else {
+        let Some(h) = hierarchies
+            .iter()
+            .find(|h| !h.v2 && h.controllers.iter().any(|c| c == ctrl))
+        else {
             let why = unsupported.remove(limit).unwrap_or_default();
             placement.report.insert(
                 limit.to_owned(),
-                LimitStatus { value, enforced: false, detail: format!("unsupported: {why}; no v1 {ctrl} hierarchy either") },
+                LimitStatus {
+                    value,
+                    enforced: false,
+                    detail: format!("unsupported: {why}; no v1 {ctrl} hierarchy either"),
+                },
             );
             continue;
         };
@@ -283,13 +328,21 @@ pub fn prepare(name: &str, limits: &Limits) -> Placement {
             Ok(file) => {
                 placement.report.insert(
                     limit.to_owned(),
-                    LimitStatus { value, enforced: true, detail: format!("{} (cgroup v1; v2: {v2_reason})", file.display()) },
+                    LimitStatus {
+                        value,
+                        enforced: true,
+                        detail: format!("{} (cgroup v1; v2: {v2_reason})", file.display()),
+                    },
                 );
             }
             Err(e) => {
                 placement.report.insert(
                     limit.to_owned(),
-                    LimitStatus { value, enforced: false, detail: format!("unsupported: v2: {v2_reason}; v1: {e}") },
+                    LimitStatus {
+                        value,
+                        enforced: false,
+                        detail: format!("unsupported: v2: {v2_reason}; v1: {e}"),
+                    },
                 );
             }
         }
@@ -330,7 +383,11 @@ pub fn remove(placement: &Placement) {
 fn bases() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     for h in mounts() {
-        let own = if h.v2 { own_path(None) } else { h.controllers.iter().find_map(|c| own_path(Some(c))) };
+        let own = if h.v2 {
+            own_path(None)
+        } else {
+            h.controllers.iter().find_map(|c| own_path(Some(c)))
+        };
         if let Some(own) = own {
             dirs.push(join(&h.mount, &own).join("viscum"));
         }
@@ -343,12 +400,18 @@ fn bases() -> Vec<PathBuf> {
 /// Removes the groups of service `name` wherever they are, without knowing its placement
 /// (cleanup of a service a previous daemon ran).
 pub fn remove_named(name: &str) {
-    remove(&Placement { dirs: bases().into_iter().map(|b| b.join(name)).collect(), ..Default::default() });
+    remove(&Placement {
+        dirs: bases().into_iter().map(|b| b.join(name)).collect(),
+        ..Default::default()
+    });
 }
 
 /// Removes the (empty) `viscum` parent groups, at a clean shutdown.
 pub fn remove_bases() {
-    remove(&Placement { dirs: bases(), ..Default::default() });
+    remove(&Placement {
+        dirs: bases(),
+        ..Default::default()
+    });
 }
 
 /// Pids in the service's groups (for status and tests).

@@ -58,10 +58,18 @@ pub struct Response {
 
 impl Response {
     pub fn ok(message: impl Into<String>) -> Self {
-        Response { ok: true, message: Some(message.into()), ..Default::default() }
+        Response {
+            ok: true,
+            message: Some(message.into()),
+            ..Default::default()
+        }
     }
     pub fn error(error: impl Into<String>) -> Self {
-        Response { ok: false, error: Some(error.into()), ..Default::default() }
+        Response {
+            ok: false,
+            error: Some(error.into()),
+            ..Default::default()
+        }
     }
 }
 
@@ -222,7 +230,9 @@ pub type Envelope = (Request, oneshot::Sender<Response>);
 /// Errors of a control client.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("cannot reach the viscum daemon at {path} (is `viscum run` running? pass --control or set VISCUM_CONTROL if it uses another socket)")]
+    #[error(
+        "cannot reach the viscum daemon at {path} (is `viscum run` running? pass --control or set VISCUM_CONTROL if it uses another socket)"
+    )]
     Connect {
         path: PathBuf,
         #[source]
@@ -251,12 +261,17 @@ pub enum ControlError {
 pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     if path.exists() {
         if UnixStream::connect(path).await.is_ok() {
-            return Err(ControlError::InUse { path: path.to_owned() });
+            return Err(ControlError::InUse {
+                path: path.to_owned(),
+            });
         }
         let _ = std::fs::remove_file(path);
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| ControlError::Io { path: path.to_owned(), source })?;
+        std::fs::create_dir_all(dir).map_err(|source| ControlError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
     }
     // The umask closes the window between bind() creating the file and chmod() tightening it.
     // SAFETY: umask cannot fail; nothing else creates files at this point of startup.
@@ -264,9 +279,16 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     let bound = UnixListener::bind(path);
     // SAFETY: as above.
     unsafe { libc::umask(old) };
-    let listener = bound.map_err(|source| ControlError::Io { path: path.to_owned(), source })?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(|source| ControlError::Io { path: path.to_owned(), source })?;
+    let listener = bound.map_err(|source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(|source| {
+        ControlError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    })?;
     Ok(listener)
 }
 
@@ -304,7 +326,8 @@ async fn connection(stream: UnixStream, tx: mpsc::Sender<Envelope>) -> io::Resul
                 if tx.send((request, reply)).await.is_err() {
                     Response::error("the daemon is shutting down")
                 } else {
-                    rx.await.unwrap_or_else(|_| Response::error("the daemon is shutting down"))
+                    rx.await
+                        .unwrap_or_else(|_| Response::error("the daemon is shutting down"))
                 }
             }
         };
@@ -317,16 +340,35 @@ async fn connection(stream: UnixStream, tx: mpsc::Sender<Envelope>) -> io::Resul
 
 /// Sends one request to the daemon at `path` and returns its reply.
 pub async fn request(path: &Path, request: &Request) -> Result<Response, ControlError> {
-    let io_err = |source| ControlError::Io { path: path.to_owned(), source };
-    let stream =
-        UnixStream::connect(path).await.map_err(|source| ControlError::Connect { path: path.to_owned(), source })?;
+    let io_err = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|source| ControlError::Connect {
+            path: path.to_owned(),
+            source,
+        })?;
     let (read, mut write) = stream.into_split();
-    let mut line = serde_json::to_vec(request).map_err(|source| ControlError::Protocol { path: path.to_owned(), source })?;
+    let mut line = serde_json::to_vec(request).map_err(|source| ControlError::Protocol {
+        path: path.to_owned(),
+        source,
+    })?;
     line.push(b'\n');
     write.write_all(&line).await.map_err(io_err)?;
     let mut lines = BufReader::new(read).lines();
-    let answer = lines.next_line().await.map_err(io_err)?.ok_or_else(|| ControlError::Closed { path: path.to_owned() })?;
-    serde_json::from_str(&answer).map_err(|source| ControlError::Protocol { path: path.to_owned(), source })
+    let answer = lines
+        .next_line()
+        .await
+        .map_err(io_err)?
+        .ok_or_else(|| ControlError::Closed {
+            path: path.to_owned(),
+        })?;
+    serde_json::from_str(&answer).map_err(|source| ControlError::Protocol {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 #[cfg(test)]
@@ -335,26 +377,38 @@ mod tests {
 
     #[test]
     fn request_wire_format() {
-        assert_eq!(serde_json::to_string(&Request::Status).unwrap(), r#"{"cmd":"status"}"#);
+        assert_eq!(
+            serde_json::to_string(&Request::Status).unwrap(),
+            r#"{"cmd":"status"}"#
+        );
         assert_eq!(
             serde_json::from_str::<Request>(r#"{"cmd":"restart","service":"web"}"#).unwrap(),
-            Request::Restart { service: "web".into() }
+            Request::Restart {
+                service: "web".into()
+            }
         );
         assert!(serde_json::from_str::<Request>(r#"{"cmd":"explode"}"#).is_err());
     }
 
     #[test]
     fn response_leaves_out_what_does_not_apply() {
-        assert_eq!(serde_json::to_string(&Response::ok("done")).unwrap(), r#"{"ok":true,"message":"done"}"#);
+        assert_eq!(
+            serde_json::to_string(&Response::ok("done")).unwrap(),
+            r#"{"ok":true,"message":"done"}"#
+        );
         let r: Response = serde_json::from_str(r#"{"ok":false,"error":"x"}"#).unwrap();
         assert_eq!(r.error.as_deref(), Some("x"));
     }
 
     #[tokio::test]
     async fn round_trip_over_a_socket() {
-        let path = std::env::temp_dir().join(format!("viscum-control-test-{}.sock", std::process::id()));
+        let path =
+            std::env::temp_dir().join(format!("viscum-control-test-{}.sock", std::process::id()));
         let listener = bind(&path).await.unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let (tx, mut rx) = mpsc::channel::<Envelope>(4);
         tokio::spawn(serve(listener, tx));
         tokio::spawn(async move {

@@ -43,25 +43,34 @@ impl SocketMaker {
     /// Starts the helper thread. It ends when the last `SocketMaker` clone is dropped.
     pub fn start() -> io::Result<SocketMaker> {
         let (tx, rx) = mpsc::channel::<SocketRequest>();
-        std::thread::Builder::new().name("viscum-sockets".into()).spawn(move || {
-            for req in rx {
-                let made = nix::sched::setns(req.netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
-                    .map_err(io::Error::from)
-                    .and_then(|()| {
-                        // SAFETY: plain syscall; a non-negative result is a new descriptor we own.
-                        let fd = unsafe {
-                            libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC, 0)
-                        };
-                        if fd < 0 {
-                            Err(io::Error::last_os_error())
-                        } else {
-                            // SAFETY: fresh descriptor, owned by nobody else.
-                            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-                        }
-                    });
-                let _ = req.reply.send(made);
-            }
-        })?;
+        std::thread::Builder::new()
+            .name("viscum-sockets".into())
+            .spawn(move || {
+                for req in rx {
+                    let made =
+                        nix::sched::setns(req.netns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET)
+                            .map_err(io::Error::from)
+                            .and_then(|()| {
+                                // SAFETY: plain syscall; a non-negative result is a new descriptor we own.
+                                let fd = unsafe {
+                                    libc::socket(
+                                        libc::AF_INET,
+                                        libc::SOCK_STREAM
+                                            | libc::SOCK_NONBLOCK
+                                            | libc::SOCK_CLOEXEC,
+                                        0,
+                                    )
+                                };
+                                if fd < 0 {
+                                    Err(io::Error::last_os_error())
+                                } else {
+                                    // SAFETY: fresh descriptor, owned by nobody else.
+                                    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+                                }
+                            });
+                    let _ = req.reply.send(made);
+                }
+            })?;
         Ok(SocketMaker { tx })
     }
 
@@ -69,11 +78,17 @@ impl SocketMaker {
     pub async fn tcp_socket(&self, netns: &Arc<OwnedFd>) -> io::Result<TcpSocket> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(SocketRequest { netns: netns.clone(), reply })
+            .send(SocketRequest {
+                netns: netns.clone(),
+                reply,
+            })
             .map_err(|_| io::Error::other("the socket helper thread is gone"))?;
-        let fd = rx.await.map_err(|_| io::Error::other("the socket helper thread is gone"))??;
+        let fd = rx
+            .await
+            .map_err(|_| io::Error::other("the socket helper thread is gone"))??;
         // SAFETY: `fd` is an unconnected TCP socket we own; TcpSocket takes it over.
-        let std = unsafe { std::net::TcpStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
+        let std =
+            unsafe { std::net::TcpStream::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(fd)) };
         Ok(TcpSocket::from_std_stream(std))
     }
 }
@@ -101,7 +116,11 @@ pub async fn run_check(service: &ServiceConfig, ctx: &CheckContext) -> Result<()
 }
 
 async fn tcp(ctx: &CheckContext, port: u16) -> Result<tokio::net::TcpStream, String> {
-    let socket = ctx.sockets.tcp_socket(&ctx.netns).await.map_err(|e| format!("cannot make a socket: {e}"))?;
+    let socket = ctx
+        .sockets
+        .tcp_socket(&ctx.netns)
+        .await
+        .map_err(|e| format!("cannot make a socket: {e}"))?;
     socket
         .connect(SocketAddr::from((Ipv4Addr::LOCALHOST, port)))
         .await
@@ -110,13 +129,21 @@ async fn tcp(ctx: &CheckContext, port: u16) -> Result<tokio::net::TcpStream, Str
 
 async fn http(ctx: &CheckContext, port: u16, path: &str) -> Result<(), String> {
     let mut stream = tcp(ctx, port).await?;
-    let request = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: viscum-health\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.map_err(|e| format!("send request: {e}"))?;
+    let request = format!(
+        "GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: viscum-health\r\nConnection: close\r\n\r\n"
+    );
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| format!("send request: {e}"))?;
     // Only the status line matters: "HTTP/1.x NNN ...".
     let mut buf = Vec::with_capacity(128);
     let mut chunk = [0u8; 128];
     while !buf.contains(&b'\n') && buf.len() < 1024 {
-        let n = stream.read(&mut chunk).await.map_err(|e| format!("read response: {e}"))?;
+        let n = stream
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("read response: {e}"))?;
         if n == 0 {
             break;
         }
@@ -127,7 +154,10 @@ async fn http(ctx: &CheckContext, port: u16, path: &str) -> Result<(), String> {
     match parse_status(line) {
         Some(code) if (200..300).contains(&code) => Ok(()),
         Some(code) => Err(format!("GET {path} answered {code}")),
-        None => Err(format!("GET {path}: not an HTTP answer: {:?}", line.chars().take(60).collect::<String>())),
+        None => Err(format!(
+            "GET {path}: not an HTTP answer: {:?}",
+            line.chars().take(60).collect::<String>()
+        )),
     }
 }
 
@@ -140,7 +170,11 @@ fn parse_status(line: &str) -> Option<u16> {
     parts.next()?.parse().ok()
 }
 
-async fn exec(service: &ServiceConfig, ctx: &CheckContext, command: &[String]) -> Result<(), String> {
+async fn exec(
+    service: &ServiceConfig,
+    ctx: &CheckContext,
+    command: &[String],
+) -> Result<(), String> {
     let spec = process::Spec {
         command,
         user: &service.user,
@@ -149,7 +183,8 @@ async fn exec(service: &ServiceConfig, ctx: &CheckContext, command: &[String]) -
         output: None,
         cgroup_procs: &[],
     };
-    let mut child = process::spawn_child(&spec).map_err(|e| format!("cannot run {}: {e}", command[0]))?;
+    let mut child =
+        process::spawn_child(&spec).map_err(|e| format!("cannot run {}: {e}", command[0]))?;
     let pgid = child.id().map(|p| p as i32).unwrap_or(0);
     // The caller's timeout would drop this future; make sure the check's processes go with it.
     struct KillGroup(i32);
@@ -159,8 +194,15 @@ async fn exec(service: &ServiceConfig, ctx: &CheckContext, command: &[String]) -
         }
     }
     let _guard = KillGroup(pgid);
-    let status = child.wait().await.map_err(|e| format!("cannot wait for {}: {e}", command[0]))?;
-    if status.success() { Ok(()) } else { Err(format!("{} failed: {status}", command[0])) }
+    let status = child
+        .wait()
+        .await
+        .map_err(|e| format!("cannot wait for {}: {e}", command[0]))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("{} failed: {status}", command[0]))
+    }
 }
 
 /// Opens `/run/netns/NAME` (kept open for the service's lifetime: checks and spawns `setns`

@@ -28,7 +28,9 @@ fn psi_some_avg10(path: &str) -> Option<f64> {
 
 fn parse_psi(text: &str) -> Option<f64> {
     let line = text.lines().find(|l| l.starts_with("some "))?;
-    let v = line.split_whitespace().find_map(|f| f.strip_prefix("avg10="))?;
+    let v = line
+        .split_whitespace()
+        .find_map(|f| f.strip_prefix("avg10="))?;
     v.parse::<f64>().ok().map(|p| p / 100.0)
 }
 
@@ -40,7 +42,9 @@ pub fn current() -> Option<(f64, Source)> {
         (None, None) => {
             let text = fs::read_to_string("/proc/loadavg").ok()?;
             let one: f64 = text.split_whitespace().next()?.parse().ok()?;
-            let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) as f64;
+            let cpus = std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1) as f64;
             Some((one / cpus, Source::Loadavg))
         }
         (a, b) => Some((a.unwrap_or(0.0).max(b.unwrap_or(0.0)), Source::Psi)),
@@ -56,12 +60,19 @@ pub struct Shedder {
 
 impl Shedder {
     pub fn new(max_load: f64) -> Self {
-        Shedder { max_load, shedding: false }
+        Shedder {
+            max_load,
+            shedding: false,
+        }
     }
 
     /// Feeds a load figure; returns the new state if it changed.
     pub fn update(&mut self, load: f64) -> Option<bool> {
-        let next = if self.shedding { load >= self.max_load * RESUME_RATIO } else { load > self.max_load };
+        let next = if self.shedding {
+            load >= self.max_load * RESUME_RATIO
+        } else {
+            load > self.max_load
+        };
         (next != self.shedding).then(|| {
             self.shedding = next;
             next

@@ -47,7 +47,8 @@ pub fn note(path: &Path, line: &str) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let result = super::process::open_log(path).and_then(|mut f| writeln!(f, "[viscum {stamp}] {line}"));
+    let result =
+        super::process::open_log(path).and_then(|mut f| writeln!(f, "[viscum {stamp}] {line}"));
     if let Err(e) = result {
         log::debug!("cannot write to {}: {e}", path.display());
     }
@@ -78,7 +79,11 @@ pub fn tail(path: &Path, lines: usize) -> io::Result<String> {
 
 /// Copies what is appended to `path` to `out`, forever (`viscum logs --follow`). Starts at
 /// offset `from`; notices truncation (rotation) and starts over at the beginning.
-pub async fn follow(path: &Path, mut from: u64, out: &mut (dyn io::Write + Send)) -> io::Result<()> {
+pub async fn follow(
+    path: &Path,
+    mut from: u64,
+    out: &mut (dyn io::Write + Send),
+) -> io::Result<()> {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match fs::File::open(path) {

@@ -42,7 +42,10 @@ async fn connection(mut stream: TcpStream, tx: mpsc::Sender<Scrape>) -> std::io:
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 512];
     let read = async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") && head.len() < 8192 {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n")
+            && !head.windows(2).any(|w| w == b"\n\n")
+            && head.len() < 8192
+        {
             let n = stream.read(&mut buf).await?;
             if n == 0 {
                 break;
@@ -51,7 +54,9 @@ async fn connection(mut stream: TcpStream, tx: mpsc::Sender<Scrape>) -> std::io:
         }
         Ok::<_, std::io::Error>(())
     };
-    tokio::time::timeout(Duration::from_secs(5), read).await.map_err(|_| std::io::ErrorKind::TimedOut)??;
+    tokio::time::timeout(Duration::from_secs(5), read)
+        .await
+        .map_err(|_| std::io::ErrorKind::TimedOut)??;
     let line = String::from_utf8_lossy(&head);
     let mut parts = line.split_whitespace();
     let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -85,7 +90,9 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
 
 /// Escapes a label value (backslash, quote, newline).
 fn label(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 /// The exposition text for a status snapshot.
@@ -103,7 +110,11 @@ pub fn render(status: &DaemonStatus) -> String {
         }
     };
     let per = |f: &dyn Fn(&super::control::ServiceStatus) -> String| -> Vec<(String, String)> {
-        status.services.iter().map(|s| (format!("service=\"{}\"", label(&s.name)), f(s))).collect()
+        status
+            .services
+            .iter()
+            .map(|s| (format!("service=\"{}\"", label(&s.name)), f(s)))
+            .collect()
     };
     family(
         "viscum_service_redirected_packets_total",
@@ -129,7 +140,12 @@ pub fn render(status: &DaemonStatus) -> String {
         "1 if the service's entries are in the datapath.",
         per(&|s| u8::from(s.redirected).to_string()),
     );
-    family("viscum_service_up", "gauge", "1 if the service's process runs.", per(&|s| u8::from(s.pid.is_some()).to_string()));
+    family(
+        "viscum_service_up",
+        "gauge",
+        "1 if the service's process runs.",
+        per(&|s| u8::from(s.pid.is_some()).to_string()),
+    );
     family(
         "viscum_service_restarts_total",
         "counter",
@@ -146,8 +162,14 @@ pub fn render(status: &DaemonStatus) -> String {
             .flat_map(|s| {
                 let n = label(&s.name);
                 [
-                    (format!("service=\"{n}\",result=\"pass\""), s.checks_passed.to_string()),
-                    (format!("service=\"{n}\",result=\"fail\""), s.checks_failed.to_string()),
+                    (
+                        format!("service=\"{n}\",result=\"pass\""),
+                        s.checks_passed.to_string(),
+                    ),
+                    (
+                        format!("service=\"{n}\",result=\"fail\""),
+                        s.checks_failed.to_string(),
+                    ),
                 ]
             })
             .collect(),
@@ -175,11 +197,19 @@ pub fn render(status: &DaemonStatus) -> String {
             "viscum_datapath_flows_total",
             "counter",
             "Matched flows, by where they went.",
-            vec![("where=\"edge\"".into(), d.flows_edge.to_string()), ("where=\"cloud\"".into(), d.flows_cloud.to_string())],
+            vec![
+                ("where=\"edge\"".into(), d.flows_edge.to_string()),
+                ("where=\"cloud\"".into(), d.flows_cloud.to_string()),
+            ],
         );
     }
     if let Some(load) = status.load {
-        family("viscum_load", "gauge", "Load figure compared with max_load (fraction).", vec![(String::new(), load.to_string())]);
+        family(
+            "viscum_load",
+            "gauge",
+            "Load figure compared with max_load (fraction).",
+            vec![(String::new(), load.to_string())],
+        );
     }
     family(
         "viscum_shedding",
@@ -187,7 +217,12 @@ pub fn render(status: &DaemonStatus) -> String {
         "1 while every service is held back to the cloud because of load.",
         vec![(String::new(), u8::from(status.shedding).to_string())],
     );
-    family("viscum_uptime_seconds", "gauge", "Seconds since the daemon started.", vec![(String::new(), status.uptime_s.to_string())]);
+    family(
+        "viscum_uptime_seconds",
+        "gauge",
+        "Seconds since the daemon started.",
+        vec![(String::new(), status.uptime_s.to_string())],
+    );
     out
 }
 
@@ -199,7 +234,11 @@ mod tests {
     #[test]
     fn renders_per_service_and_global_families() {
         let status = DaemonStatus {
-            datapath: Some(DatapathCounters { seen: 10, redirected: 4, ..Default::default() }),
+            datapath: Some(DatapathCounters {
+                seen: 10,
+                redirected: 4,
+                ..Default::default()
+            }),
             services: vec![ServiceStatus {
                 name: "web".into(),
                 health: Health::Healthy,
@@ -213,7 +252,10 @@ mod tests {
             ..Default::default()
         };
         let text = render(&status);
-        assert!(text.contains("viscum_service_redirected_packets_total{service=\"web\"} 4\n"), "{text}");
+        assert!(
+            text.contains("viscum_service_redirected_packets_total{service=\"web\"} 4\n"),
+            "{text}"
+        );
         assert!(text.contains("viscum_service_redirected_bytes_total{service=\"web\"} 400\n"));
         assert!(text.contains("viscum_service_healthy{service=\"web\"} 1\n"));
         assert!(text.contains("viscum_service_restarts_total{service=\"web\"} 1\n"));

@@ -116,10 +116,22 @@ pub struct Instance {
 
 impl Instance {
     pub fn resolve(config: &Config, default_bpffs: &Path) -> Instance {
-        let bpffs = config.engine.bpffs.clone().unwrap_or_else(|| default_bpffs.to_owned());
+        let bpffs = config
+            .engine
+            .bpffs
+            .clone()
+            .unwrap_or_else(|| default_bpffs.to_owned());
         Instance {
-            run_dir: config.engine.run_dir.clone().unwrap_or_else(|| state::default_run_dir(&bpffs)),
-            control: config.engine.control.clone().unwrap_or_else(|| state::default_control(&bpffs)),
+            run_dir: config
+                .engine
+                .run_dir
+                .clone()
+                .unwrap_or_else(|| state::default_run_dir(&bpffs)),
+            control: config
+                .engine
+                .control
+                .clone()
+                .unwrap_or_else(|| state::default_control(&bpffs)),
             bpffs,
         }
     }
@@ -128,20 +140,35 @@ impl Instance {
 /// Runs the daemon until `shutdown` completes (the binary passes SIGINT/SIGTERM; tests pass
 /// whatever they like), then removes everything it made. SIGHUP reloads the configuration
 /// file the config was loaded from.
-pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Output = ()>) -> Result<(), DaemonError> {
+pub async fn run(
+    config: Config,
+    options: RunOptions,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), DaemonError> {
     let instance = Instance::resolve(&config, &options.bpffs);
     let paths = RunPaths::new(&instance.run_dir);
-    paths.create().map_err(|source| DaemonError::RunDir { path: paths.run_dir.clone(), source })?;
+    paths.create().map_err(|source| DaemonError::RunDir {
+        path: paths.run_dir.clone(),
+        source,
+    })?;
     let _lock = lock(&paths)?;
 
     let control_listener = control::bind(&instance.control).await?;
     let _socket = RemoveOnDrop(instance.control.clone());
     let metrics_listener = match config.engine.metrics {
-        Some(addr) => Some(metrics::bind(addr).await.map_err(|source| DaemonError::Metrics { addr, source })?),
+        Some(addr) => Some(
+            metrics::bind(addr)
+                .await
+                .map_err(|source| DaemonError::Metrics { addr, source })?,
+        ),
         None => None,
     };
-    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        .map_err(|source| DaemonError::Setup { what: "SIGHUP handler", source })?;
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map_err(
+        |source| DaemonError::Setup {
+            what: "SIGHUP handler",
+            source,
+        },
+    )?;
 
     let pins = Pins::new(&instance.bpffs);
     let mut record: DaemonRecord = state::read_record(&paths.daemon_record()).unwrap_or_default();
@@ -150,20 +177,36 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
     note_attached(&mut record, &outcomes);
     record.loaded_program |= !had_program;
     // Interfaces a previous daemon attached that the file no longer names.
-    let dropped: Vec<String> =
-        record.attached.iter().filter(|i| !config.engine.interfaces.contains(i)).cloned().collect();
+    let dropped: Vec<String> = record
+        .attached
+        .iter()
+        .filter(|i| !config.engine.interfaces.contains(i))
+        .cloned()
+        .collect();
     detach_ours(&pins, &mut record, &dropped);
     save_record(&paths, &record);
     let engine = Engine::open(&pins)?;
     log::info!(
         "attached to {} (pins in {})",
-        if config.engine.interfaces.is_empty() { "no interface".into() } else { config.engine.interfaces.join(", ") },
+        if config.engine.interfaces.is_empty() {
+            "no interface".into()
+        } else {
+            config.engine.interfaces.join(", ")
+        },
         instance.bpffs.display()
     );
 
-    let sockets = SocketMaker::start().map_err(|source| DaemonError::Setup { what: "socket helper thread", source })?;
+    let sockets = SocketMaker::start().map_err(|source| DaemonError::Setup {
+        what: "socket helper thread",
+        source,
+    })?;
     let (shed, _) = watch::channel(false);
-    let ctx = Arc::new(service::Context { engine: Arc::new(tokio::sync::Mutex::new(engine)), paths, sockets, shed });
+    let ctx = Arc::new(service::Context {
+        engine: Arc::new(tokio::sync::Mutex::new(engine)),
+        paths,
+        sockets,
+        shed,
+    });
 
     let mut daemon = Daemon {
         shedder: config.engine.max_load.map(Shedder::new),
@@ -179,7 +222,9 @@ pub async fn run(config: Config, options: RunOptions, shutdown: impl Future<Outp
     daemon.remove_stale().await;
     for svc in daemon.config.services.clone() {
         let name = svc.name.clone();
-        daemon.services.insert(name, service::spawn(svc, daemon.ctx.clone()));
+        daemon
+            .services
+            .insert(name, service::spawn(svc, daemon.ctx.clone()));
     }
 
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Envelope>(16);
@@ -234,15 +279,22 @@ fn lock(paths: &RunPaths) -> Result<nix::fcntl::Flock<std::fs::File>, DaemonErro
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|source| DaemonError::RunDir { path: path.clone(), source })?;
+        .map_err(|source| DaemonError::RunDir {
+            path: path.clone(),
+            source,
+        })?;
     match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
         Ok(lock) => {
             let _ = lock.set_len(0);
-            let _ = io::Write::write_all(&mut &*lock, format!("{}\n", std::process::id()).as_bytes());
+            let _ =
+                io::Write::write_all(&mut &*lock, format!("{}\n", std::process::id()).as_bytes());
             Ok(lock)
         }
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => Err(DaemonError::AlreadyRunning { path }),
-        Err((_, e)) => Err(DaemonError::RunDir { path, source: e.into() }),
+        Err((_, e)) => Err(DaemonError::RunDir {
+            path,
+            source: e.into(),
+        }),
     }
 }
 
@@ -324,7 +376,9 @@ impl Daemon {
             if self.config.service(&name).is_some() {
                 continue;
             }
-            log::info!("service {name}: no longer configured; removing what a previous daemon left");
+            log::info!(
+                "service {name}: no longer configured; removing what a previous daemon left"
+            );
             let path = self.ctx.paths.service_record(&name);
             let rec: Option<state::ServiceRecord> = state::read_record(&path);
             if let Ok(ns) = crate::netns::service_ns_get(&name).await {
@@ -333,7 +387,11 @@ impl Daemon {
                 match crate::redirect::del_all_to(&mut engine, ns.host_ifindex).await {
                     Ok(removed) if !removed.is_empty() => log::info!(
                         "service {name}: removed {}",
-                        removed.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                        removed
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
                     ),
                     Ok(_) => {}
                     Err(e) => log::warn!("service {name}: cannot remove its entries: {e}"),
@@ -343,11 +401,18 @@ impl Daemon {
                 && let (Some(pid), Some(start)) = (rec.pid, rec.start_time)
                 && process::is_same_process(pid, start)
             {
-                process::stop_stale(pid, Duration::from_millis(crate::config::DEFAULT_STOP_GRACE_MS)).await;
+                process::stop_stale(
+                    pid,
+                    Duration::from_millis(crate::config::DEFAULT_STOP_GRACE_MS),
+                )
+                .await;
             }
             match crate::netns::service_ns_del(&name).await {
                 Ok(()) | Err(crate::netns::NetnsError::UnknownNamespace { .. }) => {}
-                Err(e) => log::warn!("service {name}: cannot delete its namespace: {}", service::error_chain(&e)),
+                Err(e) => log::warn!(
+                    "service {name}: cannot delete its namespace: {}",
+                    service::error_chain(&e)
+                ),
             }
             cgroup::remove_named(&name);
             let _ = state::remove_record(&path);
@@ -356,7 +421,11 @@ impl Daemon {
 
     async fn handle(&mut self, request: Request) -> Response {
         match request {
-            Request::Status => Response { ok: true, status: Some(self.status().await), ..Default::default() },
+            Request::Status => Response {
+                ok: true,
+                status: Some(self.status().await),
+                ..Default::default()
+            },
             Request::Reload => self.reload().await,
             Request::Start { service } => self.forward(&service, Command::Start).await,
             Request::Stop { service } => self.forward(&service, Command::Stop).await,
@@ -387,8 +456,12 @@ impl Daemon {
         for handle in self.services.values() {
             let shared = handle.lock();
             let mut s = shared.status.clone();
-            s.uptime_s = shared.started.map(|t| now.saturating_duration_since(t).as_secs());
-            s.next_start_in_ms = shared.next_start.map(|t| t.saturating_duration_since(now).as_millis() as u64);
+            s.uptime_s = shared
+                .started
+                .map(|t| now.saturating_duration_since(t).as_secs());
+            s.next_start_in_ms = shared
+                .next_start
+                .map(|t| t.saturating_duration_since(now).as_millis() as u64);
             let (mut packets, mut bytes) = (shared.acc_packets, shared.acc_bytes);
             for ep in &shared.installed {
                 if let Ok(Some(e)) = engine.get(ep)
@@ -423,7 +496,9 @@ impl Daemon {
     }
 
     fn check_load(&mut self) {
-        let Some(shedder) = &mut self.shedder else { return };
+        let Some(shedder) = &mut self.shedder else {
+            return;
+        };
         let Some((value, source)) = load::current() else {
             if self.load.is_some() {
                 log::warn!("cannot read the load any more (no PSI, no /proc/loadavg)");
@@ -451,7 +526,9 @@ impl Daemon {
     /// Re-reads the file and applies it as a diff; an invalid file changes nothing.
     async fn reload(&mut self) -> Response {
         let Some(path) = self.config.source.clone() else {
-            return Response::error("the daemon was started without a configuration file: nothing to reload");
+            return Response::error(
+                "the daemon was started without a configuration file: nothing to reload",
+            );
         };
         let new = match Config::load(&path) {
             Ok(c) => c,
@@ -459,7 +536,10 @@ impl Daemon {
                 log::error!("reload: keeping the running configuration: {e}");
                 return Response {
                     ok: false,
-                    error: Some(format!("{path}: invalid configuration, nothing changed", path = path.display())),
+                    error: Some(format!(
+                        "{path}: invalid configuration, nothing changed",
+                        path = path.display()
+                    )),
                     problems: e.problems(),
                     ..Default::default()
                 };
@@ -475,11 +555,14 @@ impl Daemon {
             ("control", &self.instance.control, &next.control),
         ] {
             if old != new {
-                problems.push(format!("engine: {field}: cannot change while running (restart the daemon)"));
+                problems.push(format!(
+                    "engine: {field}: cannot change while running (restart the daemon)"
+                ));
             }
         }
         if new.engine.metrics != self.config.engine.metrics {
-            problems.push("engine: metrics: cannot change while running (restart the daemon)".into());
+            problems
+                .push("engine: metrics: cannot change while running (restart the daemon)".into());
         }
         for (i, iface) in new.engine.interfaces.iter().enumerate() {
             if !self.config.engine.interfaces.contains(iface)
@@ -489,7 +572,10 @@ impl Daemon {
             }
         }
         if !problems.is_empty() {
-            log::error!("reload: keeping the running configuration: {}", problems.join("; "));
+            log::error!(
+                "reload: keeping the running configuration: {}",
+                problems.join("; ")
+            );
             return Response {
                 ok: false,
                 error: Some(format!("{}: cannot apply, nothing changed", path.display())),
@@ -523,32 +609,56 @@ impl Daemon {
                 if !old_names.contains(&svc.name) {
                     report.added.push(svc.name.clone());
                 }
-                self.services.insert(svc.name.clone(), service::spawn(svc.clone(), self.ctx.clone()));
+                self.services.insert(
+                    svc.name.clone(),
+                    service::spawn(svc.clone(), self.ctx.clone()),
+                );
             }
         }
-        debug_assert_eq!(self.services.keys().cloned().collect::<BTreeSet<_>>(), new_names);
+        debug_assert_eq!(
+            self.services.keys().cloned().collect::<BTreeSet<_>>(),
+            new_names
+        );
 
         // Interfaces.
-        let added: Vec<String> =
-            new.engine.interfaces.iter().filter(|i| !self.config.engine.interfaces.contains(i)).cloned().collect();
+        let added: Vec<String> = new
+            .engine
+            .interfaces
+            .iter()
+            .filter(|i| !self.config.engine.interfaces.contains(i))
+            .cloned()
+            .collect();
         if !added.is_empty() {
             match engine::attach(&self.pins, &added, MapSizes::default()) {
                 Ok(outcomes) => {
                     note_attached(&mut self.record, &outcomes);
                     report.attached = added;
                 }
-                Err(e) => log::error!("reload: cannot attach to {}: {}", added.join(", "), service::error_chain(&e)),
+                Err(e) => log::error!(
+                    "reload: cannot attach to {}: {}",
+                    added.join(", "),
+                    service::error_chain(&e)
+                ),
             }
         }
-        let gone: Vec<String> =
-            self.config.engine.interfaces.iter().filter(|i| !new.engine.interfaces.contains(i)).cloned().collect();
+        let gone: Vec<String> = self
+            .config
+            .engine
+            .interfaces
+            .iter()
+            .filter(|i| !new.engine.interfaces.contains(i))
+            .cloned()
+            .collect();
         report.detached = detach_ours(&self.pins, &mut self.record, &gone);
         save_record(&self.ctx.paths, &self.record);
 
         // Load shedding.
         if new.engine.max_load != self.config.engine.max_load {
             let was = self.shedder.as_ref().is_some_and(|s| s.shedding);
-            self.shedder = new.engine.max_load.map(|m| Shedder { max_load: m, shedding: was });
+            self.shedder = new.engine.max_load.map(|m| Shedder {
+                max_load: m,
+                shedding: was,
+            });
             if self.shedder.is_none() {
                 self.load = None;
                 if was {
@@ -589,14 +699,26 @@ impl Daemon {
         cgroup::remove_bases();
         let ours = self.record.attached.clone();
         detach_ours(&self.pins, &mut self.record, &ours);
-        let leftover = self.ctx.engine.lock().await.entries().map(|e| e.len()).unwrap_or(usize::MAX);
-        if self.record.loaded_program && leftover == 0 && engine::attached_interfaces(&self.pins).is_empty() {
+        let leftover = self
+            .ctx
+            .engine
+            .lock()
+            .await
+            .entries()
+            .map(|e| e.len())
+            .unwrap_or(usize::MAX);
+        if self.record.loaded_program
+            && leftover == 0
+            && engine::attached_interfaces(&self.pins).is_empty()
+        {
             match engine::purge(&self.pins) {
                 Ok(()) => log::info!("removed the pins in {}", self.pins.dir.display()),
                 Err(e) => log::warn!("cannot remove the pins: {}", service::error_chain(&e)),
             }
         } else if leftover > 0 {
-            log::info!("leaving the datapath pinned: {leftover} entries were not made by this daemon");
+            log::info!(
+                "leaving the datapath pinned: {leftover} entries were not made by this daemon"
+            );
         }
         let _ = state::remove_record(&self.ctx.paths.daemon_record());
         log::info!("stopped");

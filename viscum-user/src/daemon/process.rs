@@ -50,7 +50,9 @@ impl std::fmt::Display for Exit {
         match self {
             Exit::Code(c) => write!(f, "exit status {c}"),
             Exit::Signal(s) => {
-                let name = nix::sys::signal::Signal::try_from(*s).map(|s| s.as_str()).unwrap_or("?");
+                let name = nix::sys::signal::Signal::try_from(*s)
+                    .map(|s| s.as_str())
+                    .unwrap_or("?");
                 write!(f, "killed by signal {s} ({name})")
             }
             Exit::Unknown => f.write_str("exited (status unknown: started by a previous daemon)"),
@@ -61,7 +63,10 @@ impl std::fmt::Display for Exit {
 /// A running service process.
 pub enum Proc {
     /// Started by this daemon. The pid is kept: the child forgets it once reaped.
-    Child { child: tokio::process::Child, pid: i32 },
+    Child {
+        child: tokio::process::Child,
+        pid: i32,
+    },
     /// Started by a previous daemon and adopted; watched through a pidfd.
     Adopted { pid: i32, pidfd: AsyncFd<OwnedFd> },
 }
@@ -109,8 +114,9 @@ impl Proc {
         let pidfd = pidfd_open(pid)?;
         // SAFETY: `OwnedFd` keeps the descriptor open, and returns the same one, for as long as
         // the AsyncFd owns it.
-        let pidfd = unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
-            .map_err(io::Error::from)?;
+        let pidfd =
+            unsafe { AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE) }
+                .map_err(io::Error::from)?;
         Ok(Proc::Adopted { pid, pidfd })
     }
 }
@@ -145,7 +151,10 @@ pub fn is_same_process(pid: i32, start: u64) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return false;
     };
-    let zombie = stat.rfind(')').and_then(|i| stat[i + 1..].split_whitespace().next()) == Some("Z");
+    let zombie = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+        == Some("Z");
     !zombie && start_time(pid) == Some(start)
 }
 
@@ -167,7 +176,10 @@ pub struct Spec<'a> {
 /// service behaves the same whoever started the daemon.
 fn base_env(user: &ServiceUser) -> Vec<(String, String)> {
     vec![
-        ("PATH".into(), "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()),
+        (
+            "PATH".into(),
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into(),
+        ),
         ("HOME".into(), user.home.display().to_string()),
         ("USER".into(), user.name.clone()),
         ("LOGNAME".into(), user.name.clone()),
@@ -177,15 +189,24 @@ fn base_env(user: &ServiceUser) -> Vec<(String, String)> {
 /// Starts a service process as described, in its own session and process group.
 pub fn spawn(spec: &Spec<'_>) -> io::Result<Proc> {
     let child = spawn_child(spec)?;
-    let pid = child.id().map(|p| p as i32).ok_or_else(|| io::Error::other("the new process has no pid"))?;
+    let pid = child
+        .id()
+        .map(|p| p as i32)
+        .ok_or_else(|| io::Error::other("the new process has no pid"))?;
     Ok(Proc::Child { child, pid })
 }
 
 /// Starts a process as described, in its own session and process group.
 pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(&spec.command[0]);
-    cmd.args(&spec.command[1..]).env_clear().current_dir("/").stdin(Stdio::null());
-    for (k, v) in base_env(spec.user).into_iter().chain(spec.env.iter().map(|(k, v)| (k.clone(), v.clone()))) {
+    cmd.args(&spec.command[1..])
+        .env_clear()
+        .current_dir("/")
+        .stdin(Stdio::null());
+    for (k, v) in base_env(spec.user)
+        .into_iter()
+        .chain(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())))
+    {
         cmd.env(k, v);
     }
     match spec.output {
@@ -263,7 +284,9 @@ pub async fn stop(proc: &mut Proc, grace: Duration) -> Exit {
     let exit = match tokio::time::timeout(grace, proc.wait()).await {
         Ok(exit) => exit,
         Err(_) => {
-            log::warn!("process group {pgid} did not stop within {grace:?} of SIGTERM: sending SIGKILL");
+            log::warn!(
+                "process group {pgid} did not stop within {grace:?} of SIGTERM: sending SIGKILL"
+            );
             signal_group(pgid, Signal::SIGKILL);
             proc.wait().await
         }
@@ -291,7 +314,11 @@ pub async fn stop_stale(pid: i32, grace: Duration) {
 /// Opens a log file for appending (created 0640 if missing).
 pub fn open_log(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new().create(true).append(true).mode(0o640).open(path)
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
 }
 
 #[cfg(test)]

@@ -67,7 +67,10 @@ pub enum Command {
     /// Stop for good; with `delete_namespace`, also remove the namespace and the record
     /// (service removed, daemon shutting down); without, keep them for a successor task with
     /// a changed configuration.
-    Shutdown { delete_namespace: bool, done: oneshot::Sender<()> },
+    Shutdown {
+        delete_namespace: bool,
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// The part of a service's state the supervisor reads.
@@ -98,14 +101,26 @@ impl Handle {
     /// Sends start/stop/restart and waits for the answer.
     pub async fn request(&self, make: impl FnOnce(Reply) -> Command) -> Result<String, String> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(make(reply)).await.map_err(|_| "the service task is gone".to_string())?;
-        rx.await.map_err(|_| "the service task is gone".to_string())?
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| "the service task is gone".to_string())?;
+        rx.await
+            .map_err(|_| "the service task is gone".to_string())?
     }
 
     /// Stops the service task for good and waits until it has cleaned up.
     pub async fn shutdown(self, delete_namespace: bool) {
         let (done, rx) = oneshot::channel();
-        if self.tx.send(Command::Shutdown { delete_namespace, done }).await.is_ok() {
+        if self
+            .tx
+            .send(Command::Shutdown {
+                delete_namespace,
+                done,
+            })
+            .await
+            .is_ok()
+        {
             let _ = rx.await;
         }
         let _ = self.task.await;
@@ -155,7 +170,12 @@ pub fn spawn(config: ServiceConfig, ctx: Arc<Context>) -> Handle {
     // Visible in `status` from the start, before the task has done anything.
     actor.publish();
     let task = tokio::spawn(actor.run(rx));
-    Handle { config, shared, tx, task }
+    Handle {
+        config,
+        shared,
+        tx,
+        task,
+    }
 }
 
 /// The service namespace as the task needs it.
@@ -208,7 +228,9 @@ async fn wait_proc(proc: &mut Option<Proc>) -> Exit {
     }
 }
 
-async fn wait_check(check: &mut Option<BoxFuture<'static, Result<(), String>>>) -> Result<(), String> {
+async fn wait_check(
+    check: &mut Option<BoxFuture<'static, Result<(), String>>>,
+) -> Result<(), String> {
     match check {
         Some(f) => f.await,
         None => std::future::pending().await,
@@ -224,7 +246,9 @@ async fn sleep_until(at: Option<Instant>) {
 
 /// `BACKOFF_START * 2^step`, at most `BACKOFF_MAX`.
 pub fn backoff(step: u32) -> Duration {
-    BACKOFF_START.saturating_mul(1u32.checked_shl(step.min(16)).unwrap_or(u32::MAX)).min(BACKOFF_MAX)
+    BACKOFF_START
+        .saturating_mul(1u32.checked_shl(step.min(16)).unwrap_or(u32::MAX))
+        .min(BACKOFF_MAX)
 }
 
 impl Actor {
@@ -239,7 +263,11 @@ impl Actor {
         loop {
             self.reconcile().await;
             self.publish();
-            let check_due = if self.check.is_none() { self.next_check } else { None };
+            let check_due = if self.check.is_none() {
+                self.next_check
+            } else {
+                None
+            };
             tokio::select! {
                 cmd = rx.recv() => match cmd {
                     // The supervisor vanished without a shutdown (it panicked): leave things
@@ -270,7 +298,8 @@ impl Actor {
     /// Prepares the namespace and cgroups, then adopts or replaces what a previous daemon
     /// left, and schedules the first start.
     async fn setup(&mut self) {
-        let record: Option<ServiceRecord> = state::read_record(&self.ctx.paths.service_record(self.name()));
+        let record: Option<ServiceRecord> =
+            state::read_record(&self.ctx.paths.service_record(self.name()));
         let created = match self.ensure_namespace(record.is_some()).await {
             Ok(created) => created,
             Err(msg) => {
@@ -298,7 +327,11 @@ impl Actor {
                         log::info!(
                             "service {}: adopted process {pid} left by a previous daemon{}",
                             self.name(),
-                            if existing.is_empty() { "" } else { "; its redirect stays while the first checks run" }
+                            if existing.is_empty() {
+                                ""
+                            } else {
+                                "; its redirect stays while the first checks run"
+                            }
                         );
                         self.proc = Some(proc);
                         self.adopted = true;
@@ -309,7 +342,9 @@ impl Actor {
                         self.next_check = Some(Instant::now());
                         return;
                     }
-                    Err(e) => log::warn!("service {}: cannot watch process {pid}: {e}", self.name()),
+                    Err(e) => {
+                        log::warn!("service {}: cannot watch process {pid}: {e}", self.name())
+                    }
                 }
             }
             // Not adoptable: traffic to the cloud first, then replace the process.
@@ -360,8 +395,12 @@ impl Actor {
         if let Err(e) = netns::sysctl_set(Some(&name), "net/ipv4/ip_unprivileged_port_start", "0") {
             log::warn!("service {name}: cannot allow low ports for unprivileged users: {e}");
         }
-        let fd = health::open_netns(&name).map_err(|e| format!("cannot open namespace {name}: {e}"))?;
-        self.ns = Some(Ns { host_ifindex: ns.host_ifindex, fd });
+        let fd =
+            health::open_netns(&name).map_err(|e| format!("cannot open namespace {name}: {e}"))?;
+        self.ns = Some(Ns {
+            host_ifindex: ns.host_ifindex,
+            fd,
+        });
         self.lock().host_ifindex = Some(ns.host_ifindex);
         Ok(created)
     }
@@ -376,9 +415,14 @@ impl Actor {
             Err(NetnsError::InterfaceExists { .. }) => {
                 // A leftover host veth without its namespace: ours by name (vh-NAME).
                 let _ = netns::service_ns_del(&name).await;
-                netns::service_ns_add(&name).await.map_err(|e| format!("cannot create namespace {name}: {e:#}"))
+                netns::service_ns_add(&name)
+                    .await
+                    .map_err(|e| format!("cannot create namespace {name}: {e:#}"))
             }
-            Err(e) => Err(format!("cannot create namespace {name}: {}", error_chain(&e))),
+            Err(e) => Err(format!(
+                "cannot create namespace {name}: {}",
+                error_chain(&e)
+            )),
         }
     }
 
@@ -400,9 +444,19 @@ impl Actor {
         self.placement = cgroup::prepare(&self.cfg.name, &self.cfg.limits);
         for (limit, st) in &self.placement.report {
             if st.enforced {
-                log::info!("service {}: {limit} limit {} enforced by {}", self.name(), st.value, st.detail);
+                log::info!(
+                    "service {}: {limit} limit {} enforced by {}",
+                    self.name(),
+                    st.value,
+                    st.detail
+                );
             } else {
-                log::warn!("service {}: {limit} limit {} NOT enforced: {}", self.name(), st.value, st.detail);
+                log::warn!(
+                    "service {}: {limit} limit {} NOT enforced: {}",
+                    self.name(),
+                    st.value,
+                    st.detail
+                );
             }
         }
     }
@@ -421,7 +475,10 @@ impl Actor {
                 Ok(Some(e)) if e.ifindex == ifindex => ours.push(*ep),
                 Ok(Some(e)) => {
                     if nix::net::if_::if_indextoname(e.ifindex).is_err() {
-                        log::info!("service {}: removing stale entry {ep} (its target is gone)", self.cfg.name);
+                        log::info!(
+                            "service {}: removing stale entry {ep} (its target is gone)",
+                            self.cfg.name
+                        );
                         let _ = engine.remove(ep);
                     } else {
                         log::warn!(
@@ -432,7 +489,10 @@ impl Actor {
                     }
                 }
                 Ok(None) => {}
-                Err(e) => log::warn!("service {}: cannot read the entry for {ep}: {e}", self.cfg.name),
+                Err(e) => log::warn!(
+                    "service {}: cannot read the entry for {ep}: {e}",
+                    self.cfg.name
+                ),
             }
         }
         ours
@@ -465,7 +525,9 @@ impl Actor {
     }
 
     async fn install_entries(&mut self) {
-        let Some(ifindex) = self.ns.as_ref().map(|n| n.host_ifindex) else { return };
+        let Some(ifindex) = self.ns.as_ref().map(|n| n.host_ifindex) else {
+            return;
+        };
         let target = Target::Namespace(self.cfg.name.clone());
         let mut engine = self.ctx.engine.lock().await;
         let mut errors = Vec::new();
@@ -483,7 +545,9 @@ impl Actor {
                         let _ = engine.remove(&ep);
                         match redirect::add(&mut engine, &ep, &target).await {
                             Ok(()) => self.installed.push(ep),
-                            Err(e) => errors.push(format!("cannot redirect {ep}: {}", error_chain(&e))),
+                            Err(e) => {
+                                errors.push(format!("cannot redirect {ep}: {}", error_chain(&e)))
+                            }
                         }
                     }
                     _ => errors.push(format!("{ep} is already redirected elsewhere")),
@@ -500,12 +564,20 @@ impl Actor {
             log::info!(
                 "service {}: redirecting {}",
                 self.name(),
-                self.installed.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                self.installed
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         let error = (!errors.is_empty()).then(|| errors.join("; "));
         if error.is_some() && error != self.last_logged_install_error {
-            log::warn!("service {}: {}", self.name(), error.as_deref().unwrap_or_default());
+            log::warn!(
+                "service {}: {}",
+                self.name(),
+                error.as_deref().unwrap_or_default()
+            );
         }
         self.last_logged_install_error = error.clone();
         self.error = error;
@@ -526,11 +598,18 @@ impl Actor {
                     bytes += e.bytes;
                     match redirect::del(&mut engine, &ep).await {
                         Ok(()) | Err(RedirectError::Engine(EngineError::NoSuchEntry(_))) => {}
-                        Err(e) => log::warn!("service {}: cannot remove {ep}: {}", self.cfg.name, error_chain(&e)),
+                        Err(e) => log::warn!(
+                            "service {}: cannot remove {ep}: {}",
+                            self.cfg.name,
+                            error_chain(&e)
+                        ),
                     }
                 }
                 Ok(_) => {} // gone already, or someone else's now
-                Err(e) => log::warn!("service {}: cannot read the entry for {ep}: {e}", self.cfg.name),
+                Err(e) => log::warn!(
+                    "service {}: cannot read the entry for {ep}: {e}",
+                    self.cfg.name
+                ),
             }
         }
         {
@@ -541,7 +620,10 @@ impl Actor {
         }
         drop(engine);
         self.provisional = false;
-        log::info!("service {}: redirect removed: its traffic goes to the cloud", self.cfg.name);
+        log::info!(
+            "service {}: redirect removed: its traffic goes to the cloud",
+            self.cfg.name
+        );
     }
 
     // ----- process ------------------------------------------------------------------------------
@@ -552,7 +634,9 @@ impl Actor {
         }
         if self.ns.is_none() {
             // Setup failed earlier (or the namespace vanished): try again from scratch.
-            let owned = state::read_record::<ServiceRecord>(&self.ctx.paths.service_record(self.name())).is_some();
+            let owned =
+                state::read_record::<ServiceRecord>(&self.ctx.paths.service_record(self.name()))
+                    .is_some();
             if let Err(msg) = self.ensure_namespace(owned).await {
                 self.fail_setup(msg);
                 return;
@@ -563,7 +647,11 @@ impl Actor {
         let output = match process::open_log(&self.log_path) {
             Ok(f) => Some(f),
             Err(e) => {
-                log::warn!("service {}: cannot open log {}: {e}", self.cfg.name, self.log_path.display());
+                log::warn!(
+                    "service {}: cannot open log {}: {e}",
+                    self.cfg.name,
+                    self.log_path.display()
+                );
                 None
             }
         };
@@ -584,7 +672,11 @@ impl Actor {
                 }
                 logs::note(
                     &self.log_path,
-                    &format!("started process {pid}: {} (as {})", self.cfg.command.join(" "), self.cfg.user.name),
+                    &format!(
+                        "started process {pid}: {} (as {})",
+                        self.cfg.command.join(" "),
+                        self.cfg.user.name
+                    ),
                 );
                 log::info!("service {}: started process {pid}", self.cfg.name);
                 self.proc = Some(proc);
@@ -608,7 +700,10 @@ impl Actor {
     /// After a process ended or failed to start: schedule the next start as the restart
     /// policy and back-off say, or settle in `exited`.
     fn schedule_restart(&mut self, success: bool, what: &str) {
-        if self.healthy_since.is_some_and(|t| t.elapsed() >= BACKOFF_RESET) {
+        if self
+            .healthy_since
+            .is_some_and(|t| t.elapsed() >= BACKOFF_RESET)
+        {
             self.backoff_step = 0;
         }
         self.healthy_since = None;
@@ -618,14 +713,22 @@ impl Actor {
             self.next_start = Some(Instant::now() + delay);
             self.restart_pending = true;
             self.state = ServiceState::Backoff;
-            log::warn!("service {}: {what}; restarting in {} ms", self.cfg.name, delay.as_millis());
+            log::warn!(
+                "service {}: {what}; restarting in {} ms",
+                self.cfg.name,
+                delay.as_millis()
+            );
         } else {
             self.state = match (self.want_running, success) {
                 (false, _) => ServiceState::Stopped,
                 (true, true) => ServiceState::Exited,
                 (true, false) => ServiceState::Failed,
             };
-            log::warn!("service {}: {what}; not restarting (restart = {:?})", self.cfg.name, self.cfg.restart);
+            log::warn!(
+                "service {}: {what}; not restarting (restart = {:?})",
+                self.cfg.name,
+                self.cfg.restart
+            );
         }
     }
 
@@ -686,7 +789,10 @@ impl Actor {
                     match &self.proc {
                         Some(p) => format!("{} started (pid {})", self.cfg.name, p.pid()),
                         None => {
-                            let _ = reply.send(Err(self.error.clone().unwrap_or_else(|| "did not start".into())));
+                            let _ = reply.send(Err(self
+                                .error
+                                .clone()
+                                .unwrap_or_else(|| "did not start".into())));
                             return;
                         }
                     }
@@ -728,17 +834,30 @@ impl Actor {
                 // Entries someone else added into this namespace would point into nothing.
                 let mut engine = self.ctx.engine.lock().await;
                 if let Err(e) = redirect::del_all_to(&mut engine, ns.host_ifindex).await {
-                    log::warn!("service {}: cannot remove entries into its namespace: {e}", self.cfg.name);
+                    log::warn!(
+                        "service {}: cannot remove entries into its namespace: {e}",
+                        self.cfg.name
+                    );
                 }
                 // The reply classifier on its host veth goes with the veth; its pin must too.
-                if let Err(e) = crate::engine::detach_reply(engine.pins(), &netns::host_veth_name(&self.cfg.name)) {
-                    log::warn!("service {}: cannot detach the reply classifier: {e}", self.cfg.name);
+                if let Err(e) = crate::engine::detach_reply(
+                    engine.pins(),
+                    &netns::host_veth_name(&self.cfg.name),
+                ) {
+                    log::warn!(
+                        "service {}: cannot detach the reply classifier: {e}",
+                        self.cfg.name
+                    );
                 }
             }
             self.ns = None;
             match netns::service_ns_del(&self.cfg.name).await {
                 Ok(()) | Err(NetnsError::UnknownNamespace { .. }) => {}
-                Err(e) => log::warn!("service {}: cannot delete its namespace: {}", self.cfg.name, error_chain(&e)),
+                Err(e) => log::warn!(
+                    "service {}: cannot delete its namespace: {}",
+                    self.cfg.name,
+                    error_chain(&e)
+                ),
             }
             if let Err(e) = state::remove_record(&self.ctx.paths.service_record(&self.cfg.name)) {
                 log::warn!("service {}: cannot remove its record: {e}", self.cfg.name);
@@ -752,9 +871,14 @@ impl Actor {
 
     fn begin_check(&mut self) {
         self.next_check = None;
-        let (Some(_), Some(ns)) = (&self.proc, &self.ns) else { return };
+        let (Some(_), Some(ns)) = (&self.proc, &self.ns) else {
+            return;
+        };
         let cfg = self.cfg.clone();
-        let ctx = CheckContext { sockets: self.ctx.sockets.clone(), netns: ns.fd.clone() };
+        let ctx = CheckContext {
+            sockets: self.ctx.sockets.clone(),
+            netns: ns.fd.clone(),
+        };
         self.check_started = Some(Instant::now());
         self.check = Some(Box::pin(async move { health::run_check(&cfg, &ctx).await }));
     }
@@ -781,7 +905,11 @@ impl Actor {
                 self.provisional = false;
                 self.healthy_since = Some(Instant::now());
                 self.last_check_error = None;
-                log::info!("service {}: healthy ({} checks passed)", self.cfg.name, h.rise);
+                log::info!(
+                    "service {}: healthy ({} checks passed)",
+                    self.cfg.name,
+                    h.rise
+                );
             }
             Transition::BecameUnhealthy => {
                 self.healthy_since = None;

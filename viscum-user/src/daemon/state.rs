@@ -36,7 +36,9 @@ pub fn default_run_dir(bpffs: &Path) -> PathBuf {
     if bpffs == Path::new(DEFAULT_BPFFS) {
         return PathBuf::from(DEFAULT_RUN_DIR);
     }
-    Path::new(DEFAULT_RUN_DIR).join("instances").join(escape(bpffs))
+    Path::new(DEFAULT_RUN_DIR)
+        .join("instances")
+        .join(escape(bpffs))
 }
 
 /// Control socket for the instance pinned at `bpffs`: `/run/viscum.sock` for the default one,
@@ -71,7 +73,9 @@ pub struct RunPaths {
 
 impl RunPaths {
     pub fn new(run_dir: impl Into<PathBuf>) -> Self {
-        RunPaths { run_dir: run_dir.into() }
+        RunPaths {
+            run_dir: run_dir.into(),
+        }
     }
     pub fn lock(&self) -> PathBuf {
         self.run_dir.join("daemon.lock")
@@ -96,7 +100,10 @@ impl RunPaths {
     /// may log secrets; `viscum logs` runs as root).
     pub fn create(&self) -> io::Result<()> {
         for dir in [&self.run_dir, &self.state_dir(), &self.logs_dir()] {
-            fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
         }
         Ok(())
     }
@@ -169,7 +176,12 @@ pub fn read_record<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
 pub fn write_record<T: Serialize>(path: &Path, value: &T) -> io::Result<()> {
     let tmp = path.with_extension("json.tmp");
     let text = serde_json::to_vec_pretty(value).map_err(io::Error::other)?;
-    let mut file = fs::OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     io::Write::write_all(&mut file, &text)?;
     file.sync_data()?;
     fs::rename(&tmp, path)
@@ -189,8 +201,14 @@ mod tests {
 
     #[test]
     fn instance_paths_derive_from_bpffs() {
-        assert_eq!(default_run_dir(Path::new(DEFAULT_BPFFS)), Path::new("/run/viscum"));
-        assert_eq!(default_control(Path::new(DEFAULT_BPFFS)), Path::new("/run/viscum.sock"));
+        assert_eq!(
+            default_run_dir(Path::new(DEFAULT_BPFFS)),
+            Path::new("/run/viscum")
+        );
+        assert_eq!(
+            default_control(Path::new(DEFAULT_BPFFS)),
+            Path::new("/run/viscum.sock")
+        );
         assert_eq!(
             default_run_dir(Path::new("/run/vt-1/bpf")),
             Path::new("/run/viscum/instances/run-vt-1-bpf")
@@ -206,9 +224,17 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("viscum-state-test-{}", std::process::id()));
         let paths = RunPaths::new(&dir);
         paths.create().unwrap();
-        let rec = ServiceRecord { name: "web".into(), pid: Some(42), start_time: Some(7), fingerprint: "ab".into() };
+        let rec = ServiceRecord {
+            name: "web".into(),
+            pid: Some(42),
+            start_time: Some(7),
+            fingerprint: "ab".into(),
+        };
         write_record(&paths.service_record("web"), &rec).unwrap();
-        assert_eq!(read_record::<ServiceRecord>(&paths.service_record("web")), Some(rec));
+        assert_eq!(
+            read_record::<ServiceRecord>(&paths.service_record("web")),
+            Some(rec)
+        );
         assert_eq!(paths.recorded_services().unwrap(), vec!["web".to_string()]);
         remove_record(&paths.service_record("web")).unwrap();
         remove_record(&paths.service_record("web")).unwrap();
