@@ -87,13 +87,13 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
         counters::bump(GlobalCounter::FlowsCloud);
         if !tcp {
             let state = FlowState { last_seen_ns: now, closing_at_ns: 0, decision: FLOW_CLOUD, ifindex: 0 };
-            let _ = FLOWS.insert(fkey, &state, 0);
+            let _ = FLOWS.insert(fkey, state, 0);
         }
         return Decision::Cloud;
     }
 
     let state = FlowState { last_seen_ns: now, closing_at_ns: 0, decision: FLOW_EDGE, ifindex: entry.ifindex };
-    let _ = FLOWS.insert(fkey, &state, 0);
+    let _ = FLOWS.insert(fkey, state, 0);
     remember_reply(p, entry, 0);
     entry.new_flows += 1;
     counters::bump(GlobalCounter::FlowsEdge);
@@ -115,7 +115,7 @@ pub fn remember_reply(p: &Parsed, entry: &ServiceEntry, flags: u32) {
         ifindex: entry.ifindex,
     };
     let rstate = ReplyState { service: p.key.addr, service_port: p.key.port, _pad: [0; 2], flags };
-    let _ = REPLIES.insert(&rkey, &rstate, 0);
+    let _ = REPLIES.insert(rkey, rstate, 0);
 }
 
 /// The identity a reply arriving on `ifindex` must carry, if it belongs to
@@ -132,5 +132,5 @@ pub fn reply_identity(p: &Parsed, ifindex: u32) -> Option<ReplyState> {
         ifindex,
     };
     // SAFETY: read-only copy out of the map value.
-    unsafe { REPLIES.get(&rkey).copied() }
+    unsafe { REPLIES.get(rkey).copied() }
 }

@@ -33,7 +33,7 @@ static RULES: PerCpuArray<ServiceEntry> = PerCpuArray::pinned(MAX_RULES, 0);
 
 #[inline(always)]
 pub fn find(p: &Parsed, have_rules: bool) -> Option<*mut ServiceEntry> {
-    if let Some(e) = SERVICES.get_ptr_mut(&p.key) {
+    if let Some(e) = SERVICES.get_ptr_mut(p.key) {
         return Some(e);
     }
     if have_rules {
@@ -74,6 +74,7 @@ fn rule_matches(rule: &PortRule, port: u16, saddr: &[u8; 16]) -> bool {
     }
     // Compare the first `bits` bits of the source, a byte at a time
     // (bounded loop: 16 iterations for the verifier).
+    #[expect(clippy::needless_range_loop, reason = "a plain counted loop is what the verifier bounds easily")]
     for i in 0..16 {
         let start = i * 8;
         if start >= bits {

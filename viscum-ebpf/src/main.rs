@@ -124,7 +124,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         }
     }
     let action = redirect::to_service(ctx, entry, p.l2_vlan);
-    if action == TC_ACT_REDIRECT as i32 {
+    if action == TC_ACT_REDIRECT {
         counters::bump(GlobalCounter::Redirected);
     } else {
         counters::bump(GlobalCounter::RedirectErrors);

@@ -156,7 +156,7 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
                     0 | 43 | 60 => {
                         let hdr = load::<[u8; 2]>(ctx, off)?;
                         next = hdr[0];
-                        off += ((hdr[1] as usize) + 1) * 8 & 0x7f8;
+                        off += (((hdr[1] as usize) + 1) * 8) & 0x7f8;
                     }
                     44 => return Ok(Err(ParseError::Fragment)),
                     _ => break,

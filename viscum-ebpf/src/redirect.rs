@@ -101,8 +101,8 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
     } else {
         fib.family = AF_INET6;
         // SAFETY: same size, plain bytes.
-        fib.__bindgen_anon_3.ipv6_src = unsafe { core::mem::transmute(p.saddr) };
-        fib.__bindgen_anon_4.ipv6_dst = unsafe { core::mem::transmute(p.key.addr) };
+        fib.__bindgen_anon_3.ipv6_src = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(p.saddr) };
+        fib.__bindgen_anon_4.ipv6_dst = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(p.key.addr) };
     }
     // SAFETY: the params struct lives on our stack with its real size.
     let rc = unsafe {

@@ -235,7 +235,7 @@ pub async fn add_with(
         let (addr, len) = local_route(endpoint, &entry);
         let is_own = ns.ns_addr.split('/').next() == Some(addr.to_string().as_str());
         let want = format!("{addr}/{len}");
-        if !is_own && !ns.local_routes.iter().any(|x| *x == want) {
+        if !is_own && !ns.local_routes.contains(&want) {
             netns::service_ns_add_local(&ns.name, addr, len).await?;
             added_route = Some((ns.name.clone(), addr, len));
         }

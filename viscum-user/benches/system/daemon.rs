@@ -33,7 +33,6 @@ pub struct Daemon {
     proc: Option<Proc>,
     pub cli: Viscum,
     pub control: PathBuf,
-    pub config: PathBuf,
     pub edge: String,
 }
 
@@ -75,7 +74,7 @@ impl Daemon {
         let mut cmd = sys::command_in_with(Some(edge), None, Some(Signal::SIGTERM), &cli.bin)?;
         cmd.arg("--bpffs").arg(&bpffs).args(["run", "--config"]).arg(&config).stdout(Stdio::null()).stderr(log);
         let proc = Proc::spawn(format!("viscum run ({tag})"), cmd)?;
-        Ok(Daemon { proc: Some(proc), cli, control, config, edge: edge.to_owned() })
+        Ok(Daemon { proc: Some(proc), cli, control, edge: edge.to_owned() })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -94,7 +93,7 @@ impl Daemon {
     /// Polls the status until `ready(status)` holds.
     pub fn wait(&mut self, what: &str, timeout: Duration, ready: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value> {
         let deadline = Instant::now() + timeout;
-        let mut last = String::from("no answer yet");
+        let mut last;
         loop {
             sys::check_stop()?;
             match self.status() {

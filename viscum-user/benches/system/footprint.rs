@@ -15,7 +15,6 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use serde_json::json;
 
 use crate::{
     daemon::{Daemon, ServiceDef},
@@ -181,6 +180,5 @@ fn rss(args: &Args, env: &Env<'_>, f: &mut Fragment) -> Result<Vec<Row>> {
         remove_namespace(n);
     }
     f.raw("services", n_services);
-    let _ = json!(null);
     Ok(rows)
 }

@@ -255,10 +255,10 @@ async fn build(host: &Handle, name: &str, subnet: Ipv4Addr) -> Result<(), NetnsE
 /// caller is already returning the error that made the rollback necessary.
 async fn rollback(host: &Handle, name: &str) {
     let host_veth = host_veth_name(name);
-    if let Ok(link) = link_by_name(host, &host_veth).await {
-        if let Err(e) = delete_link(host, link.index).await {
-            log::warn!("rolling back namespace {name}: {e:#}");
-        }
+    if let Ok(link) = link_by_name(host, &host_veth).await
+        && let Err(e) = delete_link(host, link.index).await
+    {
+        log::warn!("rolling back namespace {name}: {e:#}");
     }
     if let Err(e) = delete_named(name) {
         log::warn!("rolling back namespace {name}: {e:#}");
