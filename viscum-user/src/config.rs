@@ -223,7 +223,7 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{origin}: not valid TOML: {source}")]
+    #[error("{origin}: not valid TOML")]
     Syntax {
         origin: String,
         #[source]
@@ -244,7 +244,8 @@ impl ConfigError {
             ConfigError::Invalid { problems, .. } => {
                 problems.iter().map(ToString::to_string).collect()
             }
-            other => vec![other.to_string()],
+            ConfigError::Syntax { source, .. } => vec![format!("{self}: {}", source.to_string().trim())],
+            ConfigError::Read { source, .. } => vec![format!("{self}: {source}")],
         }
     }
 }
@@ -384,13 +385,7 @@ impl Config {
             };
             let raw = match table.get("engine") {
                 None => Some(RawEngine::default()),
-                Some(v) => match v.clone().try_into::<RawEngine>() {
-                    Ok(raw) => Some(raw),
-                    Err(e) => {
-                        p.add("", clean_serde(&e));
-                        None
-                    }
-                },
+                Some(v) => decode::<RawEngine>(v, &[], &mut p),
             };
             raw.and_then(|raw| validate_engine(raw, &mut p))
         };
@@ -423,12 +418,12 @@ impl Config {
                 scope: label,
                 out: &mut problems,
             };
-            let raw = match value.try_into::<RawService>() {
-                Ok(raw) => raw,
-                Err(e) => {
-                    p.add("", clean_serde(&e));
-                    continue;
-                }
+            let Some(raw) = decode::<RawService>(
+                &value,
+                &[("health", decode_nested::<RawHealth>), ("limits", decode_nested::<RawLimits>)],
+                &mut p,
+            ) else {
+                continue;
             };
             if let Some(name) = &raw.name {
                 if let Some(first) = seen_names.get(name) {
@@ -489,6 +484,73 @@ impl Config {
 /// serde's messages from `Value::try_into` carry no position; keep them on one line.
 fn clean_serde(e: &toml::de::Error) -> String {
     e.message().trim().replace('\n', " ")
+}
+
+/// A check of a nested table (`health`, `limits`) for [`decode`].
+type Nested = fn(&toml::Value, &str, &mut Problems<'_>) -> bool;
+
+/// Decodes a table into `T` (all of whose fields are optional, with `deny_unknown_fields`).
+///
+/// serde stops at the first unknown field or wrong type and does not say which key it was in.
+/// So when the table as a whole does not decode, each key is decoded on its own (a table with
+/// just that key: it decodes exactly when the key is known and well typed), every bad key is
+/// reported under its own name (`health.interval_ms: invalid type: ...`), and the table
+/// without the bad keys is decoded, so that the rest of it is still validated. Problems about
+/// the dropped keys (such as "missing") are then not reported twice.
+fn decode<T: serde::de::DeserializeOwned>(value: &toml::Value, nested: &[(&str, Nested)], p: &mut Problems<'_>) -> Option<T> {
+    let Some(table) = value.as_table() else {
+        p.add("", "must be a table");
+        return None;
+    };
+    if let Ok(t) = value.clone().try_into::<T>() {
+        return Some(t);
+    }
+    let mut clean = table.clone();
+    let mut dropped = Vec::new();
+    for (key, v) in table {
+        let ok = match nested.iter().find(|(k, _)| k == key) {
+            Some((_, check)) if v.is_table() => check(v, &format!("{key}."), p),
+            _ => {
+                let one = toml::Value::Table(toml::Table::from_iter([(key.clone(), v.clone())]));
+                match one.try_into::<T>() {
+                    Ok(_) => true,
+                    Err(e) => {
+                        p.add(key.clone(), clean_serde(&e));
+                        false
+                    }
+                }
+            }
+        };
+        if !ok {
+            clean.remove(key);
+            dropped.push(key.clone());
+        }
+    }
+    let start = p.out.len();
+    let decoded = toml::Value::Table(clean).try_into::<T>();
+    if let Err(e) = &decoded {
+        // Not expected (each remaining key decoded on its own), but never silent.
+        p.add("", clean_serde(e));
+    }
+    let t = decoded.ok()?;
+    let _ = start;
+    // The caller validates `t`; it must not report the dropped keys as missing.
+    DROPPED.with(|d| d.borrow_mut().extend(dropped));
+    Some(t)
+}
+
+/// [`Nested`] for a table type: reports its bad keys with `prefix`; true if it decodes.
+fn decode_nested<T: serde::de::DeserializeOwned>(value: &toml::Value, prefix: &str, p: &mut Problems<'_>) -> bool {
+    if value.clone().try_into::<T>().is_ok() {
+        return true;
+    }
+    for (key, v) in value.as_table().into_iter().flatten() {
+        let one = toml::Value::Table(toml::Table::from_iter([(key.clone(), v.clone())]));
+        if let Err(e) = one.try_into::<T>() {
+            p.add(format!("{prefix}{key}"), clean_serde(&e));
+        }
+    }
+    false
 }
 
 fn validate_engine(raw: RawEngine, p: &mut Problems<'_>) -> Option<EngineConfig> {

@@ -31,15 +31,39 @@ pub struct FollowArgs {
     /// PROTO://NAME[:PORT], e.g. tcp://alpr.example.net:443.
     #[arg(value_name = "PROTO://NAME[:PORT]")]
     pub host: HostMatch,
+    #[command(flatten)]
+    pub target: TargetArgs,
+    #[command(flatten)]
+    pub dns: DnsArgs,
+}
+
+/// Where entries go.
+#[derive(Debug, Args)]
+pub struct TargetArgs {
     /// Service namespace made with `viscum ns add`.
     #[arg(long, value_name = "NAME", required_unless_present = "to", conflicts_with = "to")]
     pub ns: Option<String>,
-    /// Host side of a veth into a namespace Viscum did not create.
+    /// Host side of a veth into a namespace Viscum did not create (its routes are yours).
     #[arg(long, value_name = "HOST_VETH")]
     pub to: Option<String>,
-    /// DNS server(s) to ask (default: the nameservers of /etc/resolv.conf).
-    #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_dns)]
-    pub dns: Vec<std::net::SocketAddr>,
+}
+
+impl TargetArgs {
+    fn target(self) -> Target {
+        match (self.ns, self.to) {
+            (Some(ns), _) => Target::Namespace(ns),
+            (None, Some(to)) => Target::Veth(to),
+            (None, None) => unreachable!("clap requires --ns or --to"),
+        }
+    }
+}
+
+/// DNS servers for host-name matches.
+#[derive(Debug, Args)]
+pub struct DnsArgs {
+    /// DNS server(s) for host names (default: the nameservers of /etc/resolv.conf).
+    #[arg(long = "dns", value_name = "ADDR[:PORT]", value_parser = parse_dns)]
+    pub servers: Vec<std::net::SocketAddr>,
 }
 
 /// What `redirect add|del` accept: an address match or a host name.
@@ -89,18 +113,13 @@ pub struct AddArgs {
     /// tcp://alpr.example.net:443 (resolved once; see `redirect follow`).
     #[arg(value_name = "PROTO://ADDR[:PORT]")]
     pub endpoint: MatchArg,
-    /// DNS server(s) for host names (default: /etc/resolv.conf).
-    #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_dns)]
-    pub dns: Vec<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub dns: DnsArgs,
     /// Only clients in this source prefix (same as `?from=PREFIX` in the match).
     #[arg(long, value_name = "PREFIX", value_parser = parse_from)]
     pub from: Option<(std::net::IpAddr, u8)>,
-    /// Service namespace made with `viscum ns add`.
-    #[arg(long, value_name = "NAME", required_unless_present = "to", conflicts_with = "to")]
-    pub ns: Option<String>,
-    /// Host side of a veth into a namespace Viscum did not create (its routes are yours).
-    #[arg(long, value_name = "HOST_VETH")]
-    pub to: Option<String>,
+    #[command(flatten)]
+    pub target: TargetArgs,
     /// NAT mode: rewrite the destination to the namespace's own IPv4 address
     /// (same port) and replies back; for services that must keep their own address.
     #[arg(long, conflicts_with = "mirror")]
@@ -135,9 +154,8 @@ pub struct DelArgs {
     /// the entries of the addresses it resolves to now).
     #[arg(value_name = "PROTO://ADDR[:PORT]")]
     pub endpoint: MatchArg,
-    /// DNS server(s) for host names (default: /etc/resolv.conf).
-    #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_dns)]
-    pub dns: Vec<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub dns: DnsArgs,
     /// The entry's source restriction, if it was added with one.
     #[arg(long, value_name = "PREFIX", value_parser = parse_from)]
     pub from: Option<(std::net::IpAddr, u8)>,
@@ -172,11 +190,7 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
     let mut engine = Engine::open(pins)?;
     match cmd {
         RedirectCommand::Add(args) => {
-            let target = match (args.ns, args.to) {
-                (Some(ns), _) => Target::Namespace(ns),
-                (None, Some(to)) => Target::Veth(to),
-                (None, None) => unreachable!("clap requires --ns or --to"),
-            };
+            let target = args.target.target();
             let opts = RedirectOptions {
                 nat: args.nat_to.or(args.nat.then(NatTarget::default)),
                 mirror: args.mirror,
@@ -196,7 +210,7 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
                     if args.from.is_some() {
                         anyhow::bail!("--from is not supported with host names");
                     }
-                    let resolver = Resolver::new(&args.dns)?;
+                    let resolver = Resolver::new(&args.dns.servers)?;
                     let mut tracker = HostTracker::new(host.clone(), target, opts);
                     let changes = tracker.refresh(&mut engine, &resolver).await?;
                     if changes.added.is_empty() {
@@ -218,7 +232,7 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
                 println!("deleted {ep}");
             }
             MatchArg::Host(host) => {
-                let resolver = Resolver::new(&args.dns)?;
+                let resolver = Resolver::new(&args.dns.servers)?;
                 let answer = resolver.lookup(&host.host).await?;
                 let mut deleted = 0;
                 for addr in answer.addrs {
@@ -235,12 +249,8 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
             }
         },
         RedirectCommand::Follow(args) => {
-            let target = match (args.ns, args.to) {
-                (Some(ns), _) => Target::Namespace(ns),
-                (None, Some(to)) => Target::Veth(to),
-                (None, None) => unreachable!("clap requires --ns or --to"),
-            };
-            let resolver = Resolver::new(&args.dns)?;
+            let target = args.target.target();
+            let resolver = Resolver::new(&args.dns.servers)?;
             let mut tracker = HostTracker::new(args.host.clone(), target, RedirectOptions::default());
             eprintln!("following {} (Ctrl-C to stop and remove its entries)", args.host);
             let result: Result<()> = async {

@@ -112,7 +112,10 @@ fn own_path(controller: Option<&str>) -> Option<String> {
 }
 
 fn join(mount: &Path, cgroup_path: &str) -> PathBuf {
-    mount.join(cgroup_path.trim_start_matches('/'))
+    match cgroup_path.trim_matches('/') {
+        "" => mount.to_path_buf(),
+        rel => mount.join(rel),
+    }
 }
 
 fn write(path: &Path, value: &str) -> io::Result<()> {
