@@ -384,10 +384,16 @@ impl Config {
                 out: &mut problems,
             };
             let raw = match table.get("engine") {
-                None => Some(RawEngine::default()),
+                None => Some((RawEngine::default(), Vec::new())),
                 Some(v) => decode::<RawEngine>(v, &[], &mut p),
             };
-            raw.and_then(|raw| validate_engine(raw, &mut p))
+            raw.and_then(|(raw, dropped)| {
+                let since = p.out.len();
+                let engine = validate_engine(raw, &mut p);
+                forget_dropped(p.out, since, "engine", &dropped);
+                // A dropped key is a problem already reported: no config either way.
+                engine.filter(|_| dropped.is_empty())
+            })
         };
 
         let raw_services: Vec<toml::Value> = match table.get("service") {
@@ -418,13 +424,14 @@ impl Config {
                 scope: label,
                 out: &mut problems,
             };
-            let Some(raw) = decode::<RawService>(
+            let Some((raw, dropped)) = decode::<RawService>(
                 &value,
                 &[("health", decode_nested::<RawHealth>), ("limits", decode_nested::<RawLimits>)],
                 &mut p,
             ) else {
                 continue;
             };
+            let since = p.out.len();
             if let Some(name) = &raw.name {
                 if let Some(first) = seen_names.get(name) {
                     p.add(
@@ -454,6 +461,8 @@ impl Config {
                 }
             }
             let svc = validate_service(raw, &mut p);
+            let scope = p.scope.clone();
+            forget_dropped(p.out, since, &scope, &dropped);
             for (field, msg) in cross {
                 p.add(field, msg);
             }
@@ -489,21 +498,26 @@ fn clean_serde(e: &toml::de::Error) -> String {
 /// A check of a nested table (`health`, `limits`) for [`decode`].
 type Nested = fn(&toml::Value, &str, &mut Problems<'_>) -> bool;
 
-/// Decodes a table into `T` (all of whose fields are optional, with `deny_unknown_fields`).
+/// Decodes a table into `T` (all of whose fields are optional, with `deny_unknown_fields`),
+/// returning it with the keys that had to be dropped.
 ///
 /// serde stops at the first unknown field or wrong type and does not say which key it was in.
 /// So when the table as a whole does not decode, each key is decoded on its own (a table with
-/// just that key: it decodes exactly when the key is known and well typed), every bad key is
+/// just that key decodes exactly when the key is known and well typed), every bad key is
 /// reported under its own name (`health.interval_ms: invalid type: ...`), and the table
-/// without the bad keys is decoded, so that the rest of it is still validated. Problems about
-/// the dropped keys (such as "missing") are then not reported twice.
-fn decode<T: serde::de::DeserializeOwned>(value: &toml::Value, nested: &[(&str, Nested)], p: &mut Problems<'_>) -> Option<T> {
+/// without the bad keys is decoded, so that the rest of it is still validated. The caller
+/// passes the dropped keys to [`forget_dropped`] so they are not also reported as missing.
+fn decode<T: serde::de::DeserializeOwned>(
+    value: &toml::Value,
+    nested: &[(&str, Nested)],
+    p: &mut Problems<'_>,
+) -> Option<(T, Vec<String>)> {
     let Some(table) = value.as_table() else {
         p.add("", "must be a table");
         return None;
     };
     if let Ok(t) = value.clone().try_into::<T>() {
-        return Some(t);
+        return Some((t, Vec::new()));
     }
     let mut clean = table.clone();
     let mut dropped = Vec::new();
@@ -526,17 +540,30 @@ fn decode<T: serde::de::DeserializeOwned>(value: &toml::Value, nested: &[(&str, 
             dropped.push(key.clone());
         }
     }
-    let start = p.out.len();
-    let decoded = toml::Value::Table(clean).try_into::<T>();
-    if let Err(e) = &decoded {
-        // Not expected (each remaining key decoded on its own), but never silent.
-        p.add("", clean_serde(e));
+    match toml::Value::Table(clean).try_into::<T>() {
+        Ok(t) => Some((t, dropped)),
+        Err(e) => {
+            // Not expected (each remaining key decoded on its own), but never silent.
+            p.add("", clean_serde(&e));
+            None
+        }
     }
-    let t = decoded.ok()?;
-    let _ = start;
-    // The caller validates `t`; it must not report the dropped keys as missing.
-    DROPPED.with(|d| d.borrow_mut().extend(dropped));
-    Some(t)
+}
+
+/// Drops the problems (from index `since`) about keys [`decode`] had to drop: they are
+/// reported already, with the real reason.
+fn forget_dropped(out: &mut Vec<Problem>, since: usize, scope: &str, dropped: &[String]) {
+    let mut i = since;
+    while i < out.len() {
+        let f = &out[i].field;
+        let about_dropped = out[i].scope == scope
+            && dropped.iter().any(|k| f == k || f.starts_with(&format!("{k}.")) || f.starts_with(&format!("{k}[")));
+        if about_dropped {
+            out.remove(i);
+        } else {
+            i += 1;
+        }
+    }
 }
 
 /// [`Nested`] for a table type: reports its bad keys with `prefix`; true if it decodes.
@@ -1143,9 +1170,9 @@ command = ["x"]
 [extra]
 "#;
         let p = problems(text);
-        has(&p, "engine: unknown field `colour`");
-        has(&p, "service a: unknown field `comand`");
-        has(&p, "service b: unknown field `intervall_ms`");
+        has(&p, "engine: colour: unknown field `colour`");
+        has(&p, "service a: comand: unknown field `comand`");
+        has(&p, "service b: health.intervall_ms: unknown field `intervall_ms`");
         // The broken services do not hide problems in the others.
         has(&p, "service c: match[0]: port '70000'");
         has(&p, "file: extra: unknown section");
@@ -1161,7 +1188,40 @@ match = "tcp://198.51.100.7:80"
 command = ["x"]
 "#,
         );
-        has(&p, "service a: invalid type");
+        has(&p, "service a: match: invalid type: string \"tcp://198.51.100.7:80\", expected a sequence");
+        // A dropped key is not also reported as missing.
+        assert!(!p.iter().any(|x| x.contains("match: missing")), "{p:#?}");
+    }
+
+    #[test]
+    fn every_type_error_is_reported_with_its_field() {
+        let p = problems(
+            r#"
+[engine]
+interfaces = "eth0"
+max_load = "high"
+
+[[service]]
+name = "web"
+match = ["tcp://198.51.100.7:80", "tcp://198.51.100.7:0"]
+command = ["x"]
+restart = 3
+[service.health]
+interval_ms = "fast"
+rise = 0
+[service.limits]
+pids = "many"
+memory = "64M"
+"#,
+        );
+        has(&p, "engine: interfaces: invalid type: string \"eth0\", expected a sequence");
+        has(&p, "engine: max_load: invalid type: string \"high\"");
+        has(&p, "service web: restart: invalid type: integer `3`, expected a string");
+        has(&p, "service web: health.interval_ms: invalid type: string \"fast\", expected i64");
+        has(&p, "service web: limits.pids: invalid type: string \"many\", expected i64");
+        // The well-typed rest of the service is still validated.
+        has(&p, "service web: match[1]: port 0 is not a valid port");
+        assert_eq!(p.len(), 6, "{p:#?}");
     }
 
     #[test]
@@ -1234,6 +1294,7 @@ command = ["x"]
     fn syntax_errors_are_reported() {
         let e = Config::parse("[[service]\nname=").unwrap_err();
         assert!(matches!(e, ConfigError::Syntax { .. }), "{e}");
+        assert!(e.problems()[0].contains("line 1"), "{:?}", e.problems());
     }
 
     #[test]

@@ -5,6 +5,10 @@ use clap::Parser as _;
 use viscum::cli::{self, Cli};
 
 fn main() {
+    // Die quietly when the reader of our output goes away (`viscum stats | head`),
+    // as command-line tools do, instead of reporting EPIPE as a failure.
+    // SAFETY: setting a signal disposition before any other thread exists.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     // `trace` exists to show the classifier's debug records.
     let level = match cli.command {
