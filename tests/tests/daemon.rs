@@ -827,6 +827,7 @@ interval_ms = 0
 timeout_ms = 300
 [service.limits]
 memory = "lots"
+pids = "many"
 
 [[service]]
 name = "{name}"
@@ -846,6 +847,7 @@ command = ["x"]
         format!("service {name}: restart: 'sometimes' is not one of always, on-failure, never"),
         format!("service {name}: health.interval_ms: 0 must be at least 1"),
         format!("service {name}: limits.memory: 'lots' is not a size"),
+        format!("service {name}: limits.pids: invalid type: string \"many\", expected i64"),
         format!("service {name}: name: duplicate service name"),
         format!(
             "service {name}: match[0]: tcp://198.51.100.7:5201 is already matched by service {name}"
@@ -862,7 +864,10 @@ command = ["x"]
 
     files.write_config("[engine]\ninterfaces = [\"lan0\"]\nbogus = 1\n");
     let err = lab.viscum_err(&["run", "--config", config, "--check"]);
-    assert!(err.contains("engine: unknown field `bogus`"), "{err}");
+    assert!(
+        err.contains("engine: bogus: unknown field `bogus`"),
+        "{err}"
+    );
 
     files.write_config(&(files.engine("") + &files.service(&name, 8080, "edge", "")));
     let out = lab.viscum_ok(&["run", "--config", config, "--check"]);

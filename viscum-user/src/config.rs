@@ -244,7 +244,9 @@ impl ConfigError {
             ConfigError::Invalid { problems, .. } => {
                 problems.iter().map(ToString::to_string).collect()
             }
-            ConfigError::Syntax { source, .. } => vec![format!("{self}: {}", source.to_string().trim())],
+            ConfigError::Syntax { source, .. } => {
+                vec![format!("{self}: {}", source.to_string().trim())]
+            }
             ConfigError::Read { source, .. } => vec![format!("{self}: {source}")],
         }
     }
@@ -426,7 +428,10 @@ impl Config {
             };
             let Some((raw, dropped)) = decode::<RawService>(
                 &value,
-                &[("health", decode_nested::<RawHealth>), ("limits", decode_nested::<RawLimits>)],
+                &[
+                    ("health", decode_nested::<RawHealth>),
+                    ("limits", decode_nested::<RawLimits>),
+                ],
                 &mut p,
             ) else {
                 continue;
@@ -495,8 +500,9 @@ fn clean_serde(e: &toml::de::Error) -> String {
     e.message().trim().replace('\n', " ")
 }
 
-/// A check of a nested table (`health`, `limits`) for [`decode`].
-type Nested = fn(&toml::Value, &str, &mut Problems<'_>) -> bool;
+/// [`decode`] for a nested table (`health`, `limits`): the table without its bad keys, and
+/// those keys (with the prefix).
+type Nested = fn(&toml::Value, &str, &mut Problems<'_>) -> (toml::Value, Vec<String>);
 
 /// Decodes a table into `T` (all of whose fields are optional, with `deny_unknown_fields`),
 /// returning it with the keys that had to be dropped.
@@ -522,20 +528,17 @@ fn decode<T: serde::de::DeserializeOwned>(
     let mut clean = table.clone();
     let mut dropped = Vec::new();
     for (key, v) in table {
-        let ok = match nested.iter().find(|(k, _)| k == key) {
-            Some((_, check)) if v.is_table() => check(v, &format!("{key}."), p),
-            _ => {
-                let one = toml::Value::Table(toml::Table::from_iter([(key.clone(), v.clone())]));
-                match one.try_into::<T>() {
-                    Ok(_) => true,
-                    Err(e) => {
-                        p.add(key.clone(), clean_serde(&e));
-                        false
-                    }
-                }
-            }
-        };
-        if !ok {
+        if let Some((_, inner)) = nested.iter().find(|(k, _)| k == key)
+            && v.is_table()
+        {
+            let (kept, bad) = inner(v, &format!("{key}."), p);
+            clean.insert(key.clone(), kept);
+            dropped.extend(bad);
+            continue;
+        }
+        let one = toml::Value::Table(toml::Table::from_iter([(key.clone(), v.clone())]));
+        if let Err(e) = one.try_into::<T>() {
+            p.add(key.clone(), clean_serde(&e));
             clean.remove(key);
             dropped.push(key.clone());
         }
@@ -557,7 +560,9 @@ fn forget_dropped(out: &mut Vec<Problem>, since: usize, scope: &str, dropped: &[
     while i < out.len() {
         let f = &out[i].field;
         let about_dropped = out[i].scope == scope
-            && dropped.iter().any(|k| f == k || f.starts_with(&format!("{k}.")) || f.starts_with(&format!("{k}[")));
+            && dropped.iter().any(|k| {
+                f == k || f.starts_with(&format!("{k}.")) || f.starts_with(&format!("{k}["))
+            });
         if about_dropped {
             out.remove(i);
         } else {
@@ -566,18 +571,25 @@ fn forget_dropped(out: &mut Vec<Problem>, since: usize, scope: &str, dropped: &[
     }
 }
 
-/// [`Nested`] for a table type: reports its bad keys with `prefix`; true if it decodes.
-fn decode_nested<T: serde::de::DeserializeOwned>(value: &toml::Value, prefix: &str, p: &mut Problems<'_>) -> bool {
-    if value.clone().try_into::<T>().is_ok() {
-        return true;
-    }
-    for (key, v) in value.as_table().into_iter().flatten() {
-        let one = toml::Value::Table(toml::Table::from_iter([(key.clone(), v.clone())]));
-        if let Err(e) = one.try_into::<T>() {
-            p.add(format!("{prefix}{key}"), clean_serde(&e));
+/// [`Nested`] for a table type `T`: reports its bad keys under `prefix`.
+fn decode_nested<T: serde::de::DeserializeOwned>(
+    value: &toml::Value,
+    prefix: &str,
+    p: &mut Problems<'_>,
+) -> (toml::Value, Vec<String>) {
+    let mut kept = value.as_table().cloned().unwrap_or_default();
+    let mut dropped = Vec::new();
+    if value.clone().try_into::<T>().is_err() {
+        for (key, v) in value.as_table().into_iter().flatten() {
+            let one = toml::Value::Table(toml::Table::from_iter([(key.clone(), v.clone())]));
+            if let Err(e) = one.try_into::<T>() {
+                p.add(format!("{prefix}{key}"), clean_serde(&e));
+                kept.remove(key);
+                dropped.push(format!("{prefix}{key}"));
+            }
         }
     }
-    false
+    (toml::Value::Table(kept), dropped)
 }
 
 fn validate_engine(raw: RawEngine, p: &mut Problems<'_>) -> Option<EngineConfig> {
@@ -1172,7 +1184,10 @@ command = ["x"]
         let p = problems(text);
         has(&p, "engine: colour: unknown field `colour`");
         has(&p, "service a: comand: unknown field `comand`");
-        has(&p, "service b: health.intervall_ms: unknown field `intervall_ms`");
+        has(
+            &p,
+            "service b: health.intervall_ms: unknown field `intervall_ms`",
+        );
         // The broken services do not hide problems in the others.
         has(&p, "service c: match[0]: port '70000'");
         has(&p, "file: extra: unknown section");
@@ -1188,7 +1203,10 @@ match = "tcp://198.51.100.7:80"
 command = ["x"]
 "#,
         );
-        has(&p, "service a: match: invalid type: string \"tcp://198.51.100.7:80\", expected a sequence");
+        has(
+            &p,
+            "service a: match: invalid type: string \"tcp://198.51.100.7:80\", expected a sequence",
+        );
         // A dropped key is not also reported as missing.
         assert!(!p.iter().any(|x| x.contains("match: missing")), "{p:#?}");
     }
@@ -1214,14 +1232,27 @@ pids = "many"
 memory = "64M"
 "#,
         );
-        has(&p, "engine: interfaces: invalid type: string \"eth0\", expected a sequence");
+        has(
+            &p,
+            "engine: interfaces: invalid type: string \"eth0\", expected a sequence",
+        );
         has(&p, "engine: max_load: invalid type: string \"high\"");
-        has(&p, "service web: restart: invalid type: integer `3`, expected a string");
-        has(&p, "service web: health.interval_ms: invalid type: string \"fast\", expected i64");
-        has(&p, "service web: limits.pids: invalid type: string \"many\", expected i64");
+        has(
+            &p,
+            "service web: restart: invalid type: integer `3`, expected a string",
+        );
+        has(
+            &p,
+            "service web: health.interval_ms: invalid type: string \"fast\", expected i64",
+        );
+        has(
+            &p,
+            "service web: limits.pids: invalid type: string \"many\", expected i64",
+        );
         // The well-typed rest of the service is still validated.
         has(&p, "service web: match[1]: port 0 is not a valid port");
-        assert_eq!(p.len(), 6, "{p:#?}");
+        has(&p, "service web: health.rise: 0 must be between 1 and 1000");
+        assert_eq!(p.len(), 7, "{p:#?}");
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! viscum   C ── lan0 [E: viscum attach + redirect add --ns] vh-NAME ── T = viscum ns NAME
 //! iptables C ── lan0 [E: nat PREROUTING DNAT to 10.77.0.2] vs0 ── T eth0 10.77.0.2
 //! nft      C ── lan0 [E: ip daddr . tcp dport vmap { … : goto dnat }] vs0 ── T
-//! flower   C ── lan0 [E: tc flower + skbmod dmac + mirred egress redirect] vs0 ── T (AnyIP)
+//! tc-mirred C ── lan0 [E: tc flower + skbmod dmac + mirred egress redirect] vs0 ── T (AnyIP)
+//!          (u32 + mirred where the kernel lacks flower/skbmod, see `flower`)
 //! proxy    C ── lan0 [E: haproxy on 198.51.100.7 (or socat)] vs0 ── T eth0 10.77.0.2
 //! ```
 //!
@@ -86,7 +87,7 @@ impl Kind {
             Kind::Viscum => "viscum",
             Kind::Iptables => "iptables",
             Kind::Nft => "nft",
-            Kind::Flower => "flower",
+            Kind::Flower => "tc-mirred",
             Kind::Proxy => "proxy",
         }
     }
@@ -140,6 +141,8 @@ pub struct Lane {
     pub edge: Option<String>,
     /// The proxy in use ("haproxy 2.6" / "socat").
     pub proxy: Option<String>,
+    /// How the lane was realised, where that varies by machine (tc-mirred).
+    pub note: Option<String>,
     /// Programs to read bpf stats from (viscum ingress/reply, noop, hook).
     pub watched: Vec<Watched>,
     procs: Vec<Proc>,
@@ -169,6 +172,7 @@ impl Lane {
             target: format!("{base}t"),
             edge: None,
             proxy: None,
+            note: None,
             watched: Vec::new(),
             procs: Vec::new(),
             _progs: None,
@@ -232,7 +236,7 @@ impl Lane {
                     }
                     Kind::Flower => {
                         ip(&["-n", &t, "route", "add", "local", "198.51.100.7/32", "dev", "lo"])?;
-                        flower(&e)?;
+                        self_note(&mut lane, flower(&e, &t)?);
                     }
                     Kind::Iptables => iptables(&e, spec.fill)?,
                     Kind::Nft => nft(&e, spec.fill)?,
@@ -331,7 +335,7 @@ impl Lane {
     fn start_proxy(&mut self, env: &Env<'_>, edge: &str) -> Result<()> {
         if which("haproxy") {
             let mut cfg = String::from(
-                "global\n    maxconn 200000\n    nbthread 1\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1m\n    timeout server 1m\n",
+                "global\n    maxconn 8000\n    nbthread 1\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1m\n    timeout server 1m\n",
             );
             for port in PORTS {
                 let _ = write!(cfg, "listen p{port}\n    bind 198.51.100.7:{port}\n    server s 10.77.0.2:{port}\n");
@@ -415,7 +419,16 @@ pub fn ifindex_in(ns: &str, dev: &str) -> Result<u32> {
         .with_context(|| format!("no interface {dev} in {ns}"))?)
 }
 
-fn flower(edge: &str) -> Result<()> {
+fn self_note(lane: &mut Lane, note: String) {
+    lane.note = Some(note);
+}
+
+/// The original proof of concept: `tc flower` matching the service, `skbmod` writing the
+/// namespace veth's MAC, `mirred egress redirect` to the host-side veth. Kernels built
+/// without cls_flower/act_skbmod (this project's CI VMs) get the same path from what they
+/// have: `u32` for the match, and the namespace veth given lan0's MAC so that the frame,
+/// whose destination MAC nobody rewrites, still arrives as PACKET_HOST.
+fn flower(edge: &str, target: &str) -> Result<String> {
     exec_in(edge, "tc", &["qdisc", "add", "dev", "lan0", "clsact"], None, Duration::from_secs(10))?;
     let mut batch = String::new();
     for port in PORTS {
@@ -425,8 +438,24 @@ fn flower(edge: &str) -> Result<()> {
              action skbmod set dmac {MAC_S} pipe action mirred egress redirect dev vs0"
         );
     }
-    exec_in(edge, "tc", &["-batch", "-"], Some(batch.as_bytes()), Duration::from_secs(10))?;
-    Ok(())
+    let flower_err = match exec_in(edge, "tc", &["-batch", "-"], Some(batch.as_bytes()), Duration::from_secs(10)) {
+        Ok(_) => return Ok("tc flower + skbmod + mirred".into()),
+        Err(e) => format!("{e:#}"),
+    };
+    let _ = exec_in(edge, "tc", &["filter", "del", "dev", "lan0", "ingress"], None, Duration::from_secs(10));
+    ip(&["-n", target, "link", "set", "eth0", "address", MAC_LAN])?;
+    neigh(edge, "vs0", "10.77.0.2", MAC_LAN)?;
+    let mut batch = String::new();
+    for port in PORTS {
+        let _ = writeln!(
+            batch,
+            "filter add dev lan0 ingress protocol ip pref 10 u32 match ip dst 198.51.100.7/32 match ip protocol 6 0xff \
+             match ip dport {port} 0xffff action mirred egress redirect dev vs0"
+        );
+    }
+    exec_in(edge, "tc", &["-batch", "-"], Some(batch.as_bytes()), Duration::from_secs(10))
+        .with_context(|| format!("neither flower ({}) nor u32 works", flower_err.lines().last().unwrap_or("")))?;
+    Ok("tc u32 + mirred: this kernel has no cls_flower/act_skbmod, so u32 matches and the service veth carries lan0's MAC instead of an skbmod rewrite".into())
 }
 
 /// The DNAT ruleset: `fill` unrelated rules, then the service's own (last, as `-A` puts it).

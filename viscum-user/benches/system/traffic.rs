@@ -123,6 +123,11 @@ fn run_inner(args: &Args, env: &Env<'_>, b1_hit_ns: Option<f64>) -> Result<Vec<F
     }
     notes.push(format!("{} lanes built and verified in {:.1} s", lanes.len(), t0.elapsed().as_secs_f64()));
     let proxy_tool = lanes.iter().find_map(|l| l.proxy.clone());
+    for l in &lanes {
+        if let Some(n) = &l.note {
+            notes.push(format!("{}: {n}", l.label));
+        }
+    }
 
     let base_labels: Vec<String> = BASE.iter().map(Spec::label).collect();
     let all_labels: Vec<String> = BASE.iter().chain(FILLED.iter()).map(Spec::label).collect();
@@ -302,7 +307,7 @@ fn b4_fragment(
         ratio_row("viscum / hook", &t("viscum"), &t("hook"), Some(("≥ 0.97", |x| x >= 0.97))),
         ratio_row("noop / route", &t("noop"), &t("route"), Some(("≥ 0.98", |x| x >= 0.98))),
         ratio_row("viscum / iptables DNAT", &t("viscum"), &t("iptables"), Some(("≥ 1.0", |x| x >= 1.0))),
-        ratio_row("viscum / flower+mirred", &t("viscum"), &t("flower"), Some(("≥ 1.05", |x| x >= 1.05))),
+        ratio_row("viscum / tc-mirred", &t("viscum"), &t("tc-mirred"), Some(("≥ 1.05", |x| x >= 1.05))),
         ratio_row("viscum / proxy", &t("viscum"), &t("proxy"), Some(("≥ 1.8", |x| x >= 1.8))),
         ratio_row("viscum p99 / proxy p99", &q("viscum", 0.99), &q("proxy", 0.99), Some(("≤ 0.6", |x| x <= 0.6))),
         ratio_row("viscum / nftables DNAT", &t("viscum"), &t("nft"), None),
@@ -367,7 +372,7 @@ fn b5_fragment(
         ratio_row("viscum / route", &c("viscum"), &c("route"), None),
         ratio_row("viscum / hook", &c("viscum"), &c("hook"), None),
         ratio_row("noop / route", &c("noop"), &c("route"), None),
-        ratio_row("viscum / flower+mirred", &c("viscum"), &c("flower"), None),
+        ratio_row("viscum / tc-mirred", &c("viscum"), &c("tc-mirred"), None),
     ];
     f.tables.push(Table { title: "ratios of connections/s (per round)".into(), rows: r });
     f.plots.push(Plot::Bars { file: "b5-crr".into(), title: "B5: new connections per second".into(), unit: "connections/s".into(), bars });
@@ -470,7 +475,7 @@ fn b6_fragment(
         ratio_row("viscum / proxy, per core", &pc("viscum"), &pc("proxy"), Some(("≥ 2", |x| x >= 2.0))),
         ratio_row("viscum / hook, raw", &g("viscum"), &g("hook"), None),
         ratio_row("viscum / iptables, per core", &pc("viscum"), &pc("iptables"), None),
-        ratio_row("viscum / flower+mirred, per core", &pc("viscum"), &pc("flower"), None),
+        ratio_row("viscum / tc-mirred, per core", &pc("viscum"), &pc("tc-mirred"), None),
     ];
     f.tables.push(Table { title: "ratios (per round)".into(), rows: r });
     f.plots.push(Plot::Bars { file: "b6-throughput".into(), title: "B6: bulk TCP, one stream".into(), unit: "Gbit/s".into(), bars });
