@@ -17,6 +17,7 @@
 //! env = { KEY = "value" }
 //! restart = "on-failure"
 //! stop_grace_ms = 5000
+//! drain_timeout_ms = 10000           # on a deliberate stop, wait this long for edge flows to end
 //! [service.health]
 //! tcp = 5201
 //! interval_ms = 500
@@ -62,6 +63,8 @@ pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_FALL: u32 = 2;
 /// Time between SIGTERM and SIGKILL when stopping a service.
 pub const DEFAULT_STOP_GRACE_MS: u64 = 5000;
+/// Default bound on draining a deliberately stopped service's edge flows.
+const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// Services run unprivileged unless told otherwise.
 pub const DEFAULT_USER: &str = "nobody";
 
@@ -114,6 +117,9 @@ pub struct ServiceConfig {
     pub limits: Limits,
     /// Time between SIGTERM and SIGKILL when stopping.
     pub stop_grace: Duration,
+    /// On a deliberate stop, how long the entries drain (no new flows; open
+    /// edge flows continue) before the process is stopped. 0 = no draining.
+    pub drain_timeout: Duration,
 }
 
 impl ServiceConfig {
@@ -313,6 +319,7 @@ struct RawService {
     env: Option<BTreeMap<String, String>>,
     restart: Option<String>,
     stop_grace_ms: Option<i64>,
+    drain_timeout_ms: Option<i64>,
     health: Option<RawHealth>,
     limits: Option<RawLimits>,
 }
@@ -759,6 +766,15 @@ fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<ServiceConf
         Some(ms) => Duration::from_millis(ms as u64),
     };
 
+    let drain_timeout = match raw.drain_timeout_ms {
+        None => Duration::from_millis(DEFAULT_DRAIN_TIMEOUT_MS),
+        Some(ms) if ms < 0 => {
+            p.add("drain_timeout_ms", format!("{ms} is negative"));
+            Duration::ZERO
+        }
+        Some(ms) => Duration::from_millis(ms as u64),
+    };
+
     let health = validate_health(raw.health, &matches, p);
     let limits = validate_limits(raw.limits.unwrap_or_default(), p);
 
@@ -775,6 +791,7 @@ fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<ServiceConf
         health: health?,
         limits,
         stop_grace,
+        drain_timeout,
     })
 }
 

@@ -184,7 +184,7 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
         log_x: true,
         series: tool_series,
     });
-    f.note("library updates: Engine::insert of a new exact entry (per-CPU value for every CPU, BPF_NOEXIST), timed one by one with the monotonic clock, the map attached through `viscum attach` on a dummy interface; fill levels interleaved in batches");
+    f.note("library updates: Engine::insert of a new exact entry (per-CPU value for every CPU, BPF_NOEXIST), timed one by one with the monotonic clock, the map attached through `viscum attach` on an idle veth; fill levels interleaved in batches");
     f.note("tool updates: wall time of one process per update, in a namespace holding that many DNAT rules (iptables) or verdict-map elements (nft); xtables lock waited for (-w)");
     f.raw("engine", serde_json::Value::Object(raw_eng));
     f.raw("tools_us", serde_json::Value::Object(raw_tools));
@@ -208,7 +208,8 @@ fn median(v: &[f64]) -> f64 {
 /// A namespace with a dummy `lan0` and `viscum attach lan0` on a bpffs of its own.
 fn attached_instance(env: &Env<'_>, tag: &str, max_entries: u32) -> Result<(Ns, Pins)> {
     let ns = Ns::create(&format!("{}-{tag}", env.run_id))?;
-    ip(&["-n", &ns.name, "link", "add", "lan0", "type", "dummy"])?;
+    // A veth with its peer alongside (some kernels here lack the dummy driver).
+    ip(&["-n", &ns.name, "link", "add", "lan0", "type", "veth", "peer", "name", "lan1"])?;
     ip(&["-n", &ns.name, "link", "set", "lan0", "up"])?;
     let dir = env.bpffs.subdir(&format!("b7-{tag}"))?;
     env.viscum.with_bpffs(&dir).run(&ns.name, &["attach", "lan0", "--max-entries", &max_entries.to_string()])?;
@@ -406,23 +407,25 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
         t.cli_del_wall.push(done.elapsed.as_secs_f64() * 1e3);
         // Library add/del, from a thread in the edge namespace (netlink acts there).
         let ep: Endpoint = target.parse()?;
+        // The clock starts at the call, with the engine open and a runtime ready, as in a
+        // daemon.
         let (pins2, s2) = (pins.clone(), s_name.clone());
-        let t0 = Instant::now();
-        viscum::netns::in_netns(e, move || -> Result<()> {
+        let t0 = viscum::netns::in_netns(e, move || -> Result<Instant> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let mut engine = Engine::open(&pins2)?;
+            let t0 = Instant::now();
             rt.block_on(viscum::redirect::add(&mut engine, &ep, &viscum::redirect::Target::Namespace(s2)))?;
-            Ok(())
+            Ok(t0)
         })??;
         let served = prober.wait_for(b'S', t0, wait)?;
         t.lib_add.push(ms(t0, served));
         let pins2 = pins.clone();
-        let t0 = Instant::now();
-        viscum::netns::in_netns(e, move || -> Result<()> {
+        let t0 = viscum::netns::in_netns(e, move || -> Result<Instant> {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let mut engine = Engine::open(&pins2)?;
+            let t0 = Instant::now();
             rt.block_on(viscum::redirect::del(&mut engine, &ep))?;
-            Ok(())
+            Ok(t0)
         })??;
         let served = prober.wait_for(b'K', t0, wait)?;
         t.lib_del.push(ms(t0, served));

@@ -119,7 +119,7 @@ fn rss(args: &Args, env: &Env<'_>, f: &mut Fragment) -> Result<Vec<Row>> {
     let n_services: usize = args.pick(100, 100);
     let mut rows = Vec::new();
     let e = Ns::create(&format!("{}-9e", env.run_id))?;
-    ip(&["-n", &e.name, "link", "add", "lan0", "type", "dummy"])?;
+    ip(&["-n", &e.name, "link", "add", "lan0", "type", "veth", "peer", "name", "lan1"])?;
     ip(&["-n", &e.name, "link", "set", "lan0", "up"])?;
 
     // Idle.

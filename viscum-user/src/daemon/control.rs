@@ -95,36 +95,8 @@ pub struct DaemonStatus {
     pub services: Vec<ServiceStatus>,
 }
 
-/// The classifier's global counters.
-#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize)]
-pub struct DatapathCounters {
-    pub seen: u64,
-    pub redirected: u64,
-    pub passed: u64,
-    pub fragments: u64,
-    pub unparsable: u64,
-    pub redirect_errors: u64,
-    /// Flows that started at the edge / matched but stayed with the cloud.
-    #[serde(default)]
-    pub flows_edge: u64,
-    #[serde(default)]
-    pub flows_cloud: u64,
-}
-
-impl From<crate::engine::GlobalStats> for DatapathCounters {
-    fn from(g: crate::engine::GlobalStats) -> Self {
-        DatapathCounters {
-            seen: g.seen,
-            redirected: g.redirected,
-            passed: g.passed,
-            fragments: g.fragments,
-            unparsable: g.unparsable,
-            redirect_errors: g.redirect_errors,
-            flows_edge: g.flows_edge,
-            flows_cloud: g.flows_cloud,
-        }
-    }
-}
+/// Global datapath counters as the control API reports them.
+pub type DatapathCounters = crate::engine::GlobalStats;
 
 /// Lifecycle state of a service.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,6 +178,12 @@ pub struct ServiceStatus {
     /// Packets and bytes redirected to it (summed over entry generations).
     pub packets: u64,
     pub bytes: u64,
+    /// Flows that started at the edge (each kept off the uplink).
+    pub edge_flows: u64,
+    /// Matched flows that went to the cloud (entry learning or draining).
+    pub cloud_flows: u64,
+    /// Edge flows open right now.
+    pub live_flows: u64,
     pub matches: Vec<String>,
     pub netns: String,
     pub log: PathBuf,

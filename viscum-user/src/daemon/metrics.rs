@@ -129,6 +129,28 @@ pub fn render(status: &DaemonStatus) -> String {
         per(&|s| s.bytes.to_string()),
     );
     family(
+        "viscum_service_flows_total",
+        "counter",
+        "Flows matching the service, by where they went (edge: kept off the uplink; cloud: fell back).",
+        status
+            .services
+            .iter()
+            .flat_map(|s| {
+                let n = label(&s.name);
+                [
+                    (format!("service=\"{n}\",where=\"edge\""), s.edge_flows.to_string()),
+                    (format!("service=\"{n}\",where=\"cloud\""), s.cloud_flows.to_string()),
+                ]
+            })
+            .collect(),
+    );
+    family(
+        "viscum_service_live_flows",
+        "gauge",
+        "Edge flows of the service open right now.",
+        per(&|s| s.live_flows.to_string()),
+    );
+    family(
         "viscum_service_healthy",
         "gauge",
         "1 if the service's health checks pass.",
@@ -201,6 +223,13 @@ pub fn render(status: &DaemonStatus) -> String {
                 ("where=\"edge\"".into(), d.flows_edge.to_string()),
                 ("where=\"cloud\"".into(), d.flows_cloud.to_string()),
             ],
+        );
+        family(
+            "viscum_datapath_flow_orphans_total",
+            "counter",
+            "Mid-connection packets of matched services with no flow state: connections older than \
+             their entry, or flow-table evictions (raise --flow-table-size if this grows).",
+            vec![(String::new(), d.flow_orphans.to_string())],
         );
     }
     if let Some(load) = status.load {

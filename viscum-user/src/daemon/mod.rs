@@ -453,6 +453,7 @@ impl Daemon {
         let engine = self.ctx.engine.lock().await;
         let now = Instant::now();
         let mut services = Vec::new();
+        let live = engine.edge_flows().unwrap_or_default();
         for handle in self.services.values() {
             let shared = handle.lock();
             let mut s = shared.status.clone();
@@ -463,16 +464,22 @@ impl Daemon {
                 .next_start
                 .map(|t| t.saturating_duration_since(now).as_millis() as u64);
             let (mut packets, mut bytes) = (shared.acc_packets, shared.acc_bytes);
+            let (mut edge_flows, mut cloud_flows) = (shared.acc_edge_flows, shared.acc_cloud_flows);
             for ep in &shared.installed {
                 if let Ok(Some(e)) = engine.get(ep)
                     && Some(e.ifindex) == shared.host_ifindex
                 {
                     packets += e.packets;
                     bytes += e.bytes;
+                    edge_flows += e.new_flows;
+                    cloud_flows += e.cloud_flows;
                 }
             }
             s.packets = packets;
             s.bytes = bytes;
+            s.edge_flows = edge_flows;
+            s.cloud_flows = cloud_flows;
+            s.live_flows = shared.host_ifindex.and_then(|i| live.get(&i).copied()).unwrap_or(0);
             services.push(s);
         }
         let datapath = engine.global_stats().ok().map(Into::into);

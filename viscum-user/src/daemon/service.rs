@@ -82,6 +82,8 @@ pub struct Shared {
     /// Counters of entries this task installed and removed since it started.
     pub acc_packets: u64,
     pub acc_bytes: u64,
+    pub acc_edge_flows: u64,
+    pub acc_cloud_flows: u64,
     /// The namespace's host veth: entries pointing there are this service's.
     pub host_ifindex: Option<u32>,
     /// Entries in the datapath right now (updated under the engine lock, so counters read
@@ -590,12 +592,14 @@ impl Actor {
         }
         let ifindex = self.ns.as_ref().map(|n| n.host_ifindex);
         let mut engine = self.ctx.engine.lock().await;
-        let (mut packets, mut bytes) = (0, 0);
+        let (mut packets, mut bytes, mut edge_flows, mut cloud_flows) = (0, 0, 0, 0);
         for ep in std::mem::take(&mut self.installed) {
             match engine.get(&ep) {
                 Ok(Some(e)) if Some(e.ifindex) == ifindex => {
                     packets += e.packets;
                     bytes += e.bytes;
+                    edge_flows += e.new_flows;
+                    cloud_flows += e.cloud_flows;
                     match redirect::del(&mut engine, &ep).await {
                         Ok(()) | Err(RedirectError::Engine(EngineError::NoSuchEntry(_))) => {}
                         Err(e) => log::warn!(
@@ -617,6 +621,8 @@ impl Actor {
             shared.installed.clear();
             shared.acc_packets += packets;
             shared.acc_bytes += bytes;
+            shared.acc_edge_flows += edge_flows;
+            shared.acc_cloud_flows += cloud_flows;
         }
         drop(engine);
         self.provisional = false;
@@ -758,8 +764,50 @@ impl Actor {
         self.adopted = false;
     }
 
-    /// Entries out, then SIGTERM, grace, SIGKILL.
+    /// A deliberate stop lets flows finish first: the entries stop taking
+    /// new flows (which go to the cloud), and open edge flows continue until
+    /// they end or `drain_timeout` runs out.
+    async fn drain(&mut self) {
+        if self.installed.is_empty() || self.proc.is_none() || self.cfg.drain_timeout.is_zero() {
+            return;
+        }
+        let Some(ifindex) = self.ns.as_ref().map(|n| n.host_ifindex) else {
+            return;
+        };
+        {
+            let mut engine = self.ctx.engine.lock().await;
+            for ep in &self.installed {
+                if let Err(e) = engine.update_flags(ep, |f| f | viscum_common::TARGET_F_DRAINING) {
+                    log::warn!("service {}: cannot drain {ep}: {e}", self.cfg.name);
+                }
+            }
+        }
+        self.state = ServiceState::Stopping;
+        self.publish();
+        let deadline = Instant::now() + self.cfg.drain_timeout;
+        loop {
+            let live = {
+                let engine = self.ctx.engine.lock().await;
+                engine.edge_flows().ok().and_then(|m| m.get(&ifindex).copied()).unwrap_or(0)
+            };
+            if live == 0 {
+                break;
+            }
+            if Instant::now() >= deadline {
+                log::warn!(
+                    "service {}: {live} edge flow(s) still open after draining for {:?}; stopping anyway",
+                    self.cfg.name,
+                    self.cfg.drain_timeout
+                );
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Drain, entries out, then SIGTERM, grace, SIGKILL.
     async fn stop_process(&mut self) {
+        self.drain().await;
         self.remove_entries().await;
         if let Some(mut proc) = self.proc.take() {
             self.state = ServiceState::Stopping;
@@ -979,6 +1027,9 @@ impl Actor {
             last_check_error: self.last_check_error.clone(),
             packets: 0,
             bytes: 0,
+            edge_flows: 0,
+            cloud_flows: 0,
+            live_flows: 0,
             matches: self.cfg.matches.iter().map(ToString::to_string).collect(),
             netns: self.cfg.name.clone(),
             log: self.log_path.clone(),

@@ -50,7 +50,8 @@ pub struct EntryView {
 }
 
 /// The global counters summed over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct GlobalStats {
     pub seen: u64,
     pub redirected: u64,
@@ -317,14 +318,14 @@ impl Engine {
             .map_err(|e| EngineError::map(format!("cannot update the entry for {endpoint}"), e))
     }
 
-    /// Live edge flows per target ifindex (for draining and `stats`).
+    /// Open edge flows per target ifindex (for draining and `stats`). A flow
+    /// that has seen FIN/RST is finishing and no longer counts.
     pub fn edge_flows(&self) -> Result<std::collections::HashMap<u32, u64>, EngineError> {
         let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: valid out pointer; bpf_ktime_get_ns uses CLOCK_MONOTONIC.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
         let now = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
         let cfg = self.config.get(&0, 0).unwrap_or_default();
-        let linger = if cfg.linger_ns == 0 { 10_000_000_000 } else { cfg.linger_ns };
         let tcp_idle = if cfg.tcp_idle_ns == 0 { 7_200_000_000_000 } else { cfg.tcp_idle_ns };
         let udp_idle = if cfg.udp_idle_ns == 0 { 30_000_000_000 } else { cfg.udp_idle_ns };
         let mut out = std::collections::HashMap::new();
@@ -334,8 +335,7 @@ impl Engine {
                 continue;
             }
             let idle = if key.proto == viscum_common::PROTO_TCP { tcp_idle } else { udp_idle };
-            let closed = state.closing_at_ns != 0 && now.saturating_sub(state.closing_at_ns) > linger;
-            if closed || now.saturating_sub(state.last_seen_ns) > idle {
+            if state.closing_at_ns != 0 || now.saturating_sub(state.last_seen_ns) > idle {
                 continue;
             }
             *out.entry(state.ifindex).or_insert(0) += 1;
