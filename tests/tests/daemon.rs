@@ -917,3 +917,67 @@ fn limits_are_enforced_in_the_service_cgroup_or_reported_unsupported() {
     eprintln!("{table}");
     assert!(daemon.stop().success());
 }
+
+#[test]
+fn a_deliberate_stop_drains_the_edge_flows_before_stopping_the_service() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = Files::new();
+    let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
+    let web = lab.service_ns_name();
+    files.write_config(&(files.engine("") + &files.service(&web, 8080, "edge", "drain_timeout_ms = 20000")));
+    let daemon = Daemon::start(&lab, &files);
+    let pid = daemon.wait_redirected(&web, UP);
+    wait_for(&lab, 8080, "edge", UP);
+
+    // A 300 KiB transfer from the edge copy, spread over ~3 s.
+    const KIB: usize = 300;
+    let progress = Arc::new(AtomicUsize::new(0));
+    let transfer = {
+        let client = lab.client.name().to_string();
+        let progress = progress.clone();
+        thread::spawn(move || {
+            netns::in_netns(&client, move || -> std::io::Result<usize> {
+                let mut s = TcpStream::connect_timeout(&cloud_addr(8080), Duration::from_secs(2))?;
+                s.set_read_timeout(Some(Duration::from_secs(10)))?;
+                writeln!(s, "stream {KIB}")?;
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf)? {
+                        0 => return Ok(progress.load(Ordering::SeqCst)),
+                        n => progress.fetch_add(n, Ordering::SeqCst),
+                    };
+                }
+            })
+            .unwrap()
+        })
+    };
+    assert!(wait_until(Duration::from_secs(5), || progress.load(Ordering::SeqCst) > 0), "the transfer did not start");
+
+    // `service stop` drains: it returns only once the open edge flow has ended.
+    let control = files.control();
+    let stopper = {
+        let cmd = lab.viscum_command(&["service", "stop", &web, "--control", control.to_str().unwrap()]);
+        thread::spawn(move || {
+            let mut cmd = cmd;
+            cmd.output().unwrap()
+        })
+    };
+    // Meanwhile new connections already go to the cloud, and the service still runs.
+    let t0 = Instant::now();
+    wait_for(&lab, 8080, "cloud", Duration::from_secs(5));
+    eprintln!("new flows went to the cloud {:?} after the stop began", t0.elapsed());
+    assert!(alive(pid), "the service must keep running while its flows drain");
+    assert!(progress.load(Ordering::SeqCst) < KIB * 1024, "the transfer ended before draining was seen; make it longer");
+
+    let received = transfer.join().unwrap().expect("the drained transfer broke");
+    assert_eq!(received, KIB * 1024, "the transfer was cut short by the stop");
+    let out = stopper.join().unwrap();
+    assert!(out.status.success(), "service stop: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(wait_until(Duration::from_secs(10), || !alive(pid)), "the service was not stopped after draining");
+    assert!(entries(&lab).is_empty(), "{:?}", entries(&lab));
+    assert_eq!(who(&lab, 8080), "cloud");
+    drop(daemon);
+}
