@@ -19,12 +19,14 @@
 //! Run the tests one at a time (`--test-threads=1`); tests that need root call
 //! [`skip_unless_root`] first.
 
+pub mod dns;
 pub mod guard;
 pub mod identity;
 pub mod lab;
 mod vlan;
 
 pub use self::{
+    dns::{Dns, Zone},
     guard::{Bpffs, Netns, block_on, skip_unless_root, unique_name, wait_until},
     identity::{IdentityServer, Proto, ask, tcp_ask, udp_ask},
     lab::{Lab, LabOptions, VlanMode},

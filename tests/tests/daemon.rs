@@ -981,3 +981,40 @@ fn a_deliberate_stop_drains_the_edge_flows_before_stopping_the_service() {
     assert_eq!(who(&lab, 8080), "cloud");
     drop(daemon);
 }
+
+#[test]
+fn a_host_name_service_follows_dns() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = Files::new();
+    let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
+    let zone = viscum_tests::Zone::default();
+    zone.lock().unwrap().insert("alpr.example.net".into(), vec![IpAddr::V4(CLOUD_V4)]);
+    let _dns = viscum_tests::Dns::start(lab.cloud.name(), zone.clone());
+    let web = lab.service_ns_name();
+    let service = files
+        .service(&web, 8080, "edge", "")
+        .replace(&format!("tcp://{CLOUD_V4}:8080"), "tcp://alpr.example.net:8080");
+    files.write_config(&(files.engine(&format!("dns = [\"{CLOUD_V4}\"]")) + &service));
+    let daemon = Daemon::start(&lab, &files);
+    daemon.wait_redirected(&web, UP);
+    wait_for(&lab, 8080, "edge", UP);
+    assert_eq!(entries(&lab), vec![format!("tcp://{CLOUD_V4}:8080")]);
+    let matches = daemon.service(&web)["matches"].clone();
+    assert_eq!(matches, serde_json::json!([format!("tcp://alpr.example.net:8080 -> [{CLOUD_V4}]")]));
+
+    // The name leaves that address (TTL 1 s): its entry goes, and the cloud serves again.
+    zone.lock().unwrap().insert("alpr.example.net".into(), vec!["2001:db8:f::7".parse().unwrap()]);
+    let gone = wait_entry_gone(&lab, &format!("tcp://{CLOUD_V4}:8080"), Duration::from_secs(10));
+    eprintln!("stale address removed {gone:?} after the DNS change");
+    assert!(
+        wait_until(Duration::from_secs(5), || entries(&lab) == ["tcp://[2001:db8:f::7]:8080"]),
+        "{:?}",
+        entries(&lab)
+    );
+    assert_eq!(who(&lab, 8080), "cloud");
+    daemon.stop();
+    assert!(entries(&lab).is_empty(), "{:?}", entries(&lab));
+}

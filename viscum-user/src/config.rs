@@ -51,7 +51,7 @@ use std::{
 
 use serde::Deserialize;
 
-use crate::{endpoint::Endpoint, netns};
+use crate::{endpoint::Endpoint, hostnames::HostMatch, netns};
 
 /// Interval between health checks when the file does not say.
 pub const DEFAULT_INTERVAL_MS: u64 = 1000;
@@ -94,6 +94,8 @@ pub struct EngineConfig {
     pub max_load: Option<f64>,
     /// Address of the Prometheus text endpoint.
     pub metrics: Option<SocketAddr>,
+    /// DNS servers for host-name matches (empty: the box's /etc/resolv.conf).
+    pub dns: Vec<SocketAddr>,
 }
 
 /// One `[[service]]`.
@@ -103,6 +105,8 @@ pub struct ServiceConfig {
     pub name: String,
     /// What the classifier redirects into the namespace while the service is healthy.
     pub matches: Vec<Endpoint>,
+    /// Cloud host names: one entry per address they resolve to, kept in step with DNS.
+    pub host_matches: Vec<HostMatch>,
     /// Program and arguments, run inside the namespace.
     pub command: Vec<String>,
     /// The account the command runs as.
@@ -306,6 +310,7 @@ struct RawEngine {
     run_dir: Option<PathBuf>,
     max_load: Option<f64>,
     metrics: Option<String>,
+    dns: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -654,6 +659,16 @@ fn validate_engine(raw: RawEngine, p: &mut Problems<'_>) -> Option<EngineConfig>
             }
         },
     };
+    let mut dns = Vec::new();
+    for (i, text) in raw.dns.unwrap_or_default().iter().enumerate() {
+        match text.parse::<std::net::IpAddr>() {
+            Ok(ip) => dns.push(SocketAddr::new(ip, 53)),
+            Err(_) => match text.parse::<SocketAddr>() {
+                Ok(addr) => dns.push(addr),
+                Err(_) => p.add(format!("dns[{i}]"), format!("'{text}' is not an ADDRESS or ADDRESS:PORT")),
+            },
+        }
+    }
     (p.out.len() == before).then_some(EngineConfig {
         interfaces,
         bpffs: raw.bpffs,
@@ -661,6 +676,7 @@ fn validate_engine(raw: RawEngine, p: &mut Problems<'_>) -> Option<EngineConfig>
         run_dir: raw.run_dir,
         max_load: raw.max_load,
         metrics,
+        dns,
     })
 }
 
@@ -681,6 +697,7 @@ fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<ServiceConf
     };
 
     let mut matches = Vec::new();
+    let mut host_matches: Vec<HostMatch> = Vec::new();
     match raw.matches {
         None => p.add(
             "match",
@@ -697,7 +714,14 @@ fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<ServiceConf
                         p.add(format!("match[{i}]"), format!("{ep} is listed twice"))
                     }
                     Ok(ep) => matches.push(ep),
-                    Err(e) => p.add(format!("match[{i}]"), e),
+                    Err(e) => match text.parse::<HostMatch>() {
+                        Ok(h) if host_matches.contains(&h) => {
+                            p.add(format!("match[{i}]"), format!("{h} is listed twice"))
+                        }
+                        Ok(h) => host_matches.push(h),
+                        Err(crate::hostnames::HostError::NotAHost(_)) => p.add(format!("match[{i}]"), e),
+                        Err(host_err) => p.add(format!("match[{i}]"), host_err),
+                    },
                 }
             }
         }
@@ -784,6 +808,7 @@ fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<ServiceConf
     Some(ServiceConfig {
         name,
         matches,
+        host_matches,
         command,
         user: user?,
         env,

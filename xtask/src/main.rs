@@ -6,7 +6,7 @@
 //! One module per command: [`setup`] installs the toolchain and test tools,
 //! [`build`] builds the `viscum` binary (and finds it), [`run`] runs it or
 //! starts the [`lab`], [`test`] runs every test, [`dist`] makes release
-//! binaries, [`bench`] is a placeholder. [`process`] holds the small helpers
+//! binaries, [`bench`] runs the benchmarks. [`process`] holds the small helpers
 //! they share for running commands.
 //!
 //! xtask is an edge of the project, so errors are `anyhow` and are printed
@@ -45,8 +45,8 @@ enum Command {
     Run(run::Options),
     /// Release-build stripped `viscum` binaries (static musl where the target is installed).
     Dist(dist::Options),
-    /// Benchmarks (not implemented yet).
-    Bench,
+    /// Set up, build and run the benchmarks; write bench/results/*.json and bench/RESULTS.md.
+    Bench(bench::Options),
 }
 
 fn main() -> ExitCode {
@@ -57,7 +57,7 @@ fn main() -> ExitCode {
         Command::Test(opts) => test::run(&opts),
         Command::Run(opts) => run::run(opts),
         Command::Dist(opts) => dist::run(&opts),
-        Command::Bench => bench::run(),
+        Command::Bench(opts) => bench::run(&opts),
     };
     match result {
         Ok(code) => code,

@@ -201,11 +201,23 @@ pub async fn run(
         source,
     })?;
     let (shed, _) = watch::channel(false);
+    let resolver = if config.services.iter().any(|s| !s.host_matches.is_empty()) {
+        match crate::hostnames::Resolver::new(&config.engine.dns) {
+            Ok(r) => Some(Arc::new(r)),
+            Err(e) => {
+                log::warn!("host-name matches will not be resolved: {e}");
+                None
+            }
+        }
+    } else {
+        crate::hostnames::Resolver::new(&config.engine.dns).ok().map(Arc::new)
+    };
     let ctx = Arc::new(service::Context {
         engine: Arc::new(tokio::sync::Mutex::new(engine)),
         paths,
         sockets,
         shed,
+        resolver,
     });
 
     let mut daemon = Daemon {
@@ -465,7 +477,7 @@ impl Daemon {
                 .map(|t| t.saturating_duration_since(now).as_millis() as u64);
             let (mut packets, mut bytes) = (shared.acc_packets, shared.acc_bytes);
             let (mut edge_flows, mut cloud_flows) = (shared.acc_edge_flows, shared.acc_cloud_flows);
-            for ep in &shared.installed {
+            for ep in shared.installed.iter().chain(&shared.resolved) {
                 if let Ok(Some(e)) = engine.get(ep)
                     && Some(e.ifindex) == shared.host_ifindex
                 {

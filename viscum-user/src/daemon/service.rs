@@ -54,6 +54,9 @@ pub struct Context {
     pub sockets: SocketMaker,
     /// `true` while every service is held back because of load.
     pub shed: watch::Sender<bool>,
+    /// Resolver for host-name matches (`None` if it could not be set up:
+    /// such services then get no host-name entries, and say why).
+    pub resolver: Option<Arc<crate::hostnames::Resolver>>,
 }
 
 /// The answer to start/stop/restart.
@@ -89,6 +92,8 @@ pub struct Shared {
     /// Entries in the datapath right now (updated under the engine lock, so counters read
     /// under the same lock add up).
     pub installed: Vec<Endpoint>,
+    /// Entries installed for host-name matches (their current DNS answers).
+    pub resolved: Vec<Endpoint>,
 }
 
 /// The supervisor's handle on a service task.
@@ -156,6 +161,17 @@ pub fn spawn(config: ServiceConfig, ctx: Arc<Context>) -> Handle {
         healthy_since: None,
         provisional: false,
         installed: Vec::new(),
+        hosts: config
+            .host_matches
+            .iter()
+            .map(|h| {
+                crate::hostnames::HostTracker::new(
+                    h.clone(),
+                    Target::Namespace(config.name.clone()),
+                    redirect::RedirectOptions::default(),
+                )
+            })
+            .collect(),
         want_running: true,
         backoff_step: 0,
         restart_pending: false,
@@ -193,6 +209,8 @@ struct Actor {
     log_path: PathBuf,
     shed: watch::Receiver<bool>,
     ns: Option<Ns>,
+    /// Host-name matches and the address entries they currently have.
+    hosts: Vec<crate::hostnames::HostTracker>,
     placement: Placement,
     proc: Option<Proc>,
     /// The running process was started by a previous daemon.
@@ -265,6 +283,7 @@ impl Actor {
         loop {
             self.reconcile().await;
             self.publish();
+            let host_refresh = self.next_host_refresh();
             let check_due = if self.check.is_none() {
                 self.next_check
             } else {
@@ -285,6 +304,7 @@ impl Actor {
                 exit = wait_proc(&mut self.proc) => self.on_exit(exit).await,
                 result = wait_check(&mut self.check) => self.on_check(result),
                 () = sleep_until(check_due) => self.begin_check(),
+                () = sleep_until(host_refresh) => {}
                 () = sleep_until(self.next_start) => {
                     self.next_start = None;
                     self.start().await;
@@ -516,9 +536,84 @@ impl Actor {
             if self.installed.len() < self.cfg.matches.len() {
                 self.install_entries().await;
             }
-        } else if !self.installed.is_empty() {
-            self.remove_entries().await;
+            self.refresh_hosts().await;
+        } else {
+            if !self.installed.is_empty() {
+                self.remove_entries().await;
+            }
+            self.clear_hosts().await;
         }
+    }
+
+    /// When the next host name is due for re-resolution (only while entries are wanted).
+    fn next_host_refresh(&self) -> Option<Instant> {
+        if self.hosts.is_empty() || !self.wants_entries() {
+            return None;
+        }
+        self.hosts.iter().map(|h| h.next_refresh).min()
+    }
+
+    /// Re-resolves the host names that are due and applies the differences.
+    async fn refresh_hosts(&mut self) {
+        let Some(resolver) = self.ctx.resolver.clone() else {
+            if !self.hosts.is_empty() && self.error.is_none() {
+                self.error = Some("host-name matches need a DNS resolver, and none could be set up".into());
+            }
+            return;
+        };
+        let now = Instant::now();
+        for i in 0..self.hosts.len() {
+            if self.hosts[i].next_refresh > now {
+                continue;
+            }
+            let mut engine = self.ctx.engine.lock().await;
+            match self.hosts[i].refresh(&mut engine, &resolver).await {
+                Ok(ch) => {
+                    for ep in ch.removed {
+                        log::info!("service {}: {ep} left DNS, entry removed", self.cfg.name);
+                    }
+                    for ep in ch.added {
+                        log::info!("service {}: redirecting {ep} ({})", self.cfg.name, self.hosts[i].matched);
+                    }
+                }
+                Err(e) => log::warn!(
+                    "service {}: {}: {}",
+                    self.cfg.name,
+                    self.hosts[i].matched,
+                    error_chain(&e)
+                ),
+            }
+        }
+        self.publish_hosts();
+    }
+
+    async fn clear_hosts(&mut self) {
+        if self.hosts.iter().all(|h| h.installed.is_empty()) {
+            return;
+        }
+        let mut engine = self.ctx.engine.lock().await;
+        for h in &mut self.hosts {
+            if let Err(e) = h.clear(&mut engine).await {
+                log::warn!("service {}: {}: {}", self.cfg.name, h.matched, error_chain(&e));
+            }
+            // Resolve afresh when the entries are wanted again.
+            h.next_refresh = Instant::now();
+        }
+        drop(engine);
+        self.publish_hosts();
+    }
+
+    /// Endpoints currently installed for host names.
+    fn host_endpoints(&self) -> Vec<Endpoint> {
+        self.hosts
+            .iter()
+            .flat_map(|h| h.installed.iter().map(|a| h.matched.endpoint(*a)).collect::<Vec<_>>())
+            .collect()
+    }
+
+    fn publish_hosts(&self) {
+        let resolved = self.host_endpoints();
+        self.lock().resolved = resolved;
     }
 
     fn set_installed(&mut self, list: Vec<Endpoint>) {
@@ -768,7 +863,9 @@ impl Actor {
     /// new flows (which go to the cloud), and open edge flows continue until
     /// they end or `drain_timeout` runs out.
     async fn drain(&mut self) {
-        if self.installed.is_empty() || self.proc.is_none() || self.cfg.drain_timeout.is_zero() {
+        let mut draining = self.installed.clone();
+        draining.extend(self.host_endpoints());
+        if draining.is_empty() || self.proc.is_none() || self.cfg.drain_timeout.is_zero() {
             return;
         }
         let Some(ifindex) = self.ns.as_ref().map(|n| n.host_ifindex) else {
@@ -776,7 +873,7 @@ impl Actor {
         };
         {
             let mut engine = self.ctx.engine.lock().await;
-            for ep in &self.installed {
+            for ep in &draining {
                 if let Err(e) = engine.update_flags(ep, |f| f | viscum_common::TARGET_F_DRAINING) {
                     log::warn!("service {}: cannot drain {ep}: {e}", self.cfg.name);
                 }
@@ -809,6 +906,7 @@ impl Actor {
     async fn stop_process(&mut self) {
         self.drain().await;
         self.remove_entries().await;
+        self.clear_hosts().await;
         if let Some(mut proc) = self.proc.take() {
             self.state = ServiceState::Stopping;
             self.publish();
@@ -1014,7 +1112,7 @@ impl Actor {
             name: self.cfg.name.clone(),
             state: self.state,
             health,
-            redirected: !self.installed.is_empty(),
+            redirected: !self.installed.is_empty() || self.hosts.iter().any(|h| !h.installed.is_empty()),
             pid: self.proc.as_ref().map(Proc::pid),
             adopted: self.adopted,
             uptime_s: None,
@@ -1030,7 +1128,16 @@ impl Actor {
             edge_flows: 0,
             cloud_flows: 0,
             live_flows: 0,
-            matches: self.cfg.matches.iter().map(ToString::to_string).collect(),
+            matches: self
+                .cfg
+                .matches
+                .iter()
+                .map(ToString::to_string)
+                .chain(self.hosts.iter().map(|h| {
+                    let addrs: Vec<String> = h.installed.iter().map(ToString::to_string).collect();
+                    format!("{} -> [{}]", h.matched, addrs.join(", "))
+                }))
+                .collect(),
             netns: self.cfg.name.clone(),
             log: self.log_path.clone(),
             limits: self.placement.report.clone(),
