@@ -1108,6 +1108,50 @@ pids = 64
     }
 
     #[test]
+    fn host_names_and_dns_servers() {
+        let c = Config::parse(
+            r#"
+[engine]
+dns = ["192.0.2.53", "[2001:db8::53]:5353"]
+
+[[service]]
+name = "alpr"
+match = ["tcp://alpr.example.net:443", "tcp://198.51.100.7:443"]
+command = ["true"]
+drain_timeout_ms = 0
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.engine.dns, vec!["192.0.2.53:53".parse().unwrap(), "[2001:db8::53]:5353".parse().unwrap()]);
+        let s = &c.services[0];
+        assert_eq!(s.host_matches.len(), 1);
+        assert_eq!(s.host_matches[0].to_string(), "tcp://alpr.example.net:443");
+        assert_eq!(s.matches.len(), 1);
+        assert_eq!(s.drain_timeout, Duration::ZERO);
+        let err = Config::parse(
+            r#"
+[engine]
+dns = ["resolver.lan"]
+[[service]]
+name = "alpr"
+match = ["tcp://bad_host.example:443", "tcp://ok.example:443", "tcp://ok.example:443"]
+command = ["true"]
+drain_timeout_ms = -1
+"#,
+        )
+        .unwrap_err()
+        .to_string();
+        for needle in [
+            "engine: dns[0]: 'resolver.lan' is not an ADDRESS",
+            "service alpr: match[0]",
+            "service alpr: match[2]: tcp://ok.example:443 is listed twice",
+            "service alpr: drain_timeout_ms: -1 is negative",
+        ] {
+            assert!(err.contains(needle), "{needle:?} not in {err}");
+        }
+    }
+
+    #[test]
     fn defaults_fill_in() {
         let c = Config::parse(
             r#"

@@ -12,8 +12,9 @@ fn main() {
     let cli = Cli::parse();
     // `trace` exists to show the classifier's debug records.
     let level = match cli.command {
-        cli::Command::Trace(_) => cli.log_level.max(log::LevelFilter::Debug),
-        _ => cli.log_level,
+        cli::Command::Trace(_) => cli.log_level.unwrap_or(log::LevelFilter::Debug).max(log::LevelFilter::Debug),
+        cli::Command::Run(_) => cli.log_level.unwrap_or(log::LevelFilter::Info),
+        _ => cli.log_level.unwrap_or(log::LevelFilter::Warn),
     };
     env_logger::Builder::new()
         .filter_level(level)

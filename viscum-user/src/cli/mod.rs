@@ -31,8 +31,9 @@ pub struct Cli {
     /// Verbosity of viscum's own messages: off, error, warn, info, debug, trace.
     /// `debug` also turns on the classifier's per-packet decision records
     /// for commands that stream them (`viscum trace`).
-    #[arg(long, global = true, env = "VISCUM_LOG", default_value = "warn")]
-    pub log_level: log::LevelFilter,
+    /// Default: info for `run` (a daemon reports its lifecycle), warn otherwise.
+    #[arg(long, global = true, env = "VISCUM_LOG")]
+    pub log_level: Option<log::LevelFilter>,
 
     #[command(subcommand)]
     pub command: Command,
