@@ -78,7 +78,10 @@ const GROUPS: &[Group] = &[
         name: "datapath",
         bench: "datapath",
         group: None,
-        ids: &[("B1", "Classifier cost per packet (BPF_PROG_TEST_RUN)"), ("B2", "Hit cost against map size")],
+        ids: &[
+            ("B1", "Classifier cost per packet (BPF_PROG_TEST_RUN)"),
+            ("B2", "Hit cost against map size"),
+        ],
         quick_limit: Duration::from_secs(180),
         full_limit: Duration::from_secs(1800),
     },
@@ -149,7 +152,10 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     }
     for name in &opts.only {
         if !GROUPS.iter().any(|g| g.name == name) {
-            bail!("unknown group '{name}' (expected one of: {})", GROUPS.iter().map(|g| g.name).collect::<Vec<_>>().join(", "));
+            bail!(
+                "unknown group '{name}' (expected one of: {})",
+                GROUPS.iter().map(|g| g.name).collect::<Vec<_>>().join(", ")
+            );
         }
     }
     let started_wall = SystemTime::now();
@@ -158,10 +164,15 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     ensure_tools();
     // Ctrl-C reaches the bench child too (same process group); it cleans up and stops, and
     // we still sweep and write what was measured.
-    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         // SAFETY: the handler only stores to an atomic.
-        unsafe { signal::sigaction(sig, &action) }.with_context(|| format!("cannot handle {sig}"))?;
+        unsafe { signal::sigaction(sig, &action) }
+            .with_context(|| format!("cannot handle {sig}"))?;
     }
 
     sweep::stale_runs();
@@ -169,14 +180,22 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     let run_dir = sweep::run_dir(&run_id);
     fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
     fs::write(run_dir.join("owner"), std::process::id().to_string())?;
-    println!("bench: run {run_id} ({} mode)", if opts.quick { "quick" } else { "full" });
+    println!(
+        "bench: run {run_id} ({} mode)",
+        if opts.quick { "quick" } else { "full" }
+    );
 
-    if !opts.quick && !opts.no_dist && (opts.only.is_empty() || opts.only.iter().any(|g| g == "footprint")) {
+    if !opts.quick
+        && !opts.no_dist
+        && (opts.only.is_empty() || opts.only.iter().any(|g| g == "footprint"))
+    {
         // B9 reports the release binaries `cargo xtask dist` makes (static musl where installed).
         let mut cmd = process::cargo();
         cmd.args(["xtask", "dist"]);
         if let Err(e) = process::run(&mut cmd) {
-            eprintln!("bench: `cargo xtask dist` failed ({e:#}); B9 reports what target/dist holds");
+            eprintln!(
+                "bench: `cargo xtask dist` failed ({e:#}); B9 reports what target/dist holds"
+            );
         }
     }
     let exes = build()?;
@@ -191,14 +210,33 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
             continue;
         }
         if interrupted() {
-            fragments.extend(g.ids.iter().map(|(id, title)| error_fragment(id, title, "not run: interrupted")));
+            fragments.extend(
+                g.ids
+                    .iter()
+                    .map(|(id, title)| error_fragment(id, title, "not run: interrupted")),
+            );
             continue;
         }
         let out = run_dir.join(format!("{}.json", g.name));
-        let exe = exes.iter().find(|(n, _)| n == g.bench).map(|(_, p)| p.clone());
-        let limit = if opts.quick { g.quick_limit } else { g.full_limit };
+        let exe = exes
+            .iter()
+            .find(|(n, _)| n == g.bench)
+            .map(|(_, p)| p.clone());
+        let limit = if opts.quick {
+            g.quick_limit
+        } else {
+            g.full_limit
+        };
         let t = Instant::now();
-        println!("bench: {} ({}) …", g.name, g.ids.iter().map(|(id, _)| *id).collect::<Vec<_>>().join(", "));
+        println!(
+            "bench: {} ({}) …",
+            g.name,
+            g.ids
+                .iter()
+                .map(|(id, _)| *id)
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
         let result = match exe {
             Some(exe) => run_group(&exe, g, opts.quick, &run_id, &out, &datapath_out, limit),
             None => Err(anyhow::anyhow!("cargo built no `{}` bench binary", g.bench)),
@@ -212,7 +250,11 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
             }
             Err(e) => {
                 eprintln!("bench: {} failed after {secs:.0} s: {e:#}", g.name);
-                fragments.extend(g.ids.iter().map(|(id, title)| error_fragment(id, title, &format!("{e:#}"))));
+                fragments.extend(
+                    g.ids
+                        .iter()
+                        .map(|(id, title)| error_fragment(id, title, &format!("{e:#}"))),
+                );
             }
         }
         group_runs.push(json!({ "group": g.name, "seconds": secs }));
@@ -242,14 +284,22 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     println!("bench: report  in {}", paths.report.display());
     let failed: Vec<String> = doc["fragments"]
         .as_array()
-        .map(|v| v.iter().filter(|f| f["status"] == "error").filter_map(|f| f["id"].as_str().map(str::to_owned)).collect())
+        .map(|v| {
+            v.iter()
+                .filter(|f| f["status"] == "error")
+                .filter_map(|f| f["id"].as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     println!("bench: {}", render::summary_line(&doc));
     if interrupted() {
         return Ok(ExitCode::from(130));
     }
     if !failed.is_empty() {
-        eprintln!("bench: benchmarks that could not run: {}", failed.join(", "));
+        eprintln!(
+            "bench: benchmarks that could not run: {}",
+            failed.join(", ")
+        );
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
@@ -258,26 +308,50 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
 /// Installs missing tools with apt-get, saying so; a failure only warns (the benchmarks
 /// that need a missing tool report it).
 fn ensure_tools() {
-    let mut missing: Vec<&str> = TOOLS.iter().filter(|(p, _)| !process::have(p)).map(|(_, pkg)| *pkg).collect();
+    let mut missing: Vec<&str> = TOOLS
+        .iter()
+        .filter(|(p, _)| !process::have(p))
+        .map(|(_, pkg)| *pkg)
+        .collect();
     missing.dedup();
     if missing.is_empty() {
         return;
     }
-    println!("bench: installing tools the benchmarks drive: {} (apt-get install -y)", missing.join(" "));
+    println!(
+        "bench: installing tools the benchmarks drive: {} (apt-get install -y)",
+        missing.join(" ")
+    );
     let mut cmd = Command::new("apt-get");
-    cmd.args(["install", "-y", "--no-install-recommends"]).args(&missing).env("DEBIAN_FRONTEND", "noninteractive");
+    cmd.args(["install", "-y", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive");
     if let Err(e) = process::run(&mut cmd) {
-        eprintln!("bench: warning: could not install {} ({e:#}); benchmarks that need them will report errors", missing.join(" "));
+        eprintln!(
+            "bench: warning: could not install {} ({e:#}); benchmarks that need them will report errors",
+            missing.join(" ")
+        );
     }
 }
 
 /// `cargo bench --no-run` of both bench binaries; returns (name, executable).
 fn build() -> Result<Vec<(String, PathBuf)>> {
     let mut cmd = process::cargo();
-    cmd.args(["bench", "-p", "viscum-user", "--bench", "datapath", "--bench", "system", "--no-run", "--message-format=json-render-diagnostics"])
-        .stdout(Stdio::piped());
+    cmd.args([
+        "bench",
+        "-p",
+        "viscum-user",
+        "--bench",
+        "datapath",
+        "--bench",
+        "system",
+        "--no-run",
+        "--message-format=json-render-diagnostics",
+    ])
+    .stdout(Stdio::piped());
     println!("+ {}", process::display(&cmd));
-    let mut child = cmd.spawn().with_context(|| format!("cannot start `{}`", process::display(&cmd)))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", process::display(&cmd)))?;
     let stdout = child.stdout.take().context("stdout is piped")?;
     let mut exes = Vec::new();
     for line in BufReader::new(stdout).lines() {
@@ -288,7 +362,8 @@ fn build() -> Result<Vec<(String, PathBuf)>> {
         };
         if msg["reason"] == "compiler-artifact"
             && msg["target"]["kind"][0] == "bench"
-            && let (Some(name), Some(exe)) = (msg["target"]["name"].as_str(), msg["executable"].as_str())
+            && let (Some(name), Some(exe)) =
+                (msg["target"]["name"].as_str(), msg["executable"].as_str())
         {
             exes.push((name.to_owned(), PathBuf::from(exe)));
         }
@@ -301,10 +376,20 @@ fn build() -> Result<Vec<(String, PathBuf)>> {
 }
 
 /// Runs one bench process and reads its fragments.
-fn run_group(exe: &Path, g: &Group, quick: bool, run_id: &str, out: &Path, datapath_out: &Path, limit: Duration) -> Result<Vec<Value>> {
+fn run_group(
+    exe: &Path,
+    g: &Group,
+    quick: bool,
+    run_id: &str,
+    out: &Path,
+    datapath_out: &Path,
+    limit: Duration,
+) -> Result<Vec<Value>> {
     let _ = fs::remove_file(out);
     let mut cmd = Command::new(exe);
-    cmd.current_dir(process::workspace_root()).args(["--run-id", run_id, "--out"]).arg(out);
+    cmd.current_dir(process::workspace_root())
+        .args(["--run-id", run_id, "--out"])
+        .arg(out);
     if quick {
         cmd.arg("--quick");
     }
@@ -315,7 +400,9 @@ fn run_group(exe: &Path, g: &Group, quick: bool, run_id: &str, out: &Path, datap
         }
     }
     println!("+ {}", process::display(&cmd));
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {}", exe.display()))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {}", exe.display()))?;
     let deadline = Instant::now() + limit;
     let mut signalled = false;
     let status = loop {
@@ -350,7 +437,9 @@ fn run_group(exe: &Path, g: &Group, quick: bool, run_id: &str, out: &Path, datap
             let mut f = f;
             if signalled {
                 for frag in &mut f {
-                    frag["notes"].as_array_mut().map(|n| n.push(json!(format!("stopped after the {limit:?} limit"))));
+                    if let Some(n) = frag["notes"].as_array_mut() {
+                        n.push(json!(format!("stopped after the {limit:?} limit")));
+                    }
                 }
             }
             Ok(f)
@@ -376,37 +465,63 @@ fn write_outputs(doc: &Value, quick: bool) -> Result<Outputs> {
     let root = process::workspace_root().join("bench");
     let results = root.join("results");
     fs::create_dir_all(&results).with_context(|| format!("cannot create {}", results.display()))?;
-    let date = doc["started_utc"].as_str().unwrap_or("0000-00-00").get(..10).unwrap_or("0000-00-00").to_owned();
-    let kernel = doc["machine"]["kernel"].as_str().unwrap_or("unknown").replace('/', "_");
+    let date = doc["started_utc"]
+        .as_str()
+        .unwrap_or("0000-00-00")
+        .get(..10)
+        .unwrap_or("0000-00-00")
+        .to_owned();
+    let kernel = doc["machine"]["kernel"]
+        .as_str()
+        .unwrap_or("unknown")
+        .replace('/', "_");
     let suffix = if quick { "-quick" } else { "" };
     let json_path = results.join(format!("{date}-{kernel}{suffix}.json"));
-    fs::write(&json_path, serde_json::to_string_pretty(doc)?).with_context(|| format!("cannot write {}", json_path.display()))?;
+    fs::write(&json_path, serde_json::to_string_pretty(doc)?)
+        .with_context(|| format!("cannot write {}", json_path.display()))?;
     let plots_dir_name = if quick { "plots-quick" } else { "plots" };
     let plots_dir = root.join(plots_dir_name);
     fs::create_dir_all(&plots_dir)?;
     for frag in doc["fragments"].as_array().into_iter().flatten() {
         for plot in frag["plots"].as_array().into_iter().flatten() {
-            let Some(file) = plot["file"].as_str() else { continue };
+            let Some(file) = plot["file"].as_str() else {
+                continue;
+            };
             match svg::render(plot) {
                 Some(text) => fs::write(plots_dir.join(format!("{file}.svg")), text)?,
                 None => eprintln!("bench: plot {file} has no data"),
             }
         }
     }
-    let json_rel = format!("results/{}", json_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+    let json_rel = format!(
+        "results/{}",
+        json_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
     let md = render::markdown(doc, plots_dir_name, &json_rel, &plots_dir);
     let report = root.join(format!("RESULTS{suffix}.md"));
     fs::write(&report, md).with_context(|| format!("cannot write {}", report.display()))?;
     let ignore = root.join(".gitignore");
     if !ignore.exists() {
-        fs::write(&ignore, "# Quick runs (`cargo xtask bench --quick`) are for development only.\n*-quick.json\nRESULTS-quick.md\nplots-quick/\n")?;
+        fs::write(
+            &ignore,
+            "# Quick runs (`cargo xtask bench --quick`) are for development only.\n*-quick.json\nRESULTS-quick.md\nplots-quick/\n",
+        )?;
     }
-    Ok(Outputs { json: json_path, report })
+    Ok(Outputs {
+        json: json_path,
+        report,
+    })
 }
 
 /// `2026-11-23T13:27:18Z`.
 pub fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let days = (secs / 86_400) as i64;
     let rem = secs % 86_400;
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -419,5 +534,10 @@ pub fn rfc3339(t: SystemTime) -> String {
     let d = doy - (153 * mp + 2) / 5 + 1;
     let m = if mp < 10 { mp + 3 } else { mp - 9 };
     let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }

@@ -13,7 +13,9 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{bindings::TC_ACT_OK, helpers::bpf_redirect_peer, macros::classifier, programs::TcContext};
+use aya_ebpf::{
+    bindings::TC_ACT_OK, helpers::bpf_redirect_peer, macros::classifier, programs::TcContext,
+};
 
 /// Host-side veth ifindex to redirect to; patched by the loader
 /// (`EbpfLoader::set_global`). Read with `read_volatile` so the compiler

@@ -13,8 +13,11 @@ pub struct PrivateBpffs {
 impl PrivateBpffs {
     /// Mounts a bpffs at `/run/<run-id>/bpf` (outside /sys: see toolchain.md on `ip netns exec`).
     pub fn mount(run_id: &str) -> Result<PrivateBpffs> {
-        let dir = Path::new("/run").join(format!("viscum-bench-{run_id}")).join("bpf");
-        viscum::bpffs::ensure(&dir).with_context(|| format!("cannot mount a bpffs on {}", dir.display()))?;
+        let dir = Path::new("/run")
+            .join(format!("viscum-bench-{run_id}"))
+            .join("bpf");
+        viscum::bpffs::ensure(&dir)
+            .with_context(|| format!("cannot mount a bpffs on {}", dir.display()))?;
         Ok(PrivateBpffs { dir })
     }
 

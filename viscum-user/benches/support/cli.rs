@@ -55,14 +55,22 @@ impl Args {
                 "--run-id" => args.run_id = it.next().context("--run-id needs a value")?,
                 "--group" => args.group = it.next().context("--group needs a value")?,
                 "--ref" => args.reference = Some(it.next().context("--ref needs a file")?.into()),
-                other => bail!("unknown argument '{other}' (expected --quick, --out FILE, --run-id ID, --group NAME, --ref FILE)"),
+                other => bail!(
+                    "unknown argument '{other}' (expected --quick, --out FILE, --run-id ID, --group NAME, --ref FILE)"
+                ),
             }
         }
         let valid = args.run_id.len() <= 6
             && args.run_id.starts_with("vb")
-            && args.run_id.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            && args
+                .run_id
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
         if !valid {
-            bail!("--run-id must be 'vb' plus up to four lower-case letters or digits, got '{}'", args.run_id);
+            bail!(
+                "--run-id must be 'vb' plus up to four lower-case letters or digits, got '{}'",
+                args.run_id
+            );
         }
         Ok(args)
     }

@@ -12,7 +12,10 @@
 //!
 //! Benchmarks are not tests: everything here returns errors instead of panicking, because the
 //! release profile aborts on panic and one failing benchmark must not take the others down.
-#![allow(dead_code, reason = "shared by two bench binaries, each uses a different part")]
+#![allow(
+    dead_code,
+    reason = "shared by two bench binaries, each uses a different part"
+)]
 
 pub mod bpffs;
 pub mod cli;

@@ -7,7 +7,10 @@
 use std::{process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
-use nix::{sys::signal::{self, Signal}, unistd::Pid};
+use nix::{
+    sys::signal::{self, Signal},
+    unistd::Pid,
+};
 
 use super::sys;
 
@@ -22,10 +25,17 @@ pub fn ip(args: &[&str]) -> Result<()> {
 }
 
 /// Runs `program ARGS` inside `ns` and returns its stdout; fails with its stderr.
-pub fn exec_in(ns: &str, program: &str, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Result<String> {
+pub fn exec_in(
+    ns: &str,
+    program: &str,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<String> {
     let mut cmd = sys::command_in(Some(ns), None, program)?;
     cmd.args(args);
-    let done = sys::run(&mut cmd, stdin, timeout)?.ok(&format!("[{ns}] {program} {}", args.join(" ")))?;
+    let done =
+        sys::run(&mut cmd, stdin, timeout)?.ok(&format!("[{ns}] {program} {}", args.join(" ")))?;
     Ok(done.stdout)
 }
 
@@ -53,14 +63,18 @@ impl Ns {
             bail!("namespace name {name} is too long");
         }
         ip(&["netns", "add", name])?;
-        let ns = Ns { name: name.to_owned() };
+        let ns = Ns {
+            name: name.to_owned(),
+        };
         ip(&["-n", name, "link", "set", "lo", "up"])?;
         Ok(ns)
     }
 
     /// Takes ownership of a namespace someone else created (`viscum ns add`).
     pub fn adopt(name: &str) -> Ns {
-        Ns { name: name.to_owned() }
+        Ns {
+            name: name.to_owned(),
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -80,18 +94,31 @@ pub fn remove_namespace(name: &str) {
         return;
     }
     if let Ok(out) = Command::new("ip").args(["netns", "pids", name]).output() {
-        for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+        for pid in String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+        {
             let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
-    if let Err(e) = ip(&["netns", "del", name]) {
-        eprintln!("bench: cannot delete namespace {name}: {e:#}");
+    // Not through `ip()`: cleanup must also work after a stop request, which makes bounded
+    // waits give up.
+    match Command::new("ip").args(["netns", "del", name]).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => eprintln!(
+            "bench: cannot delete namespace {name}: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => eprintln!("bench: cannot run ip netns del {name}: {e}"),
     }
 }
 
 /// A veth pair `a` in `ns_a` and `b` in `ns_b` with fixed MACs, both up.
 pub fn veth(ns_a: &str, a: &str, mac_a: &str, ns_b: &str, b: &str, mac_b: &str) -> Result<()> {
-    ip(&["-n", ns_a, "link", "add", a, "address", mac_a, "type", "veth", "peer", "name", b, "address", mac_b, "netns", ns_b])?;
+    ip(&[
+        "-n", ns_a, "link", "add", a, "address", mac_a, "type", "veth", "peer", "name", b,
+        "address", mac_b, "netns", ns_b,
+    ])?;
     ip(&["-n", ns_a, "link", "set", a, "up"])?;
     ip(&["-n", ns_b, "link", "set", b, "up"])?;
     Ok(())
@@ -100,5 +127,17 @@ pub fn veth(ns_a: &str, a: &str, mac_a: &str, ns_b: &str, b: &str, mac_b: &str) 
 /// A permanent neighbour entry, so no ARP runs during measurements (and none is needed where a
 /// classifier redirects every frame, ARP included).
 pub fn neigh(ns: &str, dev: &str, addr: &str, mac: &str) -> Result<()> {
-    ip(&["-n", ns, "neigh", "replace", addr, "lladdr", mac, "dev", dev, "nud", "permanent"])
+    ip(&[
+        "-n",
+        ns,
+        "neigh",
+        "replace",
+        addr,
+        "lladdr",
+        mac,
+        "dev",
+        dev,
+        "nud",
+        "permanent",
+    ])
 }

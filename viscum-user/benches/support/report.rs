@@ -31,7 +31,12 @@ impl Stat {
             return None;
         }
         v.sort_by(f64::total_cmp);
-        Some(Stat { median: quantile_sorted(&v, 0.5), min: v[0], max: v[v.len() - 1], n: v.len() })
+        Some(Stat {
+            median: quantile_sorted(&v, 0.5),
+            min: v[0],
+            max: v[v.len() - 1],
+            n: v.len(),
+        })
     }
 }
 
@@ -63,8 +68,12 @@ pub fn cdf_points(samples: &[f64]) -> Vec<[f64; 2]> {
     }
     v.sort_by(f64::total_cmp);
     let mut qs: Vec<f64> = (0..=90).map(|i| f64::from(i) / 100.0).collect();
-    qs.extend([0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0]);
-    qs.into_iter().map(|q| [quantile_sorted(&v, q), q]).collect()
+    qs.extend([
+        0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999, 0.9995, 0.9999, 1.0,
+    ]);
+    qs.into_iter()
+        .map(|q| [quantile_sorted(&v, q), q])
+        .collect()
 }
 
 /// One line of a results table.
@@ -170,7 +179,12 @@ pub struct Bar {
 
 impl Bar {
     pub fn from_row(row: &Row) -> Option<Bar> {
-        row.value.map(|s| Bar { label: row.name.clone(), median: s.median, min: s.min, max: s.max })
+        row.value.map(|s| Bar {
+            label: row.name.clone(),
+            median: s.median,
+            min: s.min,
+            max: s.max,
+        })
     }
 }
 
@@ -178,9 +192,27 @@ impl Bar {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Plot {
-    Bars { file: String, title: String, unit: String, bars: Vec<Bar> },
-    Lines { file: String, title: String, x_label: String, y_label: String, log_x: bool, series: Vec<Series> },
-    Cdf { file: String, title: String, unit: String, log_x: bool, series: Vec<Series> },
+    Bars {
+        file: String,
+        title: String,
+        unit: String,
+        bars: Vec<Bar>,
+    },
+    Lines {
+        file: String,
+        title: String,
+        x_label: String,
+        y_label: String,
+        log_x: bool,
+        series: Vec<Series>,
+    },
+    Cdf {
+        file: String,
+        title: String,
+        unit: String,
+        log_x: bool,
+        series: Vec<Series>,
+    },
 }
 
 /// Outcome of one benchmark.
@@ -244,13 +276,22 @@ impl Fragment {
     /// Sets `raw[key]`.
     pub fn raw(&mut self, key: &str, value: impl Serialize) {
         if let Value::Object(map) = &mut self.raw {
-            map.insert(key.into(), serde_json::to_value(value).unwrap_or(Value::Null));
+            map.insert(
+                key.into(),
+                serde_json::to_value(value).unwrap_or(Value::Null),
+            );
         }
     }
 
     /// Marks the fragment partial when any row failed.
     pub fn finish(mut self) -> Fragment {
-        if self.status == Status::Ok && self.tables.iter().flat_map(|t| &t.rows).any(|r| r.error.is_some()) {
+        if self.status == Status::Ok
+            && self
+                .tables
+                .iter()
+                .flat_map(|t| &t.rows)
+                .any(|r| r.error.is_some())
+        {
             self.status = Status::Partial;
         }
         self
@@ -263,14 +304,24 @@ pub fn write(args: &Args, fragments: &[Fragment]) -> Result<()> {
     let doc = serde_json::json!({ "fragments": fragments });
     let text = serde_json::to_string_pretty(&doc)?;
     match &args.out {
-        Some(path) => fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?,
+        Some(path) => {
+            fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?
+        }
         None => {
             let mut out = std::io::stdout().lock();
             writeln!(out, "{text}")?;
         }
     }
     for f in fragments {
-        eprintln!("bench: {} {:?}{}", f.id, f.status, f.error.as_deref().map(|e| format!(": {e}")).unwrap_or_default());
+        eprintln!(
+            "bench: {} {:?}{}",
+            f.id,
+            f.status,
+            f.error
+                .as_deref()
+                .map(|e| format!(": {e}"))
+                .unwrap_or_default()
+        );
     }
     Ok(())
 }

@@ -28,7 +28,11 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// SIGINT/SIGTERM/SIGHUP set the stop flag; every loop polls it and unwinds normally, so the
 /// guards remove namespaces, children and mounts on the way out.
 pub fn install_signal_handlers() {
-    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
         // SAFETY: the handler only stores to an atomic.
         if let Err(e) = unsafe { signal::sigaction(sig, &action) } {
@@ -51,7 +55,9 @@ pub fn check_stop() -> Result<()> {
 
 /// Online CPUs.
 pub fn ncpus() -> usize {
-    thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
 }
 
 /// CPU the client side of a measurement runs on, and the one its server runs on.
@@ -75,7 +81,11 @@ pub fn pin_current_thread(cpu: usize) {
 /// `program` set up to run inside network namespace `ns` (setns on `/run/netns/NS` between
 /// fork and exec, keeping our mount namespace so bpffs pins stay visible, unlike
 /// `ip netns exec`) and optionally pinned to `cpu`.
-pub fn command_in(ns: Option<&str>, cpu: Option<usize>, program: impl AsRef<std::ffi::OsStr>) -> Result<Command> {
+pub fn command_in(
+    ns: Option<&str>,
+    cpu: Option<usize>,
+    program: impl AsRef<std::ffi::OsStr>,
+) -> Result<Command> {
     command_in_with(ns, cpu, None, program)
 }
 
@@ -91,7 +101,10 @@ pub fn command_in_with(
     let mut cmd = Command::new(program);
     cmd.stdin(Stdio::null());
     let file = match ns {
-        Some(ns) => Some(File::open(Path::new("/run/netns").join(ns)).with_context(|| format!("namespace {ns} does not exist"))?),
+        Some(ns) => Some(
+            File::open(Path::new("/run/netns").join(ns))
+                .with_context(|| format!("namespace {ns} does not exist"))?,
+        ),
         None => None,
     };
     // SAFETY: only async-signal-safe calls (setns, sched_setaffinity) between fork and exec.
@@ -158,7 +171,9 @@ pub fn run(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Result
         cmd.stdin(Stdio::piped());
     }
     let start = Instant::now();
-    let mut child = cmd.spawn().with_context(|| format!("cannot start {what}"))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start {what}"))?;
     let input = stdin.map(<[u8]>::to_vec);
     let writer = child.stdin.take().map(|mut w| {
         thread::spawn(move || {
@@ -169,7 +184,8 @@ pub fn run(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Result
     });
     let out = reader(child.stdout.take());
     let err = reader(child.stderr.take());
-    let (status, rss) = wait_rusage(&mut child, timeout).with_context(|| format!("running {what}"))?;
+    let (status, rss) =
+        wait_rusage(&mut child, timeout).with_context(|| format!("running {what}"))?;
     let elapsed = start.elapsed();
     if let Some(w) = writer {
         let _ = w.join();
@@ -224,7 +240,9 @@ pub struct Proc {
 impl Proc {
     pub fn spawn(name: impl Into<String>, mut cmd: Command) -> Result<Proc> {
         let name = name.into();
-        let child = cmd.spawn().with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({:?})", cmd.get_program()))?;
         Ok(Proc { name, child })
     }
 
@@ -251,7 +269,10 @@ impl Proc {
             }
             check_stop()?;
             if Instant::now() >= deadline {
-                bail!("{} does not listen on port {port} after {timeout:?}", self.name);
+                bail!(
+                    "{} does not listen on port {port} after {timeout:?}",
+                    self.name
+                );
             }
             thread::sleep(Duration::from_millis(5));
         }
@@ -282,10 +303,12 @@ pub fn listens(pid: u32, port: u16) -> bool {
     let want = format!(":{port:04X} ");
     ["tcp", "tcp6"].iter().any(|f| {
         std::fs::read_to_string(format!("/proc/{pid}/net/{f}"))
-            .map(|t| t.lines().skip(1).any(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                cols.len() > 3 && format!("{} ", cols[1]).ends_with(&want) && cols[3] == "0A"
-            }))
+            .map(|t| {
+                t.lines().skip(1).any(|l| {
+                    let cols: Vec<&str> = l.split_whitespace().collect();
+                    cols.len() > 3 && format!("{} ", cols[1]).ends_with(&want) && cols[3] == "0A"
+                })
+            })
             .unwrap_or(false)
     })
 }
@@ -302,13 +325,20 @@ pub fn cpu_times() -> CpuTimes {
     let Some(line) = text.lines().find(|l| l.starts_with("cpu ")) else {
         return CpuTimes::default();
     };
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     // user nice system idle iowait irq softirq steal guest guest_nice
     let get = |i: usize| v.get(i).copied().unwrap_or(0);
     let idle = get(3) + get(4);
     // guest time is already included in user; steal is time we did not get.
     let total = get(0) + get(1) + get(2) + idle + get(5) + get(6);
-    CpuTimes { busy: total - idle, total }
+    CpuTimes {
+        busy: total - idle,
+        total,
+    }
 }
 
 /// Busy CPUs (0..=ncpus) between two readings.

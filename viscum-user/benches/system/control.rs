@@ -86,24 +86,50 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
             .chunks(lat.len().div_ceil(rounds.max(1)).max(1))
             .map(|c| report::quantile_u32(c, 0.5) / 1000.0)
             .collect();
-        let row = Row::new(format!("Engine::insert, map holding {}", human(*fill)), "µs (p50)", batches)
-            .target_value("p50 ≤ 5 µs", |v| v <= 5.0)
-            .note(format!("p99 {p99:.1} µs, max {:.0} µs, {} updates", sorted.last().copied().unwrap_or(f64::NAN), us.len()));
+        let row = Row::new(
+            format!("Engine::insert, map holding {}", human(*fill)),
+            "µs (p50)",
+            batches,
+        )
+        .target_value("p50 ≤ 5 µs", |v| v <= 5.0)
+        .note(format!(
+            "p99 {p99:.1} µs, max {:.0} µs, {} updates",
+            sorted.last().copied().unwrap_or(f64::NAN),
+            us.len()
+        ));
         rows.push(row);
-        let p99_row = Row::new(format!("Engine::insert p99, map holding {}", human(*fill)), "µs", vec![p99])
-            .target_value("≤ 50 µs", |v| v <= 50.0);
+        let p99_row = Row::new(
+            format!("Engine::insert p99, map holding {}", human(*fill)),
+            "µs",
+            vec![p99],
+        )
+        .target_value("≤ 50 µs", |v| v <= 50.0);
         rows.push(p99_row);
-        raw_eng.insert(human(*fill), json!({ "p50_us": p50, "p99_us": p99, "updates": us.len() }));
+        raw_eng.insert(
+            human(*fill),
+            json!({ "p50_us": p50, "p99_us": p99, "updates": us.len() }),
+        );
     }
     if let (Some(first), Some(last)) = (p50_at.first(), p50_at.last())
         && first.1 > 0.0
     {
         rows.push(
-            Row::new(format!("flatness: p50 at {} / p50 at {}", human(last.0), human(first.0)), "×", vec![last.1 / first.1])
-                .target_value("flat (≤ 2×)", |v| v <= 2.0),
+            Row::new(
+                format!(
+                    "flatness: p50 at {} / p50 at {}",
+                    human(last.0),
+                    human(first.0)
+                ),
+                "×",
+                vec![last.1 / first.1],
+            )
+            .target_value("flat (≤ 2×)", |v| v <= 2.0),
         );
     }
-    f.tables.push(Table { title: format!("library updates, {updates} per fill level, each timed (µs)"), rows });
+    f.tables.push(Table {
+        title: format!("library updates, {updates} per fill level, each timed (µs)"),
+        rows,
+    });
 
     let mut rows = Vec::new();
     let viscum_p50_10k = p50_at.iter().find(|(n, _)| *n == 10_000).map(|x| x.1);
@@ -118,27 +144,45 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
                     s.sort_by(f64::total_cmp);
                     let p50 = report::quantile_sorted(&s, 0.5);
                     let p99 = report::quantile_sorted(&s, 0.99);
-                    let mut row = Row::new(format!("{tool}, {} rules", human(*fill)), "µs per update", lat_us.clone())
-                        .note(format!("p99 {p99:.0} µs"));
+                    let mut row = Row::new(
+                        format!("{tool}, {} rules", human(*fill)),
+                        "µs per update",
+                        lat_us.clone(),
+                    )
+                    .note(format!("p99 {p99:.0} µs"));
                     if *fill == 10_000
                         && let Some(v) = viscum_p50_10k
                     {
                         let ratios: Vec<f64> = lat_us.iter().map(|x| x / v).collect();
                         row = row.ratio("Engine::insert p50 at 10k", ratios);
-                        if tool.starts_with("iptables -A") || tool.starts_with("iptables-legacy -A") {
-                            row = row.target_ratio("≥ 1000× slower than Viscum", |r| r >= 1000.0);
+                        if tool.starts_with("iptables -A") || tool.starts_with("iptables-legacy -A")
+                        {
+                            row =
+                                row.target_ratio("≥ 1000× slower than Viscum", |r| r >= 1000.0);
                         }
                     }
                     rows.push(row);
                     pts.push([f64::from(*fill), p50]);
                     raw_tools.insert(format!("{tool}/{}", human(*fill)), json!(lat_us));
                 }
-                Err(e) => rows.push(Row::failed(format!("{tool}, {} rules", human(*fill)), e.clone())),
+                Err(e) => rows.push(Row::failed(
+                    format!("{tool}, {} rules", human(*fill)),
+                    e.clone(),
+                )),
             }
         }
-        tool_series.push(Series { name: tool.clone(), points: pts });
+        tool_series.push(Series {
+            name: tool.clone(),
+            points: pts,
+        });
     }
-    tool_series.push(Series { name: "viscum Engine::insert (p50)".into(), points: p50_at.iter().map(|(n, v)| [f64::from((*n).max(1)), *v]).collect() });
+    tool_series.push(Series {
+        name: "viscum Engine::insert (p50)".into(),
+        points: p50_at
+            .iter()
+            .map(|(n, v)| [f64::from((*n).max(1)), *v])
+            .collect(),
+    });
     f.tables.push(Table {
         title: format!("one update per process, {invocations} invocations per point (µs; ratio to Viscum's library update at 10k)"),
         rows,
@@ -147,34 +191,100 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
     match &tte {
         Ok(t) => {
             let rows = vec![
-                Row::new("viscum redirect add → first connection served locally", "ms", t.cli_add.clone())
-                    .target_value("< 1 ms", |v| v < 1.0)
-                    .note(format!("the command itself runs {:.2} ms (median)", median(&t.cli_add_wall))),
-                Row::new("viscum redirect del → first connection served by the cloud", "ms", t.cli_del.clone())
-                    .note(format!("the command itself runs {:.2} ms (median)", median(&t.cli_del_wall))),
-                Row::new("redirect::add (library, in-process) → served locally", "ms", t.lib_add.clone())
-                    .target_value("< 1 ms", |v| v < 1.0),
-                Row::new("redirect::del (library, in-process) → served by the cloud", "ms", t.lib_del.clone()),
-                Row::new("probe period (new connection every …)", "ms", vec![t.probe_period_ms]),
+                Row::new(
+                    "viscum redirect add → first connection served locally",
+                    "ms",
+                    t.cli_add.clone(),
+                )
+                .target_value("< 1 ms", |v| v < 1.0)
+                .note(format!(
+                    "the command itself runs {:.2} ms (median)",
+                    median(&t.cli_add_wall)
+                )),
+                Row::new(
+                    "viscum redirect del → first connection served by the cloud",
+                    "ms",
+                    t.cli_del.clone(),
+                )
+                .note(format!(
+                    "the command itself runs {:.2} ms (median)",
+                    median(&t.cli_del_wall)
+                )),
+                Row::new(
+                    "redirect::add (library, in-process) → served locally",
+                    "ms",
+                    t.lib_add.clone(),
+                )
+                .target_value("< 1 ms", |v| v < 1.0),
+                Row::new(
+                    "redirect::del (library, in-process) → served by the cloud",
+                    "ms",
+                    t.lib_del.clone(),
+                ),
+                Row::new(
+                    "Engine::insert alone (route in place) → served locally",
+                    "ms",
+                    t.map_add.clone(),
+                )
+                .note("the datapath's share: one map update; resolution = the probe period"),
+                Row::new(
+                    "Engine::remove alone → served by the cloud",
+                    "ms",
+                    t.map_del.clone(),
+                ),
+                Row::new(
+                    "probe period (new connection every …)",
+                    "ms",
+                    vec![t.probe_period_ms],
+                ),
             ];
-            f.tables.push(Table { title: format!("time to effect, {rounds} rounds, {} entries in the map", human(TTE_FILL)), rows });
+            f.tables.push(Table {
+                title: format!(
+                    "time to effect, {rounds} rounds, {} entries in the map",
+                    human(TTE_FILL)
+                ),
+                rows,
+            });
             f.raw("time_to_effect_ms", json!({ "cli_add": t.cli_add, "cli_del": t.cli_del, "lib_add": t.lib_add, "lib_del": t.lib_del,
-                "cli_add_wall": t.cli_add_wall, "cli_del_wall": t.cli_del_wall }));
+                "cli_add_wall": t.cli_add_wall, "cli_del_wall": t.cli_del_wall, "map_add": t.map_add, "map_del": t.map_del }));
         }
-        Err(e) => f.tables.push(Table { title: "time to effect".into(), rows: vec![Row::failed("time to effect", format!("{e:#}"))] }),
+        Err(e) => f.tables.push(Table {
+            title: "time to effect".into(),
+            rows: vec![Row::failed("time to effect", format!("{e:#}"))],
+        }),
     }
 
     if !eng.is_empty() {
-        let bars: Vec<Bar> = f.tables[0].rows.iter().filter(|r| !r.name.contains("p99") && !r.name.starts_with("flatness")).filter_map(Bar::from_row).collect();
-        f.plots.push(Plot::Bars { file: "b7-engine".into(), title: "B7: Engine::insert p50 by map fill".into(), unit: "µs".into(), bars });
+        let bars: Vec<Bar> = f.tables[0]
+            .rows
+            .iter()
+            .filter(|r| !r.name.contains("p99") && !r.name.starts_with("flatness"))
+            .filter_map(Bar::from_row)
+            .collect();
+        f.plots.push(Plot::Bars {
+            file: "b7-engine".into(),
+            title: "B7: Engine::insert p50 by map fill".into(),
+            unit: "µs".into(),
+            bars,
+        });
         let cdf: Vec<Series> = eng
             .iter()
             .map(|(fill, lat)| Series {
                 name: format!("fill {}", human(*fill)),
-                points: report::cdf_points(&lat.iter().map(|&x| f64::from(x) / 1000.0).collect::<Vec<_>>()),
+                points: report::cdf_points(
+                    &lat.iter()
+                        .map(|&x| f64::from(x) / 1000.0)
+                        .collect::<Vec<_>>(),
+                ),
             })
             .collect();
-        f.plots.push(Plot::Cdf { file: "b7-engine-cdf".into(), title: "B7: Engine::insert latency".into(), unit: "µs".into(), log_x: true, series: cdf });
+        f.plots.push(Plot::Cdf {
+            file: "b7-engine-cdf".into(),
+            title: "B7: Engine::insert latency".into(),
+            unit: "µs".into(),
+            log_x: true,
+            series: cdf,
+        });
     }
     f.plots.push(Plot::Lines {
         file: "b7-tools".into(),
@@ -209,10 +319,15 @@ fn median(v: &[f64]) -> f64 {
 fn attached_instance(env: &Env<'_>, tag: &str, max_entries: u32) -> Result<(Ns, Pins)> {
     let ns = Ns::create(&format!("{}-{tag}", env.run_id))?;
     // A veth with its peer alongside (some kernels here lack the dummy driver).
-    ip(&["-n", &ns.name, "link", "add", "lan0", "type", "veth", "peer", "name", "lan1"])?;
+    ip(&[
+        "-n", &ns.name, "link", "add", "lan0", "type", "veth", "peer", "name", "lan1",
+    ])?;
     ip(&["-n", &ns.name, "link", "set", "lan0", "up"])?;
     let dir = env.bpffs.subdir(&format!("b7-{tag}"))?;
-    env.viscum.with_bpffs(&dir).run(&ns.name, &["attach", "lan0", "--max-entries", &max_entries.to_string()])?;
+    env.viscum.with_bpffs(&dir).run(
+        &ns.name,
+        &["attach", "lan0", "--max-entries", &max_entries.to_string()],
+    )?;
     Ok((ns, Pins::new(&dir)))
 }
 
@@ -235,8 +350,13 @@ fn engine_updates(env: &Env<'_>, fills: &[u32], updates: u32) -> Result<Vec<(u32
                 sys::check_stop()?;
             }
         }
-        eprintln!("bench: B7 filled {fill} entries in {:.1} s", t.elapsed().as_secs_f64());
-        let eps: Vec<Endpoint> = (0..updates).map(|k| endpoint(k, 1)).collect::<Result<_>>()?;
+        eprintln!(
+            "bench: B7 filled {fill} entries in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+        let eps: Vec<Endpoint> = (0..updates)
+            .map(|k| endpoint(k, 1))
+            .collect::<Result<_>>()?;
         inst.push((fill, ns, engine, eps, Vec::with_capacity(updates as usize)));
     }
     let batch = 1000usize;
@@ -255,14 +375,21 @@ fn engine_updates(env: &Env<'_>, fills: &[u32], updates: u32) -> Result<Vec<(u32
         }
         done += n;
     }
-    Ok(inst.into_iter().map(|(fill, _ns, _e, _eps, lat)| (fill, lat)).collect())
+    Ok(inst
+        .into_iter()
+        .map(|(fill, _ns, _e, _eps, lat)| (fill, lat))
+        .collect())
 }
 
 type ToolResults = Vec<(String, Vec<(u32, Result<Vec<f64>, String>)>)>;
 
 /// Per tool, per fill: wall µs of each single-update invocation.
 fn rule_tools(env: &Env<'_>, fills: &[u32], invocations: usize) -> ToolResults {
-    let mut tools: Vec<&str> = vec!["iptables -A", "iptables-restore --noflush", "nft add element"];
+    let mut tools: Vec<&str> = vec![
+        "iptables -A",
+        "iptables-restore --noflush",
+        "nft add element",
+    ];
     if lanes::which("iptables-legacy") {
         tools.push("iptables-legacy -A");
     }
@@ -273,7 +400,8 @@ fn rule_tools(env: &Env<'_>, fills: &[u32], invocations: usize) -> ToolResults {
             if sys::stopped() {
                 break;
             }
-            let r = one_tool(env, tool, &format!("7t{ti}{fi}"), fill, invocations).map_err(|e| format!("{e:#}"));
+            let r = one_tool(env, tool, &format!("7t{ti}{fi}"), fill, invocations)
+                .map_err(|e| format!("{e:#}"));
             if let Err(e) = &r {
                 eprintln!("bench: B7 {tool} at {fill}: {e}");
             }
@@ -284,41 +412,88 @@ fn rule_tools(env: &Env<'_>, fills: &[u32], invocations: usize) -> ToolResults {
     out
 }
 
-fn one_tool(env: &Env<'_>, tool: &str, tag: &str, fill: u32, invocations: usize) -> Result<Vec<f64>> {
+fn one_tool(
+    env: &Env<'_>,
+    tool: &str,
+    tag: &str,
+    fill: u32,
+    invocations: usize,
+) -> Result<Vec<f64>> {
     let ns = Ns::create(&format!("{}-{tag}", env.run_id))?;
     let n = &ns.name;
     let t = Instant::now();
     let timeout = Duration::from_secs(600);
     match tool {
         "nft add element" => {
-            exec_in(n, "nft", &["-f", "-"], Some(lanes::nft_ruleset(fill, false).as_bytes()), timeout)?;
+            exec_in(
+                n,
+                "nft",
+                &["-f", "-"],
+                Some(lanes::nft_ruleset(fill, false).as_bytes()),
+                timeout,
+            )?;
         }
         "iptables-legacy -A" => {
-            exec_in(n, "iptables-legacy-restore", &["-w"], Some(lanes::iptables_rules(fill, false).as_bytes()), timeout)?;
+            exec_in(
+                n,
+                "iptables-legacy-restore",
+                &["-w"],
+                Some(lanes::iptables_rules(fill, false).as_bytes()),
+                timeout,
+            )?;
         }
         _ => {
-            exec_in(n, "iptables-restore", &["-w"], Some(lanes::iptables_rules(fill, false).as_bytes()), timeout)?;
+            exec_in(
+                n,
+                "iptables-restore",
+                &["-w"],
+                Some(lanes::iptables_rules(fill, false).as_bytes()),
+                timeout,
+            )?;
         }
     }
-    eprintln!("bench: B7 {tool}: loaded {fill} rules in {:.1} s", t.elapsed().as_secs_f64());
+    eprintln!(
+        "bench: B7 {tool}: loaded {fill} rules in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let mut lat = Vec::with_capacity(invocations);
     for k in 0..invocations {
         sys::check_stop()?;
         let addr = lanes::filler_addr(2_000_000 + k as u32);
-        let rule = format!("-d {addr}/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.77.0.2");
+        let rule =
+            format!("-d {addr}/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.77.0.2");
         let (program, args, stdin): (&str, Vec<String>, Option<String>) = match tool {
             "iptables -A" | "iptables-legacy -A" => {
-                let prog = if tool.starts_with("iptables-legacy") { "iptables-legacy" } else { "iptables" };
-                let mut a = vec!["-w".to_string(), "-t".into(), "nat".into(), "-A".into(), "PREROUTING".into()];
+                let prog = if tool.starts_with("iptables-legacy") {
+                    "iptables-legacy"
+                } else {
+                    "iptables"
+                };
+                let mut a = vec![
+                    "-w".to_string(),
+                    "-t".into(),
+                    "nat".into(),
+                    "-A".into(),
+                    "PREROUTING".into(),
+                ];
                 a.extend(rule.split(' ').map(str::to_owned));
                 (prog, a, None)
             }
-            "iptables-restore --noflush" => {
-                ("iptables-restore", vec!["-w".into(), "--noflush".into()], Some(format!("*nat\n-A PREROUTING {rule}\nCOMMIT\n")))
-            }
+            "iptables-restore --noflush" => (
+                "iptables-restore",
+                vec!["-w".into(), "--noflush".into()],
+                Some(format!("*nat\n-A PREROUTING {rule}\nCOMMIT\n")),
+            ),
             "nft add element" => (
                 "nft",
-                vec!["add".into(), "element".into(), "ip".into(), "vbench".into(), "services".into(), format!("{{ {addr} . 80 : goto svc }}")],
+                vec![
+                    "add".into(),
+                    "element".into(),
+                    "ip".into(),
+                    "vbench".into(),
+                    "services".into(),
+                    format!("{{ {addr} . 80 : goto svc }}"),
+                ],
                 None,
             ),
             other => bail!("unknown tool {other}"),
@@ -341,16 +516,36 @@ struct Tte {
     cli_del_wall: Vec<f64>,
     lib_add: Vec<f64>,
     lib_del: Vec<f64>,
+    map_add: Vec<f64>,
+    map_del: Vec<f64>,
     probe_period_ms: f64,
 }
 
 /// client ── lan0 [edge: viscum] wan0 ── cloud ('K'), plus viscum ns ('S').
 fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
     let base = format!("{}-7x", env.run_id);
-    let (cg, eg, kg) = (Ns::create(&format!("{base}c"))?, Ns::create(&format!("{base}e"))?, Ns::create(&format!("{base}k"))?);
+    let (cg, eg, kg) = (
+        Ns::create(&format!("{base}c"))?,
+        Ns::create(&format!("{base}e"))?,
+        Ns::create(&format!("{base}k"))?,
+    );
     let (c, e, k) = (&cg.name, &eg.name, &kg.name);
-    veth(c, "eth0", "02:cc:00:00:00:02", e, "lan0", "02:cc:00:00:00:01")?;
-    veth(e, "wan0", "02:cc:00:00:01:01", k, "eth0", "02:cc:00:00:01:07")?;
+    veth(
+        c,
+        "eth0",
+        "02:cc:00:00:00:02",
+        e,
+        "lan0",
+        "02:cc:00:00:00:01",
+    )?;
+    veth(
+        e,
+        "wan0",
+        "02:cc:00:00:01:01",
+        k,
+        "eth0",
+        "02:cc:00:00:01:07",
+    )?;
     ip(&["-n", c, "addr", "add", "192.0.2.2/24", "dev", "eth0"])?;
     ip(&["-n", e, "addr", "add", "192.0.2.1/24", "dev", "lan0"])?;
     ip(&["-n", e, "addr", "add", "198.51.100.1/24", "dev", "wan0"])?;
@@ -379,16 +574,31 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
         let mut engine = Engine::open(&pins)?;
         let ifindex = lanes::ifindex_in(e, &format!("vh-{s_name}"))?;
         for i in 0..TTE_FILL {
-            engine.insert(&endpoint(i, 2)?, ServiceEntry::new(ifindex, TARGET_F_PEER, [0; 6]))?;
+            engine.insert(
+                &endpoint(i, 2)?,
+                ServiceEntry::new(ifindex, TARGET_F_PEER, [0; 6]),
+            )?;
         }
     }
 
     let prober = Prober::start(c, tools::cloud(IDENT_PORT))?;
     let target = format!("tcp://198.51.100.7:{IDENT_PORT}");
     let wait = Duration::from_secs(5);
-    let mut t = Tte { cli_add: vec![], cli_del: vec![], cli_add_wall: vec![], cli_del_wall: vec![], lib_add: vec![], lib_del: vec![], probe_period_ms: f64::NAN };
+    let mut t = Tte {
+        cli_add: vec![],
+        cli_del: vec![],
+        cli_add_wall: vec![],
+        cli_del_wall: vec![],
+        lib_add: vec![],
+        lib_del: vec![],
+        map_add: vec![],
+        map_del: vec![],
+        probe_period_ms: f64::NAN,
+    };
     let mut periods = Vec::new();
-    prober.wait_for(b'K', Instant::now(), wait).context("the prober never reached the cloud")?;
+    prober
+        .wait_for(b'K', Instant::now(), wait)
+        .context("the prober never reached the cloud")?;
     let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
     for _ in 0..rounds {
         sys::check_stop()?;
@@ -399,6 +609,11 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
         let served = prober.wait_for(b'S', t0, wait)?;
         t.cli_add.push(ms(t0, served));
         t.cli_add_wall.push(done.elapsed.as_secs_f64() * 1e3);
+        // What the CLI wrote, for the map-only measurement below.
+        let written = Engine::open(&pins)?
+            .get(&target.parse()?)?
+            .map(|v| v.target)
+            .context("the CLI added no entry")?;
         // CLI del.
         let t0 = Instant::now();
         let done = v.run(e, &["redirect", "del", &target])?;
@@ -411,17 +626,25 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
         // daemon.
         let (pins2, s2) = (pins.clone(), s_name.clone());
         let t0 = viscum::netns::in_netns(e, move || -> Result<Instant> {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let mut engine = Engine::open(&pins2)?;
             let t0 = Instant::now();
-            rt.block_on(viscum::redirect::add(&mut engine, &ep, &viscum::redirect::Target::Namespace(s2)))?;
+            rt.block_on(viscum::redirect::add(
+                &mut engine,
+                &ep,
+                &viscum::redirect::Target::Namespace(s2),
+            ))?;
             Ok(t0)
         })??;
         let served = prober.wait_for(b'S', t0, wait)?;
         t.lib_add.push(ms(t0, served));
         let pins2 = pins.clone();
         let t0 = viscum::netns::in_netns(e, move || -> Result<Instant> {
-            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
             let mut engine = Engine::open(&pins2)?;
             let t0 = Instant::now();
             rt.block_on(viscum::redirect::del(&mut engine, &ep))?;
@@ -429,6 +652,37 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
         })??;
         let served = prober.wait_for(b'K', t0, wait)?;
         t.lib_del.push(ms(t0, served));
+        // The map alone (local route already in place): what the datapath itself takes.
+        ip(&[
+            "-n",
+            &s_name,
+            "route",
+            "replace",
+            "local",
+            "198.51.100.7/32",
+            "dev",
+            "lo",
+        ])?;
+        let ep: Endpoint = target.parse()?;
+        let mut engine = Engine::open(&pins)?;
+        let t0 = Instant::now();
+        engine.insert(&ep, written)?;
+        let served = prober.wait_for(b'S', t0, wait)?;
+        t.map_add.push(ms(t0, served));
+        let t0 = Instant::now();
+        engine.remove(&ep)?;
+        let served = prober.wait_for(b'K', t0, wait)?;
+        t.map_del.push(ms(t0, served));
+        ip(&[
+            "-n",
+            &s_name,
+            "route",
+            "del",
+            "local",
+            "198.51.100.7/32",
+            "dev",
+            "lo",
+        ])?;
         let probes = prober.since(Instant::now() - Duration::from_secs(3600));
         if probes.len() > 1 {
             let span = ms(probes[0].started, probes[probes.len() - 1].started);
@@ -442,8 +696,14 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
 
 /// An identity-only server answering `ident`, pinned to the server CPU.
 pub fn server(env: &Env<'_>, ns: &str, ident: char) -> Result<Proc> {
-    let mut cmd = sys::command_in_with(Some(ns), Some(sys::server_cpu()), Some(Signal::SIGKILL), &env.exe)?;
-    cmd.args(["__serve", "--ident-only", "--ident", &ident.to_string()]).stdout(Stdio::null());
+    let mut cmd = sys::command_in_with(
+        Some(ns),
+        Some(sys::server_cpu()),
+        Some(Signal::SIGKILL),
+        &env.exe,
+    )?;
+    cmd.args(["__serve", "--ident-only", "--ident", &ident.to_string()])
+        .stdout(Stdio::null());
     let mut p = Proc::spawn(format!("identity server {ident} in {ns}"), cmd)?;
     p.wait_listening(IDENT_PORT, Duration::from_secs(10))?;
     Ok(p)

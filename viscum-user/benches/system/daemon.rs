@@ -42,7 +42,13 @@ fn quote(s: &str) -> String {
 
 impl Daemon {
     /// Writes the configuration and starts `viscum run` in `edge`, attached to `iface`.
-    pub fn start(env: &Env<'_>, edge: &str, tag: &str, iface: &str, services: &[ServiceDef]) -> Result<Daemon> {
+    pub fn start(
+        env: &Env<'_>,
+        edge: &str,
+        tag: &str,
+        iface: &str,
+        services: &[ServiceDef],
+    ) -> Result<Daemon> {
         let bpffs = env.bpffs.subdir(&format!("{tag}-bpf"))?;
         let control = env.work.join(format!("{tag}.sock"));
         let run_dir = env.work.join(format!("{tag}-run"));
@@ -67,14 +73,29 @@ impl Daemon {
             ));
         }
         let config = env.work.join(format!("{tag}.toml"));
-        std::fs::write(&config, cfg).with_context(|| format!("cannot write {}", config.display()))?;
+        std::fs::write(&config, cfg)
+            .with_context(|| format!("cannot write {}", config.display()))?;
         let cli = env.viscum.with_bpffs(&bpffs);
-        cli.run(edge, &["run", "--config", &config.display().to_string(), "--check"]).context("the generated configuration is invalid")?;
+        cli.run(
+            edge,
+            &["run", "--config", &config.display().to_string(), "--check"],
+        )
+        .context("the generated configuration is invalid")?;
         let log = std::fs::File::create(env.work.join(format!("{tag}-daemon.log")))?;
         let mut cmd = sys::command_in_with(Some(edge), None, Some(Signal::SIGTERM), &cli.bin)?;
-        cmd.arg("--bpffs").arg(&bpffs).args(["run", "--config"]).arg(&config).stdout(Stdio::null()).stderr(log);
+        cmd.arg("--bpffs")
+            .arg(&bpffs)
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdout(Stdio::null())
+            .stderr(log);
         let proc = Proc::spawn(format!("viscum run ({tag})"), cmd)?;
-        Ok(Daemon { proc: Some(proc), cli, control, edge: edge.to_owned() })
+        Ok(Daemon {
+            proc: Some(proc),
+            cli,
+            control,
+            edge: edge.to_owned(),
+        })
     }
 
     pub fn pid(&self) -> Option<u32> {
@@ -86,12 +107,25 @@ impl Daemon {
         if let Some(p) = &mut self.proc {
             p.check_alive()?;
         }
-        let done = self.cli.run(&self.edge, &["status", "--json", "--control", &self.control.display().to_string()])?;
+        let done = self.cli.run(
+            &self.edge,
+            &[
+                "status",
+                "--json",
+                "--control",
+                &self.control.display().to_string(),
+            ],
+        )?;
         Ok(serde_json::from_str(&done.stdout)?)
     }
 
     /// Polls the status until `ready(status)` holds.
-    pub fn wait(&mut self, what: &str, timeout: Duration, ready: impl Fn(&serde_json::Value) -> bool) -> Result<serde_json::Value> {
+    pub fn wait(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        ready: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<serde_json::Value> {
         let deadline = Instant::now() + timeout;
         let mut last;
         loop {
@@ -113,7 +147,10 @@ impl Daemon {
         let pid = self.pid()?;
         let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
         let get = |key: &str| {
-            text.lines().find(|l| l.starts_with(key)).and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok())
+            text.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
         };
         Some((get("VmRSS:")?, get("VmHWM:")?))
     }

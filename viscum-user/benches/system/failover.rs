@@ -54,10 +54,28 @@ fn redirected(status: &serde_json::Value) -> bool {
 fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
     let rounds: usize = args.pick(3, 10);
     let base = format!("{}-8x", env.run_id);
-    let (cg, eg, kg) = (Ns::create(&format!("{base}c"))?, Ns::create(&format!("{base}e"))?, Ns::create(&format!("{base}k"))?);
+    let (cg, eg, kg) = (
+        Ns::create(&format!("{base}c"))?,
+        Ns::create(&format!("{base}e"))?,
+        Ns::create(&format!("{base}k"))?,
+    );
     let (c, e, k) = (cg.name.clone(), eg.name.clone(), kg.name.clone());
-    veth(&c, "eth0", "02:dd:00:00:00:02", &e, "lan0", "02:dd:00:00:00:01")?;
-    veth(&e, "wan0", "02:dd:00:00:01:01", &k, "eth0", "02:dd:00:00:01:07")?;
+    veth(
+        &c,
+        "eth0",
+        "02:dd:00:00:00:02",
+        &e,
+        "lan0",
+        "02:dd:00:00:00:01",
+    )?;
+    veth(
+        &e,
+        "wan0",
+        "02:dd:00:00:01:01",
+        &k,
+        "eth0",
+        "02:dd:00:00:01:07",
+    )?;
     ip(&["-n", &c, "addr", "add", "192.0.2.2/24", "dev", "eth0"])?;
     ip(&["-n", &e, "addr", "add", "192.0.2.1/24", "dev", "lan0"])?;
     ip(&["-n", &e, "addr", "add", "198.51.100.1/24", "dev", "wan0"])?;
@@ -77,37 +95,70 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
     let svc = ServiceDef {
         name: name.clone(),
         matches: vec![format!("tcp://198.51.100.7:{IDENT_PORT}")],
-        command: vec![env.exe.display().to_string(), "__serve".into(), "--ident-only".into(), "--ident".into(), "S".into()],
+        command: vec![
+            env.exe.display().to_string(),
+            "__serve".into(),
+            "--ident-only".into(),
+            "--ident".into(),
+            "S".into(),
+        ],
         health_port: IDENT_PORT,
         interval_ms: INTERVAL_MS,
         timeout_ms: 100,
     };
     let mut daemon = Daemon::start(env, &e, "b8", "lan0", &[svc])?;
-    daemon.wait("the service redirected", Duration::from_secs(30), redirected)?;
+    daemon.wait(
+        "the service redirected",
+        Duration::from_secs(30),
+        redirected,
+    )?;
     let prober = Prober::start(&c, tools::cloud(IDENT_PORT))?;
-    prober.wait_for(b'S', Instant::now(), Duration::from_secs(10)).context("the client is never served by the edge copy")?;
+    prober
+        .wait_for(b'S', Instant::now(), Duration::from_secs(10))
+        .context("the client is never served by the edge copy")?;
 
     let ms = |a: Instant, b: Instant| b.saturating_duration_since(a).as_secs_f64() * 1e3;
     let (mut failover, mut failback, mut failback_cmd) = (Vec::new(), Vec::new(), Vec::new());
     let (mut fail_window, mut fail_cloud, mut fail_back) = (0usize, 0usize, 0usize);
     for round in 0..rounds {
         sys::check_stop()?;
-        let st = daemon.wait("a running, redirected service", Duration::from_secs(15), |s| redirected(s) && service_pid(s).is_some())?;
+        let st = daemon.wait(
+            "a running, redirected service",
+            Duration::from_secs(15),
+            |s| redirected(s) && service_pid(s).is_some(),
+        )?;
         let pid = service_pid(&st).context("no service pid")?;
         prober.clear();
         let t_kill = Instant::now();
         // A process of this run: the service the daemon started in our namespace.
         signal::kill(Pid::from_raw(pid), Signal::SIGKILL).context("cannot kill the service")?;
-        let t_cloud = prober.wait_for(b'K', t_kill, Duration::from_secs(10)).with_context(|| format!("round {round}: no failover"))?;
+        let t_cloud = prober
+            .wait_for(b'K', t_kill, Duration::from_secs(10))
+            .with_context(|| format!("round {round}: no failover"))?;
         failover.push(ms(t_kill, t_cloud));
         // Watch the cloud path for a few health intervals before bringing the copy back.
         sys::sleep(Duration::from_millis(4 * INTERVAL_MS))?;
         let t_start = Instant::now();
         let probes = prober.since(t_kill);
-        fail_window += probes.iter().filter(|p| p.ident.is_none() && p.done <= t_cloud).count();
-        fail_cloud += probes.iter().filter(|p| p.ident.is_none() && p.started > t_cloud && p.done < t_start).count();
+        fail_window += probes
+            .iter()
+            .filter(|p| p.ident.is_none() && p.done <= t_cloud)
+            .count();
+        fail_cloud += probes
+            .iter()
+            .filter(|p| p.ident.is_none() && p.started > t_cloud && p.done < t_start)
+            .count();
 
-        daemon.cli.run(&e, &["service", "start", &name, "--control", &daemon.control.display().to_string()])?;
+        daemon.cli.run(
+            &e,
+            &[
+                "service",
+                "start",
+                &name,
+                "--control",
+                &daemon.control.display().to_string(),
+            ],
+        )?;
         // The copy is back once its new process listens.
         let deadline = Instant::now() + Duration::from_secs(15);
         let t_up = loop {
@@ -124,10 +175,16 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
             }
             std::thread::sleep(Duration::from_millis(2));
         };
-        let t_local = prober.wait_for(b'S', t_up, Duration::from_secs(10)).with_context(|| format!("round {round}: no failback"))?;
+        let t_local = prober
+            .wait_for(b'S', t_up, Duration::from_secs(10))
+            .with_context(|| format!("round {round}: no failback"))?;
         failback.push(ms(t_up, t_local));
         failback_cmd.push(ms(t_start, t_local));
-        fail_back += prober.since(t_start).iter().filter(|p| p.ident.is_none() && p.done <= t_local).count();
+        fail_back += prober
+            .since(t_start)
+            .iter()
+            .filter(|p| p.ident.is_none() && p.done <= t_local)
+            .count();
         eprint!(".");
     }
     eprintln!(" B8 done");
@@ -142,17 +199,48 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
         report::quantile_sorted(&s, 0.99)
     };
     let rows = vec![
-        Row::new("killed → new connections served by the cloud", "ms", failover.clone())
-            .note(format!("p99 {:.0} ms", p99(&failover)))
-            .target_value(format!("p99 ≤ {limit:.0} ms (3 × health interval)"), |_| p99(&failover) <= limit),
-        Row::new("back (listening) → new connections served locally", "ms", failback.clone())
-            .note(format!("p99 {:.0} ms; from `viscum service start`: median {:.0} ms", p99(&failback), report::Stat::of(&failback_cmd).map(|s| s.median).unwrap_or(f64::NAN)))
-            .target_value(format!("p99 ≤ {limit:.0} ms"), |_| p99(&failback) <= limit),
-        Row::new("failed connections on the cloud path (after failover)", "connections", vec![fail_cloud as f64])
-            .target_value("0", |v| v == 0.0),
-        Row::new("failed connections between kill and failover", "connections", vec![fail_window as f64])
-            .note("new connections still redirected to the dead copy until its entry goes"),
-        Row::new("failed connections during failback", "connections", vec![fail_back as f64]),
+        Row::new(
+            "killed → new connections served by the cloud",
+            "ms",
+            failover.clone(),
+        )
+        .note(format!("p99 {:.0} ms", p99(&failover)))
+        .target_value(
+            format!("p99 ≤ {limit:.0} ms (3 × health interval)"),
+            |_| p99(&failover) <= limit,
+        ),
+        Row::new(
+            "back (listening) → new connections served locally",
+            "ms",
+            failback.clone(),
+        )
+        .note(format!(
+            "p99 {:.0} ms; from `viscum service start`: median {:.0} ms",
+            p99(&failback),
+            report::Stat::of(&failback_cmd)
+                .map(|s| s.median)
+                .unwrap_or(f64::NAN)
+        ))
+        .target_value(format!("p99 ≤ {limit:.0} ms"), |_| {
+            p99(&failback) <= limit
+        }),
+        Row::new(
+            "failed connections on the cloud path (after failover)",
+            "connections",
+            vec![fail_cloud as f64],
+        )
+        .target_value("0", |v| v == 0.0),
+        Row::new(
+            "failed connections between kill and failover",
+            "connections",
+            vec![fail_window as f64],
+        )
+        .note("new connections still redirected to the dead copy until its entry goes"),
+        Row::new(
+            "failed connections during failback",
+            "connections",
+            vec![fail_back as f64],
+        ),
     ];
     f.tables.push(Table { title: format!("{rounds} rounds, TCP health check every {INTERVAL_MS} ms (rise 2, fall 2), restart = never"), rows });
     f.plots.push(Plot::Lines {
@@ -162,14 +250,31 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
         y_label: "ms".into(),
         log_x: false,
         series: vec![
-            Series { name: "failover".into(), points: failover.iter().enumerate().map(|(i, v)| [i as f64 + 1.0, *v]).collect() },
-            Series { name: "failback".into(), points: failback.iter().enumerate().map(|(i, v)| [i as f64 + 1.0, *v]).collect() },
+            Series {
+                name: "failover".into(),
+                points: failover
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| [i as f64 + 1.0, *v])
+                    .collect(),
+            },
+            Series {
+                name: "failback".into(),
+                points: failback
+                    .iter()
+                    .enumerate()
+                    .map(|(i, v)| [i as f64 + 1.0, *v])
+                    .collect(),
+            },
         ],
     });
     f.note("a client opens a new connection to the cloud address back to back (~0.1 ms apart); the service is SIGKILLed, then started again with `viscum service start`");
     f.raw("failover_ms", &failover);
     f.raw("failback_ms", &failback);
     f.raw("failback_from_start_cmd_ms", &failback_cmd);
-    f.raw("failed", json!({ "window": fail_window, "cloud": fail_cloud, "back": fail_back }));
+    f.raw(
+        "failed",
+        json!({ "window": fail_window, "cloud": fail_cloud, "back": fail_back }),
+    );
     Ok(f.finish())
 }

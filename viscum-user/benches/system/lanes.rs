@@ -25,12 +25,7 @@
 //! A lane with a fill carries that many unrelated entries/rules besides the service's own
 //! (iptables: the service's rule comes *last*, as `iptables -A` leaves it).
 
-use std::{
-    fmt::Write as _,
-    path::PathBuf,
-    process::Stdio,
-    time::Duration,
-};
+use std::{fmt::Write as _, path::PathBuf, process::Stdio, time::Duration};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
@@ -38,7 +33,7 @@ use aya::{
     programs::{SchedClassifier, TcAttachType},
 };
 use nix::sys::signal::Signal;
-use viscum_common::{TARGET_F_PEER, ServiceEntry};
+use viscum_common::{ServiceEntry, TARGET_F_PEER};
 
 use crate::{
     support::{
@@ -51,7 +46,8 @@ use crate::{
 };
 
 /// The reference programs (noop, hook).
-pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/viscum-bench"));
+pub static BENCH_OBJECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/viscum-bench"));
 
 /// Ports a lane serves (and Viscum redirects, iptables DNATs, ...).
 pub const PORTS: [u16; 4] = [RR_PORT, CRR_PORT, IDENT_PORT, IPERF_PORT];
@@ -117,8 +113,13 @@ impl Spec {
 
 /// A program whose bpf stats B3 reads: opened from viscum's pins, or one of ours.
 pub enum Watched {
-    Pinned { name: String, prog: SchedClassifier },
-    Own { name: &'static str },
+    Pinned {
+        name: String,
+        prog: Box<SchedClassifier>,
+    },
+    Own {
+        name: &'static str,
+    },
 }
 
 /// Cumulative bpf stats of one program.
@@ -230,12 +231,30 @@ impl Lane {
                 sysctl(&e, "net/ipv4/conf/vs0/rp_filter", "0")?;
                 match spec.kind {
                     Kind::Hook => {
-                        ip(&["-n", &t, "route", "add", "local", "198.51.100.7/32", "dev", "lo"])?;
+                        ip(&[
+                            "-n",
+                            &t,
+                            "route",
+                            "add",
+                            "local",
+                            "198.51.100.7/32",
+                            "dev",
+                            "lo",
+                        ])?;
                         let vs0 = ifindex_in(&e, "vs0")?;
                         lane.load_bench_prog(&e, "bench_hook", vs0)?;
                     }
                     Kind::Flower => {
-                        ip(&["-n", &t, "route", "add", "local", "198.51.100.7/32", "dev", "lo"])?;
+                        ip(&[
+                            "-n",
+                            &t,
+                            "route",
+                            "add",
+                            "local",
+                            "198.51.100.7/32",
+                            "dev",
+                            "lo",
+                        ])?;
                         self_note(&mut lane, flower(&e, &t)?);
                     }
                     Kind::Iptables => iptables(&e, spec.fill)?,
@@ -268,10 +287,14 @@ impl Lane {
                 .override_global("HOOK_IFINDEX", &hook_ifindex, true)
                 .load(BENCH_OBJECT)
                 .context("cannot load the viscum-bench object")?;
-            let prog: &mut SchedClassifier =
-                ebpf.program_mut(name).with_context(|| format!("no program {name}"))?.try_into()?;
-            prog.load().with_context(|| format!("the kernel rejected {name}"))?;
-            prog.attach("lan0", TcAttachType::Ingress).with_context(|| format!("cannot attach {name} to lan0"))?;
+            let prog: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .with_context(|| format!("no program {name}"))?
+                .try_into()?;
+            prog.load()
+                .with_context(|| format!("the kernel rejected {name}"))?;
+            prog.attach("lan0", TcAttachType::Ingress)
+                .with_context(|| format!("cannot attach {name} to lan0"))?;
             Ok(ebpf)
         })??;
         self.watched.push(Watched::Own { name });
@@ -290,21 +313,37 @@ impl Lane {
         self.target = name.clone();
         self.start_servers(env, &name)?;
         for port in PORTS {
-            v.run(e, &["redirect", "add", &format!("tcp://198.51.100.7:{port}"), "--ns", &name])?;
+            v.run(
+                e,
+                &[
+                    "redirect",
+                    "add",
+                    &format!("tcp://198.51.100.7:{port}"),
+                    "--ns",
+                    &name,
+                ],
+            )?;
         }
         if self.spec.fill > 0 {
             let host = format!("vh-{name}");
             let ifindex = ifindex_in(e, &host)?;
             let mut engine = viscum::engine::Engine::open(&viscum::engine::Pins::new(&pins))?;
             for i in 0..self.spec.fill {
-                let ep: viscum::endpoint::Endpoint = format!("tcp://{}:80", filler_addr(i)).parse()?;
+                let ep: viscum::endpoint::Endpoint =
+                    format!("tcp://{}:80", filler_addr(i)).parse()?;
                 engine.insert(&ep, ServiceEntry::new(ifindex, TARGET_F_PEER, [0; 6]))?;
             }
         }
         let p = viscum::engine::Pins::new(&pins);
-        for (label, path) in [("viscum_ingress", p.program()), ("viscum_reply", p.reply_program())] {
+        for (label, path) in [
+            ("viscum_ingress", p.program()),
+            ("viscum_reply", p.reply_program()),
+        ] {
             match SchedClassifier::from_pin(&path) {
-                Ok(prog) => self.watched.push(Watched::Pinned { name: label.into(), prog }),
+                Ok(prog) => self.watched.push(Watched::Pinned {
+                    name: label.into(),
+                    prog: Box::new(prog),
+                }),
                 Err(e) => eprintln!("bench: {}: cannot open {}: {e}", self.label, path.display()),
             }
         }
@@ -313,17 +352,35 @@ impl Lane {
 
     /// RR/CRR/identity server and `iperf3 -s` in `ns`, pinned to the server CPU.
     fn start_servers(&mut self, env: &Env<'_>, ns: &str) -> Result<()> {
-        let mut cmd = sys::command_in_with(Some(ns), Some(sys::server_cpu()), Some(Signal::SIGKILL), &env.exe)?;
-        cmd.arg("__serve").stdout(Stdio::null()).stderr(Stdio::inherit());
+        let mut cmd = sys::command_in_with(
+            Some(ns),
+            Some(sys::server_cpu()),
+            Some(Signal::SIGKILL),
+            &env.exe,
+        )?;
+        cmd.arg("__serve")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
         let mut p = Proc::spawn(format!("{} servers", self.label), cmd)?;
         p.wait_listening(CRR_PORT, Duration::from_secs(10))?;
         p.wait_listening(RR_PORT, Duration::from_secs(10))?;
         p.wait_listening(IDENT_PORT, Duration::from_secs(10))?;
         self.procs.push(p);
-        let mut cmd = sys::command_in_with(Some(ns), Some(sys::server_cpu()), Some(Signal::SIGKILL), "iperf3")?;
-        cmd.args(["-s", "-p", &IPERF_PORT.to_string(), "-A", &sys::server_cpu().to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
+        let mut cmd = sys::command_in_with(
+            Some(ns),
+            Some(sys::server_cpu()),
+            Some(Signal::SIGKILL),
+            "iperf3",
+        )?;
+        cmd.args([
+            "-s",
+            "-p",
+            &IPERF_PORT.to_string(),
+            "-A",
+            &sys::server_cpu().to_string(),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
         let mut p = Proc::spawn(format!("{} iperf3 -s", self.label), cmd)?;
         p.wait_listening(IPERF_PORT, Duration::from_secs(10))?;
         self.procs.push(p);
@@ -338,12 +395,20 @@ impl Lane {
                 "global\n    maxconn 8000\n    nbthread 1\ndefaults\n    mode tcp\n    timeout connect 5s\n    timeout client 1m\n    timeout server 1m\n",
             );
             for port in PORTS {
-                let _ = write!(cfg, "listen p{port}\n    bind 198.51.100.7:{port}\n    server s 10.77.0.2:{port}\n");
+                let _ = write!(
+                    cfg,
+                    "listen p{port}\n    bind 198.51.100.7:{port}\n    server s 10.77.0.2:{port}\n"
+                );
             }
             let path = env.work.join(format!("{}-haproxy.cfg", self.target));
-            std::fs::write(&path, cfg).with_context(|| format!("cannot write {}", path.display()))?;
+            std::fs::write(&path, cfg)
+                .with_context(|| format!("cannot write {}", path.display()))?;
             let mut cmd = sys::command_in_with(Some(edge), None, Some(Signal::SIGKILL), "haproxy")?;
-            cmd.arg("-db").arg("-f").arg(&path).stdout(Stdio::null()).stderr(Stdio::null());
+            cmd.arg("-db")
+                .arg("-f")
+                .arg(&path)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
             let mut p = Proc::spawn(format!("{} haproxy", self.label), cmd)?;
             for port in PORTS {
                 p.wait_listening(port, Duration::from_secs(10))?;
@@ -352,7 +417,8 @@ impl Lane {
             self.proxy = Some(tool_version("haproxy", &["-v"]).unwrap_or_else(|| "haproxy".into()));
         } else if which("socat") {
             for port in PORTS {
-                let mut cmd = sys::command_in_with(Some(edge), None, Some(Signal::SIGKILL), "socat")?;
+                let mut cmd =
+                    sys::command_in_with(Some(edge), None, Some(Signal::SIGKILL), "socat")?;
                 cmd.args([
                     format!("TCP-LISTEN:{port},bind=198.51.100.7,reuseaddr,fork,backlog=1024"),
                     format!("TCP:10.77.0.2:{port},nodelay"),
@@ -377,13 +443,21 @@ impl Lane {
             let (name, info) = match w {
                 Watched::Pinned { name, prog } => (name.clone(), prog.info()),
                 Watched::Own { name } => {
-                    let Some(p) = self._progs.as_ref().and_then(|e| e.program(name)) else { continue };
-                    let Ok(prog): Result<&SchedClassifier, _> = p.try_into() else { continue };
+                    let Some(p) = self._progs.as_ref().and_then(|e| e.program(name)) else {
+                        continue;
+                    };
+                    let Ok(prog): Result<&SchedClassifier, _> = p.try_into() else {
+                        continue;
+                    };
                     ((*name).to_owned(), prog.info())
                 }
             };
             if let Ok(info) = info {
-                out.push(ProgStats { name, run_time_ns: info.run_time().as_nanos() as u64, run_cnt: info.run_count() });
+                out.push(ProgStats {
+                    name,
+                    run_time_ns: info.run_time().as_nanos() as u64,
+                    run_cnt: info.run_count(),
+                });
             }
         }
         out
@@ -399,9 +473,14 @@ impl Lane {
 
     /// The client reaches the lane's servers through the path under test.
     pub fn verify(&mut self) -> Result<()> {
-        let got = tools::ask(&self.client, tools::cloud(IDENT_PORT)).with_context(|| format!("{}: the client gets no answer", self.label))?;
+        let got = tools::ask(&self.client, tools::cloud(IDENT_PORT))
+            .with_context(|| format!("{}: the client gets no answer", self.label))?;
         if got != b'T' {
-            bail!("{}: answered by '{}' instead of the lane's server", self.label, got as char);
+            bail!(
+                "{}: answered by '{}' instead of the lane's server",
+                self.label,
+                got as char
+            );
         }
         self.check()
     }
@@ -415,8 +494,8 @@ pub fn filler_addr(i: u32) -> std::net::Ipv4Addr {
 /// ifindex of `dev` inside `ns`.
 pub fn ifindex_in(ns: &str, dev: &str) -> Result<u32> {
     let d = dev.to_owned();
-    Ok(viscum::netns::in_netns(ns, move || nix::net::if_::if_nametoindex(d.as_str()))?
-        .with_context(|| format!("no interface {dev} in {ns}"))?)
+    viscum::netns::in_netns(ns, move || nix::net::if_::if_nametoindex(d.as_str()))?
+        .with_context(|| format!("no interface {dev} in {ns}"))
 }
 
 fn self_note(lane: &mut Lane, note: String) {
@@ -429,7 +508,13 @@ fn self_note(lane: &mut Lane, note: String) {
 /// have: `u32` for the match, and the namespace veth given lan0's MAC so that the frame,
 /// whose destination MAC nobody rewrites, still arrives as PACKET_HOST.
 fn flower(edge: &str, target: &str) -> Result<String> {
-    exec_in(edge, "tc", &["qdisc", "add", "dev", "lan0", "clsact"], None, Duration::from_secs(10))?;
+    exec_in(
+        edge,
+        "tc",
+        &["qdisc", "add", "dev", "lan0", "clsact"],
+        None,
+        Duration::from_secs(10),
+    )?;
     let mut batch = String::new();
     for port in PORTS {
         let _ = writeln!(
@@ -438,11 +523,23 @@ fn flower(edge: &str, target: &str) -> Result<String> {
              action skbmod set dmac {MAC_S} pipe action mirred egress redirect dev vs0"
         );
     }
-    let flower_err = match exec_in(edge, "tc", &["-batch", "-"], Some(batch.as_bytes()), Duration::from_secs(10)) {
+    let flower_err = match exec_in(
+        edge,
+        "tc",
+        &["-batch", "-"],
+        Some(batch.as_bytes()),
+        Duration::from_secs(10),
+    ) {
         Ok(_) => return Ok("tc flower + skbmod + mirred".into()),
         Err(e) => format!("{e:#}"),
     };
-    let _ = exec_in(edge, "tc", &["filter", "del", "dev", "lan0", "ingress"], None, Duration::from_secs(10));
+    let _ = exec_in(
+        edge,
+        "tc",
+        &["filter", "del", "dev", "lan0", "ingress"],
+        None,
+        Duration::from_secs(10),
+    );
     ip(&["-n", target, "link", "set", "eth0", "address", MAC_LAN])?;
     neigh(edge, "vs0", "10.77.0.2", MAC_LAN)?;
     let mut batch = String::new();
@@ -453,16 +550,33 @@ fn flower(edge: &str, target: &str) -> Result<String> {
              match ip dport {port} 0xffff action mirred egress redirect dev vs0"
         );
     }
-    exec_in(edge, "tc", &["-batch", "-"], Some(batch.as_bytes()), Duration::from_secs(10))
-        .with_context(|| format!("neither flower ({}) nor u32 works", flower_err.lines().last().unwrap_or("")))?;
+    exec_in(
+        edge,
+        "tc",
+        &["-batch", "-"],
+        Some(batch.as_bytes()),
+        Duration::from_secs(10),
+    )
+    .with_context(|| {
+        format!(
+            "neither flower ({}) nor u32 works",
+            flower_err.lines().last().unwrap_or("")
+        )
+    })?;
     Ok("tc u32 + mirred: this kernel has no cls_flower/act_skbmod, so u32 matches and the service veth carries lan0's MAC instead of an skbmod rewrite".into())
 }
 
 /// The DNAT ruleset: `fill` unrelated rules, then the service's own (last, as `-A` puts it).
 pub fn iptables_rules(fill: u32, with_service: bool) -> String {
-    let mut r = String::from("*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n");
+    let mut r = String::from(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n",
+    );
     for i in 0..fill {
-        let _ = writeln!(r, "-A PREROUTING -d {}/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.77.0.2", filler_addr(i));
+        let _ = writeln!(
+            r,
+            "-A PREROUTING -d {}/32 -p tcp -m tcp --dport 80 -j DNAT --to-destination 10.77.0.2",
+            filler_addr(i)
+        );
     }
     if with_service {
         let ports: Vec<String> = PORTS.iter().map(u16::to_string).collect();
@@ -477,16 +591,28 @@ pub fn iptables_rules(fill: u32, with_service: bool) -> String {
 }
 
 fn iptables(edge: &str, fill: u32) -> Result<()> {
-    exec_in(edge, "iptables-restore", &["-w"], Some(iptables_rules(fill, true).as_bytes()), Duration::from_secs(300))?;
+    exec_in(
+        edge,
+        "iptables-restore",
+        &["-w"],
+        Some(iptables_rules(fill, true).as_bytes()),
+        Duration::from_secs(300),
+    )?;
     conntrack_tuning(edge);
     Ok(())
 }
 
 /// The nftables ruleset: a verdict map from (address, port) to a DNAT chain.
 pub fn nft_ruleset(fill: u32, with_service: bool) -> String {
-    let mut elems: Vec<String> = (0..fill).map(|i| format!("{} . 80 : goto svc", filler_addr(i))).collect();
+    let mut elems: Vec<String> = (0..fill)
+        .map(|i| format!("{} . 80 : goto svc", filler_addr(i)))
+        .collect();
     if with_service {
-        elems.extend(PORTS.iter().map(|p| format!("198.51.100.7 . {p} : goto svc")));
+        elems.extend(
+            PORTS
+                .iter()
+                .map(|p| format!("198.51.100.7 . {p} : goto svc")),
+        );
     }
     let mut r = String::from(
         "table ip vbench {\n  chain svc {\n    dnat to 10.77.0.2\n  }\n  map services {\n    type ipv4_addr . inet_service : verdict\n",
@@ -499,7 +625,13 @@ pub fn nft_ruleset(fill: u32, with_service: bool) -> String {
 }
 
 fn nft(edge: &str, fill: u32) -> Result<()> {
-    exec_in(edge, "nft", &["-f", "-"], Some(nft_ruleset(fill, true).as_bytes()), Duration::from_secs(300))?;
+    exec_in(
+        edge,
+        "nft",
+        &["-f", "-"],
+        Some(nft_ruleset(fill, true).as_bytes()),
+        Duration::from_secs(300),
+    )?;
     conntrack_tuning(edge);
     Ok(())
 }
@@ -508,7 +640,11 @@ fn nft(edge: &str, fill: u32) -> Result<()> {
 /// lingers 120 s in TIME_WAIT by default: shorten that (per namespace) so a full run stays
 /// below nf_conntrack_max instead of dropping SYNs. Best effort.
 fn conntrack_tuning(edge: &str) {
-    if let Err(e) = sysctl(edge, "net/netfilter/nf_conntrack_tcp_timeout_time_wait", "10") {
+    if let Err(e) = sysctl(
+        edge,
+        "net/netfilter/nf_conntrack_tcp_timeout_time_wait",
+        "10",
+    ) {
         eprintln!("bench: cannot shorten conntrack TIME_WAIT in {edge}: {e:#}");
     }
 }
@@ -521,7 +657,17 @@ pub fn which(program: &str) -> bool {
 
 /// First line of `program ARGS` (stdout or stderr), e.g. "iperf 3.12".
 pub fn tool_version(program: &str, args: &[&str]) -> Option<String> {
-    let out = std::process::Command::new(program).args(args).output().ok()?;
-    let text = if out.stdout.is_empty() { out.stderr } else { out.stdout };
-    String::from_utf8_lossy(&text).lines().next().map(|l| l.trim().to_owned())
+    let out = std::process::Command::new(program)
+        .args(args)
+        .output()
+        .ok()?;
+    let text = if out.stdout.is_empty() {
+        out.stderr
+    } else {
+        out.stdout
+    };
+    String::from_utf8_lossy(&text)
+        .lines()
+        .next()
+        .map(|l| l.trim().to_owned())
 }

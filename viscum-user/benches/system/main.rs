@@ -63,16 +63,26 @@ fn main() -> ExitCode {
     }
 }
 
-/// B1's hot IPv4 hit (raw ns), from the datapath bench's output.
-fn b1_reference(args: &Args) -> Option<f64> {
+/// B1's IPv4 hit (raw ns: hot, and spread when measured), from the datapath bench's output.
+fn b1_reference(args: &Args) -> Option<traffic::B1Ref> {
     let text = std::fs::read_to_string(args.reference.as_ref()?).ok()?;
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
-    v["fragments"].as_array()?.iter().find(|f| f["id"] == "B1")?["raw"]["hit_v4_hot_raw_ns"].as_f64()
+    let raw = &v["fragments"]
+        .as_array()?
+        .iter()
+        .find(|f| f["id"] == "B1")?["raw"];
+    Some(traffic::B1Ref {
+        hot_ns: raw["hit_v4_hot_raw_ns"].as_f64()?,
+        spread_ns: raw["hit_v4_spread_raw_ns"].as_f64(),
+        hot_net_ns: raw["hit_v4_hot_net_ns"].as_f64(),
+    })
 }
 
 fn run(args: &Args) -> Result<Vec<report::Fragment>> {
     let bpffs = PrivateBpffs::mount(&args.run_id)?;
-    let work = std::path::Path::new("/run").join(format!("viscum-bench-{}", args.run_id)).join("work");
+    let work = std::path::Path::new("/run")
+        .join(format!("viscum-bench-{}", args.run_id))
+        .join("work");
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
     let viscum = viscum_cli::Viscum::new();
     let env = lanes::Env {

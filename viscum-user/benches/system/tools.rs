@@ -98,13 +98,19 @@ fn serve(ident: u8, ident_only: bool) -> Result<()> {
             });
         }
     });
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
     rt.block_on(async {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let l = tokio::net::TcpListener::bind(any(CRR_PORT)).await.context("bind CRR port")?;
+        let l = tokio::net::TcpListener::bind(any(CRR_PORT))
+            .await
+            .context("bind CRR port")?;
         println!("ready");
         loop {
-            let Ok((mut c, _)) = l.accept().await else { continue };
+            let Ok((mut c, _)) = l.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let _ = c.set_nodelay(true);
                 let mut b = [0u8; 1];
@@ -134,7 +140,8 @@ pub struct RrRun {
 pub fn rr(ns: &str, addr: SocketAddr, warmup: Duration, duration: Duration) -> Result<RrRun> {
     viscum::netns::in_netns(ns, move || -> Result<RrRun> {
         sys::pin_current_thread(sys::client_cpu());
-        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).with_context(|| format!("connect {addr}"))?;
+        let mut c = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+            .with_context(|| format!("connect {addr}"))?;
         c.set_nodelay(true)?;
         c.set_read_timeout(Some(Duration::from_secs(2)))?;
         let mut b = [7u8; 1];
@@ -156,12 +163,15 @@ pub fn rr(ns: &str, addr: SocketAddr, warmup: Duration, duration: Duration) -> R
             c.read_exact(&mut b).context("RR response")?;
             lat.push(t.elapsed().as_nanos().min(u128::from(u32::MAX)) as u32);
             i += 1;
-            if i % 4096 == 0 {
+            if i.is_multiple_of(4096) {
                 sys::check_stop()?;
             }
         }
         let secs = start.elapsed().as_secs_f64();
-        Ok(RrRun { tps: lat.len() as f64 / secs, lat_ns: lat })
+        Ok(RrRun {
+            tps: lat.len() as f64 / secs,
+            lat_ns: lat,
+        })
     })
     .context("cannot enter the client namespace")?
 }
@@ -174,10 +184,18 @@ pub struct CrrRun {
 
 /// `concurrency` connections at a time, each doing connect / 1 byte / 1 byte / close in a
 /// loop, for `warmup + duration`; counts the transactions completed in `duration`.
-pub fn crr(ns: &str, addr: SocketAddr, concurrency: usize, warmup: Duration, duration: Duration) -> Result<CrrRun> {
+pub fn crr(
+    ns: &str,
+    addr: SocketAddr,
+    concurrency: usize,
+    warmup: Duration,
+    duration: Duration,
+) -> Result<CrrRun> {
     viscum::netns::in_netns(ns, move || -> Result<CrrRun> {
         sys::pin_current_thread(sys::client_cpu());
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async move {
             use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
             let start = Instant::now() + warmup;
@@ -222,7 +240,10 @@ pub fn crr(ns: &str, addr: SocketAddr, concurrency: usize, warmup: Duration, dur
                 ok += o;
                 err += e;
             }
-            Ok(CrrRun { conns_per_s: ok as f64 / duration.as_secs_f64(), errors: err })
+            Ok(CrrRun {
+                conns_per_s: ok as f64 / duration.as_secs_f64(),
+                errors: err,
+            })
         })
     })
     .context("cannot enter the client namespace")?
@@ -230,7 +251,8 @@ pub fn crr(ns: &str, addr: SocketAddr, concurrency: usize, warmup: Duration, dur
 
 /// Asks the identity port once: which side served a new connection.
 pub fn ask(ns: &str, addr: SocketAddr) -> Result<u8> {
-    viscum::netns::in_netns(ns, move || ask_here(addr)).context("cannot enter the client namespace")?
+    viscum::netns::in_netns(ns, move || ask_here(addr))
+        .context("cannot enter the client namespace")?
 }
 
 fn ask_here(addr: SocketAddr) -> Result<u8> {
@@ -269,7 +291,11 @@ impl Prober {
                     let ident = ask_here(addr).ok();
                     let done = Instant::now();
                     if let Ok(mut v) = l.lock() {
-                        v.push(Probe { started, done, ident });
+                        v.push(Probe {
+                            started,
+                            done,
+                            ident,
+                        });
                     }
                     if ident.is_none() {
                         // A refused or timed-out probe: do not spin on an unreachable port.
@@ -281,12 +307,19 @@ impl Prober {
                 eprintln!("bench: prober: {e:#}");
             }
         });
-        Ok(Prober { stop, log, handle: Some(handle) })
+        Ok(Prober {
+            stop,
+            log,
+            handle: Some(handle),
+        })
     }
 
     /// Probes that started at or after `t`.
     pub fn since(&self, t: Instant) -> Vec<Probe> {
-        self.log.lock().map(|v| v.iter().filter(|p| p.started >= t).copied().collect()).unwrap_or_default()
+        self.log
+            .lock()
+            .map(|v| v.iter().filter(|p| p.started >= t).copied().collect())
+            .unwrap_or_default()
     }
 
     /// Forgets old probes (keeps memory bounded over long runs).
@@ -307,7 +340,10 @@ impl Prober {
             sys::check_stop()?;
             if Instant::now() >= deadline {
                 let last = self.since(t).last().map(|p| p.ident);
-                bail!("no probe answered by '{}' within {timeout:?} (last probe: {last:?})", ident as char);
+                bail!(
+                    "no probe answered by '{}' within {timeout:?} (last probe: {last:?})",
+                    ident as char
+                );
             }
             thread::sleep(Duration::from_micros(100));
         }

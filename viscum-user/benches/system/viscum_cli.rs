@@ -19,11 +19,17 @@ pub struct Viscum {
 
 impl Viscum {
     pub fn new() -> Viscum {
-        Viscum { bin: PathBuf::from(env!("CARGO_BIN_EXE_viscum")), bpffs: None }
+        Viscum {
+            bin: PathBuf::from(env!("CARGO_BIN_EXE_viscum")),
+            bpffs: None,
+        }
     }
 
     pub fn with_bpffs(&self, dir: &Path) -> Viscum {
-        Viscum { bin: self.bin.clone(), bpffs: Some(dir.to_owned()) }
+        Viscum {
+            bin: self.bin.clone(),
+            bpffs: Some(dir.to_owned()),
+        }
     }
 
     /// `viscum --bpffs DIR ARGS...` set up to run inside `ns` (nothing started yet).

@@ -13,7 +13,12 @@ fn cell(s: &str) -> String {
 
 /// Targets met / targets with a verdict, over all fragments.
 fn counts(doc: &Value) -> (usize, usize) {
-    let rows = doc["fragments"].as_array().into_iter().flatten().flat_map(|f| f["tables"].as_array().into_iter().flatten()).flat_map(|t| t["rows"].as_array().into_iter().flatten());
+    let rows = doc["fragments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|f| f["tables"].as_array().into_iter().flatten())
+        .flat_map(|t| t["rows"].as_array().into_iter().flatten());
     let (mut met, mut judged) = (0, 0);
     for r in rows {
         if let Some(m) = r["met"].as_bool() {
@@ -43,8 +48,16 @@ fn stat(v: &Value) -> (String, String) {
     if v.is_null() {
         return ("–".into(), "–".into());
     }
-    let (m, lo, hi) = (v["median"].as_f64().unwrap_or(f64::NAN), v["min"].as_f64().unwrap_or(f64::NAN), v["max"].as_f64().unwrap_or(f64::NAN));
-    let spread = if v["n"].as_u64().unwrap_or(0) > 1 { format!("{} – {}", num(lo), num(hi)) } else { "–".into() };
+    let (m, lo, hi) = (
+        v["median"].as_f64().unwrap_or(f64::NAN),
+        v["min"].as_f64().unwrap_or(f64::NAN),
+        v["max"].as_f64().unwrap_or(f64::NAN),
+    );
+    let spread = if v["n"].as_u64().unwrap_or(0) > 1 {
+        format!("{} – {}", num(lo), num(hi))
+    } else {
+        "–".into()
+    };
     (num(m), spread)
 }
 
@@ -66,10 +79,17 @@ pub fn markdown(doc: &Value, plots_dir: &str, json_rel: &str, plots_abs: &Path) 
          Started {} UTC, took {:.0} min. What is measured and why: `shared/docs/benchmarks.md`; how: the doc comments of \
          `viscum-user/benches/`.\n",
         if quick { " --quick" } else { "" },
-        doc["started_utc"].as_str().unwrap_or("?").replace('T', " ").trim_end_matches('Z'),
+        doc["started_utc"]
+            .as_str()
+            .unwrap_or("?")
+            .replace('T', " ")
+            .trim_end_matches('Z'),
         doc["seconds"].as_f64().unwrap_or(0.0) / 60.0
     );
-    let _ = writeln!(s, "Every figure is a median over interleaved rounds (variants run A B A B …, order alternating) with the min–max spread; ratios are taken per round, then summarised. The machine is a shared VM: compare ratios, not absolute numbers across runs.\n");
+    let _ = writeln!(
+        s,
+        "Every figure is a median over interleaved rounds (variants run A B A B …, order alternating) with the min–max spread; ratios are taken per round, then summarised. The machine is a shared VM: compare ratios, not absolute numbers across runs.\n"
+    );
 
     let _ = writeln!(s, "## Machine\n\n| | |\n|---|---|");
     let fact = |k: &str| -> String {
@@ -101,45 +121,95 @@ pub fn markdown(doc: &Value, plots_dir: &str, json_rel: &str, plots_abs: &Path) 
     }
     if let Some(tools) = m["tools"].as_object() {
         for (k, v) in tools {
-            let _ = writeln!(s, "| {k} | {} |", v.as_str().map(cell).unwrap_or_else(|| "not installed".into()));
+            let _ = writeln!(
+                s,
+                "| {k} | {} |",
+                v.as_str()
+                    .map(cell)
+                    .unwrap_or_else(|| "not installed".into())
+            );
         }
     }
 
     let frags = doc["fragments"].as_array().cloned().unwrap_or_default();
-    let _ = writeln!(s, "\n## Summary\n\n{}\n\n| | benchmark | status | targets met |\n|---|---|---|---|", summary_line(doc));
+    let _ = writeln!(
+        s,
+        "\n## Summary\n\n{}\n\n| | benchmark | status | targets met |\n|---|---|---|---|",
+        summary_line(doc)
+    );
     for f in &frags {
-        let rows: Vec<&Value> = f["tables"].as_array().into_iter().flatten().flat_map(|t| t["rows"].as_array().into_iter().flatten()).collect();
+        let rows: Vec<&Value> = f["tables"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|t| t["rows"].as_array().into_iter().flatten())
+            .collect();
         let judged: Vec<bool> = rows.iter().filter_map(|r| r["met"].as_bool()).collect();
         let met = judged.iter().filter(|x| **x).count();
         let id = f["id"].as_str().unwrap_or("?");
-        let anchor = format!("{}-{}", id.to_lowercase(), f["title"].as_str().unwrap_or("").to_lowercase().chars().filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-').collect::<String>().replace(' ', "-"));
+        let anchor = format!(
+            "{}-{}",
+            id.to_lowercase(),
+            f["title"]
+                .as_str()
+                .unwrap_or("")
+                .to_lowercase()
+                .chars()
+                .filter(|c| c.is_alphanumeric() || *c == ' ' || *c == '-')
+                .collect::<String>()
+                .replace(' ', "-")
+        );
         let _ = writeln!(
             s,
             "| {id} | [{}](#{anchor}) | {} | {} |",
             cell(f["title"].as_str().unwrap_or("")),
             f["status"].as_str().unwrap_or("?"),
-            if judged.is_empty() { "–".into() } else { format!("{met} / {}", judged.len()) }
+            if judged.is_empty() {
+                "–".into()
+            } else {
+                format!("{met} / {}", judged.len())
+            }
         );
     }
 
     for f in &frags {
-        let _ = writeln!(s, "\n## {} {}\n", f["id"].as_str().unwrap_or("?"), f["title"].as_str().unwrap_or(""));
+        let _ = writeln!(
+            s,
+            "\n## {} {}\n",
+            f["id"].as_str().unwrap_or("?"),
+            f["title"].as_str().unwrap_or("")
+        );
         if let Some(e) = f["error"].as_str() {
-            let _ = writeln!(s, "**Could not run:** `{}`\n", e.replace('`', "'").replace('\n', " "));
+            let _ = writeln!(
+                s,
+                "**Could not run:** `{}`\n",
+                e.replace('`', "'").replace('\n', " ")
+            );
         }
-        for n in f["notes"].as_array().into_iter().flatten().filter_map(Value::as_str) {
+        for n in f["notes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+        {
             let _ = writeln!(s, "- {}", n.replace('\n', " "));
         }
         for t in f["tables"].as_array().into_iter().flatten() {
             let _ = writeln!(s, "\n**{}**\n", cell(t["title"].as_str().unwrap_or("")));
-            let _ = writeln!(s, "| metric | median | min – max | unit | ratio (min – max) | target | met | notes |\n|---|---:|---:|---|---|---|:---:|---|");
+            let _ = writeln!(
+                s,
+                "| metric | median | min – max | unit | ratio (min – max) | target | met | notes |\n|---|---:|---:|---|---|---|:---:|---|"
+            );
             for r in t["rows"].as_array().into_iter().flatten() {
                 let (med, spread) = stat(&r["value"]);
                 let ratio = if r["ratio"].is_null() {
                     "–".into()
                 } else {
                     let (rm, rs) = stat(&r["ratio"]);
-                    format!("{rm}× vs {} ({rs})", cell(r["reference"].as_str().unwrap_or("")))
+                    format!(
+                        "{rm}× vs {} ({rs})",
+                        cell(r["reference"].as_str().unwrap_or(""))
+                    )
                 };
                 let met = match r["met"].as_bool() {
                     Some(true) => "✅",
@@ -161,9 +231,15 @@ pub fn markdown(doc: &Value, plots_dir: &str, json_rel: &str, plots_abs: &Path) 
             }
         }
         for p in f["plots"].as_array().into_iter().flatten() {
-            let Some(file) = p["file"].as_str() else { continue };
+            let Some(file) = p["file"].as_str() else {
+                continue;
+            };
             if plots_abs.join(format!("{file}.svg")).exists() {
-                let _ = writeln!(s, "\n![{}]({plots_dir}/{file}.svg)", cell(p["title"].as_str().unwrap_or(file)));
+                let _ = writeln!(
+                    s,
+                    "\n![{}]({plots_dir}/{file}.svg)",
+                    cell(p["title"].as_str().unwrap_or(file))
+                );
             }
         }
     }

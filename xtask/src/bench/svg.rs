@@ -10,13 +10,19 @@ use std::fmt::Write as _;
 
 use serde_json::Value;
 
-const PALETTE: [&str; 10] =
-    ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf"];
+const PALETTE: [&str; 10] = [
+    "#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf",
+];
 const WIDTH: f64 = 760.0;
 const FONT: &str = "font-family=\"sans-serif\" font-size=\"12\"";
+const TITLE_FONT: &str = "font-family=\"sans-serif\" font-size=\"14\" font-weight=\"bold\"";
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }
 
 /// Short number for axes and labels.
@@ -32,6 +38,8 @@ pub fn num(x: f64) -> String {
         format!("{x:.0}")
     } else if a >= 10.0 {
         format!("{x:.1}")
+    } else if x == x.trunc() {
+        format!("{x:.0}")
     } else if a >= 1.0 {
         format!("{x:.2}")
     } else {
@@ -55,7 +63,7 @@ fn head(w: f64, h: f64, title: &str) -> String {
         s,
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" viewBox=\"0 0 {w} {h}\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-         <text x=\"{}\" y=\"20\" text-anchor=\"middle\" {FONT} font-size=\"14\" font-weight=\"bold\">{}</text>\n",
+         <text x=\"{}\" y=\"20\" text-anchor=\"middle\" {TITLE_FONT}>{}</text>\n",
         w / 2.0,
         esc(title)
     );
@@ -69,8 +77,14 @@ fn ticks(max: f64) -> Vec<f64> {
     }
     let raw = max / 5.0;
     let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * mag).find(|s| max / s <= 6.0).unwrap_or(mag * 10.0);
-    (0..=((max / step).ceil() as usize)).map(|i| i as f64 * step).collect()
+    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
+        .iter()
+        .map(|m| m * mag)
+        .find(|s| max / s <= 6.0)
+        .unwrap_or(mag * 10.0);
+    (0..=((max / step).ceil() as usize))
+        .map(|i| i as f64 * step)
+        .collect()
 }
 
 fn bars(plot: &Value) -> Option<String> {
@@ -85,8 +99,16 @@ fn bars(plot: &Value) -> Option<String> {
     let top = 40.0;
     let h = top + row * bars.len() as f64 + 50.0;
     let get = |b: &Value, k: &str| b[k].as_f64().unwrap_or(f64::NAN);
-    let max = bars.iter().map(|b| get(b, "max").max(get(b, "median"))).filter(|x| x.is_finite()).fold(0.0, f64::max);
-    let min = bars.iter().map(|b| get(b, "min").min(get(b, "median"))).filter(|x| x.is_finite()).fold(0.0, f64::min);
+    let max = bars
+        .iter()
+        .map(|b| get(b, "max").max(get(b, "median")))
+        .filter(|x| x.is_finite())
+        .fold(0.0, f64::max);
+    let min = bars
+        .iter()
+        .map(|b| get(b, "min").min(get(b, "median")))
+        .filter(|x| x.is_finite())
+        .fold(0.0, f64::min);
     let ts = ticks(max.max(-min));
     let hi = *ts.last().unwrap_or(&1.0);
     let lo = if min < 0.0 { -hi } else { 0.0 };
@@ -95,15 +117,37 @@ fn bars(plot: &Value) -> Option<String> {
     let mut s = head(WIDTH, h, plot["title"].as_str().unwrap_or(""));
     let axis_y = top + row * bars.len() as f64;
     for t in &ts {
-        let _ = writeln!(s, "<line x1=\"{0:.1}\" y1=\"{top}\" x2=\"{0:.1}\" y2=\"{axis_y}\" stroke=\"#ddd\"/>", x(*t));
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" {FONT}>{}</text>", x(*t), axis_y + 16.0, num(*t));
+        let _ = writeln!(
+            s,
+            "<line x1=\"{0:.1}\" y1=\"{top}\" x2=\"{0:.1}\" y2=\"{axis_y}\" stroke=\"#ddd\"/>",
+            x(*t)
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" {FONT}>{}</text>",
+            x(*t),
+            axis_y + 16.0,
+            num(*t)
+        );
     }
-    let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" {FONT}>{}</text>", left + plot_w / 2.0, axis_y + 36.0, esc(unit));
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" {FONT}>{}</text>",
+        left + plot_w / 2.0,
+        axis_y + 36.0,
+        esc(unit)
+    );
     for (i, b) in bars.iter().enumerate() {
         let y = top + row * i as f64;
         let (m, mn, mx) = (get(b, "median"), get(b, "min"), get(b, "max"));
         let label = b["label"].as_str().unwrap_or("");
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" {FONT}>{}</text>", left - 8.0, y + row * 0.65, esc(label));
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" {FONT}>{}</text>",
+            left - 8.0,
+            y + row * 0.65,
+            esc(label)
+        );
         if !m.is_finite() {
             continue;
         }
@@ -119,14 +163,35 @@ fn bars(plot: &Value) -> Option<String> {
         );
         if mn.is_finite() && mx.is_finite() {
             let cy = y + row / 2.0;
-            let _ = writeln!(s, "<line x1=\"{:.1}\" y1=\"{cy:.1}\" x2=\"{:.1}\" y2=\"{cy:.1}\" stroke=\"black\"/>", x(mn), x(mx));
+            let _ = writeln!(
+                s,
+                "<line x1=\"{:.1}\" y1=\"{cy:.1}\" x2=\"{:.1}\" y2=\"{cy:.1}\" stroke=\"black\"/>",
+                x(mn),
+                x(mx)
+            );
             for v in [mn, mx] {
-                let _ = writeln!(s, "<line x1=\"{0:.1}\" y1=\"{1:.1}\" x2=\"{0:.1}\" y2=\"{2:.1}\" stroke=\"black\"/>", x(v), cy - 5.0, cy + 5.0);
+                let _ = writeln!(
+                    s,
+                    "<line x1=\"{0:.1}\" y1=\"{1:.1}\" x2=\"{0:.1}\" y2=\"{2:.1}\" stroke=\"black\"/>",
+                    x(v),
+                    cy - 5.0,
+                    cy + 5.0
+                );
             }
         }
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{:.1}\" {FONT}>{}</text>", x(m.max(mx)) + 6.0, y + row * 0.65, num(m));
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{:.1}\" {FONT}>{}</text>",
+            x(m.max(mx)) + 6.0,
+            y + row * 0.65,
+            num(m)
+        );
     }
-    let _ = writeln!(s, "<line x1=\"{0:.1}\" y1=\"{top}\" x2=\"{0:.1}\" y2=\"{axis_y}\" stroke=\"black\"/>", x(0.0_f64.max(lo)));
+    let _ = writeln!(
+        s,
+        "<line x1=\"{0:.1}\" y1=\"{top}\" x2=\"{0:.1}\" y2=\"{axis_y}\" stroke=\"black\"/>",
+        x(0.0_f64.max(lo))
+    );
     s.push_str("</svg>\n");
     Some(s)
 }
@@ -169,8 +234,12 @@ fn lines(plot: &Value, cdf: bool) -> Option<String> {
     let all: Vec<(f64, f64)> = pts.iter().flat_map(|(_, p)| p.iter().copied()).collect();
     let fx = |v: f64| if log_x { v.max(1e-12).log10() } else { v };
     let fy = |v: f64| if log_y { v.max(1e-12).log10() } else { v };
-    let (mut x0, mut x1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), (x, _)| (a.min(fx(*x)), b.max(fx(*x))));
-    let (mut y0, mut y1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), (_, y)| (a.min(fy(*y)), b.max(fy(*y))));
+    let (mut x0, mut x1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), (x, _)| {
+        (a.min(fx(*x)), b.max(fx(*x)))
+    });
+    let (mut y0, mut y1) = all.iter().fold((f64::MAX, f64::MIN), |(a, b), (_, y)| {
+        (a.min(fy(*y)), b.max(fy(*y)))
+    });
     if cdf {
         x0 = 0.0;
         x1 = x1.max(tail(0.999));
@@ -195,37 +264,88 @@ fn lines(plot: &Value, cdf: bool) -> Option<String> {
     let mut s = head(WIDTH, h, plot["title"].as_str().unwrap_or(""));
     // Grid and ticks.
     let xt: Vec<(f64, String)> = if cdf {
-        [(0.5, "p50"), (0.9, "p90"), (0.99, "p99"), (0.999, "p99.9"), (0.9999, "p99.99")]
-            .iter()
-            .filter(|(q, _)| tail(*q) <= x1 + 1e-9)
-            .map(|(q, l)| (tail(*q), l.to_string()))
-            .chain(std::iter::once((0.0, "p0".to_string())))
-            .collect()
+        [
+            (0.5, "p50"),
+            (0.9, "p90"),
+            (0.99, "p99"),
+            (0.999, "p99.9"),
+            (0.9999, "p99.99"),
+        ]
+        .iter()
+        .filter(|(q, _)| tail(*q) <= x1 + 1e-9)
+        .map(|(q, l)| (tail(*q), l.to_string()))
+        .chain(std::iter::once((0.0, "p0".to_string())))
+        .collect()
     } else if log_x {
-        (x0 as i32..=x1 as i32).map(|e| (f64::from(e), num(10f64.powi(e)))).collect()
+        (x0 as i32..=x1 as i32)
+            .map(|e| (f64::from(e), num(10f64.powi(e))))
+            .collect()
     } else {
-        ticks(x1).into_iter().filter(|t| *t >= x0).map(|t| (t, num(t))).collect()
+        ticks(x1)
+            .into_iter()
+            .filter(|t| *t >= x0)
+            .map(|t| (t, num(t)))
+            .collect()
     };
     for (v, label) in &xt {
-        let _ = writeln!(s, "<line x1=\"{0:.1}\" y1=\"{top}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"#ddd\"/>", sx(*v), top + ph);
-        let _ = writeln!(s, "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" {FONT}>{}</text>", sx(*v), top + ph + 16.0, esc(label));
+        let _ = writeln!(
+            s,
+            "<line x1=\"{0:.1}\" y1=\"{top}\" x2=\"{0:.1}\" y2=\"{1}\" stroke=\"#ddd\"/>",
+            sx(*v),
+            top + ph
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\" {FONT}>{}</text>",
+            sx(*v),
+            top + ph + 16.0,
+            esc(label)
+        );
     }
     let yt: Vec<(f64, String)> = if log_y {
-        (y0 as i32..=y1 as i32).map(|e| (f64::from(e), num(10f64.powi(e)))).collect()
+        (y0 as i32..=y1 as i32)
+            .map(|e| (f64::from(e), num(10f64.powi(e))))
+            .collect()
     } else {
         ticks(y1).into_iter().map(|t| (t, num(t))).collect()
     };
     for (v, label) in &yt {
-        let _ = writeln!(s, "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/>", sy(*v), left + pw);
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" {FONT}>{}</text>", left - 6.0, sy(*v) + 4.0, esc(label));
+        let _ = writeln!(
+            s,
+            "<line x1=\"{left}\" y1=\"{0:.1}\" x2=\"{1}\" y2=\"{0:.1}\" stroke=\"#ddd\"/>",
+            sy(*v),
+            left + pw
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{:.1}\" text-anchor=\"end\" {FONT}>{}</text>",
+            left - 6.0,
+            sy(*v) + 4.0,
+            esc(label)
+        );
     }
-    let _ = writeln!(s, "<rect x=\"{left}\" y=\"{top}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"black\"/>");
+    let _ = writeln!(
+        s,
+        "<rect x=\"{left}\" y=\"{top}\" width=\"{pw}\" height=\"{ph}\" fill=\"none\" stroke=\"black\"/>"
+    );
     let (xl, yl) = if cdf {
-        ("percentile".to_owned(), plot["unit"].as_str().unwrap_or("").to_owned())
+        (
+            "percentile".to_owned(),
+            plot["unit"].as_str().unwrap_or("").to_owned(),
+        )
     } else {
-        (plot["x_label"].as_str().unwrap_or("").to_owned(), plot["y_label"].as_str().unwrap_or("").to_owned())
+        (
+            plot["x_label"].as_str().unwrap_or("").to_owned(),
+            plot["y_label"].as_str().unwrap_or("").to_owned(),
+        )
     };
-    let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" {FONT}>{}</text>", left + pw / 2.0, h - 14.0, esc(&xl));
+    let _ = writeln!(
+        s,
+        "<text x=\"{}\" y=\"{}\" text-anchor=\"middle\" {FONT}>{}</text>",
+        left + pw / 2.0,
+        h - 14.0,
+        esc(&xl)
+    );
     let _ = writeln!(
         s,
         "<text x=\"16\" y=\"{0}\" text-anchor=\"middle\" transform=\"rotate(-90 16 {0})\" {FONT}>{1}</text>",
@@ -234,16 +354,39 @@ fn lines(plot: &Value, cdf: bool) -> Option<String> {
     );
     for (i, (name, p)) in pts.iter().enumerate() {
         let color = PALETTE[i % PALETTE.len()];
-        let path: Vec<String> = p.iter().map(|(x, y)| format!("{:.1},{:.1}", sx(fx(*x)), sy(fy(*y)))).collect();
-        let _ = writeln!(s, "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>", path.join(" "));
+        let path: Vec<String> = p
+            .iter()
+            .map(|(x, y)| format!("{:.1},{:.1}", sx(fx(*x)), sy(fy(*y))))
+            .collect();
+        let _ = writeln!(
+            s,
+            "<polyline fill=\"none\" stroke=\"{color}\" stroke-width=\"2\" points=\"{}\"/>",
+            path.join(" ")
+        );
         if !cdf {
             for (x, y) in p {
-                let _ = writeln!(s, "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>", sx(fx(*x)), sy(fy(*y)));
+                let _ = writeln!(
+                    s,
+                    "<circle cx=\"{:.1}\" cy=\"{:.1}\" r=\"3\" fill=\"{color}\"/>",
+                    sx(fx(*x)),
+                    sy(fy(*y))
+                );
             }
         }
         let ly = top + 14.0 + 18.0 * i as f64;
-        let _ = writeln!(s, "<line x1=\"{0}\" y1=\"{ly}\" x2=\"{1}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/>", left + pw + 10.0, left + pw + 30.0);
-        let _ = writeln!(s, "<text x=\"{}\" y=\"{}\" {FONT}>{}</text>", left + pw + 36.0, ly + 4.0, esc(name));
+        let _ = writeln!(
+            s,
+            "<line x1=\"{0}\" y1=\"{ly}\" x2=\"{1}\" y2=\"{ly}\" stroke=\"{color}\" stroke-width=\"3\"/>",
+            left + pw + 10.0,
+            left + pw + 30.0
+        );
+        let _ = writeln!(
+            s,
+            "<text x=\"{}\" y=\"{}\" {FONT}>{}</text>",
+            left + pw + 36.0,
+            ly + 4.0,
+            esc(name)
+        );
     }
     s.push_str("</svg>\n");
     Some(s)

@@ -23,9 +23,20 @@ pub fn run_dir(run_id: &str) -> PathBuf {
 
 /// A fresh id `vb` + 4 hex digits that no directory or namespace uses yet.
 pub fn new_run_id() -> Result<String> {
-    let seed = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0) ^ std::process::id();
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0)
+        ^ std::process::id();
     for i in 0..64u32 {
-        let id = format!("vb{:04x}", (seed.wrapping_mul(2_654_435_761).wrapping_add(i.wrapping_mul(40_503))) >> 16 & 0xffff);
+        let id = format!(
+            "vb{:04x}",
+            (seed
+                .wrapping_mul(2_654_435_761)
+                .wrapping_add(i.wrapping_mul(40_503)))
+                >> 16
+                & 0xffff
+        );
         if !run_dir(&id).exists() && namespaces(&id).is_empty() {
             return Ok(id);
         }
@@ -37,7 +48,12 @@ pub fn new_run_id() -> Result<String> {
 fn namespaces(run_id: &str) -> Vec<String> {
     let want = format!("{run_id}-");
     fs::read_dir("/run/netns")
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with(&want)).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&want))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -46,30 +62,44 @@ fn namespaces(run_id: &str) -> Vec<String> {
 pub fn run_leftovers(run_id: &str) {
     let names = namespaces(run_id);
     if !names.is_empty() {
-        println!("bench: sweeping {} namespace(s) left by run {run_id}", names.len());
+        println!(
+            "bench: sweeping {} namespace(s) left by run {run_id}",
+            names.len()
+        );
     }
     for ns in &names {
         if let Ok(out) = Command::new("ip").args(["netns", "pids", ns]).output() {
-            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+            for pid in String::from_utf8_lossy(&out.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+            {
                 let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
             }
         }
     }
     for ns in &names {
-        let ok = Command::new("ip").args(["netns", "del", ns]).output().map(|o| o.status.success()).unwrap_or(false);
+        let ok = Command::new("ip")
+            .args(["netns", "del", ns])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
         if !ok {
             eprintln!("bench: cannot delete namespace {ns}");
         }
     }
     let bpf = run_dir(run_id).join("bpf");
-    if is_mounted(&bpf) && let Err(e) = umount2(&bpf, MntFlags::MNT_DETACH) {
+    if is_mounted(&bpf)
+        && let Err(e) = umount2(&bpf, MntFlags::MNT_DETACH)
+    {
         eprintln!("bench: cannot unmount {}: {e}", bpf.display());
     }
 }
 
 fn is_mounted(path: &Path) -> bool {
     let p = path.to_string_lossy();
-    fs::read_to_string("/proc/self/mountinfo").map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(&*p))).unwrap_or(false)
+    fs::read_to_string("/proc/self/mountinfo")
+        .map(|m| m.lines().any(|l| l.split(' ').nth(4) == Some(&*p)))
+        .unwrap_or(false)
 }
 
 /// Final cleanup of a run: leftovers, then its directory.
@@ -89,9 +119,14 @@ pub fn stale_runs() {
     let Ok(rd) = fs::read_dir("/run") else { return };
     for entry in rd.filter_map(|e| e.ok()) {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(run_id) = name.strip_prefix(PREFIX) else { continue };
+        let Some(run_id) = name.strip_prefix(PREFIX) else {
+            continue;
+        };
         let dir = entry.path();
-        let stale = match fs::read_to_string(dir.join("owner")).ok().and_then(|s| s.trim().parse::<u32>().ok()) {
+        let stale = match fs::read_to_string(dir.join("owner"))
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+        {
             Some(pid) => !Path::new(&format!("/proc/{pid}")).exists(),
             None => fs::metadata(&dir)
                 .and_then(|m| m.modified())
