@@ -927,6 +927,7 @@ fn b2(args: &Args, bpffs: &PrivateBpffs) -> Result<Fragment> {
         x_label: "entries in the services map".into(),
         y_label: "ns per packet over noop".into(),
         log_x: true,
+        log_y: false,
         series: plot_series,
     });
     f.raw("sizes", sizes);

@@ -57,6 +57,9 @@ pub struct Options {
     /// Skip `cargo xtask dist` in a full run (B9 then reports whatever target/dist holds).
     #[arg(long)]
     no_dist: bool,
+    /// Only redraw RESULTS.md and the plots from an existing results file (nothing runs).
+    #[arg(long, value_name = "RESULTS_JSON", conflicts_with_all = ["quick", "only"])]
+    render: Option<PathBuf>,
 }
 
 /// One bench process.
@@ -147,6 +150,15 @@ fn interrupted() -> bool {
 
 /// `cargo xtask bench`.
 pub fn run(opts: &Options) -> Result<ExitCode> {
+    if let Some(path) = &opts.render {
+        let text =
+            fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        let doc: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a results file", path.display()))?;
+        let paths = render_outputs(&doc, doc["mode"] == "quick", path)?;
+        println!("bench: report in {}", paths.report.display());
+        return Ok(ExitCode::SUCCESS);
+    }
     if !process::is_root() {
         bail!("the benchmarks create network namespaces and load eBPF programs: run them as root");
     }
@@ -462,8 +474,7 @@ struct Outputs {
 /// Quick runs go to their own (git-ignored) names so they are never mistaken for, or
 /// committed as, the published results.
 fn write_outputs(doc: &Value, quick: bool) -> Result<Outputs> {
-    let root = process::workspace_root().join("bench");
-    let results = root.join("results");
+    let results = process::workspace_root().join("bench").join("results");
     fs::create_dir_all(&results).with_context(|| format!("cannot create {}", results.display()))?;
     let date = doc["started_utc"]
         .as_str()
@@ -479,6 +490,13 @@ fn write_outputs(doc: &Value, quick: bool) -> Result<Outputs> {
     let json_path = results.join(format!("{date}-{kernel}{suffix}.json"));
     fs::write(&json_path, serde_json::to_string_pretty(doc)?)
         .with_context(|| format!("cannot write {}", json_path.display()))?;
+    render_outputs(doc, quick, &json_path)
+}
+
+/// RESULTS[-quick].md and the plots for `doc`, which lives at `json_path`.
+fn render_outputs(doc: &Value, quick: bool, json_path: &Path) -> Result<Outputs> {
+    let root = process::workspace_root().join("bench");
+    let suffix = if quick { "-quick" } else { "" };
     let plots_dir_name = if quick { "plots-quick" } else { "plots" };
     let plots_dir = root.join(plots_dir_name);
     fs::create_dir_all(&plots_dir)?;
@@ -511,7 +529,7 @@ fn write_outputs(doc: &Value, quick: bool) -> Result<Outputs> {
         )?;
     }
     Ok(Outputs {
-        json: json_path,
+        json: json_path.to_owned(),
         report,
     })
 }

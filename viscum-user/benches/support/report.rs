@@ -204,6 +204,8 @@ pub enum Plot {
         x_label: String,
         y_label: String,
         log_x: bool,
+        /// Logarithmic value axis (values spanning decades, e.g. µs against ms).
+        log_y: bool,
         series: Vec<Series>,
     },
     Cdf {

@@ -292,6 +292,7 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
         x_label: "rules / entries present".into(),
         y_label: "µs per update".into(),
         log_x: true,
+        log_y: true,
         series: tool_series,
     });
     f.note("library updates: Engine::insert of a new exact entry (per-CPU value for every CPU, BPF_NOEXIST), timed one by one with the monotonic clock, the map attached through `viscum attach` on an idle veth; fill levels interleaved in batches");

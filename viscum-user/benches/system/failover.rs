@@ -249,6 +249,7 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
         x_label: "round".into(),
         y_label: "ms".into(),
         log_x: false,
+        log_y: false,
         series: vec![
             Series {
                 name: "failover".into(),

@@ -76,21 +76,41 @@ fn is_static(path: &Path) -> Option<bool> {
     let le = b[5] == 1;
     let u16_at = |o: usize| {
         let a = [*b.get(o)?, *b.get(o + 1)?];
-        Some(if le { u16::from_le_bytes(a) } else { u16::from_be_bytes(a) })
+        Some(if le {
+            u16::from_le_bytes(a)
+        } else {
+            u16::from_be_bytes(a)
+        })
     };
     let u32_at = |o: usize| {
         let a = [*b.get(o)?, *b.get(o + 1)?, *b.get(o + 2)?, *b.get(o + 3)?];
-        Some(if le { u32::from_le_bytes(a) } else { u32::from_be_bytes(a) })
+        Some(if le {
+            u32::from_le_bytes(a)
+        } else {
+            u32::from_be_bytes(a)
+        })
     };
     let u64_at = |o: usize| {
         let mut a = [0u8; 8];
         a.copy_from_slice(b.get(o..o + 8)?);
-        Some(if le { u64::from_le_bytes(a) } else { u64::from_be_bytes(a) })
+        Some(if le {
+            u64::from_le_bytes(a)
+        } else {
+            u64::from_be_bytes(a)
+        })
     };
     let (phoff, phentsize, phnum) = if wide {
-        (u64_at(0x20)? as usize, usize::from(u16_at(0x36)?), usize::from(u16_at(0x38)?))
+        (
+            u64_at(0x20)? as usize,
+            usize::from(u16_at(0x36)?),
+            usize::from(u16_at(0x38)?),
+        )
     } else {
-        (u32_at(0x1c)? as usize, usize::from(u16_at(0x2a)?), usize::from(u16_at(0x2c)?))
+        (
+            u32_at(0x1c)? as usize,
+            usize::from(u16_at(0x2a)?),
+            usize::from(u16_at(0x2c)?),
+        )
     };
     for i in 0..phnum {
         if u32_at(phoff + i * phentsize)? == 3 {

@@ -571,6 +571,7 @@ fn b5_fragment(
         x_label: "unrelated entries or rules + 1".into(),
         y_label: "connections/s".into(),
         log_x: true,
+        log_y: false,
         series: series_v,
     });
     f.raw = serde_json::Value::Object(raw);

@@ -47,6 +47,17 @@ pub fn num(x: f64) -> String {
     }
 }
 
+/// Label of the power of ten 10^e: 1, 10, 100, 1k, 10k, 100k, 1M, …; 0.1, 0.01 below one.
+fn pow10(e: i32) -> String {
+    match e {
+        e if e < 0 => format!("{}", 10f64.powi(e)),
+        0..=2 => format!("{}", 10i64.pow(e as u32)),
+        3..=5 => format!("{}k", 10i64.pow(e as u32 - 3)),
+        6..=8 => format!("{}M", 10i64.pow(e as u32 - 6)),
+        e => format!("1e{e}"),
+    }
+}
+
 /// Renders one plot; `None` when it has no data.
 pub fn render(plot: &Value) -> Option<String> {
     match plot["kind"].as_str()? {
@@ -93,8 +104,16 @@ fn bars(plot: &Value) -> Option<String> {
         return None;
     }
     let unit = plot["unit"].as_str().unwrap_or("");
-    let left = 230.0;
+    // Room for the longest label (about 6.6 px per character at 12 px).
+    let longest = bars
+        .iter()
+        .filter_map(|b| b["label"].as_str())
+        .map(|l| l.chars().count())
+        .max()
+        .unwrap_or(0);
+    let left = (6.6 * longest as f64 + 16.0).max(120.0);
     let right = 90.0;
+    let width = (left + 440.0 + right).max(WIDTH);
     let row = 24.0;
     let top = 40.0;
     let h = top + row * bars.len() as f64 + 50.0;
@@ -112,9 +131,9 @@ fn bars(plot: &Value) -> Option<String> {
     let ts = ticks(max.max(-min));
     let hi = *ts.last().unwrap_or(&1.0);
     let lo = if min < 0.0 { -hi } else { 0.0 };
-    let plot_w = WIDTH - left - right;
+    let plot_w = width - left - right;
     let x = |v: f64| left + (v - lo) / (hi - lo).max(f64::MIN_POSITIVE) * plot_w;
-    let mut s = head(WIDTH, h, plot["title"].as_str().unwrap_or(""));
+    let mut s = head(width, h, plot["title"].as_str().unwrap_or(""));
     let axis_y = top + row * bars.len() as f64;
     for t in &ts {
         let _ = writeln!(
@@ -227,8 +246,17 @@ fn lines(plot: &Value, cdf: bool) -> Option<String> {
     }
     // For a CDF, log_x in the data means a logarithmic *value* axis, which is vertical here.
     let log_x = !cdf && plot["log_x"].as_bool().unwrap_or(false);
-    let log_y = cdf && plot["log_x"].as_bool().unwrap_or(false);
-    let (left, right, top, bottom) = (70.0, 170.0, 40.0, 55.0);
+    let log_y = if cdf {
+        plot["log_x"].as_bool().unwrap_or(false)
+    } else {
+        plot["log_y"].as_bool().unwrap_or(false)
+    };
+    let longest = pts
+        .iter()
+        .map(|(n, _)| n.chars().count())
+        .max()
+        .unwrap_or(0) as f64;
+    let (left, right, top, bottom) = (70.0, (7.0 * longest + 50.0).max(120.0), 40.0, 55.0);
     let h = 420.0;
     let (pw, ph) = (WIDTH - left - right, h - top - bottom);
     let all: Vec<(f64, f64)> = pts.iter().flat_map(|(_, p)| p.iter().copied()).collect();
@@ -278,7 +306,7 @@ fn lines(plot: &Value, cdf: bool) -> Option<String> {
         .collect()
     } else if log_x {
         (x0 as i32..=x1 as i32)
-            .map(|e| (f64::from(e), num(10f64.powi(e))))
+            .map(|e| (f64::from(e), pow10(e)))
             .collect()
     } else {
         ticks(x1)
@@ -304,7 +332,7 @@ fn lines(plot: &Value, cdf: bool) -> Option<String> {
     }
     let yt: Vec<(f64, String)> = if log_y {
         (y0 as i32..=y1 as i32)
-            .map(|e| (f64::from(e), num(10f64.powi(e))))
+            .map(|e| (f64::from(e), pow10(e)))
             .collect()
     } else {
         ticks(y1).into_iter().map(|t| (t, num(t))).collect()
