@@ -22,14 +22,19 @@ pub struct Dns {
 impl Dns {
     /// Serves `zone` on UDP port 53 of every address of namespace `ns`.
     pub fn start(ns: &str, zone: Zone) -> Dns {
-        let sock = viscum::netns::in_netns(ns, || UdpSocket::bind("0.0.0.0:53")).unwrap().unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        let sock = viscum::netns::in_netns(ns, || UdpSocket::bind("0.0.0.0:53"))
+            .unwrap()
+            .unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let s = stop.clone();
         std::thread::spawn(move || {
             let mut buf = [0u8; 1500];
             while !s.load(Ordering::SeqCst) {
-                let Ok((n, peer)) = sock.recv_from(&mut buf) else { continue };
+                let Ok((n, peer)) = sock.recv_from(&mut buf) else {
+                    continue;
+                };
                 if let Some(reply) = answer(&buf[..n], &zone) {
                     let _ = sock.send_to(&reply, peer);
                 }
@@ -67,7 +72,11 @@ fn answer(q: &[u8], zone: &Zone) -> Option<Vec<u8>> {
     let zone = zone.lock().unwrap();
     let known = zone.get(&name);
     let records: Vec<&IpAddr> = known
-        .map(|a| a.iter().filter(|ip| (qtype == 1 && ip.is_ipv4()) || (qtype == 28 && ip.is_ipv6())).collect())
+        .map(|a| {
+            a.iter()
+                .filter(|ip| (qtype == 1 && ip.is_ipv4()) || (qtype == 28 && ip.is_ipv6()))
+                .collect()
+        })
         .unwrap_or_default();
     let mut r = Vec::new();
     r.extend_from_slice(&q[0..2]);
@@ -93,4 +102,3 @@ fn answer(q: &[u8], zone: &Zone) -> Option<Vec<u8>> {
     }
     Some(r)
 }
-

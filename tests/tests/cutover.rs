@@ -20,7 +20,11 @@ fn setup() -> (Lab, String) {
 
 fn entries(lab: &Lab) -> Vec<Value> {
     let out = lab.viscum_ok(&["redirect", "list", "--json"]);
-    serde_json::from_str::<Value>(&out).unwrap().as_array().unwrap().clone()
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
 }
 
 #[test]
@@ -33,21 +37,29 @@ fn a_transfer_open_with_the_cloud_survives_the_edge_coming_up() {
     let _edge = EchoServer::start(&ns, cloud.port, "edge");
     for addr in lab.cloud_addrs(cloud.port) {
         let mut long = Held::open(lab.client.name(), addr);
-        assert_eq!(long.exchange("a", 3).unwrap(), ["cloud:a0", "cloud:a1", "cloud:a2"]);
+        assert_eq!(
+            long.exchange("a", 3).unwrap(),
+            ["cloud:a0", "cloud:a1", "cloud:a2"]
+        );
 
         lab.viscum_ok(&["redirect", "add", &format!("tcp://{addr}"), "--ns", &ns]);
         // A connection opened after the cutover is served at the edge...
         let mut fresh = Held::open(lab.client.name(), addr);
         assert_eq!(fresh.exchange("b", 1).unwrap(), ["edge:b0"], "{addr}");
         // ...while the one that began with the cloud carries on there, unbroken.
-        let rest = long.exchange("c", 50).unwrap_or_else(|e| panic!("{addr}: the cloud connection broke: {e}"));
+        let rest = long
+            .exchange("c", 50)
+            .unwrap_or_else(|e| panic!("{addr}: the cloud connection broke: {e}"));
         assert!(rest.iter().all(|l| l.starts_with("cloud:")), "{rest:?}");
         long.close();
         fresh.close();
         lab.viscum_ok(&["redirect", "del", &format!("tcp://{addr}")]);
     }
     let stats: Value = serde_json::from_str(&lab.viscum_ok(&["stats", "--json"])).unwrap();
-    assert!(stats["global"]["flow_orphans"].as_u64().unwrap() > 0, "mid-flow packets were recognised: {stats}");
+    assert!(
+        stats["global"]["flow_orphans"].as_u64().unwrap() > 0,
+        "mid-flow packets were recognised: {stats}"
+    );
 }
 
 #[test]
@@ -68,32 +80,65 @@ fn a_draining_entry_keeps_its_edge_flows_and_sends_new_ones_to_the_cloud() {
     let out = lab.viscum_ok(&["redirect", "drain", &format!("tcp://{v4}")]);
     assert!(out.contains("draining"), "{out}");
     let listed = entries(&lab);
-    let e = listed.iter().find(|e| e["match"] == format!("tcp://{v4}")).unwrap();
+    let e = listed
+        .iter()
+        .find(|e| e["match"] == format!("tcp://{v4}"))
+        .unwrap();
     assert_eq!(e["draining"], true);
     assert_eq!(e["live_flows"], 1, "{e}");
 
     let mut new = Held::open(lab.client.name(), v4);
-    assert_eq!(new.exchange("n", 1).unwrap(), ["cloud:n0"], "new flows go to the cloud while draining");
-    let rest = at_edge.exchange("b", 50).expect("the edge connection survives the drain");
+    assert_eq!(
+        new.exchange("n", 1).unwrap(),
+        ["cloud:n0"],
+        "new flows go to the cloud while draining"
+    );
+    let rest = at_edge
+        .exchange("b", 50)
+        .expect("the edge connection survives the drain");
     assert!(rest.iter().all(|l| l.starts_with("edge:")), "{rest:?}");
 
     // `--delete-after` waits for the last edge flow to end, then deletes the entry.
     let mut waiter = lab
-        .viscum_command(&["redirect", "drain", &format!("tcp://{v4}"), "--delete-after", "20"])
+        .viscum_command(&[
+            "redirect",
+            "drain",
+            &format!("tcp://{v4}"),
+            "--delete-after",
+            "20",
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     assert!(
-        !wait_until(Duration::from_millis(600), || waiter.try_wait().unwrap().is_some()),
+        !wait_until(Duration::from_millis(600), || waiter
+            .try_wait()
+            .unwrap()
+            .is_some()),
         "the drain must wait while an edge flow is open"
     );
     at_edge.close();
     new.close();
     // FIN seen: the flow lingers (1 s here) before it stops counting as live.
-    assert!(wait_until(Duration::from_secs(25), || waiter.try_wait().unwrap().is_some()), "drain never finished");
+    assert!(
+        wait_until(Duration::from_secs(25), || waiter
+            .try_wait()
+            .unwrap()
+            .is_some()),
+        "drain never finished"
+    );
     assert!(waiter.wait().unwrap().success());
-    assert!(entries(&lab).iter().all(|e| e["match"] != format!("tcp://{v4}")), "the drained entry is gone");
-    assert_eq!(tcp_ask_line(&lab, v6), "edge:x", "the other entry is untouched");
+    assert!(
+        entries(&lab)
+            .iter()
+            .all(|e| e["match"] != format!("tcp://{v4}")),
+        "the drained entry is gone"
+    );
+    assert_eq!(
+        tcp_ask_line(&lab, v6),
+        "edge:x",
+        "the other entry is untouched"
+    );
 }
 
 fn tcp_ask_line(lab: &Lab, addr: SocketAddr) -> String {
@@ -127,7 +172,8 @@ fn udp_flows_seen_while_an_entry_learns_stay_with_the_cloud() {
             for _ in 0..200 {
                 sock.send(b"who are you?\n").unwrap();
                 let n = sock.recv(&mut buf).unwrap();
-                atx.send(String::from_utf8_lossy(&buf[..n]).into_owned()).unwrap();
+                atx.send(String::from_utf8_lossy(&buf[..n]).into_owned())
+                    .unwrap();
                 if rx.recv_timeout(Duration::from_millis(50)).is_ok() {
                     break;
                 }
@@ -139,7 +185,13 @@ fn udp_flows_seen_while_an_entry_learns_stay_with_the_cloud() {
     lab.viscum_ok(&["redirect", "add", &format!("udp://{v4}"), "--ns", &ns]);
     // Fresh sockets are new flows: once learning is over they reach the edge.
     assert!(
-        wait_until(Duration::from_secs(5), || udp_ask(lab.client.name(), v4, TIMEOUT).unwrap() == "edge"),
+        wait_until(Duration::from_secs(5), || udp_ask(
+            lab.client.name(),
+            v4,
+            TIMEOUT
+        )
+        .unwrap()
+            == "edge"),
         "new UDP flows never reached the edge"
     );
     // The long-lived socket kept talking through the learning period: still the cloud.

@@ -927,7 +927,9 @@ fn a_deliberate_stop_drains_the_edge_flows_before_stopping_the_service() {
     let files = Files::new();
     let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
     let web = lab.service_ns_name();
-    files.write_config(&(files.engine("") + &files.service(&web, 8080, "edge", "drain_timeout_ms = 20000")));
+    files.write_config(
+        &(files.engine("") + &files.service(&web, 8080, "edge", "drain_timeout_ms = 20000")),
+    );
     let daemon = Daemon::start(&lab, &files);
     let pid = daemon.wait_redirected(&web, UP);
     wait_for(&lab, 8080, "edge", UP);
@@ -954,12 +956,22 @@ fn a_deliberate_stop_drains_the_edge_flows_before_stopping_the_service() {
             .unwrap()
         })
     };
-    assert!(wait_until(Duration::from_secs(5), || progress.load(Ordering::SeqCst) > 0), "the transfer did not start");
+    assert!(
+        wait_until(Duration::from_secs(5), || progress.load(Ordering::SeqCst)
+            > 0),
+        "the transfer did not start"
+    );
 
     // `service stop` drains: it returns only once the open edge flow has ended.
     let control = files.control();
     let stopper = {
-        let cmd = lab.viscum_command(&["service", "stop", &web, "--control", control.to_str().unwrap()]);
+        let cmd = lab.viscum_command(&[
+            "service",
+            "stop",
+            &web,
+            "--control",
+            control.to_str().unwrap(),
+        ]);
         thread::spawn(move || {
             let mut cmd = cmd;
             cmd.output().unwrap()
@@ -968,15 +980,38 @@ fn a_deliberate_stop_drains_the_edge_flows_before_stopping_the_service() {
     // Meanwhile new connections already go to the cloud, and the service still runs.
     let t0 = Instant::now();
     wait_for(&lab, 8080, "cloud", Duration::from_secs(5));
-    eprintln!("new flows went to the cloud {:?} after the stop began", t0.elapsed());
-    assert!(alive(pid), "the service must keep running while its flows drain");
-    assert!(progress.load(Ordering::SeqCst) < KIB * 1024, "the transfer ended before draining was seen; make it longer");
+    eprintln!(
+        "new flows went to the cloud {:?} after the stop began",
+        t0.elapsed()
+    );
+    assert!(
+        alive(pid),
+        "the service must keep running while its flows drain"
+    );
+    assert!(
+        progress.load(Ordering::SeqCst) < KIB * 1024,
+        "the transfer ended before draining was seen; make it longer"
+    );
 
-    let received = transfer.join().unwrap().expect("the drained transfer broke");
-    assert_eq!(received, KIB * 1024, "the transfer was cut short by the stop");
+    let received = transfer
+        .join()
+        .unwrap()
+        .expect("the drained transfer broke");
+    assert_eq!(
+        received,
+        KIB * 1024,
+        "the transfer was cut short by the stop"
+    );
     let out = stopper.join().unwrap();
-    assert!(out.status.success(), "service stop: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(wait_until(Duration::from_secs(10), || !alive(pid)), "the service was not stopped after draining");
+    assert!(
+        out.status.success(),
+        "service stop: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || !alive(pid)),
+        "the service was not stopped after draining"
+    );
     assert!(entries(&lab).is_empty(), "{:?}", entries(&lab));
     assert_eq!(who(&lab, 8080), "cloud");
     drop(daemon);
@@ -991,26 +1026,40 @@ fn a_host_name_service_follows_dns() {
     let files = Files::new();
     let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
     let zone = viscum_tests::Zone::default();
-    zone.lock().unwrap().insert("alpr.example.net".into(), vec![IpAddr::V4(CLOUD_V4)]);
+    zone.lock()
+        .unwrap()
+        .insert("alpr.example.net".into(), vec![IpAddr::V4(CLOUD_V4)]);
     let _dns = viscum_tests::Dns::start(lab.cloud.name(), zone.clone());
     let web = lab.service_ns_name();
-    let service = files
-        .service(&web, 8080, "edge", "")
-        .replace(&format!("tcp://{CLOUD_V4}:8080"), "tcp://alpr.example.net:8080");
+    let service = files.service(&web, 8080, "edge", "").replace(
+        &format!("tcp://{CLOUD_V4}:8080"),
+        "tcp://alpr.example.net:8080",
+    );
     files.write_config(&(files.engine(&format!("dns = [\"{CLOUD_V4}\"]")) + &service));
     let daemon = Daemon::start(&lab, &files);
     daemon.wait_redirected(&web, UP);
     wait_for(&lab, 8080, "edge", UP);
     assert_eq!(entries(&lab), vec![format!("tcp://{CLOUD_V4}:8080")]);
     let matches = daemon.service(&web)["matches"].clone();
-    assert_eq!(matches, serde_json::json!([format!("tcp://alpr.example.net:8080 -> [{CLOUD_V4}]")]));
+    assert_eq!(
+        matches,
+        serde_json::json!([format!("tcp://alpr.example.net:8080 -> [{CLOUD_V4}]")])
+    );
 
     // The name leaves that address (TTL 1 s): its entry goes, and the cloud serves again.
-    zone.lock().unwrap().insert("alpr.example.net".into(), vec!["2001:db8:f::7".parse().unwrap()]);
-    let gone = wait_entry_gone(&lab, &format!("tcp://{CLOUD_V4}:8080"), Duration::from_secs(10));
+    zone.lock().unwrap().insert(
+        "alpr.example.net".into(),
+        vec!["2001:db8:f::7".parse().unwrap()],
+    );
+    let gone = wait_entry_gone(
+        &lab,
+        &format!("tcp://{CLOUD_V4}:8080"),
+        Duration::from_secs(10),
+    );
     eprintln!("stale address removed {gone:?} after the DNS change");
     assert!(
-        wait_until(Duration::from_secs(5), || entries(&lab) == ["tcp://[2001:db8:f::7]:8080"]),
+        wait_until(Duration::from_secs(5), || entries(&lab)
+            == ["tcp://[2001:db8:f::7]:8080"]),
         "{:?}",
         entries(&lab)
     );

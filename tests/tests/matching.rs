@@ -21,9 +21,19 @@ fn prefixes_ranges_and_sources_with_precedence() {
     let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
     let p = cloud.port();
     let [v4, v6] = lab.cloud_addrs(p);
-    let (wide, narrow, exact, subs) = (lab.service_ns_name(), lab.service_ns_name(), lab.service_ns_name(), lab.service_ns_name());
+    let (wide, narrow, exact, subs) = (
+        lab.service_ns_name(),
+        lab.service_ns_name(),
+        lab.service_ns_name(),
+        lab.service_ns_name(),
+    );
     let mut servers = Vec::new();
-    for (ns, id) in [(&wide, "wide"), (&narrow, "narrow"), (&exact, "exact"), (&subs, "subscribers")] {
+    for (ns, id) in [
+        (&wide, "wide"),
+        (&narrow, "narrow"),
+        (&exact, "exact"),
+        (&subs, "subscribers"),
+    ] {
         lab.viscum_ok(&["ns", "add", ns]);
         servers.push(IdentityServer::start(ns, p, id));
     }
@@ -47,15 +57,36 @@ fn prefixes_ranges_and_sources_with_precedence() {
     add(&format!("tcp://198.51.100.7:{p}"), &exact);
     assert_eq!(who(&lab, Proto::Tcp, v4), "exact");
     lab.viscum_ok(&["redirect", "del", &format!("tcp://198.51.100.7:{p}")]);
-    assert_eq!(who(&lab, Proto::Tcp, v4), "narrow", "back to the longest prefix");
+    assert_eq!(
+        who(&lab, Proto::Tcp, v4),
+        "narrow",
+        "back to the longest prefix"
+    );
 
     // A source restriction that does not cover the client: the next rule applies.
-    add(&format!("tcp://198.51.100.0/25:{p}?from=192.0.2.128/25"), &subs);
+    add(
+        &format!("tcp://198.51.100.0/25:{p}?from=192.0.2.128/25"),
+        &subs,
+    );
     assert_eq!(who(&lab, Proto::Tcp, v4), "narrow");
     // One that covers it wins over the unrestricted rule of the same prefix.
-    lab.viscum_ok(&["redirect", "add", &format!("tcp://198.51.100.0/25:{p}"), "--from", "192.0.2.0/28", "--ns", &subs]);
+    lab.viscum_ok(&[
+        "redirect",
+        "add",
+        &format!("tcp://198.51.100.0/25:{p}"),
+        "--from",
+        "192.0.2.0/28",
+        "--ns",
+        &subs,
+    ]);
     assert_eq!(who(&lab, Proto::Tcp, v4), "subscribers");
-    lab.viscum_ok(&["redirect", "del", &format!("tcp://198.51.100.0/25:{p}"), "--from", "192.0.2.0/28"]);
+    lab.viscum_ok(&[
+        "redirect",
+        "del",
+        &format!("tcp://198.51.100.0/25:{p}"),
+        "--from",
+        "192.0.2.0/28",
+    ]);
     assert_eq!(who(&lab, Proto::Tcp, v4), "narrow");
 
     // Port ranges: in range at the edge, out of range to the cloud.
@@ -67,23 +98,46 @@ fn prefixes_ranges_and_sources_with_precedence() {
     let [_, v6q] = lab.cloud_addrs(q);
     assert_eq!(who(&lab, Proto::Tcp, v6q), "range");
     if !(lo..=hi).contains(&p) {
-        assert_eq!(who(&lab, Proto::Tcp, v6), "wide", "port {p} is outside {lo}-{hi}");
+        assert_eq!(
+            who(&lab, Proto::Tcp, v6),
+            "wide",
+            "port {p} is outside {lo}-{hi}"
+        );
     }
     let [v4q, _] = lab.cloud_addrs(q);
-    assert_eq!(who(&lab, Proto::Tcp, v4q), "cloud-other", "no IPv4 rule covers port {q}");
+    assert_eq!(
+        who(&lab, Proto::Tcp, v4q),
+        "cloud-other",
+        "no IPv4 rule covers port {q}"
+    );
 
     // The list shows every rule, and deleting them all restores the cloud.
-    let list: serde_json::Value = serde_json::from_str(&lab.viscum_ok(&["redirect", "list", "--json"])).unwrap();
-    let matches: Vec<String> = list.as_array().unwrap().iter().map(|e| e["match"].as_str().unwrap().to_string()).collect();
-    assert!(matches.contains(&format!("tcp://198.51.100.0/25:{p}?from=192.0.2.128/25")), "{matches:?}");
-    assert!(list.as_array().unwrap().iter().any(|e| e["packets"].as_u64().unwrap() > 0));
+    let list: serde_json::Value =
+        serde_json::from_str(&lab.viscum_ok(&["redirect", "list", "--json"])).unwrap();
+    let matches: Vec<String> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["match"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        matches.contains(&format!("tcp://198.51.100.0/25:{p}?from=192.0.2.128/25")),
+        "{matches:?}"
+    );
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["packets"].as_u64().unwrap() > 0)
+    );
     for m in matches {
         lab.viscum_ok(&["redirect", "del", &m]);
     }
     assert_eq!(who(&lab, Proto::Tcp, v4), "cloud");
     assert_eq!(who(&lab, Proto::Tcp, v6), "cloud");
     // Every local route went with the last rule that needed it.
-    let ns: serde_json::Value = serde_json::from_str(&lab.viscum_ok(&["ns", "list", "--json"])).unwrap();
+    let ns: serde_json::Value =
+        serde_json::from_str(&lab.viscum_ok(&["ns", "list", "--json"])).unwrap();
     for n in ns.as_array().unwrap() {
         assert_eq!(n["local_routes"], serde_json::json!([]), "{n}");
     }

@@ -5,7 +5,9 @@
 use std::{net::SocketAddr, time::Duration};
 
 use serde_json::Value;
-use viscum_tests::{IdentityServer, Lab, LabOptions, Proto, ask, skip_unless_root, udp_ask, wait_until};
+use viscum_tests::{
+    IdentityServer, Lab, LabOptions, Proto, ask, skip_unless_root, udp_ask, wait_until,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -34,21 +36,29 @@ fn setup(options: LabOptions) -> Setup {
     let ns = lab.service_ns_name();
     lab.viscum_ok(&["ns", "add", &ns]);
     let edge = IdentityServer::start(&ns, cloud.port(), "edge");
-    Setup { lab, ns, cloud, _edge: edge }
+    Setup {
+        lab,
+        ns,
+        cloud,
+        _edge: edge,
+    }
 }
 
 fn add(s: &Setup, m: &str) {
     // UDP entries learn for a second by default (issue #4); these tests are about v1 matching.
-    s.lab.viscum_ok(&["redirect", "add", m, "--ns", &s.ns, "--learn-ms", "0"]);
+    s.lab
+        .viscum_ok(&["redirect", "add", m, "--ns", &s.ns, "--learn-ms", "0"]);
 }
 
 fn answer(s: &Setup, proto: Proto, addr: SocketAddr) -> String {
-    ask(s.lab.client.name(), proto, addr, TIMEOUT).unwrap_or_else(|e| panic!("{proto:?} {addr}: {e}"))
+    ask(s.lab.client.name(), proto, addr, TIMEOUT)
+        .unwrap_or_else(|e| panic!("{proto:?} {addr}: {e}"))
 }
 
 fn json(s: &Setup, args: &[&str]) -> Value {
     let out = s.lab.viscum_ok(args);
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("viscum {args:?} printed invalid JSON ({e}):\n{out}"))
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("viscum {args:?} printed invalid JSON ({e}):\n{out}"))
 }
 
 #[test]
@@ -60,36 +70,74 @@ fn exact_port_entries_are_served_at_the_edge_and_deleting_restores_the_cloud() {
     let port = s.cloud.port();
     for addr in s.lab.cloud_addrs(port) {
         for proto in [Proto::Tcp, Proto::Udp] {
-            assert_eq!(answer(&s, proto, addr), "cloud", "before any entry: {proto:?} {addr}");
+            assert_eq!(
+                answer(&s, proto, addr),
+                "cloud",
+                "before any entry: {proto:?} {addr}"
+            );
             add(&s, &url(proto, addr));
-            assert_eq!(answer(&s, proto, addr), "edge", "with an entry: {proto:?} {addr}");
+            assert_eq!(
+                answer(&s, proto, addr),
+                "edge",
+                "with an entry: {proto:?} {addr}"
+            );
         }
     }
     // A different port of the same address misses and reaches the cloud.
     let other = IdentityServer::start(s.lab.cloud.name(), 0, "cloud-other");
     for addr in s.lab.cloud_addrs(other.port()) {
         for proto in [Proto::Tcp, Proto::Udp] {
-            assert_eq!(answer(&s, proto, addr), "cloud-other", "miss: {proto:?} {addr}");
+            assert_eq!(
+                answer(&s, proto, addr),
+                "cloud-other",
+                "miss: {proto:?} {addr}"
+            );
         }
     }
     // The namespace holds a local route for each cloud address while entries need it.
     let ns = json(&s, &["ns", "list", "--json"]);
-    let routes = ns.as_array().unwrap().iter().find(|n| n["name"] == s.ns.as_str()).unwrap()["local_routes"].clone();
-    assert_eq!(routes, serde_json::json!(["198.51.100.7/32", "2001:db8:f::7/128"]));
+    let routes = ns
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == s.ns.as_str())
+        .unwrap()["local_routes"]
+        .clone();
+    assert_eq!(
+        routes,
+        serde_json::json!(["198.51.100.7/32", "2001:db8:f::7/128"])
+    );
 
     let hits_before = s.cloud.tcp_hits() + s.cloud.udp_hits();
     for addr in s.lab.cloud_addrs(port) {
         for proto in [Proto::Tcp, Proto::Udp] {
             let out = s.lab.viscum_ok(&["redirect", "del", &url(proto, addr)]);
             assert!(out.contains("deleted"), "{out}");
-            assert_eq!(answer(&s, proto, addr), "cloud", "after delete: {proto:?} {addr}");
+            assert_eq!(
+                answer(&s, proto, addr),
+                "cloud",
+                "after delete: {proto:?} {addr}"
+            );
         }
     }
     assert_eq!(s.cloud.tcp_hits() + s.cloud.udp_hits(), hits_before + 4);
     let ns = json(&s, &["ns", "list", "--json"]);
-    let routes = ns.as_array().unwrap().iter().find(|n| n["name"] == s.ns.as_str()).unwrap()["local_routes"].clone();
-    assert_eq!(routes, serde_json::json!([]), "the last delete removes the local routes");
-    assert_eq!(json(&s, &["redirect", "list", "--json"]), serde_json::json!([]));
+    let routes = ns
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == s.ns.as_str())
+        .unwrap()["local_routes"]
+        .clone();
+    assert_eq!(
+        routes,
+        serde_json::json!([]),
+        "the last delete removes the local routes"
+    );
+    assert_eq!(
+        json(&s, &["redirect", "list", "--json"]),
+        serde_json::json!([])
+    );
 }
 
 #[test]
@@ -104,18 +152,41 @@ fn all_ports_entry_serves_every_port_and_an_exact_port_wins() {
     let other_edge = IdentityServer::start(&s.ns, other_cloud.port(), "edge-any");
     let exact = IdentityServer::start(&second_ns, s.cloud.port(), "edge-exact");
 
-    for m in ["tcp://198.51.100.7", "udp://198.51.100.7", "tcp://[2001:db8:f::7]", "udp://[2001:db8:f::7]"] {
+    for m in [
+        "tcp://198.51.100.7",
+        "udp://198.51.100.7",
+        "tcp://[2001:db8:f::7]",
+        "udp://[2001:db8:f::7]",
+    ] {
         add(&s, m);
     }
     for addr in s.lab.cloud_addrs(other_cloud.port()) {
         for proto in [Proto::Tcp, Proto::Udp] {
-            assert_eq!(answer(&s, proto, addr), "edge-any", "all-ports entry: {proto:?} {addr}");
+            assert_eq!(
+                answer(&s, proto, addr),
+                "edge-any",
+                "all-ports entry: {proto:?} {addr}"
+            );
         }
     }
     for addr in s.lab.cloud_addrs(s.cloud.port()) {
-        assert_eq!(answer(&s, Proto::Tcp, addr), "edge", "all-ports entry: {addr}");
-        s.lab.viscum_ok(&["redirect", "add", &url(Proto::Tcp, addr), "--ns", &second_ns]);
-        assert_eq!(answer(&s, Proto::Tcp, addr), "edge-exact", "the exact port wins: {addr}");
+        assert_eq!(
+            answer(&s, Proto::Tcp, addr),
+            "edge",
+            "all-ports entry: {addr}"
+        );
+        s.lab.viscum_ok(&[
+            "redirect",
+            "add",
+            &url(Proto::Tcp, addr),
+            "--ns",
+            &second_ns,
+        ]);
+        assert_eq!(
+            answer(&s, Proto::Tcp, addr),
+            "edge-exact",
+            "the exact port wins: {addr}"
+        );
     }
     drop((other_edge, exact));
 }
@@ -138,7 +209,12 @@ fn counters_match_the_traffic_sent() {
     }
     let stats = json(&s, &["stats", "--json"]);
     let entries = stats["entries"].as_array().unwrap();
-    let entry = |m: &str| entries.iter().find(|e| e["match"] == m).unwrap_or_else(|| panic!("no {m} in {stats}"));
+    let entry = |m: &str| {
+        entries
+            .iter()
+            .find(|e| e["match"] == m)
+            .unwrap_or_else(|| panic!("no {m} in {stats}"))
+    };
     // Each request is one datagram: Ethernet 14 + IP + UDP 8 + the 13-byte request line.
     let e4 = entry(&url(Proto::Udp, v4));
     assert_eq!(e4["packets"], N);
@@ -146,11 +222,17 @@ fn counters_match_the_traffic_sent() {
     let e6 = entry(&url(Proto::Udp, v6));
     assert_eq!(e6["packets"], N);
     assert_eq!(e6["bytes"], N * (14 + 40 + 8 + 13));
-    assert_eq!(e4["edge_flows"], N, "each request came from a fresh socket: a new flow");
+    assert_eq!(
+        e4["edge_flows"], N,
+        "each request came from a fresh socket: a new flow"
+    );
     let g = &stats["global"];
     assert_eq!(g["redirected"], 2 * N);
     assert!(g["seen"].as_u64().unwrap() >= 2 * N);
-    assert_eq!(g["seen"].as_u64().unwrap(), g["redirected"].as_u64().unwrap() + g["passed"].as_u64().unwrap());
+    assert_eq!(
+        g["seen"].as_u64().unwrap(),
+        g["redirected"].as_u64().unwrap() + g["passed"].as_u64().unwrap()
+    );
     assert_eq!(stats["interfaces"], serde_json::json!(["lan0"]));
 }
 
@@ -168,20 +250,34 @@ fn the_datapath_keeps_working_after_the_attaching_process_exits() {
     let ours = std::fs::read_dir("/proc")
         .unwrap()
         .flatten()
-        .filter(|e| std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "viscum"))
         .filter(|e| {
-            std::fs::metadata(e.path().join("ns/net"))
-                .is_ok_and(|m| std::os::unix::fs::MetadataExt::ino(&m) == std::os::unix::fs::MetadataExt::ino(&edge_ns))
+            std::fs::read_to_string(e.path().join("comm")).is_ok_and(|c| c.trim() == "viscum")
+        })
+        .filter(|e| {
+            std::fs::metadata(e.path().join("ns/net")).is_ok_and(|m| {
+                std::os::unix::fs::MetadataExt::ino(&m)
+                    == std::os::unix::fs::MetadataExt::ino(&edge_ns)
+            })
         })
         .count();
-    assert_eq!(ours, 0, "no viscum process should be running in the edge namespace");
-    assert!(s.lab.bpffs.path().join("links/lan0").exists(), "the TCX link is pinned");
+    assert_eq!(
+        ours, 0,
+        "no viscum process should be running in the edge namespace"
+    );
+    assert!(
+        s.lab.bpffs.path().join("links/lan0").exists(),
+        "the TCX link is pinned"
+    );
     assert_eq!(answer(&s, Proto::Tcp, v4), "edge");
     // Detach: the entries stay pinned but nothing is redirected any more.
     s.lab.viscum_ok(&["detach", "lan0"]);
     assert_eq!(answer(&s, Proto::Tcp, v4), "cloud");
     s.lab.viscum_ok(&["attach", "lan0"]);
-    assert_eq!(answer(&s, Proto::Tcp, v4), "edge", "re-attaching finds the pinned entries");
+    assert_eq!(
+        answer(&s, Proto::Tcp, v4),
+        "edge",
+        "re-attaching finds the pinned entries"
+    );
 }
 
 #[test]
@@ -195,10 +291,16 @@ fn bad_input_is_rejected_with_a_clear_error_and_changes_nothing() {
     assert!(err.contains("not attached"), "{err}");
     let err = lab.viscum_err(&["attach", "eth9"]);
     assert!(err.contains("interface eth9 does not exist"), "{err}");
-    assert!(!lab.bpffs.path().join("prog_ingress").exists(), "a failed attach loads nothing");
+    assert!(
+        !lab.bpffs.path().join("prog_ingress").exists(),
+        "a failed attach loads nothing"
+    );
     let err = lab.viscum_err(&["attach", "lan0", "eth9"]);
     assert!(err.contains("eth9"), "{err}");
-    assert!(!lab.bpffs.path().join("links/lan0").exists(), "validation happens before any attach");
+    assert!(
+        !lab.bpffs.path().join("links/lan0").exists(),
+        "validation happens before any attach"
+    );
 
     lab.viscum_ok(&["attach", "lan0"]);
     let again = lab.viscum_ok(&["attach", "lan0"]);
@@ -206,22 +308,75 @@ fn bad_input_is_rejected_with_a_clear_error_and_changes_nothing() {
     let ns = lab.service_ns_name();
     lab.viscum_ok(&["ns", "add", &ns]);
     lab.viscum_ok(&["redirect", "add", "tcp://198.51.100.7:80", "--ns", &ns]);
-    let snapshot = |lab: &Lab| (lab.viscum_ok(&["redirect", "list", "--json"]), lab.viscum_ok(&["ns", "list", "--json"]));
+    let snapshot = |lab: &Lab| {
+        (
+            lab.viscum_ok(&["redirect", "list", "--json"]),
+            lab.viscum_ok(&["ns", "list", "--json"]),
+        )
+    };
     let before = snapshot(&lab);
 
     let cases: &[(&[&str], &str)] = &[
-        (&["redirect", "add", "tcp://198.51.100.7:80", "--ns", &ns], "already exists"),
-        (&["redirect", "del", "tcp://198.51.100.7:81"], "no entry for tcp://198.51.100.7:81"),
-        (&["redirect", "add", "tcp://198.51.100.300:80", "--ns", &ns], "'198.51.100.300' is not an IPv4 or IPv6 address"),
-        (&["redirect", "add", "tcp://198.51.100.7:70000", "--ns", &ns], "port '70000'"),
-        (&["redirect", "add", "tcp://198.51.100.7:0", "--ns", &ns], "port 0"),
-        (&["redirect", "add", "sctp://198.51.100.7:80", "--ns", &ns], "unknown protocol 'sctp'"),
-        (&["redirect", "add", "198.51.100.7:80", "--ns", &ns], "has no protocol"),
-        (&["redirect", "add", "tcp://2001:db8::7:443", "--ns", &ns], "bracketed"),
-        (&["redirect", "add", "tcp://198.51.100.8:80", "--ns", "nosuchns"], "nosuchns"),
-        (&["redirect", "add", "tcp://198.51.100.8:80", "--ns", "Bad/Name"], "invalid"),
-        (&["redirect", "add", "tcp://198.51.100.8:80", "--to", "lo"], "not a veth"),
-        (&["redirect", "add", "tcp://198.51.100.8:80", "--to", "eth9"], "interface eth9 does not exist"),
+        (
+            &["redirect", "add", "tcp://198.51.100.7:80", "--ns", &ns],
+            "already exists",
+        ),
+        (
+            &["redirect", "del", "tcp://198.51.100.7:81"],
+            "no entry for tcp://198.51.100.7:81",
+        ),
+        (
+            &["redirect", "add", "tcp://198.51.100.300:80", "--ns", &ns],
+            "'198.51.100.300' is not an IPv4 or IPv6 address",
+        ),
+        (
+            &["redirect", "add", "tcp://198.51.100.7:70000", "--ns", &ns],
+            "port '70000'",
+        ),
+        (
+            &["redirect", "add", "tcp://198.51.100.7:0", "--ns", &ns],
+            "port 0",
+        ),
+        (
+            &["redirect", "add", "sctp://198.51.100.7:80", "--ns", &ns],
+            "unknown protocol 'sctp'",
+        ),
+        (
+            &["redirect", "add", "198.51.100.7:80", "--ns", &ns],
+            "has no protocol",
+        ),
+        (
+            &["redirect", "add", "tcp://2001:db8::7:443", "--ns", &ns],
+            "bracketed",
+        ),
+        (
+            &[
+                "redirect",
+                "add",
+                "tcp://198.51.100.8:80",
+                "--ns",
+                "nosuchns",
+            ],
+            "nosuchns",
+        ),
+        (
+            &[
+                "redirect",
+                "add",
+                "tcp://198.51.100.8:80",
+                "--ns",
+                "Bad/Name",
+            ],
+            "invalid",
+        ),
+        (
+            &["redirect", "add", "tcp://198.51.100.8:80", "--to", "lo"],
+            "not a veth",
+        ),
+        (
+            &["redirect", "add", "tcp://198.51.100.8:80", "--to", "eth9"],
+            "interface eth9 does not exist",
+        ),
         (&["detach", "wan0"], "not attached to wan0"),
         (&["ns", "add", &ns], "exists"),
         (&["ns", "del", "nosuchns"], "nosuchns"),
@@ -231,7 +386,10 @@ fn bad_input_is_rejected_with_a_clear_error_and_changes_nothing() {
         let err = lab.viscum_err(args);
         // The first line carries the whole message (clap adds a usage hint below its own).
         let first = err.lines().next().unwrap_or_default();
-        assert!(first.contains(want), "viscum {args:?}: expected '{want}' in the first line of:\n{err}");
+        assert!(
+            first.contains(want),
+            "viscum {args:?}: expected '{want}' in the first line of:\n{err}"
+        );
         assert_eq!(snapshot(&lab), before, "viscum {args:?} changed state");
     }
 
@@ -280,6 +438,9 @@ fn several_instances_coexist_with_their_own_bpffs() {
     add(&a, &url(Proto::Tcp, va));
     assert_eq!(answer(&a, Proto::Tcp, va), "edge");
     assert_eq!(answer(&b, Proto::Tcp, vb), "cloud", "lab b has no entry");
-    assert_eq!(json(&b, &["redirect", "list", "--json"]), serde_json::json!([]));
+    assert_eq!(
+        json(&b, &["redirect", "list", "--json"]),
+        serde_json::json!([])
+    );
     assert!(wait_until(TIMEOUT, || answer(&a, Proto::Tcp, va) == "edge"));
 }

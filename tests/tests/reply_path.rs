@@ -21,7 +21,10 @@ fn setup() -> (Lab, String) {
 }
 
 fn url(proto: Proto, addr: SocketAddr) -> String {
-    format!("{}://{addr}", if proto == Proto::Tcp { "tcp" } else { "udp" })
+    format!(
+        "{}://{addr}",
+        if proto == Proto::Tcp { "tcp" } else { "udp" }
+    )
 }
 
 fn global(lab: &Lab) -> Value {
@@ -43,11 +46,17 @@ fn harden(lab: &Lab, ns: &str) {
         .arg(&path)
         .output()
         .expect("run nft (apt-get install nftables)");
-    assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let host_veth = format!("vh-{ns}");
-    lab.edge.set_sysctl("net/netfilter/nf_conntrack_tcp_loose", "0");
+    lab.edge
+        .set_sysctl("net/netfilter/nf_conntrack_tcp_loose", "0");
     for key in ["all", "default", "lan0", "wan0", host_veth.as_str()] {
-        lab.edge.set_sysctl(&format!("net/ipv4/conf/{key}/rp_filter"), "1");
+        lab.edge
+            .set_sysctl(&format!("net/ipv4/conf/{key}/rp_filter"), "1");
     }
 }
 
@@ -63,12 +72,24 @@ fn replies_survive_a_strict_router_firewall() {
     // The firewall leaves ordinary forwarded traffic alone...
     for addr in lab.cloud_addrs(cloud.port()) {
         for proto in [Proto::Tcp, Proto::Udp] {
-            assert_eq!(ask(lab.client.name(), proto, addr, TIMEOUT).unwrap(), "cloud", "{proto:?} {addr}");
+            assert_eq!(
+                ask(lab.client.name(), proto, addr, TIMEOUT).unwrap(),
+                "cloud",
+                "{proto:?} {addr}"
+            );
         }
     }
     for addr in lab.cloud_addrs(cloud.port()) {
         for proto in [Proto::Tcp, Proto::Udp] {
-            lab.viscum_ok(&["redirect", "add", &url(proto, addr), "--ns", &ns, "--learn-ms", "0"]);
+            lab.viscum_ok(&[
+                "redirect",
+                "add",
+                &url(proto, addr),
+                "--ns",
+                &ns,
+                "--learn-ms",
+                "0",
+            ]);
             let got = ask(lab.client.name(), proto, addr, TIMEOUT);
             assert!(
                 matches!(got.as_deref(), Ok("edge")),
@@ -83,7 +104,13 @@ fn replies_survive_a_strict_router_firewall() {
     std::fs::remove_file(lab.bpffs.path().join(format!("reply-links/vh-{ns}"))).unwrap();
     let [v4, _] = lab.cloud_addrs(cloud.port());
     assert!(
-        ask(lab.client.name(), Proto::Tcp, v4, std::time::Duration::from_millis(800)).is_err(),
+        ask(
+            lab.client.name(),
+            Proto::Tcp,
+            v4,
+            std::time::Duration::from_millis(800)
+        )
+        .is_err(),
         "the firewall should drop replies that bypass the reply path"
     );
 }
@@ -102,9 +129,21 @@ fn a_naive_udp_server_answers_as_the_cloud_address() {
     let [v4, _] = lab.cloud_addrs(cloud.port());
     let [_, v6] = lab.cloud_addrs(other.port());
     for (addr, want) in [(v4, "naive-edge"), (v6, "naive-edge6")] {
-        lab.viscum_ok(&["redirect", "add", &url(Proto::Udp, addr), "--ns", &ns, "--learn-ms", "0"]);
+        lab.viscum_ok(&[
+            "redirect",
+            "add",
+            &url(Proto::Udp, addr),
+            "--ns",
+            &ns,
+            "--learn-ms",
+            "0",
+        ]);
         // A connected client drops any reply whose source is not the address it asked.
-        assert_eq!(udp_ask(lab.client.name(), addr, TIMEOUT).unwrap(), want, "{addr}");
+        assert_eq!(
+            udp_ask(lab.client.name(), addr, TIMEOUT).unwrap(),
+            want,
+            "{addr}"
+        );
     }
     assert!(global(&lab)["replies_rewritten"].as_u64().unwrap() >= 2);
 }
@@ -129,25 +168,67 @@ fn nat_mode_serves_tcp_and_udp_over_ipv4_and_ipv6_with_software_checksums() {
     let nat4 = format!("{}", edge.port());
     for proto in [Proto::Tcp, Proto::Udp] {
         let ns_v4: Value = serde_json::from_str(&lab.viscum_ok(&["ns", "list", "--json"])).unwrap();
-        let ns_addr = ns_v4.as_array().unwrap().iter().find(|n| n["name"] == ns.as_str()).unwrap()["ns_addr"]
+        let ns_addr = ns_v4
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == ns.as_str())
+            .unwrap()["ns_addr"]
             .as_str()
             .unwrap()
             .split('/')
             .next()
             .unwrap()
             .to_string();
-        lab.viscum_ok(&["redirect", "add", &url(proto, v4), "--ns", &ns, "--nat-to", &format!("{ns_addr}:{nat4}"), "--learn-ms", "0"]);
-        lab.viscum_ok(&["redirect", "add", &url(proto, v6), "--ns", &ns, "--nat-to", &nat6, "--learn-ms", "0"]);
+        lab.viscum_ok(&[
+            "redirect",
+            "add",
+            &url(proto, v4),
+            "--ns",
+            &ns,
+            "--nat-to",
+            &format!("{ns_addr}:{nat4}"),
+            "--learn-ms",
+            "0",
+        ]);
+        lab.viscum_ok(&[
+            "redirect",
+            "add",
+            &url(proto, v6),
+            "--ns",
+            &ns,
+            "--nat-to",
+            &nat6,
+            "--learn-ms",
+            "0",
+        ]);
         for addr in [v4, v6] {
-            assert_eq!(ask(lab.client.name(), proto, addr, TIMEOUT).unwrap(), "edge-nat", "{proto:?} {addr}");
+            assert_eq!(
+                ask(lab.client.name(), proto, addr, TIMEOUT).unwrap(),
+                "edge-nat",
+                "{proto:?} {addr}"
+            );
         }
     }
     // NAT needs no local route for the cloud address in the namespace.
     let list: Value = serde_json::from_str(&lab.viscum_ok(&["ns", "list", "--json"])).unwrap();
-    let routes = list.as_array().unwrap().iter().find(|n| n["name"] == ns.as_str()).unwrap()["local_routes"].clone();
+    let routes = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["name"] == ns.as_str())
+        .unwrap()["local_routes"]
+        .clone();
     assert_eq!(routes, serde_json::json!(["fd00:7669:7363::1/128"]));
-    let entries: Value = serde_json::from_str(&lab.viscum_ok(&["redirect", "list", "--json"])).unwrap();
-    assert!(entries.as_array().unwrap().iter().all(|e| e["mode"] == "nat"));
+    let entries: Value =
+        serde_json::from_str(&lab.viscum_ok(&["redirect", "list", "--json"])).unwrap();
+    assert!(
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["mode"] == "nat")
+    );
     assert_eq!(cloud.tcp_hits() + cloud.udp_hits(), 0);
     let _: IpAddr = v4.ip();
 }
@@ -162,14 +243,29 @@ fn mirror_mode_feeds_the_edge_copy_while_the_cloud_answers() {
     let edge = IdentityServer::start(&ns, cloud.port(), "edge");
     let [v4, v6] = lab.cloud_addrs(cloud.port());
     for addr in [v4, v6] {
-        lab.viscum_ok(&["redirect", "add", &url(Proto::Udp, addr), "--ns", &ns, "--mirror"]);
+        lab.viscum_ok(&[
+            "redirect",
+            "add",
+            &url(Proto::Udp, addr),
+            "--ns",
+            &ns,
+            "--mirror",
+        ]);
     }
     for addr in [v4, v6] {
         for _ in 0..3 {
-            assert_eq!(udp_ask(lab.client.name(), addr, TIMEOUT).unwrap(), "cloud", "{addr}");
+            assert_eq!(
+                udp_ask(lab.client.name(), addr, TIMEOUT).unwrap(),
+                "cloud",
+                "{addr}"
+            );
         }
     }
-    assert!(viscum_tests::wait_until(TIMEOUT, || cloud.udp_hits() == 6), "the cloud answered {}", cloud.udp_hits());
+    assert!(
+        viscum_tests::wait_until(TIMEOUT, || cloud.udp_hits() == 6),
+        "the cloud answered {}",
+        cloud.udp_hits()
+    );
     assert!(
         viscum_tests::wait_until(TIMEOUT, || edge.udp_hits() == 6),
         "the edge copy saw {} of 6 mirrored requests",

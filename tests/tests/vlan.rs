@@ -40,11 +40,19 @@ fn csum_fold(mut sum: u32) -> u16 {
 }
 
 fn sum16(data: &[u8]) -> u32 {
-    data.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum()
+    data.chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
 }
 
 /// An Ethernet frame with the given VLAN tags (TPID, VID) carrying a UDP datagram.
-fn frame(dst: [u8; 6], src: [u8; 6], tags: &[(u16, u16)], from: SocketAddr, to: SocketAddr) -> Vec<u8> {
+fn frame(
+    dst: [u8; 6],
+    src: [u8; 6],
+    tags: &[(u16, u16)],
+    from: SocketAddr,
+    to: SocketAddr,
+) -> Vec<u8> {
     let mut f = Vec::new();
     f.extend_from_slice(&dst);
     f.extend_from_slice(&src);
@@ -100,18 +108,28 @@ fn frame(dst: [u8; 6], src: [u8; 6], tags: &[(u16, u16)], from: SocketAddr, to: 
 }
 
 /// Sends `tags`-tagged requests from the client to `to` and returns the answer.
-fn ask_tagged(lab: &Lab, tags: Vec<(u16, u16)>, client_ip: IpAddr, to: SocketAddr) -> Option<String> {
+fn ask_tagged(
+    lab: &Lab,
+    tags: Vec<(u16, u16)>,
+    client_ip: IpAddr,
+    to: SocketAddr,
+) -> Option<String> {
     let dst = mac_of(&lab.edge, LAN_IF);
     let src = mac_of(&lab.client, CLIENT_IF);
     lab.client.run(move || {
         let sock = UdpSocket::bind(SocketAddr::new(client_ip, 0)).unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
         let from = sock.local_addr().unwrap();
         let f = frame(dst, src, &tags, from, to);
         // SAFETY: plain socket calls with valid buffers.
         unsafe {
             let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+            assert!(
+                fd >= 0,
+                "AF_PACKET socket: {}",
+                std::io::Error::last_os_error()
+            );
             let ifindex = libc::if_nametoindex(c"eth0".as_ptr());
             let mut sll: libc::sockaddr_ll = std::mem::zeroed();
             sll.sll_family = libc::AF_PACKET as u16;
@@ -129,7 +147,12 @@ fn ask_tagged(lab: &Lab, tags: Vec<(u16, u16)>, client_ip: IpAddr, to: SocketAdd
                     (&raw const sll).cast(),
                     std::mem::size_of::<libc::sockaddr_ll>() as u32,
                 );
-                assert_eq!(n as usize, f.len(), "sendto: {}", std::io::Error::last_os_error());
+                assert_eq!(
+                    n as usize,
+                    f.len(),
+                    "sendto: {}",
+                    std::io::Error::last_os_error()
+                );
                 let mut buf = [0u8; 256];
                 if let Ok((n, _)) = sock.recv_from(&mut buf) {
                     answer = Some(String::from_utf8_lossy(&buf[..n]).trim().to_string());
@@ -157,13 +180,29 @@ fn vlan_tagged_and_qinq_clients_are_served_at_the_edge() {
     let v4 = SocketAddr::new(IpAddr::V4(CLOUD_V4), cloud.port());
     let v6 = SocketAddr::new(IpAddr::V6(CLOUD_V6), cloud.port());
     for to in [v4, v6] {
-        lab.viscum_ok(&["redirect", "add", &format!("udp://{to}"), "--ns", &ns, "--learn-ms", "0"]);
+        lab.viscum_ok(&[
+            "redirect",
+            "add",
+            &format!("udp://{to}"),
+            "--ns",
+            &ns,
+            "--learn-ms",
+            "0",
+        ]);
     }
     let dot1q = vec![(0x8100, 42)];
     let qinq = vec![(0x88A8, 100), (0x8100, 42)];
     for (client, to) in [(IpAddr::V4(CLIENT_V4), v4), (IpAddr::V6(CLIENT_V6), v6)] {
-        assert_eq!(ask_tagged(&lab, dot1q.clone(), client, to).as_deref(), Some("edge"), "802.1Q to {to}");
-        assert_eq!(ask_tagged(&lab, qinq.clone(), client, to).as_deref(), Some("edge"), "QinQ to {to}");
+        assert_eq!(
+            ask_tagged(&lab, dot1q.clone(), client, to).as_deref(),
+            Some("edge"),
+            "802.1Q to {to}"
+        );
+        assert_eq!(
+            ask_tagged(&lab, qinq.clone(), client, to).as_deref(),
+            Some("edge"),
+            "QinQ to {to}"
+        );
     }
     assert_eq!(cloud.udp_hits(), 0);
     let _ = Ipv4Addr::LOCALHOST;

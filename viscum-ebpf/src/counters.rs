@@ -1,6 +1,9 @@
 //! Global counters and the runtime configuration slot.
 
-use aya_ebpf::{macros::map, maps::{Array, PerCpuArray}};
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, PerCpuArray},
+};
 use viscum_common::{DatapathConfig, GLOBAL_COUNTERS, GlobalCounter};
 
 /// Per-CPU so the hot path never needs an atomic add.

@@ -7,21 +7,16 @@
 //! marker, so cloud decisions are recorded too (while an entry learns or
 //! drains).
 
-use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
-    macros::map,
-    maps::LruHashMap,
-};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
 use viscum_common::{
-    DEFAULT_FLOW_ENTRIES, FLOW_CLOUD, FLOW_EDGE, FlowKey, FlowState, PROTO_TCP, ReplyKey, ReplyState,
-    ServiceEntry, TARGET_F_DRAINING, TARGET_F_NAT,
+    DEFAULT_FLOW_ENTRIES, FLOW_CLOUD, FLOW_EDGE, FlowKey, FlowState, GlobalCounter, PROTO_TCP,
+    ReplyKey, ReplyState, ServiceEntry, TARGET_F_DRAINING, TARGET_F_NAT,
 };
 
 use crate::{
     counters::{self, Timeouts},
     parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
-use viscum_common::GlobalCounter;
 
 /// 5-tuple -> decision. LRU: under pressure the oldest flows go first; the
 /// loader sizes it (`viscum attach --flow-table-size`).
@@ -70,7 +65,11 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
             if closing && state.closing_at_ns == 0 {
                 state.closing_at_ns = now;
             }
-            return if state.decision == FLOW_EDGE { Decision::Edge } else { Decision::Cloud };
+            return if state.decision == FLOW_EDGE {
+                Decision::Edge
+            } else {
+                Decision::Cloud
+            };
         }
     }
 
@@ -86,13 +85,23 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
         entry.cloud_flows += 1;
         counters::bump(GlobalCounter::FlowsCloud);
         if !tcp {
-            let state = FlowState { last_seen_ns: now, closing_at_ns: 0, decision: FLOW_CLOUD, ifindex: 0 };
+            let state = FlowState {
+                last_seen_ns: now,
+                closing_at_ns: 0,
+                decision: FLOW_CLOUD,
+                ifindex: 0,
+            };
             let _ = FLOWS.insert(fkey, state, 0);
         }
         return Decision::Cloud;
     }
 
-    let state = FlowState { last_seen_ns: now, closing_at_ns: 0, decision: FLOW_EDGE, ifindex: entry.ifindex };
+    let state = FlowState {
+        last_seen_ns: now,
+        closing_at_ns: 0,
+        decision: FLOW_EDGE,
+        ifindex: entry.ifindex,
+    };
     let _ = FLOWS.insert(fkey, state, 0);
     remember_reply(p, entry, 0);
     entry.new_flows += 1;
@@ -104,7 +113,11 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
 #[inline(always)]
 pub fn remember_reply(p: &Parsed, entry: &ServiceEntry, flags: u32) {
     // In NAT mode the service answers from its own port.
-    let local_port = if entry.flags & TARGET_F_NAT != 0 && entry.nat_port != 0 { entry.nat_port } else { p.key.port };
+    let local_port = if entry.flags & TARGET_F_NAT != 0 && entry.nat_port != 0 {
+        entry.nat_port
+    } else {
+        p.key.port
+    };
     let rkey = ReplyKey {
         client: p.saddr,
         client_port: p.sport,
@@ -114,7 +127,12 @@ pub fn remember_reply(p: &Parsed, entry: &ServiceEntry, flags: u32) {
         _pad: [0; 2],
         ifindex: entry.ifindex,
     };
-    let rstate = ReplyState { service: p.key.addr, service_port: p.key.port, _pad: [0; 2], flags };
+    let rstate = ReplyState {
+        service: p.key.addr,
+        service_port: p.key.port,
+        _pad: [0; 2],
+        flags,
+    };
     let _ = REPLIES.insert(rkey, rstate, 0);
 }
 

@@ -12,8 +12,8 @@ use aya_ebpf::{
     maps::{LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
 };
 use viscum_common::{
-    DEFAULT_MAX_ENTRIES, MAX_PREFIX_LEVELS, MAX_RULES, PREFIX_KEY_FIXED_BITS, PortRule, PrefixData, PrefixNode,
-    RULES_PER_PREFIX, ServiceEntry, ServiceKey,
+    DEFAULT_MAX_ENTRIES, MAX_PREFIX_LEVELS, MAX_RULES, PREFIX_KEY_FIXED_BITS, PortRule, PrefixData,
+    PrefixNode, RULES_PER_PREFIX, ServiceEntry, ServiceKey,
 };
 
 use crate::parse::Parsed;
@@ -22,7 +22,8 @@ use crate::parse::Parsed;
 /// space writes the same target into every CPU's copy. The size here is a
 /// default: the loader overrides it (`viscum attach --max-entries`).
 #[map(name = "VISCUM_SERVICES")]
-static SERVICES: PerCpuHashMap<ServiceKey, ServiceEntry> = PerCpuHashMap::pinned(DEFAULT_MAX_ENTRIES, 0);
+static SERVICES: PerCpuHashMap<ServiceKey, ServiceEntry> =
+    PerCpuHashMap::pinned(DEFAULT_MAX_ENTRIES, 0);
 
 #[map(name = "VISCUM_PREFIXES")]
 static PREFIXES: LpmTrie<PrefixData, PrefixNode> = LpmTrie::pinned(MAX_RULES, 0);
@@ -44,8 +45,17 @@ pub fn find(p: &Parsed, have_rules: bool) -> Option<*mut ServiceEntry> {
 
 #[inline(always)]
 fn find_rule(p: &Parsed) -> Option<*mut ServiceEntry> {
-    let data = PrefixData { proto: p.key.proto, family: p.key.family, _pad: [0; 2], addr: p.key.addr };
-    let host_bits: u32 = if p.key.family == viscum_common::FAMILY_V4 { 32 } else { 128 };
+    let data = PrefixData {
+        proto: p.key.proto,
+        family: p.key.family,
+        _pad: [0; 2],
+        addr: p.key.addr,
+    };
+    let host_bits: u32 = if p.key.family == viscum_common::FAMILY_V4 {
+        32
+    } else {
+        128
+    };
     let mut prefix_len = PREFIX_KEY_FIXED_BITS + host_bits;
     let port = u16::from_be(p.key.port);
     for _ in 0..MAX_PREFIX_LEVELS {
@@ -74,13 +84,20 @@ fn rule_matches(rule: &PortRule, port: u16, saddr: &[u8; 16]) -> bool {
     }
     // Compare the first `bits` bits of the source, a byte at a time
     // (bounded loop: 16 iterations for the verifier).
-    #[expect(clippy::needless_range_loop, reason = "a plain counted loop is what the verifier bounds easily")]
+    #[expect(
+        clippy::needless_range_loop,
+        reason = "a plain counted loop is what the verifier bounds easily"
+    )]
     for i in 0..16 {
         let start = i * 8;
         if start >= bits {
             break;
         }
-        let mask: u8 = if bits - start >= 8 { 0xff } else { 0xffu8 << (8 - (bits - start)) };
+        let mask: u8 = if bits - start >= 8 {
+            0xff
+        } else {
+            0xffu8 << (8 - (bits - start))
+        };
         if (saddr[i] ^ rule.src[i]) & mask != 0 {
             return false;
         }

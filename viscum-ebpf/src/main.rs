@@ -32,9 +32,7 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use viscum_common::{
-    FlowKey, GlobalCounter, REPLY_F_DROP, TARGET_F_MIRROR, TARGET_F_NAT,
-};
+use viscum_common::{FlowKey, GlobalCounter, REPLY_F_DROP, TARGET_F_MIRROR, TARGET_F_NAT};
 
 use crate::{
     flow::Decision,
@@ -83,7 +81,12 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     let p = parse_or_pass(ctx)?;
     let Some(entry) = lookup::find(&p, counters::have_rules()) else {
         if counters::log_enabled() {
-            debug!(ctx, "miss proto={} port={}", p.key.proto, u16::from_be(p.key.port));
+            debug!(
+                ctx,
+                "miss proto={} port={}",
+                p.key.proto,
+                u16::from_be(p.key.port)
+            );
         }
         return Ok(pass());
     };
@@ -109,7 +112,12 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     };
     if flow::decide(&p, entry, &fkey) == Decision::Cloud {
         if counters::log_enabled() {
-            debug!(ctx, "cloud flow proto={} port={}", p.key.proto, u16::from_be(p.key.port));
+            debug!(
+                ctx,
+                "cloud flow proto={} port={}",
+                p.key.proto,
+                u16::from_be(p.key.port)
+            );
         }
         return Ok(pass());
     }
@@ -117,8 +125,20 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     entry.bytes += u64::from(ctx.len());
 
     if entry.flags & TARGET_F_NAT != 0 {
-        let port = if entry.nat_port != 0 { entry.nat_port } else { p.key.port };
-        if !nat::rewrite(ctx, &p, End::Destination, &p.key.addr, &entry.nat_addr, p.key.port, port) {
+        let port = if entry.nat_port != 0 {
+            entry.nat_port
+        } else {
+            p.key.port
+        };
+        if !nat::rewrite(
+            ctx,
+            &p,
+            End::Destination,
+            &p.key.addr,
+            &entry.nat_addr,
+            p.key.port,
+            port,
+        ) {
             counters::bump(GlobalCounter::RedirectErrors);
             return Err(TC_ACT_SHOT);
         }
@@ -163,7 +183,15 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
         // NAT mode, or a UDP server that answered from its veth address
         // (plain sendto() on a 0.0.0.0 socket): restore the cloud identity
         // the client expects, or a connected client drops the reply.
-        if !nat::rewrite(ctx, &p, End::Source, &p.saddr, &id.service, p.sport, id.service_port) {
+        if !nat::rewrite(
+            ctx,
+            &p,
+            End::Source,
+            &p.saddr,
+            &id.service,
+            p.sport,
+            id.service_port,
+        ) {
             return Err(TC_ACT_SHOT);
         }
         counters::bump(GlobalCounter::RepliesRewritten);

@@ -25,20 +25,36 @@ pub enum End {
 
 #[inline(always)]
 fn l4_csum_off(p: &Parsed) -> u32 {
-    if p.key.proto == PROTO_UDP { p.l4 + 6 } else { p.l4 + 16 }
+    if p.key.proto == PROTO_UDP {
+        p.l4 + 6
+    } else {
+        p.l4 + 16
+    }
 }
 
 #[inline(always)]
 fn l4_flags(p: &Parsed) -> u64 {
     // An IPv4 UDP checksum of 0 means "none": keep it 0 rather than
     // producing a bogus one.
-    if p.key.proto == PROTO_UDP { BPF_F_MARK_MANGLED_0 as u64 } else { 0 }
+    if p.key.proto == PROTO_UDP {
+        BPF_F_MARK_MANGLED_0 as u64
+    } else {
+        0
+    }
 }
 
 /// Rewrites one end's address and port. Returns false if a helper failed
 /// (the packet is then left to the stack, never sent half-rewritten on purpose).
 #[inline(always)]
-pub fn rewrite(ctx: &TcContext, p: &Parsed, end: End, old_addr: &[u8; 16], new_addr: &[u8; 16], old_port: u16, new_port: u16) -> bool {
+pub fn rewrite(
+    ctx: &TcContext,
+    p: &Parsed,
+    end: End,
+    old_addr: &[u8; 16],
+    new_addr: &[u8; 16],
+    old_port: u16,
+    new_port: u16,
+) -> bool {
     let csum = l4_csum_off(p);
     let l4f = l4_flags(p);
     if old_addr != new_addr {
@@ -46,8 +62,17 @@ pub fn rewrite(ctx: &TcContext, p: &Parsed, end: End, old_addr: &[u8; 16], new_a
             let off = p.l3 + if end == End::Source { 12 } else { 16 };
             let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
             let new = u32::from_ne_bytes([new_addr[0], new_addr[1], new_addr[2], new_addr[3]]);
-            if ctx.l3_csum_replace(p.l3 as usize + 10, old as u64, new as u64, 4).is_err()
-                || ctx.l4_csum_replace(csum as usize, old as u64, new as u64, l4f | BPF_F_PSEUDO_HDR as u64 | 4).is_err()
+            if ctx
+                .l3_csum_replace(p.l3 as usize + 10, old as u64, new as u64, 4)
+                .is_err()
+                || ctx
+                    .l4_csum_replace(
+                        csum as usize,
+                        old as u64,
+                        new as u64,
+                        l4f | BPF_F_PSEUDO_HDR as u64 | 4,
+                    )
+                    .is_err()
                 || ctx.store(off as usize, &new, 0).is_err()
             {
                 return false;
@@ -60,7 +85,9 @@ pub fn rewrite(ctx: &TcContext, p: &Parsed, end: End, old_addr: &[u8; 16], new_a
             // SAFETY: two 16-byte stack buffers.
             let diff = unsafe { bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
             if diff < 0
-                || ctx.l4_csum_replace(csum as usize, 0, diff as u64, l4f | BPF_F_PSEUDO_HDR as u64).is_err()
+                || ctx
+                    .l4_csum_replace(csum as usize, 0, diff as u64, l4f | BPF_F_PSEUDO_HDR as u64)
+                    .is_err()
                 || ctx.store(off as usize, &new, 0).is_err()
             {
                 return false;
@@ -69,7 +96,9 @@ pub fn rewrite(ctx: &TcContext, p: &Parsed, end: End, old_addr: &[u8; 16], new_a
     }
     if old_port != new_port {
         let off = p.l4 + if end == End::Source { 0 } else { 2 };
-        if ctx.l4_csum_replace(csum as usize, old_port as u64, new_port as u64, l4f | 2).is_err()
+        if ctx
+            .l4_csum_replace(csum as usize, old_port as u64, new_port as u64, l4f | 2)
+            .is_err()
             || ctx.store(off as usize, &new_port, 0).is_err()
         {
             return false;

@@ -103,7 +103,12 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
         l3 += VLAN_HLEN;
         l2_vlan = true;
     }
-    let mut key = ServiceKey { addr: [0; 16], port: 0, proto: 0, family: 0 };
+    let mut key = ServiceKey {
+        addr: [0; 16],
+        port: 0,
+        proto: 0,
+        family: 0,
+    };
     let mut saddr = [0u8; 16];
     let ip_len: u16;
     let l4 = match ethertype {
@@ -177,7 +182,11 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
     // Ports, left in network byte order (see ServiceKey::port).
     let ports = load::<[u16; 2]>(ctx, l4)?;
     key.port = ports[1];
-    let tcp_flags = if key.proto == PROTO_TCP { load::<u8>(ctx, l4 + 13)? } else { 0 };
+    let tcp_flags = if key.proto == PROTO_TCP {
+        load::<u8>(ctx, l4 + 13)?
+    } else {
+        0
+    };
     Ok(Ok(Parsed {
         key,
         saddr,

@@ -3,7 +3,10 @@
 
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, bpf_fib_lookup, bpf_redir_neigh},
-    helpers::{bpf_clone_redirect, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_vlan_pop},
+    helpers::{
+        bpf_clone_redirect, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh,
+        bpf_redirect_peer, bpf_skb_vlan_pop,
+    },
     programs::TcContext,
 };
 use viscum_common::{FAMILY_V4, GlobalCounter, ServiceEntry, TARGET_F_PEER, TARGET_F_SET_MAC};
@@ -95,18 +98,26 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
     fib.ifindex = unsafe { (*skb).ifindex };
     if p.key.family == FAMILY_V4 {
         fib.family = AF_INET;
-        fib.__bindgen_anon_3.ipv4_src = u32::from_ne_bytes([p.saddr[0], p.saddr[1], p.saddr[2], p.saddr[3]]);
+        fib.__bindgen_anon_3.ipv4_src =
+            u32::from_ne_bytes([p.saddr[0], p.saddr[1], p.saddr[2], p.saddr[3]]);
         fib.__bindgen_anon_4.ipv4_dst =
             u32::from_ne_bytes([p.key.addr[0], p.key.addr[1], p.key.addr[2], p.key.addr[3]]);
     } else {
         fib.family = AF_INET6;
         // SAFETY: same size, plain bytes.
-        fib.__bindgen_anon_3.ipv6_src = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(p.saddr) };
-        fib.__bindgen_anon_4.ipv6_dst = unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(p.key.addr) };
+        fib.__bindgen_anon_3.ipv6_src =
+            unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(p.saddr) };
+        fib.__bindgen_anon_4.ipv6_dst =
+            unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(p.key.addr) };
     }
     // SAFETY: the params struct lives on our stack with its real size.
     let rc = unsafe {
-        fib_lookup(skb as *mut _, &mut fib, core::mem::size_of::<bpf_fib_lookup>() as i32, 0)
+        fib_lookup(
+            skb as *mut _,
+            &mut fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
     };
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         // No route, forwarding off, fragmentation needed...: the kernel's
@@ -133,7 +144,9 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
     }
     // The neighbour is not resolved yet: let the kernel resolve it.
     // SAFETY: a null neighbour asks the kernel to look the next hop up itself.
-    unsafe { bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut::<bpf_redir_neigh>(), 0, 0) as i32 }
+    unsafe {
+        bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut::<bpf_redir_neigh>(), 0, 0) as i32
+    }
 }
 
 /// Forwarding decrements the TTL / hop limit like any router hop; a packet
@@ -155,7 +168,15 @@ fn decrement_ttl(ctx: &TcContext, p: &Parsed) -> bool {
         // TTL and protocol share one 16-bit word of the header checksum.
         let old = u16::from_be_bytes([ttl, p.key.proto]);
         let new = u16::from_be_bytes([ttl - 1, p.key.proto]);
-        if ctx.l3_csum_replace(p.l3 as usize + 10, old.to_be() as u64, new.to_be() as u64, 2).is_err() {
+        if ctx
+            .l3_csum_replace(
+                p.l3 as usize + 10,
+                old.to_be() as u64,
+                new.to_be() as u64,
+                2,
+            )
+            .is_err()
+        {
             return false;
         }
         // Re-validate: the csum helper invalidates packet pointers.

@@ -48,8 +48,10 @@ pub enum BpffsError {
 
 /// Is `path` on a bpffs?
 pub fn is_bpffs(path: &Path) -> Result<bool, BpffsError> {
-    let st = nix::sys::statfs::statfs(path)
-        .map_err(|source| BpffsError::Stat { path: path.to_owned(), source })?;
+    let st = nix::sys::statfs::statfs(path).map_err(|source| BpffsError::Stat {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(st.filesystem_type().0 as i64 == BPF_FS_MAGIC)
 }
 
@@ -64,21 +66,40 @@ pub fn ensure(dir: &Path) -> Result<(), BpffsError> {
     if !dir.is_absolute() {
         return Err(BpffsError::Relative(dir.to_owned()));
     }
-    let ancestor = dir.ancestors().find(|a| a.exists()).unwrap_or(Path::new("/"));
+    let ancestor = dir
+        .ancestors()
+        .find(|a| a.exists())
+        .unwrap_or(Path::new("/"));
     if is_bpffs(ancestor)? {
         return mkdir_all(dir);
     }
     let sys = Path::new(SYS_FS_BPF);
-    let mount_point = if dir.starts_with(sys) && sys.is_dir() { sys.to_path_buf() } else { dir.to_path_buf() };
+    let mount_point = if dir.starts_with(sys) && sys.is_dir() {
+        sys.to_path_buf()
+    } else {
+        dir.to_path_buf()
+    };
     mkdir_all(&mount_point)?;
     if !is_bpffs(&mount_point)? {
-        mount(Some("bpf"), &mount_point, Some("bpf"), MsFlags::empty(), None::<&str>)
-            .map_err(|source| BpffsError::Mount { path: mount_point.clone(), source })?;
+        mount(
+            Some("bpf"),
+            &mount_point,
+            Some("bpf"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|source| BpffsError::Mount {
+            path: mount_point.clone(),
+            source,
+        })?;
         log::info!("mounted bpffs on {}", mount_point.display());
     }
     mkdir_all(dir)
 }
 
 fn mkdir_all(dir: &Path) -> Result<(), BpffsError> {
-    std::fs::create_dir_all(dir).map_err(|source| BpffsError::Mkdir { path: dir.to_owned(), source })
+    std::fs::create_dir_all(dir).map_err(|source| BpffsError::Mkdir {
+        path: dir.to_owned(),
+        source,
+    })
 }

@@ -665,7 +665,10 @@ fn validate_engine(raw: RawEngine, p: &mut Problems<'_>) -> Option<EngineConfig>
             Ok(ip) => dns.push(SocketAddr::new(ip, 53)),
             Err(_) => match text.parse::<SocketAddr>() {
                 Ok(addr) => dns.push(addr),
-                Err(_) => p.add(format!("dns[{i}]"), format!("'{text}' is not an ADDRESS or ADDRESS:PORT")),
+                Err(_) => p.add(
+                    format!("dns[{i}]"),
+                    format!("'{text}' is not an ADDRESS or ADDRESS:PORT"),
+                ),
             },
         }
     }
@@ -719,7 +722,9 @@ fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<ServiceConf
                             p.add(format!("match[{i}]"), format!("{h} is listed twice"))
                         }
                         Ok(h) => host_matches.push(h),
-                        Err(crate::hostnames::HostError::NotAHost(_)) => p.add(format!("match[{i}]"), e),
+                        Err(crate::hostnames::HostError::NotAHost(_)) => {
+                            p.add(format!("match[{i}]"), e)
+                        }
                         Err(host_err) => p.add(format!("match[{i}]"), host_err),
                     },
                 }
@@ -1122,7 +1127,13 @@ drain_timeout_ms = 0
 "#,
         )
         .unwrap();
-        assert_eq!(c.engine.dns, vec!["192.0.2.53:53".parse().unwrap(), "[2001:db8::53]:5353".parse().unwrap()]);
+        assert_eq!(
+            c.engine.dns,
+            vec![
+                "192.0.2.53:53".parse().unwrap(),
+                "[2001:db8::53]:5353".parse().unwrap()
+            ]
+        );
         let s = &c.services[0];
         assert_eq!(s.host_matches.len(), 1);
         assert_eq!(s.host_matches[0].to_string(), "tcp://alpr.example.net:443");

@@ -16,7 +16,8 @@ use std::{
 };
 
 use viscum_common::{
-    FAMILY_V4, FAMILY_V6, PREFIX_KEY_FIXED_BITS, PROTO_TCP, PROTO_UDP, PortRule, PrefixData, ServiceKey,
+    FAMILY_V4, FAMILY_V6, PREFIX_KEY_FIXED_BITS, PROTO_TCP, PROTO_UDP, PortRule, PrefixData,
+    ServiceKey,
 };
 
 /// Transport protocols the classifier matches.
@@ -67,7 +68,9 @@ pub enum EndpointError {
     BadPort(String),
     #[error("port 0 is not a valid port: leave the port out to match every port")]
     PortZero,
-    #[error("'{0}' cannot be redirected: unspecified, multicast, broadcast and loopback addresses are not services")]
+    #[error(
+        "'{0}' cannot be redirected: unspecified, multicast, broadcast and loopback addresses are not services"
+    )]
     UnusableAddress(IpAddr),
     #[error("prefix length '{0}' is not valid (0-32 for IPv4, 0-128 for IPv6)")]
     BadPrefix(String),
@@ -79,7 +82,9 @@ pub enum EndpointError {
     BadQuery(String),
     #[error("source prefix {src} and destination {dst} are of different families")]
     MixedFamilies { src: IpAddr, dst: IpAddr },
-    #[error("IPv6 addresses must be bracketed: '{0}' (write tcp://[2001:db8::7]:443, or tcp://[2001:db8::7] for every port)")]
+    #[error(
+        "IPv6 addresses must be bracketed: '{0}' (write tcp://[2001:db8::7]:443, or tcp://[2001:db8::7] for every port)"
+    )]
     Unbracketed(String),
 }
 
@@ -107,11 +112,19 @@ fn max_prefix(a: IpAddr) -> u8 {
 fn mask(a: IpAddr, len: u8) -> IpAddr {
     match a {
         IpAddr::V4(v) => {
-            let m = if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len)) };
+            let m = if len == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(len))
+            };
             IpAddr::V4(Ipv4Addr::from(u32::from(v) & m))
         }
         IpAddr::V6(v) => {
-            let m = if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len)) };
+            let m = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(len))
+            };
             IpAddr::V6(Ipv6Addr::from(u128::from(v) & m))
         }
     }
@@ -124,7 +137,9 @@ pub fn parse_prefix(s: &str) -> Result<(IpAddr, u8), EndpointError> {
         Some((a, l)) => (a, Some(l)),
         None => (s, None),
     };
-    let addr: IpAddr = a.parse().map_err(|_| EndpointError::BadAddress(a.to_owned()))?;
+    let addr: IpAddr = a
+        .parse()
+        .map_err(|_| EndpointError::BadAddress(a.to_owned()))?;
     let len = match len {
         None => max_prefix(addr),
         Some(l) => match l.parse::<u8>() {
@@ -140,7 +155,11 @@ pub fn parse_prefix(s: &str) -> Result<(IpAddr, u8), EndpointError> {
 }
 
 fn fmt_prefix(a: IpAddr, len: u8) -> String {
-    if len == max_prefix(a) { a.to_string() } else { format!("{a}/{len}") }
+    if len == max_prefix(a) {
+        a.to_string()
+    } else {
+        format!("{a}/{len}")
+    }
 }
 
 impl FromStr for Endpoint {
@@ -173,7 +192,10 @@ impl FromStr for Endpoint {
                         Some((l, p)) => (l, Some(p)),
                         None => (a, None),
                     };
-                    (format!("{inside}/{len}"), ports.map(|p| format!(":{p}")).unwrap_or_default())
+                    (
+                        format!("{inside}/{len}"),
+                        ports.map(|p| format!(":{p}")).unwrap_or_default(),
+                    )
                 }
                 None => (inside.to_owned(), after.to_owned()),
             };
@@ -210,7 +232,9 @@ impl FromStr for Endpoint {
             Some(p) if p.contains('-') && !p.starts_with('-') => {
                 let (lo, hi) = p.split_once('-').unwrap_or_default();
                 match (lo.parse::<u16>(), hi.parse::<u16>()) {
-                    (Ok(lo), Ok(hi)) if lo >= 1 && lo < hi && !lo_hi_signed(p) => (Some(lo), Some(hi)),
+                    (Ok(lo), Ok(hi)) if lo >= 1 && lo < hi && !lo_hi_signed(p) => {
+                        (Some(lo), Some(hi))
+                    }
                     _ => return Err(EndpointError::BadRange(p.to_owned())),
                 }
             }
@@ -221,8 +245,15 @@ impl FromStr for Endpoint {
             },
         };
         let unusable = match host {
-            IpAddr::V4(a) => a.is_multicast() || a.is_broadcast() || a.is_loopback() || (a.is_unspecified() && prefix_len == 32),
-            IpAddr::V6(a) => a.is_multicast() || a.is_loopback() || (a.is_unspecified() && prefix_len == 128),
+            IpAddr::V4(a) => {
+                a.is_multicast()
+                    || a.is_broadcast()
+                    || a.is_loopback()
+                    || (a.is_unspecified() && prefix_len == 32)
+            }
+            IpAddr::V6(a) => {
+                a.is_multicast() || a.is_loopback() || (a.is_unspecified() && prefix_len == 128)
+            }
         };
         if unusable {
             return Err(EndpointError::UnusableAddress(host));
@@ -230,7 +261,9 @@ impl FromStr for Endpoint {
         let source = match query {
             None => None,
             Some(q) => {
-                let v = q.strip_prefix("from=").ok_or_else(|| EndpointError::BadQuery(q.to_owned()))?;
+                let v = q
+                    .strip_prefix("from=")
+                    .ok_or_else(|| EndpointError::BadQuery(q.to_owned()))?;
                 let (src, len) = parse_prefix(v)?;
                 if src.is_ipv4() != host.is_ipv4() {
                     return Err(EndpointError::MixedFamilies { src, dst: host });
@@ -238,7 +271,14 @@ impl FromStr for Endpoint {
                 Some((src, len))
             }
         };
-        Ok(Endpoint { proto, addr: host, prefix_len, port, port_end, source })
+        Ok(Endpoint {
+            proto,
+            addr: host,
+            prefix_len,
+            port,
+            port_end,
+            source,
+        })
     }
 }
 
@@ -270,7 +310,10 @@ impl Endpoint {
     /// A single address and port for every client: the classifier's
     /// exact-match hash. Everything else is a prefix rule.
     pub fn is_exact(&self) -> bool {
-        self.prefix_len == max_prefix(self.addr) && self.port.is_some() && self.port_end.is_none() && self.source.is_none()
+        self.prefix_len == max_prefix(self.addr)
+            && self.port.is_some()
+            && self.port_end.is_none()
+            && self.source.is_none()
     }
 
     /// The LPM key (`prefix_len`, data) of a prefix rule.
@@ -278,7 +321,12 @@ impl Endpoint {
         let k = self.key();
         (
             PREFIX_KEY_FIXED_BITS + u32::from(self.prefix_len),
-            PrefixData { proto: k.proto, family: k.family, _pad: [0; 2], addr: k.addr },
+            PrefixData {
+                proto: k.proto,
+                family: k.family,
+                _pad: [0; 2],
+                addr: k.addr,
+            },
         )
     }
 
@@ -293,12 +341,24 @@ impl Endpoint {
             Some((a, len)) => (addr_bytes(a), len),
             None => ([0; 16], 0),
         };
-        PortRule { src, port_lo: lo, port_hi: hi, src_prefix, _pad: [0; 3], rule_id: 0 }
+        PortRule {
+            src,
+            port_lo: lo,
+            port_hi: hi,
+            src_prefix,
+            _pad: [0; 3],
+            rule_id: 0,
+        }
     }
 
     /// Rebuilds a prefix rule's match from its LPM key and rule.
     pub fn from_rule(prefix_len: u32, data: &PrefixData, rule: &PortRule) -> Option<Self> {
-        let key = ServiceKey { addr: data.addr, port: 0, proto: data.proto, family: data.family };
+        let key = ServiceKey {
+            addr: data.addr,
+            port: 0,
+            proto: data.proto,
+            family: data.family,
+        };
         let base = Endpoint::from_key(&key)?;
         let len = prefix_len.checked_sub(PREFIX_KEY_FIXED_BITS)? as u8;
         let (port, port_end) = match (rule.port_lo, rule.port_hi) {
@@ -313,13 +373,22 @@ impl Endpoint {
             };
             (a, rule.src_prefix)
         });
-        Some(Endpoint { prefix_len: len, port, port_end, source, ..base })
+        Some(Endpoint {
+            prefix_len: len,
+            port,
+            port_end,
+            source,
+            ..base
+        })
     }
 
     /// Specificity for ordering rules under one prefix: source-restricted
     /// first (longer source prefixes first), then narrower port ranges.
     pub fn rule_rank(rule: &PortRule) -> (u8, u32) {
-        (128 - rule.src_prefix.min(128), u32::from(rule.port_hi - rule.port_lo))
+        (
+            128 - rule.src_prefix.min(128),
+            u32::from(rule.port_hi - rule.port_lo),
+        )
     }
 
     /// The classifier's key for this match (port in network byte order, 0 = all ports).
@@ -335,14 +404,24 @@ impl Endpoint {
                 FAMILY_V6
             }
         };
-        ServiceKey { addr, port: self.port.unwrap_or(0).to_be(), proto: self.proto.number(), family }
+        ServiceKey {
+            addr,
+            port: self.port.unwrap_or(0).to_be(),
+            proto: self.proto.number(),
+            family,
+        }
     }
 
     /// Decodes a key read back from the map; `None` for bytes no valid entry has.
     pub fn from_key(key: &ServiceKey) -> Option<Self> {
         let proto = Proto::from_number(key.proto)?;
         let addr = match key.family {
-            FAMILY_V4 => IpAddr::V4(Ipv4Addr::new(key.addr[0], key.addr[1], key.addr[2], key.addr[3])),
+            FAMILY_V4 => IpAddr::V4(Ipv4Addr::new(
+                key.addr[0],
+                key.addr[1],
+                key.addr[2],
+                key.addr[3],
+            )),
             FAMILY_V6 => IpAddr::V6(Ipv6Addr::from(key.addr)),
             _ => return None,
         };
@@ -350,7 +429,14 @@ impl Endpoint {
             0 => None,
             p => Some(p),
         };
-        Some(Endpoint { proto, addr, prefix_len: max_prefix(addr), port, port_end: None, source: None })
+        Some(Endpoint {
+            proto,
+            addr,
+            prefix_len: max_prefix(addr),
+            port,
+            port_end: None,
+            source: None,
+        })
     }
 
     /// Prefix length of the `local` route the service namespace needs to
@@ -380,7 +466,10 @@ mod tests {
     #[test]
     fn parses_ipv4_with_and_without_port() {
         let e = ep("tcp://198.51.100.7:80").unwrap();
-        assert_eq!((e.proto, e.addr.to_string(), e.port), (Proto::Tcp, "198.51.100.7".into(), Some(80)));
+        assert_eq!(
+            (e.proto, e.addr.to_string(), e.port),
+            (Proto::Tcp, "198.51.100.7".into(), Some(80))
+        );
         let e = ep("UDP://198.51.100.7").unwrap();
         assert_eq!((e.proto, e.port), (Proto::Udp, None));
     }
@@ -388,23 +477,56 @@ mod tests {
     #[test]
     fn parses_ipv6_forms() {
         let e = ep("tcp://[2001:db8::7]:443").unwrap();
-        assert_eq!((e.addr.to_string(), e.port), ("2001:db8::7".into(), Some(443)));
+        assert_eq!(
+            (e.addr.to_string(), e.port),
+            ("2001:db8::7".into(), Some(443))
+        );
         assert_eq!(ep("udp://[2001:db8::7]").unwrap().port, None);
-        assert_eq!(ep("udp://2001:db8::7"), Err(EndpointError::Unbracketed("2001:db8::7".into())));
+        assert_eq!(
+            ep("udp://2001:db8::7"),
+            Err(EndpointError::Unbracketed("2001:db8::7".into()))
+        );
     }
 
     #[test]
     fn rejects_bad_input_with_the_culprit_named() {
-        assert_eq!(ep("198.51.100.7:80"), Err(EndpointError::MissingScheme("198.51.100.7:80".into())));
-        assert_eq!(ep("sctp://198.51.100.7:80"), Err(EndpointError::UnknownProto("sctp".into())));
-        assert_eq!(ep("tcp://198.51.100.300:80"), Err(EndpointError::BadAddress("198.51.100.300".into())));
-        assert_eq!(ep("tcp://198.51.100.7:70000"), Err(EndpointError::BadPort("70000".into())));
-        assert_eq!(ep("tcp://198.51.100.7:-1"), Err(EndpointError::BadPort("-1".into())));
-        assert_eq!(ep("tcp://198.51.100.7:http"), Err(EndpointError::BadPort("http".into())));
+        assert_eq!(
+            ep("198.51.100.7:80"),
+            Err(EndpointError::MissingScheme("198.51.100.7:80".into()))
+        );
+        assert_eq!(
+            ep("sctp://198.51.100.7:80"),
+            Err(EndpointError::UnknownProto("sctp".into()))
+        );
+        assert_eq!(
+            ep("tcp://198.51.100.300:80"),
+            Err(EndpointError::BadAddress("198.51.100.300".into()))
+        );
+        assert_eq!(
+            ep("tcp://198.51.100.7:70000"),
+            Err(EndpointError::BadPort("70000".into()))
+        );
+        assert_eq!(
+            ep("tcp://198.51.100.7:-1"),
+            Err(EndpointError::BadPort("-1".into()))
+        );
+        assert_eq!(
+            ep("tcp://198.51.100.7:http"),
+            Err(EndpointError::BadPort("http".into()))
+        );
         assert_eq!(ep("tcp://198.51.100.7:0"), Err(EndpointError::PortZero));
-        assert!(matches!(ep("tcp://0.0.0.0:80"), Err(EndpointError::UnusableAddress(_))));
-        assert!(matches!(ep("tcp://[ff02::1]:80"), Err(EndpointError::UnusableAddress(_))));
-        assert!(matches!(ep("tcp://2001:db8::7:443"), Err(EndpointError::BadAddress(_) | EndpointError::Unbracketed(_))));
+        assert!(matches!(
+            ep("tcp://0.0.0.0:80"),
+            Err(EndpointError::UnusableAddress(_))
+        ));
+        assert!(matches!(
+            ep("tcp://[ff02::1]:80"),
+            Err(EndpointError::UnusableAddress(_))
+        ));
+        assert!(matches!(
+            ep("tcp://2001:db8::7:443"),
+            Err(EndpointError::BadAddress(_) | EndpointError::Unbracketed(_))
+        ));
         assert!(ep("tcp://[2001:db8::7:443").is_err());
     }
 
@@ -414,7 +536,10 @@ mod tests {
         assert_eq!((e.prefix_len, e.port, e.is_exact()), (24, Some(443), false));
         assert_eq!(e.to_string(), "tcp://203.0.113.0/24:443");
         let e = ep("tcp://[2001:db8::]/64:443").unwrap();
-        assert_eq!((e.prefix_len, e.to_string()), (64, "tcp://[2001:db8::]/64:443".to_string()));
+        assert_eq!(
+            (e.prefix_len, e.to_string()),
+            (64, "tcp://[2001:db8::]/64:443".to_string())
+        );
         assert_eq!(ep("tcp://[2001:db8::/64]:443").unwrap(), e);
         let e = ep("tcp://203.0.113.7:8000-8099").unwrap();
         assert_eq!((e.port, e.port_end), (Some(8000), Some(8099)));
@@ -426,28 +551,60 @@ mod tests {
         assert!(ep("tcp://198.51.100.7:80").unwrap().is_exact());
         assert!(!ep("tcp://198.51.100.7").unwrap().is_exact());
         // Round trip through the rule encoding.
-        for s in ["tcp://203.0.113.0/24:443", "tcp://203.0.113.7:8000-8099", "udp://[2001:db8::]/48?from=2001:db8:c::/64", "tcp://198.51.100.7"] {
+        for s in [
+            "tcp://203.0.113.0/24:443",
+            "tcp://203.0.113.7:8000-8099",
+            "udp://[2001:db8::]/48?from=2001:db8:c::/64",
+            "tcp://198.51.100.7",
+        ] {
             let e = ep(s).unwrap();
             let (len, data) = e.prefix_key();
-            assert_eq!(Endpoint::from_rule(len, &data, &e.port_rule()), Some(e), "{s}");
+            assert_eq!(
+                Endpoint::from_rule(len, &data, &e.port_rule()),
+                Some(e),
+                "{s}"
+            );
         }
     }
 
     #[test]
     fn rejects_bad_prefixes_ranges_and_sources() {
-        assert!(matches!(ep("tcp://203.0.113.7/24:443"), Err(EndpointError::HostBits { .. })));
-        assert_eq!(ep("tcp://203.0.113.0/33:443"), Err(EndpointError::BadPrefix("33".into())));
-        assert_eq!(ep("tcp://203.0.113.7:8099-8000"), Err(EndpointError::BadRange("8099-8000".into())));
-        assert_eq!(ep("tcp://203.0.113.7:0-10"), Err(EndpointError::BadRange("0-10".into())));
-        assert_eq!(ep("tcp://203.0.113.7:1-70000"), Err(EndpointError::BadRange("1-70000".into())));
-        assert_eq!(ep("tcp://203.0.113.7:80?to=x"), Err(EndpointError::BadQuery("to=x".into())));
-        assert!(matches!(ep("tcp://203.0.113.7:80?from=2001:db8::/32"), Err(EndpointError::MixedFamilies { .. })));
+        assert!(matches!(
+            ep("tcp://203.0.113.7/24:443"),
+            Err(EndpointError::HostBits { .. })
+        ));
+        assert_eq!(
+            ep("tcp://203.0.113.0/33:443"),
+            Err(EndpointError::BadPrefix("33".into()))
+        );
+        assert_eq!(
+            ep("tcp://203.0.113.7:8099-8000"),
+            Err(EndpointError::BadRange("8099-8000".into()))
+        );
+        assert_eq!(
+            ep("tcp://203.0.113.7:0-10"),
+            Err(EndpointError::BadRange("0-10".into()))
+        );
+        assert_eq!(
+            ep("tcp://203.0.113.7:1-70000"),
+            Err(EndpointError::BadRange("1-70000".into()))
+        );
+        assert_eq!(
+            ep("tcp://203.0.113.7:80?to=x"),
+            Err(EndpointError::BadQuery("to=x".into()))
+        );
+        assert!(matches!(
+            ep("tcp://203.0.113.7:80?from=2001:db8::/32"),
+            Err(EndpointError::MixedFamilies { .. })
+        ));
     }
 
     #[test]
     fn rules_rank_most_specific_first() {
         let rank = |s: &str| Endpoint::rule_rank(&ep(s).unwrap().port_rule());
-        assert!(rank("tcp://203.0.113.0/24:80?from=192.0.2.0/24") < rank("tcp://203.0.113.0/24:80"));
+        assert!(
+            rank("tcp://203.0.113.0/24:80?from=192.0.2.0/24") < rank("tcp://203.0.113.0/24:80")
+        );
         assert!(rank("tcp://203.0.113.0/24:80") < rank("tcp://203.0.113.0/24:80-90"));
         assert!(rank("tcp://203.0.113.0/24:80-90") < rank("tcp://203.0.113.0/24"));
     }

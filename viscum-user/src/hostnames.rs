@@ -37,7 +37,9 @@ const RETRY: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
-    #[error("'{0}' is not a host name match: write PROTO://NAME[:PORT] (e.g. tcp://alpr.example.net:443)")]
+    #[error(
+        "'{0}' is not a host name match: write PROTO://NAME[:PORT] (e.g. tcp://alpr.example.net:443)"
+    )]
     NotAHost(String),
     #[error("'{0}' is not a valid host name")]
     BadName(String),
@@ -81,7 +83,14 @@ impl HostMatch {
     /// The entry for one resolved address.
     pub fn endpoint(&self, addr: IpAddr) -> Endpoint {
         let prefix_len = if addr.is_ipv4() { 32 } else { 128 };
-        Endpoint { proto: self.proto, addr, prefix_len, port: self.port, port_end: self.port_end, source: None }
+        Endpoint {
+            proto: self.proto,
+            addr,
+            prefix_len,
+            port: self.port,
+            port_end: self.port_end,
+            source: None,
+        }
     }
 }
 
@@ -89,7 +98,9 @@ impl FromStr for HostMatch {
     type Err = HostError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (scheme, rest) = s.split_once("://").ok_or_else(|| HostError::NotAHost(s.to_owned()))?;
+        let (scheme, rest) = s
+            .split_once("://")
+            .ok_or_else(|| HostError::NotAHost(s.to_owned()))?;
         let (host, ports) = match rest.split_once(':') {
             Some((h, p)) => (h, Some(p)),
             None => (rest.trim_end_matches('/'), None),
@@ -106,7 +117,10 @@ impl FromStr for HostMatch {
                 && !l.ends_with('-')
         };
         let name = host.trim_end_matches('.');
-        if name.len() > 253 || !name.split('.').all(valid_label) || !name.bytes().any(|b| b.is_ascii_alphabetic()) {
+        if name.len() > 253
+            || !name.split('.').all(valid_label)
+            || !name.bytes().any(|b| b.is_ascii_alphabetic())
+        {
             return Err(HostError::BadName(host.to_owned()));
         }
         // Reuse the address parser for protocol and ports.
@@ -115,7 +129,12 @@ impl FromStr for HostMatch {
             None => format!("{scheme}://192.0.2.1"),
         };
         let e: Endpoint = probe.parse()?;
-        Ok(HostMatch { proto: e.proto, host: name.to_ascii_lowercase(), port: e.port, port_end: e.port_end })
+        Ok(HostMatch {
+            proto: e.proto,
+            host: name.to_ascii_lowercase(),
+            port: e.port,
+            port_end: e.port_end,
+        })
     }
 }
 
@@ -158,8 +177,10 @@ impl Resolver {
     pub fn new(servers: &[SocketAddr]) -> Result<Self, HostError> {
         let servers = if servers.is_empty() {
             let path = "/etc/resolv.conf";
-            let text = std::fs::read_to_string(path)
-                .map_err(|source| HostError::ResolvConf { path: path.into(), source })?;
+            let text = std::fs::read_to_string(path).map_err(|source| HostError::ResolvConf {
+                path: path.into(),
+                source,
+            })?;
             servers_from_resolv_conf(&text)
         } else {
             servers.to_vec()
@@ -197,13 +218,22 @@ impl Resolver {
         let fqdn = format!("{}.", name.trim_end_matches('.'));
         match self.inner.lookup_ip(fqdn.as_str()).await {
             Ok(lookup) => {
-                let ttl = lookup.valid_until().saturating_duration_since(Instant::now());
-                Ok(Answer { addrs: lookup.iter().collect(), ttl })
+                let ttl = lookup
+                    .valid_until()
+                    .saturating_duration_since(Instant::now());
+                Ok(Answer {
+                    addrs: lookup.iter().collect(),
+                    ttl,
+                })
             }
-            Err(e) if e.is_no_records_found() || e.is_nx_domain() => {
-                Ok(Answer { addrs: BTreeSet::new(), ttl: RETRY })
-            }
-            Err(e) => Err(HostError::Lookup { name: name.to_owned(), source: Box::new(e) }),
+            Err(e) if e.is_no_records_found() || e.is_nx_domain() => Ok(Answer {
+                addrs: BTreeSet::new(),
+                ttl: RETRY,
+            }),
+            Err(e) => Err(HostError::Lookup {
+                name: name.to_owned(),
+                source: Box::new(e),
+            }),
         }
     }
 }
@@ -228,13 +258,23 @@ pub struct Changes {
 
 impl HostTracker {
     pub fn new(matched: HostMatch, target: Target, opts: RedirectOptions) -> Self {
-        HostTracker { matched, target, opts, installed: BTreeSet::new(), next_refresh: Instant::now() }
+        HostTracker {
+            matched,
+            target,
+            opts,
+            installed: BTreeSet::new(),
+            next_refresh: Instant::now(),
+        }
     }
 
     /// Resolves and applies the difference. Stale addresses are removed
     /// before new ones are added, so an address that moved to another
     /// service's match is never redirected twice.
-    pub async fn refresh(&mut self, engine: &mut Engine, resolver: &Resolver) -> Result<Changes, HostError> {
+    pub async fn refresh(
+        &mut self,
+        engine: &mut Engine,
+        resolver: &Resolver,
+    ) -> Result<Changes, HostError> {
         let answer = match resolver.lookup(&self.matched.host).await {
             Ok(a) => a,
             Err(e) => {
@@ -244,16 +284,27 @@ impl HostTracker {
         };
         self.next_refresh = Instant::now() + answer.ttl.clamp(MIN_REFRESH, MAX_REFRESH);
         let mut changes = Changes::default();
-        for gone in self.installed.difference(&answer.addrs).copied().collect::<Vec<_>>() {
+        for gone in self
+            .installed
+            .difference(&answer.addrs)
+            .copied()
+            .collect::<Vec<_>>()
+        {
             let ep = self.matched.endpoint(gone);
             match redirect::del(engine, &ep).await {
-                Ok(()) | Err(RedirectError::Engine(crate::engine::EngineError::NoSuchEntry(_))) => {}
+                Ok(()) | Err(RedirectError::Engine(crate::engine::EngineError::NoSuchEntry(_))) => {
+                }
                 Err(e) => return Err(e.into()),
             }
             self.installed.remove(&gone);
             changes.removed.push(ep);
         }
-        for new in answer.addrs.difference(&self.installed).copied().collect::<Vec<_>>() {
+        for new in answer
+            .addrs
+            .difference(&self.installed)
+            .copied()
+            .collect::<Vec<_>>()
+        {
             let ep = self.matched.endpoint(new);
             match redirect::add_with(engine, &ep, &self.target, &self.opts).await {
                 Ok(()) => {}
@@ -273,7 +324,8 @@ impl HostTracker {
         for addr in std::mem::take(&mut self.installed) {
             let ep = self.matched.endpoint(addr);
             match redirect::del(engine, &ep).await {
-                Ok(()) | Err(RedirectError::Engine(crate::engine::EngineError::NoSuchEntry(_))) => {}
+                Ok(()) | Err(RedirectError::Engine(crate::engine::EngineError::NoSuchEntry(_))) => {
+                }
                 Err(e) => return Err(e.into()),
             }
             removed.push(ep);
@@ -295,14 +347,31 @@ mod tests {
         assert_eq!((m.port, m.port_end), (Some(5000), Some(5010)));
         assert!("tcp://198.51.100.7:80".parse::<HostMatch>().is_err());
         assert!("tcp://[2001:db8::7]:80".parse::<HostMatch>().is_err());
-        assert!(matches!("tcp://bad_name.example:80".parse::<HostMatch>(), Err(HostError::BadName(_))));
-        assert!(matches!("tcp://-x.example:80".parse::<HostMatch>(), Err(HostError::BadName(_))));
-        assert!(matches!("tcp://ok.example:70000".parse::<HostMatch>(), Err(HostError::Endpoint(_))));
+        assert!(matches!(
+            "tcp://bad_name.example:80".parse::<HostMatch>(),
+            Err(HostError::BadName(_))
+        ));
+        assert!(matches!(
+            "tcp://-x.example:80".parse::<HostMatch>(),
+            Err(HostError::BadName(_))
+        ));
+        assert!(matches!(
+            "tcp://ok.example:70000".parse::<HostMatch>(),
+            Err(HostError::Endpoint(_))
+        ));
     }
 
     #[test]
     fn reads_nameservers() {
-        let s = servers_from_resolv_conf("# x\nnameserver 192.0.2.53\nsearch lan\nnameserver fe80::1%eth0\n");
-        assert_eq!(s, vec!["192.0.2.53:53".parse().unwrap(), "[fe80::1]:53".parse().unwrap()]);
+        let s = servers_from_resolv_conf(
+            "# x\nnameserver 192.0.2.53\nsearch lan\nnameserver fe80::1%eth0\n",
+        );
+        assert_eq!(
+            s,
+            vec![
+                "192.0.2.53:53".parse().unwrap(),
+                "[fe80::1]:53".parse().unwrap()
+            ]
+        );
     }
 }

@@ -12,7 +12,10 @@ fn main() {
     let cli = Cli::parse();
     // `trace` exists to show the classifier's debug records.
     let level = match cli.command {
-        cli::Command::Trace(_) => cli.log_level.unwrap_or(log::LevelFilter::Debug).max(log::LevelFilter::Debug),
+        cli::Command::Trace(_) => cli
+            .log_level
+            .unwrap_or(log::LevelFilter::Debug)
+            .max(log::LevelFilter::Debug),
         cli::Command::Run(_) => cli.log_level.unwrap_or(log::LevelFilter::Info),
         _ => cli.log_level.unwrap_or(log::LevelFilter::Warn),
     };
@@ -23,7 +26,10 @@ fn main() {
         .format_timestamp(None)
         .init();
     // One thread is plenty for a CLI and keeps the footprint small on routers.
-    let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("viscum: cannot start the async runtime: {e}");

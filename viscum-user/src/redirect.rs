@@ -58,13 +58,17 @@ pub enum RedirectError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Netns(#[from] NetnsError),
-    #[error("interface {name} is not a veth (it is {kind}): redirect targets must be the host side of a veth pair")]
+    #[error(
+        "interface {name} is not a veth (it is {kind}): redirect targets must be the host side of a veth pair"
+    )]
     NotVeth { name: String, kind: String },
     #[error("NAT for {0} needs an explicit IPv6 service address (--nat-to [ADDR]:PORT)")]
     NatNeedsV6Address(String),
     #[error("NAT address {nat} is not of the same family as {endpoint}")]
     NatFamily { nat: IpAddr, endpoint: String },
-    #[error("--nat-to needs a namespace target (--ns), or an address and a --to veth whose routes you manage")]
+    #[error(
+        "--nat-to needs a namespace target (--ns), or an address and a --to veth whose routes you manage"
+    )]
     NatWithoutAddress,
     #[error("namespace {ns} has no usable IPv4 address ({addr}) to NAT to")]
     NoNsAddress { ns: String, addr: String },
@@ -115,7 +119,11 @@ struct Resolved {
 async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
     // bpf_redirect_peer exists from 5.10; older kernels take the slower
     // redirect to the host veth's egress (with the MAC rewritten).
-    let peer = if kernel_at_least(5, 10) { TARGET_F_PEER } else { 0 };
+    let peer = if kernel_at_least(5, 10) {
+        TARGET_F_PEER
+    } else {
+        0
+    };
     match target {
         Target::Namespace(name) => {
             netns::validate_name(name)?;
@@ -135,7 +143,9 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
             if link.kind.as_deref() != Some("veth") {
                 return Err(RedirectError::NotVeth {
                     name: ifname.clone(),
-                    kind: link.kind.unwrap_or_else(|| "a device without a kind".into()),
+                    kind: link
+                        .kind
+                        .unwrap_or_else(|| "a device without a kind".into()),
                 });
             }
             // If it happens to be one of ours we know the peer's MAC; for a
@@ -143,16 +153,29 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
             // frames PACKET_HOST) and skip the rewrite.
             let ns = netns::service_ns_by_host_ifindex(link.index).await?;
             let (flags, mac) = match &ns {
-                Some(name) => (peer | TARGET_F_SET_MAC, netns::service_ns_get(name).await?.ns_mac),
+                Some(name) => (
+                    peer | TARGET_F_SET_MAC,
+                    netns::service_ns_get(name).await?.ns_mac,
+                ),
                 None => (peer, [0; 6]),
             };
-            Ok(Resolved { ifindex: link.index, ifname: link.name, flags, mac, ns: None })
+            Ok(Resolved {
+                ifindex: link.index,
+                ifname: link.name,
+                flags,
+                mac,
+                ns: None,
+            })
         }
     }
 }
 
 /// Adds a plain (AnyIP) redirect entry with default options.
-pub async fn add(engine: &mut Engine, endpoint: &Endpoint, target: &Target) -> Result<(), RedirectError> {
+pub async fn add(
+    engine: &mut Engine,
+    endpoint: &Endpoint,
+    target: &Target,
+) -> Result<(), RedirectError> {
     add_with(engine, endpoint, target, &RedirectOptions::default()).await
 }
 
@@ -179,7 +202,10 @@ fn prefix_of(addr: IpAddr) -> u8 {
 }
 
 fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid out pointer; the datapath's bpf_ktime_get_ns is CLOCK_MONOTONIC too.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -208,20 +234,32 @@ pub async fn add_with(
             (Some(a), _, _) => a,
             (None, Some(ns), IpAddr::V4(_)) => {
                 let a = ns.ns_addr.split('/').next().unwrap_or_default();
-                a.parse().map_err(|_| RedirectError::NoNsAddress { ns: ns.name.clone(), addr: ns.ns_addr.clone() })?
+                a.parse().map_err(|_| RedirectError::NoNsAddress {
+                    ns: ns.name.clone(),
+                    addr: ns.ns_addr.clone(),
+                })?
             }
-            (None, Some(_), IpAddr::V6(_)) => return Err(RedirectError::NatNeedsV6Address(endpoint.to_string())),
+            (None, Some(_), IpAddr::V6(_)) => {
+                return Err(RedirectError::NatNeedsV6Address(endpoint.to_string()));
+            }
             (None, None, _) => return Err(RedirectError::NatWithoutAddress),
         };
         if addr.is_ipv4() != endpoint.addr.is_ipv4() {
-            return Err(RedirectError::NatFamily { nat: addr, endpoint: endpoint.to_string() });
+            return Err(RedirectError::NatFamily {
+                nat: addr,
+                endpoint: endpoint.to_string(),
+            });
         }
         entry.flags |= TARGET_F_NAT;
         let key = Endpoint { addr, ..*endpoint }.key();
         entry.nat_addr = key.addr;
         entry.nat_port = nat.port.or(endpoint.port).unwrap_or(0).to_be();
     }
-    let learn = opts.learn.unwrap_or(if endpoint.proto == Proto::Udp { UDP_LEARN } else { Duration::ZERO });
+    let learn = opts.learn.unwrap_or(if endpoint.proto == Proto::Udp {
+        UDP_LEARN
+    } else {
+        Duration::ZERO
+    });
     if !learn.is_zero() {
         entry.active_after_ns = monotonic_ns() + learn.as_nanos() as u64;
     }
@@ -310,7 +348,9 @@ pub async fn list(engine: &Engine) -> Result<Vec<EntryRow>, RedirectError> {
             Ok(l) => l.name,
             Err(_) => format!("<gone: ifindex {}>", e.ifindex),
         };
-        let ns = target.strip_prefix(netns::HOST_VETH_PREFIX).map(str::to_owned);
+        let ns = target
+            .strip_prefix(netns::HOST_VETH_PREFIX)
+            .map(str::to_owned);
         rows.push(EntryRow {
             endpoint: e.endpoint.to_string(),
             proto: e.endpoint.proto.to_string(),

@@ -26,7 +26,8 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub fn start(ns: &str, port: u16, identity: &str) -> EchoServer {
-        let listener = netns::in_netns(ns, move || TcpListener::bind(("::", port)).unwrap()).unwrap();
+        let listener =
+            netns::in_netns(ns, move || TcpListener::bind(("::", port)).unwrap()).unwrap();
         let port = listener.local_addr().unwrap().port();
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
@@ -54,7 +55,8 @@ impl Drop for EchoServer {
 
 fn echo(conn: TcpStream, id: &str) {
     conn.set_nonblocking(false).unwrap();
-    conn.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut w = conn.try_clone().unwrap();
     for line in BufReader::new(conn).lines() {
         let Ok(line) = line else { return };
@@ -72,7 +74,9 @@ pub struct Held {
 
 impl Held {
     pub fn open(ns: &str, addr: SocketAddr) -> Held {
-        let conn = netns::in_netns(ns, move || TcpStream::connect_timeout(&addr, TIMEOUT)).unwrap().unwrap();
+        let conn = netns::in_netns(ns, move || TcpStream::connect_timeout(&addr, TIMEOUT))
+            .unwrap()
+            .unwrap();
         conn.set_read_timeout(Some(TIMEOUT)).unwrap();
         let reader = BufReader::new(conn.try_clone().unwrap());
         Held { conn, reader }
@@ -85,7 +89,10 @@ impl Held {
             writeln!(self.conn, "{tag}{i}")?;
             let mut line = String::new();
             if self.reader.read_line(&mut line)? == 0 {
-                return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "connection closed"));
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
             }
             out.push(line.trim().to_string());
         }
@@ -108,11 +115,16 @@ pub struct NaiveUdpServer {
 impl NaiveUdpServer {
     pub fn start(ns: &str, port: u16, identity: &str, v6: bool) -> NaiveUdpServer {
         let sock = netns::in_netns(ns, move || {
-            if v6 { UdpSocket::bind(("::", port)) } else { UdpSocket::bind(("0.0.0.0", port)) }
+            if v6 {
+                UdpSocket::bind(("::", port))
+            } else {
+                UdpSocket::bind(("0.0.0.0", port))
+            }
         })
         .unwrap()
         .unwrap();
-        sock.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let (s, id) = (stop.clone(), identity.to_string());
         thread::spawn(move || {
@@ -158,7 +170,12 @@ pub fn no_checksum_offload(ns: &str, ifname: &str) {
                 }
                 ifr.ifr_ifru.ifru_data = (&raw mut val).cast();
                 let rc = libc::ioctl(fd, SIOCETHTOOL, &mut ifr);
-                assert_eq!(rc, 0, "ethtool {cmd:#x} on {ifname}: {}", std::io::Error::last_os_error());
+                assert_eq!(
+                    rc,
+                    0,
+                    "ethtool {cmd:#x} on {ifname}: {}",
+                    std::io::Error::last_os_error()
+                );
             }
             libc::close(fd);
         }

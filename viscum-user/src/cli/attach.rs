@@ -33,7 +33,11 @@ pub struct AttachArgs {
 #[derive(Debug, Args)]
 pub struct DetachArgs {
     /// Interfaces to detach from.
-    #[arg(value_name = "IFACE", required_unless_present = "all", conflicts_with = "all")]
+    #[arg(
+        value_name = "IFACE",
+        required_unless_present = "all",
+        conflicts_with = "all"
+    )]
     pub ifaces: Vec<String>,
     /// Detach from every interface this instance is attached to.
     #[arg(long)]
@@ -44,10 +48,17 @@ pub struct DetachArgs {
 }
 
 pub fn attach(pins: &Pins, args: AttachArgs) -> Result<()> {
-    let sizes = engine::MapSizes { services: args.max_entries, flows: args.flow_table_size };
+    let sizes = engine::MapSizes {
+        services: args.max_entries,
+        flows: args.flow_table_size,
+    };
     let done = engine::attach(pins, &args.ifaces, sizes)?;
     const S: u64 = 1_000_000_000;
-    engine::Engine::open(pins)?.set_timeouts(args.tcp_idle * S, args.udp_idle * S, args.linger * S)?;
+    engine::Engine::open(pins)?.set_timeouts(
+        args.tcp_idle * S,
+        args.udp_idle * S,
+        args.linger * S,
+    )?;
     for (iface, outcome) in done {
         match outcome {
             AttachOutcome::Tcx => println!("attached to {iface} (tcx)"),
@@ -55,8 +66,13 @@ pub fn attach(pins: &Pins, args: AttachArgs) -> Result<()> {
             AttachOutcome::AlreadyAttached => println!("already attached to {iface}"),
         }
     }
-    if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").map(|v| v.trim() == "0").unwrap_or(false) {
-        log::warn!("IPv4 forwarding is off in this namespace: replies from service namespaces will not be routed back to clients");
+    if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+        .map(|v| v.trim() == "0")
+        .unwrap_or(false)
+    {
+        log::warn!(
+            "IPv4 forwarding is off in this namespace: replies from service namespaces will not be routed back to clients"
+        );
     }
     Ok(())
 }
@@ -66,7 +82,11 @@ pub fn detach(pins: &Pins, args: DetachArgs) -> Result<()> {
         let ifaces = engine::attached_interfaces(pins);
         if args.purge {
             engine::purge(pins).with_context(|| format!("cannot purge {}", pins.dir.display()))?;
-            println!("detached from {} interface(s) and removed all pins under {}", ifaces.len(), pins.dir.display());
+            println!(
+                "detached from {} interface(s) and removed all pins under {}",
+                ifaces.len(),
+                pins.dir.display()
+            );
         } else {
             engine::detach(pins, &ifaces)?;
             println!("detached from {} interface(s)", ifaces.len());

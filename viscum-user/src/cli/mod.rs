@@ -25,7 +25,12 @@ pub struct Cli {
     /// bpffs directory holding this instance's pinned program, maps and links.
     /// Independent instances use different directories. A bpffs is mounted
     /// there if none is.
-    #[arg(long, global = true, env = "VISCUM_BPFFS", default_value = "/sys/fs/bpf/viscum")]
+    #[arg(
+        long,
+        global = true,
+        env = "VISCUM_BPFFS",
+        default_value = "/sys/fs/bpf/viscum"
+    )]
     pub bpffs: PathBuf,
 
     /// Verbosity of viscum's own messages: off, error, warn, info, debug, trace.
@@ -105,7 +110,9 @@ fn check_privileges() -> Result<()> {
         .unwrap_or(0);
     let has = |cap: u32| eff & (1u64 << cap) != 0;
     if !has(CAP_NET_ADMIN) || !has(CAP_SYS_ADMIN) {
-        anyhow::bail!("viscum needs root privileges (CAP_NET_ADMIN and CAP_SYS_ADMIN): run it as root");
+        anyhow::bail!(
+            "viscum needs root privileges (CAP_NET_ADMIN and CAP_SYS_ADMIN): run it as root"
+        );
     }
     Ok(())
 }

@@ -71,11 +71,18 @@ pub async fn run(pins: &Pins, cmd: NsCommand) -> Result<()> {
                         n.host_veth.clone(),
                         n.host_addr.clone(),
                         n.ns_addr.clone(),
-                        if n.local_routes.is_empty() { "-".into() } else { n.local_routes.join(",") },
+                        if n.local_routes.is_empty() {
+                            "-".into()
+                        } else {
+                            n.local_routes.join(",")
+                        },
                     ]
                 })
                 .collect();
-            print_table(&["NAME", "HOST_VETH", "HOST_ADDR", "NS_ADDR", "LOCAL_ROUTES"], &rows);
+            print_table(
+                &["NAME", "HOST_VETH", "HOST_ADDR", "NS_ADDR", "LOCAL_ROUTES"],
+                &rows,
+            );
         }
     }
     Ok(())

@@ -41,7 +41,12 @@ pub struct FollowArgs {
 #[derive(Debug, Args)]
 pub struct TargetArgs {
     /// Service namespace made with `viscum ns add`.
-    #[arg(long, value_name = "NAME", required_unless_present = "to", conflicts_with = "to")]
+    #[arg(
+        long,
+        value_name = "NAME",
+        required_unless_present = "to",
+        conflicts_with = "to"
+    )]
     pub ns: Option<String>,
     /// Host side of a veth into a namespace Viscum did not create (its routes are yours).
     #[arg(long, value_name = "HOST_VETH")]
@@ -92,7 +97,8 @@ fn parse_dns(s: &str) -> std::result::Result<std::net::SocketAddr, String> {
     if let Ok(ip) = s.parse::<std::net::IpAddr>() {
         return Ok(std::net::SocketAddr::new(ip, 53));
     }
-    s.parse().map_err(|_| format!("'{s}' is not ADDR or ADDR:PORT"))
+    s.parse()
+        .map_err(|_| format!("'{s}' is not ADDR or ADDR:PORT"))
 }
 
 #[derive(Debug, Args)]
@@ -139,10 +145,16 @@ pub struct AddArgs {
 
 fn parse_nat_to(s: &str) -> std::result::Result<NatTarget, String> {
     if let Ok(ip) = s.parse::<std::net::IpAddr>() {
-        return Ok(NatTarget { addr: Some(ip), port: None });
+        return Ok(NatTarget {
+            addr: Some(ip),
+            port: None,
+        });
     }
     match s.parse::<std::net::SocketAddr>() {
-        Ok(sa) if sa.port() != 0 => Ok(NatTarget { addr: Some(sa.ip()), port: Some(sa.port()) }),
+        Ok(sa) if sa.port() != 0 => Ok(NatTarget {
+            addr: Some(sa.ip()),
+            port: Some(sa.port()),
+        }),
         Ok(_) => Err("port 0 is not a valid port".into()),
         Err(_) => Err(format!("'{s}' is not ADDR, ADDR:PORT or [V6ADDR]:PORT")),
     }
@@ -251,8 +263,12 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
         RedirectCommand::Follow(args) => {
             let target = args.target.target();
             let resolver = Resolver::new(&args.dns.servers)?;
-            let mut tracker = HostTracker::new(args.host.clone(), target, RedirectOptions::default());
-            eprintln!("following {} (Ctrl-C to stop and remove its entries)", args.host);
+            let mut tracker =
+                HostTracker::new(args.host.clone(), target, RedirectOptions::default());
+            eprintln!(
+                "following {} (Ctrl-C to stop and remove its entries)",
+                args.host
+            );
             let result: Result<()> = async {
                 loop {
                     match tracker.refresh(&mut engine, &resolver).await {
@@ -267,7 +283,9 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
                         // Keep the current entries through a failed lookup.
                         Err(e) => eprintln!("viscum: {:#}", anyhow::Error::from(e)),
                     }
-                    let wait = tracker.next_refresh.saturating_duration_since(std::time::Instant::now());
+                    let wait = tracker
+                        .next_refresh
+                        .saturating_duration_since(std::time::Instant::now());
                     tokio::select! {
                         _ = tokio::signal::ctrl_c() => break Ok(()),
                         _ = tokio::time::sleep(wait) => {}
@@ -289,7 +307,9 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
                     let live = redirect::live_flows(&engine, &args.endpoint)?;
                     if live == 0 || std::time::Instant::now() >= deadline {
                         if live > 0 {
-                            println!("{live} edge flow(s) still open after {secs} s; deleting anyway");
+                            println!(
+                                "{live} edge flow(s) still open after {secs} s; deleting anyway"
+                            );
                         }
                         break;
                     }
@@ -332,5 +352,17 @@ pub(super) fn print_entries(rows: &[redirect::EntryRow]) {
             ]
         })
         .collect();
-    print_table(&["MATCH", "TARGET", "NAMESPACE", "MODE", "FLOWS", "LIVE", "PACKETS", "BYTES"], &table);
+    print_table(
+        &[
+            "MATCH",
+            "TARGET",
+            "NAMESPACE",
+            "MODE",
+            "FLOWS",
+            "LIVE",
+            "PACKETS",
+            "BYTES",
+        ],
+        &table,
+    );
 }

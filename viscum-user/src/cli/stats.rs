@@ -35,9 +35,23 @@ pub async fn run(pins: &Pins, args: StatsArgs) -> Result<()> {
         return print_json(&report);
     }
     let g = report.global;
-    println!("attached to: {}", if report.interfaces.is_empty() { "-".into() } else { report.interfaces.join(", ") });
+    println!(
+        "attached to: {}",
+        if report.interfaces.is_empty() {
+            "-".into()
+        } else {
+            report.interfaces.join(", ")
+        }
+    );
     print_table(
-        &["SEEN", "REDIRECTED", "PASSED", "FRAGMENTS", "UNPARSABLE", "REDIRECT_ERRORS"],
+        &[
+            "SEEN",
+            "REDIRECTED",
+            "PASSED",
+            "FRAGMENTS",
+            "UNPARSABLE",
+            "REDIRECT_ERRORS",
+        ],
         &[vec![
             g.seen.to_string(),
             g.redirected.to_string(),
@@ -49,7 +63,15 @@ pub async fn run(pins: &Pins, args: StatsArgs) -> Result<()> {
     );
     println!();
     print_table(
-        &["EDGE_FLOWS", "CLOUD_FLOWS", "ORPHANS", "REPLIES_FWD", "REPLIES_REWRITTEN", "REPLIES_TO_STACK", "MIRRORED"],
+        &[
+            "EDGE_FLOWS",
+            "CLOUD_FLOWS",
+            "ORPHANS",
+            "REPLIES_FWD",
+            "REPLIES_REWRITTEN",
+            "REPLIES_TO_STACK",
+            "MIRRORED",
+        ],
         &[vec![
             g.flows_edge.to_string(),
             g.flows_cloud.to_string(),

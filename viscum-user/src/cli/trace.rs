@@ -16,13 +16,22 @@ pub struct TraceArgs {}
 pub async fn run(pins: &Pins, _args: TraceArgs) -> Result<()> {
     let mut engine = Engine::open(pins)?;
     let prog_id = engine.program_id()?;
-    let logger = aya_log::EbpfLogger::init_from_id(prog_id).context("cannot open the classifier's log ring")?;
+    let logger = aya_log::EbpfLogger::init_from_id(prog_id)
+        .context("cannot open the classifier's log ring")?;
     // SAFETY: the logger owns its ring buffer fd for as long as the AsyncFd
     // owns the logger, so the registered fd stays valid until deregistration.
     let mut logger = unsafe { AsyncFd::register_with_interest(logger, Interest::READABLE) }
-        .map_err(|e| anyhow::anyhow!("cannot watch the classifier's log ring: {}", e.into_parts().1))?;
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot watch the classifier's log ring: {}",
+                e.into_parts().1
+            )
+        })?;
     engine.set_log_debug(true)?;
-    eprintln!("tracing decisions of {} (Ctrl-C to stop)", pins.dir.display());
+    eprintln!(
+        "tracing decisions of {} (Ctrl-C to stop)",
+        pins.dir.display()
+    );
     let result = async {
         loop {
             tokio::select! {

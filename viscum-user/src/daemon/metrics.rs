@@ -138,8 +138,14 @@ pub fn render(status: &DaemonStatus) -> String {
             .flat_map(|s| {
                 let n = label(&s.name);
                 [
-                    (format!("service=\"{n}\",where=\"edge\""), s.edge_flows.to_string()),
-                    (format!("service=\"{n}\",where=\"cloud\""), s.cloud_flows.to_string()),
+                    (
+                        format!("service=\"{n}\",where=\"edge\""),
+                        s.edge_flows.to_string(),
+                    ),
+                    (
+                        format!("service=\"{n}\",where=\"cloud\""),
+                        s.cloud_flows.to_string(),
+                    ),
                 ]
             })
             .collect(),

@@ -210,7 +210,9 @@ pub async fn run(
             }
         }
     } else {
-        crate::hostnames::Resolver::new(&config.engine.dns).ok().map(Arc::new)
+        crate::hostnames::Resolver::new(&config.engine.dns)
+            .ok()
+            .map(Arc::new)
     };
     let ctx = Arc::new(service::Context {
         engine: Arc::new(tokio::sync::Mutex::new(engine)),
@@ -491,10 +493,13 @@ impl Daemon {
             s.bytes = bytes;
             s.edge_flows = edge_flows;
             s.cloud_flows = cloud_flows;
-            s.live_flows = shared.host_ifindex.and_then(|i| live.get(&i).copied()).unwrap_or(0);
+            s.live_flows = shared
+                .host_ifindex
+                .and_then(|i| live.get(&i).copied())
+                .unwrap_or(0);
             services.push(s);
         }
-        let datapath = engine.global_stats().ok().map(Into::into);
+        let datapath = engine.global_stats().ok();
         drop(engine);
         DaemonStatus {
             pid: std::process::id(),

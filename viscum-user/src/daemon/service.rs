@@ -557,7 +557,8 @@ impl Actor {
     async fn refresh_hosts(&mut self) {
         let Some(resolver) = self.ctx.resolver.clone() else {
             if !self.hosts.is_empty() && self.error.is_none() {
-                self.error = Some("host-name matches need a DNS resolver, and none could be set up".into());
+                self.error =
+                    Some("host-name matches need a DNS resolver, and none could be set up".into());
             }
             return;
         };
@@ -573,7 +574,11 @@ impl Actor {
                         log::info!("service {}: {ep} left DNS, entry removed", self.cfg.name);
                     }
                     for ep in ch.added {
-                        log::info!("service {}: redirecting {ep} ({})", self.cfg.name, self.hosts[i].matched);
+                        log::info!(
+                            "service {}: redirecting {ep} ({})",
+                            self.cfg.name,
+                            self.hosts[i].matched
+                        );
                     }
                 }
                 Err(e) => log::warn!(
@@ -594,7 +599,12 @@ impl Actor {
         let mut engine = self.ctx.engine.lock().await;
         for h in &mut self.hosts {
             if let Err(e) = h.clear(&mut engine).await {
-                log::warn!("service {}: {}: {}", self.cfg.name, h.matched, error_chain(&e));
+                log::warn!(
+                    "service {}: {}: {}",
+                    self.cfg.name,
+                    h.matched,
+                    error_chain(&e)
+                );
             }
             // Resolve afresh when the entries are wanted again.
             h.next_refresh = Instant::now();
@@ -607,7 +617,12 @@ impl Actor {
     fn host_endpoints(&self) -> Vec<Endpoint> {
         self.hosts
             .iter()
-            .flat_map(|h| h.installed.iter().map(|a| h.matched.endpoint(*a)).collect::<Vec<_>>())
+            .flat_map(|h| {
+                h.installed
+                    .iter()
+                    .map(|a| h.matched.endpoint(*a))
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
@@ -885,7 +900,11 @@ impl Actor {
         loop {
             let live = {
                 let engine = self.ctx.engine.lock().await;
-                engine.edge_flows().ok().and_then(|m| m.get(&ifindex).copied()).unwrap_or(0)
+                engine
+                    .edge_flows()
+                    .ok()
+                    .and_then(|m| m.get(&ifindex).copied())
+                    .unwrap_or(0)
             };
             if live == 0 {
                 break;
@@ -1112,7 +1131,8 @@ impl Actor {
             name: self.cfg.name.clone(),
             state: self.state,
             health,
-            redirected: !self.installed.is_empty() || self.hosts.iter().any(|h| !h.installed.is_empty()),
+            redirected: !self.installed.is_empty()
+                || self.hosts.iter().any(|h| !h.installed.is_empty()),
             pid: self.proc.as_ref().map(Proc::pid),
             adopted: self.adopted,
             uptime_s: None,

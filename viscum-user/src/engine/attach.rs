@@ -46,7 +46,11 @@ pub fn kernel_at_least(major: u8, minor: u8) -> bool {
 ///
 /// All interfaces are checked before anything is loaded, so a typo in the
 /// third name changes nothing.
-pub fn attach(pins: &Pins, ifaces: &[String], sizes: MapSizes) -> Result<Vec<(String, AttachOutcome)>, EngineError> {
+pub fn attach(
+    pins: &Pins,
+    ifaces: &[String],
+    sizes: MapSizes,
+) -> Result<Vec<(String, AttachOutcome)>, EngineError> {
     for name in ifaces {
         ifindex(name)?;
     }
@@ -76,24 +80,41 @@ pub struct MapSizes {
 
 impl Default for MapSizes {
     fn default() -> Self {
-        MapSizes { services: viscum_common::DEFAULT_MAX_ENTRIES, flows: viscum_common::DEFAULT_FLOW_ENTRIES }
+        MapSizes {
+            services: viscum_common::DEFAULT_MAX_ENTRIES,
+            flows: viscum_common::DEFAULT_FLOW_ENTRIES,
+        }
     }
 }
 
 /// Opens one of the two pinned programs, loading and pinning both on first use.
 fn load_or_open(pins: &Pins, sizes: MapSizes, which: &str) -> Result<SchedClassifier, EngineError> {
-    let path = if which == REPLY_PROG { pins.reply_program() } else { pins.program() };
+    let path = if which == REPLY_PROG {
+        pins.reply_program()
+    } else {
+        pins.program()
+    };
     if path.exists() {
-        return SchedClassifier::from_pin(&path)
-            .map_err(|e| EngineError::prog(format!("cannot open the pinned classifier {}", path.display()), e));
+        return SchedClassifier::from_pin(&path).map_err(|e| {
+            EngineError::prog(
+                format!("cannot open the pinned classifier {}", path.display()),
+                e,
+            )
+        });
     }
     // Kernels >= 5.11 account BPF memory to the cgroup; older ones need a
     // higher memlock limit. Raising it fails without CAP_SYS_RESOURCE, which
     // is harmless on the former, so the error is only logged.
-    let rlim = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let rlim = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: plain syscall with a valid pointer.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
-        log::debug!("could not raise RLIMIT_MEMLOCK: {}", io::Error::last_os_error());
+        log::debug!(
+            "could not raise RLIMIT_MEMLOCK: {}",
+            io::Error::last_os_error()
+        );
     }
     // Maps are pinned by name in the directory; if they are already there
     // (a previous attach whose program was purged), aya reuses them and the
@@ -105,23 +126,47 @@ fn load_or_open(pins: &Pins, sizes: MapSizes, which: &str) -> Result<SchedClassi
         .map_max_entries(REPLIES_MAP, sizes.flows)
         .load(crate::EBPF_OBJECT)
         .map_err(|e| EngineError::Load(Box::new(e)))?;
-    for (name, pin) in [(INGRESS_PROG, pins.program()), (REPLY_PROG, pins.reply_program())] {
+    for (name, pin) in [
+        (INGRESS_PROG, pins.program()),
+        (REPLY_PROG, pins.reply_program()),
+    ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
-            .ok_or_else(|| EngineError::io(format!("the embedded object has no program {name}"), io::ErrorKind::NotFound.into()))?
+            .ok_or_else(|| {
+                EngineError::io(
+                    format!("the embedded object has no program {name}"),
+                    io::ErrorKind::NotFound.into(),
+                )
+            })?
             .try_into()
-            .map_err(|e| EngineError::prog(format!("the embedded program {name} has the wrong type"), e))?;
-        prog.load().map_err(|e| EngineError::prog(format!("the kernel rejected the classifier {name}"), e))?;
+            .map_err(|e| {
+                EngineError::prog(format!("the embedded program {name} has the wrong type"), e)
+            })?;
+        prog.load().map_err(|e| {
+            EngineError::prog(format!("the kernel rejected the classifier {name}"), e)
+        })?;
         prog.pin(&pin).map_err(|e| {
-            EngineError::io(format!("cannot pin the classifier at {}", pin.display()), io::Error::other(e))
+            EngineError::io(
+                format!("cannot pin the classifier at {}", pin.display()),
+                io::Error::other(e),
+            )
         })?;
     }
     // Reopen from the pin so the caller owns a handle independent of `ebpf`.
-    SchedClassifier::from_pin(&path)
-        .map_err(|e| EngineError::prog(format!("cannot open the pinned classifier {}", path.display()), e))
+    SchedClassifier::from_pin(&path).map_err(|e| {
+        EngineError::prog(
+            format!("cannot open the pinned classifier {}", path.display()),
+            e,
+        )
+    })
 }
 
-fn attach_one(pins: &Pins, prog: &mut SchedClassifier, prog_id: u32, name: &str) -> Result<AttachOutcome, EngineError> {
+fn attach_one(
+    pins: &Pins,
+    prog: &mut SchedClassifier,
+    prog_id: u32,
+    name: &str,
+) -> Result<AttachOutcome, EngineError> {
     attach_at(prog, prog_id, name, &pins.link(name))
 }
 
@@ -130,9 +175,16 @@ fn attach_one(pins: &Pins, prog: &mut SchedClassifier, prog_id: u32, name: &str)
 pub fn attach_reply(pins: &Pins, name: &str) -> Result<AttachOutcome, EngineError> {
     ifindex(name)?;
     let mut prog = load_or_open(pins, MapSizes::default(), REPLY_PROG)?;
-    let prog_id = prog.info().map_err(|e| EngineError::prog("cannot read the reply classifier's info", e))?.id();
-    fs::create_dir_all(pins.reply_links_dir())
-        .map_err(|e| EngineError::io(format!("cannot create {}", pins.reply_links_dir().display()), e))?;
+    let prog_id = prog
+        .info()
+        .map_err(|e| EngineError::prog("cannot read the reply classifier's info", e))?
+        .id();
+    fs::create_dir_all(pins.reply_links_dir()).map_err(|e| {
+        EngineError::io(
+            format!("cannot create {}", pins.reply_links_dir().display()),
+            e,
+        )
+    })?;
     attach_at(&mut prog, prog_id, name, &pins.reply_link(name))
 }
 
@@ -144,14 +196,26 @@ pub fn detach_reply(pins: &Pins, name: &str) -> Result<(), EngineError> {
         let _ = tc::qdisc_detach_program(name, TcAttachType::Ingress, REPLY_PROG);
         let _ = fs::remove_dir(&path);
     } else if path.exists() {
-        let link = PinnedLink::from_pin(&path)
-            .map_err(|e| EngineError::io(format!("cannot open the link pin {}", path.display()), io::Error::other(e)))?;
-        drop(link.unpin().map_err(|e| EngineError::io(format!("cannot unpin {}", path.display()), e))?);
+        let link = PinnedLink::from_pin(&path).map_err(|e| {
+            EngineError::io(
+                format!("cannot open the link pin {}", path.display()),
+                io::Error::other(e),
+            )
+        })?;
+        drop(
+            link.unpin()
+                .map_err(|e| EngineError::io(format!("cannot unpin {}", path.display()), e))?,
+        );
     }
     Ok(())
 }
 
-fn attach_at(prog: &mut SchedClassifier, prog_id: u32, name: &str, link_pin: &std::path::Path) -> Result<AttachOutcome, EngineError> {
+fn attach_at(
+    prog: &mut SchedClassifier,
+    prog_id: u32,
+    name: &str,
+    link_pin: &std::path::Path,
+) -> Result<AttachOutcome, EngineError> {
     if is_attached(link_pin, prog_id, name)? {
         return Ok(AttachOutcome::AlreadyAttached);
     }
@@ -165,12 +229,19 @@ fn attach_at(prog: &mut SchedClassifier, prog_id: u32, name: &str, link_pin: &st
         let id = prog
             .attach(name, TcAttachType::Ingress)
             .map_err(|e| EngineError::prog(format!("cannot attach to {name}"), e))?;
-        let link = prog.take_link(id).map_err(|e| EngineError::prog("cannot take the TCX link", e))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| EngineError::prog("cannot take the TCX link", e))?;
         let fd_link: FdLink = link
             .try_into()
-            .map_err(|e: aya::programs::links::LinkError| EngineError::io("TCX link has no fd", io::Error::other(e)))?;
+            .map_err(|e: aya::programs::links::LinkError| {
+                EngineError::io("TCX link has no fd", io::Error::other(e))
+            })?;
         fd_link.pin(&link_pin).map_err(|e| {
-            EngineError::io(format!("cannot pin the link at {}", link_pin.display()), io::Error::other(e))
+            EngineError::io(
+                format!("cannot pin the link at {}", link_pin.display()),
+                io::Error::other(e),
+            )
         })?;
         Ok(AttachOutcome::Tcx)
     } else {
@@ -182,7 +253,9 @@ fn attach_at(prog: &mut SchedClassifier, prog_id: u32, name: &str, link_pin: &st
             .map_err(|e| EngineError::prog(format!("cannot attach to {name}"), e))?;
         // A netlink filter stays in the kernel after we exit; forget the
         // link so dropping it does not detach.
-        let link = prog.take_link(id).map_err(|e| EngineError::prog("cannot take the tc link", e))?;
+        let link = prog
+            .take_link(id)
+            .map_err(|e| EngineError::prog("cannot take the tc link", e))?;
         std::mem::forget(link);
         // Record the attachment so `detach`/`stats` know about it.
         fs::create_dir_all(&link_pin).ok();
@@ -204,7 +277,11 @@ fn is_attached(link_pin: &std::path::Path, prog_id: u32, name: &str) -> Result<b
 /// Interfaces this instance is attached to (by its link pins).
 pub fn attached_interfaces(pins: &Pins) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(pins.links_dir())
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     names.sort();
     names
@@ -233,16 +310,26 @@ fn detach_one(pins: &Pins, name: &str) -> Result<(), EngineError> {
             Ok(()) => {}
             Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => {
-                return Err(EngineError::io(format!("cannot detach from {name}"), io::Error::other(e)));
+                return Err(EngineError::io(
+                    format!("cannot detach from {name}"),
+                    io::Error::other(e),
+                ));
             }
         }
-        fs::remove_dir(&path).map_err(|e| EngineError::io(format!("cannot remove {}", path.display()), e))?;
+        fs::remove_dir(&path)
+            .map_err(|e| EngineError::io(format!("cannot remove {}", path.display()), e))?;
         return Ok(());
     }
     // Unpinning and dropping the last reference to a TCX link detaches it.
-    let link = PinnedLink::from_pin(&path)
-        .map_err(|e| EngineError::io(format!("cannot open the link pin {}", path.display()), io::Error::other(e)))?;
-    let fd_link = link.unpin().map_err(|e| EngineError::io(format!("cannot unpin {}", path.display()), e))?;
+    let link = PinnedLink::from_pin(&path).map_err(|e| {
+        EngineError::io(
+            format!("cannot open the link pin {}", path.display()),
+            io::Error::other(e),
+        )
+    })?;
+    let fd_link = link
+        .unpin()
+        .map_err(|e| EngineError::io(format!("cannot unpin {}", path.display()), e))?;
     drop(fd_link);
     Ok(())
 }
@@ -262,14 +349,22 @@ pub fn purge(pins: &Pins) -> Result<(), EngineError> {
     let _ = fs::remove_dir(pins.reply_links_dir());
     // Only our own pins: a bpffs mounted right on the directory also holds
     // the kernel's `maps.debug`/`progs.debug` iterators.
-    let ours = [pins.program(), pins.reply_program()]
-        .into_iter()
-        .chain(fs::read_dir(&pins.dir).into_iter().flatten().flatten().map(|e| e.path()).filter(|p| {
-            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("VISCUM_") || n == "AYA_LOGS")
-        }));
+    let ours = [pins.program(), pins.reply_program()].into_iter().chain(
+        fs::read_dir(&pins.dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("VISCUM_") || n == "AYA_LOGS")
+            }),
+    );
     for p in ours {
         if p.exists() {
-            fs::remove_file(&p).map_err(|e| EngineError::io(format!("cannot remove {}", p.display()), e))?;
+            fs::remove_file(&p)
+                .map_err(|e| EngineError::io(format!("cannot remove {}", p.display()), e))?;
         }
     }
     // Fails harmlessly when the directory is itself a bpffs mount point.

@@ -8,9 +8,9 @@ use aya::{
     util::nr_cpus,
 };
 use viscum_common::{
-    CONFIG_MAP, DatapathConfig, FLOW_EDGE, FLOWS_MAP, FlowKey, FlowState, GLOBAL_STATS_MAP, GlobalCounter, MAX_RULES,
-    PREFIXES_MAP, PortRule, PrefixData, PrefixNode, RULES_MAP, RULES_PER_PREFIX, SERVICES_MAP, ServiceEntry,
-    ServiceKey,
+    CONFIG_MAP, DatapathConfig, FLOW_EDGE, FLOWS_MAP, FlowKey, FlowState, GLOBAL_STATS_MAP,
+    GlobalCounter, MAX_RULES, PREFIXES_MAP, PortRule, PrefixData, PrefixNode, RULES_MAP,
+    RULES_PER_PREFIX, SERVICES_MAP, ServiceEntry, ServiceKey,
 };
 
 use super::{EngineError, Pins};
@@ -74,8 +74,10 @@ fn open_map(pins: &Pins, name: &str) -> Result<Map, EngineError> {
     if !path.exists() {
         return Err(EngineError::NotAttached(pins.dir.clone()));
     }
-    let data = MapData::from_pin(&path).map_err(|e| EngineError::map(format!("cannot open {}", path.display()), e))?;
-    Map::from_map_data(data).map_err(|e| EngineError::map(format!("cannot open {}", path.display()), e))
+    let data = MapData::from_pin(&path)
+        .map_err(|e| EngineError::map(format!("cannot open {}", path.display()), e))?;
+    Map::from_map_data(data)
+        .map_err(|e| EngineError::map(format!("cannot open {}", path.display()), e))
 }
 
 impl Engine {
@@ -102,8 +104,19 @@ impl Engine {
             .map_err(|e| EngineError::map("the prefix table has an unexpected layout", e))?;
         let rules = PerCpuArray::try_from(open_map(pins, RULES_MAP)?)
             .map_err(|e| EngineError::map("the rules array has an unexpected layout", e))?;
-        let nr_cpus = nr_cpus().map_err(|(what, e)| EngineError::io(format!("cannot count CPUs ({what})"), e))?;
-        Ok(Engine { pins: pins.clone(), services, global, config, flows, prefixes, rules, nr_cpus, max_entries })
+        let nr_cpus = nr_cpus()
+            .map_err(|(what, e)| EngineError::io(format!("cannot count CPUs ({what})"), e))?;
+        Ok(Engine {
+            pins: pins.clone(),
+            services,
+            global,
+            config,
+            flows,
+            prefixes,
+            rules,
+            nr_cpus,
+            max_entries,
+        })
     }
 
     pub fn pins(&self) -> &Pins {
@@ -114,7 +127,8 @@ impl Engine {
     pub fn entries(&self) -> Result<Vec<EntryView>, EngineError> {
         let mut out = Vec::new();
         for item in self.services.iter() {
-            let (key, values) = item.map_err(|e| EngineError::map("cannot read the services map", e))?;
+            let (key, values) =
+                item.map_err(|e| EngineError::map("cannot read the services map", e))?;
             let Some(endpoint) = Endpoint::from_key(&key) else {
                 log::warn!("skipping an undecodable key in the services map: {key:?}");
                 continue;
@@ -123,7 +137,9 @@ impl Engine {
         }
         for (len, data, node) in self.nodes()? {
             for rule in &node.rules[..node.count as usize] {
-                let Some(endpoint) = Endpoint::from_rule(len, &data, rule) else { continue };
+                let Some(endpoint) = Endpoint::from_rule(len, &data, rule) else {
+                    continue;
+                };
                 let values = self
                     .rules
                     .get(&rule.rule_id, 0)
@@ -131,7 +147,14 @@ impl Engine {
                 out.push(Self::view(endpoint, &values));
             }
         }
-        out.sort_by_key(|e| (e.endpoint.addr, e.endpoint.prefix_len, e.endpoint.proto as u8, e.endpoint.port));
+        out.sort_by_key(|e| {
+            (
+                e.endpoint.addr,
+                e.endpoint.prefix_len,
+                e.endpoint.proto as u8,
+                e.endpoint.port,
+            )
+        });
         Ok(out)
     }
 
@@ -139,7 +162,8 @@ impl Engine {
     fn nodes(&self) -> Result<Vec<(u32, PrefixData, PrefixNode)>, EngineError> {
         let mut out = Vec::new();
         for item in self.prefixes.iter() {
-            let (key, node) = item.map_err(|e| EngineError::map("cannot read the prefix table", e))?;
+            let (key, node) =
+                item.map_err(|e| EngineError::map("cannot read the prefix table", e))?;
             out.push((key.prefix_len(), key.data(), node));
         }
         Ok(out)
@@ -151,7 +175,9 @@ impl Engine {
         match self.prefixes.get(&LpmKey::new(len, data), 0) {
             Ok(node) if node.prefix_len == len => Ok(Some(node)),
             Ok(_) | Err(MapError::KeyNotFound) => Ok(None),
-            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(None)
+            }
             Err(e) => Err(EngineError::map("cannot read the prefix table", e)),
         }
     }
@@ -160,7 +186,9 @@ impl Engine {
     fn find_rule(&self, endpoint: &Endpoint) -> Result<Option<(PrefixNode, usize)>, EngineError> {
         let (len, data) = endpoint.prefix_key();
         let want = endpoint.port_rule();
-        let Some(node) = self.node_at(len, data)? else { return Ok(None) };
+        let Some(node) = self.node_at(len, data)? else {
+            return Ok(None);
+        };
         let idx = node.rules[..node.count as usize]
             .iter()
             .position(|r| PortRule { rule_id: 0, ..*r } == want);
@@ -171,7 +199,14 @@ impl Engine {
         let n: u32 = self.nodes()?.iter().map(|(_, _, n)| n.count).sum();
         let cur = self.config.get(&0, 0).unwrap_or_default();
         self.config
-            .set(0, DatapathConfig { prefix_rules: n, ..cur }, 0)
+            .set(
+                0,
+                DatapathConfig {
+                    prefix_rules: n,
+                    ..cur
+                },
+                0,
+            )
             .map_err(|e| EngineError::map("cannot write the datapath config", e))
     }
 
@@ -181,27 +216,48 @@ impl Engine {
         }
         let (len, data) = endpoint.prefix_key();
         let mut node = self.node_at(len, data)?.unwrap_or(PrefixNode {
-            rules: [PortRule { src: [0; 16], port_lo: 0, port_hi: 0, src_prefix: 0, _pad: [0; 3], rule_id: 0 };
-                RULES_PER_PREFIX],
+            rules: [PortRule {
+                src: [0; 16],
+                port_lo: 0,
+                port_hi: 0,
+                src_prefix: 0,
+                _pad: [0; 3],
+                rule_id: 0,
+            }; RULES_PER_PREFIX],
             count: 0,
             prefix_len: len,
         });
         if node.count as usize >= RULES_PER_PREFIX {
-            return Err(EngineError::PrefixFull { prefix: endpoint.to_string(), max: RULES_PER_PREFIX });
+            return Err(EngineError::PrefixFull {
+                prefix: endpoint.to_string(),
+                max: RULES_PER_PREFIX,
+            });
         }
         let used: std::collections::HashSet<u32> = self
             .nodes()?
             .iter()
-            .flat_map(|(_, _, n)| n.rules[..n.count as usize].iter().map(|r| r.rule_id).collect::<Vec<_>>())
+            .flat_map(|(_, _, n)| {
+                n.rules[..n.count as usize]
+                    .iter()
+                    .map(|r| r.rule_id)
+                    .collect::<Vec<_>>()
+            })
             .collect();
-        let id = (0..MAX_RULES).find(|i| !used.contains(i)).ok_or(EngineError::Full(MAX_RULES))?;
+        let id = (0..MAX_RULES)
+            .find(|i| !used.contains(i))
+            .ok_or(EngineError::Full(MAX_RULES))?;
         // The slot first, then the node that points at it: the datapath
         // never follows a rule to an empty slot.
         let values = PerCpuValues::try_from(vec![value; self.nr_cpus])
             .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
-        self.rules.set(id, values, 0).map_err(|e| EngineError::map("cannot write the rules array", e))?;
+        self.rules
+            .set(id, values, 0)
+            .map_err(|e| EngineError::map("cannot write the rules array", e))?;
         let mut rules: Vec<PortRule> = node.rules[..node.count as usize].to_vec();
-        rules.push(PortRule { rule_id: id, ..endpoint.port_rule() });
+        rules.push(PortRule {
+            rule_id: id,
+            ..endpoint.port_rule()
+        });
         rules.sort_by_key(Endpoint::rule_rank);
         for (i, r) in rules.iter().enumerate() {
             node.rules[i] = *r;
@@ -222,9 +278,9 @@ impl Engine {
         let mut rules: Vec<PortRule> = node.rules[..node.count as usize].to_vec();
         rules.remove(idx);
         if rules.is_empty() {
-            self.prefixes
-                .remove(&LpmKey::new(len, data))
-                .map_err(|e| EngineError::map(format!("cannot delete the rule for {endpoint}"), e))?;
+            self.prefixes.remove(&LpmKey::new(len, data)).map_err(|e| {
+                EngineError::map(format!("cannot delete the rule for {endpoint}"), e)
+            })?;
         } else {
             for (i, r) in rules.iter().enumerate() {
                 node.rules[i] = *r;
@@ -232,16 +288,23 @@ impl Engine {
             node.count = rules.len() as u32;
             self.prefixes
                 .insert(&LpmKey::new(len, data), node, 0)
-                .map_err(|e| EngineError::map(format!("cannot delete the rule for {endpoint}"), e))?;
+                .map_err(|e| {
+                    EngineError::map(format!("cannot delete the rule for {endpoint}"), e)
+                })?;
         }
         let empty = PerCpuValues::try_from(vec![ServiceEntry::new(0, 0, [0; 6]); self.nr_cpus])
             .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
-        self.rules.set(id, empty, 0).map_err(|e| EngineError::map("cannot clear the rules slot", e))?;
+        self.rules
+            .set(id, empty, 0)
+            .map_err(|e| EngineError::map("cannot clear the rules slot", e))?;
         self.sync_rule_count()
     }
 
     fn view(endpoint: Endpoint, values: &PerCpuValues<ServiceEntry>) -> EntryView {
-        let first = values.first().copied().unwrap_or(ServiceEntry::new(0, 0, [0; 6]));
+        let first = values
+            .first()
+            .copied()
+            .unwrap_or(ServiceEntry::new(0, 0, [0; 6]));
         EntryView {
             endpoint,
             target: first,
@@ -257,7 +320,9 @@ impl Engine {
     /// One entry, if present.
     pub fn get(&self, endpoint: &Endpoint) -> Result<Option<EntryView>, EngineError> {
         if !endpoint.is_exact() {
-            let Some((node, idx)) = self.find_rule(endpoint)? else { return Ok(None) };
+            let Some((node, idx)) = self.find_rule(endpoint)? else {
+                return Ok(None);
+            };
             let values = self
                 .rules
                 .get(&node.rules[idx].rule_id, 0)
@@ -267,13 +332,22 @@ impl Engine {
         match self.services.get(&endpoint.key(), 0) {
             Ok(values) => Ok(Some(Self::view(*endpoint, &values))),
             Err(MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(EngineError::map(format!("cannot read the entry for {endpoint}"), e)),
+            Err(e) => Err(EngineError::map(
+                format!("cannot read the entry for {endpoint}"),
+                e,
+            )),
         }
     }
 
     /// Adds an entry; fails if one exists for the same match.
     pub fn insert(&mut self, endpoint: &Endpoint, target: ServiceEntry) -> Result<(), EngineError> {
-        let value = ServiceEntry { packets: 0, bytes: 0, new_flows: 0, cloud_flows: 0, ..target };
+        let value = ServiceEntry {
+            packets: 0,
+            bytes: 0,
+            new_flows: 0,
+            cloud_flows: 0,
+            ..target
+        };
         if !endpoint.is_exact() {
             return self.insert_rule(endpoint, value);
         }
@@ -287,32 +361,65 @@ impl Engine {
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
                 Err(EngineError::Full(self.max_entries))
             }
-            Err(e) => Err(EngineError::map(format!("cannot add the entry for {endpoint}"), e)),
+            Err(e) => Err(EngineError::map(
+                format!("cannot add the entry for {endpoint}"),
+                e,
+            )),
         }
     }
 
     /// Changes an entry's flags (e.g. sets `TARGET_F_DRAINING`), keeping
     /// its target and counters. Increments made by the datapath between our
     /// read and write are lost; the flag change itself is atomic per CPU copy.
-    pub fn update_flags(&mut self, endpoint: &Endpoint, f: impl Fn(u32) -> u32) -> Result<(), EngineError> {
+    pub fn update_flags(
+        &mut self,
+        endpoint: &Endpoint,
+        f: impl Fn(u32) -> u32,
+    ) -> Result<(), EngineError> {
         if !endpoint.is_exact() {
             let Some((node, idx)) = self.find_rule(endpoint)? else {
                 return Err(EngineError::NoSuchEntry(endpoint.to_string()));
             };
             let id = node.rules[idx].rule_id;
-            let values = self.rules.get(&id, 0).map_err(|e| EngineError::map("cannot read the rules array", e))?;
-            let updated: Vec<ServiceEntry> = values.iter().map(|v| ServiceEntry { flags: f(v.flags), ..*v }).collect();
-            let values =
-                PerCpuValues::try_from(updated).map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
-            return self.rules.set(id, values, 0).map_err(|e| EngineError::map("cannot update the rule", e));
+            let values = self
+                .rules
+                .get(&id, 0)
+                .map_err(|e| EngineError::map("cannot read the rules array", e))?;
+            let updated: Vec<ServiceEntry> = values
+                .iter()
+                .map(|v| ServiceEntry {
+                    flags: f(v.flags),
+                    ..*v
+                })
+                .collect();
+            let values = PerCpuValues::try_from(updated)
+                .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
+            return self
+                .rules
+                .set(id, values, 0)
+                .map_err(|e| EngineError::map("cannot update the rule", e));
         }
         let values = match self.services.get(&endpoint.key(), 0) {
             Ok(v) => v,
-            Err(MapError::KeyNotFound) => return Err(EngineError::NoSuchEntry(endpoint.to_string())),
-            Err(e) => return Err(EngineError::map(format!("cannot read the entry for {endpoint}"), e)),
+            Err(MapError::KeyNotFound) => {
+                return Err(EngineError::NoSuchEntry(endpoint.to_string()));
+            }
+            Err(e) => {
+                return Err(EngineError::map(
+                    format!("cannot read the entry for {endpoint}"),
+                    e,
+                ));
+            }
         };
-        let updated: Vec<ServiceEntry> = values.iter().map(|v| ServiceEntry { flags: f(v.flags), ..*v }).collect();
-        let values = PerCpuValues::try_from(updated).map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
+        let updated: Vec<ServiceEntry> = values
+            .iter()
+            .map(|v| ServiceEntry {
+                flags: f(v.flags),
+                ..*v
+            })
+            .collect();
+        let values = PerCpuValues::try_from(updated)
+            .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
         self.services
             .insert(endpoint.key(), values, BPF_EXIST)
             .map_err(|e| EngineError::map(format!("cannot update the entry for {endpoint}"), e))
@@ -321,20 +428,35 @@ impl Engine {
     /// Open edge flows per target ifindex (for draining and `stats`). A flow
     /// that has seen FIN/RST is finishing and no longer counts.
     pub fn edge_flows(&self) -> Result<std::collections::HashMap<u32, u64>, EngineError> {
-        let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
         // SAFETY: valid out pointer; bpf_ktime_get_ns uses CLOCK_MONOTONIC.
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
         let now = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
         let cfg = self.config.get(&0, 0).unwrap_or_default();
-        let tcp_idle = if cfg.tcp_idle_ns == 0 { 7_200_000_000_000 } else { cfg.tcp_idle_ns };
-        let udp_idle = if cfg.udp_idle_ns == 0 { 30_000_000_000 } else { cfg.udp_idle_ns };
+        let tcp_idle = if cfg.tcp_idle_ns == 0 {
+            7_200_000_000_000
+        } else {
+            cfg.tcp_idle_ns
+        };
+        let udp_idle = if cfg.udp_idle_ns == 0 {
+            30_000_000_000
+        } else {
+            cfg.udp_idle_ns
+        };
         let mut out = std::collections::HashMap::new();
         for item in self.flows.iter() {
             let Ok((key, state)) = item else { continue };
             if state.decision != FLOW_EDGE {
                 continue;
             }
-            let idle = if key.proto == viscum_common::PROTO_TCP { tcp_idle } else { udp_idle };
+            let idle = if key.proto == viscum_common::PROTO_TCP {
+                tcp_idle
+            } else {
+                udp_idle
+            };
             if state.closing_at_ns != 0 || now.saturating_sub(state.last_seen_ns) > idle {
                 continue;
             }
@@ -344,10 +466,22 @@ impl Engine {
     }
 
     /// Writes flow timeouts (0 keeps the datapath's default).
-    pub fn set_timeouts(&mut self, tcp_idle_ns: u64, udp_idle_ns: u64, linger_ns: u64) -> Result<(), EngineError> {
+    pub fn set_timeouts(
+        &mut self,
+        tcp_idle_ns: u64,
+        udp_idle_ns: u64,
+        linger_ns: u64,
+    ) -> Result<(), EngineError> {
         let cur = self.config.get(&0, 0).unwrap_or_default();
-        let cfg = DatapathConfig { tcp_idle_ns, udp_idle_ns, linger_ns, ..cur };
-        self.config.set(0, cfg, 0).map_err(|e| EngineError::map("cannot write the datapath config", e))
+        let cfg = DatapathConfig {
+            tcp_idle_ns,
+            udp_idle_ns,
+            linger_ns,
+            ..cur
+        };
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|e| EngineError::map("cannot write the datapath config", e))
     }
 
     /// Capacity of the services map.
@@ -366,7 +500,10 @@ impl Engine {
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Err(EngineError::NoSuchEntry(endpoint.to_string()))
             }
-            Err(e) => Err(EngineError::map(format!("cannot delete the entry for {endpoint}"), e)),
+            Err(e) => Err(EngineError::map(
+                format!("cannot delete the entry for {endpoint}"),
+                e,
+            )),
         }
     }
 
@@ -400,15 +537,22 @@ impl Engine {
     /// Turns the classifier's per-decision debug records on or off.
     pub fn set_log_debug(&mut self, on: bool) -> Result<(), EngineError> {
         let cur = self.config.get(&0, 0).unwrap_or_default();
-        let cfg = DatapathConfig { log_debug: u32::from(on), ..cur };
-        self.config.set(0, cfg, 0).map_err(|e| EngineError::map("cannot write the datapath config", e))
+        let cfg = DatapathConfig {
+            log_debug: u32::from(on),
+            ..cur
+        };
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|e| EngineError::map("cannot write the datapath config", e))
     }
 
     /// Id of the pinned classifier (for aya-log's `init_from_id`).
     pub fn program_id(&self) -> Result<u32, EngineError> {
         let prog = aya::programs::SchedClassifier::from_pin(self.pins.program())
             .map_err(|e| EngineError::prog("cannot open the pinned classifier", e))?;
-        let info = prog.info().map_err(|e| EngineError::prog("cannot read the classifier's info", e))?;
+        let info = prog
+            .info()
+            .map_err(|e| EngineError::prog("cannot read the classifier's info", e))?;
         Ok(info.id())
     }
 }

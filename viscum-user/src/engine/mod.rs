@@ -22,13 +22,17 @@ pub mod maps;
 
 use std::path::{Path, PathBuf};
 
-pub use attach::{AttachOutcome, MapSizes, attach, attach_reply, attached_interfaces, detach, detach_reply, purge};
+pub use attach::{
+    AttachOutcome, MapSizes, attach, attach_reply, attached_interfaces, detach, detach_reply, purge,
+};
 pub use maps::{Engine, EntryView, GlobalStats};
 
 /// Errors of the engine. Messages are for the person at the prompt.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
-    #[error("viscum is not attached: no datapath is pinned under {0} (run `viscum attach IFACE` first, or pass the --bpffs used then)")]
+    #[error(
+        "viscum is not attached: no datapath is pinned under {0} (run `viscum attach IFACE` first, or pass the --bpffs used then)"
+    )]
     NotAttached(PathBuf),
     #[error("interface {0} does not exist")]
     UnknownInterface(String),
@@ -70,13 +74,22 @@ pub enum EngineError {
 
 impl EngineError {
     pub(crate) fn map(what: impl Into<String>, source: aya::maps::MapError) -> Self {
-        EngineError::Map { what: what.into(), source: Box::new(source) }
+        EngineError::Map {
+            what: what.into(),
+            source: Box::new(source),
+        }
     }
     pub(crate) fn prog(what: impl Into<String>, source: aya::programs::ProgramError) -> Self {
-        EngineError::Program { what: what.into(), source: Box::new(source) }
+        EngineError::Program {
+            what: what.into(),
+            source: Box::new(source),
+        }
     }
     pub(crate) fn io(what: impl Into<String>, source: std::io::Error) -> Self {
-        EngineError::Io { what: what.into(), source }
+        EngineError::Io {
+            what: what.into(),
+            source,
+        }
     }
 }
 
@@ -88,7 +101,9 @@ pub struct Pins {
 
 impl Pins {
     pub fn new(dir: impl AsRef<Path>) -> Self {
-        Pins { dir: dir.as_ref().to_owned() }
+        Pins {
+            dir: dir.as_ref().to_owned(),
+        }
     }
     pub fn program(&self) -> PathBuf {
         self.dir.join("prog_ingress")
@@ -115,7 +130,11 @@ impl Pins {
 
 /// Interface index by name, in the calling thread's network namespace.
 pub fn ifindex(name: &str) -> Result<u32, EngineError> {
-    if name.is_empty() || name.len() > 15 || name.contains('/') || name.contains(char::is_whitespace) {
+    if name.is_empty()
+        || name.len() > 15
+        || name.contains('/')
+        || name.contains(char::is_whitespace)
+    {
         return Err(EngineError::BadInterfaceName(name.to_owned()));
     }
     nix::net::if_::if_nametoindex(name).map_err(|_| EngineError::UnknownInterface(name.to_owned()))
