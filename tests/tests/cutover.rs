@@ -7,7 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 
 use common::{EchoServer, Held, TIMEOUT};
 use serde_json::Value;
-use viscum_tests::{IdentityServer, Lab, skip_unless_root, tcp_ask, udp_ask, wait_until};
+use viscum_tests::{IdentityServer, Lab, skip_unless_root, udp_ask, wait_until};
 
 fn setup() -> (Lab, String) {
     let lab = Lab::new();
@@ -200,5 +200,4 @@ fn udp_flows_seen_while_an_entry_learns_stay_with_the_cloud() {
     assert!(answers.iter().all(|a| a == "cloud"), "{answers:?}");
     tx.send(()).unwrap();
     talker.join().unwrap();
-    let _ = tcp_ask;
 }

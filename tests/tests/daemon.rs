@@ -373,6 +373,34 @@ fn wait_entry_gone(lab: &Lab, ep: &str, timeout: Duration) -> Duration {
     start.elapsed()
 }
 
+/// Asks the service on port 8080 for a `kib` KiB stream (spread over kib x 10 ms) from the
+/// client namespace. Returns the bytes received so far, live, and the thread that finishes
+/// with the total, or the error that broke the transfer.
+fn start_transfer(
+    lab: &Lab,
+    kib: usize,
+) -> (Arc<AtomicUsize>, thread::JoinHandle<std::io::Result<usize>>) {
+    let progress = Arc::new(AtomicUsize::new(0));
+    let client = lab.client.name().to_string();
+    let counted = progress.clone();
+    let transfer = thread::spawn(move || {
+        netns::in_netns(&client, move || -> std::io::Result<usize> {
+            let mut s = TcpStream::connect_timeout(&cloud_addr(8080), Duration::from_secs(2))?;
+            s.set_read_timeout(Some(Duration::from_secs(10)))?;
+            writeln!(s, "stream {kib}")?;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                match s.read(&mut buf)? {
+                    0 => return Ok(counted.load(Ordering::SeqCst)),
+                    n => counted.fetch_add(n, Ordering::SeqCst),
+                };
+            }
+        })
+        .unwrap()
+    });
+    (progress, transfer)
+}
+
 /// The network namespace inode of a process and of a named namespace, to compare.
 fn netns_inode_of_pid(pid: i32) -> u64 {
     use std::os::unix::fs::MetadataExt;
@@ -723,26 +751,7 @@ fn a_daemon_restart_keeps_an_ongoing_transfer_alive() {
 
     // A 300 KiB transfer from the edge copy, spread over ~3 s.
     const KIB: usize = 300;
-    let progress = Arc::new(AtomicUsize::new(0));
-    let transfer = {
-        let client = lab.client.name().to_string();
-        let progress = progress.clone();
-        thread::spawn(move || {
-            netns::in_netns(&client, move || -> std::io::Result<usize> {
-                let mut s = TcpStream::connect_timeout(&cloud_addr(8080), Duration::from_secs(2))?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                writeln!(s, "stream {KIB}")?;
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match s.read(&mut buf)? {
-                        0 => return Ok(progress.load(Ordering::SeqCst)),
-                        n => progress.fetch_add(n, Ordering::SeqCst),
-                    };
-                }
-            })
-            .unwrap()
-        })
-    };
+    let (progress, transfer) = start_transfer(&lab, KIB);
 
     // The daemon dies (SIGKILL: no cleanup) in the middle of the transfer. The datapath and
     // the service carry on.
@@ -936,26 +945,7 @@ fn a_deliberate_stop_drains_the_edge_flows_before_stopping_the_service() {
 
     // A 300 KiB transfer from the edge copy, spread over ~3 s.
     const KIB: usize = 300;
-    let progress = Arc::new(AtomicUsize::new(0));
-    let transfer = {
-        let client = lab.client.name().to_string();
-        let progress = progress.clone();
-        thread::spawn(move || {
-            netns::in_netns(&client, move || -> std::io::Result<usize> {
-                let mut s = TcpStream::connect_timeout(&cloud_addr(8080), Duration::from_secs(2))?;
-                s.set_read_timeout(Some(Duration::from_secs(10)))?;
-                writeln!(s, "stream {KIB}")?;
-                let mut buf = vec![0u8; 64 * 1024];
-                loop {
-                    match s.read(&mut buf)? {
-                        0 => return Ok(progress.load(Ordering::SeqCst)),
-                        n => progress.fetch_add(n, Ordering::SeqCst),
-                    };
-                }
-            })
-            .unwrap()
-        })
-    };
+    let (progress, transfer) = start_transfer(&lab, KIB);
     assert!(
         wait_until(Duration::from_secs(5), || progress.load(Ordering::SeqCst)
             > 0),

@@ -321,6 +321,40 @@ pub struct DatapathConfig {
 }
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 32);
 
+/// Flow timeouts used when the config slot says 0 (never configured).
+pub const DEFAULT_TCP_IDLE_SECS: u64 = 7200;
+pub const DEFAULT_UDP_IDLE_SECS: u64 = 30;
+pub const DEFAULT_LINGER_SECS: u64 = 10;
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+const fn or_default(ns: u64, default_secs: u64) -> u64 {
+    if ns == 0 {
+        default_secs * NS_PER_SEC
+    } else {
+        ns
+    }
+}
+
+impl DatapathConfig {
+    /// How long an idle flow of `proto` keeps its decision, defaults filled
+    /// in. Kernel and user space both use this, so they agree on which
+    /// flows are alive.
+    #[inline(always)]
+    pub const fn idle_ns(&self, proto: u8) -> u64 {
+        if proto == PROTO_TCP {
+            or_default(self.tcp_idle_ns, DEFAULT_TCP_IDLE_SECS)
+        } else {
+            or_default(self.udp_idle_ns, DEFAULT_UDP_IDLE_SECS)
+        }
+    }
+
+    /// How long a TCP flow is remembered after its first FIN/RST.
+    #[inline(always)]
+    pub const fn linger_ns(&self) -> u64 {
+        or_default(self.linger_ns, DEFAULT_LINGER_SECS)
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: all are repr(C), contain only integers and byte arrays,

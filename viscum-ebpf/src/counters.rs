@@ -4,7 +4,10 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray},
 };
-use viscum_common::{DatapathConfig, GLOBAL_COUNTERS, GlobalCounter};
+use viscum_common::{
+    DEFAULT_LINGER_SECS, DEFAULT_TCP_IDLE_SECS, DEFAULT_UDP_IDLE_SECS, DatapathConfig,
+    GLOBAL_COUNTERS, GlobalCounter,
+};
 
 /// Per-CPU so the hot path never needs an atomic add.
 #[map(name = "VISCUM_GLOBAL")]
@@ -38,9 +41,21 @@ pub fn timeouts() -> Timeouts {
         None => (0, 0, 0),
     };
     Timeouts {
-        tcp_idle_ns: if tcp == 0 { 7200 * SEC } else { tcp },
-        udp_idle_ns: if udp == 0 { 30 * SEC } else { udp },
-        linger_ns: if linger == 0 { 10 * SEC } else { linger },
+        tcp_idle_ns: if tcp == 0 {
+            DEFAULT_TCP_IDLE_SECS * SEC
+        } else {
+            tcp
+        },
+        udp_idle_ns: if udp == 0 {
+            DEFAULT_UDP_IDLE_SECS * SEC
+        } else {
+            udp
+        },
+        linger_ns: if linger == 0 {
+            DEFAULT_LINGER_SECS * SEC
+        } else {
+            linger
+        },
     }
 }
 

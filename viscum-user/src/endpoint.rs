@@ -232,7 +232,7 @@ impl FromStr for Endpoint {
             Some(p) if p.contains('-') && !p.starts_with('-') => {
                 let (lo, hi) = p.split_once('-').unwrap_or_default();
                 match (lo.parse::<u16>(), hi.parse::<u16>()) {
-                    (Ok(lo), Ok(hi)) if lo >= 1 && lo < hi && !lo_hi_signed(p) => {
+                    (Ok(lo), Ok(hi)) if lo >= 1 && lo < hi && !p.contains('+') => {
                         (Some(lo), Some(hi))
                     }
                     _ => return Err(EndpointError::BadRange(p.to_owned())),
@@ -280,10 +280,6 @@ impl FromStr for Endpoint {
             source,
         })
     }
-}
-
-fn lo_hi_signed(p: &str) -> bool {
-    p.contains('+')
 }
 
 impl fmt::Display for Endpoint {

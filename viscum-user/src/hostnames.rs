@@ -75,11 +75,6 @@ pub struct HostMatch {
 }
 
 impl HostMatch {
-    /// Is `s` a host-name match (as opposed to an address one)?
-    pub fn looks_like(s: &str) -> bool {
-        s.parse::<HostMatch>().is_ok()
-    }
-
     /// The entry for one resolved address.
     pub fn endpoint(&self, addr: IpAddr) -> Endpoint {
         let prefix_len = if addr.is_ipv4() { 32 } else { 128 };

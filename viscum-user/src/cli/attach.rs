@@ -20,13 +20,13 @@ pub struct AttachArgs {
     #[arg(long, default_value_t = DEFAULT_FLOW_ENTRIES, value_parser = clap::value_parser!(u32).range(1024..=16_777_216))]
     pub flow_table_size: u32,
     /// Forget an idle TCP flow after this many seconds.
-    #[arg(long, default_value_t = 7200, value_parser = clap::value_parser!(u64).range(1..=604_800))]
+    #[arg(long, default_value_t = viscum_common::DEFAULT_TCP_IDLE_SECS, value_parser = clap::value_parser!(u64).range(1..=604_800))]
     pub tcp_idle: u64,
     /// Forget an idle UDP flow after this many seconds.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    #[arg(long, default_value_t = viscum_common::DEFAULT_UDP_IDLE_SECS, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub udp_idle: u64,
     /// Keep a TCP flow's decision this many seconds after its FIN/RST.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    #[arg(long, default_value_t = viscum_common::DEFAULT_LINGER_SECS, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub linger: u64,
 }
 

@@ -123,6 +123,20 @@ impl Engine {
         &self.pins
     }
 
+    /// The same value for every CPU's copy (targets are written whole;
+    /// each CPU then counts into its own copy).
+    fn per_cpu(&self, value: ServiceEntry) -> Result<PerCpuValues<ServiceEntry>, EngineError> {
+        PerCpuValues::try_from(vec![value; self.nr_cpus])
+            .map_err(|e| EngineError::io("cannot build per-CPU values", e))
+    }
+
+    /// Every CPU's copy of a prefix rule's target and counters.
+    fn rule_values(&self, id: u32) -> Result<PerCpuValues<ServiceEntry>, EngineError> {
+        self.rules
+            .get(&id, 0)
+            .map_err(|e| EngineError::map("cannot read the rules array", e))
+    }
+
     /// Every entry, sorted by its match for stable output.
     pub fn entries(&self) -> Result<Vec<EntryView>, EngineError> {
         let mut out = Vec::new();
@@ -140,10 +154,7 @@ impl Engine {
                 let Some(endpoint) = Endpoint::from_rule(len, &data, rule) else {
                     continue;
                 };
-                let values = self
-                    .rules
-                    .get(&rule.rule_id, 0)
-                    .map_err(|e| EngineError::map("cannot read the rules array", e))?;
+                let values = self.rule_values(rule.rule_id)?;
                 out.push(Self::view(endpoint, &values));
             }
         }
@@ -248,8 +259,7 @@ impl Engine {
             .ok_or(EngineError::Full(MAX_RULES))?;
         // The slot first, then the node that points at it: the datapath
         // never follows a rule to an empty slot.
-        let values = PerCpuValues::try_from(vec![value; self.nr_cpus])
-            .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
+        let values = self.per_cpu(value)?;
         self.rules
             .set(id, values, 0)
             .map_err(|e| EngineError::map("cannot write the rules array", e))?;
@@ -259,10 +269,7 @@ impl Engine {
             ..endpoint.port_rule()
         });
         rules.sort_by_key(Endpoint::rule_rank);
-        for (i, r) in rules.iter().enumerate() {
-            node.rules[i] = *r;
-        }
-        node.count = rules.len() as u32;
+        set_rules(&mut node, &rules);
         self.prefixes
             .insert(&LpmKey::new(len, data), node, 0)
             .map_err(|e| EngineError::map(format!("cannot add the rule for {endpoint}"), e))?;
@@ -282,18 +289,14 @@ impl Engine {
                 EngineError::map(format!("cannot delete the rule for {endpoint}"), e)
             })?;
         } else {
-            for (i, r) in rules.iter().enumerate() {
-                node.rules[i] = *r;
-            }
-            node.count = rules.len() as u32;
+            set_rules(&mut node, &rules);
             self.prefixes
                 .insert(&LpmKey::new(len, data), node, 0)
                 .map_err(|e| {
                     EngineError::map(format!("cannot delete the rule for {endpoint}"), e)
                 })?;
         }
-        let empty = PerCpuValues::try_from(vec![ServiceEntry::new(0, 0, [0; 6]); self.nr_cpus])
-            .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
+        let empty = self.per_cpu(ServiceEntry::new(0, 0, [0; 6]))?;
         self.rules
             .set(id, empty, 0)
             .map_err(|e| EngineError::map("cannot clear the rules slot", e))?;
@@ -323,10 +326,7 @@ impl Engine {
             let Some((node, idx)) = self.find_rule(endpoint)? else {
                 return Ok(None);
             };
-            let values = self
-                .rules
-                .get(&node.rules[idx].rule_id, 0)
-                .map_err(|e| EngineError::map("cannot read the rules array", e))?;
+            let values = self.rule_values(node.rules[idx].rule_id)?;
             return Ok(Some(Self::view(*endpoint, &values)));
         }
         match self.services.get(&endpoint.key(), 0) {
@@ -351,8 +351,7 @@ impl Engine {
         if !endpoint.is_exact() {
             return self.insert_rule(endpoint, value);
         }
-        let values = PerCpuValues::try_from(vec![value; self.nr_cpus])
-            .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
+        let values = self.per_cpu(value)?;
         match self.services.insert(endpoint.key(), values, BPF_NOEXIST) {
             Ok(()) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
@@ -381,19 +380,7 @@ impl Engine {
                 return Err(EngineError::NoSuchEntry(endpoint.to_string()));
             };
             let id = node.rules[idx].rule_id;
-            let values = self
-                .rules
-                .get(&id, 0)
-                .map_err(|e| EngineError::map("cannot read the rules array", e))?;
-            let updated: Vec<ServiceEntry> = values
-                .iter()
-                .map(|v| ServiceEntry {
-                    flags: f(v.flags),
-                    ..*v
-                })
-                .collect();
-            let values = PerCpuValues::try_from(updated)
-                .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
+            let values = with_flags(&self.rule_values(id)?, f)?;
             return self
                 .rules
                 .set(id, values, 0)
@@ -411,15 +398,7 @@ impl Engine {
                 ));
             }
         };
-        let updated: Vec<ServiceEntry> = values
-            .iter()
-            .map(|v| ServiceEntry {
-                flags: f(v.flags),
-                ..*v
-            })
-            .collect();
-        let values = PerCpuValues::try_from(updated)
-            .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
+        let values = with_flags(&values, f)?;
         self.services
             .insert(endpoint.key(), values, BPF_EXIST)
             .map_err(|e| EngineError::map(format!("cannot update the entry for {endpoint}"), e))
@@ -436,28 +415,15 @@ impl Engine {
         unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
         let now = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
         let cfg = self.config.get(&0, 0).unwrap_or_default();
-        let tcp_idle = if cfg.tcp_idle_ns == 0 {
-            7_200_000_000_000
-        } else {
-            cfg.tcp_idle_ns
-        };
-        let udp_idle = if cfg.udp_idle_ns == 0 {
-            30_000_000_000
-        } else {
-            cfg.udp_idle_ns
-        };
         let mut out = std::collections::HashMap::new();
         for item in self.flows.iter() {
             let Ok((key, state)) = item else { continue };
             if state.decision != FLOW_EDGE {
                 continue;
             }
-            let idle = if key.proto == viscum_common::PROTO_TCP {
-                tcp_idle
-            } else {
-                udp_idle
-            };
-            if state.closing_at_ns != 0 || now.saturating_sub(state.last_seen_ns) > idle {
+            if state.closing_at_ns != 0
+                || now.saturating_sub(state.last_seen_ns) > cfg.idle_ns(key.proto)
+            {
                 continue;
             }
             *out.entry(state.ifindex).or_insert(0) += 1;
@@ -482,11 +448,6 @@ impl Engine {
         self.config
             .set(0, cfg, 0)
             .map_err(|e| EngineError::map("cannot write the datapath config", e))
-    }
-
-    /// Capacity of the services map.
-    pub fn max_entries(&self) -> u32 {
-        self.max_entries
     }
 
     /// Removes an entry; fails if there is none.
@@ -555,4 +516,27 @@ impl Engine {
             .map_err(|e| EngineError::prog("cannot read the classifier's info", e))?;
         Ok(info.id())
     }
+}
+
+/// Each CPU's copy with its flags changed by `f`, counters kept.
+fn with_flags(
+    values: &PerCpuValues<ServiceEntry>,
+    f: impl Fn(u32) -> u32,
+) -> Result<PerCpuValues<ServiceEntry>, EngineError> {
+    let updated: Vec<ServiceEntry> = values
+        .iter()
+        .map(|v| ServiceEntry {
+            flags: f(v.flags),
+            ..*v
+        })
+        .collect();
+    PerCpuValues::try_from(updated).map_err(|e| EngineError::io("cannot build per-CPU values", e))
+}
+
+/// Stores `rules` (already in precedence order) as the node's rules.
+fn set_rules(node: &mut PrefixNode, rules: &[PortRule]) {
+    for (slot, r) in node.rules.iter_mut().zip(rules) {
+        *slot = *r;
+    }
+    node.count = rules.len() as u32;
 }

@@ -212,21 +212,14 @@ pub async fn create_vlan(
     parent: u32,
     vlan_id: u16,
 ) -> Result<u32, NetnsError> {
-    handle
-        .link()
-        .add(LinkVlan::new(name, parent, vlan_id).build())
-        .execute()
-        .await
-        .map_err(|e| match errno_of(&e) {
-            Some(libc::EEXIST) => NetnsError::InterfaceExists {
-                name: name.to_string(),
-            },
-            _ => netlink_err(
-                format!("create vlan {name} (id {vlan_id}) on interface with index {parent}"),
-                e,
-            ),
-        })?;
-    Ok(link_by_name(handle, name).await?.index)
+    let what = format!("create vlan {name} (id {vlan_id}) on interface with index {parent}");
+    add_link(
+        handle,
+        LinkVlan::new(name, parent, vlan_id).build(),
+        name,
+        what,
+    )
+    .await
 }
 
 /// Creates a passthru macvlan `name` on the link `parent` (same namespace) and returns its
@@ -238,19 +231,29 @@ pub async fn create_macvlan_passthru(
     name: &str,
     parent: u32,
 ) -> Result<u32, NetnsError> {
+    let what = format!("create macvlan {name} on interface with index {parent}");
+    let message = LinkMacVlan::new(name, parent, MacVlanMode::Passthrough).build();
+    add_link(handle, message, name, what).await
+}
+
+/// Creates the link `message` describes and returns its index; an existing
+/// `name` is reported as such, any other failure as `what`.
+async fn add_link(
+    handle: &Handle,
+    message: LinkMessage,
+    name: &str,
+    what: String,
+) -> Result<u32, NetnsError> {
     handle
         .link()
-        .add(LinkMacVlan::new(name, parent, MacVlanMode::Passthrough).build())
+        .add(message)
         .execute()
         .await
         .map_err(|e| match errno_of(&e) {
             Some(libc::EEXIST) => NetnsError::InterfaceExists {
                 name: name.to_string(),
             },
-            _ => netlink_err(
-                format!("create macvlan {name} on interface with index {parent}"),
-                e,
-            ),
+            _ => netlink_err(what, e),
         })?;
     Ok(link_by_name(handle, name).await?.index)
 }
