@@ -23,7 +23,7 @@ use std::{
         fd::{AsRawFd, OwnedFd},
         unix::process::CommandExt,
     },
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Output, Stdio},
     sync::{Mutex, mpsc},
     thread,
@@ -246,10 +246,16 @@ impl Lab {
     /// `--bpffs <the lab's bpffs>` before `args`. For commands that keep running (a daemon),
     /// spawn it and stop it yourself; for the others use [`Lab::viscum`].
     pub fn viscum_command(&self, args: &[&str]) -> Command {
+        self.viscum_command_with(&viscum_bin(), args)
+    }
+
+    /// [`Lab::viscum_command`] with another copy of the binary (e.g. one an unprivileged user
+    /// can execute wherever the checkout lives).
+    pub fn viscum_command_with(&self, bin: &Path, args: &[&str]) -> Command {
         let ns_path = PathBuf::from(NETNS_RUN_DIR).join(self.edge.name());
         let ns_file =
             File::open(&ns_path).unwrap_or_else(|e| panic!("open {}: {e}", ns_path.display()));
-        let mut cmd = Command::new(viscum_bin());
+        let mut cmd = Command::new(bin);
         cmd.arg("--bpffs").arg(self.bpffs.path()).args(args);
         // SAFETY: only setns(2), async-signal-safe, runs between fork and exec. The file is
         // moved into the closure, so its descriptor stays open as long as the Command (it is
@@ -318,6 +324,17 @@ impl Lab {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Service namespace `name` as `viscum ns list --json` shows it; panics if it is not listed.
+    pub fn service_ns_info(&self, name: &str) -> serde_json::Value {
+        let out = self.viscum_ok(&["ns", "list", "--json"]);
+        let list: serde_json::Value = serde_json::from_str(&out)
+            .unwrap_or_else(|e| panic!("viscum ns list printed invalid JSON ({e}):\n{out}"));
+        list.as_array()
+            .and_then(|l| l.iter().find(|n| n["name"] == name))
+            .cloned()
+            .unwrap_or_else(|| panic!("no namespace {name} in {list}"))
     }
 }
 

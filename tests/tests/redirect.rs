@@ -95,14 +95,7 @@ fn exact_port_entries_are_served_at_the_edge_and_deleting_restores_the_cloud() {
         }
     }
     // The namespace holds a local route for each cloud address while entries need it.
-    let ns = json(&s, &["ns", "list", "--json"]);
-    let routes = ns
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == s.ns.as_str())
-        .unwrap()["local_routes"]
-        .clone();
+    let routes = s.lab.service_ns_info(&s.ns)["local_routes"].clone();
     assert_eq!(
         routes,
         serde_json::json!(["198.51.100.7/32", "2001:db8:f::7/128"])
@@ -121,14 +114,7 @@ fn exact_port_entries_are_served_at_the_edge_and_deleting_restores_the_cloud() {
         }
     }
     assert_eq!(s.cloud.tcp_hits() + s.cloud.udp_hits(), hits_before + 4);
-    let ns = json(&s, &["ns", "list", "--json"]);
-    let routes = ns
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == s.ns.as_str())
-        .unwrap()["local_routes"]
-        .clone();
+    let routes = s.lab.service_ns_info(&s.ns)["local_routes"].clone();
     assert_eq!(
         routes,
         serde_json::json!([]),
@@ -411,8 +397,16 @@ fn bad_input_is_rejected_with_a_clear_error_and_changes_nothing() {
 }
 
 fn unprivileged(lab: &Lab, args: &[&str]) -> std::process::Output {
-    use std::os::unix::process::CommandExt as _;
-    let mut cmd = lab.viscum_command(args);
+    use std::os::unix::{fs::PermissionsExt as _, process::CommandExt as _};
+    // A copy nobody can execute: the checkout (and so target/) may sit in a directory only
+    // root can enter, as a `mktemp -d` clone does.
+    let dir = std::env::temp_dir().join(viscum_tests::unique_name("vb"));
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = dir.join("viscum");
+    std::fs::copy(viscum_tests::lab::viscum_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let mut cmd = lab.viscum_command_with(&bin, args);
     // After the lab's setns (pre_exec hooks run in order): drop to nobody.
     unsafe {
         cmd.pre_exec(|| {
@@ -422,7 +416,9 @@ fn unprivileged(lab: &Lab, args: &[&str]) -> std::process::Output {
             Ok(())
         });
     }
-    cmd.output().unwrap()
+    let out = cmd.output().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    out
 }
 
 #[test]
