@@ -162,8 +162,15 @@ pub const PREFIX_KEY_FIXED_BITS: u32 = 32;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PortRule {
-    /// Source prefix (same layout as `ServiceKey::addr`), valid for `src_prefix` bits.
+    /// Source prefix (same layout as `ServiceKey::addr`), already masked to
+    /// `src_prefix` bits.
     pub src: [u8; 16],
+    /// `src_prefix` leading one bits (all zero for "any source"). Stored with
+    /// the rule so the classifier compares a source with three branch-free
+    /// byte operations per byte instead of a per-byte loop whose bound depends
+    /// on the prefix length: that loop made the 6.1 and 6.12 verifiers walk
+    /// past their 1M-instruction limit. See [`PortRule::source_mask`].
+    pub src_mask: [u8; 16],
     /// Inclusive destination port range, **host** byte order (compared, not hashed).
     pub port_lo: u16,
     pub port_hi: u16,
@@ -172,7 +179,28 @@ pub struct PortRule {
     pub _pad: [u8; 3],
     pub rule_id: u32,
 }
-const _: () = assert!(core::mem::size_of::<PortRule>() == 28);
+const _: () = assert!(core::mem::size_of::<PortRule>() == 44);
+
+impl PortRule {
+    /// The mask of a `bits`-long source prefix (network order, `bits` clamped to 128).
+    pub const fn source_mask(bits: u8) -> [u8; 16] {
+        let mut mask = [0u8; 16];
+        let mut i = 0;
+        while i < 16 {
+            let start = (i * 8) as u32;
+            let bits = if bits > 128 { 128 } else { bits } as u32;
+            mask[i] = if bits >= start + 8 {
+                0xff
+            } else if bits > start {
+                0xffu8 << (8 - (bits - start))
+            } else {
+                0
+            };
+            i += 1;
+        }
+        mask
+    }
+}
 
 /// Everything under one address prefix, most specific rule first (user space
 /// keeps the order: source-restricted before unrestricted, narrow port
@@ -186,7 +214,7 @@ pub struct PrefixNode {
     /// prefix matched, and the walk to shorter prefixes needs it.
     pub prefix_len: u32,
 }
-const _: () = assert!(core::mem::size_of::<PrefixNode>() == 120);
+const _: () = assert!(core::mem::size_of::<PrefixNode>() == 184);
 
 /// Name of the LRU flow table (`FlowKey` -> `FlowState`).
 pub const FLOWS_MAP: &str = "VISCUM_FLOWS";
@@ -368,4 +396,21 @@ mod pod {
     unsafe impl aya::Pod for super::ReplyState {}
     unsafe impl aya::Pod for super::PrefixData {}
     unsafe impl aya::Pod for super::PrefixNode {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PortRule;
+
+    #[test]
+    fn source_masks() {
+        assert_eq!(PortRule::source_mask(0), [0; 16]);
+        assert_eq!(PortRule::source_mask(128), [0xff; 16]);
+        assert_eq!(PortRule::source_mask(200), [0xff; 16]);
+        let m = PortRule::source_mask(20);
+        assert_eq!(&m[..4], &[0xff, 0xff, 0xf0, 0]);
+        assert!(m[4..].iter().all(|&b| b == 0));
+        let m = PortRule::source_mask(64);
+        assert!(m[..8].iter().all(|&b| b == 0xff) && m[8..].iter().all(|&b| b == 0));
+    }
 }

@@ -337,8 +337,10 @@ impl Endpoint {
             Some((a, len)) => (addr_bytes(a), len),
             None => ([0; 16], 0),
         };
+        let src_mask = PortRule::source_mask(src_prefix);
         PortRule {
-            src,
+            src: std::array::from_fn(|i| src[i] & src_mask[i]),
+            src_mask,
             port_lo: lo,
             port_hi: hi,
             src_prefix,

@@ -1,10 +1,11 @@
-//! Viscum user space: the loader, the CLI and (later) the daemon.
+//! Viscum user space: the loader, the CLI and the daemon.
 //!
 //! # Layout
 //!
 //! * [`bpffs`]: finding or mounting the bpffs directory that holds the pins.
 //! * [`endpoint`]: `PROTO://ADDR[:PORT]` parsing and its map key encoding.
 //! * [`engine`]: loading, attaching and pinning the classifier; editing its maps.
+//! * [`features`]: what this kernel offers (TCX or clsact, BTF, JIT, helpers), `viscum doctor`.
 //! * [`hostnames`]: cloud host names resolved and kept in step with DNS TTLs.
 //! * [`netns`]: named network namespaces, veths, addresses and routes over netlink.
 //! * [`redirect`]: redirect entries plus the local routes they need in service namespaces.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod endpoint;
 pub mod engine;
+pub mod features;
 pub mod hostnames;
 pub mod netns;
 pub mod redirect;

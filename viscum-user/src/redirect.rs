@@ -15,7 +15,7 @@ use viscum_common::{
 
 use crate::{
     endpoint::{Endpoint, Proto},
-    engine::{self, Engine, EngineError, EntryView, attach::kernel_at_least},
+    engine::{self, Engine, EngineError, EntryView},
     netns::{self, NetnsError},
 };
 
@@ -117,9 +117,10 @@ struct Resolved {
 }
 
 async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
-    // bpf_redirect_peer exists from 5.10; older kernels take the slower
-    // redirect to the host veth's egress (with the MAC rewritten).
-    let peer = if kernel_at_least(5, 10) {
+    // bpf_redirect_peer exists from 5.10 (probed, not assumed from the
+    // version); without it the slower redirect to the host veth's egress
+    // (with the MAC rewritten) is used.
+    let peer = if crate::features::has_redirect_peer() {
         TARGET_F_PEER
     } else {
         0

@@ -59,10 +59,18 @@ pub fn attach(pins: &Pins, args: AttachArgs) -> Result<()> {
         args.udp_idle * S,
         args.linger * S,
     )?;
+    // Say which mechanisms this kernel got, so a degraded box is visible
+    // at the prompt (`viscum doctor` has the whole report).
+    let redirect = crate::features::redirect_mode(crate::features::has_redirect_peer());
+    let kernel = crate::features::kernel_release();
     for (iface, outcome) in done {
         match outcome {
-            AttachOutcome::Tcx => println!("attached to {iface} (tcx)"),
-            AttachOutcome::Clsact => println!("attached to {iface} (clsact)"),
+            AttachOutcome::Tcx => {
+                println!("attached to {iface} (tcx; kernel {kernel}; redirect: {redirect})")
+            }
+            AttachOutcome::Clsact => {
+                println!("attached to {iface} (clsact; kernel {kernel}; redirect: {redirect})")
+            }
             AttachOutcome::AlreadyAttached => println!("already attached to {iface}"),
         }
     }

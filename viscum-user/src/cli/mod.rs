@@ -1,6 +1,7 @@
 //! The `viscum` command line: argument definitions here, one module per command.
 
 mod attach;
+mod doctor;
 mod logs;
 mod ns;
 mod redirect;
@@ -71,6 +72,9 @@ pub enum Command {
     Logs(logs::LogsArgs),
     /// Make the running daemon re-read its configuration file.
     Reload(reload::ReloadArgs),
+    /// Report kernel features (TCX/clsact, BTF, JIT, BPF helpers) and the verifier's
+    /// statistics of the loaded programs.
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Failure of a command, printed as `viscum: <message>: <causes>`.
@@ -92,6 +96,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Service(cmd) => service::run(&pins, cmd).await,
         Command::Logs(args) => logs::run(&pins, args).await,
         Command::Reload(args) => reload::run(&pins, args).await,
+        Command::Doctor(args) => doctor::run(&pins, args),
     }
 }
 

@@ -10,7 +10,6 @@ use aya::{
         links::{FdLink, PinnedLink},
         tc,
     },
-    util::KernelVersion,
 };
 use viscum_common::{FLOWS_MAP, INGRESS_PROG, REPLIES_MAP, REPLY_PROG, SERVICES_MAP};
 
@@ -27,19 +26,8 @@ pub enum AttachOutcome {
     AlreadyAttached,
 }
 
-/// TCX (bpf links) exists from 6.6; before that, a clsact qdisc filter.
-fn has_tcx() -> bool {
-    kernel_at_least(6, 6)
-}
-
-/// Kernel version check; an unreadable version counts as "new enough"
-/// because every box we target runs a modern kernel.
-pub fn kernel_at_least(major: u8, minor: u8) -> bool {
-    match KernelVersion::current() {
-        Ok(v) => v >= KernelVersion::new(major, minor, 0),
-        Err(_) => true,
-    }
-}
+use crate::features::has_tcx;
+pub use crate::features::kernel_at_least;
 
 /// Loads the classifier (or reopens the pinned one) and attaches it at TC
 /// ingress of each interface. Idempotent per interface.
@@ -102,6 +90,31 @@ fn load_or_open(pins: &Pins, sizes: MapSizes, which: &str) -> Result<SchedClassi
             )
         });
     }
+    // A load that fails half-way (the verifier rejects the second program,
+    // say) must leave the bpffs as it found it: the maps aya pinned and any
+    // program already pinned would otherwise make the next attempt reuse a
+    // half-made datapath, and `viscum detach --all --purge` the only way out.
+    let before = our_pins(pins);
+    if let Err(e) = load_and_pin(pins, sizes) {
+        for p in our_pins(pins) {
+            if !before.contains(&p) {
+                let _ = fs::remove_file(&p);
+            }
+        }
+        return Err(e);
+    }
+    // Reopen from the pin so the caller owns a handle independent of `ebpf`.
+    SchedClassifier::from_pin(&path).map_err(|e| {
+        EngineError::prog(
+            format!("cannot open the pinned classifier {}", path.display()),
+            e,
+        )
+    })
+}
+
+/// Loads both programs from the embedded object and pins them (and, through
+/// aya, the maps). The caller undoes the pins if this fails.
+fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
     // Kernels >= 5.11 account BPF memory to the cgroup; older ones need a
     // higher memlock limit. Raising it fails without CAP_SYS_RESOURCE, which
     // is harmless on the former, so the error is only logged.
@@ -116,6 +129,8 @@ fn load_or_open(pins: &Pins, sizes: MapSizes, which: &str) -> Result<SchedClassi
             io::Error::last_os_error()
         );
     }
+    crate::features::check_object(crate::EBPF_OBJECT)?;
+    crate::features::check_required_helpers()?;
     // Maps are pinned by name in the directory; if they are already there
     // (a previous attach whose program was purged), aya reuses them and the
     // entries survive.
@@ -142,9 +157,7 @@ fn load_or_open(pins: &Pins, sizes: MapSizes, which: &str) -> Result<SchedClassi
             .map_err(|e| {
                 EngineError::prog(format!("the embedded program {name} has the wrong type"), e)
             })?;
-        prog.load().map_err(|e| {
-            EngineError::prog(format!("the kernel rejected the classifier {name}"), e)
-        })?;
+        prog.load().map_err(|e| rejected(name, e))?;
         prog.pin(&pin).map_err(|e| {
             EngineError::io(
                 format!("cannot pin the classifier at {}", pin.display()),
@@ -152,13 +165,55 @@ fn load_or_open(pins: &Pins, sizes: MapSizes, which: &str) -> Result<SchedClassi
             )
         })?;
     }
-    // Reopen from the pin so the caller owns a handle independent of `ebpf`.
-    SchedClassifier::from_pin(&path).map_err(|e| {
-        EngineError::prog(
-            format!("cannot open the pinned classifier {}", path.display()),
-            e,
-        )
-    })
+    Ok(())
+}
+
+/// How many lines of the verifier's log a rejection quotes: the verdict and
+/// the statistics line are at the end, the instruction trace before them.
+const VERIFIER_TAIL_LINES: usize = 12;
+
+/// Turns a failed `BPF_PROG_LOAD` into an error that names the kernel, the
+/// program and the verifier's last lines, which is what a user on a router
+/// needs to report or understand the failure.
+fn rejected(program: &str, e: aya::programs::ProgramError) -> EngineError {
+    match e {
+        aya::programs::ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
+            let log = verifier_log.to_string();
+            let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+            let tail = lines[lines.len().saturating_sub(VERIFIER_TAIL_LINES)..].join("\n  ");
+            EngineError::Rejected {
+                program: program.to_owned(),
+                kernel: crate::features::kernel_release(),
+                source: io_error,
+                verifier_tail: tail,
+            }
+        }
+        other => EngineError::prog(format!("cannot load the classifier {program}"), other),
+    }
+}
+
+/// Our pins directly under the instance directory (programs and maps).
+fn our_pins(pins: &Pins) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<std::path::PathBuf> = fs::read_dir(&pins.dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("VISCUM_") || n == "AYA_LOGS")
+        })
+        .collect();
+    out.extend(
+        [pins.program(), pins.reply_program()]
+            .into_iter()
+            .filter(|p| p.exists()),
+    );
+    out
 }
 
 fn attach_one(

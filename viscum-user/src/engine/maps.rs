@@ -229,6 +229,7 @@ impl Engine {
         let mut node = self.node_at(len, data)?.unwrap_or(PrefixNode {
             rules: [PortRule {
                 src: [0; 16],
+                src_mask: [0; 16],
                 port_lo: 0,
                 port_hi: 0,
                 src_prefix: 0,

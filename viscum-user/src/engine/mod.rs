@@ -52,6 +52,20 @@ pub enum EngineError {
     Bpffs(#[from] crate::bpffs::BpffsError),
     #[error("cannot load the classifier into the kernel")]
     Load(#[source] Box<aya::EbpfError>),
+    /// `BPF_PROG_LOAD` failed: the verifier (or the kernel) refused a program.
+    #[error(
+        "kernel {kernel} rejected the classifier {program}: {source}\n  verifier, last lines:\n  {verifier_tail}"
+    )]
+    Rejected {
+        program: String,
+        kernel: String,
+        #[source]
+        source: std::io::Error,
+        verifier_tail: String,
+    },
+    /// The embedded object cannot run on this machine at all.
+    #[error("{0}")]
+    Unsupported(String),
     #[error("{what}")]
     Program {
         what: String,

@@ -1,0 +1,381 @@
+//! What this kernel offers the datapath, probed rather than guessed from the
+//! version where a probe is cheap: attach mode (TCX or clsact), BTF, JIT,
+//! and each BPF helper the classifiers use or may fall back from.
+//!
+//! `viscum attach` prints the choice it made and `viscum doctor` the whole
+//! report, so a user on a router can see why something is degraded.
+//!
+//! Helper probes follow bpftool's `feature probe`: load a three-instruction
+//! `BPF_PROG_TYPE_SCHED_CLS` program that calls the helper with
+//! uninitialised arguments. A kernel that knows the helper rejects it for the
+//! arguments (`R1 !read_ok`); one that does not says `invalid func` /
+//! `unknown func`. Nothing stays loaded.
+
+use std::{ffi::CStr, fs, path::Path};
+
+use aya::{programs::SchedClassifier, util::KernelVersion};
+use serde::Serialize;
+
+use crate::engine::{EngineError, Pins};
+
+/// `uname -r`, or `unknown` if even that fails.
+pub fn kernel_release() -> String {
+    nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "unknown".to_owned())
+}
+
+/// TCX (BPF links on the TC hooks, kernel commit e420bed02507, v6.6) or a
+/// clsact qdisc with a `cls_bpf` filter before that. This is the rule aya
+/// itself applies in `SchedClassifier::attach`, so report and action agree.
+pub fn has_tcx() -> bool {
+    kernel_at_least(6, 6)
+}
+
+/// Kernel version check; an unreadable version counts as "new enough"
+/// because every box we target runs a modern kernel.
+pub fn kernel_at_least(major: u8, minor: u8) -> bool {
+    match KernelVersion::current() {
+        Ok(v) => v >= KernelVersion::new(major, minor, 0),
+        Err(_) => true,
+    }
+}
+
+/// The embedded object's byte order must be the CPU's: a `bpfel` object on a
+/// big-endian kernel (s390x, MIPS) or the reverse loads nothing useful, and
+/// aya's error for it is obscure. ELF `EI_DATA` is byte 5 of the header.
+///
+/// # Errors
+/// [`EngineError::Unsupported`] naming both byte orders.
+pub fn check_object(object: &[u8]) -> Result<(), EngineError> {
+    check_object_endian(object, cfg!(target_endian = "big"))
+}
+
+fn check_object_endian(object: &[u8], cpu_big: bool) -> Result<(), EngineError> {
+    if object.len() < 6 || &object[..4] != b"\x7fELF" {
+        return Err(EngineError::Unsupported(
+            "the embedded eBPF object is not an ELF file (broken build)".into(),
+        ));
+    }
+    let obj_big = match object[5] {
+        1 => false,
+        2 => true,
+        other => {
+            return Err(EngineError::Unsupported(format!(
+                "the embedded eBPF object has an unknown ELF byte order ({other})"
+            )));
+        }
+    };
+    if obj_big != cpu_big {
+        let name = |big: bool| if big { "big-endian" } else { "little-endian" };
+        let obj = if obj_big { "bpfeb" } else { "bpfel" };
+        return Err(EngineError::Unsupported(format!(
+            "the embedded eBPF object is {} ({obj}) but this CPU is {}: this viscum binary was \
+             built wrongly (build it for this target so aya-build picks the matching object)",
+            name(obj_big),
+            name(cpu_big)
+        )));
+    }
+    Ok(())
+}
+
+/// BPF helpers the classifiers use, or might use where present, with the
+/// kernel release that added each (include/uapi/linux/bpf.h).
+pub const HELPERS: &[(&str, u32, &str)] = &[
+    ("bpf_redirect", 23, "4.4"),
+    ("bpf_clone_redirect", 13, "4.2"),
+    ("bpf_skb_vlan_pop", 19, "4.3"),
+    ("bpf_csum_diff", 28, "4.6"),
+    ("bpf_fib_lookup", 69, "4.18"),
+    ("bpf_skc_lookup_tcp", 99, "5.2"),
+    ("bpf_jiffies64", 118, "5.5"),
+    ("bpf_sk_assign", 124, "5.7"),
+    ("bpf_redirect_neigh", 152, "5.10"),
+    ("bpf_redirect_peer", 155, "5.10"),
+    ("bpf_check_mtu", 163, "5.12"),
+];
+
+/// Helpers `viscum_ingress`/`viscum_reply` call unconditionally: without any
+/// of them the object cannot load, so attach refuses up front with a clear
+/// message instead of a verifier dump.
+pub const REQUIRED_HELPERS: &[&str] = &[
+    "bpf_redirect",
+    "bpf_clone_redirect",
+    "bpf_skb_vlan_pop",
+    "bpf_csum_diff",
+    "bpf_fib_lookup",
+    "bpf_redirect_neigh",
+    "bpf_redirect_peer",
+];
+
+/// One helper's probe result.
+#[derive(Debug, Clone, Serialize)]
+pub struct HelperSupport {
+    pub name: &'static str,
+    pub id: u32,
+    pub since: &'static str,
+    /// `None` when the probe itself could not run (no CAP_BPF, say).
+    pub available: Option<bool>,
+}
+
+/// The verifier's and the JIT's view of one loaded program.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProgramStats {
+    pub name: String,
+    pub id: u32,
+    /// Instructions the verifier processed (`verified_insns`, kernel >= 5.16).
+    pub verified_insns: Option<u32>,
+    /// Size of the translated (post-verifier) program, bytes.
+    pub xlated_bytes: Option<u32>,
+    /// Size of the JIT image, bytes; `None` when interpreted.
+    pub jited_bytes: Option<u32>,
+}
+
+/// Everything `viscum doctor` reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub kernel: String,
+    pub arch: String,
+    pub byte_order: &'static str,
+    /// `tcx` or `clsact`.
+    pub attach_mode: &'static str,
+    /// `/sys/kernel/btf/vmlinux` exists.
+    pub btf: bool,
+    /// `/proc/sys/net/core/bpf_jit_enable`: 0 off (interpreter), 1 on, 2 on with debug.
+    pub jit: Option<u8>,
+    /// How redirects into service namespaces are made on this kernel.
+    pub redirect: &'static str,
+    pub helpers: Vec<HelperSupport>,
+    /// Helpers the datapath requires that this kernel lacks (empty = fine).
+    pub missing: Vec<&'static str>,
+    /// Programs pinned under the instance's bpffs directory, if loaded.
+    pub programs: Vec<ProgramStats>,
+}
+
+impl Report {
+    /// Probes this kernel and reads the programs pinned under `pins`.
+    pub fn probe(pins: &Pins) -> Report {
+        let helpers: Vec<HelperSupport> = HELPERS
+            .iter()
+            .map(|&(name, id, since)| HelperSupport {
+                name,
+                id,
+                since,
+                available: probe_helper(id),
+            })
+            .collect();
+        let missing = missing_helpers(&helpers);
+        let peer = helpers
+            .iter()
+            .find(|h| h.name == "bpf_redirect_peer")
+            .and_then(|h| h.available)
+            .unwrap_or(true);
+        Report {
+            kernel: kernel_release(),
+            arch: nix::sys::utsname::uname()
+                .map(|u| u.machine().to_string_lossy().into_owned())
+                .unwrap_or_else(|_| "unknown".into()),
+            byte_order: if cfg!(target_endian = "big") {
+                "big-endian (bpfeb)"
+            } else {
+                "little-endian (bpfel)"
+            },
+            attach_mode: if has_tcx() { "tcx" } else { "clsact" },
+            btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
+            jit: fs::read_to_string("/proc/sys/net/core/bpf_jit_enable")
+                .ok()
+                .and_then(|s| s.trim().parse().ok()),
+            redirect: redirect_mode(peer),
+            helpers,
+            missing,
+            programs: program_stats(pins),
+        }
+    }
+}
+
+/// How a hit enters its namespace, given `bpf_redirect_peer` support.
+pub fn redirect_mode(peer: bool) -> &'static str {
+    match (peer, kernel_at_least(6, 15)) {
+        (true, true) => "bpf_redirect_peer",
+        // Before 6.15 (commit "bpf: Set pkt_type to PACKET_HOST in
+        // redirect_peer") the peer keeps the frame's pkt_type, so the
+        // destination MAC is rewritten to the namespace veth's.
+        (true, false) => "bpf_redirect_peer + destination MAC rewrite",
+        (false, _) => "bpf_redirect to the host veth + destination MAC rewrite",
+    }
+}
+
+/// Is `bpf_redirect_peer` usable? Probed once per process; assumed when the
+/// probe cannot run.
+pub fn has_redirect_peer() -> bool {
+    static PEER: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PEER.get_or_init(|| probe_helper(155).unwrap_or(true))
+}
+
+fn missing_helpers(helpers: &[HelperSupport]) -> Vec<&'static str> {
+    helpers
+        .iter()
+        .filter(|h| REQUIRED_HELPERS.contains(&h.name) && h.available == Some(false))
+        .map(|h| h.name)
+        .collect()
+}
+
+/// Refuses, naming every missing helper, when this kernel cannot run the
+/// datapath at all.
+pub fn check_required_helpers() -> Result<(), EngineError> {
+    let helpers: Vec<HelperSupport> = HELPERS
+        .iter()
+        .filter(|(name, _, _)| REQUIRED_HELPERS.contains(name))
+        .map(|&(name, id, since)| HelperSupport {
+            name,
+            id,
+            since,
+            available: probe_helper(id),
+        })
+        .collect();
+    let missing: Vec<String> = helpers
+        .iter()
+        .filter(|h| h.available == Some(false))
+        .map(|h| format!("{} (Linux {})", h.name, h.since))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    Err(EngineError::Unsupported(format!(
+        "kernel {} lacks BPF helpers the datapath needs: {}; Viscum supports Linux 5.15 and later",
+        kernel_release(),
+        missing.join(", ")
+    )))
+}
+
+/// Stats of the two programs pinned under `pins` (those that exist).
+pub fn program_stats(pins: &Pins) -> Vec<ProgramStats> {
+    let mut out = Vec::new();
+    for (name, path) in [
+        (viscum_common::INGRESS_PROG, pins.program()),
+        (viscum_common::REPLY_PROG, pins.reply_program()),
+    ] {
+        if !path.exists() {
+            continue;
+        }
+        let Ok(prog) = SchedClassifier::from_pin(&path) else {
+            continue;
+        };
+        let Ok(info) = prog.info() else { continue };
+        out.push(ProgramStats {
+            name: name.to_owned(),
+            id: info.id(),
+            verified_insns: info.verified_instruction_count().filter(|&n| n > 0),
+            xlated_bytes: info.size_translated().filter(|&n| n > 0),
+            jited_bytes: Some(info.size_jitted()).filter(|&n| n > 0),
+        });
+    }
+    out
+}
+
+/// `BPF_PROG_LOAD` of `call <helper>; r0 = 0; exit` as a TC classifier.
+/// `Some(true)`: the kernel knows the helper; `Some(false)`: it does not;
+/// `None`: the probe could not tell (no privilege, unexpected error).
+pub fn probe_helper(id: u32) -> Option<bool> {
+    // struct bpf_insn { u8 code; u8 dst_reg:4, src_reg:4; s16 off; s32 imm; }:
+    // every register field is 0 here, so the nibble order (which follows the
+    // CPU's bit-field layout) does not matter.
+    fn insn(code: u8, imm: i32) -> u64 {
+        let mut b = [0u8; 8];
+        b[0] = code;
+        b[4..8].copy_from_slice(&imm.to_ne_bytes());
+        u64::from_ne_bytes(b)
+    }
+    const BPF_JMP_CALL: u8 = 0x85;
+    const BPF_ALU64_MOV_K: u8 = 0xb7;
+    const BPF_EXIT: u8 = 0x95;
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    let insns = [
+        insn(BPF_JMP_CALL, id as i32),
+        insn(BPF_ALU64_MOV_K, 0),
+        insn(BPF_EXIT, 0),
+    ];
+    let license = c"GPL";
+    let mut log = vec![0u8; 4096];
+    // union bpf_attr, BPF_PROG_LOAD part: prog_type, insn_cnt, insns,
+    // license, log_level, log_size, log_buf (the rest zero).
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        rest: [u8; 96],
+    }
+    let attr = ProgLoad {
+        prog_type: BPF_PROG_TYPE_SCHED_CLS,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        rest: [0; 96],
+    };
+    // SAFETY: the attr struct and the buffers it points to outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &attr as *const ProgLoad,
+            std::mem::size_of::<ProgLoad>(),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: a fresh fd we own.
+        unsafe { libc::close(fd as i32) };
+        return Some(true);
+    }
+    let log = CStr::from_bytes_until_nul(&log)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    // "invalid func" (id beyond this kernel's list), "unknown func" (older
+    // wording), "cannot use helper" (known, but not for TC programs).
+    if log.contains("invalid func")
+        || log.contains("unknown func")
+        || log.contains("cannot use helper")
+    {
+        Some(false)
+    } else if log.is_empty() {
+        None
+    } else {
+        Some(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn elf(data: u8) -> Vec<u8> {
+        let mut v = b"\x7fELF".to_vec();
+        v.extend([2, data, 1, 0]);
+        v
+    }
+
+    #[test]
+    fn object_byte_order_must_match_the_cpu() {
+        assert!(check_object_endian(&elf(1), false).is_ok());
+        assert!(check_object_endian(&elf(2), true).is_ok());
+        let e = check_object_endian(&elf(2), false).unwrap_err().to_string();
+        assert!(e.contains("big-endian (bpfeb)") && e.contains("CPU is little-endian"), "{e}");
+        let e = check_object_endian(&elf(1), true).unwrap_err().to_string();
+        assert!(e.contains("little-endian (bpfel)") && e.contains("CPU is big-endian"), "{e}");
+        assert!(check_object_endian(b"nope", false).is_err());
+        assert!(check_object_endian(&elf(7), false).is_err());
+    }
+
+    #[test]
+    fn the_embedded_object_matches_this_cpu() {
+        check_object(crate::EBPF_OBJECT).expect("embedded object byte order");
+    }
+}
