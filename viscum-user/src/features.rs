@@ -367,11 +367,36 @@ mod tests {
         assert!(check_object_endian(&elf(1), false).is_ok());
         assert!(check_object_endian(&elf(2), true).is_ok());
         let e = check_object_endian(&elf(2), false).unwrap_err().to_string();
-        assert!(e.contains("big-endian (bpfeb)") && e.contains("CPU is little-endian"), "{e}");
+        assert!(
+            e.contains("big-endian (bpfeb)") && e.contains("CPU is little-endian"),
+            "{e}"
+        );
         let e = check_object_endian(&elf(1), true).unwrap_err().to_string();
-        assert!(e.contains("little-endian (bpfel)") && e.contains("CPU is big-endian"), "{e}");
+        assert!(
+            e.contains("little-endian (bpfel)") && e.contains("CPU is big-endian"),
+            "{e}"
+        );
         assert!(check_object_endian(b"nope", false).is_err());
         assert!(check_object_endian(&elf(7), false).is_err());
+    }
+
+    #[test]
+    fn helper_probes_tell_known_from_unknown() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: probing helpers needs root");
+            return;
+        }
+        assert_eq!(
+            probe_helper(5),
+            Some(true),
+            "bpf_ktime_get_ns exists everywhere"
+        );
+        assert_eq!(
+            probe_helper(23),
+            Some(true),
+            "bpf_redirect exists everywhere"
+        );
+        assert_eq!(probe_helper(999_999), Some(false), "no such helper");
     }
 
     #[test]

@@ -18,10 +18,20 @@ pub fn run(pins: &Pins, args: DoctorArgs) -> Result<()> {
     if args.json {
         return print_json(&report);
     }
-    println!("kernel      {} ({}, {})", report.kernel, report.arch, report.byte_order);
+    println!(
+        "kernel      {} ({}, {})",
+        report.kernel, report.arch, report.byte_order
+    );
     println!("attach      {}", report.attach_mode);
     println!("redirect    {}", report.redirect);
-    println!("btf         {}", if report.btf { "yes" } else { "no (/sys/kernel/btf/vmlinux missing)" });
+    println!(
+        "btf         {}",
+        if report.btf {
+            "yes"
+        } else {
+            "no (/sys/kernel/btf/vmlinux missing)"
+        }
+    );
     println!(
         "jit         {}",
         match report.jit {
@@ -33,7 +43,10 @@ pub fn run(pins: &Pins, args: DoctorArgs) -> Result<()> {
     if report.missing.is_empty() {
         println!("helpers     all required helpers present");
     } else {
-        println!("helpers     MISSING: {} (the datapath cannot load)", report.missing.join(", "));
+        println!(
+            "helpers     MISSING: {} (the datapath cannot load)",
+            report.missing.join(", ")
+        );
     }
     let rows: Vec<Vec<String>> = report
         .helpers
@@ -54,7 +67,10 @@ pub fn run(pins: &Pins, args: DoctorArgs) -> Result<()> {
     print_table(&["HELPER", "SINCE", "AVAILABLE"], &rows);
     println!();
     if report.programs.is_empty() {
-        println!("programs    none loaded under {} (run `viscum attach IFACE`)", pins.dir.display());
+        println!(
+            "programs    none loaded under {} (run `viscum attach IFACE`)",
+            pins.dir.display()
+        );
     } else {
         let opt = |v: Option<u32>| v.map_or("-".to_owned(), |n| n.to_string());
         let rows: Vec<Vec<String>> = report
@@ -70,7 +86,16 @@ pub fn run(pins: &Pins, args: DoctorArgs) -> Result<()> {
                 ]
             })
             .collect();
-        print_table(&["PROGRAM", "ID", "VERIFIED_INSNS", "XLATED_BYTES", "JITED_BYTES"], &rows);
+        print_table(
+            &[
+                "PROGRAM",
+                "ID",
+                "VERIFIED_INSNS",
+                "XLATED_BYTES",
+                "JITED_BYTES",
+            ],
+            &rows,
+        );
     }
     Ok(())
 }

@@ -249,7 +249,8 @@ pub fn detach_reply(pins: &Pins, name: &str) -> Result<(), EngineError> {
     let path = pins.reply_link(name);
     if path.is_dir() {
         let _ = tc::qdisc_detach_program(name, TcAttachType::Ingress, REPLY_PROG);
-        let _ = fs::remove_dir(&path);
+        let _ = release_clsact(name, &path);
+        let _ = remove_record(&path);
     } else if path.exists() {
         let link = PinnedLink::from_pin(&path).map_err(|e| {
             EngineError::io(
@@ -300,9 +301,18 @@ fn attach_at(
         })?;
         Ok(AttachOutcome::Tcx)
     } else {
-        if let Err(e) = tc::qdisc_add_clsact(name) {
-            log::debug!("clsact on {name}: {e} (probably exists already)");
-        }
+        let ifindex = super::ifindex(name)?;
+        let created = if super::clsact::present(ifindex)? {
+            false
+        } else {
+            tc::qdisc_add_clsact(name).map_err(|e| {
+                EngineError::io(
+                    format!("cannot add a clsact qdisc to {name}"),
+                    io::Error::other(e),
+                )
+            })?;
+            true
+        };
         let id = prog
             .attach(name, TcAttachType::Ingress)
             .map_err(|e| EngineError::prog(format!("cannot attach to {name}"), e))?;
@@ -312,10 +322,53 @@ fn attach_at(
             .take_link(id)
             .map_err(|e| EngineError::prog("cannot take the tc link", e))?;
         std::mem::forget(link);
-        // Record the attachment so `detach`/`stats` know about it.
-        fs::create_dir_all(&link_pin).ok();
+        // Record the attachment so `detach`/`stats` know about it (bpffs
+        // holds directories and pins, no plain files), and whether the
+        // qdisc is ours to remove on detach.
+        fs::create_dir_all(&link_pin).map_err(|e| {
+            EngineError::io(
+                format!("cannot record the attachment at {}", link_pin.display()),
+                e,
+            )
+        })?;
+        if created {
+            let marker = link_pin.join(CLSACT_CREATED);
+            fs::create_dir_all(&marker).map_err(|e| {
+                EngineError::io(
+                    format!("cannot record the qdisc at {}", marker.display()),
+                    e,
+                )
+            })?;
+        }
         Ok(AttachOutcome::Clsact)
     }
+}
+
+/// Marker directory inside a clsact attachment record: Viscum added the
+/// qdisc, so detach may remove it.
+const CLSACT_CREATED: &str = "clsact-created";
+
+/// Removes a clsact attachment record (and its marker).
+fn remove_record(path: &std::path::Path) -> Result<(), EngineError> {
+    let _ = fs::remove_dir(path.join(CLSACT_CREATED));
+    fs::remove_dir(path)
+        .map_err(|e| EngineError::io(format!("cannot remove {}", path.display()), e))
+}
+
+/// After our filter left `name`: remove the clsact qdisc if Viscum added it
+/// and nothing else uses it.
+fn release_clsact(name: &str, record: &std::path::Path) -> Result<(), EngineError> {
+    if !record.join(CLSACT_CREATED).is_dir() {
+        return Ok(());
+    }
+    let Ok(ifindex) = super::ifindex(name) else {
+        // The interface is gone, and its qdisc with it.
+        return Ok(());
+    };
+    if super::clsact::present(ifindex)? && super::clsact::filter_count(ifindex)? == 0 {
+        super::clsact::delete(ifindex)?;
+    }
+    Ok(())
 }
 
 /// Is our program (by id) attached at ingress of `name`?
@@ -371,8 +424,8 @@ fn detach_one(pins: &Pins, name: &str) -> Result<(), EngineError> {
                 ));
             }
         }
-        fs::remove_dir(&path)
-            .map_err(|e| EngineError::io(format!("cannot remove {}", path.display()), e))?;
+        release_clsact(name, &path)?;
+        remove_record(&path)?;
         return Ok(());
     }
     // Unpinning and dropping the last reference to a TCX link detaches it.

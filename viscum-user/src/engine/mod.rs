@@ -18,6 +18,7 @@
 //! ```
 
 pub mod attach;
+mod clsact;
 pub mod maps;
 
 use std::path::{Path, PathBuf};
