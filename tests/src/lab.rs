@@ -274,6 +274,12 @@ impl Lab {
     /// Runs `viscum --bpffs <lab bpffs> ARGS` in the edge namespace and returns its output.
     /// Killed (and the test panics) if it runs longer than a minute.
     pub fn viscum(&self, args: &[&str]) -> Output {
+        self.viscum_within(VISCUM_TIMEOUT, args)
+    }
+
+    /// [`Lab::viscum`] with another time limit: loading the datapath under an emulated CPU
+    /// (the VM kernel matrix) keeps the verifier busy for minutes.
+    pub fn viscum_within(&self, timeout: Duration, args: &[&str]) -> Output {
         let mut cmd = self.viscum_command(args);
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -286,7 +292,7 @@ impl Lab {
         let waiter = thread::spawn(move || {
             let _ = tx.send(child.wait_with_output());
         });
-        match rx.recv_timeout(VISCUM_TIMEOUT) {
+        match rx.recv_timeout(timeout) {
             Ok(output) => {
                 let _ = waiter.join();
                 output.unwrap_or_else(|e| panic!("wait for viscum {args:?}: {e}"))
@@ -296,7 +302,7 @@ impl Lab {
                 // SAFETY: plain kill(2) on the pid of a child not yet reaped.
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
                 let _ = waiter.join();
-                panic!("viscum {args:?} ran longer than {VISCUM_TIMEOUT:?} and was killed");
+                panic!("viscum {args:?} ran longer than {timeout:?} and was killed");
             }
         }
     }

@@ -10,6 +10,12 @@
 //! * [`identity`]: [`IdentityServer`], which answers TCP and UDP with a fixed identity string
 //!   so a test knows which copy of a service answered, and the clients [`tcp_ask`],
 //!   [`udp_ask`] and [`ask`].
+//! * [`packet`]: Ethernet/VLAN/IPv4/IPv6/TCP/UDP frames built byte by byte with checksums.
+//! * [`verdicts`]: fixtures that run such frames through the loaded classifiers with
+//!   `BPF_PROG_TEST_RUN` and check the TC action and the counters.
+//! * [`cases`]: [`CaseResult`], the named pass/fail unit fixtures and the guest runner report.
+//! * [`vmcheck`]: the `viscum-vmcheck` guest runner of the VM kernel matrix (PID 1 of a VM,
+//!   or a quick self-check anywhere).
 //!
 //! Namespaces are entered per thread with `setns` (through `viscum::netns::in_netns`), never
 //! with `ip netns exec`, which hides the bpffs mounts viscum depends on (see
@@ -19,13 +25,18 @@
 //! Run the tests one at a time (`--test-threads=1`); tests that need root call
 //! [`skip_unless_root`] first.
 
+pub mod cases;
 pub mod dns;
 pub mod guard;
 pub mod identity;
 pub mod lab;
+pub mod packet;
+pub mod verdicts;
 mod vlan;
+pub mod vmcheck;
 
 pub use self::{
+    cases::CaseResult,
     dns::{Dns, Zone},
     guard::{Bpffs, Netns, block_on, skip_unless_root, unique_name, wait_until},
     identity::{IdentityServer, Proto, ask, tcp_ask, udp_ask},

@@ -1,0 +1,583 @@
+//! Frames built byte by byte, for feeding the classifiers through `BPF_PROG_TEST_RUN`, and a
+//! small reader to check what a program wrote back.
+//!
+//! Everything multi-byte is written in network byte order explicitly (`to_be_bytes`), never
+//! through a native-endian struct, so the same frames come out on little- and big-endian
+//! hosts (the s390x guest is big-endian). IPv4 header checksums and TCP/UDP checksums
+//! (pseudo-header included) are computed, so a frame is exactly what a stack would send.
+//!
+//! ```text
+//! Ethernet [802.1Q tag] ─ IPv4 (optional fragment fields)          ─ TCP | UDP | raw
+//!                       └ IPv6 (optional extension headers, in order) ┘
+//! ```
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+/// EtherType of IPv4.
+pub const ETH_P_IP: u16 = 0x0800;
+/// EtherType of IPv6.
+pub const ETH_P_IPV6: u16 = 0x86dd;
+/// EtherType of ARP.
+pub const ETH_P_ARP: u16 = 0x0806;
+/// EtherType (TPID) of an 802.1Q tag.
+pub const ETH_P_8021Q: u16 = 0x8100;
+
+/// IP protocol numbers used here.
+pub const IPPROTO_HOPOPTS: u8 = 0;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_FRAGMENT: u8 = 44;
+
+/// TCP flag bits (the 14th header byte).
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_PSH: u8 = 0x08;
+pub const TCP_ACK: u8 = 0x10;
+
+/// The source MAC frames carry unless told otherwise (locally administered).
+pub const CLIENT_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x02];
+/// The destination MAC frames carry unless told otherwise (locally administered).
+pub const EDGE_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
+
+/// The transport part of a [`Packet`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum L4 {
+    /// A 20-byte TCP header (no options) with these flags, then the payload.
+    Tcp {
+        sport: u16,
+        dport: u16,
+        flags: u8,
+        seq: u32,
+        ack: u32,
+    },
+    /// An 8-byte UDP header, then the payload.
+    Udp { sport: u16, dport: u16 },
+    /// The payload as the whole transport part, under this protocol number (ICMP echo...).
+    Raw { proto: u8 },
+}
+
+impl L4 {
+    fn proto(&self) -> u8 {
+        match self {
+            L4::Tcp { .. } => IPPROTO_TCP,
+            L4::Udp { .. } => IPPROTO_UDP,
+            L4::Raw { proto } => *proto,
+        }
+    }
+}
+
+/// An IPv6 extension header placed between the fixed header and the transport header.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ext {
+    /// Hop-by-hop options (next header 0), padded with PadN to 8 bytes.
+    HopByHop,
+    /// A fragment header (next header 44): offset in 8-byte units, more-fragments flag.
+    Fragment { offset: u16, more: bool, id: u32 },
+}
+
+impl Ext {
+    fn number(&self) -> u8 {
+        match self {
+            Ext::HopByHop => IPPROTO_HOPOPTS,
+            Ext::Fragment { .. } => IPPROTO_FRAGMENT,
+        }
+    }
+
+    fn bytes(&self, next: u8) -> [u8; 8] {
+        match self {
+            // next, hdr ext len 0 (8 bytes), PadN option of 4 zero bytes.
+            Ext::HopByHop => [next, 0, 1, 4, 0, 0, 0, 0],
+            Ext::Fragment { offset, more, id } => {
+                let off = (offset << 3) | u16::from(*more);
+                let [o0, o1] = off.to_be_bytes();
+                let [i0, i1, i2, i3] = id.to_be_bytes();
+                [next, 0, o0, o1, i0, i1, i2, i3]
+            }
+        }
+    }
+}
+
+/// One Ethernet frame carrying IPv4 or IPv6. Build it with [`Packet::tcp`] / [`Packet::udp`],
+/// adjust the public fields, and serialise it with [`Packet::build`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Packet {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    /// An 802.1Q tag in the frame's data (VLAN id, priority 0).
+    pub vlan: Option<u16>,
+    /// Source address; its family decides IPv4 or IPv6 (`dst` must match).
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    /// TTL / hop limit.
+    pub ttl: u8,
+    /// IPv4 only: the flags-and-fragment-offset word as on the wire (`0x4000` = DF, `0x2000`
+    /// = MF, low 13 bits the offset in 8-byte units).
+    pub frag: u16,
+    /// IPv6 only: extension headers, in order.
+    pub ext: Vec<Ext>,
+    pub l4: L4,
+    pub payload: Vec<u8>,
+}
+
+impl Packet {
+    /// A TCP segment from `src` to `dst` with `flags` (e.g. [`TCP_SYN`]), TTL 64, DF set.
+    pub fn tcp(src: SocketAddr, dst: SocketAddr, flags: u8) -> Packet {
+        Packet::new(
+            src.ip(),
+            dst.ip(),
+            L4::Tcp {
+                sport: src.port(),
+                dport: dst.port(),
+                flags,
+                seq: 0x1000_0000,
+                ack: if flags & TCP_ACK != 0 { 0x2000_0000 } else { 0 },
+            },
+        )
+    }
+
+    /// A UDP datagram from `src` to `dst` with a short payload.
+    pub fn udp(src: SocketAddr, dst: SocketAddr) -> Packet {
+        let mut p = Packet::new(
+            src.ip(),
+            dst.ip(),
+            L4::Udp {
+                sport: src.port(),
+                dport: dst.port(),
+            },
+        );
+        p.payload = b"viscum fixture\n".to_vec();
+        p
+    }
+
+    /// An ICMP echo request (IPv4 only: the classifier ignores it as not TCP/UDP).
+    pub fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Packet {
+        let mut p = Packet::new(
+            src.into(),
+            dst.into(),
+            L4::Raw {
+                proto: IPPROTO_ICMP,
+            },
+        );
+        // type 8, code 0, checksum, id 1, seq 1, 8 bytes of data; checksum over all of it.
+        let mut icmp = vec![8, 0, 0, 0, 0, 1, 0, 1];
+        icmp.extend_from_slice(b"fixture!");
+        let sum = checksum(&[&icmp]);
+        icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+        p.payload = icmp;
+        p
+    }
+
+    fn new(src: IpAddr, dst: IpAddr, l4: L4) -> Packet {
+        assert_eq!(
+            src.is_ipv4(),
+            dst.is_ipv4(),
+            "packet from {src} to {dst}: mixed families"
+        );
+        Packet {
+            dst_mac: EDGE_MAC,
+            src_mac: CLIENT_MAC,
+            vlan: None,
+            src,
+            dst,
+            ttl: 64,
+            frag: if src.is_ipv4() { 0x4000 } else { 0 },
+            ext: Vec::new(),
+            l4,
+            payload: Vec::new(),
+        }
+    }
+
+    /// The transport header and payload, checksummed over the pseudo-header of `src`/`dst`.
+    fn transport(&self) -> Vec<u8> {
+        let mut seg = match &self.l4 {
+            L4::Tcp {
+                sport,
+                dport,
+                flags,
+                seq,
+                ack,
+            } => {
+                let mut h = Vec::with_capacity(20);
+                h.extend_from_slice(&sport.to_be_bytes());
+                h.extend_from_slice(&dport.to_be_bytes());
+                h.extend_from_slice(&seq.to_be_bytes());
+                h.extend_from_slice(&ack.to_be_bytes());
+                h.push(5 << 4); // data offset: 5 words
+                h.push(*flags);
+                h.extend_from_slice(&64240u16.to_be_bytes()); // window
+                h.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+                h
+            }
+            L4::Udp { sport, dport } => {
+                let len = 8 + self.payload.len() as u16;
+                let mut h = Vec::with_capacity(8);
+                h.extend_from_slice(&sport.to_be_bytes());
+                h.extend_from_slice(&dport.to_be_bytes());
+                h.extend_from_slice(&len.to_be_bytes());
+                h.extend_from_slice(&[0, 0]);
+                h
+            }
+            L4::Raw { .. } => Vec::new(),
+        };
+        seg.extend_from_slice(&self.payload);
+        let csum_at = match self.l4 {
+            L4::Tcp { .. } => Some(16),
+            L4::Udp { .. } => Some(6),
+            L4::Raw { .. } => None,
+        };
+        if let Some(at) = csum_at {
+            let pseudo = pseudo_header(self.src, self.dst, self.l4.proto(), seg.len());
+            let mut sum = checksum(&[&pseudo, &seg]);
+            // UDP sends a computed 0 as 0xffff: 0 means "no checksum" (RFC 768).
+            if sum == 0 && matches!(self.l4, L4::Udp { .. }) {
+                sum = 0xffff;
+            }
+            seg[at..at + 2].copy_from_slice(&sum.to_be_bytes());
+        }
+        seg
+    }
+
+    /// The IP header(s) and everything after them.
+    pub fn ip(&self) -> Vec<u8> {
+        let seg = self.transport();
+        match (self.src, self.dst) {
+            (IpAddr::V4(src), IpAddr::V4(dst)) => {
+                let total = 20 + seg.len() as u16;
+                let mut h = Vec::with_capacity(total as usize);
+                h.push(0x45); // version 4, IHL 5
+                h.push(0); // DSCP/ECN
+                h.extend_from_slice(&total.to_be_bytes());
+                h.extend_from_slice(&0x1234u16.to_be_bytes()); // identification
+                h.extend_from_slice(&self.frag.to_be_bytes());
+                h.push(self.ttl);
+                h.push(self.l4.proto());
+                h.extend_from_slice(&[0, 0]); // checksum
+                h.extend_from_slice(&src.octets());
+                h.extend_from_slice(&dst.octets());
+                let sum = checksum(&[&h]);
+                h[10..12].copy_from_slice(&sum.to_be_bytes());
+                h.extend_from_slice(&seg);
+                h
+            }
+            (IpAddr::V6(src), IpAddr::V6(dst)) => {
+                let payload_len = (self.ext.len() * 8 + seg.len()) as u16;
+                let first = self.ext.first().map(Ext::number).unwrap_or(self.l4.proto());
+                let mut h = Vec::with_capacity(40 + payload_len as usize);
+                h.extend_from_slice(&[0x60, 0, 0, 0]); // version 6, class 0, flow 0
+                h.extend_from_slice(&payload_len.to_be_bytes());
+                h.push(first);
+                h.push(self.ttl);
+                h.extend_from_slice(&src.octets());
+                h.extend_from_slice(&dst.octets());
+                for (i, ext) in self.ext.iter().enumerate() {
+                    let next = self
+                        .ext
+                        .get(i + 1)
+                        .map(Ext::number)
+                        .unwrap_or(self.l4.proto());
+                    h.extend_from_slice(&ext.bytes(next));
+                }
+                h.extend_from_slice(&seg);
+                h
+            }
+            _ => unreachable!("families checked in Packet::new"),
+        }
+    }
+
+    /// The whole frame: Ethernet header, the tag if any, then [`Packet::ip`].
+    pub fn build(&self) -> Vec<u8> {
+        let ethertype = if self.src.is_ipv4() {
+            ETH_P_IP
+        } else {
+            ETH_P_IPV6
+        };
+        let mut f = ethernet(self.dst_mac, self.src_mac, self.vlan, ethertype);
+        f.extend_from_slice(&self.ip());
+        f
+    }
+}
+
+/// An Ethernet header (with an 802.1Q tag of VLAN `vlan` when given) announcing `ethertype`.
+pub fn ethernet(dst: [u8; 6], src: [u8; 6], vlan: Option<u16>, ethertype: u16) -> Vec<u8> {
+    let mut f = Vec::with_capacity(18);
+    f.extend_from_slice(&dst);
+    f.extend_from_slice(&src);
+    if let Some(vid) = vlan {
+        f.extend_from_slice(&ETH_P_8021Q.to_be_bytes());
+        f.extend_from_slice(&(vid & 0x0fff).to_be_bytes());
+    }
+    f.extend_from_slice(&ethertype.to_be_bytes());
+    f
+}
+
+/// A broadcast ARP request "who has `target`? tell `sender`".
+pub fn arp_request(sender: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut f = ethernet([0xff; 6], CLIENT_MAC, None, ETH_P_ARP);
+    f.extend_from_slice(&1u16.to_be_bytes()); // hardware: Ethernet
+    f.extend_from_slice(&ETH_P_IP.to_be_bytes()); // protocol: IPv4
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&1u16.to_be_bytes()); // request
+    f.extend_from_slice(&CLIENT_MAC);
+    f.extend_from_slice(&sender.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f
+}
+
+/// The TCP/UDP pseudo-header of RFC 793 / RFC 8200 section 8.1.
+fn pseudo_header(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> Vec<u8> {
+    let mut p = Vec::with_capacity(40);
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            p.extend_from_slice(&s.octets());
+            p.extend_from_slice(&d.octets());
+            p.push(0);
+            p.push(proto);
+            p.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            p.extend_from_slice(&s.octets());
+            p.extend_from_slice(&d.octets());
+            p.extend_from_slice(&(len as u32).to_be_bytes());
+            p.extend_from_slice(&[0, 0, 0, proto]);
+        }
+        _ => unreachable!("mixed families"),
+    }
+    p
+}
+
+/// The Internet checksum (RFC 1071) over the concatenation of `parts`: the one's complement
+/// of the one's-complement sum of big-endian 16-bit words, an odd last byte padded with zero.
+/// Over data that includes a correct checksum field it returns 0.
+pub fn checksum(parts: &[&[u8]]) -> u16 {
+    let mut sum: u32 = 0;
+    let mut odd: Option<u8> = None;
+    for part in parts {
+        for &b in *part {
+            match odd.take() {
+                Some(hi) => sum += u32::from(u16::from_be_bytes([hi, b])),
+                None => odd = Some(b),
+            }
+        }
+    }
+    if let Some(hi) = odd {
+        sum += u32::from(u16::from_be_bytes([hi, 0]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// What [`inspect`] reads back from a frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inspected {
+    pub dst_mac: [u8; 6],
+    pub src_mac: [u8; 6],
+    pub vlan: Option<u16>,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub ttl: u8,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    /// The IPv4 header checksum verifies (always true for IPv6, which has none).
+    pub ip_checksum_ok: bool,
+    /// The TCP/UDP checksum verifies over the pseudo-header (a UDP checksum of 0 counts as
+    /// "none", which is valid over IPv4 only).
+    pub l4_checksum_ok: bool,
+}
+
+/// Reads an Ethernet / [802.1Q] / IPv4 or IPv6 (no extension headers) / TCP or UDP frame,
+/// verifying its checksums. Errors name what is missing or unexpected.
+pub fn inspect(frame: &[u8]) -> Result<Inspected, String> {
+    let need = |n: usize, what: &str| {
+        if frame.len() < n {
+            Err(format!(
+                "frame of {} bytes is too short for {what}",
+                frame.len()
+            ))
+        } else {
+            Ok(())
+        }
+    };
+    let be16 = |at: usize| u16::from_be_bytes([frame[at], frame[at + 1]]);
+    need(14, "an Ethernet header")?;
+    let mut dst_mac = [0; 6];
+    let mut src_mac = [0; 6];
+    dst_mac.copy_from_slice(&frame[0..6]);
+    src_mac.copy_from_slice(&frame[6..12]);
+    let mut l3 = 14;
+    let mut ethertype = be16(12);
+    let mut vlan = None;
+    if ethertype == ETH_P_8021Q {
+        need(18, "an 802.1Q tag")?;
+        vlan = Some(be16(14) & 0x0fff);
+        ethertype = be16(16);
+        l3 = 18;
+    }
+    let (src, dst, ttl, proto, l4, ip_checksum_ok, l4_len) = match ethertype {
+        ETH_P_IP => {
+            need(l3 + 20, "an IPv4 header")?;
+            let ihl = usize::from(frame[l3] & 0x0f) * 4;
+            need(l3 + ihl, "the IPv4 options")?;
+            let total = usize::from(be16(l3 + 2));
+            need(l3 + total, "the IPv4 total length")?;
+            let src: [u8; 4] = frame[l3 + 12..l3 + 16].try_into().expect("4 bytes");
+            let dst: [u8; 4] = frame[l3 + 16..l3 + 20].try_into().expect("4 bytes");
+            (
+                IpAddr::from(src),
+                IpAddr::from(dst),
+                frame[l3 + 8],
+                frame[l3 + 9],
+                l3 + ihl,
+                checksum(&[&frame[l3..l3 + ihl]]) == 0,
+                total - ihl,
+            )
+        }
+        ETH_P_IPV6 => {
+            need(l3 + 40, "an IPv6 header")?;
+            let plen = usize::from(be16(l3 + 4));
+            need(l3 + 40 + plen, "the IPv6 payload length")?;
+            let src: [u8; 16] = frame[l3 + 8..l3 + 24].try_into().expect("16 bytes");
+            let dst: [u8; 16] = frame[l3 + 24..l3 + 40].try_into().expect("16 bytes");
+            (
+                IpAddr::from(src),
+                IpAddr::from(dst),
+                frame[l3 + 7],
+                frame[l3 + 6],
+                l3 + 40,
+                true,
+                plen,
+            )
+        }
+        other => return Err(format!("EtherType {other:#06x} is neither IPv4 nor IPv6")),
+    };
+    let csum_at = match proto {
+        IPPROTO_TCP => 16,
+        IPPROTO_UDP => 6,
+        other => return Err(format!("IP protocol {other} is neither TCP nor UDP")),
+    };
+    need(l4 + csum_at + 2, "the transport header")?;
+    let seg = &frame[l4..l4 + l4_len];
+    let stored = be16(l4 + csum_at);
+    let l4_checksum_ok = if proto == IPPROTO_UDP && stored == 0 {
+        src.is_ipv4()
+    } else {
+        checksum(&[&pseudo_header(src, dst, proto, seg.len()), seg]) == 0
+    };
+    Ok(Inspected {
+        dst_mac,
+        src_mac,
+        vlan,
+        src,
+        dst,
+        ttl,
+        proto,
+        sport: be16(l4),
+        dport: be16(l4 + 2),
+        ip_checksum_ok,
+        l4_checksum_ok,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv6Addr;
+
+    use super::*;
+
+    #[test]
+    fn ipv4_header_checksum_matches_a_known_header() {
+        // The worked example of RFC 1071 style checksums: 192.168.0.1 -> 192.168.0.199, UDP.
+        let mut h = [
+            0x45, 0x00, 0x00, 0x73, 0x00, 0x00, 0x40, 0x00, 0x40, 0x11, 0x00, 0x00, 0xc0, 0xa8,
+            0x00, 0x01, 0xc0, 0xa8, 0x00, 0xc7,
+        ];
+        assert_eq!(checksum(&[&h]), 0xb861);
+        h[10..12].copy_from_slice(&0xb861u16.to_be_bytes());
+        assert_eq!(checksum(&[&h]), 0);
+        // Odd lengths pad with a zero byte, and the split between parts does not matter.
+        assert_eq!(checksum(&[&[0x01]]), checksum(&[&[0x01, 0x00]]));
+        assert_eq!(checksum(&[&h[..7], &h[7..]]), 0);
+    }
+
+    #[test]
+    fn tcp_frames_round_trip_with_valid_checksums() {
+        let src: SocketAddr = "192.0.2.2:40000".parse().unwrap();
+        let dst: SocketAddr = "203.0.113.10:80".parse().unwrap();
+        let mut p = Packet::tcp(src, dst, TCP_SYN);
+        p.vlan = Some(100);
+        let f = p.build();
+        assert_eq!(f.len(), 18 + 20 + 20);
+        assert_eq!(&f[12..16], &[0x81, 0x00, 0x00, 100]);
+        let i = inspect(&f).unwrap();
+        assert_eq!((i.src, i.dst), (src.ip(), dst.ip()));
+        assert_eq!(
+            (i.sport, i.dport, i.ttl, i.vlan),
+            (40000, 80, 64, Some(100))
+        );
+        assert!(i.ip_checksum_ok && i.l4_checksum_ok, "{i:?}");
+        // Ports sit in network order right after the IP header.
+        assert_eq!(&f[38..42], &[0x9c, 0x40, 0x00, 0x50]);
+        // A flipped bit is caught.
+        let mut bad = f.clone();
+        bad[45] ^= 1;
+        assert!(!inspect(&bad).unwrap().l4_checksum_ok);
+    }
+
+    #[test]
+    fn udp_over_ipv6_with_extension_headers() {
+        let src = SocketAddr::new(
+            Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 2).into(),
+            5353,
+        );
+        let dst = SocketAddr::new(
+            Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0x10).into(),
+            53,
+        );
+        let p = Packet::udp(src, dst);
+        let i = inspect(&p.build()).unwrap();
+        assert!(i.l4_checksum_ok, "{i:?}");
+        assert_eq!((i.proto, i.sport, i.dport), (IPPROTO_UDP, 5353, 53));
+
+        let mut p = Packet::tcp(src, dst, TCP_SYN);
+        p.ext = vec![Ext::HopByHop];
+        let f = p.build();
+        assert_eq!(
+            f[14 + 6],
+            IPPROTO_HOPOPTS,
+            "next header of the fixed header"
+        );
+        assert_eq!(
+            f[14 + 40],
+            IPPROTO_TCP,
+            "next header of the hop-by-hop header"
+        );
+        assert_eq!(u16::from_be_bytes([f[18], f[19]]), 8 + 20, "payload length");
+
+        let mut p = Packet::udp(src, dst);
+        p.ext = vec![Ext::Fragment {
+            offset: 0,
+            more: true,
+            id: 7,
+        }];
+        let f = p.build();
+        assert_eq!(f[14 + 6], IPPROTO_FRAGMENT);
+        assert_eq!(&f[14 + 40..14 + 44], &[IPPROTO_UDP, 0, 0, 1]);
+    }
+
+    #[test]
+    fn arp_and_icmp() {
+        let a = arp_request(Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(192, 0, 2, 1));
+        assert_eq!(a.len(), 14 + 28);
+        assert_eq!(&a[12..14], &[0x08, 0x06]);
+        let p = Packet::icmp_echo(Ipv4Addr::new(192, 0, 2, 2), Ipv4Addr::new(203, 0, 113, 10));
+        let f = p.build();
+        assert_eq!(f[14 + 9], IPPROTO_ICMP);
+        assert_eq!(checksum(&[&f[34..]]), 0, "ICMP checksum");
+        assert_eq!(checksum(&[&f[14..34]]), 0, "IPv4 header checksum");
+    }
+}
