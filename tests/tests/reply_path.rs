@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::{net::SocketAddr, process::Command};
+use std::net::SocketAddr;
 
-use common::{NaiveUdpServer, TIMEOUT, no_checksum_offload};
+use common::{NaiveUdpServer, TIMEOUT, harden, no_checksum_offload};
 use serde_json::Value;
 use viscum_tests::{IdentityServer, Lab, Proto, ask, skip_unless_root, udp_ask};
 
@@ -27,34 +27,6 @@ fn url(proto: Proto, addr: SocketAddr) -> String {
 fn global(lab: &Lab) -> Value {
     let v: Value = serde_json::from_str(&lab.viscum_ok(&["stats", "--json"])).unwrap();
     v["global"].clone()
-}
-
-/// An OpenWrt-like edge: the forward chain drops what conntrack calls invalid (conntrack
-/// never saw the redirected requests, so every reply would be), conntrack is strict about
-/// mid-stream TCP, and reverse-path filtering is strict everywhere.
-fn harden(lab: &Lab, ns: &str) {
-    let rules = "table inet viscumfw {\n chain forward {\n  type filter hook forward priority filter; policy accept;\n  ct state invalid counter drop\n }\n}\n";
-    let path = std::env::temp_dir().join(format!("viscum-fw-{}.nft", lab.edge.name()));
-    std::fs::write(&path, rules).unwrap();
-    // `nft` only loads the rules (verification tooling, not the product).
-    let out = Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.edge.name()))
-        .args(["nft", "-f"])
-        .arg(&path)
-        .output()
-        .expect("run nft (apt-get install nftables)");
-    assert!(
-        out.status.success(),
-        "nft: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let host_veth = format!("vh-{ns}");
-    lab.edge
-        .set_sysctl("net/netfilter/nf_conntrack_tcp_loose", "0");
-    for key in ["all", "default", "lan0", "wan0", host_veth.as_str()] {
-        lab.edge
-            .set_sysctl(&format!("net/ipv4/conf/{key}/rp_filter"), "1");
-    }
 }
 
 #[test]

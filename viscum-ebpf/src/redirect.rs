@@ -4,8 +4,8 @@
 use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, bpf_fib_lookup, bpf_redir_neigh},
     helpers::{
-        bpf_clone_redirect, bpf_fib_lookup as fib_lookup, bpf_redirect, bpf_redirect_neigh,
-        bpf_redirect_peer, bpf_skb_vlan_pop,
+        bpf_check_mtu, bpf_clone_redirect, bpf_fib_lookup as fib_lookup, bpf_redirect,
+        bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_vlan_pop,
     },
     programs::TcContext,
 };
@@ -93,7 +93,12 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
     fib.l4_protocol = p.key.proto;
     fib.sport = p.sport;
     fib.dport = p.key.port;
-    fib.__bindgen_anon_1.tot_len = p.ip_len;
+    // tot_len 0: the kernel then checks the skb itself against the egress
+    // MTU (is_skb_forwardable) instead of comparing a length we pass. The IP
+    // header's length of a GSO super-packet (up to 64 KiB) would always
+    // exceed it and send every bulk reply to the slow path; a GSO packet's
+    // real test is its segment size, done with bpf_check_mtu below.
+    fib.__bindgen_anon_1.tot_len = 0;
     // SAFETY: reading our own __sk_buff.
     fib.ifindex = unsafe { (*skb).ifindex };
     if p.key.family == FAMILY_V4 {
@@ -124,6 +129,18 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
         // own path knows how to answer those (ICMP errors and so on).
         counters::bump(GlobalCounter::RepliesToStack);
         return TC_ACT_UNSPEC;
+    }
+    // SAFETY: reading our own __sk_buff.
+    if unsafe { (*skb).gso_size } != 0 {
+        let mut mtu_len: u32 = 0;
+        // SAFETY: helper on our own skb with a stack out-pointer; 0 asks it
+        // to validate the skb's GSO segments against the egress MTU
+        // (skb_gso_validate_network_len).
+        let rc = unsafe { bpf_check_mtu(skb as *mut _, fib.ifindex, &mut mtu_len, 0, 0) };
+        if rc != 0 {
+            counters::bump(GlobalCounter::RepliesToStack);
+            return TC_ACT_UNSPEC;
+        }
     }
     if !decrement_ttl(ctx, p) {
         counters::bump(GlobalCounter::RepliesToStack);

@@ -106,6 +106,7 @@ pub const REQUIRED_HELPERS: &[&str] = &[
     "bpf_fib_lookup",
     "bpf_redirect_neigh",
     "bpf_redirect_peer",
+    "bpf_check_mtu",
 ];
 
 /// One helper's probe result.
@@ -242,7 +243,7 @@ pub fn check_required_helpers() -> Result<(), EngineError> {
         return Ok(());
     }
     Err(EngineError::Unsupported(format!(
-        "kernel {} lacks BPF helpers the datapath needs: {}; Viscum supports Linux 5.15 and later",
+        "kernel {} lacks BPF helpers the datapath needs: {}; Viscum needs Linux 5.12 or later (5.15 and 6.1+ are tested)",
         kernel_release(),
         missing.join(", ")
     )))

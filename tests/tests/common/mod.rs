@@ -14,6 +14,7 @@ use std::{
 };
 
 use viscum::netns;
+use viscum_tests::Lab;
 
 pub const TIMEOUT: Duration = Duration::from_secs(3);
 
@@ -181,4 +182,130 @@ pub fn no_checksum_offload(ns: &str, ifname: &str) {
         }
     })
     .unwrap();
+}
+
+/// An OpenWrt-like edge: the forward chain drops what conntrack calls invalid (conntrack
+/// never saw the redirected requests, so every reply would be), conntrack is strict about
+/// mid-stream TCP, and reverse-path filtering is strict everywhere.
+pub fn harden(lab: &Lab, ns: &str) {
+    let rules = "table inet viscumfw {\n chain forward {\n  type filter hook forward priority filter; policy accept;\n  ct state invalid counter drop\n }\n}\n";
+    let path = std::env::temp_dir().join(format!("viscum-fw-{}.nft", lab.edge.name()));
+    std::fs::write(&path, rules).unwrap();
+    // `nft` only loads the rules (verification tooling, not the product).
+    let out = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.edge.name()))
+        .args(["nft", "-f"])
+        .arg(&path)
+        .output()
+        .expect("run nft (apt-get install nftables)");
+    assert!(
+        out.status.success(),
+        "nft: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let host_veth = format!("vh-{ns}");
+    lab.edge
+        .set_sysctl("net/netfilter/nf_conntrack_tcp_loose", "0");
+    for key in ["all", "default", "lan0", "wan0", host_veth.as_str()] {
+        lab.edge
+            .set_sysctl(&format!("net/ipv4/conf/{key}/rp_filter"), "1");
+    }
+}
+
+/// Is something listening on TCP `port` in namespace `ns` (IPv4 or IPv6 table)?
+pub fn tcp_listening(ns: &str, port: u16) -> bool {
+    let want = format!(":{port:04X} ");
+    netns::in_netns(ns, move || {
+        ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .flat_map(|t| t.lines().map(str::to_owned).collect::<Vec<_>>())
+            // local_address is the 2nd column, state (0A = LISTEN) the 4th.
+            .any(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3 && format!("{} ", cols[1]).ends_with(&want) && cols[3] == "0A"
+            })
+    })
+    .unwrap()
+}
+
+/// `iperf3 -s` in a namespace, killed on drop.
+pub struct Iperf3Server {
+    child: std::process::Child,
+}
+
+impl Iperf3Server {
+    pub fn start(ns: &str, port: u16) -> Iperf3Server {
+        let child = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .args(["iperf3", "-s", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run iperf3 (apt-get install iperf3)");
+        let server = Iperf3Server { child };
+        assert!(
+            viscum_tests::wait_until(Duration::from_secs(10), || tcp_listening(ns, port)),
+            "iperf3 -s did not listen on {port} in {ns}"
+        );
+        server
+    }
+}
+
+impl Drop for Iperf3Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `iperf3 -c ADDR -p PORT -J ARGS` from namespace `ns` (bounded by `timeout`); the JSON
+/// report, or the error iperf3 printed.
+pub fn iperf3_client(
+    ns: &str,
+    addr: SocketAddr,
+    args: &[&str],
+) -> Result<serde_json::Value, String> {
+    let out = std::process::Command::new("timeout")
+        .arg("60")
+        .arg("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .args([
+            "iperf3",
+            "-c",
+            &addr.ip().to_string(),
+            "-p",
+            &addr.port().to_string(),
+            "-J",
+        ])
+        .args(["--connect-timeout", "3000"])
+        .args(args)
+        .output()
+        .expect("run iperf3");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "iperf3 printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if let Some(err) = v["error"].as_str() {
+        return Err(err.to_owned());
+    }
+    Ok(v)
+}
+
+/// Bytes the receiving side of an iperf3 run got (TCP: sum_received; UDP: the server's
+/// count of datagrams times their size is not reported, so bytes of the receiver summary).
+pub fn iperf3_received_bytes(report: &serde_json::Value) -> u64 {
+    let end = &report["end"];
+    end["sum_received"]["bytes"]
+        .as_u64()
+        .or_else(|| end["sum"]["bytes"].as_u64())
+        .unwrap_or(0)
+}
+
+/// The `global` counters of `viscum stats --json`.
+pub fn global_stats(lab: &Lab) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&lab.viscum_ok(&["stats", "--json"])).unwrap();
+    v["global"].clone()
 }
