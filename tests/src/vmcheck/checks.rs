@@ -152,16 +152,18 @@ fn cli(lab: &Lab, args: &[&str]) -> Result<String, String> {
 
 /// Check (c): a service namespace with an identity server answering "edge", the cloud's
 /// answering "cloud" on the same port; for TCP and UDP over IPv4 and IPv6 the client gets the
-/// cloud, then (entry added) the edge, then (entry deleted) the cloud again. The namespace is
-/// deleted at the end. Returns `smoke-setup`, one case per protocol and family, and
-/// `smoke-cleanup`.
-pub fn smoke(lab: &Lab, report: &mut dyn FnMut(&CaseResult)) -> Vec<CaseResult> {
+/// cloud, then (entry added) the edge, then (entry deleted) the cloud again. Returns
+/// `smoke-setup` and one case per protocol and family, plus the service namespace, which stays
+/// (with the reply classifier attached to its veth) for [`teardown`] to remove.
+pub fn smoke(lab: &Lab, report: &mut dyn FnMut(&CaseResult)) -> (Vec<CaseResult>, Option<String>) {
     let mut results = Vec::new();
     let ns = lab.service_ns_name();
     let mut servers = None;
+    let mut created = false;
     let setup = run_case("smoke-setup", || {
         let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
         cli(lab, &["ns", "add", &ns])?;
+        created = true;
         let edge = IdentityServer::start(&ns, cloud.port(), "edge");
         let detail = format!("namespace {ns}, identity servers on port {}", cloud.port());
         servers = Some((cloud, edge));
@@ -169,8 +171,9 @@ pub fn smoke(lab: &Lab, report: &mut dyn FnMut(&CaseResult)) -> Vec<CaseResult> 
     });
     report(&setup);
     results.push(setup);
+    let created = created.then(|| ns.clone());
     let Some((cloud, edge)) = &servers else {
-        return results;
+        return (results, created);
     };
     let [v4, v6] = lab.cloud_addrs(cloud.port());
     for (name, proto, addr) in [
@@ -183,13 +186,7 @@ pub fn smoke(lab: &Lab, report: &mut dyn FnMut(&CaseResult)) -> Vec<CaseResult> 
         report(&r);
         results.push(r);
     }
-    let cleanup = run_case("smoke-cleanup", || {
-        cli(lab, &["ns", "del", &ns])?;
-        Ok(format!("namespace {ns} deleted"))
-    });
-    report(&cleanup);
-    results.push(cleanup);
-    results
+    (results, created)
 }
 
 fn cutover(
@@ -385,12 +382,31 @@ pub fn detach(lab: &Lab) -> CaseResult {
 }
 
 /// Check (d), second half: after `viscum detach --all --purge` nothing of viscum is left in
-/// its bpffs and no clsact qdisc is left on any interface of the edge namespace (service veths
-/// included, whose reply classifier is attached the same way).
-pub fn teardown(lab: &Lab) -> CaseResult {
+/// its bpffs and no clsact qdisc on any interface of the edge namespace, service veths
+/// included (the reply classifier is attached to them the same way); then `viscum ns del` of
+/// the namespaces still there (`service_ns`) and the qdisc check once more.
+pub fn teardown(lab: &Lab, service_ns: &[String]) -> CaseResult {
     run_case("teardown-leaves-nothing", || {
         let stdout = cli(lab, &["detach", "--all", "--purge"])?;
-        leftovers(lab).map(|()| format!("{}; bpffs empty, no clsact qdisc", stdout.trim()))
+        leftovers(lab).map_err(|e| format!("after detach --all --purge: {e}"))?;
+        for ns in service_ns {
+            let veth = netns::host_veth_name(ns);
+            if let Some(progs) = tcx_programs(lab.edge.name(), &veth)?
+                && !progs.is_empty()
+            {
+                return Err(format!(
+                    "after detach --all --purge, TCX program(s) still on {veth}: {progs:?}"
+                ));
+            }
+        }
+        for ns in service_ns {
+            cli(lab, &["ns", "del", ns])?;
+        }
+        leftovers(lab).map_err(|e| format!("after ns del {service_ns:?}: {e}"))?;
+        Ok(format!(
+            "{}; bpffs empty and no clsact qdisc, before and after ns del {service_ns:?}",
+            stdout.trim()
+        ))
     })
 }
 

@@ -171,8 +171,13 @@ async fn loopback_up() -> Result<(), String> {
 /// one progress line each. Returns the `guest-modules` case: it fails when a module outside
 /// [`OPTIONAL_MODULES`] fails to load ("already loaded" is not a failure).
 pub fn load_modules(progress: &mut dyn FnMut(&str)) -> CaseResult {
+    load_modules_from(Path::new(MODULES_DIR), progress)
+}
+
+/// [`load_modules`] from another directory.
+fn load_modules_from(dir: &Path, progress: &mut dyn FnMut(&str)) -> CaseResult {
     let start = std::time::Instant::now();
-    let mut files: Vec<_> = match fs::read_dir(MODULES_DIR) {
+    let mut files: Vec<_> = match fs::read_dir(dir) {
         Ok(rd) => rd.filter_map(|e| e.ok()).map(|e| e.path()).collect(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(e) => {
@@ -180,7 +185,7 @@ pub fn load_modules(progress: &mut dyn FnMut(&str)) -> CaseResult {
                 name: "guest-modules".into(),
                 pass: false,
                 ms: 0,
-                detail: format!("cannot list {MODULES_DIR}: {e}"),
+                detail: format!("cannot list {}: {e}", dir.display()),
             };
         }
     };
@@ -213,9 +218,10 @@ pub fn load_modules(progress: &mut dyn FnMut(&str)) -> CaseResult {
     }
     let required_failed = problems.iter().any(|(_, _, optional)| !optional);
     let mut detail = format!(
-        "{} of {} loaded from {MODULES_DIR}",
+        "{} of {} loaded from {}",
         loaded.len(),
-        files.len()
+        files.len(),
+        dir.display()
     );
     for (file, e, optional) in &problems {
         detail.push_str(&format!(
@@ -294,6 +300,31 @@ pub fn power_off() -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Files that are not modules fail to load (on any kernel, with or without module
+    /// support); only a required one fails the case, and every failure is named.
+    #[test]
+    fn module_failures_are_reported() {
+        let dir = std::env::temp_dir().join(crate::guard::unique_name("vmmod"));
+        fs::create_dir_all(&dir).unwrap();
+        fs::write(dir.join("02-8021q.ko"), b"not an ELF file").unwrap();
+        let mut lines = Vec::new();
+        let optional_only = load_modules_from(&dir, &mut |l| lines.push(l.to_string()));
+        fs::write(dir.join("01-veth.ko"), b"not an ELF file either").unwrap();
+        let required = load_modules_from(&dir, &mut |l| lines.push(l.to_string()));
+        fs::remove_dir_all(&dir).unwrap();
+        assert!(optional_only.pass, "{optional_only:?}");
+        assert!(optional_only.detail.contains("02-8021q.ko (optional)"));
+        assert!(!required.pass, "{required:?}");
+        assert!(required.detail.starts_with("0 of 2 loaded"), "{required:?}");
+        assert!(
+            lines[1].starts_with("module 01-veth.ko FAILED"),
+            "{lines:?}"
+        );
+        // No directory at all: nothing to load (every module is built in).
+        let none = load_modules_from(&dir, &mut |_| {});
+        assert!(none.pass && none.detail.starts_with("0 of 0"), "{none:?}");
+    }
 
     #[test]
     fn module_names_from_files() {

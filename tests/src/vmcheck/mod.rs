@@ -22,7 +22,9 @@
 //! * (b) the verdict fixtures of [`crate::verdicts`];
 //! * (c) real traffic ([`checks::smoke`]): TCP and UDP over IPv4 and IPv6 go cloud, edge,
 //!   cloud as an entry comes and goes;
-//! * (d) `detach-leaves-nothing` and `teardown-leaves-nothing`.
+//! * (d) `detach-leaves-nothing` (`viscum detach lan0`) and `teardown-leaves-nothing`
+//!   (`viscum detach --all --purge` with a service namespace still there, then `viscum ns
+//!   del`): no pin, no clsact qdisc, no TCX program left.
 //!
 //! # Output (one record per line, stdout; stderr goes to the console too)
 //!
@@ -254,6 +256,20 @@ fn install_panic_hook(pid1: bool) {
     }));
 }
 
+/// Test hook: `VMCHECK_INJECT_PANIC=case` panics inside a case, `=runner` outside any case, so
+/// tests can check that a panic still ends with the report and `VMCHECK-RESULT FAIL`.
+pub const INJECT_PANIC_ENV: &str = "VMCHECK_INJECT_PANIC";
+
+fn inject_panic_for_test() {
+    match std::env::var(INJECT_PANIC_ENV).as_deref() {
+        Ok("case") => record(run_case("injected-panic", || {
+            panic!("panic injected by {INJECT_PANIC_ENV}=case")
+        })),
+        Ok("runner") => panic!("panic injected by {INJECT_PANIC_ENV}=runner"),
+        _ => {}
+    }
+}
+
 /// Entry point of the `viscum-vmcheck` binary.
 pub fn main() -> ExitCode {
     let pid1 = std::process::id() == 1;
@@ -318,6 +334,7 @@ fn run(opts: &Options, pid1: bool) {
     if pid1 {
         record(init::load_modules(&mut |line| progress(line)));
     }
+    inject_panic_for_test();
 
     let viscum = match find_viscum(opts, pid1) {
         Ok(p) => p,
@@ -375,13 +392,13 @@ fn run(opts: &Options, pid1: bool) {
     }
 
     progress("real traffic through namespaces");
-    let smoke = checks::smoke(&lab, &mut |c| case_line(c));
+    let (smoke, smoke_ns) = checks::smoke(&lab, &mut |c| case_line(c));
     if let Some(r) = report().as_mut() {
         r.cases.extend(smoke);
     }
 
     progress("detach and teardown");
     record(checks::detach(&lab));
-    record(checks::teardown(&lab));
+    record(checks::teardown(&lab, smoke_ns.as_slice()));
     drop(lab);
 }
