@@ -294,6 +294,37 @@ pub struct ReplyState {
 pub const REPLY_F_DROP: u32 = 1 << 0;
 const _: () = assert!(core::mem::size_of::<ReplyState>() == 24);
 
+/// Name of the LRU fragment table (`FragKey` -> `FragPorts`).
+pub const FRAGS_MAP: &str = "VISCUM_FRAGS";
+/// Capacity of the fragment table: datagrams in reassembly at once.
+pub const FRAG_ENTRIES: u32 = 8192;
+
+/// One fragmented datagram, as its fragments identify it (RFC 791 / RFC
+/// 8200: source, destination, protocol and identification). Addresses in
+/// network order, IPv4 in the first 4 bytes; `id` in host order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct FragKey {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub id: u32,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
+
+/// The L4 ports of a fragmented datagram, learnt from its first fragment so
+/// the later ones (which carry no L4 header) take the same flow's decision,
+/// as Cilium's IPv4/IPv6 fragment tracking does. Network byte order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FragPorts {
+    pub sport: u16,
+    pub dport: u16,
+}
+const _: () = assert!(core::mem::size_of::<FragPorts>() == 4);
+
 /// Indices into the global per-CPU counter array.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -304,7 +335,7 @@ pub enum GlobalCounter {
     Redirected = 1,
     /// Packets left to the normal stack (misses and non-IP).
     Passed = 2,
-    /// IPv4/IPv6 fragments, always passed.
+    /// IPv4/IPv6 fragments of TCP/UDP datagrams seen (first or later).
     Fragments = 3,
     /// Truncated or malformed headers, always passed.
     Unparsable = 4,
@@ -327,10 +358,13 @@ pub enum GlobalCounter {
     RepliesUnknown = 12,
     /// Packets cloned to a mirror (canary) target.
     Mirrored = 13,
+    /// Later fragments whose first fragment was never seen (out of order,
+    /// or evicted): their ports are unknown, so they are passed untouched.
+    FragmentsUnknown = 14,
 }
 
 /// Number of slots in the global counter array.
-pub const GLOBAL_COUNTERS: u32 = 14;
+pub const GLOBAL_COUNTERS: u32 = 15;
 
 /// Runtime knobs read by the classifier on every packet (one array slot).
 #[repr(C)]
@@ -396,6 +430,8 @@ mod pod {
     unsafe impl aya::Pod for super::ReplyState {}
     unsafe impl aya::Pod for super::PrefixData {}
     unsafe impl aya::Pod for super::PrefixNode {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragPorts {}
 }
 
 #[cfg(test)]

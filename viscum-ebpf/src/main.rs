@@ -21,6 +21,7 @@
 
 mod counters;
 mod flow;
+mod frag;
 mod lookup;
 mod nat;
 mod parse;
@@ -59,14 +60,12 @@ pub fn viscum_reply(ctx: TcContext) -> i32 {
 #[inline(always)]
 fn parse_or_pass(ctx: &TcContext) -> Result<Parsed, i32> {
     match parse::parse(ctx) {
-        Ok(p) => Ok(p),
+        Ok(p) => match frag::resolve(p) {
+            Some(p) => Ok(p),
+            // A later fragment of a datagram we never saw the start of.
+            None => Err(pass()),
+        },
         Err(ParseError::NotIp) => Err(pass()),
-        Err(ParseError::Fragment) => {
-            // All fragments of a datagram must take the same path, and only
-            // the first one carries ports: never redirect any of them.
-            counters::bump(GlobalCounter::Fragments);
-            Err(pass())
-        }
         Err(ParseError::Malformed) => {
             counters::bump(GlobalCounter::Unparsable);
             Err(pass())
@@ -92,6 +91,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     };
     // SAFETY: per-CPU value, only this CPU writes it while we run.
     let entry = unsafe { &mut *entry };
+    frag::remember(&p);
 
     if entry.flags & TARGET_F_MIRROR != 0 {
         // The cloud keeps serving; the edge copy sees a clone and its
@@ -166,7 +166,10 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
 #[inline(always)]
 fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     let p = match parse::parse(ctx) {
-        Ok(p) => p,
+        Ok(p) => match frag::resolve(p) {
+            Some(p) => p,
+            None => return Err(TC_ACT_UNSPEC),
+        },
         Err(_) => return Err(TC_ACT_UNSPEC),
     };
     // SAFETY: reading our own __sk_buff.
@@ -179,6 +182,7 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     if id.flags & REPLY_F_DROP != 0 {
         return Ok(TC_ACT_SHOT);
     }
+    frag::remember(&p);
     if id.service != p.saddr || id.service_port != p.sport {
         // NAT mode, or a UDP server that answered from its veth address
         // (plain sendto() on a 0.0.0.0 socket): restore the cloud identity

@@ -14,7 +14,7 @@ use aya_ebpf::{
 };
 use viscum_common::{FAMILY_V4, PROTO_UDP};
 
-use crate::parse::Parsed;
+use crate::parse::{Frag, Parsed};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -57,6 +57,10 @@ pub fn rewrite(
 ) -> bool {
     let csum = l4_csum_off(p);
     let l4f = l4_flags(p);
+    // A later fragment has no L4 header: only its addresses change. The
+    // datagram's L4 checksum sits in the first fragment, which gets the
+    // whole pseudo-header update.
+    let has_l4 = p.frag != Frag::Later;
     if old_addr != new_addr {
         if p.key.family == FAMILY_V4 {
             let off = p.l3 + if end == End::Source { 12 } else { 16 };
@@ -65,14 +69,15 @@ pub fn rewrite(
             if ctx
                 .l3_csum_replace(p.l3 as usize + 10, old as u64, new as u64, 4)
                 .is_err()
-                || ctx
-                    .l4_csum_replace(
-                        csum as usize,
-                        old as u64,
-                        new as u64,
-                        l4f | BPF_F_PSEUDO_HDR as u64 | 4,
-                    )
-                    .is_err()
+                || (has_l4
+                    && ctx
+                        .l4_csum_replace(
+                            csum as usize,
+                            old as u64,
+                            new as u64,
+                            l4f | BPF_F_PSEUDO_HDR as u64 | 4,
+                        )
+                        .is_err())
                 || ctx.store(off as usize, &new, 0).is_err()
             {
                 return false;
@@ -82,19 +87,28 @@ pub fn rewrite(
             // bpf_csum_diff wants 4-byte aligned words.
             let mut old: [u32; 4] = unsafe { core::mem::transmute(*old_addr) };
             let mut new: [u32; 4] = unsafe { core::mem::transmute(*new_addr) };
-            // SAFETY: two 16-byte stack buffers.
-            let diff = unsafe { bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
-            if diff < 0
-                || ctx
-                    .l4_csum_replace(csum as usize, 0, diff as u64, l4f | BPF_F_PSEUDO_HDR as u64)
-                    .is_err()
-                || ctx.store(off as usize, &new, 0).is_err()
-            {
+            if has_l4 {
+                // SAFETY: two 16-byte stack buffers.
+                let diff = unsafe { bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
+                if diff < 0
+                    || ctx
+                        .l4_csum_replace(
+                            csum as usize,
+                            0,
+                            diff as u64,
+                            l4f | BPF_F_PSEUDO_HDR as u64,
+                        )
+                        .is_err()
+                {
+                    return false;
+                }
+            }
+            if ctx.store(off as usize, &new, 0).is_err() {
                 return false;
             }
         }
     }
-    if old_port != new_port {
+    if has_l4 && old_port != new_port {
         let off = p.l4 + if end == End::Source { 0 } else { 2 };
         if ctx
             .l4_csum_replace(csum as usize, old_port as u64, new_port as u64, l4f | 2)

@@ -24,10 +24,20 @@ const MAX_V6_EXT: usize = 4;
 pub enum ParseError {
     /// Not IPv4/IPv6 over Ethernet, or not TCP/UDP: none of our business.
     NotIp,
-    /// An IP fragment.
-    Fragment,
     /// Truncated or inconsistent headers.
     Malformed,
+}
+
+/// Where a packet sits in a fragmented datagram.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Frag {
+    /// A whole datagram.
+    None,
+    /// The fragment at offset 0: it carries the L4 header.
+    First,
+    /// A later fragment: no L4 header, so no ports (`sport`/`key.port` are 0
+    /// until the fragment table fills them in).
+    Later,
 }
 
 /// What the classifiers need from a packet.
@@ -46,8 +56,10 @@ pub struct Parsed {
     /// Offsets of the IP and TCP/UDP headers from the start of the frame.
     pub l3: u32,
     pub l4: u32,
-    /// IP total length (host order), for the FIB lookup's MTU check.
-    pub ip_len: u16,
+    /// Fragment position, and the datagram's identification (IPv4: the
+    /// 16-bit ID, IPv6: the fragment header's 32-bit one; host order).
+    pub frag: Frag,
+    pub frag_id: u32,
 }
 
 pub const TCP_FIN: u8 = 0x01;
@@ -110,7 +122,8 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
         family: 0,
     };
     let mut saddr = [0u8; 16];
-    let ip_len: u16;
+    let mut frag = Frag::None;
+    let mut frag_id: u32 = 0;
     let l4 = match ethertype {
         ETH_P_IP => {
             let vihl = load::<u8>(ctx, l3)?;
@@ -121,13 +134,18 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
             if ihl < 20 {
                 return Ok(Err(ParseError::Malformed));
             }
-            let frag = u16::from_be(load::<u16>(ctx, l3 + 6)?);
-            // MF set, or a non-zero offset: some fragment of a datagram.
-            if frag & 0x3fff != 0 {
-                return Ok(Err(ParseError::Fragment));
+            let flags_off = u16::from_be(load::<u16>(ctx, l3 + 6)?);
+            // RFC 791: a non-zero offset is a later fragment; offset 0 with
+            // MF set is the first one, which still carries the L4 header.
+            if flags_off & 0x1fff != 0 {
+                frag = Frag::Later;
+            } else if flags_off & 0x2000 != 0 {
+                frag = Frag::First;
+            }
+            if frag != Frag::None {
+                frag_id = u32::from(u16::from_be(load::<u16>(ctx, l3 + 4)?));
             }
             key.proto = load::<u8>(ctx, l3 + 9)?;
-            ip_len = u16::from_be(load::<u16>(ctx, l3 + 2)?);
             let src = load::<[u8; 4]>(ctx, l3 + 12)?;
             saddr[0] = src[0];
             saddr[1] = src[1];
@@ -149,7 +167,6 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
             if vtc >> 4 != 6 {
                 return Ok(Err(ParseError::Malformed));
             }
-            ip_len = u16::from_be(load::<u16>(ctx, l3 + 4)?).wrapping_add(IPV6_HLEN as u16);
             saddr = load::<[u8; 16]>(ctx, l3 + 8)?;
             key.addr = load::<[u8; 16]>(ctx, l3 + 24)?;
             key.family = FAMILY_V6;
@@ -163,7 +180,22 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
                         next = hdr[0];
                         off += (((hdr[1] as usize) + 1) * 8) & 0x7f8;
                     }
-                    44 => return Ok(Err(ParseError::Fragment)),
+                    // RFC 8200 section 4.5: next header, reserved, 13-bit
+                    // offset + M flag, 32-bit identification.
+                    44 => {
+                        let hdr = load::<[u8; 8]>(ctx, off)?;
+                        next = hdr[0];
+                        let off_m = u16::from_be_bytes([hdr[2], hdr[3]]);
+                        frag_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+                        off += 8;
+                        if off_m >> 3 != 0 {
+                            frag = Frag::Later;
+                            break;
+                        }
+                        if off_m & 1 != 0 {
+                            frag = Frag::First;
+                        }
+                    }
                     _ => break,
                 }
             }
@@ -178,6 +210,19 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
     };
     if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
         return Ok(Err(ParseError::NotIp));
+    }
+    if frag == Frag::Later {
+        return Ok(Ok(Parsed {
+            key,
+            saddr,
+            sport: 0,
+            tcp_flags: 0,
+            l2_vlan,
+            l3: l3 as u32,
+            l4: l4 as u32,
+            frag,
+            frag_id,
+        }));
     }
     // Ports, left in network byte order (see ServiceKey::port).
     let ports = load::<[u16; 2]>(ctx, l4)?;
@@ -195,6 +240,7 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
         l2_vlan,
         l3: l3 as u32,
         l4: l4 as u32,
-        ip_len,
+        frag,
+        frag_id,
     }))
 }

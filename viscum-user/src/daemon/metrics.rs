@@ -212,6 +212,7 @@ pub fn render(status: &DaemonStatus) -> String {
                 ("redirected", d.redirected),
                 ("passed", d.passed),
                 ("fragments", d.fragments),
+                ("fragments_unknown", d.fragments_unknown),
                 ("unparsable", d.unparsable),
                 ("redirect_errors", d.redirect_errors),
             ]

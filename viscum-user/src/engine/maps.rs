@@ -57,6 +57,8 @@ pub struct GlobalStats {
     pub redirected: u64,
     pub passed: u64,
     pub fragments: u64,
+    /// Later fragments whose first fragment was never seen (passed untouched).
+    pub fragments_unknown: u64,
     pub unparsable: u64,
     pub redirect_errors: u64,
     pub flows_edge: u64,
@@ -483,6 +485,7 @@ impl Engine {
             redirected: read(GlobalCounter::Redirected)?,
             passed: read(GlobalCounter::Passed)?,
             fragments: read(GlobalCounter::Fragments)?,
+            fragments_unknown: read(GlobalCounter::FragmentsUnknown)?,
             unparsable: read(GlobalCounter::Unparsable)?,
             redirect_errors: read(GlobalCounter::RedirectErrors)?,
             flows_edge: read(GlobalCounter::FlowsEdge)?,
