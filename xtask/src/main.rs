@@ -5,8 +5,8 @@
 //!
 //! One module per command: [`setup`] installs the toolchain and test tools,
 //! [`build`] builds the `viscum` binary (and finds it), [`run`] runs it or
-//! starts the [`lab`], [`test`] runs every test, [`dist`] makes release
-//! binaries, [`bench`] runs the benchmarks. [`process`] holds the small helpers
+//! starts the [`lab`], [`test`] runs every test, [`vm`] runs the VM kernel
+//! matrix, [`dist`] makes release binaries, [`bench`] runs the benchmarks. [`process`] holds the small helpers
 //! they share for running commands.
 //!
 //! xtask is an edge of the project, so errors are `anyhow` and are printed
@@ -24,6 +24,7 @@ mod process;
 mod run;
 mod setup;
 mod test;
+mod vm;
 
 /// Developer tasks for Viscum.
 #[derive(Parser)]
@@ -39,8 +40,10 @@ enum Command {
     Setup(setup::Options),
     /// Set up, then `cargo build -p viscum-user` (the `viscum` binary embeds the eBPF object).
     Build(build::Options),
-    /// Set up, build, then run all tests (privileged namespace tests need root).
+    /// Set up, build, then run all tests (privileged namespace tests need root), then the VM matrix.
     Test(test::Options),
+    /// Boot Debian's kernels (6.1, 6.12; amd64, arm64, s390x) under qemu and run the guest checks.
+    Vm(vm::Options),
     /// Set up, build, then run `viscum ARGS...`; without ARGS, start the lab until Ctrl-C.
     Run(run::Options),
     /// Release-build stripped `viscum` binaries (static musl where the target is installed).
@@ -55,6 +58,7 @@ fn main() -> ExitCode {
         Command::Setup(opts) => setup::run(&opts),
         Command::Build(opts) => build::run(&opts),
         Command::Test(opts) => test::run(&opts),
+        Command::Vm(opts) => vm::run(&opts),
         Command::Run(opts) => run::run(opts),
         Command::Dist(opts) => dist::run(&opts),
         Command::Bench(opts) => bench::run(&opts),

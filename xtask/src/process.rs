@@ -107,6 +107,12 @@ pub fn exit_code(status: ExitStatus) -> ExitCode {
     }
 }
 
+/// `true` under CI (`CI=true` or `CI=1`, as CI services set it): then
+/// nothing may be skipped and nothing cached from an earlier run is reused.
+pub fn is_ci() -> bool {
+    env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
 /// `true` when running as root, which the namespace tests, the lab and
 /// `apt-get` need.
 pub fn is_root() -> bool {

@@ -4,16 +4,23 @@
 //! Debian 12 machine: every step first checks whether its piece is already
 //! there, so on a machine that has everything the whole thing is a quick
 //! no-op (`build`, `run` and `test` call it every time).
+//!
+//! The VM kernel matrix needs more (qemu, Debian's cross gcc and C
+//! libraries, rustup targets): [`ensure_vm`], which `cargo xtask setup`,
+//! `vm` and `test` (without `--no-vm`) call, but `build` and `run` do not.
 
 use std::{
     fs,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, ExitCode},
 };
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::process::{self, have};
+use crate::{
+    process::{self, have},
+    vm::matrix::Arch,
+};
 
 /// The nightly to install when there is none. The eBPF crate is built with
 /// `rustup run nightly` (aya-build), and its LLVM major must match the one
@@ -26,7 +33,8 @@ const LLVM_MAJOR: &str = "22";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 const BPF_LINKER_SERIES: &str = "0.13.";
 
-/// A program found on `PATH` and the Debian package that provides it.
+/// A program found on `PATH` (or, for an absolute path, a file) and the
+/// Debian package that provides it.
 struct Tool {
     program: &'static str,
     package: &'static str,
@@ -88,18 +96,87 @@ const TOOLS: &[Tool] = &[
     },
 ];
 
+/// Whether `tool` is there: on `PATH`, or for an absolute path, that file.
+fn present(tool: &Tool) -> bool {
+    if tool.program.starts_with('/') {
+        Path::new(tool.program).exists()
+    } else {
+        have(tool.program)
+    }
+}
+
+/// What the VM kernel matrix needs from Debian on this host: qemu for every
+/// architecture of the matrix, a static C library (and, for foreign
+/// architectures, Debian's cross gcc) to link the static guest binaries,
+/// `depmod` to index the kernels' modules, `xz` to decompress 6.12's `.ko.xz`.
+fn vm_tools() -> Vec<Tool> {
+    let mut tools = Vec::new();
+    for arch in Arch::ALL {
+        tools.push(Tool {
+            program: arch.qemu().0,
+            package: arch.qemu_package(),
+            required: true,
+        });
+        if let Some((gcc, package)) = arch.cross_gcc() {
+            tools.push(Tool {
+                program: gcc,
+                package,
+                required: true,
+            });
+        }
+        let (libc, package) = arch.static_libc(Arch::host() == Some(arch));
+        tools.push(Tool {
+            program: libc,
+            package,
+            required: true,
+        });
+    }
+    tools.extend([
+        Tool {
+            program: "depmod",
+            package: "kmod",
+            required: true,
+        },
+        Tool {
+            program: "xz",
+            package: "xz-utils",
+            required: true,
+        },
+        Tool {
+            program: "dpkg-deb",
+            package: "dpkg",
+            required: true,
+        },
+        // Only for looking into an initramfs (`cpio -t < target/vm/NAME/
+        // initramfs.cpio` after `cargo xtask vm --keep`): xtask writes the
+        // archive itself.
+        Tool {
+            program: "cpio",
+            package: "cpio",
+            required: false,
+        },
+    ]);
+    tools
+}
+
 /// Options of `cargo xtask setup`.
 #[derive(clap::Args)]
 pub struct Options {
     /// Only report what is missing, change nothing; exit 1 if anything is missing.
     #[arg(long)]
     check: bool,
+    /// Leave out what only the VM kernel matrix needs (qemu, cross toolchains).
+    #[arg(long)]
+    no_vm: bool,
 }
 
 /// `cargo xtask setup`.
 pub fn run(opts: &Options) -> Result<ExitCode> {
     if opts.check {
-        let missing = check();
+        let mut missing = check();
+        if !opts.no_vm {
+            missing.extend(check_vm());
+        }
         if missing.is_empty() {
             println!("setup: nothing missing");
             return Ok(ExitCode::SUCCESS);
@@ -110,13 +187,80 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     }
     ensure()?;
+    if !opts.no_vm {
+        ensure_vm()?;
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Makes sure what the VM kernel matrix needs is installed (see [`vm_tools`]
+/// and [`vm_rust_targets`]), installing what is missing.
+pub fn ensure_vm() -> Result<()> {
+    if Arch::host().is_none() {
+        bail!(
+            "the VM kernel matrix runs on x86_64, aarch64 or s390x hosts, not {}",
+            std::env::consts::ARCH
+        );
+    }
+    let mut did = ensure_packages(&vm_tools())?;
+    let missing = missing_rust_targets()?;
+    if !missing.is_empty() {
+        println!(
+            "setup: rustup targets for the VM guests are missing: {}",
+            missing.join(" ")
+        );
+        process::run(
+            Command::new("rustup")
+                .current_dir(process::workspace_root())
+                .args(["target", "add"])
+                .args(&missing),
+        )?;
+        did = true;
+    }
+    if did {
+        println!("setup: VM matrix tools done");
+    } else {
+        println!("setup: nothing to do for the VM matrix (qemu, cross gcc, rustup targets)");
+    }
+    Ok(())
+}
+
+/// What [`ensure_vm`] would install.
+fn check_vm() -> Vec<String> {
+    let mut missing: Vec<String> = vm_tools()
+        .iter()
+        .filter(|t| !present(t))
+        .map(|t| {
+            let kind = if t.required { "" } else { " (optional)" };
+            format!("{} (Debian package {}){kind}", t.program, t.package)
+        })
+        .collect();
+    match missing_rust_targets() {
+        Ok(targets) => missing.extend(targets.into_iter().map(|t| format!("rustup target {t}"))),
+        Err(e) => missing.push(format!("{e:#}")),
+    }
+    missing
+}
+
+/// Rust targets of the matrix's architectures the active toolchain lacks.
+fn missing_rust_targets() -> Result<Vec<String>> {
+    let installed = process::output(
+        Command::new("rustup")
+            .current_dir(process::workspace_root())
+            .args(["target", "list", "--installed"]),
+    )?;
+    Ok(Arch::ALL
+        .iter()
+        .map(|a| a.rust_target())
+        .filter(|t| !installed.lines().any(|l| l.trim() == *t))
+        .map(str::to_owned)
+        .collect())
 }
 
 /// Makes sure everything is installed, installing what is missing.
 pub fn ensure() -> Result<()> {
     let mut did = false;
-    did |= ensure_packages()?;
+    did |= ensure_packages(TOOLS)?;
     did |= ensure_nightly()?;
     did |= ensure_bpf_linker()?;
     if did {
@@ -133,7 +277,7 @@ pub fn ensure() -> Result<()> {
 fn check() -> Vec<String> {
     let mut missing: Vec<String> = TOOLS
         .iter()
-        .filter(|t| !have(t.program))
+        .filter(|t| !present(t))
         .map(|t| {
             let kind = if t.required { "" } else { " (optional)" };
             format!("{} (Debian package {}){kind}", t.program, t.package)
@@ -162,9 +306,9 @@ fn check() -> Vec<String> {
     missing
 }
 
-/// Installs the Debian packages of missing tools. Returns whether it did anything.
-fn ensure_packages() -> Result<bool> {
-    let missing: Vec<&Tool> = TOOLS.iter().filter(|t| !have(t.program)).collect();
+/// Installs the Debian packages of missing `tools`. Returns whether it did anything.
+fn ensure_packages(tools: &[Tool]) -> Result<bool> {
+    let missing: Vec<&Tool> = tools.iter().filter(|t| !present(t)).collect();
     if missing.is_empty() {
         return Ok(false);
     }
@@ -254,9 +398,9 @@ fn ensure_packages() -> Result<bool> {
         eprintln!("warning: setup: could not install optional packages (carrying on): {e:#}");
     }
     // A package can install fine yet put its program somewhere off PATH.
-    let still: Vec<&str> = TOOLS
+    let still: Vec<&str> = tools
         .iter()
-        .filter(|t| t.required && !have(t.program))
+        .filter(|t| t.required && !present(t))
         .map(|t| t.program)
         .collect();
     if !still.is_empty() {

@@ -1,14 +1,18 @@
-//! `cargo xtask test`: set up, build `viscum`, run every test.
+//! `cargo xtask test`: set up, build `viscum`, run every test, then the VM
+//! kernel matrix ([`crate::vm`]).
 
-use std::{env, ffi::OsString, process::ExitCode};
+use std::{ffi::OsString, process::ExitCode, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::{build, process, setup};
+use crate::{build, process, setup, vm};
 
 /// Options of `cargo xtask test`.
 #[derive(clap::Args)]
 pub struct Options {
+    /// Skip the VM kernel matrix (developer machines only: refused when CI=true).
+    #[arg(long)]
+    no_vm: bool,
     /// Extra arguments for the test binaries, e.g. a test name filter.
     #[arg(
         trailing_var_arg = true,
@@ -20,7 +24,12 @@ pub struct Options {
 
 /// `cargo xtask test`.
 pub fn run(opts: &Options) -> Result<ExitCode> {
-    let ci = env::var("CI").is_ok_and(|v| v == "true" || v == "1");
+    let ci = process::is_ci();
+    if opts.no_vm && ci {
+        // The matrix is the only proof the datapath loads on the kernels
+        // people run; CI never skips it.
+        bail!("CI=true: --no-vm is refused, CI always runs the VM kernel matrix");
+    }
     if !process::is_root() {
         if ci {
             // Privileged tests skip themselves without root; in CI that would
@@ -32,6 +41,10 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         eprintln!("warning: not root: the privileged integration tests will skip themselves");
     }
     setup::ensure()?;
+    if !opts.no_vm {
+        setup::ensure_vm()?;
+    }
+    let started = Instant::now();
     let viscum = build::viscum_debug()?;
     let mut cmd = process::cargo();
     // The integration tests build namespaces, veths and bpffs pins and attach
@@ -50,8 +63,30 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     .env("VISCUM_BIN", &viscum);
     println!("+ {}", process::display(&cmd));
     let status = cmd.status().context("cannot start cargo test")?;
+    let host_time = started.elapsed();
     if !status.success() {
-        eprintln!("error: tests failed ({status})");
+        eprintln!("error: host tests failed ({status})");
     }
-    Ok(process::exit_code(status))
+    if opts.no_vm {
+        println!("test: VM kernel matrix skipped (--no-vm)");
+        return Ok(process::exit_code(status));
+    }
+    // The matrix runs even when host tests failed: one CI run shows both.
+    let vm_started = Instant::now();
+    let vms_passed = vm::run_matrix(&vm::Options::default())?;
+    println!(
+        "test: host tests {} in {:.0?}; VM matrix {} in {:.0?}",
+        if status.success() { "passed" } else { "FAILED" },
+        host_time,
+        if vms_passed { "passed" } else { "FAILED" },
+        vm_started.elapsed()
+    );
+    if !status.success() {
+        return Ok(process::exit_code(status));
+    }
+    Ok(if vms_passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
