@@ -62,6 +62,18 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// `e` and its sources, `: `-separated (aya's and viscum's errors keep the cause, an errno for
+/// instance, in their source rather than in their message).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    out
+}
+
 /// `text` on one line: line breaks become ` | ` and runs of blanks one space, so a multi-line
 /// error fits a single console record.
 pub fn one_line(text: &str) -> String {

@@ -307,6 +307,22 @@ impl Lab {
         }
     }
 
+    /// Runs viscum (see [`Lab::viscum`]): its stdout if it succeeded, otherwise an error naming
+    /// the command, its exit status and its stderr. For checks that report rather than panic.
+    pub fn viscum_checked(&self, args: &[&str]) -> Result<String, String> {
+        let out = self.viscum(args);
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(format!(
+                "viscum {} failed ({}): {}",
+                args.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ))
+        }
+    }
+
     /// Runs viscum (see [`Lab::viscum`]), asserts it succeeded and returns its stdout.
     pub fn viscum_ok(&self, args: &[&str]) -> String {
         let out = self.viscum(args);

@@ -112,6 +112,8 @@ pub struct Packet {
     pub dst: IpAddr,
     /// TTL / hop limit.
     pub ttl: u8,
+    /// IPv4 only: the identification field (what groups the fragments of a datagram).
+    pub id: u16,
     /// IPv4 only: the flags-and-fragment-offset word as on the wire (`0x4000` = DF, `0x2000`
     /// = MF, low 13 bits the offset in 8-byte units).
     pub frag: u16,
@@ -151,6 +153,15 @@ impl Packet {
         p
     }
 
+    /// An IP packet whose whole payload is `payload` under protocol `proto`, with no transport
+    /// header built: a later fragment of a TCP/UDP datagram (set [`Packet::frag`] or a
+    /// [`Ext::Fragment`]), for instance.
+    pub fn raw(src: IpAddr, dst: IpAddr, proto: u8, payload: Vec<u8>) -> Packet {
+        let mut p = Packet::new(src, dst, L4::Raw { proto });
+        p.payload = payload;
+        p
+    }
+
     /// An ICMP echo request (IPv4 only: the classifier ignores it as not TCP/UDP).
     pub fn icmp_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Packet {
         let mut p = Packet::new(
@@ -182,6 +193,7 @@ impl Packet {
             src,
             dst,
             ttl: 64,
+            id: 0x1234,
             frag: if src.is_ipv4() { 0x4000 } else { 0 },
             ext: Vec::new(),
             l4,
@@ -249,7 +261,7 @@ impl Packet {
                 h.push(0x45); // version 4, IHL 5
                 h.push(0); // DSCP/ECN
                 h.extend_from_slice(&total.to_be_bytes());
-                h.extend_from_slice(&0x1234u16.to_be_bytes()); // identification
+                h.extend_from_slice(&self.id.to_be_bytes());
                 h.extend_from_slice(&self.frag.to_be_bytes());
                 h.push(self.ttl);
                 h.push(self.l4.proto());
@@ -380,18 +392,28 @@ pub struct Inspected {
     pub src: IpAddr,
     pub dst: IpAddr,
     pub ttl: u8,
+    /// The transport protocol (after IPv6 extension headers).
     pub proto: u8,
+    /// Fragment offset in 8-byte units and the more-fragments flag (0 and false for a whole
+    /// datagram).
+    pub frag_offset: u16,
+    pub more_fragments: bool,
+    /// Ports (0 for a later fragment, which carries no transport header).
     pub sport: u16,
     pub dport: u16,
     /// The IPv4 header checksum verifies (always true for IPv6, which has none).
     pub ip_checksum_ok: bool,
     /// The TCP/UDP checksum verifies over the pseudo-header (a UDP checksum of 0 counts as
-    /// "none", which is valid over IPv4 only).
-    pub l4_checksum_ok: bool,
+    /// "none", valid over IPv4 only); `None` for fragments, whose checksum covers the whole
+    /// datagram.
+    pub l4_checksum_ok: Option<bool>,
+    /// Everything after the IP header(s).
+    pub l4: Vec<u8>,
 }
 
-/// Reads an Ethernet / [802.1Q] / IPv4 or IPv6 (no extension headers) / TCP or UDP frame,
-/// verifying its checksums. Errors name what is missing or unexpected.
+/// Reads an Ethernet / [802.1Q] / IPv4 or IPv6 (hop-by-hop, routing, destination-options and
+/// fragment headers skipped) / TCP or UDP frame, verifying its checksums. Errors name what is
+/// missing or unexpected.
 pub fn inspect(frame: &[u8]) -> Result<Inspected, String> {
     let need = |n: usize, what: &str| {
         if frame.len() < n {
@@ -418,13 +440,18 @@ pub fn inspect(frame: &[u8]) -> Result<Inspected, String> {
         ethertype = be16(16);
         l3 = 18;
     }
-    let (src, dst, ttl, proto, l4, ip_checksum_ok, l4_len) = match ethertype {
+    let mut frag_offset = 0;
+    let mut more_fragments = false;
+    let (src, dst, ttl, proto, l4, ip_checksum_ok, end) = match ethertype {
         ETH_P_IP => {
             need(l3 + 20, "an IPv4 header")?;
             let ihl = usize::from(frame[l3] & 0x0f) * 4;
             need(l3 + ihl, "the IPv4 options")?;
             let total = usize::from(be16(l3 + 2));
             need(l3 + total, "the IPv4 total length")?;
+            let flags_off = be16(l3 + 6);
+            frag_offset = flags_off & 0x1fff;
+            more_fragments = flags_off & 0x2000 != 0;
             let src: [u8; 4] = frame[l3 + 12..l3 + 16].try_into().expect("4 bytes");
             let dst: [u8; 4] = frame[l3 + 16..l3 + 20].try_into().expect("4 bytes");
             (
@@ -434,23 +461,38 @@ pub fn inspect(frame: &[u8]) -> Result<Inspected, String> {
                 frame[l3 + 9],
                 l3 + ihl,
                 checksum(&[&frame[l3..l3 + ihl]]) == 0,
-                total - ihl,
+                l3 + total,
             )
         }
         ETH_P_IPV6 => {
             need(l3 + 40, "an IPv6 header")?;
-            let plen = usize::from(be16(l3 + 4));
-            need(l3 + 40 + plen, "the IPv6 payload length")?;
+            let end = l3 + 40 + usize::from(be16(l3 + 4));
+            need(end, "the IPv6 payload length")?;
             let src: [u8; 16] = frame[l3 + 8..l3 + 24].try_into().expect("16 bytes");
             let dst: [u8; 16] = frame[l3 + 24..l3 + 40].try_into().expect("16 bytes");
+            let mut next = frame[l3 + 6];
+            let mut off = l3 + 40;
+            while matches!(next, 0 | 43 | 60 | IPPROTO_FRAGMENT) {
+                need(off + 8, "an IPv6 extension header")?;
+                if next == IPPROTO_FRAGMENT {
+                    let off_m = be16(off + 2);
+                    frag_offset = off_m >> 3;
+                    more_fragments = off_m & 1 != 0;
+                    next = frame[off];
+                    off += 8;
+                } else {
+                    next = frame[off];
+                    off += (usize::from(frame[off + 1]) + 1) * 8;
+                }
+            }
             (
                 IpAddr::from(src),
                 IpAddr::from(dst),
                 frame[l3 + 7],
-                frame[l3 + 6],
-                l3 + 40,
+                next,
+                off,
                 true,
-                plen,
+                end,
             )
         }
         other => return Err(format!("EtherType {other:#06x} is neither IPv4 nor IPv6")),
@@ -460,13 +502,20 @@ pub fn inspect(frame: &[u8]) -> Result<Inspected, String> {
         IPPROTO_UDP => 6,
         other => return Err(format!("IP protocol {other} is neither TCP nor UDP")),
     };
-    need(l4 + csum_at + 2, "the transport header")?;
-    let seg = &frame[l4..l4 + l4_len];
-    let stored = be16(l4 + csum_at);
-    let l4_checksum_ok = if proto == IPPROTO_UDP && stored == 0 {
-        src.is_ipv4()
+    need(end, "the IP payload")?;
+    let seg = &frame[l4.min(end)..end];
+    let (sport, dport, l4_checksum_ok) = if frag_offset != 0 {
+        (0, 0, None)
     } else {
-        checksum(&[&pseudo_header(src, dst, proto, seg.len()), seg]) == 0
+        need(l4 + csum_at + 2, "the transport header")?;
+        let ok = if more_fragments {
+            None
+        } else if proto == IPPROTO_UDP && be16(l4 + csum_at) == 0 {
+            Some(src.is_ipv4())
+        } else {
+            Some(checksum(&[&pseudo_header(src, dst, proto, seg.len()), seg]) == 0)
+        };
+        (be16(l4), be16(l4 + 2), ok)
     };
     Ok(Inspected {
         dst_mac,
@@ -476,10 +525,13 @@ pub fn inspect(frame: &[u8]) -> Result<Inspected, String> {
         dst,
         ttl,
         proto,
-        sport: be16(l4),
-        dport: be16(l4 + 2),
+        frag_offset,
+        more_fragments,
+        sport,
+        dport,
         ip_checksum_ok,
         l4_checksum_ok,
+        l4: seg.to_vec(),
     })
 }
 
@@ -519,13 +571,13 @@ mod tests {
             (i.sport, i.dport, i.ttl, i.vlan),
             (40000, 80, 64, Some(100))
         );
-        assert!(i.ip_checksum_ok && i.l4_checksum_ok, "{i:?}");
+        assert!(i.ip_checksum_ok && i.l4_checksum_ok == Some(true), "{i:?}");
         // Ports sit in network order right after the IP header.
         assert_eq!(&f[38..42], &[0x9c, 0x40, 0x00, 0x50]);
         // A flipped bit is caught.
         let mut bad = f.clone();
         bad[45] ^= 1;
-        assert!(!inspect(&bad).unwrap().l4_checksum_ok);
+        assert_eq!(inspect(&bad).unwrap().l4_checksum_ok, Some(false));
     }
 
     #[test]
@@ -540,7 +592,7 @@ mod tests {
         );
         let p = Packet::udp(src, dst);
         let i = inspect(&p.build()).unwrap();
-        assert!(i.l4_checksum_ok, "{i:?}");
+        assert_eq!(i.l4_checksum_ok, Some(true), "{i:?}");
         assert_eq!((i.proto, i.sport, i.dport), (IPPROTO_UDP, 5353, 53));
 
         let mut p = Packet::tcp(src, dst, TCP_SYN);
@@ -567,6 +619,41 @@ mod tests {
         let f = p.build();
         assert_eq!(f[14 + 6], IPPROTO_FRAGMENT);
         assert_eq!(&f[14 + 40..14 + 44], &[IPPROTO_UDP, 0, 0, 1]);
+        let i = inspect(&f).unwrap();
+        assert_eq!((i.frag_offset, i.more_fragments, i.dport), (0, true, 53));
+        assert_eq!(
+            i.l4_checksum_ok, None,
+            "a fragment's checksum covers the datagram"
+        );
+
+        let mut later = Packet::raw(src.ip(), dst.ip(), IPPROTO_UDP, vec![7; 16]);
+        later.ext = vec![Ext::Fragment {
+            offset: 185,
+            more: false,
+            id: 7,
+        }];
+        let i = inspect(&later.build()).unwrap();
+        assert_eq!((i.frag_offset, i.more_fragments, i.sport), (185, false, 0));
+        assert_eq!((i.proto, i.l4.clone()), (IPPROTO_UDP, vec![7; 16]));
+    }
+
+    #[test]
+    fn ipv4_fragments() {
+        let src: SocketAddr = "192.0.2.2:40000".parse().unwrap();
+        let dst: SocketAddr = "203.0.113.10:53".parse().unwrap();
+        let mut first = Packet::udp(src, dst);
+        first.frag = 0x2000;
+        first.id = 0xbeef;
+        let f = first.build();
+        assert_eq!(&f[18..22], &[0xbe, 0xef, 0x20, 0x00], "ID, MF, offset 0");
+        let i = inspect(&f).unwrap();
+        assert!(i.more_fragments && i.ip_checksum_ok && i.l4_checksum_ok.is_none());
+        let mut later = Packet::raw(src.ip(), dst.ip(), IPPROTO_UDP, vec![1, 2, 3, 4]);
+        later.frag = 185;
+        let i = inspect(&later.build()).unwrap();
+        assert_eq!((i.frag_offset, i.sport, i.dport), (185, 0, 0));
+        assert_eq!(i.l4, [1, 2, 3, 4]);
+        assert!(i.ip_checksum_ok);
     }
 
     #[test]

@@ -54,7 +54,7 @@ use viscum::{
 use viscum_common::TARGET_F_SET_MAC;
 
 use crate::{
-    cases::{CaseResult, run_case},
+    cases::{CaseResult, error_chain, run_case},
     lab::{CLIENT_V4, CLIENT_V6, Lab},
     packet::{self, Ext, Inspected, Packet, TCP_ACK, TCP_SYN},
 };
@@ -81,7 +81,7 @@ const RANGE_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 12);
 const IN_PREFIX_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 200);
 /// Inside the source-restricted rule 203.0.113.64/26:22 (from 192.0.2.0/28).
 const IN_SOURCE_RULE_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 70);
-/// Exact-match IPv6 service address, TCP port 80.
+/// Exact-match IPv6 service address, TCP port 80 and UDP port 53.
 const SVC_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0x10);
 /// Inside the IPv6 destination prefix rule [2001:db8:e:1::]/64:443.
 const IN_PREFIX_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xe, 1, 0, 0, 0, 0x99);
@@ -91,6 +91,7 @@ const IN_SOURCE_RULE_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xe, 2, 0, 0, 0
 const E_TCP4: &str = "tcp://203.0.113.10:80";
 const E_UDP4: &str = "udp://203.0.113.10:53";
 const E_TCP6: &str = "tcp://[2001:db8:e::10]:80";
+const E_UDP6: &str = "udp://[2001:db8:e::10]:53";
 const E_ALL: &str = "tcp://203.0.113.11";
 const E_ALL_443: &str = "tcp://203.0.113.11:443";
 const E_RANGE: &str = "tcp://203.0.113.12:8000-8099";
@@ -100,8 +101,8 @@ const E_SRC4: &str = "tcp://203.0.113.64/26:22?from=192.0.2.0/28";
 const E_SRC6: &str = "tcp://[2001:db8:e:2::]/64:22?from=2001:db8:c::/60";
 
 /// Every entry the fixtures install, all into one service namespace.
-const ENTRIES: [&str; 10] = [
-    E_TCP4, E_UDP4, E_TCP6, E_ALL, E_ALL_443, E_RANGE, E_PFX4, E_PFX6, E_SRC4, E_SRC6,
+const ENTRIES: [&str; 11] = [
+    E_TCP4, E_UDP4, E_TCP6, E_UDP6, E_ALL, E_ALL_443, E_RANGE, E_PFX4, E_PFX6, E_SRC4, E_SRC6,
 ];
 
 /// Which of the two programs a case runs.
@@ -155,7 +156,7 @@ struct Env {
 /// each as it finishes.
 ///
 /// Around the fixtures come two bookkeeping cases: `fixture-setup` (a service namespace and the
-/// ten fixture entries, through the CLI) and `fixture-cleanup` (the entries and namespace
+/// eleven fixture entries, through the CLI) and `fixture-cleanup` (the entries and namespace
 /// deleted again, the entries checked gone), so the lab is left as it was for later checks.
 /// If the setup fails, no fixture runs.
 pub fn run(lab: &Lab, report: &mut dyn FnMut(&CaseResult)) -> Vec<CaseResult> {
@@ -185,21 +186,6 @@ pub fn run(lab: &Lab, report: &mut dyn FnMut(&CaseResult)) -> Vec<CaseResult> {
     results
 }
 
-/// Runs `viscum ARGS` in the lab's edge namespace: its stdout, or an error with its stderr.
-fn cli(lab: &Lab, args: &[&str]) -> Result<String, String> {
-    let out = lab.viscum(args);
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "viscum {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 fn setup(lab: &Lab, ns: &str) -> Result<(Env, String), String> {
     let pins = Pins::new(lab.bpffs.path());
     for p in [pins.program(), pins.reply_program()] {
@@ -210,14 +196,11 @@ fn setup(lab: &Lab, ns: &str) -> Result<(Env, String), String> {
             ));
         }
     }
-    cli(lab, &["ns", "add", ns])?;
+    lab.viscum_checked(&["ns", "add", ns])?;
     for entry in ENTRIES {
         // No learning period: UDP entries would otherwise send new flows to the cloud for
         // their first second.
-        cli(
-            lab,
-            &["redirect", "add", entry, "--ns", ns, "--learn-ms", "0"],
-        )?;
+        lab.viscum_checked(&["redirect", "add", entry, "--ns", ns, "--learn-ms", "0"])?;
     }
     let env = Env {
         edge: lab.edge.name().to_string(),
@@ -226,7 +209,8 @@ fn setup(lab: &Lab, ns: &str) -> Result<(Env, String), String> {
         reply_ifindex: lab.edge_ifindex(&netns::host_veth_name(ns)),
     };
     // Every entry must read back, which also proves the match strings round-trip.
-    let engine = Engine::open(&env.pins).map_err(|e| format!("open the engine: {e:#}"))?;
+    let engine =
+        Engine::open(&env.pins).map_err(|e| format!("open the engine: {}", error_chain(&e)))?;
     let mut flags = Vec::new();
     for entry in ENTRIES {
         let view = get_entry(&engine, entry)?;
@@ -242,18 +226,19 @@ fn setup(lab: &Lab, ns: &str) -> Result<(Env, String), String> {
 
 fn cleanup(lab: &Lab, env: &Env, ns: &str) -> Result<String, String> {
     for entry in ENTRIES {
-        cli(lab, &["redirect", "del", entry])?;
+        lab.viscum_checked(&["redirect", "del", entry])?;
     }
-    let engine = Engine::open(&env.pins).map_err(|e| format!("open the engine: {e:#}"))?;
+    let engine =
+        Engine::open(&env.pins).map_err(|e| format!("open the engine: {}", error_chain(&e)))?;
     for entry in ENTRIES {
         let ep = parse_entry(entry)?;
         match engine.get(&ep) {
             Ok(None) => {}
             Ok(Some(_)) => return Err(format!("{entry} is still there after redirect del")),
-            Err(e) => return Err(format!("read {entry}: {e:#}")),
+            Err(e) => return Err(format!("read {entry}: {}", error_chain(&e))),
         }
     }
-    cli(lab, &["ns", "del", ns])?;
+    lab.viscum_checked(&["ns", "del", ns])?;
     Ok(format!(
         "{} entries deleted, namespace {ns} deleted",
         ENTRIES.len()
@@ -270,7 +255,7 @@ fn get_entry(engine: &Engine, entry: &str) -> Result<viscum::engine::EntryView, 
     let ep = parse_entry(entry)?;
     engine
         .get(&ep)
-        .map_err(|e| format!("read {entry}: {e:#}"))?
+        .map_err(|e| format!("read {entry}: {}", error_chain(&e)))?
         .ok_or_else(|| format!("{entry} is not in the datapath's maps"))
 }
 
@@ -284,10 +269,10 @@ struct Snapshot {
 }
 
 fn snapshot(pins: &Pins) -> Result<Snapshot, String> {
-    let engine = Engine::open(pins).map_err(|e| format!("open the engine: {e:#}"))?;
+    let engine = Engine::open(pins).map_err(|e| format!("open the engine: {}", error_chain(&e)))?;
     let stats = engine
         .global_stats()
-        .map_err(|e| format!("read the global counters: {e:#}"))?;
+        .map_err(|e| format!("read the global counters: {}", error_chain(&e)))?;
     // By field name, so counters added later are covered (they must not move either).
     let global = match serde_json::to_value(stats) {
         Ok(serde_json::Value::Object(m)) => m
@@ -370,17 +355,6 @@ fn test_run(
         Ok((r.return_value as i32, out))
     })
     .map_err(|e| format!("enter namespace {edge}: {e}"))?
-}
-
-/// `e` and its sources, `: `-separated (aya's errors keep the errno in their source).
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    out
 }
 
 fn run_one(env: &Env, case: &Case) -> Result<String, String> {
@@ -556,7 +530,7 @@ fn redirected_intact(entry: &'static str, src: SocketAddr, dst: SocketAddr) -> O
                 "addresses or ports changed, expected {src} -> {dst}"
             ));
         }
-        if !(i.ip_checksum_ok && i.l4_checksum_ok) {
+        if !i.ip_checksum_ok || i.l4_checksum_ok == Some(false) {
             return Err("a checksum no longer verifies".into());
         }
         let snap = snapshot(&env.pins)?;
@@ -587,8 +561,28 @@ fn forwarded_reply(from: SocketAddr, to: SocketAddr) -> OutCheck {
         if !i.ip_checksum_ok {
             return Err("the IPv4 header checksum does not verify".into());
         }
-        if !i.l4_checksum_ok {
+        if i.l4_checksum_ok == Some(false) {
             return Err("the TCP/UDP checksum does not verify".into());
+        }
+        Ok(())
+    })
+}
+
+/// Checks a later fragment of a reply forwarded to the client: source address `from`, one hop
+/// less, a valid IPv4 header checksum, and the payload (no transport header in it) untouched.
+fn forwarded_later_fragment(from: IpAddr, payload: Vec<u8>) -> OutCheck {
+    Box::new(move |i: &Inspected, _env: &Env| {
+        if i.src != from {
+            return Err(format!("source {}, expected {from}", i.src));
+        }
+        if i.ttl != 63 {
+            return Err(format!("TTL {}, expected 63 (64 less one hop)", i.ttl));
+        }
+        if !i.ip_checksum_ok {
+            return Err("the IPv4 header checksum does not verify".into());
+        }
+        if i.l4 != payload {
+            return Err("the fragment's payload changed".into());
         }
         Ok(())
     })
@@ -754,27 +748,105 @@ fn cases() -> Vec<Case> {
         Packet::icmp_echo(CLIENT_V4, SVC_V4).build(),
         &[],
     ));
-    let mut first_fragment = Packet::tcp(client4(40060), svc80, TCP_SYN);
-    first_fragment.frag = 0x2000; // MF, offset 0
+    // Fragments follow their datagram: the first one (it carries the ports) is matched and
+    // decided, and its ports are remembered under (source, destination, protocol, ID) so the
+    // later ones take the same entry and flow. A later fragment whose first one was never
+    // seen, or was not ours, is passed untouched.
+    let later_payload = vec![0x5a; 24];
+    let v4_first = |id: u16, dst: SocketAddr| {
+        let mut p = Packet::udp(client4(40060), dst);
+        p.id = id;
+        p.frag = 0x2000; // MF, offset 0
+        p.build()
+    };
+    let v4_later = |id: u16, dst: Ipv4Addr| {
+        let mut p = Packet::raw(
+            CLIENT_V4.into(),
+            dst.into(),
+            packet::IPPROTO_UDP,
+            later_payload.clone(),
+        );
+        p.id = id;
+        p.frag = 185; // offset 1480 bytes, the last fragment
+        p.build()
+    };
+    out.push(Case {
+        global: &[("fragments", 1), ("redirected", 1), ("flows_edge", 1)],
+        ..hit("v4-udp-first-fragment-hit", v4_first(0x0f01, svc53), E_UDP4)
+    });
+    out.push(Case {
+        global: &[("fragments", 1), ("redirected", 1)],
+        entry: Some(EntryMove {
+            entry: E_UDP4,
+            packets: 1,
+            new_flows: 0,
+        }),
+        ..hit(
+            "v4-udp-later-fragment-follows",
+            v4_later(0x0f01, SVC_V4),
+            E_UDP4,
+        )
+    });
     out.push(pass(
-        "v4-first-fragment-pass",
-        first_fragment.build(),
+        "v4-later-fragment-unknown-pass",
+        v4_later(0x0f02, SVC_V4),
+        &[("fragments", 1), ("fragments_unknown", 1)],
+    ));
+    out.push(pass(
+        "v4-first-fragment-miss-pass",
+        v4_first(0x0f03, v4(SVC_V4, 54)),
         &[("fragments", 1)],
     ));
-    let mut later_fragment = Packet::tcp(client4(40061), svc80, TCP_SYN);
-    later_fragment.frag = 185; // offset 1480 bytes, last fragment
     out.push(pass(
-        "v4-later-fragment-pass",
-        later_fragment.build(),
-        &[("fragments", 1)],
+        "v4-later-fragment-of-miss-pass",
+        v4_later(0x0f03, SVC_V4),
+        &[("fragments", 1), ("fragments_unknown", 1)],
     ));
-    let mut frag6 = Packet::tcp(client6(40062), svc6, TCP_SYN);
-    frag6.ext = vec![Ext::Fragment {
-        offset: 0,
-        more: true,
-        id: 0x5eed,
-    }];
-    out.push(pass("v6-fragment-pass", frag6.build(), &[("fragments", 1)]));
+    let v6_frag = |frame: Packet, offset: u16, more: bool, id: u32| {
+        let mut p = frame;
+        p.ext = vec![Ext::Fragment { offset, more, id }];
+        p.build()
+    };
+    let svc6_53 = v6(SVC_V6, 53);
+    out.push(Case {
+        global: &[("fragments", 1), ("redirected", 1), ("flows_edge", 1)],
+        ..hit(
+            "v6-udp-first-fragment-hit",
+            v6_frag(Packet::udp(client6(40062), svc6_53), 0, true, 0x5eed_0001),
+            E_UDP6,
+        )
+    });
+    let v6_later = |id: u32| {
+        v6_frag(
+            Packet::raw(
+                CLIENT_V6.into(),
+                SVC_V6.into(),
+                packet::IPPROTO_UDP,
+                later_payload.clone(),
+            ),
+            185,
+            false,
+            id,
+        )
+    };
+    out.push(Case {
+        global: &[("fragments", 1), ("redirected", 1)],
+        entry: Some(EntryMove {
+            entry: E_UDP6,
+            packets: 1,
+            new_flows: 0,
+        }),
+        ..hit(
+            "v6-udp-later-fragment-follows",
+            v6_later(0x5eed_0001),
+            E_UDP6,
+        )
+    });
+    out.push(pass(
+        "v6-later-fragment-unknown-pass",
+        v6_later(0x5eed_0002),
+        &[("fragments", 1), ("fragments_unknown", 1)],
+    ));
     let mut hbh = Packet::tcp(client6(40063), svc6, TCP_SYN);
     hbh.ext = vec![Ext::HopByHop];
     out.push(hit("v6-hop-by-hop-hit", hbh.build(), E_TCP6));
@@ -866,6 +938,52 @@ fn cases() -> Vec<Case> {
         passed: 0,
         entry: None,
         out: Some(forwarded_reply(svc53, client4(40003))),
+    });
+    // The same, fragmented: the first fragment (with the UDP header) is matched to the flow
+    // the fragmented request opened and its source restored; the later one follows through
+    // the fragment table and gets the same source (L3 only: it has no UDP header).
+    let veth_addr = Ipv4Addr::new(169, 254, 128, 2);
+    let mut first_reply = Packet::udp(v4(veth_addr, 53), client4(40060));
+    first_reply.id = 0x0f10;
+    first_reply.frag = 0x2000;
+    out.push(Case {
+        name: "reply-v4-udp-first-fragment-source-restored",
+        prog: Prog::Reply,
+        frame: first_reply.build(),
+        action: TC_ACT_REDIRECT,
+        global: &[
+            ("fragments", 1),
+            ("replies_rewritten", 1),
+            ("replies_forwarded", 1),
+        ],
+        passed: 0,
+        entry: None,
+        out: Some(forwarded_reply(svc53, client4(40060))),
+    });
+    let mut later_reply = Packet::raw(
+        veth_addr.into(),
+        CLIENT_V4.into(),
+        packet::IPPROTO_UDP,
+        later_payload.clone(),
+    );
+    later_reply.id = 0x0f10;
+    later_reply.frag = 185;
+    out.push(Case {
+        name: "reply-v4-udp-later-fragment-source-restored",
+        prog: Prog::Reply,
+        frame: later_reply.build(),
+        action: TC_ACT_REDIRECT,
+        global: &[
+            ("fragments", 1),
+            ("replies_rewritten", 1),
+            ("replies_forwarded", 1),
+        ],
+        passed: 0,
+        entry: None,
+        out: Some(forwarded_later_fragment(
+            SVC_V4.into(),
+            later_payload.clone(),
+        )),
     });
     // About to expire: left to the stack, which sends the ICMP error.
     let mut expiring = Packet::tcp(svc80, client4(40001), TCP_ACK);

@@ -135,21 +135,6 @@ pub fn attach(lab: &Lab) -> Attached {
     }
 }
 
-/// Runs `viscum ARGS` in the lab's edge namespace: its stdout, or an error with its stderr.
-fn cli(lab: &Lab, args: &[&str]) -> Result<String, String> {
-    let out = lab.viscum(args);
-    if out.status.success() {
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-    } else {
-        Err(format!(
-            "viscum {} failed ({}): {}",
-            args.join(" "),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
 /// Check (c): a service namespace with an identity server answering "edge", the cloud's
 /// answering "cloud" on the same port; for TCP and UDP over IPv4 and IPv6 the client gets the
 /// cloud, then (entry added) the edge, then (entry deleted) the cloud again. Returns
@@ -162,7 +147,7 @@ pub fn smoke(lab: &Lab, report: &mut dyn FnMut(&CaseResult)) -> (Vec<CaseResult>
     let mut created = false;
     let setup = run_case("smoke-setup", || {
         let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
-        cli(lab, &["ns", "add", &ns])?;
+        lab.viscum_checked(&["ns", "add", &ns])?;
         created = true;
         let edge = IdentityServer::start(&ns, cloud.port(), "edge");
         let detail = format!("namespace {ns}, identity servers on port {}", cloud.port());
@@ -213,16 +198,13 @@ fn cutover(
         Proto::Tcp => edge.tcp_hits(),
         Proto::Udp => edge.udp_hits(),
     };
-    cli(
-        lab,
-        &["redirect", "add", &entry, "--ns", ns, "--learn-ms", "0"],
-    )?;
+    lab.viscum_checked(&["redirect", "add", &entry, "--ns", ns, "--learn-ms", "0"])?;
     let during = who("with the entry");
     let hits = match proto {
         Proto::Tcp => edge.tcp_hits(),
         Proto::Udp => edge.udp_hits(),
     } - hits_before;
-    let deleted = cli(lab, &["redirect", "del", &entry]);
+    let deleted = lab.viscum_checked(&["redirect", "del", &entry]);
     let during = during?;
     if during != "edge" {
         return Err(format!("with the entry, {during} answered {entry}"));
@@ -344,7 +326,7 @@ pub fn detach(lab: &Lab) -> CaseResult {
     run_case("detach-leaves-nothing", || {
         let lan = lab.lan_if();
         let pins = Pins::new(lab.bpffs.path());
-        let stdout = cli(lab, &["detach", lan])?;
+        let stdout = lab.viscum_checked(&["detach", lan])?;
         let mut problems = Vec::new();
         let link_pin = pins.link(lan);
         if link_pin.exists() {
@@ -387,7 +369,7 @@ pub fn detach(lab: &Lab) -> CaseResult {
 /// the namespaces still there (`service_ns`) and the qdisc check once more.
 pub fn teardown(lab: &Lab, service_ns: &[String]) -> CaseResult {
     run_case("teardown-leaves-nothing", || {
-        let stdout = cli(lab, &["detach", "--all", "--purge"])?;
+        let stdout = lab.viscum_checked(&["detach", "--all", "--purge"])?;
         leftovers(lab).map_err(|e| format!("after detach --all --purge: {e}"))?;
         for ns in service_ns {
             let veth = netns::host_veth_name(ns);
@@ -400,7 +382,7 @@ pub fn teardown(lab: &Lab, service_ns: &[String]) -> CaseResult {
             }
         }
         for ns in service_ns {
-            cli(lab, &["ns", "del", ns])?;
+            lab.viscum_checked(&["ns", "del", ns])?;
         }
         leftovers(lab).map_err(|e| format!("after ns del {service_ns:?}: {e}"))?;
         Ok(format!(
