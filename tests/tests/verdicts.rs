@@ -2,12 +2,16 @@
 //! through the loaded `viscum_ingress` / `viscum_reply` with `BPF_PROG_TEST_RUN`, exact TC
 //! actions and counters. The same fixtures run inside every guest of the VM kernel matrix.
 
-use viscum_tests::{Lab, LabOptions, skip_unless_root, verdicts};
+use viscum_tests::{Lab, skip_unless_root, verdicts};
 
-/// Attaches in `lab`, runs the fixtures and fails with every failed case listed.
-fn run_fixtures(lab: &Lab) {
+#[test]
+fn verdict_fixtures_on_this_kernel() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
     lab.viscum_ok(&["attach", lab.lan_if()]);
-    let results = verdicts::run(lab, &mut |c| {
+    let results = verdicts::run(&lab, &mut |c| {
         eprintln!(
             "{} {} {} ms: {}",
             if c.pass { "pass" } else { "FAIL" },
@@ -33,22 +37,4 @@ fn run_fixtures(lab: &Lab) {
         results.len(),
         failed.join("\n")
     );
-}
-
-#[test]
-fn verdict_fixtures_on_this_kernel() {
-    if skip_unless_root() {
-        return;
-    }
-    run_fixtures(&Lab::new());
-}
-
-/// The fixtures build their VLAN tags into the frames, so they do not depend on the lab's
-/// VLAN; but attached to a trunk the classifier must still answer the same.
-#[test]
-fn verdict_fixtures_with_a_vlan_trunk() {
-    if skip_unless_root() {
-        return;
-    }
-    run_fixtures(&Lab::with_options(LabOptions { vlan: Some(100) }));
 }
