@@ -22,12 +22,26 @@
 //! * for some cases, the frame the program wrote back (stripped VLAN tag, rewritten source,
 //!   decremented TTL, valid IPv4 and TCP/UDP checksums).
 //!
-//! Counters, ports, port ranges, prefixes and source masks are all byte-order sensitive, which
-//! is the point on the big-endian s390x guest: e.g. the port-range case includes the port whose
-//! byte-swapped value lies inside the range, and must miss.
+//! Counters, ports, port ranges, prefixes, source masks, fragment identifiers and checksum
+//! updates are all byte-order sensitive, which is the point on the big-endian s390x guest: e.g.
+//! the port-range cases include the port whose byte-swapped value lies inside the range, and
+//! must miss; the source-prefix misses differ only inside a partly masked byte.
+//!
+//! # The cases
+//!
+//! Exact entries (TCP/UDP, IPv4/IPv6; SYN, continuation, misses), the rules path (all-ports
+//! entry and the exact port that beats it, destination prefixes, port ranges and their ends,
+//! source-restricted rules hit and miss), 802.1Q-tagged frames, non-IP and non-TCP/UDP frames,
+//! fragments (a first fragment is matched and the later ones follow it through the fragment
+//! table; unknown later fragments pass), an IPv6 hop-by-hop header, truncated headers,
+//! mid-connection TCP without flow state, and the reply program (replies of edge flows are
+//! forwarded to the client with one hop less, a UDP reply from the veth address and its
+//! fragments get the cloud source back, an expiring reply and an unknown one are left to the
+//! stack). The list, in order, is `cases()` in this file.
 //!
 //! Cases run in order and some rely on earlier ones (a continuation needs the flow its SYN
-//! opened, replies need the edge flows); each uses its own client port otherwise.
+//! opened, replies need the edge flows, later fragments their first one); each uses its own
+//! client port or fragment ID otherwise.
 //!
 //! # Kernel mechanics relied on
 //!

@@ -169,7 +169,8 @@ async fn loopback_up() -> Result<(), String> {
 
 /// Loads every module file in [`MODULES_DIR`] in name order with `finit_module`, printing
 /// one progress line each. Returns the `guest-modules` case: it fails when a module outside
-/// [`OPTIONAL_MODULES`] fails to load ("already loaded" is not a failure).
+/// the optional ones (8021q and its dependencies) fails to load ("already loaded" is not a
+/// failure).
 pub fn load_modules(progress: &mut dyn FnMut(&str)) -> CaseResult {
     load_modules_from(Path::new(MODULES_DIR), progress)
 }
