@@ -167,3 +167,179 @@ fn fragmented_datagrams_follow_their_flow() {
         assert_eq!(got, ["cloud 3000 10"], "{addr}");
     }
 }
+
+/// A host behind the lab's client, which becomes a router: `far` (10.77.0.2, fd77::2) —
+/// `rfar`/`eth0` veth — client namespace — lan — edge. `router_side_mtu` is the MTU of the
+/// router's end of the far link (a tunnel or PPPoE whose real MTU the far host does not
+/// know: it advertises an MSS for 1500); `lan_mtu` that of the client—edge link, both ends.
+struct FarHost {
+    ns: viscum_tests::Netns,
+}
+
+const FAR_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 77, 0, 2);
+const FAR_GW_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 77, 0, 1);
+const FAR_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 2);
+const FAR_GW_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 1);
+
+impl FarHost {
+    fn new(lab: &Lab, router_side_mtu: u32, lan_mtu: u32) -> FarHost {
+        use std::net::IpAddr;
+
+        use viscum::netns;
+        use viscum_tests::lab::{CLIENT_IF, CLIENT_V4, CLIENT_V6, LAN_IF};
+        let far = viscum_tests::Netns::new();
+        let far_name = far.name().to_owned();
+        lab.client.block_on(move || async move {
+            let h = netns::handle_here().await.unwrap();
+            netns::create_veth(&h, "rfar", "eth0", &far_name, None)
+                .await
+                .unwrap();
+            let rfar = netns::link_by_name(&h, "rfar").await.unwrap().index;
+            netns::set_mtu(&h, rfar, router_side_mtu).await.unwrap();
+            netns::add_address(&h, rfar, IpAddr::V4(FAR_GW_V4), 24)
+                .await
+                .unwrap();
+            netns::add_address(&h, rfar, IpAddr::V6(FAR_GW_V6), 64)
+                .await
+                .unwrap();
+            netns::set_up(&h, rfar).await.unwrap();
+            let eth0 = netns::link_by_name(&h, CLIENT_IF).await.unwrap().index;
+            netns::set_mtu(&h, eth0, lan_mtu).await.unwrap();
+        });
+        lab.client.set_sysctl("net/ipv4/ip_forward", "1");
+        lab.client.set_sysctl("net/ipv6/conf/all/forwarding", "1");
+        far.block_on(|| async {
+            let h = netns::handle_here().await.unwrap();
+            let lo = netns::link_by_name(&h, "lo").await.unwrap().index;
+            netns::set_up(&h, lo).await.unwrap();
+            let eth0 = netns::link_by_name(&h, "eth0").await.unwrap().index;
+            netns::add_address(&h, eth0, IpAddr::V4(FAR_V4), 24)
+                .await
+                .unwrap();
+            netns::add_address(&h, eth0, IpAddr::V6(FAR_V6), 64)
+                .await
+                .unwrap();
+            netns::set_up(&h, eth0).await.unwrap();
+            let any4 = IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED);
+            let any6 = IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
+            netns::add_route(&h, any4, 0, Some(IpAddr::V4(FAR_GW_V4)), None)
+                .await
+                .unwrap();
+            netns::add_route(&h, any6, 0, Some(IpAddr::V6(FAR_GW_V6)), None)
+                .await
+                .unwrap();
+        });
+        lab.edge.block_on(move || async move {
+            let h = netns::handle_here().await.unwrap();
+            let lan = netns::link_by_name(&h, LAN_IF).await.unwrap().index;
+            netns::set_mtu(&h, lan, lan_mtu).await.unwrap();
+            let net4 = IpAddr::V4(std::net::Ipv4Addr::new(10, 77, 0, 0));
+            let net6 = IpAddr::V6(std::net::Ipv6Addr::new(0xfd77, 0, 0, 0, 0, 0, 0, 0));
+            netns::add_route(&h, net4, 24, Some(IpAddr::V4(CLIENT_V4)), None)
+                .await
+                .unwrap();
+            netns::add_route(&h, net6, 64, Some(IpAddr::V6(CLIENT_V6)), None)
+                .await
+                .unwrap();
+        });
+        FarHost { ns: far }
+    }
+
+    fn name(&self) -> &str {
+        self.ns.name()
+    }
+}
+
+/// A bulk download from the edge copy to a host whose path has a smaller MTU than either
+/// end knows at the start, once per family: the transfer must complete (no black hole).
+fn download_through(lab: &Lab, ns: &str, far: &FarHost, counter: &str) {
+    let port = 5201;
+    let _edge = Iperf3Server::start(ns, port);
+    for addr in lab.cloud_addrs(port) {
+        lab.viscum_ok(&["redirect", "add", &format!("tcp://{addr}"), "--ns", ns]);
+        let before = global_stats(lab);
+        let got = iperf3_client(far.name(), addr, &["-R", "-t", "2"]);
+        let after = global_stats(lab);
+        let report = got.unwrap_or_else(|e| {
+            panic!("iperf3 -R from behind the small link to {addr}: {e}\n{after}")
+        });
+        let bytes = iperf3_received_bytes(&report);
+        assert!(
+            bytes > 8 << 20,
+            "{addr}: only {bytes} bytes received\n{after}"
+        );
+        let moved = after[counter].as_u64().unwrap() - before[counter].as_u64().unwrap();
+        assert!(moved > 0, "{addr}: {counter} did not move\n{after}");
+        lab.viscum_ok(&["redirect", "del", &format!("tcp://{addr}")]);
+    }
+}
+
+/// Path MTU discovery through the redirect: a router between the edge and the client has a
+/// smaller link (1400) than the client's own. Its "fragmentation needed" / "packet too big"
+/// errors are addressed to the cloud address and quote the edge copy's segments: they must
+/// reach the edge copy, not the real cloud, or every full-size segment is lost.
+#[test]
+fn path_mtu_errors_reach_the_edge_copy() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let far = FarHost::new(&lab, 1400, 1500);
+    download_through(&lab, &ns, &far, "icmp_to_edge");
+}
+
+/// MSS clamping: the edge's own client-facing link is small (1400, both ends) and the far
+/// host advertises an MSS for 1500. A router clamps forwarded SYNs to its route MTU; the
+/// redirected SYN never reaches that forward chain, so the classifier must clamp it, or the
+/// edge copy's full-size segments cannot leave the edge.
+#[test]
+fn redirected_syns_get_an_mss_that_fits_the_edge_link() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let far = FarHost::new(&lab, 1500, 1400);
+    download_through(&lab, &ns, &far, "mss_clamped");
+}
+
+/// A mirrored UDP entry whose edge copy does not listen: the copy's stack answers the clone
+/// with "port unreachable", which must not reach the client (the cloud answers it), with
+/// loose and with no reverse-path filtering on the edge.
+#[test]
+fn a_mirror_never_leaks_the_copys_icmp_errors() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let cloud = viscum_tests::IdentityServer::start(lab.cloud.name(), 8100, "cloud");
+    for rp_filter in ["0", "2"] {
+        for key in ["all", "default", "lan0", "wan0"] {
+            lab.edge
+                .set_sysctl(&format!("net/ipv4/conf/{key}/rp_filter"), rp_filter);
+        }
+        for addr in lab.cloud_addrs(cloud.port()) {
+            let url = format!("udp://{addr}");
+            lab.viscum_ok(&[
+                "redirect",
+                "add",
+                &url,
+                "--ns",
+                &ns,
+                "--mirror",
+                "--learn-ms",
+                "0",
+            ]);
+            for _ in 0..3 {
+                let got = viscum_tests::udp_ask(lab.client.name(), addr, common::TIMEOUT);
+                assert_eq!(
+                    got.as_deref().ok(),
+                    Some("cloud"),
+                    "rp_filter={rp_filter} {addr}: {got:?}\n{}",
+                    lab.viscum_ok(&["stats", "--json"])
+                );
+            }
+            assert!(global_stats(&lab)["icmp_dropped"].as_u64().unwrap() > 0);
+            lab.viscum_ok(&["redirect", "del", &url]);
+        }
+    }
+}

@@ -21,6 +21,8 @@ pub const DEFAULT_MAX_ENTRIES: u32 = 16_384;
 /// IP protocol numbers (IANA) the classifier understands.
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_ICMPV6: u8 = 58;
 
 /// Address family tags stored in [`ServiceKey::family`]. These are our own
 /// values (not `AF_*`), chosen so a zeroed key is never a valid one.
@@ -254,10 +256,17 @@ pub struct FlowState {
     pub closing_at_ns: u64,
     /// `FLOW_EDGE` or `FLOW_CLOUD`.
     pub decision: u32,
-    /// Host veth of the edge copy (for draining counts in user space).
+    /// Host veth of the edge copy (for draining counts in user space, and
+    /// where ICMP errors about the flow are sent).
     pub ifindex: u32,
+    /// The entry's `TARGET_F_*` bits and namespace MAC when the flow began:
+    /// enough to redirect packets that concern the flow but match no entry
+    /// themselves (ICMP errors quoting it).
+    pub flags: u32,
+    pub mac: [u8; 6],
+    pub _pad: [u8; 6],
 }
-const _: () = assert!(core::mem::size_of::<FlowState>() == 24);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 40);
 
 /// A reply leaving a service namespace, keyed as it arrives on the host veth:
 /// the client is the destination; `local_port` is the source port the
@@ -361,10 +370,21 @@ pub enum GlobalCounter {
     /// Later fragments whose first fragment was never seen (out of order,
     /// or evicted): their ports are unknown, so they are passed untouched.
     FragmentsUnknown = 14,
+    /// ICMP/ICMPv6 errors from the network about an edge flow, sent to the
+    /// edge copy (path MTU, unreachable...).
+    IcmpToEdge = 15,
+    /// ICMP/ICMPv6 errors from an edge copy about a client's flow, sent to
+    /// the client through the reply path.
+    IcmpToClient = 16,
+    /// ICMP errors about a mirrored flow, dropped (the cloud answers).
+    IcmpDropped = 17,
+    /// Redirected TCP SYNs (and edge SYN-ACKs) whose MSS option was lowered
+    /// to fit the interface MTU.
+    MssClamped = 18,
 }
 
 /// Number of slots in the global counter array.
-pub const GLOBAL_COUNTERS: u32 = 15;
+pub const GLOBAL_COUNTERS: u32 = 19;
 
 /// Runtime knobs read by the classifier on every packet (one array slot).
 #[repr(C)]

@@ -90,6 +90,9 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
                 closing_at_ns: 0,
                 decision: FLOW_CLOUD,
                 ifindex: 0,
+                flags: 0,
+                mac: [0; 6],
+                _pad: [0; 6],
             };
             let _ = FLOWS.insert(fkey, state, 0);
         }
@@ -101,6 +104,9 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
         closing_at_ns: 0,
         decision: FLOW_EDGE,
         ifindex: entry.ifindex,
+        flags: entry.flags,
+        mac: entry.mac,
+        _pad: [0; 6],
     };
     let _ = FLOWS.insert(fkey, state, 0);
     remember_reply(p, entry, 0);
@@ -150,5 +156,20 @@ pub fn reply_identity(p: &Parsed, ifindex: u32) -> Option<ReplyState> {
         ifindex,
     };
     // SAFETY: read-only copy out of the map value.
+    unsafe { REPLIES.get(rkey).copied() }
+}
+
+/// The edge flow `fkey` belongs to, if it is one (for ICMP errors quoting it).
+#[inline(always)]
+pub fn edge_flow(fkey: &FlowKey) -> Option<FlowState> {
+    // SAFETY: copied out of the map value at once.
+    let state = unsafe { FLOWS.get(fkey).copied() }?;
+    (state.decision == FLOW_EDGE).then_some(state)
+}
+
+/// The reply identity of a flow, by its reply-side key.
+#[inline(always)]
+pub fn reply_state(rkey: &ReplyKey) -> Option<ReplyState> {
+    // SAFETY: copied out of the map value at once.
     unsafe { REPLIES.get(rkey).copied() }
 }

@@ -22,7 +22,9 @@
 mod counters;
 mod flow;
 mod frag;
+mod icmp;
 mod lookup;
+mod mss;
 mod nat;
 mod parse;
 mod redirect;
@@ -33,7 +35,9 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use aya_log_ebpf::debug;
-use viscum_common::{FlowKey, GlobalCounter, REPLY_F_DROP, TARGET_F_MIRROR, TARGET_F_NAT};
+use viscum_common::{
+    FlowKey, GlobalCounter, PROTO_TCP, REPLY_F_DROP, TARGET_F_MIRROR, TARGET_F_NAT,
+};
 
 use crate::{
     flow::Decision,
@@ -56,7 +60,9 @@ pub fn viscum_reply(ctx: TcContext) -> i32 {
     }
 }
 
-/// Parses, counting what cannot be handled; `Err` carries the pass verdict.
+/// Parses, counting what cannot be handled; `Err` carries the verdict for
+/// packets that are not TCP/UDP of a flow we can place (pass, or where an
+/// ICMP error about an edge flow was sent).
 #[inline(always)]
 fn parse_or_pass(ctx: &TcContext) -> Result<Parsed, i32> {
     match parse::parse(ctx) {
@@ -66,6 +72,10 @@ fn parse_or_pass(ctx: &TcContext) -> Result<Parsed, i32> {
             None => Err(pass()),
         },
         Err(ParseError::NotIp) => Err(pass()),
+        Err(ParseError::Icmp(p)) => Err(match icmp::to_edge(ctx, &p) {
+            Some(action) => action,
+            None => pass(),
+        }),
         Err(ParseError::Malformed) => {
             counters::bump(GlobalCounter::Unparsable);
             Err(pass())
@@ -143,6 +153,11 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
             return Err(TC_ACT_SHOT);
         }
     }
+    if p.key.proto == PROTO_TCP && p.tcp_flags & parse::TCP_SYN != 0 {
+        // The client-facing interface's MTU bounds the segments the edge
+        // copy may send back (fw4 clamps forwarded SYNs the same way).
+        mss::clamp(ctx, &p, mss::mtu_of(ctx, 0));
+    }
     let action = redirect::to_service(ctx, entry, p.l2_vlan);
     if action == TC_ACT_REDIRECT {
         counters::bump(GlobalCounter::Redirected);
@@ -165,15 +180,18 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
 /// Replies leaving a service namespace (TC ingress of its host veth).
 #[inline(always)]
 fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
+    // SAFETY: reading our own __sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let p = match parse::parse(ctx) {
         Ok(p) => match frag::resolve(p) {
             Some(p) => p,
             None => return Err(TC_ACT_UNSPEC),
         },
+        Err(ParseError::Icmp(p)) => {
+            return Ok(icmp::to_client(ctx, &p, ifindex).unwrap_or(TC_ACT_UNSPEC));
+        }
         Err(_) => return Err(TC_ACT_UNSPEC),
     };
-    // SAFETY: reading our own __sk_buff.
-    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let Some(id) = flow::reply_identity(&p, ifindex) else {
         // The namespace's own traffic (DNS lookups, updates...): routed as usual.
         counters::bump(GlobalCounter::RepliesUnknown);

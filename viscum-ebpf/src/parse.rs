@@ -7,7 +7,9 @@
 //! verifier can track them.
 
 use aya_ebpf::{helpers::bpf_skb_pull_data, programs::TcContext};
-use viscum_common::{FAMILY_V4, FAMILY_V6, PROTO_TCP, PROTO_UDP, ServiceKey};
+use viscum_common::{
+    FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ServiceKey,
+};
 
 const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
@@ -24,6 +26,10 @@ const MAX_V6_EXT: usize = 4;
 pub enum ParseError {
     /// Not IPv4/IPv6 over Ethernet, or not TCP/UDP: none of our business.
     NotIp,
+    /// An unfragmented ICMP (IPv4) or ICMPv6 packet: the outer headers,
+    /// with `key.proto` the ICMP protocol, ports 0 and `l4` the ICMP header.
+    /// It may be an error about one of our flows (see `icmp`).
+    Icmp(Parsed),
     /// Truncated or inconsistent headers.
     Malformed,
 }
@@ -209,6 +215,19 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
         _ => return Ok(Err(ParseError::NotIp)),
     };
     if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
+        if (key.proto == PROTO_ICMP || key.proto == PROTO_ICMPV6) && frag == Frag::None {
+            return Ok(Err(ParseError::Icmp(Parsed {
+                key,
+                saddr,
+                sport: 0,
+                tcp_flags: 0,
+                l2_vlan,
+                l3: l3 as u32,
+                l4: l4 as u32,
+                frag,
+                frag_id,
+            })));
+        }
         return Ok(Err(ParseError::NotIp));
     }
     if frag == Frag::Later {

@@ -9,9 +9,14 @@ use aya_ebpf::{
     },
     programs::TcContext,
 };
-use viscum_common::{FAMILY_V4, GlobalCounter, ServiceEntry, TARGET_F_PEER, TARGET_F_SET_MAC};
+use viscum_common::{
+    FAMILY_V4, GlobalCounter, PROTO_TCP, ServiceEntry, TARGET_F_PEER, TARGET_F_SET_MAC,
+};
 
-use crate::{counters, parse::Parsed};
+use crate::{
+    counters,
+    parse::{Parsed, TCP_SYN},
+};
 
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
@@ -49,15 +54,22 @@ fn set_dst_mac(ctx: &TcContext, mac: &[u8; 6]) {
 /// (`TC_ACT_REDIRECT`, or `TC_ACT_SHOT` if the kernel refused).
 #[inline(always)]
 pub fn to_service(ctx: &TcContext, entry: &ServiceEntry, l2_vlan: bool) -> i32 {
+    to_target(ctx, entry.ifindex, entry.flags, &entry.mac, l2_vlan)
+}
+
+/// Redirects into the namespace behind host veth `ifindex` (`flags`:
+/// `TARGET_F_*`, `mac`: the namespace veth's MAC).
+#[inline(always)]
+pub fn to_target(ctx: &TcContext, ifindex: u32, flags: u32, mac: &[u8; 6], l2_vlan: bool) -> i32 {
     strip_vlan(ctx, l2_vlan);
-    if entry.flags & TARGET_F_SET_MAC != 0 {
-        set_dst_mac(ctx, &entry.mac);
+    if flags & TARGET_F_SET_MAC != 0 {
+        set_dst_mac(ctx, mac);
     }
     // SAFETY: helper calls with a plain ifindex; flags must be 0.
-    let ret = if entry.flags & TARGET_F_PEER != 0 {
-        unsafe { bpf_redirect_peer(entry.ifindex, 0) }
+    let ret = if flags & TARGET_F_PEER != 0 {
+        unsafe { bpf_redirect_peer(ifindex, 0) }
     } else {
-        unsafe { bpf_redirect(entry.ifindex, 0) }
+        unsafe { bpf_redirect(ifindex, 0) }
     };
     ret as i32
 }
@@ -141,6 +153,11 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
             counters::bump(GlobalCounter::RepliesToStack);
             return TC_ACT_UNSPEC;
         }
+    }
+    if p.key.proto == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 {
+        // The edge copy's SYN-ACK: bound the client's segments by the
+        // egress interface's MTU.
+        crate::mss::clamp(ctx, p, crate::mss::mtu_of(ctx, fib.ifindex));
     }
     if !decrement_ttl(ctx, p) {
         counters::bump(GlobalCounter::RepliesToStack);

@@ -85,6 +85,21 @@ pub async fn run(pins: &Pins, args: StatsArgs) -> Result<()> {
         ]],
     );
     println!();
+    print_table(
+        &[
+            "ICMP_TO_EDGE",
+            "ICMP_TO_CLIENT",
+            "ICMP_DROPPED",
+            "MSS_CLAMPED",
+        ],
+        &[vec![
+            g.icmp_to_edge.to_string(),
+            g.icmp_to_client.to_string(),
+            g.icmp_dropped.to_string(),
+            g.mss_clamped.to_string(),
+        ]],
+    );
+    println!();
     super::redirect::print_entries(&report.entries);
     Ok(())
 }

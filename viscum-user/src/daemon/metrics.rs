@@ -238,6 +238,22 @@ pub fn render(status: &DaemonStatus) -> String {
              their entry, or flow-table evictions (raise --flow-table-size if this grows).",
             vec![(String::new(), d.flow_orphans.to_string())],
         );
+        family(
+            "viscum_datapath_icmp_errors_total",
+            "counter",
+            "ICMP/ICMPv6 errors about redirected flows, by what was done with them.",
+            vec![
+                ("action=\"to_edge\"".into(), d.icmp_to_edge.to_string()),
+                ("action=\"to_client\"".into(), d.icmp_to_client.to_string()),
+                ("action=\"dropped\"".into(), d.icmp_dropped.to_string()),
+            ],
+        );
+        family(
+            "viscum_datapath_mss_clamped_total",
+            "counter",
+            "Redirected SYNs and edge SYN-ACKs whose MSS was lowered to the interface MTU.",
+            vec![(String::new(), d.mss_clamped.to_string())],
+        );
     }
     if let Some(load) = status.load {
         family(

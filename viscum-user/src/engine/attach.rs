@@ -170,7 +170,7 @@ fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
 
 /// How many lines of the verifier's log a rejection quotes: the verdict and
 /// the statistics line are at the end, the instruction trace before them.
-const VERIFIER_TAIL_LINES: usize = 12;
+const VERIFIER_TAIL_LINES: usize = 16;
 
 /// Turns a failed `BPF_PROG_LOAD` into an error that names the kernel, the
 /// program and the verifier's last lines, which is what a user on a router

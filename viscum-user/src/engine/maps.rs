@@ -69,6 +69,14 @@ pub struct GlobalStats {
     pub replies_to_stack: u64,
     pub replies_unknown: u64,
     pub mirrored: u64,
+    /// ICMP errors about edge flows sent into their namespace (path MTU...).
+    pub icmp_to_edge: u64,
+    /// ICMP errors from edge copies sent to clients through the reply path.
+    pub icmp_to_client: u64,
+    /// ICMP errors about mirrored flows, dropped.
+    pub icmp_dropped: u64,
+    /// SYNs whose MSS option was lowered to fit the interface MTU.
+    pub mss_clamped: u64,
 }
 
 fn open_map(pins: &Pins, name: &str) -> Result<Map, EngineError> {
@@ -496,6 +504,10 @@ impl Engine {
             replies_to_stack: read(GlobalCounter::RepliesToStack)?,
             replies_unknown: read(GlobalCounter::RepliesUnknown)?,
             mirrored: read(GlobalCounter::Mirrored)?,
+            icmp_to_edge: read(GlobalCounter::IcmpToEdge)?,
+            icmp_to_client: read(GlobalCounter::IcmpToClient)?,
+            icmp_dropped: read(GlobalCounter::IcmpDropped)?,
+            mss_clamped: read(GlobalCounter::MssClamped)?,
         })
     }
 

@@ -131,6 +131,19 @@ pub async fn set_up(handle: &Handle, index: u32) -> Result<(), NetnsError> {
         })
 }
 
+/// Sets a link's MTU (bytes of L3 payload, as `ip link set mtu`).
+pub async fn set_mtu(handle: &Handle, index: u32, mtu: u32) -> Result<(), NetnsError> {
+    handle
+        .link()
+        .change(LinkUnspec::new_with_index(index).mtu(mtu).build())
+        .execute()
+        .await
+        .map_err(|e| match errno_of(&e) {
+            Some(libc::ENODEV) => NetnsError::UnknownIfindex { index },
+            _ => netlink_err(format!("set the MTU of interface {index} to {mtu}"), e),
+        })
+}
+
 /// Creates a veth pair: `host` stays in the handle's namespace, `peer_name` is created
 /// directly inside the named namespace `peer_ns`, with `peer_mac` as its address if given.
 ///

@@ -33,7 +33,7 @@ pub use self::{
     handle::{handle_here, handle_in},
     link::{
         LinkInfo, create_macvlan_passthru, create_veth, create_veth_indexed, create_vlan,
-        delete_link, link_by_index, link_by_name, list_links, set_up,
+        delete_link, link_by_index, link_by_name, list_links, set_mtu, set_up,
     },
     named::{
         NETNS_RUN_DIR, create_named, delete_named, in_netns, in_netns_path, list_named,

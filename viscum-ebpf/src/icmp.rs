@@ -1,0 +1,188 @@
+//! ICMP and ICMPv6 errors that concern redirected flows go where the flow
+//! goes.
+//!
+//! An error quotes the start of the packet that caused it (RFC 792, RFC
+//! 4443 section 2.4 c): its IP header and at least the first 8 bytes of
+//! TCP/UDP, i.e. the ports. From the quote we rebuild the flow's key:
+//!
+//! * client side (`viscum_ingress`): a router between the edge and the
+//!   client answers a packet the edge copy sent (source: the cloud address)
+//!   with "fragmentation needed" / "packet too big", "unreachable" or "time
+//!   exceeded", addressed to the cloud address. Without this module the
+//!   kernel forwards it to the real cloud and the edge copy never learns the
+//!   path MTU: a black hole for every segment larger than the path allows.
+//!   The error is redirected into the flow's namespace, whose stack owns the
+//!   socket (and, in AnyIP mode, the cloud address the error is sent to).
+//! * service side (`viscum_reply`): the edge copy's stack answers a client's
+//!   packet with an error (port unreachable, fragmentation needed). It goes
+//!   back through the reply path like any reply, so strict firewalls and
+//!   `rp_filter` never see it; errors about a mirrored flow are dropped,
+//!   because the cloud, not the copy, answers the client.
+//!
+//! Only errors are handled (types that quote a packet); echo and neighbour
+//! discovery are not ours and pass untouched, as does anything whose quote
+//! cannot be parsed. NAT-mode flows are left to the kernel: their quoted
+//! addresses would need translating too.
+
+use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use viscum_common::{
+    FAMILY_V4, FlowKey, GlobalCounter, PROTO_TCP, PROTO_UDP, REPLY_F_DROP, ReplyKey, TARGET_F_NAT,
+};
+
+use crate::{counters, flow, nat, parse::Parsed, redirect};
+
+/// The flow an ICMP error quotes: its inner IP source/destination and ports
+/// (network order), protocol and family.
+pub struct Quoted {
+    pub src: [u8; 16],
+    pub dst: [u8; 16],
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
+}
+
+/// Reads through `bpf_skb_load_bytes`: ICMP errors are rare, and the
+/// helper spares the verifier the variable offsets of a quoted header (and
+/// works when the quote sits in paged data).
+#[inline(always)]
+fn load<T: Copy>(ctx: &TcContext, off: usize) -> Option<T> {
+    ctx.load::<T>(off).ok()
+}
+
+/// Is this ICMP type an error that quotes the offending packet?
+#[inline(always)]
+fn is_error(family: u8, icmp_type: u8) -> bool {
+    if family == FAMILY_V4 {
+        // Destination unreachable (incl. fragmentation needed), source
+        // quench, redirect, time exceeded, parameter problem.
+        matches!(icmp_type, 3 | 4 | 5 | 11 | 12)
+    } else {
+        // Destination unreachable, packet too big, time exceeded, parameter
+        // problem.
+        matches!(icmp_type, 1..=4)
+    }
+}
+
+/// Parses the error's quote; `None` if this is no error or the quote is not
+/// a TCP/UDP packet of the same family.
+#[inline(always)]
+pub fn quoted(ctx: &TcContext, p: &Parsed) -> Option<Quoted> {
+    let l4 = p.l4 as usize;
+    if l4 > 512 {
+        return None;
+    }
+    let icmp_type: u8 = load(ctx, l4)?;
+    if !is_error(p.key.family, icmp_type) {
+        return None;
+    }
+    // The ICMP header is 8 bytes; the quoted IP header follows.
+    let inner = l4 + 8;
+    let mut q = Quoted {
+        src: [0; 16],
+        dst: [0; 16],
+        sport: 0,
+        dport: 0,
+        proto: 0,
+    };
+    let inner_l4 = if p.key.family == FAMILY_V4 {
+        let vihl: u8 = load(ctx, inner)?;
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        if vihl >> 4 != 4 || ihl < 20 {
+            return None;
+        }
+        q.proto = load(ctx, inner + 9)?;
+        let s: [u8; 4] = load(ctx, inner + 12)?;
+        let d: [u8; 4] = load(ctx, inner + 16)?;
+        q.src[0] = s[0];
+        q.src[1] = s[1];
+        q.src[2] = s[2];
+        q.src[3] = s[3];
+        q.dst[0] = d[0];
+        q.dst[1] = d[1];
+        q.dst[2] = d[2];
+        q.dst[3] = d[3];
+        inner + (ihl & 0x3c)
+    } else {
+        let vtc: u8 = load(ctx, inner)?;
+        if vtc >> 4 != 6 {
+            return None;
+        }
+        // Extension headers in the quote are not walked: a quoted TCP/UDP
+        // packet of ours carries none.
+        q.proto = load(ctx, inner + 6)?;
+        q.src = load(ctx, inner + 8)?;
+        q.dst = load(ctx, inner + 24)?;
+        inner + 40
+    };
+    if q.proto != PROTO_TCP && q.proto != PROTO_UDP {
+        return None;
+    }
+    let ports: [u16; 2] = load(ctx, inner_l4)?;
+    q.sport = ports[0];
+    q.dport = ports[1];
+    Some(q)
+}
+
+/// Client side: an error about a packet the edge copy sent. Returns the TC
+/// action if the error was ours, `None` to pass it on.
+#[inline(always)]
+pub fn to_edge(ctx: &TcContext, p: &Parsed) -> Option<i32> {
+    let q = quoted(ctx, p)?;
+    // The quoted packet went from the service (the cloud address) to the
+    // client, so the flow key is the quote reversed.
+    let fkey = FlowKey {
+        client: q.dst,
+        service: q.src,
+        client_port: q.dport,
+        service_port: q.sport,
+        proto: q.proto,
+        family: p.key.family,
+        _pad: [0; 2],
+    };
+    let state = flow::edge_flow(&fkey)?;
+    if state.flags & TARGET_F_NAT != 0 {
+        return None;
+    }
+    counters::bump(GlobalCounter::IcmpToEdge);
+    Some(redirect::to_target(
+        ctx,
+        state.ifindex,
+        state.flags,
+        &state.mac,
+        p.l2_vlan,
+    ))
+}
+
+/// Service side: an error the edge copy's stack sent about a client's
+/// packet, arriving on host veth `ifindex`. Returns the TC action if the
+/// error concerns one of our flows, `None` to leave it to the kernel.
+#[inline(always)]
+pub fn to_client(ctx: &TcContext, p: &Parsed, ifindex: u32) -> Option<i32> {
+    let q = quoted(ctx, p)?;
+    // The quoted packet went from the client to the service.
+    let rkey = ReplyKey {
+        client: q.src,
+        client_port: q.sport,
+        local_port: q.dport,
+        proto: q.proto,
+        family: p.key.family,
+        _pad: [0; 2],
+        ifindex,
+    };
+    let id = flow::reply_state(&rkey)?;
+    if id.flags & REPLY_F_DROP != 0 {
+        counters::bump(GlobalCounter::IcmpDropped);
+        return Some(TC_ACT_SHOT);
+    }
+    if id.service != p.saddr {
+        // Sent from the namespace's own address: the client must see the
+        // error come from the address it talked to.
+        if !nat::rewrite_icmp_source(ctx, p, &id.service) {
+            return Some(TC_ACT_SHOT);
+        }
+    }
+    counters::bump(GlobalCounter::IcmpToClient);
+    let mut fwd = *p;
+    fwd.saddr = id.service;
+    Some(redirect::reply_to_client(ctx, &fwd))
+}
