@@ -254,17 +254,20 @@ pub struct FlowState {
     pub last_seen_ns: u64,
     /// Set at the first FIN/RST: the flow is forgotten this much later.
     pub closing_at_ns: u64,
+    /// The entry's namespace MAC when the flow began (with `flags` and
+    /// `ifindex`: enough to redirect packets that concern the flow but match
+    /// no entry themselves, such as ICMP errors quoting it). 8-byte aligned,
+    /// with integer padding, so the classifier writes it with plain stores;
+    /// the six bytes in wire order, held as u16s for the same reason.
+    pub mac: [u16; 3],
+    pub _pad: u16,
     /// `FLOW_EDGE` or `FLOW_CLOUD`.
     pub decision: u32,
     /// Host veth of the edge copy (for draining counts in user space, and
     /// where ICMP errors about the flow are sent).
     pub ifindex: u32,
-    /// The entry's `TARGET_F_*` bits and namespace MAC when the flow began:
-    /// enough to redirect packets that concern the flow but match no entry
-    /// themselves (ICMP errors quoting it).
+    /// The entry's `TARGET_F_*` bits when the flow began.
     pub flags: u32,
-    pub mac: [u8; 6],
-    pub _pad: [u8; 6],
 }
 const _: () = assert!(core::mem::size_of::<FlowState>() == 40);
 

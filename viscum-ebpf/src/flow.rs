@@ -91,8 +91,11 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
                 decision: FLOW_CLOUD,
                 ifindex: 0,
                 flags: 0,
-                mac: [0; 6],
-                _pad: [0; 6],
+                // Unused for cloud flows; copied rather than zeroed, which
+                // LLVM would turn into a memset call (see redirect::write_mac).
+                // SAFETY: same size, plain bytes.
+                mac: unsafe { core::mem::transmute::<[u8; 6], [u16; 3]>(entry.mac) },
+                _pad: 0,
             };
             let _ = FLOWS.insert(fkey, state, 0);
         }
@@ -105,8 +108,9 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
         decision: FLOW_EDGE,
         ifindex: entry.ifindex,
         flags: entry.flags,
-        mac: entry.mac,
-        _pad: [0; 6],
+        // SAFETY: same size, plain bytes.
+        mac: unsafe { core::mem::transmute::<[u8; 6], [u16; 3]>(entry.mac) },
+        _pad: 0,
     };
     let _ = FLOWS.insert(fkey, state, 0);
     remember_reply(p, entry, 0);

@@ -77,30 +77,20 @@ pub fn quoted(ctx: &TcContext, p: &Parsed) -> Option<Quoted> {
     }
     // The ICMP header is 8 bytes; the quoted IP header follows.
     let inner = l4 + 8;
-    let mut q = Quoted {
-        src: [0; 16],
-        dst: [0; 16],
-        sport: 0,
-        dport: 0,
-        proto: 0,
-    };
+    // Word arrays: zeroing a byte array becomes a memset call (see
+    // redirect::write_mac for why that matters).
+    let mut src = [0u32; 4];
+    let mut dst = [0u32; 4];
+    let proto: u8;
     let inner_l4 = if p.key.family == FAMILY_V4 {
         let vihl: u8 = load(ctx, inner)?;
         let ihl = ((vihl & 0x0f) as usize) * 4;
         if vihl >> 4 != 4 || ihl < 20 {
             return None;
         }
-        q.proto = load(ctx, inner + 9)?;
-        let s: [u8; 4] = load(ctx, inner + 12)?;
-        let d: [u8; 4] = load(ctx, inner + 16)?;
-        q.src[0] = s[0];
-        q.src[1] = s[1];
-        q.src[2] = s[2];
-        q.src[3] = s[3];
-        q.dst[0] = d[0];
-        q.dst[1] = d[1];
-        q.dst[2] = d[2];
-        q.dst[3] = d[3];
+        proto = load(ctx, inner + 9)?;
+        src[0] = load(ctx, inner + 12)?;
+        dst[0] = load(ctx, inner + 16)?;
         inner + (ihl & 0x3c)
     } else {
         let vtc: u8 = load(ctx, inner)?;
@@ -109,18 +99,23 @@ pub fn quoted(ctx: &TcContext, p: &Parsed) -> Option<Quoted> {
         }
         // Extension headers in the quote are not walked: a quoted TCP/UDP
         // packet of ours carries none.
-        q.proto = load(ctx, inner + 6)?;
-        q.src = load(ctx, inner + 8)?;
-        q.dst = load(ctx, inner + 24)?;
+        proto = load(ctx, inner + 6)?;
+        src = load(ctx, inner + 8)?;
+        dst = load(ctx, inner + 24)?;
         inner + 40
     };
-    if q.proto != PROTO_TCP && q.proto != PROTO_UDP {
+    if proto != PROTO_TCP && proto != PROTO_UDP {
         return None;
     }
     let ports: [u16; 2] = load(ctx, inner_l4)?;
-    q.sport = ports[0];
-    q.dport = ports[1];
-    Some(q)
+    Some(Quoted {
+        // SAFETY: same size, plain bytes (network order either way).
+        src: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(src) },
+        dst: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(dst) },
+        sport: ports[0],
+        dport: ports[1],
+        proto,
+    })
 }
 
 /// Client side: an error about a packet the edge copy sent. Returns the TC
@@ -144,11 +139,13 @@ pub fn to_edge(ctx: &TcContext, p: &Parsed) -> Option<i32> {
         return None;
     }
     counters::bump(GlobalCounter::IcmpToEdge);
+    // SAFETY: same size, plain bytes.
+    let mac = unsafe { core::mem::transmute::<[u16; 3], [u8; 6]>(state.mac) };
     Some(redirect::to_target(
         ctx,
         state.ifindex,
         state.flags,
-        &state.mac,
+        &mac,
         p.l2_vlan,
     ))
 }

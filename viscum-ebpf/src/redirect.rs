@@ -46,7 +46,38 @@ fn set_dst_mac(ctx: &TcContext, mac: &[u8; 6]) {
     let start = ctx.data();
     if start + 6 <= ctx.data_end() {
         // SAFETY: 6 bytes checked above; the TC prologue made the head writable.
-        unsafe { core::ptr::write_unaligned(start as *mut [u8; 6], *mac) };
+        unsafe { write_mac(start as *mut u8, mac) };
+    }
+}
+
+/// Six byte stores. Volatile, so LLVM cannot merge them into a `memmove`
+/// call: a BPF-to-BPF call adds its frame to ours, and the combined stack
+/// must stay within 512 bytes (6.1 checks it strictly).
+///
+/// # Safety
+/// `dst..dst + 6` must be writable packet data, checked against `data_end`.
+#[inline(always)]
+unsafe fn write_mac(dst: *mut u8, mac: &[u8; 6]) {
+    for (i, b) in mac.iter().enumerate() {
+        // SAFETY: the caller guarantees the 6 bytes.
+        unsafe { core::ptr::write_volatile(dst.add(i), *b) };
+    }
+}
+
+/// Zeroes a `bpf_fib_lookup` in place with eight u64 stores (not a memset
+/// call, see `write_mac`; and in place, since returning it by value makes
+/// LLVM zero a copy with a memset).
+///
+/// # Safety
+/// `fib` must point to a writable `bpf_fib_lookup`.
+#[inline(always)]
+unsafe fn zero_fib(fib: *mut bpf_fib_lookup) {
+    const WORDS: usize = core::mem::size_of::<bpf_fib_lookup>() / 8;
+    const _: () = assert!(core::mem::size_of::<bpf_fib_lookup>() == WORDS * 8);
+    let words = fib as *mut u64;
+    for i in 0..WORDS {
+        // SAFETY: within the struct, which is 8-byte aligned.
+        unsafe { core::ptr::write_volatile(words.add(i), 0) };
     }
 }
 
@@ -100,8 +131,12 @@ pub fn mirror(ctx: &TcContext, entry: &ServiceEntry) {
 #[inline(always)]
 pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
     let skb = ctx.skb.skb;
-    // SAFETY: plain zero-initialised C struct.
-    let mut fib: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    let mut fib_slot = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
+    // SAFETY: zeroes the slot; all-zero is a valid bpf_fib_lookup.
+    let fib = unsafe {
+        zero_fib(fib_slot.as_mut_ptr());
+        &mut *fib_slot.as_mut_ptr()
+    };
     fib.l4_protocol = p.key.proto;
     fib.sport = p.sport;
     fib.dport = p.key.port;
@@ -131,7 +166,7 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
     let rc = unsafe {
         fib_lookup(
             skb as *mut _,
-            &mut fib,
+            fib,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
         )
@@ -169,8 +204,8 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
         if start + 12 <= ctx.data_end() {
             // SAFETY: 12 bytes checked above.
             unsafe {
-                core::ptr::write_unaligned(start as *mut [u8; 6], fib.dmac);
-                core::ptr::write_unaligned((start + 6) as *mut [u8; 6], fib.smac);
+                write_mac(start as *mut u8, &fib.dmac);
+                write_mac((start + 6) as *mut u8, &fib.smac);
             }
         }
         // SAFETY: egress redirect to the FIB's output device.
