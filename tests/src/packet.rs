@@ -28,6 +28,7 @@ pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_FRAGMENT: u8 = 44;
+pub const IPPROTO_ICMPV6: u8 = 58;
 
 /// TCP flag bits (the 14th header byte).
 pub const TCP_FIN: u8 = 0x01;
@@ -119,6 +120,9 @@ pub struct Packet {
     pub frag: u16,
     /// IPv6 only: extension headers, in order.
     pub ext: Vec<Ext>,
+    /// TCP only: an MSS option (kind 2, length 4) as the first option, making the header 24
+    /// bytes long.
+    pub tcp_mss: Option<u16>,
     pub l4: L4,
     pub payload: Vec<u8>,
 }
@@ -180,6 +184,36 @@ impl Packet {
         p
     }
 
+    /// An ICMP (IPv4) or ICMPv6 error from `src` to `dst` of `icmp_type`/`code` (e.g. 3/4
+    /// "fragmentation needed", ICMPv6 2/0 "packet too big"), whose second header word is
+    /// `word` (the MTU for those two, 0 otherwise) and which quotes `quote`: the start of the
+    /// offending packet, its IP header and at least 8 bytes of transport header. The checksum
+    /// is computed (over the ICMPv6 pseudo-header for IPv6).
+    pub fn icmp_error(
+        src: IpAddr,
+        dst: IpAddr,
+        icmp_type: u8,
+        code: u8,
+        word: u32,
+        quote: &[u8],
+    ) -> Packet {
+        let mut msg = vec![icmp_type, code, 0, 0];
+        msg.extend_from_slice(&word.to_be_bytes());
+        msg.extend_from_slice(quote);
+        let proto = if src.is_ipv4() {
+            IPPROTO_ICMP
+        } else {
+            IPPROTO_ICMPV6
+        };
+        let sum = if src.is_ipv4() {
+            checksum(&[&msg])
+        } else {
+            checksum(&[&pseudo_header(src, dst, proto, msg.len()), &msg])
+        };
+        msg[2..4].copy_from_slice(&sum.to_be_bytes());
+        Packet::raw(src, dst, proto, msg)
+    }
+
     fn new(src: IpAddr, dst: IpAddr, l4: L4) -> Packet {
         assert_eq!(
             src.is_ipv4(),
@@ -196,6 +230,7 @@ impl Packet {
             id: 0x1234,
             frag: if src.is_ipv4() { 0x4000 } else { 0 },
             ext: Vec::new(),
+            tcp_mss: None,
             l4,
             payload: Vec::new(),
         }
@@ -211,15 +246,20 @@ impl Packet {
                 seq,
                 ack,
             } => {
-                let mut h = Vec::with_capacity(20);
+                let words: u8 = if self.tcp_mss.is_some() { 6 } else { 5 };
+                let mut h = Vec::with_capacity(usize::from(words) * 4);
                 h.extend_from_slice(&sport.to_be_bytes());
                 h.extend_from_slice(&dport.to_be_bytes());
                 h.extend_from_slice(&seq.to_be_bytes());
                 h.extend_from_slice(&ack.to_be_bytes());
-                h.push(5 << 4); // data offset: 5 words
+                h.push(words << 4); // data offset in 32-bit words
                 h.push(*flags);
                 h.extend_from_slice(&64240u16.to_be_bytes()); // window
                 h.extend_from_slice(&[0, 0, 0, 0]); // checksum, urgent pointer
+                if let Some(mss) = self.tcp_mss {
+                    h.extend_from_slice(&[2, 4]);
+                    h.extend_from_slice(&mss.to_be_bytes());
+                }
                 h
             }
             L4::Udp { sport, dport } => {
@@ -401,18 +441,20 @@ pub struct Inspected {
     /// Ports (0 for a later fragment, which carries no transport header).
     pub sport: u16,
     pub dport: u16,
+    /// TCP: the MSS option, when it is the first option.
+    pub mss: Option<u16>,
     /// The IPv4 header checksum verifies (always true for IPv6, which has none).
     pub ip_checksum_ok: bool,
-    /// The TCP/UDP checksum verifies over the pseudo-header (a UDP checksum of 0 counts as
-    /// "none", valid over IPv4 only); `None` for fragments, whose checksum covers the whole
-    /// datagram.
+    /// The TCP/UDP/ICMPv6 checksum verifies over the pseudo-header (a UDP checksum of 0 counts
+    /// as "none", valid over IPv4 only), the ICMP one over the message; `None` for fragments,
+    /// whose checksum covers the whole datagram.
     pub l4_checksum_ok: Option<bool>,
     /// Everything after the IP header(s).
     pub l4: Vec<u8>,
 }
 
 /// Reads an Ethernet / [802.1Q] / IPv4 or IPv6 (hop-by-hop, routing, destination-options and
-/// fragment headers skipped) / TCP or UDP frame, verifying its checksums. Errors name what is
+/// fragment headers skipped) / TCP, UDP, ICMP or ICMPv6 frame, verifying its checksums. Errors name what is
 /// missing or unexpected.
 pub fn inspect(frame: &[u8]) -> Result<Inspected, String> {
     let need = |n: usize, what: &str| {
@@ -497,13 +539,39 @@ pub fn inspect(frame: &[u8]) -> Result<Inspected, String> {
         }
         other => return Err(format!("EtherType {other:#06x} is neither IPv4 nor IPv6")),
     };
+    need(end, "the IP payload")?;
+    let seg = &frame[l4.min(end)..end];
     let csum_at = match proto {
         IPPROTO_TCP => 16,
         IPPROTO_UDP => 6,
-        other => return Err(format!("IP protocol {other} is neither TCP nor UDP")),
+        IPPROTO_ICMP | IPPROTO_ICMPV6 if frag_offset == 0 && !more_fragments => {
+            // No ports; the checksum covers the message (and, for ICMPv6, the pseudo-header).
+            need(l4 + 4, "the ICMP header")?;
+            let ok = if proto == IPPROTO_ICMP {
+                checksum(&[seg]) == 0
+            } else {
+                checksum(&[&pseudo_header(src, dst, proto, seg.len()), seg]) == 0
+            };
+            return Ok(Inspected {
+                dst_mac,
+                src_mac,
+                vlan,
+                src,
+                dst,
+                ttl,
+                proto,
+                frag_offset,
+                more_fragments,
+                sport: 0,
+                dport: 0,
+                mss: None,
+                ip_checksum_ok,
+                l4_checksum_ok: Some(ok),
+                l4: seg.to_vec(),
+            });
+        }
+        other => return Err(format!("IP protocol {other} is neither TCP, UDP nor ICMP")),
     };
-    need(end, "the IP payload")?;
-    let seg = &frame[l4.min(end)..end];
     let (sport, dport, l4_checksum_ok) = if frag_offset != 0 {
         (0, 0, None)
     } else {
@@ -517,6 +585,13 @@ pub fn inspect(frame: &[u8]) -> Result<Inspected, String> {
         };
         (be16(l4), be16(l4 + 2), ok)
     };
+    let mss = (proto == IPPROTO_TCP
+        && frag_offset == 0
+        && seg.len() >= 24
+        && seg[12] >> 4 >= 6
+        && seg[20] == 2
+        && seg[21] == 4)
+        .then(|| u16::from_be_bytes([seg[22], seg[23]]));
     Ok(Inspected {
         dst_mac,
         src_mac,
@@ -529,6 +604,7 @@ pub fn inspect(frame: &[u8]) -> Result<Inspected, String> {
         more_fragments,
         sport,
         dport,
+        mss,
         ip_checksum_ok,
         l4_checksum_ok,
         l4: seg.to_vec(),
@@ -574,6 +650,13 @@ mod tests {
         assert!(i.ip_checksum_ok && i.l4_checksum_ok == Some(true), "{i:?}");
         // Ports sit in network order right after the IP header.
         assert_eq!(&f[38..42], &[0x9c, 0x40, 0x00, 0x50]);
+        assert_eq!(i.mss, None);
+        let mut with_mss = p.clone();
+        with_mss.tcp_mss = Some(1460);
+        let f2 = with_mss.build();
+        assert_eq!(f2.len(), f.len() + 4);
+        let i2 = inspect(&f2).unwrap();
+        assert_eq!((i2.mss, i2.l4_checksum_ok), (Some(1460), Some(true)));
         // A flipped bit is caught.
         let mut bad = f.clone();
         bad[45] ^= 1;
@@ -654,6 +737,49 @@ mod tests {
         assert_eq!((i.frag_offset, i.sport, i.dport), (185, 0, 0));
         assert_eq!(i.l4, [1, 2, 3, 4]);
         assert!(i.ip_checksum_ok);
+    }
+
+    #[test]
+    fn icmp_errors_quote_and_verify() {
+        let offending = Packet::tcp(
+            "203.0.113.10:80".parse().unwrap(),
+            "192.0.2.2:40001".parse().unwrap(),
+            TCP_ACK,
+        );
+        let quote = &offending.ip()[..28];
+        let e = Packet::icmp_error(
+            Ipv4Addr::new(192, 0, 2, 254).into(),
+            Ipv4Addr::new(203, 0, 113, 10).into(),
+            3,
+            4,
+            1400,
+            quote,
+        );
+        let i = inspect(&e.build()).unwrap();
+        assert_eq!((i.proto, i.l4_checksum_ok), (IPPROTO_ICMP, Some(true)));
+        assert_eq!(&i.l4[..8], &[3, 4, i.l4[2], i.l4[3], 0, 0, 0x05, 0x78]);
+        assert_eq!(&i.l4[8..], quote);
+
+        let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
+        let offending6 = Packet::tcp(
+            SocketAddr::new(v6("2001:db8:e::10"), 80),
+            SocketAddr::new(v6("2001:db8:c::2"), 40002),
+            TCP_ACK,
+        );
+        let e6 = Packet::icmp_error(
+            v6("2001:db8:c::fe"),
+            v6("2001:db8:e::10"),
+            2,
+            0,
+            1280,
+            &offending6.ip()[..48],
+        );
+        let mut f = e6.build();
+        let i = inspect(&f).unwrap();
+        assert_eq!((i.proto, i.l4_checksum_ok), (IPPROTO_ICMPV6, Some(true)));
+        // The ICMPv6 checksum covers the addresses: another source breaks it.
+        f[14 + 8 + 15] ^= 1;
+        assert_eq!(inspect(&f).unwrap().l4_checksum_ok, Some(false));
     }
 
     #[test]

@@ -34,10 +34,13 @@
 //! source-restricted rules hit and miss), 802.1Q-tagged frames, non-IP and non-TCP/UDP frames,
 //! fragments (a first fragment is matched and the later ones follow it through the fragment
 //! table; unknown later fragments pass), an IPv6 hop-by-hop header, truncated headers,
-//! mid-connection TCP without flow state, and the reply program (replies of edge flows are
-//! forwarded to the client with one hop less, a UDP reply from the veth address and its
-//! fragments get the cloud source back, an expiring reply and an unknown one are left to the
-//! stack). The list, in order, is `cases()` in this file.
+//! mid-connection TCP without flow state, MSS clamping of redirected SYNs, ICMP errors that
+//! follow their flow (path-MTU errors from the client side go into the namespace), and the
+//! reply program: replies of edge flows are forwarded to the client with one hop less, a UDP
+//! reply from the veth address and its fragments get the cloud source back, an edge SYN-ACK's
+//! MSS is clamped, the edge copy's ICMP errors go to the client from the cloud address, and an
+//! expiring reply and an unknown one are left to the stack. The list, in order, is `cases()`
+//! in this file.
 //!
 //! Cases run in order and some rely on earlier ones (a continuation needs the flow its SYN
 //! opened, replies need the edge flows, later fragments their first one); each uses its own
@@ -582,6 +585,39 @@ fn forwarded_reply(from: SocketAddr, to: SocketAddr) -> OutCheck {
     })
 }
 
+/// Checks that the frame's MSS option is `mss` and its checksums still verify.
+fn mss_is(mss: u16) -> OutCheck {
+    Box::new(move |i: &Inspected, _env: &Env| {
+        if i.mss != Some(mss) {
+            return Err(format!("MSS option {:?}, expected {mss}", i.mss));
+        }
+        if !i.ip_checksum_ok || i.l4_checksum_ok != Some(true) {
+            return Err("a checksum no longer verifies".into());
+        }
+        Ok(())
+    })
+}
+
+/// Checks an ICMP error forwarded to the client: from `from` to `to`, one hop less, its
+/// checksums valid.
+fn forwarded_icmp(from: IpAddr, to: IpAddr) -> OutCheck {
+    Box::new(move |i: &Inspected, _env: &Env| {
+        if (i.src, i.dst) != (from, to) {
+            return Err(format!("{} -> {}, expected {from} -> {to}", i.src, i.dst));
+        }
+        if i.ttl != 63 {
+            return Err(format!("TTL {}, expected 63 (64 less one hop)", i.ttl));
+        }
+        if !i.ip_checksum_ok {
+            return Err("the IPv4 header checksum does not verify".into());
+        }
+        if i.l4_checksum_ok != Some(true) {
+            return Err("the ICMP checksum does not verify".into());
+        }
+        Ok(())
+    })
+}
+
 /// Checks a later fragment of a reply forwarded to the client: source address `from`, one hop
 /// less, a valid IPv4 header checksum, and the payload (no transport header in it) untouched.
 fn forwarded_later_fragment(from: IpAddr, payload: Vec<u8>) -> OutCheck {
@@ -758,7 +794,7 @@ fn cases() -> Vec<Case> {
         &[],
     ));
     out.push(pass(
-        "v4-icmp-pass",
+        "v4-icmp-echo-pass",
         Packet::icmp_echo(CLIENT_V4, SVC_V4).build(),
         &[],
     ));
@@ -919,7 +955,144 @@ fn cases() -> Vec<Case> {
         &[("flow_orphans", 1)],
     ));
 
+    // --- MSS clamping: a redirected SYN skips the router's forward chain, where the MSS
+    // would be clamped to the route's MTU, so the classifier clamps it to the client-facing
+    // interface's (1500 on the lab's veths: 1460 over IPv4, 1440 over IPv6). ---
+    let mss_syn = |src: SocketAddr, dst: SocketAddr, mss: u16| {
+        let mut p = Packet::tcp(src, dst, TCP_SYN);
+        p.tcp_mss = Some(mss);
+        p.build()
+    };
+    out.push(Case {
+        global: &[("redirected", 1), ("flows_edge", 1), ("mss_clamped", 1)],
+        out: Some(mss_is(1460)),
+        ..hit(
+            "v4-tcp-syn-mss-clamped",
+            mss_syn(client4(40090), svc80, 8960),
+            E_TCP4,
+        )
+    });
+    out.push(Case {
+        global: &[("redirected", 1), ("flows_edge", 1), ("mss_clamped", 1)],
+        out: Some(mss_is(1440)),
+        ..hit(
+            "v6-tcp-syn-mss-clamped",
+            mss_syn(client6(40091), svc6, 8940),
+            E_TCP6,
+        )
+    });
+    out.push(Case {
+        out: Some(mss_is(1400)),
+        ..hit(
+            "v4-tcp-syn-mss-fits",
+            mss_syn(client4(40092), svc80, 1400),
+            E_TCP4,
+        )
+    });
+
+    // --- ICMP errors follow their flow. ---
+    // A router on the client side answers a segment the edge copy sent (from the cloud
+    // address) with "fragmentation needed" / "packet too big", addressed to the cloud
+    // address: it goes into the flow's namespace, whose stack owns the socket (path MTU).
+    let router4: IpAddr = Ipv4Addr::new(192, 0, 2, 254).into();
+    let router6: IpAddr = Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 0xfe).into();
+    let quote4 =
+        |from: SocketAddr, to: SocketAddr| Packet::tcp(from, to, TCP_ACK).ip()[..28].to_vec();
+    let quote6 =
+        |from: SocketAddr, to: SocketAddr| Packet::tcp(from, to, TCP_ACK).ip()[..48].to_vec();
+    out.push(Case {
+        name: "v4-icmp-frag-needed-to-edge",
+        prog: Prog::Ingress,
+        frame: Packet::icmp_error(
+            router4,
+            SVC_V4.into(),
+            3,
+            4,
+            1400,
+            &quote4(svc80, client4(40001)),
+        )
+        .build(),
+        action: TC_ACT_REDIRECT,
+        global: &[("icmp_to_edge", 1)],
+        passed: 0,
+        entry: None,
+        out: None,
+    });
+    out.push(Case {
+        name: "v6-icmp-packet-too-big-to-edge",
+        prog: Prog::Ingress,
+        frame: Packet::icmp_error(
+            router6,
+            SVC_V6.into(),
+            2,
+            0,
+            1280,
+            &quote6(svc6, client6(40002)),
+        )
+        .build(),
+        action: TC_ACT_REDIRECT,
+        global: &[("icmp_to_edge", 1)],
+        passed: 0,
+        entry: None,
+        out: None,
+    });
+    // The quoted segment belongs to no edge flow (a cloud connection's error): not ours.
+    out.push(pass(
+        "v4-icmp-error-of-cloud-flow-pass",
+        Packet::icmp_error(
+            router4,
+            SVC_V4.into(),
+            3,
+            4,
+            1400,
+            &quote4(svc80, client4(40999)),
+        )
+        .build(),
+        &[],
+    ));
+
     // --- The reply program, on the fixture namespace's host veth. ---
+    // The edge copy's stack answers a client's datagram with "port unreachable", from an
+    // address of its own: the error goes to the client through the reply path, from the
+    // address the client talked to (IPv4 header checksum, and for ICMPv6 the checksum over
+    // the pseudo-header, updated).
+    let unreachable4 = Packet::icmp_error(
+        Ipv4Addr::new(169, 254, 128, 2).into(),
+        CLIENT_V4.into(),
+        3,
+        3,
+        0,
+        &Packet::udp(client4(40003), svc53).ip()[..28],
+    );
+    out.push(Case {
+        name: "reply-v4-icmp-error-source-restored",
+        prog: Prog::Reply,
+        frame: unreachable4.build(),
+        action: TC_ACT_REDIRECT,
+        global: &[("icmp_to_client", 1), ("replies_forwarded", 1)],
+        passed: 0,
+        entry: None,
+        out: Some(forwarded_icmp(SVC_V4.into(), CLIENT_V4.into())),
+    });
+    out.push(Case {
+        name: "reply-v6-icmp-error-source-restored",
+        prog: Prog::Reply,
+        frame: Packet::icmp_error(
+            Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0x99).into(),
+            CLIENT_V6.into(),
+            1,
+            4,
+            0,
+            &quote6(client6(40002), svc6),
+        )
+        .build(),
+        action: TC_ACT_REDIRECT,
+        global: &[("icmp_to_client", 1), ("replies_forwarded", 1)],
+        passed: 0,
+        entry: None,
+        out: Some(forwarded_icmp(SVC_V6.into(), CLIENT_V6.into())),
+    });
+
     // Replies of the edge flows opened above go straight back out of lan0.
     out.push(Case {
         name: "reply-v4-tcp-known-flow",
@@ -998,6 +1171,19 @@ fn cases() -> Vec<Case> {
             SVC_V4.into(),
             later_payload.clone(),
         )),
+    });
+    // The edge copy's SYN-ACK is clamped to the egress interface's MTU.
+    let mut synack = Packet::tcp(svc80, client4(40090), TCP_SYN | TCP_ACK);
+    synack.tcp_mss = Some(8960);
+    out.push(Case {
+        name: "reply-v4-synack-mss-clamped",
+        prog: Prog::Reply,
+        frame: synack.build(),
+        action: TC_ACT_REDIRECT,
+        global: &[("replies_forwarded", 1), ("mss_clamped", 1)],
+        passed: 0,
+        entry: None,
+        out: Some(mss_is(1460)),
     });
     // About to expire: left to the stack, which sends the ICMP error.
     let mut expiring = Packet::tcp(svc80, client4(40001), TCP_ACK);
