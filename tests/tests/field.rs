@@ -343,3 +343,49 @@ fn a_mirror_never_leaks_the_copys_icmp_errors() {
         }
     }
 }
+
+/// A target disappears (its host veth deleted, as `ip link del` or deleting the peer's
+/// namespace does): its traffic must fall back to the cloud at once, not be black-holed.
+/// (Entries made with `--ns` and with `--to` point at the same kind of target, an ifindex.)
+#[test]
+fn a_vanished_target_falls_back_to_the_cloud() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let cloud = viscum_tests::IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    let _edge = viscum_tests::IdentityServer::start(&ns, cloud.port(), "edge");
+    let host_veth = format!("vh-{ns}");
+    for addr in lab.cloud_addrs(cloud.port()) {
+        for proto in [viscum_tests::Proto::Tcp, viscum_tests::Proto::Udp] {
+            let scheme = if proto == viscum_tests::Proto::Tcp {
+                "tcp"
+            } else {
+                "udp"
+            };
+            let url = format!("{scheme}://{addr}");
+            lab.viscum_ok(&["redirect", "add", &url, "--ns", &ns, "--learn-ms", "0"]);
+        }
+    }
+    let ask = |proto, addr| viscum_tests::ask(lab.client.name(), proto, addr, common::TIMEOUT);
+    for addr in lab.cloud_addrs(cloud.port()) {
+        assert_eq!(ask(viscum_tests::Proto::Tcp, addr).unwrap(), "edge");
+    }
+    // The veth goes (its peer, inside the service namespace, with it).
+    let name = host_veth.clone();
+    lab.edge.block_on(move || async move {
+        let h = viscum::netns::handle_here().await.unwrap();
+        let link = viscum::netns::link_by_name(&h, &name).await.unwrap();
+        viscum::netns::delete_link(&h, link.index).await.unwrap();
+    });
+    for addr in lab.cloud_addrs(cloud.port()) {
+        for proto in [viscum_tests::Proto::Tcp, viscum_tests::Proto::Udp] {
+            assert_eq!(
+                ask(proto, addr).as_deref().ok(),
+                Some("cloud"),
+                "{proto:?} {addr} after the target vanished"
+            );
+        }
+    }
+    assert!(global_stats(&lab)["target_gone"].as_u64().unwrap() > 0);
+}

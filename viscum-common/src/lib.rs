@@ -384,10 +384,13 @@ pub enum GlobalCounter {
     /// Redirected TCP SYNs (and edge SYN-ACKs) whose MSS option was lowered
     /// to fit the interface MTU.
     MssClamped = 18,
+    /// Hits whose target interface no longer exists (namespace or veth
+    /// deleted): passed to the cloud instead of being black-holed.
+    TargetGone = 19,
 }
 
 /// Number of slots in the global counter array.
-pub const GLOBAL_COUNTERS: u32 = 19;
+pub const GLOBAL_COUNTERS: u32 = 20;
 
 /// Runtime knobs read by the classifier on every packet (one array slot).
 #[repr(C)]

@@ -101,6 +101,12 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     };
     // SAFETY: per-CPU value, only this CPU writes it while we run.
     let entry = unsafe { &mut *entry };
+    if !redirect::target_alive(ctx, entry.ifindex) {
+        // The edge copy's veth is gone: the cloud serves until user space
+        // points the entry at a live target again.
+        counters::bump(GlobalCounter::TargetGone);
+        return Ok(pass());
+    }
     frag::remember(&p);
 
     if entry.flags & TARGET_F_MIRROR != 0 {

@@ -81,6 +81,18 @@ unsafe fn zero_fib(fib: *mut bpf_fib_lookup) {
     }
 }
 
+/// Does interface `ifindex` still exist? `bpf_check_mtu` looks the device up
+/// by index and fails with -ENODEV when it is gone (net/core/filter.c
+/// `__dev_via_ifindex`): a cheap liveness test with a helper the datapath
+/// needs anyway. A deleted target veth (namespace removed, `ip link del`)
+/// would otherwise swallow every packet redirected to it.
+#[inline(always)]
+pub fn target_alive(ctx: &TcContext, ifindex: u32) -> bool {
+    let mut mtu: u32 = 0;
+    // SAFETY: helper on our own skb with a stack out-pointer.
+    unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, ifindex, &mut mtu, 0, 0) >= 0 }
+}
+
 /// Redirects a hit to `entry`'s veth and returns the helper's verdict
 /// (`TC_ACT_REDIRECT`, or `TC_ACT_SHOT` if the kernel refused).
 #[inline(always)]

@@ -77,6 +77,8 @@ pub struct GlobalStats {
     pub icmp_dropped: u64,
     /// SYNs whose MSS option was lowered to fit the interface MTU.
     pub mss_clamped: u64,
+    /// Hits whose target interface was gone, passed to the cloud.
+    pub target_gone: u64,
 }
 
 fn open_map(pins: &Pins, name: &str) -> Result<Map, EngineError> {
@@ -508,6 +510,7 @@ impl Engine {
             icmp_to_client: read(GlobalCounter::IcmpToClient)?,
             icmp_dropped: read(GlobalCounter::IcmpDropped)?,
             mss_clamped: read(GlobalCounter::MssClamped)?,
+            target_gone: read(GlobalCounter::TargetGone)?,
         })
     }
 
