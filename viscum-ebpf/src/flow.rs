@@ -10,7 +10,7 @@
 use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
 use viscum_common::{
     DEFAULT_FLOW_ENTRIES, FLOW_CLOUD, FLOW_EDGE, FlowKey, FlowState, GlobalCounter, PROTO_TCP,
-    ReplyKey, ReplyState, ServiceEntry, TARGET_F_DRAINING, TARGET_F_NAT,
+    REPLY_F_DROP, ReplyKey, ReplyState, ServiceEntry, TARGET_F_DRAINING, TARGET_F_NAT,
 };
 
 use crate::{
@@ -53,6 +53,7 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
     let syn = tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let closing = tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
 
+    let rkey = reply_key(p, entry);
     if let Some(state) = FLOWS.get_ptr_mut(fkey) {
         // SAFETY: LRU value pointer from the kernel; races only lose a
         // timestamp update, never the decision.
@@ -60,22 +61,42 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
         // A SYN on a flow that already finished starts a new connection
         // reusing the 5-tuple: decide afresh.
         let reused = syn && state.closing_at_ns != 0;
-        if !reused && is_live(state, now, &t, tcp) {
+        // An edge flow whose entry now points at another target (the
+        // namespace was re-created, the entry re-added): its old target is
+        // gone, so the flow is over; never send it to the new one.
+        let replaced = state.decision == FLOW_EDGE && state.ifindex != entry.ifindex;
+        if !reused && !replaced && is_live(state, now, &t, tcp) {
             state.last_seen_ns = now;
             if closing && state.closing_at_ns == 0 {
                 state.closing_at_ns = now;
             }
-            return if state.decision == FLOW_EDGE {
-                Decision::Edge
-            } else {
-                Decision::Cloud
-            };
+            if state.decision != FLOW_EDGE {
+                return Decision::Cloud;
+            }
+            // The two LRU tables evict independently: an edge flow whose
+            // reply record went (a reused 5-tuple, table pressure) gets it
+            // back before its next reply needs it.
+            if REPLIES.get_ptr(&rkey).is_none() {
+                remember_reply(p, entry, 0);
+            }
+            return Decision::Edge;
         }
     }
 
     if tcp && !syn {
-        // Mid-connection without state: it began before the entry existed
-        // (or its state was evicted): the cloud has it.
+        // Mid-connection without flow state. If its reply record survived
+        // the flow's eviction, the connection is at the edge: restore it.
+        // SAFETY: copied out of the map value at once.
+        if let Some(r) = unsafe { REPLIES.get(&rkey).copied() }
+            && r.flags & REPLY_F_DROP == 0
+            && r.service == p.key.addr
+            && r.service_port == p.key.port
+        {
+            let _ = FLOWS.insert(fkey, edge_state(entry, now), 0);
+            return Decision::Edge;
+        }
+        // Otherwise it began before the entry existed (or all its state
+        // was evicted): the cloud has it.
         counters::bump(GlobalCounter::FlowOrphans);
         return Decision::Cloud;
     }
@@ -102,7 +123,17 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
         return Decision::Cloud;
     }
 
-    let state = FlowState {
+    let _ = FLOWS.insert(fkey, edge_state(entry, now), 0);
+    remember_reply(p, entry, 0);
+    entry.new_flows += 1;
+    counters::bump(GlobalCounter::FlowsEdge);
+    Decision::Edge
+}
+
+/// A new edge flow's state.
+#[inline(always)]
+fn edge_state(entry: &ServiceEntry, now: u64) -> FlowState {
+    FlowState {
         last_seen_ns: now,
         closing_at_ns: 0,
         decision: FLOW_EDGE,
@@ -111,24 +142,19 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
         // SAFETY: same size, plain bytes.
         mac: unsafe { core::mem::transmute::<[u8; 6], [u16; 3]>(entry.mac) },
         _pad: 0,
-    };
-    let _ = FLOWS.insert(fkey, state, 0);
-    remember_reply(p, entry, 0);
-    entry.new_flows += 1;
-    counters::bump(GlobalCounter::FlowsEdge);
-    Decision::Edge
+    }
 }
 
-/// Records how replies of this flow come back from the service veth.
+/// The reply-side key of the flow of `p` towards `entry`'s target.
 #[inline(always)]
-pub fn remember_reply(p: &Parsed, entry: &ServiceEntry, flags: u32) {
+fn reply_key(p: &Parsed, entry: &ServiceEntry) -> ReplyKey {
     // In NAT mode the service answers from its own port.
     let local_port = if entry.flags & TARGET_F_NAT != 0 && entry.nat_port != 0 {
         entry.nat_port
     } else {
         p.key.port
     };
-    let rkey = ReplyKey {
+    ReplyKey {
         client: p.saddr,
         client_port: p.sport,
         local_port,
@@ -136,7 +162,13 @@ pub fn remember_reply(p: &Parsed, entry: &ServiceEntry, flags: u32) {
         family: p.key.family,
         _pad: [0; 2],
         ifindex: entry.ifindex,
-    };
+    }
+}
+
+/// Records how replies of this flow come back from the service veth.
+#[inline(always)]
+pub fn remember_reply(p: &Parsed, entry: &ServiceEntry, flags: u32) {
+    let rkey = reply_key(p, entry);
     let rstate = ReplyState {
         service: p.key.addr,
         service_port: p.key.port,
