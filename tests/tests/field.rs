@@ -444,3 +444,84 @@ fn flow_and_reply_state_agree_under_churn() {
         &failures[..failures.len().min(5)]
     );
 }
+
+/// Who answers a new connection to `addr` (an EchoServer's identity).
+fn echo_identity(lab: &Lab, addr: std::net::SocketAddr) -> String {
+    let mut c = common::Held::open(lab.client.name(), addr);
+    let got = c
+        .exchange("who", 1)
+        .map(|l| l[0].clone())
+        .unwrap_or_else(|e| format!("error {e}"));
+    c.close();
+    got.split(':').next().unwrap_or("").to_owned()
+}
+
+/// `redirect del` behaves like taking a real out of service with weight 0: new flows go to
+/// the cloud at once, while a transfer already at the edge finishes there; the entry goes
+/// when its last edge flow ends. `--now` is the brutal version.
+#[test]
+fn redirect_del_drains_open_edge_flows() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let port = 7300;
+    let _cloud = common::EchoServer::start(lab.cloud.name(), port, "cloud");
+    let _edge = common::EchoServer::start(&ns, port, "edge");
+    for addr in lab.cloud_addrs(port) {
+        let url = format!("tcp://{addr}");
+        lab.viscum_ok(&["redirect", "add", &url, "--ns", &ns]);
+        let mut held = common::Held::open(lab.client.name(), addr);
+        assert!(
+            held.exchange("a", 3)
+                .unwrap()
+                .iter()
+                .all(|l| l.starts_with("edge:"))
+        );
+        std::thread::scope(|s| {
+            let del =
+                s.spawn(|| lab.viscum_ok(&["redirect", "del", &url, "--drain-timeout", "60"]));
+            // Draining: the entry takes no new flows...
+            assert!(
+                viscum_tests::wait_until(std::time::Duration::from_secs(10), || {
+                    let rows: serde_json::Value =
+                        serde_json::from_str(&lab.viscum_ok(&["redirect", "list", "--json"]))
+                            .unwrap();
+                    rows.as_array()
+                        .unwrap()
+                        .iter()
+                        .any(|r| r["draining"] == true)
+                }),
+                "the entry never started draining"
+            );
+            assert_eq!(
+                echo_identity(&lab, addr),
+                "cloud",
+                "{addr}: a new flow while draining"
+            );
+            // ...while the open one stays at the edge (about 150 KiB of it).
+            for round in 0..50 {
+                let lines = held
+                    .exchange(&format!("r{round}-{}", "x".repeat(3000)), 1)
+                    .unwrap();
+                assert!(lines[0].starts_with("edge:"), "{addr}: {}", &lines[0][..20]);
+            }
+            assert!(!del.is_finished(), "del must wait for the open edge flow");
+            held.close();
+            let out = del.join().unwrap();
+            assert!(out.contains("deleted") && !out.contains("cut"), "{out}");
+        });
+        assert_eq!(echo_identity(&lab, addr), "cloud");
+
+        // --now: the open flow is cut (its next packets reach the cloud, which resets it).
+        lab.viscum_ok(&["redirect", "add", &url, "--ns", &ns]);
+        let mut held = common::Held::open(lab.client.name(), addr);
+        assert!(held.exchange("b", 1).unwrap()[0].starts_with("edge:"));
+        lab.viscum_ok(&["redirect", "del", &url, "--now"]);
+        let after = held.exchange("c", 1);
+        assert!(
+            after.as_ref().is_err() || !after.as_ref().unwrap()[0].starts_with("edge:"),
+            "{addr}: {after:?}"
+        );
+    }
+}

@@ -37,7 +37,8 @@ impl Proto {
         }
     }
 
-    fn from_number(n: u8) -> Option<Self> {
+    /// The protocol of IANA number `n`, if Viscum handles it.
+    pub fn from_number(n: u8) -> Option<Self> {
         match n {
             PROTO_TCP => Some(Proto::Tcp),
             PROTO_UDP => Some(Proto::Udp),
@@ -303,6 +304,26 @@ impl fmt::Display for Endpoint {
 }
 
 impl Endpoint {
+    /// Would this match take a packet of `proto` from `client` to `dst`:`port`?
+    /// The user-space twin of the classifier's decision, for counting an
+    /// entry's flows.
+    pub fn matches(&self, proto: Proto, dst: IpAddr, port: u16, client: IpAddr) -> bool {
+        let in_prefix = |net: IpAddr, len: u8, a: IpAddr| {
+            net.is_ipv4() == a.is_ipv4() && mask(a, len) == mask(net, len)
+        };
+        let ports = match (self.port, self.port_end) {
+            (None, _) => true,
+            (Some(p), None) => p == port,
+            (Some(lo), Some(hi)) => (lo..=hi).contains(&port),
+        };
+        self.proto == proto
+            && ports
+            && in_prefix(self.addr, self.prefix_len, dst)
+            && self
+                .source
+                .is_none_or(|(net, len)| in_prefix(net, len, client))
+    }
+
     /// A single address and port for every client: the classifier's
     /// exact-match hash. Everything else is a prefix rule.
     pub fn is_exact(&self) -> bool {

@@ -294,12 +294,55 @@ pub async fn drain(engine: &mut Engine, endpoint: &Endpoint) -> Result<(), Redir
     Ok(())
 }
 
-/// Live edge flows of the entry's target.
+/// Live edge flows this entry sent to the edge.
 pub fn live_flows(engine: &Engine, endpoint: &Endpoint) -> Result<u64, RedirectError> {
     let Some(e) = engine.get(endpoint)? else {
         return Err(EngineError::NoSuchEntry(endpoint.to_string()).into());
     };
-    Ok(engine.edge_flows()?.get(&e.ifindex).copied().unwrap_or(0))
+    Ok(engine.edge_flows_of(endpoint, e.ifindex)?)
+}
+
+/// Deletes entries the way Katran takes a real out of service (weight 0):
+/// each first drains (no new flows; open edge flows stay at the edge), and
+/// goes once its edge flows have ended or `timeout` has passed. Returns the
+/// flows still open at the deadline, per entry. Nothing changes if any
+/// endpoint has no entry.
+pub async fn del_draining(
+    engine: &mut Engine,
+    endpoints: &[Endpoint],
+    timeout: Duration,
+) -> Result<Vec<(Endpoint, u64)>, RedirectError> {
+    for ep in endpoints {
+        if engine.get(ep)?.is_none() {
+            return Err(EngineError::NoSuchEntry(ep.to_string()).into());
+        }
+    }
+    for ep in endpoints {
+        drain(engine, ep).await?;
+    }
+    let deadline = std::time::Instant::now() + timeout;
+    let mut pending: Vec<Endpoint> = endpoints.to_vec();
+    let mut cut = Vec::new();
+    while !pending.is_empty() {
+        let past = std::time::Instant::now() >= deadline;
+        let mut still = Vec::new();
+        for ep in pending {
+            let live = live_flows(engine, &ep)?;
+            if live == 0 || past {
+                del(engine, &ep).await?;
+                if live > 0 {
+                    cut.push((ep, live));
+                }
+            } else {
+                still.push(ep);
+            }
+        }
+        pending = still;
+        if !pending.is_empty() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(cut)
 }
 
 /// Deletes a redirect entry, and the namespace's local route if no other

@@ -14,7 +14,8 @@ use crate::{
 pub enum RedirectCommand {
     /// Redirect PROTO://ADDR[:PORT] into a service namespace.
     Add(AddArgs),
-    /// Delete the entry for PROTO://ADDR[:PORT]; its traffic goes to the cloud again.
+    /// Delete the entry for PROTO://ADDR[:PORT]: new flows go to the cloud at once, open
+    /// edge flows finish first (up to --drain-timeout; --now cuts them).
     Del(DelArgs),
     /// List entries with their targets and counters.
     List(ListArgs),
@@ -171,6 +172,12 @@ pub struct DelArgs {
     /// The entry's source restriction, if it was added with one.
     #[arg(long, value_name = "PREFIX", value_parser = parse_from)]
     pub from: Option<(std::net::IpAddr, u8)>,
+    /// Delete at once: open edge flows are cut (they reach the cloud, which resets them).
+    #[arg(long, conflicts_with = "drain_timeout")]
+    pub now: bool,
+    /// Longest wait, in seconds, for open edge flows to finish before deleting anyway.
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub drain_timeout: u64,
 }
 
 fn parse_from(s: &str) -> std::result::Result<(std::net::IpAddr, u8), String> {
@@ -237,29 +244,49 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
                 }
             }
         }
-        RedirectCommand::Del(args) => match args.endpoint {
-            MatchArg::Addr(ep) => {
-                let ep = with_source(ep, args.from)?;
-                redirect::del(&mut engine, &ep).await?;
-                println!("deleted {ep}");
-            }
-            MatchArg::Host(host) => {
-                let resolver = Resolver::new(&args.dns.servers)?;
-                let answer = resolver.lookup(&host.host).await?;
-                let mut deleted = 0;
-                for addr in answer.addrs {
-                    let ep = host.endpoint(addr);
-                    if engine.get(&ep)?.is_some() {
-                        redirect::del(&mut engine, &ep).await?;
-                        println!("deleted {ep}");
-                        deleted += 1;
+        RedirectCommand::Del(args) => {
+            let endpoints = match args.endpoint {
+                MatchArg::Addr(ep) => vec![with_source(ep, args.from)?],
+                MatchArg::Host(host) => {
+                    let resolver = Resolver::new(&args.dns.servers)?;
+                    let answer = resolver.lookup(&host.host).await?;
+                    let mut eps = Vec::new();
+                    for addr in answer.addrs {
+                        let ep = host.endpoint(addr);
+                        if engine.get(&ep)?.is_some() {
+                            eps.push(ep);
+                        }
+                    }
+                    if eps.is_empty() {
+                        anyhow::bail!("no entry for any address of {host}");
+                    }
+                    eps
+                }
+            };
+            if args.now {
+                for ep in &endpoints {
+                    if engine.get(ep)?.is_none() {
+                        anyhow::bail!("no entry for {ep}");
                     }
                 }
-                if deleted == 0 {
-                    anyhow::bail!("no entry for any address of {host}");
+                for ep in endpoints {
+                    redirect::del(&mut engine, &ep).await?;
+                    println!("deleted {ep}");
+                }
+            } else {
+                let timeout = std::time::Duration::from_secs(args.drain_timeout);
+                let cut = redirect::del_draining(&mut engine, &endpoints, timeout).await?;
+                for ep in &endpoints {
+                    match cut.iter().find(|(c, _)| c == ep) {
+                        Some((_, live)) => println!(
+                            "deleted {ep} ({live} edge flow(s) still open after {} s were cut)",
+                            args.drain_timeout
+                        ),
+                        None => println!("deleted {ep}"),
+                    }
                 }
             }
-        },
+        }
         RedirectCommand::Follow(args) => {
             let target = args.target.target();
             let resolver = Resolver::new(&args.dns.servers)?;

@@ -420,13 +420,7 @@ impl Engine {
     /// Open edge flows per target ifindex (for draining and `stats`). A flow
     /// that has seen FIN/RST is finishing and no longer counts.
     pub fn edge_flows(&self) -> Result<std::collections::HashMap<u32, u64>, EngineError> {
-        let mut now = libc::timespec {
-            tv_sec: 0,
-            tv_nsec: 0,
-        };
-        // SAFETY: valid out pointer; bpf_ktime_get_ns uses CLOCK_MONOTONIC.
-        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
-        let now = now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64;
+        let now = monotonic_ns();
         let cfg = self.config.get(&0, 0).unwrap_or_default();
         let mut out = std::collections::HashMap::new();
         for item in self.flows.iter() {
@@ -442,6 +436,47 @@ impl Engine {
             *out.entry(state.ifindex).or_insert(0) += 1;
         }
         Ok(out)
+    }
+
+    /// Live edge flows that `endpoint`'s entry (redirecting to `ifindex`)
+    /// sent to the edge: what a drain waits for.
+    pub fn edge_flows_of(
+        &self,
+        endpoint: &crate::endpoint::Endpoint,
+        ifindex: u32,
+    ) -> Result<u64, EngineError> {
+        let now = monotonic_ns();
+        let cfg = self.config.get(&0, 0).unwrap_or_default();
+        let addr = |family: u8, b: [u8; 16]| {
+            if family == viscum_common::FAMILY_V4 {
+                std::net::IpAddr::from([b[0], b[1], b[2], b[3]])
+            } else {
+                std::net::IpAddr::from(b)
+            }
+        };
+        let mut n = 0;
+        for item in self.flows.iter() {
+            let Ok((key, state)) = item else { continue };
+            if state.decision != FLOW_EDGE
+                || state.ifindex != ifindex
+                || state.closing_at_ns != 0
+                || now.saturating_sub(state.last_seen_ns) > cfg.idle_ns(key.proto)
+            {
+                continue;
+            }
+            let Some(proto) = crate::endpoint::Proto::from_number(key.proto) else {
+                continue;
+            };
+            if endpoint.matches(
+                proto,
+                addr(key.family, key.service),
+                u16::from_be(key.service_port),
+                addr(key.family, key.client),
+            ) {
+                n += 1;
+            }
+        }
+        Ok(n)
     }
 
     /// Writes flow timeouts (0 keeps the datapath's default).
@@ -558,4 +593,15 @@ fn set_rules(node: &mut PrefixNode, rules: &[PortRule]) {
         *slot = *r;
     }
     node.count = rules.len() as u32;
+}
+
+/// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
