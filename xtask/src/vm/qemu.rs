@@ -27,8 +27,9 @@ use crate::process;
 
 /// Console lines kept for the report of a failed or hung guest.
 const TAIL_LINES: usize = 25;
-/// How long a guest may take to power off after its `VMCHECK-RESULT`.
-const POWER_OFF_GRACE: Duration = Duration::from_secs(30);
+/// How long a guest may take to power off after its `VMCHECK-RESULT`
+/// (normally well under a second).
+const POWER_OFF_GRACE: Duration = Duration::from_secs(20);
 
 /// What one boot produced.
 #[derive(Debug)]
@@ -41,8 +42,11 @@ pub struct Boot {
     pub first_record: Option<Duration>,
     /// qemu's exit status; `None` when it was killed.
     pub status: Option<ExitStatus>,
-    /// Why the boot itself went wrong (hung, no power-off, qemu error).
+    /// Why the boot itself went wrong (hung, qemu error).
     pub problems: Vec<String>,
+    /// Oddities that do not change the verdict (a guest that printed its
+    /// result but did not power off and was killed).
+    pub warnings: Vec<String>,
     /// The last console lines.
     pub tail: Vec<String>,
     pub console_log: PathBuf,
@@ -107,6 +111,7 @@ pub fn boot(
     let mut transcript = Transcript::default();
     let mut tail: VecDeque<String> = VecDeque::new();
     let mut problems = Vec::new();
+    let mut warnings = Vec::new();
     let mut first_record = None;
     let mut result_at: Option<Instant> = None;
     let mut open_streams = readers.len();
@@ -137,19 +142,26 @@ pub fn boot(
             }
             Ok(Event::Eof) => open_streams -= 1,
             Err(mpsc::RecvTimeoutError::Timeout) => {
-                let why = if result_at.is_some() {
-                    format!(
-                        "the guest did not power off within {}s of its VMCHECK-RESULT (killed)",
+                if result_at.is_some() {
+                    // Everything the guest had to say is in. Seen once in
+                    // about 25 s390x boots: the runner called
+                    // reboot(RB_POWER_OFF) and the 6.1 kernel never got to
+                    // power off under TCG. Not the code under test: a
+                    // warning, not a failure.
+                    let why = format!(
+                        "the guest did not power off within {}s of its VMCHECK-RESULT; killed it",
                         POWER_OFF_GRACE.as_secs()
-                    )
+                    );
+                    println!("[{}] warning: {why}", vm.name);
+                    warnings.push(why);
                 } else {
-                    format!(
+                    let why = format!(
                         "timed out after {}s: the guest was killed",
                         timeout.as_secs()
-                    )
-                };
-                println!("[{}] {why}", vm.name);
-                problems.push(why);
+                    );
+                    println!("[{}] {why}", vm.name);
+                    problems.push(why);
+                }
                 let _ = child.kill();
                 killed = true;
                 // The readers see EOF once qemu is gone.
@@ -181,12 +193,13 @@ pub fn boot(
         first_record,
         status,
         problems,
+        warnings,
         tail: tail.into(),
         console_log,
     })
 }
 
-/// Forwards the lines of `stream` (lossy UTF-8, `\r` dropped) until EOF.
+/// Forwards the lines of `stream` (lossy UTF-8, see [`clean`]) until EOF.
 fn spawn_reader(
     stream: impl Read + Send + 'static,
     prefix: &'static str,
@@ -200,8 +213,7 @@ fn spawn_reader(
             match reader.read_until(b'\n', &mut buf) {
                 Ok(0) | Err(_) => break,
                 Ok(_) => {
-                    let text = String::from_utf8_lossy(&buf);
-                    let line = text.trim_end_matches(['\n', '\r']).replace('\r', "");
+                    let line = clean(&String::from_utf8_lossy(&buf));
                     if tx.send(Event::Line(format!("{prefix}{line}"))).is_err() {
                         return;
                     }
@@ -210,6 +222,36 @@ fn spawn_reader(
         }
         let _ = tx.send(Event::Eof);
     })
+}
+
+/// A console line without terminal control: ANSI escape sequences (the
+/// x86 firmware clears the screen) and other control characters are
+/// dropped, so echoing the line cannot wreck the developer's terminal.
+pub fn clean(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\x1b' => {
+                // CSI: ESC [ parameters... final byte in @..~; other
+                // escapes: ESC plus one character.
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                } else {
+                    chars.next();
+                }
+            }
+            '\t' => out.push(c),
+            c if c.is_control() => {}
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 /// Prints a record as it arrives, prefixed with the VM name and time.
@@ -257,4 +299,19 @@ fn is_alarming(line: &str) -> bool {
     ]
     .iter()
     .any(|p| line.contains(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn console_lines_lose_terminal_control() {
+        assert_eq!(
+            clean("Booting from ROM..c\x1b[?7l\x1b[2JVMCHECK-RESULT PASS\r\n"),
+            "Booting from ROM..cVMCHECK-RESULT PASS"
+        );
+        assert_eq!(clean("\x1b[0mSeaBIOS\x1bc x\ty"), "SeaBIOS x\ty");
+        assert_eq!(clean("plain"), "plain");
+    }
 }

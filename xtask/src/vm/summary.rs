@@ -283,6 +283,9 @@ pub fn print(outcomes: &[Outcome], totals: &Totals) {
         for p in &o.problems {
             println!("  - {p}");
         }
+        for w in o.boot.iter().flat_map(|b| &b.warnings) {
+            println!("  warning: {w}");
+        }
         if let Some(boot) = &o.boot {
             if !o.passed() && !boot.tail.is_empty() {
                 println!("  last console lines:");
@@ -321,6 +324,7 @@ pub fn write_json(path: &Path, outcomes: &[Outcome], totals: &Totals) -> Result<
                     "status": l.verdict.to_string(),
                 })).collect::<Vec<_>>(),
                 "problems": o.problems,
+                "warnings": boot.map(|b| &b.warnings),
                 "console_log": boot.map(|b| b.console_log.display().to_string()),
             })
         })
