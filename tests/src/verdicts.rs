@@ -243,7 +243,7 @@ fn setup(lab: &Lab, ns: &str) -> Result<(Env, String), String> {
 
 fn cleanup(lab: &Lab, env: &Env, ns: &str) -> Result<String, String> {
     for entry in ENTRIES {
-        lab.viscum_checked(&["redirect", "del", entry])?;
+        lab.viscum_checked(&["redirect", "del", entry, "--now"])?;
     }
     let engine =
         Engine::open(&env.pins).map_err(|e| format!("open the engine: {}", error_chain(&e)))?;

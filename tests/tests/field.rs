@@ -525,3 +525,89 @@ fn redirect_del_drains_open_edge_flows() {
         );
     }
 }
+
+/// UDP servers that `connect()` back to their client work unmodified (iperf3's UDP test,
+/// the paper's own speed-test use case): the namespace sees the flow addressed to its own
+/// address, so the connected socket's local address is the one the client's next datagrams
+/// are translated to. TCP carries iperf3's control connection.
+#[test]
+fn iperf3_udp_through_a_redirect() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let port = 5201;
+    let _edge = Iperf3Server::start(&ns, port);
+    for addr in lab.cloud_addrs(port) {
+        for scheme in ["tcp", "udp"] {
+            lab.viscum_ok(&[
+                "redirect",
+                "add",
+                &format!("{scheme}://{addr}"),
+                "--ns",
+                &ns,
+                "--learn-ms",
+                "0",
+            ]);
+        }
+        let report = iperf3_client(lab.client.name(), addr, &["-u", "-b", "50M", "-t", "2"])
+            .unwrap_or_else(|e| panic!("iperf3 -u to {addr}: {e}"));
+        let sum = &report["end"]["sum"];
+        let packets = sum["packets"].as_u64().unwrap_or(0);
+        let lost = sum["lost_packets"].as_u64().unwrap_or(u64::MAX);
+        assert!(packets > 1000 && lost * 10 < packets, "{addr}: {sum}");
+        for scheme in ["tcp", "udp"] {
+            lab.viscum_ok(&["redirect", "del", &format!("{scheme}://{addr}"), "--now"]);
+        }
+    }
+}
+
+/// The edge copy can reach its own origin: with only tcp://CLOUD:7000 redirected, CLOUD:7001
+/// (TCP and UDP, IPv4 and IPv6) from inside the service namespace is the real cloud. A
+/// `local CLOUD` route in the namespace (AnyIP mode) claims every port of the address; the
+/// default translation needs none. With `--anyip` the route is there, by request.
+#[test]
+fn the_edge_copy_reaches_its_origin() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let origin = viscum_tests::IdentityServer::start(lab.cloud.name(), 7001, "origin");
+    let _edge = viscum_tests::IdentityServer::start(&ns, 7000, "edge");
+    for addr in lab.cloud_addrs(7000) {
+        lab.viscum_ok(&["redirect", "add", &format!("tcp://{addr}"), "--ns", &ns]);
+        assert_eq!(
+            viscum_tests::tcp_ask(lab.client.name(), addr, common::TIMEOUT).unwrap(),
+            "edge"
+        );
+    }
+    for addr in lab.cloud_addrs(origin.port()) {
+        for proto in [viscum_tests::Proto::Tcp, viscum_tests::Proto::Udp] {
+            assert_eq!(
+                viscum_tests::ask(&ns, proto, addr, common::TIMEOUT)
+                    .as_deref()
+                    .ok(),
+                Some("origin"),
+                "{proto:?} {addr} from the service namespace"
+            );
+        }
+    }
+    assert_eq!(
+        lab.service_ns_info(&ns)["local_routes"],
+        serde_json::json!([])
+    );
+    // AnyIP, asked for: the route exists, and the edge copy still answers as the cloud.
+    for addr in lab.cloud_addrs(7000) {
+        let url = format!("tcp://{addr}");
+        lab.viscum_ok(&["redirect", "del", &url, "--now"]);
+        lab.viscum_ok(&["redirect", "add", &url, "--ns", &ns, "--anyip"]);
+        assert_eq!(
+            viscum_tests::tcp_ask(lab.client.name(), addr, common::TIMEOUT).unwrap(),
+            "edge"
+        );
+    }
+    assert_eq!(
+        lab.service_ns_info(&ns)["local_routes"],
+        serde_json::json!(["198.51.100.7/32", "2001:db8:f::7/128"])
+    );
+}

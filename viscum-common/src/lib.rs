@@ -254,13 +254,18 @@ pub struct FlowState {
     pub last_seen_ns: u64,
     /// Set at the first FIN/RST: the flow is forgotten this much later.
     pub closing_at_ns: u64,
+    /// NAT mode: the service address the flow is translated to (the entry's
+    /// `nat_addr` when the flow began, as u32 words in wire order), so ICMP
+    /// errors quoting the flow are translated too.
+    pub nat_addr: [u32; 4],
     /// The entry's namespace MAC when the flow began (with `flags` and
     /// `ifindex`: enough to redirect packets that concern the flow but match
-    /// no entry themselves, such as ICMP errors quoting it). 8-byte aligned,
-    /// with integer padding, so the classifier writes it with plain stores;
-    /// the six bytes in wire order, held as u16s for the same reason.
+    /// no entry themselves, such as ICMP errors quoting it); the six bytes in
+    /// wire order, held as u16s so the classifier writes them with plain
+    /// stores (a byte array would become a memset call).
     pub mac: [u16; 3],
-    pub _pad: u16,
+    /// NAT mode: the service port, network order (0: unchanged).
+    pub nat_port: u16,
     /// `FLOW_EDGE` or `FLOW_CLOUD`.
     pub decision: u32,
     /// Host veth of the edge copy (for draining counts in user space, and
@@ -268,8 +273,9 @@ pub struct FlowState {
     pub ifindex: u32,
     /// The entry's `TARGET_F_*` bits when the flow began.
     pub flags: u32,
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowState>() == 40);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 56);
 
 /// A reply leaving a service namespace, keyed as it arrives on the host veth:
 /// the client is the destination; `local_port` is the source port the
@@ -305,6 +311,19 @@ pub struct ReplyState {
 /// replies are dropped on the service veth.
 pub const REPLY_F_DROP: u32 = 1 << 0;
 const _: () = assert!(core::mem::size_of::<ReplyState>() == 24);
+
+/// Name of the program array the classifiers tail-call into for ICMP errors.
+pub const JUMP_MAP: &str = "VISCUM_JUMP";
+/// Slots of [`JUMP_MAP`].
+pub const JUMP_SLOTS: u32 = 2;
+/// Slot of `viscum_icmp_ingress` (errors from the network about edge flows).
+pub const JUMP_ICMP_INGRESS: u32 = 0;
+/// Slot of `viscum_icmp_reply` (errors from edge copies about client flows).
+pub const JUMP_ICMP_REPLY: u32 = 1;
+/// Name of the ICMP program of the client-facing side.
+pub const ICMP_INGRESS_PROG: &str = "viscum_icmp_ingress";
+/// Name of the ICMP program of the service side.
+pub const ICMP_REPLY_PROG: &str = "viscum_icmp_reply";
 
 /// Name of the LRU fragment table (`FragKey` -> `FragPorts`).
 pub const FRAGS_MAP: &str = "VISCUM_FRAGS";

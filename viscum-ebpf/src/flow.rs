@@ -7,7 +7,11 @@
 //! marker, so cloud decisions are recorded too (while an entry learns or
 //! drains).
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::map, maps::LruHashMap};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
 use viscum_common::{
     DEFAULT_FLOW_ENTRIES, FLOW_CLOUD, FLOW_EDGE, FlowKey, FlowState, GlobalCounter, PROTO_TCP,
     REPLY_F_DROP, ReplyKey, ReplyState, ServiceEntry, TARGET_F_DRAINING, TARGET_F_NAT,
@@ -92,7 +96,7 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
             && r.service == p.key.addr
             && r.service_port == p.key.port
         {
-            let _ = FLOWS.insert(fkey, edge_state(entry, now), 0);
+            put_state(fkey, FLOW_EDGE, entry, now);
             return Decision::Edge;
         }
         // Otherwise it began before the entry existed (or all its state
@@ -106,43 +110,60 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
         entry.cloud_flows += 1;
         counters::bump(GlobalCounter::FlowsCloud);
         if !tcp {
-            let state = FlowState {
-                last_seen_ns: now,
-                closing_at_ns: 0,
-                decision: FLOW_CLOUD,
-                ifindex: 0,
-                flags: 0,
-                // Unused for cloud flows; copied rather than zeroed, which
-                // LLVM would turn into a memset call (see redirect::write_mac).
-                // SAFETY: same size, plain bytes.
-                mac: unsafe { core::mem::transmute::<[u8; 6], [u16; 3]>(entry.mac) },
-                _pad: 0,
-            };
-            let _ = FLOWS.insert(fkey, state, 0);
+            put_state(fkey, FLOW_CLOUD, entry, now);
         }
         return Decision::Cloud;
     }
 
-    let _ = FLOWS.insert(fkey, edge_state(entry, now), 0);
+    put_state(fkey, FLOW_EDGE, entry, now);
     remember_reply(p, entry, 0);
     entry.new_flows += 1;
     counters::bump(GlobalCounter::FlowsEdge);
     Decision::Edge
 }
 
-/// A new edge flow's state.
+/// One per-CPU slot in which a new flow's state is assembled: 56 bytes the
+/// classifier's 512-byte stack cannot spare (the verifier refuses a frame
+/// past the limit, and LLVM will not build one).
+#[map(name = "VISCUM_SCRATCH")]
+static SCRATCH: PerCpuArray<FlowState> = PerCpuArray::pinned(1, 0);
+
+/// Records a new flow's decision, taken from `entry` at time `now`.
 #[inline(always)]
-fn edge_state(entry: &ServiceEntry, now: u64) -> FlowState {
-    FlowState {
-        last_seen_ns: now,
-        closing_at_ns: 0,
-        decision: FLOW_EDGE,
-        ifindex: entry.ifindex,
-        flags: entry.flags,
-        // SAFETY: same size, plain bytes.
-        mac: unsafe { core::mem::transmute::<[u8; 6], [u16; 3]>(entry.mac) },
-        _pad: 0,
+fn put_state(fkey: &FlowKey, decision: u32, entry: &ServiceEntry, now: u64) {
+    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: this CPU's slot, nobody else writes it while we run.
+    let st = unsafe { &mut *slot };
+    st.last_seen_ns = now;
+    st.closing_at_ns = 0;
+    st.decision = decision;
+    st.ifindex = entry.ifindex;
+    st.flags = entry.flags;
+    // Word by word, volatile: LLVM would otherwise turn these copies into
+    // memset/memcpy subprogram calls, whose frames count against the
+    // 512-byte stack (see redirect::write_mac).
+    let m = &entry.mac;
+    let a = &entry.nat_addr;
+    // SAFETY: writes to fields of this CPU's scratch slot.
+    unsafe {
+        for i in 0..3 {
+            core::ptr::write_volatile(
+                &raw mut st.mac[i],
+                u16::from_ne_bytes([m[2 * i], m[2 * i + 1]]),
+            );
+        }
+        for i in 0..4 {
+            core::ptr::write_volatile(
+                &raw mut st.nat_addr[i],
+                u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]),
+            );
+        }
     }
+    st.nat_port = entry.nat_port;
+    st._pad = 0;
+    let _ = FLOWS.insert(fkey, &*st, 0);
 }
 
 /// The reply-side key of the flow of `p` towards `entry`'s target.

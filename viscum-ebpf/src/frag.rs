@@ -46,26 +46,26 @@ pub fn remember(p: &Parsed) {
     }
 }
 
-/// Fills in a later fragment's ports; `None` for a later fragment whose
+/// Fills in a later fragment's ports; false for a later fragment whose
 /// datagram is not ours or whose first fragment was not seen.
 #[inline(always)]
-pub fn resolve(mut p: Parsed) -> Option<Parsed> {
+pub fn resolve(p: &mut Parsed) -> bool {
     match p.frag {
-        Frag::None => Some(p),
+        Frag::None => true,
         Frag::First => {
             counters::bump(GlobalCounter::Fragments);
-            Some(p)
+            true
         }
         Frag::Later => {
             counters::bump(GlobalCounter::Fragments);
             // SAFETY: copied out of the map value at once.
-            let Some(ports) = (unsafe { FRAGS.get(&key(&p)).copied() }) else {
+            let Some(ports) = (unsafe { FRAGS.get(&key(p)).copied() }) else {
                 counters::bump(GlobalCounter::FragmentsUnknown);
-                return None;
+                return false;
             };
             p.sport = ports.sport;
             p.key.port = ports.dport;
-            Some(p)
+            true
         }
     }
 }

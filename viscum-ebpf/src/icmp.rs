@@ -21,15 +21,33 @@
 //!
 //! Only errors are handled (types that quote a packet); echo and neighbour
 //! discovery are not ours and pass untouched, as does anything whose quote
-//! cannot be parsed. NAT-mode flows are left to the kernel: their quoted
-//! addresses would need translating too.
+//! cannot be parsed. For translated (NAT) flows the error is translated like
+//! the flow's packets: the outer address and the quoted address and port,
+//! with the quoted IPv4 header's checksum and the ICMP checksum kept right.
 
-use aya_ebpf::{bindings::TC_ACT_SHOT, programs::TcContext};
+use aya_ebpf::{bindings::TC_ACT_SHOT, macros::map, maps::ProgramArray, programs::TcContext};
 use viscum_common::{
     FAMILY_V4, FlowKey, GlobalCounter, PROTO_TCP, PROTO_UDP, REPLY_F_DROP, ReplyKey, TARGET_F_NAT,
 };
 
 use crate::{counters, flow, nat, parse::Parsed, redirect};
+
+/// ICMP handling runs as its own programs, reached by tail call from the two
+/// classifiers: each program gets its own 512-byte stack and its own
+/// verifier budget, so the rare ICMP path neither crowds the hot path's
+/// stack nor multiplies the states the verifier walks there. User space
+/// fills the slots at load time ([`JUMP_ICMP_INGRESS`], [`JUMP_ICMP_REPLY`]).
+#[map(name = "VISCUM_JUMP")]
+static JUMP: ProgramArray = ProgramArray::pinned(viscum_common::JUMP_SLOTS, 0);
+
+/// Continues in the ICMP program for `slot`; returns only if the tail call
+/// failed (an empty slot), in which case the caller passes the packet.
+#[inline(always)]
+pub fn jump(ctx: &TcContext, slot: u32) {
+    // SAFETY: a tail call with our own context into a program of our own
+    // type; on success it does not return.
+    unsafe { JUMP.tail_call(ctx, slot) };
+}
 
 /// The flow an ICMP error quotes: its inner IP source/destination and ports
 /// (network order), protocol and family.
@@ -39,6 +57,9 @@ pub struct Quoted {
     pub sport: u16,
     pub dport: u16,
     pub proto: u8,
+    /// Offsets of the quoted IP header and of its TCP/UDP header.
+    pub inner: u32,
+    pub inner_l4: u32,
 }
 
 /// Reads through `bpf_skb_load_bytes`: ICMP errors are rare, and the
@@ -115,6 +136,8 @@ pub fn quoted(ctx: &TcContext, p: &Parsed) -> Option<Quoted> {
         sport: ports[0],
         dport: ports[1],
         proto,
+        inner: inner as u32,
+        inner_l4: inner_l4 as u32,
     })
 }
 
@@ -136,7 +159,19 @@ pub fn to_edge(ctx: &TcContext, p: &Parsed) -> Option<i32> {
     };
     let state = flow::edge_flow(&fkey)?;
     if state.flags & TARGET_F_NAT != 0 {
-        return None;
+        // The edge copy knows the flow by its own address and port.
+        // SAFETY: same size, plain bytes.
+        let nat_addr = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(state.nat_addr) };
+        let nat_port = if state.nat_port != 0 {
+            state.nat_port
+        } else {
+            q.sport
+        };
+        if !nat::rewrite_icmp_outer(ctx, p, false, &p.key.addr, &nat_addr)
+            || !rewrite_quote(ctx, p, &q, true, &q.src, &nat_addr, q.sport, nat_port)
+        {
+            return Some(TC_ACT_SHOT);
+        }
     }
     counters::bump(GlobalCounter::IcmpToEdge);
     // SAFETY: same size, plain bytes.
@@ -174,12 +209,89 @@ pub fn to_client(ctx: &TcContext, p: &Parsed, ifindex: u32) -> Option<i32> {
     if id.service != p.saddr {
         // Sent from the namespace's own address: the client must see the
         // error come from the address it talked to.
-        if !nat::rewrite_icmp_source(ctx, p, &id.service) {
+        if !nat::rewrite_icmp_outer(ctx, p, true, &p.saddr, &id.service) {
             return Some(TC_ACT_SHOT);
         }
+    }
+    if (id.service != q.dst || id.service_port != q.dport)
+        && !rewrite_quote(
+            ctx,
+            p,
+            &q,
+            false,
+            &q.dst,
+            &id.service,
+            q.dport,
+            id.service_port,
+        )
+    {
+        // A translated flow: the client's stack matches the error to its
+        // socket by the quote, which must name the cloud address and port.
+        return Some(TC_ACT_SHOT);
     }
     counters::bump(GlobalCounter::IcmpToClient);
     let mut fwd = *p;
     fwd.saddr = id.service;
     Some(redirect::reply_to_client(ctx, &fwd))
+}
+
+/// Rewrites the quoted packet's source (`src`) or destination address and
+/// port. The quoted IPv4 header's checksum is updated with the address, which
+/// leaves the ICMP checksum's sum over that header unchanged; ICMPv6 has no
+/// inner header checksum, so its checksum takes the address change. The
+/// quoted TCP/UDP checksum is left alone: nobody verifies it in an error.
+#[inline(always)]
+#[expect(clippy::too_many_arguments, reason = "one rewrite, spelled out")]
+fn rewrite_quote(
+    ctx: &TcContext,
+    p: &Parsed,
+    q: &Quoted,
+    src: bool,
+    old_addr: &[u8; 16],
+    new_addr: &[u8; 16],
+    old_port: u16,
+    new_port: u16,
+) -> bool {
+    let inner = q.inner as usize;
+    let icmp_csum = p.l4 as usize + 2;
+    if old_addr != new_addr {
+        if p.key.family == FAMILY_V4 {
+            let off = inner + if src { 12 } else { 16 };
+            let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
+            let new = u32::from_ne_bytes([new_addr[0], new_addr[1], new_addr[2], new_addr[3]]);
+            if ctx
+                .l3_csum_replace(inner + 10, old as u64, new as u64, 4)
+                .is_err()
+                || ctx.store(off, &new, 0).is_err()
+            {
+                return false;
+            }
+        } else {
+            let off = inner + if src { 8 } else { 24 };
+            // SAFETY: plain byte reinterpretation of 16-byte arrays.
+            let mut old: [u32; 4] = unsafe { core::mem::transmute(*old_addr) };
+            let mut new: [u32; 4] = unsafe { core::mem::transmute(*new_addr) };
+            // SAFETY: two 16-byte stack buffers.
+            let diff = unsafe {
+                aya_ebpf::helpers::bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0)
+            };
+            if diff < 0
+                || ctx.l4_csum_replace(icmp_csum, 0, diff as u64, 0).is_err()
+                || ctx.store(off, &new, 0).is_err()
+            {
+                return false;
+            }
+        }
+    }
+    if old_port != new_port {
+        let off = q.inner_l4 as usize + if src { 0 } else { 2 };
+        if ctx
+            .l4_csum_replace(icmp_csum, old_port as u64, new_port as u64, 2)
+            .is_err()
+            || ctx.store(off, &new_port, 0).is_err()
+        {
+            return false;
+        }
+    }
+    true
 }

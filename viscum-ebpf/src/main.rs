@@ -36,7 +36,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use viscum_common::{
-    FlowKey, GlobalCounter, PROTO_TCP, REPLY_F_DROP, TARGET_F_MIRROR, TARGET_F_NAT,
+    FlowKey, GlobalCounter, JUMP_ICMP_INGRESS, JUMP_ICMP_REPLY, PROTO_TCP, REPLY_F_DROP,
+    TARGET_F_MIRROR, TARGET_F_NAT,
 };
 
 use crate::{
@@ -60,22 +61,48 @@ pub fn viscum_reply(ctx: TcContext) -> i32 {
     }
 }
 
+/// ICMP errors from the network, tail-called from `viscum_ingress`.
+#[classifier]
+pub fn viscum_icmp_ingress(ctx: TcContext) -> i32 {
+    match parse::parse(&ctx) {
+        Err(ParseError::Icmp(p)) => match icmp::to_edge(&ctx, &p) {
+            Some(action) => action,
+            None => pass(),
+        },
+        _ => pass(),
+    }
+}
+
+/// ICMP errors from edge copies, tail-called from `viscum_reply`.
+#[classifier]
+pub fn viscum_icmp_reply(ctx: TcContext) -> i32 {
+    // SAFETY: reading our own __sk_buff.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match parse::parse(&ctx) {
+        Err(ParseError::Icmp(p)) => icmp::to_client(&ctx, &p, ifindex).unwrap_or(TC_ACT_UNSPEC),
+        _ => TC_ACT_UNSPEC,
+    }
+}
+
 /// Parses, counting what cannot be handled; `Err` carries the verdict for
 /// packets that are not TCP/UDP of a flow we can place (pass, or where an
 /// ICMP error about an edge flow was sent).
 #[inline(always)]
 fn parse_or_pass(ctx: &TcContext) -> Result<Parsed, i32> {
     match parse::parse(ctx) {
-        Ok(p) => match frag::resolve(p) {
-            Some(p) => Ok(p),
-            // A later fragment of a datagram we never saw the start of.
-            None => Err(pass()),
-        },
+        // A later fragment of a datagram we never saw the start of passes.
+        Ok(mut p) => {
+            if frag::resolve(&mut p) {
+                Ok(p)
+            } else {
+                Err(pass())
+            }
+        }
         Err(ParseError::NotIp) => Err(pass()),
-        Err(ParseError::Icmp(p)) => Err(match icmp::to_edge(ctx, &p) {
-            Some(action) => action,
-            None => pass(),
-        }),
+        Err(ParseError::Icmp(_)) => {
+            icmp::jump(ctx, JUMP_ICMP_INGRESS);
+            Err(pass())
+        }
         Err(ParseError::Malformed) => {
             counters::bump(GlobalCounter::Unparsable);
             Err(pass())
@@ -189,12 +216,15 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     // SAFETY: reading our own __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let p = match parse::parse(ctx) {
-        Ok(p) => match frag::resolve(p) {
-            Some(p) => p,
-            None => return Err(TC_ACT_UNSPEC),
-        },
-        Err(ParseError::Icmp(p)) => {
-            return Ok(icmp::to_client(ctx, &p, ifindex).unwrap_or(TC_ACT_UNSPEC));
+        Ok(mut p) => {
+            if !frag::resolve(&mut p) {
+                return Err(TC_ACT_UNSPEC);
+            }
+            p
+        }
+        Err(ParseError::Icmp(_)) => {
+            icmp::jump(ctx, JUMP_ICMP_REPLY);
+            return Err(TC_ACT_UNSPEC);
         }
         Err(_) => return Err(TC_ACT_UNSPEC),
     };

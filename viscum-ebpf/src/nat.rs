@@ -121,19 +121,27 @@ pub fn rewrite(
     true
 }
 
-/// Rewrites the source address of an ICMP (IPv4) or ICMPv6 packet. ICMPv4's
-/// checksum covers only the ICMP message; ICMPv6's also covers the IPv6
-/// pseudo-header (RFC 4443 section 2.3), so it changes with the address.
+/// Rewrites the outer source (`src`) or destination address of an ICMP
+/// (IPv4) or ICMPv6 packet. ICMPv4's checksum covers only the ICMP message;
+/// ICMPv6's also covers the IPv6 pseudo-header (RFC 4443 section 2.3), so it
+/// changes with the address.
 #[inline(always)]
-pub fn rewrite_icmp_source(ctx: &TcContext, p: &Parsed, new_addr: &[u8; 16]) -> bool {
-    let old_addr = &p.saddr;
+pub fn rewrite_icmp_outer(
+    ctx: &TcContext,
+    p: &Parsed,
+    src: bool,
+    old_addr: &[u8; 16],
+    new_addr: &[u8; 16],
+) -> bool {
     if p.key.family == FAMILY_V4 {
+        let off = p.l3 as usize + if src { 12 } else { 16 };
         let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
         let new = u32::from_ne_bytes([new_addr[0], new_addr[1], new_addr[2], new_addr[3]]);
         ctx.l3_csum_replace(p.l3 as usize + 10, old as u64, new as u64, 4)
             .is_ok()
-            && ctx.store(p.l3 as usize + 12, &new, 0).is_ok()
+            && ctx.store(off, &new, 0).is_ok()
     } else {
+        let off = p.l3 as usize + if src { 8 } else { 24 };
         // SAFETY: plain byte reinterpretation of 16-byte arrays.
         let mut old: [u32; 4] = unsafe { core::mem::transmute(*old_addr) };
         let mut new: [u32; 4] = unsafe { core::mem::transmute(*new_addr) };
@@ -143,6 +151,6 @@ pub fn rewrite_icmp_source(ctx: &TcContext, p: &Parsed, new_addr: &[u8; 16]) -> 
             && ctx
                 .l4_csum_replace(p.l4 as usize + 2, 0, diff as u64, BPF_F_PSEUDO_HDR as u64)
                 .is_ok()
-            && ctx.store(p.l3 as usize + 8, &new, 0).is_ok()
+            && ctx.store(off, &new, 0).is_ok()
     }
 }

@@ -249,12 +249,17 @@ pub fn check_required_helpers() -> Result<(), EngineError> {
     )))
 }
 
-/// Stats of the two programs pinned under `pins` (those that exist).
+/// Stats of the programs pinned under `pins` (those that exist).
 pub fn program_stats(pins: &Pins) -> Vec<ProgramStats> {
     let mut out = Vec::new();
     for (name, path) in [
         (viscum_common::INGRESS_PROG, pins.program()),
         (viscum_common::REPLY_PROG, pins.reply_program()),
+        (
+            viscum_common::ICMP_INGRESS_PROG,
+            pins.icmp_ingress_program(),
+        ),
+        (viscum_common::ICMP_REPLY_PROG, pins.icmp_reply_program()),
     ] {
         if !path.exists() {
             continue;

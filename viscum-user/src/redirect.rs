@@ -1,11 +1,21 @@
 //! Redirect entries together with their side effects in service namespaces.
 //!
-//! An entry into a Viscum namespace (`--ns NAME`) needs a `local ADDR dev lo`
-//! route inside that namespace so the unmodified service accepts traffic for
-//! the cloud address and answers from it. The route is added before the map
-//! entry (so the first redirected packet already finds it) and removed with
-//! the last entry for that address. The kernel is the only state: which
-//! namespace an entry goes to is read back from its target ifindex.
+//! An entry into a Viscum namespace (`--ns NAME`) translates by default: the
+//! classifier rewrites each redirected packet's destination to the
+//! namespace's own address (same port) and the reply path restores the cloud
+//! address on the way back, so the namespace needs no route for the cloud
+//! address. That keeps every other port of the cloud address reachable from
+//! the edge copy (it can talk to its origin) and lets UDP servers that
+//! `connect()` back to a client work unmodified; see "How a service answers as
+//! the cloud address" in `docs/architecture.md`.
+//!
+//! AnyIP mode (`--anyip`, and mirror mode, whose clones keep the cloud
+//! address) instead needs a `local ADDR dev lo` route inside the namespace so
+//! the unmodified service accepts traffic for the cloud address and answers
+//! from it. The route is added before the map entry (so the first redirected
+//! packet already finds it) and removed with the last entry for that address.
+//! The kernel is the only state: which namespace an entry goes to is read
+//! back from its target ifindex.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -27,6 +37,11 @@ pub struct RedirectOptions {
     pub nat: Option<NatTarget>,
     /// Mirror (canary) mode: clone to the edge, the cloud keeps serving.
     pub mirror: bool,
+    /// AnyIP mode for a namespace target: no translation; the namespace
+    /// answers as the cloud address through a `local` route for it, which
+    /// also claims every other port of that address inside the namespace.
+    /// (Targets given with `--to` are AnyIP unless `nat` is set.)
+    pub anyip: bool,
     /// Learning period before new flows go to the edge (`None` = the
     /// default: 0 for TCP, whose SYN marks new flows; 1 s for UDP, so
     /// datagram flows already talking to the cloud are recognised first).
@@ -64,6 +79,13 @@ pub enum RedirectError {
     NotVeth { name: String, kind: String },
     #[error("NAT for {0} needs an explicit IPv6 service address (--nat-to [ADDR]:PORT)")]
     NatNeedsV6Address(String),
+    #[error(
+        "namespace {ns} has no IPv6 address to translate {endpoint} to (made by an older viscum: \
+         re-create it with `viscum ns del/add`, or use --anyip)"
+    )]
+    NoNsAddress6 { ns: String, endpoint: String },
+    #[error("--anyip cannot be combined with NAT (--nat, --nat-to)")]
+    AnyIpNat,
     #[error("NAT address {nat} is not of the same family as {endpoint}")]
     NatFamily { nat: IpAddr, endpoint: String },
     #[error(
@@ -222,6 +244,9 @@ pub async fn add_with(
     if opts.mirror && opts.nat.is_some() {
         return Err(RedirectError::MirrorNat);
     }
+    if opts.anyip && opts.nat.is_some() {
+        return Err(RedirectError::AnyIpNat);
+    }
     if engine.get(endpoint)?.is_some() {
         return Err(EngineError::Duplicate(endpoint.to_string()).into());
     }
@@ -230,7 +255,14 @@ pub async fn add_with(
     if opts.mirror {
         entry.flags |= TARGET_F_MIRROR;
     }
-    if let Some(nat) = opts.nat {
+    // Into a Viscum namespace, translation to its own address is the
+    // default; AnyIP and mirror keep the cloud address.
+    let nat = match (opts.nat, &r.ns) {
+        (Some(nat), _) => Some(nat),
+        (None, Some(_)) if !opts.anyip && !opts.mirror => Some(NatTarget::default()),
+        (None, _) => None,
+    };
+    if let Some(nat) = nat {
         let addr = match (nat.addr, &r.ns, endpoint.addr) {
             (Some(a), _, _) => a,
             (None, Some(ns), IpAddr::V4(_)) => {
@@ -240,7 +272,14 @@ pub async fn add_with(
                     addr: ns.ns_addr.clone(),
                 })?
             }
-            (None, Some(_), IpAddr::V6(_)) => {
+            (None, Some(ns), IpAddr::V6(_)) => {
+                let a = ns.ns_addr6.split('/').next().unwrap_or_default();
+                a.parse().map_err(|_| RedirectError::NoNsAddress6 {
+                    ns: ns.name.clone(),
+                    endpoint: endpoint.to_string(),
+                })?
+            }
+            (None, None, IpAddr::V6(_)) => {
                 return Err(RedirectError::NatNeedsV6Address(endpoint.to_string()));
             }
             (None, None, _) => return Err(RedirectError::NatWithoutAddress),
@@ -272,7 +311,8 @@ pub async fn add_with(
     let mut added_route = None;
     if let Some(ns) = &r.ns {
         let (addr, len) = local_route(endpoint, &entry);
-        let is_own = ns.ns_addr.split('/').next() == Some(addr.to_string().as_str());
+        let own = |a: &str| a.split('/').next() == Some(addr.to_string().as_str());
+        let is_own = own(&ns.ns_addr) || own(&ns.ns_addr6);
         let want = format!("{addr}/{len}");
         if !is_own && !ns.local_routes.contains(&want) {
             netns::service_ns_add_local(&ns.name, addr, len).await?;

@@ -115,7 +115,15 @@ fn loaded_programs_report_verifier_statistics() {
         .expect("attach");
     let stats = features::program_stats(&Pins::new(&s.dir));
     let names: Vec<&str> = stats.iter().map(|p| p.name.as_str()).collect();
-    assert_eq!(names, ["viscum_ingress", "viscum_reply"]);
+    assert_eq!(
+        names,
+        [
+            "viscum_ingress",
+            "viscum_reply",
+            "viscum_icmp_ingress",
+            "viscum_icmp_reply"
+        ]
+    );
     for p in &stats {
         let insns = p
             .verified_insns
@@ -129,5 +137,5 @@ fn loaded_programs_report_verifier_statistics() {
     }
     let report = features::Report::probe(&Pins::new(&s.dir));
     assert!(report.missing.is_empty(), "{report:?}");
-    assert_eq!(report.programs.len(), 2);
+    assert_eq!(report.programs.len(), 4);
 }

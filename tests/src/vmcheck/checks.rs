@@ -204,7 +204,7 @@ fn cutover(
         Proto::Tcp => edge.tcp_hits(),
         Proto::Udp => edge.udp_hits(),
     } - hits_before;
-    let deleted = lab.viscum_checked(&["redirect", "del", &entry]);
+    let deleted = lab.viscum_checked(&["redirect", "del", &entry, "--now"]);
     let during = during?;
     if during != "edge" {
         return Err(format!("with the entry, {during} answered {entry}"));

@@ -127,10 +127,14 @@ pub struct AddArgs {
     pub from: Option<(std::net::IpAddr, u8)>,
     #[command(flatten)]
     pub target: TargetArgs,
-    /// NAT mode: rewrite the destination to the namespace's own IPv4 address
-    /// (same port) and replies back; for services that must keep their own address.
-    #[arg(long, conflicts_with = "mirror")]
+    /// NAT mode, explicitly (the default for --ns targets): rewrite the destination to
+    /// the namespace's own address (same port) and replies back.
+    #[arg(long, conflicts_with_all = ["mirror", "anyip"])]
     pub nat: bool,
+    /// AnyIP mode for a --ns target: no translation; the namespace answers as the cloud
+    /// address through a `local` route, which also claims the address's other ports there.
+    #[arg(long, conflicts_with_all = ["mirror", "nat_to"])]
+    pub anyip: bool,
     /// NAT mode with an explicit service address: ADDR, ADDR:PORT, [V6ADDR]:PORT.
     #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_nat_to, conflicts_with = "mirror")]
     pub nat_to: Option<NatTarget>,
@@ -213,6 +217,7 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
             let opts = RedirectOptions {
                 nat: args.nat_to.or(args.nat.then(NatTarget::default)),
                 mirror: args.mirror,
+                anyip: args.anyip,
                 learn: args.learn_ms.map(std::time::Duration::from_millis),
             };
             let to = match &target {

@@ -12,6 +12,7 @@
 //! <bpffs>/VISCUM_GLOBAL         global counters
 //! <bpffs>/VISCUM_CONFIG         runtime knobs
 //! <bpffs>/prog_reply            the reply-path classifier (service veths)
+//! <bpffs>/prog_icmp_*           ICMP-error programs, reached by tail call (VISCUM_JUMP)
 //! <bpffs>/VISCUM_FLOWS          flow table (LRU), VISCUM_REPLIES its reverse index
 //! <bpffs>/links/<ifname>        one TCX link per attached interface
 //! <bpffs>/reply-links/<ifname>  one TCX link per service veth
@@ -19,6 +20,7 @@
 
 pub mod attach;
 mod clsact;
+mod jump;
 pub mod maps;
 
 use std::path::{Path, PathBuf};
@@ -128,6 +130,22 @@ impl Pins {
     }
     pub fn reply_program(&self) -> PathBuf {
         self.dir.join("prog_reply")
+    }
+    /// The ICMP programs the classifiers tail-call into.
+    pub fn icmp_ingress_program(&self) -> PathBuf {
+        self.dir.join("prog_icmp_ingress")
+    }
+    pub fn icmp_reply_program(&self) -> PathBuf {
+        self.dir.join("prog_icmp_reply")
+    }
+    /// Every program pin of the instance.
+    pub fn program_pins(&self) -> [PathBuf; 4] {
+        [
+            self.program(),
+            self.reply_program(),
+            self.icmp_ingress_program(),
+            self.icmp_reply_program(),
+        ]
     }
     pub fn reply_links_dir(&self) -> PathBuf {
         self.dir.join("reply-links")

@@ -41,6 +41,22 @@ pub const LINK_POOL: (Ipv4Addr, u8) = (Ipv4Addr::new(169, 254, 128, 0), 17);
 /// Prefix length of one pair's IPv4 subnet.
 const LINK_PREFIX: u8 = 30;
 
+/// The IPv6 prefix the pairs' unique-local addresses (RFC 4193) come from: one /126 per
+/// pair whose last 32 bits are the pair's IPv4 addresses (`fd76:6973:6375::169.254.128.2`),
+/// so the two families' numbering can never disagree. Redirected IPv6 flows are translated
+/// to the namespace's address here, as IPv4 flows are to its link address: a global-scope
+/// source the namespace's stack will pick for replies and `connect()`s (a link-local one it
+/// would not use towards a global client).
+pub const ULA_PREFIX: [u16; 6] = [0xfd76, 0x6973, 0x6375, 0, 0, 0];
+const ULA_PAIR_PREFIX: u8 = 126;
+
+/// The ULA of a pair end whose IPv4 link address is `v4`.
+pub fn pair_ula(v4: Ipv4Addr) -> Ipv6Addr {
+    let [a, b, c, d, e, f] = ULA_PREFIX;
+    let v = u32::from(v4);
+    Ipv6Addr::new(a, b, c, d, e, f, (v >> 16) as u16, v as u16)
+}
+
 /// IPv6 link-local addresses of the pair. Link-local scope means every pair may reuse them.
 const HOST_LL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
 const NS_LL: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 2);
@@ -64,6 +80,10 @@ pub struct ServiceNs {
     pub host_addr: String,
     /// Namespace side IPv4 address with prefix, e.g. "169.254.128.2/30"; empty if missing.
     pub ns_addr: String,
+    /// Namespace side IPv6 unique-local address with prefix (see [`ULA_PREFIX`]), e.g.
+    /// "fd76:6973:6375::a9fe:8002/126"; empty if missing (a namespace made by an older
+    /// viscum).
+    pub ns_addr6: String,
     /// The cloud addresses/prefixes the namespace answers as, e.g. "198.51.100.7/32".
     pub local_routes: Vec<String>,
 }
@@ -193,6 +213,8 @@ async fn build(host: &Handle, name: &str, subnet: Ipv4Addr) -> Result<(), NetnsE
     let base = u32::from(subnet);
     let host_v4 = IpAddr::V4(Ipv4Addr::from(base + 1));
     let ns_v4 = IpAddr::V4(Ipv4Addr::from(base + 2));
+    let host_v6 = IpAddr::V6(pair_ula(Ipv4Addr::from(base + 1)));
+    let ns_v6 = IpAddr::V6(pair_ula(Ipv4Addr::from(base + 2)));
 
     create_veth(
         host,
@@ -206,6 +228,7 @@ async fn build(host: &Handle, name: &str, subnet: Ipv4Addr) -> Result<(), NetnsE
     let host_link = link_by_name(host, &host_veth).await?;
     add_address(host, host_link.index, host_v4, LINK_PREFIX).await?;
     add_address(host, host_link.index, IpAddr::V6(HOST_LL), LL_PREFIX).await?;
+    add_address(host, host_link.index, host_v6, ULA_PAIR_PREFIX).await?;
     // Up before the inside, so eth0 has carrier by the time its routes go in.
     set_up(host, host_link.index).await?;
 
@@ -215,6 +238,7 @@ async fn build(host: &Handle, name: &str, subnet: Ipv4Addr) -> Result<(), NetnsE
     let eth0 = link_by_name(&ns, NS_VETH_NAME).await?;
     add_address(&ns, eth0.index, ns_v4, LINK_PREFIX).await?;
     add_address(&ns, eth0.index, IpAddr::V6(NS_LL), LL_PREFIX).await?;
+    add_address(&ns, eth0.index, ns_v6, ULA_PAIR_PREFIX).await?;
     // IPv4 installs the /30's connected route only once the link is up, and the default
     // route's gateway must resolve through it.
     set_up(&ns, eth0.index).await?;
@@ -334,6 +358,7 @@ pub async fn service_ns_get(name: &str) -> Result<ServiceNs, NetnsError> {
         .mac
         .ok_or_else(|| incomplete("eth0 has no MAC address"))?;
     let ns_addr = pool_address(&ns, eth0.index).await?;
+    let ns_addr6 = ula_address(&ns, eth0.index).await?;
     let local_routes = list_local_routes(&ns)
         .await?
         .into_iter()
@@ -348,8 +373,23 @@ pub async fn service_ns_get(name: &str) -> Result<ServiceNs, NetnsError> {
         ns_mac,
         host_addr,
         ns_addr,
+        ns_addr6,
         local_routes,
     })
+}
+
+/// The link's IPv6 address under [`ULA_PREFIX`] as "addr/p", or "" if it has none.
+async fn ula_address(handle: &Handle, index: u32) -> Result<String, NetnsError> {
+    Ok(list_addresses(handle, Some(index))
+        .await?
+        .into_iter()
+        .find_map(|a| match a.addr {
+            IpAddr::V6(v6) if v6.segments()[..6] == ULA_PREFIX => {
+                Some(format!("{v6}/{}", a.prefix))
+            }
+            _ => None,
+        })
+        .unwrap_or_default())
 }
 
 /// The link's IPv4 address from [`LINK_POOL`] as "a.b.c.d/p", or "" if it has none.
@@ -503,6 +543,14 @@ mod tests {
     }
 
     #[test]
+    fn pair_ulas_carry_the_ipv4_link_address() {
+        assert_eq!(
+            pair_ula(v4("169.254.128.2")),
+            "fd76:6973:6375::a9fe:8002".parse::<Ipv6Addr>().unwrap()
+        );
+    }
+
+    #[test]
     fn serializes_mac_as_text() {
         let ns = ServiceNs {
             name: "web".into(),
@@ -512,6 +560,7 @@ mod tests {
             ns_mac: [0x02, 0xaa, 0xbb, 0xcc, 0xdd, 0xee],
             host_addr: "169.254.128.1/30".into(),
             ns_addr: "169.254.128.2/30".into(),
+            ns_addr6: "fd76:6973:6375::a9fe:8002/126".into(),
             local_routes: vec!["198.51.100.7/32".into()],
         };
         let json = serde_json::to_value(&ns).unwrap();
