@@ -611,6 +611,58 @@ pub fn inspect(frame: &[u8]) -> Result<Inspected, String> {
     })
 }
 
+/// The start of the packet an ICMP error quotes: its IP header and first transport bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quote {
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    /// The quoted IPv4 header's checksum verifies (always true for IPv6).
+    pub ip_checksum_ok: bool,
+}
+
+/// Reads the quote of the ICMP/ICMPv6 error `i` (see [`inspect`]): the IP header after the
+/// 8-byte ICMP header, then the ports.
+pub fn quote_of(i: &Inspected) -> Result<Quote, String> {
+    if i.proto != IPPROTO_ICMP && i.proto != IPPROTO_ICMPV6 {
+        return Err(format!("protocol {} is not ICMP", i.proto));
+    }
+    let q = i.l4.get(8..).unwrap_or_default();
+    let short = || format!("a quote of {} bytes is too short", q.len());
+    let (src, dst, proto, l4, ip_checksum_ok) = if i.src.is_ipv4() {
+        let ihl = usize::from(q.first().ok_or_else(short)? & 0x0f) * 4;
+        if q.len() < ihl.max(20) + 4 {
+            return Err(short());
+        }
+        let src: [u8; 4] = q[12..16].try_into().expect("4 bytes");
+        let dst: [u8; 4] = q[16..20].try_into().expect("4 bytes");
+        (
+            IpAddr::from(src),
+            IpAddr::from(dst),
+            q[9],
+            ihl,
+            checksum(&[&q[..ihl]]) == 0,
+        )
+    } else {
+        if q.len() < 44 {
+            return Err(short());
+        }
+        let src: [u8; 16] = q[8..24].try_into().expect("16 bytes");
+        let dst: [u8; 16] = q[24..40].try_into().expect("16 bytes");
+        (IpAddr::from(src), IpAddr::from(dst), q[6], 40, true)
+    };
+    Ok(Quote {
+        src,
+        dst,
+        proto,
+        sport: u16::from_be_bytes([q[l4], q[l4 + 1]]),
+        dport: u16::from_be_bytes([q[l4 + 2], q[l4 + 3]]),
+        ip_checksum_ok,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use std::net::Ipv6Addr;
@@ -759,6 +811,12 @@ mod tests {
         assert_eq!((i.proto, i.l4_checksum_ok), (IPPROTO_ICMP, Some(true)));
         assert_eq!(&i.l4[..8], &[3, 4, i.l4[2], i.l4[3], 0, 0, 0x05, 0x78]);
         assert_eq!(&i.l4[8..], quote);
+        let q = quote_of(&i).unwrap();
+        assert_eq!((q.src, q.dst), (offending.src, offending.dst));
+        assert_eq!(
+            (q.proto, q.sport, q.dport, q.ip_checksum_ok),
+            (IPPROTO_TCP, 80, 40001, true)
+        );
 
         let v6 = |s: &str| -> IpAddr { s.parse().unwrap() };
         let offending6 = Packet::tcp(
@@ -777,6 +835,8 @@ mod tests {
         let mut f = e6.build();
         let i = inspect(&f).unwrap();
         assert_eq!((i.proto, i.l4_checksum_ok), (IPPROTO_ICMPV6, Some(true)));
+        let q = quote_of(&i).unwrap();
+        assert_eq!((q.src, q.dport), (offending6.src, 40002));
         // The ICMPv6 checksum covers the addresses: another source breaks it.
         f[14 + 8 + 15] ^= 1;
         assert_eq!(inspect(&f).unwrap().l4_checksum_ok, Some(false));

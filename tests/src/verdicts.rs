@@ -19,8 +19,12 @@
 //!   `seen - passed` must match exactly, background frames adding one to each;
 //! * the counters of every fixture entry: the one the case names moves by the given packets
 //!   (and exactly `packets * frame length` bytes) and new flows, all others stay;
-//! * for some cases, the frame the program wrote back (stripped VLAN tag, rewritten source,
-//!   decremented TTL, valid IPv4 and TCP/UDP checksums).
+//! * for some cases, the frame the program wrote back (stripped VLAN tag, translated
+//!   destination or restored source, decremented TTL, clamped MSS, translated ICMP quotes,
+//!   valid IPv4, TCP/UDP and ICMP checksums).
+//!
+//! Entries go into their namespace the default way (translated to the namespace's own
+//! address), one in the local-route mode (`--anyip`).
 //!
 //! Counters, ports, port ranges, prefixes, source masks, fragment identifiers and checksum
 //! updates are all byte-order sensitive, which is the point on the big-endian s390x guest: e.g.
@@ -68,7 +72,7 @@ use viscum::{
     engine::{Engine, Pins},
     netns,
 };
-use viscum_common::TARGET_F_SET_MAC;
+use viscum_common::{TARGET_F_NAT, TARGET_F_SET_MAC};
 
 use crate::{
     cases::{CaseResult, error_chain, run_case},
@@ -92,6 +96,8 @@ pub const BACKGROUND_NOISE: u64 = 64;
 const SVC_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
 /// All-ports entry, plus an exact entry for port 443 that must win over it.
 const ALL_PORTS_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 11);
+/// An entry in the local-route mode (`--anyip`): the frame keeps the cloud address.
+const ANYIP_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 13);
 /// Port-range entry (8000-8099).
 const RANGE_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 12);
 /// Inside the destination prefix rule 203.0.113.128/25:443.
@@ -116,11 +122,16 @@ const E_PFX4: &str = "tcp://203.0.113.128/25:443";
 const E_PFX6: &str = "tcp://[2001:db8:e:1::]/64:443";
 const E_SRC4: &str = "tcp://203.0.113.64/26:22?from=192.0.2.0/28";
 const E_SRC6: &str = "tcp://[2001:db8:e:2::]/64:22?from=2001:db8:c::/60";
+const E_ANYIP4: &str = "tcp://203.0.113.13:80";
 
-/// Every entry the fixtures install, all into one service namespace.
-const ENTRIES: [&str; 11] = [
+/// Every entry the fixtures install, all into one service namespace. They translate to the
+/// namespace's own address (the default for `--ns` targets), except [`ANYIP_ENTRIES`].
+const ENTRIES: [&str; 12] = [
     E_TCP4, E_UDP4, E_TCP6, E_UDP6, E_ALL, E_ALL_443, E_RANGE, E_PFX4, E_PFX6, E_SRC4, E_SRC6,
+    E_ANYIP4,
 ];
+/// Entries added with `--anyip`: the namespace answers for the cloud address itself.
+const ANYIP_ENTRIES: [&str; 1] = [E_ANYIP4];
 
 /// Which of the two programs a case runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +177,16 @@ struct Env {
     lan_ifindex: u32,
     /// The fixture namespace's host veth in the edge namespace: the reply program's device.
     reply_ifindex: u32,
+    /// The namespace's own addresses that translated entries rewrite to.
+    nat: Nat,
+}
+
+/// The addresses of the fixture namespace that translated flows use there (read back from
+/// the entries, see `setup`).
+#[derive(Debug, Clone, Copy)]
+struct Nat {
+    v4: Ipv4Addr,
+    v6: Ipv6Addr,
 }
 
 /// Runs every fixture against the datapath attached in `lab` (call `viscum attach` on
@@ -193,7 +214,7 @@ pub fn run(lab: &Lab, report: &mut dyn FnMut(&CaseResult)) -> Vec<CaseResult> {
     let Some(env) = env else {
         return results;
     };
-    for case in cases() {
+    for case in cases(env.nat) {
         let name = case.name;
         let r = run_case(name, || run_one(&env, &case));
         record(r, &mut results);
@@ -217,24 +238,45 @@ fn setup(lab: &Lab, ns: &str) -> Result<(Env, String), String> {
     for entry in ENTRIES {
         // No learning period: UDP entries would otherwise send new flows to the cloud for
         // their first second.
-        lab.viscum_checked(&["redirect", "add", entry, "--ns", ns, "--learn-ms", "0"])?;
+        let mut args = vec!["redirect", "add", entry, "--ns", ns, "--learn-ms", "0"];
+        if ANYIP_ENTRIES.contains(&entry) {
+            args.push("--anyip");
+        }
+        lab.viscum_checked(&args)?;
     }
+    // Every entry must read back, which also proves the match strings round-trip.
+    let engine =
+        Engine::open(&pins).map_err(|e| format!("open the engine: {}", error_chain(&e)))?;
+    let mut flags = Vec::new();
+    for entry in ENTRIES {
+        let view = get_entry(&engine, entry)?;
+        let translated = view.flags & TARGET_F_NAT != 0;
+        if translated == ANYIP_ENTRIES.contains(&entry) {
+            return Err(format!(
+                "{entry} has flags {:#x}: entries into a namespace are expected to translate \
+                 to its own address unless added with --anyip",
+                view.flags
+            ));
+        }
+        flags.push(format!("{entry} flags={:#x}", view.flags));
+    }
+    let nat_of = |entry: &str| get_entry(&engine, entry).map(|v| v.target.nat_addr);
+    let [a, b, c, d, ..] = nat_of(E_TCP4)?;
+    let nat = Nat {
+        v4: Ipv4Addr::new(a, b, c, d),
+        v6: Ipv6Addr::from(nat_of(E_TCP6)?),
+    };
     let env = Env {
         edge: lab.edge.name().to_string(),
         pins,
         lan_ifindex: lab.edge_ifindex(lab.lan_if()),
         reply_ifindex: lab.edge_ifindex(&netns::host_veth_name(ns)),
+        nat,
     };
-    // Every entry must read back, which also proves the match strings round-trip.
-    let engine =
-        Engine::open(&env.pins).map_err(|e| format!("open the engine: {}", error_chain(&e)))?;
-    let mut flags = Vec::new();
-    for entry in ENTRIES {
-        let view = get_entry(&engine, entry)?;
-        flags.push(format!("{entry} flags={:#x}", view.flags));
-    }
     let detail = format!(
-        "namespace {ns}, {} entries: {}",
+        "namespace {ns} (translated to {} and {}), {} entries: {}",
+        nat.v4,
+        nat.v6,
         ENTRIES.len(),
         flags.join(", ")
     );
@@ -535,8 +577,9 @@ fn pass(name: &'static str, frame: Vec<u8>, extra: &'static [(&'static str, u64)
     }
 }
 
-/// Checks that a redirected frame is the original one, untagged, with the target's MAC when
-/// the entry asks for the MAC rewrite.
+/// Checks a redirected frame: from `src` to `dst` (the cloud address, or the namespace's own
+/// for a translated entry; the port kept), untagged, checksums valid (so a translation
+/// updated them), and with the target's MAC when the entry asks for the MAC rewrite.
 fn redirected_intact(entry: &'static str, src: SocketAddr, dst: SocketAddr) -> OutCheck {
     Box::new(move |i: &Inspected, env: &Env| {
         if i.vlan.is_some() {
@@ -585,6 +628,46 @@ fn forwarded_reply(from: SocketAddr, to: SocketAddr) -> OutCheck {
     })
 }
 
+/// Checks an ICMP error and its quote: outer `outer_src -> outer_dst`, quoted packet
+/// `quoted_src -> quoted_dst`, every checksum valid (outer IPv4 header, ICMP/ICMPv6 message,
+/// quoted IPv4 header). `hop` is the TTL the error must carry.
+fn icmp_is(
+    outer_src: IpAddr,
+    outer_dst: IpAddr,
+    quoted_src: SocketAddr,
+    quoted_dst: SocketAddr,
+    hop: u8,
+) -> OutCheck {
+    Box::new(move |i: &Inspected, _env: &Env| {
+        if (i.src, i.dst) != (outer_src, outer_dst) {
+            return Err(format!(
+                "{} -> {}, expected {outer_src} -> {outer_dst}",
+                i.src, i.dst
+            ));
+        }
+        if i.ttl != hop {
+            return Err(format!("TTL {}, expected {hop}", i.ttl));
+        }
+        if !i.ip_checksum_ok || i.l4_checksum_ok != Some(true) {
+            return Err("the IPv4 header or the ICMP checksum does not verify".into());
+        }
+        let q = packet::quote_of(i)?;
+        let (qs, qd) = (
+            SocketAddr::new(q.src, q.sport),
+            SocketAddr::new(q.dst, q.dport),
+        );
+        if (qs, qd) != (quoted_src, quoted_dst) {
+            return Err(format!(
+                "quotes {qs} -> {qd}, expected {quoted_src} -> {quoted_dst}"
+            ));
+        }
+        if !q.ip_checksum_ok {
+            return Err("the quoted IPv4 header's checksum does not verify".into());
+        }
+        Ok(())
+    })
+}
+
 /// Checks that the frame's MSS option is `mss` and its checksums still verify.
 fn mss_is(mss: u16) -> OutCheck {
     Box::new(move |i: &Inspected, _env: &Env| {
@@ -593,26 +676,6 @@ fn mss_is(mss: u16) -> OutCheck {
         }
         if !i.ip_checksum_ok || i.l4_checksum_ok != Some(true) {
             return Err("a checksum no longer verifies".into());
-        }
-        Ok(())
-    })
-}
-
-/// Checks an ICMP error forwarded to the client: from `from` to `to`, one hop less, its
-/// checksums valid.
-fn forwarded_icmp(from: IpAddr, to: IpAddr) -> OutCheck {
-    Box::new(move |i: &Inspected, _env: &Env| {
-        if (i.src, i.dst) != (from, to) {
-            return Err(format!("{} -> {}, expected {from} -> {to}", i.src, i.dst));
-        }
-        if i.ttl != 63 {
-            return Err(format!("TTL {}, expected 63 (64 less one hop)", i.ttl));
-        }
-        if !i.ip_checksum_ok {
-            return Err("the IPv4 header checksum does not verify".into());
-        }
-        if i.l4_checksum_ok != Some(true) {
-            return Err("the ICMP checksum does not verify".into());
         }
         Ok(())
     })
@@ -639,15 +702,24 @@ fn forwarded_later_fragment(from: IpAddr, payload: Vec<u8>) -> OutCheck {
 }
 
 /// Every fixture, in the order they run.
-fn cases() -> Vec<Case> {
+fn cases(nat: Nat) -> Vec<Case> {
     let svc80 = v4(SVC_V4, 80);
     let svc53 = v4(SVC_V4, 53);
     let svc6 = v6(SVC_V6, 80);
+    // Where translated flows go in the namespace (same ports: no --nat-to PORT).
+    let nat80 = v4(nat.v4, 80);
+    let nat53 = v4(nat.v4, 53);
+    let nat6 = v6(nat.v6, 80);
     let mut out = Vec::new();
 
     // --- Exact entries: the hash fast path. ---
     let mut c = hit("v4-tcp-syn-exact", syn(client4(40001), svc80), E_TCP4);
-    c.out = Some(redirected_intact(E_TCP4, client4(40001), svc80));
+    c.out = Some(redirected_intact(E_TCP4, client4(40001), nat80));
+    out.push(c);
+    // The local-route mode: the frame enters the namespace unchanged.
+    let anyip80 = v4(ANYIP_V4, 80);
+    let mut c = hit("v4-tcp-syn-anyip", syn(client4(40100), anyip80), E_ANYIP4);
+    c.out = Some(redirected_intact(E_ANYIP4, client4(40100), anyip80));
     out.push(c);
     out.push(Case {
         // The flow the SYN opened stays at the edge; no new flow is counted.
@@ -783,7 +855,7 @@ fn cases() -> Vec<Case> {
     let mut tagged = Packet::tcp(client4(40050), svc80, TCP_SYN);
     tagged.vlan = Some(100);
     let mut c = hit("v4-vlan-tagged-hit", tagged.build(), E_TCP4);
-    c.out = Some(redirected_intact(E_TCP4, client4(40050), svc80));
+    c.out = Some(redirected_intact(E_TCP4, client4(40050), nat80));
     out.push(c);
     let mut tagged6 = Packet::tcp(client6(40051), svc6, TCP_SYN);
     tagged6.vlan = Some(4094);
@@ -1000,6 +1072,8 @@ fn cases() -> Vec<Case> {
         |from: SocketAddr, to: SocketAddr| Packet::tcp(from, to, TCP_ACK).ip()[..28].to_vec();
     let quote6 =
         |from: SocketAddr, to: SocketAddr| Packet::tcp(from, to, TCP_ACK).ip()[..48].to_vec();
+    // For a translated flow the error is translated like the flow: addressed to the
+    // namespace's address, quoting the segment as the edge copy sent it.
     out.push(Case {
         name: "v4-icmp-frag-needed-to-edge",
         prog: Prog::Ingress,
@@ -1016,7 +1090,7 @@ fn cases() -> Vec<Case> {
         global: &[("icmp_to_edge", 1)],
         passed: 0,
         entry: None,
-        out: None,
+        out: Some(icmp_is(router4, nat.v4.into(), nat80, client4(40001), 64)),
     });
     out.push(Case {
         name: "v6-icmp-packet-too-big-to-edge",
@@ -1034,7 +1108,32 @@ fn cases() -> Vec<Case> {
         global: &[("icmp_to_edge", 1)],
         passed: 0,
         entry: None,
-        out: None,
+        out: Some(icmp_is(router6, nat.v6.into(), nat6, client6(40002), 64)),
+    });
+    // A local-route flow's error goes in unchanged.
+    out.push(Case {
+        name: "v4-icmp-frag-needed-to-anyip-edge",
+        prog: Prog::Ingress,
+        frame: Packet::icmp_error(
+            router4,
+            ANYIP_V4.into(),
+            3,
+            4,
+            1400,
+            &quote4(anyip80, client4(40100)),
+        )
+        .build(),
+        action: TC_ACT_REDIRECT,
+        global: &[("icmp_to_edge", 1)],
+        passed: 0,
+        entry: None,
+        out: Some(icmp_is(
+            router4,
+            ANYIP_V4.into(),
+            anyip80,
+            client4(40100),
+            64,
+        )),
     });
     // The quoted segment belongs to no edge flow (a cloud connection's error): not ours.
     out.push(pass(
@@ -1052,54 +1151,68 @@ fn cases() -> Vec<Case> {
     ));
 
     // --- The reply program, on the fixture namespace's host veth. ---
-    // The edge copy's stack answers a client's datagram with "port unreachable", from an
-    // address of its own: the error goes to the client through the reply path, from the
-    // address the client talked to (IPv4 header checksum, and for ICMPv6 the checksum over
-    // the pseudo-header, updated).
-    let unreachable4 = Packet::icmp_error(
-        Ipv4Addr::new(169, 254, 128, 2).into(),
-        CLIENT_V4.into(),
-        3,
-        3,
-        0,
-        &Packet::udp(client4(40003), svc53).ip()[..28],
-    );
+    // The edge copy's stack answers a client's datagram with "port unreachable" from its own
+    // address, quoting the datagram as it received it (translated): the error goes to the
+    // client through the reply path from the cloud address, quoting what the client sent
+    // (outer and quoted addresses, quoted IPv4 header checksum and ICMP/ICMPv6 checksum
+    // updated).
     out.push(Case {
-        name: "reply-v4-icmp-error-source-restored",
-        prog: Prog::Reply,
-        frame: unreachable4.build(),
-        action: TC_ACT_REDIRECT,
-        global: &[("icmp_to_client", 1), ("replies_forwarded", 1)],
-        passed: 0,
-        entry: None,
-        out: Some(forwarded_icmp(SVC_V4.into(), CLIENT_V4.into())),
-    });
-    out.push(Case {
-        name: "reply-v6-icmp-error-source-restored",
+        name: "reply-v4-icmp-error-translated",
         prog: Prog::Reply,
         frame: Packet::icmp_error(
-            Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0x99).into(),
-            CLIENT_V6.into(),
-            1,
-            4,
+            nat.v4.into(),
+            CLIENT_V4.into(),
+            3,
+            3,
             0,
-            &quote6(client6(40002), svc6),
+            &Packet::udp(client4(40003), nat53).ip()[..28],
         )
         .build(),
         action: TC_ACT_REDIRECT,
         global: &[("icmp_to_client", 1), ("replies_forwarded", 1)],
         passed: 0,
         entry: None,
-        out: Some(forwarded_icmp(SVC_V6.into(), CLIENT_V6.into())),
+        out: Some(icmp_is(
+            SVC_V4.into(),
+            CLIENT_V4.into(),
+            client4(40003),
+            svc53,
+            63,
+        )),
     });
-
-    // Replies of the edge flows opened above go straight back out of lan0.
+    out.push(Case {
+        name: "reply-v6-icmp-error-translated",
+        prog: Prog::Reply,
+        frame: Packet::icmp_error(
+            nat.v6.into(),
+            CLIENT_V6.into(),
+            1,
+            4,
+            0,
+            &quote6(client6(40002), nat6),
+        )
+        .build(),
+        action: TC_ACT_REDIRECT,
+        global: &[("icmp_to_client", 1), ("replies_forwarded", 1)],
+        passed: 0,
+        entry: None,
+        out: Some(icmp_is(
+            SVC_V6.into(),
+            CLIENT_V6.into(),
+            client6(40002),
+            svc6,
+            63,
+        )),
+    });
+    // Replies of the edge flows opened above go straight back out of lan0, from the cloud
+    // address again (translated flows answer from the namespace's address; the source is
+    // restored with both checksums updated).
     out.push(Case {
         name: "reply-v4-tcp-known-flow",
         prog: Prog::Reply,
-        frame: Packet::tcp(svc80, client4(40001), TCP_SYN | TCP_ACK).build(),
+        frame: Packet::tcp(nat80, client4(40001), TCP_SYN | TCP_ACK).build(),
         action: TC_ACT_REDIRECT,
-        global: &[("replies_forwarded", 1)],
+        global: &[("replies_rewritten", 1), ("replies_forwarded", 1)],
         passed: 0,
         entry: None,
         out: Some(forwarded_reply(svc80, client4(40001))),
@@ -1107,19 +1220,28 @@ fn cases() -> Vec<Case> {
     out.push(Case {
         name: "reply-v6-tcp-known-flow",
         prog: Prog::Reply,
-        frame: Packet::tcp(svc6, client6(40002), TCP_SYN | TCP_ACK).build(),
+        frame: Packet::tcp(nat6, client6(40002), TCP_SYN | TCP_ACK).build(),
         action: TC_ACT_REDIRECT,
-        global: &[("replies_forwarded", 1)],
+        global: &[("replies_rewritten", 1), ("replies_forwarded", 1)],
         passed: 0,
         entry: None,
         out: Some(forwarded_reply(svc6, client6(40002))),
     });
-    // A UDP server that answered from its veth address (plain sendto() on a wildcard socket):
-    // the source is restored to the cloud address, with both checksums updated.
+    // A local-route flow answers from the cloud address itself: forwarded as it is.
+    out.push(Case {
+        name: "reply-v4-tcp-anyip-flow",
+        prog: Prog::Reply,
+        frame: Packet::tcp(anyip80, client4(40100), TCP_SYN | TCP_ACK).build(),
+        action: TC_ACT_REDIRECT,
+        global: &[("replies_forwarded", 1)],
+        passed: 0,
+        entry: None,
+        out: Some(forwarded_reply(anyip80, client4(40100))),
+    });
     out.push(Case {
         name: "reply-v4-udp-source-restored",
         prog: Prog::Reply,
-        frame: Packet::udp(v4(Ipv4Addr::new(169, 254, 128, 2), 53), client4(40003)).build(),
+        frame: Packet::udp(nat53, client4(40003)).build(),
         action: TC_ACT_REDIRECT,
         global: &[("replies_rewritten", 1), ("replies_forwarded", 1)],
         passed: 0,
@@ -1129,8 +1251,7 @@ fn cases() -> Vec<Case> {
     // The same, fragmented: the first fragment (with the UDP header) is matched to the flow
     // the fragmented request opened and its source restored; the later one follows through
     // the fragment table and gets the same source (L3 only: it has no UDP header).
-    let veth_addr = Ipv4Addr::new(169, 254, 128, 2);
-    let mut first_reply = Packet::udp(v4(veth_addr, 53), client4(40060));
+    let mut first_reply = Packet::udp(nat53, client4(40060));
     first_reply.id = 0x0f10;
     first_reply.frag = 0x2000;
     out.push(Case {
@@ -1148,7 +1269,7 @@ fn cases() -> Vec<Case> {
         out: Some(forwarded_reply(svc53, client4(40060))),
     });
     let mut later_reply = Packet::raw(
-        veth_addr.into(),
+        nat.v4.into(),
         CLIENT_V4.into(),
         packet::IPPROTO_UDP,
         later_payload.clone(),
@@ -1173,30 +1294,46 @@ fn cases() -> Vec<Case> {
         )),
     });
     // The edge copy's SYN-ACK is clamped to the egress interface's MTU.
-    let mut synack = Packet::tcp(svc80, client4(40090), TCP_SYN | TCP_ACK);
+    let mut synack = Packet::tcp(nat80, client4(40090), TCP_SYN | TCP_ACK);
     synack.tcp_mss = Some(8960);
     out.push(Case {
         name: "reply-v4-synack-mss-clamped",
         prog: Prog::Reply,
         frame: synack.build(),
         action: TC_ACT_REDIRECT,
-        global: &[("replies_forwarded", 1), ("mss_clamped", 1)],
+        global: &[
+            ("replies_rewritten", 1),
+            ("replies_forwarded", 1),
+            ("mss_clamped", 1),
+        ],
         passed: 0,
         entry: None,
         out: Some(mss_is(1460)),
     });
-    // About to expire: left to the stack, which sends the ICMP error.
-    let mut expiring = Packet::tcp(svc80, client4(40001), TCP_ACK);
+    // About to expire: left to the stack, which sends the ICMP error; the source is restored
+    // first, so what the stack routes is already the cloud's packet.
+    let mut expiring = Packet::tcp(nat80, client4(40001), TCP_ACK);
     expiring.ttl = 1;
     out.push(Case {
         name: "reply-ttl-expiring-to-stack",
         prog: Prog::Reply,
         frame: expiring.build(),
         action: TC_ACT_UNSPEC,
-        global: &[("replies_to_stack", 1)],
+        global: &[("replies_rewritten", 1), ("replies_to_stack", 1)],
         passed: 0,
         entry: None,
-        out: None,
+        out: Some(Box::new(move |i: &Inspected, _env: &Env| {
+            if (i.src, i.sport, i.ttl) != (svc80.ip(), svc80.port(), 1) {
+                return Err(format!(
+                    "{}:{} TTL {}, expected {svc80} TTL 1",
+                    i.src, i.sport, i.ttl
+                ));
+            }
+            if !i.ip_checksum_ok || i.l4_checksum_ok != Some(true) {
+                return Err("a checksum no longer verifies".into());
+            }
+            Ok(())
+        })),
     });
     // The namespace's own traffic (no edge flow): routed as usual.
     out.push(Case {
@@ -1220,7 +1357,10 @@ mod tests {
 
     #[test]
     fn fixtures_are_well_formed() {
-        let cases = cases();
+        let cases = cases(Nat {
+            v4: Ipv4Addr::new(169, 254, 128, 2),
+            v6: Ipv6Addr::new(0xfd76, 0x6973, 0x6375, 0, 0, 0, 0, 2),
+        });
         assert!(cases.len() >= 30, "{} cases", cases.len());
         let names: HashSet<&str> = cases.iter().map(|c| c.name).collect();
         assert_eq!(names.len(), cases.len(), "case names are unique");

@@ -105,7 +105,15 @@ fn vmcheck_passes_on_this_kernel() {
     );
     let programs = report["programs"].as_array().expect("programs");
     let names: Vec<&str> = programs.iter().filter_map(|p| p["name"].as_str()).collect();
-    assert_eq!(names, ["viscum_ingress", "viscum_reply"]);
+    assert_eq!(
+        names,
+        [
+            "viscum_ingress",
+            "viscum_reply",
+            "viscum_icmp_ingress",
+            "viscum_icmp_reply"
+        ]
+    );
     for p in programs {
         // This kernel (>= 5.16) reports verifier statistics; a JIT may or may not be on.
         assert!(p["verified_insns"].as_u64().is_some_and(|n| n > 0), "{p}");

@@ -67,11 +67,18 @@ impl ProgramStats {
     }
 }
 
-/// Reads the stats of the two programs pinned under `pins` (all `None` for a missing pin).
+/// Reads the stats of the programs pinned under `pins` (all `None` for a missing pin): the two
+/// classifiers first, then the ICMP programs they tail-call, which the verifier checks (and
+/// bounds) separately.
 pub fn program_stats(pins: &Pins) -> Vec<ProgramStats> {
     [
         (viscum_common::INGRESS_PROG, pins.program()),
         (viscum_common::REPLY_PROG, pins.reply_program()),
+        (
+            viscum_common::ICMP_INGRESS_PROG,
+            pins.icmp_ingress_program(),
+        ),
+        (viscum_common::ICMP_REPLY_PROG, pins.icmp_reply_program()),
     ]
     .into_iter()
     .map(|(name, path)| {
