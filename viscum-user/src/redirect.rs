@@ -293,7 +293,8 @@ pub async fn add_with(
         entry.flags |= TARGET_F_NAT;
         let key = Endpoint { addr, ..*endpoint }.key();
         entry.nat_addr = key.addr;
-        entry.nat_port = nat.port.or(endpoint.port).unwrap_or(0).to_be();
+        // 0 keeps each packet's own port: right for ranges and all-ports entries.
+        entry.nat_port = nat.port.unwrap_or(0).to_be();
     }
     let learn = opts.learn.unwrap_or(if endpoint.proto == Proto::Udp {
         UDP_LEARN
