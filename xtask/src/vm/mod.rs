@@ -249,7 +249,7 @@ fn run_boots(
                         break;
                     };
                     let timeout = Duration::from_secs(opts.timeout.unwrap_or(vm.timeout_s()));
-                    let boot = qemu::boot(&vm, &kernel, &initramfs, &dir, timeout);
+                    let boot = boot_with_retry(&vm, &kernel, &initramfs, &dir, timeout);
                     let outcome = Outcome::new(&vm, &kernel, boot, budgets);
                     results.lock().unwrap().insert(vm.name.clone(), outcome);
                 }
@@ -264,6 +264,34 @@ fn run_boots(
         .iter()
         .filter_map(|name| results.remove(name))
         .collect())
+}
+
+/// Boots `vm`, once more if the first boot ended before the guest printed any
+/// record: then the kernel died while booting, before the code under test ran
+/// (emulation races do that now and then). The first attempt's console stays
+/// as `console.1.log` and a warning names it; two such boots fail the VM.
+fn boot_with_retry(
+    vm: &Vm,
+    kernel: &Kernel,
+    initramfs: &std::path::Path,
+    dir: &std::path::Path,
+    timeout: Duration,
+) -> Result<qemu::Boot> {
+    let first = qemu::boot(vm, kernel, initramfs, dir, timeout)?;
+    let timed_out = first.status.is_none();
+    if first.first_record.is_some() || timed_out {
+        return Ok(first);
+    }
+    let kept = dir.join("console.1.log");
+    fs::rename(&first.console_log, &kept)?;
+    let why = format!(
+        "the first boot ended before the guest printed anything (console: {}); booted again",
+        kept.display()
+    );
+    println!("[{}] {why}", vm.name);
+    let mut second = qemu::boot(vm, kernel, initramfs, dir, timeout)?;
+    second.warnings.push(why);
+    Ok(second)
 }
 
 /// `target/vm/<name>/boot.sh`: the same boot, by hand (with `--keep`).
