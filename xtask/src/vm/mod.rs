@@ -95,6 +95,8 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
+    // A mistyped --vm fails before minutes of setup and building.
+    matrix::select(matrix::load(&kernels_toml())?, &opts.vms)?;
     setup::ensure()?;
     setup::ensure_vm()?;
     Ok(if run_matrix(opts)? {

@@ -45,13 +45,7 @@ impl Outcome {
                 problems.extend(identity_problems(vm, kernel, report));
                 lines = budgets.check(&vm.name, report);
                 for line in lines.iter().filter(|l| l.verdict.is_failure()) {
-                    problems.push(format!(
-                        "verifier budget: {} {}: verified_insns {} against budget {} (tests/vm/budget.toml)",
-                        line.program,
-                        line.verdict,
-                        opt(line.verified_insns),
-                        opt(line.budget)
-                    ));
+                    problems.push(budget_problem(&vm.name, line));
                 }
             }
         }
@@ -70,6 +64,32 @@ impl Outcome {
 
     fn report(&self) -> Option<&Report> {
         self.boot.as_ref()?.transcript.report.as_ref()
+    }
+}
+
+/// What a failed budget line means, and what to do about it.
+fn budget_problem(vm: &str, line: &budget::Line) -> String {
+    let program = &line.program;
+    match line.verdict {
+        budget::Verdict::Over => format!(
+            "verifier budget: {program} took {} verified instructions, over its budget of {} \
+             (tests/vm/budget.toml): the datapath change made the program harder to verify",
+            opt(line.verified_insns),
+            opt(line.budget)
+        ),
+        budget::Verdict::NoBudget => format!(
+            "verifier budget: {program} has no budget for {vm}{}: add `{program} = <max \
+             verified_insns>` under [budget.\"{vm}\"] in tests/vm/budget.toml",
+            line.verified_insns
+                .map(|n| format!(" (it took {n})"))
+                .unwrap_or_default()
+        ),
+        budget::Verdict::NotReported => format!(
+            "verifier budget: no verified_insns for {program}, budgeted at {} (this kernel \
+             reports the count: did the program load? is it still part of the datapath?)",
+            opt(line.budget)
+        ),
+        budget::Verdict::Within | budget::Verdict::Unsupported => String::new(),
     }
 }
 
