@@ -135,6 +135,7 @@ pub fn run_matrix(opts: &Options) -> Result<bool> {
     let budgets = Budgets::load(&budget_toml())?;
     let work = work_dir();
     fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
+    let _lock = lock(&work)?;
     let fresh = process::is_ci();
     let mut arches = Vec::new();
     for vm in &vms {
@@ -229,6 +230,35 @@ pub fn run_matrix(opts: &Options) -> Result<bool> {
     summary::print(&outcomes, &totals);
     summary::write_json(&work.join("summary.json"), &outcomes, &totals)?;
     Ok(outcomes.iter().all(Outcome::passed))
+}
+
+/// Holds `target/vm/.lock` for the whole run: the target directory is shared
+/// (developers and helpers on one machine), and two matrices at once would
+/// overwrite each other's initramfs, console logs and apt state.
+fn lock(work: &std::path::Path) -> Result<nix::fcntl::Flock<fs::File>> {
+    use nix::{
+        errno::Errno,
+        fcntl::{Flock, FlockArg},
+    };
+    let path = work.join(".lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("cannot open {}", path.display()))?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((file, Errno::EWOULDBLOCK)) => {
+            println!(
+                "vm: another VM matrix run holds {}; waiting for it",
+                path.display()
+            );
+            Flock::lock(file, FlockArg::LockExclusive)
+                .map_err(|(_, e)| anyhow::anyhow!("cannot lock {}: {e}", path.display()))
+        }
+        Err((_, e)) => bail!("cannot lock {}: {e}", path.display()),
+    }
 }
 
 /// Boots the VMs, `opts.jobs` at a time, in matrix order.
