@@ -236,6 +236,8 @@ mod tests {
                 .unwrap_or_else(|| panic!("no budget for {}", vm.name));
             assert!(programs.contains_key("viscum_ingress"), "{}", vm.name);
             assert!(programs.contains_key("viscum_reply"), "{}", vm.name);
+            assert!(programs.contains_key("viscum_icmp_ingress"), "{}", vm.name);
+            assert!(programs.contains_key("viscum_icmp_reply"), "{}", vm.name);
         }
     }
 }
