@@ -21,6 +21,7 @@ pub mod endpoint;
 pub mod engine;
 pub mod features;
 pub mod hostnames;
+pub mod lifecycle;
 pub mod netns;
 pub mod redirect;
 

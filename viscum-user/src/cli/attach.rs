@@ -71,8 +71,19 @@ pub fn attach(pins: &Pins, args: AttachArgs) -> Result<()> {
             AttachOutcome::Clsact => {
                 println!("attached to {iface} (clsact; kernel {kernel}; redirect: {redirect})")
             }
+            AttachOutcome::Reattached { tcx } => println!(
+                "re-attached to {iface} ({}; kernel {kernel}; redirect: {redirect}): the \
+                 interface had been re-created or the classifier removed",
+                if tcx { "tcx" } else { "clsact" }
+            ),
             AttachOutcome::AlreadyAttached => println!("already attached to {iface}"),
         }
+    }
+    // Without a daemon nothing else watches links: `attach` is the command that brings the
+    // datapath back in line after interfaces were re-created, redirect targets included. A
+    // failure here is only reported: the attachment itself succeeded.
+    if let Err(e) = on_own_runtime(recover_targets(pins)) {
+        log::warn!("{e:#}");
     }
     if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
         .map(|v| v.trim() == "0")
@@ -85,9 +96,54 @@ pub fn attach(pins: &Pins, args: AttachArgs) -> Result<()> {
     Ok(())
 }
 
+/// Runs `f` to completion on a private current-thread runtime on a thread of its own:
+/// `attach` is synchronous but called from inside the CLI's runtime, where blocking on a
+/// future would panic. (The thread shares the process's network namespace.)
+fn on_own_runtime<T: Send>(f: impl std::future::Future<Output = Result<T>> + Send) -> Result<T> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start an async runtime")?
+                .block_on(f)
+        })
+        .join()
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("the target check panicked")))
+    })
+}
+
+/// Re-points entries whose target veth was re-created (see [`crate::lifecycle`]) and says
+/// which ones still wait for their target.
+pub(super) async fn recover_targets(pins: &Pins) -> Result<()> {
+    let mut engine = engine::Engine::open(pins)?;
+    let report = crate::lifecycle::recover_targets(&mut engine, &|_| false)
+        .await
+        .context("cannot check the redirect targets")?;
+    for r in &report.recovered {
+        println!(
+            "redirect {} follows {} again (re-created: ifindex {} -> {})",
+            r.endpoint, r.target, r.old_ifindex, r.new_ifindex
+        );
+    }
+    for (ep, why) in &report.failed {
+        eprintln!("viscum: cannot re-point {ep} at its re-created target: {why}");
+    }
+    for w in &report.waiting {
+        eprintln!(
+            "note: the target of {} is gone ({}); its traffic goes to the cloud until it is back",
+            w.endpoint,
+            w.name
+                .as_deref()
+                .map_or_else(|| format!("ifindex {}", w.ifindex), |n| n.to_owned())
+        );
+    }
+    Ok(())
+}
+
 pub fn detach(pins: &Pins, args: DetachArgs) -> Result<()> {
     if args.all {
-        let ifaces = engine::attached_interfaces(pins);
+        let ifaces = engine::attach::recorded_interfaces(pins);
         if args.purge {
             engine::purge(pins).with_context(|| format!("cannot purge {}", pins.dir.display()))?;
             println!(

@@ -10,7 +10,7 @@ use crate::{
         control::{self, DaemonStatus, Request, Response},
         state,
     },
-    engine::Pins,
+    engine::{Pins, attach::AttachState},
 };
 
 /// Where the daemon's control socket is.
@@ -129,6 +129,13 @@ fn print_human(s: &DaemonStatus) {
             ]
         })
         .collect();
+    // An interface without the classifier (deleted, or re-created and not yet re-attached)
+    // is the first thing to know: none of its clients' traffic is redirected.
+    for a in &s.attachments {
+        if a.state != AttachState::Attached {
+            println!("interface {}: {}", a.interface, a.describe());
+        }
+    }
     print_table(
         &[
             "SERVICE", "STATE", "HEALTH", "REDIRECT", "PID", "UPTIME", "RESTARTS", "PACKETS",

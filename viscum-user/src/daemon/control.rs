@@ -82,8 +82,12 @@ pub struct DaemonStatus {
     pub bpffs: PathBuf,
     pub run_dir: PathBuf,
     pub control: PathBuf,
-    /// Interfaces the classifier is attached to (this instance's link pins).
+    /// Interfaces the classifier is really attached to (checked in the kernel).
     pub interfaces: Vec<String>,
+    /// Every configured (or recorded) client-facing interface with its attachment as the
+    /// kernel has it: `attached`, `interface-gone`, `missing` (re-created), ...
+    #[serde(default)]
+    pub attachments: Vec<crate::engine::attach::Attachment>,
     pub uptime_s: u64,
     /// Current load figure (see [`load`]), when `max_load` is set.
     pub load: Option<f64>,

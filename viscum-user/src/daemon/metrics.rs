@@ -117,6 +117,21 @@ pub fn render(status: &DaemonStatus) -> String {
             .collect()
     };
     family(
+        "viscum_interface_attached",
+        "gauge",
+        "1 if the classifier is on the client-facing interface in the kernel (0: the interface is gone, or was re-created and not yet re-attached).",
+        status
+            .attachments
+            .iter()
+            .map(|a| {
+                (
+                    format!("interface=\"{}\"", label(&a.interface)),
+                    u8::from(a.state == crate::engine::attach::AttachState::Attached).to_string(),
+                )
+            })
+            .collect(),
+    );
+    family(
         "viscum_service_redirected_packets_total",
         "counter",
         "Packets the classifier redirected to the service.",
@@ -301,9 +316,16 @@ mod tests {
                 pid: Some(5),
                 ..Default::default()
             }],
+            attachments: vec![crate::engine::attach::Attachment {
+                interface: "br-lan".into(),
+                state: crate::engine::attach::AttachState::InterfaceGone,
+                mode: Some("tcx".into()),
+                error: None,
+            }],
             ..Default::default()
         };
         let text = render(&status);
+        assert!(text.contains("viscum_interface_attached{interface=\"br-lan\"} 0\n"));
         assert!(
             text.contains("viscum_service_redirected_packets_total{service=\"web\"} 4\n"),
             "{text}"

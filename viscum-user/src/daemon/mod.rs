@@ -12,6 +12,7 @@
 //! * [`logs`]: per-service log files, capped by rotation.
 //! * [`load`]: pressure figures and the shed/resume decision.
 //! * [`control`]: the line-delimited JSON control socket and the status types.
+//! * [`links`]: link events from the kernel (interfaces deleted, re-created).
 //! * [`metrics`]: the Prometheus text endpoint.
 //! * [`state`]: run directory, ownership records, instance paths.
 //!
@@ -36,10 +37,23 @@
 //! A clean shutdown (SIGINT/SIGTERM, or the `shutdown` future) instead removes everything the
 //! daemon made: entries (first, so traffic goes to the cloud), processes, namespaces, the
 //! interfaces it attached, and the pins if it loaded the program.
+//!
+//! # Interfaces that come and go
+//!
+//! An attachment belongs to one instance of an interface: OpenWrt's `network restart` or a
+//! re-created bridge or PPPoE link takes the classifier with it. The daemon watches link
+//! events ([`links`]) and, on each batch and on a slow timer, brings the kernel back in line
+//! with the configuration ([`Daemon::check_links`]): the classifier onto every configured
+//! interface that exists without it, the reply classifier onto service veths that carry
+//! entries, and entries whose target veth was re-created re-pointed at it
+//! ([`crate::lifecycle`]). A service whose own veth vanished is rebuilt by its task: entries
+//! out, process stopped, namespace re-created, process started again. `status` reports each
+//! interface's attachment as the kernel has it, never from a record.
 
 pub mod cgroup;
 pub mod control;
 pub mod health;
+pub mod links;
 pub mod load;
 pub mod logs;
 pub mod metrics;
@@ -61,14 +75,23 @@ use tokio::sync::{mpsc, watch};
 use self::{
     control::{DaemonStatus, Envelope, ReloadReport, Request, Response},
     health::SocketMaker,
+    links::{LinkEvent, LinkWatcher},
     load::Shedder,
     service::Command,
     state::{DaemonRecord, RunPaths},
 };
 use crate::{
     config::Config,
-    engine::{self, AttachOutcome, Engine, EngineError, MapSizes, Pins},
+    engine::{
+        self, AttachOutcome, Engine, EngineError, MapSizes, Pins,
+        attach::{AttachState, Attachment},
+    },
+    lifecycle, netns,
 };
+
+/// How often the daemon re-checks attachments and targets without a link event: the safety
+/// net for events lost to a netlink overrun.
+const LINK_RECHECK: Duration = Duration::from_secs(5);
 
 /// Why the daemon could not start (once running, problems are logged and reported instead).
 #[derive(Debug, thiserror::Error)]
@@ -214,12 +237,14 @@ pub async fn run(
             .ok()
             .map(Arc::new)
     };
+    let (links_changed, _) = watch::channel(0u64);
     let ctx = Arc::new(service::Context {
         engine: Arc::new(tokio::sync::Mutex::new(engine)),
         paths,
         sockets,
         shed,
         resolver,
+        links: links_changed,
     });
 
     let mut daemon = Daemon {
@@ -232,6 +257,7 @@ pub async fn run(
         services: BTreeMap::new(),
         started: Instant::now(),
         load: None,
+        link_log: LinkLog::default(),
     };
     daemon.remove_stale().await;
     for svc in daemon.config.services.clone() {
@@ -250,6 +276,12 @@ pub async fn run(
         daemon.services.len(),
         daemon.instance.control.display()
     );
+
+    // Subscribed before the first check, so no change between the two goes unseen.
+    let mut watcher = LinkWatcher::start();
+    // The first tick is immediate: entries whose target came back while no daemon ran.
+    let mut link_tick = tokio::time::interval(LINK_RECHECK);
+    link_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut shutdown = std::pin::pin!(shutdown);
     let mut load_tick = tokio::time::interval(Duration::from_secs(1));
@@ -272,6 +304,8 @@ pub async fn run(
                 let _ = reply.send(metrics::render(&status));
             }
             _ = load_tick.tick(), if daemon.shedder.is_some() => daemon.check_load(),
+            events = watcher.next() => daemon.on_link_events(&events).await,
+            _ = link_tick.tick() => daemon.check_links().await,
         }
     }
 
@@ -329,9 +363,10 @@ fn note_attached(record: &mut DaemonRecord, outcomes: &[(String, AttachOutcome)]
     }
 }
 
-/// Detaches those of `ifaces` this daemon attached (and that are still attached).
+/// Detaches those of `ifaces` this daemon attached (and that are still attached, or have a
+/// stale record left by a deleted interface).
 fn detach_ours(pins: &Pins, record: &mut DaemonRecord, ifaces: &[String]) -> Vec<String> {
-    let attached = engine::attached_interfaces(pins);
+    let attached = engine::attach::recorded_interfaces(pins);
     let mut done = Vec::new();
     for iface in ifaces {
         if !record.attached.contains(iface) {
@@ -373,6 +408,21 @@ struct Daemon {
     /// Present when `max_load` is set.
     shedder: Option<Shedder>,
     load: Option<(f64, load::Source)>,
+    /// What has been said about interfaces and targets, so each change is logged once.
+    link_log: LinkLog,
+}
+
+/// Link-related conditions already logged.
+#[derive(Default)]
+struct LinkLog {
+    /// Configured interfaces known to be gone.
+    gone: BTreeSet<String>,
+    /// Last attach error per interface.
+    attach_errors: BTreeMap<String, String>,
+    /// Entries known to wait for their target.
+    waiting: BTreeSet<String>,
+    /// Last re-point error per entry.
+    failed: BTreeMap<String, String>,
 }
 
 impl Daemon {
@@ -509,6 +559,7 @@ impl Daemon {
             run_dir: self.instance.run_dir.clone(),
             control: self.instance.control.clone(),
             interfaces: engine::attached_interfaces(&self.pins),
+            attachments: self.attachments(),
             uptime_s: self.started.elapsed().as_secs(),
             load: self.load.map(|l| l.0),
             load_source: self.load.map(|l| l.1),
@@ -516,6 +567,157 @@ impl Daemon {
             shedding: *self.ctx.shed.borrow(),
             datapath,
             services,
+        }
+    }
+
+    /// Every configured interface, plus any other this instance has a record for, with its
+    /// attachment as the kernel has it.
+    fn attachments(&self) -> Vec<Attachment> {
+        let mut names: BTreeSet<String> = self.config.engine.interfaces.iter().cloned().collect();
+        names.extend(engine::attach::recorded_interfaces(&self.pins));
+        names
+            .iter()
+            .map(|n| engine::attach::attachment(&self.pins, n))
+            .collect()
+    }
+
+    /// A batch of link events: service tasks check their veths, then everything else is
+    /// brought in line with the kernel ([`Daemon::check_links`]). An empty batch means
+    /// events may have been lost: same thing.
+    async fn on_link_events(&mut self, events: &[LinkEvent]) {
+        for ev in events {
+            log::debug!("link event: {ev:?}");
+        }
+        if events.is_empty() || events.iter().any(|e| matches!(e, LinkEvent::Del { .. })) {
+            self.ctx.links.send_modify(|g| *g = g.wrapping_add(1));
+        }
+        self.check_links().await;
+    }
+
+    /// Makes the kernel match the configuration again where interfaces came and went: the
+    /// classifier onto every configured interface that exists without it (re-created), the
+    /// reply classifier onto service veths that carry entries, and entries whose target veth
+    /// was re-created re-pointed at it. Each change of condition is logged once.
+    async fn check_links(&mut self) {
+        for iface in self.config.engine.interfaces.clone() {
+            let a = engine::attach::attachment(&self.pins, &iface);
+            match a.state {
+                AttachState::Attached => {
+                    self.link_log.attach_errors.remove(&iface);
+                    if self.link_log.gone.remove(&iface) {
+                        log::info!("{iface} is back, with the classifier attached");
+                    }
+                }
+                AttachState::InterfaceGone => {
+                    if self.link_log.gone.insert(iface.clone()) {
+                        log::warn!(
+                            "{iface} is gone: its clients' traffic is not classified until it is back (the classifier is re-attached when it re-appears)"
+                        );
+                    }
+                }
+                AttachState::Missing | AttachState::NotAttached => {
+                    match engine::attach(
+                        &self.pins,
+                        std::slice::from_ref(&iface),
+                        MapSizes::default(),
+                    ) {
+                        Ok(outcomes) => {
+                            self.link_log.gone.remove(&iface);
+                            self.link_log.attach_errors.remove(&iface);
+                            note_attached(&mut self.record, &outcomes);
+                            save_record(&self.ctx.paths, &self.record);
+                            log::info!(
+                                "re-attached to {iface}: the classifier was missing ({})",
+                                a.describe()
+                            );
+                        }
+                        Err(e) => {
+                            let msg = service::error_chain(&e);
+                            if self.link_log.attach_errors.get(&iface) != Some(&msg) {
+                                log::warn!("cannot re-attach to {iface}: {msg}");
+                                self.link_log.attach_errors.insert(iface.clone(), msg);
+                            }
+                        }
+                    }
+                }
+                AttachState::Unknown => log::debug!("{iface}: {}", a.describe()),
+            }
+        }
+
+        // Reply classifiers: service tasks attach them with their entries; one that vanished
+        // while its veth stayed (removed behind our back) comes back here.
+        for (name, handle) in &self.services {
+            let (has_entries, ifindex) = {
+                let s = handle.lock();
+                (
+                    !s.installed.is_empty() || !s.resolved.is_empty(),
+                    s.host_ifindex,
+                )
+            };
+            if !has_entries || !ifindex.is_some_and(lifecycle::ifindex_alive) {
+                continue;
+            }
+            let veth = netns::host_veth_name(name);
+            if !engine::attach::reply_attached(&self.pins, &veth) {
+                match engine::attach_reply(&self.pins, &veth) {
+                    Ok(_) => log::info!("re-attached the reply classifier to {veth}"),
+                    Err(e) => log::warn!(
+                        "cannot re-attach the reply classifier to {veth}: {}",
+                        service::error_chain(&e)
+                    ),
+                }
+            }
+        }
+
+        // Entries whose target came back. The daemon's own services are their tasks'
+        // business (health-gated), so their veths are skipped.
+        let managed: BTreeSet<String> = self
+            .services
+            .keys()
+            .map(|n| netns::host_veth_name(n))
+            .collect();
+        let report = {
+            let mut engine = self.ctx.engine.lock().await;
+            lifecycle::recover_targets(&mut engine, &|n| managed.contains(n)).await
+        };
+        let report = match report {
+            Ok(r) => r,
+            Err(e) => {
+                log::warn!(
+                    "cannot check redirect targets: {}",
+                    service::error_chain(&e)
+                );
+                return;
+            }
+        };
+        for r in &report.recovered {
+            let ep = r.endpoint.to_string();
+            self.link_log.waiting.remove(&ep);
+            self.link_log.failed.remove(&ep);
+            log::info!(
+                "{ep}: its target {} is back (ifindex {} -> {}): redirecting again",
+                r.target,
+                r.old_ifindex,
+                r.new_ifindex
+            );
+        }
+        for w in &report.waiting {
+            if self.link_log.waiting.insert(w.endpoint.to_string()) {
+                log::warn!(
+                    "{}: its target {} is gone: its traffic goes to the cloud until it is back",
+                    w.endpoint,
+                    w.name
+                        .clone()
+                        .unwrap_or_else(|| format!("(ifindex {})", w.ifindex))
+                );
+            }
+        }
+        for (ep, why) in &report.failed {
+            let ep = ep.to_string();
+            if self.link_log.failed.get(&ep) != Some(why) {
+                log::warn!("{ep}: cannot redirect to its re-created target: {why}");
+                self.link_log.failed.insert(ep, why.clone());
+            }
         }
     }
 
@@ -693,6 +895,9 @@ impl Daemon {
         }
 
         self.config = new;
+        // A reload is also the operator's way of saying "look again": re-attach where the
+        // kernel lost the classifier, re-point entries at re-created targets.
+        self.check_links().await;
         log::info!(
             "reloaded: added [{}], removed [{}], changed [{}], unchanged [{}]",
             report.added.join(", "),
@@ -733,7 +938,7 @@ impl Daemon {
             .unwrap_or(usize::MAX);
         if self.record.loaded_program
             && leftover == 0
-            && engine::attached_interfaces(&self.pins).is_empty()
+            && engine::attach::recorded_interfaces(&self.pins).is_empty()
         {
             match engine::purge(&self.pins) {
                 Ok(()) => log::info!("removed the pins in {}", self.pins.dir.display()),

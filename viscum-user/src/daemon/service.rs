@@ -57,6 +57,9 @@ pub struct Context {
     /// Resolver for host-name matches (`None` if it could not be set up:
     /// such services then get no host-name entries, and say why).
     pub resolver: Option<Arc<crate::hostnames::Resolver>>,
+    /// Bumped when links were deleted (or events lost): each task then checks that its
+    /// namespace's veth still exists.
+    pub links: watch::Sender<u64>,
 }
 
 /// The answer to start/stop/restart.
@@ -148,6 +151,7 @@ pub fn spawn(config: ServiceConfig, ctx: Arc<Context>) -> Handle {
     let actor = Actor {
         log_path: ctx.paths.log(&config.name),
         shed: ctx.shed.subscribe(),
+        links: ctx.links.subscribe(),
         cfg: config.clone(),
         ctx,
         shared: shared.clone(),
@@ -208,6 +212,7 @@ struct Actor {
     shared: Arc<Mutex<Shared>>,
     log_path: PathBuf,
     shed: watch::Receiver<bool>,
+    links: watch::Receiver<u64>,
     ns: Option<Ns>,
     /// Host-name matches and the address entries they currently have.
     hosts: Vec<crate::hostnames::HostTracker>,
@@ -310,6 +315,7 @@ impl Actor {
                     self.start().await;
                 }
                 _ = self.shed.changed() => {}
+                Ok(()) = self.links.changed() => self.check_host_veth().await,
                 _ = housekeeping.tick() => self.housekeeping(),
             }
         }
@@ -448,6 +454,47 @@ impl Actor {
         }
     }
 
+    /// The namespace's host veth vanished (`ip link del vh-NAME`, the namespace destroyed):
+    /// the entries point at nothing (the datapath already sends their traffic to the cloud)
+    /// and the process has no way out any more. Entries out, process stopped, and the
+    /// namespace rebuilt and the process started again, like a restart.
+    async fn check_host_veth(&mut self) {
+        let Some(ns) = &self.ns else { return };
+        if crate::lifecycle::ifindex_alive(ns.host_ifindex) {
+            return;
+        }
+        let veth = netns::host_veth_name(&self.cfg.name);
+        log::warn!(
+            "service {}: its veth {veth} is gone, its traffic goes to the cloud; rebuilding its namespace and restarting it",
+            self.cfg.name
+        );
+        self.remove_entries().await;
+        self.clear_hosts().await;
+        if let Some(mut proc) = self.proc.take() {
+            let pid = proc.pid();
+            let exit = process::stop(&mut proc, self.cfg.stop_grace).await;
+            cgroup::kill_all(&self.placement);
+            logs::note(
+                &self.log_path,
+                &format!("stopped process {pid} (its namespace lost its veth {veth}): {exit}"),
+            );
+            log::info!("service {}: stopped process {pid} ({exit})", self.cfg.name);
+            self.last_exit = Some(exit.to_string());
+        }
+        self.after_stop();
+        if let Err(e) = crate::engine::detach_reply(self.ctx.engine.lock().await.pins(), &veth) {
+            log::debug!("service {}: {}", self.cfg.name, error_chain(&e));
+        }
+        self.ns = None;
+        self.lock().host_ifindex = None;
+        self.write_record(None);
+        if self.want_running {
+            self.restart_pending = true;
+            self.next_start = Some(Instant::now());
+            self.state = ServiceState::Starting;
+        }
+    }
+
     /// Setup failed (namespace): retried with back-off like a failed start, so a transient
     /// netlink error or a foreign namespace that an operator removes heals by itself.
     fn fail_setup(&mut self, msg: String) {
@@ -496,7 +543,7 @@ impl Actor {
             match engine.get(ep) {
                 Ok(Some(e)) if e.ifindex == ifindex => ours.push(*ep),
                 Ok(Some(e)) => {
-                    if nix::net::if_::if_indextoname(e.ifindex).is_err() {
+                    if !crate::lifecycle::ifindex_alive(e.ifindex) {
                         log::info!(
                             "service {}: removing stale entry {ep} (its target is gone)",
                             self.cfg.name
@@ -653,7 +700,7 @@ impl Actor {
                 Err(RedirectError::Engine(EngineError::Duplicate(_))) => match engine.get(&ep) {
                     Ok(Some(e)) if e.ifindex == ifindex => self.installed.push(ep),
                     // Left by a namespace that no longer exists: stale, ours to replace.
-                    Ok(Some(e)) if nix::net::if_::if_indextoname(e.ifindex).is_err() => {
+                    Ok(Some(e)) if !crate::lifecycle::ifindex_alive(e.ifindex) => {
                         let _ = engine.remove(&ep);
                         match redirect::add(&mut engine, &ep, &target).await {
                             Ok(()) => self.installed.push(ep),

@@ -1,17 +1,33 @@
 //! Loading the classifier once, attaching it at TC ingress of interfaces,
 //! and pinning program, maps and links so the datapath outlives us.
+//!
+//! An attachment belongs to one *instance* of an interface: when the interface is deleted
+//! (OpenWrt's `network restart`, a bridge or PPPoE link re-created), its TCX links go
+//! defunct and its clsact qdisc with its filters disappears, while our pin or record under
+//! `<bpffs>/links/` stays. So the records say only what was attached; whether it still is,
+//! [`attachment`] asks the kernel (the interface's TCX programs, or its clsact filters, for
+//! our program's id), and [`attach`] re-attaches over a stale record instead of answering
+//! "already attached".
+//!
+//! Redirect targets are kept by ifindex in the maps; [`attach_reply`] also records the name
+//! behind each ifindex (`<bpffs>/targets/<ifindex>/<ifname>`, directories: bpffs holds no
+//! plain files), so an entry whose target veth was deleted can be re-pointed at a new veth of
+//! the same name ([`target_name`], used by [`crate::lifecycle`]).
 
-use std::{fs, io};
+use std::{collections::HashSet, fs, io, path::Path};
 
 use aya::{
     EbpfLoader,
     programs::{
         SchedClassifier, TcAttachType,
         links::{FdLink, PinnedLink},
-        tc,
+        tc::{self, NlOptions, TcAttachOptions},
     },
 };
-use viscum_common::{FLOWS_MAP, INGRESS_PROG, REPLIES_MAP, REPLY_PROG, SERVICES_MAP};
+use viscum_common::{
+    FLOWS_MAP, ICMP_INGRESS_PROG, ICMP_REPLY_PROG, INGRESS_PROG, REPLIES_MAP, REPLY_PROG,
+    SERVICES_MAP,
+};
 
 use super::{EngineError, Pins, ifindex};
 
@@ -24,6 +40,9 @@ pub enum AttachOutcome {
     Clsact,
     /// Was already attached: nothing changed.
     AlreadyAttached,
+    /// Attached afresh over a stale record: the interface had been deleted and re-created
+    /// (or the classifier removed behind Viscum's back). `tcx` says which mechanism.
+    Reattached { tcx: bool },
 }
 
 use crate::features::has_tcx;
@@ -144,6 +163,8 @@ fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
     for (name, pin) in [
         (INGRESS_PROG, pins.program()),
         (REPLY_PROG, pins.reply_program()),
+        (ICMP_INGRESS_PROG, pins.icmp_ingress_program()),
+        (ICMP_REPLY_PROG, pins.icmp_reply_program()),
     ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)
@@ -165,6 +186,7 @@ fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
             )
         })?;
     }
+    super::jump::fill(&mut ebpf)?;
     Ok(())
 }
 
@@ -208,11 +230,7 @@ fn our_pins(pins: &Pins) -> Vec<std::path::PathBuf> {
                 .is_some_and(|n| n.starts_with("VISCUM_") || n == "AYA_LOGS")
         })
         .collect();
-    out.extend(
-        [pins.program(), pins.reply_program()]
-            .into_iter()
-            .filter(|p| p.exists()),
-    );
+    out.extend(pins.program_pins().into_iter().filter(|p| p.exists()));
     out
 }
 
@@ -227,8 +245,11 @@ fn attach_one(
 
 /// Attaches the reply classifier at ingress of a service's host veth
 /// (idempotent). Replies then go straight to the client-facing interface.
+///
+/// Also records `name` as the interface behind its current ifindex, so an entry pointing
+/// there can find its target again by name after the veth is re-created ([`target_name`]).
 pub fn attach_reply(pins: &Pins, name: &str) -> Result<AttachOutcome, EngineError> {
-    ifindex(name)?;
+    let index = ifindex(name)?;
     let mut prog = load_or_open(pins, MapSizes::default(), REPLY_PROG)?;
     let prog_id = prog
         .info()
@@ -240,16 +261,21 @@ pub fn attach_reply(pins: &Pins, name: &str) -> Result<AttachOutcome, EngineErro
             e,
         )
     })?;
-    attach_at(&mut prog, prog_id, name, &pins.reply_link(name))
+    let outcome = attach_at(&mut prog, prog_id, name, &pins.reply_link(name))?;
+    note_target(pins, index, name)?;
+    Ok(outcome)
 }
 
 /// Detaches the reply classifier from a service veth, if attached; a veth
 /// that is already gone took its link with it, so only the pin is removed.
+/// The veth's target records go too.
 pub fn detach_reply(pins: &Pins, name: &str) -> Result<(), EngineError> {
     let path = pins.reply_link(name);
     if path.is_dir() {
-        let _ = tc::qdisc_detach_program(name, TcAttachType::Ingress, REPLY_PROG);
-        let _ = release_clsact(name, &path);
+        if record_is_for(&path, name) {
+            let _ = tc::qdisc_detach_program(name, TcAttachType::Ingress, REPLY_PROG);
+            let _ = release_clsact(name, &path);
+        }
         let _ = remove_record(&path);
     } else if path.exists() {
         let link = PinnedLink::from_pin(&path).map_err(|e| {
@@ -263,25 +289,51 @@ pub fn detach_reply(pins: &Pins, name: &str) -> Result<(), EngineError> {
                 .map_err(|e| EngineError::io(format!("cannot unpin {}", path.display()), e))?,
         );
     }
+    forget_target(pins, name);
     Ok(())
+}
+
+/// Environment variable that forces new attachments through a clsact qdisc on a TCX kernel
+/// (value `clsact`), so the pre-6.6 path can be exercised on any box. Existing attachments
+/// keep the mechanism their record shows.
+pub const ATTACH_MODE_ENV: &str = "VISCUM_ATTACH_MODE";
+
+/// Does a new attachment use TCX? (See [`ATTACH_MODE_ENV`].)
+fn use_tcx() -> bool {
+    has_tcx() && std::env::var(ATTACH_MODE_ENV).map_or(true, |m| m != "clsact")
 }
 
 fn attach_at(
     prog: &mut SchedClassifier,
     prog_id: u32,
     name: &str,
-    link_pin: &std::path::Path,
+    link_pin: &Path,
 ) -> Result<AttachOutcome, EngineError> {
-    if is_attached(link_pin, prog_id, name)? {
+    let index = super::ifindex(name)?;
+    let stale = link_pin.exists();
+    if stale && on_hook(prog_id, name, index, !link_pin.is_dir())? {
         return Ok(AttachOutcome::AlreadyAttached);
     }
-    let link_pin = link_pin.to_path_buf();
-    if link_pin.exists() {
-        // A pin for a link that no longer points at this interface (it was
-        // deleted and recreated): drop it so we can attach afresh.
-        let _ = fs::remove_file(&link_pin);
+    // A record without our program on the hook: the interface was deleted and re-created
+    // (its hooks went with the old one; a TCX pin then holds a defunct link), or our
+    // link/filter was removed behind our back. Drop the record and attach afresh. The clsact
+    // qdisc stays ours to remove on detach only if it is still the one we added: same
+    // interface instance (ifindex) as recorded.
+    let mut qdisc_ours = false;
+    if link_pin.is_dir() {
+        qdisc_ours =
+            link_pin.join(CLSACT_CREATED).is_dir() && record_ifindex(link_pin) == Some(index);
+        remove_record(link_pin)?;
+    } else if stale {
+        fs::remove_file(link_pin).map_err(|e| {
+            EngineError::io(
+                format!("cannot remove the stale link pin {}", link_pin.display()),
+                e,
+            )
+        })?;
     }
-    if has_tcx() {
+    let tcx = use_tcx();
+    if tcx {
         let id = prog
             .attach(name, TcAttachType::Ingress)
             .map_err(|e| EngineError::prog(format!("cannot attach to {name}"), e))?;
@@ -293,17 +345,15 @@ fn attach_at(
             .map_err(|e: aya::programs::links::LinkError| {
                 EngineError::io("TCX link has no fd", io::Error::other(e))
             })?;
-        fd_link.pin(&link_pin).map_err(|e| {
+        fd_link.pin(link_pin).map_err(|e| {
             EngineError::io(
                 format!("cannot pin the link at {}", link_pin.display()),
                 io::Error::other(e),
             )
         })?;
-        Ok(AttachOutcome::Tcx)
     } else {
-        let ifindex = super::ifindex(name)?;
-        let created = if super::clsact::present(ifindex)? {
-            false
+        let created = if super::clsact::present(index)? {
+            qdisc_ours
         } else {
             tc::qdisc_add_clsact(name).map_err(|e| {
                 EngineError::io(
@@ -313,8 +363,13 @@ fn attach_at(
             })?;
             true
         };
+        // Netlink explicitly: on a TCX kernel (ATTACH_MODE_ENV) aya would pick TCX.
         let id = prog
-            .attach(name, TcAttachType::Ingress)
+            .attach_with_options(
+                name,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            )
             .map_err(|e| EngineError::prog(format!("cannot attach to {name}"), e))?;
         // A netlink filter stays in the kernel after we exit; forget the
         // link so dropping it does not detach.
@@ -323,41 +378,74 @@ fn attach_at(
             .map_err(|e| EngineError::prog("cannot take the tc link", e))?;
         std::mem::forget(link);
         // Record the attachment so `detach`/`stats` know about it (bpffs
-        // holds directories and pins, no plain files), and whether the
-        // qdisc is ours to remove on detach.
-        fs::create_dir_all(&link_pin).map_err(|e| {
-            EngineError::io(
-                format!("cannot record the attachment at {}", link_pin.display()),
-                e,
-            )
-        })?;
-        if created {
-            let marker = link_pin.join(CLSACT_CREATED);
-            fs::create_dir_all(&marker).map_err(|e| {
+        // holds directories and pins, no plain files): whether the qdisc is
+        // ours to remove on detach, and which instance of the interface
+        // (ifindex) it is on.
+        for dir in [
+            Some(link_pin.to_path_buf()),
+            created.then(|| link_pin.join(CLSACT_CREATED)),
+            Some(link_pin.join(format!("{IFINDEX_PREFIX}{index}"))),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            fs::create_dir_all(&dir).map_err(|e| {
                 EngineError::io(
-                    format!("cannot record the qdisc at {}", marker.display()),
+                    format!("cannot record the attachment at {}", dir.display()),
                     e,
                 )
             })?;
         }
-        Ok(AttachOutcome::Clsact)
     }
+    Ok(match (stale, tcx) {
+        (true, tcx) => AttachOutcome::Reattached { tcx },
+        (false, true) => AttachOutcome::Tcx,
+        (false, false) => AttachOutcome::Clsact,
+    })
 }
 
 /// Marker directory inside a clsact attachment record: Viscum added the
 /// qdisc, so detach may remove it.
 const CLSACT_CREATED: &str = "clsact-created";
 
-/// Removes a clsact attachment record (and its marker).
-fn remove_record(path: &std::path::Path) -> Result<(), EngineError> {
-    let _ = fs::remove_dir(path.join(CLSACT_CREATED));
+/// Directory `ifindex-N` inside a clsact attachment record: the interface instance the
+/// filter was added to (records of older versions have none).
+const IFINDEX_PREFIX: &str = "ifindex-";
+
+/// The ifindex a clsact record was made for, if it says.
+fn record_ifindex(record: &Path) -> Option<u32> {
+    fs::read_dir(record).ok()?.flatten().find_map(|e| {
+        e.file_name()
+            .to_str()?
+            .strip_prefix(IFINDEX_PREFIX)?
+            .parse()
+            .ok()
+    })
+}
+
+/// Is the interface called `name` now the instance a clsact record was made for? (Records
+/// without an ifindex are taken at their word.) A re-created interface carries nothing of
+/// ours, so detach must not touch its qdisc or filters.
+fn record_is_for(record: &Path, name: &str) -> bool {
+    match (super::ifindex(name), record_ifindex(record)) {
+        (Err(_), _) => false,
+        (Ok(_), None) => true,
+        (Ok(now), Some(then)) => now == then,
+    }
+}
+
+/// Removes a clsact attachment record (and the directories inside it).
+fn remove_record(path: &Path) -> Result<(), EngineError> {
+    for e in fs::read_dir(path).into_iter().flatten().flatten() {
+        let _ = fs::remove_dir(e.path());
+    }
     fs::remove_dir(path)
         .map_err(|e| EngineError::io(format!("cannot remove {}", path.display()), e))
 }
 
 /// After our filter left `name`: remove the clsact qdisc if Viscum added it
 /// and nothing else uses it.
-fn release_clsact(name: &str, record: &std::path::Path) -> Result<(), EngineError> {
+fn release_clsact(name: &str, record: &Path) -> Result<(), EngineError> {
     if !record.join(CLSACT_CREATED).is_dir() {
         return Ok(());
     }
@@ -371,19 +459,206 @@ fn release_clsact(name: &str, record: &std::path::Path) -> Result<(), EngineErro
     Ok(())
 }
 
-/// Is our program (by id) attached at ingress of `name`?
-fn is_attached(link_pin: &std::path::Path, prog_id: u32, name: &str) -> Result<bool, EngineError> {
-    if has_tcx() {
+/// Is the program `prog_id` on the ingress hook of interface `name` (index `index`), as a
+/// TCX program or as a clsact `bpf` filter?
+fn on_hook(prog_id: u32, name: &str, index: u32, tcx: bool) -> Result<bool, EngineError> {
+    if tcx {
         let (_, progs) = SchedClassifier::query_tcx(name, TcAttachType::Ingress)
             .map_err(|e| EngineError::prog(format!("cannot query TCX programs on {name}"), e))?;
-        Ok(progs.iter().any(|p| p.id() == prog_id) && link_pin.exists())
+        Ok(progs.iter().any(|p| p.id() == prog_id))
     } else {
-        Ok(link_pin.is_dir())
+        clsact_has_prog(index, prog_id)
     }
 }
 
-/// Interfaces this instance is attached to (by its link pins).
+/// Does the clsact ingress hook of `index` hold a `bpf` filter running `prog_id`?
+fn clsact_has_prog(index: u32, prog_id: u32) -> Result<bool, EngineError> {
+    use futures::TryStreamExt as _;
+    use netlink_packet_route::tc::{TcAttribute, TcFilterBpfOption, TcMessage, TcOption};
+
+    if !super::clsact::present(index)? {
+        return Ok(false);
+    }
+    let what = format!("cannot list the tc filters of interface {index}");
+    let err = |e: io::Error| EngineError::io(what.clone(), e);
+    // The engine's API is synchronous and may be called from inside a tokio runtime (the
+    // CLI, the daemon), where blocking on a future would panic: a private runtime on a
+    // thread of its own.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(err)?;
+            rt.block_on(async {
+                let h = crate::netns::handle_here()
+                    .await
+                    .map_err(|e| err(io::Error::other(e)))?;
+                let msgs: Vec<TcMessage> = h
+                    .traffic_filter(index as i32)
+                    .get()
+                    .ingress()
+                    .execute()
+                    .try_collect()
+                    .await
+                    .map_err(|e| err(io::Error::other(e)))?;
+                Ok(msgs.iter().any(|m| {
+                    m.attributes.iter().any(|a| {
+                        matches!(a, TcAttribute::Options(opts) if opts.iter().any(|o| {
+                            matches!(o, TcOption::Bpf(TcFilterBpfOption::ProgId(id)) if *id == prog_id)
+                        }))
+                    })
+                }))
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(err(io::Error::other("netlink thread panicked"))))
+    })
+}
+
+/// The id of the program pinned at `path`.
+fn pinned_program_id(path: &Path) -> Result<u32, EngineError> {
+    let prog = SchedClassifier::from_pin(path).map_err(|e| {
+        EngineError::prog(
+            format!("cannot open the pinned program {}", path.display()),
+            e,
+        )
+    })?;
+    Ok(prog
+        .info()
+        .map_err(|e| EngineError::prog("cannot read the program's info", e))?
+        .id())
+}
+
+/// Where a recorded attachment stands in the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AttachState {
+    /// Our program is on the interface's ingress hook.
+    Attached,
+    /// Recorded, but no interface of that name exists: it was deleted. Traffic it would
+    /// carry is not classified; a re-created interface is re-attached by `viscum attach`
+    /// (and by `viscum run` on its own).
+    InterfaceGone,
+    /// Recorded, the interface exists, but our program is not on it: the interface was
+    /// re-created (or the link/filter removed behind Viscum's back).
+    Missing,
+    /// Never attached here, or detached.
+    NotAttached,
+    /// The kernel could not be asked (see [`Attachment::error`]).
+    Unknown,
+}
+
+/// One interface's attachment, as the kernel has it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Attachment {
+    pub interface: String,
+    pub state: AttachState,
+    /// `tcx` or `clsact`, from the record; `None` without one.
+    pub mode: Option<String>,
+    /// Why the state is [`AttachState::Unknown`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl Attachment {
+    /// For people: `attached (tcx)`, `missing (interface gone)`, ...
+    pub fn describe(&self) -> String {
+        match self.state {
+            AttachState::Attached => {
+                format!("attached ({})", self.mode.as_deref().unwrap_or("?"))
+            }
+            AttachState::InterfaceGone => "missing (interface gone)".into(),
+            AttachState::Missing => {
+                "missing (interface re-created, or the classifier removed)".into()
+            }
+            AttachState::NotAttached => "not attached".into(),
+            AttachState::Unknown => format!(
+                "unknown ({})",
+                self.error
+                    .as_deref()
+                    .unwrap_or("the kernel could not be asked")
+            ),
+        }
+    }
+}
+
+/// The attachment of the classifier to `name`, checked in the kernel (not just the record).
+pub fn attachment(pins: &Pins, name: &str) -> Attachment {
+    state_of(&pins.program(), &pins.link(name), name)
+}
+
+/// Is the reply classifier really on the ingress hook of service veth `name`?
+pub fn reply_attached(pins: &Pins, name: &str) -> bool {
+    state_of(&pins.reply_program(), &pins.reply_link(name), name).state == AttachState::Attached
+}
+
+fn state_of(program: &Path, record: &Path, name: &str) -> Attachment {
+    let mut a = Attachment {
+        interface: name.to_owned(),
+        state: AttachState::NotAttached,
+        mode: None,
+        error: None,
+    };
+    if !record.exists() {
+        return a;
+    }
+    let tcx = !record.is_dir();
+    a.mode = Some(if tcx { "tcx" } else { "clsact" }.to_owned());
+    let Ok(index) = ifindex(name) else {
+        a.state = AttachState::InterfaceGone;
+        return a;
+    };
+    let checked = pinned_program_id(program).and_then(|id| on_hook(id, name, index, tcx));
+    match checked {
+        Ok(true) if !tcx && !record_is_for(record, name) => {
+            // Our program, but on an interface instance we never recorded: someone
+            // attached it by hand. Ours is gone with the old instance.
+            a.state = AttachState::Missing
+        }
+        Ok(true) => a.state = AttachState::Attached,
+        Ok(false) => a.state = AttachState::Missing,
+        Err(e) => {
+            a.state = AttachState::Unknown;
+            a.error = Some(chain(&e));
+        }
+    }
+    a
+}
+
+/// An error with its causes on one line.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+/// Every interface this instance has an attachment record for, with its real state.
+pub fn attachments(pins: &Pins) -> Vec<Attachment> {
+    recorded_interfaces(pins)
+        .iter()
+        .map(|name| attachment(pins, name))
+        .collect()
+}
+
+/// Interfaces the classifier is really attached to right now (records whose program is on
+/// the interface's hook; see [`attachments`] for the others).
 pub fn attached_interfaces(pins: &Pins) -> Vec<String> {
+    attachments(pins)
+        .into_iter()
+        .filter(|a| a.state == AttachState::Attached)
+        .map(|a| a.interface)
+        .collect()
+}
+
+/// Interfaces this instance has an attachment record for (link pins or clsact records),
+/// whether or not the attachment still exists.
+pub fn recorded_interfaces(pins: &Pins) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(pins.links_dir())
         .map(|rd| {
             rd.filter_map(|e| e.ok())
@@ -396,11 +671,12 @@ pub fn attached_interfaces(pins: &Pins) -> Vec<String> {
 }
 
 /// Detaches the classifier from each interface. The maps (and so the
-/// redirect entries) stay pinned for a later `attach`.
+/// redirect entries) stay pinned for a later `attach`. A stale record (the
+/// interface deleted or re-created) is removed without touching the new interface.
 pub fn detach(pins: &Pins, ifaces: &[String]) -> Result<(), EngineError> {
-    let attached = attached_interfaces(pins);
+    let recorded = recorded_interfaces(pins);
     for name in ifaces {
-        if !attached.iter().any(|a| a == name) {
+        if !recorded.iter().any(|a| a == name) {
             return Err(EngineError::NotAttachedTo(name.clone()));
         }
     }
@@ -414,21 +690,24 @@ fn detach_one(pins: &Pins, name: &str) -> Result<(), EngineError> {
     let path = pins.link(name);
     if path.is_dir() {
         // clsact attachment (old kernels).
-        match tc::qdisc_detach_program(name, TcAttachType::Ingress, INGRESS_PROG) {
-            Ok(()) => {}
-            Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                return Err(EngineError::io(
-                    format!("cannot detach from {name}"),
-                    io::Error::other(e),
-                ));
+        if record_is_for(&path, name) {
+            match tc::qdisc_detach_program(name, TcAttachType::Ingress, INGRESS_PROG) {
+                Ok(()) => {}
+                Err(tc::TcError::IoError(e)) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(EngineError::io(
+                        format!("cannot detach from {name}"),
+                        io::Error::other(e),
+                    ));
+                }
             }
+            release_clsact(name, &path)?;
         }
-        release_clsact(name, &path)?;
         remove_record(&path)?;
         return Ok(());
     }
-    // Unpinning and dropping the last reference to a TCX link detaches it.
+    // Unpinning and dropping the last reference to a TCX link detaches it (a defunct link
+    // of a deleted interface just goes away).
     let link = PinnedLink::from_pin(&path).map_err(|e| {
         EngineError::io(
             format!("cannot open the link pin {}", path.display()),
@@ -442,10 +721,71 @@ fn detach_one(pins: &Pins, name: &str) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// `<bpffs>/targets`: `<ifindex>/<ifname>` for every redirect target the reply classifier
+/// was attached to.
+fn targets_dir(pins: &Pins) -> std::path::PathBuf {
+    pins.dir.join("targets")
+}
+
+/// Records that the target with ifindex `index` is called `name`.
+fn note_target(pins: &Pins, index: u32, name: &str) -> Result<(), EngineError> {
+    let dir = targets_dir(pins).join(index.to_string());
+    // One name per ifindex: a renamed interface replaces its old name.
+    for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+        if e.file_name() != name {
+            let _ = fs::remove_dir(e.path());
+        }
+    }
+    let path = dir.join(name);
+    fs::create_dir_all(&path)
+        .map_err(|e| EngineError::io(format!("cannot record the target {}", path.display()), e))
+}
+
+/// The name of the interface a redirect target's ifindex belonged to when its entry was
+/// added (or last re-pointed), if recorded. With the interface gone, this is how an entry
+/// finds its target again once an interface of that name exists.
+pub fn target_name(pins: &Pins, index: u32) -> Option<String> {
+    fs::read_dir(targets_dir(pins).join(index.to_string()))
+        .ok()?
+        .flatten()
+        .find_map(|e| e.file_name().into_string().ok())
+}
+
+/// Removes the name records of ifindexes that no interface has any more and that no entry
+/// in `referenced` still points at.
+pub fn prune_targets(pins: &Pins, referenced: &HashSet<u32>) {
+    for e in fs::read_dir(targets_dir(pins))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Some(index) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if referenced.contains(&index) || crate::lifecycle::ifindex_alive(index) {
+            continue;
+        }
+        let _ = remove_record(&e.path());
+    }
+}
+
+/// Forgets every ifindex recorded for `name` (its namespace is being deleted).
+fn forget_target(pins: &Pins, name: &str) {
+    for e in fs::read_dir(targets_dir(pins))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.path().join(name).is_dir() {
+            let _ = remove_record(&e.path());
+        }
+    }
+}
+
 /// Detaches everywhere and removes every pin of this instance: program,
 /// maps (and with them all entries) and the directory.
 pub fn purge(pins: &Pins) -> Result<(), EngineError> {
-    for name in attached_interfaces(pins) {
+    for name in recorded_interfaces(pins) {
         detach_one(pins, &name)?;
     }
     let _ = fs::remove_dir(pins.links_dir());
@@ -455,9 +795,17 @@ pub fn purge(pins: &Pins) -> Result<(), EngineError> {
         }
     }
     let _ = fs::remove_dir(pins.reply_links_dir());
+    for e in fs::read_dir(targets_dir(pins))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = remove_record(&e.path());
+    }
+    let _ = fs::remove_dir(targets_dir(pins));
     // Only our own pins: a bpffs mounted right on the directory also holds
     // the kernel's `maps.debug`/`progs.debug` iterators.
-    let ours = [pins.program(), pins.reply_program()].into_iter().chain(
+    let ours = pins.program_pins().into_iter().chain(
         fs::read_dir(&pins.dir)
             .into_iter()
             .flatten()

@@ -1,0 +1,940 @@
+//! Interfaces and namespaces that come and go under a running datapath (issue "field
+//! correctness", items 7, 8 and 11): the client-facing interface re-created (OpenWrt's
+//! `network restart`), a redirect target's veth deleted and re-created, a service namespace
+//! made under `ip netns exec`. Real traffic, IPv4 and IPv6, with the CLI and with the daemon.
+//!
+//! Every wait polls with a bound; nothing sleeps to let things settle.
+
+mod common;
+
+use std::{
+    fs,
+    io::{BufRead, BufReader, Write},
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::{fs::PermissionsExt, net::UnixStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    thread,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use viscum::netns;
+use viscum_tests::{
+    IdentityServer, Lab, Netns, Proto, ask,
+    lab::{CLIENT_V4, CLIENT_V6, CLOUD_V4, CLOUD_V6, EDGE_LAN_V4, EDGE_LAN_V6},
+    skip_unless_root, unique_name, wait_until,
+};
+
+/// Bound of one client request.
+const ASK: Duration = Duration::from_millis(700);
+/// Bound for a change the daemon makes on its own (it reacts to link events in
+/// milliseconds; a service restart takes a Python start and two health checks).
+const REACT: Duration = Duration::from_secs(20);
+/// Bound for links to become ready to carry traffic.
+const READY: Duration = Duration::from_secs(10);
+
+/// Who answers a new `proto` request to `addr` from the client right now ("edge", "cloud",
+/// or the error).
+fn who(lab: &Lab, proto: Proto, addr: SocketAddr) -> String {
+    ask(lab.client.name(), proto, addr, ASK).unwrap_or_else(|e| format!("error: {e}"))
+}
+
+/// Waits until every (proto, addr) is answered by `want`; panics naming the last answers.
+fn wait_all(lab: &Lab, cases: &[(Proto, SocketAddr)], want: &str, timeout: Duration, why: &str) {
+    let mut last = Vec::new();
+    let ok = wait_until(timeout, || {
+        last = cases.iter().map(|&(p, a)| who(lab, p, a)).collect();
+        last.iter().all(|w| w == want)
+    });
+    assert!(
+        ok,
+        "{why}: wanted {want:?} from {cases:?} within {timeout:?}, last answers {last:?}"
+    );
+}
+
+/// TCP and UDP to both cloud addresses on `port`.
+fn both_protocols(lab: &Lab, port: u16) -> Vec<(Proto, SocketAddr)> {
+    lab.cloud_addrs(port)
+        .into_iter()
+        .flat_map(|a| [(Proto::Tcp, a), (Proto::Udp, a)])
+        .collect()
+}
+
+fn url(proto: Proto, addr: SocketAddr) -> String {
+    format!(
+        "{}://{addr}",
+        if proto == Proto::Tcp { "tcp" } else { "udp" }
+    )
+}
+
+/// `viscum stats --json`.
+fn stats(lab: &Lab) -> Value {
+    serde_json::from_str(&lab.viscum_ok(&["stats", "--json"])).unwrap()
+}
+
+/// `viscum redirect list --json`, as (match, target) pairs.
+fn targets(lab: &Lab) -> Vec<(String, String)> {
+    let v: Value = serde_json::from_str(&lab.viscum_ok(&["redirect", "list", "--json"])).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["match"].as_str().unwrap().to_owned(),
+                e["target"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Fresh interface indexes for re-created links, so that no veth shares its index with its
+/// peer (see `create_veth_indexed`) and a re-created link never gets its predecessor's.
+fn next_index() -> u32 {
+    static NEXT: AtomicU32 = AtomicU32::new(40);
+    NEXT.fetch_add(2, Ordering::Relaxed)
+}
+
+/// Deletes interface `name` in the edge namespace (a veth takes its peer with it).
+fn delete_edge_link(lab: &Lab, name: &str) {
+    let name = name.to_owned();
+    lab.edge.block_on(move || async move {
+        let h = netns::handle_here().await.unwrap();
+        let link = netns::link_by_name(&h, &name).await.unwrap();
+        netns::delete_link(&h, link.index).await.unwrap();
+    });
+}
+
+/// Waits until every link of the namespace behind `handle` is up with carrier and a real
+/// qdisc (a link that came up before its peer keeps the dropping "noop" one for a moment).
+async fn wait_ready(handle: &rtnetlink::Handle, what: &str) {
+    let deadline = Instant::now() + READY;
+    loop {
+        let links = netns::list_links(handle).await.unwrap();
+        let waiting: Vec<&str> = links
+            .iter()
+            .filter(|l| !(l.running && l.qdisc.as_deref().is_some_and(|q| q != "noop")))
+            .map(|l| l.name.as_str())
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: links {waiting:?} not ready after {READY:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Re-creates the client-facing link as a router's `network restart` does: `lan0` and the
+/// client's `eth0` deleted, then made again with the same names and addresses (and new
+/// interface indexes), the client's default routes restored.
+fn recreate_lan(lab: &Lab) {
+    delete_edge_link(lab, "lan0");
+    create_lan(lab);
+}
+
+/// The lab's client-edge link, as [`Lab::new`] makes it.
+fn create_lan(lab: &Lab) {
+    let client = lab.client.name().to_owned();
+    let edge = lab.edge.name().to_owned();
+    let index = next_index();
+    viscum_tests::block_on(async move {
+        let e = netns::handle_in(&edge).await.unwrap();
+        let c = netns::handle_in(&client).await.unwrap();
+        netns::create_veth_indexed(&e, "lan0", index, "eth0", &client, index + 1, None)
+            .await
+            .unwrap();
+        let lan = netns::link_by_name(&e, "lan0").await.unwrap().index;
+        netns::add_address(&e, lan, EDGE_LAN_V4.into(), 24)
+            .await
+            .unwrap();
+        netns::add_address(&e, lan, EDGE_LAN_V6.into(), 64)
+            .await
+            .unwrap();
+        netns::set_up(&e, lan).await.unwrap();
+        let eth0 = netns::link_by_name(&c, "eth0").await.unwrap().index;
+        netns::add_address(&c, eth0, CLIENT_V4.into(), 24)
+            .await
+            .unwrap();
+        netns::add_address(&c, eth0, CLIENT_V6.into(), 64)
+            .await
+            .unwrap();
+        netns::set_up(&c, eth0).await.unwrap();
+        netns::add_route(
+            &c,
+            Ipv4Addr::UNSPECIFIED.into(),
+            0,
+            Some(EDGE_LAN_V4.into()),
+            Some(eth0),
+        )
+        .await
+        .unwrap();
+        netns::add_route(
+            &c,
+            Ipv6Addr::UNSPECIFIED.into(),
+            0,
+            Some(EDGE_LAN_V6.into()),
+            Some(eth0),
+        )
+        .await
+        .unwrap();
+        wait_ready(&c, "client").await;
+        wait_ready(&e, "edge").await;
+    });
+}
+
+/// A namespace viscum did not make, behind an edge veth `veth` (a `--to` target): the
+/// service answers as the cloud addresses through local routes its owner set up.
+struct Foreign {
+    ns: Netns,
+    veth: String,
+}
+
+impl Foreign {
+    fn new(lab: &Lab) -> Foreign {
+        let ns = Netns::new();
+        ns.set_sysctl("net/ipv6/conf/all/accept_dad", "0");
+        ns.set_sysctl("net/ipv6/conf/default/accept_dad", "0");
+        ns.set_sysctl("net/ipv6/ip_nonlocal_bind", "1");
+        ns.block_on(|| async {
+            let h = netns::handle_here().await.unwrap();
+            let lo = netns::link_by_name(&h, "lo").await.unwrap().index;
+            netns::set_up(&h, lo).await.unwrap();
+            netns::add_local_route(&h, CLOUD_V4.into(), 32)
+                .await
+                .unwrap();
+            netns::add_local_route(&h, CLOUD_V6.into(), 128)
+                .await
+                .unwrap();
+        });
+        let foreign = Foreign {
+            ns,
+            veth: unique_name("to"),
+        };
+        foreign.link(lab);
+        foreign
+    }
+
+    /// (Re)creates the veth pair: `veth` on the edge, `eth0` inside, addressed, routed.
+    fn link(&self, lab: &Lab) {
+        let (edge, inner, veth) = (
+            lab.edge.name().to_owned(),
+            self.ns.name().to_owned(),
+            self.veth.clone(),
+        );
+        let index = next_index();
+        viscum_tests::block_on(async move {
+            let e = netns::handle_in(&edge).await.unwrap();
+            let n = netns::handle_in(&inner).await.unwrap();
+            netns::create_veth_indexed(&e, &veth, index, "eth0", &inner, index + 1, None)
+                .await
+                .unwrap();
+            let host = netns::link_by_name(&e, &veth).await.unwrap().index;
+            netns::add_address(&e, host, Ipv4Addr::new(10, 99, 0, 1).into(), 30)
+                .await
+                .unwrap();
+            netns::add_address(&e, host, "fd99::1".parse().unwrap(), 64)
+                .await
+                .unwrap();
+            netns::set_up(&e, host).await.unwrap();
+            let eth0 = netns::link_by_name(&n, "eth0").await.unwrap().index;
+            netns::add_address(&n, eth0, Ipv4Addr::new(10, 99, 0, 2).into(), 30)
+                .await
+                .unwrap();
+            netns::add_address(&n, eth0, "fd99::2".parse().unwrap(), 64)
+                .await
+                .unwrap();
+            netns::set_up(&n, eth0).await.unwrap();
+            netns::add_route(
+                &n,
+                Ipv4Addr::UNSPECIFIED.into(),
+                0,
+                Some(Ipv4Addr::new(10, 99, 0, 1).into()),
+                Some(eth0),
+            )
+            .await
+            .unwrap();
+            netns::add_route(
+                &n,
+                Ipv6Addr::UNSPECIFIED.into(),
+                0,
+                Some("fd99::1".parse().unwrap()),
+                Some(eth0),
+            )
+            .await
+            .unwrap();
+            wait_ready(&n, "foreign namespace").await;
+            wait_ready(&e, "edge").await;
+        });
+    }
+}
+
+// ----- the daemon -----------------------------------------------------------------------
+
+/// The edge copy for daemon tests: answers the identity protocol with its identity on
+/// `[::]:PORT` (IPv4 and IPv6).
+const SERVICE_PY: &str = r#"
+import socket, sys, threading
+port, ident = int(sys.argv[1]), sys.argv[2].encode()
+srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("::", port))
+srv.listen(128)
+def handle(c):
+    try:
+        c.settimeout(5)
+        data = b""
+        while b"\n" not in data:
+            d = c.recv(128)
+            if not d:
+                return
+            data += d
+        c.sendall(ident + b"\n")
+    except OSError:
+        pass
+    finally:
+        c.close()
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=handle, args=(conn,), daemon=True).start()
+"#;
+
+/// The files of one daemon test (configuration, script, run directory, the daemon's output).
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn new() -> Files {
+        let dir = PathBuf::from("/tmp").join(format!("viscum-life-{}", unique_name("t")));
+        fs::create_dir_all(&dir).unwrap();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
+        let script = dir.join("service.py");
+        fs::write(&script, SERVICE_PY).unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o644)).unwrap();
+        Files { dir }
+    }
+
+    /// `[engine]` attached to lan0, plus a service `name` answering "edge" on `port` of both
+    /// cloud addresses when given.
+    fn write_config(&self, service: Option<(&str, u16)>) {
+        let mut text = format!(
+            "[engine]\ninterfaces = [\"lan0\"]\ncontrol = \"{}\"\nrun_dir = \"{}\"\n",
+            self.control().display(),
+            self.dir.join("run").display()
+        );
+        if let Some((name, port)) = service {
+            text += &format!(
+                r#"
+[[service]]
+name = "{name}"
+match = ["tcp://{CLOUD_V4}:{port}", "tcp://[{CLOUD_V6}]:{port}"]
+command = ["/usr/bin/python3", "{script}", "{port}", "edge"]
+stop_grace_ms = 500
+[service.health]
+tcp = {port}
+interval_ms = 200
+timeout_ms = 150
+rise = 2
+fall = 2
+"#,
+                script = self.dir.join("service.py").display()
+            );
+        }
+        fs::write(self.dir.join("viscum.toml"), text).unwrap();
+    }
+
+    fn control(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `viscum run` in the lab's edge namespace; shut down cleanly on drop.
+struct Daemon {
+    child: Option<Child>,
+    control: PathBuf,
+    output: PathBuf,
+}
+
+impl Daemon {
+    fn start(lab: &Lab, files: &Files) -> Daemon {
+        Daemon::start_with(lab, files, &[])
+    }
+
+    /// [`Daemon::start`] with extra environment variables.
+    fn start_with(lab: &Lab, files: &Files, env: &[(&str, &str)]) -> Daemon {
+        let output = files.dir.join("daemon.log");
+        let log = fs::File::create(&output).unwrap();
+        let config = files.dir.join("viscum.toml");
+        let mut cmd = lab.viscum_command(&[
+            "--log-level",
+            "debug",
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+        ]);
+        cmd.envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        let daemon = Daemon {
+            child: Some(cmd.spawn().expect("start viscum run")),
+            control: files.control(),
+            output,
+        };
+        assert!(
+            wait_until(REACT, || daemon.try_status().is_some()),
+            "the daemon did not answer on its control socket:\n{}",
+            daemon.log()
+        );
+        daemon
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.output).unwrap_or_default()
+    }
+
+    fn try_status(&self) -> Option<Value> {
+        let mut s = UnixStream::connect(&self.control).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
+        writeln!(s, r#"{{"cmd":"status"}}"#).ok()?;
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).ok()?;
+        let v: Value = serde_json::from_str(&answer).ok()?;
+        Some(v["status"].clone())
+    }
+
+    fn status(&self) -> Value {
+        self.try_status()
+            .unwrap_or_else(|| panic!("no status from the daemon:\n{}", self.log()))
+    }
+
+    /// The state of `iface`'s attachment in `status`.
+    fn attachment(&self, iface: &str) -> String {
+        let status = self.status();
+        status["attachments"]
+            .as_array()
+            .and_then(|a| a.iter().find(|a| a["interface"] == iface))
+            .map(|a| a["state"].as_str().unwrap_or_default().to_owned())
+            .unwrap_or_else(|| format!("not listed in {status}"))
+    }
+
+    fn wait_redirected(&self, name: &str) {
+        let ok = wait_until(REACT, || {
+            self.status()["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|s| s["name"] == name && s["health"] == "healthy" && s["redirected"] == true)
+        });
+        assert!(ok, "service {name} not redirected:\n{}", self.log());
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: plain kill(2) on our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = child.kill();
+                    break;
+                }
+                thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.wait();
+        }
+        if thread::panicking() {
+            eprintln!("--- daemon output ---\n{}", self.log());
+        }
+    }
+}
+
+// ----- item 7: the client-facing interface re-created -----------------------------------
+
+/// CLI: after `lan0` is re-created the classifier is gone with the old interface. `stats`
+/// says so (and traffic reaches the cloud, untouched); `viscum attach lan0` re-attaches (it
+/// must not answer "already attached" from the stale record) and the edge serves again.
+#[test]
+fn attach_reattaches_a_recreated_client_interface() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.viscum_ok(&["attach", "lan0"]);
+    let ns = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &ns]);
+    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    let _edge = IdentityServer::start(&ns, cloud.port(), "edge");
+    let cases = both_protocols(&lab, cloud.port());
+    for &(proto, addr) in &cases {
+        lab.viscum_ok(&[
+            "redirect",
+            "add",
+            &url(proto, addr),
+            "--ns",
+            &ns,
+            "--learn-ms",
+            "0",
+        ]);
+    }
+    wait_all(&lab, &cases, "edge", ASK * 4, "before");
+    assert_eq!(stats(&lab)["interfaces"], serde_json::json!(["lan0"]));
+
+    recreate_lan(&lab);
+    assert_eq!(
+        stats(&lab)["interfaces"],
+        serde_json::json!([]),
+        "stats must not list an attachment the kernel no longer has"
+    );
+    for &(proto, addr) in &cases {
+        assert_eq!(
+            who(&lab, proto, addr),
+            "cloud",
+            "{proto:?} {addr} unclassified"
+        );
+    }
+
+    let out = lab.viscum_ok(&["attach", "lan0"]);
+    assert!(
+        out.contains("re-attached to lan0") && !out.contains("already"),
+        "{out}"
+    );
+    assert_eq!(stats(&lab)["interfaces"], serde_json::json!(["lan0"]));
+    wait_all(&lab, &cases, "edge", ASK * 4, "after viscum attach");
+    assert!(
+        lab.viscum_ok(&["attach", "lan0"])
+            .contains("already attached to lan0")
+    );
+
+    // Deleted for good: detach removes the stale record without touching anything else.
+    delete_edge_link(&lab, "lan0");
+    assert_eq!(stats(&lab)["interfaces"], serde_json::json!([]));
+    lab.viscum_ok(&["detach", "lan0"]);
+    assert!(!lab.bpffs.path().join("links/lan0").exists());
+}
+
+/// The same with the pre-6.6 mechanism (a clsact qdisc and a `bpf` filter), forced on this
+/// kernel: the filter goes with the interface; `attach` adds qdisc and filter again, and
+/// `detach` removes the qdisc it added.
+#[test]
+fn attach_reattaches_a_recreated_client_interface_through_clsact() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let clsact = |args: &[&str]| {
+        let mut cmd = lab.viscum_command(args);
+        cmd.env(viscum::engine::attach::ATTACH_MODE_ENV, "clsact");
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(clsact(&["attach", "lan0"]).contains("clsact"));
+    assert!(lab.bpffs.path().join("links/lan0").is_dir());
+    let ns = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &ns]);
+    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    let _edge = IdentityServer::start(&ns, cloud.port(), "edge");
+    let cases: Vec<(Proto, SocketAddr)> = lab
+        .cloud_addrs(cloud.port())
+        .into_iter()
+        .map(|a| (Proto::Tcp, a))
+        .collect();
+    for &(proto, addr) in &cases {
+        lab.viscum_ok(&["redirect", "add", &url(proto, addr), "--ns", &ns]);
+    }
+    wait_all(&lab, &cases, "edge", ASK * 4, "before");
+    assert!(clsact(&["attach", "lan0"]).contains("already attached"));
+
+    recreate_lan(&lab);
+    assert_eq!(stats(&lab)["interfaces"], serde_json::json!([]));
+    wait_all(&lab, &cases, "cloud", ASK * 4, "re-created, not attached");
+    assert!(clsact(&["attach", "lan0"]).contains("re-attached to lan0 (clsact"));
+    wait_all(&lab, &cases, "edge", ASK * 4, "re-attached");
+    assert_eq!(stats(&lab)["interfaces"], serde_json::json!(["lan0"]));
+
+    lab.viscum_ok(&["detach", "lan0"]);
+    let qdiscs = Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{}", lab.edge.name()))
+        .args(["tc", "qdisc", "show", "dev", "lan0"])
+        .output()
+        .unwrap();
+    let qdiscs = String::from_utf8_lossy(&qdiscs.stdout).into_owned();
+    assert!(
+        !qdiscs.contains("clsact"),
+        "the qdisc viscum added stays:\n{qdiscs}"
+    );
+}
+
+/// Daemon: `lan0` deleted: `status` and `stats` say the classifier is missing (never
+/// "attached"); re-created: the daemon re-attaches on its own and the edge serves again,
+/// without any command.
+#[test]
+fn the_daemon_reattaches_a_recreated_client_interface() {
+    if skip_unless_root() {
+        return;
+    }
+    daemon_reattaches(&[]);
+}
+
+/// The same through a clsact qdisc (the mechanism of kernels before 6.6, OpenWrt's among
+/// them), forced on this kernel.
+#[test]
+fn the_daemon_reattaches_a_recreated_client_interface_through_clsact() {
+    if skip_unless_root() {
+        return;
+    }
+    daemon_reattaches(&[(viscum::engine::attach::ATTACH_MODE_ENV, "clsact")]);
+}
+
+fn daemon_reattaches(env: &[(&str, &str)]) {
+    let lab = Lab::new();
+    let files = Files::new();
+    let svc = lab.service_ns_name();
+    let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
+    files.write_config(Some((&svc, 8080)));
+    let daemon = Daemon::start_with(&lab, &files, env);
+    daemon.wait_redirected(&svc);
+    let cases: Vec<(Proto, SocketAddr)> = lab
+        .cloud_addrs(8080)
+        .into_iter()
+        .map(|a| (Proto::Tcp, a))
+        .collect();
+    wait_all(&lab, &cases, "edge", REACT, "served by the daemon");
+    assert_eq!(daemon.attachment("lan0"), "attached");
+
+    delete_edge_link(&lab, "lan0");
+    assert!(
+        wait_until(REACT, || daemon.attachment("lan0") == "interface-gone"),
+        "status: {}",
+        daemon.status()
+    );
+    assert_eq!(daemon.status()["interfaces"], serde_json::json!([]));
+    assert_eq!(stats(&lab)["interfaces"], serde_json::json!([]));
+    let human = lab.viscum_ok(&["status", "--control", files.control().to_str().unwrap()]);
+    assert!(
+        human.contains("interface lan0: missing (interface gone)")
+            && human.contains("attached to -"),
+        "{human}"
+    );
+
+    let start = Instant::now();
+    create_lan(&lab);
+    wait_all(&lab, &cases, "edge", REACT, "after lan0 came back");
+    eprintln!(
+        "served at the edge again {:?} after lan0 was re-created",
+        start.elapsed()
+    );
+    assert_eq!(daemon.attachment("lan0"), "attached");
+    assert_eq!(stats(&lab)["interfaces"], serde_json::json!(["lan0"]));
+    assert!(
+        daemon.log().contains("re-attached to lan0"),
+        "{}",
+        daemon.log()
+    );
+}
+
+// ----- item 8: a redirect target deleted and re-created ---------------------------------
+
+/// A `--to` veth deleted: its clients get the cloud at once (datapath), `redirect list`
+/// says the target is gone; re-created with the same name: the daemon re-points the
+/// entries at it on its own.
+#[test]
+fn the_daemon_follows_a_recreated_to_target() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = Files::new();
+    files.write_config(None);
+    let daemon = Daemon::start(&lab, &files);
+    let foreign = Foreign::new(&lab);
+    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    let _edge = IdentityServer::start(foreign.ns.name(), cloud.port(), "edge");
+    let cases = both_protocols(&lab, cloud.port());
+    for &(proto, addr) in &cases {
+        lab.viscum_ok(&[
+            "redirect",
+            "add",
+            &url(proto, addr),
+            "--to",
+            &foreign.veth,
+            "--learn-ms",
+            "0",
+        ]);
+    }
+    wait_all(&lab, &cases, "edge", ASK * 4, "before");
+
+    delete_edge_link(&lab, &foreign.veth);
+    for &(proto, addr) in &cases {
+        assert_eq!(who(&lab, proto, addr), "cloud", "{addr}: target gone");
+    }
+    for (m, target) in targets(&lab) {
+        assert!(target.contains("gone"), "{m} still claims target {target}");
+    }
+
+    let start = Instant::now();
+    foreign.link(&lab);
+    wait_all(&lab, &cases, "edge", REACT, "after the target came back");
+    eprintln!(
+        "served at the edge again {:?} after the target was re-created",
+        start.elapsed()
+    );
+    for (m, target) in targets(&lab) {
+        assert_eq!(target, foreign.veth, "{m}");
+    }
+    assert!(daemon.log().contains("is back"), "{}", daemon.log());
+}
+
+/// Without a daemon: `viscum attach` (the command that repairs the datapath) re-points
+/// entries at a re-created `--to` target and says so.
+#[test]
+fn attach_follows_a_recreated_to_target() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.viscum_ok(&["attach", "lan0"]);
+    let foreign = Foreign::new(&lab);
+    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    let _edge = IdentityServer::start(foreign.ns.name(), cloud.port(), "edge");
+    let cases = both_protocols(&lab, cloud.port());
+    for &(proto, addr) in &cases {
+        lab.viscum_ok(&[
+            "redirect",
+            "add",
+            &url(proto, addr),
+            "--to",
+            &foreign.veth,
+            "--learn-ms",
+            "0",
+        ]);
+    }
+    wait_all(&lab, &cases, "edge", ASK * 4, "before");
+    delete_edge_link(&lab, &foreign.veth);
+    for &(proto, addr) in &cases {
+        assert_eq!(who(&lab, proto, addr), "cloud", "{addr}: target gone");
+    }
+    foreign.link(&lab);
+    // Nothing watches links without a daemon: still the cloud until asked.
+    for &(proto, addr) in &cases {
+        assert_eq!(
+            who(&lab, proto, addr),
+            "cloud",
+            "{addr}: not yet re-pointed"
+        );
+    }
+    let out = lab.viscum_ok(&["attach", "lan0"]);
+    assert_eq!(
+        out.matches(&format!("follows {} again", foreign.veth))
+            .count(),
+        4,
+        "{out}"
+    );
+    wait_all(&lab, &cases, "edge", ASK * 4, "after viscum attach");
+}
+
+/// A service namespace deleted behind viscum's back (`ip netns del` with nothing left in it)
+/// and made again with `viscum ns add`: its entries follow it (and come back with their
+/// local routes where they need them).
+#[test]
+fn ns_add_restores_the_entries_of_a_recreated_namespace() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.viscum_ok(&["attach", "lan0"]);
+    let ns = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &ns]);
+    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    let cases: Vec<(Proto, SocketAddr)> = lab
+        .cloud_addrs(cloud.port())
+        .into_iter()
+        .map(|a| (Proto::Tcp, a))
+        .collect();
+    for &(proto, addr) in &cases {
+        lab.viscum_ok(&["redirect", "add", &url(proto, addr), "--ns", &ns]);
+    }
+    {
+        let _edge = IdentityServer::start(&ns, cloud.port(), "edge");
+        wait_all(&lab, &cases, "edge", ASK * 4, "before");
+    }
+    // `ip netns del`: the name goes, and with nothing else holding it the namespace and
+    // its veth pair.
+    netns::delete_named(&ns).unwrap();
+    let veth = format!("vh-{ns}");
+    let gone = wait_until(READY, || {
+        lab.edge.run({
+            let veth = veth.clone();
+            move || nix::net::if_::if_nametoindex(veth.as_str()).is_err()
+        })
+    });
+    assert!(gone, "{veth} outlived its namespace");
+    for &(proto, addr) in &cases {
+        assert_eq!(who(&lab, proto, addr), "cloud", "{addr}: namespace gone");
+    }
+
+    let out = lab.viscum_ok(&["ns", "add", &ns]);
+    assert_eq!(
+        out.matches(&format!("into namespace {ns} again")).count(),
+        2,
+        "{out}"
+    );
+    let _edge = IdentityServer::start(&ns, cloud.port(), "edge");
+    wait_all(&lab, &cases, "edge", ASK * 4, "after ns add");
+}
+
+/// Daemon: the veth of one of its own services deleted: its traffic goes to the cloud at
+/// once, and the daemon rebuilds the namespace, restarts the service and serves again.
+#[test]
+fn the_daemon_rebuilds_a_service_whose_veth_vanished() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = Files::new();
+    let svc = lab.service_ns_name();
+    let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
+    files.write_config(Some((&svc, 8080)));
+    let daemon = Daemon::start(&lab, &files);
+    daemon.wait_redirected(&svc);
+    let cases: Vec<(Proto, SocketAddr)> = lab
+        .cloud_addrs(8080)
+        .into_iter()
+        .map(|a| (Proto::Tcp, a))
+        .collect();
+    wait_all(&lab, &cases, "edge", REACT, "served by the daemon");
+
+    delete_edge_link(&lab, &format!("vh-{svc}"));
+    for &(proto, addr) in &cases {
+        let got = who(&lab, proto, addr);
+        assert!(got == "cloud" || got == "edge", "{addr}: {got}");
+    }
+    wait_all(
+        &lab,
+        &cases,
+        "edge",
+        REACT,
+        "after the daemon rebuilt the service",
+    );
+    assert!(
+        daemon.log().contains("rebuilding its namespace"),
+        "{}",
+        daemon.log()
+    );
+}
+
+// ----- item 11: `viscum ns add` under `ip netns exec` -----------------------------------
+
+/// Is `/run/netns/NAME` a mount point (a live namespace) in this process's mount namespace?
+fn mounted(name: &str) -> bool {
+    let want = format!(" /run/netns/{name} ");
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .any(|l| l.contains(&want))
+}
+
+/// `ip netns exec EDGE viscum ns add NAME` runs viscum in a private mount namespace: the
+/// namespace must still outlive the command (usable afterwards, deletable), and nothing is
+/// left behind by `ns del`, from inside or outside.
+#[test]
+fn ns_add_under_ip_netns_exec_outlives_the_command() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let bin = viscum_tests::lab::viscum_bin();
+    let ip_netns_exec = |args: &[&str]| {
+        let out = Command::new("ip")
+            .args(["netns", "exec", lab.edge.name()])
+            .arg(&bin)
+            .arg("--bpffs")
+            .arg(lab.bpffs.path())
+            .args(args)
+            .output()
+            .expect("run ip (iproute2)");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+    let ns = lab.service_ns_name();
+    let (ok, out) = ip_netns_exec(&["ns", "add", &ns]);
+    assert!(ok, "{out}");
+    assert!(
+        mounted(&ns),
+        "/run/netns/{ns} is not a live namespace after the command"
+    );
+    assert!(netns::named_exists(&ns));
+    // Usable: the namespace has its veth, and serves through a redirect.
+    assert_eq!(lab.service_ns_info(&ns)["host_veth"], format!("vh-{ns}"));
+    lab.viscum_ok(&["attach", "lan0"]);
+    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    let _edge = IdentityServer::start(&ns, cloud.port(), "edge");
+    let [v4, v6] = lab.cloud_addrs(cloud.port());
+    for addr in [v4, v6] {
+        lab.viscum_ok(&["redirect", "add", &url(Proto::Tcp, addr), "--ns", &ns]);
+    }
+    wait_all(
+        &lab,
+        &[(Proto::Tcp, v4), (Proto::Tcp, v6)],
+        "edge",
+        ASK * 4,
+        "served",
+    );
+    drop(_edge);
+
+    let (ok, out) = ip_netns_exec(&["ns", "del", &ns]);
+    assert!(ok, "{out}");
+    assert!(
+        fs::symlink_metadata(format!("/run/netns/{ns}")).is_err(),
+        "/run/netns/{ns} left behind"
+    );
+    assert!(!mounted(&ns));
+}
+
+/// A stale `/run/netns/NAME` (an empty file, as `ip netns exec viscum ns add` of older
+/// versions left) neither blocks `ns add` nor `ns del`.
+#[test]
+fn a_stale_namespace_file_blocks_nothing() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let ns = lab.service_ns_name();
+    let stale = PathBuf::from(format!("/run/netns/{ns}"));
+    let make_stale = || {
+        fs::File::create(&stale).unwrap();
+        fs::set_permissions(&stale, fs::Permissions::from_mode(0o000)).unwrap();
+    };
+
+    make_stale();
+    assert!(!netns::named_exists(&ns), "a stale file is no namespace");
+    let out = lab.viscum_ok(&["ns", "del", &ns]);
+    assert!(out.contains("stale"), "{out}");
+    assert!(fs::symlink_metadata(&stale).is_err());
+
+    make_stale();
+    lab.viscum_ok(&["ns", "add", &ns]);
+    assert!(mounted(&ns));
+    lab.viscum_ok(&["ns", "del", &ns]);
+    assert!(fs::symlink_metadata(&stale).is_err());
+    // Nothing there at all: an error, and still no debris.
+    let err = lab.viscum_err(&["ns", "del", &ns]);
+    assert!(err.contains("does not exist"), "{err}");
+}
