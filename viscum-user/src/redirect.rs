@@ -109,6 +109,9 @@ pub struct EntryRow {
     pub port: Option<u16>,
     /// Host-side interface the entry redirects to.
     pub target: String,
+    /// The target interface no longer exists: the cloud serves this match until it is back
+    /// (`viscum attach`, `viscum ns add` or the daemon re-point the entry).
+    pub target_gone: bool,
     pub ifindex: u32,
     /// The Viscum namespace behind `target`, if it is one.
     pub ns: Option<String>,
@@ -247,10 +250,15 @@ pub async fn add_with(
     if opts.anyip && opts.nat.is_some() {
         return Err(RedirectError::AnyIpNat);
     }
-    if engine.get(endpoint)?.is_some() {
-        return Err(EngineError::Duplicate(endpoint.to_string()).into());
-    }
     let r = resolve(target).await?;
+    if let Some(old) = engine.get(endpoint)? {
+        if crate::lifecycle::ifindex_alive(old.ifindex) {
+            return Err(EngineError::Duplicate(endpoint.to_string()).into());
+        }
+        // Its target is gone: the entry serves nobody, so adding the match
+        // again replaces it (what a user re-running `redirect add` means).
+        del(engine, endpoint).await?;
+    }
     let mut entry = ServiceEntry::new(r.ifindex, r.flags, r.mac);
     if opts.mirror {
         entry.flags |= TARGET_F_MIRROR;
@@ -429,9 +437,15 @@ pub async fn list(engine: &Engine) -> Result<Vec<EntryRow>, RedirectError> {
     let live = engine.edge_flows()?;
     let mut rows = Vec::new();
     for e in engine.entries()? {
-        let target = match netns::link_by_index(&handle, e.ifindex).await {
-            Ok(l) => l.name,
-            Err(_) => format!("<gone: ifindex {}>", e.ifindex),
+        let (target, target_gone) = match netns::link_by_index(&handle, e.ifindex).await {
+            Ok(l) => (l.name, false),
+            Err(_) => (
+                match engine::attach::target_name(engine.pins(), e.ifindex) {
+                    Some(name) => format!("{name} (target gone)"),
+                    None => format!("<gone: ifindex {}>", e.ifindex),
+                },
+                true,
+            ),
         };
         let ns = target
             .strip_prefix(netns::HOST_VETH_PREFIX)
@@ -442,6 +456,7 @@ pub async fn list(engine: &Engine) -> Result<Vec<EntryRow>, RedirectError> {
             addr: e.endpoint.addr,
             port: e.endpoint.port,
             target,
+            target_gone,
             ifindex: e.ifindex,
             ns,
             peer_redirect: e.flags & TARGET_F_PEER != 0,

@@ -47,7 +47,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Attach the classifier at TC ingress of client-facing interfaces (idempotent).
+    /// Attach the classifier at TC ingress of client-facing interfaces (idempotent; re-attaches
+    /// over stale records and re-points entries whose target veth was re-created).
     Attach(attach::AttachArgs),
     /// Detach the classifier from interfaces; entries stay pinned for a later attach.
     Detach(attach::DetachArgs),

@@ -19,6 +19,9 @@ pub struct StatsArgs {
 struct StatsReport {
     bpffs: String,
     interfaces: Vec<String>,
+    /// Every recorded attachment with its state as the kernel has it (an interface
+    /// re-created or deleted shows as missing).
+    attachments: Vec<engine::attach::Attachment>,
     global: GlobalStats,
     entries: Vec<EntryRow>,
 }
@@ -28,6 +31,7 @@ pub async fn run(pins: &Pins, args: StatsArgs) -> Result<()> {
     let report = StatsReport {
         bpffs: pins.dir.display().to_string(),
         interfaces: engine::attached_interfaces(pins),
+        attachments: engine::attach::attachments(pins),
         global: engine.global_stats()?,
         entries: redirect::list(&engine).await?,
     };
@@ -43,6 +47,13 @@ pub async fn run(pins: &Pins, args: StatsArgs) -> Result<()> {
             report.interfaces.join(", ")
         }
     );
+    for a in report
+        .attachments
+        .iter()
+        .filter(|a| a.state != engine::attach::AttachState::Attached)
+    {
+        println!("interface {}: {}", a.interface, a.describe());
+    }
     print_table(
         &[
             "SEEN",

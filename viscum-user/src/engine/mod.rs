@@ -14,7 +14,11 @@
 //! <bpffs>/prog_reply            the reply-path classifier (service veths)
 //! <bpffs>/prog_icmp_*           ICMP-error programs, reached by tail call (VISCUM_JUMP)
 //! <bpffs>/VISCUM_FLOWS          flow table (LRU), VISCUM_REPLIES its reverse index
-//! <bpffs>/links/<ifname>        one TCX link per attached interface
+//! <bpffs>/links/<ifname>        one TCX link per attached interface (clsact: a record
+//!                               directory holding ifindex-N and, when Viscum added the
+//!                               qdisc, clsact-created)
+//! <bpffs>/targets/<ifindex>/<ifname>  the name of each entry target, to re-point entries
+//!                               when a target veth is re-created
 //! <bpffs>/reply-links/<ifname>  one TCX link per service veth
 //! ```
 
