@@ -29,6 +29,8 @@ mod nat;
 mod parse;
 mod redirect;
 
+use core::mem::MaybeUninit;
+
 use aya_ebpf::{
     bindings::{TC_ACT_REDIRECT, TC_ACT_SHOT, TC_ACT_UNSPEC},
     macros::classifier,
@@ -43,7 +45,7 @@ use viscum_common::{
 use crate::{
     flow::Decision,
     nat::End,
-    parse::{ParseError, Parsed},
+    parse::{Kind, ParseError, Parsed},
 };
 
 #[classifier]
@@ -64,11 +66,16 @@ pub fn viscum_reply(ctx: TcContext) -> i32 {
 /// ICMP errors from the network, tail-called from `viscum_ingress`.
 #[classifier]
 pub fn viscum_icmp_ingress(ctx: TcContext) -> i32 {
-    match parse::parse(&ctx) {
-        Err(ParseError::Icmp(p)) => match icmp::to_edge(&ctx, &p) {
-            Some(action) => action,
-            None => pass(),
-        },
+    let mut slot = MaybeUninit::uninit();
+    match parse::parse(&ctx, &mut slot) {
+        Ok(Kind::Icmp) => {
+            // SAFETY: written by a successful parse.
+            let p = unsafe { slot.assume_init_ref() };
+            match icmp::to_edge(&ctx, p) {
+                Some(action) => action,
+                None => pass(),
+            }
+        }
         _ => pass(),
     }
 }
@@ -78,8 +85,13 @@ pub fn viscum_icmp_ingress(ctx: TcContext) -> i32 {
 pub fn viscum_icmp_reply(ctx: TcContext) -> i32 {
     // SAFETY: reading our own __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    match parse::parse(&ctx) {
-        Err(ParseError::Icmp(p)) => icmp::to_client(&ctx, &p, ifindex).unwrap_or(TC_ACT_UNSPEC),
+    let mut slot = MaybeUninit::uninit();
+    match parse::parse(&ctx, &mut slot) {
+        Ok(Kind::Icmp) => {
+            // SAFETY: written by a successful parse.
+            let p = unsafe { slot.assume_init_ref() };
+            icmp::to_client(&ctx, p, ifindex).unwrap_or(TC_ACT_UNSPEC)
+        }
         _ => TC_ACT_UNSPEC,
     }
 }
@@ -89,20 +101,23 @@ pub fn viscum_icmp_reply(ctx: TcContext) -> i32 {
 /// ICMP error about an edge flow was sent).
 #[inline(always)]
 fn parse_or_pass(ctx: &TcContext) -> Result<Parsed, i32> {
-    match parse::parse(ctx) {
-        // A later fragment of a datagram we never saw the start of passes.
-        Ok(mut p) => {
+    let mut slot = MaybeUninit::uninit();
+    match parse::parse(ctx, &mut slot) {
+        Ok(Kind::L4) => {
+            // SAFETY: written by a successful parse.
+            let mut p = unsafe { slot.assume_init() };
+            // A later fragment of a datagram we never saw the start of passes.
             if frag::resolve(&mut p) {
                 Ok(p)
             } else {
                 Err(pass())
             }
         }
-        Err(ParseError::NotIp) => Err(pass()),
-        Err(ParseError::Icmp(_)) => {
+        Ok(Kind::Icmp) => {
             icmp::jump(ctx, JUMP_ICMP_INGRESS);
             Err(pass())
         }
+        Err(ParseError::NotIp) => Err(pass()),
         Err(ParseError::Malformed) => {
             counters::bump(GlobalCounter::Unparsable);
             Err(pass())
@@ -215,14 +230,17 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
 fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     // SAFETY: reading our own __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    let p = match parse::parse(ctx) {
-        Ok(mut p) => {
+    let mut slot = MaybeUninit::uninit();
+    let p = match parse::parse(ctx, &mut slot) {
+        Ok(Kind::L4) => {
+            // SAFETY: written by a successful parse.
+            let mut p = unsafe { slot.assume_init() };
             if !frag::resolve(&mut p) {
                 return Err(TC_ACT_UNSPEC);
             }
             p
         }
-        Err(ParseError::Icmp(_)) => {
+        Ok(Kind::Icmp) => {
             icmp::jump(ctx, JUMP_ICMP_REPLY);
             return Err(TC_ACT_UNSPEC);
         }

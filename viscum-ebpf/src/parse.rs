@@ -23,19 +23,28 @@ const MAX_HEADERS: u32 = 192;
 /// IPv6 extension headers walked before giving up (verifier needs a bound).
 const MAX_V6_EXT: usize = 4;
 
-pub enum ParseError {
-    /// Not IPv4/IPv6 over Ethernet, or not TCP/UDP: none of our business.
-    NotIp,
+/// What a successful parse found (the headers are in the caller's `Parsed`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// TCP or UDP (possibly a fragment of it).
+    L4,
     /// An unfragmented ICMP (IPv4) or ICMPv6 packet: the outer headers,
     /// with `key.proto` the ICMP protocol, ports 0 and `l4` the ICMP header.
     /// It may be an error about one of our flows (see `icmp`).
-    Icmp(Parsed),
+    Icmp,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum ParseError {
+    /// Not IPv4/IPv6 over Ethernet, or not TCP/UDP/ICMP: none of our business.
+    NotIp,
     /// Truncated or inconsistent headers.
     Malformed,
 }
 
 /// Where a packet sits in a fragmented datagram.
 #[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Frag {
     /// A whole datagram.
     None,
@@ -47,26 +56,37 @@ pub enum Frag {
 }
 
 /// What the classifiers need from a packet.
+///
+/// `repr(C)` with every byte a field: copies of it (and of structs holding
+/// it) must never read uninitialised padding, which the 6.1 verifier refuses
+/// ("invalid read from stack") where LLVM copies it in 8-byte words, as it
+/// does for the big-endian object.
 #[derive(Clone, Copy)]
+#[repr(C)]
 pub struct Parsed {
     /// Destination as a services-map key (proto, family, daddr, dport).
     pub key: ServiceKey,
-    /// Source address (same layout as `key.addr`) and port (network order).
+    /// Source address (same layout as `key.addr`).
     pub saddr: [u8; 16],
+    /// Offsets of the IP and TCP/UDP headers from the start of the frame.
+    pub l3: u32,
+    pub l4: u32,
+    /// The datagram's identification when `frag` is not `None` (IPv4: the
+    /// 16-bit ID, IPv6: the fragment header's 32-bit one; host order).
+    pub frag_id: u32,
+    /// Source port, network order.
     pub sport: u16,
     /// TCP flags byte (0 for UDP).
     pub tcp_flags: u8,
     /// The frame carries an 802.1Q/802.1ad tag in its data (not only in the
     /// skb metadata); the redirect path must strip it.
     pub l2_vlan: bool,
-    /// Offsets of the IP and TCP/UDP headers from the start of the frame.
-    pub l3: u32,
-    pub l4: u32,
-    /// Fragment position, and the datagram's identification (IPv4: the
-    /// 16-bit ID, IPv6: the fragment header's 32-bit one; host order).
+    /// Fragment position.
     pub frag: Frag,
-    pub frag_id: u32,
+    pub _pad0: u8,
+    pub _pad1: u16,
 }
+const _: () = assert!(core::mem::size_of::<Parsed>() == 56);
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
@@ -89,9 +109,13 @@ fn load<T: Copy>(ctx: &TcContext, off: usize) -> Result<T, Short> {
     Ok(unsafe { core::ptr::read_unaligned((start + off) as *const T) })
 }
 
+/// Parses the packet's headers into `out` (written only on success).
 #[inline(always)]
-pub fn parse(ctx: &TcContext) -> Result<Parsed, ParseError> {
-    match parse_linear(ctx) {
+pub fn parse(
+    ctx: &TcContext,
+    out: &mut core::mem::MaybeUninit<Parsed>,
+) -> Result<Kind, ParseError> {
+    match parse_linear(ctx, out) {
         Ok(r) => r,
         Err(Short::Yes) => {
             // Headers may sit partly in paged data (GRO, some drivers): pull
@@ -103,7 +127,7 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, ParseError> {
             if unsafe { bpf_skb_pull_data(ctx.skb.skb as *mut _, want) } != 0 {
                 return Err(ParseError::Malformed);
             }
-            match parse_linear(ctx) {
+            match parse_linear(ctx, out) {
                 Ok(r) => r,
                 Err(Short::Yes) => Err(ParseError::Malformed),
             }
@@ -112,7 +136,10 @@ pub fn parse(ctx: &TcContext) -> Result<Parsed, ParseError> {
 }
 
 #[inline(always)]
-fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
+fn parse_linear(
+    ctx: &TcContext,
+    out: &mut core::mem::MaybeUninit<Parsed>,
+) -> Result<Result<Kind, ParseError>, Short> {
     let mut ethertype = u16::from_be(load::<u16>(ctx, 12)?);
     let mut l3 = ETH_HLEN;
     let mut l2_vlan = false;
@@ -216,32 +243,38 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
     };
     if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
         if (key.proto == PROTO_ICMP || key.proto == PROTO_ICMPV6) && frag == Frag::None {
-            return Ok(Err(ParseError::Icmp(Parsed {
+            out.write(Parsed {
                 key,
                 saddr,
+                l3: l3 as u32,
+                l4: l4 as u32,
+                frag_id,
                 sport: 0,
                 tcp_flags: 0,
                 l2_vlan,
-                l3: l3 as u32,
-                l4: l4 as u32,
                 frag,
-                frag_id,
-            })));
+                _pad0: 0,
+                _pad1: 0,
+            });
+            return Ok(Ok(Kind::Icmp));
         }
         return Ok(Err(ParseError::NotIp));
     }
     if frag == Frag::Later {
-        return Ok(Ok(Parsed {
+        out.write(Parsed {
             key,
             saddr,
+            l3: l3 as u32,
+            l4: l4 as u32,
+            frag_id,
             sport: 0,
             tcp_flags: 0,
             l2_vlan,
-            l3: l3 as u32,
-            l4: l4 as u32,
             frag,
-            frag_id,
-        }));
+            _pad0: 0,
+            _pad1: 0,
+        });
+        return Ok(Ok(Kind::L4));
     }
     // Ports, left in network byte order (see ServiceKey::port).
     let ports = load::<[u16; 2]>(ctx, l4)?;
@@ -251,15 +284,18 @@ fn parse_linear(ctx: &TcContext) -> Result<Result<Parsed, ParseError>, Short> {
     } else {
         0
     };
-    Ok(Ok(Parsed {
+    out.write(Parsed {
         key,
         saddr,
+        l3: l3 as u32,
+        l4: l4 as u32,
+        frag_id,
         sport: ports[0],
         tcp_flags,
         l2_vlan,
-        l3: l3 as u32,
-        l4: l4 as u32,
         frag,
-        frag_id,
-    }))
+        _pad0: 0,
+        _pad1: 0,
+    });
+    Ok(Ok(Kind::L4))
 }
