@@ -241,48 +241,24 @@ fn parse_linear(
         }
         _ => return Ok(Err(ParseError::NotIp)),
     };
-    if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
-        if (key.proto == PROTO_ICMP || key.proto == PROTO_ICMPV6) && frag == Frag::None {
-            out.write(Parsed {
-                key,
-                saddr,
-                l3: l3 as u32,
-                l4: l4 as u32,
-                frag_id,
-                sport: 0,
-                tcp_flags: 0,
-                l2_vlan,
-                frag,
-                _pad0: 0,
-                _pad1: 0,
-            });
-            return Ok(Ok(Kind::Icmp));
+    let (kind, sport, tcp_flags) = if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
+        if (key.proto != PROTO_ICMP && key.proto != PROTO_ICMPV6) || frag != Frag::None {
+            return Ok(Err(ParseError::NotIp));
         }
-        return Ok(Err(ParseError::NotIp));
-    }
-    if frag == Frag::Later {
-        out.write(Parsed {
-            key,
-            saddr,
-            l3: l3 as u32,
-            l4: l4 as u32,
-            frag_id,
-            sport: 0,
-            tcp_flags: 0,
-            l2_vlan,
-            frag,
-            _pad0: 0,
-            _pad1: 0,
-        });
-        return Ok(Ok(Kind::L4));
-    }
-    // Ports, left in network byte order (see ServiceKey::port).
-    let ports = load::<[u16; 2]>(ctx, l4)?;
-    key.port = ports[1];
-    let tcp_flags = if key.proto == PROTO_TCP {
-        load::<u8>(ctx, l4 + 13)?
+        (Kind::Icmp, 0, 0)
+    } else if frag == Frag::Later {
+        // No L4 header: the fragment table supplies the ports.
+        (Kind::L4, 0, 0)
     } else {
-        0
+        // Ports, left in network byte order (see ServiceKey::port).
+        let ports = load::<[u16; 2]>(ctx, l4)?;
+        key.port = ports[1];
+        let tcp_flags = if key.proto == PROTO_TCP {
+            load::<u8>(ctx, l4 + 13)?
+        } else {
+            0
+        };
+        (Kind::L4, ports[0], tcp_flags)
     };
     out.write(Parsed {
         key,
@@ -290,12 +266,12 @@ fn parse_linear(
         l3: l3 as u32,
         l4: l4 as u32,
         frag_id,
-        sport: ports[0],
+        sport,
         tcp_flags,
         l2_vlan,
         frag,
         _pad0: 0,
         _pad1: 0,
     });
-    Ok(Ok(Kind::L4))
+    Ok(Ok(kind))
 }

@@ -156,15 +156,7 @@ pub struct Report {
 impl Report {
     /// Probes this kernel and reads the programs pinned under `pins`.
     pub fn probe(pins: &Pins) -> Report {
-        let helpers: Vec<HelperSupport> = HELPERS
-            .iter()
-            .map(|&(name, id, since)| HelperSupport {
-                name,
-                id,
-                since,
-                available: probe_helper(id),
-            })
-            .collect();
+        let helpers = probe_helpers(|_| true);
         let missing = missing_helpers(&helpers);
         let peer = helpers
             .iter()
@@ -213,6 +205,20 @@ pub fn has_redirect_peer() -> bool {
     *PEER.get_or_init(|| probe_helper(155).unwrap_or(true))
 }
 
+/// Probes the helpers of [`HELPERS`] whose names `which` selects.
+fn probe_helpers(which: impl Fn(&str) -> bool) -> Vec<HelperSupport> {
+    HELPERS
+        .iter()
+        .filter(|(name, _, _)| which(name))
+        .map(|&(name, id, since)| HelperSupport {
+            name,
+            id,
+            since,
+            available: probe_helper(id),
+        })
+        .collect()
+}
+
 fn missing_helpers(helpers: &[HelperSupport]) -> Vec<&'static str> {
     helpers
         .iter()
@@ -224,16 +230,7 @@ fn missing_helpers(helpers: &[HelperSupport]) -> Vec<&'static str> {
 /// Refuses, naming every missing helper, when this kernel cannot run the
 /// datapath at all.
 pub fn check_required_helpers() -> Result<(), EngineError> {
-    let helpers: Vec<HelperSupport> = HELPERS
-        .iter()
-        .filter(|(name, _, _)| REQUIRED_HELPERS.contains(name))
-        .map(|&(name, id, since)| HelperSupport {
-            name,
-            id,
-            since,
-            available: probe_helper(id),
-        })
-        .collect();
+    let helpers = probe_helpers(|name| REQUIRED_HELPERS.contains(&name));
     let missing: Vec<String> = helpers
         .iter()
         .filter(|h| h.available == Some(false))

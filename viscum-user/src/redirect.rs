@@ -227,16 +227,6 @@ fn prefix_of(addr: IpAddr) -> u8 {
     if addr.is_ipv4() { 32 } else { 128 }
 }
 
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out pointer; the datapath's bpf_ktime_get_ns is CLOCK_MONOTONIC too.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
-
 /// Adds a redirect entry. Validates everything first; on failure nothing changed.
 pub async fn add_with(
     engine: &mut Engine,
@@ -310,7 +300,7 @@ pub async fn add_with(
         Duration::ZERO
     });
     if !learn.is_zero() {
-        entry.active_after_ns = monotonic_ns() + learn.as_nanos() as u64;
+        entry.active_after_ns = crate::engine::maps::monotonic_ns() + learn.as_nanos() as u64;
     }
 
     // Side effects, in an order that never exposes a half-made entry: the

@@ -467,53 +467,8 @@ fn on_hook(prog_id: u32, name: &str, index: u32, tcx: bool) -> Result<bool, Engi
             .map_err(|e| EngineError::prog(format!("cannot query TCX programs on {name}"), e))?;
         Ok(progs.iter().any(|p| p.id() == prog_id))
     } else {
-        clsact_has_prog(index, prog_id)
+        super::clsact::has_prog(index, prog_id)
     }
-}
-
-/// Does the clsact ingress hook of `index` hold a `bpf` filter running `prog_id`?
-fn clsact_has_prog(index: u32, prog_id: u32) -> Result<bool, EngineError> {
-    use futures::TryStreamExt as _;
-    use netlink_packet_route::tc::{TcAttribute, TcFilterBpfOption, TcMessage, TcOption};
-
-    if !super::clsact::present(index)? {
-        return Ok(false);
-    }
-    let what = format!("cannot list the tc filters of interface {index}");
-    let err = |e: io::Error| EngineError::io(what.clone(), e);
-    // The engine's API is synchronous and may be called from inside a tokio runtime (the
-    // CLI, the daemon), where blocking on a future would panic: a private runtime on a
-    // thread of its own.
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(err)?;
-            rt.block_on(async {
-                let h = crate::netns::handle_here()
-                    .await
-                    .map_err(|e| err(io::Error::other(e)))?;
-                let msgs: Vec<TcMessage> = h
-                    .traffic_filter(index as i32)
-                    .get()
-                    .ingress()
-                    .execute()
-                    .try_collect()
-                    .await
-                    .map_err(|e| err(io::Error::other(e)))?;
-                Ok(msgs.iter().any(|m| {
-                    m.attributes.iter().any(|a| {
-                        matches!(a, TcAttribute::Options(opts) if opts.iter().any(|o| {
-                            matches!(o, TcOption::Bpf(TcFilterBpfOption::ProgId(id)) if *id == prog_id)
-                        }))
-                    })
-                }))
-            })
-        })
-        .join()
-        .unwrap_or_else(|_| Err(err(io::Error::other("netlink thread panicked"))))
-    })
 }
 
 /// The id of the program pinned at `path`.
@@ -805,23 +760,9 @@ pub fn purge(pins: &Pins) -> Result<(), EngineError> {
     let _ = fs::remove_dir(targets_dir(pins));
     // Only our own pins: a bpffs mounted right on the directory also holds
     // the kernel's `maps.debug`/`progs.debug` iterators.
-    let ours = pins.program_pins().into_iter().chain(
-        fs::read_dir(&pins.dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("VISCUM_") || n == "AYA_LOGS")
-            }),
-    );
-    for p in ours {
-        if p.exists() {
-            fs::remove_file(&p)
-                .map_err(|e| EngineError::io(format!("cannot remove {}", p.display()), e))?;
-        }
+    for p in our_pins(pins) {
+        fs::remove_file(&p)
+            .map_err(|e| EngineError::io(format!("cannot remove {}", p.display()), e))?;
     }
     // Fails harmlessly when the directory is itself a bpffs mount point.
     let _ = fs::remove_dir(&pins.dir);

@@ -8,7 +8,7 @@
 //! `attach` found it. See tc-bpf(8) and the kernel's net/sched/sch_ingress.c.
 
 use futures::TryStreamExt as _;
-use netlink_packet_route::tc::{TcAttribute, TcHandle, TcMessage};
+use netlink_packet_route::tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption};
 
 use super::EngineError;
 
@@ -83,4 +83,32 @@ pub fn delete(ifindex: u32) -> Result<(), EngineError> {
         req.message_mut().header.parent = TcHandle::CLSACT;
         req.execute().await
     })
+}
+
+/// Is a `bpf` filter running program `prog_id` on the ingress hook of the
+/// clsact qdisc of `ifindex`? (The kernel's own record of a clsact
+/// attachment: a record of ours may outlive the interface it was made for.)
+pub fn has_prog(ifindex: u32, prog_id: u32) -> Result<bool, EngineError> {
+    if !present(ifindex)? {
+        return Ok(false);
+    }
+    netlink(
+        &format!("cannot list the tc filters of interface {ifindex}"),
+        async move |h| {
+            let msgs: Vec<TcMessage> = h
+                .traffic_filter(ifindex as i32)
+                .get()
+                .ingress()
+                .execute()
+                .try_collect()
+                .await?;
+            Ok(msgs.iter().any(|m| {
+                m.attributes.iter().any(|a| {
+                    matches!(a, TcAttribute::Options(opts) if opts.iter().any(|o| {
+                        matches!(o, TcOption::Bpf(TcFilterBpfOption::ProgId(id)) if *id == prog_id)
+                    }))
+                })
+            }))
+        },
+    )
 }
