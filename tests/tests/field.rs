@@ -390,7 +390,8 @@ fn a_vanished_target_falls_back_to_the_cloud() {
     assert!(global_stats(&lab)["target_gone"].as_u64().unwrap() > 0);
 }
 
-/// Flow and reply state under churn: a small flow table (1024) and 12,000 short UDP flows
+/// Flow and reply state under churn: a small flow table (1024) and 12,000 short UDP flows per
+/// family
 /// (one datagram each way, a new source port each) to a naive server whose every answer
 /// needs its source restored. Each flow's answer must come back as the cloud address;
 /// the reply path must never find a flow of the flow table unknown.
@@ -404,45 +405,46 @@ fn flow_and_reply_state_agree_under_churn() {
     let ns = lab.service_ns_name();
     lab.viscum_ok(&["ns", "add", &ns]);
     let port = 9100;
-    let _edge = common::NaiveUdpServer::start(&ns, port, "edge", false);
-    let [addr, _] = lab.cloud_addrs(port);
-    lab.viscum_ok(&[
-        "redirect",
-        "add",
-        &format!("udp://{addr}"),
-        "--ns",
-        &ns,
-        "--learn-ms",
-        "0",
-    ]);
-    let before = global_stats(&lab);
-    let flows = 12_000;
-    let failures = viscum::netns::in_netns(lab.client.name(), move || {
-        let mut failures = Vec::new();
-        let mut buf = [0u8; 64];
-        for i in 0..flows {
-            let sock = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-            sock.connect(addr).unwrap();
-            sock.set_read_timeout(Some(std::time::Duration::from_millis(500)))
-                .unwrap();
-            sock.send(b"hi").unwrap();
-            match sock.recv(&mut buf) {
-                Ok(n) if &buf[..n] == b"edge" => {}
-                other => failures.push(format!("flow {i}: {other:?}")),
+    // Bound to [::] (dual-stack): one naive server for both families.
+    let _edge = common::NaiveUdpServer::start(&ns, port, "edge", true);
+    for addr in lab.cloud_addrs(port) {
+        let url = format!("udp://{addr}");
+        lab.viscum_ok(&["redirect", "add", &url, "--ns", &ns, "--learn-ms", "0"]);
+        let before = global_stats(&lab);
+        let flows = 12_000;
+        let failures = viscum::netns::in_netns(lab.client.name(), move || {
+            let mut failures = Vec::new();
+            let mut buf = [0u8; 64];
+            let bind = if addr.is_ipv4() {
+                "0.0.0.0:0"
+            } else {
+                "[::]:0"
+            };
+            for i in 0..flows {
+                let sock = std::net::UdpSocket::bind(bind).unwrap();
+                sock.connect(addr).unwrap();
+                sock.set_read_timeout(Some(std::time::Duration::from_millis(500)))
+                    .unwrap();
+                sock.send(b"hi").unwrap();
+                match sock.recv(&mut buf) {
+                    Ok(n) if &buf[..n] == b"edge" => {}
+                    other => failures.push(format!("flow {i}: {other:?}")),
+                }
             }
-        }
-        failures
-    })
-    .unwrap();
-    let after = global_stats(&lab);
-    let unknown =
-        after["replies_unknown"].as_u64().unwrap() - before["replies_unknown"].as_u64().unwrap();
-    assert!(
-        failures.is_empty() && unknown == 0,
-        "{} of {flows} flows failed, replies_unknown +{unknown}: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+            failures
+        })
+        .unwrap();
+        let after = global_stats(&lab);
+        let unknown = after["replies_unknown"].as_u64().unwrap()
+            - before["replies_unknown"].as_u64().unwrap();
+        assert!(
+            failures.is_empty() && unknown == 0,
+            "{addr}: {} of {flows} flows failed, replies_unknown +{unknown}: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+        lab.viscum_ok(&["redirect", "del", &url, "--now"]);
+    }
 }
 
 /// Who answers a new connection to `addr` (an EchoServer's identity).
