@@ -391,9 +391,8 @@ fn a_vanished_target_falls_back_to_the_cloud() {
 }
 
 /// Flow and reply state under churn: a small flow table (1024) and 12,000 short UDP flows per
-/// family
-/// (one datagram each way, a new source port each) to a naive server whose every answer
-/// needs its source restored. Each flow's answer must come back as the cloud address;
+/// family (one datagram each way, a new source port each) to a naive server whose every
+/// answer needs its source restored. Each flow's answer must come back as the cloud address;
 /// the reply path must never find a flow of the flow table unknown.
 #[test]
 fn flow_and_reply_state_agree_under_churn() {
