@@ -17,6 +17,24 @@
 //! proxy    C ── lan0 [E: haproxy on 198.51.100.7 (or socat)] vs0 ── T eth0 10.77.0.2
 //! ```
 //!
+//! B6 adds one *strict* topology that two lanes share, an OpenWrt-like edge with both a
+//! cloud uplink and a Viscum service namespace (built by [`build_strict`]):
+//!
+//! ```text
+//!                                             ┌ vh-NAME ── S = viscum ns NAME (edge copy)
+//! strict   C eth0 192.0.2.2 ── lan0 [E: viscum attach lan0, strict firewall]
+//!                                             └ wan0 ─── K eth0 198.51.100.7, 198.51.100.8 (cloud)
+//! ```
+//!
+//! E's forward chain drops `ct state invalid` (nft `table inet`, hook forward, priority
+//! filter), `nf_conntrack_tcp_loose = 0`, and `rp_filter = 1` on every interface, as the
+//! tests' `harden` sets it up. `198.51.100.7:5201` (and the identity port) are redirected to
+//! the edge copy (`redirect add --ns`, translated to the namespace's own address);
+//! `198.51.100.8` is the same cloud server under an address Viscum has no entry for. The lane
+//! `strict-edge` downloads from `.7` (served by the edge copy through the classifier and the
+//! reply classifier), `strict-cloud` from `.8` (served by the cloud, forwarded normally by E
+//! through the same firewall, a classifier miss at lan0 as on a real box).
+//!
 //! "AnyIP" = a `local 198.51.100.7/32 dev lo` route in T, as Viscum's own namespaces have. T
 //! runs the RR/CRR/identity servers and `iperf3 -s`, pinned to the server CPU. Neighbours are
 //! permanent entries (no ARP during runs, and none possible where every frame is redirected).
@@ -25,7 +43,13 @@
 //! A lane with a fill carries that many unrelated entries/rules besides the service's own
 //! (iptables: the service's rule comes *last*, as `iptables -A` leaves it).
 
-use std::{fmt::Write as _, path::PathBuf, process::Stdio, time::Duration};
+use std::{
+    fmt::Write as _,
+    net::{Ipv4Addr, SocketAddr, SocketAddrV4},
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
 
 use anyhow::{Context as _, Result, bail};
 use aya::{
@@ -71,6 +95,10 @@ pub enum Kind {
     Nft,
     Flower,
     Proxy,
+    /// Download from the edge copy through the strict edge (built by [`build_strict`]).
+    StrictEdge,
+    /// Download from the cloud through the same strict edge (built by [`build_strict`]).
+    StrictCloud,
 }
 
 impl Kind {
@@ -85,6 +113,8 @@ impl Kind {
             Kind::Nft => "nft",
             Kind::Flower => "tc-mirred",
             Kind::Proxy => "proxy",
+            Kind::StrictEdge => "strict-edge",
+            Kind::StrictCloud => "strict-cloud",
         }
     }
 }
@@ -146,6 +176,16 @@ pub struct Lane {
     pub note: Option<String>,
     /// Programs to read bpf stats from (viscum ingress/reply, noop, hook).
     pub watched: Vec<Watched>,
+    /// Where the bulk benchmark's `iperf3 -c` connects ([`tools::CLOUD`] but for
+    /// `strict-cloud`), and whether it downloads (`-R`: the server sends).
+    pub iperf_addr: Ipv4Addr,
+    pub download: bool,
+    /// The identity probe that proves the lane is served by the right side, and the answer.
+    pub ident: (SocketAddr, u8),
+    /// The lane's Viscum maps, for counters around a run (strict lanes).
+    pub engine: Option<viscum::engine::Engine>,
+    /// Namespace whose strict firewall (`inet vbstrict forward`) counts drops.
+    pub firewall: Option<String>,
     procs: Vec<Proc>,
     _progs: Option<Ebpf>,
     _namespaces: Vec<Ns>,
@@ -166,19 +206,10 @@ impl Lane {
     /// Builds lane number `idx` for `spec`.
     pub fn build(env: &Env<'_>, idx: usize, spec: Spec) -> Result<Lane> {
         let base = format!("{}-{idx:02}", env.run_id);
-        let mut lane = Lane {
-            spec,
-            label: spec.label(),
-            client: format!("{base}c"),
-            target: format!("{base}t"),
-            edge: None,
-            proxy: None,
-            note: None,
-            watched: Vec::new(),
-            procs: Vec::new(),
-            _progs: None,
-            _namespaces: Vec::new(),
-        };
+        if matches!(spec.kind, Kind::StrictEdge | Kind::StrictCloud) {
+            bail!("the strict lanes are built in pairs by build_strict");
+        }
+        let mut lane = Lane::blank(spec, &base);
         let c = lane.ns(&format!("{base}c"))?;
         sysctl(&c, "net/ipv4/ip_local_port_range", "1024 65535")?;
         if spec.kind == Kind::Wire {
@@ -205,7 +236,7 @@ impl Lane {
         }
 
         match spec.kind {
-            Kind::Wire => unreachable!("handled above"),
+            Kind::Wire | Kind::StrictEdge | Kind::StrictCloud => unreachable!("handled above"),
             Kind::Route | Kind::Noop => {
                 let t = lane.ns(&lane.target.clone())?;
                 veth(&e, "wan0", MAC_WAN, &t, "eth0", MAC_K)?;
@@ -273,6 +304,27 @@ impl Lane {
         Ok(lane)
     }
 
+    fn blank(spec: Spec, base: &str) -> Lane {
+        Lane {
+            spec,
+            label: spec.label(),
+            client: format!("{base}c"),
+            target: format!("{base}t"),
+            edge: None,
+            proxy: None,
+            note: None,
+            watched: Vec::new(),
+            iperf_addr: tools::CLOUD,
+            download: false,
+            ident: (tools::cloud(IDENT_PORT), b'T'),
+            engine: None,
+            firewall: None,
+            procs: Vec::new(),
+            _progs: None,
+            _namespaces: Vec::new(),
+        }
+    }
+
     fn ns(&mut self, name: &str) -> Result<String> {
         let ns = Ns::create(name)?;
         let n = ns.name.clone();
@@ -334,7 +386,13 @@ impl Lane {
                 engine.insert(&ep, ServiceEntry::new(ifindex, TARGET_F_PEER, [0; 6]))?;
             }
         }
-        let p = viscum::engine::Pins::new(&pins);
+        self.watch_viscum(&pins);
+        Ok(())
+    }
+
+    /// Reads bpf stats of the classifier and the reply classifier pinned under `pins`.
+    fn watch_viscum(&mut self, pins: &Path) {
+        let p = viscum::engine::Pins::new(pins);
         for (label, path) in [
             ("viscum_ingress", p.program()),
             ("viscum_reply", p.reply_program()),
@@ -347,11 +405,16 @@ impl Lane {
                 Err(e) => eprintln!("bench: {}: cannot open {}: {e}", self.label, path.display()),
             }
         }
-        Ok(())
     }
 
     /// RR/CRR/identity server and `iperf3 -s` in `ns`, pinned to the server CPU.
     fn start_servers(&mut self, env: &Env<'_>, ns: &str) -> Result<()> {
+        self.start_servers_as(env, ns, None)
+    }
+
+    /// [`Lane::start_servers`]; with `Some(ident)`, only the identity server (answering
+    /// `ident`) besides `iperf3 -s`.
+    fn start_servers_as(&mut self, env: &Env<'_>, ns: &str, ident: Option<u8>) -> Result<()> {
         let mut cmd = sys::command_in_with(
             Some(ns),
             Some(sys::server_cpu()),
@@ -361,9 +424,14 @@ impl Lane {
         cmd.arg("__serve")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
+        if let Some(c) = ident {
+            cmd.args(["--ident", &(c as char).to_string(), "--ident-only"]);
+        }
         let mut p = Proc::spawn(format!("{} servers", self.label), cmd)?;
-        p.wait_listening(CRR_PORT, Duration::from_secs(10))?;
-        p.wait_listening(RR_PORT, Duration::from_secs(10))?;
+        if ident.is_none() {
+            p.wait_listening(CRR_PORT, Duration::from_secs(10))?;
+            p.wait_listening(RR_PORT, Duration::from_secs(10))?;
+        }
         p.wait_listening(IDENT_PORT, Duration::from_secs(10))?;
         self.procs.push(p);
         let mut cmd = sys::command_in_with(
@@ -473,17 +541,148 @@ impl Lane {
 
     /// The client reaches the lane's servers through the path under test.
     pub fn verify(&mut self) -> Result<()> {
-        let got = tools::ask(&self.client, tools::cloud(IDENT_PORT))
-            .with_context(|| format!("{}: the client gets no answer", self.label))?;
-        if got != b'T' {
+        let (addr, want) = self.ident;
+        let got = tools::ask(&self.client, addr)
+            .with_context(|| format!("{}: the client gets no answer from {addr}", self.label))?;
+        if got != want {
             bail!(
-                "{}: answered by '{}' instead of the lane's server",
+                "{}: {addr} answered by '{}' instead of '{}'",
                 self.label,
-                got as char
+                got as char,
+                want as char
             );
         }
         self.check()
     }
+
+    /// Viscum's global counters and the strict firewall's drop count now (what each lane
+    /// has of them).
+    pub fn counters(&self) -> Counters {
+        Counters {
+            viscum: self.engine.as_ref().and_then(|e| e.global_stats().ok()),
+            invalid_drops: self
+                .firewall
+                .as_deref()
+                .and_then(|ns| invalid_drops(ns).ok()),
+        }
+    }
+}
+
+/// Cumulative counters of a lane, read around each run.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Counters {
+    pub viscum: Option<viscum::engine::GlobalStats>,
+    /// Packets the strict edge's `ct state invalid` rule dropped.
+    pub invalid_drops: Option<u64>,
+}
+
+/// The strict edge's forward chain: OpenWrt's fw4 default (`ct state invalid drop`), with a
+/// counter, as the tests' `harden` loads it.
+const STRICT_RULES: &str = "table inet vbstrict {\n chain forward {\n  type filter hook forward priority filter; policy accept;\n  ct state invalid counter drop\n }\n}\n";
+
+/// Packets dropped so far by the strict firewall in `ns` (its counter).
+fn invalid_drops(ns: &str) -> Result<u64> {
+    let out = exec_in(
+        ns,
+        "nft",
+        &["list", "chain", "inet", "vbstrict", "forward"],
+        None,
+        Duration::from_secs(10),
+    )?;
+    out.split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .context("no counter in the vbstrict forward chain")
+}
+
+const CLOUD_TWIN: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 8);
+
+/// The strict topology (see the module doc) as two lanes numbered `idx`: `strict-edge`
+/// (owning client, edge and service namespace) and `strict-cloud` (owning the cloud).
+pub fn build_strict(env: &Env<'_>, idx: usize) -> Result<(Lane, Lane)> {
+    let base = format!("{}-{idx:02}", env.run_id);
+    let mut edge_lane = Lane::blank(Spec::new(Kind::StrictEdge, 0), &base);
+    let mut cloud_lane = Lane::blank(Spec::new(Kind::StrictCloud, 0), &base);
+    let c = edge_lane.ns(&format!("{base}c"))?;
+    sysctl(&c, "net/ipv4/ip_local_port_range", "1024 65535")?;
+    let e = edge_lane.ns(&format!("{base}e"))?;
+    let k = cloud_lane.ns(&format!("{base}k"))?;
+    for l in [&mut edge_lane, &mut cloud_lane] {
+        l.edge = Some(e.clone());
+        l.firewall = Some(e.clone());
+        l.download = true;
+    }
+    veth(&c, "eth0", MAC_C, &e, "lan0", MAC_LAN)?;
+    ip(&["-n", &c, "addr", "add", "192.0.2.2/24", "dev", "eth0"])?;
+    ip(&["-n", &e, "addr", "add", "192.0.2.1/24", "dev", "lan0"])?;
+    ip(&["-n", &c, "route", "add", "default", "via", "192.0.2.1"])?;
+    neigh(&c, "eth0", "192.0.2.1", MAC_LAN)?;
+    neigh(&e, "lan0", "192.0.2.2", MAC_C)?;
+    sysctl(&e, "net/ipv4/ip_forward", "1")?;
+
+    // The cloud behind wan0, under its address and the twin Viscum has no entry for.
+    veth(&e, "wan0", MAC_WAN, &k, "eth0", MAC_K)?;
+    ip(&["-n", &e, "addr", "add", "198.51.100.1/24", "dev", "wan0"])?;
+    ip(&["-n", &k, "addr", "add", "198.51.100.7/24", "dev", "eth0"])?;
+    ip(&["-n", &k, "addr", "add", "198.51.100.8/24", "dev", "eth0"])?;
+    ip(&["-n", &k, "route", "add", "default", "via", "198.51.100.1"])?;
+    neigh(&e, "wan0", "198.51.100.7", MAC_K)?;
+    neigh(&e, "wan0", "198.51.100.8", MAC_K)?;
+    neigh(&k, "eth0", "198.51.100.1", MAC_WAN)?;
+    cloud_lane.target = k.clone();
+    cloud_lane.start_servers_as(env, &k, Some(b'K'))?;
+    cloud_lane.iperf_addr = CLOUD_TWIN;
+    cloud_lane.ident = (
+        SocketAddr::V4(SocketAddrV4::new(CLOUD_TWIN, IDENT_PORT)),
+        b'K',
+    );
+
+    // Viscum on lan0, the edge copy in a namespace of its own.
+    let pins = env.bpffs.subdir(&format!("{base}-viscum"))?;
+    let v = env.viscum.with_bpffs(&pins);
+    v.run(&e, &["attach", "lan0"])?;
+    let name = format!("{base}s");
+    v.run(&e, &["ns", "add", &name])?;
+    edge_lane._namespaces.push(Ns::adopt(&name));
+    edge_lane.target = name.clone();
+    edge_lane.start_servers_as(env, &name, Some(b'S'))?;
+    for port in [IPERF_PORT, IDENT_PORT] {
+        v.run(
+            &e,
+            &[
+                "redirect",
+                "add",
+                &format!("tcp://198.51.100.7:{port}"),
+                "--ns",
+                &name,
+            ],
+        )?;
+    }
+    edge_lane.ident = (tools::cloud(IDENT_PORT), b'S');
+
+    // Harden the edge (after the veths exist: rp_filter is per interface).
+    exec_in(
+        &e,
+        "nft",
+        &["-f", "-"],
+        Some(STRICT_RULES.as_bytes()),
+        Duration::from_secs(30),
+    )
+    .context("nft (apt-get install nftables)")?;
+    sysctl(&e, "net/netfilter/nf_conntrack_tcp_loose", "0")?;
+    let host = format!("vh-{name}");
+    for key in ["all", "default", "lan0", "wan0", host.as_str()] {
+        sysctl(&e, &format!("net/ipv4/conf/{key}/rp_filter"), "1")?;
+    }
+
+    for l in [&mut edge_lane, &mut cloud_lane] {
+        l.engine = Some(viscum::engine::Engine::open(&viscum::engine::Pins::new(
+            &pins,
+        ))?);
+        l.watch_viscum(&pins);
+    }
+    Ok((edge_lane, cloud_lane))
 }
 
 /// Unrelated entry/rule `i`: 10.128.0.0/9, port 80.

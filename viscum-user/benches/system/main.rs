@@ -10,7 +10,7 @@
 //!
 //! * [`tools`]: the RR/CRR/identity servers (`system __serve`) and clients, the prober.
 //! * [`lanes`]: one isolated topology per variant (wire, route, noop, hook, viscum, iptables,
-//!   nft, flower, proxy), built once and interleaved.
+//!   nft, flower, proxy, and the strict-edge pair of B6), built once and interleaved.
 //! * [`traffic`], [`control`], [`failover`], [`footprint`]: the groups.
 //! * [`viscum_cli`], [`daemon`]: running the real `viscum` binary and daemon.
 //!

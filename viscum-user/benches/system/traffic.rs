@@ -3,7 +3,11 @@
 //! * B4: request/response, 1-byte TCP (the project's RR tool, one connection).
 //! * B5: new connections per second (the project's CRR tool), at 0 / 1k / 10k unrelated
 //!   entries or rules for Viscum, iptables and nftables.
-//! * B6: bulk TCP, `iperf3` single stream, with busy CPUs from `/proc/stat`.
+//! * B6: bulk TCP, `iperf3` single stream, with busy CPUs from `/proc/stat`; plus a
+//!   download (`iperf3 -R`) through a strict, OpenWrt-like edge (`ct state invalid drop`,
+//!   `rp_filter = 1`): from the edge copy (`strict-edge`) against the same client
+//!   downloading from the cloud through the same edge (`strict-cloud`), with Viscum's reply
+//!   counters around each run (see [`crate::lanes::build_strict`]).
 //! * B3: bpf stats (`run_time_ns / run_cnt`) of every eBPF program in the lanes, read around
 //!   each run of B4–B6, with stats enabled for the whole traffic run.
 //!
@@ -19,7 +23,7 @@ use anyhow::{Context as _, Result, bail};
 use serde_json::json;
 
 use crate::{
-    lanes::{Env, Kind, Lane, Spec},
+    lanes::{self, Counters, Env, Kind, Lane, Spec},
     support::{
         cli::Args,
         report::{self, Bar, Fragment, Plot, Row, Series, Table},
@@ -77,6 +81,10 @@ const PROXY: Spec = Spec::new(Kind::Proxy, 0);
 /// Lanes every traffic benchmark uses; B5 adds the filled ones.
 const BASE: [Spec; 9] = [W, R, NOOP, HOOK, V, IPT, NFT, FLOWER, PROXY];
 const FILLED: [Spec; 6] = [V1K, V10K, IPT1K, IPT10K, NFT1K, NFT10K];
+/// B6 only: one strict topology, two lanes ([`lanes::build_strict`]).
+const STRICT_EDGE: Spec = Spec::new(Kind::StrictEdge, 0);
+const STRICT_CLOUD: Spec = Spec::new(Kind::StrictCloud, 0);
+const STRICT: [Spec; 2] = [STRICT_EDGE, STRICT_CLOUD];
 
 pub fn run(args: &Args, env: &Env<'_>, b1: Option<B1Ref>) -> Vec<Fragment> {
     match run_inner(args, env, b1) {
@@ -130,6 +138,20 @@ fn run_inner(args: &Args, env: &Env<'_>, b1: Option<B1Ref>) -> Result<Vec<Fragme
             Ok(l) => lanes.push(l),
             Err(e) => {
                 eprintln!("bench: lane {} failed: {e:#}", spec.label());
+                setup_errors.insert(spec.label(), format!("{e:#}"));
+            }
+        }
+    }
+    sys::check_stop()?;
+    match lanes::build_strict(env, BASE.len() + FILLED.len()).and_then(|(mut a, mut b)| {
+        a.verify()?;
+        b.verify()?;
+        Ok((a, b))
+    }) {
+        Ok((a, b)) => lanes.extend([a, b]),
+        Err(e) => {
+            eprintln!("bench: strict lanes failed: {e:#}");
+            for spec in STRICT {
                 setup_errors.insert(spec.label(), format!("{e:#}"));
             }
         }
@@ -189,16 +211,17 @@ fn run_inner(args: &Args, env: &Env<'_>, b1: Option<B1Ref>) -> Result<Vec<Fragme
     .for_each(|(k, v)| {
         crr.insert(k, v);
     });
-    // B6
+    // B6: the base lanes and the strict pair, all interleaved.
+    let bulk_labels: Vec<String> = BASE.iter().chain(STRICT.iter()).map(Spec::label).collect();
     let mut bulk: PerLane<Bulk> = BTreeMap::new();
     interleave(
         &mut lanes,
-        &base_labels,
+        &bulk_labels,
         plan.rounds,
         "bulk",
         &mut deltas,
         &mut errors,
-        |lane| iperf(&lane.client, plan.bulk_secs, plan.bulk_omit),
+        |lane| bulk_run(lane, plan.bulk_secs, plan.bulk_omit),
     )
     .into_iter()
     .for_each(|(k, v)| {
@@ -225,6 +248,7 @@ fn run_inner(args: &Args, env: &Env<'_>, b1: Option<B1Ref>) -> Result<Vec<Fragme
     let b4 = b4_fragment(&plan, &rr, &base_labels, &lane_error, &common);
     let b5 = b5_fragment(&plan, &crr, &all_labels, &lane_error, &common);
     let b6 = b6_fragment(&plan, &bulk, &base_labels, &lane_error, &common);
+    let b6 = strict_tables(b6, &bulk, &lane_error);
     let b3 = b3_fragment(&deltas, b1, _stats.is_some(), &common);
     Ok(vec![b3, b4, b5, b6])
 }
@@ -583,13 +607,50 @@ pub struct Bulk {
     pub gbps: f64,
     pub busy_cores: f64,
     pub retransmits: u64,
+    /// The lane's counters before and after the run (strict lanes).
+    pub counters: Option<(Counters, Counters)>,
 }
 
-fn iperf(client: &str, secs: u32, omit: u32) -> Result<Bulk> {
+impl Bulk {
+    /// Growth of one of Viscum's global counters during the run.
+    fn viscum_delta(&self, get: impl Fn(&viscum::engine::GlobalStats) -> u64) -> Option<u64> {
+        let (a, b) = self.counters.as_ref()?;
+        Some(get(b.viscum.as_ref()?).saturating_sub(get(a.viscum.as_ref()?)))
+    }
+
+    /// Packets the strict firewall dropped during the run.
+    fn drops_delta(&self) -> Option<u64> {
+        let (a, b) = self.counters.as_ref()?;
+        Some(b.invalid_drops?.saturating_sub(a.invalid_drops?))
+    }
+}
+
+/// One B6 run on `lane`: upload to its server, or for the strict lanes a download with the
+/// lane's counters read around it.
+fn bulk_run(lane: &Lane, secs: u32, omit: u32) -> Result<Bulk> {
+    let strict = lane.firewall.is_some() || lane.engine.is_some();
+    let before = strict.then(|| lane.counters());
+    let mut b = iperf(&lane.client, lane.iperf_addr, lane.download, secs, omit)?;
+    if let Some(before) = before {
+        b.counters = Some((before, lane.counters()));
+    }
+    Ok(b)
+}
+
+fn iperf(
+    client: &str,
+    addr: std::net::Ipv4Addr,
+    download: bool,
+    secs: u32,
+    omit: u32,
+) -> Result<Bulk> {
     let mut cmd = sys::command_in(Some(client), None, "iperf3")?;
+    if download {
+        cmd.arg("-R");
+    }
     cmd.args([
         "-c",
-        "198.51.100.7",
+        &addr.to_string(),
         "-p",
         &IPERF_PORT.to_string(),
         "-t",
@@ -622,6 +683,7 @@ fn iperf(client: &str, secs: u32, omit: u32) -> Result<Bulk> {
         gbps: bps / 1e9,
         busy_cores: sys::busy_cores(a, b),
         retransmits: v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0),
+        counters: None,
     })
 }
 
@@ -786,7 +848,9 @@ fn b3_fragment(
     };
     let mut net_rows = Vec::new();
     for ((bench, lane, prog), v) in deltas {
-        if prog != "viscum_ingress" {
+        // The strict pair (B6 only) is reported in the raw table: its downloads make the
+        // classifier see ACKs (strict-edge) or only misses (strict-cloud), not B1's hit.
+        if prog != "viscum_ingress" || lane.starts_with("strict") {
             continue;
         }
         let Some(noop) = deltas.get(&(bench.clone(), "noop".to_owned(), "bench_noop".to_owned()))
@@ -840,5 +904,180 @@ fn b3_fragment(
         });
     }
     f.raw = serde_json::Value::Object(raw);
+    f.finish()
+}
+
+/// B6's strict-edge section: the edge copy's download against the cloud's through the same
+/// strict edge, CPU cost, and the reply classifier's and the firewall's counters.
+fn strict_tables(
+    mut f: Fragment,
+    bulk: &PerLane<Bulk>,
+    lane_error: &dyn Fn(&str, &str) -> Option<String>,
+) -> Fragment {
+    let (se, sc) = (STRICT_EDGE.label(), STRICT_CLOUD.label());
+    f.note(format!(
+        "{se} / {sc}: one OpenWrt-like edge (nft `table inet` forward chain `ct state invalid drop`, nf_conntrack_tcp_loose = 0, rp_filter = 1 on all, default, lan0, wan0 and the service veth) with a cloud namespace behind wan0 and a `viscum ns add` namespace; \
+         iperf3 -R (the server sends) from the same client, {se} from 198.51.100.7:5201 (redirected: the edge copy serves, through the classifier and the reply classifier), {sc} from 198.51.100.8:5201 (the cloud's iperf3 -s, forwarded by the edge through the firewall; a classifier miss at lan0); \
+         server pinned like the others; interleaved with the lanes above"
+    ));
+    let g = |l: &str| series(bulk, l, |b| b.gbps);
+    let pc = |l: &str| series(bulk, l, |b| b.gbps / b.busy_cores);
+    let mut rows = Vec::new();
+    let mut per_core = Vec::new();
+    let mut raw = serde_json::Map::new();
+    for (l, what) in [
+        (&se, "edge copy (viscum) through the strict edge"),
+        (&sc, "cloud through the strict edge"),
+    ] {
+        let cores = report::Stat::of(&series(bulk, l, |b| b.busy_cores)).map(|s| s.median);
+        let retr: u64 = bulk
+            .get(l.as_str())
+            .map(|v| v.iter().flatten().map(|b| b.retransmits).sum())
+            .unwrap_or(0);
+        let mut row = lane_row(
+            &format!("{l}: {what}"),
+            "Gbit/s",
+            g(l),
+            lane_error(l, "bulk"),
+        );
+        if let Some(c) = cores {
+            row = row.note(format!("{c:.2} busy cores, {retr} retransmits"));
+        }
+        rows.push(row);
+        per_core.push(lane_row(l, "Gbit/s per busy core", pc(l), None));
+        let d = |get: fn(&viscum::engine::GlobalStats) -> u64| -> Vec<Option<u64>> {
+            bulk.get(l.as_str())
+                .map(|v| {
+                    v.iter()
+                        .map(|b| b.as_ref().and_then(|b| b.viscum_delta(get)))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let drops: Vec<Option<u64>> = bulk
+            .get(l.as_str())
+            .map(|v| {
+                v.iter()
+                    .map(|b| b.as_ref().and_then(Bulk::drops_delta))
+                    .collect()
+            })
+            .unwrap_or_default();
+        raw.insert(
+            l.clone(),
+            json!({
+                "gbps": g(l),
+                "busy_cores": series(bulk, l, |b| b.busy_cores),
+                "retransmits": retr,
+                "replies_forwarded": d(|s| s.replies_forwarded),
+                "replies_to_stack": d(|s| s.replies_to_stack),
+                "replies_unknown": d(|s| s.replies_unknown),
+                "redirected": d(|s| s.redirected),
+                "passed": d(|s| s.passed),
+                "invalid_drops": drops,
+            }),
+        );
+    }
+    let bars: Vec<Bar> = rows.iter().filter_map(Bar::from_row).collect();
+    f.tables.push(Table {
+        title: "download (iperf3 -R) through a strict edge: edge copy vs cloud, same run".into(),
+        rows,
+    });
+    f.tables.push(Table {
+        title: "download through a strict edge, per busy core".into(),
+        rows: per_core,
+    });
+    f.tables.push(Table {
+        title: "download through a strict edge: ratios (per round)".into(),
+        rows: vec![
+            ratio_row(
+                "edge copy / cloud through the strict edge, raw",
+                &g(&se),
+                &g(&sc),
+                Some(("≥ 0.9", |x| x >= 0.9)),
+            ),
+            ratio_row(
+                "edge copy / cloud through the strict edge, per core",
+                &pc(&se),
+                &pc(&sc),
+                None,
+            ),
+        ],
+    });
+
+    // Counters per run (deltas around each iperf3 run).
+    let per_run = |l: &str, get: &dyn Fn(&Bulk) -> Option<u64>| -> Vec<f64> {
+        bulk.get(l)
+            .map(|v| {
+                v.iter()
+                    .map(|b| b.as_ref().and_then(get).map_or(f64::NAN, |x| x as f64))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let fwd = per_run(&se, &|b| b.viscum_delta(|s| s.replies_forwarded));
+    let stack = per_run(&se, &|b| b.viscum_delta(|s| s.replies_to_stack));
+    let counted = |name: &str, v: Vec<f64>| -> Row {
+        if v.iter().all(|x| !x.is_finite()) {
+            Row::failed(name, "not read")
+        } else {
+            Row::new(name, "packets per run", v)
+        }
+    };
+    let share: Vec<f64> = stack
+        .iter()
+        .zip(&fwd)
+        .map(|(s, f)| s / (s + f))
+        .filter(|x| x.is_finite())
+        .collect();
+    let mut counter_rows = vec![
+        counted(&format!("replies_forwarded, {se}"), fwd.clone())
+            .note("replies the reply classifier redirected to the client itself (GSO super-packets count once)"),
+        counted(&format!("replies_to_stack, {se}"), stack.clone())
+            .note("replies handed to the kernel's forward path (where the firewall and rp_filter apply)"),
+        if share.is_empty() {
+            Row::failed("replies_to_stack share, strict-edge", "no counters")
+        } else {
+            Row::new(
+                format!("replies_to_stack / (forwarded + to_stack), {se}"),
+                "×",
+                share,
+            )
+        },
+        counted(
+            &format!("replies_unknown, {se}"),
+            per_run(&se, &|b| b.viscum_delta(|s| s.replies_unknown)),
+        ),
+        counted(
+            &format!("redirected (classifier hits), {se}"),
+            per_run(&se, &|b| b.viscum_delta(|s| s.redirected)),
+        ),
+        counted(
+            &format!("redirected (classifier hits), {sc}"),
+            per_run(&sc, &|b| b.viscum_delta(|s| s.redirected)),
+        )
+        .note("the cloud path must not be redirected"),
+    ];
+    for l in [&se, &sc] {
+        counter_rows.push(
+            counted(
+                &format!("ct state invalid drops at the edge, {l}"),
+                per_run(l, &|b| b.drops_delta()),
+            )
+            .note("the firewall rule's counter"),
+        );
+    }
+    f.tables.push(Table {
+        title: "download through a strict edge: counters per run (viscum global counters and the firewall's, deltas around each run; medians over rounds)".into(),
+        rows: counter_rows,
+    });
+    f.plots.push(Plot::Bars {
+        file: "b6-strict-edge".into(),
+        title: "B6: download through a strict edge (iperf3 -R, one stream)".into(),
+        unit: "Gbit/s".into(),
+        bars,
+    });
+    if let serde_json::Value::Object(m) = &mut f.raw {
+        m.insert("strict".into(), serde_json::Value::Object(raw));
+    }
     f.finish()
 }
