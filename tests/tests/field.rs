@@ -612,3 +612,37 @@ fn the_edge_copy_reaches_its_origin() {
         serde_json::json!(["198.51.100.7/32", "2001:db8:f::7/128"])
     );
 }
+
+/// A connection the edge copy refuses (nothing listens there) or closes is over: it must
+/// not count as an open edge flow, so `redirect del` has nothing to wait for; and `--now`
+/// forgets the flows it cut, so a later entry of the same match starts clean.
+#[test]
+fn refused_and_cut_flows_do_not_hold_a_delete() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let cloud = viscum_tests::IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    for addr in lab.cloud_addrs(cloud.port()) {
+        let url = format!("tcp://{addr}");
+        lab.viscum_ok(&["redirect", "add", &url, "--ns", &ns]);
+        // Nothing listens on that port in the namespace: its stack answers with a RST.
+        let refused = viscum_tests::tcp_ask(lab.client.name(), addr, common::TIMEOUT);
+        assert!(refused.is_err(), "{addr}: {refused:?}");
+        let out = lab.viscum_ok(&["redirect", "del", &url]);
+        assert_eq!(out.trim(), format!("deleted {url}"), "{addr}");
+
+        // --now with a flow open, then the same match again: nothing counted as open.
+        let _edge = viscum_tests::IdentityServer::start(&ns, cloud.port(), "edge");
+        lab.viscum_ok(&["redirect", "add", &url, "--ns", &ns]);
+        let held = common::Held::open(lab.client.name(), addr);
+        let out = lab.viscum_ok(&["redirect", "del", &url, "--now"]);
+        assert!(out.contains("cut 1 open edge flow"), "{addr}: {out}");
+        lab.viscum_ok(&["redirect", "add", &url, "--ns", &ns]);
+        let rows: serde_json::Value =
+            serde_json::from_str(&lab.viscum_ok(&["redirect", "list", "--json"])).unwrap();
+        assert_eq!(rows[0]["live_flows"], 0, "{addr}: {rows}");
+        held.close();
+        lab.viscum_ok(&["redirect", "del", &url, "--now"]);
+    }
+}

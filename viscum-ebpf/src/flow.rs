@@ -230,3 +230,29 @@ pub fn reply_state(rkey: &ReplyKey) -> Option<ReplyState> {
     // SAFETY: copied out of the map value at once.
     unsafe { REPLIES.get(rkey).copied() }
 }
+
+/// Marks the flow of a service's FIN or RST (`p`, a reply with identity
+/// `id`) as closing, so it lingers and then ends like a flow the client
+/// closed; otherwise a refused or server-closed connection would count as
+/// open until the idle timeout (hours for TCP).
+#[inline(always)]
+pub fn close_from_service(p: &Parsed, id: &ReplyState) {
+    let fkey = FlowKey {
+        client: p.key.addr,
+        service: id.service,
+        client_port: p.key.port,
+        service_port: id.service_port,
+        proto: p.key.proto,
+        family: p.key.family,
+        _pad: [0; 2],
+    };
+    if let Some(state) = FLOWS.get_ptr_mut(&fkey) {
+        // SAFETY: LRU value pointer from the kernel; a race only loses a
+        // timestamp.
+        let state = unsafe { &mut *state };
+        if state.closing_at_ns == 0 {
+            // SAFETY: helper without arguments.
+            state.closing_at_ns = unsafe { bpf_ktime_get_ns() };
+        }
+    }
+}

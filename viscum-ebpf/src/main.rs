@@ -254,6 +254,11 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     if id.flags & REPLY_F_DROP != 0 {
         return Ok(TC_ACT_SHOT);
     }
+    if p.key.proto == PROTO_TCP && p.tcp_flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
+        // The service ends the connection (or refuses it: nothing listens):
+        // the flow lingers and is then over, as when the client ends it.
+        flow::close_from_service(&p, &id);
+    }
     frag::remember(&p);
     if id.service != p.saddr || id.service_port != p.sport {
         // NAT mode, or a UDP server that answered from its veth address

@@ -156,6 +156,7 @@ pub struct Report {
 impl Report {
     /// Probes this kernel and reads the programs pinned under `pins`.
     pub fn probe(pins: &Pins) -> Report {
+        let programs = program_stats(pins);
         let helpers = probe_helpers(|_| true);
         let missing = missing_helpers(&helpers);
         let peer = helpers
@@ -175,15 +176,28 @@ impl Report {
             },
             attach_mode: if has_tcx() { "tcx" } else { "clsact" },
             btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
-            jit: fs::read_to_string("/proc/sys/net/core/bpf_jit_enable")
-                .ok()
-                .and_then(|s| s.trim().parse().ok()),
+            jit: jit_setting(&programs),
             redirect: redirect_mode(peer),
             helpers,
             missing,
-            programs: program_stats(pins),
+            programs,
         }
     }
+}
+
+/// `net.core.bpf_jit_enable`. The sysctl exists only in the initial network
+/// namespace; run elsewhere (`nsenter --net=...`), a loaded program with a
+/// JIT image still shows the JIT is on.
+fn jit_setting(programs: &[ProgramStats]) -> Option<u8> {
+    fs::read_to_string("/proc/sys/net/core/bpf_jit_enable")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .or_else(|| {
+            programs
+                .iter()
+                .any(|p| p.jited_bytes.is_some())
+                .then_some(1)
+        })
 }
 
 /// How a hit enters its namespace, given `bpf_redirect_peer` support.

@@ -96,6 +96,11 @@ pub enum RedirectError {
     NoNsAddress { ns: String, addr: String },
     #[error("mirror and NAT modes cannot be combined")]
     MirrorNat,
+    #[error(
+        "an entry for {0} exists and is draining (a `redirect del` was interrupted): wait for its \
+         edge flows to end, or delete it at once with `viscum redirect del --now`"
+    )]
+    Draining(String),
 }
 
 /// An entry as shown by `redirect list` and `stats`.
@@ -242,6 +247,9 @@ pub async fn add_with(
     }
     let r = resolve(target).await?;
     if let Some(old) = engine.get(endpoint)? {
+        if old.flags & TARGET_F_DRAINING != 0 && crate::lifecycle::ifindex_alive(old.ifindex) {
+            return Err(RedirectError::Draining(endpoint.to_string()));
+        }
         if crate::lifecycle::ifindex_alive(old.ifindex) {
             return Err(EngineError::Duplicate(endpoint.to_string()).into());
         }
@@ -391,7 +399,24 @@ pub async fn del(engine: &mut Engine, endpoint: &Endpoint) -> Result<(), Redirec
         return Err(EngineError::NoSuchEntry(endpoint.to_string()).into());
     };
     engine.remove(endpoint)?;
-    release_route(engine, &entry).await
+    // Its flows are over (drained, or cut): they must neither count as open
+    // nor decide for a later entry of the same match.
+    engine.forget_flows(endpoint, entry.ifindex)?;
+    release_route(engine, &entry).await?;
+    release_reply_path(engine, entry.ifindex).await
+}
+
+/// Detaches the reply classifier from a target no entry uses any more (a
+/// `--to` veth would otherwise keep it, seeing every packet it carries).
+async fn release_reply_path(engine: &Engine, ifindex: u32) -> Result<(), RedirectError> {
+    if engine.entries()?.iter().any(|e| e.ifindex == ifindex) {
+        return Ok(());
+    }
+    let handle = netns::handle_here().await?;
+    if let Ok(link) = netns::link_by_index(&handle, ifindex).await {
+        engine::detach_reply(engine.pins(), &link.name)?;
+    }
+    Ok(())
 }
 
 async fn release_route(engine: &Engine, removed: &EntryView) -> Result<(), RedirectError> {
@@ -424,7 +449,6 @@ pub async fn del_all_to(engine: &mut Engine, ifindex: u32) -> Result<Vec<Endpoin
 /// Every entry with its target's name, for display.
 pub async fn list(engine: &Engine) -> Result<Vec<EntryRow>, RedirectError> {
     let handle = netns::handle_here().await?;
-    let live = engine.edge_flows()?;
     let mut rows = Vec::new();
     for e in engine.entries()? {
         let (target, target_gone) = match netns::link_by_index(&handle, e.ifindex).await {
@@ -471,7 +495,7 @@ pub async fn list(engine: &Engine) -> Result<Vec<EntryRow>, RedirectError> {
             bytes: e.bytes,
             edge_flows: e.new_flows,
             cloud_flows: e.cloud_flows,
-            live_flows: live.get(&e.ifindex).copied().unwrap_or(0),
+            live_flows: engine.edge_flows_of(&e.endpoint, e.ifindex)?,
         });
     }
     Ok(rows)

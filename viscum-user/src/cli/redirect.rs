@@ -268,25 +268,52 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
                     eps
                 }
             };
-            if args.now {
-                for ep in &endpoints {
-                    if engine.get(ep)?.is_none() {
-                        anyhow::bail!("no entry for {ep}");
-                    }
+            for ep in &endpoints {
+                if engine.get(ep)?.is_none() {
+                    anyhow::bail!("no entry for {ep}");
                 }
+            }
+            let open: u64 = endpoints
+                .iter()
+                .map(|ep| redirect::live_flows(&engine, ep))
+                .sum::<std::result::Result<u64, _>>()?;
+            if args.now || open == 0 {
                 for ep in endpoints {
                     redirect::del(&mut engine, &ep).await?;
-                    println!("deleted {ep}");
+                    match open {
+                        0 => println!("deleted {ep}"),
+                        n => println!("deleted {ep} (cut {n} open edge flow(s))"),
+                    }
                 }
             } else {
+                println!(
+                    "draining: new flows go to the cloud; waiting up to {} s for {open} open edge \
+                     flow(s) (Ctrl-C deletes at once)",
+                    args.drain_timeout
+                );
                 let timeout = std::time::Duration::from_secs(args.drain_timeout);
-                let cut = redirect::del_draining(&mut engine, &endpoints, timeout).await?;
+                let cut = tokio::select! {
+                    r = redirect::del_draining(&mut engine, &endpoints, timeout) => r?,
+                    _ = tokio::signal::ctrl_c() => {
+                        // Interrupted: finish the job at once rather than leave
+                        // entries draining for nobody.
+                        let mut engine = Engine::open(pins)?;
+                        let mut cut = Vec::new();
+                        for ep in &endpoints {
+                            if engine.get(ep)?.is_some() {
+                                let live = redirect::live_flows(&engine, ep)?;
+                                redirect::del(&mut engine, ep).await?;
+                                cut.push((*ep, live));
+                            }
+                        }
+                        cut
+                    }
+                };
                 for ep in &endpoints {
                     match cut.iter().find(|(c, _)| c == ep) {
-                        Some((_, live)) => println!(
-                            "deleted {ep} ({live} edge flow(s) still open after {} s were cut)",
-                            args.drain_timeout
-                        ),
+                        Some((_, live)) => {
+                            println!("deleted {ep} (cut {live} edge flow(s) still open)")
+                        }
                         None => println!("deleted {ep}"),
                     }
                 }

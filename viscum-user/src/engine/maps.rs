@@ -447,6 +447,42 @@ impl Engine {
     ) -> Result<u64, EngineError> {
         let now = monotonic_ns();
         let cfg = self.config.get(&0, 0).unwrap_or_default();
+        Ok(self
+            .flows_of(endpoint, ifindex)
+            .into_iter()
+            .filter(|(key, state)| {
+                state.closing_at_ns == 0
+                    && now.saturating_sub(state.last_seen_ns) <= cfg.idle_ns(key.proto)
+            })
+            .count() as u64)
+    }
+
+    /// Forgets every flow record of `endpoint`'s entry into `ifindex` (the
+    /// entry is gone: its flows must not be counted, nor decide for a later
+    /// entry of the same match). Returns how many were removed.
+    pub fn forget_flows(
+        &mut self,
+        endpoint: &crate::endpoint::Endpoint,
+        ifindex: u32,
+    ) -> Result<usize, EngineError> {
+        let keys: Vec<FlowKey> = self
+            .flows_of(endpoint, ifindex)
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        for k in &keys {
+            // Already evicted by the LRU in between: nothing to do.
+            let _ = self.flows.remove(k);
+        }
+        Ok(keys.len())
+    }
+
+    /// Edge flow records of `endpoint`'s entry into `ifindex`.
+    fn flows_of(
+        &self,
+        endpoint: &crate::endpoint::Endpoint,
+        ifindex: u32,
+    ) -> Vec<(FlowKey, FlowState)> {
         let addr = |family: u8, b: [u8; 16]| {
             if family == viscum_common::FAMILY_V4 {
                 std::net::IpAddr::from([b[0], b[1], b[2], b[3]])
@@ -454,29 +490,22 @@ impl Engine {
                 std::net::IpAddr::from(b)
             }
         };
-        let mut n = 0;
-        for item in self.flows.iter() {
-            let Ok((key, state)) = item else { continue };
-            if state.decision != FLOW_EDGE
-                || state.ifindex != ifindex
-                || state.closing_at_ns != 0
-                || now.saturating_sub(state.last_seen_ns) > cfg.idle_ns(key.proto)
-            {
-                continue;
-            }
-            let Some(proto) = crate::endpoint::Proto::from_number(key.proto) else {
-                continue;
-            };
-            if endpoint.matches(
-                proto,
-                addr(key.family, key.service),
-                u16::from_be(key.service_port),
-                addr(key.family, key.client),
-            ) {
-                n += 1;
-            }
-        }
-        Ok(n)
+        self.flows
+            .iter()
+            .flatten()
+            .filter(|(key, state)| {
+                state.decision == FLOW_EDGE
+                    && state.ifindex == ifindex
+                    && crate::endpoint::Proto::from_number(key.proto).is_some_and(|proto| {
+                        endpoint.matches(
+                            proto,
+                            addr(key.family, key.service),
+                            u16::from_be(key.service_port),
+                            addr(key.family, key.client),
+                        )
+                    })
+            })
+            .collect()
     }
 
     /// Writes flow timeouts (0 keeps the datapath's default).
