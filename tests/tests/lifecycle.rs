@@ -938,3 +938,27 @@ fn a_stale_namespace_file_blocks_nothing() {
     let err = lab.viscum_err(&["ns", "del", &ns]);
     assert!(err.contains("does not exist"), "{err}");
 }
+
+/// `viscum ns del` removes only namespaces `viscum ns add` made: a namespace made with
+/// `ip netns add` (here: one of the lab's own) is refused with a clear error and left as it
+/// was, interfaces included.
+#[test]
+fn ns_del_leaves_foreign_namespaces_alone() {
+    if viscum_tests::skip_unless_root() {
+        return;
+    }
+    let lab = viscum_tests::Lab::new();
+    let foreign = lab.client.name().to_owned();
+    // Lab names are service-name shaped, so only ownership can refuse it.
+    let err = lab.viscum_err(&["ns", "del", &foreign]);
+    assert!(err.contains("was not made by `viscum ns add`"), "{err}");
+    assert!(
+        viscum::netns::named_exists(&foreign),
+        "the namespace must survive"
+    );
+    let links = lab.client.block_on(|| async {
+        let h = viscum::netns::handle_here().await.unwrap();
+        viscum::netns::list_links(&h).await.unwrap()
+    });
+    assert!(links.iter().any(|l| l.name == "eth0"), "{links:?}");
+}

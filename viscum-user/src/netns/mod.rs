@@ -75,6 +75,16 @@ pub enum NetnsError {
         name: String,
     },
 
+    /// A namespace `viscum ns del` must not remove: `viscum ns add` did not make it.
+    #[error(
+        "namespace {name} was not made by `viscum ns add` (no {HOST_VETH_PREFIX}{name} veth, none \
+         of its settings): viscum leaves it alone; remove it with `ip netns del {name}`"
+    )]
+    NotAServiceNamespace {
+        /// The namespace that was asked for.
+        name: String,
+    },
+
     /// `/run/netns/NAME` is already there.
     #[error("namespace {name} already exists")]
     NamespaceExists {

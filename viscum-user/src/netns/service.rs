@@ -306,6 +306,18 @@ pub async fn service_ns_del(name: &str) -> Result<(), NetnsError> {
             name: name.to_string(),
         });
     }
+    // Without its veth, a namespace is ours only if it carries the settings
+    // `build` gives every service namespace; anything else is somebody
+    // else's (`ip netns add`), and deleting it would take their interfaces.
+    if ns_exists
+        && link.is_none()
+        && super::sysctl_get(Some(name), "net/ipv4/conf/all/arp_announce")
+            .is_ok_and(|v| v.trim() != "2")
+    {
+        return Err(NetnsError::NotAServiceNamespace {
+            name: name.to_string(),
+        });
+    }
     // The veth first: a process still inside keeps the namespace alive after its file is
     // gone, and without the pair no traffic can reach it any more.
     if let Some(link) = link {
