@@ -1,4 +1,4 @@
-//! B1 and B2 of `shared/docs/benchmarks.md`: what the classifier costs per packet, measured
+//! B1 and B2 of `docs/benchmarks.md`: what the classifier costs per packet, measured
 //! in the kernel with `BPF_PROG_TEST_RUN` (aya's `TestRun` on `SchedClassifier`).
 //!
 //! Two ways of running a packet are used, and both are reported:

@@ -6,7 +6,7 @@
 //!
 //! `ip netns exec` runs commands in a private mount namespace with a fresh
 //! `/sys`, where `/sys/fs/bpf` is an empty directory (see
-//! shared/docs/toolchain.md). A directory outside `/sys` (e.g. under `/run`)
+//! docs/toolchain.md). A directory outside `/sys` (e.g. under `/run`)
 //! on which we mount bpffs ourselves stays shared with every process of the
 //! root mount namespace, which is why both locations are supported.
 

@@ -1,4 +1,4 @@
-//! `cargo xtask bench [--quick]`: runs the benchmarks of `shared/docs/benchmarks.md` and
+//! `cargo xtask bench [--quick]`: runs the benchmarks of `docs/benchmarks.md` and
 //! writes `bench/results/<date>-<kernel>.json` and `bench/RESULTS.md` with SVG plots.
 //!
 //! The measuring happens in two bench binaries of viscum-user (`benches/datapath.rs` for

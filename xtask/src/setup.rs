@@ -1,6 +1,6 @@
 //! `cargo xtask setup`: install what building and testing Viscum needs.
 //!
-//! This is the recipe of `shared/docs/toolchain.md`, verified on a fresh
+//! This is the recipe of `docs/toolchain.md`, verified on a fresh
 //! Debian 12 machine: every step first checks whether its piece is already
 //! there, so on a machine that has everything the whole thing is a quick
 //! no-op (`build`, `run` and `test` call it every time).

@@ -2,7 +2,7 @@
 //! binary into `bench/results/<date>-<kernel>.json` and renders `bench/RESULTS.md` and the
 //! SVG plots from them, so the layout here is the contract between the two.
 //!
-//! Numbers follow `shared/docs/benchmarks.md`: variants are interleaved round by round, a
+//! Numbers follow `docs/benchmarks.md`: variants are interleaved round by round, a
 //! row's value is the median over rounds with the min–max spread, and a ratio is computed per
 //! round (A_r / B_r) before taking its median, so slow drift of a shared machine cancels.
 

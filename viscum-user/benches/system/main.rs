@@ -1,4 +1,4 @@
-//! B3–B9 of `shared/docs/benchmarks.md`: everything that needs namespaces, real traffic, the
+//! B3–B9 of `docs/benchmarks.md`: everything that needs namespaces, real traffic, the
 //! `viscum` binary or the daemon. Run by `cargo xtask bench`, one group per process:
 //!
 //! * `--group traffic`: B3 (bpf stats under load), B4 (RR), B5 (CRR), B6 (bulk);

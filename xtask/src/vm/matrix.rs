@@ -102,7 +102,7 @@ impl Arch {
     ///
     /// arm64 uses `-cpu cortex-a57`: `-cpu max` boots about five times slower
     /// under TCG because it emulates pointer authentication (measured:
-    /// 37 s against 7.8 s, shared/docs/kernel-matrix.md).
+    /// 37 s against 7.8 s, docs/kernel-matrix.md).
     pub fn qemu(self) -> (&'static str, &'static [&'static str]) {
         match self {
             Arch::Amd64 => ("qemu-system-x86_64", &[]),

@@ -58,7 +58,7 @@ pub fn command(vm: &Vm, kernel: &Kernel, initramfs: &Path) -> Command {
     let mut cmd = Command::new(program);
     cmd.args(machine)
         // KVM here is a nested software hypervisor stock kernels do not boot
-        // under (shared/docs/kernel-matrix.md); TCG it is, on every arch.
+        // under (docs/kernel-matrix.md); TCG it is, on every arch.
         // thread=single runs both vCPUs in one host thread: with multi-threaded
         // TCG, the x86 kernels' int3-based live code patching races between
         // vCPUs and oopses at boot ("Oops: int3" in sched_clock_cpu: 1 of 30
