@@ -507,22 +507,7 @@ async fn build_links(
     // the trunk the same way. Wait for all of them rather than lose the first packets.
     let deadline = Instant::now() + READY_TIMEOUT;
     for (ns, handle) in [(client, &c), (edge, &e), (cloud, &k)] {
-        loop {
-            let links = netns::list_links(handle).await?;
-            let waiting: Vec<&str> = links
-                .iter()
-                .filter(|l| !(l.running && l.qdisc.as_deref().is_some_and(|q| q != "noop")))
-                .map(|l| l.name.as_str())
-                .collect();
-            if waiting.is_empty() {
-                break;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "links {waiting:?} in namespace {ns} not ready after {READY_TIMEOUT:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        wait_links_ready(handle, &format!("namespace {ns}"), deadline).await;
     }
     Ok(Built {
         edge_ifs,
@@ -530,4 +515,27 @@ async fn build_links(
         vlan_mode,
         taggers,
     })
+}
+
+/// Waits until every link of the namespace behind `handle` is up with carrier and a real
+/// qdisc: a link that came up before its peer had carrier keeps the "noop" qdisc, which
+/// drops every packet, until the kernel's link-watch work runs (VLANs take their carrier
+/// from the trunk the same way). Panics, naming `what` and the links, past `deadline`.
+pub async fn wait_links_ready(handle: &rtnetlink::Handle, what: &str, deadline: Instant) {
+    loop {
+        let links = netns::list_links(handle).await.unwrap();
+        let waiting: Vec<&str> = links
+            .iter()
+            .filter(|l| !(l.running && l.qdisc.as_deref().is_some_and(|q| q != "noop")))
+            .map(|l| l.name.as_str())
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: links {waiting:?} not ready in time"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }

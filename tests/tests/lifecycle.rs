@@ -23,7 +23,7 @@ use serde_json::Value;
 use viscum::netns;
 use viscum_tests::{
     IdentityServer, Lab, Netns, Proto, ask,
-    lab::{CLIENT_V4, CLIENT_V6, CLOUD_V4, CLOUD_V6, EDGE_LAN_V4, EDGE_LAN_V6},
+    lab::{CLIENT_V4, CLIENT_V6, CLOUD_V4, CLOUD_V6, EDGE_LAN_V4, EDGE_LAN_V6, wait_links_ready},
     skip_unless_root, unique_name, wait_until,
 };
 
@@ -106,28 +106,6 @@ fn delete_edge_link(lab: &Lab, name: &str) {
     });
 }
 
-/// Waits until every link of the namespace behind `handle` is up with carrier and a real
-/// qdisc (a link that came up before its peer keeps the dropping "noop" one for a moment).
-async fn wait_ready(handle: &rtnetlink::Handle, what: &str) {
-    let deadline = Instant::now() + READY;
-    loop {
-        let links = netns::list_links(handle).await.unwrap();
-        let waiting: Vec<&str> = links
-            .iter()
-            .filter(|l| !(l.running && l.qdisc.as_deref().is_some_and(|q| q != "noop")))
-            .map(|l| l.name.as_str())
-            .collect();
-        if waiting.is_empty() {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: links {waiting:?} not ready after {READY:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 /// Re-creates the client-facing link as a router's `network restart` does: `lan0` and the
 /// client's `eth0` deleted, then made again with the same names and addresses (and new
 /// interface indexes), the client's default routes restored.
@@ -181,8 +159,8 @@ fn create_lan(lab: &Lab) {
         )
         .await
         .unwrap();
-        wait_ready(&c, "client").await;
-        wait_ready(&e, "edge").await;
+        wait_links_ready(&c, "client", Instant::now() + READY).await;
+        wait_links_ready(&e, "edge", Instant::now() + READY).await;
     });
 }
 
@@ -266,8 +244,8 @@ impl Foreign {
             )
             .await
             .unwrap();
-            wait_ready(&n, "foreign namespace").await;
-            wait_ready(&e, "edge").await;
+            wait_links_ready(&n, "foreign namespace", Instant::now() + READY).await;
+            wait_links_ready(&e, "edge", Instant::now() + READY).await;
         });
     }
 }
@@ -649,6 +627,30 @@ fn daemon_reattaches(env: &[(&str, &str)]) {
 
 // ----- item 8: a redirect target deleted and re-created ---------------------------------
 
+/// A namespace behind a `--to` veth viscum did not make, an "edge" server in it, and TCP
+/// and UDP entries for both cloud addresses pointing at that veth, served at the edge.
+fn served_through_foreign_veth(
+    lab: &Lab,
+) -> (Foreign, [IdentityServer; 2], Vec<(Proto, SocketAddr)>) {
+    let foreign = Foreign::new(lab);
+    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    let edge = IdentityServer::start(foreign.ns.name(), cloud.port(), "edge");
+    let cases = both_protocols(lab, cloud.port());
+    for &(proto, addr) in &cases {
+        lab.viscum_ok(&[
+            "redirect",
+            "add",
+            &url(proto, addr),
+            "--to",
+            &foreign.veth,
+            "--learn-ms",
+            "0",
+        ]);
+    }
+    wait_all(lab, &cases, "edge", ASK * 4, "before");
+    (foreign, [cloud, edge], cases)
+}
+
 /// A `--to` veth deleted: its clients get the cloud at once (datapath), `redirect list`
 /// says the target is gone; re-created with the same name: the daemon re-points the
 /// entries at it on its own.
@@ -661,22 +663,7 @@ fn the_daemon_follows_a_recreated_to_target() {
     let files = Files::new();
     files.write_config(None);
     let daemon = Daemon::start(&lab, &files);
-    let foreign = Foreign::new(&lab);
-    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
-    let _edge = IdentityServer::start(foreign.ns.name(), cloud.port(), "edge");
-    let cases = both_protocols(&lab, cloud.port());
-    for &(proto, addr) in &cases {
-        lab.viscum_ok(&[
-            "redirect",
-            "add",
-            &url(proto, addr),
-            "--to",
-            &foreign.veth,
-            "--learn-ms",
-            "0",
-        ]);
-    }
-    wait_all(&lab, &cases, "edge", ASK * 4, "before");
+    let (foreign, _servers, cases) = served_through_foreign_veth(&lab);
 
     delete_edge_link(&lab, &foreign.veth);
     for &(proto, addr) in &cases {
@@ -708,22 +695,7 @@ fn attach_follows_a_recreated_to_target() {
     }
     let lab = Lab::new();
     lab.viscum_ok(&["attach", "lan0"]);
-    let foreign = Foreign::new(&lab);
-    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
-    let _edge = IdentityServer::start(foreign.ns.name(), cloud.port(), "edge");
-    let cases = both_protocols(&lab, cloud.port());
-    for &(proto, addr) in &cases {
-        lab.viscum_ok(&[
-            "redirect",
-            "add",
-            &url(proto, addr),
-            "--to",
-            &foreign.veth,
-            "--learn-ms",
-            "0",
-        ]);
-    }
-    wait_all(&lab, &cases, "edge", ASK * 4, "before");
+    let (foreign, _servers, cases) = served_through_foreign_veth(&lab);
     delete_edge_link(&lab, &foreign.veth);
     for &(proto, addr) in &cases {
         assert_eq!(who(&lab, proto, addr), "cloud", "{addr}: target gone");
