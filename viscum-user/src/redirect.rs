@@ -449,8 +449,16 @@ pub async fn del_all_to(engine: &mut Engine, ifindex: u32) -> Result<Vec<Endpoin
 /// Every entry with its target's name, for display.
 pub async fn list(engine: &Engine) -> Result<Vec<EntryRow>, RedirectError> {
     let handle = netns::handle_here().await?;
+    let entries = engine.entries()?;
+    // One pass over the flow table for every entry's LIVE count.
+    let live = engine.live_edge_flows(
+        &entries
+            .iter()
+            .map(|e| (e.endpoint, e.ifindex))
+            .collect::<Vec<_>>(),
+    );
     let mut rows = Vec::new();
-    for e in engine.entries()? {
+    for (e, live_flows) in entries.into_iter().zip(live) {
         let (target, target_gone) = match netns::link_by_index(&handle, e.ifindex).await {
             Ok(l) => (l.name, false),
             Err(_) => (
@@ -495,7 +503,7 @@ pub async fn list(engine: &Engine) -> Result<Vec<EntryRow>, RedirectError> {
             bytes: e.bytes,
             edge_flows: e.new_flows,
             cloud_flows: e.cloud_flows,
-            live_flows: engine.edge_flows_of(&e.endpoint, e.ifindex)?,
+            live_flows,
         });
     }
     Ok(rows)

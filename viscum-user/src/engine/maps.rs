@@ -445,16 +445,28 @@ impl Engine {
         endpoint: &crate::endpoint::Endpoint,
         ifindex: u32,
     ) -> Result<u64, EngineError> {
+        Ok(self.live_edge_flows(&[(*endpoint, ifindex)])[0])
+    }
+
+    /// [`Engine::edge_flows_of`] for several entries (endpoint, target ifindex) in one
+    /// pass over the flow table: the count per entry, in order.
+    pub fn live_edge_flows(&self, entries: &[(crate::endpoint::Endpoint, u32)]) -> Vec<u64> {
         let now = monotonic_ns();
         let cfg = self.config.get(&0, 0).unwrap_or_default();
-        Ok(self
-            .flows_of(endpoint, ifindex)
-            .into_iter()
-            .filter(|(key, state)| {
-                state.closing_at_ns == 0
-                    && now.saturating_sub(state.last_seen_ns) <= cfg.idle_ns(key.proto)
-            })
-            .count() as u64)
+        let mut counts = vec![0; entries.len()];
+        for (key, state) in self.flows.iter().flatten() {
+            if state.closing_at_ns != 0
+                || now.saturating_sub(state.last_seen_ns) > cfg.idle_ns(key.proto)
+            {
+                continue;
+            }
+            for (count, (endpoint, ifindex)) in counts.iter_mut().zip(entries) {
+                if flow_of(&key, &state, endpoint, *ifindex) {
+                    *count += 1;
+                }
+            }
+        }
+        counts
     }
 
     /// Forgets every flow record of `endpoint`'s entry into `ifindex` (the
@@ -466,46 +478,17 @@ impl Engine {
         ifindex: u32,
     ) -> Result<usize, EngineError> {
         let keys: Vec<FlowKey> = self
-            .flows_of(endpoint, ifindex)
-            .into_iter()
-            .map(|(k, _)| k)
+            .flows
+            .iter()
+            .flatten()
+            .filter(|(key, state)| flow_of(key, state, endpoint, ifindex))
+            .map(|(key, _)| key)
             .collect();
         for k in &keys {
             // Already evicted by the LRU in between: nothing to do.
             let _ = self.flows.remove(k);
         }
         Ok(keys.len())
-    }
-
-    /// Edge flow records of `endpoint`'s entry into `ifindex`.
-    fn flows_of(
-        &self,
-        endpoint: &crate::endpoint::Endpoint,
-        ifindex: u32,
-    ) -> Vec<(FlowKey, FlowState)> {
-        let addr = |family: u8, b: [u8; 16]| {
-            if family == viscum_common::FAMILY_V4 {
-                std::net::IpAddr::from([b[0], b[1], b[2], b[3]])
-            } else {
-                std::net::IpAddr::from(b)
-            }
-        };
-        self.flows
-            .iter()
-            .flatten()
-            .filter(|(key, state)| {
-                state.decision == FLOW_EDGE
-                    && state.ifindex == ifindex
-                    && crate::endpoint::Proto::from_number(key.proto).is_some_and(|proto| {
-                        endpoint.matches(
-                            proto,
-                            addr(key.family, key.service),
-                            u16::from_be(key.service_port),
-                            addr(key.family, key.client),
-                        )
-                    })
-            })
-            .collect()
     }
 
     /// Writes flow timeouts (0 keeps the datapath's default).
@@ -633,4 +616,30 @@ pub(crate) fn monotonic_ns() -> u64 {
     // SAFETY: valid out pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// Is this flow record an edge flow that `endpoint`'s entry into `ifindex` decided?
+fn flow_of(
+    key: &FlowKey,
+    state: &FlowState,
+    endpoint: &crate::endpoint::Endpoint,
+    ifindex: u32,
+) -> bool {
+    let addr = |b: [u8; 16]| {
+        if key.family == viscum_common::FAMILY_V4 {
+            std::net::IpAddr::from([b[0], b[1], b[2], b[3]])
+        } else {
+            std::net::IpAddr::from(b)
+        }
+    };
+    state.decision == FLOW_EDGE
+        && state.ifindex == ifindex
+        && crate::endpoint::Proto::from_number(key.proto).is_some_and(|proto| {
+            endpoint.matches(
+                proto,
+                addr(key.service),
+                u16::from_be(key.service_port),
+                addr(key.client),
+            )
+        })
 }
