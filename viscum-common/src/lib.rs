@@ -356,60 +356,224 @@ pub struct FragPorts {
 }
 const _: () = assert!(core::mem::size_of::<FragPorts>() == 4);
 
-/// Indices into the global per-CPU counter array.
-#[repr(u32)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GlobalCounter {
-    /// Every packet the classifier ran on.
-    Seen = 0,
-    /// Packets redirected into a service namespace.
-    Redirected = 1,
-    /// Packets left to the normal stack (misses and non-IP).
-    Passed = 2,
-    /// IPv4/IPv6 fragments of TCP/UDP datagrams seen (first or later).
-    Fragments = 3,
-    /// Truncated or malformed headers, always passed.
-    Unparsable = 4,
-    /// A hit whose redirect helper failed (target gone).
-    RedirectErrors = 5,
-    /// Flows that started at the edge.
-    FlowsEdge = 6,
-    /// Matched flows sent to the cloud (entry learning or draining).
-    FlowsCloud = 7,
-    /// Mid-flow TCP packets for a matched service with no flow state: flows
-    /// opened before the entry, or evicted from a full flow table.
-    FlowOrphans = 8,
-    /// Replies forwarded straight to the client-facing interface.
-    RepliesForwarded = 9,
-    /// Replies whose source was rewritten to the cloud identity.
-    RepliesRewritten = 10,
-    /// Replies left to the kernel's routing (no FIB result, or TTL expiring).
-    RepliesToStack = 11,
-    /// Packets from service namespaces that belong to no known flow.
-    RepliesUnknown = 12,
-    /// Packets cloned to a mirror (canary) target.
-    Mirrored = 13,
-    /// Later fragments whose first fragment was never seen (out of order,
-    /// or evicted): their ports are unknown, so they are passed untouched.
-    FragmentsUnknown = 14,
-    /// ICMP/ICMPv6 errors from the network about an edge flow, sent to the
-    /// edge copy (path MTU, unreachable...).
-    IcmpToEdge = 15,
-    /// ICMP/ICMPv6 errors from an edge copy about a client's flow, sent to
-    /// the client through the reply path.
-    IcmpToClient = 16,
-    /// ICMP errors about a mirrored flow, dropped (the cloud answers).
-    IcmpDropped = 17,
-    /// Redirected TCP SYNs (and edge SYN-ACKs) whose MSS option was lowered
-    /// to fit the interface MTU.
-    MssClamped = 18,
-    /// Hits whose target interface no longer exists (namespace or veth
-    /// deleted): passed to the cloud instead of being black-holed.
-    TargetGone = 19,
+/// The registry of global counters: the one place each counter is spelled.
+///
+/// Every row is `Variant = slot, json_name, "COLUMN", StatsRow, FAMILY, "label", "help";`:
+/// the [`GlobalCounter`] variant and its slot in the per-CPU array (the kernel bumps it by
+/// slot, so a slot never moves), the snake_case name (a field of user space's `GlobalStats`
+/// and its key in `viscum stats --json` and the daemon's status), the column header and row of
+/// the `viscum stats` table, the Prometheus family ([`MetricFamily`]) and label value under
+/// which the daemon's metrics endpoint exports it, and the help text. Rows are in display
+/// order (JSON keys, table columns and metric samples follow it), not slot order.
+///
+/// `global_counters!(m)` invokes the macro `m` with the whole table, so each consumer
+/// generates its own view (the enum and [`GLOBAL_COUNTER_INFO`] here, `GlobalStats` in
+/// user space) and a new counter is one new row. As with Cilium's single list of drop
+/// reasons, nothing else needs to learn of it.
+#[macro_export]
+macro_rules! global_counters {
+    ($m:ident) => {
+        $m! {
+            Seen = 0, seen, "SEEN", Packets, DATAPATH_PACKETS, "seen",
+                "Every packet the classifier ran on.";
+            Redirected = 1, redirected, "REDIRECTED", Packets, DATAPATH_PACKETS, "redirected",
+                "Packets redirected into a service namespace.";
+            Passed = 2, passed, "PASSED", Packets, DATAPATH_PACKETS, "passed",
+                "Packets left to the normal stack (misses and non-IP).";
+            Fragments = 3, fragments, "FRAGMENTS", Packets, DATAPATH_PACKETS, "fragments",
+                "IPv4/IPv6 fragments of TCP/UDP datagrams seen (first or later).";
+            FragmentsUnknown = 14, fragments_unknown, "FRAGS_UNKNOWN", Packets, DATAPATH_PACKETS,
+                "fragments_unknown",
+                "Later fragments whose first fragment was never seen (out of order, or evicted): their ports are unknown, so they are passed untouched.";
+            Unparsable = 4, unparsable, "UNPARSABLE", Packets, DATAPATH_PACKETS, "unparsable",
+                "Truncated or malformed headers, always passed.";
+            RedirectErrors = 5, redirect_errors, "REDIRECT_ERRORS", Packets, DATAPATH_PACKETS,
+                "redirect_errors",
+                "A hit whose redirect helper failed (target gone).";
+            FlowsEdge = 6, flows_edge, "EDGE_FLOWS", Flows, DATAPATH_FLOWS, "edge",
+                "Flows that started at the edge.";
+            FlowsCloud = 7, flows_cloud, "CLOUD_FLOWS", Flows, DATAPATH_FLOWS, "cloud",
+                "Matched flows sent to the cloud (entry learning or draining).";
+            FlowOrphans = 8, flow_orphans, "ORPHANS", Flows, DATAPATH_FLOW_ORPHANS, "",
+                "Mid-flow TCP packets for a matched service with no flow state: flows opened before the entry, or evicted from a full flow table.";
+            RepliesForwarded = 9, replies_forwarded, "REPLIES_FWD", Flows, DATAPATH_REPLIES,
+                "forwarded",
+                "Replies forwarded straight to the client-facing interface.";
+            RepliesRewritten = 10, replies_rewritten, "REPLIES_REWRITTEN", Flows,
+                DATAPATH_REPLIES_REWRITTEN, "",
+                "Replies whose source was rewritten to the cloud identity.";
+            RepliesToStack = 11, replies_to_stack, "REPLIES_TO_STACK", Flows, DATAPATH_REPLIES,
+                "to_stack",
+                "Replies left to the kernel's routing (no FIB result, or TTL expiring).";
+            RepliesUnknown = 12, replies_unknown, "REPLIES_UNKNOWN", Flows, DATAPATH_REPLIES,
+                "unknown",
+                "Packets from service namespaces that belong to no known flow.";
+            Mirrored = 13, mirrored, "MIRRORED", Flows, DATAPATH_MIRRORED, "",
+                "Packets cloned to a mirror (canary) target.";
+            IcmpToEdge = 15, icmp_to_edge, "ICMP_TO_EDGE", Icmp, DATAPATH_ICMP_ERRORS, "to_edge",
+                "ICMP/ICMPv6 errors from the network about an edge flow, sent to the edge copy (path MTU, unreachable...).";
+            IcmpToClient = 16, icmp_to_client, "ICMP_TO_CLIENT", Icmp, DATAPATH_ICMP_ERRORS,
+                "to_client",
+                "ICMP/ICMPv6 errors from an edge copy about a client's flow, sent to the client through the reply path.";
+            IcmpDropped = 17, icmp_dropped, "ICMP_DROPPED", Icmp, DATAPATH_ICMP_ERRORS,
+                "dropped",
+                "ICMP errors about a mirrored flow, dropped (the cloud answers).";
+            MssClamped = 18, mss_clamped, "MSS_CLAMPED", Icmp, DATAPATH_MSS_CLAMPED, "",
+                "Redirected TCP SYNs (and edge SYN-ACKs) whose MSS option was lowered to fit the interface MTU.";
+            TargetGone = 19, target_gone, "TARGET_GONE", Icmp, DATAPATH_TARGET_GONE, "",
+                "Hits whose target interface no longer exists (namespace or veth deleted): passed to the cloud instead of being black-holed.";
+        }
+    };
 }
 
+/// Which row of the `viscum stats` table a counter is shown in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatsRow {
+    /// What happened to packets at the client-facing classifier.
+    Packets,
+    /// Flow decisions, and the reply path out of service namespaces.
+    Flows,
+    /// ICMP errors, MSS clamping, and hits on vanished targets.
+    Icmp,
+}
+
+impl StatsRow {
+    /// The rows, top to bottom.
+    pub const ALL: [StatsRow; 3] = [StatsRow::Packets, StatsRow::Flows, StatsRow::Icmp];
+}
+
+/// A Prometheus metric family that global counters are exported in (all of type `counter`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MetricFamily {
+    /// The metric name, e.g. `viscum_datapath_packets_total`.
+    pub name: &'static str,
+    /// The label that tells the family's counters apart (`result`, `where`...); empty for
+    /// a family of one counter, which is exported without labels.
+    pub label: &'static str,
+    /// The `# HELP` text.
+    pub help: &'static str,
+}
+
+/// `viscum_datapath_packets_total{result=...}`.
+pub const DATAPATH_PACKETS: MetricFamily = MetricFamily {
+    name: "viscum_datapath_packets_total",
+    label: "result",
+    help: "Packets seen by the classifier, by outcome.",
+};
+/// `viscum_datapath_flows_total{where=...}`.
+pub const DATAPATH_FLOWS: MetricFamily = MetricFamily {
+    name: "viscum_datapath_flows_total",
+    label: "where",
+    help: "Matched flows, by where they went.",
+};
+/// `viscum_datapath_flow_orphans_total`.
+pub const DATAPATH_FLOW_ORPHANS: MetricFamily = MetricFamily {
+    name: "viscum_datapath_flow_orphans_total",
+    label: "",
+    help: "Mid-connection packets of matched services with no flow state: connections older \
+           than their entry, or flow-table evictions (raise --flow-table-size if this grows).",
+};
+/// `viscum_datapath_replies_total{result=...}`.
+pub const DATAPATH_REPLIES: MetricFamily = MetricFamily {
+    name: "viscum_datapath_replies_total",
+    label: "result",
+    help: "Packets from service namespaces at the reply classifier, by outcome (forwarded \
+           straight to the client-facing interface, left to the kernel's routing, or no known \
+           flow).",
+};
+/// `viscum_datapath_replies_rewritten_total`.
+pub const DATAPATH_REPLIES_REWRITTEN: MetricFamily = MetricFamily {
+    name: "viscum_datapath_replies_rewritten_total",
+    label: "",
+    help: "Replies whose source was rewritten to the cloud identity.",
+};
+/// `viscum_datapath_mirrored_packets_total`.
+pub const DATAPATH_MIRRORED: MetricFamily = MetricFamily {
+    name: "viscum_datapath_mirrored_packets_total",
+    label: "",
+    help: "Packets cloned to a mirror (canary) target.",
+};
+/// `viscum_datapath_icmp_errors_total{action=...}`.
+pub const DATAPATH_ICMP_ERRORS: MetricFamily = MetricFamily {
+    name: "viscum_datapath_icmp_errors_total",
+    label: "action",
+    help: "ICMP/ICMPv6 errors about redirected flows, by what was done with them.",
+};
+/// `viscum_datapath_mss_clamped_total`.
+pub const DATAPATH_MSS_CLAMPED: MetricFamily = MetricFamily {
+    name: "viscum_datapath_mss_clamped_total",
+    label: "",
+    help: "Redirected SYNs and edge SYN-ACKs whose MSS was lowered to the interface MTU.",
+};
+/// `viscum_datapath_target_gone_total`.
+pub const DATAPATH_TARGET_GONE: MetricFamily = MetricFamily {
+    name: "viscum_datapath_target_gone_total",
+    label: "",
+    help: "Hits whose target interface no longer exists, passed to the cloud instead.",
+};
+
+/// One row of the counter registry ([`global_counters!`]), for code that iterates counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CounterInfo {
+    pub counter: GlobalCounter,
+    /// snake_case: the `GlobalStats` field and JSON key.
+    pub name: &'static str,
+    /// Column header in `viscum stats`.
+    pub column: &'static str,
+    pub row: StatsRow,
+    pub family: &'static MetricFamily,
+    /// Value of `family.label` for this counter (empty when the family has no label).
+    pub label: &'static str,
+    pub help: &'static str,
+}
+
+macro_rules! define_global_counters {
+    ($($variant:ident = $slot:literal, $name:ident, $column:literal, $row:ident, $family:ident,
+       $label:literal, $help:literal;)*) => {
+        /// Indices into the global per-CPU counter array (see [`global_counters!`]).
+        #[repr(u32)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum GlobalCounter {
+            $(#[doc = $help] $variant = $slot,)*
+        }
+
+        /// Every global counter, in display order.
+        pub const GLOBAL_COUNTER_INFO: &[CounterInfo] = &[$(CounterInfo {
+            counter: GlobalCounter::$variant,
+            name: stringify!($name),
+            column: $column,
+            row: StatsRow::$row,
+            family: &$family,
+            label: $label,
+            help: $help,
+        },)*];
+    };
+}
+global_counters!(define_global_counters);
+
 /// Number of slots in the global counter array.
-pub const GLOBAL_COUNTERS: u32 = 20;
+pub const GLOBAL_COUNTERS: u32 = GLOBAL_COUNTER_INFO.len() as u32;
+
+/// The registry is consistent: slots are exactly `0..GLOBAL_COUNTERS` (so the map holds them
+/// all and none is counted twice), and a family's counters are labelled iff it has a label.
+const _: () = {
+    let n = GLOBAL_COUNTER_INFO.len();
+    let mut seen = [false; 64];
+    assert!(n <= 64);
+    let mut i = 0;
+    while i < n {
+        let c = &GLOBAL_COUNTER_INFO[i];
+        let slot = c.counter as usize;
+        assert!(slot < n, "a counter slot is outside 0..GLOBAL_COUNTERS");
+        assert!(!seen[slot], "two counters share a slot");
+        seen[slot] = true;
+        assert!(
+            c.family.label.is_empty() == c.label.is_empty(),
+            "a counter's label does not fit its metric family"
+        );
+        i += 1;
+    }
+};
 
 /// Runtime knobs read by the classifier on every packet (one array slot).
 #[repr(C)]

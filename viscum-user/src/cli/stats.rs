@@ -1,6 +1,7 @@
 //! `viscum stats`.
 
 use clap::Args;
+use viscum_common::StatsRow;
 
 use super::{Result, print_json, print_table};
 use crate::{
@@ -54,63 +55,71 @@ pub async fn run(pins: &Pins, args: StatsArgs) -> Result<()> {
     {
         println!("interface {}: {}", a.interface, a.describe());
     }
-    print_table(
-        &[
-            "SEEN",
-            "REDIRECTED",
-            "PASSED",
-            "FRAGMENTS",
-            "FRAGS_UNKNOWN",
-            "UNPARSABLE",
-            "REDIRECT_ERRORS",
-        ],
-        &[vec![
-            g.seen.to_string(),
-            g.redirected.to_string(),
-            g.passed.to_string(),
-            g.fragments.to_string(),
-            g.fragments_unknown.to_string(),
-            g.unparsable.to_string(),
-            g.redirect_errors.to_string(),
-        ]],
-    );
-    println!();
-    print_table(
-        &[
-            "EDGE_FLOWS",
-            "CLOUD_FLOWS",
-            "ORPHANS",
-            "REPLIES_FWD",
-            "REPLIES_REWRITTEN",
-            "REPLIES_TO_STACK",
-            "MIRRORED",
-        ],
-        &[vec![
-            g.flows_edge.to_string(),
-            g.flows_cloud.to_string(),
-            g.flow_orphans.to_string(),
-            g.replies_forwarded.to_string(),
-            g.replies_rewritten.to_string(),
-            g.replies_to_stack.to_string(),
-            g.mirrored.to_string(),
-        ]],
-    );
-    println!();
-    print_table(
-        &[
-            "ICMP_TO_EDGE",
-            "ICMP_TO_CLIENT",
-            "ICMP_DROPPED",
-            "MSS_CLAMPED",
-        ],
-        &[vec![
-            g.icmp_to_edge.to_string(),
-            g.icmp_to_client.to_string(),
-            g.icmp_dropped.to_string(),
-            g.mss_clamped.to_string(),
-        ]],
-    );
-    println!();
+    // One table per registry row, columns in registry order.
+    for row in StatsRow::ALL {
+        let (headers, values): (Vec<&str>, Vec<String>) = g
+            .iter()
+            .filter(|(info, _)| info.row == row)
+            .map(|(info, v)| (info.column, v.to_string()))
+            .unzip();
+        print_table(&headers, &[values]);
+        println!();
+    }
     super::redirect::print_entries(&report.entries);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `viscum stats --json` and the daemon's status are read by scripts: the keys of
+    /// `global` are an interface, whatever the registry's internals.
+    #[test]
+    fn global_json_keys_are_stable() {
+        let g = GlobalStats {
+            seen: 7,
+            target_gone: 3,
+            ..Default::default()
+        };
+        let v = serde_json::to_value(g).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want = [
+            "seen",
+            "redirected",
+            "passed",
+            "fragments",
+            "fragments_unknown",
+            "unparsable",
+            "redirect_errors",
+            "flows_edge",
+            "flows_cloud",
+            "flow_orphans",
+            "replies_forwarded",
+            "replies_rewritten",
+            "replies_to_stack",
+            "replies_unknown",
+            "mirrored",
+            "icmp_to_edge",
+            "icmp_to_client",
+            "icmp_dropped",
+            "mss_clamped",
+            "target_gone",
+        ];
+        let mut keys_sorted = keys.clone();
+        keys_sorted.sort_unstable();
+        want.sort_unstable();
+        assert_eq!(keys_sorted, want);
+        assert_eq!(v["seen"], 7);
+        assert_eq!(v["target_gone"], 3);
+        assert_eq!(g.get(viscum_common::GlobalCounter::TargetGone), 3);
+        // Each counter's value sits in its own field (no two rows share one).
+        for info in viscum_common::GLOBAL_COUNTER_INFO {
+            let mut one = GlobalStats::default();
+            *one.get_mut(info.counter) = 1;
+            let v = serde_json::to_value(one).unwrap();
+            assert_eq!(v[info.name], 1, "{}", info.name);
+            assert_eq!(one.iter().map(|(_, v)| v).sum::<u64>(), 1);
+        }
+    }
 }

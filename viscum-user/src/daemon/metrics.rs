@@ -11,6 +11,7 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{mpsc, oneshot},
 };
+use viscum_common::MetricFamily;
 
 use super::control::{DaemonStatus, Health};
 
@@ -218,57 +219,29 @@ pub fn render(status: &DaemonStatus) -> String {
             .collect(),
     );
     if let Some(d) = status.datapath {
-        family(
-            "viscum_datapath_packets_total",
-            "counter",
-            "Packets seen by the classifier, by outcome.",
-            [
-                ("seen", d.seen),
-                ("redirected", d.redirected),
-                ("passed", d.passed),
-                ("fragments", d.fragments),
-                ("fragments_unknown", d.fragments_unknown),
-                ("unparsable", d.unparsable),
-                ("redirect_errors", d.redirect_errors),
-            ]
-            .into_iter()
-            .map(|(k, v)| (format!("result=\"{k}\""), v.to_string()))
-            .collect(),
-        );
-    }
-    if let Some(d) = status.datapath {
-        family(
-            "viscum_datapath_flows_total",
-            "counter",
-            "Matched flows, by where they went.",
-            vec![
-                ("where=\"edge\"".into(), d.flows_edge.to_string()),
-                ("where=\"cloud\"".into(), d.flows_cloud.to_string()),
-            ],
-        );
-        family(
-            "viscum_datapath_flow_orphans_total",
-            "counter",
-            "Mid-connection packets of matched services with no flow state: connections older than \
-             their entry, or flow-table evictions (raise --flow-table-size if this grows).",
-            vec![(String::new(), d.flow_orphans.to_string())],
-        );
-        family(
-            "viscum_datapath_icmp_errors_total",
-            "counter",
-            "ICMP/ICMPv6 errors about redirected flows, by what was done with them.",
-            vec![
-                ("action=\"to_edge\"".into(), d.icmp_to_edge.to_string()),
-                ("action=\"to_client\"".into(), d.icmp_to_client.to_string()),
-                ("action=\"dropped\"".into(), d.icmp_dropped.to_string()),
-            ],
-        );
-        family(
-            "viscum_datapath_mss_clamped_total",
-            "counter",
-            "Redirected SYNs and edge SYN-ACKs whose MSS was lowered to the interface MTU.",
-            vec![(String::new(), d.mss_clamped.to_string())],
-        );
+        // Every global counter, from the registry: a family's samples together, families in
+        // the order their first counter has in the registry.
+        let mut families: Vec<&MetricFamily> = Vec::new();
+        for (info, _) in d.iter() {
+            if !families.iter().any(|f| f.name == info.family.name) {
+                families.push(info.family);
+            }
+        }
+        for f in families {
+            let samples = d
+                .iter()
+                .filter(|(info, _)| info.family.name == f.name)
+                .map(|(info, v)| {
+                    let labels = if f.label.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{}=\"{}\"", f.label, info.label)
+                    };
+                    (labels, v.to_string())
+                })
+                .collect();
+            family(f.name, "counter", f.help, samples);
+        }
     }
     if let Some(load) = status.load {
         family(
@@ -334,6 +307,30 @@ mod tests {
         assert!(text.contains("viscum_service_healthy{service=\"web\"} 1\n"));
         assert!(text.contains("viscum_service_restarts_total{service=\"web\"} 1\n"));
         assert!(text.contains("viscum_datapath_packets_total{result=\"seen\"} 10\n"));
+        assert!(text.contains("viscum_datapath_packets_total{result=\"redirected\"} 4\n"));
+        assert!(text.contains("viscum_datapath_flows_total{where=\"edge\"} 0\n"));
+        assert!(text.contains(
+            "# TYPE viscum_datapath_flow_orphans_total counter\nviscum_datapath_flow_orphans_total 0\n"
+        ));
+        assert!(text.contains("viscum_datapath_icmp_errors_total{action=\"to_client\"} 0\n"));
+        assert!(text.contains("viscum_datapath_replies_total{result=\"to_stack\"} 0\n"));
+        // Every registry counter is exported, each family's samples under one HELP/TYPE.
+        for info in viscum_common::GLOBAL_COUNTER_INFO {
+            let f = info.family;
+            assert_eq!(
+                text.matches(&format!("# TYPE {} counter\n", f.name))
+                    .count(),
+                1,
+                "{}",
+                f.name
+            );
+            let sample = if f.label.is_empty() {
+                format!("\n{} ", f.name)
+            } else {
+                format!("\n{}{{{}=\"{}\"}} ", f.name, f.label, info.label)
+            };
+            assert!(text.contains(&sample), "{sample} missing:\n{text}");
+        }
         assert!(text.contains("# TYPE viscum_shedding gauge\nviscum_shedding 0\n"));
         assert_eq!(label("a\"b\\c"), "a\\\"b\\\\c");
     }

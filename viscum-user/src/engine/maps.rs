@@ -8,9 +8,9 @@ use aya::{
     util::nr_cpus,
 };
 use viscum_common::{
-    CONFIG_MAP, DatapathConfig, FLOW_EDGE, FLOWS_MAP, FlowKey, FlowState, GLOBAL_STATS_MAP,
-    GlobalCounter, MAX_RULES, PREFIXES_MAP, PortRule, PrefixData, PrefixNode, RULES_MAP,
-    RULES_PER_PREFIX, SERVICES_MAP, ServiceEntry, ServiceKey,
+    CONFIG_MAP, CounterInfo, DatapathConfig, FLOW_EDGE, FLOWS_MAP, FlowKey, FlowState,
+    GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter, MAX_RULES, PREFIXES_MAP, PortRule,
+    PrefixData, PrefixNode, RULES_MAP, RULES_PER_PREFIX, SERVICES_MAP, ServiceEntry, ServiceKey,
 };
 
 use super::{EngineError, Pins};
@@ -49,36 +49,44 @@ pub struct EntryView {
     pub cloud_flows: u64,
 }
 
-/// The global counters summed over CPUs.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct GlobalStats {
-    pub seen: u64,
-    pub redirected: u64,
-    pub passed: u64,
-    pub fragments: u64,
-    /// Later fragments whose first fragment was never seen (passed untouched).
-    pub fragments_unknown: u64,
-    pub unparsable: u64,
-    pub redirect_errors: u64,
-    pub flows_edge: u64,
-    pub flows_cloud: u64,
-    pub flow_orphans: u64,
-    pub replies_forwarded: u64,
-    pub replies_rewritten: u64,
-    pub replies_to_stack: u64,
-    pub replies_unknown: u64,
-    pub mirrored: u64,
-    /// ICMP errors about edge flows sent into their namespace (path MTU...).
-    pub icmp_to_edge: u64,
-    /// ICMP errors from edge copies sent to clients through the reply path.
-    pub icmp_to_client: u64,
-    /// ICMP errors about mirrored flows, dropped.
-    pub icmp_dropped: u64,
-    /// SYNs whose MSS option was lowered to fit the interface MTU.
-    pub mss_clamped: u64,
-    /// Hits whose target interface was gone, passed to the cloud.
-    pub target_gone: u64,
+/// Generates [`GlobalStats`] from the counter registry ([`viscum_common::global_counters!`]).
+macro_rules! global_stats_view {
+    ($($variant:ident = $slot:literal, $name:ident, $column:literal, $row:ident, $family:ident,
+       $label:literal, $help:literal;)*) => {
+        /// The global counters summed over CPUs: one field per registry row, named and ordered
+        /// as the registry says (so serialised keys are the registry's names).
+        #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+        #[serde(default)]
+        pub struct GlobalStats {
+            $(#[doc = $help] pub $name: u64,)*
+        }
+
+        impl GlobalStats {
+            /// The value of one counter.
+            pub fn get(&self, counter: GlobalCounter) -> u64 {
+                match counter {
+                    $(GlobalCounter::$variant => self.$name,)*
+                }
+            }
+
+            /// The field holding one counter.
+            pub fn get_mut(&mut self, counter: GlobalCounter) -> &mut u64 {
+                match counter {
+                    $(GlobalCounter::$variant => &mut self.$name,)*
+                }
+            }
+        }
+    };
+}
+viscum_common::global_counters!(global_stats_view);
+
+impl GlobalStats {
+    /// Every counter with its registry row, in display order.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static CounterInfo, u64)> + '_ {
+        GLOBAL_COUNTER_INFO
+            .iter()
+            .map(move |info| (info, self.get(info.counter)))
+    }
 }
 
 fn open_map(pins: &Pins, name: &str) -> Result<Map, EngineError> {
@@ -537,28 +545,11 @@ impl Engine {
                 .map_err(|e| EngineError::map("cannot read the global counters", e))?;
             Ok(v.iter().sum())
         };
-        Ok(GlobalStats {
-            seen: read(GlobalCounter::Seen)?,
-            redirected: read(GlobalCounter::Redirected)?,
-            passed: read(GlobalCounter::Passed)?,
-            fragments: read(GlobalCounter::Fragments)?,
-            fragments_unknown: read(GlobalCounter::FragmentsUnknown)?,
-            unparsable: read(GlobalCounter::Unparsable)?,
-            redirect_errors: read(GlobalCounter::RedirectErrors)?,
-            flows_edge: read(GlobalCounter::FlowsEdge)?,
-            flows_cloud: read(GlobalCounter::FlowsCloud)?,
-            flow_orphans: read(GlobalCounter::FlowOrphans)?,
-            replies_forwarded: read(GlobalCounter::RepliesForwarded)?,
-            replies_rewritten: read(GlobalCounter::RepliesRewritten)?,
-            replies_to_stack: read(GlobalCounter::RepliesToStack)?,
-            replies_unknown: read(GlobalCounter::RepliesUnknown)?,
-            mirrored: read(GlobalCounter::Mirrored)?,
-            icmp_to_edge: read(GlobalCounter::IcmpToEdge)?,
-            icmp_to_client: read(GlobalCounter::IcmpToClient)?,
-            icmp_dropped: read(GlobalCounter::IcmpDropped)?,
-            mss_clamped: read(GlobalCounter::MssClamped)?,
-            target_gone: read(GlobalCounter::TargetGone)?,
-        })
+        let mut stats = GlobalStats::default();
+        for info in GLOBAL_COUNTER_INFO {
+            *stats.get_mut(info.counter) = read(info.counter)?;
+        }
+        Ok(stats)
     }
 
     /// Turns the classifier's per-decision debug records on or off.
