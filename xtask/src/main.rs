@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build;
+mod deb;
 mod dist;
 mod lab;
 mod process;
@@ -48,6 +49,8 @@ enum Command {
     Run(run::Options),
     /// Release-build stripped `viscum` binaries (static musl where the target is installed).
     Dist(dist::Options),
+    /// Release-build `viscum` and package it as a .deb (cargo-deb; docs/debian.md).
+    Deb(deb::Options),
     /// Set up, build and run the benchmarks; write bench/results/*.json and bench/RESULTS.md.
     Bench(bench::Options),
 }
@@ -62,6 +65,7 @@ fn main() -> ExitCode {
         Command::Run(opts) => run::run(opts),
         Command::Dist(opts) => dist::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
+        Command::Deb(opts) => deb::run(&opts),
     };
     match result {
         Ok(code) => code,

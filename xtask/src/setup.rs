@@ -88,6 +88,18 @@ const TOOLS: &[Tool] = &[
         package: "socat",
         required: true,
     },
+    // The Debian package test (tests/tests/debian.rs): unpacks with dpkg, checks the unit
+    // with systemd-analyze, and cargo-deb strips the binary with binutils' strip.
+    Tool {
+        program: "systemd-analyze",
+        package: "systemd",
+        required: true,
+    },
+    Tool {
+        program: "strip",
+        package: "binutils",
+        required: true,
+    },
     // Handy for looking at loaded programs and pinned maps; nothing needs it.
     Tool {
         program: "bpftool",
@@ -263,6 +275,7 @@ pub fn ensure() -> Result<()> {
     did |= ensure_packages(TOOLS)?;
     did |= ensure_nightly()?;
     did |= ensure_bpf_linker()?;
+    did |= crate::deb::ensure_cargo_deb()?;
     if did {
         println!("setup: done");
     } else {
@@ -303,6 +316,7 @@ fn check() -> Vec<String> {
         Some(v) => missing.push(format!("bpf-linker {BPF_LINKER_VERSION} (found {v})")),
         None => missing.push(format!("bpf-linker {BPF_LINKER_VERSION}")),
     }
+    missing.extend(crate::deb::check_cargo_deb());
     missing
 }
 
