@@ -63,6 +63,8 @@ pub enum HostError {
     },
     #[error(transparent)]
     Redirect(#[from] RedirectError),
+    #[error("{0} resolves to no address: nothing to redirect")]
+    NoAddress(String),
 }
 
 /// A match whose destination is a host name.
@@ -286,11 +288,7 @@ impl HostTracker {
             .collect::<Vec<_>>()
         {
             let ep = self.matched.endpoint(gone);
-            match redirect::del(engine, &ep).await {
-                Ok(()) | Err(RedirectError::Engine(crate::engine::EngineError::NoSuchEntry(_))) => {
-                }
-                Err(e) => return Err(e.into()),
-            }
+            redirect::del_if_present(engine, &ep).await?;
             self.installed.remove(&gone);
             changes.removed.push(ep);
         }
@@ -318,11 +316,7 @@ impl HostTracker {
         let mut removed = Vec::new();
         for addr in std::mem::take(&mut self.installed) {
             let ep = self.matched.endpoint(addr);
-            match redirect::del(engine, &ep).await {
-                Ok(()) | Err(RedirectError::Engine(crate::engine::EngineError::NoSuchEntry(_))) => {
-                }
-                Err(e) => return Err(e.into()),
-            }
+            redirect::del_if_present(engine, &ep).await?;
             removed.push(ep);
         }
         Ok(removed)

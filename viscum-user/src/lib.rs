@@ -9,6 +9,10 @@
 //! * [`hostnames`]: cloud host names resolved and kept in step with DNS TTLs.
 //! * [`netns`]: named network namespaces, veths, addresses and routes over netlink.
 //! * [`redirect`]: redirect entries plus the local routes they need in service namespaces.
+//! * [`spec`]: the one redirect spec (match, from, target, mode, learning) of the CLI, the
+//!   config and [`embed`], with its validation.
+//! * [`entries`]: one owner's entries: install, drain and wait, remove with counters kept.
+//! * [`embed`]: the small API for firmware that runs the engine inside its own daemon.
 //! * [`config`]: the daemon's TOML configuration: parsing and validation that reports every problem.
 //! * [`daemon`]: `viscum run`: supervised services, health-gated redirects, reload, control socket.
 //! * [`cli`]: the `viscum` command line, one module per command.
@@ -17,13 +21,16 @@ pub mod bpffs;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod embed;
 pub mod endpoint;
 pub mod engine;
+pub mod entries;
 pub mod features;
 pub mod hostnames;
 pub mod lifecycle;
 pub mod netns;
 pub mod redirect;
+pub mod spec;
 
 /// The compiled classifier object, embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/viscum"));

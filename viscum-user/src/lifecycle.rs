@@ -23,6 +23,7 @@ use crate::{
     engine::{self, Engine, EngineError, EntryView},
     netns,
     redirect::{self, NatTarget, RedirectOptions, Target},
+    spec::Mode,
 };
 
 /// An entry whose target interface no longer exists.
@@ -187,12 +188,13 @@ fn options_of(old: &EntryView, target: &Target) -> RedirectOptions {
             port: (port != 0).then_some(port),
         }
     });
+    let mode = match nat {
+        Some(to) => Mode::Nat { to },
+        None if old.flags & TARGET_F_MIRROR != 0 => Mode::Mirror,
+        None => Mode::AnyIp,
+    };
     RedirectOptions {
-        nat,
-        mirror: old.flags & TARGET_F_MIRROR != 0,
-        // Added by the lead with the AnyIP option: an entry into a namespace
-        // without NAT and without mirror was made with --anyip.
-        anyip: old.flags & (TARGET_F_NAT | TARGET_F_MIRROR) == 0,
+        mode,
         learn: None::<Duration>,
     }
 }

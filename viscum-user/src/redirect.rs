@@ -27,25 +27,30 @@ use crate::{
     endpoint::{Endpoint, Proto},
     engine::{self, Engine, EngineError, EntryView},
     netns::{self, NetnsError},
+    spec::Mode,
 };
 
-/// How an entry treats its traffic beyond "redirect to the target".
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// How an entry treats its traffic beyond "redirect to the target": the per-entry part of a
+/// [`crate::spec::RedirectSpec`] (which validates it; build it with
+/// [`crate::spec::RedirectSpec::options`] or [`RedirectOptions::for_target`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RedirectOptions {
-    /// NAT mode: rewrite the destination to the service's own address and
-    /// port (`None` inside = the namespace's own IPv4 address / same port).
-    pub nat: Option<NatTarget>,
-    /// Mirror (canary) mode: clone to the edge, the cloud keeps serving.
-    pub mirror: bool,
-    /// AnyIP mode for a namespace target: no translation; the namespace
-    /// answers as the cloud address through a `local` route for it, which
-    /// also claims every other port of that address inside the namespace.
-    /// (Targets given with `--to` are AnyIP unless `nat` is set.)
-    pub anyip: bool,
+    /// AnyIP, NAT (to the namespace's own address, or `nat_to`) or mirror.
+    pub mode: Mode,
     /// Learning period before new flows go to the edge (`None` = the
     /// default: 0 for TCP, whose SYN marks new flows; 1 s for UDP, so
     /// datagram flows already talking to the cloud are recognised first).
     pub learn: Option<Duration>,
+}
+
+impl RedirectOptions {
+    /// The target's default mode ([`Mode::default_for`]) and the default learning period.
+    pub fn for_target(target: &Target) -> RedirectOptions {
+        RedirectOptions {
+            mode: Mode::default_for(target),
+            learn: None,
+        }
+    }
 }
 
 /// The service's own address for NAT mode.
@@ -84,8 +89,6 @@ pub enum RedirectError {
          re-create it with `viscum ns del/add`, or use --anyip)"
     )]
     NoNsAddress6 { ns: String, endpoint: String },
-    #[error("--anyip cannot be combined with NAT (--nat, --nat-to)")]
-    AnyIpNat,
     #[error("NAT address {nat} is not of the same family as {endpoint}")]
     NatFamily { nat: IpAddr, endpoint: String },
     #[error(
@@ -94,8 +97,6 @@ pub enum RedirectError {
     NatWithoutAddress,
     #[error("namespace {ns} has no usable IPv4 address ({addr}) to NAT to")]
     NoNsAddress { ns: String, addr: String },
-    #[error("mirror and NAT modes cannot be combined")]
-    MirrorNat,
     #[error(
         "an entry for {0} exists and is draining (a `redirect del` was interrupted): wait for its \
          edge flows to end, or delete it at once with `viscum redirect del --now`"
@@ -201,13 +202,19 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
     }
 }
 
-/// Adds a plain (AnyIP) redirect entry with default options.
+/// Adds a redirect entry in the target's default mode ([`RedirectOptions::for_target`]).
 pub async fn add(
     engine: &mut Engine,
     endpoint: &Endpoint,
     target: &Target,
 ) -> Result<(), RedirectError> {
-    add_with(engine, endpoint, target, &RedirectOptions::default()).await
+    add_with(
+        engine,
+        endpoint,
+        target,
+        &RedirectOptions::for_target(target),
+    )
+    .await
 }
 
 /// The `local` route a namespace needs for an entry: the cloud address or
@@ -239,12 +246,6 @@ pub async fn add_with(
     target: &Target,
     opts: &RedirectOptions,
 ) -> Result<(), RedirectError> {
-    if opts.mirror && opts.nat.is_some() {
-        return Err(RedirectError::MirrorNat);
-    }
-    if opts.anyip && opts.nat.is_some() {
-        return Err(RedirectError::AnyIpNat);
-    }
     let r = resolve(target).await?;
     if let Some(old) = engine.get(endpoint)? {
         if old.flags & TARGET_F_DRAINING != 0 && crate::lifecycle::ifindex_alive(old.ifindex) {
@@ -258,17 +259,12 @@ pub async fn add_with(
         del(engine, endpoint).await?;
     }
     let mut entry = ServiceEntry::new(r.ifindex, r.flags, r.mac);
-    if opts.mirror {
+    if opts.mode == Mode::Mirror {
         entry.flags |= TARGET_F_MIRROR;
     }
-    // Into a Viscum namespace, translation to its own address is the
-    // default; AnyIP and mirror keep the cloud address.
-    let nat = match (opts.nat, &r.ns) {
-        (Some(nat), _) => Some(nat),
-        (None, Some(_)) if !opts.anyip && !opts.mirror => Some(NatTarget::default()),
-        (None, _) => None,
-    };
-    if let Some(nat) = nat {
+    // AnyIP and mirror keep the cloud address; NAT (the default into a Viscum
+    // namespace) translates to the service's own.
+    if let Mode::Nat { to: nat } = opts.mode {
         let addr = match (nat.addr, &r.ns, endpoint.addr) {
             (Some(a), _, _) => a,
             (None, Some(ns), IpAddr::V4(_)) => {
@@ -335,61 +331,12 @@ pub async fn add_with(
     Ok(())
 }
 
-/// Stops an entry from taking new flows; flows already at the edge stay.
-pub async fn drain(engine: &mut Engine, endpoint: &Endpoint) -> Result<(), RedirectError> {
-    engine.update_flags(endpoint, |f| f | TARGET_F_DRAINING)?;
-    Ok(())
-}
-
-/// Live edge flows this entry sent to the edge.
-pub fn live_flows(engine: &Engine, endpoint: &Endpoint) -> Result<u64, RedirectError> {
-    let Some(e) = engine.get(endpoint)? else {
-        return Err(EngineError::NoSuchEntry(endpoint.to_string()).into());
-    };
-    Ok(engine.edge_flows_of(endpoint, e.ifindex)?)
-}
-
-/// Deletes entries the way Katran takes a real out of service (weight 0):
-/// each first drains (no new flows; open edge flows stay at the edge), and
-/// goes once its edge flows have ended or `timeout` has passed. Returns the
-/// flows still open at the deadline, per entry. Nothing changes if any
-/// endpoint has no entry.
-pub async fn del_draining(
-    engine: &mut Engine,
-    endpoints: &[Endpoint],
-    timeout: Duration,
-) -> Result<Vec<(Endpoint, u64)>, RedirectError> {
-    for ep in endpoints {
-        if engine.get(ep)?.is_none() {
-            return Err(EngineError::NoSuchEntry(ep.to_string()).into());
-        }
+/// [`del`], where an entry that is gone already counts as deleted.
+pub async fn del_if_present(engine: &mut Engine, endpoint: &Endpoint) -> Result<(), RedirectError> {
+    match del(engine, endpoint).await {
+        Ok(()) | Err(RedirectError::Engine(EngineError::NoSuchEntry(_))) => Ok(()),
+        Err(e) => Err(e),
     }
-    for ep in endpoints {
-        drain(engine, ep).await?;
-    }
-    let deadline = std::time::Instant::now() + timeout;
-    let mut pending: Vec<Endpoint> = endpoints.to_vec();
-    let mut cut = Vec::new();
-    while !pending.is_empty() {
-        let past = std::time::Instant::now() >= deadline;
-        let mut still = Vec::new();
-        for ep in pending {
-            let live = live_flows(engine, &ep)?;
-            if live == 0 || past {
-                del(engine, &ep).await?;
-                if live > 0 {
-                    cut.push((ep, live));
-                }
-            } else {
-                still.push(ep);
-            }
-        }
-        pending = still;
-        if !pending.is_empty() {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    Ok(cut)
 }
 
 /// Deletes a redirect entry, and the namespace's local route if no other

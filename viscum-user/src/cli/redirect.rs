@@ -6,8 +6,10 @@ use super::{Result, print_json, print_table};
 use crate::{
     endpoint::Endpoint,
     engine::{Engine, Pins},
-    hostnames::{HostError, HostMatch, HostTracker, Resolver},
-    redirect::{self, NatTarget, RedirectOptions, Target},
+    entries::{self, EntrySet},
+    hostnames::{HostMatch, HostTracker, Resolver},
+    redirect::{self, RedirectOptions, Target},
+    spec::{self, Match, RedirectSpec, SpecFields},
 };
 
 #[derive(Debug, Subcommand)]
@@ -72,28 +74,6 @@ pub struct DnsArgs {
     pub servers: Vec<std::net::SocketAddr>,
 }
 
-/// What `redirect add|del` accept: an address match or a host name.
-#[derive(Debug, Clone)]
-pub enum MatchArg {
-    Addr(Endpoint),
-    Host(HostMatch),
-}
-
-impl std::str::FromStr for MatchArg {
-    type Err = String;
-
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s.parse::<Endpoint>() {
-            Ok(e) => Ok(MatchArg::Addr(e)),
-            Err(addr_err) => match s.parse::<HostMatch>() {
-                Ok(h) => Ok(MatchArg::Host(h)),
-                Err(HostError::NotAHost(_)) => Err(addr_err.to_string()),
-                Err(host_err) => Err(format!("{addr_err}; as a host name: {host_err}")),
-            },
-        }
-    }
-}
-
 fn parse_dns(s: &str) -> std::result::Result<std::net::SocketAddr, String> {
     if let Ok(ip) = s.parse::<std::net::IpAddr>() {
         return Ok(std::net::SocketAddr::new(ip, 53));
@@ -112,6 +92,8 @@ pub struct DrainArgs {
     pub delete_after: Option<u64>,
 }
 
+/// `redirect add`: the flags are the redirect spec's fields ([`SpecFields`]), validated by
+/// [`RedirectSpec::new`] like a `[[service]]`'s keys of the same names.
 #[derive(Debug, Args)]
 pub struct AddArgs {
     /// What to match: tcp://198.51.100.7:80, udp://[2001:db8::7]:53,
@@ -119,49 +101,48 @@ pub struct AddArgs {
     /// tcp://203.0.113.7:8000-8099 (a port range), or a cloud host name
     /// tcp://alpr.example.net:443 (resolved once; see `redirect follow`).
     #[arg(value_name = "PROTO://ADDR[:PORT]")]
-    pub endpoint: MatchArg,
+    pub endpoint: String,
     #[command(flatten)]
     pub dns: DnsArgs,
     /// Only clients in this source prefix (same as `?from=PREFIX` in the match).
-    #[arg(long, value_name = "PREFIX", value_parser = parse_from)]
-    pub from: Option<(std::net::IpAddr, u8)>,
+    #[arg(long, value_name = "PREFIX")]
+    pub from: Option<String>,
     #[command(flatten)]
     pub target: TargetArgs,
     /// NAT mode, explicitly (the default for --ns targets): rewrite the destination to
     /// the namespace's own address (same port) and replies back.
-    #[arg(long, conflicts_with_all = ["mirror", "anyip"])]
+    #[arg(long)]
     pub nat: bool,
     /// AnyIP mode for a --ns target: no translation; the namespace answers as the cloud
     /// address through a `local` route, which also claims the address's other ports there.
-    #[arg(long, conflicts_with_all = ["mirror", "nat_to"])]
+    #[arg(long)]
     pub anyip: bool,
     /// NAT mode with an explicit service address: ADDR, ADDR:PORT, [V6ADDR]:PORT.
-    #[arg(long, value_name = "ADDR[:PORT]", value_parser = parse_nat_to, conflicts_with = "mirror")]
-    pub nat_to: Option<NatTarget>,
+    #[arg(long, value_name = "ADDR[:PORT]")]
+    pub nat_to: Option<String>,
     /// Mirror (canary) mode: clone matching traffic to the edge copy while
     /// the cloud keeps serving the client; the edge copy's replies are dropped.
     #[arg(long)]
     pub mirror: bool,
-    /// Learning period in ms before new flows go to the edge, so flows that
+    /// Learning period in ms (0-600000) before new flows go to the edge, so flows that
     /// already talk to the cloud are recognised (default: 0 for TCP, 1000 for UDP).
-    #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=600_000))]
-    pub learn_ms: Option<u64>,
+    #[arg(long, value_name = "MS", allow_negative_numbers = true)]
+    pub learn_ms: Option<i64>,
 }
 
-fn parse_nat_to(s: &str) -> std::result::Result<NatTarget, String> {
-    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
-        return Ok(NatTarget {
-            addr: Some(ip),
-            port: None,
-        });
-    }
-    match s.parse::<std::net::SocketAddr>() {
-        Ok(sa) if sa.port() != 0 => Ok(NatTarget {
-            addr: Some(sa.ip()),
-            port: Some(sa.port()),
-        }),
-        Ok(_) => Err("port 0 is not a valid port".into()),
-        Err(_) => Err(format!("'{s}' is not ADDR, ADDR:PORT or [V6ADDR]:PORT")),
+impl AddArgs {
+    /// The validated spec, or every problem with it.
+    fn spec(self) -> Result<RedirectSpec> {
+        let fields = SpecFields {
+            matches: vec![self.endpoint],
+            from: self.from,
+            nat: self.nat,
+            nat_to: self.nat_to,
+            anyip: self.anyip,
+            mirror: self.mirror,
+            learn_ms: self.learn_ms,
+        };
+        Ok(RedirectSpec::new(&fields, self.target.target())?)
     }
 }
 
@@ -170,12 +151,12 @@ pub struct DelArgs {
     /// The entry's match, as given to `redirect add` (a host name deletes
     /// the entries of the addresses it resolves to now).
     #[arg(value_name = "PROTO://ADDR[:PORT]")]
-    pub endpoint: MatchArg,
+    pub endpoint: String,
     #[command(flatten)]
     pub dns: DnsArgs,
     /// The entry's source restriction, if it was added with one.
-    #[arg(long, value_name = "PREFIX", value_parser = parse_from)]
-    pub from: Option<(std::net::IpAddr, u8)>,
+    #[arg(long, value_name = "PREFIX")]
+    pub from: Option<String>,
     /// Delete at once: open edge flows are cut (they reach the cloud, which resets them).
     #[arg(long, conflicts_with = "drain_timeout")]
     pub now: bool,
@@ -184,22 +165,17 @@ pub struct DelArgs {
     pub drain_timeout: u64,
 }
 
-fn parse_from(s: &str) -> std::result::Result<(std::net::IpAddr, u8), String> {
-    crate::endpoint::parse_prefix(s).map_err(|e| e.to_string())
-}
-
-/// Folds `--from` into the match, checking the families agree.
-fn with_source(mut ep: Endpoint, from: Option<(std::net::IpAddr, u8)>) -> Result<Endpoint> {
-    if let Some((src, len)) = from {
-        if src.is_ipv4() != ep.addr.is_ipv4() {
-            anyhow::bail!(crate::endpoint::EndpointError::MixedFamilies { src, dst: ep.addr });
-        }
-        if ep.source.is_some() {
-            anyhow::bail!("give the source restriction once: either ?from= or --from");
-        }
-        ep.source = Some((src, len));
+impl DelArgs {
+    /// The match named, with `--from` folded in (the spec's validation, the mode aside).
+    fn target_match(&self) -> Result<Match> {
+        let fields = SpecFields {
+            matches: vec![self.endpoint.clone()],
+            from: self.from.clone(),
+            ..SpecFields::default()
+        };
+        let spec = RedirectSpec::new(&fields, Target::Veth(String::new()))?;
+        Ok(spec.matches[0].clone())
     }
-    Ok(ep)
 }
 
 #[derive(Debug, Args)]
@@ -213,46 +189,25 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
     let mut engine = Engine::open(pins)?;
     match cmd {
         RedirectCommand::Add(args) => {
-            let target = args.target.target();
-            let opts = RedirectOptions {
-                nat: args.nat_to.or(args.nat.then(NatTarget::default)),
-                mirror: args.mirror,
-                anyip: args.anyip,
-                learn: args.learn_ms.map(std::time::Duration::from_millis),
-            };
-            let to = match &target {
+            let dns = args.dns.servers.clone();
+            let spec = args.spec()?;
+            let to = match &spec.target {
                 Target::Namespace(n) => format!("namespace {n}"),
                 Target::Veth(v) => v.clone(),
             };
-            match args.endpoint {
-                MatchArg::Addr(ep) => {
-                    let ep = with_source(ep, args.from)?;
-                    redirect::add_with(&mut engine, &ep, &target, &opts).await?;
-                    println!("redirecting {ep} to {to}");
-                }
-                MatchArg::Host(host) => {
-                    if args.from.is_some() {
-                        anyhow::bail!("--from is not supported with host names");
-                    }
-                    let resolver = Resolver::new(&args.dns.servers)?;
-                    let mut tracker = HostTracker::new(host.clone(), target, opts);
-                    let changes = tracker.refresh(&mut engine, &resolver).await?;
-                    if changes.added.is_empty() {
-                        anyhow::bail!("{host} resolves to no address: nothing to redirect");
-                    }
-                    for ep in &changes.added {
-                        println!("redirecting {ep} to {to}");
-                    }
-                    eprintln!(
-                        "note: these entries follow DNS only while `viscum redirect follow {host}` or `viscum run` manages them"
-                    );
-                }
+            for ep in spec::add_entries(&mut engine, &spec, &dns).await? {
+                println!("redirecting {ep} to {to}");
+            }
+            if let Some(Match::Host(host)) = spec.matches.first() {
+                eprintln!(
+                    "note: these entries follow DNS only while `viscum redirect follow {host}` or `viscum run` manages them"
+                );
             }
         }
         RedirectCommand::Del(args) => {
-            let endpoints = match args.endpoint {
-                MatchArg::Addr(ep) => vec![with_source(ep, args.from)?],
-                MatchArg::Host(host) => {
+            let endpoints = match args.target_match()? {
+                Match::Addr(ep) => vec![ep],
+                Match::Host(host) => {
                     let resolver = Resolver::new(&args.dns.servers)?;
                     let answer = resolver.lookup(&host.host).await?;
                     let mut eps = Vec::new();
@@ -268,62 +223,39 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
                     eps
                 }
             };
-            for ep in &endpoints {
-                if engine.get(ep)?.is_none() {
-                    anyhow::bail!("no entry for {ep}");
-                }
-            }
-            let open: u64 = endpoints
-                .iter()
-                .map(|ep| redirect::live_flows(&engine, ep))
-                .sum::<std::result::Result<u64, _>>()?;
-            if args.now || open == 0 {
-                for ep in endpoints {
-                    redirect::del(&mut engine, &ep).await?;
-                    match open {
-                        0 => println!("deleted {ep}"),
-                        n => println!("deleted {ep} (cut {n} open edge flow(s))"),
-                    }
-                }
-            } else {
+            let mut set = EntrySet::existing(&engine, &endpoints)?;
+            let open = set.live_flows(&engine);
+            if !args.now && open > 0 {
                 println!(
                     "draining: new flows go to the cloud; waiting up to {} s for {open} open edge \
                      flow(s) (Ctrl-C deletes at once)",
                     args.drain_timeout
                 );
                 let timeout = std::time::Duration::from_secs(args.drain_timeout);
-                let cut = tokio::select! {
-                    r = redirect::del_draining(&mut engine, &endpoints, timeout) => r?,
-                    _ = tokio::signal::ctrl_c() => {
-                        // Interrupted: finish the job at once rather than leave
-                        // entries draining for nobody.
-                        let mut engine = Engine::open(pins)?;
-                        let mut cut = Vec::new();
-                        for ep in &endpoints {
-                            if engine.get(ep)?.is_some() {
-                                let live = redirect::live_flows(&engine, ep)?;
-                                redirect::del(&mut engine, ep).await?;
-                                cut.push((*ep, live));
-                            }
-                        }
-                        cut
-                    }
-                };
-                for ep in &endpoints {
-                    match cut.iter().find(|(c, _)| c == ep) {
-                        Some((_, live)) => {
-                            println!("deleted {ep} (cut {live} edge flow(s) still open)")
-                        }
-                        None => println!("deleted {ep}"),
-                    }
+                let shared = tokio::sync::Mutex::new(engine);
+                // Interrupted: delete at once rather than leave entries draining for nobody.
+                tokio::select! {
+                    _ = set.drain_and_wait(&shared, timeout) => {}
+                    _ = tokio::signal::ctrl_c() => {}
                 }
+                engine = shared.into_inner();
+            }
+            let (removed, errors) = set.remove(&mut engine).await;
+            for r in &removed {
+                match r.cut_flows {
+                    0 => println!("deleted {}", r.endpoint),
+                    n => println!("deleted {} (cut {n} open edge flow(s))", r.endpoint),
+                }
+            }
+            if !errors.is_empty() {
+                anyhow::bail!("{}", errors.join("; "));
             }
         }
         RedirectCommand::Follow(args) => {
             let target = args.target.target();
             let resolver = Resolver::new(&args.dns.servers)?;
-            let mut tracker =
-                HostTracker::new(args.host.clone(), target, RedirectOptions::default());
+            let opts = RedirectOptions::for_target(&target);
+            let mut tracker = HostTracker::new(args.host.clone(), target, opts);
             eprintln!(
                 "following {} (Ctrl-C to stop and remove its entries)",
                 args.host
@@ -358,23 +290,21 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
             result?;
         }
         RedirectCommand::Drain(args) => {
-            redirect::drain(&mut engine, &args.endpoint).await?;
+            let mut set = EntrySet::existing(&engine, &[args.endpoint])?;
+            entries::drain(&mut engine, set.installed())?;
             println!("draining {}: no new flows go to the edge", args.endpoint);
             if let Some(secs) = args.delete_after {
-                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
-                loop {
-                    let live = redirect::live_flows(&engine, &args.endpoint)?;
-                    if live == 0 || std::time::Instant::now() >= deadline {
-                        if live > 0 {
-                            println!(
-                                "{live} edge flow(s) still open after {secs} s; deleting anyway"
-                            );
-                        }
-                        break;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                let shared = tokio::sync::Mutex::new(engine);
+                let timeout = std::time::Duration::from_secs(secs);
+                let live = set.drain_and_wait(&shared, timeout).await;
+                if live > 0 {
+                    println!("{live} edge flow(s) still open after {secs} s; deleting anyway");
                 }
-                redirect::del(&mut engine, &args.endpoint).await?;
+                engine = shared.into_inner();
+                let (_, errors) = set.remove(&mut engine).await;
+                if !errors.is_empty() {
+                    anyhow::bail!("{}", errors.join("; "));
+                }
                 println!("deleted {}", args.endpoint);
             }
         }

@@ -29,12 +29,14 @@ use super::{
     process::{self, Exit, Proc},
     state::{self, RunPaths, ServiceRecord},
 };
+pub use crate::entries::error_chain;
 use crate::{
     config::ServiceConfig,
     endpoint::Endpoint,
-    engine::{Engine, EngineError},
+    engine::Engine,
+    entries::{self, Counters, EntrySet},
     netns::{self, NetnsError},
-    redirect::{self, RedirectError, Target},
+    redirect::{self, Target},
 };
 
 /// First restart delay; doubled for each failure in a row.
@@ -164,7 +166,7 @@ pub fn spawn(config: ServiceConfig, ctx: Arc<Context>) -> Handle {
         tracker: Tracker::default(),
         healthy_since: None,
         provisional: false,
-        installed: Vec::new(),
+        entries: EntrySet::new(Target::Namespace(config.name.clone()), config.redirect),
         hosts: config
             .host_matches
             .iter()
@@ -172,7 +174,7 @@ pub fn spawn(config: ServiceConfig, ctx: Arc<Context>) -> Handle {
                 crate::hostnames::HostTracker::new(
                     h.clone(),
                     Target::Namespace(config.name.clone()),
-                    redirect::RedirectOptions::default(),
+                    config.redirect,
                 )
             })
             .collect(),
@@ -227,7 +229,8 @@ struct Actor {
     /// Entries adopted from a previous daemon, kept while this daemon's first checks run;
     /// the first failure removes them.
     provisional: bool,
-    installed: Vec<Endpoint>,
+    /// The entries for `cfg.matches`, into the namespace's host veth.
+    entries: EntrySet,
     /// Not stopped by request.
     want_running: bool,
     backoff_step: u32,
@@ -365,8 +368,8 @@ impl Actor {
                         self.adopted = true;
                         self.started = Some(Instant::now() - process_age(start));
                         self.state = ServiceState::Running;
-                        self.set_installed(existing);
-                        self.provisional = !self.installed.is_empty();
+                        self.publish_installed();
+                        self.provisional = !self.entries.installed().is_empty();
                         self.next_check = Some(Instant::now());
                         return;
                     }
@@ -376,7 +379,6 @@ impl Actor {
                 }
             }
             // Not adoptable: traffic to the cloud first, then replace the process.
-            self.set_installed(existing);
             self.remove_entries().await;
             log::info!(
                 "service {}: replacing process {pid} left by a previous daemon ({})",
@@ -386,7 +388,6 @@ impl Actor {
             process::stop_stale(pid, self.cfg.stop_grace).await;
         } else if !existing.is_empty() {
             // Entries into our namespace but no process of ours behind them: nothing answers.
-            self.set_installed(existing);
             self.remove_entries().await;
         }
         self.write_record(None);
@@ -430,6 +431,7 @@ impl Actor {
             fd,
         });
         self.lock().host_ifindex = Some(ns.host_ifindex);
+        self.entries.set_owner(Some(ns.host_ifindex));
         Ok(created)
     }
 
@@ -487,6 +489,7 @@ impl Actor {
         }
         self.ns = None;
         self.lock().host_ifindex = None;
+        self.entries.set_owner(None);
         self.write_record(None);
         if self.want_running {
             self.restart_pending = true;
@@ -530,41 +533,17 @@ impl Actor {
         }
     }
 
-    /// This service's matches that already have an entry into its namespace. Entries for its
-    /// matches that point at an interface that no longer exists are stale and removed; ones
-    /// pointing at something else that exists are left alone and reported.
+    /// This service's matches that already have an entry into its namespace, taken over
+    /// ([`EntrySet::adopt`]: stale entries for its matches are removed, others' left alone).
     async fn existing_entries(&mut self) -> Vec<Endpoint> {
-        let Some(ifindex) = self.ns.as_ref().map(|n| n.host_ifindex) else {
+        if self.ns.is_none() {
             return Vec::new();
-        };
-        let mut engine = self.ctx.engine.lock().await;
-        let mut ours = Vec::new();
-        for ep in &self.cfg.matches {
-            match engine.get(ep) {
-                Ok(Some(e)) if e.ifindex == ifindex => ours.push(*ep),
-                Ok(Some(e)) => {
-                    if !crate::lifecycle::ifindex_alive(e.ifindex) {
-                        log::info!(
-                            "service {}: removing stale entry {ep} (its target is gone)",
-                            self.cfg.name
-                        );
-                        let _ = engine.remove(ep);
-                    } else {
-                        log::warn!(
-                            "service {}: {ep} is redirected elsewhere (ifindex {}); leaving that entry alone",
-                            self.cfg.name,
-                            e.ifindex
-                        );
-                    }
-                }
-                Ok(None) => {}
-                Err(e) => log::warn!(
-                    "service {}: cannot read the entry for {ep}: {e}",
-                    self.cfg.name
-                ),
-            }
         }
-        ours
+        let mut engine = self.ctx.engine.lock().await;
+        let name = self.cfg.name.clone();
+        self.entries.adopt(&mut engine, &self.cfg.matches, |m| {
+            log::warn!("service {name}: {m}")
+        })
     }
 
     // ----- entries ----------------------------------------------------------------------------
@@ -580,12 +559,12 @@ impl Actor {
 
     async fn reconcile(&mut self) {
         if self.wants_entries() {
-            if self.installed.len() < self.cfg.matches.len() {
+            if self.entries.installed().len() < self.cfg.matches.len() {
                 self.install_entries().await;
             }
             self.refresh_hosts().await;
         } else {
-            if !self.installed.is_empty() {
+            if !self.entries.installed().is_empty() {
                 self.remove_entries().await;
             }
             self.clear_hosts().await;
@@ -678,52 +657,26 @@ impl Actor {
         self.lock().resolved = resolved;
     }
 
-    fn set_installed(&mut self, list: Vec<Endpoint>) {
-        self.installed = list;
-        self.lock().installed = self.installed.clone();
+    fn publish_installed(&self) {
+        self.lock().installed = self.entries.installed().to_vec();
     }
 
     async fn install_entries(&mut self) {
-        let Some(ifindex) = self.ns.as_ref().map(|n| n.host_ifindex) else {
+        if self.ns.is_none() {
             return;
-        };
-        let target = Target::Namespace(self.cfg.name.clone());
+        }
         let mut engine = self.ctx.engine.lock().await;
-        let mut errors = Vec::new();
-        let was_empty = self.installed.is_empty();
-        for ep in self.cfg.matches.clone() {
-            if self.installed.contains(&ep) {
-                continue;
-            }
-            match redirect::add(&mut engine, &ep, &target).await {
-                Ok(()) => self.installed.push(ep),
-                Err(RedirectError::Engine(EngineError::Duplicate(_))) => match engine.get(&ep) {
-                    Ok(Some(e)) if e.ifindex == ifindex => self.installed.push(ep),
-                    // Left by a namespace that no longer exists: stale, ours to replace.
-                    Ok(Some(e)) if !crate::lifecycle::ifindex_alive(e.ifindex) => {
-                        let _ = engine.remove(&ep);
-                        match redirect::add(&mut engine, &ep, &target).await {
-                            Ok(()) => self.installed.push(ep),
-                            Err(e) => {
-                                errors.push(format!("cannot redirect {ep}: {}", error_chain(&e)))
-                            }
-                        }
-                    }
-                    _ => errors.push(format!("{ep} is already redirected elsewhere")),
-                },
-                Err(e) => errors.push(format!("cannot redirect {ep}: {}", error_chain(&e))),
-            }
-        }
-        {
-            let mut shared = self.lock();
-            shared.installed = self.installed.clone();
-        }
+        let was_empty = self.entries.installed().is_empty();
+        let errors = self.entries.install(&mut engine, &self.cfg.matches).await;
+        // Under the engine lock, so counters read under the same lock add up.
+        self.publish_installed();
         drop(engine);
-        if was_empty && !self.installed.is_empty() {
+        let installed = self.entries.installed();
+        if was_empty && !installed.is_empty() {
             log::info!(
                 "service {}: redirecting {}",
                 self.name(),
-                self.installed
+                installed
                     .iter()
                     .map(ToString::to_string)
                     .collect::<Vec<_>>()
@@ -744,42 +697,22 @@ impl Actor {
 
     /// Takes every entry of this service out of the datapath, keeping their counters.
     async fn remove_entries(&mut self) {
-        if self.installed.is_empty() {
+        if self.entries.installed().is_empty() {
             return;
         }
-        let ifindex = self.ns.as_ref().map(|n| n.host_ifindex);
         let mut engine = self.ctx.engine.lock().await;
-        let (mut packets, mut bytes, mut edge_flows, mut cloud_flows) = (0, 0, 0, 0);
-        for ep in std::mem::take(&mut self.installed) {
-            match engine.get(&ep) {
-                Ok(Some(e)) if Some(e.ifindex) == ifindex => {
-                    packets += e.packets;
-                    bytes += e.bytes;
-                    edge_flows += e.new_flows;
-                    cloud_flows += e.cloud_flows;
-                    match redirect::del(&mut engine, &ep).await {
-                        Ok(()) | Err(RedirectError::Engine(EngineError::NoSuchEntry(_))) => {}
-                        Err(e) => log::warn!(
-                            "service {}: cannot remove {ep}: {}",
-                            self.cfg.name,
-                            error_chain(&e)
-                        ),
-                    }
-                }
-                Ok(_) => {} // gone already, or someone else's now
-                Err(e) => log::warn!(
-                    "service {}: cannot read the entry for {ep}: {e}",
-                    self.cfg.name
-                ),
-            }
+        let (removed, errors) = self.entries.remove(&mut engine).await;
+        for e in errors {
+            log::warn!("service {}: {e}", self.cfg.name);
         }
+        let c = Counters::sum(&removed);
         {
             let mut shared = self.lock();
-            shared.installed.clear();
-            shared.acc_packets += packets;
-            shared.acc_bytes += bytes;
-            shared.acc_edge_flows += edge_flows;
-            shared.acc_cloud_flows += cloud_flows;
+            shared.installed = self.entries.installed().to_vec();
+            shared.acc_packets += c.packets;
+            shared.acc_bytes += c.bytes;
+            shared.acc_edge_flows += c.edge_flows;
+            shared.acc_cloud_flows += c.cloud_flows;
         }
         drop(engine);
         self.provisional = false;
@@ -925,46 +858,25 @@ impl Actor {
     /// new flows (which go to the cloud), and open edge flows continue until
     /// they end or `drain_timeout` runs out.
     async fn drain(&mut self) {
-        let mut draining = self.installed.clone();
+        let mut draining = self.entries.installed().to_vec();
         draining.extend(self.host_endpoints());
-        if draining.is_empty() || self.proc.is_none() || self.cfg.drain_timeout.is_zero() {
-            return;
-        }
-        let Some(ifindex) = self.ns.as_ref().map(|n| n.host_ifindex) else {
-            return;
-        };
+        if draining.is_empty()
+            || self.proc.is_none()
+            || self.ns.is_none()
+            || self.cfg.drain_timeout.is_zero()
         {
-            let mut engine = self.ctx.engine.lock().await;
-            for ep in &draining {
-                if let Err(e) = engine.update_flags(ep, |f| f | viscum_common::TARGET_F_DRAINING) {
-                    log::warn!("service {}: cannot drain {ep}: {e}", self.cfg.name);
-                }
-            }
+            return;
         }
         self.state = ServiceState::Stopping;
         self.publish();
-        let deadline = Instant::now() + self.cfg.drain_timeout;
-        loop {
-            let live = {
-                let engine = self.ctx.engine.lock().await;
-                engine
-                    .edge_flows()
-                    .ok()
-                    .and_then(|m| m.get(&ifindex).copied())
-                    .unwrap_or(0)
-            };
-            if live == 0 {
-                break;
-            }
-            if Instant::now() >= deadline {
-                log::warn!(
-                    "service {}: {live} edge flow(s) still open after draining for {:?}; stopping anyway",
-                    self.cfg.name,
-                    self.cfg.drain_timeout
-                );
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let live =
+            entries::drain_and_wait(&self.ctx.engine, &draining, self.cfg.drain_timeout).await;
+        if live > 0 {
+            log::warn!(
+                "service {}: {live} edge flow(s) still open after draining for {:?}; stopping anyway",
+                self.cfg.name,
+                self.cfg.drain_timeout
+            );
         }
     }
 
@@ -1178,7 +1090,7 @@ impl Actor {
             name: self.cfg.name.clone(),
             state: self.state,
             health,
-            redirected: !self.installed.is_empty()
+            redirected: !self.entries.installed().is_empty()
                 || self.hosts.iter().any(|h| !h.installed.is_empty()),
             pid: self.proc.as_ref().map(Proc::pid),
             adopted: self.adopted,
@@ -1226,18 +1138,6 @@ fn process_age(start_ticks: u64) -> Duration {
         .and_then(|t| t.split_whitespace().next()?.parse::<f64>().ok())
         .unwrap_or(0.0);
     Duration::from_secs_f64((uptime - start_ticks as f64 / hz).max(0.0))
-}
-
-/// An error with its causes, on one line (like anyhow's `{:#}`).
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 #[cfg(test)]

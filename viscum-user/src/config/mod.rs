@@ -18,6 +18,12 @@
 //! restart = "on-failure"
 //! stop_grace_ms = 5000
 //! drain_timeout_ms = 10000           # on a deliberate stop, wait this long for edge flows to end
+//! # How the entries redirect: the keys of `viscum redirect add`'s flags (one spec, one
+//! # validation: crate::spec). All optional; the default is NAT to the namespace's address.
+//! # from = "192.0.2.0/24"          # only these clients (every address match)
+//! # nat_to = "10.0.0.5:8080"       # NAT to this address/port (or nat = true; or anyip = true;
+//! # mirror = true                  # or mirror = true: one mode at most)
+//! # learn_ms = 1000                # learning period before new flows go to the edge
 //! [service.health]
 //! tcp = 5201
 //! interval_ms = 500
@@ -41,7 +47,6 @@
 
 use std::{
     collections::{BTreeMap, HashMap},
-    ffi::CString,
     fmt,
     hash::{Hash, Hasher},
     net::SocketAddr,
@@ -49,9 +54,14 @@ use std::{
     time::Duration,
 };
 
-use serde::Deserialize;
+use crate::{endpoint::Endpoint, hostnames::HostMatch, redirect::RedirectOptions};
 
-use crate::{endpoint::Endpoint, hostnames::HostMatch, netns};
+mod raw;
+mod validate;
+
+use raw::{RawEngine, RawHealth, RawLimits, RawService, decode, decode_nested, forget_dropped};
+pub use validate::parse_size;
+use validate::{validate_engine, validate_service};
 
 /// Interval between health checks when the file does not say.
 pub const DEFAULT_INTERVAL_MS: u64 = 1000;
@@ -64,7 +74,7 @@ pub const DEFAULT_FALL: u32 = 2;
 /// Time between SIGTERM and SIGKILL when stopping a service.
 pub const DEFAULT_STOP_GRACE_MS: u64 = 5000;
 /// Default bound on draining a deliberately stopped service's edge flows.
-const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
+pub const DEFAULT_DRAIN_TIMEOUT_MS: u64 = 10_000;
 /// Services run unprivileged unless told otherwise.
 pub const DEFAULT_USER: &str = "nobody";
 
@@ -107,6 +117,10 @@ pub struct ServiceConfig {
     pub matches: Vec<Endpoint>,
     /// Cloud host names: one entry per address they resolve to, kept in step with DNS.
     pub host_matches: Vec<HostMatch>,
+    /// How the entries redirect (mode and learning period): the keys `nat`, `nat_to`,
+    /// `anyip`, `mirror` and `learn_ms`, validated like `viscum redirect add`'s flags
+    /// ([`crate::spec::RedirectSpec`]). `from` is folded into `matches`.
+    pub redirect: RedirectOptions,
     /// Program and arguments, run inside the namespace.
     pub command: Vec<String>,
     /// The account the command runs as.
@@ -297,67 +311,6 @@ impl Problems<'_> {
     }
 }
 
-// ---------------------------------------------------------------------------------------------
-// Raw shapes, as serde sees them. Every field is optional so that a missing one is reported
-// by the validator together with everything else, rather than stopping serde at the first.
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawEngine {
-    interfaces: Option<Vec<String>>,
-    bpffs: Option<PathBuf>,
-    control: Option<PathBuf>,
-    run_dir: Option<PathBuf>,
-    max_load: Option<f64>,
-    metrics: Option<String>,
-    dns: Option<Vec<String>>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawService {
-    name: Option<String>,
-    #[serde(rename = "match")]
-    matches: Option<Vec<String>>,
-    command: Option<Vec<String>>,
-    user: Option<String>,
-    env: Option<BTreeMap<String, String>>,
-    restart: Option<String>,
-    stop_grace_ms: Option<i64>,
-    drain_timeout_ms: Option<i64>,
-    health: Option<RawHealth>,
-    limits: Option<RawLimits>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawHealth {
-    tcp: Option<i64>,
-    http: Option<String>,
-    port: Option<i64>,
-    exec: Option<Vec<String>>,
-    interval_ms: Option<i64>,
-    timeout_ms: Option<i64>,
-    rise: Option<i64>,
-    fall: Option<i64>,
-}
-
-#[derive(Debug, Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct RawLimits {
-    memory: Option<SizeValue>,
-    cpu: Option<f64>,
-    pids: Option<i64>,
-}
-
-/// `memory = "64M"` or `memory = 67108864`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum SizeValue {
-    Bytes(i64),
-    Text(String),
-}
-
 impl Config {
     /// Reads and validates a file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -463,8 +416,17 @@ impl Config {
             // problems: fixing those must not reveal a new one.
             let owner = raw.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
             let mut cross = Vec::new();
+            // The service's `from` narrows its matches: the same address with other sources
+            // is another match.
+            let from = raw
+                .from
+                .as_deref()
+                .and_then(|f| crate::endpoint::parse_prefix(f).ok());
             for (j, text) in raw.matches.iter().flatten().enumerate() {
-                if let Ok(ep) = text.parse::<Endpoint>() {
+                if let Ok(mut ep) = text.parse::<Endpoint>() {
+                    if ep.source.is_none() {
+                        ep.source = from.filter(|(src, _)| src.is_ipv4() == ep.addr.is_ipv4());
+                    }
                     match seen_matches.get(&ep) {
                         Some((k, other)) if *k != i => cross.push((
                             format!("match[{j}]"),
@@ -505,547 +467,6 @@ impl Config {
     pub fn service(&self, name: &str) -> Option<&ServiceConfig> {
         self.services.iter().find(|s| s.name == name)
     }
-}
-
-/// serde's messages from `Value::try_into` carry no position; keep them on one line.
-fn clean_serde(e: &toml::de::Error) -> String {
-    e.message().trim().replace('\n', " ")
-}
-
-/// [`decode`] for a nested table (`health`, `limits`): the table without its bad keys, and
-/// those keys (with the prefix).
-type Nested = fn(&toml::Value, &str, &mut Problems<'_>) -> (toml::Value, Vec<String>);
-
-/// Decodes a table into `T` (all of whose fields are optional, with `deny_unknown_fields`),
-/// returning it with the keys that had to be dropped.
-///
-/// serde stops at the first unknown field or wrong type and does not say which key it was in.
-/// So when the table as a whole does not decode, each key is decoded on its own (a table with
-/// just that key decodes exactly when the key is known and well typed), every bad key is
-/// reported under its own name (`health.interval_ms: invalid type: ...`), and the table
-/// without the bad keys is decoded, so that the rest of it is still validated. The caller
-/// passes the dropped keys to [`forget_dropped`] so they are not also reported as missing.
-fn decode<T: serde::de::DeserializeOwned>(
-    value: &toml::Value,
-    nested: &[(&str, Nested)],
-    p: &mut Problems<'_>,
-) -> Option<(T, Vec<String>)> {
-    let Some(table) = value.as_table() else {
-        p.add("", "must be a table");
-        return None;
-    };
-    if let Ok(t) = value.clone().try_into::<T>() {
-        return Some((t, Vec::new()));
-    }
-    let mut clean = table.clone();
-    let mut dropped = Vec::new();
-    for (key, v) in table {
-        if let Some((_, inner)) = nested.iter().find(|(k, _)| k == key)
-            && v.is_table()
-        {
-            let (kept, bad) = inner(v, &format!("{key}."), p);
-            clean.insert(key.clone(), kept);
-            dropped.extend(bad);
-            continue;
-        }
-        let one = toml::Value::Table(toml::Table::from_iter([(key.clone(), v.clone())]));
-        if let Err(e) = one.try_into::<T>() {
-            p.add(key.clone(), clean_serde(&e));
-            clean.remove(key);
-            dropped.push(key.clone());
-        }
-    }
-    match toml::Value::Table(clean).try_into::<T>() {
-        Ok(t) => Some((t, dropped)),
-        Err(e) => {
-            // Not expected (each remaining key decoded on its own), but never silent.
-            p.add("", clean_serde(&e));
-            None
-        }
-    }
-}
-
-/// Drops the problems (from index `since`) about keys [`decode`] had to drop: they are
-/// reported already, with the real reason.
-fn forget_dropped(out: &mut Vec<Problem>, since: usize, scope: &str, dropped: &[String]) {
-    let mut i = since;
-    while i < out.len() {
-        let f = &out[i].field;
-        let about_dropped = out[i].scope == scope
-            && dropped.iter().any(|k| {
-                f == k || f.starts_with(&format!("{k}.")) || f.starts_with(&format!("{k}["))
-            });
-        if about_dropped {
-            out.remove(i);
-        } else {
-            i += 1;
-        }
-    }
-}
-
-/// [`Nested`] for a table type `T`: reports its bad keys under `prefix`.
-fn decode_nested<T: serde::de::DeserializeOwned>(
-    value: &toml::Value,
-    prefix: &str,
-    p: &mut Problems<'_>,
-) -> (toml::Value, Vec<String>) {
-    let mut kept = value.as_table().cloned().unwrap_or_default();
-    let mut dropped = Vec::new();
-    if value.clone().try_into::<T>().is_err() {
-        for (key, v) in value.as_table().into_iter().flatten() {
-            let one = toml::Value::Table(toml::Table::from_iter([(key.clone(), v.clone())]));
-            if let Err(e) = one.try_into::<T>() {
-                p.add(format!("{prefix}{key}"), clean_serde(&e));
-                kept.remove(key);
-                dropped.push(format!("{prefix}{key}"));
-            }
-        }
-    }
-    (toml::Value::Table(kept), dropped)
-}
-
-fn validate_engine(raw: RawEngine, p: &mut Problems<'_>) -> Option<EngineConfig> {
-    let before = p.out.len();
-    let interfaces = raw.interfaces.unwrap_or_default();
-    for (i, name) in interfaces.iter().enumerate() {
-        if name.is_empty()
-            || name.len() > 15
-            || name.contains('/')
-            || name.contains(char::is_whitespace)
-        {
-            p.add(
-                format!("interfaces[{i}]"),
-                format!("'{name}' is not a valid interface name"),
-            );
-        } else if interfaces[..i].contains(name) {
-            p.add(
-                format!("interfaces[{i}]"),
-                format!("{name} is listed twice"),
-            );
-        }
-    }
-    for (field, path) in [
-        ("bpffs", &raw.bpffs),
-        ("control", &raw.control),
-        ("run_dir", &raw.run_dir),
-    ] {
-        if let Some(path) = path
-            && !path.is_absolute()
-        {
-            p.add(
-                field,
-                format!("'{}' must be an absolute path", path.display()),
-            );
-        }
-    }
-    if let Some(load) = raw.max_load
-        && !(load.is_finite() && load > 0.0)
-    {
-        p.add(
-            "max_load",
-            format!("{load} must be a positive fraction such as 0.9"),
-        );
-    }
-    let metrics = match raw.metrics {
-        None => None,
-        Some(text) => match text.parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                p.add(
-                    "metrics",
-                    format!("'{text}' is not an ADDRESS:PORT such as 127.0.0.1:9310"),
-                );
-                None
-            }
-        },
-    };
-    let mut dns = Vec::new();
-    for (i, text) in raw.dns.unwrap_or_default().iter().enumerate() {
-        match text.parse::<std::net::IpAddr>() {
-            Ok(ip) => dns.push(SocketAddr::new(ip, 53)),
-            Err(_) => match text.parse::<SocketAddr>() {
-                Ok(addr) => dns.push(addr),
-                Err(_) => p.add(
-                    format!("dns[{i}]"),
-                    format!("'{text}' is not an ADDRESS or ADDRESS:PORT"),
-                ),
-            },
-        }
-    }
-    (p.out.len() == before).then_some(EngineConfig {
-        interfaces,
-        bpffs: raw.bpffs,
-        control: raw.control,
-        run_dir: raw.run_dir,
-        max_load: raw.max_load,
-        metrics,
-        dns,
-    })
-}
-
-fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<ServiceConfig> {
-    let before = p.out.len();
-
-    let name = match raw.name {
-        None => {
-            p.add("name", "missing");
-            String::new()
-        }
-        Some(name) => {
-            if let Err(e) = netns::validate_name(&name) {
-                p.add("name", e);
-            }
-            name
-        }
-    };
-
-    let mut matches = Vec::new();
-    let mut host_matches: Vec<HostMatch> = Vec::new();
-    match raw.matches {
-        None => p.add(
-            "match",
-            "missing: list what to redirect, e.g. [\"tcp://198.51.100.7:80\"]",
-        ),
-        Some(list) if list.is_empty() => p.add(
-            "match",
-            "empty: list at least one tcp:// or udp:// endpoint",
-        ),
-        Some(list) => {
-            for (i, text) in list.iter().enumerate() {
-                match text.parse::<Endpoint>() {
-                    Ok(ep) if matches.contains(&ep) => {
-                        p.add(format!("match[{i}]"), format!("{ep} is listed twice"))
-                    }
-                    Ok(ep) => matches.push(ep),
-                    Err(e) => match text.parse::<HostMatch>() {
-                        Ok(h) if host_matches.contains(&h) => {
-                            p.add(format!("match[{i}]"), format!("{h} is listed twice"))
-                        }
-                        Ok(h) => host_matches.push(h),
-                        Err(crate::hostnames::HostError::NotAHost(_)) => {
-                            p.add(format!("match[{i}]"), e)
-                        }
-                        Err(host_err) => p.add(format!("match[{i}]"), host_err),
-                    },
-                }
-            }
-        }
-    }
-
-    let command = match raw.command {
-        None => {
-            p.add("command", "missing");
-            Vec::new()
-        }
-        Some(c) if c.is_empty() || c[0].is_empty() => {
-            p.add(
-                "command",
-                "empty: give the program and its arguments, e.g. [\"iperf3\", \"-s\"]",
-            );
-            Vec::new()
-        }
-        Some(c) => {
-            if c.iter().any(|a| a.contains('\0')) {
-                p.add("command", "contains a NUL character");
-            }
-            c
-        }
-    };
-
-    let user_name = raw.user.unwrap_or_else(|| DEFAULT_USER.to_owned());
-    let user = match resolve_user(&user_name) {
-        Ok(u) => Some(u),
-        Err(msg) => {
-            p.add("user", msg);
-            None
-        }
-    };
-
-    let env = raw.env.unwrap_or_default();
-    for key in env.keys() {
-        if key.is_empty() || key.contains('=') || key.contains('\0') {
-            p.add(format!("env.{key}"), "is not a valid variable name");
-        }
-    }
-    for (key, value) in &env {
-        if value.contains('\0') {
-            p.add(format!("env.{key}"), "value contains a NUL character");
-        }
-    }
-
-    let restart = match raw.restart.as_deref() {
-        None | Some("on-failure") => RestartPolicy::OnFailure,
-        Some("always") => RestartPolicy::Always,
-        Some("never") => RestartPolicy::Never,
-        Some(other) => {
-            p.add(
-                "restart",
-                format!("'{other}' is not one of always, on-failure, never"),
-            );
-            RestartPolicy::OnFailure
-        }
-    };
-
-    let stop_grace = match raw.stop_grace_ms {
-        None => Duration::from_millis(DEFAULT_STOP_GRACE_MS),
-        Some(ms) if ms < 0 => {
-            p.add("stop_grace_ms", format!("{ms} is negative"));
-            Duration::ZERO
-        }
-        Some(ms) => Duration::from_millis(ms as u64),
-    };
-
-    let drain_timeout = match raw.drain_timeout_ms {
-        None => Duration::from_millis(DEFAULT_DRAIN_TIMEOUT_MS),
-        Some(ms) if ms < 0 => {
-            p.add("drain_timeout_ms", format!("{ms} is negative"));
-            Duration::ZERO
-        }
-        Some(ms) => Duration::from_millis(ms as u64),
-    };
-
-    let health = validate_health(raw.health, &matches, p);
-    let limits = validate_limits(raw.limits.unwrap_or_default(), p);
-
-    if p.out.len() != before {
-        return None;
-    }
-    Some(ServiceConfig {
-        name,
-        matches,
-        host_matches,
-        command,
-        user: user?,
-        env,
-        restart,
-        health: health?,
-        limits,
-        stop_grace,
-        drain_timeout,
-    })
-}
-
-fn port_of(value: i64, field: &str, p: &mut Problems<'_>) -> Option<u16> {
-    if (1..=65535).contains(&value) {
-        Some(value as u16)
-    } else {
-        p.add(field, format!("port {value} out of range (1-65535)"));
-        None
-    }
-}
-
-/// The port of the first TCP match that names one: the natural thing to check when the
-/// file does not say.
-fn first_tcp_port(matches: &[Endpoint]) -> Option<u16> {
-    matches
-        .iter()
-        .find(|m| m.proto == crate::endpoint::Proto::Tcp)
-        .and_then(|m| m.port)
-}
-
-fn validate_health(
-    raw: Option<RawHealth>,
-    matches: &[Endpoint],
-    p: &mut Problems<'_>,
-) -> Option<HealthConfig> {
-    let before = p.out.len();
-    let raw = raw.unwrap_or_default();
-    let kinds = usize::from(raw.tcp.is_some())
-        + usize::from(raw.http.is_some())
-        + usize::from(raw.exec.is_some());
-    let check = if kinds > 1 {
-        p.add("health", "give only one of tcp, http, exec");
-        None
-    } else if let Some(port) = raw.tcp {
-        if raw.port.is_some() {
-            p.add(
-                "health.port",
-                "only used with http (tcp names its port itself)",
-            );
-        }
-        port_of(port, "health.tcp", p).map(|port| HealthCheck::Tcp { port })
-    } else if let Some(path) = raw.http {
-        if !path.starts_with('/') || path.contains(char::is_whitespace) {
-            p.add(
-                "health.http",
-                format!("'{path}' must be a path starting with '/', without spaces"),
-            );
-        }
-        let port = match raw.port {
-            Some(port) => port_of(port, "health.port", p),
-            None => first_tcp_port(matches).or_else(|| {
-                p.add(
-                    "health.port",
-                    "missing: no tcp match with a port to take it from",
-                );
-                None
-            }),
-        };
-        port.map(|port| HealthCheck::Http { path, port })
-    } else if let Some(command) = raw.exec {
-        if command.is_empty() || command[0].is_empty() {
-            p.add("health.exec", "empty: give the program and its arguments");
-        }
-        if raw.port.is_some() {
-            p.add("health.port", "only used with http");
-        }
-        Some(HealthCheck::Exec { command })
-    } else {
-        match first_tcp_port(matches) {
-            Some(port) => Some(HealthCheck::Tcp { port }),
-            None if matches.is_empty() => None, // `match` is reported already
-            None => {
-                p.add("health", "missing: no tcp match with a port to derive a check from; set tcp, http or exec");
-                None
-            }
-        }
-    };
-
-    let ms = |value: Option<i64>, default: u64, field: &str, p: &mut Problems<'_>| -> u64 {
-        match value {
-            None => default,
-            Some(v) if v <= 0 => {
-                p.add(field, format!("{v} must be at least 1"));
-                default
-            }
-            Some(v) => v as u64,
-        }
-    };
-    let interval = ms(
-        raw.interval_ms,
-        DEFAULT_INTERVAL_MS,
-        "health.interval_ms",
-        p,
-    );
-    let timeout = ms(
-        raw.timeout_ms,
-        DEFAULT_TIMEOUT_MS.min(interval),
-        "health.timeout_ms",
-        p,
-    );
-    if timeout > interval {
-        p.add(
-            "health.timeout_ms",
-            format!("{timeout} is longer than interval_ms ({interval})"),
-        );
-    }
-    let count = |value: Option<i64>, default: u32, field: &str, p: &mut Problems<'_>| -> u32 {
-        match value {
-            None => default,
-            Some(v) if v <= 0 || v > 1000 => {
-                p.add(field, format!("{v} must be between 1 and 1000"));
-                default
-            }
-            Some(v) => v as u32,
-        }
-    };
-    let rise = count(raw.rise, DEFAULT_RISE, "health.rise", p);
-    let fall = count(raw.fall, DEFAULT_FALL, "health.fall", p);
-
-    if p.out.len() != before {
-        return None;
-    }
-    Some(HealthConfig {
-        check: check?,
-        interval: Duration::from_millis(interval),
-        timeout: Duration::from_millis(timeout),
-        rise,
-        fall,
-    })
-}
-
-fn validate_limits(raw: RawLimits, p: &mut Problems<'_>) -> Limits {
-    let memory = match raw.memory {
-        None => None,
-        Some(SizeValue::Bytes(b)) if b > 0 => Some(b as u64),
-        Some(SizeValue::Bytes(b)) => {
-            p.add(
-                "limits.memory",
-                format!("{b} must be a positive number of bytes"),
-            );
-            None
-        }
-        Some(SizeValue::Text(t)) => match parse_size(&t) {
-            Some(b) if b > 0 => Some(b),
-            _ => {
-                p.add(
-                    "limits.memory",
-                    format!("'{t}' is not a size such as 64M, 512K or 1G"),
-                );
-                None
-            }
-        },
-    };
-    let cpu = match raw.cpu {
-        Some(c) if !(c.is_finite() && c > 0.0) => {
-            p.add(
-                "limits.cpu",
-                format!("{c} must be a positive number of CPUs such as 0.5"),
-            );
-            None
-        }
-        other => other,
-    };
-    let pids = match raw.pids {
-        Some(n) if n <= 0 => {
-            p.add("limits.pids", format!("{n} must be at least 1"));
-            None
-        }
-        other => other.map(|n| n as u64),
-    };
-    Limits { memory, cpu, pids }
-}
-
-/// `64M`, `64MiB`, `512k`, `1G`, `1048576` (powers of 1024). `None` if unparsable.
-pub fn parse_size(text: &str) -> Option<u64> {
-    let t = text.trim();
-    let split = t
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let unit = unit.trim().to_ascii_lowercase();
-    let mult: u64 = match unit.as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        "t" | "tb" | "tib" => 1 << 40,
-        _ => return None,
-    };
-    if num.is_empty() {
-        return None;
-    }
-    if num.contains('.') {
-        let v: f64 = num.parse().ok()?;
-        let bytes = v * mult as f64;
-        (bytes.is_finite() && bytes < u64::MAX as f64).then_some(bytes as u64)
-    } else {
-        num.parse::<u64>().ok()?.checked_mul(mult)
-    }
-}
-
-/// Looks an account up in the user database (getpwnam), with its groups.
-fn resolve_user(name: &str) -> Result<ServiceUser, String> {
-    use nix::unistd::{Gid, User, getgrouplist};
-    let user = match User::from_name(name) {
-        Ok(Some(u)) => u,
-        Ok(None) => return Err(format!("unknown user '{name}'")),
-        Err(e) => return Err(format!("cannot look up user '{name}': {e}")),
-    };
-    let groups = CString::new(name)
-        .ok()
-        .and_then(|c| getgrouplist(&c, user.gid).ok())
-        .unwrap_or_else(|| vec![user.gid])
-        .into_iter()
-        .map(Gid::as_raw)
-        .collect();
-    Ok(ServiceUser {
-        name: user.name,
-        uid: user.uid.as_raw(),
-        gid: user.gid.as_raw(),
-        groups,
-        home: user.dir,
-    })
 }
 
 #[cfg(test)]
@@ -1160,6 +581,66 @@ drain_timeout_ms = -1
         ] {
             assert!(err.contains(needle), "{needle:?} not in {err}");
         }
+    }
+
+    #[test]
+    fn redirect_keys_are_the_cli_flags() {
+        use crate::{redirect::NatTarget, spec::Mode};
+        let c = Config::parse(
+            r#"
+[[service]]
+name = "a"
+match = ["tcp://198.51.100.7:80"]
+command = ["x"]
+from = "192.0.2.0/24"
+nat_to = "10.1.2.3:8080"
+learn_ms = 250
+
+[[service]]
+name = "b"
+match = ["tcp://198.51.100.7:80"]
+command = ["x"]
+mirror = true
+"#,
+        )
+        .unwrap();
+        let a = &c.services[0];
+        assert_eq!(
+            a.matches[0].source,
+            Some(("192.0.2.0".parse().unwrap(), 24))
+        );
+        assert_eq!(
+            a.redirect.mode,
+            Mode::Nat {
+                to: NatTarget {
+                    addr: Some("10.1.2.3".parse().unwrap()),
+                    port: Some(8080)
+                }
+            }
+        );
+        assert_eq!(a.redirect.learn, Some(Duration::from_millis(250)));
+        // Another source makes another match: no clash with service a.
+        assert_eq!(c.services[1].redirect.mode, Mode::Mirror);
+        assert_eq!(c.services[1].matches[0].source, None);
+        let p = problems(
+            "[[service]]\nname = \"c\"\nmatch = [\"tcp://198.51.100.7:80\"]\ncommand = [\"x\"]\nanyip = true\nnat = true\nlearn_ms = 900000\nfrom = \"nope\"\n",
+        );
+        has(
+            &p,
+            "service c: mode: anyip and NAT (nat, nat_to) cannot be combined",
+        );
+        has(
+            &p,
+            "service c: learn_ms: 900000 must be between 0 and 600000",
+        );
+        has(&p, "service c: from: ");
+        let c = Config::parse(GOOD).unwrap();
+        assert_eq!(
+            c.services[0].redirect.mode,
+            Mode::Nat {
+                to: NatTarget::default()
+            }
+        );
     }
 
     #[test]
