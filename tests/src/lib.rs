@@ -3,10 +3,10 @@
 //!
 //! # Layout
 //!
-//! * [`guard`]: [`Netns`] and [`Bpffs`], uniquely named resources removed on drop (panics
-//!   included), plus [`skip_unless_root`], [`wait_until`] and [`block_on`].
-//! * [`lab`]: the [`Lab`] topology `client -- edge -- cloud` and running `viscum` inside its
-//!   edge namespace.
+//! * [`guard`], [`lab`], [`daemon`] (from the `viscum-lab` crate): [`Netns`] and [`Bpffs`],
+//!   removed on drop (panics included), [`skip_unless_root`], [`wait_until`], [`block_on`];
+//!   the [`Lab`] topology `client -- edge -- cloud` and running `viscum` inside its edge
+//!   namespace; the typed `viscum run` fixture ([`daemon::Daemon`]).
 //! * [`identity`]: [`IdentityServer`], which answers TCP and UDP with a fixed identity string
 //!   so a test knows which copy of a service answered, and the clients [`tcp_ask`],
 //!   [`udp_ask`] and [`ask`].
@@ -27,13 +27,14 @@
 
 pub mod cases;
 pub mod dns;
-pub mod guard;
 pub mod identity;
-pub mod lab;
 pub mod packet;
 pub mod verdicts;
-mod vlan;
 pub mod vmcheck;
+
+// The lab lives in its own crate, shared with `cargo xtask run` and the benchmarks; these
+// paths stay for the tests.
+pub use viscum_lab::{daemon, guard, lab};
 
 pub use self::{
     cases::CaseResult,

@@ -1,20 +1,18 @@
 //! `viscum run`: the daemon, end to end, in the lab.
 //!
-//! The daemon is the real `viscum` binary started inside the lab's edge namespace; its
-//! services are small Python servers (unmodified "cloud services" as far as viscum knows)
-//! that answer the identity protocol with "edge", while the cloud's identity server answers
-//! "cloud". Every wait polls with a bound; times that matter (failover, recovery) are
+//! The daemon is the real `viscum` binary started inside the lab's edge namespace (the typed
+//! fixture of `viscum_lab::daemon`); its services are small Python servers (unmodified "cloud
+//! services" as far as viscum knows) that answer the identity protocol with "edge", while the
+//! cloud's identity server answers "cloud". Every wait polls with a bound; times that matter (failover, recovery) are
 //! measured and printed.
 //!
 //! Run with `--test-threads=1 --nocapture` to see the measurements.
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Read, Write},
+    io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
-    os::unix::{fs::PermissionsExt, net::UnixStream},
     path::{Path, PathBuf},
-    process::{Child, Stdio},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -23,302 +21,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde_json::Value;
+use nix::sys::signal::Signal;
 use viscum::{engine::Pins, netns};
 use viscum_tests::{
-    IdentityServer, Lab, lab::CLOUD_V4, skip_unless_root, tcp_ask, unique_name, wait_until,
+    IdentityServer, Lab,
+    daemon::{Check, Daemon, DaemonFiles, Health, Limits, Service},
+    guard::{alive, send_signal},
+    lab::CLOUD_V4,
+    skip_unless_root, tcp_ask, wait_until,
 };
 
 /// Bound of one client request.
 const ASK: Duration = Duration::from_millis(500);
 /// Bound for "the service comes up and turns healthy" (Python starts in ~100 ms).
 const UP: Duration = Duration::from_secs(20);
-
-/// The edge copy of a service: answers the identity protocol with its identity,
-/// `stream N\n` with N KiB spread over N x 10 ms (a long transfer), and any HTTP GET with 200.
-const SERVICE_PY: &str = r#"
-import socket, sys, threading, time
-port, ident = int(sys.argv[1]), sys.argv[2].encode()
-srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("0.0.0.0", port))
-srv.listen(128)
-print("listening on", port, flush=True)
-def handle(c):
-    try:
-        c.settimeout(5)
-        data = b""
-        while b"\n" not in data:
-            d = c.recv(128)
-            if not d:
-                return
-            data += d
-        if data.startswith(b"GET "):
-            c.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 3\r\n\r\nok\n")
-        elif data.startswith(b"stream "):
-            for _ in range(int(data.split()[1])):
-                c.sendall(b"x" * 1024)
-                time.sleep(0.01)
-        else:
-            c.sendall(ident + b"\n")
-    except OSError:
-        pass
-    finally:
-        c.close()
-while True:
-    conn, _ = srv.accept()
-    threading.Thread(target=handle, args=(conn,), daemon=True).start()
-"#;
-
-/// Files of one test: configuration, the service script, the daemon's run directory and its
-/// output. World-readable, so services running as `nobody` can read the script.
-struct Files {
-    dir: PathBuf,
-}
-
-impl Files {
-    fn new() -> Files {
-        let dir = PathBuf::from("/tmp").join(format!("viscum-daemon-{}", unique_name("t")));
-        fs::create_dir_all(&dir).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        let script = dir.join("service.py");
-        fs::write(&script, SERVICE_PY).unwrap();
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o644)).unwrap();
-        Files { dir }
-    }
-    fn config(&self) -> PathBuf {
-        self.dir.join("viscum.toml")
-    }
-    fn control(&self) -> PathBuf {
-        self.dir.join("control.sock")
-    }
-    fn run_dir(&self) -> PathBuf {
-        self.dir.join("run")
-    }
-    fn script(&self) -> PathBuf {
-        self.dir.join("service.py")
-    }
-    /// `[engine]` for the lab: attached to lan0, everything of the daemon under `dir`.
-    fn engine(&self, extra: &str) -> String {
-        format!(
-            "[engine]\ninterfaces = [\"lan0\"]\ncontrol = \"{}\"\nrun_dir = \"{}\"\n{extra}\n",
-            self.control().display(),
-            self.run_dir().display()
-        )
-    }
-    /// A `[[service]]` running the Python service on `port`, answering `ident`, checked by
-    /// TCP connect.
-    fn service(&self, name: &str, port: u32, ident: &str, extra: &str) -> String {
-        self.service_checked(name, port, ident, extra, &format!("tcp = {port}"))
-    }
-    fn service_checked(
-        &self,
-        name: &str,
-        port: u32,
-        ident: &str,
-        extra: &str,
-        check: &str,
-    ) -> String {
-        format!(
-            r#"
-[[service]]
-name = "{name}"
-match = ["tcp://{CLOUD_V4}:{port}"]
-command = ["/usr/bin/python3", "{script}", "{port}", "{ident}"]
-{extra}
-[service.health]
-{check}
-interval_ms = 200
-timeout_ms = 150
-rise = 2
-fall = 2
-"#,
-            script = self.script().display()
-        )
-    }
-    fn write_config(&self, text: &str) {
-        fs::write(self.config(), text).unwrap();
-    }
-}
-
-impl Drop for Files {
-    /// Also ends service processes a killed daemon left behind (the lab removes their
-    /// namespaces), found through the daemon's records. Files outlive every daemon of a test.
-    fn drop(&mut self) {
-        for entry in fs::read_dir(self.run_dir().join("state"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            let Ok(text) = fs::read_to_string(entry.path()) else {
-                continue;
-            };
-            let Ok(rec) = serde_json::from_str::<Value>(&text) else {
-                continue;
-            };
-            if let Some(pid) = rec["pid"].as_i64().filter(|p| *p > 1) {
-                signal(-(pid as i32), libc::SIGKILL);
-            }
-            if let Some(name) = rec["name"].as_str() {
-                viscum::daemon::cgroup::remove_named(name);
-            }
-        }
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A running `viscum run` in the lab's edge namespace. Dropping it shuts it down cleanly
-/// (SIGTERM), or kills it and whatever service processes it left if it does not stop.
-struct Daemon {
-    child: Option<Child>,
-    control: PathBuf,
-    output: PathBuf,
-}
-
-impl Daemon {
-    fn start(lab: &Lab, files: &Files) -> Daemon {
-        let output = files.dir.join(format!("daemon-{}.log", unique_name("d")));
-        let log = fs::File::create(&output).unwrap();
-        let config = files.config();
-        let mut cmd = lab.viscum_command(&[
-            "--log-level",
-            "info",
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-        ]);
-        cmd.stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        let child = cmd.spawn().expect("start viscum run");
-        let daemon = Daemon {
-            child: Some(child),
-            control: files.control(),
-            output,
-        };
-        let up = wait_until(UP, || daemon.try_status().is_some());
-        assert!(
-            up,
-            "the daemon did not answer on its control socket:\n{}",
-            daemon.log()
-        );
-        daemon
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().expect("running").id() as i32
-    }
-
-    /// The daemon's own output so far.
-    fn log(&self) -> String {
-        fs::read_to_string(&self.output).unwrap_or_default()
-    }
-
-    /// One request on the control socket.
-    fn request(&self, line: &str) -> Option<Value> {
-        let mut s = UnixStream::connect(&self.control).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-        writeln!(s, "{line}").ok()?;
-        let mut answer = String::new();
-        BufReader::new(s).read_line(&mut answer).ok()?;
-        serde_json::from_str(&answer).ok()
-    }
-
-    fn try_status(&self) -> Option<Value> {
-        Some(self.request(r#"{"cmd":"status"}"#)?["status"].clone())
-    }
-
-    fn status(&self) -> Value {
-        self.try_status()
-            .unwrap_or_else(|| panic!("no status from the daemon:\n{}", self.log()))
-    }
-
-    fn service(&self, name: &str) -> Value {
-        let status = self.status();
-        status["services"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["name"] == name)
-            .cloned()
-            .unwrap_or_else(|| panic!("no service {name} in {status:#}"))
-    }
-
-    /// Waits until `name` is healthy and redirected; returns its pid.
-    fn wait_redirected(&self, name: &str, timeout: Duration) -> i32 {
-        let ok = wait_until(timeout, || {
-            let s = self.service(name);
-            s["health"] == "healthy" && s["redirected"] == true
-        });
-        assert!(
-            ok,
-            "service {name} not redirected within {timeout:?}: {:#}\n{}",
-            self.service(name),
-            self.log()
-        );
-        self.service(name)["pid"].as_i64().unwrap() as i32
-    }
-
-    /// SIGTERM and wait for the clean shutdown to finish.
-    fn stop(mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().unwrap();
-        signal(child.id() as i32, libc::SIGTERM);
-        wait_child(&mut child, Duration::from_secs(30))
-            .unwrap_or_else(|| panic!("the daemon did not shut down within 30 s:\n{}", self.log()))
-    }
-
-    /// SIGKILL: the daemon vanishes without cleaning anything up, like a crash.
-    fn kill(mut self) {
-        let mut child = self.child.take().unwrap();
-        signal(child.id() as i32, libc::SIGKILL);
-        wait_child(&mut child, Duration::from_secs(10)).expect("a killed daemon exits");
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            signal(child.id() as i32, libc::SIGTERM);
-            if wait_child(&mut child, Duration::from_secs(30)).is_none() {
-                signal(child.id() as i32, libc::SIGKILL);
-                let _ = child.wait();
-            }
-        }
-        if thread::panicking() {
-            eprintln!("--- daemon output ---\n{}", self.log());
-        }
-    }
-}
-
-fn signal(pid: i32, sig: i32) {
-    // SAFETY: plain kill(2).
-    unsafe { libc::kill(pid, sig) };
-}
-
-fn wait_child(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            return Some(status);
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn alive(pid: i32) -> bool {
-    // A zombie is not alive; /proc/PID/stat's third field says.
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .and_then(|r| r.split_whitespace().next())
-                != Some("Z")
-        })
-        .unwrap_or(false)
-}
 
 fn cloud_addr(port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(CLOUD_V4), port)
@@ -433,16 +149,20 @@ fn serves_at_the_edge_while_healthy_and_fails_over_when_the_service_dies() {
         return;
     }
     let lab = Lab::new();
-    let files = Files::new();
+    let files = DaemonFiles::new();
     let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
     let web = lab.service_ns_name();
     let metrics: SocketAddr = "127.0.0.1:9310".parse().unwrap();
     // An HTTP check: a stopped process still completes TCP handshakes (the kernel does them
     // into the listen backlog), so only a check that needs an answer sees it hang.
-    files.write_config(
-        &(files.engine(&format!("metrics = \"{metrics}\""))
-            + &files.service_checked(&web, 8080, "edge", "", "http = \"/healthz\"")),
+    let mut config = files.config();
+    config.engine.metrics = Some(metrics);
+    config.services.push(
+        files
+            .service(&web, 8080, "edge")
+            .check(Check::Http("/healthz".into())),
     );
+    files.write(&config);
     assert_eq!(who(&lab, 8080), "cloud");
 
     let started = Instant::now();
@@ -500,7 +220,7 @@ fn serves_at_the_edge_while_healthy_and_fails_over_when_the_service_dies() {
     // kill -9: the redirect goes at once (process exit), not after `fall` failed checks.
     let ep = format!("tcp://{CLOUD_V4}:8080");
     let t0 = Instant::now();
-    signal(pid, libc::SIGKILL);
+    send_signal(pid, Signal::SIGKILL);
     let failover = wait_entry_gone(&lab, &ep, Duration::from_secs(2));
     assert_eq!(who(&lab, 8080), "cloud");
     eprintln!("kill -9: redirect removed after {failover:?} (fall x interval would be 400 ms)");
@@ -525,7 +245,7 @@ fn serves_at_the_edge_while_healthy_and_fails_over_when_the_service_dies() {
 
     // A hung copy (SIGSTOP): `fall` failed checks take it out.
     let t0 = Instant::now();
-    signal(pid2, libc::SIGSTOP);
+    send_signal(pid2, Signal::SIGSTOP);
     let hung = wait_entry_gone(&lab, &ep, Duration::from_secs(5));
     assert_eq!(who(&lab, 8080), "cloud");
     // Worst case: the first failing check starts one interval after the stop.
@@ -533,7 +253,7 @@ fn serves_at_the_edge_while_healthy_and_fails_over_when_the_service_dies() {
     eprintln!("SIGSTOP: redirect removed after {hung:?} (fall x interval + timeout = 550 ms)");
     assert!(hung < bound, "unhealthy failover took {hung:?}");
     assert_eq!(daemon.service(&web)["health"], "unhealthy");
-    signal(pid2, libc::SIGCONT);
+    send_signal(pid2, Signal::SIGCONT);
     wait_for(&lab, 8080, "edge", UP);
     eprintln!(
         "SIGCONT: back at the edge {:?} after the stop",
@@ -582,18 +302,33 @@ fn a_service_whose_check_never_passes_is_never_redirected() {
         return;
     }
     let lab = Lab::new();
-    let files = Files::new();
+    let files = DaemonFiles::new();
     let _cloud = IdentityServer::start(lab.cloud.name(), 8081, "cloud");
     let _cloud2 = IdentityServer::start(lab.cloud.name(), 8083, "cloud");
     let (mute, probed) = (lab.service_ns_name(), lab.service_ns_name());
     // `probed` is checked by an exec check that connects to 127.0.0.1:8083: it only passes if the
     // check runs inside the service's namespace.
     let probe = "import socket; socket.create_connection(('127.0.0.1', 8083), 1)";
-    files.write_config(&format!(
-        "{}\n[[service]]\nname = \"{mute}\"\nmatch = [\"tcp://{CLOUD_V4}:8081\"]\ncommand = [\"/bin/sleep\", \"1000\"]\n[service.health]\ntcp = 8081\ninterval_ms = 100\ntimeout_ms = 50\nrise = 1\n{}",
-        files.engine(""),
-        files.service_checked(&probed, 8083, "edge", "", &format!("exec = [\"/usr/bin/python3\", \"-c\", \"{probe}\"]"))
-    ));
+    let mut config = files.config();
+    config.services = vec![
+        Service {
+            command: vec!["/bin/sleep".into(), "1000".into()],
+            health: Some(Health {
+                check: Check::Tcp(8081),
+                interval_ms: 100,
+                timeout_ms: 50,
+                rise: 1,
+                fall: 2,
+            }),
+            ..files.service(&mute, 8081, "edge")
+        },
+        files.service(&probed, 8083, "edge").check(Check::Exec(vec![
+            "/usr/bin/python3".into(),
+            "-c".into(),
+            probe.into(),
+        ])),
+    ];
+    files.write(&config);
     let daemon = Daemon::start(&lab, &files);
     daemon.wait_redirected(&probed, UP);
     wait_for(&lab, 8083, "edge", UP);
@@ -625,12 +360,16 @@ fn reload_adds_changes_and_removes_services_without_touching_the_others() {
         return;
     }
     let lab = Lab::new();
-    let files = Files::new();
+    let files = DaemonFiles::new();
     let _cloud_a = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
     let _cloud_b = IdentityServer::start(lab.cloud.name(), 8082, "cloud");
     let (a, b) = (lab.service_ns_name(), lab.service_ns_name());
-    let engine = files.engine("");
-    files.write_config(&(engine.clone() + &files.service(&a, 8080, "edge-a", "")));
+    let with = |services: &[Service]| {
+        let mut config = files.config();
+        config.services = services.to_vec();
+        files.write(&config);
+    };
+    with(&[files.service(&a, 8080, "edge-a")]);
     let daemon = Daemon::start(&lab, &files);
     let pid_a = daemon.wait_redirected(&a, UP);
     wait_for(&lab, 8080, "edge-a", UP);
@@ -665,11 +404,10 @@ fn reload_adds_changes_and_removes_services_without_touching_the_others() {
     // Add B with `viscum reload`.
     let ctl = files.control();
     let ctl = ctl.to_str().unwrap();
-    files.write_config(
-        &(engine.clone()
-            + &files.service(&a, 8080, "edge-a", "")
-            + &files.service(&b, 8082, "edge-b", "")),
-    );
+    with(&[
+        files.service(&a, 8080, "edge-a"),
+        files.service(&b, 8082, "edge-b"),
+    ]);
     let out = lab.viscum_ok(&["reload", "--control", ctl]);
     assert!(out.contains(&format!("added: {b}")), "{out}");
     let pid_b = daemon.wait_redirected(&b, UP);
@@ -681,11 +419,10 @@ fn reload_adds_changes_and_removes_services_without_touching_the_others() {
     );
 
     // An invalid file changes nothing and says why, naming service and field.
-    files.write_config(
-        &(engine.clone()
-            + &files.service(&a, 8080, "edge-a", "")
-            + &files.service(&b, 70000, "edge-b", "")),
-    );
+    with(&[
+        files.service(&a, 8080, "edge-a"),
+        files.service(&b, 70000, "edge-b"),
+    ]);
     let err = lab.viscum_err(&["reload", "--control", ctl]);
     assert!(
         err.contains(&format!("service {b}: match[0]: port '70000'")),
@@ -699,11 +436,10 @@ fn reload_adds_changes_and_removes_services_without_touching_the_others() {
     assert_eq!(who(&lab, 8082), "edge-b");
 
     // Change B (its environment): B restarts, A does not.
-    files.write_config(
-        &(engine.clone()
-            + &files.service(&a, 8080, "edge-a", "")
-            + &files.service(&b, 8082, "edge-b", "env = { V = \"2\" }")),
-    );
+    with(&[
+        files.service(&a, 8080, "edge-a"),
+        files.service(&b, 8082, "edge-b").env("V", "2"),
+    ]);
     let out = lab.viscum_ok(&["reload", "--control", ctl]);
     assert!(out.contains(&format!("changed (restarted): {b}")), "{out}");
     let pid_b2 = daemon.wait_redirected(&b, UP);
@@ -720,10 +456,8 @@ fn reload_adds_changes_and_removes_services_without_touching_the_others() {
     );
 
     // Remove A with SIGHUP: its entry, process and namespace go; B stays as it is.
-    files.write_config(
-        &(engine.clone() + &files.service(&b, 8082, "edge-b", "env = { V = \"2\" }")),
-    );
-    signal(daemon.pid(), libc::SIGHUP);
+    with(&[files.service(&b, 8082, "edge-b").env("V", "2")]);
+    send_signal(daemon.pid(), Signal::SIGHUP);
     let gone = wait_until(UP, || !netns::named_exists(&a));
     assert!(gone, "A's namespace still there:\n{}", daemon.log());
     assert!(!alive(pid_a));
@@ -741,10 +475,15 @@ fn a_daemon_restart_keeps_an_ongoing_transfer_alive() {
         return;
     }
     let lab = Lab::new();
-    let files = Files::new();
+    let files = DaemonFiles::new();
     let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
     let web = lab.service_ns_name();
-    files.write_config(&(files.engine("") + &files.service(&web, 8080, "edge", "")));
+    let with = |service: Option<Service>| {
+        let mut config = files.config();
+        config.services.extend(service);
+        files.write(&config);
+    };
+    with(Some(files.service(&web, 8080, "edge")));
     let daemon = Daemon::start(&lab, &files);
     let pid = daemon.wait_redirected(&web, UP);
     wait_for(&lab, 8080, "edge", UP);
@@ -792,7 +531,7 @@ fn a_daemon_restart_keeps_an_ongoing_transfer_alive() {
 
     // Restarted with a different configuration while down: the old process is replaced.
     daemon.kill();
-    files.write_config(&(files.engine("") + &files.service(&web, 8080, "edge2", "")));
+    with(Some(files.service(&web, 8080, "edge2")));
     let daemon = Daemon::start(&lab, &files);
     let pid2 = daemon.wait_redirected(&web, UP);
     assert_ne!(pid2, pid);
@@ -802,7 +541,7 @@ fn a_daemon_restart_keeps_an_ongoing_transfer_alive() {
 
     // Restarted with the service gone from the file: the leftovers are cleaned up.
     daemon.kill();
-    files.write_config(&files.engine(""));
+    with(None);
     let daemon = Daemon::start(&lab, &files);
     assert!(
         !alive(pid2),
@@ -820,7 +559,7 @@ fn bad_configurations_are_rejected_naming_service_and_field() {
         return;
     }
     let lab = Lab::new();
-    let files = Files::new();
+    let files = DaemonFiles::new();
     let name = lab.service_ns_name();
     let bad = format!(
         r#"{}
@@ -843,10 +582,10 @@ name = "{name}"
 match = ["tcp://198.51.100.7:5201"]
 command = ["x"]
 "#,
-        files.engine("")
+        files.config().to_toml()
     );
-    files.write_config(&bad);
-    let config = files.config();
+    files.write_raw(&bad);
+    let config = files.config_path();
     let config = config.to_str().unwrap();
     let err = lab.viscum_err(&["run", "--config", config, "--check"]);
     for want in [
@@ -871,14 +610,16 @@ command = ["x"]
     assert!(!lab.bpffs.path().join("prog_ingress").exists());
     assert!(!files.control().exists());
 
-    files.write_config("[engine]\ninterfaces = [\"lan0\"]\nbogus = 1\n");
+    files.write_raw("[engine]\ninterfaces = [\"lan0\"]\nbogus = 1\n");
     let err = lab.viscum_err(&["run", "--config", config, "--check"]);
     assert!(
         err.contains("engine: bogus: unknown field `bogus`"),
         "{err}"
     );
 
-    files.write_config(&(files.engine("") + &files.service(&name, 8080, "edge", "")));
+    let mut good = files.config();
+    good.services.push(files.service(&name, 8080, "edge"));
+    files.write(&good);
     let out = lab.viscum_ok(&["run", "--config", config, "--check"]);
     assert!(out.contains("ok (1 service"), "{out}");
 }
@@ -889,13 +630,18 @@ fn limits_are_enforced_in_the_service_cgroup_or_reported_unsupported() {
         return;
     }
     let lab = Lab::new();
-    let files = Files::new();
+    let files = DaemonFiles::new();
     let web = lab.service_ns_name();
-    files.write_config(
-        &(files.engine("")
-            + &files.service(&web, 8080, "edge", "")
-            + "[service.limits]\nmemory = \"64M\"\ncpu = 0.5\npids = 32\n"),
-    );
+    let mut config = files.config();
+    config.services.push(Service {
+        limits: Some(Limits {
+            memory: Some("64M".into()),
+            cpu: Some(0.5),
+            pids: Some(32),
+        }),
+        ..files.service(&web, 8080, "edge")
+    });
+    files.write(&config);
     let daemon = Daemon::start(&lab, &files);
     let pid = daemon.wait_redirected(&web, UP);
     let limits = daemon.service(&web)["limits"].clone();
@@ -933,12 +679,15 @@ fn a_deliberate_stop_drains_the_edge_flows_before_stopping_the_service() {
         return;
     }
     let lab = Lab::new();
-    let files = Files::new();
+    let files = DaemonFiles::new();
     let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
     let web = lab.service_ns_name();
-    files.write_config(
-        &(files.engine("") + &files.service(&web, 8080, "edge", "drain_timeout_ms = 20000")),
-    );
+    let mut config = files.config();
+    config.services.push(Service {
+        drain_timeout_ms: Some(20000),
+        ..files.service(&web, 8080, "edge")
+    });
+    files.write(&config);
     let daemon = Daemon::start(&lab, &files);
     let pid = daemon.wait_redirected(&web, UP);
     wait_for(&lab, 8080, "edge", UP);
@@ -1013,7 +762,7 @@ fn a_host_name_service_follows_dns() {
         return;
     }
     let lab = Lab::new();
-    let files = Files::new();
+    let files = DaemonFiles::new();
     let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
     let zone = viscum_tests::Zone::default();
     zone.lock()
@@ -1021,11 +770,14 @@ fn a_host_name_service_follows_dns() {
         .insert("alpr.example.net".into(), vec![IpAddr::V4(CLOUD_V4)]);
     let _dns = viscum_tests::Dns::start(lab.cloud.name(), zone.clone());
     let web = lab.service_ns_name();
-    let service = files.service(&web, 8080, "edge", "").replace(
-        &format!("tcp://{CLOUD_V4}:8080"),
-        "tcp://alpr.example.net:8080",
+    let mut config = files.config();
+    config.engine.dns = vec![CLOUD_V4.to_string()];
+    config.services.push(
+        files
+            .service(&web, 8080, "edge")
+            .matches(&["tcp://alpr.example.net:8080".into()]),
     );
-    files.write_config(&(files.engine(&format!("dns = [\"{CLOUD_V4}\"]")) + &service));
+    files.write(&config);
     let daemon = Daemon::start(&lab, &files);
     daemon.wait_redirected(&web, UP);
     wait_for(&lab, 8080, "edge", UP);

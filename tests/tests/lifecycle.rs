@@ -9,13 +9,11 @@ mod common;
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::unix::{fs::PermissionsExt, net::UnixStream},
+    os::unix::fs::PermissionsExt,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::atomic::{AtomicU32, Ordering},
-    thread,
     time::{Duration, Instant},
 };
 
@@ -23,6 +21,7 @@ use serde_json::Value;
 use viscum::netns;
 use viscum_tests::{
     IdentityServer, Lab, Netns, Proto, ask,
+    daemon::{Daemon, DaemonFiles, Service},
     lab::{CLIENT_V4, CLIENT_V6, CLOUD_V4, CLOUD_V6, EDGE_LAN_V4, EDGE_LAN_V6, wait_links_ready},
     skip_unless_root, unique_name, wait_until,
 };
@@ -252,192 +251,25 @@ impl Foreign {
 
 // ----- the daemon -----------------------------------------------------------------------
 
-/// The edge copy for daemon tests: answers the identity protocol with its identity on
-/// `[::]:PORT` (IPv4 and IPv6).
-const SERVICE_PY: &str = r#"
-import socket, sys, threading
-port, ident = int(sys.argv[1]), sys.argv[2].encode()
-srv = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
-srv.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("::", port))
-srv.listen(128)
-def handle(c):
-    try:
-        c.settimeout(5)
-        data = b""
-        while b"\n" not in data:
-            d = c.recv(128)
-            if not d:
-                return
-            data += d
-        c.sendall(ident + b"\n")
-    except OSError:
-        pass
-    finally:
-        c.close()
-while True:
-    conn, _ = srv.accept()
-    threading.Thread(target=handle, args=(conn,), daemon=True).start()
-"#;
-
-/// The files of one daemon test (configuration, script, run directory, the daemon's output).
-struct Files {
-    dir: PathBuf,
-}
-
-impl Files {
-    fn new() -> Files {
-        let dir = PathBuf::from("/tmp").join(format!("viscum-life-{}", unique_name("t")));
-        fs::create_dir_all(&dir).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        let script = dir.join("service.py");
-        fs::write(&script, SERVICE_PY).unwrap();
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o644)).unwrap();
-        Files { dir }
-    }
-
-    /// `[engine]` attached to lan0, plus a service `name` answering "edge" on `port` of both
-    /// cloud addresses when given.
-    fn write_config(&self, service: Option<(&str, u16)>) {
-        let mut text = format!(
-            "[engine]\ninterfaces = [\"lan0\"]\ncontrol = \"{}\"\nrun_dir = \"{}\"\n",
-            self.control().display(),
-            self.dir.join("run").display()
-        );
-        if let Some((name, port)) = service {
-            text += &format!(
-                r#"
-[[service]]
-name = "{name}"
-match = ["tcp://{CLOUD_V4}:{port}", "tcp://[{CLOUD_V6}]:{port}"]
-command = ["/usr/bin/python3", "{script}", "{port}", "edge"]
-stop_grace_ms = 500
-[service.health]
-tcp = {port}
-interval_ms = 200
-timeout_ms = 150
-rise = 2
-fall = 2
-"#,
-                script = self.dir.join("service.py").display()
-            );
-        }
-        fs::write(self.dir.join("viscum.toml"), text).unwrap();
-    }
-
-    fn control(&self) -> PathBuf {
-        self.dir.join("control.sock")
-    }
-}
-
-impl Drop for Files {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// `viscum run` in the lab's edge namespace; shut down cleanly on drop.
-struct Daemon {
-    child: Option<Child>,
-    control: PathBuf,
-    output: PathBuf,
-}
-
-impl Daemon {
-    fn start(lab: &Lab, files: &Files) -> Daemon {
-        Daemon::start_with(lab, files, &[])
-    }
-
-    /// [`Daemon::start`] with extra environment variables.
-    fn start_with(lab: &Lab, files: &Files, env: &[(&str, &str)]) -> Daemon {
-        let output = files.dir.join("daemon.log");
-        let log = fs::File::create(&output).unwrap();
-        let config = files.dir.join("viscum.toml");
-        let mut cmd = lab.viscum_command(&[
-            "--log-level",
-            "debug",
-            "run",
-            "--config",
-            config.to_str().unwrap(),
-        ]);
-        cmd.envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        let daemon = Daemon {
-            child: Some(cmd.spawn().expect("start viscum run")),
-            control: files.control(),
-            output,
-        };
-        assert!(
-            wait_until(REACT, || daemon.try_status().is_some()),
-            "the daemon did not answer on its control socket:\n{}",
-            daemon.log()
-        );
-        daemon
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.output).unwrap_or_default()
-    }
-
-    fn try_status(&self) -> Option<Value> {
-        let mut s = UnixStream::connect(&self.control).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-        writeln!(s, r#"{{"cmd":"status"}}"#).ok()?;
-        let mut answer = String::new();
-        BufReader::new(s).read_line(&mut answer).ok()?;
-        let v: Value = serde_json::from_str(&answer).ok()?;
-        Some(v["status"].clone())
-    }
-
-    fn status(&self) -> Value {
-        self.try_status()
-            .unwrap_or_else(|| panic!("no status from the daemon:\n{}", self.log()))
-    }
-
-    /// The state of `iface`'s attachment in `status`.
-    fn attachment(&self, iface: &str) -> String {
-        let status = self.status();
-        status["attachments"]
-            .as_array()
-            .and_then(|a| a.iter().find(|a| a["interface"] == iface))
-            .map(|a| a["state"].as_str().unwrap_or_default().to_owned())
-            .unwrap_or_else(|| format!("not listed in {status}"))
-    }
-
-    fn wait_redirected(&self, name: &str) {
-        let ok = wait_until(REACT, || {
-            self.status()["services"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|s| s["name"] == name && s["health"] == "healthy" && s["redirected"] == true)
+/// Writes the daemon's configuration: `[engine]` for the lab, plus a service `name` answering
+/// "edge" on `port` of both cloud addresses when given (stopped with a 500 ms grace).
+fn write_config(files: &DaemonFiles, service: Option<(&str, u16)>) {
+    let mut config = files.config();
+    if let Some((name, port)) = service {
+        config.services.push(Service {
+            stop_grace_ms: Some(500),
+            ..files.service(name, port.into(), "edge").matches(&[
+                format!("tcp://{CLOUD_V4}:{port}"),
+                format!("tcp://[{CLOUD_V6}]:{port}"),
+            ])
         });
-        assert!(ok, "service {name} not redirected:\n{}", self.log());
     }
+    files.write(&config);
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: plain kill(2) on our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while child.try_wait().unwrap().is_none() {
-                if Instant::now() > deadline {
-                    let _ = child.kill();
-                    break;
-                }
-                thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.wait();
-        }
-        if thread::panicking() {
-            eprintln!("--- daemon output ---\n{}", self.log());
-        }
-    }
+/// `viscum run` in the lab's edge namespace, logging at debug level, with extra environment.
+fn start_daemon(lab: &Lab, files: &DaemonFiles, env: &[(&str, &str)]) -> Daemon {
+    Daemon::start_with(lab, files, "debug", env)
 }
 
 // ----- item 7: the client-facing interface re-created -----------------------------------
@@ -580,12 +412,12 @@ fn the_daemon_reattaches_a_recreated_client_interface_through_clsact() {
 
 fn daemon_reattaches(env: &[(&str, &str)]) {
     let lab = Lab::new();
-    let files = Files::new();
+    let files = DaemonFiles::new();
     let svc = lab.service_ns_name();
     let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
-    files.write_config(Some((&svc, 8080)));
-    let daemon = Daemon::start_with(&lab, &files, env);
-    daemon.wait_redirected(&svc);
+    write_config(&files, Some((&svc, 8080)));
+    let daemon = start_daemon(&lab, &files, env);
+    daemon.wait_redirected(&svc, REACT);
     let cases: Vec<(Proto, SocketAddr)> = lab
         .cloud_addrs(8080)
         .into_iter()
@@ -660,9 +492,9 @@ fn the_daemon_follows_a_recreated_to_target() {
         return;
     }
     let lab = Lab::new();
-    let files = Files::new();
-    files.write_config(None);
-    let daemon = Daemon::start(&lab, &files);
+    let files = DaemonFiles::new();
+    write_config(&files, None);
+    let daemon = start_daemon(&lab, &files, &[]);
     let (foreign, _servers, cases) = served_through_foreign_veth(&lab);
 
     delete_edge_link(&lab, &foreign.veth);
@@ -777,12 +609,12 @@ fn the_daemon_rebuilds_a_service_whose_veth_vanished() {
         return;
     }
     let lab = Lab::new();
-    let files = Files::new();
+    let files = DaemonFiles::new();
     let svc = lab.service_ns_name();
     let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
-    files.write_config(Some((&svc, 8080)));
-    let daemon = Daemon::start(&lab, &files);
-    daemon.wait_redirected(&svc);
+    write_config(&files, Some((&svc, 8080)));
+    let daemon = start_daemon(&lab, &files, &[]);
+    daemon.wait_redirected(&svc, REACT);
     let cases: Vec<(Proto, SocketAddr)> = lab
         .cloud_addrs(8080)
         .into_iter()

@@ -16,8 +16,11 @@
 //! `TC_ACT_OK` (which under TCX ends the chain) it still runs whatever other
 //! programs or tc filters the router has on the same hook (QoS, firewalls).
 //! Viscum must never touch traffic that is not its own.
-#![no_std]
-#![no_main]
+// no_std/no_main only for the bpf target: a host build (`cargo clippy --workspace
+// --all-targets`) gets an ordinary std binary with an empty main, instead of a no_std one
+// that the host's unwinding panics cannot build (as aya's own test programs do).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 mod counters;
 mod flow;
@@ -290,11 +293,16 @@ fn pass() -> i32 {
     TC_ACT_UNSPEC
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+/// The host build's entry point (see the crate attributes); the programs only run in the
+/// kernel.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -1,71 +1,19 @@
 //! Privileged tests of `viscum::netns` against the real kernel.
 //!
 //! Every namespace is uniquely named from the pid and a counter and removed on drop, panics
-//! included. The service namespace work runs inside a namespace the test created (standing in
+//! included (the guards of `viscum_lab`, shared with the integration tests and the lab). The service namespace work runs inside a namespace the test created (standing in
 //! for the edge box), so nothing is added to the machine's own namespace. `ip` is run only to
 //! check the results from the outside. Run with `--test-threads=1`; skipped when not root.
 
 use std::{
-    future::Future,
     io::{Read, Write},
     net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream},
     process::Command,
-    sync::atomic::{AtomicU32, Ordering},
     time::Duration,
 };
 
 use viscum::netns::{self, NetnsError};
-
-fn skip_unless_root() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return false;
-    }
-    eprintln!("skipping: needs root");
-    true
-}
-
-/// A name no other test run uses: `vt<pid>x<n>`, at most 12 characters so it is also a valid
-/// service namespace name.
-fn unique_name() -> String {
-    static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-    format!("vt{}x{n}", std::process::id() % 10_000_000)
-}
-
-/// Deletes the named namespaces it holds when dropped, ignoring the ones already gone.
-/// Deleting the edge namespace also destroys the host veths in it.
-struct Cleanup(Vec<String>);
-
-impl Cleanup {
-    fn track(&mut self, name: &str) -> String {
-        self.0.push(name.to_string());
-        name.to_string()
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        for name in self.0.iter().rev() {
-            let _ = netns::delete_named(name);
-        }
-    }
-}
-
-/// Runs an async block on a current-thread runtime on a thread inside namespace `ns`, so
-/// `handle_here` there means that namespace.
-fn run_in<T: Send + 'static, F: Future<Output = T>>(
-    ns: &str,
-    f: impl FnOnce() -> F + Send + 'static,
-) -> T {
-    netns::in_netns(ns, move || {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap()
-            .block_on(f())
-    })
-    .unwrap()
-}
+use viscum_lab::{Netns, skip_unless_root, unique_name};
 
 /// `ip ARGS`, asserting success; returns stdout.
 fn ip(args: &[&str]) -> String {
@@ -83,8 +31,8 @@ fn named_namespace_lifecycle() {
     if skip_unless_root() {
         return;
     }
-    let mut cleanup = Cleanup(Vec::new());
-    let name = cleanup.track(&unique_name());
+    let name = unique_name("vt");
+    let _name_ns = Netns::adopt(&name);
 
     netns::create_named(&name).unwrap();
     assert!(netns::named_exists(&name));
@@ -147,14 +95,15 @@ fn links_addresses_routes() {
     if skip_unless_root() {
         return;
     }
-    let mut cleanup = Cleanup(Vec::new());
-    let a = cleanup.track(&unique_name());
-    let b = cleanup.track(&unique_name());
+    let a = unique_name("vt");
+    let a_ns = Netns::adopt(&a);
+    let b = unique_name("vt");
+    let _b_ns = Netns::adopt(&b);
     netns::create_named(&a).unwrap();
     netns::create_named(&b).unwrap();
 
     let b2 = b.clone();
-    run_in(&a, move || async move {
+    a_ns.block_on(move || async move {
         let h = netns::handle_here().await.unwrap();
         let err = netns::link_by_name(&h, "eth9").await.unwrap_err();
         assert_eq!(err.to_string(), "interface eth9 does not exist");
@@ -272,15 +221,17 @@ fn service_namespace_end_to_end() {
     if skip_unless_root() {
         return;
     }
-    let mut cleanup = Cleanup(Vec::new());
-    let svc = cleanup.track(&unique_name());
-    let svc2 = cleanup.track(&unique_name());
+    let svc = unique_name("vt");
+    let _svc_ns = Netns::adopt(&svc);
+    let svc2 = unique_name("vt");
+    let _svc2_ns = Netns::adopt(&svc2);
     // Tracked last, so it is deleted first: that takes the host veths with it.
-    let edge = cleanup.track(&unique_name());
+    let edge = unique_name("vt");
+    let edge_ns = Netns::adopt(&edge);
     netns::create_named(&edge).unwrap();
 
     let (s1, s2) = (svc.clone(), svc2.clone());
-    let info = run_in(&edge, move || async move {
+    let info = edge_ns.block_on(move || async move {
         assert!(matches!(
             netns::service_ns_add("Foo!").await,
             Err(NetnsError::InvalidServiceName { .. })
@@ -437,7 +388,7 @@ fn service_namespace_end_to_end() {
     assert!(local6.contains("local 2001:db8::7 dev lo"), "{local6}");
 
     let (s1, s2) = (svc.clone(), svc2.clone());
-    run_in(&edge, move || async move {
+    edge_ns.block_on(move || async move {
         netns::service_ns_del(&s1).await.unwrap();
         assert!(!netns::named_exists(&s1));
         let host = netns::handle_here().await.unwrap();

@@ -1,8 +1,10 @@
 //! `cargo xtask bench [--quick]`: runs the benchmarks of `docs/benchmarks.md` and
 //! writes `bench/results/<date>-<kernel>.json` and `bench/RESULTS.md` with SVG plots.
 //!
-//! The measuring happens in two bench binaries of viscum-user (`benches/datapath.rs` for
-//! B1–B2, `benches/system/` for B3–B9), built here with `cargo bench --no-run` and run one
+//! The measuring happens in the two bench binaries of the viscum-bench crate
+//! (`benches/datapath.rs` for B1–B2, `benches/system/` for B3–B9; the product crate builds
+//! no benchmark code), built here with `cargo bench --no-run` together with a `viscum` of the
+//! release profile (handed to them as `VISCUM_BIN`), and run one
 //! group per process, each with a time limit, so that a benchmark that fails, hangs or
 //! crashes is recorded as such and the others still run. Each process writes JSON
 //! "fragments" (tables of rows with targets, plot data, raw samples); this module merges them
@@ -210,7 +212,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
             );
         }
     }
-    let exes = build()?;
+    let (exes, viscum) = build()?;
     let build_s = started.elapsed().as_secs_f64();
     let load_before = machine::loadavg();
 
@@ -250,7 +252,16 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
                 .join(", ")
         );
         let result = match exe {
-            Some(exe) => run_group(&exe, g, opts.quick, &run_id, &out, &datapath_out, limit),
+            Some(exe) => run_group(
+                &exe,
+                &viscum,
+                g,
+                opts.quick,
+                &run_id,
+                &out,
+                &datapath_out,
+                limit,
+            ),
             None => Err(anyhow::anyhow!("cargo built no `{}` bench binary", g.bench)),
         };
         sweep::run_leftovers(&run_id);
@@ -345,13 +356,23 @@ fn ensure_tools() {
     }
 }
 
-/// `cargo bench --no-run` of both bench binaries; returns (name, executable).
-fn build() -> Result<Vec<(String, PathBuf)>> {
+/// `cargo bench --no-run` of both bench binaries, and `viscum` with the bench profile (the
+/// release settings); returns the benches as (name, executable) and viscum's path.
+fn build() -> Result<(Vec<(String, PathBuf)>, PathBuf)> {
+    let viscum = crate::build::cargo_build(&[
+        "build",
+        "--profile",
+        "bench",
+        "-p",
+        "viscum-user",
+        "--bin",
+        "viscum",
+    ])?;
     let mut cmd = process::cargo();
     cmd.args([
         "bench",
         "-p",
-        "viscum-user",
+        "viscum-bench",
         "--bench",
         "datapath",
         "--bench",
@@ -384,12 +405,14 @@ fn build() -> Result<Vec<(String, PathBuf)>> {
     if !status.success() {
         bail!("`{}` failed ({status})", process::display(&cmd));
     }
-    Ok(exes)
+    Ok((exes, viscum))
 }
 
 /// Runs one bench process and reads its fragments.
+#[allow(clippy::too_many_arguments, reason = "one call site, all plain inputs")]
 fn run_group(
     exe: &Path,
+    viscum: &Path,
     g: &Group,
     quick: bool,
     run_id: &str,
@@ -400,6 +423,7 @@ fn run_group(
     let _ = fs::remove_file(out);
     let mut cmd = Command::new(exe);
     cmd.current_dir(process::workspace_root())
+        .env("VISCUM_BIN", viscum)
         .args(["--run-id", run_id, "--out"])
         .arg(out);
     if quick {

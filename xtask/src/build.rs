@@ -51,6 +51,13 @@ pub fn viscum_debug() -> Result<PathBuf> {
 /// `-render-diagnostics` variant keeps warnings and errors human-readable on
 /// stderr.
 pub fn cargo_build(args: &[&str]) -> Result<PathBuf> {
+    cargo_build_bin(args, "viscum-user", "viscum")
+}
+
+/// Runs `cargo <args>` and returns the path of binary `bin` of package `package` it built
+/// (see [`cargo_build`]).
+pub fn cargo_build_bin(args: &[&str], package: &str, bin: &str) -> Result<PathBuf> {
+    let manifest = format!("{package}/Cargo.toml");
     let mut cmd = process::cargo();
     cmd.args(args)
         .arg("--message-format=json-render-diagnostics")
@@ -69,11 +76,11 @@ pub fn cargo_build(args: &[&str]) -> Result<PathBuf> {
             continue;
         };
         if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == "viscum"
+            && msg["target"]["name"] == bin
             && msg["target"]["kind"][0] == "bin"
             && msg["manifest_path"]
                 .as_str()
-                .is_some_and(|p| p.ends_with("viscum-user/Cargo.toml"))
+                .is_some_and(|p| p.ends_with(&manifest))
             && let Some(exe) = msg["executable"].as_str()
         {
             binary = Some(PathBuf::from(exe));
@@ -83,5 +90,5 @@ pub fn cargo_build(args: &[&str]) -> Result<PathBuf> {
     if !status.success() {
         bail!("`{}` failed ({status})", process::display(&cmd));
     }
-    binary.context("cargo built no `viscum` binary")
+    binary.with_context(|| format!("cargo built no `{bin}` binary"))
 }

@@ -10,8 +10,11 @@
 //!
 //! Both live in their own object (`viscum-bench`) so the product's object and
 //! its verifier budget stay untouched.
-#![no_std]
-#![no_main]
+// no_std/no_main only for the bpf target: a host build (`cargo clippy --workspace
+// --all-targets`) gets an ordinary std binary with an empty main, instead of a no_std one
+// that the host's unwinding panics cannot build (as aya's own test programs do).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
 
 use aya_ebpf::{
     bindings::TC_ACT_OK, helpers::bpf_redirect_peer, macros::classifier, programs::TcContext,
@@ -37,11 +40,16 @@ pub fn bench_hook(_ctx: TcContext) -> i32 {
     unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
 }
 
-#[cfg(not(test))]
+#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
+
+/// The host build's entry point (see the crate attributes); the programs only run in the
+/// kernel.
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
 
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]

@@ -26,12 +26,13 @@ use viscum::{
     engine::{Engine, Pins},
 };
 use viscum_common::{ServiceEntry, TARGET_F_PEER};
+use viscum_lab::Netns;
 
 use crate::{
     lanes::{self, Env},
     support::{
         cli::Args,
-        netns::{Ns, exec_in, ip, neigh, sysctl, veth},
+        netns::{self, exec_in, ip},
         report::{self, Bar, Fragment, Plot, Row, Series, Table},
         sys::{self, Proc},
     },
@@ -317,16 +318,25 @@ fn median(v: &[f64]) -> f64 {
 }
 
 /// A namespace with a dummy `lan0` and `viscum attach lan0` on a bpffs of its own.
-fn attached_instance(env: &Env<'_>, tag: &str, max_entries: u32) -> Result<(Ns, Pins)> {
-    let ns = Ns::create(&format!("{}-{tag}", env.run_id))?;
+fn attached_instance(env: &Env<'_>, tag: &str, max_entries: u32) -> Result<(Netns, Pins)> {
+    let ns = netns::create(&format!("{}-{tag}", env.run_id))?;
     // A veth with its peer alongside (some kernels here lack the dummy driver).
     ip(&[
-        "-n", &ns.name, "link", "add", "lan0", "type", "veth", "peer", "name", "lan1",
+        "-n",
+        ns.name(),
+        "link",
+        "add",
+        "lan0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "lan1",
     ])?;
-    ip(&["-n", &ns.name, "link", "set", "lan0", "up"])?;
+    ip(&["-n", ns.name(), "link", "set", "lan0", "up"])?;
     let dir = env.bpffs.subdir(&format!("b7-{tag}"))?;
     env.viscum.with_bpffs(&dir).run(
-        &ns.name,
+        ns.name(),
         &["attach", "lan0", "--max-entries", &max_entries.to_string()],
     )?;
     Ok((ns, Pins::new(&dir)))
@@ -420,8 +430,8 @@ fn one_tool(
     fill: u32,
     invocations: usize,
 ) -> Result<Vec<f64>> {
-    let ns = Ns::create(&format!("{}-{tag}", env.run_id))?;
-    let n = &ns.name;
+    let ns = netns::create(&format!("{}-{tag}", env.run_id))?;
+    let n = ns.name();
     let t = Instant::now();
     let timeout = Duration::from_secs(600);
     match tool {
@@ -525,46 +535,14 @@ struct Tte {
 /// client ── lan0 [edge: viscum] wan0 ── cloud ('K'), plus viscum ns ('S').
 fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
     let base = format!("{}-7x", env.run_id);
-    let (cg, eg, kg) = (
-        Ns::create(&format!("{base}c"))?,
-        Ns::create(&format!("{base}e"))?,
-        Ns::create(&format!("{base}k"))?,
-    );
-    let (c, e, k) = (&cg.name, &eg.name, &kg.name);
-    veth(
-        c,
-        "eth0",
-        "02:cc:00:00:00:02",
-        e,
-        "lan0",
-        "02:cc:00:00:00:01",
-    )?;
-    veth(
-        e,
-        "wan0",
-        "02:cc:00:00:01:01",
-        k,
-        "eth0",
-        "02:cc:00:00:01:07",
-    )?;
-    ip(&["-n", c, "addr", "add", "192.0.2.2/24", "dev", "eth0"])?;
-    ip(&["-n", e, "addr", "add", "192.0.2.1/24", "dev", "lan0"])?;
-    ip(&["-n", e, "addr", "add", "198.51.100.1/24", "dev", "wan0"])?;
-    ip(&["-n", k, "addr", "add", "198.51.100.7/24", "dev", "eth0"])?;
-    ip(&["-n", c, "route", "add", "default", "via", "192.0.2.1"])?;
-    ip(&["-n", k, "route", "add", "default", "via", "198.51.100.1"])?;
-    neigh(c, "eth0", "192.0.2.1", "02:cc:00:00:00:01")?;
-    neigh(e, "lan0", "192.0.2.2", "02:cc:00:00:00:02")?;
-    neigh(e, "wan0", "198.51.100.7", "02:cc:00:00:01:07")?;
-    neigh(k, "eth0", "198.51.100.1", "02:cc:00:00:01:01")?;
-    sysctl(e, "net/ipv4/ip_forward", "1")?;
-    sysctl(c, "net/ipv4/ip_local_port_range", "1024 65535")?;
-    let dir = env.bpffs.subdir("b7-tte")?;
+    let lab = netns::lab(env.bpffs, &base, "b7-tte")?;
+    let (c, e, k) = (lab.client.name(), lab.edge.name(), lab.cloud.name());
+    let dir = lab.bpffs.path().to_owned();
     let v = env.viscum.with_bpffs(&dir);
     v.run(e, &["attach", "lan0"])?;
     let s_name = format!("{base}s");
+    lab.own_service_ns(&s_name);
     v.run(e, &["ns", "add", &s_name])?;
-    let _s = Ns::adopt(&s_name);
     let _cloud = server(env, k, 'K')?;
     let _edge = server(env, &s_name, 'S')?;
     if tools::ask(c, tools::cloud(IDENT_PORT))? != b'K' {

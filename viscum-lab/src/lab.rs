@@ -11,6 +11,10 @@
 //!                              2001:db8:f::1/64            2001:db8:f::7/64
 //! ```
 //!
+//! One builder for everything that needs this topology: the integration tests ([`Lab::new`],
+//! unique names, panics on failure), `cargo xtask run` (the `viscum-lab` binary: fixed names
+//! from [`LabNames::with_prefix`], errors returned by [`Lab::build`]) and the benchmarks.
+//!
 //! With [`LabOptions::vlan`] the client and the edge talk through 802.1Q: the LAN addresses
 //! move to VLAN interfaces and the veth `lan0` becomes the tagged trunk, which stays the
 //! classifier's attach point ([`Lab::lan_if`]). Kernels without 802.1Q support get the same
@@ -18,6 +22,7 @@
 
 use std::{
     fs::File,
+    io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     os::{
         fd::{AsRawFd, OwnedFd},
@@ -30,6 +35,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use netlink_packet_route::neighbour::NeighbourState;
 use viscum::netns::{self, NETNS_RUN_DIR, NetnsError};
 
 use crate::{
@@ -67,6 +73,74 @@ pub const CLOUD_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xf, 0, 0, 0, 0, 7);
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one `viscum` command may run before it is killed.
 const VISCUM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Why the lab could not be built; what was left of it has been removed.
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    /// A namespace, link, address, route or sysctl could not be made.
+    #[error("{what}: {source}")]
+    Netns {
+        /// The step, e.g. "create namespace vlab-edge".
+        what: String,
+        #[source]
+        source: NetnsError,
+    },
+    /// A system call outside netlink failed (a VLAN tagger, the bpffs).
+    #[error("{what}: {source}")]
+    Io {
+        /// The step.
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    /// Links did not come up with carrier and a real qdisc in time.
+    #[error("{0}")]
+    NotReady(String),
+}
+
+impl LabError {
+    fn netns(what: impl Into<String>) -> impl FnOnce(NetnsError) -> LabError {
+        let what = what.into();
+        move |source| LabError::Netns { what, source }
+    }
+}
+
+/// The names of the lab's three namespaces (`/run/netns/NAME`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabNames {
+    /// The client.
+    pub client: String,
+    /// The edge box, where viscum runs.
+    pub edge: String,
+    /// The cloud.
+    pub cloud: String,
+}
+
+impl LabNames {
+    /// Names no other lab uses ([`unique_name`] with prefix `vt`): for tests.
+    pub fn unique() -> LabNames {
+        LabNames {
+            client: unique_name("vt"),
+            edge: unique_name("vt"),
+            cloud: unique_name("vt"),
+        }
+    }
+
+    /// `PREFIX-client`, `PREFIX-edge`, `PREFIX-cloud`: fixed names, so a new lab finds and
+    /// removes what a crashed one left behind (`cargo xtask run` uses `vlab`).
+    pub fn with_prefix(prefix: &str) -> LabNames {
+        LabNames {
+            client: format!("{prefix}-client"),
+            edge: format!("{prefix}-edge"),
+            cloud: format!("{prefix}-cloud"),
+        }
+    }
+
+    /// The three names, client first.
+    pub fn all(&self) -> [&str; 3] {
+        [&self.client, &self.edge, &self.cloud]
+    }
+}
 
 /// Variations of the lab.
 #[derive(Debug, Clone, Copy, Default)]
@@ -120,38 +194,57 @@ impl Lab {
         Lab::with_options(LabOptions::default())
     }
 
-    /// Builds the lab with `options`. Returns once every link is ready to carry traffic.
+    /// Builds the lab with `options` (unique names, a bpffs under [`crate::BPFFS_TEST_ROOT`]).
+    /// Returns once every link is ready to carry traffic; panics on failure, after cleaning
+    /// up.
     pub fn with_options(options: LabOptions) -> Lab {
+        Lab::build(&LabNames::unique(), Bpffs::new(), options)
+            .unwrap_or_else(|e| panic!("build lab: {e}"))
+    }
+
+    /// Builds the lab in namespaces `names` (which must not exist yet), with `bpffs` for
+    /// viscum's pins. Returns once every link is ready to carry traffic, or the first step
+    /// that failed, with everything made until then removed.
+    pub fn build(names: &LabNames, bpffs: Bpffs, options: LabOptions) -> Result<Lab, LabError> {
+        let create = |name: &str| {
+            Netns::create(name).map_err(LabError::netns(format!("create namespace {name}")))
+        };
         // Built in place, so a failure half-way is cleaned up by Drop like any other.
         let mut lab = Lab {
-            bpffs: Bpffs::new(),
-            client: Netns::new(),
-            edge: Netns::new(),
-            cloud: Netns::new(),
+            bpffs,
+            client: create(&names.client)?,
+            edge: create(&names.edge)?,
+            cloud: create(&names.cloud)?,
             options,
             lan_l3: LAN_IF.to_string(),
             vlan_mode: None,
             taggers: Vec::new(),
             service_ns: Mutex::new(Vec::new()),
         };
-        lab.build();
-        lab
+        lab.build_links()?;
+        Ok(lab)
     }
 
-    fn build(&mut self) {
+    fn build_links(&mut self) -> Result<(), LabError> {
+        let sysctl = |ns: &Netns, key: &str, value: &str| {
+            netns::sysctl_set(Some(ns.name()), key, value).map_err(LabError::netns(format!(
+                "set {key}={value} in {}",
+                ns.name()
+            )))
+        };
         for ns in [&self.client, &self.edge, &self.cloud] {
             // Before any interface exists, so all of them inherit it: addresses (link-local
             // ones included) are usable at once instead of after a second of DAD.
-            ns.set_sysctl("net/ipv6/conf/all/accept_dad", "0");
-            ns.set_sysctl("net/ipv6/conf/default/accept_dad", "0");
+            sysctl(ns, "net/ipv6/conf/all/accept_dad", "0")?;
+            sysctl(ns, "net/ipv6/conf/default/accept_dad", "0")?;
         }
         // A new namespace copies these from the machine's (devconf_inherit_init_net=0), and
         // distributions often set rp_filter there; the edge routes between its links.
         let edge = &self.edge;
-        edge.set_sysctl("net/ipv4/ip_forward", "1");
-        edge.set_sysctl("net/ipv6/conf/all/forwarding", "1");
-        edge.set_sysctl("net/ipv4/conf/all/rp_filter", "0");
-        edge.set_sysctl("net/ipv4/conf/default/rp_filter", "0");
+        sysctl(edge, "net/ipv4/ip_forward", "1")?;
+        sysctl(edge, "net/ipv6/conf/all/forwarding", "1")?;
+        sysctl(edge, "net/ipv4/conf/all/rp_filter", "0")?;
+        sysctl(edge, "net/ipv4/conf/default/rp_filter", "0")?;
 
         let (client, edge, cloud) = (
             self.client.name().to_string(),
@@ -159,22 +252,24 @@ impl Lab {
             self.cloud.name().to_string(),
         );
         let vlan = self.options.vlan;
-        let built = block_on(async move {
-            build_links(&client, &edge, &cloud, vlan)
-                .await
-                .unwrap_or_else(|e| panic!("build lab: {e:#?}"))
-        });
+        let built = block_on(async move { build_links(&client, &edge, &cloud, vlan).await })?;
         for ifname in &built.edge_ifs {
-            self.edge
-                .set_sysctl(&format!("net/ipv4/conf/{ifname}/rp_filter"), "0");
+            sysctl(
+                &self.edge,
+                &format!("net/ipv4/conf/{ifname}/rp_filter"),
+                "0",
+            )?;
         }
         for (ns, ifindex, ingress, tag) in built.taggers {
-            let link = vlan::attach(&ns, ifindex, ingress, tag)
-                .unwrap_or_else(|e| panic!("attach vlan tagger in {ns}: {e}"));
+            let link = vlan::attach(&ns, ifindex, ingress, tag).map_err(|source| LabError::Io {
+                what: format!("attach a VLAN tagger in {ns}"),
+                source,
+            })?;
             self.taggers.push(link);
         }
         self.lan_l3 = built.lan_l3;
         self.vlan_mode = built.vlan_mode;
+        Ok(())
     }
 
     /// The edge interface the classifier attaches to: `lan0` (the trunk, with a VLAN).
@@ -252,9 +347,14 @@ impl Lab {
     /// [`Lab::viscum_command`] with another copy of the binary (e.g. one an unprivileged user
     /// can execute wherever the checkout lives).
     pub fn viscum_command_with(&self, bin: &Path, args: &[&str]) -> Command {
+        self.try_viscum_command(bin, args)
+            .unwrap_or_else(|e| panic!("open the edge namespace: {e}"))
+    }
+
+    /// [`Lab::viscum_command_with`], failing if the edge namespace cannot be opened.
+    pub fn try_viscum_command(&self, bin: &Path, args: &[&str]) -> io::Result<Command> {
         let ns_path = PathBuf::from(NETNS_RUN_DIR).join(self.edge.name());
-        let ns_file =
-            File::open(&ns_path).unwrap_or_else(|e| panic!("open {}: {e}", ns_path.display()));
+        let ns_file = File::open(&ns_path)?;
         let mut cmd = Command::new(bin);
         cmd.arg("--bpffs").arg(self.bpffs.path()).args(args);
         // SAFETY: only setns(2), async-signal-safe, runs between fork and exec. The file is
@@ -268,7 +368,7 @@ impl Lab {
                 Ok(())
             });
         }
-        cmd
+        Ok(cmd)
     }
 
     /// Runs `viscum --bpffs <lab bpffs> ARGS` in the edge namespace and returns its output.
@@ -280,13 +380,19 @@ impl Lab {
     /// [`Lab::viscum`] with another time limit: loading the datapath under an emulated CPU
     /// (the VM kernel matrix) keeps the verifier busy for minutes.
     pub fn viscum_within(&self, timeout: Duration, args: &[&str]) -> Output {
-        let mut cmd = self.viscum_command(args);
+        self.run_viscum(&viscum_bin(), timeout, args)
+            .unwrap_or_else(|e| panic!("viscum {args:?}: {e}"))
+    }
+
+    /// Runs `BIN --bpffs <lab bpffs> ARGS` in the edge namespace and returns its output
+    /// (whatever its exit status); an error if it cannot be started, or if it runs longer
+    /// than `timeout` (it is killed then).
+    pub fn run_viscum(&self, bin: &Path, timeout: Duration, args: &[&str]) -> io::Result<Output> {
+        let mut cmd = self.try_viscum_command(bin, args)?;
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        let child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("start viscum {args:?}: {e}"));
+        let child = cmd.spawn()?;
         let pid = child.id();
         let (tx, rx) = mpsc::channel();
         let waiter = thread::spawn(move || {
@@ -295,14 +401,17 @@ impl Lab {
         match rx.recv_timeout(timeout) {
             Ok(output) => {
                 let _ = waiter.join();
-                output.unwrap_or_else(|e| panic!("wait for viscum {args:?}: {e}"))
+                output
             }
             Err(_) => {
                 // Our own child, by its pid; the waiter reaps it.
                 // SAFETY: plain kill(2) on the pid of a child not yet reaped.
                 unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
                 let _ = waiter.join();
-                panic!("viscum {args:?} ran longer than {timeout:?} and was killed");
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("ran longer than {timeout:?} and was killed"),
+                ))
             }
         }
     }
@@ -346,6 +455,57 @@ impl Lab {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Permanent IPv4 neighbour entries, from the links' own MACs, for every peer on the two
+    /// links (client and edge on the LAN, edge and cloud on the WAN), so that no ARP runs
+    /// while a benchmark measures. Without a VLAN only.
+    pub fn pin_neighbours(&self) -> Result<(), LabError> {
+        let (client, edge, cloud) = (
+            self.client.name().to_owned(),
+            self.edge.name().to_owned(),
+            self.cloud.name().to_owned(),
+        );
+        block_on(async move {
+            let c = netns::handle_in(&client).await;
+            let e = netns::handle_in(&edge).await;
+            let k = netns::handle_in(&cloud).await;
+            let (c, e, k) = (
+                c.map_err(LabError::netns(format!("netlink in {client}")))?,
+                e.map_err(LabError::netns(format!("netlink in {edge}")))?,
+                k.map_err(LabError::netns(format!("netlink in {cloud}")))?,
+            );
+            // (where, on which interface, the peer's address, where the peer's MAC is)
+            let pairs = [
+                (&c, CLIENT_IF, EDGE_LAN_V4, &e, LAN_IF),
+                (&e, LAN_IF, CLIENT_V4, &c, CLIENT_IF),
+                (&e, WAN_IF, CLOUD_V4, &k, CLOUD_IF),
+                (&k, CLOUD_IF, EDGE_WAN_V4, &e, WAN_IF),
+            ];
+            for (here, dev, addr, there, peer_dev) in pairs {
+                let what = format!("neighbour {addr} on {dev}");
+                let link = netns::link_by_name(here, dev)
+                    .await
+                    .map_err(LabError::netns(what.clone()))?;
+                let mac = netns::link_by_name(there, peer_dev)
+                    .await
+                    .map_err(LabError::netns(what.clone()))?
+                    .mac
+                    .ok_or_else(|| LabError::NotReady(format!("{what}: {peer_dev} has no MAC")))?;
+                here.neighbours()
+                    .add(link.index, IpAddr::V4(addr))
+                    .link_layer_address(&mac)
+                    .state(NeighbourState::Permanent)
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(|e| LabError::Io {
+                        what,
+                        source: io::Error::other(e),
+                    })?;
+            }
+            Ok(())
+        })
     }
 
     /// Service namespace `name` as `viscum ns list --json` shows it; panics if it is not listed.
@@ -415,6 +575,28 @@ struct Built {
 /// Creates the veths (and VLANs), addresses and routes, then waits for every link to be
 /// ready.
 async fn build_links(
+    client: &str,
+    edge: &str,
+    cloud: &str,
+    vlan: Option<u16>,
+) -> Result<Built, LabError> {
+    let built = build_links_netlink(client, edge, cloud, vlan)
+        .await
+        .map_err(LabError::netns("build the lab's links"))?;
+    // A link that came up before its peer had carrier keeps the "noop" qdisc, which drops
+    // every packet, until the kernel's link-watch work runs; VLANs take their carrier from
+    // the trunk the same way. Wait for all of them rather than lose the first packets.
+    let deadline = Instant::now() + READY_TIMEOUT;
+    for ns in [client, edge, cloud] {
+        let handle = netns::handle_in(ns)
+            .await
+            .map_err(LabError::netns(format!("netlink in {ns}")))?;
+        links_ready(&handle, &format!("namespace {ns}"), deadline).await?;
+    }
+    Ok(built)
+}
+
+async fn build_links_netlink(
     client: &str,
     edge: &str,
     cloud: &str,
@@ -502,13 +684,6 @@ async fn build_links(
     netns::add_route(&k, any4, 0, Some(EDGE_WAN_V4.into()), Some(cloud_if)).await?;
     netns::add_route(&k, any6, 0, Some(EDGE_WAN_V6.into()), Some(cloud_if)).await?;
 
-    // A link that came up before its peer had carrier keeps the "noop" qdisc, which drops
-    // every packet, until the kernel's link-watch work runs; VLANs take their carrier from
-    // the trunk the same way. Wait for all of them rather than lose the first packets.
-    let deadline = Instant::now() + READY_TIMEOUT;
-    for (ns, handle) in [(client, &c), (edge, &e), (cloud, &k)] {
-        wait_links_ready(handle, &format!("namespace {ns}"), deadline).await;
-    }
     Ok(Built {
         edge_ifs,
         lan_l3,
@@ -522,20 +697,35 @@ async fn build_links(
 /// drops every packet, until the kernel's link-watch work runs (VLANs take their carrier
 /// from the trunk the same way). Panics, naming `what` and the links, past `deadline`.
 pub async fn wait_links_ready(handle: &rtnetlink::Handle, what: &str, deadline: Instant) {
+    if let Err(e) = links_ready(handle, what, deadline).await {
+        panic!("{e}");
+    }
+}
+
+/// [`wait_links_ready`], returning the failure (`what` and the links still waiting) instead
+/// of panicking.
+pub async fn links_ready(
+    handle: &rtnetlink::Handle,
+    what: &str,
+    deadline: Instant,
+) -> Result<(), LabError> {
     loop {
-        let links = netns::list_links(handle).await.unwrap();
+        let links = netns::list_links(handle)
+            .await
+            .map_err(LabError::netns(format!("{what}: list links")))?;
         let waiting: Vec<&str> = links
             .iter()
             .filter(|l| !(l.running && l.qdisc.as_deref().is_some_and(|q| q != "noop")))
             .map(|l| l.name.as_str())
             .collect();
         if waiting.is_empty() {
-            return;
+            return Ok(());
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: links {waiting:?} not ready in time"
-        );
+        if Instant::now() >= deadline {
+            return Err(LabError::NotReady(format!(
+                "{what}: links {waiting:?} not ready in time"
+            )));
+        }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }

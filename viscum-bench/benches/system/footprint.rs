@@ -15,13 +15,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use viscum_lab::Netns;
 
 use crate::{
     daemon::{Daemon, ServiceDef},
     lanes::Env,
     support::{
         cli::Args,
-        netns::{Ns, ip, remove_namespace},
+        netns::{self, ip, remove_namespace},
         report::{Bar, Fragment, Plot, Row, Table},
         sys,
     },
@@ -182,15 +183,24 @@ fn sizes(env: &Env<'_>) -> Vec<Row> {
 fn rss(args: &Args, env: &Env<'_>, f: &mut Fragment) -> Result<Vec<Row>> {
     let n_services: usize = args.pick(100, 100);
     let mut rows = Vec::new();
-    let e = Ns::create(&format!("{}-9e", env.run_id))?;
+    let e = netns::create(&format!("{}-9e", env.run_id))?;
     ip(&[
-        "-n", &e.name, "link", "add", "lan0", "type", "veth", "peer", "name", "lan1",
+        "-n",
+        e.name(),
+        "link",
+        "add",
+        "lan0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "lan1",
     ])?;
-    ip(&["-n", &e.name, "link", "set", "lan0", "up"])?;
+    ip(&["-n", e.name(), "link", "set", "lan0", "up"])?;
 
     // Idle.
     {
-        let mut d = Daemon::start(env, &e.name, "b9idle", "lan0", &[])?;
+        let mut d = Daemon::start(env, e.name(), "b9idle", "lan0", &[])?;
         d.wait("answering", Duration::from_secs(20), |s| s["pid"].is_u64())?;
         sys::sleep(Duration::from_secs(1))?;
         let (rss, hwm) = d.rss_kib().context("cannot read the daemon's memory")?;
@@ -211,7 +221,7 @@ fn rss(args: &Args, env: &Env<'_>, f: &mut Fragment) -> Result<Vec<Row>> {
     let names: Vec<String> = (0..n_services)
         .map(|i| format!("{}-s{i:02}", env.run_id))
         .collect();
-    let _guards: Vec<Ns> = names.iter().map(|n| Ns::adopt(n)).collect();
+    let _guards: Vec<Netns> = names.iter().map(|n| Netns::adopt(n)).collect();
     let services: Vec<ServiceDef> = names
         .iter()
         .enumerate()
@@ -233,7 +243,7 @@ fn rss(args: &Args, env: &Env<'_>, f: &mut Fragment) -> Result<Vec<Row>> {
         })
         .collect();
     let t = Instant::now();
-    let mut d = Daemon::start(env, &e.name, "b9full", "lan0", &services)?;
+    let mut d = Daemon::start(env, e.name(), "b9full", "lan0", &services)?;
     let want = n_services;
     d.wait(
         &format!("{want} services redirected"),
@@ -272,7 +282,7 @@ fn rss(args: &Args, env: &Env<'_>, f: &mut Fragment) -> Result<Vec<Row>> {
             vec!["status", "--json", "--control", &control],
         ),
     ] {
-        match d.cli.run(&e.name, &cmd) {
+        match d.cli.run(e.name(), &cmd) {
             Ok(done) => rows.push(Row::new(
                 format!("{label}, {n_services} services"),
                 "MiB",

@@ -1,5 +1,6 @@
-//! Running the real `viscum` binary (the one cargo built for this bench, with the release
-//! profile's settings) inside a namespace, on one of this run's bpffs directories.
+//! Running the real `viscum` binary (the one xtask built for this bench with the release
+//! profile's settings, passed as `VISCUM_BIN`) inside a namespace, on one of this run's bpffs
+//! directories.
 
 use std::{
     path::{Path, PathBuf},
@@ -7,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 
 use crate::support::sys::{self, Finished};
 
@@ -18,11 +19,18 @@ pub struct Viscum {
 }
 
 impl Viscum {
-    pub fn new() -> Viscum {
-        Viscum {
-            bin: PathBuf::from(env!("CARGO_BIN_EXE_viscum")),
-            bpffs: None,
+    /// The binary named by `VISCUM_BIN` (`cargo xtask bench` sets it).
+    pub fn from_env() -> Result<Viscum> {
+        let Some(bin) = std::env::var_os("VISCUM_BIN") else {
+            bail!(
+                "VISCUM_BIN is not set: run the benches through `cargo xtask bench`, which builds viscum with the release profile and names it"
+            );
+        };
+        let bin = PathBuf::from(bin);
+        if !bin.is_file() {
+            bail!("VISCUM_BIN={} is not a file", bin.display());
         }
+        Ok(Viscum { bin, bpffs: None })
     }
 
     pub fn with_bpffs(&self, dir: &Path) -> Viscum {

@@ -26,7 +26,7 @@ use crate::{
     lanes::Env,
     support::{
         cli::Args,
-        netns::{Ns, ip, neigh, sysctl, veth},
+        netns,
         report::{self, Fragment, Plot, Row, Series, Table},
         sys,
     },
@@ -54,44 +54,16 @@ fn redirected(status: &serde_json::Value) -> bool {
 fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
     let rounds: usize = args.pick(3, 10);
     let base = format!("{}-8x", env.run_id);
-    let (cg, eg, kg) = (
-        Ns::create(&format!("{base}c"))?,
-        Ns::create(&format!("{base}e"))?,
-        Ns::create(&format!("{base}k"))?,
+    let lab = netns::lab(env.bpffs, &base, "b8-lab")?;
+    let (c, e, k) = (
+        lab.client.name().to_owned(),
+        lab.edge.name().to_owned(),
+        lab.cloud.name().to_owned(),
     );
-    let (c, e, k) = (cg.name.clone(), eg.name.clone(), kg.name.clone());
-    veth(
-        &c,
-        "eth0",
-        "02:dd:00:00:00:02",
-        &e,
-        "lan0",
-        "02:dd:00:00:00:01",
-    )?;
-    veth(
-        &e,
-        "wan0",
-        "02:dd:00:00:01:01",
-        &k,
-        "eth0",
-        "02:dd:00:00:01:07",
-    )?;
-    ip(&["-n", &c, "addr", "add", "192.0.2.2/24", "dev", "eth0"])?;
-    ip(&["-n", &e, "addr", "add", "192.0.2.1/24", "dev", "lan0"])?;
-    ip(&["-n", &e, "addr", "add", "198.51.100.1/24", "dev", "wan0"])?;
-    ip(&["-n", &k, "addr", "add", "198.51.100.7/24", "dev", "eth0"])?;
-    ip(&["-n", &c, "route", "add", "default", "via", "192.0.2.1"])?;
-    ip(&["-n", &k, "route", "add", "default", "via", "198.51.100.1"])?;
-    neigh(&c, "eth0", "192.0.2.1", "02:dd:00:00:00:01")?;
-    neigh(&e, "lan0", "192.0.2.2", "02:dd:00:00:00:02")?;
-    neigh(&e, "wan0", "198.51.100.7", "02:dd:00:00:01:07")?;
-    neigh(&k, "eth0", "198.51.100.1", "02:dd:00:00:01:01")?;
-    sysctl(&e, "net/ipv4/ip_forward", "1")?;
-    sysctl(&c, "net/ipv4/ip_local_port_range", "1024 65535")?;
     let _cloud = server(env, &k, 'K')?;
 
     let name = format!("{}-fo", env.run_id);
-    let _svc_ns = Ns::adopt(&name);
+    lab.own_service_ns(&name);
     let svc = ServiceDef {
         name: name.clone(),
         matches: vec![format!("tcp://198.51.100.7:{IDENT_PORT}")],

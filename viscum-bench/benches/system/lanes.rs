@@ -58,11 +58,12 @@ use aya::{
 };
 use nix::sys::signal::Signal;
 use viscum_common::{ServiceEntry, TARGET_F_PEER};
+use viscum_lab::{Lab, Netns};
 
 use crate::{
     support::{
         bpffs::PrivateBpffs,
-        netns::{Ns, exec_in, ip, neigh, sysctl, veth},
+        netns::{self, exec_in, ip, neigh, sysctl, veth},
         sys::{self, Proc},
     },
     tools::{self, CRR_PORT, IDENT_PORT, IPERF_PORT, RR_PORT},
@@ -188,7 +189,9 @@ pub struct Lane {
     pub firewall: Option<String>,
     procs: Vec<Proc>,
     _progs: Option<Ebpf>,
-    _namespaces: Vec<Ns>,
+    _namespaces: Vec<Netns>,
+    /// The lab topology, where the lane is one (strict).
+    _lab: Option<Lab>,
 }
 
 /// Everything lanes need from the run.
@@ -322,12 +325,13 @@ impl Lane {
             procs: Vec::new(),
             _progs: None,
             _namespaces: Vec::new(),
+            _lab: None,
         }
     }
 
     fn ns(&mut self, name: &str) -> Result<String> {
-        let ns = Ns::create(name)?;
-        let n = ns.name.clone();
+        let ns = netns::create(name)?;
+        let n = ns.name().to_owned();
         self._namespaces.push(ns);
         Ok(n)
     }
@@ -361,7 +365,7 @@ impl Lane {
         // The service namespace: made by viscum itself, removed with the lane.
         let name = format!("{base}s");
         v.run(e, &["ns", "add", &name])?;
-        self._namespaces.push(Ns::adopt(&name));
+        self._namespaces.push(Netns::adopt(&name));
         self.target = name.clone();
         self.start_servers(env, &name)?;
         for port in PORTS {
@@ -604,32 +608,25 @@ pub fn build_strict(env: &Env<'_>, idx: usize) -> Result<(Lane, Lane)> {
     let base = format!("{}-{idx:02}", env.run_id);
     let mut edge_lane = Lane::blank(Spec::new(Kind::StrictEdge, 0), &base);
     let mut cloud_lane = Lane::blank(Spec::new(Kind::StrictCloud, 0), &base);
-    let c = edge_lane.ns(&format!("{base}c"))?;
-    sysctl(&c, "net/ipv4/ip_local_port_range", "1024 65535")?;
-    let e = edge_lane.ns(&format!("{base}e"))?;
-    let k = cloud_lane.ns(&format!("{base}k"))?;
+    // The lab of the tests and `cargo xtask run`; the lane keeps it (and removes it).
+    let lab = netns::lab(env.bpffs, &base, &format!("{base}-viscum"))?;
+    let (c, e, k) = (
+        lab.client.name().to_owned(),
+        lab.edge.name().to_owned(),
+        lab.cloud.name().to_owned(),
+    );
+    let pins = lab.bpffs.path().to_owned();
     for l in [&mut edge_lane, &mut cloud_lane] {
+        l.client = c.clone();
         l.edge = Some(e.clone());
         l.firewall = Some(e.clone());
         l.download = true;
     }
-    veth(&c, "eth0", MAC_C, &e, "lan0", MAC_LAN)?;
-    ip(&["-n", &c, "addr", "add", "192.0.2.2/24", "dev", "eth0"])?;
-    ip(&["-n", &e, "addr", "add", "192.0.2.1/24", "dev", "lan0"])?;
-    ip(&["-n", &c, "route", "add", "default", "via", "192.0.2.1"])?;
-    neigh(&c, "eth0", "192.0.2.1", MAC_LAN)?;
-    neigh(&e, "lan0", "192.0.2.2", MAC_C)?;
-    sysctl(&e, "net/ipv4/ip_forward", "1")?;
 
-    // The cloud behind wan0, under its address and the twin Viscum has no entry for.
-    veth(&e, "wan0", MAC_WAN, &k, "eth0", MAC_K)?;
-    ip(&["-n", &e, "addr", "add", "198.51.100.1/24", "dev", "wan0"])?;
-    ip(&["-n", &k, "addr", "add", "198.51.100.7/24", "dev", "eth0"])?;
+    // The cloud behind wan0, also under the twin address Viscum has no entry for.
     ip(&["-n", &k, "addr", "add", "198.51.100.8/24", "dev", "eth0"])?;
-    ip(&["-n", &k, "route", "add", "default", "via", "198.51.100.1"])?;
-    neigh(&e, "wan0", "198.51.100.7", MAC_K)?;
-    neigh(&e, "wan0", "198.51.100.8", MAC_K)?;
-    neigh(&k, "eth0", "198.51.100.1", MAC_WAN)?;
+    let mac_k = netns::mac_of(&k, "eth0")?;
+    neigh(&e, "wan0", "198.51.100.8", &mac_k)?;
     cloud_lane.target = k.clone();
     cloud_lane.start_servers_as(env, &k, Some(b'K'))?;
     cloud_lane.iperf_addr = CLOUD_TWIN;
@@ -639,12 +636,11 @@ pub fn build_strict(env: &Env<'_>, idx: usize) -> Result<(Lane, Lane)> {
     );
 
     // Viscum on lan0, the edge copy in a namespace of its own.
-    let pins = env.bpffs.subdir(&format!("{base}-viscum"))?;
     let v = env.viscum.with_bpffs(&pins);
     v.run(&e, &["attach", "lan0"])?;
     let name = format!("{base}s");
+    lab.own_service_ns(&name);
     v.run(&e, &["ns", "add", &name])?;
-    edge_lane._namespaces.push(Ns::adopt(&name));
     edge_lane.target = name.clone();
     edge_lane.start_servers_as(env, &name, Some(b'S'))?;
     for port in [IPERF_PORT, IDENT_PORT] {
@@ -682,6 +678,7 @@ pub fn build_strict(env: &Env<'_>, idx: usize) -> Result<(Lane, Lane)> {
         ))?);
         l.watch_viscum(&pins);
     }
+    edge_lane._lab = Some(lab);
     Ok((edge_lane, cloud_lane))
 }
 

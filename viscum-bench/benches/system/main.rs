@@ -84,7 +84,7 @@ fn run(args: &Args) -> Result<Vec<report::Fragment>> {
         .join(format!("viscum-bench-{}", args.run_id))
         .join("work");
     std::fs::create_dir_all(&work).with_context(|| format!("cannot create {}", work.display()))?;
-    let viscum = viscum_cli::Viscum::new();
+    let viscum = viscum_cli::Viscum::from_env()?;
     let env = lanes::Env {
         run_id: &args.run_id,
         bpffs: &bpffs,
