@@ -12,18 +12,17 @@
 
 use std::{
     fs,
-    io::{BufRead, BufReader, Write},
     net::{IpAddr, SocketAddr},
-    os::unix::{fs::PermissionsExt, net::UnixStream},
-    path::PathBuf,
-    process::{Child, Stdio},
-    thread,
+    os::unix::fs::PermissionsExt,
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use viscum_tests::{
-    IdentityServer, Lab, lab::CLOUD_V4, skip_unless_root, tcp_ask, udp_ask, unique_name, wait_until,
+    IdentityServer, Lab,
+    daemon::{Daemon, DaemonFiles, Service},
+    lab::CLOUD_V4,
+    skip_unless_root, tcp_ask, udp_ask, wait_until,
 };
 
 const ASK: Duration = Duration::from_millis(800);
@@ -58,142 +57,37 @@ while True:
         c.close()
 "#;
 
-/// The test's files (world-readable: services run as `nobody`), removed on drop.
-struct Files {
-    dir: PathBuf,
+/// The daemon's files (the lab's fixture) with [`SERVICE_PY`] beside them as `modes.py`
+/// (world-readable: services run as `nobody`).
+fn files() -> DaemonFiles {
+    let files = DaemonFiles::new();
+    let script = files.dir().join("modes.py");
+    fs::write(&script, SERVICE_PY).unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o644)).unwrap();
+    files
 }
 
-impl Files {
-    fn new() -> Files {
-        let dir = PathBuf::from("/tmp").join(format!("viscum-modes-{}", unique_name("t")));
-        fs::create_dir_all(&dir).unwrap();
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        fs::write(dir.join("service.py"), SERVICE_PY).unwrap();
-        fs::set_permissions(dir.join("service.py"), fs::Permissions::from_mode(0o644)).unwrap();
-        Files { dir }
-    }
-}
-
-impl Drop for Files {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// `viscum run` in the lab's edge; SIGTERM (a clean shutdown) on drop.
-struct Daemon {
-    child: Option<Child>,
-    control: PathBuf,
-    output: PathBuf,
-}
-
-impl Daemon {
-    fn start(lab: &Lab, files: &Files, config: &str) -> Daemon {
-        let path = files.dir.join("viscum.toml");
-        fs::write(&path, config).unwrap();
-        let output = files.dir.join("daemon.log");
-        let log = fs::File::create(&output).unwrap();
-        let child = lab
-            .viscum_command(&[
-                "--log-level",
-                "info",
-                "run",
-                "--config",
-                path.to_str().unwrap(),
-            ])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("start viscum run");
-        let daemon = Daemon {
-            child: Some(child),
-            control: files.dir.join("control.sock"),
-            output,
-        };
-        assert!(
-            wait_until(UP, || daemon.status().is_some()),
-            "the daemon did not answer:\n{}",
-            daemon.log()
-        );
-        daemon
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.output).unwrap_or_default()
-    }
-
-    fn status(&self) -> Option<Value> {
-        let mut s = UnixStream::connect(&self.control).ok()?;
-        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
-        writeln!(s, r#"{{"cmd":"status"}}"#).ok()?;
-        let mut answer = String::new();
-        BufReader::new(s).read_line(&mut answer).ok()?;
-        Some(serde_json::from_str::<Value>(&answer).ok()?["status"].clone())
-    }
-
-    fn service(&self, name: &str) -> Value {
-        let status = self.status().expect("daemon status");
-        status["services"]
-            .as_array()
-            .and_then(|l| l.iter().find(|s| s["name"] == name))
-            .cloned()
-            .unwrap_or_else(|| panic!("no service {name} in {status:#}"))
-    }
-
-    fn wait_redirected(&self, name: &str) -> Instant {
-        let ok = wait_until(UP, || self.service(name)["redirected"] == true);
-        assert!(
-            ok,
-            "service {name} not redirected within {UP:?}: {:#}\n{}",
-            self.service(name),
-            self.log()
-        );
-        Instant::now()
+/// A `[[service]]` running [`SERVICE_PY`] on `listen` as `name`, matching `matches`,
+/// health-checked by TCP, with no drain wait.
+fn service(files: &DaemonFiles, name: &str, matches: &str, listen: u16) -> Service {
+    Service {
+        command: vec![
+            "/usr/bin/python3".into(),
+            files.dir().join("modes.py").display().to_string(),
+            listen.to_string(),
+            name.into(),
+        ],
+        drain_timeout_ms: Some(0),
+        ..files
+            .service(name, listen.into(), name)
+            .matches(&[matches.into()])
     }
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // SAFETY: plain kill(2) on our own child.
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while child.try_wait().ok().flatten().is_none() {
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                break;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        if thread::panicking() {
-            eprintln!("--- daemon output ---\n{}", self.log());
-        }
-    }
-}
-
-/// A `[[service]]` running the Python server on `listen` as `ident`, health-checked by TCP.
-fn service(files: &Files, name: &str, matches: &str, listen: u16, extra: &str) -> String {
-    format!(
-        r#"
-[[service]]
-name = "{name}"
-match = [{matches}]
-command = ["/usr/bin/python3", "{script}", "{listen}", "{name}"]
-drain_timeout_ms = 0
-{extra}
-[service.health]
-tcp = {listen}
-interval_ms = 200
-timeout_ms = 150
-rise = 2
-fall = 2
-"#,
-        script = files.dir.join("service.py").display()
-    )
+/// Waits until service `name` is redirected; returns when that was seen.
+fn redirected(daemon: &Daemon, name: &str) -> Instant {
+    daemon.wait_redirected(name, UP);
+    Instant::now()
 }
 
 fn cloud(port: u16) -> SocketAddr {
@@ -221,7 +115,7 @@ fn every_redirect_mode_works_through_the_daemon() {
         return;
     }
     let lab = Lab::new();
-    let files = Files::new();
+    let files = files();
     // One cloud server per service, each on a port of its own (answers TCP and UDP "cloud").
     let clouds: Vec<IdentityServer> = (0..7)
         .map(|_| IdentityServer::start(lab.cloud.name(), 0, "cloud"))
@@ -230,53 +124,50 @@ fn every_redirect_mode_works_through_the_daemon() {
     let names: Vec<String> = (0..7).map(|_| lab.service_ns_name()).collect();
     let [nat, natto, anyip, mirror, from_in, from_out, learn] =
         <[String; 7]>::try_from(names).unwrap();
-    let tcp = |p: u16| format!("\"tcp://{CLOUD_V4}:{p}\"");
-    let config = [
-        format!(
-            "[engine]\ninterfaces = [\"lan0\"]\ncontrol = \"{}\"\nrun_dir = \"{}\"\n",
-            files.dir.join("control.sock").display(),
-            files.dir.join("run").display()
-        ),
-        service(&files, &nat, &tcp(port[0]), port[0], ""),
-        service(
-            &files,
-            &natto,
-            &tcp(port[1]),
-            8080,
-            "nat_to = \"203.0.113.9:8080\"",
-        ),
-        service(&files, &anyip, &tcp(port[2]), port[2], "anyip = true"),
-        service(
-            &files,
-            &mirror,
-            &format!("\"udp://{CLOUD_V4}:{}\"", port[3]),
-            port[3],
-            "mirror = true\nlearn_ms = 0",
-        ),
-        service(
-            &files,
-            &from_in,
-            &tcp(port[4]),
-            port[4],
-            "from = \"192.0.2.0/25\"",
-        ),
-        service(
-            &files,
-            &from_out,
-            &tcp(port[5]),
-            port[5],
-            "from = \"192.0.2.128/25\"",
-        ),
-        service(&files, &learn, &tcp(port[6]), port[6], "learn_ms = 4000"),
-    ]
-    .concat();
-    let out = lab.viscum_ok(&["run", "--config", &write(&files, &config), "--check"]);
+    let tcp = |p: u16| format!("tcp://{CLOUD_V4}:{p}");
+    let mut config = files.config();
+    config.services = vec![
+        service(&files, &nat, &tcp(port[0]), port[0]),
+        Service {
+            nat_to: Some("203.0.113.9:8080".into()),
+            ..service(&files, &natto, &tcp(port[1]), 8080)
+        },
+        Service {
+            anyip: Some(true),
+            ..service(&files, &anyip, &tcp(port[2]), port[2])
+        },
+        Service {
+            mirror: Some(true),
+            learn_ms: Some(0),
+            ..service(
+                &files,
+                &mirror,
+                &format!("udp://{CLOUD_V4}:{}", port[3]),
+                port[3],
+            )
+        },
+        Service {
+            from: Some("192.0.2.0/25".into()),
+            ..service(&files, &from_in, &tcp(port[4]), port[4])
+        },
+        Service {
+            from: Some("192.0.2.128/25".into()),
+            ..service(&files, &from_out, &tcp(port[5]), port[5])
+        },
+        Service {
+            learn_ms: Some(4000),
+            ..service(&files, &learn, &tcp(port[6]), port[6])
+        },
+    ];
+    files.write(&config);
+    let path = files.config_path();
+    let out = lab.viscum_ok(&["run", "--config", path.to_str().unwrap(), "--check"]);
     assert!(out.contains("ok (7 services"), "{out}");
 
-    let daemon = Daemon::start(&lab, &files, &config);
+    let daemon = Daemon::start(&lab, &files);
 
     // learn_ms: flows that start within the learning period still go to the cloud.
-    let learn_on = daemon.wait_redirected(&learn);
+    let learn_on = redirected(&daemon, &learn);
     let first = who(&lab, port[6]);
     let first_at = learn_on.elapsed();
     assert!(
@@ -299,7 +190,7 @@ fn every_redirect_mode_works_through_the_daemon() {
     );
 
     // NAT (the default): the service sees the connection arrive at its namespace's own address.
-    daemon.wait_redirected(&nat);
+    redirected(&daemon, &nat);
     let answer = who(&lab, port[0]);
     let (ident, local) = answer.split_once(' ').unwrap_or_else(|| panic!("{answer}"));
     assert_eq!(ident, nat, "{answer}");
@@ -316,7 +207,7 @@ fn every_redirect_mode_works_through_the_daemon() {
     );
 
     // nat_to: another address and port, which only the namespace knows.
-    daemon.wait_redirected(&natto);
+    redirected(&daemon, &natto);
     assert_eq!(who(&lab, port[1]), format!("{natto} 203.0.113.9:8080"));
     assert_eq!(
         entry(&lab, &format!("tcp://{CLOUD_V4}:{}", port[1]))["nat_to"],
@@ -324,7 +215,7 @@ fn every_redirect_mode_works_through_the_daemon() {
     );
 
     // anyip: the service answers as the cloud address itself.
-    daemon.wait_redirected(&anyip);
+    redirected(&daemon, &anyip);
     assert_eq!(
         who(&lab, port[2]),
         format!("{anyip} {CLOUD_V4}:{}", port[2])
@@ -335,13 +226,13 @@ fn every_redirect_mode_works_through_the_daemon() {
     );
 
     // from: only clients in the prefix (192.0.2.2 is in .0/25, not in .128/25).
-    daemon.wait_redirected(&from_in);
+    redirected(&daemon, &from_in);
     assert!(
         who(&lab, port[4]).starts_with(&from_in),
         "{}",
         who(&lab, port[4])
     );
-    daemon.wait_redirected(&from_out);
+    redirected(&daemon, &from_out);
     assert_eq!(
         who(&lab, port[5]),
         "cloud",
@@ -353,12 +244,8 @@ fn every_redirect_mode_works_through_the_daemon() {
     );
 
     // mirror: the cloud answers the client, and the edge copy sees the same datagram.
-    daemon.wait_redirected(&mirror);
-    let log = files
-        .dir
-        .join("run")
-        .join("logs")
-        .join(format!("{mirror}.log"));
+    redirected(&daemon, &mirror);
+    let log = files.run_dir().join("logs").join(format!("{mirror}.log"));
     let mut answers = Vec::new();
     let seen = wait_until(Duration::from_secs(10), || {
         answers.push(
@@ -386,25 +273,25 @@ fn bad_redirect_keys_are_reported_per_service_and_field() {
         return;
     }
     let lab = Lab::new();
-    let files = Files::new();
-    let config = format!(
-        "{}{}",
-        service(
-            &files,
-            "modes",
-            &format!("\"tcp://{CLOUD_V4}:80\""),
-            80,
-            "anyip = true\nmirror = true\nnat_to = \"[2001:db8::1]:80\"\nfrom = \"2001:db8::/64\"\nlearn_ms = -1",
-        ),
-        service(
-            &files,
-            "mixed",
-            "\"tcp://x.example:80\"",
-            80,
-            "from = \"192.0.2.0/24\""
-        ),
-    );
-    let err = lab.viscum_err(&["run", "--config", &write(&files, &config), "--check"]);
+    let files = files();
+    let mut config = files.config();
+    config.services = vec![
+        Service {
+            anyip: Some(true),
+            mirror: Some(true),
+            nat_to: Some("[2001:db8::1]:80".into()),
+            from: Some("2001:db8::/64".into()),
+            learn_ms: Some(-1),
+            ..service(&files, "modes", &format!("tcp://{CLOUD_V4}:80"), 80)
+        },
+        Service {
+            from: Some("192.0.2.0/24".into()),
+            ..service(&files, "mixed", "tcp://x.example:80", 80)
+        },
+    ];
+    files.write(&config);
+    let path = files.config_path();
+    let err = lab.viscum_err(&["run", "--config", path.to_str().unwrap(), "--check"]);
     for want in [
         "service modes: mode: anyip and mirror cannot be combined",
         "service modes: mode: anyip and NAT (nat, nat_to) cannot be combined",
@@ -415,10 +302,4 @@ fn bad_redirect_keys_are_reported_per_service_and_field() {
     ] {
         assert!(err.contains(want), "{want:?} not in:\n{err}");
     }
-}
-
-fn write(files: &Files, config: &str) -> String {
-    let path = files.dir.join("check.toml");
-    fs::write(&path, config).unwrap();
-    path.to_str().unwrap().to_owned()
 }

@@ -125,6 +125,25 @@ pub struct Service {
     /// Milliseconds a deliberate stop waits for the edge flows to end.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub drain_timeout_ms: Option<u64>,
+    /// Redirect only clients in this prefix (`--from`), e.g. `"192.0.2.0/25"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from: Option<String>,
+    /// NAT to the namespace's own address (`--nat`; the daemon's default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat: Option<bool>,
+    /// NAT to this address and port instead (`--nat-to`), e.g. `"203.0.113.9:8080"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub nat_to: Option<String>,
+    /// Keep the cloud address; the namespace answers as it (`--anyip`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub anyip: Option<bool>,
+    /// Copy the traffic to the edge while the cloud keeps serving it (`--mirror`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<bool>,
+    /// Milliseconds during which new flows still go to the cloud (`--learn`); signed so a
+    /// test can write an invalid one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub learn_ms: Option<i64>,
     /// `[service.health]`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<Health>,
@@ -282,6 +301,12 @@ impl DaemonFiles {
             env: BTreeMap::new(),
             stop_grace_ms: None,
             drain_timeout_ms: None,
+            from: None,
+            nat: None,
+            nat_to: None,
+            anyip: None,
+            mirror: None,
+            learn_ms: None,
             health: Some(Health {
                 check: Check::Tcp(port),
                 interval_ms: 200,
