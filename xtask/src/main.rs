@@ -18,6 +18,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod build;
+mod cross;
 mod deb;
 mod dist;
 mod lab;

@@ -177,7 +177,8 @@ pub struct Options {
     /// Only report what is missing, change nothing; exit 1 if anything is missing.
     #[arg(long)]
     check: bool,
-    /// Leave out what only the VM kernel matrix needs (qemu, cross toolchains).
+    /// Leave out what only the VM kernel matrix and the router cross builds need (qemu,
+    /// cross toolchains, zig + cargo-zigbuild).
     #[arg(long)]
     no_vm: bool,
 }
@@ -188,6 +189,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         let mut missing = check();
         if !opts.no_vm {
             missing.extend(check_vm());
+            missing.extend(crate::cross::check());
         }
         if missing.is_empty() {
             println!("setup: nothing missing");
@@ -201,6 +203,8 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     ensure()?;
     if !opts.no_vm {
         ensure_vm()?;
+        // qemu-user and zig + cargo-zigbuild: the router cross builds and their tests.
+        crate::cross::ensure()?;
     }
     Ok(ExitCode::SUCCESS)
 }
