@@ -22,6 +22,7 @@ mod cross;
 mod deb;
 mod dist;
 mod lab;
+mod package;
 mod process;
 mod run;
 mod setup;

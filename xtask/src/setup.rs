@@ -88,6 +88,12 @@ const TOOLS: &[Tool] = &[
         package: "socat",
         required: true,
     },
+    // `cargo xtask test` checks the OpenWrt shell scripts under dist/ with it.
+    Tool {
+        program: "shellcheck",
+        package: "shellcheck",
+        required: true,
+    },
     // The Debian package test (tests/tests/debian.rs): unpacks with dpkg, checks the unit
     // with systemd-analyze, and cargo-deb strips the binary with binutils' strip.
     Tool {

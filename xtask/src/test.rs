@@ -45,6 +45,8 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         setup::ensure_vm()?;
     }
     let started = Instant::now();
+    // The OpenWrt init and hotplug scripts (dist/) are shell: checked here, failing the run.
+    let scripts_ok = crate::package::shellcheck()?;
     let viscum = build::viscum_debug()?;
     let mut cmd = process::cargo();
     // The integration tests build namespaces, veths and bpffs pins and attach
@@ -63,6 +65,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     .env("VISCUM_BIN", &viscum);
     println!("+ {}", process::display(&cmd));
     let status = cmd.status().context("cannot start cargo test")?;
+    let status = if scripts_ok { status } else { failed_status() };
     let host_time = started.elapsed();
     if !status.success() {
         eprintln!("error: host tests failed ({status})");
@@ -89,4 +92,10 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     } else {
         ExitCode::FAILURE
     })
+}
+
+/// A failed exit status, for a run whose shell scripts did not pass shellcheck.
+fn failed_status() -> std::process::ExitStatus {
+    use std::os::unix::process::ExitStatusExt as _;
+    std::process::ExitStatus::from_raw(1 << 8)
 }

@@ -1,6 +1,7 @@
 //! The `viscum` command line: argument definitions here, one module per command.
 
 mod attach;
+mod config;
 mod doctor;
 mod logs;
 mod ns;
@@ -76,6 +77,9 @@ pub enum Command {
     /// Report kernel features (TCX/clsact, BTF, JIT, BPF helpers) and the verifier's
     /// statistics of the loaded programs.
     Doctor(doctor::DoctorArgs),
+    /// Convert configurations: OpenWrt's UCI file to the TOML of `viscum run`.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
 }
 
 /// Failure of a command, printed as `viscum: <message>: <causes>`.
@@ -83,6 +87,9 @@ pub type Result<T> = anyhow::Result<T>;
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> Result<()> {
+    if let Command::Config(cmd) = cli.command {
+        return config::run(cmd); // only files: no privileges needed
+    }
     check_privileges()?;
     let pins = Pins::new(&cli.bpffs);
     match cli.command {
@@ -98,6 +105,7 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Logs(args) => logs::run(&pins, args).await,
         Command::Reload(args) => reload::run(&pins, args).await,
         Command::Doctor(args) => doctor::run(&pins, args),
+        Command::Config(_) => unreachable!("handled above"),
     }
 }
 
