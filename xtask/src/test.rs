@@ -74,20 +74,27 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         println!("test: VM kernel matrix skipped (--no-vm)");
         return Ok(process::exit_code(status));
     }
+    // The router cross check (docs/router-builds.md): big-endian tier-3
+    // mips-unknown-linux-musl built and unit-tested under qemu-user.
+    let cross_started = Instant::now();
+    let cross_passed = crate::dist::ci_check()?;
+    let cross_time = cross_started.elapsed();
     // The matrix runs even when host tests failed: one CI run shows both.
     let vm_started = Instant::now();
     let vms_passed = vm::run_matrix(&vm::Options::default())?;
     println!(
-        "test: host tests {} in {:.0?}; VM matrix {} in {:.0?}",
+        "test: host tests {} in {:.0?}; mips cross check {} in {:.0?}; VM matrix {} in {:.0?}",
         if status.success() { "passed" } else { "FAILED" },
         host_time,
+        if cross_passed { "passed" } else { "FAILED" },
+        cross_time,
         if vms_passed { "passed" } else { "FAILED" },
         vm_started.elapsed()
     );
     if !status.success() {
         return Ok(process::exit_code(status));
     }
-    Ok(if vms_passed {
+    Ok(if vms_passed && cross_passed {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -105,8 +105,10 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
             Ok((binary, facts)) => {
                 println!("dist: {} ({facts})", binary.display());
                 if opts.openwrt {
-                    // Wired to the OpenWrt packager (xtask/src/package/ipk.rs) once it lands.
-                    bail!("--openwrt: the OpenWrt packager is not in this tree yet");
+                    let version = format!("{}-r1", env!("CARGO_PKG_VERSION"));
+                    for ipk in crate::package::ipk::ipks(&binary, target.triple, &version, &dist)? {
+                        println!("dist: {}", ipk.display());
+                    }
                 }
                 if opts.test {
                     o.test = Some(qemu::prove(p, &binary));
