@@ -281,23 +281,16 @@ impl HostTracker {
         };
         self.next_refresh = Instant::now() + answer.ttl.clamp(MIN_REFRESH, MAX_REFRESH);
         let mut changes = Changes::default();
-        for gone in self
-            .installed
-            .difference(&answer.addrs)
-            .copied()
-            .collect::<Vec<_>>()
-        {
+        // Computed before either changes `installed`.
+        let gone: Vec<IpAddr> = self.installed.difference(&answer.addrs).copied().collect();
+        let new: Vec<IpAddr> = answer.addrs.difference(&self.installed).copied().collect();
+        for gone in gone {
             let ep = self.matched.endpoint(gone);
             redirect::del_if_present(engine, &ep).await?;
             self.installed.remove(&gone);
             changes.removed.push(ep);
         }
-        for new in answer
-            .addrs
-            .difference(&self.installed)
-            .copied()
-            .collect::<Vec<_>>()
-        {
+        for new in new {
             let ep = self.matched.endpoint(new);
             match redirect::add_with(engine, &ep, &self.target, &self.opts).await {
                 Ok(()) => {}

@@ -8,7 +8,7 @@ use crate::{
     engine::{Engine, Pins},
     entries::{self, EntrySet},
     hostnames::{HostMatch, HostTracker, Resolver},
-    redirect::{self, RedirectOptions, Target},
+    redirect::{self, Target},
     spec::{self, Match, RedirectSpec, SpecFields},
 };
 
@@ -38,6 +38,8 @@ pub struct FollowArgs {
     pub target: TargetArgs,
     #[command(flatten)]
     pub dns: DnsArgs,
+    #[command(flatten)]
+    pub mode: ModeArgs,
 }
 
 /// Where entries go.
@@ -92,14 +94,14 @@ pub struct DrainArgs {
     pub delete_after: Option<u64>,
 }
 
-/// `redirect add`: the flags are the redirect spec's fields ([`SpecFields`]), validated by
-/// [`RedirectSpec::new`] like a `[[service]]`'s keys of the same names.
+/// The match of `redirect add|del`, with its source restriction and DNS servers.
 #[derive(Debug, Args)]
-pub struct AddArgs {
+pub struct MatchArgs {
     /// What to match: tcp://198.51.100.7:80, udp://[2001:db8::7]:53,
     /// tcp://198.51.100.7 (every port), tcp://203.0.113.0/24:443 (a prefix),
     /// tcp://203.0.113.7:8000-8099 (a port range), or a cloud host name
-    /// tcp://alpr.example.net:443 (resolved once; see `redirect follow`).
+    /// tcp://alpr.example.net:443 (`add` resolves it once, see `redirect follow`; `del`
+    /// deletes the entries of the addresses it resolves to now).
     #[arg(value_name = "PROTO://ADDR[:PORT]")]
     pub endpoint: String,
     #[command(flatten)]
@@ -107,8 +109,34 @@ pub struct AddArgs {
     /// Only clients in this source prefix (same as `?from=PREFIX` in the match).
     #[arg(long, value_name = "PREFIX")]
     pub from: Option<String>,
+}
+
+impl MatchArgs {
+    /// The spec's fields for this match (mode flags unset).
+    fn fields(&self) -> SpecFields {
+        SpecFields {
+            matches: vec![self.endpoint.clone()],
+            from: self.from.clone(),
+            ..SpecFields::default()
+        }
+    }
+}
+
+/// `redirect add`: the flags are the redirect spec's fields ([`SpecFields`]), validated by
+/// [`RedirectSpec::new`] like a `[[service]]`'s keys of the same names.
+#[derive(Debug, Args)]
+pub struct AddArgs {
+    #[command(flatten)]
+    pub matched: MatchArgs,
     #[command(flatten)]
     pub target: TargetArgs,
+    #[command(flatten)]
+    pub mode: ModeArgs,
+}
+
+/// How entries redirect: the spec's mode and learning fields (the same keys in `[[service]]`).
+#[derive(Debug, Args)]
+pub struct ModeArgs {
     /// NAT mode, explicitly (the default for --ns targets): rewrite the destination to
     /// the namespace's own address (same port) and replies back.
     #[arg(long)]
@@ -130,33 +158,33 @@ pub struct AddArgs {
     pub learn_ms: Option<i64>,
 }
 
-impl AddArgs {
-    /// The validated spec, or every problem with it.
-    fn spec(self) -> Result<RedirectSpec> {
+impl ModeArgs {
+    /// The validated spec of `matched` with these modes, or every problem with it.
+    fn spec(self, matched: SpecFields, target: Target) -> Result<RedirectSpec> {
         let fields = SpecFields {
-            matches: vec![self.endpoint],
-            from: self.from,
             nat: self.nat,
             nat_to: self.nat_to,
             anyip: self.anyip,
             mirror: self.mirror,
             learn_ms: self.learn_ms,
+            ..matched
         };
-        Ok(RedirectSpec::new(&fields, self.target.target())?)
+        Ok(RedirectSpec::new(&fields, target)?)
+    }
+}
+
+impl AddArgs {
+    /// The validated spec, or every problem with it.
+    fn spec(self) -> Result<RedirectSpec> {
+        self.mode.spec(self.matched.fields(), self.target.target())
     }
 }
 
 #[derive(Debug, Args)]
 pub struct DelArgs {
-    /// The entry's match, as given to `redirect add` (a host name deletes
-    /// the entries of the addresses it resolves to now).
-    #[arg(value_name = "PROTO://ADDR[:PORT]")]
-    pub endpoint: String,
+    /// The entry's match, as given to `redirect add`.
     #[command(flatten)]
-    pub dns: DnsArgs,
-    /// The entry's source restriction, if it was added with one.
-    #[arg(long, value_name = "PREFIX")]
-    pub from: Option<String>,
+    pub matched: MatchArgs,
     /// Delete at once: open edge flows are cut (they reach the cloud, which resets them).
     #[arg(long, conflicts_with = "drain_timeout")]
     pub now: bool,
@@ -168,12 +196,7 @@ pub struct DelArgs {
 impl DelArgs {
     /// The match named, with `--from` folded in (the spec's validation, the mode aside).
     fn target_match(&self) -> Result<Match> {
-        let fields = SpecFields {
-            matches: vec![self.endpoint.clone()],
-            from: self.from.clone(),
-            ..SpecFields::default()
-        };
-        let spec = RedirectSpec::new(&fields, Target::Veth(String::new()))?;
+        let spec = RedirectSpec::new(&self.matched.fields(), Target::Veth(String::new()))?;
         Ok(spec.matches[0].clone())
     }
 }
@@ -189,7 +212,7 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
     let mut engine = Engine::open(pins)?;
     match cmd {
         RedirectCommand::Add(args) => {
-            let dns = args.dns.servers.clone();
+            let dns = args.matched.dns.servers.clone();
             let spec = args.spec()?;
             let to = match &spec.target {
                 Target::Namespace(n) => format!("namespace {n}"),
@@ -208,7 +231,7 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
             let endpoints = match args.target_match()? {
                 Match::Addr(ep) => vec![ep],
                 Match::Host(host) => {
-                    let resolver = Resolver::new(&args.dns.servers)?;
+                    let resolver = Resolver::new(&args.matched.dns.servers)?;
                     let answer = resolver.lookup(&host.host).await?;
                     let mut eps = Vec::new();
                     for addr in answer.addrs {
@@ -252,10 +275,14 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
             }
         }
         RedirectCommand::Follow(args) => {
-            let target = args.target.target();
+            let host = SpecFields {
+                matches: vec![args.host.to_string()],
+                ..SpecFields::default()
+            };
+            let spec = args.mode.spec(host, args.target.target())?;
             let resolver = Resolver::new(&args.dns.servers)?;
-            let opts = RedirectOptions::for_target(&target);
-            let mut tracker = HostTracker::new(args.host.clone(), target, opts);
+            let opts = spec.options();
+            let mut tracker = HostTracker::new(args.host.clone(), spec.target, opts);
             eprintln!(
                 "following {} (Ctrl-C to stop and remove its entries)",
                 args.host

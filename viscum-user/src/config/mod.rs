@@ -625,15 +625,13 @@ mirror = true
         let p = problems(
             "[[service]]\nname = \"c\"\nmatch = [\"tcp://198.51.100.7:80\"]\ncommand = [\"x\"]\nanyip = true\nnat = true\nlearn_ms = 900000\nfrom = \"nope\"\n",
         );
-        has(
-            &p,
+        for want in [
             "service c: mode: anyip and NAT (nat, nat_to) cannot be combined",
-        );
-        has(
-            &p,
             "service c: learn_ms: 900000 must be between 0 and 600000",
-        );
-        has(&p, "service c: from: ");
+            "service c: from: ",
+        ] {
+            has(&p, want);
+        }
         let c = Config::parse(GOOD).unwrap();
         assert_eq!(
             c.services[0].redirect.mode,
@@ -694,41 +692,21 @@ interval_ms = 100
 timeout_ms = 200
 "#;
         let p = problems(text);
-        has(
-            &p,
+        for want in [
             "service speedtest: match[1]: port '70000' is not a number between 1 and 65535",
-        );
-        has(&p, "service speedtest: command: empty");
-        has(
-            &p,
+            "service speedtest: command: empty",
             "service speedtest: user: unknown user 'no-such-user-here'",
-        );
-        has(
-            &p,
             "service speedtest: health.interval_ms: 0 must be at least 1",
-        );
-        has(
-            &p,
             "service speedtest: health.rise: 0 must be between 1 and 1000",
-        );
-        has(
-            &p,
             "service speedtest: health.fall: 0 must be between 1 and 1000",
-        );
-        has(&p, "service speedtest: limits.memory: '64Q' is not a size");
-        has(&p, "service speedtest: name: duplicate service name");
-        has(
-            &p,
+            "service speedtest: limits.memory: '64Q' is not a size",
+            "service speedtest: name: duplicate service name",
             "match[0]: tcp://198.51.100.7:5201 is already matched by service speedtest",
-        );
-        has(
-            &p,
             "service Bad Name!: name: namespace name 'Bad Name!' is invalid",
-        );
-        has(
-            &p,
             "service Bad Name!: health.timeout_ms: 200 is longer than interval_ms (100)",
-        );
+        ] {
+            has(&p, want);
+        }
     }
 
     #[test]
@@ -760,12 +738,13 @@ command = ["x"]
 [extra]
 "#;
         let p = problems(text);
-        has(&p, "engine: colour: unknown field `colour`");
-        has(&p, "service a: comand: unknown field `comand`");
-        has(
-            &p,
+        for want in [
+            "engine: colour: unknown field `colour`",
+            "service a: comand: unknown field `comand`",
             "service b: health.intervall_ms: unknown field `intervall_ms`",
-        );
+        ] {
+            has(&p, want);
+        }
         // The broken services do not hide problems in the others.
         has(&p, "service c: match[0]: port '70000'");
         has(&p, "file: extra: unknown section");
@@ -810,23 +789,15 @@ pids = "many"
 memory = "64M"
 "#,
         );
-        has(
-            &p,
+        for want in [
             "engine: interfaces: invalid type: string \"eth0\", expected a sequence",
-        );
-        has(&p, "engine: max_load: invalid type: string \"high\"");
-        has(
-            &p,
+            "engine: max_load: invalid type: string \"high\"",
             "service web: restart: invalid type: integer `3`, expected a string",
-        );
-        has(
-            &p,
             "service web: health.interval_ms: invalid type: string \"fast\", expected i64",
-        );
-        has(
-            &p,
             "service web: limits.pids: invalid type: string \"many\", expected i64",
-        );
+        ] {
+            has(&p, want);
+        }
         // The well-typed rest of the service is still validated.
         has(&p, "service web: match[1]: port 0 is not a valid port");
         has(&p, "service web: health.rise: 0 must be between 1 and 1000");
@@ -840,29 +811,31 @@ memory = "64M"
                 "[[service]]\nname = \"h\"\nmatch = [\"tcp://198.51.100.7:8080\", \"udp://198.51.100.7:53\"]\ncommand = [\"x\"]\n[service.health]\n{health}\n"
             )
         };
-        let c = Config::parse(&base("http = \"/healthz\"")).unwrap();
-        assert_eq!(
-            c.services[0].health.check,
-            HealthCheck::Http {
-                path: "/healthz".into(),
-                port: 8080
-            }
-        );
-        let c = Config::parse(&base("http = \"/\"\nport = 9000")).unwrap();
-        assert_eq!(
-            c.services[0].health.check,
-            HealthCheck::Http {
-                path: "/".into(),
-                port: 9000
-            }
-        );
-        let c = Config::parse(&base("exec = [\"true\"]")).unwrap();
-        assert_eq!(
-            c.services[0].health.check,
-            HealthCheck::Exec {
-                command: vec!["true".into()]
-            }
-        );
+        for (health, want) in [
+            (
+                "http = \"/healthz\"",
+                HealthCheck::Http {
+                    path: "/healthz".into(),
+                    port: 8080,
+                },
+            ),
+            (
+                "http = \"/\"\nport = 9000",
+                HealthCheck::Http {
+                    path: "/".into(),
+                    port: 9000,
+                },
+            ),
+            (
+                "exec = [\"true\"]",
+                HealthCheck::Exec {
+                    command: vec!["true".into()],
+                },
+            ),
+        ] {
+            let c = Config::parse(&base(health)).unwrap();
+            assert_eq!(c.services[0].health.check, want, "{health}");
+        }
         has(
             &problems(&base("tcp = 1\nexec = [\"true\"]")),
             "service h: health: give only one of tcp, http, exec",
@@ -889,14 +862,15 @@ memory = "64M"
         let p = problems(
             "[engine]\ninterfaces = [\"eth0\", \"eth0\", \"a/b\"]\nbpffs = \"rel\"\nmax_load = -1\nmetrics = \"nope\"\n",
         );
-        has(&p, "engine: interfaces[1]: eth0 is listed twice");
-        has(
-            &p,
+        for want in [
+            "engine: interfaces[1]: eth0 is listed twice",
             "engine: interfaces[2]: 'a/b' is not a valid interface name",
-        );
-        has(&p, "engine: bpffs: 'rel' must be an absolute path");
-        has(&p, "engine: max_load: -1 must be a positive fraction");
-        has(&p, "engine: metrics: 'nope' is not an ADDRESS:PORT");
+            "engine: bpffs: 'rel' must be an absolute path",
+            "engine: max_load: -1 must be a positive fraction",
+            "engine: metrics: 'nope' is not an ADDRESS:PORT",
+        ] {
+            has(&p, want);
+        }
     }
 
     #[test]

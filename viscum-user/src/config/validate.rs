@@ -199,23 +199,13 @@ pub(super) fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<
         }
     };
 
-    let stop_grace = match raw.stop_grace_ms {
-        None => Duration::from_millis(DEFAULT_STOP_GRACE_MS),
-        Some(ms) if ms < 0 => {
-            p.add("stop_grace_ms", format!("{ms} is negative"));
-            Duration::ZERO
-        }
-        Some(ms) => Duration::from_millis(ms as u64),
-    };
-
-    let drain_timeout = match raw.drain_timeout_ms {
-        None => Duration::from_millis(DEFAULT_DRAIN_TIMEOUT_MS),
-        Some(ms) if ms < 0 => {
-            p.add("drain_timeout_ms", format!("{ms} is negative"));
-            Duration::ZERO
-        }
-        Some(ms) => Duration::from_millis(ms as u64),
-    };
+    let stop_grace = duration_ms(raw.stop_grace_ms, DEFAULT_STOP_GRACE_MS, "stop_grace_ms", p);
+    let drain_timeout = duration_ms(
+        raw.drain_timeout_ms,
+        DEFAULT_DRAIN_TIMEOUT_MS,
+        "drain_timeout_ms",
+        p,
+    );
 
     let health = validate_health(raw.health, &matches, p);
     let limits = validate_limits(raw.limits.unwrap_or_default(), p);
@@ -237,6 +227,18 @@ pub(super) fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<
         stop_grace,
         drain_timeout,
     })
+}
+
+/// A `*_ms` key that may be 0: `default` when absent, a problem when negative.
+fn duration_ms(value: Option<i64>, default: u64, field: &str, p: &mut Problems<'_>) -> Duration {
+    match value {
+        None => Duration::from_millis(default),
+        Some(ms) if ms < 0 => {
+            p.add(field, format!("{ms} is negative"));
+            Duration::ZERO
+        }
+        Some(ms) => Duration::from_millis(ms as u64),
+    }
 }
 
 fn port_of(value: i64, field: &str, p: &mut Problems<'_>) -> Option<u16> {

@@ -43,7 +43,7 @@
 //! An attachment belongs to one instance of an interface: OpenWrt's `network restart` or a
 //! re-created bridge or PPPoE link takes the classifier with it. The daemon watches link
 //! events ([`links`]) and, on each batch and on a slow timer, brings the kernel back in line
-//! with the configuration ([`Daemon::check_links`]): the classifier onto every configured
+//! with the configuration (`Daemon::check_links`): the classifier onto every configured
 //! interface that exists without it, the reply classifier onto service veths that carry
 //! entries, and entries whose target veth was re-created re-pointed at it
 //! ([`crate::lifecycle`]). A service whose own veth vanished is rebuilt by its task: entries

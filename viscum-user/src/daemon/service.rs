@@ -8,7 +8,7 @@
 //! back to the cloud before anything else happens.
 //!
 //! The task reacts to one event at a time (a command, the process ending, a check finishing,
-//! a timer), then brings the entries in line with the rule ([`Actor::reconcile`]) and
+//! a timer), then brings the entries in line with the rule (`Actor::reconcile`) and
 //! publishes its status for the supervisor. Being the only writer of its own entries, it needs
 //! no coordination beyond the engine's lock.
 

@@ -1,5 +1,5 @@
 //! The datapath as user space sees it: loading and attaching the classifier
-//! ([`attach`]), and reading and editing its pinned maps ([`maps`]).
+//! ([`attach`](mod@attach)), and reading and editing its pinned maps ([`maps`]).
 //!
 //! Everything lives under one bpffs directory (the `--bpffs` option), so
 //! several independent instances can coexist on one box:
