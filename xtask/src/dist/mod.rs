@@ -57,6 +57,10 @@ pub struct Options {
     /// Do not build: use the binaries already in target/dist (with --test, --budget, --openwrt).
     #[arg(long)]
     pub no_build: bool,
+    /// Only the cross check `cargo xtask test` runs: mips-unknown-linux-musl, debug profile,
+    /// proven under qemu-user (nothing goes to target/dist).
+    #[arg(long, conflicts_with_all = ["targets", "all", "test", "budget", "openwrt", "no_build"])]
+    pub ci: bool,
 }
 
 /// What happened to one target, for the summary.
@@ -70,6 +74,14 @@ struct Outcome {
 
 /// `cargo xtask dist`.
 pub fn run(opts: &Options) -> Result<ExitCode> {
+    if opts.ci {
+        setup::ensure()?;
+        return Ok(if ci_check()? {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     let targets = selected(opts)?;
     setup::ensure()?;
     cross::ensure()?;
