@@ -89,3 +89,103 @@ fn bad_specs_are_refused_with_every_problem_and_change_nothing() {
         assert!(text.contains(want), "{want:?} not in {text}");
     }
 }
+
+/// A service that answers every TCP connection on its port with "edge".
+const EDGE_PY: &str = r#"
+import socket, sys
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1])))
+srv.listen(16)
+while True:
+    c, _ = srv.accept()
+    try:
+        c.settimeout(2)
+        c.recv(128)
+        c.sendall(b"edge\n")
+    except OSError:
+        pass
+    finally:
+        c.close()
+"#;
+
+#[test]
+fn a_supervised_service_is_redirected_while_healthy_without_the_daemon() {
+    use std::os::unix::fs::PermissionsExt;
+
+    use viscum::{config::Config, embed::Viscum};
+    use viscum_tests::unique_name;
+
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    let port = cloud.port();
+    let name = lab.service_ns_name();
+    let [v4, _] = lab.cloud_addrs(port);
+    // World-readable: the service runs as `nobody`.
+    let dir = std::path::PathBuf::from("/tmp").join(format!("viscum-embed-{}", unique_name("t")));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = dir.join("edge.py");
+    std::fs::write(&script, EDGE_PY).unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let config = Config::parse(&format!(
+        "[[service]]\nname = \"{name}\"\nmatch = [\"tcp://{v4}\"]\n\
+         command = [\"/usr/bin/python3\", \"{}\", \"{port}\"]\ndrain_timeout_ms = 0\n\
+         [service.health]\ntcp = {port}\ninterval_ms = 200\ntimeout_ms = 150\n",
+        script.display()
+    ))
+    .unwrap();
+
+    let bpffs = lab.bpffs.path().to_owned();
+    let lan = lab.lan_if();
+    let run_dir = dir.join("run");
+    let client = lab.client.name().to_owned();
+    let result = lab.edge.block_on(move || async move {
+        let ask_now = |client: String| async move {
+            tokio::task::spawn_blocking(move || {
+                ask(&client, Proto::Tcp, v4, TIMEOUT).unwrap_or_else(|e| format!("error: {e}"))
+            })
+            .await
+            .unwrap()
+        };
+        let viscum = Viscum::new(&bpffs).map_err(|e| e.to_string())?;
+        viscum.attach(&[lan]).map_err(|e| e.to_string())?;
+        let supervisor = viscum
+            .supervise(&run_dir, config.services)
+            .map_err(|e| e.to_string())?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !supervisor.status()[0].redirected {
+            if std::time::Instant::now() >= deadline {
+                return Err(format!("not redirected: {:?}", supervisor.status()));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let healthy = ask_now(client.clone()).await;
+        // Shedding takes the traffic back to the cloud without stopping the service.
+        supervisor.shed(true);
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while supervisor.status()[0].redirected && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let shed = ask_now(client.clone()).await;
+        supervisor.stop().await;
+        let stopped = ask_now(client).await;
+        viscum.purge().map_err(|e| e.to_string())?;
+        Ok((healthy, shed, stopped))
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    let (healthy, shed, stopped) = result.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        healthy, "edge",
+        "a healthy supervised service serves the client"
+    );
+    assert_eq!(shed, "cloud", "while shedding, the cloud serves");
+    assert_eq!(stopped, "cloud", "after stop, the cloud serves");
+    assert!(
+        wait_until(TIMEOUT, || !viscum::netns::named_exists(&name)),
+        "stop left namespace {name}"
+    );
+}
