@@ -16,10 +16,11 @@
 //! serves several OpenWrt architectures, and [`ipks`] writes one package per name in
 //! [`ARCHES`] (same binary, different `Architecture` field). Left out on purpose:
 //!
-//! * ARM names without an FPU suffix (`arm_cortex-a9`, `arm_cortex-a7`): OpenWrt builds them
-//!   soft-float because the SoC may have no VFP (BCM4708), and the `armv7-...-musleabihf`
-//!   binary needs VFPv3-D16. ARMv5/v6 (`arm_arm926ej-s`, `arm_xscale`, `arm_arm1176jzf-s_vfp`)
-//!   need an `arm-`/`armv5te-` Rust target that `dist` does not build.
+//! * ARM: names with an FPU suffix get the `armv7-...-musleabihf` binary (it needs
+//!   VFPv3-D16), names without one (`arm_cortex-a9` on BCM4708, built soft-float by OpenWrt
+//!   because the SoC may have no VFP) the soft-float `armv7-...-musleabi` one. ARMv5/v6
+//!   (`arm_arm926ej-s`, `arm_xscale`, `arm_arm1176jzf-s_vfp`) need an `arm-`/`armv5te-` Rust
+//!   target that `dist` does not build.
 //! * `mips_mips32`, `mipsel_mips32` (BCM47xx/63xx): MIPS32 release 1 CPUs, and Rust's
 //!   `mips(el)-unknown-linux-musl` emit release 2 instructions. `mips_4kec` (also release 2)
 //!   is left out until someone runs it.
@@ -67,6 +68,12 @@ pub const ARCHES: &[(&str, &[&str])] = &[
             "arm_cortex-a8_vfpv3",
             "arm_cortex-a9_neon",
         ],
+    ),
+    (
+        "armv7-unknown-linux-musleabi",
+        // Soft-float ARMv7 (no VFP instruction): the boards OpenWrt builds without an FPU.
+        // a9: Broadcom Northstar BCM4708/4709 (bcm53xx); a7: MediaTek MT7629.
+        &["arm_cortex-a9", "arm_cortex-a7"],
     ),
     // MIPS32 release 2, soft float (fine on FPU boards too: the binary is static).
     // 24kc: Atheros/Qualcomm ath79, Lantiq xrx200.
@@ -488,15 +495,17 @@ mod tests {
             e.contains("no OpenWrt architecture for target riscv64gc"),
             "{e}"
         );
-        // No arch without an FPU suffix: the armv7 hf binary needs VFP.
-        for (_, arches) in ARCHES {
-            for a in *arches {
-                assert!(
-                    !a.starts_with("arm_") || a.contains("vfp") || a.contains("neon"),
-                    "{a}"
-                );
+        // ARM names with an FPU get the hard-float binary, those without the soft-float one.
+        for (target, arches) in ARCHES {
+            for a in arches.iter().filter(|a| a.starts_with("arm_")) {
+                let fpu = a.contains("vfp") || a.contains("neon");
+                assert_eq!(fpu, target.ends_with("musleabihf"), "{target}: {a}");
             }
         }
+        assert_eq!(
+            openwrt_arches("armv7-unknown-linux-musleabi").unwrap()[0],
+            "arm_cortex-a9"
+        );
         let dir = scratch("bad");
         let e = ipk(
             &dir.join("missing"),
