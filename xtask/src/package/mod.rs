@@ -51,11 +51,15 @@ pub fn shell_scripts(root: &Path) -> Result<Vec<PathBuf>> {
 /// Runs shellcheck on every shell script under the workspace's `dist/` (part of
 /// `cargo xtask test`); `Ok(false)` if it found problems (printed above).
 pub fn shellcheck() -> Result<bool> {
-    let dist = process::workspace_root().join("dist");
-    if !dist.is_dir() {
+    shellcheck_dir(&process::workspace_root().join("dist"))
+}
+
+/// [`shellcheck`] for the scripts under `root` (none, or no `root`: nothing to check).
+pub fn shellcheck_dir(root: &Path) -> Result<bool> {
+    if !root.is_dir() {
         return Ok(true);
     }
-    let scripts = shell_scripts(&dist)?;
+    let scripts = shell_scripts(root)?;
     if scripts.is_empty() {
         return Ok(true);
     }
@@ -67,9 +71,16 @@ pub fn shellcheck() -> Result<bool> {
         .status()
         .context("cannot run shellcheck (`cargo xtask setup` installs it)")?;
     if status.success() {
-        println!("shellcheck: {} script(s) under dist/ clean", scripts.len());
+        println!(
+            "shellcheck: {} script(s) under {} clean",
+            scripts.len(),
+            root.display()
+        );
     } else {
-        eprintln!("error: shellcheck found problems in the scripts under dist/ ({status})");
+        eprintln!(
+            "error: shellcheck found problems in the scripts under {} ({status})",
+            root.display()
+        );
     }
     Ok(status.success())
 }
@@ -93,5 +104,22 @@ mod tests {
                 .iter()
                 .any(|p| p.ends_with("viscum.config") || p.ends_with("Makefile"))
         );
+    }
+
+    #[test]
+    fn shellcheck_passes_ours_and_catches_a_bad_script() {
+        assert!(
+            shellcheck().unwrap(),
+            "the scripts under dist/ have shellcheck findings"
+        );
+        let dir = std::env::temp_dir().join(format!("viscum-shellcheck-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        // SC2115/SC2086: an unquoted, possibly empty variable in front of /*.
+        std::fs::write(dir.join("sub/cleanup"), "#!/bin/sh\nrm -rf $1/*\n").unwrap();
+        std::fs::write(dir.join("notes.txt"), "not a script $1\n").unwrap();
+        assert_eq!(shell_scripts(&dir).unwrap(), [dir.join("sub/cleanup")]);
+        assert!(!shellcheck_dir(&dir).unwrap());
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
