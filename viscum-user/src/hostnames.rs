@@ -316,6 +316,102 @@ impl HostTracker {
     }
 }
 
+/// Every host-name match of one owner (a daemon service), each with its [`HostTracker`]:
+/// re-resolved when due, cleared together, described together.
+pub struct HostSet {
+    trackers: Vec<HostTracker>,
+}
+
+impl HostSet {
+    /// One tracker per match, all to `target` with `opts`; nothing resolved yet.
+    pub fn new(matches: &[HostMatch], target: &Target, opts: RedirectOptions) -> HostSet {
+        HostSet {
+            trackers: matches
+                .iter()
+                .map(|h| HostTracker::new(h.clone(), target.clone(), opts))
+                .collect(),
+        }
+    }
+
+    /// No host-name match at all.
+    pub fn is_empty(&self) -> bool {
+        self.trackers.is_empty()
+    }
+
+    /// Does any match have an entry now?
+    pub fn any_installed(&self) -> bool {
+        self.trackers.iter().any(|h| !h.installed.is_empty())
+    }
+
+    /// When the next match is due for re-resolution (`None`: no match).
+    pub fn next_refresh(&self) -> Option<Instant> {
+        self.trackers.iter().map(|h| h.next_refresh).min()
+    }
+
+    /// The entries the matches have now.
+    pub fn endpoints(&self) -> Vec<Endpoint> {
+        self.trackers
+            .iter()
+            .flat_map(|h| h.installed.iter().map(|a| h.matched.endpoint(*a)))
+            .collect()
+    }
+
+    /// Each match with its current addresses: `tcp://name:443 -> [192.0.2.7, ...]`.
+    pub fn describe(&self) -> Vec<String> {
+        self.trackers
+            .iter()
+            .map(|h| {
+                let addrs: Vec<String> = h.installed.iter().map(ToString::to_string).collect();
+                format!("{} -> [{}]", h.matched, addrs.join(", "))
+            })
+            .collect()
+    }
+
+    /// Re-resolves the matches that are due and applies the differences, taking the engine's
+    /// lock for each. `log` hears each change (`false`) and each failure (`true`); a failed
+    /// lookup keeps the entries a match has.
+    pub async fn refresh_due(
+        &mut self,
+        engine: &tokio::sync::Mutex<Engine>,
+        resolver: &Resolver,
+        mut log: impl FnMut(bool, String),
+    ) {
+        let now = Instant::now();
+        for h in self.trackers.iter_mut().filter(|h| h.next_refresh <= now) {
+            let mut engine = engine.lock().await;
+            match h.refresh(&mut engine, resolver).await {
+                Ok(ch) => {
+                    for ep in ch.removed {
+                        log(false, format!("{ep} left DNS, entry removed"));
+                    }
+                    for ep in ch.added {
+                        log(false, format!("redirecting {ep} ({})", h.matched));
+                    }
+                }
+                Err(e) => log(
+                    true,
+                    format!("{}: {}", h.matched, crate::entries::error_chain(&e)),
+                ),
+            }
+        }
+    }
+
+    /// Removes every match's entries; each resolves afresh when refreshed next. `log` hears
+    /// the failures.
+    pub async fn clear(&mut self, engine: &mut Engine, mut log: impl FnMut(String)) {
+        for h in &mut self.trackers {
+            if let Err(e) = h.clear(engine).await {
+                log(format!(
+                    "{}: {}",
+                    h.matched,
+                    crate::entries::error_chain(&e)
+                ));
+            }
+            h.next_refresh = Instant::now();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

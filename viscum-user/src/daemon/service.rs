@@ -35,6 +35,7 @@ use crate::{
     endpoint::Endpoint,
     engine::Engine,
     entries::{self, Counters, EntrySet},
+    hostnames::HostSet,
     netns::{self, NetnsError},
     redirect::{self, Target},
 };
@@ -167,17 +168,11 @@ pub fn spawn(config: ServiceConfig, ctx: Arc<Context>) -> Handle {
         healthy_since: None,
         provisional: false,
         entries: EntrySet::new(Target::Namespace(config.name.clone()), config.redirect),
-        hosts: config
-            .host_matches
-            .iter()
-            .map(|h| {
-                crate::hostnames::HostTracker::new(
-                    h.clone(),
-                    Target::Namespace(config.name.clone()),
-                    config.redirect,
-                )
-            })
-            .collect(),
+        hosts: HostSet::new(
+            &config.host_matches,
+            &Target::Namespace(config.name.clone()),
+            config.redirect,
+        ),
         want_running: true,
         backoff_step: 0,
         restart_pending: false,
@@ -217,7 +212,7 @@ struct Actor {
     links: watch::Receiver<u64>,
     ns: Option<Ns>,
     /// Host-name matches and the address entries they currently have.
-    hosts: Vec<crate::hostnames::HostTracker>,
+    hosts: HostSet,
     placement: Placement,
     proc: Option<Proc>,
     /// The running process was started by a previous daemon.
@@ -573,10 +568,9 @@ impl Actor {
 
     /// When the next host name is due for re-resolution (only while entries are wanted).
     fn next_host_refresh(&self) -> Option<Instant> {
-        if self.hosts.is_empty() || !self.wants_entries() {
-            return None;
-        }
-        self.hosts.iter().map(|h| h.next_refresh).min()
+        self.wants_entries()
+            .then(|| self.hosts.next_refresh())
+            .flatten()
     }
 
     /// Re-resolves the host names that are due and applies the differences.
@@ -588,72 +582,34 @@ impl Actor {
             }
             return;
         };
-        let now = Instant::now();
-        for i in 0..self.hosts.len() {
-            if self.hosts[i].next_refresh > now {
-                continue;
-            }
-            let mut engine = self.ctx.engine.lock().await;
-            match self.hosts[i].refresh(&mut engine, &resolver).await {
-                Ok(ch) => {
-                    for ep in ch.removed {
-                        log::info!("service {}: {ep} left DNS, entry removed", self.cfg.name);
-                    }
-                    for ep in ch.added {
-                        log::info!(
-                            "service {}: redirecting {ep} ({})",
-                            self.cfg.name,
-                            self.hosts[i].matched
-                        );
-                    }
+        let name = &self.cfg.name;
+        self.hosts
+            .refresh_due(&self.ctx.engine, &resolver, |failed, msg| {
+                if failed {
+                    log::warn!("service {name}: {msg}")
+                } else {
+                    log::info!("service {name}: {msg}")
                 }
-                Err(e) => log::warn!(
-                    "service {}: {}: {}",
-                    self.cfg.name,
-                    self.hosts[i].matched,
-                    error_chain(&e)
-                ),
-            }
-        }
+            })
+            .await;
         self.publish_hosts();
     }
 
     async fn clear_hosts(&mut self) {
-        if self.hosts.iter().all(|h| h.installed.is_empty()) {
+        if !self.hosts.any_installed() {
             return;
         }
+        let name = &self.cfg.name;
         let mut engine = self.ctx.engine.lock().await;
-        for h in &mut self.hosts {
-            if let Err(e) = h.clear(&mut engine).await {
-                log::warn!(
-                    "service {}: {}: {}",
-                    self.cfg.name,
-                    h.matched,
-                    error_chain(&e)
-                );
-            }
-            // Resolve afresh when the entries are wanted again.
-            h.next_refresh = Instant::now();
-        }
+        self.hosts
+            .clear(&mut engine, |msg| log::warn!("service {name}: {msg}"))
+            .await;
         drop(engine);
         self.publish_hosts();
     }
 
-    /// Endpoints currently installed for host names.
-    fn host_endpoints(&self) -> Vec<Endpoint> {
-        self.hosts
-            .iter()
-            .flat_map(|h| {
-                h.installed
-                    .iter()
-                    .map(|a| h.matched.endpoint(*a))
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    }
-
     fn publish_hosts(&self) {
-        let resolved = self.host_endpoints();
+        let resolved = self.hosts.endpoints();
         self.lock().resolved = resolved;
     }
 
@@ -859,7 +815,7 @@ impl Actor {
     /// they end or `drain_timeout` runs out.
     async fn drain(&mut self) {
         let mut draining = self.entries.installed().to_vec();
-        draining.extend(self.host_endpoints());
+        draining.extend(self.hosts.endpoints());
         if draining.is_empty()
             || self.proc.is_none()
             || self.ns.is_none()
@@ -1090,8 +1046,7 @@ impl Actor {
             name: self.cfg.name.clone(),
             state: self.state,
             health,
-            redirected: !self.entries.installed().is_empty()
-                || self.hosts.iter().any(|h| !h.installed.is_empty()),
+            redirected: !self.entries.installed().is_empty() || self.hosts.any_installed(),
             pid: self.proc.as_ref().map(Proc::pid),
             adopted: self.adopted,
             uptime_s: None,
@@ -1112,10 +1067,7 @@ impl Actor {
                 .matches
                 .iter()
                 .map(ToString::to_string)
-                .chain(self.hosts.iter().map(|h| {
-                    let addrs: Vec<String> = h.installed.iter().map(ToString::to_string).collect();
-                    format!("{} -> [{}]", h.matched, addrs.join(", "))
-                }))
+                .chain(self.hosts.describe())
                 .collect(),
             netns: self.cfg.name.clone(),
             log: self.log_path.clone(),
