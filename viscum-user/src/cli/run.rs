@@ -25,17 +25,13 @@ pub async fn run(pins: &Pins, args: RunArgs) -> Result<()> {
     // Every problem, each naming its service and field, comes out in the error.
     let config = Config::load(&args.config)?;
     if args.check {
+        let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
+        let plural = if names.len() == 1 { "" } else { "s" };
         println!(
-            "{}: ok ({} service{}: {})",
+            "{}: ok ({} service{plural}: {})",
             args.config.display(),
-            config.services.len(),
-            if config.services.len() == 1 { "" } else { "s" },
-            config
-                .services
-                .iter()
-                .map(|s| s.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
+            names.len(),
+            names.join(", ")
         );
         return Ok(());
     }
