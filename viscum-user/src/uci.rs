@@ -197,13 +197,13 @@ impl Lexer<'_> {
                     if self.chars.peek() == Some(&'\n') {
                         self.bump();
                     } else {
-                        let w = self.word(Some('\\'), line)?;
+                        let w = self.word(true, line)?;
                         words.push((w, line));
                     }
                 }
                 Some(_) => {
                     let line = self.line;
-                    let w = self.word(None, line)?;
+                    let w = self.word(false, line)?;
                     words.push((w, line));
                 }
             }
@@ -212,9 +212,9 @@ impl Lexer<'_> {
 
     /// One word: unquoted, quoted and escaped parts until a blank, `;`, `#` or the end.
     /// `after_backslash`: the caller consumed a backslash that escapes the first character.
-    fn word(&mut self, after_backslash: Option<char>, line: usize) -> Result<String, UciError> {
+    fn word(&mut self, after_backslash: bool, line: usize) -> Result<String, UciError> {
         let mut out = String::new();
-        if after_backslash.is_some() {
+        if after_backslash {
             match self.bump() {
                 Some(c) => out.push(c),
                 None => return Err(self.error(line, "backslash at the end of the file")),
