@@ -15,6 +15,7 @@
 //! * [`embed`]: the small API for firmware that runs the engine inside its own daemon.
 //! * [`config`]: the daemon's TOML configuration: parsing and validation that reports every problem.
 //! * [`daemon`]: `viscum run`: supervised services, health-gated redirects, reload, control socket.
+//! * [`uci`]: OpenWrt's UCI configuration mapped onto the TOML one (`viscum config from-uci`).
 //! * [`cli`]: the `viscum` command line, one module per command.
 
 pub mod bpffs;
@@ -31,6 +32,7 @@ pub mod lifecycle;
 pub mod netns;
 pub mod redirect;
 pub mod spec;
+pub mod uci;
 
 /// The compiled classifier object, embedded at build time.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/viscum"));
