@@ -58,8 +58,9 @@ enum Owner {
 /// The entries one owner has in the datapath, all to one target in one mode.
 #[derive(Debug, Clone)]
 pub struct EntrySet {
-    target: Target,
-    opts: RedirectOptions,
+    /// Where and how [`EntrySet::install`] adds entries (`None`: a set of existing entries,
+    /// to drain and remove only).
+    adds: Option<(Target, RedirectOptions)>,
     /// Whose entries the set may remove.
     owner: Owner,
     installed: Vec<Endpoint>,
@@ -69,8 +70,7 @@ impl EntrySet {
     /// An empty set of entries to `target` with `opts`.
     pub fn new(target: Target, opts: RedirectOptions) -> EntrySet {
         EntrySet {
-            target,
-            opts,
+            adds: Some((target, opts)),
             owner: Owner::Target(None),
             installed: Vec::new(),
         }
@@ -88,8 +88,7 @@ impl EntrySet {
             }
         }
         Ok(EntrySet {
-            target: Target::Veth(String::new()),
-            opts: RedirectOptions::for_target(&Target::Veth(String::new())),
+            adds: None,
             owner: Owner::Any,
             installed: endpoints.to_vec(),
         })
@@ -153,11 +152,14 @@ impl EntrySet {
     /// installed (the others are).
     pub async fn install(&mut self, engine: &mut Engine, wanted: &[Endpoint]) -> Vec<String> {
         let mut errors = Vec::new();
+        let Some((target, opts)) = &self.adds else {
+            return vec!["a set of existing entries installs nothing".into()];
+        };
         for ep in wanted {
             if self.installed.contains(ep) {
                 continue;
             }
-            match redirect::add_with(engine, ep, &self.target, &self.opts).await {
+            match redirect::add_with(engine, ep, target, opts).await {
                 Ok(()) => self.installed.push(*ep),
                 Err(RedirectError::Engine(EngineError::Duplicate(_))) => match engine.get(ep) {
                     Ok(Some(e)) if self.owner == Owner::Target(Some(e.ifindex)) => {

@@ -209,11 +209,12 @@ pub struct ListArgs {
 }
 
 pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
-    let mut engine = Engine::open(pins)?;
+    // Each command validates its arguments before it opens (and can change) anything.
     match cmd {
         RedirectCommand::Add(args) => {
             let dns = args.matched.dns.servers.clone();
             let spec = args.spec()?;
+            let mut engine = Engine::open(pins)?;
             let to = match &spec.target {
                 Target::Namespace(n) => format!("namespace {n}"),
                 Target::Veth(v) => v.clone(),
@@ -228,7 +229,9 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
             }
         }
         RedirectCommand::Del(args) => {
-            let endpoints = match args.target_match()? {
+            let matched = args.target_match()?;
+            let mut engine = Engine::open(pins)?;
+            let endpoints = match matched {
                 Match::Addr(ep) => vec![ep],
                 Match::Host(host) => {
                     let resolver = Resolver::new(&args.matched.dns.servers)?;
@@ -280,6 +283,7 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
                 ..SpecFields::default()
             };
             let spec = args.mode.spec(host, args.target.target())?;
+            let mut engine = Engine::open(pins)?;
             let resolver = Resolver::new(&args.dns.servers)?;
             let opts = spec.options();
             let mut tracker = HostTracker::new(args.host.clone(), spec.target, opts);
@@ -317,6 +321,7 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
             result?;
         }
         RedirectCommand::Drain(args) => {
+            let mut engine = Engine::open(pins)?;
             let mut set = EntrySet::existing(&engine, &[args.endpoint])?;
             entries::drain(&mut engine, set.installed())?;
             println!("draining {}: no new flows go to the edge", args.endpoint);
@@ -336,6 +341,7 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
             }
         }
         RedirectCommand::List(args) => {
+            let engine = Engine::open(pins)?;
             let rows = redirect::list(&engine).await?;
             if args.json {
                 print_json(&rows)?;

@@ -137,11 +137,9 @@ pub(super) fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<
                         p.add(e.field, e.message);
                     }
                 }
-                (
-                    Vec::new(),
-                    Vec::new(),
-                    RedirectOptions::for_target(&Target::Veth(String::new())),
-                )
+                // Not used: a service with problems yields no config.
+                let unused = RedirectOptions::for_target(&Target::Namespace(name.clone()));
+                (Vec::new(), Vec::new(), unused)
             }
         };
 
