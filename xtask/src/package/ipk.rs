@@ -241,14 +241,18 @@ pub fn ipk_for_arch(binary: &Path, arch: &str, version: &str, out_dir: &Path) ->
          License: {license}\n\
          Section: net\n\
          SourceDateEpoch: {mtime}\n\
-         URL: {url}\n\
+         {url}\
          Architecture: {arch}\n\
          Installed-Size: {installed_size}\n\
          Description: Serve cloud services from unmodified local copies at the edge: an eBPF\n \
          classifier at TC ingress redirects (protocol, cloud address, port) into service\n \
          network namespaces; a daemon runs, health-checks and drains the services.\n",
         license = env!("CARGO_PKG_LICENSE"),
-        url = env!("CARGO_PKG_REPOSITORY"),
+        // xtask's manifest may not inherit the workspace's repository: no empty field then.
+        url = match env!("CARGO_PKG_REPOSITORY") {
+            "" => String::new(),
+            u => format!("URL: {u}\n"),
+        },
     );
     let control_tar = tar_gz(
         &[
@@ -442,6 +446,10 @@ mod tests {
         ] {
             assert!(text.contains(line), "{line:?} not in\n{text}");
         }
+        assert!(
+            !text.lines().any(|l| l.trim_end().ends_with(':')),
+            "an empty field in\n{text}"
+        );
         // Continuation lines of the description start with a blank (RFC 822 folding).
         assert!(
             text.lines()
