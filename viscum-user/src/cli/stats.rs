@@ -55,18 +55,26 @@ pub async fn run(pins: &Pins, args: StatsArgs) -> Result<()> {
     {
         println!("interface {}: {}", a.interface, a.describe());
     }
-    // One table per registry row, columns in registry order.
-    for row in StatsRow::ALL {
-        let (headers, values): (Vec<&str>, Vec<String>) = g
-            .iter()
-            .filter(|(info, _)| info.row == row)
-            .map(|(info, v)| (info.column, v.to_string()))
-            .unzip();
+    for (headers, values) in counter_tables(&g) {
         print_table(&headers, &[values]);
         println!();
     }
     super::redirect::print_entries(&report.entries);
     Ok(())
+}
+
+/// The global counters as tables: one per registry row ([`StatsRow`]), columns in registry
+/// order; each is (headers, values).
+fn counter_tables(g: &GlobalStats) -> Vec<(Vec<&'static str>, Vec<String>)> {
+    StatsRow::ALL
+        .iter()
+        .map(|&row| {
+            g.iter()
+                .filter(|(info, _)| info.row == row)
+                .map(|(info, v)| (info.column, v.to_string()))
+                .unzip()
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -113,6 +121,21 @@ mod tests {
         assert_eq!(v["seen"], 7);
         assert_eq!(v["target_gone"], 3);
         assert_eq!(g.get(viscum_common::GlobalCounter::TargetGone), 3);
+        // The tables show every counter once, under its own column, with its own value.
+        let mut numbered = GlobalStats::default();
+        for (i, info) in viscum_common::GLOBAL_COUNTER_INFO.iter().enumerate() {
+            *numbered.get_mut(info.counter) = 1000 + i as u64;
+        }
+        let cells: Vec<(&str, String)> = counter_tables(&numbered)
+            .into_iter()
+            .flat_map(|(h, v)| h.into_iter().zip(v))
+            .collect();
+        assert_eq!(cells.len(), viscum_common::GLOBAL_COUNTER_INFO.len());
+        for (i, info) in viscum_common::GLOBAL_COUNTER_INFO.iter().enumerate() {
+            let hits: Vec<_> = cells.iter().filter(|(h, _)| *h == info.column).collect();
+            assert_eq!(hits.len(), 1, "column {}", info.column);
+            assert_eq!(hits[0].1, (1000 + i).to_string(), "column {}", info.column);
+        }
         // Each counter's value sits in its own field (no two rows share one).
         for info in viscum_common::GLOBAL_COUNTER_INFO {
             let mut one = GlobalStats::default();

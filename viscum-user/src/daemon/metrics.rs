@@ -329,7 +329,7 @@ mod tests {
             } else {
                 format!("\n{}{{{}=\"{}\"}} ", f.name, f.label, info.label)
             };
-            assert!(text.contains(&sample), "{sample} missing:\n{text}");
+            assert_eq!(text.matches(&sample).count(), 1, "{sample}:\n{text}");
         }
         assert!(text.contains("# TYPE viscum_shedding gauge\nviscum_shedding 0\n"));
         assert_eq!(label("a\"b\\c"), "a\\\"b\\\\c");
