@@ -3,8 +3,8 @@
 //!
 //! The measuring happens in the two bench binaries of the viscum-bench crate
 //! (`benches/datapath.rs` for B1–B2, `benches/system/` for B3–B9; the product crate builds
-//! no benchmark code), built here with `cargo bench --no-run` together with a `viscum` of the
-//! release profile (handed to them as `VISCUM_BIN`), and run one
+//! no benchmark code), built here with the bench profile in one cargo invocation together
+//! with `viscum` (handed to them as `VISCUM_BIN`), and run one
 //! group per process, each with a time limit, so that a benchmark that fails, hangs or
 //! crashes is recorded as such and the others still run. Each process writes JSON
 //! "fragments" (tables of rows with targets, plot data, raw samples); this module merges them
@@ -356,10 +356,12 @@ fn ensure_tools() {
     }
 }
 
-/// `cargo bench --no-run` of both bench binaries, and `viscum` with the bench profile (the
-/// release settings); returns the benches as (name, executable) and viscum's path.
+/// Builds both bench binaries and `viscum` with the bench profile (the release settings) in
+/// one cargo invocation, so the dependencies are resolved and built once for both packages;
+/// returns the benches as (name, executable) and viscum's path.
 fn build() -> Result<(Vec<(String, PathBuf)>, PathBuf)> {
-    let viscum = crate::build::cargo_build(&[
+    let mut cmd = process::cargo();
+    cmd.args([
         "build",
         "--profile",
         "bench",
@@ -367,17 +369,12 @@ fn build() -> Result<(Vec<(String, PathBuf)>, PathBuf)> {
         "viscum-user",
         "--bin",
         "viscum",
-    ])?;
-    let mut cmd = process::cargo();
-    cmd.args([
-        "bench",
         "-p",
         "viscum-bench",
         "--bench",
         "datapath",
         "--bench",
         "system",
-        "--no-run",
         "--message-format=json-render-diagnostics",
     ])
     .stdout(Stdio::piped());
@@ -387,24 +384,31 @@ fn build() -> Result<(Vec<(String, PathBuf)>, PathBuf)> {
         .with_context(|| format!("cannot start `{}`", process::display(&cmd)))?;
     let stdout = child.stdout.take().context("stdout is piped")?;
     let mut exes = Vec::new();
+    let mut viscum = None;
     for line in BufReader::new(stdout).lines() {
         let line = line.context("reading cargo's output")?;
         let Ok(msg) = serde_json::from_str::<Value>(&line) else {
             println!("{line}");
             continue;
         };
-        if msg["reason"] == "compiler-artifact"
-            && msg["target"]["kind"][0] == "bench"
-            && let (Some(name), Some(exe)) =
-                (msg["target"]["name"].as_str(), msg["executable"].as_str())
-        {
-            exes.push((name.to_owned(), PathBuf::from(exe)));
+        if msg["reason"] != "compiler-artifact" {
+            continue;
+        }
+        let (Some(name), Some(exe)) = (msg["target"]["name"].as_str(), msg["executable"].as_str())
+        else {
+            continue;
+        };
+        match msg["target"]["kind"][0].as_str() {
+            Some("bench") => exes.push((name.to_owned(), PathBuf::from(exe))),
+            Some("bin") if name == "viscum" => viscum = Some(PathBuf::from(exe)),
+            _ => {}
         }
     }
     let status = child.wait().context("waiting for cargo")?;
     if !status.success() {
         bail!("`{}` failed ({status})", process::display(&cmd));
     }
+    let viscum = viscum.context("cargo built no `viscum` binary")?;
     Ok((exes, viscum))
 }
 

@@ -60,6 +60,17 @@ pub fn create(name: &str) -> Result<Netns> {
     Ok(ns)
 }
 
+/// [`create`], plus an interface `lan0` (up) for `viscum attach` or a daemon to sit on: a
+/// veth with its peer alongside (some kernels here lack the dummy driver).
+pub fn with_lan0(name: &str) -> Result<Netns> {
+    let ns = create(name)?;
+    ip(&[
+        "-n", name, "link", "add", "lan0", "type", "veth", "peer", "name", "lan1",
+    ])?;
+    ip(&["-n", name, "link", "set", "lan0", "up"])?;
+    Ok(ns)
+}
+
 /// Kills what still runs in `name` (processes this run started there) and deletes it.
 pub fn remove_namespace(name: &str) {
     viscum_lab::guard::delete_quietly(name);

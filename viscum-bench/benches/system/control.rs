@@ -319,21 +319,7 @@ fn median(v: &[f64]) -> f64 {
 
 /// A namespace with a dummy `lan0` and `viscum attach lan0` on a bpffs of its own.
 fn attached_instance(env: &Env<'_>, tag: &str, max_entries: u32) -> Result<(Netns, Pins)> {
-    let ns = netns::create(&format!("{}-{tag}", env.run_id))?;
-    // A veth with its peer alongside (some kernels here lack the dummy driver).
-    ip(&[
-        "-n",
-        ns.name(),
-        "link",
-        "add",
-        "lan0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "lan1",
-    ])?;
-    ip(&["-n", ns.name(), "link", "set", "lan0", "up"])?;
+    let ns = netns::with_lan0(&format!("{}-{tag}", env.run_id))?;
     let dir = env.bpffs.subdir(&format!("b7-{tag}"))?;
     env.viscum.with_bpffs(&dir).run(
         ns.name(),

@@ -22,7 +22,7 @@ use crate::{
     lanes::Env,
     support::{
         cli::Args,
-        netns::{self, ip, remove_namespace},
+        netns::{self, remove_namespace},
         report::{Bar, Fragment, Plot, Row, Table},
         sys,
     },
@@ -183,20 +183,7 @@ fn sizes(env: &Env<'_>) -> Vec<Row> {
 fn rss(args: &Args, env: &Env<'_>, f: &mut Fragment) -> Result<Vec<Row>> {
     let n_services: usize = args.pick(100, 100);
     let mut rows = Vec::new();
-    let e = netns::create(&format!("{}-9e", env.run_id))?;
-    ip(&[
-        "-n",
-        e.name(),
-        "link",
-        "add",
-        "lan0",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "lan1",
-    ])?;
-    ip(&["-n", e.name(), "link", "set", "lan0", "up"])?;
+    let e = netns::with_lan0(&format!("{}-9e", env.run_id))?;
 
     // Idle.
     {
