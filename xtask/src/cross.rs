@@ -337,7 +337,11 @@ pub fn prepare(target: Target) -> Result<Prepared> {
 /// crates, not build scripts nor the eBPF crate that `viscum-user/build.rs` builds with its
 /// own cargo (which also must not inherit `-Z build-std`, hence a command-line flag rather
 /// than `CARGO_UNSTABLE_BUILD_STD`).
-pub fn cargo(p: Prepared, subcommand: &str) -> Result<Command> {
+/// `tests`: the build is, or must share its dependencies with, a `cargo test` build. cargo
+/// adds the `test` crate to the std it builds for tests, which changes every crate's hash; a
+/// build that names `test` itself shares all of them (the CI check builds the binary and the
+/// unit tests, once each, instead of everything twice).
+pub fn cargo(p: Prepared, subcommand: &str, tests: bool) -> Result<Command> {
     let bin = venv_bin()?;
     let zig_dir = zig_in(&bin)
         .and_then(|z| z.parent().map(Path::to_path_buf))
@@ -356,7 +360,14 @@ pub fn cargo(p: Prepared, subcommand: &str) -> Result<Command> {
     cmd.env("PATH", env::join_paths(dirs).context("PATH")?);
     cmd.arg(subcommand).args(["--target", p.target.triple]);
     if p.build_std {
-        cmd.args(["-Z", "build-std=std,panic_abort"]);
+        cmd.args([
+            "-Z",
+            if tests {
+                "build-std=std,panic_abort,test"
+            } else {
+                "build-std=std,panic_abort"
+            },
+        ]);
     }
     let mut flags = vec!["-C", "target-feature=+crt-static"];
     flags.extend(p.target.rustflags);

@@ -219,7 +219,7 @@ pub fn ci_check() -> Result<bool> {
     let target = cross::target("mips-unknown-linux-musl")?;
     let p = cross::prepare(target)?;
     let result = (|| {
-        let mut cmd = cross::cargo(p, "zigbuild")?;
+        let mut cmd = cross::cargo(p, "zigbuild", true)?;
         cmd.args(["-p", "viscum-user", "--bin", "viscum"]);
         let binary = cargo_viscum(cmd)?;
         let facts = elf::check(&binary, target)?;
@@ -266,7 +266,7 @@ pub fn target_dir() -> Result<PathBuf> {
 
 /// Release-builds `viscum` for `p` and copies it to `dist/viscum-<triple>`.
 fn build_one(p: Prepared, dist: &Path) -> Result<PathBuf> {
-    let mut cmd = cross::cargo(p, "zigbuild")?;
+    let mut cmd = cross::cargo(p, "zigbuild", false)?;
     cmd.args(["--release", "-p", "viscum-user", "--bin", "viscum"]);
     let binary = cargo_viscum(cmd)?;
     let out = dist.join(format!("viscum-{}", p.target.triple));

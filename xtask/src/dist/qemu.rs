@@ -98,7 +98,7 @@ pub fn prove(p: Prepared, binary: &Path) -> Result<Report> {
 }
 
 fn unit_tests(p: Prepared, report: &mut Report) -> Result<()> {
-    let mut cmd = cross::cargo(p, "test")?;
+    let mut cmd = cross::cargo(p, "test", true)?;
     cmd.args([
         "-p",
         "viscum-common",
