@@ -94,6 +94,9 @@ pub struct DaemonConfig {
 pub struct Engine {
     /// Interfaces the classifier attaches to (interface names in the edge namespace).
     pub interfaces: Vec<String>,
+    /// Where the pins go, if not the default (a daemon run outside the lab).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bpffs: Option<PathBuf>,
     /// The control socket's path.
     pub control: PathBuf,
     /// The daemon's state directory.
@@ -119,6 +122,12 @@ pub struct Service {
     /// Environment of the edge copy.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+    /// The user the copy runs as (the daemon's default: `nobody`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// `always`, `on-failure` or `never`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restart: Option<String>,
     /// Milliseconds between SIGTERM and SIGKILL when stopping the copy.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stop_grace_ms: Option<u64>,
@@ -276,6 +285,7 @@ impl DaemonFiles {
         DaemonConfig {
             engine: Engine {
                 interfaces: vec![LAN_IF.into()],
+                bpffs: None,
                 control: self.control(),
                 run_dir: self.run_dir(),
                 metrics: None,
@@ -299,6 +309,8 @@ impl DaemonFiles {
                 ident.into(),
             ],
             env: BTreeMap::new(),
+            user: None,
+            restart: None,
             stop_grace_ms: None,
             drain_timeout_ms: None,
             from: None,

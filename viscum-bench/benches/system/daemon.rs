@@ -2,6 +2,7 @@
 //! run, the daemon inside an edge namespace, its status read with `viscum status --json`.
 
 use std::{
+    collections::BTreeMap,
     path::PathBuf,
     process::Stdio,
     time::{Duration, Instant},
@@ -12,6 +13,7 @@ use nix::{
     sys::signal::{self, Signal},
     unistd::Pid,
 };
+use viscum_lab::daemon::{Check, DaemonConfig, Engine, Health, Service};
 
 use crate::{
     lanes::Env,
@@ -36,8 +38,34 @@ pub struct Daemon {
     pub edge: String,
 }
 
-fn quote(s: &str) -> String {
-    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+impl ServiceDef {
+    /// The `[[service]]`: as root, never restarted, checked by TCP (rise and fall 2).
+    fn to_config(&self) -> Service {
+        Service {
+            name: self.name.clone(),
+            matches: self.matches.clone(),
+            command: self.command.clone(),
+            env: BTreeMap::new(),
+            user: Some("root".into()),
+            restart: Some("never".into()),
+            stop_grace_ms: None,
+            drain_timeout_ms: None,
+            from: None,
+            nat: None,
+            nat_to: None,
+            anyip: None,
+            mirror: None,
+            learn_ms: None,
+            health: Some(Health {
+                check: Check::Tcp(self.health_port.into()),
+                interval_ms: self.interval_ms,
+                timeout_ms: self.timeout_ms,
+                rise: 2,
+                fall: 2,
+            }),
+            limits: None,
+        }
+    }
 }
 
 impl Daemon {
@@ -52,26 +80,19 @@ impl Daemon {
         let bpffs = env.bpffs.subdir(&format!("{tag}-bpf"))?;
         let control = env.work.join(format!("{tag}.sock"));
         let run_dir = env.work.join(format!("{tag}-run"));
-        let mut cfg = format!(
-            "[engine]\ninterfaces = [{}]\nbpffs = {}\ncontrol = {}\nrun_dir = {}\n",
-            quote(iface),
-            quote(&bpffs.display().to_string()),
-            quote(&control.display().to_string()),
-            quote(&run_dir.display().to_string()),
-        );
-        for s in services {
-            let list = |v: &[String]| v.iter().map(|x| quote(x)).collect::<Vec<_>>().join(", ");
-            cfg.push_str(&format!(
-                "\n[[service]]\nname = {}\nmatch = [{}]\ncommand = [{}]\nuser = \"root\"\nrestart = \"never\"\n\
-                 [service.health]\ntcp = {}\ninterval_ms = {}\ntimeout_ms = {}\nrise = 2\nfall = 2\n",
-                quote(&s.name),
-                list(&s.matches),
-                list(&s.command),
-                s.health_port,
-                s.interval_ms,
-                s.timeout_ms
-            ));
+        // The configuration type of the tests' daemon fixture, serialised as viscum reads it.
+        let cfg = DaemonConfig {
+            engine: Engine {
+                interfaces: vec![iface.to_owned()],
+                bpffs: Some(bpffs.clone()),
+                control: control.clone(),
+                run_dir,
+                metrics: None,
+                dns: Vec::new(),
+            },
+            services: services.iter().map(ServiceDef::to_config).collect(),
         }
+        .to_toml();
         let config = env.work.join(format!("{tag}.toml"));
         std::fs::write(&config, cfg)
             .with_context(|| format!("cannot write {}", config.display()))?;
