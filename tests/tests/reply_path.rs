@@ -71,6 +71,27 @@ fn replies_survive_a_strict_router_firewall() {
 
     // Control: without the reply classifier the same firewall drops the edge's replies.
     std::fs::remove_file(lab.bpffs.path().join(format!("reply-links/vh-{ns}"))).unwrap();
+    // The kernel releases an unpinned TCX link from a workqueue, not within unlink(2): wait
+    // until the veth's ingress hook is really empty, or the control below races the release.
+    let host_veth = format!("vh-{ns}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let veth = host_veth.clone();
+        let left = viscum::netns::in_netns(lab.edge.name(), move || {
+            aya::programs::SchedClassifier::query_tcx(&veth, aya::programs::TcAttachType::Ingress)
+                .map(|(_, progs)| progs.len())
+        })
+        .unwrap()
+        .expect("query the veth's TCX ingress programs");
+        if left == 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{host_veth}: {left} TCX program(s) still attached 10 s after the link's pin was removed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     let [v4, _] = lab.cloud_addrs(cloud.port());
     assert!(
         ask(
