@@ -212,6 +212,29 @@ impl DaemonConfig {
 }
 
 impl Service {
+    /// Service `name` running `command`, matching nothing yet, without a health check, every
+    /// other key left to the daemon's defaults.
+    pub fn new(name: &str, command: Vec<String>) -> Service {
+        Service {
+            name: name.into(),
+            matches: Vec::new(),
+            command,
+            env: BTreeMap::new(),
+            user: None,
+            restart: None,
+            stop_grace_ms: None,
+            drain_timeout_ms: None,
+            from: None,
+            nat: None,
+            nat_to: None,
+            anyip: None,
+            mirror: None,
+            learn_ms: None,
+            health: None,
+            limits: None,
+        }
+    }
+
     /// This service with health check `check` (interval, timeout, rise and fall kept).
     pub fn check(mut self, check: Check) -> Service {
         if let Some(h) = &mut self.health {
@@ -299,26 +322,14 @@ impl DaemonFiles {
     /// `tcp://198.51.100.7:PORT`, checked by TCP connect every 200 ms (timeout 150 ms, rise
     /// and fall 2). `port` is wider than `u16` so that a test can write an invalid one.
     pub fn service(&self, name: &str, port: u32, ident: &str) -> Service {
+        let command = vec![
+            "/usr/bin/python3".into(),
+            self.script().display().to_string(),
+            port.to_string(),
+            ident.into(),
+        ];
         Service {
-            name: name.into(),
             matches: vec![format!("tcp://{CLOUD_V4}:{port}")],
-            command: vec![
-                "/usr/bin/python3".into(),
-                self.script().display().to_string(),
-                port.to_string(),
-                ident.into(),
-            ],
-            env: BTreeMap::new(),
-            user: None,
-            restart: None,
-            stop_grace_ms: None,
-            drain_timeout_ms: None,
-            from: None,
-            nat: None,
-            nat_to: None,
-            anyip: None,
-            mirror: None,
-            learn_ms: None,
             health: Some(Health {
                 check: Check::Tcp(port),
                 interval_ms: 200,
@@ -326,7 +337,7 @@ impl DaemonFiles {
                 rise: 2,
                 fall: 2,
             }),
-            limits: None,
+            ..Service::new(name, command)
         }
     }
 

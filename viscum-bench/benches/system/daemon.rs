@@ -2,7 +2,6 @@
 //! run, the daemon inside an edge namespace, its status read with `viscum status --json`.
 
 use std::{
-    collections::BTreeMap,
     path::PathBuf,
     process::Stdio,
     time::{Duration, Instant},
@@ -42,20 +41,9 @@ impl ServiceDef {
     /// The `[[service]]`: as root, never restarted, checked by TCP (rise and fall 2).
     fn to_config(&self) -> Service {
         Service {
-            name: self.name.clone(),
             matches: self.matches.clone(),
-            command: self.command.clone(),
-            env: BTreeMap::new(),
             user: Some("root".into()),
             restart: Some("never".into()),
-            stop_grace_ms: None,
-            drain_timeout_ms: None,
-            from: None,
-            nat: None,
-            nat_to: None,
-            anyip: None,
-            mirror: None,
-            learn_ms: None,
             health: Some(Health {
                 check: Check::Tcp(self.health_port.into()),
                 interval_ms: self.interval_ms,
@@ -63,7 +51,7 @@ impl ServiceDef {
                 rise: 2,
                 fall: 2,
             }),
-            limits: None,
+            ..Service::new(&self.name, self.command.clone())
         }
     }
 }
