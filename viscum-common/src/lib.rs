@@ -18,15 +18,20 @@ pub const INGRESS_PROG: &str = "viscum_ingress";
 /// Default capacity of the services map.
 pub const DEFAULT_MAX_ENTRIES: u32 = 16_384;
 
-/// IP protocol numbers (IANA) the classifier understands.
+/// TCP's IP protocol number (IANA "Assigned Internet Protocol Numbers", RFC 9293).
 pub const PROTO_TCP: u8 = 6;
+/// UDP's IP protocol number (IANA, RFC 768).
 pub const PROTO_UDP: u8 = 17;
+/// ICMP's IP protocol number (IANA, RFC 792): errors quoting a redirected flow are translated.
 pub const PROTO_ICMP: u8 = 1;
+/// ICMPv6's next-header number (IANA, RFC 4443); errors are handled like ICMP's.
 pub const PROTO_ICMPV6: u8 = 58;
 
-/// Address family tags stored in [`ServiceKey::family`]. These are our own
-/// values (not `AF_*`), chosen so a zeroed key is never a valid one.
+/// Address family tag for IPv4, stored in the `family` byte of every map key
+/// (e.g. [`ServiceKey::family`]). Our own value (not `AF_INET`), chosen so a
+/// zeroed key is never a valid one.
 pub const FAMILY_V4: u8 = 4;
+/// Address family tag for IPv6 (our own value, not `AF_INET6`); see [`FAMILY_V4`].
 pub const FAMILY_V6: u8 = 6;
 
 /// A redirect entry's match: protocol, destination address and destination port.
@@ -39,9 +44,13 @@ pub const FAMILY_V6: u8 = 6;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ServiceKey {
+    /// Destination address, network byte order; IPv4 in the first 4 bytes, rest zero.
     pub addr: [u8; 16],
+    /// Destination port, network byte order; `0` = every port of `addr`.
     pub port: u16,
+    /// IP protocol number ([`PROTO_TCP`] or [`PROTO_UDP`]).
     pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
 }
 const _: () = assert!(core::mem::size_of::<ServiceKey>() == 20);
@@ -91,13 +100,15 @@ pub struct ServiceEntry {
     pub flags: u32,
     /// MAC of the namespace-side veth (valid with [`TARGET_F_SET_MAC`]).
     pub mac: [u8; 6],
+    /// Explicit padding, always zero (see the crate docs).
     pub _pad: [u8; 2],
     /// NAT mode: the service's own address (same layout as `ServiceKey::addr`).
     pub nat_addr: [u8; 16],
     /// NAT mode: the service's own port, network byte order (0 = keep the port).
     pub nat_port: u16,
+    /// Explicit padding, always zero.
     pub _pad2: [u8; 6],
-    /// `bpf_ktime_get_ns()` time before which the entry only *learns*: new
+    /// `bpf_ktime_get_ns()` time (ns of `CLOCK_MONOTONIC`, bpf-helpers(7)) before which the entry only *learns*: new
     /// UDP 5-tuples are recorded as cloud flows, so datagram flows that were
     /// already talking to the cloud when the entry appeared stay there.
     pub active_after_ns: u64,
@@ -149,9 +160,14 @@ pub const MAX_PREFIX_LEVELS: usize = 8;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct PrefixData {
+    /// IP protocol number ([`PROTO_TCP`] or [`PROTO_UDP`]).
     pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
+    /// Explicit padding, always zero.
     pub _pad: [u8; 2],
+    /// Destination prefix, network byte order, IPv4 in the first 4 bytes;
+    /// bits past the prefix length are zero.
     pub addr: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<PrefixData>() == 20);
@@ -173,12 +189,17 @@ pub struct PortRule {
     /// on the prefix length: that loop made the 6.1 and 6.12 verifiers walk
     /// past their 1M-instruction limit. See [`PortRule::source_mask`].
     pub src_mask: [u8; 16],
-    /// Inclusive destination port range, **host** byte order (compared, not hashed).
+    /// First port of the inclusive destination port range, **host** byte order
+    /// (compared, not hashed).
     pub port_lo: u16,
+    /// Last port of the inclusive destination port range, host byte order.
     pub port_hi: u16,
-    /// 0 = any source.
+    /// Source prefix length in bits (0..=32 for IPv4, 0..=128 for IPv6); 0 = any source.
     pub src_prefix: u8,
+    /// Explicit padding, always zero.
     pub _pad: [u8; 3],
+    /// Slot of the rule's [`ServiceEntry`] in the rules array ([`RULES_MAP`]),
+    /// `0..MAX_RULES`.
     pub rule_id: u32,
 }
 const _: () = assert!(core::mem::size_of::<PortRule>() == 44);
@@ -210,7 +231,9 @@ impl PortRule {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct PrefixNode {
+    /// The rules, most specific first; only the first `count` are valid.
     pub rules: [PortRule; RULES_PER_PREFIX],
+    /// Number of valid rules in `rules` (`0..=RULES_PER_PREFIX`).
     pub count: u32,
     /// This node's own key prefix length: an LPM lookup does not say which
     /// prefix matched, and the walk to shorter prefixes needs it.
@@ -232,12 +255,19 @@ pub const DEFAULT_FLOW_ENTRIES: u32 = 65_536;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FlowKey {
+    /// Client (source) address.
     pub client: [u8; 16],
+    /// Service (destination) address the client sent to.
     pub service: [u8; 16],
+    /// Client (source) port.
     pub client_port: u16,
+    /// Service (destination) port.
     pub service_port: u16,
+    /// IP protocol number ([`PROTO_TCP`] or [`PROTO_UDP`]).
     pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
+    /// Explicit padding, always zero.
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
@@ -251,8 +281,10 @@ pub const FLOW_CLOUD: u32 = 2;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowState {
+    /// `bpf_ktime_get_ns()` (ns of `CLOCK_MONOTONIC`) of the flow's last packet.
     pub last_seen_ns: u64,
-    /// Set at the first FIN/RST: the flow is forgotten this much later.
+    /// `bpf_ktime_get_ns()` of the first FIN/RST (0 = still open); the flow is
+    /// forgotten [`DatapathConfig::linger_ns`] later.
     pub closing_at_ns: u64,
     /// NAT mode: the service address the flow is translated to (the entry's
     /// `nat_addr` when the flow began, as u32 words in wire order), so ICMP
@@ -273,6 +305,7 @@ pub struct FlowState {
     pub ifindex: u32,
     /// The entry's `TARGET_F_*` bits when the flow began.
     pub flags: u32,
+    /// Explicit padding, always zero.
     pub _pad: u32,
 }
 const _: () = assert!(core::mem::size_of::<FlowState>() == 56);
@@ -283,11 +316,17 @@ const _: () = assert!(core::mem::size_of::<FlowState>() == 56);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ReplyKey {
+    /// Client address (the reply's destination), network byte order, IPv4 in the first 4 bytes.
     pub client: [u8; 16],
+    /// Client port (the reply's destination port), network byte order.
     pub client_port: u16,
+    /// Port the service answers from (the reply's source port), network byte order.
     pub local_port: u16,
+    /// IP protocol number ([`PROTO_TCP`] or [`PROTO_UDP`]).
     pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
+    /// Explicit padding, always zero.
     pub _pad: [u8; 2],
     /// Host veth the reply arrives on.
     pub ifindex: u32,
@@ -300,8 +339,11 @@ const _: () = assert!(core::mem::size_of::<ReplyKey>() == 28);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplyState {
+    /// Cloud address the client talked to, network byte order, IPv4 in the first 4 bytes.
     pub service: [u8; 16],
+    /// Cloud port the client talked to, network byte order.
     pub service_port: u16,
+    /// Explicit padding, always zero.
     pub _pad: [u8; 2],
     /// `REPLY_F_*` bits.
     pub flags: u32,
@@ -336,11 +378,18 @@ pub const FRAG_ENTRIES: u32 = 8192;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct FragKey {
+    /// Source address of the datagram.
     pub src: [u8; 16],
+    /// Destination address of the datagram.
     pub dst: [u8; 16],
+    /// Fragment identification, host byte order (16 bits widened for IPv4,
+    /// 32 bits for the IPv6 Fragment header).
     pub id: u32,
+    /// Upper-layer protocol ([`PROTO_TCP`] or [`PROTO_UDP`]).
     pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
+    /// Explicit padding, always zero.
     pub _pad: [u8; 2],
 }
 const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
@@ -351,7 +400,9 @@ const _: () = assert!(core::mem::size_of::<FragKey>() == 40);
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FragPorts {
+    /// Source port, network byte order.
     pub sport: u16,
+    /// Destination port, network byte order.
     pub dport: u16,
 }
 const _: () = assert!(core::mem::size_of::<FragPorts>() == 4);
@@ -515,15 +566,19 @@ pub const DATAPATH_TARGET_GONE: MetricFamily = MetricFamily {
 /// One row of the counter registry ([`global_counters!`]), for code that iterates counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CounterInfo {
+    /// The counter, whose `as u32` value is its slot in [`GLOBAL_STATS_MAP`].
     pub counter: GlobalCounter,
     /// snake_case: the `GlobalStats` field and JSON key.
     pub name: &'static str,
     /// Column header in `viscum stats`.
     pub column: &'static str,
+    /// The `viscum stats` row the column is in.
     pub row: StatsRow,
+    /// The Prometheus family the counter is exported in.
     pub family: &'static MetricFamily,
     /// Value of `family.label` for this counter (empty when the family has no label).
     pub label: &'static str,
+    /// One-line description (also the enum variant's docs).
     pub help: &'static str,
 }
 
@@ -592,9 +647,11 @@ pub struct DatapathConfig {
 }
 const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 32);
 
-/// Flow timeouts used when the config slot says 0 (never configured).
+/// Idle timeout of a TCP flow, in seconds, when [`DatapathConfig::tcp_idle_ns`] is 0.
 pub const DEFAULT_TCP_IDLE_SECS: u64 = 7200;
+/// Idle timeout of a UDP flow, in seconds, when [`DatapathConfig::udp_idle_ns`] is 0.
 pub const DEFAULT_UDP_IDLE_SECS: u64 = 30;
+/// How long a closing TCP flow is kept, in seconds, when [`DatapathConfig::linger_ns`] is 0.
 pub const DEFAULT_LINGER_SECS: u64 = 10;
 const NS_PER_SEC: u64 = 1_000_000_000;
 
