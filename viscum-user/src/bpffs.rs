@@ -22,26 +22,40 @@ const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 /// The conventional system-wide bpffs mount point.
 const SYS_FS_BPF: &str = "/sys/fs/bpf";
 
+/// Why [`is_bpffs`] or [`ensure`] failed; nothing was mounted when it is
+/// returned, though directories created before the failure stay.
 #[derive(Debug, thiserror::Error)]
 pub enum BpffsError {
+    /// `statfs(2)` on the path failed (missing path, no permission).
     #[error("cannot inspect {path}")]
     Stat {
+        /// The path that was inspected.
         path: PathBuf,
+        /// The errno from `statfs(2)`.
         #[source]
         source: nix::Error,
     },
+    /// Creating the directory (or one of its parents) failed.
     #[error("cannot create directory {path}")]
     Mkdir {
+        /// The directory being created.
         path: PathBuf,
+        /// The error from `create_dir_all`.
         #[source]
         source: io::Error,
     },
+    /// `mount(2)` of a bpffs instance failed, typically `EPERM` without
+    /// `CAP_SYS_ADMIN` in the current user namespace.
     #[error("cannot mount bpffs on {path} (is this root, with CAP_SYS_ADMIN?)")]
     Mount {
+        /// The intended mount point.
         path: PathBuf,
+        /// The errno from `mount(2)`.
         #[source]
         source: nix::Error,
     },
+    /// The directory given to [`ensure`] is relative; pins need a fixed,
+    /// absolute location every later command can find.
     #[error("bpffs directory {0} must be an absolute path")]
     Relative(PathBuf),
 }

@@ -42,10 +42,12 @@ pub struct Cli {
     #[arg(long, global = true, env = "VISCUM_LOG")]
     pub log_level: Option<log::LevelFilter>,
 
+    /// The command to run.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The `viscum` subcommands; each variant's arguments live in its own module.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Attach the classifier at TC ingress of client-facing interfaces (idempotent; re-attaches
