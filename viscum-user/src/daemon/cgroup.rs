@@ -35,6 +35,7 @@ const CPU_PERIOD_US: u64 = 100_000;
 pub struct LimitStatus {
     /// The configured value, as written in the file.
     pub value: String,
+    /// Whether a cgroup control file now applies the limit.
     pub enforced: bool,
     /// The file that enforces it, or why it is not enforced.
     pub detail: String,
@@ -52,6 +53,7 @@ pub struct Placement {
     pub dirs: Vec<PathBuf>,
     /// The v2 group, if any (for `cgroup.kill`).
     pub v2_dir: Option<PathBuf>,
+    /// How each configured limit fared (shown in the service's status).
     pub report: LimitsReport,
 }
 

@@ -95,7 +95,9 @@ impl SocketMaker {
 
 /// What a check needs besides its definition.
 pub struct CheckContext {
+    /// The helper that makes TCP/HTTP check sockets inside `netns`.
     pub sockets: SocketMaker,
+    /// The service's network namespace, from [`open_netns`].
     pub netns: Arc<OwnedFd>,
 }
 
@@ -216,22 +218,33 @@ pub fn open_netns(name: &str) -> io::Result<Arc<OwnedFd>> {
 /// unhealthy.
 #[derive(Debug, Clone, Default)]
 pub struct Tracker {
+    /// Current verdict; starts (and restarts, see [`Tracker::reset`]) unhealthy.
     pub healthy: bool,
+    /// Consecutive passed checks (saturating).
     pub successes: u32,
+    /// Consecutive failed checks (saturating).
     pub failures: u32,
+    /// Checks passed since the service's task was spawned ([`Tracker::reset`] keeps it;
+    /// a changed configuration spawns a new task).
     pub passed_total: u64,
+    /// Checks failed since the service's task was spawned.
     pub failed_total: u64,
 }
 
 /// What one result changed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
+    /// The verdict did not change.
     None,
+    /// `rise` consecutive successes turned an unhealthy service healthy.
     BecameHealthy,
+    /// `fall` consecutive failures turned a healthy service unhealthy.
     BecameUnhealthy,
 }
 
 impl Tracker {
+    /// Counts one check result (`ok` = passed) against the `rise`/`fall` thresholds and
+    /// says whether it flipped the verdict.
     pub fn record(&mut self, ok: bool, rise: u32, fall: u32) -> Transition {
         if ok {
             self.passed_total += 1;

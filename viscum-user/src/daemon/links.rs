@@ -26,9 +26,19 @@ use tokio::sync::mpsc;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LinkEvent {
     /// A link appeared or changed (flags, carrier, name...).
-    New { index: u32, name: String },
+    New {
+        /// Interface index (`ifi_index` of the `RTM_NEWLINK` message, rtnetlink(7)).
+        index: u32,
+        /// Interface name (`IFLA_IFNAME`).
+        name: String,
+    },
     /// A link was deleted.
-    Del { index: u32, name: String },
+    Del {
+        /// Interface index of the deleted link (`RTM_DELLINK`).
+        index: u32,
+        /// Its name (`IFLA_IFNAME`).
+        name: String,
+    },
 }
 
 impl LinkEvent {

@@ -16,7 +16,10 @@ pub const RESUME_RATIO: f64 = 0.85;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Source {
+    /// Pressure stall information: max of `some avg10` in `/proc/pressure/{cpu,memory}`
+    /// (kernel docs, Documentation/accounting/psi.rst).
     Psi,
+    /// `/proc/loadavg`'s 1-minute average divided by the CPU count (proc(5)), without PSI.
     Loadavg,
 }
 
@@ -34,7 +37,8 @@ fn parse_psi(text: &str) -> Option<f64> {
     v.parse::<f64>().ok().map(|p| p / 100.0)
 }
 
-/// The current load, or `None` if neither PSI nor loadavg is readable.
+/// The current load as a fraction (0.0 = idle; 1.0 = always stalled, or one runnable task per
+/// CPU) and where it came from, or `None` if neither PSI nor loadavg is readable.
 pub fn current() -> Option<(f64, Source)> {
     let cpu = psi_some_avg10("/proc/pressure/cpu");
     let mem = psi_some_avg10("/proc/pressure/memory");
@@ -54,11 +58,14 @@ pub fn current() -> Option<(f64, Source)> {
 /// The shed/resume decision with hysteresis.
 #[derive(Debug, Clone)]
 pub struct Shedder {
+    /// Shedding starts when the load (a fraction, as from [`current`]) exceeds this.
     pub max_load: f64,
+    /// Whether services are currently sent back to the cloud.
     pub shedding: bool,
 }
 
 impl Shedder {
+    /// A shedder for threshold `max_load` (a fraction, e.g. `0.9`), not shedding.
     pub fn new(max_load: f64) -> Self {
         Shedder {
             max_load,

@@ -96,27 +96,42 @@ const LINK_RECHECK: Duration = Duration::from_secs(5);
 /// Why the daemon could not start (once running, problems are logged and reported instead).
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// Another daemon holds the instance lock (`flock(2)`, `LOCK_EX|LOCK_NB` gave `EWOULDBLOCK`).
     #[error("another viscum daemon already runs for this instance (it holds {path})")]
-    AlreadyRunning { path: PathBuf },
+    AlreadyRunning {
+        /// The lock file, `<run_dir>/daemon.lock` (it holds the owner's pid).
+        path: PathBuf,
+    },
+    /// The run directory or its lock file could not be created, opened or locked.
     #[error("cannot prepare {path}")]
     RunDir {
+        /// The directory or file that failed.
         path: PathBuf,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
+    /// Attaching the classifier to `engine.interfaces`, or opening its pinned maps, failed.
     #[error("cannot attach the classifier")]
     Engine(#[from] EngineError),
+    /// The control socket could not be set up (another daemon answers on it, or an I/O error).
     #[error(transparent)]
     Control(#[from] control::ControlError),
+    /// The metrics endpoint (`engine.metrics`) could not be bound.
     #[error("cannot serve metrics on {addr}")]
     Metrics {
+        /// The configured listen address.
         addr: std::net::SocketAddr,
+        /// The OS error from `bind`/`listen`.
         #[source]
         source: io::Error,
     },
+    /// A piece of the daemon's own machinery could not start.
     #[error("cannot start the daemon's {what}")]
     Setup {
+        /// What failed, e.g. `"SIGHUP handler"` or `"socket helper thread"`.
         what: &'static str,
+        /// The OS error.
         #[source]
         source: io::Error,
     },
@@ -132,12 +147,17 @@ pub struct RunOptions {
 /// Where an instance lives, resolved from the file and the defaults.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Instance {
+    /// bpffs directory of the pinned program, maps and links (`engine.bpffs`, else the CLI's).
     pub bpffs: PathBuf,
+    /// State directory (`engine.run_dir`, else [`state::default_run_dir`] of `bpffs`).
     pub run_dir: PathBuf,
+    /// Control socket path (`engine.control`, else [`state::default_control`] of `bpffs`).
     pub control: PathBuf,
 }
 
 impl Instance {
+    /// Fills in each path from `config.engine`, falling back to the defaults derived from
+    /// `default_bpffs` (the CLI's `--bpffs`) when the file does not set it.
     pub fn resolve(config: &Config, default_bpffs: &Path) -> Instance {
         let bpffs = config
             .engine

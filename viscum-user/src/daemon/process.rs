@@ -32,7 +32,9 @@ use crate::config::ServiceUser;
 /// How a process ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Exit {
+    /// Exited by itself with this status (`WEXITSTATUS`, wait(2)).
     Code(i32),
+    /// Killed by this signal number (`WTERMSIG`, signal(7)).
     Signal(i32),
     /// A process we did not start (adopted): its status went to its real parent.
     Unknown,
@@ -64,14 +66,22 @@ impl std::fmt::Display for Exit {
 pub enum Proc {
     /// Started by this daemon. The pid is kept: the child forgets it once reaped.
     Child {
+        /// The tokio handle that reaps it.
         child: tokio::process::Child,
+        /// Its pid (also its process group and session id: it runs `setsid`).
         pid: i32,
     },
     /// Started by a previous daemon and adopted; watched through a pidfd.
-    Adopted { pid: i32, pidfd: AsyncFd<OwnedFd> },
+    Adopted {
+        /// Its pid, as recorded by the previous daemon and checked against its start time.
+        pid: i32,
+        /// From `pidfd_open(2)`: readable once the process has exited.
+        pidfd: AsyncFd<OwnedFd>,
+    },
 }
 
 impl Proc {
+    /// The process id (also its process group id), whichever way it was obtained.
     pub fn pid(&self) -> i32 {
         match self {
             Proc::Child { pid, .. } => *pid,
@@ -160,8 +170,11 @@ pub fn is_same_process(pid: i32, start: u64) -> bool {
 
 /// Everything needed to start one service process.
 pub struct Spec<'a> {
+    /// Program and arguments, program first; must not be empty (the config validator ensures it).
     pub command: &'a [String],
+    /// The account it runs as (uid, gid, supplementary groups; `HOME`, `USER`, `LOGNAME`).
     pub user: &'a ServiceUser,
+    /// Extra environment on top of the fixed minimal one (it wins on a clash).
     pub env: &'a BTreeMap<String, String>,
     /// `/run/netns/NAME`, opened.
     pub netns: &'a OwnedFd,

@@ -52,8 +52,11 @@ const FIRST_CHECK: Duration = Duration::from_millis(100);
 
 /// Daemon-wide things every service task uses.
 pub struct Context {
+    /// The datapath's pinned maps; held while a task changes its entries.
     pub engine: Arc<tokio::sync::Mutex<Engine>>,
+    /// The instance's run directory (logs, ownership records).
     pub paths: RunPaths,
+    /// The helper that makes health-check sockets inside service namespaces.
     pub sockets: SocketMaker,
     /// `true` while every service is held back because of load.
     pub shed: watch::Sender<bool>,
@@ -70,14 +73,19 @@ pub type Reply = oneshot::Sender<Result<String, String>>;
 
 /// What the supervisor can ask of a service task.
 pub enum Command {
+    /// Start the process now (resetting the restart delay) unless it already runs.
     Start(Reply),
+    /// Stop the process and keep it stopped (no restart) until `Start` or `Restart`.
     Stop(Reply),
+    /// Stop the process if it runs, then start it at once.
     Restart(Reply),
     /// Stop for good; with `delete_namespace`, also remove the namespace and the record
     /// (service removed, daemon shutting down); without, keep them for a successor task with
     /// a changed configuration.
     Shutdown {
+        /// Also remove the service's namespace and ownership record.
         delete_namespace: bool,
+        /// Completed once the task has cleaned up.
         done: oneshot::Sender<()>,
     },
 }
@@ -85,13 +93,22 @@ pub enum Command {
 /// The part of a service's state the supervisor reads.
 #[derive(Debug, Default)]
 pub struct Shared {
+    /// The status as last published by the task (uptime and counters are filled in by the
+    /// reader).
     pub status: ServiceStatus,
+    /// When the current process started (for adopted ones, its real start time); `None`
+    /// while no process runs.
     pub started: Option<Instant>,
+    /// When the next (re)start is due, if one is scheduled.
     pub next_start: Option<Instant>,
-    /// Counters of entries this task installed and removed since it started.
+    /// Packets counted by entries this task installed and has since removed (live entries'
+    /// counters are added by the reader).
     pub acc_packets: u64,
+    /// Bytes (L2 length at ingress) counted by removed entries, like `acc_packets`.
     pub acc_bytes: u64,
+    /// Flows sent to the edge by removed entries.
     pub acc_edge_flows: u64,
+    /// Matched flows sent to the cloud (learning, draining) by removed entries.
     pub acc_cloud_flows: u64,
     /// The namespace's host veth: entries pointing there are this service's.
     pub host_ifindex: Option<u32>,
@@ -104,7 +121,9 @@ pub struct Shared {
 
 /// The supervisor's handle on a service task.
 pub struct Handle {
+    /// The configuration the task runs (a changed one means a new task).
     pub config: Arc<ServiceConfig>,
+    /// State the task publishes for status requests.
     pub shared: Arc<Mutex<Shared>>,
     tx: mpsc::Sender<Command>,
     task: tokio::task::JoinHandle<()>,

@@ -68,30 +68,44 @@ fn escape(path: &Path) -> String {
 /// The paths of one daemon instance.
 #[derive(Debug, Clone)]
 pub struct RunPaths {
+    /// The instance's run directory (see [`default_run_dir`]); everything else is under it.
     pub run_dir: PathBuf,
 }
 
 impl RunPaths {
+    /// Paths under `run_dir`; nothing is created (see [`RunPaths::create`]).
     pub fn new(run_dir: impl Into<PathBuf>) -> Self {
         RunPaths {
             run_dir: run_dir.into(),
         }
     }
+
+    /// `<run_dir>/daemon.lock`: `flock(2)`ed by the running daemon, holds its pid.
     pub fn lock(&self) -> PathBuf {
         self.run_dir.join("daemon.lock")
     }
+
+    /// `<run_dir>/daemon.json`: the [`DaemonRecord`].
     pub fn daemon_record(&self) -> PathBuf {
         self.run_dir.join("daemon.json")
     }
+
+    /// `<run_dir>/state`: one [`ServiceRecord`] per managed service.
     pub fn state_dir(&self) -> PathBuf {
         self.run_dir.join("state")
     }
+
+    /// `<run_dir>/logs`: one log file per service.
     pub fn logs_dir(&self) -> PathBuf {
         self.run_dir.join("logs")
     }
+
+    /// `<run_dir>/state/<name>.json`: service `name`'s [`ServiceRecord`].
     pub fn service_record(&self, name: &str) -> PathBuf {
         self.state_dir().join(format!("{name}.json"))
     }
+
+    /// `<run_dir>/logs/<name>.log`: service `name`'s stdout and stderr (rotated).
     pub fn log(&self, name: &str) -> PathBuf {
         self.logs_dir().join(format!("{name}.log"))
     }
@@ -141,6 +155,7 @@ pub struct DaemonRecord {
 /// The record of one service the daemon manages.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServiceRecord {
+    /// The service's name (also the name of its namespace).
     pub name: String,
     /// The process group leader the daemon started (the group id is the same number).
     pub pid: Option<i32>,
