@@ -166,8 +166,8 @@ pub struct PrefixData {
     pub family: u8,
     /// Explicit padding, always zero.
     pub _pad: [u8; 2],
-    /// Destination prefix, network byte order, IPv4 in the first 4 bytes;
-    /// bits past the prefix length are zero.
+    /// Destination address (lookups) or prefix (stored rules), network byte order,
+    /// IPv4 in the first 4 bytes; the LPM trie ignores bits past the key's prefix length.
     pub addr: [u8; 16],
 }
 const _: () = assert!(core::mem::size_of::<PrefixData>() == 20);
