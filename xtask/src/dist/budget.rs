@@ -361,10 +361,16 @@ fn daemon_rss(viscum: &Path) -> Result<Value> {
 }
 
 fn now_utc() -> String {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    civil(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    )
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SSZ`.
+fn civil(secs: u64) -> String {
     // Days since 1970-01-01 to a civil date (Howard Hinnant's algorithm).
     let days = (secs / 86_400) as i64;
     let (h, m, s) = (secs % 86_400 / 3600, secs % 3600 / 60, secs % 60);
@@ -410,6 +416,8 @@ mod tests {
 
     #[test]
     fn dates_are_civil() {
-        assert_eq!(now_utc().len(), 20);
+        assert_eq!(civil(0), "1970-01-01T00:00:00Z");
+        assert_eq!(civil(1_000_000_000), "2001-09-09T01:46:40Z");
+        assert_eq!(civil(951_782_400), "2000-02-29T00:00:00Z");
     }
 }
