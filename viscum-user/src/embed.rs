@@ -73,24 +73,36 @@ pub use crate::{
 /// What went wrong, with the same messages as the CLI.
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
+    /// The bpffs directory could not be created or mounted ([`Viscum::new`]).
     #[error(transparent)]
     Bpffs(#[from] BpffsError),
+    /// Loading, attaching, pinning or a map operation failed; also "not attached".
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// An entry could not be added or removed (duplicate, missing, bad target, NAT).
     #[error(transparent)]
     Redirect(#[from] RedirectError),
+    /// A host-name match could not be resolved or has no address.
     #[error(transparent)]
     Host(#[from] HostError),
+    /// A namespace, veth, address or route operation failed.
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    /// The redirect spec is invalid; every problem is listed.
     #[error(transparent)]
     Spec(#[from] SpecErrors),
+    /// [`Viscum::supervise`] could not create the run directory's `logs/` and
+    /// `state/`, or could not start its socket helper thread.
     #[error("cannot prepare {path}")]
     RunDir {
+        /// The run directory given to [`Viscum::supervise`].
         path: PathBuf,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// [`Viscum::remove`] removed some entries but not all: the failures,
+    /// joined with `; `.
     #[error("cannot remove every entry: {0}")]
     Remove(String),
 }

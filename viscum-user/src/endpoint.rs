@@ -24,7 +24,9 @@ use viscum_common::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Proto {
+    /// TCP, IP protocol number 6 (RFC 9293).
     Tcp,
+    /// UDP, IP protocol number 17 (RFC 768).
     Udp,
 }
 
@@ -59,30 +61,57 @@ impl fmt::Display for Proto {
 /// Why a match string was rejected. Each message quotes the offending part.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EndpointError {
+    /// No `PROTO://` prefix; holds the whole input.
     #[error("'{0}' has no protocol: write it as tcp://ADDR[:PORT] or udp://ADDR[:PORT]")]
     MissingScheme(String),
+    /// The scheme is neither `tcp` nor `udp` (case-insensitive); holds the scheme.
     #[error("unknown protocol '{0}': expected tcp or udp")]
     UnknownProto(String),
+    /// The host part is not an address of the expected family (IPv6 only inside
+    /// brackets, IPv4 only outside), or a bracket is unbalanced; holds that part.
     #[error("'{0}' is not an IPv4 or IPv6 address")]
     BadAddress(String),
+    /// The port is not a decimal number in 1-65535; holds the port text.
     #[error("port '{0}' is not a number between 1 and 65535")]
     BadPort(String),
+    /// Port 0 was given; leaving the port out means every port.
     #[error("port 0 is not a valid port: leave the port out to match every port")]
     PortZero,
+    /// The destination is multicast, loopback, IPv4 limited broadcast
+    /// (255.255.255.255) or the unspecified address on its own: no service owns it.
     #[error(
         "'{0}' cannot be redirected: unspecified, multicast, broadcast and loopback addresses are not services"
     )]
     UnusableAddress(IpAddr),
+    /// The prefix length after `/` is not 0-32 (IPv4) or 0-128 (IPv6); holds it.
     #[error("prefix length '{0}' is not valid (0-32 for IPv4, 0-128 for IPv6)")]
     BadPrefix(String),
+    /// `ADDR/LEN` has bits set past the prefix length (`10.0.0.1/8`).
     #[error("{addr}/{len} has host bits set: write the network address ({net}/{len})")]
-    HostBits { addr: IpAddr, len: u8, net: IpAddr },
+    HostBits {
+        /// The address as written.
+        addr: IpAddr,
+        /// The prefix length as written, in bits.
+        len: u8,
+        /// The network address: `addr` with the host bits cleared.
+        net: IpAddr,
+    },
+    /// A port range is not `LOW-HIGH` with 1 <= LOW < HIGH <= 65535; holds it.
     #[error("port range '{0}' is not LOW-HIGH with 1 <= LOW < HIGH <= 65535")]
     BadRange(String),
+    /// The text after `?` is not `from=PREFIX`; holds it.
     #[error("'{0}' is not a source restriction: write ?from=PREFIX (e.g. ?from=192.0.2.0/24)")]
     BadQuery(String),
+    /// The `?from=` prefix and the destination are of different IP families.
     #[error("source prefix {src} and destination {dst} are of different families")]
-    MixedFamilies { src: IpAddr, dst: IpAddr },
+    MixedFamilies {
+        /// The source prefix's network address.
+        src: IpAddr,
+        /// The destination address.
+        dst: IpAddr,
+    },
+    /// An IPv6 address without brackets: `2001:db8::7:443` would be ambiguous
+    /// (it is itself an address); holds the text after `PROTO://`.
     #[error(
         "IPv6 addresses must be bracketed: '{0}' (write tcp://[2001:db8::7]:443, or tcp://[2001:db8::7] for every port)"
     )]
@@ -93,6 +122,7 @@ pub enum EndpointError {
 /// and optionally the clients it applies to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoint {
+    /// The transport protocol matched.
     pub proto: Proto,
     /// The address, or the network address of a prefix.
     pub addr: IpAddr,

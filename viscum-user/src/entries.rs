@@ -39,7 +39,9 @@ pub struct Counters {
 /// One removed entry.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Removed {
+    /// The entry's match.
     pub endpoint: Endpoint,
+    /// Its final counters, read just before it was deleted.
     pub counters: Counters,
     /// Edge flows still open when it went (cut: they reach the cloud, which resets them).
     pub cut_flows: u64,

@@ -112,8 +112,11 @@ pub const REQUIRED_HELPERS: &[&str] = &[
 /// One helper's probe result.
 #[derive(Debug, Clone, Serialize)]
 pub struct HelperSupport {
+    /// The helper's name (`bpf_redirect_peer`), as in bpf-helpers(7).
     pub name: &'static str,
+    /// Its `BPF_FUNC_*` number in include/uapi/linux/bpf.h.
     pub id: u32,
+    /// The kernel release that added it (`"5.10"`).
     pub since: &'static str,
     /// `None` when the probe itself could not run (no CAP_BPF, say).
     pub available: Option<bool>,
@@ -122,7 +125,9 @@ pub struct HelperSupport {
 /// The verifier's and the JIT's view of one loaded program.
 #[derive(Debug, Clone, Serialize)]
 pub struct ProgramStats {
+    /// The program's name in the object (`viscum_ingress`, `viscum_reply`, ...).
     pub name: String,
+    /// The kernel's program id (as `bpftool prog show id N` takes it).
     pub id: u32,
     /// Instructions the verifier processed (`verified_insns`, kernel >= 5.16).
     pub verified_insns: Option<u32>,
@@ -135,8 +140,13 @@ pub struct ProgramStats {
 /// Everything `viscum doctor` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The kernel release ([`kernel_release`], `uname -r`).
     pub kernel: String,
+    /// The machine (`uname -m`: `x86_64`, `aarch64`, `mips`, ...), `unknown` if
+    /// uname fails.
     pub arch: String,
+    /// This build's byte order and so the BPF object it embeds:
+    /// `little-endian (bpfel)` or `big-endian (bpfeb)`.
     pub byte_order: &'static str,
     /// `tcx` or `clsact`.
     pub attach_mode: &'static str,
@@ -146,6 +156,7 @@ pub struct Report {
     pub jit: Option<u8>,
     /// How redirects into service namespaces are made on this kernel.
     pub redirect: &'static str,
+    /// Each helper of [`HELPERS`], probed with `BPF_PROG_TYPE_SCHED_CLS`.
     pub helpers: Vec<HelperSupport>,
     /// Helpers the datapath requires that this kernel lacks (empty = fine).
     pub missing: Vec<&'static str>,

@@ -35,34 +35,52 @@ const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// Retry interval after a failed lookup.
 const RETRY: Duration = Duration::from_secs(5);
 
+/// Why a host-name match could not be parsed, resolved or applied.
 #[derive(Debug, thiserror::Error)]
 pub enum HostError {
+    /// Not `PROTO://NAME[:PORT]`: no scheme, or the host part is an address
+    /// or a prefix (those are [`Endpoint`]s); holds the input.
     #[error(
         "'{0}' is not a host name match: write PROTO://NAME[:PORT] (e.g. tcp://alpr.example.net:443)"
     )]
     NotAHost(String),
+    /// Not a DNS host name: letter-digit-hyphen labels of 1-63 bytes, no hyphen at
+    /// either end (RFC 1123 2.1), 253 bytes at most, one letter at least; holds it.
     #[error("'{0}' is not a valid host name")]
     BadName(String),
+    /// The protocol or the port part is invalid (same rules as [`Endpoint`]).
     #[error(transparent)]
     Endpoint(#[from] EndpointError),
+    /// No servers were given and `/etc/resolv.conf` cannot be read.
     #[error("cannot read the DNS servers from {path}")]
     ResolvConf {
+        /// The file read (`/etc/resolv.conf`).
         path: String,
+        /// The read error.
         #[source]
         source: std::io::Error,
     },
+    /// No servers were given and resolv.conf has no usable `nameserver` line.
     #[error("no DNS server configured (none in /etc/resolv.conf; pass --dns ADDR)")]
     NoServers,
+    /// hickory-resolver refused the configuration.
     #[error("cannot set up the DNS resolver")]
     Resolver(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// The lookup failed (timeout, SERVFAIL, refused, no server reachable);
+    /// unlike an answer without addresses, this says nothing about the name.
     #[error("cannot resolve {name}")]
     Lookup {
+        /// The name looked up.
         name: String,
+        /// hickory-resolver's error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// Adding or removing the entry for one of the addresses failed.
     #[error(transparent)]
     Redirect(#[from] RedirectError),
+    /// The name has no A or AAAA record where one address at least is needed
+    /// (a one-shot `redirect add`); holds the match.
     #[error("{0} resolves to no address: nothing to redirect")]
     NoAddress(String),
 }
@@ -70,9 +88,14 @@ pub enum HostError {
 /// A match whose destination is a host name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HostMatch {
+    /// The transport protocol matched.
     pub proto: Proto,
+    /// The DNS name, lower case, without a trailing dot.
     pub host: String,
+    /// As [`Endpoint::port`]: `None` matches every port; with `port_end`, the
+    /// first port of a range.
     pub port: Option<u16>,
+    /// Last port of a range (inclusive).
     pub port_end: Option<u16>,
 }
 
@@ -165,7 +188,10 @@ pub struct Resolver {
 /// One answer: the addresses and how long they are valid.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
+    /// The A and AAAA addresses; empty when the name has none (NXDOMAIN or NODATA).
     pub addrs: BTreeSet<IpAddr>,
+    /// Time left until the shortest TTL of the records runs out; 5 s for an
+    /// empty answer (so a name that appears later is picked up soon).
     pub ttl: Duration,
 }
 
@@ -237,8 +263,11 @@ impl Resolver {
 
 /// The entries of one host-name match, kept in step with DNS.
 pub struct HostTracker {
+    /// The host-name match this tracker keeps entries for.
     pub matched: HostMatch,
+    /// Where each address's entry redirects to.
     pub target: Target,
+    /// Mode and learning period of the entries.
     pub opts: RedirectOptions,
     /// Addresses that currently have an entry.
     pub installed: BTreeSet<IpAddr>,
@@ -249,11 +278,14 @@ pub struct HostTracker {
 /// What one refresh changed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Changes {
+    /// Entries added for addresses new in the answer (or adopted: already there).
     pub added: Vec<Endpoint>,
+    /// Entries removed for addresses no longer in the answer.
     pub removed: Vec<Endpoint>,
 }
 
 impl HostTracker {
+    /// A tracker with no entries yet, due for its first resolution now.
     pub fn new(matched: HostMatch, target: Target, opts: RedirectOptions) -> Self {
         HostTracker {
             matched,

@@ -29,6 +29,7 @@ use crate::{
 /// An entry whose target interface no longer exists.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GoneTarget {
+    /// The entry's match.
     pub endpoint: Endpoint,
     /// The dead ifindex the entry still points at.
     pub ifindex: u32,
@@ -40,16 +41,20 @@ pub struct GoneTarget {
 /// An entry re-pointed at a re-created target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Recovered {
+    /// The entry's match.
     pub endpoint: Endpoint,
     /// The target's name (`vh-NAME` for a service namespace).
     pub target: String,
+    /// The dead ifindex the entry pointed at before.
     pub old_ifindex: u32,
+    /// The ifindex of the interface that now has the name, which the entry points at.
     pub new_ifindex: u32,
 }
 
 /// What [`recover_targets`] did.
 #[derive(Debug, Default)]
 pub struct Recovery {
+    /// Entries re-pointed at their re-created target.
     pub recovered: Vec<Recovered>,
     /// Still gone: no interface of the recorded name (yet), the name is unknown, or the
     /// namespace behind it is not complete yet.

@@ -56,7 +56,10 @@ impl RedirectOptions {
 /// The service's own address for NAT mode.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct NatTarget {
+    /// The address packets are rewritten to (`None`: the namespace's own address of the
+    /// match's family; required for a `--to` veth target).
     pub addr: Option<IpAddr>,
+    /// The port, host byte order (`None`: each packet keeps its destination port).
     pub port: Option<u16>,
 }
 
@@ -72,31 +75,65 @@ pub enum Target {
     Veth(String),
 }
 
+/// Why an entry could not be added or removed; an add that fails leaves no entry and no
+/// route behind.
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
+    /// A map or attach operation failed (not attached, duplicate, full, no such entry).
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// The target namespace or veth could not be found, or a namespace route failed.
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    /// A `--to` target exists but is not the host side of a veth pair.
     #[error(
         "interface {name} is not a veth (it is {kind}): redirect targets must be the host side of a veth pair"
     )]
-    NotVeth { name: String, kind: String },
+    NotVeth {
+        /// The interface given.
+        name: String,
+        /// Its rtnetlink `IFLA_INFO_KIND` (`bridge`, `dummy`, ...), or
+        /// `a device without a kind`.
+        kind: String,
+    },
+    /// NAT of an IPv6 match into a `--to` veth without `--nat-to`: there is no
+    /// namespace address to default to.
     #[error("NAT for {0} needs an explicit IPv6 service address (--nat-to [ADDR]:PORT)")]
     NatNeedsV6Address(String),
+    /// NAT of an IPv6 match into a namespace that has no IPv6 address.
     #[error(
         "namespace {ns} has no IPv6 address to translate {endpoint} to (made by an older viscum: \
          re-create it with `viscum ns del/add`, or use --anyip)"
     )]
-    NoNsAddress6 { ns: String, endpoint: String },
+    NoNsAddress6 {
+        /// The namespace name.
+        ns: String,
+        /// The match, as written.
+        endpoint: String,
+    },
+    /// The `--nat-to` address is IPv4 for an IPv6 match, or the other way round.
     #[error("NAT address {nat} is not of the same family as {endpoint}")]
-    NatFamily { nat: IpAddr, endpoint: String },
+    NatFamily {
+        /// The NAT address.
+        nat: IpAddr,
+        /// The match, as written.
+        endpoint: String,
+    },
+    /// NAT of an IPv4 match into a `--to` veth without `--nat-to`: there is no
+    /// namespace address to default to.
     #[error(
         "--nat-to needs a namespace target (--ns), or an address and a --to veth whose routes you manage"
     )]
     NatWithoutAddress,
+    /// The namespace's veth has no IPv4 address from Viscum's link pool (removed by hand?).
     #[error("namespace {ns} has no usable IPv4 address ({addr}) to NAT to")]
-    NoNsAddress { ns: String, addr: String },
+    NoNsAddress {
+        /// The namespace name.
+        ns: String,
+        /// What was found instead (empty: none).
+        addr: String,
+    },
+    /// An entry for the match is still draining from an interrupted delete.
     #[error(
         "an entry for {0} exists and is draining (a `redirect del` was interrupted): wait for its \
          edge flows to end, or delete it at once with `viscum redirect del --now`"
@@ -107,28 +144,36 @@ pub enum RedirectError {
 /// An entry as shown by `redirect list` and `stats`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct EntryRow {
+    /// The match as written (`tcp://198.51.100.7:443`); `match` in JSON.
     #[serde(rename = "match")]
     pub endpoint: String,
+    /// `tcp` or `udp`.
     pub proto: String,
+    /// The destination address (a prefix's network address).
     pub addr: IpAddr,
-    /// `None` = every port.
+    /// `None` = every port; for a range, its first port.
     pub port: Option<u16>,
     /// Host-side interface the entry redirects to.
     pub target: String,
     /// The target interface no longer exists: the cloud serves this match until it is back
     /// (`viscum attach`, `viscum ns add` or the daemon re-point the entry).
     pub target_gone: bool,
+    /// The target's ifindex, in the classifier's namespace.
     pub ifindex: u32,
     /// The Viscum namespace behind `target`, if it is one.
     pub ns: Option<String>,
+    /// Redirected with `bpf_redirect_peer` straight into the namespace (kernel >= 5.10);
+    /// `false`: to the host veth's egress, MAC rewritten.
     pub peer_redirect: bool,
-    /// "anyip" (the default), "nat" or "mirror".
+    /// "anyip", "nat" or "mirror" ([`Mode::name`]).
     pub mode: &'static str,
     /// NAT mode: where the service really listens.
     pub nat_to: Option<String>,
     /// The entry takes no new flows.
     pub draining: bool,
+    /// Packets redirected, summed over CPUs.
     pub packets: u64,
+    /// Bytes redirected (L2 length at ingress), summed over CPUs.
     pub bytes: u64,
     /// Flows started at the edge by this entry.
     pub edge_flows: u64,

@@ -36,7 +36,11 @@ pub enum Mode {
     /// Rewrite the destination to the service's own address and port (`to`; its empty fields
     /// mean the namespace's own address / the packet's own port) and replies back. The
     /// default for namespace targets.
-    Nat { to: NatTarget },
+    Nat {
+        /// The service's own address and port; `NatTarget::default()` for the
+        /// namespace's address and the packet's port.
+        to: NatTarget,
+    },
     /// Clone matching traffic to the target while the cloud keeps serving the client; the
     /// target's replies are dropped.
     Mirror,
@@ -68,7 +72,9 @@ impl Mode {
 /// resolves to).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Match {
+    /// An address or prefix match: one entry.
     Addr(Endpoint),
+    /// A host-name match: one entry per A/AAAA address, kept in step with DNS.
     Host(HostMatch),
 }
 
@@ -125,6 +131,7 @@ pub struct SpecFields {
 pub struct SpecError {
     /// The config key: `match[1]`, `from`, `nat_to`, `learn_ms`, `mode`.
     pub field: String,
+    /// What is wrong, in words (no field name: [`SpecError::flag`] or `field` gives it).
     pub message: String,
 }
 

@@ -50,17 +50,23 @@ use crate::config::{Config, ConfigError, Problem};
 /// Why a UCI file was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum UciError {
+    /// The file could not be read ([`UciFile::load`]).
     #[error("cannot read {path}")]
     Read {
+        /// The file's path.
         path: String,
+        /// The read error.
         #[source]
         source: std::io::Error,
     },
     /// Not UCI syntax; `line` is 1-based.
     #[error("{origin}: line {line}: {message}")]
     Syntax {
+        /// The file's path, or `configuration` for [`UciFile::parse`].
         origin: String,
+        /// 1-based line of the problem.
         line: usize,
+        /// What is wrong there.
         message: String,
     },
     /// Valid syntax, but options that do not map or values the configuration refuses. Each
@@ -68,7 +74,9 @@ pub enum UciError {
     #[error("{origin}: {} problem{}:\n  {}", problems.len(), if problems.len() == 1 { "" } else { "s" },
         problems.join("\n  "))]
     Invalid {
+        /// The origin given to [`to_config`] (the file's path).
         origin: String,
+        /// Every problem, one line each (`viscum.speedtest.health_tcp (line 9): ...`).
         problems: Vec<String>,
     },
 }
@@ -78,12 +86,14 @@ pub enum UciError {
 pub struct UciFile {
     /// The package name: from a `package` statement, else the file name (`viscum`).
     pub package: String,
+    /// Every `config` section, in file order.
     pub sections: Vec<Section>,
 }
 
 /// `config TYPE ['NAME']` and its options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Section {
+    /// The section type (`engine`, `service`).
     pub kind: String,
     /// `None` for an anonymous section.
     pub name: Option<String>,
@@ -91,13 +101,16 @@ pub struct Section {
     pub index: usize,
     /// 1-based line of the `config` statement.
     pub line: usize,
+    /// Its options and lists, in order of first appearance.
     pub options: Vec<UciOption>,
 }
 
 /// `option NAME VALUE` or the `list NAME VALUE` statements of one name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UciOption {
+    /// The option's name (`A-Z a-z 0-9 _`).
     pub name: String,
+    /// Its value: single for `option`, a list for `list`.
     pub value: UciValue,
     /// 1-based line of the (first) statement.
     pub line: usize,
@@ -106,7 +119,9 @@ pub struct UciOption {
 /// An option's value: one string, or a list (with each item's line).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UciValue {
+    /// `option NAME VALUE`: the value, quotes and escapes resolved.
     Single(String),
+    /// `list NAME VALUE` statements: each value with its 1-based line, in file order.
     List(Vec<(String, usize)>),
 }
 
@@ -129,6 +144,7 @@ impl Section {
         }
     }
 
+    /// The option called `name`, if the section has it.
     pub fn get(&self, name: &str) -> Option<&UciOption> {
         self.options.iter().find(|o| o.name == name)
     }
@@ -450,8 +466,11 @@ pub enum Kind {
 /// One UCI option and where it goes: a dotted TOML path under its section (`health.tcp`), or
 /// `None` for options the mapping consumes itself (`enabled`, `name`).
 pub struct OptionMap {
+    /// The UCI option name (`health_tcp`).
     pub uci: &'static str,
+    /// Its TOML key under the section's table (`health.tcp`), `None` if not written.
     pub toml: Option<&'static str>,
+    /// How its value is converted.
     pub kind: Kind,
 }
 

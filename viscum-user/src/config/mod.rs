@@ -157,14 +157,19 @@ impl ServiceConfig {
     }
 }
 
-/// A resolved account.
+/// A resolved account: the `user` key looked up in the user database
+/// (`getpwnam(3)`, `getgrouplist(3)`) when the configuration is validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServiceUser {
+    /// Login name, as in `/etc/passwd`; also `USER` and `LOGNAME` of the service.
     pub name: String,
+    /// Numeric user id the command runs as.
     pub uid: u32,
+    /// Primary group id the command runs as.
     pub gid: u32,
     /// Supplementary groups (from the group database), set with setgroups.
     pub groups: Vec<u32>,
+    /// Home directory from the user database; the service's `HOME`.
     pub home: PathBuf,
 }
 
@@ -172,8 +177,11 @@ pub struct ServiceUser {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RestartPolicy {
+    /// Start the process again however it ended.
     Always,
+    /// Start it again only after a failure: a non-zero exit status or death by a signal.
     OnFailure,
+    /// Leave it stopped.
     Never,
 }
 
@@ -191,8 +199,14 @@ impl RestartPolicy {
 /// The `[service.health]` table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthConfig {
+    /// The probe (`tcp`, `http` or `exec`; by default a TCP connect to the
+    /// first tcp match's port).
     pub check: HealthCheck,
+    /// Time from the start of one check to the start of the next (`interval_ms`,
+    /// default [`DEFAULT_INTERVAL_MS`]).
     pub interval: Duration,
+    /// How long one check may take before it counts as failed (`timeout_ms`,
+    /// default [`DEFAULT_TIMEOUT_MS`]); never longer than `interval`.
     pub timeout: Duration,
     /// Consecutive successes before the redirect is installed.
     pub rise: u32,
@@ -204,11 +218,22 @@ pub struct HealthConfig {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HealthCheck {
     /// TCP connect to 127.0.0.1:port.
-    Tcp { port: u16 },
+    Tcp {
+        /// TCP port, 1-65535.
+        port: u16,
+    },
     /// `GET path` on 127.0.0.1:port; any 2xx passes.
-    Http { path: String, port: u16 },
+    Http {
+        /// Request path: starts with `/`, no whitespace.
+        path: String,
+        /// TCP port, 1-65535 (`health.port`, else the first tcp match's port).
+        port: u16,
+    },
     /// Runs a command (as the service's user); exit status 0 passes.
-    Exec { command: Vec<String> },
+    Exec {
+        /// Program and arguments, not empty.
+        command: Vec<String>,
+    },
 }
 
 impl fmt::Display for HealthCheck {
@@ -233,6 +258,7 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// True when none of `memory`, `cpu`, `pids` is set.
     pub fn is_empty(&self) -> bool {
         self.memory.is_none() && self.cpu.is_none() && self.pids.is_none()
     }
@@ -241,22 +267,32 @@ impl Limits {
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The file could not be read ([`Config::load`] only).
     #[error("cannot read configuration {path}")]
     Read {
+        /// The configuration file.
         path: PathBuf,
+        /// The error from reading it.
         #[source]
         source: std::io::Error,
     },
+    /// The text is not TOML at all; nothing else was checked.
     #[error("{origin}: not valid TOML")]
     Syntax {
+        /// The file's path, or `configuration` for [`Config::parse`].
         origin: String,
+        /// The TOML parser's error, with line and column.
         #[source]
         source: toml::de::Error,
     },
+    /// The TOML is well formed but breaks the schema or the rules; every
+    /// problem found is listed, not only the first.
     #[error("{origin}: {} problem{}:\n  {}", problems.len(), if problems.len() == 1 { "" } else { "s" },
         problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
     Invalid {
+        /// The file's path, or `configuration` for [`Config::parse`].
         origin: String,
+        /// Every problem found.
         problems: Vec<Problem>,
     },
 }
@@ -280,8 +316,14 @@ impl ConfigError {
 /// (`match[1]`, `health.timeout_ms`) and what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
+    /// The section: `file`, `engine`, `service NAME` or `service #N` (1-based,
+    /// when the service has no usable name).
     pub scope: String,
+    /// The key within the section, with indexes and nesting (`match[1]`,
+    /// `health.timeout_ms`); empty when the problem is not about one key
+    /// (the section is not a table, say).
     pub field: String,
+    /// What is wrong, in words.
     pub message: String,
 }
 

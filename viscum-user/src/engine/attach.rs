@@ -42,7 +42,10 @@ pub enum AttachOutcome {
     AlreadyAttached,
     /// Attached afresh over a stale record: the interface had been deleted and re-created
     /// (or the classifier removed behind Viscum's back). `tcx` says which mechanism.
-    Reattached { tcx: bool },
+    Reattached {
+        /// `true`: a TCX link; `false`: a clsact qdisc filter.
+        tcx: bool,
+    },
 }
 
 use crate::features::has_tcx;
@@ -81,7 +84,11 @@ pub fn attach(
 /// Map capacities, fixed when the datapath is first loaded.
 #[derive(Debug, Clone, Copy)]
 pub struct MapSizes {
+    /// Capacity of the exact-match map `VISCUM_SERVICES`, in entries (the CLI's
+    /// `--max-entries`; default [`viscum_common::DEFAULT_MAX_ENTRIES`]).
     pub services: u32,
+    /// Capacity of the flow table `VISCUM_FLOWS` and of its reverse index
+    /// `VISCUM_REPLIES`, in flows each (default [`viscum_common::DEFAULT_FLOW_ENTRIES`]).
     pub flows: u32,
 }
 
@@ -507,7 +514,9 @@ pub enum AttachState {
 /// One interface's attachment, as the kernel has it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Attachment {
+    /// The interface's name.
     pub interface: String,
+    /// What the kernel reports for it now.
     pub state: AttachState,
     /// `tcx` or `clsact`, from the record; `None` without one.
     pub mode: Option<String>,

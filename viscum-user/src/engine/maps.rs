@@ -38,14 +38,22 @@ pub struct Engine {
 /// One redirect entry with its counters summed over CPUs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EntryView {
+    /// The match, rebuilt from the map key (exact) or the prefix rule.
     pub endpoint: Endpoint,
     /// The target as written (counters of CPU 0 only; use the sums below).
     pub target: ServiceEntry,
+    /// Ifindex of the target's host-side veth, in the classifier's namespace.
     pub ifindex: u32,
+    /// The entry's `TARGET_F_*` bits ([`viscum_common::TARGET_F_NAT`], ...).
     pub flags: u32,
+    /// Packets redirected, summed over CPUs.
     pub packets: u64,
+    /// Bytes redirected (L2 length at ingress), summed over CPUs.
     pub bytes: u64,
+    /// Flows that started at the edge, summed over CPUs.
     pub new_flows: u64,
+    /// New flows that matched but went to the cloud (learning or draining),
+    /// summed over CPUs.
     pub cloud_flows: u64,
 }
 
@@ -139,6 +147,7 @@ impl Engine {
         })
     }
 
+    /// The pin paths this engine was opened from.
     pub fn pins(&self) -> &Pins {
         &self.pins
     }

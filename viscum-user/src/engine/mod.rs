@@ -37,26 +37,45 @@ pub use maps::{Engine, EntryView, GlobalStats};
 /// Errors of the engine. Messages are for the person at the prompt.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// The datapath is not pinned under this bpffs directory (the program or a
+    /// map pin is missing).
     #[error(
         "viscum is not attached: no datapath is pinned under {0} (run `viscum attach IFACE` first, or pass the --bpffs used then)"
     )]
     NotAttached(PathBuf),
+    /// No interface of this name in the calling thread's network namespace.
     #[error("interface {0} does not exist")]
     UnknownInterface(String),
+    /// Not a Linux interface name: empty, over 15 bytes (`IFNAMSIZ` - 1),
+    /// or containing `/` or whitespace.
     #[error("'{0}' is not a valid interface name")]
     BadInterfaceName(String),
+    /// The classifier has no link (or clsact record) on this interface.
     #[error("viscum is not attached to {0}")]
     NotAttachedTo(String),
+    /// An entry with exactly this match exists already; holds the match.
     #[error("an entry for {0} already exists (delete it first to change its target)")]
     Duplicate(String),
+    /// No entry has exactly this match; holds the match.
     #[error("no entry for {0}")]
     NoSuchEntry(String),
+    /// The exact-match map (`VISCUM_SERVICES`, `E2BIG` from the kernel) or the
+    /// prefix rules array (`MAX_RULES` slots) is full; holds that capacity in entries.
     #[error("the services map is full ({0} entries); attach with a larger --max-entries")]
     Full(u32),
+    /// One address prefix already holds its maximum of port/source rules.
     #[error("{prefix}: an address prefix holds at most {max} rules (port ranges / sources)")]
-    PrefixFull { prefix: String, max: usize },
+    PrefixFull {
+        /// The match being added.
+        prefix: String,
+        /// Rules per prefix (`RULES_PER_PREFIX`).
+        max: usize,
+    },
+    /// The bpffs directory for the pins is unusable.
     #[error(transparent)]
     Bpffs(#[from] crate::bpffs::BpffsError),
+    /// aya could not load the object: parsing it, BTF, or creating or reusing
+    /// its pinned maps (before any program reaches the verifier).
     #[error("cannot load the classifier into the kernel")]
     Load(#[source] Box<aya::EbpfError>),
     /// `BPF_PROG_LOAD` failed: the verifier (or the kernel) refused a program.
@@ -64,30 +83,46 @@ pub enum EngineError {
         "kernel {kernel} rejected the classifier {program}: {source}\n  verifier, last lines:\n  {verifier_tail}"
     )]
     Rejected {
+        /// The program's name in the object (`viscum_ingress`, ...).
         program: String,
+        /// The running kernel's release (`uname -r`).
         kernel: String,
+        /// The errno of `bpf(BPF_PROG_LOAD)` (`EACCES`, `EINVAL`, ...).
         #[source]
         source: std::io::Error,
+        /// The last non-empty lines (at most 16) of the verifier log, joined with
+        /// a newline and two spaces.
         verifier_tail: String,
     },
     /// The embedded object cannot run on this machine at all.
     #[error("{0}")]
     Unsupported(String),
+    /// A program operation (load, attach, detach, query, open a pin) failed
+    /// other than a verifier rejection.
     #[error("{what}")]
     Program {
+        /// What was being done, as a sentence fragment naming the object.
         what: String,
+        /// aya's error.
         #[source]
         source: Box<aya::programs::ProgramError>,
     },
+    /// A map operation (open, read, write, delete) failed.
     #[error("{what}")]
     Map {
+        /// What was being done, naming the map or the entry.
         what: String,
+        /// aya's error.
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    /// Any other failure: pin and record files under the bpffs directory,
+    /// netlink for a clsact qdisc, the embedded object lacking a program.
     #[error("{what}")]
     Io {
+        /// What was being done, naming the path, interface or object.
         what: String,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
@@ -114,24 +149,30 @@ impl EngineError {
     }
 }
 
-/// Paths of the pins under one bpffs directory.
+/// Paths of the pins under one bpffs directory (layout in the [module docs](self)).
+/// Only computes paths: nothing is created or checked.
 #[derive(Clone, Debug)]
 pub struct Pins {
+    /// The instance's bpffs directory (the CLI's `--bpffs`).
     pub dir: PathBuf,
 }
 
 impl Pins {
+    /// The pins of the instance in `dir`; `dir` is taken as given.
     pub fn new(dir: impl AsRef<Path>) -> Self {
         Pins {
             dir: dir.as_ref().to_owned(),
         }
     }
+    /// `<dir>/prog_ingress`: the TC-ingress classifier.
     pub fn program(&self) -> PathBuf {
         self.dir.join("prog_ingress")
     }
+    /// `<dir>/<name>`: a map pinned by its name (`VISCUM_SERVICES`, ...).
     pub fn map(&self, name: &str) -> PathBuf {
         self.dir.join(name)
     }
+    /// `<dir>/prog_reply`: the reply-path classifier of the service veths.
     pub fn reply_program(&self) -> PathBuf {
         self.dir.join("prog_reply")
     }
@@ -139,6 +180,7 @@ impl Pins {
     pub fn icmp_ingress_program(&self) -> PathBuf {
         self.dir.join("prog_icmp_ingress")
     }
+    /// `<dir>/prog_icmp_reply`: the reply path's ICMP-error program.
     pub fn icmp_reply_program(&self) -> PathBuf {
         self.dir.join("prog_icmp_reply")
     }
@@ -151,15 +193,20 @@ impl Pins {
             self.icmp_reply_program(),
         ]
     }
+    /// `<dir>/reply-links`: the reply program's links, one per service veth.
     pub fn reply_links_dir(&self) -> PathBuf {
         self.dir.join("reply-links")
     }
+    /// `<dir>/reply-links/<ifname>`: the TCX link on service veth `ifname`.
     pub fn reply_link(&self, ifname: &str) -> PathBuf {
         self.reply_links_dir().join(ifname)
     }
+    /// `<dir>/links`: one entry per client-facing interface the classifier is on.
     pub fn links_dir(&self) -> PathBuf {
         self.dir.join("links")
     }
+    /// `<dir>/links/<ifname>`: the TCX link on `ifname`, or with clsact a record
+    /// directory (`ifindex-N`, and `clsact-created` when Viscum added the qdisc).
     pub fn link(&self, ifname: &str) -> PathBuf {
         self.links_dir().join(ifname)
     }
