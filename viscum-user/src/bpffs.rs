@@ -61,6 +61,9 @@ pub enum BpffsError {
 }
 
 /// Is `path` on a bpffs?
+///
+/// # Errors
+/// [`BpffsError::Stat`] if `statfs(2)` fails (the path does not exist, say).
 pub fn is_bpffs(path: &Path) -> Result<bool, BpffsError> {
     let st = nix::sys::statfs::statfs(path).map_err(|source| BpffsError::Stat {
         path: path.to_owned(),
@@ -76,6 +79,11 @@ pub fn is_bpffs(path: &Path) -> Result<bool, BpffsError> {
 /// * `/sys/fs/bpf/...` with no bpffs mounted yet: mount it at `/sys/fs/bpf`,
 ///   as systemd would have;
 /// * anywhere else: create `dir` and mount a bpffs instance on it.
+///
+/// # Errors
+/// [`BpffsError::Relative`] for a relative `dir` (checked first: nothing changes);
+/// [`BpffsError::Stat`], [`BpffsError::Mkdir`] or [`BpffsError::Mount`] when a step
+/// fails (directories made before it stay).
 pub fn ensure(dir: &Path) -> Result<(), BpffsError> {
     if !dir.is_absolute() {
         return Err(BpffsError::Relative(dir.to_owned()));

@@ -161,8 +161,12 @@ fn mask(a: IpAddr, len: u8) -> IpAddr {
     }
 }
 
-/// Parses `ADDR/LEN` (IPv6 without brackets) into a masked network; with
+/// Parses `ADDR/LEN` (IPv6 without brackets) into (network address, length in bits); with
 /// no `/LEN`, a single address.
+///
+/// # Errors
+/// [`EndpointError::BadAddress`], [`EndpointError::BadPrefix`] (length above 32 / 128
+/// or not a number) or [`EndpointError::HostBits`] (bits set past the length).
 pub fn parse_prefix(s: &str) -> Result<(IpAddr, u8), EndpointError> {
     let (a, len) = match s.split_once('/') {
         Some((a, l)) => (a, Some(l)),

@@ -254,6 +254,11 @@ fn missing_helpers(helpers: &[HelperSupport]) -> Vec<&'static str> {
 
 /// Refuses, naming every missing helper, when this kernel cannot run the
 /// datapath at all.
+///
+/// # Errors
+/// [`EngineError::Unsupported`] listing each of [`REQUIRED_HELPERS`] the probe found
+/// missing, with the release that added it. A probe that cannot run (no `CAP_BPF`)
+/// counts as present: the load then gives the real answer.
 pub fn check_required_helpers() -> Result<(), EngineError> {
     let helpers = probe_helpers(|name| REQUIRED_HELPERS.contains(&name));
     let missing: Vec<String> = helpers

@@ -197,6 +197,11 @@ pub struct Answer {
 
 impl Resolver {
     /// Uses `servers`, or the nameservers of /etc/resolv.conf when empty.
+    ///
+    /// # Errors
+    /// [`HostError::ResolvConf`] if `servers` is empty and /etc/resolv.conf cannot be read;
+    /// [`HostError::NoServers`] if it lists none; [`HostError::Resolver`] if hickory refuses
+    /// the configuration.
     pub fn new(servers: &[SocketAddr]) -> Result<Self, HostError> {
         let servers = if servers.is_empty() {
             let path = "/etc/resolv.conf";
@@ -237,6 +242,9 @@ impl Resolver {
 
     /// A and AAAA records of `name`. A name without addresses is an empty
     /// answer, not an error.
+    ///
+    /// # Errors
+    /// [`HostError::Lookup`] when no server gives an answer (timeout, SERVFAIL, refused).
     pub async fn lookup(&self, name: &str) -> Result<Answer, HostError> {
         let fqdn = format!("{}.", name.trim_end_matches('.'));
         match self.inner.lookup_ip(fqdn.as_str()).await {
@@ -299,6 +307,11 @@ impl HostTracker {
     /// Resolves and applies the difference. Stale addresses are removed
     /// before new ones are added, so an address that moved to another
     /// service's match is never redirected twice.
+    ///
+    /// # Errors
+    /// [`HostError::Lookup`] if the lookup fails (nothing changes; the next try is due in
+    /// 5 s); [`HostError::Redirect`] if removing or adding an entry fails (the changes
+    /// before it stay, and `installed` says which).
     pub async fn refresh(
         &mut self,
         engine: &mut Engine,
@@ -337,6 +350,10 @@ impl HostTracker {
     }
 
     /// Removes every entry this tracker installed.
+    ///
+    /// # Errors
+    /// [`HostError::Redirect`] if an entry cannot be removed; `installed` is emptied all the
+    /// same, so the entries not yet removed are no longer tracked.
     pub async fn clear(&mut self, engine: &mut Engine) -> Result<Vec<Endpoint>, HostError> {
         let mut removed = Vec::new();
         for addr in std::mem::take(&mut self.installed) {

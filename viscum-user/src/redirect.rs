@@ -75,8 +75,7 @@ pub enum Target {
     Veth(String),
 }
 
-/// Why an entry could not be added or removed; an add that fails leaves no entry and no
-/// route behind.
+/// Why an entry could not be added or removed.
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
     /// A map or attach operation failed (not attached, duplicate, full, no such entry).
@@ -248,6 +247,9 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
 }
 
 /// Adds a redirect entry in the target's default mode ([`RedirectOptions::for_target`]).
+///
+/// # Errors
+/// As [`add_with`].
 pub async fn add(
     engine: &mut Engine,
     endpoint: &Endpoint,
@@ -284,7 +286,17 @@ fn prefix_of(addr: IpAddr) -> u8 {
     if addr.is_ipv4() { 32 } else { 128 }
 }
 
-/// Adds a redirect entry. Validates everything first; on failure nothing changed.
+/// Adds a redirect entry: the target and the options are checked before the reply path,
+/// the namespace's local route and the entry are set up, in that order.
+///
+/// # Errors
+/// [`RedirectError::Netns`] if the target namespace or veth is missing;
+/// [`RedirectError::NotVeth`]; [`RedirectError::Draining`] or
+/// [`EngineError::Duplicate`] if a live entry has this match; the NAT errors
+/// ([`RedirectError::NatWithoutAddress`], [`RedirectError::NatFamily`], ...); then
+/// [`RedirectError::Engine`] if attaching the reply path or inserting fails (a local route
+/// added for the entry is removed again). An entry whose target is gone is replaced
+/// before the NAT checks, so it stays deleted if they fail.
 pub async fn add_with(
     engine: &mut Engine,
     endpoint: &Endpoint,
@@ -377,6 +389,9 @@ pub async fn add_with(
 }
 
 /// [`del`], where an entry that is gone already counts as deleted.
+///
+/// # Errors
+/// As [`del`], except for a missing entry.
 pub async fn del_if_present(engine: &mut Engine, endpoint: &Endpoint) -> Result<(), RedirectError> {
     match del(engine, endpoint).await {
         Ok(()) | Err(RedirectError::Engine(EngineError::NoSuchEntry(_))) => Ok(()),
@@ -386,6 +401,11 @@ pub async fn del_if_present(engine: &mut Engine, endpoint: &Endpoint) -> Result<
 
 /// Deletes a redirect entry, and the namespace's local route if no other
 /// entry into that namespace needs the address any more.
+///
+/// # Errors
+/// [`EngineError::NoSuchEntry`] (as [`RedirectError::Engine`]) if there is none; map,
+/// netlink or detach errors after the entry itself is deleted leave its route or reply
+/// path behind.
 pub async fn del(engine: &mut Engine, endpoint: &Endpoint) -> Result<(), RedirectError> {
     let Some(entry) = engine.get(endpoint)? else {
         return Err(EngineError::NoSuchEntry(endpoint.to_string()).into());
@@ -427,6 +447,9 @@ async fn release_route(engine: &Engine, removed: &EntryView) -> Result<(), Redir
 }
 
 /// Removes every entry that redirects into `ifindex` (a namespace going away).
+///
+/// # Errors
+/// [`RedirectError::Engine`] if reading or deleting fails; the entries before it are gone.
 pub async fn del_all_to(engine: &mut Engine, ifindex: u32) -> Result<Vec<Endpoint>, RedirectError> {
     let mut removed = Vec::new();
     for e in engine.entries()? {
@@ -439,6 +462,10 @@ pub async fn del_all_to(engine: &mut Engine, ifindex: u32) -> Result<Vec<Endpoin
 }
 
 /// Every entry with its target's name, for display.
+///
+/// # Errors
+/// [`RedirectError::Netns`] if netlink cannot be opened; [`RedirectError::Engine`] if the
+/// maps cannot be read.
 pub async fn list(engine: &Engine) -> Result<Vec<EntryRow>, RedirectError> {
     let handle = netns::handle_here().await?;
     let entries = engine.entries()?;

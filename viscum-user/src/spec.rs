@@ -403,6 +403,9 @@ async fn add_host_once(
 }
 
 /// `ADDR`, `ADDR:PORT` or `[V6ADDR]:PORT`.
+///
+/// # Errors
+/// A message quoting `s` if it is none of these, or for port 0.
 pub fn parse_nat_to(s: &str) -> Result<NatTarget, String> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(NatTarget {

@@ -289,6 +289,9 @@ impl Lexer<'_> {
 
 impl UciFile {
     /// Reads and parses a UCI file; the package defaults to the file name.
+    ///
+    /// # Errors
+    /// [`UciError::Read`] if the file cannot be read; otherwise as [`UciFile::parse`].
     pub fn load(path: &Path) -> Result<UciFile, UciError> {
         let text = std::fs::read_to_string(path).map_err(|source| UciError::Read {
             path: path.display().to_string(),
@@ -302,6 +305,10 @@ impl UciFile {
     }
 
     /// Parses UCI text (package `viscum`, errors say `configuration`).
+    ///
+    /// # Errors
+    /// [`UciError::Syntax`] at the first error, with its line: bad quoting or statement,
+    /// invalid names, an option given twice, two sections of one name.
     pub fn parse(text: &str) -> Result<UciFile, UciError> {
         UciFile::parse_named(text, "configuration", "viscum")
     }
@@ -885,6 +892,13 @@ impl Origins<'_> {
 
 /// Maps a parsed UCI file onto the TOML configuration and validates it; every problem (of the
 /// mapping and of the configuration) is reported, each naming its UCI section and option.
+///
+/// # Errors
+/// [`UciError::Invalid`] with every problem: unknown sections or options, values that
+/// do not convert, and whatever [`Config::parse`] refuses in the result.
+///
+/// # Panics
+/// Only if `toml` cannot serialise a table of strings, numbers and tables (a bug).
 pub fn to_config(file: &UciFile, origin: &str) -> Result<Mapped, UciError> {
     let mut problems = Vec::new();
     let package = file.package.as_str();
@@ -994,6 +1008,9 @@ pub fn to_config(file: &UciFile, origin: &str) -> Result<Mapped, UciError> {
 }
 
 /// [`UciFile::load`] then [`to_config`].
+///
+/// # Errors
+/// As [`UciFile::load`], then as [`to_config`].
 pub fn load(path: &Path) -> Result<Mapped, UciError> {
     let file = UciFile::load(path)?;
     to_config(&file, &path.display().to_string())

@@ -88,6 +88,11 @@ pub enum Command {
 pub type Result<T> = anyhow::Result<T>;
 
 /// Runs a parsed command line.
+///
+/// # Errors
+/// Whatever the command fails with, as an [`anyhow::Error`] whose chain holds the
+/// cause; also when the process lacks `CAP_NET_ADMIN` or `CAP_SYS_ADMIN` (every
+/// command but `config`).
 pub async fn run(cli: Cli) -> Result<()> {
     if let Command::Config(cmd) = cli.command {
         return config::run(cmd); // only files: no privileges needed

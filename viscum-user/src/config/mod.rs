@@ -355,6 +355,9 @@ impl Problems<'_> {
 
 impl Config {
     /// Reads and validates a file.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] if the file cannot be read; otherwise as [`Config::parse`].
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
@@ -366,6 +369,11 @@ impl Config {
     }
 
     /// Validates a configuration given as text (no file behind it).
+    ///
+    /// # Errors
+    /// [`ConfigError::Syntax`] if the text is not TOML; [`ConfigError::Invalid`] with every
+    /// problem found otherwise (unknown keys, wrong types, bad values, duplicate names or
+    /// matches, unknown users).
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
         Config::parse_named(text, "configuration")
     }

@@ -56,6 +56,13 @@ pub use crate::features::kernel_at_least;
 ///
 /// All interfaces are checked before anything is loaded, so a typo in the
 /// third name changes nothing.
+///
+/// # Errors
+/// [`EngineError::BadInterfaceName`] / [`EngineError::UnknownInterface`] before anything
+/// is loaded; [`EngineError::Bpffs`] for the pin directory; [`EngineError::Unsupported`],
+/// [`EngineError::Load`] or [`EngineError::Rejected`] when this kernel cannot load the
+/// object; [`EngineError::Program`] / [`EngineError::Io`] when attaching or pinning fails
+/// (interfaces before the failing one stay attached).
 pub fn attach(
     pins: &Pins,
     ifaces: &[String],
@@ -255,6 +262,10 @@ fn attach_one(
 ///
 /// Also records `name` as the interface behind its current ifindex, so an entry pointing
 /// there can find its target again by name after the veth is re-created ([`target_name`]).
+///
+/// # Errors
+/// As [`attach`] for loading; [`EngineError::UnknownInterface`] if the veth is gone;
+/// [`EngineError::Io`] if the link or the target record cannot be written.
 pub fn attach_reply(pins: &Pins, name: &str) -> Result<AttachOutcome, EngineError> {
     let index = ifindex(name)?;
     let mut prog = load_or_open(pins, MapSizes::default(), REPLY_PROG)?;
@@ -276,6 +287,10 @@ pub fn attach_reply(pins: &Pins, name: &str) -> Result<AttachOutcome, EngineErro
 /// Detaches the reply classifier from a service veth, if attached; a veth
 /// that is already gone took its link with it, so only the pin is removed.
 /// The veth's target records go too.
+///
+/// # Errors
+/// [`EngineError::Io`] if a TCX link pin cannot be opened or unpinned (clsact
+/// leftovers are removed best-effort and never fail).
 pub fn detach_reply(pins: &Pins, name: &str) -> Result<(), EngineError> {
     let path = pins.reply_link(name);
     if path.is_dir() {
@@ -637,6 +652,11 @@ pub fn recorded_interfaces(pins: &Pins) -> Vec<String> {
 /// Detaches the classifier from each interface. The maps (and so the
 /// redirect entries) stay pinned for a later `attach`. A stale record (the
 /// interface deleted or re-created) is removed without touching the new interface.
+///
+/// # Errors
+/// [`EngineError::NotAttachedTo`] for a name without a record, checked for every name
+/// first (then nothing changes); [`EngineError::Program`] / [`EngineError::Io`] if a
+/// detach fails (the interfaces before it are detached).
 pub fn detach(pins: &Pins, ifaces: &[String]) -> Result<(), EngineError> {
     let recorded = recorded_interfaces(pins);
     for name in ifaces {
@@ -748,6 +768,10 @@ fn forget_target(pins: &Pins, name: &str) {
 
 /// Detaches everywhere and removes every pin of this instance: program,
 /// maps (and with them all entries) and the directory.
+///
+/// # Errors
+/// [`EngineError::Program`] / [`EngineError::Io`] if a detach or removing a pin fails;
+/// what was removed before stays removed.
 pub fn purge(pins: &Pins) -> Result<(), EngineError> {
     for name in recorded_interfaces(pins) {
         detach_one(pins, &name)?;

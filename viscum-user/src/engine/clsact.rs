@@ -15,13 +15,10 @@ use super::EngineError;
 /// Runs `f` on a private single-thread runtime on its own thread: the
 /// engine's API is synchronous and may be called from inside another tokio
 /// runtime (the CLI, the daemon), where blocking on a future would panic.
-fn netlink<T: Send>(
+fn netlink<T: Send + 'static>(
     what: &str,
     f: impl AsyncFnOnce(rtnetlink::Handle) -> Result<T, rtnetlink::Error> + Send,
-) -> Result<T, EngineError>
-where
-    T: 'static,
-{
+) -> Result<T, EngineError> {
     let err = |e: std::io::Error| EngineError::io(what.to_owned(), e);
     std::thread::scope(|s| {
         s.spawn(|| {

@@ -111,6 +111,11 @@ fn open_map(pins: &Pins, name: &str) -> Result<Map, EngineError> {
 impl Engine {
     /// Opens the maps pinned under `pins.dir`; fails with
     /// [`EngineError::NotAttached`] when nothing was ever attached there.
+    ///
+    /// # Errors
+    /// [`EngineError::NotAttached`] as above, or when a map pin is missing;
+    /// [`EngineError::Map`] if a pinned map cannot be opened or has an unexpected layout (a
+    /// pin left by another Viscum version); [`EngineError::Io`] if the CPU count is unknown.
     pub fn open(pins: &Pins) -> Result<Self, EngineError> {
         if !pins.dir.exists() || !pins.program().exists() {
             return Err(EngineError::NotAttached(pins.dir.clone()));
@@ -167,6 +172,9 @@ impl Engine {
     }
 
     /// Every entry, sorted by its match for stable output.
+    ///
+    /// # Errors
+    /// [`EngineError::Map`] if a map cannot be read.
     pub fn entries(&self) -> Result<Vec<EntryView>, EngineError> {
         let mut out = Vec::new();
         for item in self.services.iter() {
@@ -351,6 +359,9 @@ impl Engine {
     }
 
     /// One entry, if present.
+    ///
+    /// # Errors
+    /// [`EngineError::Map`] if a map cannot be read; a missing entry is `Ok(None)`.
     pub fn get(&self, endpoint: &Endpoint) -> Result<Option<EntryView>, EngineError> {
         if !endpoint.is_exact() {
             let Some((node, idx)) = self.find_rule(endpoint)? else {
@@ -370,6 +381,10 @@ impl Engine {
     }
 
     /// Adds an entry; fails if one exists for the same match.
+    ///
+    /// # Errors
+    /// [`EngineError::Duplicate`] if an entry has this exact match; [`EngineError::Full`] or
+    /// [`EngineError::PrefixFull`] when there is no room; [`EngineError::Map`] otherwise.
     pub fn insert(&mut self, endpoint: &Endpoint, target: ServiceEntry) -> Result<(), EngineError> {
         let value = ServiceEntry {
             packets: 0,
@@ -400,6 +415,10 @@ impl Engine {
     /// Changes an entry's flags (e.g. sets `TARGET_F_DRAINING`), keeping
     /// its target and counters. Increments made by the datapath between our
     /// read and write are lost; the flag change itself is atomic per CPU copy.
+    ///
+    /// # Errors
+    /// [`EngineError::NoSuchEntry`] if there is no entry; [`EngineError::Map`] if reading or
+    /// writing it fails.
     pub fn update_flags(
         &mut self,
         endpoint: &Endpoint,
@@ -436,6 +455,9 @@ impl Engine {
 
     /// Open edge flows per target ifindex (for draining and `stats`). A flow
     /// that has seen FIN/RST is finishing and no longer counts.
+    ///
+    /// # Errors
+    /// None today: unreadable flow records are skipped.
     pub fn edge_flows(&self) -> Result<std::collections::HashMap<u32, u64>, EngineError> {
         let now = monotonic_ns();
         let cfg = self.config.get(&0, 0).unwrap_or_default();
@@ -457,6 +479,9 @@ impl Engine {
 
     /// Live edge flows that `endpoint`'s entry (redirecting to `ifindex`)
     /// sent to the edge: what a drain waits for.
+    ///
+    /// # Errors
+    /// None today: unreadable flow records are skipped.
     pub fn edge_flows_of(
         &self,
         endpoint: &crate::endpoint::Endpoint,
@@ -489,6 +514,10 @@ impl Engine {
     /// Forgets every flow record of `endpoint`'s entry into `ifindex` (the
     /// entry is gone: its flows must not be counted, nor decide for a later
     /// entry of the same match). Returns how many were removed.
+    ///
+    /// # Errors
+    /// None today: unreadable records are skipped, and a record the LRU evicted meanwhile
+    /// counts as removed.
     pub fn forget_flows(
         &mut self,
         endpoint: &crate::endpoint::Endpoint,
@@ -508,7 +537,12 @@ impl Engine {
         Ok(keys.len())
     }
 
-    /// Writes flow timeouts (0 keeps the datapath's default).
+    /// Writes the flow timeouts, in nanoseconds (the `bpf_ktime_get_ns` clock): idle time
+    /// after which a TCP or a UDP flow is forgotten, and how long a closing TCP flow
+    /// lingers after FIN/RST. 0 keeps the datapath's default (2 h, 30 s, 10 s).
+    ///
+    /// # Errors
+    /// [`EngineError::Map`] if `VISCUM_CONFIG` cannot be written.
     pub fn set_timeouts(
         &mut self,
         tcp_idle_ns: u64,
@@ -528,6 +562,9 @@ impl Engine {
     }
 
     /// Removes an entry; fails if there is none.
+    ///
+    /// # Errors
+    /// [`EngineError::NoSuchEntry`] if there is none; [`EngineError::Map`] if deleting fails.
     pub fn remove(&mut self, endpoint: &Endpoint) -> Result<(), EngineError> {
         if !endpoint.is_exact() {
             return self.remove_rule(endpoint);
@@ -546,6 +583,9 @@ impl Engine {
     }
 
     /// Global counters summed over CPUs.
+    ///
+    /// # Errors
+    /// [`EngineError::Map`] if `VISCUM_GLOBAL` cannot be read.
     pub fn global_stats(&self) -> Result<GlobalStats, EngineError> {
         let read = |c: GlobalCounter| -> Result<u64, EngineError> {
             let v = self
@@ -562,6 +602,9 @@ impl Engine {
     }
 
     /// Turns the classifier's per-decision debug records on or off.
+    ///
+    /// # Errors
+    /// [`EngineError::Map`] if `VISCUM_CONFIG` cannot be written.
     pub fn set_log_debug(&mut self, on: bool) -> Result<(), EngineError> {
         let cur = self.config.get(&0, 0).unwrap_or_default();
         let cfg = DatapathConfig {
@@ -574,6 +617,9 @@ impl Engine {
     }
 
     /// Id of the pinned classifier (for aya-log's `init_from_id`).
+    ///
+    /// # Errors
+    /// [`EngineError::Program`] if the program pin cannot be opened or queried.
     pub fn program_id(&self) -> Result<u32, EngineError> {
         let prog = aya::programs::SchedClassifier::from_pin(self.pins.program())
             .map_err(|e| EngineError::prog("cannot open the pinned classifier", e))?;

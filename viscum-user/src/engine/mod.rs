@@ -213,6 +213,10 @@ impl Pins {
 }
 
 /// Interface index by name, in the calling thread's network namespace.
+///
+/// # Errors
+/// [`EngineError::BadInterfaceName`] for a name Linux cannot have;
+/// [`EngineError::UnknownInterface`] when `if_nametoindex(3)` finds none.
 pub fn ifindex(name: &str) -> Result<u32, EngineError> {
     if name.is_empty()
         || name.len() > 15

@@ -24,6 +24,11 @@ pub struct AddrInfo {
 /// IPv6 addresses get `IFA_F_NODAD`: duplicate address detection would keep them tentative
 /// (unusable as a source, unbindable) for a second or more, and on a veth viscum made itself
 /// there is nobody to collide with.
+///
+/// # Errors
+/// [`NetnsError::InvalidPrefix`] if `prefix` exceeds 32 / 128 (nothing is sent);
+/// [`NetnsError::UnknownIfindex`] on `ENODEV`; [`NetnsError::Netlink`] for any other
+/// refusal (`EEXIST` when the address is there already).
 pub async fn add_address(
     handle: &Handle,
     index: u32,
@@ -49,6 +54,9 @@ pub async fn add_address(
 }
 
 /// The addresses in the namespace of `handle`, of one link or (`None`) of all of them.
+///
+/// # Errors
+/// [`NetnsError::Netlink`] if the dump fails.
 pub async fn list_addresses(
     handle: &Handle,
     index: Option<u32>,

@@ -16,6 +16,9 @@ use super::{NetnsError, in_netns};
 
 /// rtnetlink handle for the current thread's namespace. The connection future is spawned on
 /// the current tokio runtime and ends when the last clone of the handle is dropped.
+///
+/// # Errors
+/// [`NetnsError::Socket`] if the socket cannot be opened or there is no tokio runtime.
 pub async fn handle_here() -> Result<Handle, NetnsError> {
     let socket =
         Socket::new(NETLINK_ROUTE).map_err(|source| NetnsError::Socket { ns: None, source })?;
@@ -24,6 +27,9 @@ pub async fn handle_here() -> Result<Handle, NetnsError> {
 
 /// rtnetlink handle for the named namespace: its socket is opened inside it (via
 /// [`in_netns`]); the connection future is spawned on the current tokio runtime.
+///
+/// # Errors
+/// As [`in_netns`] for entering `name`; [`NetnsError::Socket`] as [`handle_here`].
 pub async fn handle_in(name: &str) -> Result<Handle, NetnsError> {
     let socket =
         in_netns(name, || Socket::new(NETLINK_ROUTE))?.map_err(|source| NetnsError::Socket {

@@ -68,6 +68,10 @@ impl LinkInfo {
 }
 
 /// Looks a link up by name in the namespace of `handle`.
+///
+/// # Errors
+/// [`NetnsError::UnknownInterface`] if there is no such link (or the name cannot be one);
+/// [`NetnsError::Netlink`] if the request fails otherwise.
 pub async fn link_by_name(handle: &Handle, name: &str) -> Result<LinkInfo, NetnsError> {
     let unknown = || NetnsError::UnknownInterface {
         name: name.to_string(),
@@ -86,6 +90,10 @@ pub async fn link_by_name(handle: &Handle, name: &str) -> Result<LinkInfo, Netns
 }
 
 /// Looks a link up by index in the namespace of `handle`.
+///
+/// # Errors
+/// [`NetnsError::UnknownIfindex`] if there is no such link (index 0 included);
+/// [`NetnsError::Netlink`] if the request fails otherwise.
 pub async fn link_by_index(handle: &Handle, index: u32) -> Result<LinkInfo, NetnsError> {
     let unknown = || NetnsError::UnknownIfindex { index };
     // Index 0 would turn the request into "any link" on some kernels.
@@ -105,6 +113,9 @@ pub async fn link_by_index(handle: &Handle, index: u32) -> Result<LinkInfo, Netn
 }
 
 /// All links in the namespace of `handle`, in index order.
+///
+/// # Errors
+/// [`NetnsError::Netlink`] if the dump fails.
 pub async fn list_links(handle: &Handle) -> Result<Vec<LinkInfo>, NetnsError> {
     let mut links: Vec<LinkInfo> = handle
         .link()
@@ -119,6 +130,9 @@ pub async fn list_links(handle: &Handle) -> Result<Vec<LinkInfo>, NetnsError> {
 }
 
 /// Sets a link administratively up.
+///
+/// # Errors
+/// [`NetnsError::UnknownIfindex`] on `ENODEV`; [`NetnsError::Netlink`] otherwise.
 pub async fn set_up(handle: &Handle, index: u32) -> Result<(), NetnsError> {
     handle
         .link()
@@ -132,6 +146,10 @@ pub async fn set_up(handle: &Handle, index: u32) -> Result<(), NetnsError> {
 }
 
 /// Sets a link's MTU (bytes of L3 payload, as `ip link set mtu`).
+///
+/// # Errors
+/// [`NetnsError::UnknownIfindex`] on `ENODEV`; [`NetnsError::Netlink`] otherwise
+/// (`EINVAL` for an MTU outside the device's range).
 pub async fn set_mtu(handle: &Handle, index: u32, mtu: u32) -> Result<(), NetnsError> {
     handle
         .link()
@@ -150,6 +168,9 @@ pub async fn set_mtu(handle: &Handle, index: u32, mtu: u32) -> Result<(), NetnsE
 /// Creating the peer in place (`IFLA_NET_NS_FD` inside the peer's `VETH_INFO_PEER`) instead of
 /// moving it afterwards means a name such as `eth0` never has to be free in the host's
 /// namespace, and nothing is left half-moved on failure.
+///
+/// # Errors
+/// As [`create_veth_indexed`].
 pub async fn create_veth(
     handle: &Handle,
     host: &str,
@@ -170,6 +191,12 @@ pub async fn create_veth(
 /// second, and IPv6 addresses on it stay tentative that long. Two fresh namespaces both
 /// number their first device 2, so topologies built from fresh namespaces (the test lab)
 /// pick distinct indexes.
+///
+/// # Errors
+/// [`NetnsError::InvalidName`] / [`NetnsError::UnknownNamespace`] /
+/// [`NetnsError::Enter`] for `peer_ns`; [`NetnsError::InterfaceExists`] on `EEXIST` (either
+/// name, or a requested index, is taken); [`NetnsError::Netlink`] otherwise. Nothing is
+/// created on failure.
 pub async fn create_veth_indexed(
     handle: &Handle,
     host: &str,
@@ -219,6 +246,10 @@ pub async fn create_veth_indexed(
 
 /// Creates an 802.1Q VLAN subinterface `name` with id `vlan_id` on the link `parent` (same
 /// namespace), and returns its index.
+///
+/// # Errors
+/// [`NetnsError::InterfaceExists`] if `name` is taken; [`NetnsError::Netlink`] otherwise
+/// (`EOPNOTSUPP` on kernels without 802.1Q).
 pub async fn create_vlan(
     handle: &Handle,
     name: &str,
@@ -239,6 +270,9 @@ pub async fn create_vlan(
 /// index. In passthru mode the macvlan takes over its parent's MAC address and receives all
 /// of its traffic after the parent's TC ingress hook, so it can stand in for an upper device
 /// such as a VLAN subinterface (the test lab does so on kernels built without 802.1Q).
+///
+/// # Errors
+/// [`NetnsError::InterfaceExists`] if `name` is taken; [`NetnsError::Netlink`] otherwise.
 pub async fn create_macvlan_passthru(
     handle: &Handle,
     name: &str,
@@ -272,6 +306,9 @@ async fn add_link(
 }
 
 /// Deletes a link. Deleting either end of a veth pair removes both.
+///
+/// # Errors
+/// [`NetnsError::UnknownIfindex`] on `ENODEV`; [`NetnsError::Netlink`] otherwise.
 pub async fn delete_link(handle: &Handle, index: u32) -> Result<(), NetnsError> {
     handle
         .link()

@@ -93,6 +93,12 @@ fn check_name(name: &str) -> Result<(), NetnsError> {
 /// the thread's network namespace, which is what [`super::sysctl_set`] relies on.
 ///
 /// A panic in `f` is propagated to the caller.
+///
+/// # Errors
+/// [`NetnsError::InvalidName`] for a name that cannot be a file under [`NETNS_RUN_DIR`];
+/// [`NetnsError::UnknownNamespace`] if there is no such file; [`NetnsError::Enter`] if it
+/// cannot be opened or `setns(2)` refuses it (not a namespace: a stale file);
+/// [`NetnsError::Thread`] if the thread cannot be spawned. `f` has not run in any of them.
 pub fn in_netns<T: Send + 'static>(
     name: &str,
     f: impl FnOnce() -> T + Send + 'static,
@@ -112,6 +118,10 @@ pub fn in_netns<T: Send + 'static>(
 }
 
 /// Same as [`in_netns`], by path (e.g. `/proc/PID/ns/net`).
+///
+/// # Errors
+/// [`NetnsError::Enter`] if the file cannot be opened or entered; [`NetnsError::Thread`]
+/// if the thread cannot be spawned.
 pub fn in_netns_path<T: Send + 'static>(
     path: &Path,
     f: impl FnOnce() -> T + Send + 'static,
@@ -159,6 +169,10 @@ fn run_in<T: Send + 'static>(
 /// ancestor's mount namespace so the namespace outlives this process (see the module
 /// documentation); if that is impossible, nothing is created and the error says to use
 /// `nsenter --net=...` instead.
+///
+/// # Errors
+/// [`NetnsError::InvalidName`]; [`NetnsError::NamespaceExists`] if a live namespace has
+/// the name; [`NetnsError::NamespaceOp`] if a mount, the file or the thread fails.
 pub fn create_named(name: &str) -> Result<(), NetnsError> {
     check_name(name)?;
     let op_err = |source: io::Error| NetnsError::NamespaceOp {
@@ -397,6 +411,10 @@ fn prepare_run_dir() -> io::Result<()> {
 ///
 /// From a private mount namespace the mount is also removed in the ancestor's (see
 /// [`create_named`]), where the namespace was made to outlive its creator.
+///
+/// # Errors
+/// [`NetnsError::InvalidName`]; [`NetnsError::UnknownNamespace`] if there is no such
+/// file; [`NetnsError::NamespaceOp`] if unmounting or removing it fails.
 pub fn delete_named(name: &str) -> Result<(), NetnsError> {
     check_name(name)?;
     let path = named_path(name);
@@ -449,6 +467,9 @@ pub fn named_exists(name: &str) -> bool {
 }
 
 /// The names under [`NETNS_RUN_DIR`], sorted. No directory means no namespaces.
+///
+/// # Errors
+/// [`NetnsError::NamespaceOp`] if [`NETNS_RUN_DIR`] exists but cannot be read.
 pub fn list_named() -> Result<Vec<String>, NetnsError> {
     let entries = match fs::read_dir(NETNS_RUN_DIR) {
         Ok(entries) => entries,

@@ -62,6 +62,11 @@ fn check_destination(dst: IpAddr, prefix: u8) -> Result<(), NetnsError> {
 /// If the kernel finds the gateway unreachable (no connected route covers it) and an `oif`
 /// is given, the route is added again with `onlink`, which tells the kernel the gateway sits
 /// on that link anyway.
+///
+/// # Errors
+/// [`NetnsError::InvalidPrefix`] / [`NetnsError::HostBitsSet`] for a bad destination and
+/// [`NetnsError::FamilyMismatch`] for a gateway of the other family (nothing is sent);
+/// [`NetnsError::Netlink`] if the kernel refuses (`EEXIST`: the route is there).
 pub async fn add_route(
     handle: &Handle,
     dst: IpAddr,
@@ -120,6 +125,10 @@ fn local_route(addr: IpAddr, prefix: u8) -> RouteMessage {
 /// Adds `local ADDR/PREFIX dev lo` to the local table (table 255, type local, scope host) of
 /// the namespace of `handle`: the namespace then accepts packets to those addresses and may
 /// send from them. Adding a route that is already there is not an error.
+///
+/// # Errors
+/// [`NetnsError::InvalidPrefix`] / [`NetnsError::HostBitsSet`] (nothing is sent);
+/// [`NetnsError::Netlink`] if the kernel refuses.
 pub async fn add_local_route(handle: &Handle, addr: IpAddr, prefix: u8) -> Result<(), NetnsError> {
     check_destination(addr, prefix)?;
     match handle
@@ -140,6 +149,10 @@ pub async fn add_local_route(handle: &Handle, addr: IpAddr, prefix: u8) -> Resul
 /// Removes viscum's `local ADDR/PREFIX dev lo` route; a route that is not there is not an
 /// error. Because the request names [`RTPROT_VISCUM`], the kernel's own local routes (for
 /// addresses assigned to interfaces) are never touched.
+///
+/// # Errors
+/// [`NetnsError::InvalidPrefix`] / [`NetnsError::HostBitsSet`] (nothing is sent);
+/// [`NetnsError::Netlink`] if the kernel refuses otherwise.
 pub async fn del_local_route(handle: &Handle, addr: IpAddr, prefix: u8) -> Result<(), NetnsError> {
     check_destination(addr, prefix)?;
     let mut msg = local_route(addr, prefix);
@@ -157,6 +170,9 @@ pub async fn del_local_route(handle: &Handle, addr: IpAddr, prefix: u8) -> Resul
 
 /// The local routes on `lo` that viscum added (tagged [`RTPROT_VISCUM`]) in the namespace of
 /// `handle`, IPv4 first, each family sorted.
+///
+/// # Errors
+/// [`NetnsError::Netlink`] if a dump fails.
 pub async fn list_local_routes(handle: &Handle) -> Result<Vec<(IpAddr, u8)>, NetnsError> {
     let mut found = Vec::new();
     for probe in [

@@ -102,6 +102,9 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
 
 /// Checks a service namespace name: 1..=12 of `[a-z0-9_-]`, not starting with `-` (it would
 /// read as an option on command lines).
+///
+/// # Errors
+/// [`NetnsError::InvalidServiceName`] for any other name.
 pub fn validate_name(name: &str) -> Result<(), NetnsError> {
     let valid = !name.is_empty()
         && name.len() <= MAX_NAME_LEN
@@ -173,6 +176,12 @@ pub fn allocate_link_subnet(used: &[(Ipv4Addr, u8)]) -> Option<Ipv4Addr> {
 /// namespace `.2`), `fe80::1`/`fe80::2`, default routes inside pointing at the host side, and
 /// `net.ipv6.ip_nonlocal_bind=1` inside. Everything created is removed again if a later step
 /// fails.
+///
+/// # Errors
+/// [`NetnsError::InvalidServiceName`]; [`NetnsError::NamespaceExists`] or
+/// [`NetnsError::InterfaceExists`] (`vh-NAME` taken) before anything is made;
+/// [`NetnsError::NoFreeSubnet`] when every /30 of the pool is in use; any netlink,
+/// namespace or sysctl error of a later step (after the rollback).
 pub async fn service_ns_add(name: &str) -> Result<ServiceNs, NetnsError> {
     validate_name(name)?;
     if named_exists(name) {
@@ -292,6 +301,11 @@ async fn rollback(host: &Handle, name: &str) {
 /// Removes service namespace `name`: the host veth (which takes `eth0` with it) and the named
 /// namespace. Whatever half of it is left is removed too; only when neither exists is it an
 /// [`NetnsError::UnknownNamespace`].
+///
+/// # Errors
+/// [`NetnsError::InvalidServiceName`]; [`NetnsError::UnknownNamespace`] as above;
+/// [`NetnsError::NotAServiceNamespace`] for a namespace without its veth that `viscum ns
+/// add` did not make; netlink or namespace errors of the removal.
 pub async fn service_ns_del(name: &str) -> Result<(), NetnsError> {
     validate_name(name)?;
     let host = handle_here().await?;
@@ -337,6 +351,11 @@ pub async fn service_ns_del(name: &str) -> Result<(), NetnsError> {
 
 /// Service namespace `name` as the kernel has it. [`NetnsError::UnknownNamespace`] if
 /// `/run/netns/NAME` or `vh-NAME` is missing.
+///
+/// # Errors
+/// [`NetnsError::InvalidServiceName`]; [`NetnsError::UnknownNamespace`] as above;
+/// [`NetnsError::Incomplete`] if the inside is not finished (no `eth0`, no MAC);
+/// netlink or namespace errors of the queries.
 pub async fn service_ns_get(name: &str) -> Result<ServiceNs, NetnsError> {
     validate_name(name)?;
     let unknown = || NetnsError::UnknownNamespace {
@@ -435,6 +454,9 @@ fn is_service_veth(link: &LinkInfo) -> bool {
 
 /// The service namespaces of viscum's namespace: those with a `vh-NAME` veth here and a
 /// `/run/netns/NAME`, sorted by name.
+///
+/// # Errors
+/// Netlink or namespace errors of the queries (a namespace deleted meanwhile is skipped).
 pub async fn service_ns_list() -> Result<Vec<ServiceNs>, NetnsError> {
     let host = handle_here().await?;
     let mut names: Vec<String> = list_links(&host)
@@ -457,6 +479,9 @@ pub async fn service_ns_list() -> Result<Vec<ServiceNs>, NetnsError> {
 
 /// Makes service namespace `name` answer as `addr/prefix` (`local ADDR/PREFIX dev lo` in its
 /// local table). Idempotent.
+///
+/// # Errors
+/// [`NetnsError::InvalidServiceName`]; as [`handle_in`] and [`add_local_route`].
 pub async fn service_ns_add_local(name: &str, addr: IpAddr, prefix: u8) -> Result<(), NetnsError> {
     validate_name(name)?;
     let ns = handle_in(name).await?;
@@ -465,6 +490,9 @@ pub async fn service_ns_add_local(name: &str, addr: IpAddr, prefix: u8) -> Resul
 
 /// Stops service namespace `name` answering as `addr/prefix`. Removing a route that is not
 /// there is not an error.
+///
+/// # Errors
+/// [`NetnsError::InvalidServiceName`]; as [`handle_in`] and [`del_local_route`].
 pub async fn service_ns_del_local(name: &str, addr: IpAddr, prefix: u8) -> Result<(), NetnsError> {
     validate_name(name)?;
     let ns = handle_in(name).await?;
@@ -473,6 +501,10 @@ pub async fn service_ns_del_local(name: &str, addr: IpAddr, prefix: u8) -> Resul
 
 /// If `ifindex` (in the current namespace) is the host veth of a viscum service namespace,
 /// that namespace's name.
+///
+/// # Errors
+/// [`NetnsError::Socket`] or [`NetnsError::Netlink`] if the lookup fails (no such index is
+/// `Ok(None)`).
 pub async fn service_ns_by_host_ifindex(ifindex: u32) -> Result<Option<String>, NetnsError> {
     let host = handle_here().await?;
     match link_by_index(&host, ifindex).await {

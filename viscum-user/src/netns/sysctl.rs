@@ -52,6 +52,11 @@ fn with_sysctl<T: Send + 'static>(
 
 /// Writes a sysctl under /proc/sys as seen from namespace `ns` (`None` = current), e.g.
 /// `("net/ipv6/ip_nonlocal_bind", "1")`.
+///
+/// # Errors
+/// [`NetnsError::InvalidSysctlKey`] for a key that could leave `/proc/sys`; as
+/// [`in_netns`] when entering `ns`; [`NetnsError::Sysctl`] if the write fails (`ENOENT`
+/// for an unknown key, `EINVAL` for a value the kernel refuses).
 pub fn sysctl_set(ns: Option<&str>, key: &str, value: &str) -> Result<(), NetnsError> {
     let value = value.to_string();
     with_sysctl(ns, key, "write", move |path| fs::write(path, value))
@@ -59,6 +64,10 @@ pub fn sysctl_set(ns: Option<&str>, key: &str, value: &str) -> Result<(), NetnsE
 
 /// Reads a sysctl under /proc/sys as seen from namespace `ns` (`None` = current), without the
 /// trailing newline.
+///
+/// # Errors
+/// [`NetnsError::InvalidSysctlKey`]; as [`in_netns`] when entering `ns`;
+/// [`NetnsError::Sysctl`] if the read fails.
 pub fn sysctl_get(ns: Option<&str>, key: &str) -> Result<String, NetnsError> {
     with_sysctl(ns, key, "read", |path| {
         fs::read_to_string(path).map(|s| s.trim_end_matches('\n').to_string())
