@@ -126,13 +126,15 @@ pub struct Endpoint {
     pub proto: Proto,
     /// The address, or the network address of a prefix.
     pub addr: IpAddr,
-    /// 32 / 128 for a single address.
+    /// Prefix length in bits: 32 / 128 for a single address.
     pub prefix_len: u8,
-    /// `None` matches every port; with `port_end`, the first port of a range.
+    /// Destination port, host byte order ([`Endpoint::key`] converts). `None` matches every port;
+    /// with `port_end`, the first port of a range.
     pub port: Option<u16>,
-    /// Last port of a range (inclusive).
+    /// Last port of a range (inclusive), host byte order; always above `port`.
     pub port_end: Option<u16>,
-    /// Only clients in this source prefix.
+    /// Only clients in this source prefix: (network address, length in bits), of the
+    /// destination's family.
     pub source: Option<(IpAddr, u8)>,
 }
 

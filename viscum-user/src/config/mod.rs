@@ -100,7 +100,9 @@ pub struct EngineConfig {
     pub control: Option<PathBuf>,
     /// Directory for logs and state files (`None`: derived from the bpffs directory).
     pub run_dir: Option<PathBuf>,
-    /// Shed every service to the cloud while the load is above this fraction.
+    /// Shed every service to the cloud while the load is above this fraction (0.9 = 90%),
+    /// as [`crate::daemon::load`] measures it: PSI `some avg10` of CPU and memory, else the
+    /// 1-minute load average per CPU. `None`: never shed.
     pub max_load: Option<f64>,
     /// Address of the Prometheus text endpoint.
     pub metrics: Option<SocketAddr>,
@@ -133,10 +135,12 @@ pub struct ServiceConfig {
     pub health: HealthConfig,
     /// Resource limits (cgroups).
     pub limits: Limits,
-    /// Time between SIGTERM and SIGKILL when stopping.
+    /// Time between SIGTERM and SIGKILL when stopping (`stop_grace_ms`, default
+    /// [`DEFAULT_STOP_GRACE_MS`]).
     pub stop_grace: Duration,
     /// On a deliberate stop, how long the entries drain (no new flows; open
-    /// edge flows continue) before the process is stopped. 0 = no draining.
+    /// edge flows continue) before the process is stopped (`drain_timeout_ms`, default
+    /// [`DEFAULT_DRAIN_TIMEOUT_MS`]). 0 = no draining.
     pub drain_timeout: Duration,
 }
 
@@ -249,11 +253,13 @@ impl fmt::Display for HealthCheck {
 /// The `[service.limits]` table.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct Limits {
-    /// Bytes.
+    /// Memory ceiling in bytes (`memory = "64M"`: powers of 1024): cgroup v2 `memory.max`,
+    /// or v1 `memory.limit_in_bytes`.
     pub memory: Option<u64>,
-    /// CPUs (0.5 = half of one CPU).
+    /// CPUs (0.5 = half of one CPU): a CFS quota per 100 ms period, 1 ms at least (v2
+    /// `cpu.max`, v1 `cpu.cfs_quota_us`).
     pub cpu: Option<f64>,
-    /// Maximum number of tasks.
+    /// Maximum number of tasks (processes and threads), cgroup `pids.max`.
     pub pids: Option<u64>,
 }
 
