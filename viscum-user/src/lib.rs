@@ -12,6 +12,7 @@
 //! * [`spec`]: the one redirect spec (match, from, target, mode, learning) of the CLI, the
 //!   config and [`embed`], with its validation.
 //! * [`entries`]: one owner's entries: install, drain and wait, remove with counters kept.
+//! * [`lifecycle`]: entries whose target veth was deleted and re-created, re-pointed by name.
 //! * [`embed`]: the small API for firmware that runs the engine inside its own daemon.
 //! * [`config`]: the daemon's TOML configuration: parsing and validation that reports every problem.
 //! * [`daemon`]: `viscum run`: supervised services, health-gated redirects, reload, control socket.
@@ -34,5 +35,7 @@ pub mod redirect;
 pub mod spec;
 pub mod uci;
 
-/// The compiled classifier object, embedded at build time.
+/// The compiled classifier: the ELF object aya-build made from `viscum-ebpf` (bpfel or
+/// bpfeb, after the target's byte order; [`features::check_object`] refuses a mismatch),
+/// embedded at build time and aligned for aya's loader.
 pub static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/viscum"));
