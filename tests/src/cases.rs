@@ -11,6 +11,7 @@ use std::{
 pub struct CaseResult {
     /// Short kebab-case name, unique within a run (`v4-tcp-syn-exact`).
     pub name: String,
+    /// The check passed (`false`: it returned an error or panicked).
     pub pass: bool,
     /// Wall time of the check in milliseconds.
     pub ms: u64,

@@ -22,19 +22,29 @@ pub const ETH_P_ARP: u16 = 0x0806;
 /// EtherType (TPID) of an 802.1Q tag.
 pub const ETH_P_8021Q: u16 = 0x8100;
 
-/// IP protocol numbers used here.
+/// IP protocol numbers used here (IANA "Assigned Internet Protocol Numbers"): IPv6
+/// hop-by-hop options (RFC 8200 section 4.3).
 pub const IPPROTO_HOPOPTS: u8 = 0;
+/// ICMP for IPv4 (RFC 792).
 pub const IPPROTO_ICMP: u8 = 1;
+/// TCP (RFC 9293).
 pub const IPPROTO_TCP: u8 = 6;
+/// UDP (RFC 768).
 pub const IPPROTO_UDP: u8 = 17;
+/// The IPv6 fragment header (RFC 8200 section 4.5).
 pub const IPPROTO_FRAGMENT: u8 = 44;
+/// ICMPv6 (RFC 4443).
 pub const IPPROTO_ICMPV6: u8 = 58;
 
-/// TCP flag bits (the 14th header byte).
+/// TCP flag bits (the 14th header byte, RFC 9293 section 3.1): FIN, no more data.
 pub const TCP_FIN: u8 = 0x01;
+/// SYN: synchronize sequence numbers (opens a connection).
 pub const TCP_SYN: u8 = 0x02;
+/// RST: reset the connection.
 pub const TCP_RST: u8 = 0x04;
+/// PSH: push function.
 pub const TCP_PSH: u8 = 0x08;
+/// ACK: the acknowledgment number is significant.
 pub const TCP_ACK: u8 = 0x10;
 
 /// The source MAC frames carry unless told otherwise (locally administered).
@@ -47,16 +57,29 @@ pub const EDGE_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x00, 0x00, 0x01];
 pub enum L4 {
     /// A 20-byte TCP header (no options) with these flags, then the payload.
     Tcp {
+        /// Source port, host order here (written big-endian).
         sport: u16,
+        /// Destination port, host order here (written big-endian).
         dport: u16,
+        /// The flags byte: an OR of [`TCP_SYN`], [`TCP_ACK`], ...
         flags: u8,
+        /// Sequence number, host order here (written big-endian).
         seq: u32,
+        /// Acknowledgment number, host order here (written big-endian).
         ack: u32,
     },
     /// An 8-byte UDP header, then the payload.
-    Udp { sport: u16, dport: u16 },
+    Udp {
+        /// Source port, host order here (written big-endian).
+        sport: u16,
+        /// Destination port, host order here (written big-endian).
+        dport: u16,
+    },
     /// The payload as the whole transport part, under this protocol number (ICMP echo...).
-    Raw { proto: u8 },
+    Raw {
+        /// The IP protocol number (IPv4 protocol / IPv6 next header), e.g. [`IPPROTO_ICMP`].
+        proto: u8,
+    },
 }
 
 impl L4 {
@@ -75,7 +98,14 @@ pub enum Ext {
     /// Hop-by-hop options (next header 0), padded with PadN to 8 bytes.
     HopByHop,
     /// A fragment header (next header 44): offset in 8-byte units, more-fragments flag.
-    Fragment { offset: u16, more: bool, id: u32 },
+    Fragment {
+        /// Fragment offset in 8-byte units (13 bits; shifted into place when written).
+        offset: u16,
+        /// The M (more fragments) flag.
+        more: bool,
+        /// Identification, host order here (written big-endian).
+        id: u32,
+    },
 }
 
 impl Ext {
@@ -104,12 +134,15 @@ impl Ext {
 /// adjust the public fields, and serialise it with [`Packet::build`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Packet {
+    /// Destination MAC, in wire order (default [`EDGE_MAC`]).
     pub dst_mac: [u8; 6],
+    /// Source MAC, in wire order (default [`CLIENT_MAC`]).
     pub src_mac: [u8; 6],
     /// An 802.1Q tag in the frame's data (VLAN id, priority 0).
     pub vlan: Option<u16>,
     /// Source address; its family decides IPv4 or IPv6 (`dst` must match).
     pub src: IpAddr,
+    /// Destination address, same family as `src`.
     pub dst: IpAddr,
     /// TTL / hop limit.
     pub ttl: u8,
@@ -123,7 +156,10 @@ pub struct Packet {
     /// TCP only: an MSS option (kind 2, length 4) as the first option, making the header 24
     /// bytes long.
     pub tcp_mss: Option<u16>,
+    /// The transport header to build (its protocol number goes into the IP header).
     pub l4: L4,
+    /// Bytes after the transport header, copied as is (the whole transport part for
+    /// [`L4::Raw`]).
     pub payload: Vec<u8>,
 }
 
@@ -426,20 +462,29 @@ pub fn checksum(parts: &[&[u8]]) -> u16 {
 /// What [`inspect`] reads back from a frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Inspected {
+    /// Destination MAC, in wire order.
     pub dst_mac: [u8; 6],
+    /// Source MAC, in wire order.
     pub src_mac: [u8; 6],
+    /// The VLAN id (low 12 bits of the TCI) of an 802.1Q tag in the frame's data, if any.
     pub vlan: Option<u16>,
+    /// Source address from the IP header.
     pub src: IpAddr,
+    /// Destination address from the IP header.
     pub dst: IpAddr,
+    /// TTL / hop limit.
     pub ttl: u8,
     /// The transport protocol (after IPv6 extension headers).
     pub proto: u8,
     /// Fragment offset in 8-byte units and the more-fragments flag (0 and false for a whole
     /// datagram).
     pub frag_offset: u16,
+    /// The more-fragments flag (IPv4 MF, IPv6 fragment header M).
     pub more_fragments: bool,
-    /// Ports (0 for a later fragment, which carries no transport header).
+    /// Ports, host order (0 for a later fragment, which carries no transport header, and for
+    /// ICMP).
     pub sport: u16,
+    /// Destination port, host order (0 as for `sport`).
     pub dport: u16,
     /// TCP: the MSS option, when it is the first option.
     pub mss: Option<u16>,
@@ -614,10 +659,15 @@ pub fn inspect(frame: &[u8]) -> Result<Inspected, String> {
 /// The start of the packet an ICMP error quotes: its IP header and first transport bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quote {
+    /// Source address of the quoted packet.
     pub src: IpAddr,
+    /// Destination address of the quoted packet.
     pub dst: IpAddr,
+    /// The quoted IP header's protocol / next header field (extension headers not followed).
     pub proto: u8,
+    /// The first two bytes after the quoted IP header as a big-endian port, host order.
     pub sport: u16,
+    /// The next two bytes after the quoted IP header as a big-endian port, host order.
     pub dport: u16,
     /// The quoted IPv4 header's checksum verifies (always true for IPv6).
     pub ip_checksum_ok: bool,

@@ -21,6 +21,13 @@
 // that the host's unwinding panics cannot build (as aya's own test programs do).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// aya's `#[classifier]` wraps each program in an exported function it generates without the
+// item's attributes, so their doc comments (kept below for readers) cannot reach the item
+// `missing_docs` checks. Lint attributes change nothing in the compiled object.
+#![allow(
+    missing_docs,
+    reason = "aya's #[classifier] drops the programs' doc comments"
+)]
 
 mod counters;
 mod flow;
@@ -51,6 +58,10 @@ use crate::{
     parse::{Kind, ParseError, Parsed},
 };
 
+/// TC ingress of client-facing interfaces. Returns `TC_ACT_REDIRECT` for a
+/// packet redirected into its service namespace (`TC_ACT_SHOT` if the
+/// redirect helper or a NAT rewrite failed), `TC_ACT_UNSPEC` for everything
+/// else (no match, cloud flow, mirror mode, not TCP/UDP over IP).
 #[classifier]
 pub fn viscum_ingress(ctx: TcContext) -> i32 {
     counters::bump(GlobalCounter::Seen);
@@ -59,6 +70,11 @@ pub fn viscum_ingress(ctx: TcContext) -> i32 {
     }
 }
 
+/// TC ingress of the host side of each service veth. Returns
+/// `TC_ACT_REDIRECT` for a reply sent straight out towards the client,
+/// `TC_ACT_SHOT` for a mirror-mode reply (or a failed rewrite),
+/// `TC_ACT_UNSPEC` for the namespace's own traffic and what the FIB lookup
+/// leaves to the kernel.
 #[classifier]
 pub fn viscum_reply(ctx: TcContext) -> i32 {
     match try_reply(&ctx) {
@@ -66,7 +82,9 @@ pub fn viscum_reply(ctx: TcContext) -> i32 {
     }
 }
 
-/// ICMP errors from the network, tail-called from `viscum_ingress`.
+/// ICMP errors from the network, tail-called from `viscum_ingress` (same
+/// hook). Returns `TC_ACT_REDIRECT` for an error about an edge flow, sent into
+/// its service namespace (`TC_ACT_SHOT` if that failed), else `TC_ACT_UNSPEC`.
 #[classifier]
 pub fn viscum_icmp_ingress(ctx: TcContext) -> i32 {
     let mut slot = MaybeUninit::uninit();
@@ -83,7 +101,10 @@ pub fn viscum_icmp_ingress(ctx: TcContext) -> i32 {
     }
 }
 
-/// ICMP errors from edge copies, tail-called from `viscum_reply`.
+/// ICMP errors from edge copies, tail-called from `viscum_reply` (same hook).
+/// Returns `TC_ACT_REDIRECT` for an error about a client's flow, forwarded to
+/// the client, `TC_ACT_SHOT` for a mirror-mode flow (or a failed rewrite),
+/// else `TC_ACT_UNSPEC`.
 #[classifier]
 pub fn viscum_icmp_reply(ctx: TcContext) -> i32 {
     // SAFETY: reading our own __sk_buff.

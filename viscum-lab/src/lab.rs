@@ -82,6 +82,7 @@ pub enum LabError {
     Netns {
         /// The step, e.g. "create namespace vlab-edge".
         what: String,
+        /// The error from Viscum's namespace and netlink layer.
         #[source]
         source: NetnsError,
     },
@@ -90,6 +91,7 @@ pub enum LabError {
     Io {
         /// The step.
         what: String,
+        /// The OS error of the failed call.
         #[source]
         source: io::Error,
     },

@@ -35,6 +35,7 @@ const CLSACT_KINDS: [&str; 2] = ["clsact", "ingress"];
 /// report it, or the program is not loaded).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProgramStats {
+    /// The program's name in the object, e.g. [`viscum_common::INGRESS_PROG`].
     pub name: &'static str,
     /// Instructions the verifier processed (kernels >= 5.16).
     pub verified_insns: Option<u32>,
@@ -100,9 +101,12 @@ pub fn program_stats(pins: &Pins) -> Vec<ProgramStats> {
 
 /// What check (a) found.
 pub struct Attached {
+    /// The `attach` case: pass when `viscum attach` exited successfully.
     pub case: CaseResult,
     /// `viscum attach`'s standard output.
     pub stdout: String,
+    /// The pinned programs' sizes, read even when the attach failed (`None` fields for a
+    /// program not pinned).
     pub programs: Vec<ProgramStats>,
     /// Its standard error, line by line, when it failed (the verifier's last lines are in it).
     pub error_lines: Vec<String>,

@@ -67,16 +67,21 @@ static REPORT: Mutex<Option<Report>> = Mutex::new(None);
 /// Everything `VMCHECK-REPORT` carries.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
+    /// The VM's name: `--name`, else `vmcheck.name=` from the kernel command line, else "host".
     pub vm: String,
+    /// The kernel release from uname(2), e.g. `6.1.0-28-amd64`.
     pub kernel: String,
+    /// The machine from uname(2), e.g. `x86_64`, `s390x`.
     pub arch: String,
     /// `viscum attach`'s standard output.
     pub attach: String,
+    /// Sizes of the pinned programs after `viscum attach` (see [`checks::program_stats`]).
     pub programs: Vec<checks::ProgramStats>,
     /// `/proc/sys/net/core/bpf_jit_enable`, when readable.
     pub jit: Option<String>,
     /// `/sys/kernel/btf/vmlinux` exists.
     pub btf: bool,
+    /// Every finished case, in the order it ran.
     pub cases: Vec<CaseResult>,
 }
 

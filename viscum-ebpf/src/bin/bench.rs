@@ -15,6 +15,13 @@
 // that the host's unwinding panics cannot build (as aya's own test programs do).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// aya's `#[classifier]` wraps each program in an exported function it generates without the
+// item's attributes, so their doc comments (kept below for readers) cannot reach the item
+// `missing_docs` checks. Lint attributes change nothing in the compiled object.
+#![allow(
+    missing_docs,
+    reason = "aya's #[classifier] drops the programs' doc comments"
+)]
 
 use aya_ebpf::{
     bindings::TC_ACT_OK, helpers::bpf_redirect_peer, macros::classifier, programs::TcContext,
@@ -26,11 +33,16 @@ use aya_ebpf::{
 #[unsafe(no_mangle)]
 static HOOK_IFINDEX: u32 = 0;
 
+/// Any TC hook (the benchmarks use ingress). Returns `TC_ACT_OK` without
+/// reading the packet.
 #[classifier]
 pub fn bench_noop(_ctx: TcContext) -> i32 {
     TC_ACT_OK
 }
 
+/// Any TC hook (the benchmarks use ingress). Returns `bpf_redirect_peer`'s
+/// verdict for [`HOOK_IFINDEX`]: `TC_ACT_REDIRECT` (`TC_ACT_SHOT` only for
+/// bad flags, and it passes none).
 #[classifier]
 pub fn bench_hook(_ctx: TcContext) -> i32 {
     // SAFETY: reading a plain global of this object.
