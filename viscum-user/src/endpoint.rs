@@ -369,7 +369,8 @@ impl Endpoint {
             && self.source.is_none()
     }
 
-    /// The LPM key (`prefix_len`, data) of a prefix rule.
+    /// The `VISCUM_PREFIXES` LPM trie key of a prefix rule: (length in bits, counting the
+    /// [`PREFIX_KEY_FIXED_BITS`] of protocol, family and padding before the address; data).
     pub fn prefix_key(&self) -> (u32, PrefixData) {
         let k = self.key();
         (
