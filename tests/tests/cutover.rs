@@ -179,7 +179,7 @@ fn udp_flows_seen_while_an_entry_learns_stay_with_the_cloud() {
                 }
             }
         })
-        .unwrap()
+        .unwrap();
     });
     assert_eq!(arx.recv_timeout(TIMEOUT).unwrap(), "cloud");
     lab.viscum_ok(&["redirect", "add", &format!("udp://{v4}"), "--ns", &ns]);

@@ -247,7 +247,7 @@ impl TrunkSniffer {
             sll.sll_ifindex = ifindex as i32;
             let rc = libc::bind(
                 fd,
-                &sll as *const _ as *const libc::sockaddr,
+                (&raw const sll).cast::<libc::sockaddr>(),
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             );
             assert_eq!(rc, 0, "bind: {}", std::io::Error::last_os_error());
@@ -256,7 +256,7 @@ impl TrunkSniffer {
                 fd,
                 libc::SOL_PACKET,
                 libc::PACKET_AUXDATA,
-                &one as *const _ as *const libc::c_void,
+                (&raw const one).cast::<libc::c_void>(),
                 std::mem::size_of::<libc::c_int>() as u32,
             );
             assert_eq!(rc, 0, "PACKET_AUXDATA: {}", std::io::Error::last_os_error());
@@ -280,18 +280,18 @@ impl TrunkSniffer {
                 iov_len: buf.len(),
             };
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-            msg.msg_name = (&mut from as *mut libc::sockaddr_ll).cast();
+            msg.msg_name = (&raw mut from).cast();
             msg.msg_namelen = std::mem::size_of::<libc::sockaddr_ll>() as u32;
-            msg.msg_iov = &mut iov;
+            msg.msg_iov = &raw mut iov;
             msg.msg_iovlen = 1;
             msg.msg_control = cbuf.as_mut_ptr().cast();
             msg.msg_controllen = std::mem::size_of_val(&cbuf);
-            let n = unsafe { libc::recvmsg(self.0.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT) };
+            let n = unsafe { libc::recvmsg(self.0.as_raw_fd(), &raw mut msg, libc::MSG_DONTWAIT) };
             if n < 0 {
                 break;
             }
             let mut tag = None;
-            let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&msg) };
+            let mut cmsg = unsafe { libc::CMSG_FIRSTHDR(&raw const msg) };
             while !cmsg.is_null() {
                 let c = unsafe { &*cmsg };
                 if c.cmsg_level == libc::SOL_PACKET && c.cmsg_type == libc::PACKET_AUXDATA {
@@ -301,7 +301,7 @@ impl TrunkSniffer {
                         tag = Some(aux.tp_vlan_tci & 0x0fff);
                     }
                 }
-                cmsg = unsafe { libc::CMSG_NXTHDR(&msg, cmsg) };
+                cmsg = unsafe { libc::CMSG_NXTHDR(&raw const msg, cmsg) };
             }
             let ethertype = u16::from_be_bytes([buf[12], buf[13]]);
             // A tag may also still be in the frame itself (transmitted frames, when the

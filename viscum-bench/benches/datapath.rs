@@ -276,7 +276,7 @@ fn tcp_header(p: &mut Vec<u8>, sport: u16, dport: u16, flags: u8) {
     p.extend(sport.to_be_bytes());
     p.extend(dport.to_be_bytes());
     p.extend(1u32.to_be_bytes()); // seq
-    p.extend(if flags & TCP_ACK != 0 { 1u32 } else { 0 }.to_be_bytes());
+    p.extend(u32::from(flags & TCP_ACK != 0).to_be_bytes());
     p.push(5 << 4); // data offset
     p.push(flags);
     p.extend(64_240u16.to_be_bytes());

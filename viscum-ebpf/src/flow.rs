@@ -7,6 +7,11 @@
 //! marker, so cloud decisions are recorded too (while an entry learns or
 //! drains).
 
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values go by reference: by value, a 56-byte flow state would be copied to the stack (and possibly through a memcpy call the 6.1 verifier refuses)"
+)]
+
 use aya_ebpf::{
     helpers::bpf_ktime_get_ns,
     macros::map,

@@ -9,6 +9,11 @@
 //! `ipv6_frag` maps). A later fragment that arrives before its first one
 //! (reordering) cannot be placed and is passed untouched.
 
+#![allow(
+    clippy::needless_borrows_for_generic_args,
+    reason = "map keys and values go by reference, as in the rest of the classifier (no copies of map values on the 512-byte stack)"
+)]
+
 use aya_ebpf::{macros::map, maps::LruHashMap};
 use viscum_common::{FRAG_ENTRIES, FragKey, FragPorts, GlobalCounter};
 

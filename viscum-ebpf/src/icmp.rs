@@ -260,7 +260,7 @@ fn rewrite_quote(
             let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
             let new = u32::from_ne_bytes([new_addr[0], new_addr[1], new_addr[2], new_addr[3]]);
             if ctx
-                .l3_csum_replace(inner + 10, old as u64, new as u64, 4)
+                .l3_csum_replace(inner + 10, u64::from(old), u64::from(new), 4)
                 .is_err()
                 || ctx.store(off, &new, 0).is_err()
             {
@@ -286,7 +286,7 @@ fn rewrite_quote(
     if old_port != new_port {
         let off = q.inner_l4 as usize + if src { 0 } else { 2 };
         if ctx
-            .l4_csum_replace(icmp_csum, old_port as u64, new_port as u64, 2)
+            .l4_csum_replace(icmp_csum, u64::from(old_port), u64::from(new_port), 2)
             .is_err()
             || ctx.store(off, &new_port, 0).is_err()
         {

@@ -26,7 +26,7 @@ pub fn mtu_of(ctx: &TcContext, ifindex: u32) -> u32 {
     let mut mtu: u32 = 0;
     // SAFETY: helper on our own skb with a stack out-pointer; whatever the
     // verdict, it stores the device MTU in `mtu`.
-    unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, ifindex, &mut mtu, 0, 0) };
+    unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ifindex, &raw mut mtu, 0, 0) };
     mtu
 }
 
@@ -62,7 +62,7 @@ pub fn clamp(ctx: &TcContext, p: &Parsed, mtu: u32) {
     let old = (mss as u16).to_be();
     let new = (max as u16).to_be();
     if ctx
-        .l4_csum_replace(l4 + 16, old as u64, new as u64, 2)
+        .l4_csum_replace(l4 + 16, u64::from(old), u64::from(new), 2)
         .is_ok()
         && ctx.store(l4 + 22, &new, 0).is_ok()
     {

@@ -37,7 +37,7 @@ fn l4_flags(p: &Parsed) -> u64 {
     // An IPv4 UDP checksum of 0 means "none": keep it 0 rather than
     // producing a bogus one.
     if p.key.proto == PROTO_UDP {
-        BPF_F_MARK_MANGLED_0 as u64
+        u64::from(BPF_F_MARK_MANGLED_0)
     } else {
         0
     }
@@ -67,15 +67,15 @@ pub fn rewrite(
             let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
             let new = u32::from_ne_bytes([new_addr[0], new_addr[1], new_addr[2], new_addr[3]]);
             if ctx
-                .l3_csum_replace(p.l3 as usize + 10, old as u64, new as u64, 4)
+                .l3_csum_replace(p.l3 as usize + 10, u64::from(old), u64::from(new), 4)
                 .is_err()
                 || (has_l4
                     && ctx
                         .l4_csum_replace(
                             csum as usize,
-                            old as u64,
-                            new as u64,
-                            l4f | BPF_F_PSEUDO_HDR as u64 | 4,
+                            u64::from(old),
+                            u64::from(new),
+                            l4f | u64::from(BPF_F_PSEUDO_HDR) | 4,
                         )
                         .is_err())
                 || ctx.store(off as usize, &new, 0).is_err()
@@ -96,7 +96,7 @@ pub fn rewrite(
                             csum as usize,
                             0,
                             diff as u64,
-                            l4f | BPF_F_PSEUDO_HDR as u64,
+                            l4f | u64::from(BPF_F_PSEUDO_HDR),
                         )
                         .is_err()
                 {
@@ -111,7 +111,7 @@ pub fn rewrite(
     if has_l4 && old_port != new_port {
         let off = p.l4 + if end == End::Source { 0 } else { 2 };
         if ctx
-            .l4_csum_replace(csum as usize, old_port as u64, new_port as u64, l4f | 2)
+            .l4_csum_replace(csum as usize, u64::from(old_port), u64::from(new_port), l4f | 2)
             .is_err()
             || ctx.store(off as usize, &new_port, 0).is_err()
         {
@@ -137,7 +137,7 @@ pub fn rewrite_icmp_outer(
         let off = p.l3 as usize + if src { 12 } else { 16 };
         let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
         let new = u32::from_ne_bytes([new_addr[0], new_addr[1], new_addr[2], new_addr[3]]);
-        ctx.l3_csum_replace(p.l3 as usize + 10, old as u64, new as u64, 4)
+        ctx.l3_csum_replace(p.l3 as usize + 10, u64::from(old), u64::from(new), 4)
             .is_ok()
             && ctx.store(off, &new, 0).is_ok()
     } else {
@@ -149,7 +149,7 @@ pub fn rewrite_icmp_outer(
         let diff = unsafe { bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
         diff >= 0
             && ctx
-                .l4_csum_replace(p.l4 as usize + 2, 0, diff as u64, BPF_F_PSEUDO_HDR as u64)
+                .l4_csum_replace(p.l4 as usize + 2, 0, diff as u64, u64::from(BPF_F_PSEUDO_HDR))
                 .is_ok()
             && ctx.store(off, &new, 0).is_ok()
     }

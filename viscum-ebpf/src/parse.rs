@@ -124,7 +124,7 @@ pub fn parse(
             let len = ctx.len();
             let want = if len < MAX_HEADERS { len } else { MAX_HEADERS };
             // SAFETY: plain helper call on our own skb.
-            if unsafe { bpf_skb_pull_data(ctx.skb.skb as *mut _, want) } != 0 {
+            if unsafe { bpf_skb_pull_data(ctx.skb.skb.cast(), want) } != 0 {
                 return Err(ParseError::Malformed);
             }
             match parse_linear(ctx, out) {

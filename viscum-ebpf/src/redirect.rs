@@ -74,7 +74,7 @@ unsafe fn write_mac(dst: *mut u8, mac: &[u8; 6]) {
 unsafe fn zero_fib(fib: *mut bpf_fib_lookup) {
     const WORDS: usize = core::mem::size_of::<bpf_fib_lookup>() / 8;
     const _: () = assert!(core::mem::size_of::<bpf_fib_lookup>() == WORDS * 8);
-    let words = fib as *mut u64;
+    let words = fib.cast::<u64>();
     for i in 0..WORDS {
         // SAFETY: within the struct, which is 8-byte aligned.
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
@@ -90,7 +90,7 @@ unsafe fn zero_fib(fib: *mut bpf_fib_lookup) {
 pub fn target_alive(ctx: &TcContext, ifindex: u32) -> bool {
     let mut mtu: u32 = 0;
     // SAFETY: helper on our own skb with a stack out-pointer.
-    unsafe { bpf_check_mtu(ctx.skb.skb as *mut _, ifindex, &mut mtu, 0, 0) >= 0 }
+    unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ifindex, &raw mut mtu, 0, 0) >= 0 }
 }
 
 /// Redirects a hit to `entry`'s veth and returns the helper's verdict
@@ -177,7 +177,7 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
     // SAFETY: the params struct lives on our stack with its real size.
     let rc = unsafe {
         fib_lookup(
-            skb as *mut _,
+            skb.cast(),
             fib,
             core::mem::size_of::<bpf_fib_lookup>() as i32,
             0,
@@ -195,7 +195,7 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
         // SAFETY: helper on our own skb with a stack out-pointer; 0 asks it
         // to validate the skb's GSO segments against the egress MTU
         // (skb_gso_validate_network_len).
-        let rc = unsafe { bpf_check_mtu(skb as *mut _, fib.ifindex, &mut mtu_len, 0, 0) };
+        let rc = unsafe { bpf_check_mtu(skb.cast(), fib.ifindex, &raw mut mtu_len, 0, 0) };
         if rc != 0 {
             counters::bump(GlobalCounter::RepliesToStack);
             return TC_ACT_UNSPEC;
@@ -252,8 +252,8 @@ fn decrement_ttl(ctx: &TcContext, p: &Parsed) -> bool {
         if ctx
             .l3_csum_replace(
                 p.l3 as usize + 10,
-                old.to_be() as u64,
-                new.to_be() as u64,
+                u64::from(old.to_be()),
+                u64::from(new.to_be()),
                 2,
             )
             .is_err()

@@ -148,7 +148,7 @@ impl Netns {
     /// Writes a sysctl as seen from the namespace.
     pub fn set_sysctl(&self, key: &str, value: &str) {
         netns::sysctl_set(Some(&self.name), key, value)
-            .unwrap_or_else(|e| panic!("write sysctl {key}={value} in {}: {e:?}", self.name))
+            .unwrap_or_else(|e| panic!("write sysctl {key}={value} in {}: {e:?}", self.name));
     }
 }
 

@@ -12,7 +12,7 @@
 //! * [`daemon`]: a typed `viscum run` fixture: [`DaemonConfig`] written as the daemon's TOML,
 //!   [`DaemonFiles`] (configuration, the edge-copy service script, run directory) and
 //!   [`Daemon`], the running daemon and its control socket.
-//! * [`say`]: output that survives a closed stdout (the lab under `| tee`, then Ctrl-C).
+//! * [`say`](mod@say): output that survives a closed stdout (the lab under `| tee`, then Ctrl-C).
 //!
 //! Namespaces are entered per thread with `setns` (through `viscum::netns::in_netns`), never
 //! with `ip netns exec`, which hides the bpffs mounts viscum depends on (see

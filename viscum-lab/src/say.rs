@@ -26,13 +26,13 @@ pub fn err(args: fmt::Arguments<'_>) {
     let _ = err.write_all(b"\n");
 }
 
-/// `println!` that never panics (see the [module](crate::say)).
+/// `println!` that never panics (see the [module](mod@crate::say)).
 #[macro_export]
 macro_rules! say {
     ($($arg:tt)*) => { $crate::say::out(format_args!($($arg)*)) };
 }
 
-/// `eprintln!` that never panics (see the [module](crate::say)).
+/// `eprintln!` that never panics (see the [module](mod@crate::say)).
 #[macro_export]
 macro_rules! shout {
     ($($arg:tt)*) => { $crate::say::err(format_args!($($arg)*)) };

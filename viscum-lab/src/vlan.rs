@@ -134,7 +134,7 @@ fn bpf<T>(cmd: c_long, attr: &mut T) -> io::Result<OwnedFd> {
         libc::syscall(
             libc::SYS_bpf,
             cmd,
-            attr as *mut T as *mut libc::c_void,
+            std::ptr::from_mut::<T>(attr).cast::<libc::c_void>(),
             mem::size_of::<T>(),
         )
     };

@@ -84,7 +84,7 @@ fn the_lab_serves_the_edge_copy_and_ctrl_c_removes_it_with_its_output_pipe_close
         names: names
             .all()
             .iter()
-            .map(|n| n.to_string())
+            .map(std::string::ToString::to_string)
             .chain([service.clone()])
             .collect(),
         dir: dir.clone(),

@@ -165,7 +165,7 @@ impl EntrySet {
                 Ok(()) => self.installed.push(*ep),
                 Err(RedirectError::Engine(EngineError::Duplicate(_))) => match engine.get(ep) {
                     Ok(Some(e)) if self.owner == Owner::Target(Some(e.ifindex)) => {
-                        self.installed.push(*ep)
+                        self.installed.push(*ep);
                     }
                     _ => errors.push(format!("{ep} is already redirected elsewhere")),
                 },

@@ -359,7 +359,7 @@ pub fn probe_helper(id: u32) -> Option<bool> {
         libc::syscall(
             libc::SYS_bpf,
             BPF_PROG_LOAD,
-            &attr as *const ProgLoad,
+            &raw const attr,
             std::mem::size_of::<ProgLoad>(),
         )
     };

@@ -269,7 +269,7 @@ impl RedirectSpec {
             errors.push(SpecError::new(
                 "mode",
                 format!("{a} and {b} cannot be combined: give one mode"),
-            ))
+            ));
         };
         if fields.anyip && nat {
             conflict("anyip", "NAT (nat, nat_to)");

@@ -188,7 +188,7 @@ impl Lexer<'_> {
             // Blanks between words; a statement ends at a newline or `;`.
             match self.chars.peek().copied() {
                 None => return Ok(words),
-                Some('\n') | Some(';') => {
+                Some('\n' | ';') => {
                     self.bump();
                     if words.is_empty() {
                         continue;
@@ -1112,7 +1112,10 @@ config service 'off'
         let s = &c.services[0];
         assert_eq!(s.name, "speedtest");
         assert_eq!(
-            s.matches.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+            s.matches
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect::<Vec<_>>(),
             ["tcp://198.51.100.7:5201", "udp://198.51.100.7:5201"]
         );
         assert_eq!(s.command, ["iperf3", "-s", "-p", "5201"]);

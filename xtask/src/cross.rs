@@ -164,7 +164,7 @@ fn zig_in(bin: &Path) -> Option<PathBuf> {
     let lib = bin.parent()?.join("lib");
     std::fs::read_dir(lib)
         .ok()?
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .map(|e| e.path().join("site-packages/ziglang/zig"))
         .find(|p| p.exists())
 }

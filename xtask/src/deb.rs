@@ -63,7 +63,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         size,
         size as f64 / 1024.0 / 1024.0,
         built,
-        started.elapsed() - built
+        started.elapsed().checked_sub(built).unwrap()
     );
     Ok(ExitCode::SUCCESS)
 }

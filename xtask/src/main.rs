@@ -5,8 +5,8 @@
 //!
 //! One module per command: [`setup`] installs the toolchain and test tools,
 //! [`build`] builds the `viscum` binary (and finds it), [`run`] runs it or
-//! starts the [`lab`], [`test`] runs every test, [`vm`] runs the VM kernel
-//! matrix, [`dist`] makes release binaries, [`bench`] runs the benchmarks. [`process`] holds the small helpers
+//! starts the [`lab`], [`test`](mod@test) runs every test, [`vm`] runs the VM kernel
+//! matrix, [`dist`] makes release binaries, [`bench`](mod@bench) runs the benchmarks. [`process`] holds the small helpers
 //! they share for running commands.
 //!
 //! xtask is an edge of the project, so errors are `anyhow` and are printed

@@ -216,7 +216,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
 }
 
 /// Makes sure what the VM kernel matrix needs is installed (see [`vm_tools`]
-/// and [`vm_rust_targets`]), installing what is missing.
+/// and the rustup targets the VM guests need), installing what is missing.
 pub fn ensure_vm() -> Result<()> {
     if Arch::host().is_none() {
         bail!(
@@ -568,7 +568,7 @@ fn ensure_bpf_linker() -> Result<bool> {
     match bpf_linker_version() {
         Some(v) if v.starts_with(BPF_LINKER_SERIES) => return Ok(false),
         Some(v) => {
-            println!("setup: bpf-linker {v} found, {BPF_LINKER_VERSION} needed (LLVM {LLVM_MAJOR})")
+            println!("setup: bpf-linker {v} found, {BPF_LINKER_VERSION} needed (LLVM {LLVM_MAJOR})");
         }
         None => println!("setup: bpf-linker is missing"),
     }

@@ -47,6 +47,13 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     let started = Instant::now();
     // The OpenWrt init and hotplug scripts (dist/) are shell: checked here, failing the run.
     let scripts_ok = crate::package::shellcheck()?;
+    let lints_started = Instant::now();
+    let lints_ok = lints()?;
+    println!(
+        "test: lints (clippy, rustdoc) {} in {:.0?}",
+        if lints_ok { "passed" } else { "FAILED" },
+        lints_started.elapsed()
+    );
     let viscum = build::viscum_debug()?;
     let mut cmd = process::cargo();
     // The integration tests build namespaces, veths and bpffs pins and attach
@@ -65,7 +72,11 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     .env("VISCUM_BIN", &viscum);
     println!("+ {}", process::display(&cmd));
     let status = cmd.status().context("cannot start cargo test")?;
-    let status = if scripts_ok { status } else { failed_status() };
+    let status = if scripts_ok && lints_ok {
+        status
+    } else {
+        failed_status()
+    };
     let host_time = started.elapsed();
     if !status.success() {
         eprintln!("error: host tests failed ({status})");
@@ -101,7 +112,37 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     })
 }
 
-/// A failed exit status, for a run whose shell scripts did not pass shellcheck.
+/// The workspace's lints as CI holds them: `cargo clippy --workspace --all-targets -- -D
+/// warnings` (the lint set is `[workspace.lints]` in Cargo.toml) and `cargo doc --no-deps`
+/// with rustdoc warnings (broken intra-doc links, bad HTML) as errors. Both run to the end,
+/// so one run shows every finding; `Ok(false)` if either failed.
+fn lints() -> Result<bool> {
+    let mut clippy = process::cargo();
+    clippy.args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]);
+    println!("+ {}", process::display(&clippy));
+    let clippy_ok = clippy.status().context("cannot start cargo clippy")?.success();
+    let mut doc = process::cargo();
+    doc.args(["doc", "--workspace", "--no-deps"])
+        .env("RUSTDOCFLAGS", "-D warnings");
+    println!("+ RUSTDOCFLAGS='-D warnings' {}", process::display(&doc));
+    let doc_ok = doc.status().context("cannot start cargo doc")?.success();
+    if !clippy_ok {
+        eprintln!("error: cargo clippy found problems (see above)");
+    }
+    if !doc_ok {
+        eprintln!("error: cargo doc found problems (see above)");
+    }
+    Ok(clippy_ok && doc_ok)
+}
+
+/// A failed exit status, for a run whose shell scripts or lints did not pass.
 fn failed_status() -> std::process::ExitStatus {
     use std::os::unix::process::ExitStatusExt as _;
     std::process::ExitStatus::from_raw(1 << 8)

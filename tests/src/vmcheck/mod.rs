@@ -164,7 +164,7 @@ fn case_line(c: &CaseResult) {
 }
 
 fn report() -> MutexGuard<'static, Option<Report>> {
-    REPORT.lock().unwrap_or_else(|p| p.into_inner())
+    REPORT.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Records a finished case: its console line, and the report.
@@ -193,7 +193,7 @@ pub fn uname() -> (String, String) {
     // SAFETY: utsname is plain bytes; uname fills it with NUL-terminated strings.
     let mut u: libc::utsname = unsafe { std::mem::zeroed() };
     // SAFETY: valid out pointer.
-    if unsafe { libc::uname(&mut u) } != 0 {
+    if unsafe { libc::uname(&raw mut u) } != 0 {
         return ("unknown".into(), "unknown".into());
     }
     let field = |f: &[libc::c_char]| {

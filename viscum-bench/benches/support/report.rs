@@ -307,7 +307,7 @@ pub fn write(args: &Args, fragments: &[Fragment]) -> Result<()> {
     let text = serde_json::to_string_pretty(&doc)?;
     match &args.out {
         Some(path) => {
-            fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?
+            fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))?;
         }
         None => {
             let mut out = std::io::stdout().lock();

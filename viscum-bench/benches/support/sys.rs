@@ -56,7 +56,7 @@ pub fn check_stop() -> Result<()> {
 /// Online CPUs.
 pub fn ncpus() -> usize {
     thread::available_parallelism()
-        .map(|n| n.get())
+        .map(std::num::NonZero::get)
         .unwrap_or(1)
 }
 
@@ -65,7 +65,7 @@ pub fn client_cpu() -> usize {
     0
 }
 pub fn server_cpu() -> usize {
-    if ncpus() > 1 { 1 } else { 0 }
+    usize::from(ncpus() > 1)
 }
 
 /// Pins the calling thread to `cpu` (best effort: a failure is reported, not fatal).
@@ -122,7 +122,7 @@ pub fn command_in_with(
                 let mut set: libc::cpu_set_t = std::mem::zeroed();
                 libc::CPU_SET(cpu, &mut set);
                 // Best effort, like taskset on a machine with fewer CPUs.
-                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const set);
             }
             Ok(())
         });
@@ -210,7 +210,7 @@ pub fn wait_rusage(child: &mut Child, timeout: Duration) -> Result<(ExitStatus, 
         let mut status: libc::c_int = 0;
         // SAFETY: plain wait4 on our own child with valid out-pointers.
         let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        let r = unsafe { libc::wait4(pid, &raw mut status, libc::WNOHANG, &raw mut usage) };
         if r == pid {
             return Ok((ExitStatus::from_raw(status), usage.ru_maxrss));
         }

@@ -145,7 +145,7 @@ fn sizes(env: &Env<'_>) -> Vec<Row> {
     let dist = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/dist");
     let mut found: Vec<PathBuf> = std::fs::read_dir(&dist)
         .map(|rd| {
-            rd.filter_map(|e| e.ok())
+            rd.filter_map(std::result::Result::ok)
                 .map(|e| e.path())
                 .filter(|p| {
                     p.file_name()

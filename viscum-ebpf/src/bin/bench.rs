@@ -46,7 +46,7 @@ pub fn bench_noop(_ctx: TcContext) -> i32 {
 #[classifier]
 pub fn bench_hook(_ctx: TcContext) -> i32 {
     // SAFETY: reading a plain global of this object.
-    let ifindex = unsafe { core::ptr::read_volatile(&HOOK_IFINDEX) };
+    let ifindex = unsafe { core::ptr::read_volatile(&raw const HOOK_IFINDEX) };
     // SAFETY: helper call with a plain ifindex; flags must be 0. Returns
     // TC_ACT_REDIRECT, or TC_ACT_SHOT for a bad flag.
     unsafe { bpf_redirect_peer(ifindex, 0) as i32 }

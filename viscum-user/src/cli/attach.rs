@@ -66,10 +66,10 @@ pub fn attach(pins: &Pins, args: AttachArgs) -> Result<()> {
     for (iface, outcome) in done {
         match outcome {
             AttachOutcome::Tcx => {
-                println!("attached to {iface} (tcx; kernel {kernel}; redirect: {redirect})")
+                println!("attached to {iface} (tcx; kernel {kernel}; redirect: {redirect})");
             }
             AttachOutcome::Clsact => {
-                println!("attached to {iface} (clsact; kernel {kernel}; redirect: {redirect})")
+                println!("attached to {iface} (clsact; kernel {kernel}; redirect: {redirect})");
             }
             AttachOutcome::Reattached { tcx } => println!(
                 "re-attached to {iface} ({}; kernel {kernel}; redirect: {redirect}): the \
@@ -133,9 +133,10 @@ pub(super) async fn recover_targets(pins: &Pins) -> Result<()> {
         eprintln!(
             "note: the target of {} is gone ({}); its traffic goes to the cloud until it is back",
             w.endpoint,
-            w.name
-                .as_deref()
-                .map_or_else(|| format!("ifindex {}", w.ifindex), |n| n.to_owned())
+            w.name.as_deref().map_or_else(
+                || format!("ifindex {}", w.ifindex),
+                std::borrow::ToOwned::to_owned
+            )
         );
     }
     Ok(())

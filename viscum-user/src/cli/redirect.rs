@@ -310,7 +310,7 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
                         .saturating_duration_since(std::time::Instant::now());
                     tokio::select! {
                         _ = tokio::signal::ctrl_c() => break Ok(()),
-                        _ = tokio::time::sleep(wait) => {}
+                        () = tokio::time::sleep(wait) => {}
                     }
                 }
             }

@@ -47,7 +47,7 @@ pub fn current() -> Option<(f64, Source)> {
             let text = fs::read_to_string("/proc/loadavg").ok()?;
             let one: f64 = text.split_whitespace().next()?.parse().ok()?;
             let cpus = std::thread::available_parallelism()
-                .map(|n| n.get())
+                .map(std::num::NonZero::get)
                 .unwrap_or(1) as f64;
             Some((one / cpus, Source::Loadavg))
         }

@@ -53,7 +53,7 @@ impl std::fmt::Display for Exit {
             Exit::Code(c) => write!(f, "exit status {c}"),
             Exit::Signal(s) => {
                 let name = nix::sys::signal::Signal::try_from(*s)
-                    .map(|s| s.as_str())
+                    .map(nix::sys::signal::Signal::as_str)
                     .unwrap_or("?");
                 write!(f, "killed by signal {s} ({name})")
             }

@@ -161,7 +161,9 @@ impl Handle {
     /// The published state: the status (counters not yet filled in) plus what the supervisor
     /// needs to fill them in.
     pub fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -380,7 +382,8 @@ impl Actor {
                         );
                         self.proc = Some(proc);
                         self.adopted = true;
-                        self.started = Some(Instant::now() - process_age(start));
+                        self.started =
+                            Some(Instant::now().checked_sub(process_age(start)).unwrap());
                         self.state = ServiceState::Running;
                         self.publish_installed();
                         self.provisional = !self.entries.installed().is_empty();
@@ -388,7 +391,7 @@ impl Actor {
                         return;
                     }
                     Err(e) => {
-                        log::warn!("service {}: cannot watch process {pid}: {e}", self.name())
+                        log::warn!("service {}: cannot watch process {pid}: {e}", self.name());
                     }
                 }
             }
@@ -556,7 +559,7 @@ impl Actor {
         let mut engine = self.ctx.engine.lock().await;
         let name = self.cfg.name.clone();
         self.entries.adopt(&mut engine, &self.cfg.matches, |m| {
-            log::warn!("service {name}: {m}")
+            log::warn!("service {name}: {m}");
         })
     }
 
@@ -605,9 +608,9 @@ impl Actor {
         self.hosts
             .refresh_due(&self.ctx.engine, &resolver, |failed, msg| {
                 if failed {
-                    log::warn!("service {name}: {msg}")
+                    log::warn!("service {name}: {msg}");
                 } else {
-                    log::info!("service {name}: {msg}")
+                    log::info!("service {name}: {msg}");
                 }
             })
             .await;
@@ -1049,7 +1052,9 @@ impl Actor {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Shared> {
-        self.shared.lock().unwrap_or_else(|p| p.into_inner())
+        self.shared
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn publish(&self) {

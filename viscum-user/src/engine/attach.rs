@@ -156,7 +156,7 @@ fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
         rlim_max: libc::RLIM_INFINITY,
     };
     // SAFETY: plain syscall with a valid pointer.
-    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) } != 0 {
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &raw const rlim) } != 0 {
         log::debug!(
             "could not raise RLIMIT_MEMLOCK: {}",
             io::Error::last_os_error()
@@ -593,7 +593,7 @@ fn state_of(program: &Path, record: &Path, name: &str) -> Attachment {
         Ok(true) if !tcx && !record_is_for(record, name) => {
             // Our program, but on an interface instance we never recorded: someone
             // attached it by hand. Ours is gone with the old instance.
-            a.state = AttachState::Missing
+            a.state = AttachState::Missing;
         }
         Ok(true) => a.state = AttachState::Attached,
         Ok(false) => a.state = AttachState::Missing,
@@ -640,7 +640,7 @@ pub fn attached_interfaces(pins: &Pins) -> Vec<String> {
 pub fn recorded_interfaces(pins: &Pins) -> Vec<String> {
     let mut names: Vec<String> = fs::read_dir(pins.links_dir())
         .map(|rd| {
-            rd.filter_map(|e| e.ok())
+            rd.filter_map(std::result::Result::ok)
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect()
         })

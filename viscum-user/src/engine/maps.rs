@@ -177,7 +177,7 @@ impl Engine {
     /// [`EngineError::Map`] if a map cannot be read.
     pub fn entries(&self) -> Result<Vec<EntryView>, EngineError> {
         let mut out = Vec::new();
-        for item in self.services.iter() {
+        for item in &self.services {
             let (key, values) =
                 item.map_err(|e| EngineError::map("cannot read the services map", e))?;
             let Some(endpoint) = Endpoint::from_key(&key) else {
@@ -209,7 +209,7 @@ impl Engine {
     /// Every prefix node: (LPM prefix length, data, node).
     fn nodes(&self) -> Result<Vec<(u32, PrefixData, PrefixNode)>, EngineError> {
         let mut out = Vec::new();
-        for item in self.prefixes.iter() {
+        for item in &self.prefixes {
             let (key, node) =
                 item.map_err(|e| EngineError::map("cannot read the prefix table", e))?;
             out.push((key.prefix_len(), key.data(), node));
@@ -462,7 +462,7 @@ impl Engine {
         let now = monotonic_ns();
         let cfg = self.config.get(&0, 0).unwrap_or_default();
         let mut out = std::collections::HashMap::new();
-        for item in self.flows.iter() {
+        for item in &self.flows {
             let Ok((key, state)) = item else { continue };
             if state.decision != FLOW_EDGE {
                 continue;
@@ -660,7 +660,7 @@ pub(crate) fn monotonic_ns() -> u64 {
         tv_nsec: 0,
     };
     // SAFETY: valid out pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 

@@ -334,7 +334,7 @@ fn persistent_mount_ns() -> io::Result<Option<File>> {
 
 /// `mnt:[4026531841]` of `/proc/<who>/ns/mnt`.
 fn mount_ns_id(who: &str) -> io::Result<std::ffi::OsString> {
-    fs::read_link(format!("/proc/{who}/ns/mnt")).map(|p| p.into_os_string())
+    fs::read_link(format!("/proc/{who}/ns/mnt")).map(std::path::PathBuf::into_os_string)
 }
 
 /// The parent pid of `pid`, from `/proc/<pid>/stat` (the field after the parenthesised
@@ -373,7 +373,7 @@ fn enter_mount_ns(mnt: &File) -> io::Result<()> {
 fn prepare_run_dir() -> io::Result<()> {
     let _guard = RUN_DIR_LOCK
         .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     match fs::create_dir(NETNS_RUN_DIR) {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}

@@ -77,7 +77,7 @@ pub fn facts() -> Value {
         "kernel_version": read("/proc/sys/kernel/version"),
         "arch": std::env::consts::ARCH,
         "cpu": model,
-        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "cpus": std::thread::available_parallelism().map(std::num::NonZero::get).unwrap_or(1),
         "virtualized": hypervisor,
         "memory_mib": mem_kib.map(|k| k / 1024),
         "tc_attach": if kernel_at_least(&kernel, 6, 6) { "tcx (kernel >= 6.6; aya attaches with TCX links)" } else { "clsact (netlink)" },

@@ -49,7 +49,7 @@ fn namespaces(run_id: &str) -> Vec<String> {
     let want = format!("{run_id}-");
     fs::read_dir("/run/netns")
         .map(|rd| {
-            rd.filter_map(|e| e.ok())
+            rd.filter_map(std::result::Result::ok)
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .filter(|n| n.starts_with(&want))
                 .collect()
@@ -117,7 +117,7 @@ pub fn finish(run_id: &str) {
 /// than an hour ago.
 pub fn stale_runs() {
     let Ok(rd) = fs::read_dir("/run") else { return };
-    for entry in rd.filter_map(|e| e.ok()) {
+    for entry in rd.filter_map(std::result::Result::ok) {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(run_id) = name.strip_prefix(PREFIX) else {
             continue;

@@ -125,7 +125,7 @@ impl Budgets {
 pub fn supports_verified_insns(release: &str) -> bool {
     let mut parts = release
         .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse::<u32>());
+        .map(str::parse::<u32>);
     match (parts.next(), parts.next()) {
         (Some(Ok(major)), Some(Ok(minor))) => (major, minor) >= (5, 16),
         _ => true,

@@ -148,7 +148,7 @@ pub fn write(
     }
     cpio.finish()?
         .into_inner()
-        .map_err(|e| e.into_error())?
+        .map_err(std::io::IntoInnerError::into_error)?
         .sync_all()?;
     Ok(fs::metadata(path)?.len())
 }

@@ -80,7 +80,7 @@ fn wanted_modules() -> Vec<String> {
     REQUIRED_MODULES
         .iter()
         .chain(OPTIONAL_MODULES)
-        .map(|m| m.to_string())
+        .map(std::string::ToString::to_string)
         .collect()
 }
 
@@ -363,7 +363,7 @@ fn unpack(deb: &Path, package: &str, version: &str, dir: &Path) -> Result<Kernel
     let boot = root.join("boot");
     let vmlinuz = fs::read_dir(&boot)
         .with_context(|| format!("{package} has no /boot"))?
-        .filter_map(|e| e.ok())
+        .filter_map(std::result::Result::ok)
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .find(|n| n.starts_with("vmlinuz-") || n.starts_with("vmlinux-"))
         .with_context(|| format!("{package} has no /boot/vmlinuz-*"))?;
@@ -603,7 +603,7 @@ mod tests {
     use super::*;
 
     fn pats(p: &[&str]) -> Vec<String> {
-        p.iter().map(|s| s.to_string()).collect()
+        p.iter().map(std::string::ToString::to_string).collect()
     }
 
     #[test]

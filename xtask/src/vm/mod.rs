@@ -62,7 +62,7 @@ pub struct Options {
     /// List the VMs of the matrix and exit.
     #[arg(long)]
     pub list: bool,
-    /// Boot DIR/<rust-target>/init as PID 1 instead of building viscum-vmcheck
+    /// Boot `DIR/<rust-target>/init` as PID 1 instead of building viscum-vmcheck
     /// (for testing the harness with a stand-in; `viscum` is still built).
     #[arg(long, value_name = "DIR", hide = true)]
     pub guest_init: Option<PathBuf>,
@@ -176,8 +176,7 @@ pub fn run_matrix(opts: &Options) -> Result<bool> {
     let bins = built.context("building the guest binaries")?;
     let (kernels, fetch_time) = fetched.context("fetching the kernels")?;
     println!(
-        "vm: kernels ready in {:.0?}, guest binaries in {:.0?}",
-        fetch_time, build_time
+        "vm: kernels ready in {fetch_time:.0?}, guest binaries in {build_time:.0?}"
     );
 
     // One initramfs per VM: they differ in modules and binaries.

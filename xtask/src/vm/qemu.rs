@@ -287,7 +287,7 @@ fn echo(vm: &str, record: &Record, at: Duration) {
             if *pass { "PASS" } else { "FAIL" }
         ),
         Record::Malformed { line, why } => {
-            println!("[{vm} {t:6.1}s] malformed record ({why}): {line}")
+            println!("[{vm} {t:6.1}s] malformed record ({why}): {line}");
         }
     }
 }
