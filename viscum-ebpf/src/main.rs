@@ -38,6 +38,7 @@ mod mss;
 mod nat;
 mod parse;
 mod redirect;
+mod runtime;
 
 use core::mem::MaybeUninit;
 
@@ -314,17 +315,7 @@ fn pass() -> i32 {
     TC_ACT_UNSPEC
 }
 
-#[cfg(target_arch = "bpf")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
 /// The host build's entry point (see the crate attributes); the programs only run in the
 /// kernel.
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

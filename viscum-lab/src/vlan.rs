@@ -19,10 +19,7 @@ use std::{
 use viscum::netns;
 
 /// `bpf(2)` commands.
-const BPF_PROG_LOAD: c_long = 5;
 const BPF_LINK_CREATE: c_long = 28;
-/// `BPF_PROG_TYPE_SCHED_CLS`.
-const PROG_TYPE_SCHED_CLS: u32 = 3;
 /// `enum bpf_attach_type`.
 const BPF_TCX_INGRESS: u32 = 46;
 const BPF_TCX_EGRESS: u32 = 47;
@@ -95,25 +92,6 @@ fn program(tag: Tag) -> Vec<Insn> {
     insns
 }
 
-/// `union bpf_attr` for BPF_PROG_LOAD, up to `expected_attach_type`, zero-padded (the
-/// kernel accepts a longer attr as long as the tail is zero).
-#[repr(C)]
-struct ProgLoadAttr {
-    prog_type: u32,
-    insn_cnt: u32,
-    insns: u64,
-    license: u64,
-    log_level: u32,
-    log_size: u32,
-    log_buf: u64,
-    kern_version: u32,
-    prog_flags: u32,
-    prog_name: [u8; 16],
-    prog_ifindex: u32,
-    expected_attach_type: u32,
-    _zero: [u64; 8],
-}
-
 /// `union bpf_attr` for BPF_LINK_CREATE with the `tcx` member, zero-padded.
 #[repr(C)]
 struct LinkCreateAttr {
@@ -146,34 +124,22 @@ fn bpf<T>(cmd: c_long, attr: &mut T) -> io::Result<OwnedFd> {
 }
 
 fn load(tag: Tag) -> io::Result<OwnedFd> {
-    let insns = program(tag);
-    let license = c"GPL";
-    let mut log = vec![0u8; 4096];
-    let mut name = [0u8; 16];
-    name[..10].copy_from_slice(b"lab_vlan_t");
-    let mut attr = ProgLoadAttr {
-        prog_type: PROG_TYPE_SCHED_CLS,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        log_level: 1,
-        log_size: log.len() as u32,
-        log_buf: log.as_mut_ptr() as u64,
-        kern_version: 0,
-        prog_flags: 0,
-        prog_name: name,
-        prog_ifindex: 0,
-        expected_attach_type: 0,
-        _zero: [0; 8],
-    };
-    bpf(BPF_PROG_LOAD, &mut attr).map_err(|e| {
-        let end = log.iter().position(|&b| b == 0).unwrap_or(log.len());
+    // `Insn` is `struct bpf_insn` (8 bytes, the CPU's byte order), so each is one u64.
+    let insns: Vec<u64> = program(tag)
+        .iter()
+        .map(|i| {
+            let mut b = [0u8; 8];
+            b[0] = i.code;
+            b[1] = i.regs;
+            b[2..4].copy_from_slice(&i.off.to_ne_bytes());
+            b[4..8].copy_from_slice(&i.imm.to_ne_bytes());
+            u64::from_ne_bytes(b)
+        })
+        .collect();
+    viscum::features::load_raw_classifier("lab_vlan_tag", &insns).map_err(|e| {
         io::Error::new(
-            e.kind(),
-            format!(
-                "load vlan {tag:?} program: {e}: {}",
-                String::from_utf8_lossy(&log[..end])
-            ),
+            e.error.kind(),
+            format!("load vlan {tag:?} program: {}: {}", e.error, e.log),
         )
     })
 }
@@ -209,8 +175,6 @@ mod tests {
 
     #[test]
     fn attrs_have_the_kernel_layout() {
-        assert_eq!(mem::offset_of!(ProgLoadAttr, prog_name), 48);
-        assert_eq!(mem::offset_of!(ProgLoadAttr, expected_attach_type), 68);
         assert_eq!(mem::offset_of!(LinkCreateAttr, relative_fd), 16);
         assert_eq!(mem::offset_of!(LinkCreateAttr, expected_revision), 24);
         assert_eq!(mem::size_of::<Insn>(), 8);

@@ -322,55 +322,16 @@ pub fn probe_helper(id: u32) -> Option<bool> {
     const BPF_JMP_CALL: u8 = 0x85;
     const BPF_ALU64_MOV_K: u8 = 0xb7;
     const BPF_EXIT: u8 = 0x95;
-    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
-    const BPF_PROG_LOAD: libc::c_long = 5;
     let insns = [
         insn(BPF_JMP_CALL, id as i32),
         insn(BPF_ALU64_MOV_K, 0),
         insn(BPF_EXIT, 0),
     ];
-    let license = c"GPL";
-    let mut log = vec![0u8; 4096];
-    // union bpf_attr, BPF_PROG_LOAD part: prog_type, insn_cnt, insns,
-    // license, log_level, log_size, log_buf (the rest zero).
-    #[repr(C)]
-    struct ProgLoad {
-        prog_type: u32,
-        insn_cnt: u32,
-        insns: u64,
-        license: u64,
-        log_level: u32,
-        log_size: u32,
-        log_buf: u64,
-        rest: [u8; 96],
-    }
-    let attr = ProgLoad {
-        prog_type: BPF_PROG_TYPE_SCHED_CLS,
-        insn_cnt: insns.len() as u32,
-        insns: insns.as_ptr() as u64,
-        license: license.as_ptr() as u64,
-        log_level: 1,
-        log_size: log.len() as u32,
-        log_buf: log.as_mut_ptr() as u64,
-        rest: [0; 96],
+    let log = match load_raw_classifier("viscum_probe", &insns) {
+        // The descriptor closes on drop: the program was only a question.
+        Ok(_fd) => return Some(true),
+        Err(e) => e.log,
     };
-    // SAFETY: the attr struct and the buffers it points to outlive the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_LOAD,
-            &raw const attr,
-            std::mem::size_of::<ProgLoad>(),
-        )
-    };
-    if fd >= 0 {
-        // SAFETY: a fresh fd we own.
-        unsafe { libc::close(fd as i32) };
-        return Some(true);
-    }
-    let log = CStr::from_bytes_until_nul(&log)
-        .map(|c| c.to_string_lossy().into_owned())
-        .unwrap_or_default();
     // "invalid func" (id beyond this kernel's list), "unknown func" (older
     // wording), "cannot use helper" (known, but not for TC programs).
     if log.contains("invalid func")
@@ -383,6 +344,87 @@ pub fn probe_helper(id: u32) -> Option<bool> {
     } else {
         Some(true)
     }
+}
+
+/// A `BPF_PROG_LOAD` the kernel refused.
+#[derive(Debug)]
+pub struct RawLoadError {
+    /// The `bpf(2)` error (`EINVAL` for a program the verifier rejects, `EPERM` without
+    /// CAP_BPF/CAP_SYS_ADMIN).
+    pub error: std::io::Error,
+    /// The verifier's log (level 1, at most 4 KiB), empty if it wrote none.
+    pub log: String,
+}
+
+/// Loads raw instructions as a `BPF_PROG_TYPE_SCHED_CLS` program named `name` (at most 15
+/// bytes are kept), GPL-licensed, with no BTF and no expected attach type, through the plain
+/// `bpf(BPF_PROG_LOAD)` syscall (bpf(2)). `insns` are `struct bpf_insn`s in the CPU's byte
+/// order. For tiny hand-assembled programs (helper probes, test fixtures); real programs go
+/// through aya. Returns the program's descriptor, or the errno and the verifier's log.
+pub fn load_raw_classifier(
+    name: &str,
+    insns: &[u64],
+) -> Result<std::os::fd::OwnedFd, RawLoadError> {
+    use std::os::fd::FromRawFd as _;
+    const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    // `union bpf_attr` for BPF_PROG_LOAD up to `expected_attach_type`, zero-padded (the
+    // kernel accepts a longer attr as long as the tail is zero).
+    #[repr(C)]
+    struct ProgLoadAttr {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+        zero: [u64; 8],
+    }
+    let license = c"GPL";
+    let mut log = vec![0u8; 4096];
+    let mut prog_name = [0u8; 16];
+    let len = name.len().min(15);
+    prog_name[..len].copy_from_slice(&name.as_bytes()[..len]);
+    let attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_SCHED_CLS,
+        insn_cnt: u32::try_from(insns.len()).unwrap_or(u32::MAX),
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 1,
+        log_size: log.len() as u32,
+        log_buf: log.as_mut_ptr() as u64,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name,
+        prog_ifindex: 0,
+        expected_attach_type: 0,
+        zero: [0; 8],
+    };
+    // SAFETY: the attr struct and the buffers it points to outlive the call; the kernel only
+    // writes into `log`, within log_size.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_LOAD,
+            &raw const attr,
+            std::mem::size_of::<ProgLoadAttr>(),
+        )
+    };
+    if fd >= 0 {
+        // SAFETY: a fresh descriptor the kernel just returned to us.
+        return Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) });
+    }
+    let error = std::io::Error::last_os_error();
+    let log = CStr::from_bytes_until_nul(&log)
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Err(RawLoadError { error, log })
 }
 
 #[cfg(test)]

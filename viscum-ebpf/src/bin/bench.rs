@@ -23,6 +23,9 @@
     reason = "aya's #[classifier] drops the programs' doc comments"
 )]
 
+#[path = "../runtime.rs"]
+mod runtime;
+
 use aya_ebpf::{
     bindings::TC_ACT_OK, helpers::bpf_redirect_peer, macros::classifier, programs::TcContext,
 };
@@ -52,17 +55,7 @@ pub fn bench_hook(_ctx: TcContext) -> i32 {
     unsafe { bpf_redirect_peer(ifindex, 0) as i32 }
 }
 
-#[cfg(target_arch = "bpf")]
-#[panic_handler]
-fn panic(_info: &core::panic::PanicInfo) -> ! {
-    loop {}
-}
-
 /// The host build's entry point (see the crate attributes); the programs only run in the
 /// kernel.
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}
-
-#[unsafe(link_section = "license")]
-#[unsafe(no_mangle)]
-static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";
