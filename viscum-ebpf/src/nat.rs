@@ -111,7 +111,12 @@ pub fn rewrite(
     if has_l4 && old_port != new_port {
         let off = p.l4 + if end == End::Source { 0 } else { 2 };
         if ctx
-            .l4_csum_replace(csum as usize, u64::from(old_port), u64::from(new_port), l4f | 2)
+            .l4_csum_replace(
+                csum as usize,
+                u64::from(old_port),
+                u64::from(new_port),
+                l4f | 2,
+            )
             .is_err()
             || ctx.store(off as usize, &new_port, 0).is_err()
         {
@@ -149,7 +154,12 @@ pub fn rewrite_icmp_outer(
         let diff = unsafe { bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
         diff >= 0
             && ctx
-                .l4_csum_replace(p.l4 as usize + 2, 0, diff as u64, u64::from(BPF_F_PSEUDO_HDR))
+                .l4_csum_replace(
+                    p.l4 as usize + 2,
+                    0,
+                    diff as u64,
+                    u64::from(BPF_F_PSEUDO_HDR),
+                )
                 .is_ok()
             && ctx.store(off, &new, 0).is_ok()
     }
