@@ -532,7 +532,12 @@ impl Drop for Lab {
     fn drop(&mut self) {
         // Their host veths live in the edge namespace and go with it; the namespaces
         // themselves are named globally and must be deleted here.
-        let names = std::mem::take(&mut *self.service_ns.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        let names = std::mem::take(
+            &mut *self
+                .service_ns
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
         for name in names {
             delete_quietly(&name);
         }

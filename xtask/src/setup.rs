@@ -568,7 +568,9 @@ fn ensure_bpf_linker() -> Result<bool> {
     match bpf_linker_version() {
         Some(v) if v.starts_with(BPF_LINKER_SERIES) => return Ok(false),
         Some(v) => {
-            println!("setup: bpf-linker {v} found, {BPF_LINKER_VERSION} needed (LLVM {LLVM_MAJOR})");
+            println!(
+                "setup: bpf-linker {v} found, {BPF_LINKER_VERSION} needed (LLVM {LLVM_MAJOR})"
+            );
         }
         None => println!("setup: bpf-linker is missing"),
     }

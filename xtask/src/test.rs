@@ -127,7 +127,10 @@ fn lints() -> Result<bool> {
         "warnings",
     ]);
     println!("+ {}", process::display(&clippy));
-    let clippy_ok = clippy.status().context("cannot start cargo clippy")?.success();
+    let clippy_ok = clippy
+        .status()
+        .context("cannot start cargo clippy")?
+        .success();
     let mut doc = process::cargo();
     doc.args(["doc", "--workspace", "--no-deps"])
         .env("RUSTDOCFLAGS", "-D warnings");

@@ -88,8 +88,12 @@ pub fn program_stats(pins: &Pins) -> Vec<ProgramStats> {
             .and_then(|p| p.info().ok());
         ProgramStats {
             name,
-            verified_insns: info.as_ref().and_then(aya::programs::ProgramInfo::verified_instruction_count),
-            xlated_bytes: info.as_ref().and_then(aya::programs::ProgramInfo::size_translated),
+            verified_insns: info
+                .as_ref()
+                .and_then(aya::programs::ProgramInfo::verified_instruction_count),
+            xlated_bytes: info
+                .as_ref()
+                .and_then(aya::programs::ProgramInfo::size_translated),
             jited_bytes: info
                 .as_ref()
                 .map(aya::programs::ProgramInfo::size_jitted)

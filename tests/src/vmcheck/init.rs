@@ -179,7 +179,10 @@ pub fn load_modules(progress: &mut dyn FnMut(&str)) -> CaseResult {
 fn load_modules_from(dir: &Path, progress: &mut dyn FnMut(&str)) -> CaseResult {
     let start = std::time::Instant::now();
     let mut files: Vec<_> = match fs::read_dir(dir) {
-        Ok(rd) => rd.filter_map(std::result::Result::ok).map(|e| e.path()).collect(),
+        Ok(rd) => rd
+            .filter_map(std::result::Result::ok)
+            .map(|e| e.path())
+            .collect(),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
         Err(e) => {
             return CaseResult {

@@ -164,7 +164,9 @@ fn case_line(c: &CaseResult) {
 }
 
 fn report() -> MutexGuard<'static, Option<Report>> {
-    REPORT.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    REPORT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Records a finished case: its console line, and the report.

@@ -648,7 +648,11 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
             "dev",
             "lo",
         ])?;
-        let probes = prober.since(Instant::now().checked_sub(Duration::from_secs(3600)).unwrap());
+        let probes = prober.since(
+            Instant::now()
+                .checked_sub(Duration::from_secs(3600))
+                .unwrap(),
+        );
         if probes.len() > 1 {
             let span = ms(probes[0].started, probes[probes.len() - 1].started);
             periods.push(span / (probes.len() - 1) as f64);

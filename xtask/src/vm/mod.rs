@@ -175,9 +175,7 @@ pub fn run_matrix(opts: &Options) -> Result<bool> {
         .map_err(|_| anyhow::anyhow!("the kernel fetching thread panicked"))?;
     let bins = built.context("building the guest binaries")?;
     let (kernels, fetch_time) = fetched.context("fetching the kernels")?;
-    println!(
-        "vm: kernels ready in {fetch_time:.0?}, guest binaries in {build_time:.0?}"
-    );
+    println!("vm: kernels ready in {fetch_time:.0?}, guest binaries in {build_time:.0?}");
 
     // One initramfs per VM: they differ in modules and binaries.
     let mut jobs = VecDeque::new();

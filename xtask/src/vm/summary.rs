@@ -160,7 +160,12 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> String {
             .trim_end()
             .to_owned()
     };
-    let mut out = line(header.iter().map(std::string::ToString::to_string).collect());
+    let mut out = line(
+        header
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect(),
+    );
     out.push('\n');
     for row in rows {
         out.push_str(&line(row.clone()));
