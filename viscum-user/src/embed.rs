@@ -101,8 +101,8 @@ pub enum EmbedError {
         #[source]
         source: std::io::Error,
     },
-    /// [`Viscum::remove`] removed some entries but not all: the failures,
-    /// joined with `; `.
+    /// [`Viscum::remove`] could not remove some entries (the others are removed): the
+    /// failures, joined with `; `.
     #[error("cannot remove every entry: {0}")]
     Remove(String),
 }

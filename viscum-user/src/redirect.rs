@@ -84,7 +84,7 @@ pub enum RedirectError {
     /// The target namespace or veth could not be found, or a namespace route failed.
     #[error(transparent)]
     Netns(#[from] NetnsError),
-    /// A `--to` target exists but is not the host side of a veth pair.
+    /// A `--to` target exists but is not a veth (its rtnetlink kind is another).
     #[error(
         "interface {name} is not a veth (it is {kind}): redirect targets must be the host side of a veth pair"
     )]
