@@ -241,6 +241,97 @@ pub struct PrefixNode {
 }
 const _: () = assert!(core::mem::size_of::<PrefixNode>() == 184);
 
+/// Name of the miss pre-filter: an array of [`PORT_FILTER_WORDS`] `u64` words, a bitmap over
+/// (protocol, destination port) in which a **set** bit means "no entry or rule can match this
+/// protocol and port" (see [`port_filter_slot`]). The classifier passes such packets before
+/// it hashes a services-map key or walks the prefix trie: unmanaged traffic, most of a
+/// router's, pays one array read.
+///
+/// The sense is inverted on purpose: a fresh (all-zero) map filters nothing, so a classifier
+/// whose filter was never built, or was pinned by a version that did not know it, is only
+/// slower, never wrong. User space builds it from the full contents of the services map and
+/// the prefix table, clears an entry's bits before the entry can be looked up, and only
+/// sets bits in a rebuild that read every entry.
+pub const PORTS_MAP: &str = "VISCUM_PORTS";
+/// Words of the port bitmap: 1024 per protocol (TCP, then UDP; 65,536 ports each).
+pub const PORT_FILTER_BITMAP_WORDS: u32 = 2 * 1024;
+/// Size of [`PORTS_MAP`]: the bitmap plus one marker word (index
+/// [`PORT_FILTER_BITMAP_WORDS`]) that user space sets to [`PORT_FILTER_BUILT`] once it has built
+/// the filter from the maps' contents; the classifier never reads it.
+pub const PORT_FILTER_WORDS: u32 = PORT_FILTER_BITMAP_WORDS + 1;
+/// Value of the marker word once the filter has been built.
+pub const PORT_FILTER_BUILT: u64 = 1;
+
+/// The word index and bit of (`proto`, `port`) in the port bitmap; `port` in **host** byte
+/// order. UDP uses the second half, every other protocol the first (only TCP and UDP ever
+/// reach the lookup).
+#[inline(always)]
+pub const fn port_filter_slot(proto: u8, port: u16) -> (u32, u64) {
+    let base = if proto == PROTO_UDP { 1024 } else { 0 };
+    (base + (port as u32 >> 6), 1u64 << (port & 63))
+}
+
+/// A port bitmap being built in user space (see [`PORTS_MAP`]): starts with every port
+/// unmanaged; [`PortFilter::manage`] clears the bits an entry or rule can match.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortFilter {
+    /// The words, indexed as [`port_filter_slot`] says.
+    pub words: [u64; PORT_FILTER_BITMAP_WORDS as usize],
+}
+
+impl Default for PortFilter {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PortFilter {
+    /// Every (protocol, port) unmanaged: the filter of empty maps.
+    pub const fn new() -> Self {
+        PortFilter {
+            words: [!0; PORT_FILTER_BITMAP_WORDS as usize],
+        }
+    }
+
+    /// Marks ports `lo..=hi` (host order) of `proto` as managed.
+    pub fn manage(&mut self, proto: u8, lo: u16, hi: u16) {
+        let mut port = lo;
+        while port <= hi {
+            let (w, bit) = port_filter_slot(proto, port);
+            if port & 63 == 0 && hi - port >= 63 {
+                self.words[w as usize] = 0;
+                port = port.saturating_add(64);
+                if port == 0 {
+                    break;
+                }
+                continue;
+            }
+            self.words[w as usize] &= !bit;
+            if port == u16::MAX {
+                break;
+            }
+            port += 1;
+        }
+    }
+
+    /// Marks what services-map key `key` matches: its port, or every port of its
+    /// protocol for an "all ports" key (`port` 0).
+    pub fn manage_key(&mut self, key: &ServiceKey) {
+        let port = u16::from_be(key.port);
+        if port == 0 {
+            self.manage(key.proto, 0, u16::MAX);
+        } else {
+            self.manage(key.proto, port, port);
+        }
+    }
+
+    /// Is (`proto`, `port`) unmanaged (host-order port)?
+    pub const fn unmanaged(&self, proto: u8, port: u16) -> bool {
+        let (w, bit) = port_filter_slot(proto, port);
+        self.words[w as usize] & bit != 0
+    }
+}
+
 /// Name of the LRU flow table (`FlowKey` -> `FlowState`).
 pub const FLOWS_MAP: &str = "VISCUM_FLOWS";
 /// Name of the LRU reply table (`ReplyKey` -> `ReplyState`).
@@ -703,6 +794,41 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::PortRule;
+
+    #[test]
+    fn port_filter_marks_exactly_the_managed_ports() {
+        use super::{FAMILY_V4, PROTO_TCP, PROTO_UDP, PortFilter, ServiceKey};
+        let mut f = PortFilter::new();
+        assert!(f.unmanaged(PROTO_TCP, 80) && f.unmanaged(PROTO_UDP, 0));
+        f.manage_key(&ServiceKey {
+            addr: [0; 16],
+            port: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+        });
+        assert!(!f.unmanaged(PROTO_TCP, 80));
+        assert!(f.unmanaged(PROTO_TCP, 79) && f.unmanaged(PROTO_TCP, 81));
+        assert!(f.unmanaged(PROTO_UDP, 80), "protocols are separate");
+        // A range crossing word boundaries, with whole words in the middle.
+        f.manage(PROTO_UDP, 60, 300);
+        for port in 0..=u16::MAX {
+            assert_eq!(
+                f.unmanaged(PROTO_UDP, port),
+                !(60..=300).contains(&port),
+                "udp {port}"
+            );
+        }
+        // The top of the range, and "all ports".
+        f.manage(PROTO_UDP, 65_500, u16::MAX);
+        assert!(!f.unmanaged(PROTO_UDP, u16::MAX) && f.unmanaged(PROTO_UDP, 65_499));
+        f.manage_key(&ServiceKey {
+            addr: [0; 16],
+            port: 0,
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+        });
+        assert!((0..=u16::MAX).all(|p| !f.unmanaged(PROTO_TCP, p)));
+    }
 
     #[test]
     fn source_masks() {

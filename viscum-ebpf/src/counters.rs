@@ -25,6 +25,14 @@ pub fn bump(counter: GlobalCounter) {
     }
 }
 
+/// The runtime configuration, read once per packet: the slot is a pointer into the array's
+/// value (no copy), and every decision of the packet uses the same one. `None` only if
+/// the array were empty, which its fixed size of one rules out.
+#[inline(always)]
+pub fn config() -> Option<&'static DatapathConfig> {
+    CONFIG.get(0)
+}
+
 /// Flow timeouts in nanoseconds, defaults filled in.
 pub struct Timeouts {
     pub tcp_idle_ns: u64,
@@ -35,11 +43,8 @@ pub struct Timeouts {
 const SEC: u64 = 1_000_000_000;
 
 #[inline(always)]
-pub fn timeouts() -> Timeouts {
-    let (tcp, udp, linger) = match CONFIG.get(0) {
-        Some(c) => (c.tcp_idle_ns, c.udp_idle_ns, c.linger_ns),
-        None => (0, 0, 0),
-    };
+pub fn timeouts(c: &DatapathConfig) -> Timeouts {
+    let (tcp, udp, linger) = (c.tcp_idle_ns, c.udp_idle_ns, c.linger_ns);
     Timeouts {
         tcp_idle_ns: if tcp == 0 {
             DEFAULT_TCP_IDLE_SECS * SEC
@@ -62,17 +67,11 @@ pub fn timeouts() -> Timeouts {
 /// Are there prefix rules at all? Without any, unmatched traffic skips the
 /// LPM lookup (the miss path is the tax every unmanaged packet pays).
 #[inline(always)]
-pub fn have_rules() -> bool {
-    match CONFIG.get(0) {
-        Some(cfg) => cfg.prefix_rules != 0,
-        None => false,
-    }
+pub fn have_rules(c: &DatapathConfig) -> bool {
+    c.prefix_rules != 0
 }
 
 #[inline(always)]
-pub fn log_enabled() -> bool {
-    match CONFIG.get(0) {
-        Some(cfg) => cfg.log_debug != 0,
-        None => false,
-    }
+pub fn log_enabled(c: &DatapathConfig) -> bool {
+    c.log_debug != 0
 }

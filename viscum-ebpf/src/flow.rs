@@ -13,13 +13,13 @@
 )]
 
 use aya_ebpf::{
-    helpers::bpf_ktime_get_ns,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
     macros::map,
     maps::{LruHashMap, PerCpuArray},
 };
 use viscum_common::{
-    DEFAULT_FLOW_ENTRIES, FLOW_CLOUD, FLOW_EDGE, FlowKey, FlowState, GlobalCounter, PROTO_TCP,
-    REPLY_F_DROP, ReplyKey, ReplyState, ServiceEntry, TARGET_F_DRAINING, TARGET_F_NAT,
+    DEFAULT_FLOW_ENTRIES, DatapathConfig, FLOW_CLOUD, FLOW_EDGE, FlowKey, FlowState, GlobalCounter,
+    PROTO_TCP, REPLY_F_DROP, ReplyKey, ReplyState, ServiceEntry, TARGET_F_DRAINING, TARGET_F_NAT,
 };
 
 use crate::{
@@ -43,21 +43,42 @@ pub enum Decision {
     Cloud,
 }
 
+/// `last_seen_ns` is refreshed only once it lags by more than this (capped by an eighth
+/// of the idle timeout, so a short test timeout keeps its meaning): an established flow's
+/// packets then mostly read the shared flow record instead of dirtying its cache line on
+/// every packet from every CPU.
+const LAST_SEEN_GRAIN_NS: u64 = 1_000_000_000;
+
+/// Saturating, not wrapping: `now` is the coarse clock (up to a tick behind
+/// `bpf_ktime_get_ns`, which `close_from_service` and user space use), and a stamp a
+/// little ahead of `now` means "just now", not "2^64 ns ago".
 #[inline(always)]
 fn is_live(state: &FlowState, now: u64, t: &Timeouts, tcp: bool) -> bool {
-    if state.closing_at_ns != 0 && now.wrapping_sub(state.closing_at_ns) > t.linger_ns {
+    if state.closing_at_ns != 0 && now.saturating_sub(state.closing_at_ns) > t.linger_ns {
         return false;
     }
-    let idle = if tcp { t.tcp_idle_ns } else { t.udp_idle_ns };
-    now.wrapping_sub(state.last_seen_ns) <= idle
+    now.saturating_sub(state.last_seen_ns) <= idle_of(t, tcp)
+}
+
+#[inline(always)]
+fn idle_of(t: &Timeouts, tcp: bool) -> u64 {
+    if tcp { t.tcp_idle_ns } else { t.udp_idle_ns }
 }
 
 /// Decides for a packet that matched `entry`, creating flow state for new flows.
 #[inline(always)]
-pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision {
+pub fn decide(
+    p: &Parsed,
+    entry: &mut ServiceEntry,
+    fkey: &FlowKey,
+    cfg: &DatapathConfig,
+) -> Decision {
+    // The coarse clock (CLOCK_MONOTONIC at tick resolution, bpf-helpers(7), 5.11+): flow
+    // timeouts are seconds, the learning window milliseconds, and it costs a fraction of
+    // the precise one.
     // SAFETY: helper without arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let t = counters::timeouts();
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let t = counters::timeouts(cfg);
     let tcp = p.key.proto == PROTO_TCP;
     let syn = tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let closing = tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
@@ -75,7 +96,15 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, fkey: &FlowKey) -> Decision 
         // gone, so the flow is over; never send it to the new one.
         let replaced = state.decision == FLOW_EDGE && state.ifindex != entry.ifindex;
         if !reused && !replaced && is_live(state, now, &t, tcp) {
-            state.last_seen_ns = now;
+            let grain = idle_of(&t, tcp) >> 3;
+            let grain = if grain < LAST_SEEN_GRAIN_NS {
+                grain
+            } else {
+                LAST_SEEN_GRAIN_NS
+            };
+            if now.saturating_sub(state.last_seen_ns) > grain {
+                state.last_seen_ns = now;
+            }
             if closing && state.closing_at_ns == 0 {
                 state.closing_at_ns = now;
             }

@@ -1,6 +1,10 @@
 //! Finding the entry a packet matches.
 //!
-//! Precedence, most specific first:
+//! First the miss pre-filter: a bitmap over (protocol, destination port), built by user
+//! space from every entry and rule, rejects a packet whose port nothing uses with one
+//! array read, before any key is hashed (unmanaged traffic is most of a router's).
+//!
+//! Then precedence, most specific first:
 //! 1. the exact-match hash: one address, one port, any source (the fast path);
 //! 2. the LPM trie, longest address prefix first; under one prefix, rules are
 //!    kept most specific first (source-restricted, then narrow port ranges,
@@ -9,11 +13,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
 };
 use viscum_common::{
-    DEFAULT_MAX_ENTRIES, MAX_PREFIX_LEVELS, MAX_RULES, PREFIX_KEY_FIXED_BITS, PortRule, PrefixData,
-    PrefixNode, RULES_PER_PREFIX, ServiceEntry, ServiceKey,
+    DEFAULT_MAX_ENTRIES, MAX_PREFIX_LEVELS, MAX_RULES, PORT_FILTER_WORDS, PREFIX_KEY_FIXED_BITS,
+    PortRule, PrefixData, PrefixNode, RULES_PER_PREFIX, ServiceEntry, ServiceKey, port_filter_slot,
 };
 
 use crate::parse::Parsed;
@@ -31,6 +35,22 @@ static PREFIXES: LpmTrie<PrefixData, PrefixNode> = LpmTrie::pinned(MAX_RULES, 0)
 /// Targets and counters of prefix rules, by rule id (per-CPU like `SERVICES`).
 #[map(name = "VISCUM_RULES")]
 static RULES: PerCpuArray<ServiceEntry> = PerCpuArray::pinned(MAX_RULES, 0);
+
+/// The miss pre-filter (see `viscum_common::PORTS_MAP`): a set bit means no entry or rule
+/// matches that (protocol, destination port). Shared, not per-CPU: only user space writes it.
+#[map(name = "VISCUM_PORTS")]
+static PORTS: Array<u64> = Array::pinned(PORT_FILTER_WORDS, 0);
+
+/// True when no entry or rule can match `p`'s protocol and destination port, so the
+/// packet can pass without a hash or trie lookup. An unbuilt (zero) filter says false.
+#[inline(always)]
+pub fn unmanaged(p: &Parsed) -> bool {
+    let (word, bit) = port_filter_slot(p.key.proto, u16::from_be(p.key.port));
+    match PORTS.get(word) {
+        Some(w) => *w & bit != 0,
+        None => false,
+    }
+}
 
 #[inline(always)]
 pub fn find(p: &Parsed, have_rules: bool) -> Option<*mut ServiceEntry> {

@@ -155,8 +155,18 @@ fn parse_or_pass(ctx: &TcContext) -> Result<Parsed, i32> {
 #[inline(always)]
 fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     let p = parse_or_pass(ctx)?;
-    let Some(entry) = lookup::find(&p, counters::have_rules()) else {
-        if counters::log_enabled() {
+    // The miss pre-filter: no entry or rule has this protocol and destination port.
+    // After the parse, so ICMP errors have gone to their own program and a later
+    // fragment is judged by the ports its first fragment recorded.
+    if lookup::unmanaged(&p) {
+        return Ok(pass());
+    }
+    let Some(cfg) = counters::config() else {
+        return Ok(pass());
+    };
+    let log = counters::log_enabled(cfg);
+    let Some(entry) = lookup::find(&p, counters::have_rules(cfg)) else {
+        if log {
             debug!(
                 ctx,
                 "miss proto={} port={}",
@@ -193,8 +203,8 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         family: p.key.family,
         _pad: [0; 2],
     };
-    if flow::decide(&p, entry, &fkey) == Decision::Cloud {
-        if counters::log_enabled() {
+    if flow::decide(&p, entry, &fkey, cfg) == Decision::Cloud {
+        if log {
             debug!(
                 ctx,
                 "cloud flow proto={} port={}",
@@ -237,7 +247,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     } else {
         counters::bump(GlobalCounter::RedirectErrors);
     }
-    if counters::log_enabled() {
+    if log {
         debug!(
             ctx,
             "edge proto={} port={} -> ifindex {} action {}",

@@ -9,8 +9,9 @@ use aya::{
 };
 use viscum_common::{
     CONFIG_MAP, CounterInfo, DatapathConfig, FLOW_EDGE, FLOWS_MAP, FlowKey, FlowState,
-    GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter, MAX_RULES, PREFIXES_MAP, PortRule,
-    PrefixData, PrefixNode, RULES_MAP, RULES_PER_PREFIX, SERVICES_MAP, ServiceEntry, ServiceKey,
+    GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter, MAX_RULES, PORT_FILTER_BITMAP_WORDS,
+    PORT_FILTER_BUILT, PORTS_MAP, PREFIXES_MAP, PortFilter, PortRule, PrefixData, PrefixNode,
+    RULES_MAP, RULES_PER_PREFIX, SERVICES_MAP, ServiceEntry, ServiceKey, port_filter_slot,
 };
 
 use super::{EngineError, Pins};
@@ -31,6 +32,8 @@ pub struct Engine {
     flows: HashMap<MapData, FlowKey, FlowState>,
     prefixes: LpmTrie<MapData, PrefixData, PrefixNode>,
     rules: PerCpuArray<MapData, ServiceEntry>,
+    /// The miss pre-filter (`None` under pins made by a version without one).
+    ports: Option<Array<MapData, u64>>,
     nr_cpus: usize,
     max_entries: u32,
 }
@@ -137,9 +140,17 @@ impl Engine {
             .map_err(|e| EngineError::map("the prefix table has an unexpected layout", e))?;
         let rules = PerCpuArray::try_from(open_map(pins, RULES_MAP)?)
             .map_err(|e| EngineError::map("the rules array has an unexpected layout", e))?;
+        let ports = if pins.map(PORTS_MAP).exists() {
+            Some(
+                Array::try_from(open_map(pins, PORTS_MAP)?)
+                    .map_err(|e| EngineError::map("the port filter has an unexpected layout", e))?,
+            )
+        } else {
+            None
+        };
         let nr_cpus = nr_cpus()
             .map_err(|(what, e)| EngineError::io(format!("cannot count CPUs ({what})"), e))?;
-        Ok(Engine {
+        let mut engine = Engine {
             pins: pins.clone(),
             services,
             global,
@@ -147,9 +158,115 @@ impl Engine {
             flows,
             prefixes,
             rules,
+            ports,
             nr_cpus,
             max_entries,
-        })
+        };
+        engine.ensure_port_filter()?;
+        Ok(engine)
+    }
+
+    /// Builds the miss pre-filter from the maps if nobody has yet (a fresh attach, or maps
+    /// that an older version filled). Until then the all-zero filter lets every packet
+    /// through to the lookups, so nothing is ever missed.
+    fn ensure_port_filter(&mut self) -> Result<(), EngineError> {
+        let built = |e: &Self| {
+            e.ports
+                .as_ref()
+                .and_then(|m| m.get(&PORT_FILTER_BITMAP_WORDS, 0).ok())
+                == Some(PORT_FILTER_BUILT)
+        };
+        if self.ports.is_none() || built(self) {
+            return Ok(());
+        }
+        let _lock = self.lock_filter()?;
+        if !built(self) {
+            self.rebuild_port_filter()?;
+        }
+        Ok(())
+    }
+
+    /// Serialises every change of the match set with the filter's maintenance, across
+    /// processes (the daemon and the CLI both edit the maps): an exclusive `flock(2)` on the
+    /// pin directory, released when the returned guard drops. Without it, a rebuild that
+    /// read the maps just before another process added an entry could mark that entry's
+    /// port unmanaged. `None` when there is no filter to maintain.
+    fn lock_filter(&self) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, EngineError> {
+        use nix::fcntl::{Flock, FlockArg};
+        if self.ports.is_none() {
+            return Ok(None);
+        }
+        let dir = std::fs::File::open(&self.pins.dir)
+            .map_err(|e| EngineError::io(format!("cannot open {}", self.pins.dir.display()), e))?;
+        Flock::lock(dir, FlockArg::LockExclusive)
+            .map(Some)
+            .map_err(|(_, errno)| {
+                EngineError::io(
+                    format!("cannot lock {}", self.pins.dir.display()),
+                    std::io::Error::from(errno),
+                )
+            })
+    }
+
+    /// Recomputes the filter from every key of the services map and every prefix rule, and
+    /// writes the words that changed, then the "built" marker. The caller holds
+    /// [`Self::lock_filter`]. Costs one read per services-map key (O(entries)) plus 2,048
+    /// word reads; only removals need it (an insert clears its own bits).
+    fn rebuild_port_filter(&mut self) -> Result<(), EngineError> {
+        if self.ports.is_none() {
+            return Ok(());
+        }
+        let mut filter = PortFilter::new();
+        for key in self.services.keys() {
+            let key = key.map_err(|e| EngineError::map("cannot read the services map", e))?;
+            filter.manage_key(&key);
+        }
+        for (_, data, node) in self.nodes()? {
+            for rule in &node.rules[..node.count as usize] {
+                filter.manage(data.proto, rule.port_lo, rule.port_hi);
+            }
+        }
+        let Some(ports) = self.ports.as_mut() else {
+            return Ok(());
+        };
+        for (i, want) in (0u32..).zip(filter.words.iter()) {
+            let cur = ports
+                .get(&i, 0)
+                .map_err(|e| EngineError::map("cannot read the port filter", e))?;
+            if cur != *want {
+                ports
+                    .set(i, *want, 0)
+                    .map_err(|e| EngineError::map("cannot write the port filter", e))?;
+            }
+        }
+        ports
+            .set(PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, 0)
+            .map_err(|e| EngineError::map("cannot write the port filter", e))
+    }
+
+    /// Marks `proto` ports `lo..=hi` (host order) as managed in the filter, before an entry
+    /// or rule for them becomes visible to the classifier. The caller holds
+    /// [`Self::lock_filter`].
+    fn manage_ports(&mut self, proto: u8, lo: u16, hi: u16) -> Result<(), EngineError> {
+        let Some(ports) = self.ports.as_mut() else {
+            return Ok(());
+        };
+        let (first, _) = port_filter_slot(proto, lo);
+        let (last, _) = port_filter_slot(proto, hi);
+        let mut want = PortFilter::new();
+        want.manage(proto, lo, hi);
+        for i in first..=last {
+            let cur = ports
+                .get(&i, 0)
+                .map_err(|e| EngineError::map("cannot read the port filter", e))?;
+            let new = cur & want.words[i as usize];
+            if new != cur {
+                ports
+                    .set(i, new, 0)
+                    .map_err(|e| EngineError::map("cannot write the port filter", e))?;
+            }
+        }
+        Ok(())
     }
 
     /// The pin paths this engine was opened from.
@@ -259,6 +376,7 @@ impl Engine {
     }
 
     fn insert_rule(&mut self, endpoint: &Endpoint, value: ServiceEntry) -> Result<(), EngineError> {
+        let _lock = self.lock_filter()?;
         if self.find_rule(endpoint)?.is_some() {
             return Err(EngineError::Duplicate(endpoint.to_string()));
         }
@@ -295,8 +413,11 @@ impl Engine {
         let id = (0..MAX_RULES)
             .find(|i| !used.contains(i))
             .ok_or(EngineError::Full(MAX_RULES))?;
-        // The slot first, then the node that points at it: the datapath
-        // never follows a rule to an empty slot.
+        // The filter's bits, the slot, then the node that points at it: the
+        // datapath never follows a rule to an empty slot, nor filters out a
+        // port of a rule it can find.
+        let want = endpoint.port_rule();
+        self.manage_ports(data.proto, want.port_lo, want.port_hi)?;
         let values = self.per_cpu(value)?;
         self.rules
             .set(id, values, 0)
@@ -315,6 +436,7 @@ impl Engine {
     }
 
     fn remove_rule(&mut self, endpoint: &Endpoint) -> Result<(), EngineError> {
+        let _lock = self.lock_filter()?;
         let Some((mut node, idx)) = self.find_rule(endpoint)? else {
             return Err(EngineError::NoSuchEntry(endpoint.to_string()));
         };
@@ -338,7 +460,8 @@ impl Engine {
         self.rules
             .set(id, empty, 0)
             .map_err(|e| EngineError::map("cannot clear the rules slot", e))?;
-        self.sync_rule_count()
+        self.sync_rule_count()?;
+        self.rebuild_port_filter()
     }
 
     fn view(endpoint: Endpoint, values: &PerCpuValues<ServiceEntry>) -> EntryView {
@@ -397,7 +520,16 @@ impl Engine {
             return self.insert_rule(endpoint, value);
         }
         let values = self.per_cpu(value)?;
-        match self.services.insert(endpoint.key(), values, BPF_NOEXIST) {
+        let key = endpoint.key();
+        let _lock = self.lock_filter()?;
+        // The port is marked managed before the entry exists, so no packet the entry
+        // matches is ever filtered out. A failed insert leaves it marked: that only
+        // costs the port's unmanaged traffic a lookup until the next rebuild.
+        match u16::from_be(key.port) {
+            0 => self.manage_ports(key.proto, 0, u16::MAX)?,
+            port => self.manage_ports(key.proto, port, port)?,
+        }
+        match self.services.insert(key, values, BPF_NOEXIST) {
             Ok(()) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 Err(EngineError::Duplicate(endpoint.to_string()))
@@ -569,8 +701,9 @@ impl Engine {
         if !endpoint.is_exact() {
             return self.remove_rule(endpoint);
         }
+        let _lock = self.lock_filter()?;
         match self.services.remove(&endpoint.key()) {
-            Ok(()) => Ok(()),
+            Ok(()) => self.rebuild_port_filter(),
             Err(MapError::KeyNotFound) => Err(EngineError::NoSuchEntry(endpoint.to_string())),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Err(EngineError::NoSuchEntry(endpoint.to_string()))
