@@ -34,6 +34,9 @@ pub struct Engine {
     rules: PerCpuArray<MapData, ServiceEntry>,
     /// The miss pre-filter (`None` under pins made by a version without one).
     ports: Option<Array<MapData, u64>>,
+    /// The pin directory, held open for [`Engine::lock_filter`]'s `flock(2)` (opened once:
+    /// a path lookup per update would cost more than the lock itself).
+    lock_dir: Option<std::fs::File>,
     nr_cpus: usize,
     max_entries: u32,
 }
@@ -148,6 +151,13 @@ impl Engine {
         } else {
             None
         };
+        let lock_dir =
+            match ports {
+                Some(_) => Some(std::fs::File::open(&pins.dir).map_err(|e| {
+                    EngineError::io(format!("cannot open {}", pins.dir.display()), e)
+                })?),
+                None => None,
+            };
         let nr_cpus = nr_cpus()
             .map_err(|(what, e)| EngineError::io(format!("cannot count CPUs ({what})"), e))?;
         let mut engine = Engine {
@@ -159,6 +169,7 @@ impl Engine {
             prefixes,
             rules,
             ports,
+            lock_dir,
             nr_cpus,
             max_entries,
         };
@@ -181,7 +192,7 @@ impl Engine {
         }
         let _lock = self.lock_filter()?;
         if !built(self) {
-            self.rebuild_port_filter()?;
+            self.rebuild_port_filter(0, PORT_FILTER_BITMAP_WORDS - 1)?;
         }
         Ok(())
     }
@@ -191,28 +202,34 @@ impl Engine {
     /// pin directory, released when the returned guard drops. Without it, a rebuild that
     /// read the maps just before another process added an entry could mark that entry's
     /// port unmanaged. `None` when there is no filter to maintain.
-    fn lock_filter(&self) -> Result<Option<nix::fcntl::Flock<std::fs::File>>, EngineError> {
-        use nix::fcntl::{Flock, FlockArg};
-        if self.ports.is_none() {
+    fn lock_filter(&self) -> Result<Option<FilterLock>, EngineError> {
+        use std::os::fd::AsRawFd as _;
+        let Some(dir) = &self.lock_dir else {
             return Ok(None);
-        }
-        let dir = std::fs::File::open(&self.pins.dir)
-            .map_err(|e| EngineError::io(format!("cannot open {}", self.pins.dir.display()), e))?;
-        Flock::lock(dir, FlockArg::LockExclusive)
-            .map(Some)
-            .map_err(|(_, errno)| {
-                EngineError::io(
+        };
+        let fd = dir.as_raw_fd();
+        loop {
+            // SAFETY: flock(2) on a descriptor this engine owns and keeps open while the
+            // returned guard (which cannot outlive a method of the engine) exists.
+            if unsafe { libc::flock(fd, libc::LOCK_EX) } == 0 {
+                return Ok(Some(FilterLock(fd)));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(EngineError::io(
                     format!("cannot lock {}", self.pins.dir.display()),
-                    std::io::Error::from(errno),
-                )
-            })
+                    e,
+                ));
+            }
+        }
     }
 
     /// Recomputes the filter from every key of the services map and every prefix rule, and
-    /// writes the words that changed, then the "built" marker. The caller holds
-    /// [`Self::lock_filter`]. Costs one read per services-map key (O(entries)) plus 2,048
-    /// word reads; only removals need it (an insert clears its own bits).
-    fn rebuild_port_filter(&mut self) -> Result<(), EngineError> {
+    /// writes those of words `first..=last` that changed, then the "built" marker. The
+    /// caller holds [`Self::lock_filter`]. Costs one read per services-map key
+    /// (O(entries)) plus one per word in the range; a removal passes only its own words
+    /// (the only ones it can make unmanaged; an insert clears its own bits itself).
+    fn rebuild_port_filter(&mut self, first: u32, last: u32) -> Result<(), EngineError> {
         if self.ports.is_none() {
             return Ok(());
         }
@@ -229,7 +246,10 @@ impl Engine {
         let Some(ports) = self.ports.as_mut() else {
             return Ok(());
         };
-        for (i, want) in (0u32..).zip(filter.words.iter()) {
+        for (i, want) in (0u32..)
+            .zip(filter.words.iter())
+            .filter(|(i, _)| (first..=last).contains(i))
+        {
             let cur = ports
                 .get(&i, 0)
                 .map_err(|e| EngineError::map("cannot read the port filter", e))?;
@@ -461,7 +481,10 @@ impl Engine {
             .set(id, empty, 0)
             .map_err(|e| EngineError::map("cannot clear the rules slot", e))?;
         self.sync_rule_count()?;
-        self.rebuild_port_filter()
+        let rule = endpoint.port_rule();
+        let (first, _) = port_filter_slot(data.proto, rule.port_lo);
+        let (last, _) = port_filter_slot(data.proto, rule.port_hi);
+        self.rebuild_port_filter(first, last)
     }
 
     fn view(endpoint: Endpoint, values: &PerCpuValues<ServiceEntry>) -> EntryView {
@@ -702,8 +725,19 @@ impl Engine {
             return self.remove_rule(endpoint);
         }
         let _lock = self.lock_filter()?;
-        match self.services.remove(&endpoint.key()) {
-            Ok(()) => self.rebuild_port_filter(),
+        let key = endpoint.key();
+        let (first, last) = match u16::from_be(key.port) {
+            0 => (
+                port_filter_slot(key.proto, 0).0,
+                port_filter_slot(key.proto, u16::MAX).0,
+            ),
+            port => {
+                let (w, _) = port_filter_slot(key.proto, port);
+                (w, w)
+            }
+        };
+        match self.services.remove(&key) {
+            Ok(()) => self.rebuild_port_filter(first, last),
             Err(MapError::KeyNotFound) => Err(EngineError::NoSuchEntry(endpoint.to_string())),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Err(EngineError::NoSuchEntry(endpoint.to_string()))
@@ -760,6 +794,17 @@ impl Engine {
             .info()
             .map_err(|e| EngineError::prog("cannot read the classifier's info", e))?;
         Ok(info.id())
+    }
+}
+
+/// Holds the filter lock ([`Engine::lock_filter`]) until dropped.
+struct FilterLock(std::os::fd::RawFd);
+
+impl Drop for FilterLock {
+    fn drop(&mut self) {
+        // SAFETY: the descriptor is the engine's open pin directory (see `lock_filter`);
+        // closing it would release the lock too, so a failure here cannot leave it held.
+        unsafe { libc::flock(self.0, libc::LOCK_UN) };
     }
 }
 
