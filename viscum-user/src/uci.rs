@@ -238,30 +238,26 @@ impl Lexer<'_> {
         }
         while let Some(&c) = self.chars.peek() {
             match c {
-                '\'' => {
+                // Single quotes take everything literally; double quotes also take
+                // backslash escapes (libuci's rules), a backslash-newline being a continuation.
+                quote @ ('\'' | '"') => {
                     let start = self.line;
                     self.bump();
+                    let unterminated = if quote == '"' {
+                        "unterminated \""
+                    } else {
+                        "unterminated '"
+                    };
                     loop {
                         match self.bump() {
-                            Some('\'') => break,
-                            Some(c) => out.push(c),
-                            None => return Err(self.error(start, "unterminated '")),
-                        }
-                    }
-                }
-                '"' => {
-                    let start = self.line;
-                    self.bump();
-                    loop {
-                        match self.bump() {
-                            Some('"') => break,
-                            Some('\\') => match self.bump() {
+                            Some(c) if c == quote => break,
+                            Some('\\') if quote == '"' => match self.bump() {
                                 Some('\n') => {}
                                 Some(c) => out.push(c),
-                                None => return Err(self.error(start, "unterminated \"")),
+                                None => return Err(self.error(start, unterminated)),
                             },
                             Some(c) => out.push(c),
-                            None => return Err(self.error(start, "unterminated \"")),
+                            None => return Err(self.error(start, unterminated)),
                         }
                     }
                 }
@@ -489,13 +485,18 @@ const fn map(uci: &'static str, toml: &'static str, kind: Kind) -> OptionMap {
     }
 }
 
+/// An option that only the UCI side has (it maps to no TOML key).
+const fn uci_only(uci: &'static str, kind: Kind) -> OptionMap {
+    OptionMap {
+        uci,
+        toml: None,
+        kind,
+    }
+}
+
 /// `config engine`: the TOML `[engine]` table.
 pub const ENGINE_OPTIONS: &[OptionMap] = &[
-    OptionMap {
-        uci: "enabled",
-        toml: None,
-        kind: Kind::Bool,
-    },
+    uci_only("enabled", Kind::Bool),
     map("interface", "interfaces", Kind::Words),
     map("bpffs", "bpffs", Kind::Text),
     map("control", "control", Kind::Text),
@@ -507,16 +508,8 @@ pub const ENGINE_OPTIONS: &[OptionMap] = &[
 
 /// `config service`: one TOML `[[service]]`.
 pub const SERVICE_OPTIONS: &[OptionMap] = &[
-    OptionMap {
-        uci: "enabled",
-        toml: None,
-        kind: Kind::Bool,
-    },
-    OptionMap {
-        uci: "name",
-        toml: None,
-        kind: Kind::Name,
-    },
+    uci_only("enabled", Kind::Bool),
+    uci_only("name", Kind::Name),
     map("match", "match", Kind::Words),
     map("command", "command", Kind::Words),
     map("user", "user", Kind::Text),
