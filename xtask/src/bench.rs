@@ -29,9 +29,8 @@ mod sweep;
 
 use std::{
     fs,
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, ExitCode, Stdio},
+    process::{Command, ExitCode},
     sync::atomic::{AtomicBool, Ordering},
     thread,
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -376,35 +375,27 @@ fn build() -> Result<(Vec<(String, PathBuf)>, PathBuf)> {
         "--bench",
         "system",
         "--message-format=json-render-diagnostics",
-    ])
-    .stdout(Stdio::piped());
-    println!("+ {}", process::display(&cmd));
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start `{}`", process::display(&cmd)))?;
-    let stdout = child.stdout.take().context("stdout is piped")?;
+    ]);
     let mut exes = Vec::new();
     let mut viscum = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.context("reading cargo's output")?;
-        let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+    let status = process::each_stdout_line(&mut cmd, |line| {
+        let Ok(msg) = serde_json::from_str::<Value>(line) else {
             println!("{line}");
-            continue;
+            return;
         };
         if msg["reason"] != "compiler-artifact" {
-            continue;
+            return;
         }
         let (Some(name), Some(exe)) = (msg["target"]["name"].as_str(), msg["executable"].as_str())
         else {
-            continue;
+            return;
         };
         match msg["target"]["kind"][0].as_str() {
             Some("bench") => exes.push((name.to_owned(), PathBuf::from(exe))),
             Some("bin") if name == "viscum" => viscum = Some(PathBuf::from(exe)),
             _ => {}
         }
-    }
-    let status = child.wait().context("waiting for cargo")?;
+    })?;
     if !status.success() {
         bail!("`{}` failed ({status})", process::display(&cmd));
     }

@@ -4,9 +4,8 @@
 //! with aya-build (nightly + bpf-linker) and embeds it in the binary.
 
 use std::{
-    io::{BufRead as _, BufReader},
     path::PathBuf,
-    process::{ExitCode, Stdio},
+    process::{Command, ExitCode},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -57,23 +56,25 @@ pub fn cargo_build(args: &[&str]) -> Result<PathBuf> {
 /// Runs `cargo <args>` and returns the path of binary `bin` of package `package` it built
 /// (see [`cargo_build`]).
 pub fn cargo_build_bin(args: &[&str], package: &str, bin: &str) -> Result<PathBuf> {
-    let manifest = format!("{package}/Cargo.toml");
     let mut cmd = process::cargo();
-    cmd.args(args)
-        .arg("--message-format=json-render-diagnostics")
-        .stdout(Stdio::piped());
-    println!("+ {}", process::display(&cmd));
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start `{}`", process::display(&cmd)))?;
-    let stdout = child.stdout.take().expect("stdout is piped");
+    cmd.args(args);
+    built_bin(cmd, package, bin)
+}
+
+/// Runs a prepared cargo build command `cmd` (JSON messages added here) and returns the path
+/// of binary `bin` of package `package` it built. Lines that are not cargo's JSON (a build
+/// script printing to stdout) are passed on.
+///
+/// # Errors
+/// Cargo cannot be started or fails, or it built no such binary.
+pub fn built_bin(mut cmd: Command, package: &str, bin: &str) -> Result<PathBuf> {
+    let manifest = format!("{package}/Cargo.toml");
     let mut binary = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.context("reading cargo's output")?;
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
-            // Not a JSON message (a build script printing to stdout): pass it on.
+    cmd.arg("--message-format=json-render-diagnostics");
+    let status = process::each_stdout_line(&mut cmd, |line| {
+        let Ok(msg) = serde_json::from_str::<serde_json::Value>(line) else {
             println!("{line}");
-            continue;
+            return;
         };
         if msg["reason"] == "compiler-artifact"
             && msg["target"]["name"] == bin
@@ -85,8 +86,7 @@ pub fn cargo_build_bin(args: &[&str], package: &str, bin: &str) -> Result<PathBu
         {
             binary = Some(PathBuf::from(exe));
         }
-    }
-    let status = child.wait().context("waiting for cargo")?;
+    })?;
     if !status.success() {
         bail!("`{}` failed ({status})", process::display(&cmd));
     }

@@ -72,6 +72,27 @@ pub fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
+/// Prints and runs `cmd` with its stdout piped, hands each line of it to `each` as it
+/// comes (stderr stays the terminal's), and returns the exit status.
+///
+/// # Errors
+/// The command cannot be started, its output cannot be read, or waiting for it fails.
+pub fn each_stdout_line(cmd: &mut Command, mut each: impl FnMut(&str)) -> Result<ExitStatus> {
+    use std::io::{BufRead as _, BufReader};
+    cmd.stdout(std::process::Stdio::piped());
+    println!("+ {}", display(cmd));
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot start `{}`", display(cmd)))?;
+    let stdout = child.stdout.take().context("stdout is piped")?;
+    for line in BufReader::new(stdout).lines() {
+        each(&line.with_context(|| format!("reading the output of `{}`", display(cmd)))?);
+    }
+    child
+        .wait()
+        .with_context(|| format!("waiting for `{}`", display(cmd)))
+}
+
 /// Runs `cmd` quietly and returns its stdout; on failure the error carries
 /// the command line and its stderr.
 pub fn output(cmd: &mut Command) -> Result<String> {

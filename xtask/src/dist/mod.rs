@@ -22,9 +22,8 @@ pub mod qemu;
 
 use std::{
     fs,
-    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
-    process::{Command, ExitCode, Stdio},
+    process::{ExitCode, Stdio},
     time::Instant,
 };
 
@@ -221,7 +220,7 @@ pub fn ci_check() -> Result<bool> {
     let result = (|| {
         let mut cmd = cross::cargo(p, "zigbuild", true)?;
         cmd.args(["-p", "viscum-user", "--bin", "viscum"]);
-        let binary = cargo_viscum(cmd)?;
+        let binary = crate::build::built_bin(cmd, "viscum-user", "viscum")?;
         let facts = elf::check(&binary, target)?;
         println!("cross: {} ({facts})", binary.display());
         qemu::prove(p, &binary)
@@ -268,43 +267,11 @@ pub fn target_dir() -> Result<PathBuf> {
 fn build_one(p: Prepared, dist: &Path) -> Result<PathBuf> {
     let mut cmd = cross::cargo(p, "zigbuild", false)?;
     cmd.args(["--release", "-p", "viscum-user", "--bin", "viscum"]);
-    let binary = cargo_viscum(cmd)?;
+    let binary = crate::build::built_bin(cmd, "viscum-user", "viscum")?;
     let out = dist.join(format!("viscum-{}", p.target.triple));
     // Replace rather than overwrite: a running copy (a benchmark's daemon) keeps its inode.
     let _ = fs::remove_file(&out);
     fs::copy(&binary, &out)
         .with_context(|| format!("cannot copy {} to {}", binary.display(), out.display()))?;
     Ok(out)
-}
-
-/// Runs a cargo build `cmd` and returns the path of the `viscum` executable it built (from
-/// cargo's JSON messages, like [`crate::build::cargo_build`], but for a prepared command).
-fn cargo_viscum(mut cmd: Command) -> Result<PathBuf> {
-    cmd.arg("--message-format=json-render-diagnostics")
-        .stdout(Stdio::piped());
-    println!("+ {}", process::display(&cmd));
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start `{}`", process::display(&cmd)))?;
-    let stdout = child.stdout.take().context("stdout is piped")?;
-    let mut binary = None;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.context("reading cargo's output")?;
-        let Ok(msg) = serde_json::from_str::<serde_json::Value>(&line) else {
-            println!("{line}");
-            continue;
-        };
-        if msg["reason"] == "compiler-artifact"
-            && msg["target"]["name"] == "viscum"
-            && msg["target"]["kind"][0] == "bin"
-            && let Some(exe) = msg["executable"].as_str()
-        {
-            binary = Some(PathBuf::from(exe));
-        }
-    }
-    let status = child.wait().context("waiting for cargo")?;
-    if !status.success() {
-        bail!("`{}` failed ({status})", process::display(&cmd));
-    }
-    binary.context("cargo built no `viscum` binary")
 }

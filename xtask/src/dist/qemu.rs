@@ -9,13 +9,7 @@
 //!    `viscum run --check` accepts a valid configuration and refuses a broken one with an
 //!    error naming the problem.
 
-use std::{
-    fmt, fs,
-    io::{BufRead as _, BufReader},
-    path::Path,
-    process::{Command, Stdio},
-    time::Instant,
-};
+use std::{fmt, fs, path::Path, process::Command, time::Instant};
 
 use anyhow::{Context as _, Result, bail};
 
@@ -111,23 +105,15 @@ fn unit_tests(p: Prepared, report: &mut Report) -> Result<()> {
         format!("CARGO_TARGET_{}_RUNNER", cross::env_triple(p.target.triple)),
         p.target.qemu,
     )
-    .args(["--", "--test-threads=1"])
-    .stdout(Stdio::piped());
-    println!("+ {}", process::display(&cmd));
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("cannot start `{}`", process::display(&cmd)))?;
-    let stdout = child.stdout.take().context("stdout is piped")?;
-    for line in BufReader::new(stdout).lines() {
-        let line = line.context("reading the test output")?;
+    .args(["--", "--test-threads=1"]);
+    let status = process::each_stdout_line(&mut cmd, |line| {
         println!("{line}");
-        if let Some((passed, failed, ignored)) = result_line(&line) {
+        if let Some((passed, failed, ignored)) = result_line(line) {
             report.passed += passed;
             report.failed += failed;
             report.ignored += ignored;
         }
-    }
-    let status = child.wait().context("waiting for cargo test")?;
+    })?;
     if !status.success() && report.failed == 0 {
         bail!("`{}` failed ({status})", process::display(&cmd));
     }
