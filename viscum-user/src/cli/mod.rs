@@ -39,7 +39,7 @@ pub struct Cli {
     /// `debug` also turns on the classifier's per-packet decision records
     /// for commands that stream them (`viscum trace`).
     /// Default: info for `run` (a daemon reports its lifecycle), warn otherwise.
-    #[arg(long, global = true, env = "VISCUM_LOG")]
+    #[arg(long, global = true, env = "VISCUM_LOG", value_parser = parse_log_level)]
     pub log_level: Option<log::LevelFilter>,
 
     /// The command to run.
@@ -169,4 +169,11 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     for row in rows {
         line(row.iter().map(String::as_str).collect());
     }
+}
+
+/// `--log-level`: one of the `log` crate's level names, any case; the error lists them all.
+fn parse_log_level(s: &str) -> std::result::Result<log::LevelFilter, String> {
+    s.parse().map_err(|_| {
+        format!("'{s}' is not a log level: give off, error, warn, info, debug or trace")
+    })
 }

@@ -26,13 +26,12 @@ pub async fn run(pins: &Pins, args: RunArgs) -> Result<()> {
     let config = Config::load(&args.config)?;
     if args.check {
         let names: Vec<&str> = config.services.iter().map(|s| s.name.as_str()).collect();
-        let plural = if names.len() == 1 { "" } else { "s" };
-        println!(
-            "{}: ok ({} service{plural}: {})",
-            args.config.display(),
-            names.len(),
-            names.join(", ")
-        );
+        let services = match names.len() {
+            0 => "0 services".to_owned(),
+            1 => format!("1 service: {}", names[0]),
+            n => format!("{n} services: {}", names.join(", ")),
+        };
+        println!("{}: ok ({services})", args.config.display());
         return Ok(());
     }
     daemon::run(
