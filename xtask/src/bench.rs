@@ -1,5 +1,8 @@
-//! `cargo xtask bench [--quick]`: runs the benchmarks of `docs/benchmarks.md` and
-//! writes `bench/results/<date>-<kernel>.json` and `bench/RESULTS.md` with SVG plots.
+//! `cargo xtask bench [--quick] [--baseline RESULTS_JSON]`: runs the benchmarks of
+//! `docs/benchmarks.md` and writes `bench/results/<date>-<kernel>.json` and
+//! `bench/RESULTS.md` with SVG plots; with `--baseline`, every table shows an earlier run's
+//! figures beside the new ones, under a summary of issue #12's goals before → after.
+//! `--render RESULTS_JSON` redraws the report from a results file without running anything.
 //!
 //! The measuring happens in the two bench binaries of the viscum-bench crate
 //! (`benches/datapath.rs` for B1–B2, `benches/system/` for B3–B9; the product crate builds
@@ -20,8 +23,9 @@
 //! * this module: options, tools, build, the group runner, output paths;
 //! * [`machine`]: kernel, TCX, JIT, tool versions and the rest of the facts recorded;
 //! * [`sweep`]: finding and removing leftovers;
-//! * [`render`]: RESULTS.md; [`svg`]: the plots.
+//! * [`render`]: RESULTS.md; [`compare`]: a baseline beside the new run; [`svg`]: the plots.
 
+mod compare;
 mod machine;
 mod render;
 mod svg;
@@ -61,6 +65,11 @@ pub struct Options {
     /// Only redraw RESULTS.md and the plots from an existing results file (nothing runs).
     #[arg(long, value_name = "RESULTS_JSON", conflicts_with_all = ["quick", "only"])]
     render: Option<PathBuf>,
+    /// Show this earlier results file beside the new run (or the `--render` one) in every
+    /// table of RESULTS.md: its median, the change, and "met" for both, rows paired by
+    /// benchmark, table and metric label; plus issue #12's goals, before → after.
+    #[arg(long, value_name = "RESULTS_JSON")]
+    baseline: Option<PathBuf>,
 }
 
 /// One bench process.
@@ -151,12 +160,16 @@ fn interrupted() -> bool {
 
 /// `cargo xtask bench`.
 pub fn run(opts: &Options) -> Result<ExitCode> {
+    // Read before anything runs: a wrong path should not cost a run.
+    let baseline = opts
+        .baseline
+        .as_deref()
+        .map(|p| read_results(p).map(|doc| (doc, p.to_owned())))
+        .transpose()?;
+    let baseline = baseline.as_ref().map(|(doc, p)| (doc, p.as_path()));
     if let Some(path) = &opts.render {
-        let text =
-            fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let doc: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not a results file", path.display()))?;
-        let paths = render_outputs(&doc, doc["mode"] == "quick", path)?;
+        let doc = read_results(path)?;
+        let paths = render_outputs(&doc, doc["mode"] == "quick", path, baseline)?;
         println!("bench: report in {}", paths.report.display());
         return Ok(ExitCode::SUCCESS);
     }
@@ -301,7 +314,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         "machine": facts,
         "fragments": fragments,
     });
-    let paths = write_outputs(&doc, opts.quick)?;
+    let paths = write_outputs(&doc, opts.quick, baseline)?;
     println!("bench: results in {}", paths.json.display());
     println!("bench: report  in {}", paths.report.display());
     let failed: Vec<String> = doc["fragments"]
@@ -492,7 +505,7 @@ struct Outputs {
 /// `bench/results/<date>-<kernel>[-quick].json`, `bench/RESULTS[-quick].md`, plots beside.
 /// Quick runs go to their own (git-ignored) names so they are never mistaken for, or
 /// committed as, the published results.
-fn write_outputs(doc: &Value, quick: bool) -> Result<Outputs> {
+fn write_outputs(doc: &Value, quick: bool, baseline: Option<(&Value, &Path)>) -> Result<Outputs> {
     let results = process::workspace_root().join("bench").join("results");
     fs::create_dir_all(&results).with_context(|| format!("cannot create {}", results.display()))?;
     let date = doc["started_utc"]
@@ -509,11 +522,51 @@ fn write_outputs(doc: &Value, quick: bool) -> Result<Outputs> {
     let json_path = results.join(format!("{date}-{kernel}{suffix}.json"));
     fs::write(&json_path, serde_json::to_string_pretty(doc)?)
         .with_context(|| format!("cannot write {}", json_path.display()))?;
-    render_outputs(doc, quick, &json_path)
+    render_outputs(doc, quick, &json_path, baseline)
 }
 
-/// RESULTS[-quick].md and the plots for `doc`, which lives at `json_path`.
-fn render_outputs(doc: &Value, quick: bool, json_path: &Path) -> Result<Outputs> {
+/// A results file of `cargo xtask bench` (not, say, a `dist --budget` one).
+fn read_results(path: &Path) -> Result<Value> {
+    let text =
+        fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let doc: Value =
+        serde_json::from_str(&text).with_context(|| format!("{} is not JSON", path.display()))?;
+    if !doc["fragments"].is_array() {
+        bail!(
+            "{} is not a results file of `cargo xtask bench` (no \"fragments\"{})",
+            path.display(),
+            doc["kind"]
+                .as_str()
+                .map_or_else(String::new, |k| format!("; its kind is \"{k}\""))
+        );
+    }
+    Ok(doc)
+}
+
+/// How RESULTS.md (in `bench/`) links to `path`: relative to `bench/` when the file is in
+/// the workspace, else the absolute path.
+fn link_from_bench(path: &Path) -> String {
+    let root = process::workspace_root();
+    let abs = fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let root = fs::canonicalize(&root).unwrap_or(root);
+    match abs.strip_prefix(root.join("bench")) {
+        Ok(rel) => rel.display().to_string(),
+        Err(_) => match abs.strip_prefix(&root) {
+            Ok(rel) => format!("../{}", rel.display()),
+            Err(_) => abs.display().to_string(),
+        },
+    }
+}
+
+/// RESULTS[-quick].md and the plots for `doc`, which lives at `json_path`, with `baseline`
+/// (a results file and its path) beside it when given. Blocks other tools keep in the
+/// existing report (`<!-- NAME:begin -->` … `<!-- NAME:end -->`) are carried over.
+fn render_outputs(
+    doc: &Value,
+    quick: bool,
+    json_path: &Path,
+    baseline: Option<(&Value, &Path)>,
+) -> Result<Outputs> {
     let root = process::workspace_root().join("bench");
     let suffix = if quick { "-quick" } else { "" };
     let plots_dir_name = if quick { "plots-quick" } else { "plots" };
@@ -530,15 +583,19 @@ fn render_outputs(doc: &Value, quick: bool, json_path: &Path) -> Result<Outputs>
             }
         }
     }
-    let json_rel = format!(
-        "results/{}",
-        json_path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    );
-    let md = render::markdown(doc, plots_dir_name, &json_rel, &plots_dir);
+    let json_rel = link_from_bench(json_path);
+    let baseline_rel = baseline.map(|(_, p)| link_from_bench(p));
+    let after = compare::Run {
+        doc,
+        json_rel: &json_rel,
+    };
+    let before = baseline
+        .zip(baseline_rel.as_deref())
+        .map(|((doc, _), json_rel)| compare::Run { doc, json_rel });
+    let md = render::markdown(after, before, plots_dir_name, &plots_dir);
     let report = root.join(format!("RESULTS{suffix}.md"));
+    let old = fs::read_to_string(&report).unwrap_or_default();
+    let md = render::keep_marked_blocks(&old, md);
     fs::write(&report, md).with_context(|| format!("cannot write {}", report.display()))?;
     let ignore = root.join(".gitignore");
     if !ignore.exists() {
