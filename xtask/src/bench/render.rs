@@ -86,7 +86,7 @@ fn machine(doc: &Value) -> Vec<(String, String)> {
         ("virtualised", "virtualized"),
         ("memory (MiB)", "memory_mib"),
         ("clock source", "clocksource"),
-        ("load average before / after", "load_before"),
+        ("load average at start / end", "load_before"),
         ("git commit (dirty files)", "git_commit"),
     ] {
         let v = match key {
@@ -234,6 +234,15 @@ fn table_pair(s: &mut String, before: Option<&Value>, after: Option<&Value>) {
     }
 }
 
+/// A link relative to `bench/` as a path from the workspace root (for a command line).
+fn from_root(rel: &str) -> String {
+    match rel.strip_prefix("../") {
+        Some(r) => r.to_owned(),
+        None if rel.starts_with('/') => rel.to_owned(),
+        None => format!("bench/{rel}"),
+    }
+}
+
 /// The report for `after`, with `baseline` beside it when given (see [`compare`]).
 pub fn markdown(
     after: Run<'_>,
@@ -269,7 +278,10 @@ pub fn markdown(
          Started {} UTC, took {:.0} min. What is measured and why: `docs/benchmarks.md`; how: the doc comments of \
          `viscum-bench/benches/`.\n",
         if quick { " --quick" } else { "" },
-        baseline.map_or_else(String::new, |b| format!(" --baseline {}", b.json_rel)),
+        baseline.map_or_else(String::new, |b| format!(
+            " --baseline {}",
+            from_root(b.json_rel)
+        )),
         started(doc),
         doc["seconds"].as_f64().unwrap_or(0.0) / 60.0
     );
