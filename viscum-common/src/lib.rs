@@ -332,9 +332,12 @@ impl PortFilter {
     }
 }
 
-/// Name of the LRU flow table (`FlowKey` -> `FlowState`).
+/// Name of the LRU table of cloud decisions (`FlowKey` -> `FlowState`): UDP flows that
+/// matched an entry while it was learning or draining, so they stay with the cloud.
 pub const FLOWS_MAP: &str = "VISCUM_FLOWS";
-/// Name of the LRU reply table (`ReplyKey` -> `ReplyState`).
+/// Name of the LRU table of edge flows (`ReplyKey` -> `ReplyState`): one record per flow
+/// served at the edge, read by both directions (the classifier's decision and the reply
+/// path's identity), so the two can never disagree.
 pub const REPLIES_MAP: &str = "VISCUM_REPLIES";
 /// Name of the reply-path classifier attached to service veths.
 pub const REPLY_PROG: &str = "viscum_reply";
@@ -363,43 +366,23 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
-/// The flow went to the edge copy.
-pub const FLOW_EDGE: u32 = 1;
-/// The flow went to the cloud.
+/// [`FlowState::decision`]: the flow went to the cloud.
 pub const FLOW_CLOUD: u32 = 2;
 
-/// What was decided for a flow, and when it was last seen.
+/// A cloud decision for a flow that matched an entry (UDP only: TCP needs no state for
+/// the cloud, see the classifier's flow module), and when it was last seen.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowState {
-    /// `bpf_ktime_get_ns()` (ns of `CLOCK_MONOTONIC`) of the flow's last packet.
+    /// `bpf_ktime_get_coarse_ns()` (ns of `CLOCK_MONOTONIC`, tick resolution) of the flow's
+    /// last packet, refreshed at most about once a second.
     pub last_seen_ns: u64,
-    /// `bpf_ktime_get_ns()` of the first FIN/RST (0 = still open); the flow is
-    /// forgotten [`DatapathConfig::linger_ns`] later.
-    pub closing_at_ns: u64,
-    /// NAT mode: the service address the flow is translated to (the entry's
-    /// `nat_addr` when the flow began, as u32 words in wire order), so ICMP
-    /// errors quoting the flow are translated too.
-    pub nat_addr: [u32; 4],
-    /// The entry's namespace MAC when the flow began (with `flags` and
-    /// `ifindex`: enough to redirect packets that concern the flow but match
-    /// no entry themselves, such as ICMP errors quoting it); the six bytes in
-    /// wire order, held as u16s so the classifier writes them with plain
-    /// stores (a byte array would become a memset call).
-    pub mac: [u16; 3],
-    /// NAT mode: the service port, network order (0: unchanged).
-    pub nat_port: u16,
-    /// `FLOW_EDGE` or `FLOW_CLOUD`.
+    /// [`FLOW_CLOUD`] (the only decision kept here; edge flows live in [`REPLIES_MAP`]).
     pub decision: u32,
-    /// Host veth of the edge copy (for draining counts in user space, and
-    /// where ICMP errors about the flow are sent).
-    pub ifindex: u32,
-    /// The entry's `TARGET_F_*` bits when the flow began.
-    pub flags: u32,
     /// Explicit padding, always zero.
     pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<FlowState>() == 56);
+const _: () = assert!(core::mem::size_of::<FlowState>() == 16);
 
 /// A reply leaving a service namespace, keyed as it arrives on the host veth:
 /// the client is the destination; `local_port` is the source port the
@@ -424,12 +407,21 @@ pub struct ReplyKey {
 }
 const _: () = assert!(core::mem::size_of::<ReplyKey>() == 28);
 
-/// The identity a reply must carry: the cloud address and port the client
-/// talked to. A reply from any other source (a UDP server answering from
-/// its veth address, or NAT mode) is rewritten to it.
+/// An edge flow, keyed by what the service sees ([`ReplyKey`]): the identity its replies
+/// must carry (the cloud address and port the client talked to; a reply from any other
+/// source, a UDP server answering from its veth address or NAT mode, is rewritten to it),
+/// and the flow's timestamps. The classifier finds it from the client's packets (key built
+/// from the packet and its entry), the reply program from the service's: one record, one
+/// lookup per packet each way, one insert per new flow.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ReplyState {
+    /// `bpf_ktime_get_coarse_ns()` (ns of `CLOCK_MONOTONIC`, tick resolution) of the flow's
+    /// last client packet, refreshed at most about once a second.
+    pub last_seen_ns: u64,
+    /// `bpf_ktime_get_ns()` of the first FIN/RST from either side (0 = still open); the
+    /// flow is forgotten [`DatapathConfig::linger_ns`] later.
+    pub closing_at_ns: u64,
     /// Cloud address the client talked to, network byte order, IPv4 in the first 4 bytes.
     pub service: [u8; 16],
     /// Cloud port the client talked to, network byte order.
@@ -443,7 +435,7 @@ pub struct ReplyState {
 /// The flow is mirrored: the cloud answers the client, so the edge copy's
 /// replies are dropped on the service veth.
 pub const REPLY_F_DROP: u32 = 1 << 0;
-const _: () = assert!(core::mem::size_of::<ReplyState>() == 24);
+const _: () = assert!(core::mem::size_of::<ReplyState>() == 40);
 
 /// Name of the program array the classifiers tail-call into for ICMP errors.
 pub const JUMP_MAP: &str = "VISCUM_JUMP";

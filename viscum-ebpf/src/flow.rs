@@ -1,15 +1,21 @@
 //! Flow consistency: a flow keeps the decision taken at its first packet.
 //!
 //! Only flows towards a *matched* service are tracked, so unmanaged traffic
-//! never touches these maps. TCP needs state only for edge flows: a
-//! mid-connection packet without state belongs to a connection that began
-//! before the entry existed, i.e. with the cloud. UDP has no "first packet"
-//! marker, so cloud decisions are recorded too (while an entry learns or
-//! drains).
+//! never touches these maps. An edge flow is one record in `VISCUM_REPLIES`,
+//! keyed by what the service sees (`ReplyKey`: client, client port, the port the
+//! service answers from, the target veth): the classifier builds that key from
+//! the packet and its entry, the reply program from the reply, so one lookup
+//! decides a client packet and one restores a reply's identity, and the two
+//! directions can never disagree (two LRU tables could evict one half of a flow).
+//!
+//! TCP needs no state for the cloud: a mid-connection packet without an edge
+//! record belongs to a connection that began before the entry existed, i.e.
+//! with the cloud. UDP has no "first packet" marker, so its cloud decisions
+//! (taken while an entry learns or drains) are kept in `VISCUM_FLOWS`.
 
 #![allow(
     clippy::needless_borrows_for_generic_args,
-    reason = "map keys and values go by reference: by value, a 56-byte flow state would be copied to the stack (and possibly through a memcpy call the 6.1 verifier refuses)"
+    reason = "map keys and values go by reference: by value, a 40-byte record would be copied to the stack (and possibly through a memcpy call the 6.1 verifier refuses)"
 )]
 
 use aya_ebpf::{
@@ -18,8 +24,8 @@ use aya_ebpf::{
     maps::{LruHashMap, PerCpuArray},
 };
 use viscum_common::{
-    DEFAULT_FLOW_ENTRIES, DatapathConfig, FLOW_CLOUD, FLOW_EDGE, FlowKey, FlowState, GlobalCounter,
-    PROTO_TCP, REPLY_F_DROP, ReplyKey, ReplyState, ServiceEntry, TARGET_F_DRAINING, TARGET_F_NAT,
+    DEFAULT_FLOW_ENTRIES, DatapathConfig, FLOW_CLOUD, FlowKey, FlowState, GlobalCounter, PROTO_TCP,
+    REPLY_F_DROP, ReplyKey, ReplyState, ServiceEntry, TARGET_F_DRAINING, TARGET_F_NAT,
 };
 
 use crate::{
@@ -27,12 +33,13 @@ use crate::{
     parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
-/// 5-tuple -> decision. LRU: under pressure the oldest flows go first; the
-/// loader sizes it (`viscum attach --flow-table-size`).
+/// Client-side 5-tuple -> cloud decision (UDP). LRU: under pressure the oldest
+/// flows go first; the loader sizes it (`viscum attach --flow-table-size`).
 #[map(name = "VISCUM_FLOWS")]
 static FLOWS: LruHashMap<FlowKey, FlowState> = LruHashMap::pinned(DEFAULT_FLOW_ENTRIES, 0);
 
-/// Reverse index for the reply path (see `ReplyKey`).
+/// Edge flows, keyed as the service sees them (see the module docs). Sized like
+/// `VISCUM_FLOWS`.
 #[map(name = "VISCUM_REPLIES")]
 static REPLIES: LruHashMap<ReplyKey, ReplyState> = LruHashMap::pinned(DEFAULT_FLOW_ENTRIES, 0);
 
@@ -53,11 +60,11 @@ const LAST_SEEN_GRAIN_NS: u64 = 1_000_000_000;
 /// `bpf_ktime_get_ns`, which `close_from_service` and user space use), and a stamp a
 /// little ahead of `now` means "just now", not "2^64 ns ago".
 #[inline(always)]
-fn is_live(state: &FlowState, now: u64, t: &Timeouts, tcp: bool) -> bool {
-    if state.closing_at_ns != 0 && now.saturating_sub(state.closing_at_ns) > t.linger_ns {
+fn is_live(last_seen_ns: u64, closing_at_ns: u64, now: u64, t: &Timeouts, tcp: bool) -> bool {
+    if closing_at_ns != 0 && now.saturating_sub(closing_at_ns) > t.linger_ns {
         return false;
     }
-    now.saturating_sub(state.last_seen_ns) <= idle_of(t, tcp)
+    now.saturating_sub(last_seen_ns) <= idle_of(t, tcp)
 }
 
 #[inline(always)]
@@ -65,14 +72,21 @@ fn idle_of(t: &Timeouts, tcp: bool) -> u64 {
     if tcp { t.tcp_idle_ns } else { t.udp_idle_ns }
 }
 
+/// Whether `last_seen` is stale enough to be rewritten (see [`LAST_SEEN_GRAIN_NS`]).
+#[inline(always)]
+fn refresh_due(last_seen_ns: u64, now: u64, t: &Timeouts, tcp: bool) -> bool {
+    let grain = idle_of(t, tcp) >> 3;
+    let grain = if grain < LAST_SEEN_GRAIN_NS {
+        grain
+    } else {
+        LAST_SEEN_GRAIN_NS
+    };
+    now.saturating_sub(last_seen_ns) > grain
+}
+
 /// Decides for a packet that matched `entry`, creating flow state for new flows.
 #[inline(always)]
-pub fn decide(
-    p: &Parsed,
-    entry: &mut ServiceEntry,
-    fkey: &FlowKey,
-    cfg: &DatapathConfig,
-) -> Decision {
+pub fn decide(p: &Parsed, entry: &mut ServiceEntry, cfg: &DatapathConfig) -> Decision {
     // The coarse clock (CLOCK_MONOTONIC at tick resolution, bpf-helpers(7), 5.11+): flow
     // timeouts are seconds, the learning window milliseconds, and it costs a fraction of
     // the precise one.
@@ -83,60 +97,57 @@ pub fn decide(
     let syn = tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let closing = tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
 
+    // The edge record: the key carries the entry's target veth, so an entry that now
+    // points elsewhere (the namespace re-created, the entry re-added) finds none and
+    // its old flows end; they are never sent to the new target.
     let rkey = reply_key(p, entry);
-    if let Some(state) = FLOWS.get_ptr_mut(fkey) {
+    if let Some(state) = REPLIES.get_ptr_mut(&rkey) {
         // SAFETY: LRU value pointer from the kernel; races only lose a
         // timestamp update, never the decision.
         let state = unsafe { &mut *state };
         // A SYN on a flow that already finished starts a new connection
-        // reusing the 5-tuple: decide afresh.
+        // reusing the 5-tuple: decide afresh. A mirror record, or one of
+        // another cloud address answered from the same port, is not this flow.
         let reused = syn && state.closing_at_ns != 0;
-        // An edge flow whose entry now points at another target (the
-        // namespace was re-created, the entry re-added): its old target is
-        // gone, so the flow is over; never send it to the new one.
-        let replaced = state.decision == FLOW_EDGE && state.ifindex != entry.ifindex;
-        if !reused && !replaced && is_live(state, now, &t, tcp) {
-            let grain = idle_of(&t, tcp) >> 3;
-            let grain = if grain < LAST_SEEN_GRAIN_NS {
-                grain
-            } else {
-                LAST_SEEN_GRAIN_NS
-            };
-            if now.saturating_sub(state.last_seen_ns) > grain {
+        let ours = state.flags & REPLY_F_DROP == 0
+            && state.service == p.key.addr
+            && state.service_port == p.key.port;
+        if ours && !reused && is_live(state.last_seen_ns, state.closing_at_ns, now, &t, tcp) {
+            if refresh_due(state.last_seen_ns, now, &t, tcp) {
                 state.last_seen_ns = now;
             }
             if closing && state.closing_at_ns == 0 {
                 state.closing_at_ns = now;
-            }
-            if state.decision != FLOW_EDGE {
-                return Decision::Cloud;
-            }
-            // The two LRU tables evict independently: an edge flow whose
-            // reply record went (a reused 5-tuple, table pressure) gets it
-            // back before its next reply needs it.
-            if REPLIES.get_ptr(&rkey).is_none() {
-                remember_reply(p, entry, 0);
             }
             return Decision::Edge;
         }
     }
 
     if tcp && !syn {
-        // Mid-connection without flow state. If its reply record survived
-        // the flow's eviction, the connection is at the edge: restore it.
-        // SAFETY: copied out of the map value at once.
-        if let Some(r) = unsafe { REPLIES.get(&rkey).copied() }
-            && r.flags & REPLY_F_DROP == 0
-            && r.service == p.key.addr
-            && r.service_port == p.key.port
-        {
-            put_state(fkey, FLOW_EDGE, entry, now);
-            return Decision::Edge;
-        }
-        // Otherwise it began before the entry existed (or all its state
-        // was evicted): the cloud has it.
+        // Mid-connection without an edge record: it began before the entry
+        // existed (or its record was evicted): the cloud has it.
         counters::bump(GlobalCounter::FlowOrphans);
         return Decision::Cloud;
+    }
+    // UDP: a cloud decision taken while the entry learned or drained holds.
+    let fkey = FlowKey {
+        client: p.saddr,
+        service: p.key.addr,
+        client_port: p.sport,
+        service_port: p.key.port,
+        proto: p.key.proto,
+        family: p.key.family,
+        _pad: [0; 2],
+    };
+    if !tcp && let Some(state) = FLOWS.get_ptr_mut(&fkey) {
+        // SAFETY: as above.
+        let state = unsafe { &mut *state };
+        if state.decision == FLOW_CLOUD && is_live(state.last_seen_ns, 0, now, &t, false) {
+            if refresh_due(state.last_seen_ns, now, &t, false) {
+                state.last_seen_ns = now;
+            }
+            return Decision::Cloud;
+        }
     }
 
     let learning = now < entry.active_after_ns;
@@ -144,27 +155,72 @@ pub fn decide(
         entry.cloud_flows += 1;
         counters::bump(GlobalCounter::FlowsCloud);
         if !tcp {
-            put_state(fkey, FLOW_CLOUD, entry, now);
+            let state = FlowState {
+                last_seen_ns: now,
+                decision: FLOW_CLOUD,
+                _pad: 0,
+            };
+            let _ = FLOWS.insert(&fkey, &state, 0);
         }
         return Decision::Cloud;
     }
 
-    put_state(fkey, FLOW_EDGE, entry, now);
-    remember_reply(p, entry, 0);
+    put_edge(&rkey, p, 0, now);
     entry.new_flows += 1;
     counters::bump(GlobalCounter::FlowsEdge);
     Decision::Edge
 }
 
-/// One per-CPU slot in which a new flow's state is assembled: 56 bytes the
-/// classifier's 512-byte stack cannot spare (the verifier refuses a frame
-/// past the limit, and LLVM will not build one).
-#[map(name = "VISCUM_SCRATCH")]
-static SCRATCH: PerCpuArray<FlowState> = PerCpuArray::pinned(1, 0);
-
-/// Records a new flow's decision, taken from `entry` at time `now`.
+/// The reply-side key of the flow of `p` towards `entry`'s target.
 #[inline(always)]
-fn put_state(fkey: &FlowKey, decision: u32, entry: &ServiceEntry, now: u64) {
+fn reply_key(p: &Parsed, entry: &ServiceEntry) -> ReplyKey {
+    edge_key(
+        &p.saddr,
+        p.sport,
+        p.key.port,
+        p.key.proto,
+        p.key.family,
+        entry,
+    )
+}
+
+/// The edge-record key of the flow from `client`:`client_port` to `service_port`
+/// (all network order) towards `entry`'s target.
+#[inline(always)]
+pub fn edge_key(
+    client: &[u8; 16],
+    client_port: u16,
+    service_port: u16,
+    proto: u8,
+    family: u8,
+    entry: &ServiceEntry,
+) -> ReplyKey {
+    // In NAT mode the service answers from its own port.
+    let local_port = if entry.flags & TARGET_F_NAT != 0 && entry.nat_port != 0 {
+        entry.nat_port
+    } else {
+        service_port
+    };
+    ReplyKey {
+        client: *client,
+        client_port,
+        local_port,
+        proto,
+        family,
+        _pad: [0; 2],
+        ifindex: entry.ifindex,
+    }
+}
+
+/// One per-CPU slot in which a new flow's record is assembled: the
+/// classifier's 512-byte stack cannot spare its 40 bytes on top of the keys
+/// and the parsed headers (LLVM refuses to build such a frame).
+#[map(name = "VISCUM_SCRATCH")]
+static SCRATCH: PerCpuArray<ReplyState> = PerCpuArray::pinned(1, 0);
+
+/// Writes the edge record of a new flow (`flags`: `REPLY_F_*`).
+#[inline(always)]
+fn put_edge(rkey: &ReplyKey, p: &Parsed, flags: u32, now: u64) {
     let Some(slot) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -172,71 +228,39 @@ fn put_state(fkey: &FlowKey, decision: u32, entry: &ServiceEntry, now: u64) {
     let st = unsafe { &mut *slot };
     st.last_seen_ns = now;
     st.closing_at_ns = 0;
-    st.decision = decision;
-    st.ifindex = entry.ifindex;
-    st.flags = entry.flags;
-    // Word by word, volatile: LLVM would otherwise turn these copies into
-    // memset/memcpy subprogram calls, whose frames count against the
-    // 512-byte stack (see redirect::write_mac).
-    let m = &entry.mac;
-    let a = &entry.nat_addr;
-    // SAFETY: writes to fields of this CPU's scratch slot.
-    unsafe {
-        for i in 0..3 {
-            core::ptr::write_volatile(
-                &raw mut st.mac[i],
-                u16::from_ne_bytes([m[2 * i], m[2 * i + 1]]),
-            );
-        }
-        for i in 0..4 {
-            core::ptr::write_volatile(
-                &raw mut st.nat_addr[i],
+    // Word by word, volatile: LLVM would otherwise turn the copy into a
+    // memcpy subprogram call, whose frame counts against the 512-byte stack
+    // (see redirect::write_mac).
+    let a = &p.key.addr;
+    let dst = st.service.as_mut_ptr().cast::<u32>();
+    for i in 0..4 {
+        // SAFETY: four in-bounds u32 writes into the slot's 16-byte array; BPF
+        // allows unaligned stores to map values.
+        unsafe {
+            core::ptr::write_unaligned(
+                dst.add(i),
                 u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]]),
             );
         }
     }
-    st.nat_port = entry.nat_port;
-    st._pad = 0;
-    let _ = FLOWS.insert(fkey, &*st, 0);
+    st.service_port = p.key.port;
+    st._pad = [0; 2];
+    st.flags = flags;
+    let _ = REPLIES.insert(rkey, &*st, 0);
 }
 
-/// The reply-side key of the flow of `p` towards `entry`'s target.
+/// Records a mirrored flow: its edge copy's replies are dropped on the way back.
 #[inline(always)]
-fn reply_key(p: &Parsed, entry: &ServiceEntry) -> ReplyKey {
-    // In NAT mode the service answers from its own port.
-    let local_port = if entry.flags & TARGET_F_NAT != 0 && entry.nat_port != 0 {
-        entry.nat_port
-    } else {
-        p.key.port
-    };
-    ReplyKey {
-        client: p.saddr,
-        client_port: p.sport,
-        local_port,
-        proto: p.key.proto,
-        family: p.key.family,
-        _pad: [0; 2],
-        ifindex: entry.ifindex,
-    }
+pub fn remember_mirror(p: &Parsed, entry: &ServiceEntry) {
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    put_edge(&reply_key(p, entry), p, REPLY_F_DROP, now);
 }
 
-/// Records how replies of this flow come back from the service veth.
+/// The edge record a reply arriving on `ifindex` belongs to, if any: a pointer into
+/// the map value (the reply path marks it closing on the service's FIN/RST).
 #[inline(always)]
-pub fn remember_reply(p: &Parsed, entry: &ServiceEntry, flags: u32) {
-    let rkey = reply_key(p, entry);
-    let rstate = ReplyState {
-        service: p.key.addr,
-        service_port: p.key.port,
-        _pad: [0; 2],
-        flags,
-    };
-    let _ = REPLIES.insert(rkey, rstate, 0);
-}
-
-/// The identity a reply arriving on `ifindex` must carry, if it belongs to
-/// an edge flow.
-#[inline(always)]
-pub fn reply_identity(p: &Parsed, ifindex: u32) -> Option<ReplyState> {
+pub fn reply_identity(p: &Parsed, ifindex: u32) -> Option<*mut ReplyState> {
     let rkey = ReplyKey {
         client: p.key.addr,
         client_port: p.key.port,
@@ -246,47 +270,24 @@ pub fn reply_identity(p: &Parsed, ifindex: u32) -> Option<ReplyState> {
         _pad: [0; 2],
         ifindex,
     };
-    // SAFETY: read-only copy out of the map value.
-    unsafe { REPLIES.get(rkey).copied() }
+    REPLIES.get_ptr_mut(&rkey)
 }
 
-/// The edge flow `fkey` belongs to, if it is one (for ICMP errors quoting it).
-#[inline(always)]
-pub fn edge_flow(fkey: &FlowKey) -> Option<FlowState> {
-    // SAFETY: copied out of the map value at once.
-    let state = unsafe { FLOWS.get(fkey).copied() }?;
-    (state.decision == FLOW_EDGE).then_some(state)
-}
-
-/// The reply identity of a flow, by its reply-side key.
+/// The edge record of `rkey`, copied out.
 #[inline(always)]
 pub fn reply_state(rkey: &ReplyKey) -> Option<ReplyState> {
     // SAFETY: copied out of the map value at once.
     unsafe { REPLIES.get(rkey).copied() }
 }
 
-/// Marks the flow of a service's FIN or RST (`p`, a reply with identity
-/// `id`) as closing, so it lingers and then ends like a flow the client
-/// closed; otherwise a refused or server-closed connection would count as
-/// open until the idle timeout (hours for TCP).
+/// Marks a flow whose service sent a FIN or RST as closing, so it lingers and
+/// then ends like a flow the client closed; otherwise a refused or
+/// server-closed connection would count as open until the idle timeout
+/// (hours for TCP).
 #[inline(always)]
-pub fn close_from_service(p: &Parsed, id: &ReplyState) {
-    let fkey = FlowKey {
-        client: p.key.addr,
-        service: id.service,
-        client_port: p.key.port,
-        service_port: id.service_port,
-        proto: p.key.proto,
-        family: p.key.family,
-        _pad: [0; 2],
-    };
-    if let Some(state) = FLOWS.get_ptr_mut(&fkey) {
-        // SAFETY: LRU value pointer from the kernel; a race only loses a
-        // timestamp.
-        let state = unsafe { &mut *state };
-        if state.closing_at_ns == 0 {
-            // SAFETY: helper without arguments.
-            state.closing_at_ns = unsafe { bpf_ktime_get_ns() };
-        }
+pub fn close_from_service(state: &mut ReplyState) {
+    if state.closing_at_ns == 0 {
+        // SAFETY: helper without arguments.
+        state.closing_at_ns = unsafe { bpf_ktime_get_ns() };
     }
 }

@@ -27,10 +27,11 @@
 
 use aya_ebpf::{bindings::TC_ACT_SHOT, macros::map, maps::ProgramArray, programs::TcContext};
 use viscum_common::{
-    FAMILY_V4, FlowKey, GlobalCounter, PROTO_TCP, PROTO_UDP, REPLY_F_DROP, ReplyKey, TARGET_F_NAT,
+    FAMILY_V4, GlobalCounter, PROTO_TCP, PROTO_UDP, REPLY_F_DROP, ReplyKey, ServiceKey,
+    TARGET_F_NAT,
 };
 
-use crate::{counters, flow, nat, parse::Parsed, redirect};
+use crate::{counters, flow, lookup, nat, parse::Parsed, redirect};
 
 /// ICMP handling runs as its own programs, reached by tail call from the two
 /// classifiers: each program gets its own 512-byte stack and its own
@@ -147,42 +148,37 @@ pub fn quoted(ctx: &TcContext, p: &Parsed) -> Option<Quoted> {
 pub fn to_edge(ctx: &TcContext, p: &Parsed) -> Option<i32> {
     let q = quoted(ctx, p)?;
     // The quoted packet went from the service (the cloud address) to the
-    // client, so the flow key is the quote reversed.
-    let fkey = FlowKey {
-        client: q.dst,
-        service: q.src,
-        client_port: q.dport,
-        service_port: q.sport,
+    // client: the entry is found by its source, the edge record by the quote
+    // reversed, as the classifier keys the flow's own packets.
+    let cfg = counters::config()?;
+    let key = ServiceKey {
+        addr: q.src,
+        port: q.sport,
         proto: q.proto,
         family: p.key.family,
-        _pad: [0; 2],
     };
-    let state = flow::edge_flow(&fkey)?;
-    if state.flags & TARGET_F_NAT != 0 {
+    // SAFETY: per-CPU value; only read here.
+    let entry = unsafe { &*lookup::find_key(&key, &q.dst, counters::have_rules(cfg))? };
+    let rkey = flow::edge_key(&q.dst, q.dport, q.sport, q.proto, p.key.family, entry);
+    let state = flow::reply_state(&rkey)?;
+    if state.flags & REPLY_F_DROP != 0 || state.service != q.src || state.service_port != q.sport {
+        return None;
+    }
+    if entry.flags & TARGET_F_NAT != 0 {
         // The edge copy knows the flow by its own address and port.
-        // SAFETY: same size, plain bytes.
-        let nat_addr = unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(state.nat_addr) };
-        let nat_port = if state.nat_port != 0 {
-            state.nat_port
+        let nat_port = if entry.nat_port != 0 {
+            entry.nat_port
         } else {
             q.sport
         };
-        if !nat::rewrite_icmp_outer(ctx, p, false, &p.key.addr, &nat_addr)
-            || !rewrite_quote(ctx, p, &q, true, &q.src, &nat_addr, q.sport, nat_port)
+        if !nat::rewrite_icmp_outer(ctx, p, false, &p.key.addr, &entry.nat_addr)
+            || !rewrite_quote(ctx, p, &q, true, &q.src, &entry.nat_addr, q.sport, nat_port)
         {
             return Some(TC_ACT_SHOT);
         }
     }
     counters::bump(GlobalCounter::IcmpToEdge);
-    // SAFETY: same size, plain bytes.
-    let mac = unsafe { core::mem::transmute::<[u16; 3], [u8; 6]>(state.mac) };
-    Some(redirect::to_target(
-        ctx,
-        state.ifindex,
-        state.flags,
-        &mac,
-        p.l2_vlan,
-    ))
+    Some(redirect::to_service(ctx, entry, p.l2_vlan))
 }
 
 /// Service side: an error the edge copy's stack sent about a client's

@@ -54,34 +54,40 @@ pub fn unmanaged(p: &Parsed) -> bool {
 
 #[inline(always)]
 pub fn find(p: &Parsed, have_rules: bool) -> Option<*mut ServiceEntry> {
-    if let Some(e) = SERVICES.get_ptr_mut(p.key) {
+    find_key(&p.key, &p.saddr, have_rules)
+}
+
+/// The entry for destination `key` and source `saddr` (see the module docs).
+#[inline(always)]
+pub fn find_key(key: &ServiceKey, saddr: &[u8; 16], have_rules: bool) -> Option<*mut ServiceEntry> {
+    if let Some(e) = SERVICES.get_ptr_mut(key) {
         return Some(e);
     }
     if have_rules {
-        return find_rule(p);
+        return find_rule(key, saddr);
     }
     None
 }
 
 #[inline(always)]
-fn find_rule(p: &Parsed) -> Option<*mut ServiceEntry> {
+fn find_rule(key: &ServiceKey, saddr: &[u8; 16]) -> Option<*mut ServiceEntry> {
     let data = PrefixData {
-        proto: p.key.proto,
-        family: p.key.family,
+        proto: key.proto,
+        family: key.family,
         _pad: [0; 2],
-        addr: p.key.addr,
+        addr: key.addr,
     };
-    let host_bits: u32 = if p.key.family == viscum_common::FAMILY_V4 {
+    let host_bits: u32 = if key.family == viscum_common::FAMILY_V4 {
         32
     } else {
         128
     };
     let mut prefix_len = PREFIX_KEY_FIXED_BITS + host_bits;
-    let port = u16::from_be(p.key.port);
+    let port = u16::from_be(key.port);
     for _ in 0..MAX_PREFIX_LEVELS {
         let node = PREFIXES.get(Key::new(prefix_len, data))?;
         for i in 0..RULES_PER_PREFIX {
-            if (i as u32) < node.count && rule_matches(&node.rules[i], port, &p.saddr) {
+            if (i as u32) < node.count && rule_matches(&node.rules[i], port, saddr) {
                 return RULES.get_ptr_mut(node.rules[i].rule_id);
             }
         }

@@ -49,8 +49,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use viscum_common::{
-    FlowKey, GlobalCounter, JUMP_ICMP_INGRESS, JUMP_ICMP_REPLY, PROTO_TCP, REPLY_F_DROP,
-    TARGET_F_MIRROR, TARGET_F_NAT,
+    GlobalCounter, JUMP_ICMP_INGRESS, JUMP_ICMP_REPLY, PROTO_TCP, REPLY_F_DROP, TARGET_F_MIRROR,
+    TARGET_F_NAT,
 };
 
 use crate::{
@@ -189,21 +189,12 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     if entry.flags & TARGET_F_MIRROR != 0 {
         // The cloud keeps serving; the edge copy sees a clone and its
         // answers are dropped on the way back.
-        flow::remember_reply(&p, entry, REPLY_F_DROP);
+        flow::remember_mirror(&p, entry);
         redirect::mirror(ctx, entry);
         return Ok(pass());
     }
 
-    let fkey = FlowKey {
-        client: p.saddr,
-        service: p.key.addr,
-        client_port: p.sport,
-        service_port: p.key.port,
-        proto: p.key.proto,
-        family: p.key.family,
-        _pad: [0; 2],
-    };
-    if flow::decide(&p, entry, &fkey, cfg) == Decision::Cloud {
+    if flow::decide(&p, entry, cfg) == Decision::Cloud {
         if log {
             debug!(
                 ctx,
@@ -286,13 +277,17 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
         counters::bump(GlobalCounter::RepliesUnknown);
         return Ok(TC_ACT_UNSPEC);
     };
+    // SAFETY: LRU value pointer from the kernel; the fields read below are
+    // written only when a flow is created, and a race on `closing_at_ns` only
+    // loses a timestamp.
+    let id = unsafe { &mut *id };
     if id.flags & REPLY_F_DROP != 0 {
         return Ok(TC_ACT_SHOT);
     }
     if p.key.proto == PROTO_TCP && p.tcp_flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
         // The service ends the connection (or refuses it: nothing listens):
         // the flow lingers and is then over, as when the client ends it.
-        flow::close_from_service(&p, &id);
+        flow::close_from_service(id);
     }
     frag::remember(&p);
     if id.service != p.saddr || id.service_port != p.sport {

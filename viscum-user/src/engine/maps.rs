@@ -8,10 +8,10 @@ use aya::{
     util::nr_cpus,
 };
 use viscum_common::{
-    CONFIG_MAP, CounterInfo, DatapathConfig, FLOW_EDGE, FLOWS_MAP, FlowKey, FlowState,
-    GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter, MAX_RULES, PORT_FILTER_BITMAP_WORDS,
-    PORT_FILTER_BUILT, PORTS_MAP, PREFIXES_MAP, PortFilter, PortRule, PrefixData, PrefixNode,
-    RULES_MAP, RULES_PER_PREFIX, SERVICES_MAP, ServiceEntry, ServiceKey, port_filter_slot,
+    CONFIG_MAP, CounterInfo, DatapathConfig, GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter,
+    MAX_RULES, PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORTS_MAP, PREFIXES_MAP, PortFilter,
+    PortRule, PrefixData, PrefixNode, REPLIES_MAP, REPLY_F_DROP, RULES_MAP, RULES_PER_PREFIX,
+    ReplyKey, ReplyState, SERVICES_MAP, ServiceEntry, ServiceKey, port_filter_slot,
 };
 
 use super::{EngineError, Pins};
@@ -29,7 +29,8 @@ pub struct Engine {
     services: PerCpuHashMap<MapData, ServiceKey, ServiceEntry>,
     global: PerCpuArray<MapData, u64>,
     config: Array<MapData, DatapathConfig>,
-    flows: HashMap<MapData, FlowKey, FlowState>,
+    /// The edge flows (`VISCUM_REPLIES`: one record per flow served at the edge).
+    edge: HashMap<MapData, ReplyKey, ReplyState>,
     prefixes: LpmTrie<MapData, PrefixData, PrefixNode>,
     rules: PerCpuArray<MapData, ServiceEntry>,
     /// The miss pre-filter (`None` under pins made by a version without one).
@@ -137,8 +138,8 @@ impl Engine {
             .map_err(|e| EngineError::map("the counters map has an unexpected layout", e))?;
         let config = Array::try_from(open_map(pins, CONFIG_MAP)?)
             .map_err(|e| EngineError::map("the config map has an unexpected layout", e))?;
-        let flows = HashMap::try_from(open_map(pins, FLOWS_MAP)?)
-            .map_err(|e| EngineError::map("the flow table has an unexpected layout", e))?;
+        let edge = HashMap::try_from(open_map(pins, REPLIES_MAP)?)
+            .map_err(|e| EngineError::map("the edge flow table has an unexpected layout", e))?;
         let prefixes = LpmTrie::try_from(open_map(pins, PREFIXES_MAP)?)
             .map_err(|e| EngineError::map("the prefix table has an unexpected layout", e))?;
         let rules = PerCpuArray::try_from(open_map(pins, RULES_MAP)?)
@@ -165,7 +166,7 @@ impl Engine {
             services,
             global,
             config,
-            flows,
+            edge,
             prefixes,
             rules,
             ports,
@@ -617,17 +618,15 @@ impl Engine {
         let now = monotonic_ns();
         let cfg = self.config.get(&0, 0).unwrap_or_default();
         let mut out = std::collections::HashMap::new();
-        for item in &self.flows {
+        for item in &self.edge {
             let Ok((key, state)) = item else { continue };
-            if state.decision != FLOW_EDGE {
-                continue;
-            }
-            if state.closing_at_ns != 0
+            if state.flags & REPLY_F_DROP != 0
+                || state.closing_at_ns != 0
                 || now.saturating_sub(state.last_seen_ns) > cfg.idle_ns(key.proto)
             {
                 continue;
             }
-            *out.entry(state.ifindex).or_insert(0) += 1;
+            *out.entry(key.ifindex).or_insert(0) += 1;
         }
         Ok(out)
     }
@@ -651,7 +650,7 @@ impl Engine {
         let now = monotonic_ns();
         let cfg = self.config.get(&0, 0).unwrap_or_default();
         let mut counts = vec![0; entries.len()];
-        for (key, state) in self.flows.iter().flatten() {
+        for (key, state) in self.edge.iter().flatten() {
             if state.closing_at_ns != 0
                 || now.saturating_sub(state.last_seen_ns) > cfg.idle_ns(key.proto)
             {
@@ -678,8 +677,8 @@ impl Engine {
         endpoint: &crate::endpoint::Endpoint,
         ifindex: u32,
     ) -> Result<usize, EngineError> {
-        let keys: Vec<FlowKey> = self
-            .flows
+        let keys: Vec<ReplyKey> = self
+            .edge
             .iter()
             .flatten()
             .filter(|(key, state)| flow_of(key, state, endpoint, ifindex))
@@ -687,7 +686,7 @@ impl Engine {
             .collect();
         for k in &keys {
             // Already evicted by the LRU in between: nothing to do.
-            let _ = self.flows.remove(k);
+            let _ = self.edge.remove(k);
         }
         Ok(keys.len())
     }
@@ -842,10 +841,11 @@ pub(crate) fn monotonic_ns() -> u64 {
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
-/// Is this flow record an edge flow that `endpoint`'s entry into `ifindex` decided?
+/// Is this edge record a flow that `endpoint`'s entry into `ifindex` decided (mirror
+/// records are not: the cloud serves those flows)?
 fn flow_of(
-    key: &FlowKey,
-    state: &FlowState,
+    key: &ReplyKey,
+    state: &ReplyState,
     endpoint: &crate::endpoint::Endpoint,
     ifindex: u32,
 ) -> bool {
@@ -856,13 +856,13 @@ fn flow_of(
             std::net::IpAddr::from(b)
         }
     };
-    state.decision == FLOW_EDGE
-        && state.ifindex == ifindex
+    state.flags & REPLY_F_DROP == 0
+        && key.ifindex == ifindex
         && crate::endpoint::Proto::from_number(key.proto).is_some_and(|proto| {
             endpoint.matches(
                 proto,
-                addr(key.service),
-                u16::from_be(key.service_port),
+                addr(state.service),
+                u16::from_be(state.service_port),
                 addr(key.client),
             )
         })
