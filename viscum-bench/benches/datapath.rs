@@ -236,8 +236,11 @@ impl Loaded {
             return Ok(());
         };
         let mut ports: Array<&mut MapData, u64> = Array::try_from(map)?;
-        for (i, w) in (0u32..).zip(self.filter.words.iter()) {
-            ports.set(i, *w, 0)?;
+        let len = ports.len();
+        for i in (0..len).filter(|&i| i != PORT_FILTER_BITMAP_WORDS) {
+            if let Some(w) = self.filter.word(i) {
+                ports.set(i, w, 0)?;
+            }
         }
         ports.set(PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, 0)?;
         Ok(())

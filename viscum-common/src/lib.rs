@@ -255,10 +255,32 @@ const _: () = assert!(core::mem::size_of::<PrefixNode>() == 184);
 pub const PORTS_MAP: &str = "VISCUM_PORTS";
 /// Words of the port bitmap: 1024 per protocol (TCP, then UDP; 65,536 ports each).
 pub const PORT_FILTER_BITMAP_WORDS: u32 = 2 * 1024;
-/// Size of [`PORTS_MAP`]: the bitmap plus one marker word (index
+/// Words of the address bitmap that follows the marker word in [`PORTS_MAP`] (65,536 bits,
+/// see [`addr_filter_slot`]): a **set** bit means "no services-map key has an address with
+/// this hash". It rejects misses on a managed port (the cloud's HTTPS while an edge copy
+/// serves one HTTPS address) before the services-map hash; it cannot speak for prefix
+/// rules, so the classifier consults it only while there are none.
+pub const ADDR_FILTER_WORDS: u32 = 1024;
+/// Index of the first word of the address bitmap in [`PORTS_MAP`].
+pub const ADDR_FILTER_BASE: u32 = PORT_FILTER_BITMAP_WORDS + 1;
+/// Size of [`PORTS_MAP`]: the port bitmap, one marker word (index
 /// [`PORT_FILTER_BITMAP_WORDS`]) that user space sets to [`PORT_FILTER_BUILT`] once it has built
-/// the filter from the maps' contents; the classifier never reads it.
-pub const PORT_FILTER_WORDS: u32 = PORT_FILTER_BITMAP_WORDS + 1;
+/// the filter from the maps' contents (the classifier never reads it), then the address bitmap.
+pub const PORT_FILTER_WORDS: u32 = ADDR_FILTER_BASE + ADDR_FILTER_WORDS;
+
+/// The word index (into [`PORTS_MAP`]) and bit of destination address `addr` (16 bytes,
+/// network order, IPv4 in the first four, the rest zero) in the address bitmap: the four
+/// big-endian words XORed, times the 32-bit golden-ratio constant (Fibonacci hashing,
+/// Knuth TAOCP vol. 3, 6.4), top 16 bits. The same arithmetic on any byte order.
+#[inline(always)]
+pub const fn addr_filter_slot(addr: &[u8; 16]) -> (u32, u64) {
+    let w0 = u32::from_be_bytes([addr[0], addr[1], addr[2], addr[3]]);
+    let w1 = u32::from_be_bytes([addr[4], addr[5], addr[6], addr[7]]);
+    let w2 = u32::from_be_bytes([addr[8], addr[9], addr[10], addr[11]]);
+    let w3 = u32::from_be_bytes([addr[12], addr[13], addr[14], addr[15]]);
+    let idx = (w0 ^ w1 ^ w2 ^ w3).wrapping_mul(0x9E37_79B1) >> 16;
+    (ADDR_FILTER_BASE + (idx >> 6), 1u64 << (idx & 63))
+}
 /// Value of the marker word once the filter has been built.
 pub const PORT_FILTER_BUILT: u64 = 1;
 
@@ -277,6 +299,8 @@ pub const fn port_filter_slot(proto: u8, port: u16) -> (u32, u64) {
 pub struct PortFilter {
     /// The words, indexed as [`port_filter_slot`] says.
     pub words: [u64; PORT_FILTER_BITMAP_WORDS as usize],
+    /// The address bitmap, indexed as [`addr_filter_slot`] says minus [`ADDR_FILTER_BASE`].
+    pub addrs: [u64; ADDR_FILTER_WORDS as usize],
 }
 
 impl Default for PortFilter {
@@ -290,6 +314,7 @@ impl PortFilter {
     pub const fn new() -> Self {
         PortFilter {
             words: [!0; PORT_FILTER_BITMAP_WORDS as usize],
+            addrs: [!0; ADDR_FILTER_WORDS as usize],
         }
     }
 
@@ -314,9 +339,23 @@ impl PortFilter {
         }
     }
 
-    /// Marks what services-map key `key` matches: its port, or every port of its
-    /// protocol for an "all ports" key (`port` 0).
+    /// The value of [`PORTS_MAP`] word `index`: a port or address word, `None` for the
+    /// marker word and past the end.
+    pub const fn word(&self, index: u32) -> Option<u64> {
+        if index < PORT_FILTER_BITMAP_WORDS {
+            Some(self.words[index as usize])
+        } else if index >= ADDR_FILTER_BASE && index < PORT_FILTER_WORDS {
+            Some(self.addrs[(index - ADDR_FILTER_BASE) as usize])
+        } else {
+            None
+        }
+    }
+
+    /// Marks what services-map key `key` matches: its address, and its port or every
+    /// port of its protocol for an "all ports" key (`port` 0).
     pub fn manage_key(&mut self, key: &ServiceKey) {
+        let (w, bit) = addr_filter_slot(&key.addr);
+        self.addrs[(w - ADDR_FILTER_BASE) as usize] &= !bit;
         let port = u16::from_be(key.port);
         if port == 0 {
             self.manage(key.proto, 0, u16::MAX);
@@ -329,6 +368,12 @@ impl PortFilter {
     pub const fn unmanaged(&self, proto: u8, port: u16) -> bool {
         let (w, bit) = port_filter_slot(proto, port);
         self.words[w as usize] & bit != 0
+    }
+
+    /// Is no services-map key's address hashed to the bit of `addr`?
+    pub const fn addr_unmanaged(&self, addr: &[u8; 16]) -> bool {
+        let (w, bit) = addr_filter_slot(addr);
+        self.addrs[(w - ADDR_FILTER_BASE) as usize] & bit != 0
     }
 }
 
@@ -820,6 +865,57 @@ mod tests {
             family: FAMILY_V4,
         });
         assert!((0..=u16::MAX).all(|p| !f.unmanaged(PROTO_TCP, p)));
+    }
+
+    #[test]
+    fn address_filter_marks_the_keys_addresses_and_indexes_past_the_marker() {
+        use super::{
+            ADDR_FILTER_BASE, FAMILY_V4, FAMILY_V6, PORT_FILTER_BITMAP_WORDS, PORT_FILTER_WORDS,
+            PROTO_TCP, PortFilter, ServiceKey, addr_filter_slot,
+        };
+        let v4 = |a: [u8; 4]| {
+            let mut b = [0; 16];
+            b[..4].copy_from_slice(&a);
+            b
+        };
+        let mut f = PortFilter::new();
+        let edge = v4([198, 51, 100, 7]);
+        assert!(f.addr_unmanaged(&edge));
+        f.manage_key(&ServiceKey {
+            addr: edge,
+            port: 443u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+        });
+        assert!(!f.addr_unmanaged(&edge));
+        // Neighbours of the address spread over other bits (no run of a /24 collides).
+        let others = (0..=255u8)
+            .filter(|&i| i != 7)
+            .filter(|&i| !f.addr_unmanaged(&v4([198, 51, 100, i])))
+            .count();
+        assert_eq!(others, 0, "a /24's other addresses share the bit");
+        let mut v6 = [0u8; 16];
+        v6[..2].copy_from_slice(&[0x20, 0x01]);
+        v6[15] = 1;
+        f.manage_key(&ServiceKey {
+            addr: v6,
+            port: 0,
+            proto: PROTO_TCP,
+            family: FAMILY_V6,
+        });
+        assert!(!f.addr_unmanaged(&v6));
+        // Every slot lies in the address words, never on the marker.
+        for a in [edge, v6, [0xff; 16], [0; 16]] {
+            let (w, _) = addr_filter_slot(&a);
+            assert!((ADDR_FILTER_BASE..PORT_FILTER_WORDS).contains(&w));
+        }
+        assert_eq!(f.word(PORT_FILTER_BITMAP_WORDS), None);
+        assert_eq!(f.word(PORT_FILTER_WORDS), None);
+        assert_eq!(
+            f.word(addr_filter_slot(&edge).0)
+                .map(|w| w & addr_filter_slot(&edge).1),
+            Some(0)
+        );
     }
 
     #[test]

@@ -2,7 +2,10 @@
 //!
 //! First the miss pre-filter: a bitmap over (protocol, destination port), built by user
 //! space from every entry and rule, rejects a packet whose port nothing uses with one
-//! array read, before any key is hashed (unmanaged traffic is most of a router's).
+//! array read, before any key is hashed (unmanaged traffic is most of a router's). While
+//! there are no prefix rules, a second bitmap over a hash of the destination address
+//! rejects misses on a managed port the same way (the cloud's HTTPS while the edge serves
+//! one HTTPS address).
 //!
 //! Then precedence, most specific first:
 //! 1. the exact-match hash: one address, one port, any source (the fast path);
@@ -17,7 +20,8 @@ use aya_ebpf::{
 };
 use viscum_common::{
     DEFAULT_MAX_ENTRIES, MAX_PREFIX_LEVELS, MAX_RULES, PORT_FILTER_WORDS, PREFIX_KEY_FIXED_BITS,
-    PortRule, PrefixData, PrefixNode, RULES_PER_PREFIX, ServiceEntry, ServiceKey, port_filter_slot,
+    PortRule, PrefixData, PrefixNode, RULES_PER_PREFIX, ServiceEntry, ServiceKey, addr_filter_slot,
+    port_filter_slot,
 };
 
 use crate::parse::Parsed;
@@ -46,6 +50,18 @@ static PORTS: Array<u64> = Array::pinned(PORT_FILTER_WORDS, 0);
 #[inline(always)]
 pub fn unmanaged(p: &Parsed) -> bool {
     let (word, bit) = port_filter_slot(p.key.proto, u16::from_be(p.key.port));
+    match PORTS.get(word) {
+        Some(w) => *w & bit != 0,
+        None => false,
+    }
+}
+
+/// True when no services-map key has `p`'s destination address (its bit in the address
+/// half of the filter is set). Only meaningful while there are no prefix rules, which the
+/// bitmap cannot describe: the caller checks that.
+#[inline(always)]
+pub fn address_unmanaged(p: &Parsed) -> bool {
+    let (word, bit) = addr_filter_slot(&p.key.addr);
     match PORTS.get(word) {
         Some(w) => *w & bit != 0,
         None => false,

@@ -164,8 +164,12 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     let Some(cfg) = counters::config() else {
         return Ok(pass());
     };
+    let have_rules = counters::have_rules(cfg);
+    if !have_rules && lookup::address_unmanaged(&p) {
+        return Ok(pass());
+    }
     let log = counters::log_enabled(cfg);
-    let Some(entry) = lookup::find(&p, counters::have_rules(cfg)) else {
+    let Some(entry) = lookup::find(&p, have_rules) else {
         if log {
             debug!(
                 ctx,

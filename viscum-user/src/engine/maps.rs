@@ -9,9 +9,10 @@ use aya::{
 };
 use viscum_common::{
     CONFIG_MAP, CounterInfo, DatapathConfig, GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter,
-    MAX_RULES, PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORTS_MAP, PREFIXES_MAP, PortFilter,
-    PortRule, PrefixData, PrefixNode, REPLIES_MAP, REPLY_F_DROP, RULES_MAP, RULES_PER_PREFIX,
-    ReplyKey, ReplyState, SERVICES_MAP, ServiceEntry, ServiceKey, port_filter_slot,
+    MAX_RULES, PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORT_FILTER_WORDS, PORTS_MAP,
+    PREFIXES_MAP, PortFilter, PortRule, PrefixData, PrefixNode, REPLIES_MAP, REPLY_F_DROP,
+    RULES_MAP, RULES_PER_PREFIX, ReplyKey, ReplyState, SERVICES_MAP, ServiceEntry, ServiceKey,
+    addr_filter_slot, port_filter_slot,
 };
 
 use super::{EngineError, Pins};
@@ -193,7 +194,7 @@ impl Engine {
         }
         let _lock = self.lock_filter()?;
         if !built(self) {
-            self.rebuild_port_filter(0, PORT_FILTER_BITMAP_WORDS - 1)?;
+            self.rebuild_port_filter(&[(0, PORT_FILTER_WORDS - 1)])?;
         }
         Ok(())
     }
@@ -226,11 +227,13 @@ impl Engine {
     }
 
     /// Recomputes the filter from every key of the services map and every prefix rule, and
-    /// writes those of words `first..=last` that changed, then the "built" marker. The
-    /// caller holds [`Self::lock_filter`]. Costs one read per services-map key
-    /// (O(entries)) plus one per word in the range; a removal passes only its own words
-    /// (the only ones it can make unmanaged; an insert clears its own bits itself).
-    fn rebuild_port_filter(&mut self, first: u32, last: u32) -> Result<(), EngineError> {
+    /// writes those of the words in the ranges `(first, last)` (inclusive) that changed,
+    /// then the "built" marker. The caller holds [`Self::lock_filter`]. Costs one read per
+    /// services-map key (O(entries)) plus one per word in the ranges; a removal passes only
+    /// its own words (the only ones it can make unmanaged; an insert clears its own bits
+    /// itself). Words past the end of a map pinned by an older version (no address
+    /// bitmap) are skipped.
+    fn rebuild_port_filter(&mut self, ranges: &[(u32, u32)]) -> Result<(), EngineError> {
         if self.ports.is_none() {
             return Ok(());
         }
@@ -247,16 +250,18 @@ impl Engine {
         let Some(ports) = self.ports.as_mut() else {
             return Ok(());
         };
-        for (i, want) in (0u32..)
-            .zip(filter.words.iter())
-            .filter(|(i, _)| (first..=last).contains(i))
+        let len = ports.len();
+        for i in ranges
+            .iter()
+            .flat_map(|&(first, last)| first..=last.min(len.saturating_sub(1)))
         {
+            let Some(want) = filter.word(i) else { continue };
             let cur = ports
                 .get(&i, 0)
                 .map_err(|e| EngineError::map("cannot read the port filter", e))?;
-            if cur != *want {
+            if cur != want {
                 ports
-                    .set(i, *want, 0)
+                    .set(i, want, 0)
                     .map_err(|e| EngineError::map("cannot write the port filter", e))?;
             }
         }
@@ -286,6 +291,28 @@ impl Engine {
                     .set(i, new, 0)
                     .map_err(|e| EngineError::map("cannot write the port filter", e))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Marks destination address `addr` as managed in the address bitmap, before an entry
+    /// for it becomes visible to the classifier. The caller holds [`Self::lock_filter`].
+    /// A filter pinned by an older version (no address bitmap) is left alone.
+    fn manage_address(&mut self, addr: &[u8; 16]) -> Result<(), EngineError> {
+        let Some(ports) = self.ports.as_mut() else {
+            return Ok(());
+        };
+        let (i, bit) = addr_filter_slot(addr);
+        if i >= ports.len() {
+            return Ok(());
+        }
+        let cur = ports
+            .get(&i, 0)
+            .map_err(|e| EngineError::map("cannot read the port filter", e))?;
+        if cur & bit != 0 {
+            ports
+                .set(i, cur & !bit, 0)
+                .map_err(|e| EngineError::map("cannot write the port filter", e))?;
         }
         Ok(())
     }
@@ -485,7 +512,7 @@ impl Engine {
         let rule = endpoint.port_rule();
         let (first, _) = port_filter_slot(data.proto, rule.port_lo);
         let (last, _) = port_filter_slot(data.proto, rule.port_hi);
-        self.rebuild_port_filter(first, last)
+        self.rebuild_port_filter(&[(first, last)])
     }
 
     fn view(endpoint: Endpoint, values: &PerCpuValues<ServiceEntry>) -> EntryView {
@@ -553,6 +580,7 @@ impl Engine {
             0 => self.manage_ports(key.proto, 0, u16::MAX)?,
             port => self.manage_ports(key.proto, port, port)?,
         }
+        self.manage_address(&key.addr)?;
         match self.services.insert(key, values, BPF_NOEXIST) {
             Ok(()) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
@@ -735,8 +763,9 @@ impl Engine {
                 (w, w)
             }
         };
+        let (addr_word, _) = addr_filter_slot(&key.addr);
         match self.services.remove(&key) {
-            Ok(()) => self.rebuild_port_filter(first, last),
+            Ok(()) => self.rebuild_port_filter(&[(first, last), (addr_word, addr_word)]),
             Err(MapError::KeyNotFound) => Err(EngineError::NoSuchEntry(endpoint.to_string())),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Err(EngineError::NoSuchEntry(endpoint.to_string()))
