@@ -198,7 +198,7 @@ fn cli_arguments_are_refused_by_name_and_change_nothing() {
         (&["ns", "add", "../x"], "namespace name '../x' is invalid"),
         (&["ns", "add", "a/b"], "namespace name 'a/b' is invalid"),
         (&["ns", "add", "$(x)"], "namespace name '$(x)' is invalid"),
-        (&["ns", "add", "-x"], "namespace name '-x' is invalid"),
+        (&["ns", "add", "--", "-x"], "namespace name '-x' is invalid"),
         (&["ns", "add", &long], "is invalid"),
         (&["ns", "add", &ns], "exists"),
         (&["ns", "del", "../x"], "namespace name '../x' is invalid"),
@@ -659,7 +659,7 @@ fn the_control_socket_survives_hostile_clients_and_serves_the_others() {
     let cases: &[(&[u8], &str)] = &[
         (
             b"nonsense",
-            "bad request: not JSON: expected value at line 1 column 1",
+            "bad request: not JSON: expected ident at line 1 column 2",
         ),
         (b"{\"cmd\":", "bad request: not JSON: EOF while parsing"),
         (
