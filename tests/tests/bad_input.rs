@@ -24,11 +24,11 @@ use std::{
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use viscum_tests::{
-    Lab,
+    Lab, Netns,
     daemon::{Daemon, DaemonFiles, Service},
     guard::send_signal,
     lab::viscum_bin,
-    skip_unless_root, wait_until,
+    skip_unless_root, unique_name, wait_until,
 };
 
 /// Bound for a service to come up healthy.
@@ -235,8 +235,62 @@ fn cli_arguments_are_refused_by_name_and_change_nothing() {
         );
         assert_eq!(snapshot(&lab), before, "viscum {args:?} changed state");
     }
+    // A --bpffs that is a directory with files in it (think `--bpffs /etc`): refused, not
+    // hidden under a fresh bpffs mount.
+    let files = DaemonFiles::new();
+    let occupied = files.dir().to_str().unwrap().to_owned();
+    let out = {
+        let occupied = occupied.clone();
+        viscum::netns::in_netns(lab.edge.name(), move || {
+            Command::new(viscum_bin())
+                .args(["--bpffs", &occupied, "attach", "lan0"])
+                .output()
+        })
+        .unwrap()
+        .unwrap()
+    };
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    let mounted = viscum::bpffs::is_bpffs(files.dir()).unwrap();
+    if mounted {
+        let _ = nix::mount::umount2(files.dir(), nix::mount::MntFlags::MNT_DETACH);
+    }
+    assert!(!mounted, "a bpffs was mounted over {occupied}");
+    assert!(
+        err.contains(&format!("{occupied} is not on a bpffs and is not empty")),
+        "{err}"
+    );
+    assert!(files.script().exists());
+
     // `--to` with an explicit address or mirror does apply to a foreign veth: accepted.
     lab.viscum_ok(&["redirect", "add", ep, "--to", &veth, "--mirror"]);
+    lab.viscum_ok(&["redirect", "del", ep, "--now"]);
+
+    // A veth into a namespace viscum did not make, under a name of its own, once it is a
+    // redirect target: `attach` finds out what it is and refuses it.
+    let foreign = Netns::new();
+    let to = unique_name("to");
+    {
+        let (inner, to) = (foreign.name().to_owned(), to.clone());
+        lab.edge.block_on(move || async move {
+            let h = viscum::netns::handle_here().await.unwrap();
+            viscum::netns::create_veth(&h, &to, "eth0", &inner, None)
+                .await
+                .unwrap();
+            let index = viscum::netns::link_by_name(&h, &to).await.unwrap().index;
+            viscum::netns::set_up(&h, index).await.unwrap();
+        });
+    }
+    lab.viscum_ok(&["redirect", "add", ep, "--to", &to]);
+    let with_target = snapshot(&lab);
+    let err = lab.viscum_err(&["attach", &to]);
+    assert!(
+        err.contains(&format!(
+            "'{to}' is a redirect target (entries send traffic into it): attach to the client-facing interface"
+        )),
+        "{err}"
+    );
+    assert_eq!(snapshot(&lab), with_target);
     lab.viscum_ok(&["redirect", "del", ep, "--now"]);
 }
 
