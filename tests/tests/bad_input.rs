@@ -647,7 +647,7 @@ fn open_fds(pid: i32) -> usize {
 }
 
 /// Lets this process hold `n` more descriptors (1,000 client sockets).
-fn raise_fd_limit(n: u64) {
+fn raise_fd_limit(n: libc::rlim_t) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
