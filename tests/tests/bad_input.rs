@@ -194,6 +194,63 @@ fn cli_arguments_are_refused_by_name_and_change_nothing() {
             "no entry for tcp://198.51.100.7:81",
         ),
         (&["redirect", "drain", "udp://198.51.100.7:9"], "no entry"),
+        (
+            &[
+                "redirect",
+                "drain",
+                "tcp://198.51.100.7:80",
+                "--delete-after",
+                "100000",
+            ],
+            "100000 is not in 0..=86400",
+        ),
+        (
+            &[
+                "redirect",
+                "del",
+                "tcp://198.51.100.7:80",
+                "--drain-timeout",
+                "100000",
+            ],
+            "100000 is not in 0..=86400",
+        ),
+        (
+            &["redirect", "add", "tcp://x..y:80", "--ns", &ns],
+            "PROTO://ADDR[:PORT]: 'x..y' is not an IPv4 or IPv6 address; as a host name: 'x..y' is not a valid host name",
+        ),
+        (
+            &["redirect", "add", "tcp://198.51.100.7:80-70", "--ns", &ns],
+            "port range '80-70' is not LOW-HIGH with 1 <= LOW < HIGH <= 65535",
+        ),
+        (
+            &[
+                "redirect",
+                "add",
+                "udp://198.51.100.7:80?from=10.0.0.0/8",
+                "--ns",
+                &ns,
+                "--from",
+                "10.0.0.0/8",
+            ],
+            "--from: udp://198.51.100.7:80?from=10.0.0.0/8 has ?from= already: give the source restriction once",
+        ),
+        (
+            &["redirect", "follow", "tcp://bad_host!:443", "--ns", &ns],
+            "'bad_host!' is not a valid host name",
+        ),
+        (
+            &["redirect", "follow", "tcp://198.51.100.7:443", "--ns", &ns],
+            "'tcp://198.51.100.7:443' is not a host name match: write PROTO://NAME[:PORT]",
+        ),
+        (
+            &["redirect", "list", "extra"],
+            "unexpected argument 'extra' found",
+        ),
+        (&["trace", "--bogus"], "unexpected argument '--bogus' found"),
+        (
+            &["doctor", "--bogus"],
+            "unexpected argument '--bogus' found",
+        ),
         // ns
         (&["ns", "add", "../x"], "namespace name '../x' is invalid"),
         (&["ns", "add", "a/b"], "namespace name 'a/b' is invalid"),
@@ -207,6 +264,20 @@ fn cli_arguments_are_refused_by_name_and_change_nothing() {
         (&["service", "stop", "$(x)"], "'$(x)' is not a service name"),
         (
             &["status", "--control", "/nonexistent/viscum.sock"],
+            "cannot reach the viscum daemon at /nonexistent/viscum.sock",
+        ),
+        (
+            &["reload", "--control", "/nonexistent/viscum.sock"],
+            "cannot reach the viscum daemon at /nonexistent/viscum.sock",
+        ),
+        (
+            &[
+                "service",
+                "start",
+                "web",
+                "--control",
+                "/nonexistent/viscum.sock",
+            ],
             "cannot reach the viscum daemon at /nonexistent/viscum.sock",
         ),
         (
@@ -235,6 +306,25 @@ fn cli_arguments_are_refused_by_name_and_change_nothing() {
         );
         assert_eq!(snapshot(&lab), before, "viscum {args:?} changed state");
     }
+    // UCI files: the first syntax problem, with its line.
+    let files = DaemonFiles::new();
+    for (text, want) in [
+        (
+            "config engine 'engine'\nconfig service 'web\n",
+            "line 2: unterminated '",
+        ),
+        (
+            "config service 'a/b'\n\toption command 'x'\n",
+            "line 1: section name 'a/b' may only have A-Z a-z 0-9 _",
+        ),
+    ] {
+        let uci = files.dir().join("viscum.uci");
+        fs::write(&uci, text).unwrap();
+        let err = lab.viscum_err(&["config", "from-uci", uci.to_str().unwrap()]);
+        assert!(err.contains(want), "{text}: {err}");
+    }
+    drop(files);
+
     // A --bpffs that is a directory with files in it (think `--bpffs /etc`): refused, not
     // hidden under a fresh bpffs mount.
     let files = DaemonFiles::new();

@@ -90,8 +90,9 @@ pub struct DrainArgs {
     /// The entry's match, as given to `redirect add`.
     #[arg(value_name = "PROTO://ADDR[:PORT]")]
     pub endpoint: Endpoint,
-    /// Wait up to this many seconds for the edge flows to end, then delete the entry.
-    #[arg(long, value_name = "SECS")]
+    /// Wait up to this many seconds (at most a day) for the edge flows to end, then delete
+    /// the entry.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub delete_after: Option<u64>,
 }
 
