@@ -417,6 +417,12 @@ pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Envelope>) {
     serve_with(listener, tx, limits).await;
 }
 
+/// The soft `RLIMIT_NOFILE` the daemon was started with, before [`serve`] raised it (`None`
+/// until then, or if it could not be read). Services should be started with it again, as Go
+/// does for its children: a program that still uses `select(2)` breaks on descriptors past
+/// 1,024, and only the daemon needs the raised limit.
+pub static ORIGINAL_NOFILE: std::sync::OnceLock<libc::rlim_t> = std::sync::OnceLock::new();
+
 /// Raises the soft `RLIMIT_NOFILE` to the hard limit (at most 65,536) and returns the soft
 /// limit now in force, or `None` if it cannot be read.
 fn raise_fd_limit() -> Option<libc::rlim_t> {
@@ -428,6 +434,7 @@ fn raise_fd_limit() -> Option<libc::rlim_t> {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
         return None;
     }
+    let _ = ORIGINAL_NOFILE.set(lim.rlim_cur);
     let want = lim.rlim_max.min(65_536);
     if want > lim.rlim_cur {
         let raised = libc::rlimit {
