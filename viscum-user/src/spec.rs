@@ -182,8 +182,9 @@ impl RedirectSpec {
     /// Every problem found, each naming its field: a match that is neither an address match
     /// nor a host name (or is listed twice), a `from` that is no prefix, of the other family,
     /// given twice (`?from=` and `from`) or with a host name, modes that exclude each other
-    /// (`anyip`, `mirror`, `nat`/`nat_to`), a `nat_to` that does not parse or is of the other
-    /// family, a `learn_ms` out of range.
+    /// (`anyip`, `mirror`, `nat`/`nat_to`), `anyip` or an address-less `nat` with a
+    /// [`Target::Veth`] (neither can work into a namespace Viscum did not make), a `nat_to`
+    /// that does not parse or is of the other family, a `learn_ms` out of range.
     pub fn new(fields: &SpecFields, target: Target) -> Result<RedirectSpec, SpecErrors> {
         let mut errors = Vec::new();
         let from = match fields.from.as_deref().map(endpoint::parse_prefix) {
