@@ -588,18 +588,18 @@ command = ["x"]
     let config = files.config_path();
     let config = config.to_str().unwrap();
     let err = lab.viscum_err(&["run", "--config", config, "--check"]);
+    // Two services share the name: each is named by its place in the file.
     for want in [
-        format!("service {name}: match[1]: port '70000' is not a number between 1 and 65535"),
-        format!("service {name}: command: empty"),
-        format!("service {name}: user: unknown user 'no-such-user'"),
-        format!("service {name}: restart: 'sometimes' is not one of always, on-failure, never"),
-        format!("service {name}: health.interval_ms: 0 must be at least 1"),
-        format!("service {name}: limits.memory: 'lots' is not a size"),
-        format!("service {name}: limits.pids: invalid type: string \"many\", expected i64"),
-        format!("service {name}: name: duplicate service name"),
-        format!(
-            "service {name}: match[0]: tcp://198.51.100.7:5201 is already matched by service {name}"
-        ),
+        "service #1: match[1]: port '70000' is not a number between 1 and 65535".to_owned(),
+        "service #1: command: empty".to_owned(),
+        "service #1: user: unknown user 'no-such-user'".to_owned(),
+        "service #1: restart: 'sometimes' is not one of always, on-failure, never".to_owned(),
+        "service #1: health.interval_ms: 0 must be at least 1".to_owned(),
+        "service #1: limits.memory: 'lots' is not a size".to_owned(),
+        "service #1: limits.pids: expected a whole number, found the string \"many\"".to_owned(),
+        format!("service #2: name: '{name}' is already the name of service #1"),
+        "service #2: match[0]: tcp://198.51.100.7:5201 is already matched by service #1 (match[0])"
+            .to_owned(),
     ] {
         assert!(err.contains(&want), "missing {want:?} in:\n{err}");
     }
@@ -613,7 +613,7 @@ command = ["x"]
     files.write_raw("[engine]\ninterfaces = [\"lan0\"]\nbogus = 1\n");
     let err = lab.viscum_err(&["run", "--config", config, "--check"]);
     assert!(
-        err.contains("engine: bogus: unknown field `bogus`"),
+        err.contains("engine: bogus: unknown key (valid keys: interfaces,"),
         "{err}"
     );
 

@@ -377,11 +377,15 @@ fn bad_input_is_rejected_with_a_clear_error_and_changes_nothing() {
         assert_eq!(snapshot(&lab), before, "viscum {args:?} changed state");
     }
 
-    // A bpffs location that cannot be created or mounted.
-    let out = std::process::Command::new(viscum_tests::lab::viscum_bin())
-        .args(["--bpffs", "/proc/viscum-cannot-exist", "attach", "lo"])
-        .output()
-        .unwrap();
+    // A bpffs location that cannot be created or mounted (run in the edge namespace, where
+    // lan0 is a valid client-facing interface: only the location can fail).
+    let out = viscum::netns::in_netns(lab.edge.name(), || {
+        std::process::Command::new(viscum_tests::lab::viscum_bin())
+            .args(["--bpffs", "/proc/viscum-cannot-exist", "attach", "lan0"])
+            .output()
+    })
+    .unwrap()
+    .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("/proc/viscum-cannot-exist"), "{err}");

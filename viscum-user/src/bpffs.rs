@@ -58,6 +58,13 @@ pub enum BpffsError {
     /// absolute location every later command can find.
     #[error("bpffs directory {0} must be an absolute path")]
     Relative(PathBuf),
+    /// The mount point exists, is not on a bpffs and holds files: mounting a bpffs there
+    /// would hide them (`--bpffs /etc` would hide the system's configuration).
+    #[error(
+        "{0} is not on a bpffs and is not empty: viscum mounts a bpffs only on a new or empty \
+         directory, so as not to hide what is there (give another --bpffs or engine.bpffs)"
+    )]
+    NotEmpty(PathBuf),
 }
 
 /// Is `path` on a bpffs?
@@ -82,6 +89,7 @@ pub fn is_bpffs(path: &Path) -> Result<bool, BpffsError> {
 ///
 /// # Errors
 /// [`BpffsError::Relative`] for a relative `dir` (checked first: nothing changes);
+/// [`BpffsError::NotEmpty`] for a mount point that holds files (nothing changes);
 /// [`BpffsError::Stat`], [`BpffsError::Mkdir`] or [`BpffsError::Mount`] when a step
 /// fails (directories made before it stay).
 pub fn ensure(dir: &Path) -> Result<(), BpffsError> {
@@ -101,6 +109,10 @@ pub fn ensure(dir: &Path) -> Result<(), BpffsError> {
     } else {
         dir.to_path_buf()
     };
+    let occupied = std::fs::read_dir(&mount_point).is_ok_and(|mut d| d.next().is_some());
+    if occupied && !is_bpffs(&mount_point)? {
+        return Err(BpffsError::NotEmpty(mount_point));
+    }
     mkdir_all(&mount_point)?;
     if !is_bpffs(&mount_point)? {
         mount(

@@ -182,8 +182,9 @@ impl RedirectSpec {
     /// Every problem found, each naming its field: a match that is neither an address match
     /// nor a host name (or is listed twice), a `from` that is no prefix, of the other family,
     /// given twice (`?from=` and `from`) or with a host name, modes that exclude each other
-    /// (`anyip`, `mirror`, `nat`/`nat_to`), a `nat_to` that does not parse or is of the other
-    /// family, a `learn_ms` out of range.
+    /// (`anyip`, `mirror`, `nat`/`nat_to`), `anyip` or an address-less `nat` with a
+    /// [`Target::Veth`] (neither can work into a namespace Viscum did not make), a `nat_to`
+    /// that does not parse or is of the other family, a `learn_ms` out of range.
     pub fn new(fields: &SpecFields, target: Target) -> Result<RedirectSpec, SpecErrors> {
         let mut errors = Vec::new();
         let from = match fields.from.as_deref().map(endpoint::parse_prefix) {
@@ -279,6 +280,27 @@ impl RedirectSpec {
         }
         if fields.anyip && fields.mirror {
             conflict("anyip", "mirror");
+        }
+        // A `--to` veth is not a namespace Viscum made: it has no address of its own to NAT
+        // to, and no local route Viscum would add for AnyIP (its entries keep the cloud
+        // address anyway). Saying so beats accepting a flag that does nothing.
+        if matches!(target, Target::Veth(ref v) if !v.is_empty()) {
+            if fields.anyip {
+                errors.push(SpecError::new(
+                    "mode",
+                    "anyip does not apply to a --to veth: its entries keep the cloud address \
+                     already and its namespace's routes are yours (anyip is for --ns targets): \
+                     drop --anyip",
+                ));
+            }
+            if fields.nat && fields.nat_to.is_none() {
+                errors.push(SpecError::new(
+                    "mode",
+                    "nat translates to the address of a namespace made by `viscum ns add` \
+                     (--ns); a --to veth has none: give the service's address with --nat-to \
+                     ADDR[:PORT]",
+                ));
+            }
         }
         let mode = if nat {
             Mode::Nat {
@@ -405,7 +427,8 @@ async fn add_host_once(
 /// `ADDR`, `ADDR:PORT` or `[V6ADDR]:PORT`.
 ///
 /// # Errors
-/// A message quoting `s` if it is none of these, or for port 0.
+/// A message naming the part that is wrong: the whole text if it has none of these shapes,
+/// the address if it is no IP address, the port if it is not 1-65535.
 pub fn parse_nat_to(s: &str) -> Result<NatTarget, String> {
     if let Ok(ip) = s.parse::<IpAddr>() {
         return Ok(NatTarget {
@@ -413,13 +436,28 @@ pub fn parse_nat_to(s: &str) -> Result<NatTarget, String> {
             port: None,
         });
     }
-    match s.parse::<std::net::SocketAddr>() {
-        Ok(sa) if sa.port() != 0 => Ok(NatTarget {
-            addr: Some(sa.ip()),
-            port: Some(sa.port()),
+    let split = match s.strip_prefix('[') {
+        Some(rest) => rest.split_once("]:"),
+        None => s.rsplit_once(':').filter(|(a, _)| !a.contains(':')),
+    };
+    let Some((addr, port)) = split else {
+        return Err(format!("'{s}' is not ADDR, ADDR:PORT or [V6ADDR]:PORT"));
+    };
+    let addr: IpAddr = addr
+        .parse()
+        .map_err(|_| format!("'{addr}' in '{s}' is not an IP address"))?;
+    if s.starts_with('[') != addr.is_ipv6() {
+        return Err(format!("'{s}' is not ADDR, ADDR:PORT or [V6ADDR]:PORT"));
+    }
+    match port.parse::<u32>() {
+        Ok(0) => Err("port 0 is not a valid port".into()),
+        Ok(p @ 1..=65535) => Ok(NatTarget {
+            addr: Some(addr),
+            port: Some(p as u16),
         }),
-        Ok(_) => Err("port 0 is not a valid port".into()),
-        Err(_) => Err(format!("'{s}' is not ADDR, ADDR:PORT or [V6ADDR]:PORT")),
+        _ => Err(format!(
+            "port '{port}' in '{s}' is not a number between 1 and 65535"
+        )),
     }
 }
 
@@ -543,8 +581,46 @@ mod tests {
     #[test]
     fn nat_to_forms() {
         assert_eq!(parse_nat_to("10.0.0.1").unwrap().port, None);
+        assert_eq!(parse_nat_to("10.0.0.1:8080").unwrap().port, Some(8080));
         assert_eq!(parse_nat_to("[2001:db8::1]:80").unwrap().port, Some(80));
-        assert!(parse_nat_to("10.0.0.1:0").is_err());
-        assert!(parse_nat_to("nope").is_err());
+        assert_eq!(parse_nat_to("2001:db8::1").unwrap().port, None);
+        for (bad, want) in [
+            ("10.0.0.1:0", "port 0 is not a valid port"),
+            ("nope", "'nope' is not ADDR, ADDR:PORT or [V6ADDR]:PORT"),
+            (
+                "1.2.3.4:99999",
+                "port '99999' in '1.2.3.4:99999' is not a number between 1 and 65535",
+            ),
+            ("[2001:db8::1]:http", "port 'http' in"),
+            (
+                "1.2.3.999:80",
+                "'1.2.3.999' in '1.2.3.999:80' is not an IP address",
+            ),
+            ("[10.0.0.1]:80", "'[10.0.0.1]:80' is not ADDR, ADDR:PORT"),
+        ] {
+            assert_eq!(
+                parse_nat_to(bad).unwrap_err().get(..want.len()),
+                Some(want),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn to_veth_refuses_modes_that_need_a_viscum_namespace() {
+        let veth = || Target::Veth("veth0".into());
+        let mut f = fields(&["tcp://198.51.100.7:80"]);
+        f.anyip = true;
+        assert!(errors(&f, veth())[0].starts_with("mode: anyip does not apply to a --to veth"));
+        f.anyip = false;
+        f.nat = true;
+        assert!(errors(&f, veth())[0].starts_with("mode: nat translates to the address"));
+        // An explicit address, and mirror, do work into a foreign namespace.
+        f.nat = false;
+        f.nat_to = Some("10.0.0.5:8080".into());
+        assert!(RedirectSpec::new(&f, veth()).is_ok());
+        f.nat_to = None;
+        f.mirror = true;
+        assert_eq!(RedirectSpec::new(&f, veth()).unwrap().mode, Mode::Mirror);
     }
 }

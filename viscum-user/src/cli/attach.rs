@@ -9,8 +9,9 @@ use crate::engine::{self, AttachOutcome, Pins};
 
 #[derive(Debug, Args)]
 pub struct AttachArgs {
-    /// Client-facing interfaces (e.g. br-lan, eth0.100).
-    #[arg(required = true, value_name = "IFACE")]
+    /// Client-facing interfaces (e.g. br-lan, eth0.100); not the loopback, a service
+    /// namespace's veth or another redirect target.
+    #[arg(required = true, value_name = "IFACE", value_parser = super::parse_iface)]
     pub ifaces: Vec<String>,
     /// Capacity of the services map; only used when the datapath is first loaded.
     #[arg(long, default_value_t = DEFAULT_MAX_ENTRIES, value_parser = clap::value_parser!(u32).range(1..=16_777_216))]
@@ -35,6 +36,7 @@ pub struct DetachArgs {
     /// Interfaces to detach from.
     #[arg(
         value_name = "IFACE",
+        value_parser = super::parse_iface,
         required_unless_present = "all",
         conflicts_with = "all"
     )]
@@ -48,6 +50,8 @@ pub struct DetachArgs {
 }
 
 pub fn attach(pins: &Pins, args: AttachArgs) -> Result<()> {
+    // Every name is checked before anything is loaded or attached.
+    on_own_runtime(refuse_non_client(pins, &args.ifaces))?;
     let sizes = engine::MapSizes {
         services: args.max_entries,
         flows: args.flow_table_size,
@@ -92,6 +96,47 @@ pub fn attach(pins: &Pins, args: AttachArgs) -> Result<()> {
         log::warn!(
             "IPv4 forwarding is off in this namespace: replies from service namespaces will not be routed back to clients"
         );
+    }
+    Ok(())
+}
+
+/// Refuses interfaces that cannot be client-facing: the loopback, the host side of a service
+/// namespace's veth (found by what it is, whatever its name), and any interface entries
+/// redirect into (the reply classifier runs there). Attaching the ingress classifier to one
+/// of these would redirect the services' own replies.
+async fn refuse_non_client(pins: &Pins, ifaces: &[String]) -> Result<()> {
+    for iface in ifaces {
+        crate::config::client_interface(iface).map_err(anyhow::Error::msg)?;
+        let Ok(index) = engine::ifindex(iface) else {
+            continue; // engine::attach names it (it does not exist)
+        };
+        let loopback = nix::ifaddrs::getifaddrs().is_ok_and(|mut all| {
+            all.any(|a| {
+                a.interface_name == *iface
+                    && a.flags
+                        .contains(nix::net::if_::InterfaceFlags::IFF_LOOPBACK)
+            })
+        });
+        if loopback {
+            anyhow::bail!(
+                "'{iface}' is a loopback interface: attach to the client-facing interface (e.g. br-lan)"
+            );
+        }
+        if let Some(ns) = crate::netns::service_ns_by_host_ifindex(index)
+            .await
+            .context("cannot check the interface")?
+        {
+            anyhow::bail!(
+                "'{iface}' is the host side of service namespace {ns}'s veth: attach to the \
+                 client-facing interface (e.g. br-lan)"
+            );
+        }
+        if engine::attach::reply_attached(pins, iface) {
+            anyhow::bail!(
+                "'{iface}' is a redirect target (entries send traffic into it): attach to the \
+                 client-facing interface (e.g. br-lan)"
+            );
+        }
     }
     Ok(())
 }

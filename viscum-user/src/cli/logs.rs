@@ -13,6 +13,7 @@ use crate::{
 #[derive(Debug, Args)]
 pub struct LogsArgs {
     /// The service's name.
+    #[arg(value_parser = super::parse_service_name)]
     pub name: String,
     /// Keep printing what the service writes, until Ctrl-C.
     #[arg(long, short = 'f')]

@@ -171,6 +171,24 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     }
 }
 
+/// An interface name argument: one Linux can have (see [`crate::config::interface_name`]).
+fn parse_iface(s: &str) -> std::result::Result<String, String> {
+    crate::config::interface_name(s).map(|()| s.to_owned())
+}
+
+/// A service name argument (`viscum logs`, `viscum service`): the names `[[service]]` allows,
+/// so that nothing else reaches a path or the control socket.
+fn parse_service_name(s: &str) -> std::result::Result<String, String> {
+    crate::netns::validate_name(s)
+        .map(|()| s.to_owned())
+        .map_err(|_| {
+            format!(
+                "'{}' is not a service name: 1-12 characters a-z 0-9 - _, not starting with '-'",
+                s.escape_debug()
+            )
+        })
+}
+
 /// `--log-level`: one of the `log` crate's level names, any case; the error lists them all.
 fn parse_log_level(s: &str) -> std::result::Result<log::LevelFilter, String> {
     s.parse().map_err(|_| {

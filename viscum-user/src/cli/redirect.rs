@@ -53,8 +53,9 @@ pub struct TargetArgs {
         conflicts_with = "to"
     )]
     pub ns: Option<String>,
-    /// Host side of a veth into a namespace Viscum did not create (its routes are yours).
-    #[arg(long, value_name = "HOST_VETH")]
+    /// Host side of a veth into a namespace Viscum did not create (its routes are yours;
+    /// entries keep the cloud address, or translate with --nat-to; --mirror also applies).
+    #[arg(long, value_name = "HOST_VETH", value_parser = super::parse_iface)]
     pub to: Option<String>,
 }
 
@@ -89,8 +90,9 @@ pub struct DrainArgs {
     /// The entry's match, as given to `redirect add`.
     #[arg(value_name = "PROTO://ADDR[:PORT]")]
     pub endpoint: Endpoint,
-    /// Wait up to this many seconds for the edge flows to end, then delete the entry.
-    #[arg(long, value_name = "SECS")]
+    /// Wait up to this many seconds (at most a day) for the edge flows to end, then delete
+    /// the entry.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub delete_after: Option<u64>,
 }
 
@@ -215,6 +217,7 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
             let dns = args.matched.dns.servers.clone();
             let spec = args.spec()?;
             let mut engine = Engine::open(pins)?;
+            refuse_client_target(pins, &spec.target)?;
             let to = match &spec.target {
                 Target::Namespace(n) => format!("namespace {n}"),
                 Target::Veth(v) => v.clone(),
@@ -284,6 +287,7 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
             };
             let spec = args.mode.spec(host, args.target.target())?;
             let mut engine = Engine::open(pins)?;
+            refuse_client_target(pins, &spec.target)?;
             let resolver = Resolver::new(&args.dns.servers)?;
             let opts = spec.options();
             let mut tracker = HostTracker::new(args.host.clone(), spec.target, opts);
@@ -349,6 +353,20 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
                 print_entries(&rows);
             }
         }
+    }
+    Ok(())
+}
+
+/// A `--to` target must lead into a service's namespace: the interface the classifier is
+/// attached to (a veth in a lab, a bridge port...) would loop clients' traffic back at them.
+fn refuse_client_target(pins: &Pins, target: &Target) -> Result<()> {
+    if let Target::Veth(to) = target
+        && crate::engine::attach::recorded_interfaces(pins).contains(to)
+    {
+        anyhow::bail!(
+            "--to {to}: {to} is a client-facing interface the classifier is attached to; --to \
+             takes the host side of a veth into a service's namespace"
+        );
     }
     Ok(())
 }

@@ -18,6 +18,7 @@ pub enum ServiceCommand {
 #[derive(Debug, Args)]
 pub struct ServiceArgs {
     /// The service's name, as in the configuration.
+    #[arg(value_parser = super::parse_service_name)]
     pub name: String,
     #[command(flatten)]
     pub control: ControlArg,

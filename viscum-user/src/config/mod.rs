@@ -60,7 +60,7 @@ mod raw;
 mod validate;
 
 use raw::{RawEngine, RawHealth, RawLimits, RawService, decode, decode_nested, forget_dropped};
-pub use validate::parse_size;
+pub use validate::{client_interface, interface_name, parse_size};
 use validate::{validate_engine, validate_service};
 
 /// Interval between health checks when the file does not say.
@@ -435,20 +435,37 @@ impl Config {
         let mut services = Vec::new();
         let mut seen_names: HashMap<String, usize> = HashMap::new();
         let mut seen_matches: HashMap<Endpoint, (usize, String)> = HashMap::new();
-        for (i, value) in raw_services.into_iter().enumerate() {
-            // Name the service in messages even when the rest of its table is broken.
-            let label = value
-                .get("name")
-                .and_then(|n| n.as_str())
-                .filter(|n| !n.is_empty())
-                .map(|n| format!("service {n}"))
-                .unwrap_or_else(|| format!("service #{}", i + 1));
+        // Name the service in messages even when the rest of its table is broken; by its
+        // place (`service #2`) when it has no usable name or shares it with another, so that
+        // every message points at one table.
+        let names: Vec<Option<&str>> = raw_services
+            .iter()
+            .map(|v| {
+                v.get("name")
+                    .and_then(|n| n.as_str())
+                    .filter(|n| !n.is_empty())
+            })
+            .collect();
+        let mut uses: HashMap<&str, usize> = HashMap::new();
+        for n in names.iter().flatten() {
+            *uses.entry(n).or_default() += 1;
+        }
+        let labels: Vec<String> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| match name {
+                Some(n) if uses[n] == 1 => format!("service {n}"),
+                _ => format!("service #{}", i + 1),
+            })
+            .collect();
+        for (i, value) in raw_services.iter().enumerate() {
+            let label = labels[i].clone();
             let mut p = Problems {
                 scope: label,
                 out: &mut problems,
             };
             let Some((raw, dropped)) = decode::<RawService>(
-                &value,
+                value,
                 &[
                     ("health", decode_nested::<RawHealth>),
                     ("limits", decode_nested::<RawLimits>),
@@ -462,7 +479,11 @@ impl Config {
                 if let Some(first) = seen_names.get(name) {
                     p.add(
                         "name",
-                        format!("duplicate service name (also service #{})", first + 1),
+                        format!(
+                            "'{name}' is already the name of service #{}: each service needs a \
+                             name of its own (it also names its namespace)",
+                            first + 1
+                        ),
                     );
                 } else {
                     seen_names.insert(name.clone(), i);
@@ -470,7 +491,7 @@ impl Config {
             }
             // Across services, every match that parses counts, even in a service with other
             // problems: fixing those must not reveal a new one.
-            let owner = raw.name.clone().unwrap_or_else(|| format!("#{}", i + 1));
+            let owner = labels[i].clone();
             let mut cross = Vec::new();
             // The service's `from` narrows its matches: the same address with other sources
             // is another match.
@@ -486,11 +507,11 @@ impl Config {
                     match seen_matches.get(&ep) {
                         Some((k, other)) if *k != i => cross.push((
                             format!("match[{j}]"),
-                            format!("{ep} is already matched by service {other}"),
+                            format!("{ep} is already matched by {other}"),
                         )),
                         Some(_) => {} // within one service: reported by validate_service
                         None => {
-                            seen_matches.insert(ep, (i, owner.clone()));
+                            seen_matches.insert(ep, (i, format!("{owner} (match[{j}])")));
                         }
                     }
                 }
@@ -749,15 +770,15 @@ timeout_ms = 200
 "#;
         let p = problems(text);
         for want in [
-            "service speedtest: match[1]: port '70000' is not a number between 1 and 65535",
-            "service speedtest: command: empty",
-            "service speedtest: user: unknown user 'no-such-user-here'",
-            "service speedtest: health.interval_ms: 0 must be at least 1",
-            "service speedtest: health.rise: 0 must be between 1 and 1000",
-            "service speedtest: health.fall: 0 must be between 1 and 1000",
-            "service speedtest: limits.memory: '64Q' is not a size",
-            "service speedtest: name: duplicate service name",
-            "match[0]: tcp://198.51.100.7:5201 is already matched by service speedtest",
+            "service #1: match[1]: port '70000' is not a number between 1 and 65535",
+            "service #1: command: empty",
+            "service #1: user: unknown user 'no-such-user-here'",
+            "service #1: health.interval_ms: 0 must be at least 1",
+            "service #1: health.rise: 0 must be between 1 and 1000",
+            "service #1: health.fall: 0 must be between 1 and 1000",
+            "service #1: limits.memory: '64Q' is not a size",
+            "service #2: name: 'speedtest' is already the name of service #1: each service needs a name of its own",
+            "service #2: match[0]: tcp://198.51.100.7:5201 is already matched by service #1 (match[0])",
             "service Bad Name!: name: namespace name 'Bad Name!' is invalid",
             "service Bad Name!: health.timeout_ms: 200 is longer than interval_ms (100)",
         ] {
@@ -795,9 +816,9 @@ command = ["x"]
 "#;
         let p = problems(text);
         for want in [
-            "engine: colour: unknown field `colour`",
-            "service a: comand: unknown field `comand`",
-            "service b: health.intervall_ms: unknown field `intervall_ms`",
+            "engine: colour: unknown key (valid keys: interfaces, bpffs, control,",
+            "service a: comand: unknown key (valid keys: name, match, command,",
+            "service b: health.intervall_ms: unknown key (valid keys: tcp, http,",
         ] {
             has(&p, want);
         }
@@ -818,7 +839,7 @@ command = ["x"]
         );
         has(
             &p,
-            "service a: match: invalid type: string \"tcp://198.51.100.7:80\", expected a sequence",
+            "service a: match: expected an array such as [\"a\", \"b\"], found the string \"tcp://198.51.100.7:80\"",
         );
         // A dropped key is not also reported as missing.
         assert!(!p.iter().any(|x| x.contains("match: missing")), "{p:#?}");
@@ -846,11 +867,11 @@ memory = "64M"
 "#,
         );
         for want in [
-            "engine: interfaces: invalid type: string \"eth0\", expected a sequence",
-            "engine: max_load: invalid type: string \"high\"",
-            "service web: restart: invalid type: integer `3`, expected a string",
-            "service web: health.interval_ms: invalid type: string \"fast\", expected i64",
-            "service web: limits.pids: invalid type: string \"many\", expected i64",
+            "engine: interfaces: expected an array such as [\"a\", \"b\"], found the string \"eth0\"",
+            "engine: max_load: expected a number, found the string \"high\"",
+            "service web: restart: expected a string (in quotes), found the whole number 3",
+            "service web: health.interval_ms: expected a whole number, found the string \"fast\"",
+            "service web: limits.pids: expected a whole number, found the string \"many\"",
         ] {
             has(&p, want);
         }
@@ -927,6 +948,61 @@ memory = "64M"
         ] {
             has(&p, want);
         }
+    }
+
+    #[test]
+    fn no_rust_type_names_reach_the_user() {
+        let p = problems(
+            r#"
+[engine]
+interfaces = ["lo", "vh-web", "..", "a:b", "br-lan"]
+max_load = true
+dns = "192.0.2.53"
+
+[[service]]
+name = "web"
+match = ["tcp://198.51.100.7:80"]
+command = ["x"]
+env = "A=1"
+nat = false
+health = 5
+limits = { memory = true, cpu = "half" }
+
+[[service]]
+name = "dns"
+match = ["udp://198.51.100.7:53"]
+command = ["x"]
+nat = false
+anyip = true
+health = { exec = "true" }
+"#,
+        );
+        for want in [
+            "engine: interfaces[0]: 'lo' is the loopback interface",
+            "engine: interfaces[1]: 'vh-web' is the host side of service namespace web's veth",
+            "engine: interfaces[2]: '..' is not a valid interface name",
+            "engine: interfaces[3]: 'a:b' is not a valid interface name",
+            "engine: max_load: expected a number, found true",
+            "engine: dns: expected an array",
+            "service web: env: expected a table, found the string \"A=1\"",
+            "service web: nat: false is not a mode",
+            "service web: health: expected a table, found the whole number 5",
+            "service web: limits.memory: expected a size: a string such as \"64M\", or a number of bytes",
+            "service web: limits.cpu: expected a number, found the string \"half\"",
+            "service dns: health.exec: expected an array",
+        ] {
+            has(&p, want);
+        }
+        for p in &p {
+            for rust in ["Raw", "i64", "f64", "sequence", "struct", "enum", "map,"] {
+                assert!(!p.contains(rust), "{rust:?} in {p:?}");
+            }
+        }
+        // `nat = false` with another mode says what it means: accepted.
+        assert!(
+            !p.iter().any(|x| x.starts_with("service dns: nat")),
+            "{p:#?}"
+        );
     }
 
     #[test]

@@ -79,9 +79,78 @@ pub(super) enum SizeValue {
     Text(String),
 }
 
-/// serde's messages from `Value::try_into` carry no position; keep them on one line.
+/// serde's message for one key, on one line and in the file's terms: TOML's names for types
+/// (`array`, `table`, `whole number`) instead of Rust's (`sequence`, `i64`, `struct RawHealth`).
 pub(super) fn clean_serde(e: &toml::de::Error) -> String {
-    e.message().trim().replace('\n', " ")
+    user_terms(&e.message().trim().replace('\n', " "))
+}
+
+/// Rewrites serde's wording (`invalid type: string "x", expected i64`, `unknown field `a`,
+/// expected one of ...`, `data did not match any variant of untagged enum SizeValue`) as
+/// `expected a whole number, found the string "x"`, `unknown key (valid keys: ...)`,
+/// `expected a size ...`. Anything else is passed through.
+pub(super) fn user_terms(msg: &str) -> String {
+    if let Some(rest) = msg.strip_prefix("invalid type: ")
+        && let Some((found, expected)) = rest.rsplit_once(", expected ")
+    {
+        return format!(
+            "expected {}, found {}",
+            expected_term(expected),
+            found_term(found)
+        );
+    }
+    if let Some(rest) = msg.strip_prefix("invalid value: ")
+        && let Some((found, expected)) = rest.rsplit_once(", expected ")
+    {
+        return format!(
+            "expected {}, found {}",
+            expected_term(expected),
+            found_term(found)
+        );
+    }
+    if let Some(rest) = msg.strip_prefix("unknown field `")
+        && let Some((_, valid)) = rest.split_once("`, expected ")
+    {
+        let valid = valid.trim_start_matches("one of ").replace('`', "");
+        return format!("unknown key (valid keys: {valid})");
+    }
+    if msg.contains("untagged enum SizeValue") {
+        return "expected a size: a string such as \"64M\", or a number of bytes".into();
+    }
+    msg.to_owned()
+}
+
+fn expected_term(rust: &str) -> String {
+    match rust {
+        "a sequence" => "an array such as [\"a\", \"b\"]".into(),
+        "i64" | "u64" | "u32" | "u16" | "i32" => "a whole number".into(),
+        "f64" | "f32" => "a number".into(),
+        "a boolean" => "true or false".into(),
+        "a map" => "a table".into(),
+        "a string" => "a string (in quotes)".into(),
+        "path string" => "a path (a string in quotes)".into(),
+        s if s.starts_with("struct ") => "a table".into(),
+        other => other.into(),
+    }
+}
+
+fn found_term(serde: &str) -> String {
+    let unquote = |s: &str| s.trim_matches('`').to_owned();
+    if let Some(v) = serde.strip_prefix("string ") {
+        format!("the string {v}")
+    } else if let Some(v) = serde.strip_prefix("integer ") {
+        format!("the whole number {}", unquote(v))
+    } else if let Some(v) = serde.strip_prefix("floating point ") {
+        format!("the number {}", unquote(v))
+    } else if let Some(v) = serde.strip_prefix("boolean ") {
+        unquote(v)
+    } else {
+        match serde {
+            "sequence" => "an array".into(),
+            "map" => "a table".into(),
+            other => other.into(),
+        }
+    }
 }
 
 /// [`decode`] for a nested table (`health`, `limits`): the table without its bad keys, and

@@ -20,15 +20,8 @@ pub(super) fn validate_engine(raw: RawEngine, p: &mut Problems<'_>) -> Option<En
     let before = p.out.len();
     let interfaces = raw.interfaces.unwrap_or_default();
     for (i, name) in interfaces.iter().enumerate() {
-        if name.is_empty()
-            || name.len() > 15
-            || name.contains('/')
-            || name.contains(char::is_whitespace)
-        {
-            p.add(
-                format!("interfaces[{i}]"),
-                format!("'{name}' is not a valid interface name"),
-            );
+        if let Err(why) = client_interface(name) {
+            p.add(format!("interfaces[{i}]"), why);
         } else if interfaces[..i].contains(name) {
             p.add(
                 format!("interfaces[{i}]"),
@@ -95,6 +88,53 @@ pub(super) fn validate_engine(raw: RawEngine, p: &mut Problems<'_>) -> Option<En
     })
 }
 
+/// Checks a name for `engine.interfaces` (and `viscum attach`) before any interface is
+/// looked up: a name Linux can give an interface (1-15 bytes, not `.` or `..`, no `/`, `:`
+/// or whitespace; so it can never escape the pin directory it names a file in), and not one
+/// that can never be client-facing: the loopback, or the host side of a service namespace's
+/// veth (`vh-NAME`), where the classifier would redirect the services' own replies.
+///
+/// # Errors
+/// Why the name is refused, quoting it.
+pub fn client_interface(name: &str) -> Result<(), String> {
+    interface_name(name)?;
+    if name == "lo" {
+        return Err(
+            "'lo' is the loopback interface: name the client-facing interface (e.g. br-lan)".into(),
+        );
+    }
+    if let Some(ns) = name.strip_prefix(netns::HOST_VETH_PREFIX) {
+        return Err(format!(
+            "'{name}' is the host side of service namespace {ns}'s veth: name the \
+             client-facing interface (e.g. br-lan)"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks that `name` is one Linux can give an interface: 1-15 bytes, not `.` or `..`, no
+/// `/`, `:`, whitespace or control characters (so it can never escape a directory it names a
+/// file in).
+///
+/// # Errors
+/// Why not, quoting the name.
+pub fn interface_name(name: &str) -> Result<(), String> {
+    if name.is_empty()
+        || name.len() > 15
+        || name == "."
+        || name == ".."
+        || name.contains(['/', ':'])
+        || name.contains(char::is_whitespace)
+        || name.contains(char::is_control)
+    {
+        return Err(format!(
+            "'{}' is not a valid interface name (1-15 characters, no '/', ':' or spaces)",
+            name.escape_debug()
+        ));
+    }
+    Ok(())
+}
+
 pub(super) fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<ServiceConfig> {
     let before = p.out.len();
 
@@ -117,6 +157,15 @@ pub(super) fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<
         p.add(
             "match",
             "missing: list what to redirect, e.g. [\"tcp://198.51.100.7:80\"]",
+        );
+    }
+    // `nat` is the default mode: `nat = false` would silently mean nothing unless another
+    // mode replaces it.
+    if raw.nat == Some(false) && raw.anyip != Some(true) && raw.mirror != Some(true) {
+        p.add(
+            "nat",
+            "false is not a mode: a service's entries are translated (NAT) unless anyip = true \
+             or mirror = true; set one of those instead, or remove nat",
         );
     }
     let fields = SpecFields {

@@ -12,18 +12,28 @@
 //! Commands: `status`, `start`/`stop`/`restart` (with `service`), `reload`. A connection may
 //! send several requests; each gets exactly one reply line. The socket is created mode 0600
 //! (root only): everything it offers, even status, is an administrator's business.
+//!
+//! Hostile or broken clients are expected ([`Limits`]; `docs/bad-input.md` lists every case
+//! and its test): a line that is not a request gets `{"ok":false,"error":"bad request: ..."}`
+//! naming the problem in the protocol's terms and the connection stays usable; a line over
+//! 64 KiB, a client silent for 10 s or one that does not read its replies for 5 s is
+//! disconnected (with a last error line where it can still be written); past 1,024
+//! connections a new one is refused with an error line. Each connection has its own task, so
+//! none of this delays another client.
 
 use std::{
     io,
     os::unix::fs::PermissionsExt,
     path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
 };
 
 use serde::{Deserialize, Serialize};
 use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
+    io::{AsyncBufRead, AsyncBufReadExt, AsyncWriteExt, BufReader},
     net::{UnixListener, UnixStream},
-    sync::{mpsc, oneshot},
+    sync::{Semaphore, mpsc, oneshot},
 };
 
 use super::{cgroup::LimitsReport, load};
@@ -354,34 +364,220 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
-/// Accepts connections and forwards each request line to `tx`, until `tx`'s receiver goes.
+/// How much a control client may ask of the daemon: each connection is served by its own
+/// task, within these bounds, so one client that misbehaves (never finishes a line, never
+/// reads its replies, connects and says nothing, or opens connections by the thousand) costs
+/// the daemon one bounded task and never holds up another client.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Longest request line, in bytes (newline excluded). A longer one is answered with an
+    /// error and the connection closed: nothing valid is that long.
+    pub max_line: usize,
+    /// Time a client has to send a complete request line, from connecting or from the last
+    /// reply (so a client that connects and sends nothing, or dribbles a line byte by byte,
+    /// is told and disconnected).
+    pub read_timeout: Duration,
+    /// Time one reply may take to be written (a client that never reads its replies is
+    /// disconnected once its socket buffer is full for this long).
+    pub write_timeout: Duration,
+    /// Connections served at once; one more is answered with an error and closed at once.
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_line: MAX_LINE,
+            read_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(5),
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
+/// Longest request line the daemon reads (64 KiB; a real request is under 100 bytes).
+pub const MAX_LINE: usize = 64 * 1024;
+/// Most control connections served at once (fewer if the daemon's file-descriptor limit is
+/// low: at most half of it, so clients can never starve the daemon of descriptors).
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// The commands, as error messages list them.
+const COMMANDS: &str = "status, start, stop, restart, reload";
+
+/// Accepts connections and forwards each request line to `tx`, until `tx`'s receiver goes,
+/// within the default [`Limits`] (the connection cap lowered to half the file-descriptor
+/// limit, which is first raised to its hard limit).
 pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Envelope>) {
+    let fds = raise_fd_limit();
+    let mut limits = Limits::default();
+    if let Some(fds) = fds {
+        let half = usize::try_from(fds / 2).unwrap_or(usize::MAX).max(1);
+        limits.max_connections = limits.max_connections.min(half);
+    }
+    serve_with(listener, tx, limits).await;
+}
+
+/// The soft `RLIMIT_NOFILE` the daemon was started with, before [`serve`] raised it (`None`
+/// until then, or if it could not be read). Services should be started with it again, as Go
+/// does for its children: a program that still uses `select(2)` breaks on descriptors past
+/// 1,024, and only the daemon needs the raised limit.
+pub static ORIGINAL_NOFILE: std::sync::OnceLock<libc::rlim_t> = std::sync::OnceLock::new();
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (at most 65,536) and returns the soft
+/// limit now in force, or `None` if it cannot be read.
+fn raise_fd_limit() -> Option<libc::rlim_t> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } != 0 {
+        return None;
+    }
+    let _ = ORIGINAL_NOFILE.set(lim.rlim_cur);
+    let want = lim.rlim_max.min(65_536);
+    if want > lim.rlim_cur {
+        let raised = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } == 0 {
+            lim.rlim_cur = want;
+        }
+    }
+    Some(lim.rlim_cur)
+}
+
+/// [`serve`] within `limits`.
+pub async fn serve_with(listener: UnixListener, tx: mpsc::Sender<Envelope>, limits: Limits) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
+                // EMFILE and the like: wait for descriptors to free up rather than spin.
                 log::warn!("control socket: accept failed: {e}");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            let busy = Response::error(format!(
+                "too many control connections ({} open): try again later",
+                limits.max_connections
+            ));
+            // A fresh socket's buffer is empty: this cannot block.
+            let _ = stream.try_write(&reply_line(&busy));
+            continue;
+        };
         let tx = tx.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, tx).await {
+            if let Err(e) = connection(stream, tx, limits).await {
                 log::debug!("control connection ended: {e}");
             }
+            drop(slot);
         });
     }
 }
 
-async fn connection(stream: UnixStream, tx: mpsc::Sender<Envelope>) -> io::Result<()> {
+/// One reply as its line.
+fn reply_line(response: &Response) -> Vec<u8> {
+    let mut out = serde_json::to_vec(response)
+        .unwrap_or_else(|_| br#"{"ok":false,"error":"the reply could not be encoded"}"#.to_vec());
+    out.push(b'\n');
+    out
+}
+
+/// What reading one request line found.
+enum Line {
+    /// A complete line (without its newline), or the last bytes before end of file.
+    Text(Vec<u8>),
+    /// The client closed the connection between requests.
+    End,
+    /// Longer than [`Limits::max_line`].
+    TooLong,
+    /// No complete line within [`Limits::read_timeout`].
+    TimedOut,
+}
+
+/// Reads one line of at most `max` bytes, buffering nothing beyond it.
+async fn read_line<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+    timeout: Duration,
+) -> io::Result<Line> {
+    let read = async {
+        let mut line = Vec::new();
+        loop {
+            let buf = reader.fill_buf().await?;
+            if buf.is_empty() {
+                return Ok(if line.is_empty() {
+                    Line::End
+                } else {
+                    Line::Text(line)
+                });
+            }
+            let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+                Some(i) => (i, true),
+                None => (buf.len(), false),
+            };
+            if line.len() + take > max {
+                return Ok(Line::TooLong);
+            }
+            line.extend_from_slice(&buf[..take]);
+            reader.consume(if done { take + 1 } else { take });
+            if done {
+                return Ok(Line::Text(line));
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(r) => r,
+        Err(_) => Ok(Line::TimedOut),
+    }
+}
+
+async fn connection(
+    stream: UnixStream,
+    tx: mpsc::Sender<Envelope>,
+    limits: Limits,
+) -> io::Result<()> {
     let (read, mut write) = stream.into_split();
-    let mut lines = BufReader::new(read).lines();
-    while let Some(line) = lines.next_line().await? {
-        if line.trim().is_empty() {
+    let mut reader = BufReader::new(read);
+    let mut send = async |response: &Response| -> io::Result<()> {
+        let out = reply_line(response);
+        match tokio::time::timeout(limits.write_timeout, write.write_all(&out)).await {
+            Ok(r) => r,
+            Err(_) => Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client does not read its replies",
+            )),
+        }
+    };
+    loop {
+        let line = match read_line(&mut reader, limits.max_line, limits.read_timeout).await? {
+            Line::End => return Ok(()),
+            Line::Text(line) => line,
+            Line::TooLong => {
+                let msg = format!(
+                    "bad request: line longer than {} bytes: closing the connection",
+                    limits.max_line
+                );
+                return send(&Response::error(msg)).await;
+            }
+            Line::TimedOut => {
+                let msg = format!(
+                    "no complete request line within {} s: closing the connection",
+                    limits.read_timeout.as_secs()
+                );
+                return send(&Response::error(msg)).await;
+            }
+        };
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        let response = match serde_json::from_str::<Request>(&line) {
+        let response = match parse_request(&line) {
             Err(e) => Response::error(format!("bad request: {e}")),
             Ok(request) => {
                 let (reply, rx) = oneshot::channel();
@@ -393,11 +589,112 @@ async fn connection(stream: UnixStream, tx: mpsc::Sender<Envelope>) -> io::Resul
                 }
             }
         };
-        let mut out = serde_json::to_vec(&response).map_err(io::Error::other)?;
-        out.push(b'\n');
-        write.write_all(&out).await?;
+        send(&response).await?;
     }
-    Ok(())
+}
+
+/// At most the first 64 characters of a client's string, quoted, for an error message.
+fn quote(s: &str) -> String {
+    let mut q: String = s.chars().take(64).collect();
+    if q.len() < s.len() {
+        q.push_str("...");
+    }
+    format!("{q:?}")
+}
+
+/// What a JSON value is, in JSON's words.
+fn json_kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "a boolean",
+        serde_json::Value::Number(_) => "a number",
+        serde_json::Value::String(_) => "a string",
+        serde_json::Value::Array(_) => "an array",
+        serde_json::Value::Object(_) => "an object",
+    }
+}
+
+/// Decodes one request line, or says what is wrong with it in the protocol's terms (the
+/// JSON keys and commands), never in Rust's.
+///
+/// # Errors
+/// Not UTF-8, not JSON, not an object, `cmd` missing, not a string or unknown, `service`
+/// missing or not a service name, or a key the command does not take.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    let text = std::str::from_utf8(line).map_err(|_| "not UTF-8 text".to_owned())?;
+    let value: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
+    let serde_json::Value::Object(obj) = value else {
+        return Err(format!(
+            "expected a JSON object such as {{\"cmd\":\"status\"}}, got {}",
+            json_kind(&value)
+        ));
+    };
+    let cmd = match obj.get("cmd") {
+        None => return Err(format!("missing \"cmd\": one of {COMMANDS}")),
+        Some(serde_json::Value::String(c)) => c.as_str(),
+        Some(other) => {
+            return Err(format!(
+                "\"cmd\" must be a string (one of {COMMANDS}), got {}",
+                json_kind(other)
+            ));
+        }
+    };
+    let takes_service = match cmd {
+        "status" | "reload" => false,
+        "start" | "stop" | "restart" => true,
+        other => {
+            return Err(format!(
+                "unknown command {}: expected one of {COMMANDS}",
+                quote(other)
+            ));
+        }
+    };
+    for key in obj.keys() {
+        if key != "cmd" && !(takes_service && key == "service") {
+            let takes = if takes_service {
+                "it takes \"service\""
+            } else {
+                "it takes no other key"
+            };
+            return Err(format!(
+                "unknown key {} for \"{cmd}\" ({takes})",
+                quote(key)
+            ));
+        }
+    }
+    if !takes_service {
+        return Ok(if cmd == "status" {
+            Request::Status
+        } else {
+            Request::Reload
+        });
+    }
+    let service = match obj.get("service") {
+        None => {
+            return Err(format!(
+                "\"{cmd}\" needs \"service\": the name of a configured service"
+            ));
+        }
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => {
+            return Err(format!(
+                "\"service\" must be a string (a service name), got {}",
+                json_kind(other)
+            ));
+        }
+    };
+    if crate::netns::validate_name(&service).is_err() {
+        return Err(format!(
+            "{} is not a service name (1-12 characters a-z 0-9 - _)",
+            quote(&service)
+        ));
+    }
+    Ok(match cmd {
+        "start" => Request::Start { service },
+        "stop" => Request::Stop { service },
+        _ => Request::Restart { service },
+    })
 }
 
 /// Sends one request to the daemon at `path` and returns its reply.
@@ -460,6 +757,165 @@ mod tests {
         );
         let r: Response = serde_json::from_str(r#"{"ok":false,"error":"x"}"#).unwrap();
         assert_eq!(r.error.as_deref(), Some("x"));
+    }
+
+    #[test]
+    fn bad_requests_are_named_in_the_protocols_terms() {
+        for (line, want) in [
+            (&b"\xff\xfe"[..], "not UTF-8 text"),
+            (b"{\"cmd\":", "not JSON: EOF while parsing"),
+            (
+                b"[1,2]",
+                "expected a JSON object such as {\"cmd\":\"status\"}, got an array",
+            ),
+            (
+                b"{}",
+                "missing \"cmd\": one of status, start, stop, restart, reload",
+            ),
+            (b"{\"cmd\":7}", "\"cmd\" must be a string (one of status"),
+            (
+                b"{\"cmd\":\"explode\"}",
+                "unknown command \"explode\": expected one of",
+            ),
+            (b"{\"cmd\":\"stop\"}", "\"stop\" needs \"service\""),
+            (
+                b"{\"cmd\":\"stop\",\"service\":1}",
+                "\"service\" must be a string",
+            ),
+            (
+                b"{\"cmd\":\"stop\",\"service\":\"../x\"}",
+                "\"../x\" is not a service name",
+            ),
+            (
+                b"{\"cmd\":\"reload\",\"service\":\"web\"}",
+                "unknown key \"service\" for \"reload\"",
+            ),
+            (
+                b"{\"cmd\":\"stop\",\"service\":\"web\",\"now\":true}",
+                "unknown key \"now\" for \"stop\" (it takes \"service\")",
+            ),
+        ] {
+            let e = parse_request(line).unwrap_err();
+            assert!(
+                e.starts_with(want),
+                "{line:?}: {e:?} does not start with {want:?}"
+            );
+            assert!(!e.contains("Request") && !e.contains("enum"), "{e}");
+        }
+        let deep = "[".repeat(10_000);
+        assert!(
+            parse_request(deep.as_bytes())
+                .unwrap_err()
+                .contains("recursion limit")
+        );
+        let long = format!("{{\"cmd\":\"{}\"}}", "x".repeat(1000));
+        assert!(parse_request(long.as_bytes()).unwrap_err().len() < 200);
+        assert_eq!(
+            parse_request(br#"{"service":"web","cmd":"restart"}"#).unwrap(),
+            Request::Restart {
+                service: "web".into()
+            }
+        );
+    }
+
+    /// A daemon stand-in answering every request with its debug form, within `limits`.
+    async fn echo_daemon(limits: Limits) -> PathBuf {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "viscum-control-limits-{}-{}.sock",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let listener = bind(&path).await.unwrap();
+        let (tx, mut rx) = mpsc::channel::<Envelope>(4);
+        tokio::spawn(serve_with(listener, tx, limits));
+        tokio::spawn(async move {
+            while let Some((req, reply)) = rx.recv().await {
+                let _ = reply.send(Response::ok(format!("{req:?}")));
+            }
+        });
+        path
+    }
+
+    async fn read_all(s: &mut UnixStream) -> String {
+        use tokio::io::AsyncReadExt as _;
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    #[tokio::test]
+    async fn limits_hold_and_other_clients_are_served() {
+        let limits = Limits {
+            max_line: 100,
+            read_timeout: Duration::from_millis(300),
+            write_timeout: Duration::from_millis(300),
+            max_connections: 3,
+        };
+        let path = echo_daemon(limits).await;
+        // A line over the limit: an error, then the connection is closed.
+        let mut long = UnixStream::connect(&path).await.unwrap();
+        long.write_all(&[b'x'; 101]).await.unwrap();
+        let got = read_all(&mut long).await;
+        assert!(
+            got.contains("bad request: line longer than 100 bytes"),
+            "{got}"
+        );
+        // Silence: told and disconnected after the read timeout.
+        let mut silent = UnixStream::connect(&path).await.unwrap();
+        let got = read_all(&mut silent).await;
+        assert!(got.contains("no complete request line within 0 s"), "{got}");
+        // A bad line leaves the connection usable; a request split into pieces is whole.
+        let mut c = UnixStream::connect(&path).await.unwrap();
+        c.write_all(b"nonsense\n{\"cmd\":").await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        c.write_all(b"\"status\"}\n").await.unwrap();
+        c.shutdown().await.unwrap();
+        let got = read_all(&mut c).await;
+        let lines: Vec<&str> = got.lines().collect();
+        assert_eq!(lines.len(), 2, "{got}");
+        assert!(lines[0].contains("bad request: not JSON"), "{got}");
+        assert!(lines[1].contains("\"message\":\"Status\""), "{got}");
+        // Connections past the cap are refused with a reason, and served again once one
+        // closes.
+        let held: Vec<UnixStream> =
+            futures::future::join_all((0..3).map(|_| UnixStream::connect(&path)))
+                .await
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+        let mut extra = UnixStream::connect(&path).await.unwrap();
+        let got = read_all(&mut extra).await;
+        assert!(
+            got.contains("too many control connections (3 open)"),
+            "{got}"
+        );
+        drop(held);
+        let mut r = Response::default();
+        for _ in 0..500 {
+            r = request(&path, &Request::Status).await.unwrap();
+            if r.ok {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(r.message.as_deref(), Some("Status"), "{r:?}");
+        // A client that never reads: disconnected once its replies stop fitting, while
+        // another is served.
+        let mut greedy = UnixStream::connect(&path).await.unwrap();
+        let flood = b"{\"cmd\":\"status\"}\n".repeat(20_000);
+        let writer = tokio::spawn(async move {
+            let _ = greedy.write_all(&flood).await;
+            greedy
+        });
+        let r = request(&path, &Request::Status).await.unwrap();
+        assert!(r.ok);
+        let greedy = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the daemon stops reading a client that does not read, then drops it")
+            .unwrap();
+        drop(greedy);
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[tokio::test]
