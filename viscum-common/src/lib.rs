@@ -107,7 +107,13 @@ pub struct ServiceEntry {
     /// NAT mode: the service's own port, network byte order (0 = keep the port).
     pub nat_port: u16,
     /// Explicit padding, always zero.
-    pub _pad2: [u8; 6],
+    pub _pad2: [u8; 2],
+    /// The namespace behind the veth, as its netns id in the classifier's namespace (the
+    /// veth's `IFLA_LINK_NETNSID`, rtnetlink(7)) **plus one**; 0 = unknown (entries written
+    /// by older versions, whose padding this was). With it the classifier asks the
+    /// service's stack whether it holds a connection (`bpf_skc_lookup_tcp`) before it gives
+    /// up a mid-connection TCP packet that has no flow record.
+    pub peer_netns: u32,
     /// `bpf_ktime_get_ns()` time (ns of `CLOCK_MONOTONIC`, bpf-helpers(7)) before which the entry only *learns*: new
     /// UDP 5-tuples are recorded as cloud flows, so datagram flows that were
     /// already talking to the cloud when the entry appeared stay there.
@@ -133,7 +139,8 @@ impl ServiceEntry {
             _pad: [0; 2],
             nat_addr: [0; 16],
             nat_port: 0,
-            _pad2: [0; 6],
+            _pad2: [0; 2],
+            peer_netns: 0,
             active_after_ns: 0,
             packets: 0,
             bytes: 0,
@@ -599,6 +606,9 @@ macro_rules! global_counters {
                 "ICMP errors about a mirrored flow, dropped (the cloud answers).";
             MssClamped = 18, mss_clamped, "MSS_CLAMPED", Icmp, DATAPATH_MSS_CLAMPED, "",
                 "Redirected TCP SYNs (and edge SYN-ACKs) whose MSS option was lowered to fit the interface MTU.";
+            FlowsRecovered = 20, flows_recovered, "RECOVERED", Flows, DATAPATH_FLOWS_RECOVERED,
+                "",
+                "Mid-flow TCP packets with no flow record whose connection the service's own stack holds (the record was evicted, e.g. by a SYN flood, or expired): the record is restored and the flow stays at the edge.";
             TargetGone = 19, target_gone, "TARGET_GONE", Icmp, DATAPATH_TARGET_GONE, "",
                 "Hits whose target interface no longer exists (namespace or veth deleted): passed to the cloud instead of being black-holed.";
         }
@@ -632,6 +642,13 @@ pub struct MetricFamily {
     /// The `# HELP` text.
     pub help: &'static str,
 }
+
+/// `viscum_datapath_flows_recovered_total`.
+pub const DATAPATH_FLOWS_RECOVERED: MetricFamily = MetricFamily {
+    name: "viscum_datapath_flows_recovered_total",
+    label: "",
+    help: "Edge flows whose evicted or expired record was restored because the service namespace still held the connection.",
+};
 
 /// `viscum_datapath_packets_total{result=...}`.
 pub const DATAPATH_PACKETS: MetricFamily = MetricFamily {

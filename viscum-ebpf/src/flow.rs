@@ -19,13 +19,15 @@
 )]
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns},
+    bindings::bpf_sock_tuple,
+    helpers::{bpf_ktime_get_coarse_ns, bpf_ktime_get_ns, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::map,
     maps::{LruHashMap, PerCpuArray},
+    programs::TcContext,
 };
 use viscum_common::{
-    DEFAULT_FLOW_ENTRIES, DatapathConfig, FLOW_CLOUD, FlowKey, FlowState, GlobalCounter, PROTO_TCP,
-    REPLY_F_DROP, ReplyKey, ReplyState, ServiceEntry, TARGET_F_DRAINING, TARGET_F_NAT,
+    DEFAULT_FLOW_ENTRIES, DatapathConfig, FAMILY_V4, FLOW_CLOUD, FlowKey, FlowState, GlobalCounter,
+    PROTO_TCP, REPLY_F_DROP, ReplyKey, ReplyState, ServiceEntry, TARGET_F_DRAINING, TARGET_F_NAT,
 };
 
 use crate::{
@@ -86,7 +88,12 @@ fn refresh_due(last_seen_ns: u64, now: u64, t: &Timeouts, tcp: bool) -> bool {
 
 /// Decides for a packet that matched `entry`, creating flow state for new flows.
 #[inline(always)]
-pub fn decide(p: &Parsed, entry: &mut ServiceEntry, cfg: &DatapathConfig) -> Decision {
+pub fn decide(
+    ctx: &TcContext,
+    p: &Parsed,
+    entry: &mut ServiceEntry,
+    cfg: &DatapathConfig,
+) -> Decision {
     // The coarse clock (CLOCK_MONOTONIC at tick resolution, bpf-helpers(7), 5.11+): flow
     // timeouts are seconds, the learning window milliseconds, and it costs a fraction of
     // the precise one.
@@ -124,8 +131,16 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, cfg: &DatapathConfig) -> Dec
     }
 
     if tcp && !syn {
-        // Mid-connection without an edge record: it began before the entry
-        // existed (or its record was evicted): the cloud has it.
+        // Mid-connection without an edge record. Its record may have been
+        // evicted (a SYN flood larger than the table) or expired while the
+        // connection idled: if the service's own stack holds the connection,
+        // it is ours; restore the record so its replies find it again.
+        if service_holds(ctx, p, entry) {
+            put_edge(&rkey, p, 0, now);
+            counters::bump(GlobalCounter::FlowsRecovered);
+            return Decision::Edge;
+        }
+        // Otherwise it began before the entry existed: the cloud has it.
         counters::bump(GlobalCounter::FlowOrphans);
         return Decision::Cloud;
     }
@@ -169,6 +184,81 @@ pub fn decide(p: &Parsed, entry: &mut ServiceEntry, cfg: &DatapathConfig) -> Dec
     entry.new_flows += 1;
     counters::bump(GlobalCounter::FlowsEdge);
     Decision::Edge
+}
+
+/// Does the stack of `entry`'s namespace hold a TCP socket for `p`'s connection (any
+/// state: established, a pending request, TIME_WAIT)? Asks it with
+/// `bpf_skc_lookup_tcp` (bpf-helpers(7), 5.2+) in that namespace, by the netns id user
+/// space recorded in the entry, with the tuple the service sees: the client's address
+/// and port, and the address and port the service answers from (translated in NAT mode).
+/// False when the entry has no netns id (written by an older version).
+#[inline(always)]
+fn service_holds(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> bool {
+    if entry.peer_netns == 0 {
+        return false;
+    }
+    let nat = entry.flags & TARGET_F_NAT != 0;
+    let local_port = if nat && entry.nat_port != 0 {
+        entry.nat_port
+    } else {
+        p.key.port
+    };
+    // The tuple lives in the per-CPU scratch slot (its 36 bytes would not fit the
+    // classifier's stack); put_edge only reuses the slot after the lookup is over.
+    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
+        return false;
+    };
+    let tuple = slot.cast::<bpf_sock_tuple>();
+    let local = if nat { &entry.nat_addr } else { &p.key.addr };
+    let size = if p.key.family == FAMILY_V4 {
+        // SAFETY: writes inside the 40-byte slot (the IPv4 tuple is 12 bytes).
+        unsafe {
+            let t = &raw mut (*tuple).__bindgen_anon_1.ipv4;
+            (*t).saddr = u32::from_ne_bytes([p.saddr[0], p.saddr[1], p.saddr[2], p.saddr[3]]);
+            (*t).daddr = u32::from_ne_bytes([local[0], local[1], local[2], local[3]]);
+            (*t).sport = p.sport;
+            (*t).dport = local_port;
+        }
+        12
+    } else {
+        // SAFETY: writes inside the 40-byte slot (the IPv6 tuple is 36 bytes).
+        unsafe {
+            let t = &raw mut (*tuple).__bindgen_anon_1.ipv6;
+            for i in 0..4 {
+                (*t).saddr[i] = u32::from_ne_bytes([
+                    p.saddr[4 * i],
+                    p.saddr[4 * i + 1],
+                    p.saddr[4 * i + 2],
+                    p.saddr[4 * i + 3],
+                ]);
+                (*t).daddr[i] = u32::from_ne_bytes([
+                    local[4 * i],
+                    local[4 * i + 1],
+                    local[4 * i + 2],
+                    local[4 * i + 3],
+                ]);
+            }
+            (*t).sport = p.sport;
+            (*t).dport = local_port;
+        }
+        36
+    };
+    // SAFETY: a lookup with our own skb and a tuple of the size passed; the socket it
+    // returns is released at once (the verifier insists).
+    unsafe {
+        let sk = bpf_skc_lookup_tcp(
+            ctx.skb.skb.cast(),
+            tuple,
+            size,
+            u64::from(entry.peer_netns - 1),
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+    }
+    true
 }
 
 /// The reply-side key of the flow of `p` towards `entry`'s target.

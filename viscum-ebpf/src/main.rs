@@ -198,7 +198,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         return Ok(pass());
     }
 
-    if flow::decide(&p, entry, cfg) == Decision::Cloud {
+    if flow::decide(ctx, &p, entry, cfg) == Decision::Cloud {
         if log {
             debug!(
                 ctx,

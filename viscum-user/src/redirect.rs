@@ -316,6 +316,20 @@ pub async fn add_with(
         del(engine, endpoint).await?;
     }
     let mut entry = ServiceEntry::new(r.ifindex, r.flags, r.mac);
+    // Lets the classifier ask the service's stack about a TCP packet whose flow record
+    // was evicted (see `ServiceEntry::peer_netns`); without one it only falls back to
+    // the cloud, as before.
+    entry.peer_netns = match netns::peer_netnsid(r.ifindex).await {
+        Ok(Some(id)) => u32::try_from(id).map_or(0, |id| id + 1),
+        Ok(None) => 0,
+        Err(e) => {
+            log::warn!(
+                "cannot read the namespace id of {} ({e}); flows evicted from the flow table will fall back to the cloud",
+                r.ifname
+            );
+            0
+        }
+    };
     if opts.mode == Mode::Mirror {
         entry.flags |= TARGET_F_MIRROR;
     }

@@ -79,6 +79,9 @@ impl Held {
             .unwrap()
             .unwrap();
         conn.set_read_timeout(Some(TIMEOUT)).unwrap();
+        // `writeln!` writes a line in several pieces: without this, Nagle holds each
+        // line's tail until the server's delayed ACK (40 ms) per exchange.
+        conn.set_nodelay(true).unwrap();
         let reader = BufReader::new(conn.try_clone().unwrap());
         Held { conn, reader }
     }

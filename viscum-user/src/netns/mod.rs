@@ -24,6 +24,7 @@ mod addr;
 mod handle;
 mod link;
 mod named;
+mod nsid;
 mod route;
 mod service;
 mod sysctl;
@@ -39,6 +40,7 @@ pub use self::{
         NETNS_RUN_DIR, create_named, delete_named, in_netns, in_netns_path, list_named,
         named_exists,
     },
+    nsid::peer_netnsid,
     route::{RTPROT_VISCUM, add_local_route, add_route, del_local_route, list_local_routes},
     service::{
         HOST_VETH_PREFIX, LINK_POOL, MAX_NAME_LEN, NS_VETH_NAME, ServiceNs, ULA_PREFIX,

@@ -1,0 +1,159 @@
+//! Flow-table pressure (issue "hardening", item 6): a SYN flood to a redirected address,
+//! larger than the flow table, must not break connections already served at the edge.
+//!
+//! The flood evicts their flow records (the table is an LRU). Without more, the next
+//! packet of such a connection would look like a connection that began with the cloud and
+//! be sent there, to be reset. The classifier instead asks the service namespace's stack
+//! (`bpf_skc_lookup_tcp`) whether it holds the connection, and restores the record when it
+//! does; the test counts those recoveries and the evictions directly.
+
+mod common;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+
+use common::{EchoServer, Held, global_stats};
+use viscum_tests::{Lab, packet::Packet, skip_unless_root};
+
+/// Flow-table size for the test: small, so a flood of ten times it is quick to send.
+const TABLE: usize = 1024;
+/// Long-lived edge connections held across the floods.
+const CONNECTIONS: usize = 100;
+/// Floods, each followed by an exchange on every held connection.
+const ROUNDS: usize = 3;
+
+/// Sends `count` TCP SYNs to `dst` from spoofed sources in 198.18.0.0/15 (RFC 2544's
+/// benchmarking range), from a raw socket in the client namespace: to the edge they are
+/// new flows of strangers, one flow record each.
+fn syn_flood(lab: &Lab, dst: SocketAddrV4, count: usize, round: usize) {
+    viscum::netns::in_netns(lab.client.name(), move || {
+        // SAFETY: plain socket(2); the descriptor is closed below.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_RAW) };
+        assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+        let to = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: 0,
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(dst.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        for i in 0..count {
+            let n = u32::try_from(round * count + i).unwrap();
+            let [a, b] = ((n >> 8) as u16).to_be_bytes();
+            let src = SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::new(198, 18 + (a & 1), b, n as u8),
+                1024 + (n % 60_000) as u16,
+            ));
+            let frame = Packet::tcp(src, SocketAddr::V4(dst), 0x02).ip();
+            // SAFETY: sends our buffer to a valid sockaddr_in of its real size.
+            let sent = unsafe {
+                libc::sendto(
+                    fd,
+                    frame.as_ptr().cast(),
+                    frame.len(),
+                    0,
+                    (&raw const to).cast(),
+                    std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+                )
+            };
+            assert!(
+                sent == frame.len() as isize,
+                "sendto: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        // SAFETY: our descriptor.
+        unsafe { libc::close(fd) };
+    })
+    .unwrap();
+}
+
+/// Live edge-flow records in the lab's flow table.
+fn live_records(lab: &Lab) -> u64 {
+    let pins = viscum::engine::Pins::new(lab.bpffs.path());
+    let engine = viscum::engine::Engine::open(&pins).unwrap();
+    engine.edge_flows().unwrap().values().sum()
+}
+
+#[test]
+fn a_syn_flood_larger_than_the_flow_table_breaks_no_edge_connection() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.viscum_ok(&["attach", "lan0", "--flow-table-size", &TABLE.to_string()]);
+    let ns = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &ns]);
+    let port = 9300;
+    let edge = EchoServer::start(&ns, port, "edge");
+    let [SocketAddr::V4(addr), _] = lab.cloud_addrs(edge.port) else {
+        panic!("the lab's first cloud address is IPv4");
+    };
+    lab.viscum_ok(&["redirect", "add", &format!("tcp://{addr}"), "--ns", &ns]);
+
+    let mut held: Vec<Held> = (0..CONNECTIONS)
+        .map(|_| Held::open(lab.client.name(), SocketAddr::V4(addr)))
+        .collect();
+    let exchange_all = |held: &mut Vec<Held>, round: usize| {
+        for (i, h) in held.iter_mut().enumerate() {
+            let tag = format!("r{round}c{i}-");
+            let got = h
+                .exchange(&tag, 2)
+                .unwrap_or_else(|e| panic!("round {round}: connection {i} broke: {e}"));
+            assert_eq!(
+                got,
+                [format!("edge:{tag}0"), format!("edge:{tag}1")],
+                "round {round}: connection {i} answered by the wrong side"
+            );
+        }
+    };
+    exchange_all(&mut held, 0);
+
+    let before = global_stats(&lab);
+    for round in 1..=ROUNDS {
+        let t = std::time::Instant::now();
+        syn_flood(&lab, addr, 10 * TABLE, round);
+        let flood = t.elapsed();
+        let t = std::time::Instant::now();
+        exchange_all(&mut held, round);
+        eprintln!(
+            "round {round}: flood {flood:?}, exchanges {:?}",
+            t.elapsed()
+        );
+    }
+    let after = global_stats(&lab);
+    let delta = |k: &str| after[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+    let (created, recovered, orphans) = (
+        delta("flows_edge"),
+        delta("flows_recovered"),
+        delta("flow_orphans"),
+    );
+    let live = live_records(&lab);
+    eprintln!(
+        "replies: unknown +{}, to stack +{}, forwarded +{}",
+        delta("replies_unknown"),
+        delta("replies_to_stack"),
+        delta("replies_forwarded")
+    );
+    // Nothing expires in this time (TCP idles for hours), so every record created and no
+    // longer in the table was evicted.
+    let evicted = created.saturating_sub(live);
+    eprintln!(
+        "floods: {ROUNDS} x {} SYNs into a table of {TABLE}: records created {created}, live {live}, evicted {evicted}; held connections' records restored {recovered}; orphans {orphans}",
+        10 * TABLE
+    );
+    assert!(
+        created >= (ROUNDS * 10 * TABLE) as u64,
+        "the flood did not reach the classifier: {created} records created"
+    );
+    assert!(
+        evicted >= (ROUNDS * 9 * TABLE) as u64,
+        "the flood evicted only {evicted} records"
+    );
+    // The held connections' records were evicted too, and restored from the service's
+    // sockets: the exchanges above succeeded only because of that.
+    assert!(recovered > 0, "no held connection lost its record");
+    for h in held {
+        h.close();
+    }
+}
