@@ -830,6 +830,15 @@ impl Daemon {
             };
         }
 
+        // The whole apply is one change of the instance: CLI writers wait for it, and it for
+        // them (see `engine::lock`); held only until the reload returns, never while idle.
+        let _write = match engine::lock(&self.pins) {
+            Ok(l) => l,
+            Err(e) => {
+                log::error!("reload: {}", service::error_chain(&e));
+                return Response::error(format!("cannot apply, nothing changed: {e}"));
+            }
+        };
         let mut report = ReloadReport::default();
         let old_names: BTreeSet<String> = self.services.keys().cloned().collect();
         let new_names: BTreeSet<String> = new.services.iter().map(|s| s.name.clone()).collect();
