@@ -205,7 +205,7 @@ fn check_maps(bpffs: &Path, entries: &usize) {
     }
     let mut ids = BTreeSet::new();
     let mut rule_count = 0;
-    for item in prefixes.iter() {
+    for item in &prefixes {
         let (key, node) = item.unwrap();
         for rule in &node.rules[..node.count as usize] {
             rule_count += 1;

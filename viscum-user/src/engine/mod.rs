@@ -94,9 +94,9 @@ pub enum EngineError {
     /// ([`viscum_common::MAP_LAYOUT_VERSION`]) that this binary cannot migrate.
     #[error(
         "the pins in {dir} were written by {writer} (map layout {found}; this viscum uses layout \
-         {want}){detail}: this viscum will not use them. Its entries cannot be carried over: \
-         run `viscum detach --all --purge --bpffs {dir}`, then `viscum attach` again (or restart \
-         `viscum run`) and re-add the entries (a daemon re-adds its configured ones)"
+         {want}){detail}: this viscum will not use them. To start over with this viscum (every \
+         entry is lost; a daemon re-adds its configured ones): run `viscum detach --all --purge \
+         --bpffs {dir}`, then `viscum attach IFACE...` again (or restart `viscum run`)"
     )]
     Layout {
         /// The pin directory.
