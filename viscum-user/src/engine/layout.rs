@@ -313,7 +313,7 @@ pub fn check(pins: &Pins) -> Result<Verdict, EngineError> {
 ///
 /// # Errors
 /// [`EngineError::NeedsMigration`] when soft-state maps must be re-created (`attach` does
-/// that); as [`check`] and [`super::lock`] otherwise.
+/// that); as [`check`] and [`super::lock()`] otherwise.
 pub fn ensure_usable(pins: &Pins) -> Result<(), EngineError> {
     match check(pins)? {
         Verdict::Fresh | Verdict::Current => Ok(()),

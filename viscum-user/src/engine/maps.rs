@@ -188,7 +188,7 @@ impl Engine {
         Ok(())
     }
 
-    /// The instance's write lock ([`super::lock`]), taken by every method that changes the
+    /// The instance's write lock ([`super::lock()`]), taken by every method that changes the
     /// maps, for its whole read-modify-write: the rule id choice, the miss pre-filter's
     /// maintenance (a rebuild that read the maps just before another process added an entry
     /// would otherwise mark that entry's port unmanaged). Re-entrant within the process, so

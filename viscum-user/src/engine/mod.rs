@@ -79,7 +79,7 @@ pub enum EngineError {
         max: usize,
     },
     /// Another process (a CLI command or the daemon) held the instance's write lock
-    /// ([`lock`]) for longer than [`lock::LOCK_TIMEOUT`].
+    /// ([`lock()`]) for longer than [`lock::LOCK_TIMEOUT`].
     #[error(
         "another viscum command or the daemon has been changing the instance in {dir} for {waited:?}; \
          nothing was changed (try again when it is done)"

@@ -181,7 +181,7 @@ pub fn allocate_link_subnet(used: &[(Ipv4Addr, u8)]) -> Option<Ipv4Addr> {
 /// [`NetnsError::InvalidServiceName`]; [`NetnsError::NamespaceExists`] or
 /// [`NetnsError::InterfaceExists`] (`vh-NAME` taken) before anything is made;
 /// [`NetnsError::NoFreeSubnet`] when every /30 of the pool is in use;
-/// [`NetnsError::NamespaceOp`] when the host lock ([`NS_LOCK_FILE`], held throughout so that
+/// [`NetnsError::NamespaceOp`] when the host lock (`/run/viscum-netns.lock`, held throughout so that
 /// concurrent `ns add`s pick distinct /30s) cannot be taken within 60 s; any netlink,
 /// namespace or sysctl error of a later step (after the rollback).
 pub async fn service_ns_add(name: &str) -> Result<ServiceNs, NetnsError> {
@@ -234,7 +234,7 @@ struct NsLock {
 
 /// See [`NsLock`]: beside [`super::NETNS_RUN_DIR`], which `ip netns` may turn into a mount
 /// point (a lock on the directory itself could then be taken on two different inodes).
-pub const NS_LOCK_FILE: &str = "/run/viscum-netns.lock";
+const NS_LOCK_FILE: &str = "/run/viscum-netns.lock";
 
 /// How long `ns add/del` waits for another process's to finish.
 const NS_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
