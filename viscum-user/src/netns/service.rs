@@ -249,6 +249,10 @@ async fn ns_lock(name: &str) -> Result<NsLock, NetnsError> {
         source,
     };
     let turn = NS_TURN.lock().await;
+    // `/run` exists wherever `/run/netns` can (`create_named` makes both if need be).
+    if let Some(dir) = std::path::Path::new(NS_LOCK_FILE).parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
     let deadline = tokio::time::Instant::now() + NS_LOCK_TIMEOUT;
     loop {
         let file = std::fs::OpenOptions::new()
