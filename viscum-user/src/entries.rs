@@ -126,6 +126,14 @@ impl EntrySet {
     ) -> Vec<Endpoint> {
         let mut ours = Vec::new();
         for ep in candidates {
+            // The entry read and the stale one removed under one hold of the write lock.
+            let _lock = match crate::engine::lock(engine.pins()) {
+                Ok(l) => l,
+                Err(e) => {
+                    log(format!("cannot check the entry for {ep}: {e}"));
+                    continue;
+                }
+            };
             match engine.get(ep) {
                 Ok(Some(e)) if self.owner == Owner::Target(Some(e.ifindex)) => ours.push(*ep),
                 Ok(Some(e)) if !crate::lifecycle::ifindex_alive(e.ifindex) => {
@@ -199,6 +207,16 @@ impl EntrySet {
         let mut errors = Vec::new();
         let mut kept = Vec::new();
         for ep in std::mem::take(&mut self.installed) {
+            // Whose the entry is, and deleting it, under one hold of the write lock: another
+            // writer could otherwise replace it in between and lose its entry to us.
+            let _lock = match crate::engine::lock(engine.pins()) {
+                Ok(l) => l,
+                Err(e) => {
+                    errors.push(format!("cannot remove {ep}: {}", error_chain(&e)));
+                    kept.push(ep);
+                    continue;
+                }
+            };
             let entry = match engine.get(&ep) {
                 Ok(Some(e)) if self.owns(e.ifindex) => e,
                 Ok(_) => continue, // gone already, or someone else's now
@@ -257,6 +275,7 @@ pub fn live_flows(engine: &Engine, endpoints: &[Endpoint]) -> u64 {
 /// # Errors
 /// Writing an entry failed (the ones before it are draining).
 pub fn drain(engine: &mut Engine, endpoints: &[Endpoint]) -> Result<(), EngineError> {
+    let _lock = crate::engine::lock(engine.pins())?;
     for ep in endpoints {
         engine.update_flags(ep, |f| f | TARGET_F_DRAINING)?;
     }

@@ -111,6 +111,8 @@ pub async fn recover_targets(
     engine: &mut Engine,
     skip: &(dyn Fn(&str) -> bool + Sync),
 ) -> Result<Recovery, EngineError> {
+    // Which entries are gone and re-pointing them, as one change (see `engine::lock`).
+    let _lock = engine::lock(engine.pins())?;
     let mut report = Recovery::default();
     let gone: Vec<EntryView> = engine
         .entries()?

@@ -303,6 +303,10 @@ pub async fn add_with(
     target: &Target,
     opts: &RedirectOptions,
 ) -> Result<(), RedirectError> {
+    // One writer from the first read to the last write: the check for an existing entry,
+    // the local route and the reply path another writer's delete could otherwise release
+    // between our check and our insert (see `engine::lock`).
+    let _lock = engine::lock(engine.pins())?;
     let r = resolve(target).await?;
     if let Some(old) = engine.get(endpoint)? {
         if old.flags & TARGET_F_DRAINING != 0 && crate::lifecycle::ifindex_alive(old.ifindex) {
@@ -421,6 +425,9 @@ pub async fn del_if_present(engine: &mut Engine, endpoint: &Endpoint) -> Result<
 /// netlink or detach errors after the entry itself is deleted leave its route or reply
 /// path behind.
 pub async fn del(engine: &mut Engine, endpoint: &Endpoint) -> Result<(), RedirectError> {
+    // Held until the route and the reply path are released: a concurrent add that still
+    // finds them in place must not have them taken away after its check.
+    let _lock = engine::lock(engine.pins())?;
     let Some(entry) = engine.get(endpoint)? else {
         return Err(EngineError::NoSuchEntry(endpoint.to_string()).into());
     };
@@ -465,6 +472,7 @@ async fn release_route(engine: &Engine, removed: &EntryView) -> Result<(), Redir
 /// # Errors
 /// [`RedirectError::Engine`] if reading or deleting fails; the entries before it are gone.
 pub async fn del_all_to(engine: &mut Engine, ifindex: u32) -> Result<Vec<Endpoint>, RedirectError> {
+    let _lock = engine::lock(engine.pins())?;
     let mut removed = Vec::new();
     for e in engine.entries()? {
         if e.ifindex == ifindex {

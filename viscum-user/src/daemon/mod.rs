@@ -850,6 +850,18 @@ impl Daemon {
         // Removed and changed services release their entries before anyone else may need
         // their matches.
         futures::future::join_all(stopping.into_iter().map(|(h, delete)| h.shutdown(delete))).await;
+        // The rest of the apply is one change of the instance: CLI writers wait for it, and it
+        // for them (see `engine::lock`). Not taken before: removed services drain for up to
+        // their `drain_timeout_ms`, and each of their steps takes the lock on its own, so CLI
+        // commands are not held up by a drain. Released when the reload returns, never held
+        // while idle. Half a reload would leave the daemon out of step with its file, so
+        // without the lock (another writer held it for a minute) it goes on step by step,
+        // each step still under the lock.
+        let _write = engine::lock(&self.pins)
+            .inspect_err(|e| {
+                log::warn!("reload: applying step by step: {}", service::error_chain(e));
+            })
+            .ok();
         for svc in &new.services {
             if !self.services.contains_key(&svc.name) {
                 if !old_names.contains(&svc.name) {

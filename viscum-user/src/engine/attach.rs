@@ -29,7 +29,7 @@ use viscum_common::{
     SERVICES_MAP,
 };
 
-use super::{EngineError, Pins, ifindex};
+use super::{EngineError, Pins, ifindex, layout::Verdict};
 
 /// What `attach` did for one interface.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -71,8 +71,14 @@ pub fn attach(
     for name in ifaces {
         ifindex(name)?;
     }
-    crate::bpffs::ensure(&pins.dir)?;
+    let _lock = super::lock::lock_creating(pins)?;
+    let (again, replies) = match super::layout::check(pins)? {
+        Verdict::Migrate { from, drop } if !drop.is_empty() => migrate(pins, from, &drop)?,
+        _ => (Vec::new(), Vec::new()),
+    };
     let mut prog = load_or_open(pins, sizes, INGRESS_PROG)?;
+    // Only now: a load that failed leaves the pins as they were, marker included.
+    super::layout::write_marker(pins)?;
     let prog_id = prog
         .info()
         .map_err(|e| EngineError::prog("cannot read the classifier's info", e))?
@@ -85,7 +91,64 @@ pub fn attach(
         let outcome = attach_one(pins, &mut prog, prog_id, name)?;
         out.push((name.clone(), outcome));
     }
+    // A migration detached everything from the old programs: back onto the new ones.
+    for name in again.iter().filter(|n| !ifaces.contains(n)) {
+        if let Err(e) = attach_one(pins, &mut prog, prog_id, name) {
+            log::warn!("migration: cannot re-attach to {name}: {}", chain(&e));
+        }
+    }
+    for veth in &replies {
+        if let Err(e) = attach_reply(pins, veth) {
+            log::warn!(
+                "migration: cannot re-attach the reply path to {veth}: {}",
+                chain(&e)
+            );
+        }
+    }
     Ok(out)
+}
+
+/// Migrates pins of an older layout whose changed maps are all soft state (see
+/// [`super::layout`]): detaches the old programs everywhere, unpins them and the maps in
+/// `drop`, so that the load that follows creates those maps afresh and reuses every other
+/// pinned map (the entries) as it is. Returns the interfaces and service veths to attach
+/// again. Traffic goes to the cloud from here until they are.
+fn migrate(
+    pins: &Pins,
+    from: u32,
+    drop: &[&str],
+) -> Result<(Vec<String>, Vec<String>), EngineError> {
+    log::warn!(
+        "{}: migrating pins of map layout {from} to {}: dropping the records of {}",
+        pins.dir.display(),
+        viscum_common::MAP_LAYOUT_VERSION,
+        drop.join(", ")
+    );
+    let ifaces = recorded_interfaces(pins);
+    let replies: Vec<String> = fs::read_dir(pins.reply_links_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    for name in &ifaces {
+        detach_one(pins, name)?;
+    }
+    for veth in &replies {
+        detach_reply(pins, veth)?;
+    }
+    for p in pins.program_pins() {
+        if p.exists() {
+            fs::remove_file(&p)
+                .map_err(|e| EngineError::io(format!("cannot remove {}", p.display()), e))?;
+        }
+    }
+    for m in drop {
+        let p = pins.map(m);
+        fs::remove_file(&p)
+            .map_err(|e| EngineError::io(format!("cannot remove {}", p.display()), e))?;
+    }
+    Ok((ifaces, replies))
 }
 
 /// Map capacities, fixed when the datapath is first loaded.
@@ -268,7 +331,10 @@ fn attach_one(
 /// [`EngineError::Io`] if the link or the target record cannot be written.
 pub fn attach_reply(pins: &Pins, name: &str) -> Result<AttachOutcome, EngineError> {
     let index = ifindex(name)?;
+    let _lock = super::lock::lock_creating(pins)?;
+    super::layout::ensure_usable(pins)?;
     let mut prog = load_or_open(pins, MapSizes::default(), REPLY_PROG)?;
+    super::layout::write_marker(pins)?;
     let prog_id = prog
         .info()
         .map_err(|e| EngineError::prog("cannot read the reply classifier's info", e))?
@@ -292,6 +358,10 @@ pub fn attach_reply(pins: &Pins, name: &str) -> Result<AttachOutcome, EngineErro
 /// [`EngineError::Io`] if a TCX link pin cannot be opened or unpinned (clsact
 /// leftovers are removed best-effort and never fail).
 pub fn detach_reply(pins: &Pins, name: &str) -> Result<(), EngineError> {
+    let _lock = match super::lock::lock_if_attached(pins)? {
+        Some(l) => l,
+        None => return Ok(()),
+    };
     let path = pins.reply_link(name);
     if path.is_dir() {
         if record_is_for(&path, name) {
@@ -377,13 +447,20 @@ fn attach_at(
         let created = if super::clsact::present(index)? {
             qdisc_ours
         } else {
-            tc::qdisc_add_clsact(name).map_err(|e| {
-                EngineError::io(
-                    format!("cannot add a clsact qdisc to {name}"),
-                    io::Error::other(e),
-                )
-            })?;
-            true
+            match tc::qdisc_add_clsact(name) {
+                Ok(()) => true,
+                // Added in between by someone outside Viscum's lock (another instance, `tc`):
+                // there is one to attach to, and it is not ours to remove.
+                Err(tc::TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {
+                    false
+                }
+                Err(e) => {
+                    return Err(EngineError::io(
+                        format!("cannot add a clsact qdisc to {name}"),
+                        io::Error::other(e),
+                    ));
+                }
+            }
         };
         // Netlink explicitly: on a TCX kernel (ATTACH_MODE_ENV) aya would pick TCX.
         let id = prog
@@ -658,6 +735,7 @@ pub fn recorded_interfaces(pins: &Pins) -> Vec<String> {
 /// first (then nothing changes); [`EngineError::Program`] / [`EngineError::Io`] if a
 /// detach fails (the interfaces before it are detached).
 pub fn detach(pins: &Pins, ifaces: &[String]) -> Result<(), EngineError> {
+    let _lock = super::lock::lock_if_attached(pins)?;
     let recorded = recorded_interfaces(pins);
     for name in ifaces {
         if !recorded.iter().any(|a| a == name) {
@@ -773,6 +851,9 @@ fn forget_target(pins: &Pins, name: &str) {
 /// [`EngineError::Program`] / [`EngineError::Io`] if a detach or removing a pin fails;
 /// what was removed before stays removed.
 pub fn purge(pins: &Pins) -> Result<(), EngineError> {
+    // Held while the directory goes: a writer waiting for it then finds the directory gone
+    // (see `lock`) rather than writing into pins nobody will read.
+    let _lock = super::lock::lock_if_attached(pins)?;
     for name in recorded_interfaces(pins) {
         detach_one(pins, &name)?;
     }
@@ -791,6 +872,7 @@ pub fn purge(pins: &Pins) -> Result<(), EngineError> {
         let _ = remove_record(&e.path());
     }
     let _ = fs::remove_dir(targets_dir(pins));
+    super::layout::remove_marker(pins);
     // Only our own pins: a bpffs mounted right on the directory also holds
     // the kernel's `maps.debug`/`progs.debug` iterators.
     for p in our_pins(pins) {

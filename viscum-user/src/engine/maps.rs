@@ -36,9 +36,6 @@ pub struct Engine {
     rules: PerCpuArray<MapData, ServiceEntry>,
     /// The miss pre-filter (`None` under pins made by a version without one).
     ports: Option<Array<MapData, u64>>,
-    /// The pin directory, held open for [`Engine::lock_filter`]'s `flock(2)` (opened once:
-    /// a path lookup per update would cost more than the lock itself).
-    lock_dir: Option<std::fs::File>,
     nr_cpus: usize,
     max_entries: u32,
 }
@@ -122,12 +119,14 @@ impl Engine {
     ///
     /// # Errors
     /// [`EngineError::NotAttached`] as above, or when a map pin is missing;
-    /// [`EngineError::Map`] if a pinned map cannot be opened or has an unexpected layout (a
-    /// pin left by another Viscum version); [`EngineError::Io`] if the CPU count is unknown.
+    /// [`EngineError::Layout`] / [`EngineError::NeedsMigration`] for pins of another map
+    /// layout (see [`super::layout`]); [`EngineError::Map`] if a pinned map cannot be opened
+    /// or has an unexpected layout; [`EngineError::Io`] if the CPU count is unknown.
     pub fn open(pins: &Pins) -> Result<Self, EngineError> {
         if !pins.dir.exists() || !pins.program().exists() {
             return Err(EngineError::NotAttached(pins.dir.clone()));
         }
+        super::layout::ensure_usable(pins)?;
         let services_map = open_map(pins, SERVICES_MAP)?;
         let max_entries = match &services_map {
             Map::PerCpuHashMap(m) => m.info().map(|i| i.max_entries()).unwrap_or(0),
@@ -153,13 +152,6 @@ impl Engine {
         } else {
             None
         };
-        let lock_dir =
-            match ports {
-                Some(_) => Some(std::fs::File::open(&pins.dir).map_err(|e| {
-                    EngineError::io(format!("cannot open {}", pins.dir.display()), e)
-                })?),
-                None => None,
-            };
         let nr_cpus = nr_cpus()
             .map_err(|(what, e)| EngineError::io(format!("cannot count CPUs ({what})"), e))?;
         let mut engine = Engine {
@@ -171,7 +163,6 @@ impl Engine {
             prefixes,
             rules,
             ports,
-            lock_dir,
             nr_cpus,
             max_entries,
         };
@@ -192,43 +183,26 @@ impl Engine {
         if self.ports.is_none() || built(self) {
             return Ok(());
         }
-        let _lock = self.lock_filter()?;
+        let _lock = self.write_lock()?;
         if !built(self) {
             self.rebuild_port_filter(&[(0, PORT_FILTER_WORDS - 1)])?;
         }
         Ok(())
     }
 
-    /// Serialises every change of the match set with the filter's maintenance, across
-    /// processes (the daemon and the CLI both edit the maps): an exclusive `flock(2)` on the
-    /// pin directory, released when the returned guard drops. Without it, a rebuild that
-    /// read the maps just before another process added an entry could mark that entry's
-    /// port unmanaged. `None` when there is no filter to maintain.
-    fn lock_filter(&self) -> Result<Option<FilterLock>, EngineError> {
-        use std::os::fd::AsRawFd as _;
-        let Some(dir) = &self.lock_dir else {
-            return Ok(None);
-        };
-        let fd = dir.as_raw_fd();
-        loop {
-            // SAFETY: flock(2) on a descriptor this engine owns and keeps open while the
-            // returned guard (which cannot outlive a method of the engine) exists.
-            if unsafe { libc::flock(fd, libc::LOCK_EX) } == 0 {
-                return Ok(Some(FilterLock(fd)));
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(EngineError::io(
-                    format!("cannot lock {}", self.pins.dir.display()),
-                    e,
-                ));
-            }
-        }
+    /// The instance's write lock ([`super::lock()`]), taken by every method that changes the
+    /// maps, for its whole read-modify-write: the rule id choice, the miss pre-filter's
+    /// maintenance (a rebuild that read the maps just before another process added an entry
+    /// would otherwise mark that entry's port unmanaged). Re-entrant within the process, so
+    /// callers holding it around several steps ([`crate::redirect::add_with`], a daemon
+    /// reload) pay only a lookup here.
+    fn write_lock(&self) -> Result<super::WriteLock, EngineError> {
+        super::lock(&self.pins)
     }
 
     /// Recomputes the filter from every key of the services map and every prefix rule, and
     /// writes those of the words in the ranges `(first, last)` (inclusive) that changed,
-    /// then the "built" marker. The caller holds [`Self::lock_filter`]. Costs one read per
+    /// then the "built" marker. The caller holds [`Self::write_lock`]. Costs one read per
     /// services-map key (O(entries)) plus one per word in the ranges; a removal passes only
     /// its own words (the only ones it can make unmanaged; an insert clears its own bits
     /// itself). Words past the end of a map pinned by an older version (no address
@@ -272,7 +246,7 @@ impl Engine {
 
     /// Marks `proto` ports `lo..=hi` (host order) as managed in the filter, before an entry
     /// or rule for them becomes visible to the classifier. The caller holds
-    /// [`Self::lock_filter`].
+    /// [`Self::write_lock`].
     fn manage_ports(&mut self, proto: u8, lo: u16, hi: u16) -> Result<(), EngineError> {
         let Some(ports) = self.ports.as_mut() else {
             return Ok(());
@@ -296,7 +270,7 @@ impl Engine {
     }
 
     /// Marks destination address `addr` as managed in the address bitmap, before an entry
-    /// for it becomes visible to the classifier. The caller holds [`Self::lock_filter`].
+    /// for it becomes visible to the classifier. The caller holds [`Self::write_lock`].
     /// A filter pinned by an older version (no address bitmap) is left alone.
     fn manage_address(&mut self, addr: &[u8; 16]) -> Result<(), EngineError> {
         let Some(ports) = self.ports.as_mut() else {
@@ -424,7 +398,7 @@ impl Engine {
     }
 
     fn insert_rule(&mut self, endpoint: &Endpoint, value: ServiceEntry) -> Result<(), EngineError> {
-        let _lock = self.lock_filter()?;
+        let _lock = self.write_lock()?;
         if self.find_rule(endpoint)?.is_some() {
             return Err(EngineError::Duplicate(endpoint.to_string()));
         }
@@ -484,7 +458,7 @@ impl Engine {
     }
 
     fn remove_rule(&mut self, endpoint: &Endpoint) -> Result<(), EngineError> {
-        let _lock = self.lock_filter()?;
+        let _lock = self.write_lock()?;
         let Some((mut node, idx)) = self.find_rule(endpoint)? else {
             return Err(EngineError::NoSuchEntry(endpoint.to_string()));
         };
@@ -572,7 +546,7 @@ impl Engine {
         }
         let values = self.per_cpu(value)?;
         let key = endpoint.key();
-        let _lock = self.lock_filter()?;
+        let _lock = self.write_lock()?;
         // The port is marked managed before the entry exists, so no packet the entry
         // matches is ever filtered out. A failed insert leaves it marked: that only
         // costs the port's unmanaged traffic a lookup until the next rebuild.
@@ -608,6 +582,7 @@ impl Engine {
         endpoint: &Endpoint,
         f: impl Fn(u32) -> u32,
     ) -> Result<(), EngineError> {
+        let _lock = self.write_lock()?;
         if !endpoint.is_exact() {
             let Some((node, idx)) = self.find_rule(endpoint)? else {
                 return Err(EngineError::NoSuchEntry(endpoint.to_string()));
@@ -698,13 +673,15 @@ impl Engine {
     /// entry of the same match). Returns how many were removed.
     ///
     /// # Errors
-    /// None today: unreadable records are skipped, and a record the LRU evicted meanwhile
+    /// [`EngineError::Busy`] / [`EngineError::Io`] from the write lock; unreadable records are
+    /// skipped, and a record the LRU evicted meanwhile
     /// counts as removed.
     pub fn forget_flows(
         &mut self,
         endpoint: &crate::endpoint::Endpoint,
         ifindex: u32,
     ) -> Result<usize, EngineError> {
+        let _lock = self.write_lock()?;
         let keys: Vec<ReplyKey> = self
             .edge
             .iter()
@@ -731,6 +708,7 @@ impl Engine {
         udp_idle_ns: u64,
         linger_ns: u64,
     ) -> Result<(), EngineError> {
+        let _lock = self.write_lock()?;
         let cur = self.config.get(&0, 0).unwrap_or_default();
         let cfg = DatapathConfig {
             tcp_idle_ns,
@@ -751,7 +729,7 @@ impl Engine {
         if !endpoint.is_exact() {
             return self.remove_rule(endpoint);
         }
-        let _lock = self.lock_filter()?;
+        let _lock = self.write_lock()?;
         let key = endpoint.key();
         let (first, last) = match u16::from_be(key.port) {
             0 => (
@@ -801,6 +779,7 @@ impl Engine {
     /// # Errors
     /// [`EngineError::Map`] if `VISCUM_CONFIG` cannot be written.
     pub fn set_log_debug(&mut self, on: bool) -> Result<(), EngineError> {
+        let _lock = self.write_lock()?;
         let cur = self.config.get(&0, 0).unwrap_or_default();
         let cfg = DatapathConfig {
             log_debug: u32::from(on),
@@ -822,17 +801,6 @@ impl Engine {
             .info()
             .map_err(|e| EngineError::prog("cannot read the classifier's info", e))?;
         Ok(info.id())
-    }
-}
-
-/// Holds the filter lock ([`Engine::lock_filter`]) until dropped.
-struct FilterLock(std::os::fd::RawFd);
-
-impl Drop for FilterLock {
-    fn drop(&mut self) {
-        // SAFETY: the descriptor is the engine's open pin directory (see `lock_filter`);
-        // closing it would release the lock too, so a failure here cannot leave it held.
-        unsafe { libc::flock(self.0, libc::LOCK_UN) };
     }
 }
 

@@ -20,11 +20,17 @@
 //! <bpffs>/targets/<ifindex>/<ifname>  the name of each entry target, to re-point entries
 //!                               when a target veth is re-created
 //! <bpffs>/reply-links/<ifname>  one TCX link per service veth
+//! <bpffs>/layout/<N>            the maps' layout version (see [`layout`])
 //! ```
+//!
+//! Every change of an instance holds its write lock, an `flock(2)` on the directory
+//! ([`lock`](mod@lock)); reads take nothing.
 
 pub mod attach;
 mod clsact;
 mod jump;
+pub mod layout;
+pub mod lock;
 pub mod maps;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +38,7 @@ use std::path::{Path, PathBuf};
 pub use attach::{
     AttachOutcome, MapSizes, attach, attach_reply, attached_interfaces, detach, detach_reply, purge,
 };
+pub use lock::{WriteLock, lock, lock_if_attached};
 pub use maps::{Engine, EntryView, GlobalStats};
 
 /// Errors of the engine. Messages are for the person at the prompt.
@@ -70,6 +77,56 @@ pub enum EngineError {
         prefix: String,
         /// Rules per prefix (`RULES_PER_PREFIX`).
         max: usize,
+    },
+    /// Another process (a CLI command or the daemon) held the instance's write lock
+    /// ([`lock()`]) for longer than [`lock::LOCK_TIMEOUT`].
+    #[error(
+        "another viscum command or the daemon has been changing the instance in {dir} for {waited:?}; \
+         nothing was changed (try again when it is done)"
+    )]
+    Busy {
+        /// The pin directory whose lock was wanted.
+        dir: PathBuf,
+        /// How long this process waited.
+        waited: std::time::Duration,
+    },
+    /// The pins were written by a Viscum whose pinned maps have another layout
+    /// ([`viscum_common::MAP_LAYOUT_VERSION`]) that this binary cannot migrate.
+    #[error(
+        "the pins in {dir} were written by {writer} (map layout {found}; this viscum uses layout \
+         {want}){detail}: this viscum will not use them. To start over with this viscum (every \
+         entry is lost; a daemon re-adds its configured ones): run `viscum detach --all --purge \
+         --bpffs {dir}`, then `viscum attach IFACE...` again (or restart `viscum run`)"
+    )]
+    Layout {
+        /// The pin directory.
+        dir: PathBuf,
+        /// The layout version found (1 for pins without a marker).
+        found: u32,
+        /// This binary's [`viscum_common::MAP_LAYOUT_VERSION`].
+        want: u32,
+        /// "an older viscum" or "a newer viscum".
+        writer: &'static str,
+        /// The maps whose key/value sizes differ, as `: VISCUM_FLOWS value 40 bytes (expected
+        /// 48), ...`; empty when only the marker says so.
+        detail: String,
+    },
+    /// The pins are of an older layout that `viscum attach` migrates (dropping the flow
+    /// records named); other commands refuse until it has.
+    #[error(
+        "the pins in {dir} are of an older map layout ({from}; this viscum uses {want}): run \
+         `viscum attach IFACE...` (or restart `viscum run`) to migrate them — entries are kept, \
+         the flow records in {maps} are dropped"
+    )]
+    NeedsMigration {
+        /// The pin directory.
+        dir: PathBuf,
+        /// The layout version found.
+        from: u32,
+        /// This binary's [`viscum_common::MAP_LAYOUT_VERSION`].
+        want: u32,
+        /// The soft-state maps a migration re-creates, comma-separated.
+        maps: String,
     },
     /// The bpffs directory for the pins is unusable.
     #[error(transparent)]

@@ -180,10 +180,16 @@ pub fn allocate_link_subnet(used: &[(Ipv4Addr, u8)]) -> Option<Ipv4Addr> {
 /// # Errors
 /// [`NetnsError::InvalidServiceName`]; [`NetnsError::NamespaceExists`] or
 /// [`NetnsError::InterfaceExists`] (`vh-NAME` taken) before anything is made;
-/// [`NetnsError::NoFreeSubnet`] when every /30 of the pool is in use; any netlink,
+/// [`NetnsError::NoFreeSubnet`] when every /30 of the pool is in use;
+/// [`NetnsError::NamespaceOp`] when the host lock (`/run/viscum-netns.lock`, held throughout so that
+/// concurrent `ns add`s pick distinct /30s) cannot be taken within 60 s; any netlink,
 /// namespace or sysctl error of a later step (after the rollback).
 pub async fn service_ns_add(name: &str) -> Result<ServiceNs, NetnsError> {
     validate_name(name)?;
+    // From the existence checks through the /30 choice to the last address: another
+    // `ns add` (of any instance: the pool is the host's) would otherwise see the same free
+    // /30 before either has assigned it.
+    let _lock = ns_lock(name).await?;
     if named_exists(name) {
         return Err(NetnsError::NamespaceExists {
             name: name.to_string(),
@@ -214,6 +220,68 @@ pub async fn service_ns_add(name: &str) -> Result<ServiceNs, NetnsError> {
         return Err(e);
     }
     service_ns_get(name).await
+}
+
+/// The host-wide lock of service namespace creation and removal: an exclusive `flock(2)` on
+/// [`NS_LOCK_FILE`] (the link pool and the `vh-` names are the host's, shared by every
+/// instance), after this process's own turn ([`NS_TURN`]: two tasks of one daemon would
+/// otherwise each open the file and one would poll while the other, on the same thread,
+/// could not finish).
+struct NsLock {
+    _turn: tokio::sync::MutexGuard<'static, ()>,
+    _flock: nix::fcntl::Flock<std::fs::File>,
+}
+
+/// See [`NsLock`]: beside [`super::NETNS_RUN_DIR`], which `ip netns` may turn into a mount
+/// point (a lock on the directory itself could then be taken on two different inodes).
+const NS_LOCK_FILE: &str = "/run/viscum-netns.lock";
+
+/// How long `ns add/del` waits for another process's to finish.
+const NS_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+static NS_TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+async fn ns_lock(name: &str) -> Result<NsLock, NetnsError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let err = |source: std::io::Error| NetnsError::NamespaceOp {
+        action: "lock the namespaces for",
+        name: name.to_string(),
+        source,
+    };
+    let turn = NS_TURN.lock().await;
+    // `/run` exists wherever `/run/netns` can (`create_named` makes both if need be).
+    if let Some(dir) = std::path::Path::new(NS_LOCK_FILE).parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let deadline = tokio::time::Instant::now() + NS_LOCK_TIMEOUT;
+    loop {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(NS_LOCK_FILE)
+            .map_err(err)?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(flock) => {
+                return Ok(NsLock {
+                    _turn: turn,
+                    _flock: flock,
+                });
+            }
+            Err((_, nix::errno::Errno::EWOULDBLOCK | nix::errno::Errno::EINTR)) => {}
+            Err((_, e)) => return Err(err(e.into())),
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "another viscum has held {NS_LOCK_FILE} for {} s",
+                    NS_LOCK_TIMEOUT.as_secs()
+                ),
+            )));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
 }
 
 /// Everything after the namespace exists; [`service_ns_add`] undoes it all on error.
@@ -308,6 +376,7 @@ async fn rollback(host: &Handle, name: &str) {
 /// add` did not make; netlink or namespace errors of the removal.
 pub async fn service_ns_del(name: &str) -> Result<(), NetnsError> {
     validate_name(name)?;
+    let _lock = ns_lock(name).await?;
     let host = handle_here().await?;
     let ns_exists = named_exists(name);
     let link = match link_by_name(&host, &host_veth_name(name)).await {

@@ -1,0 +1,352 @@
+//! The layout version of an instance's pinned maps, and what a binary does with pins of
+//! another one.
+//!
+//! A pinned map outlives the binary that made it: after an upgrade, the new binary finds the
+//! old maps and (through aya, which reuses a pin of the right name without looking at it)
+//! would hand them to its classifier, which would then read old records with new offsets.
+//! So every instance records its layout, [`MAP_LAYOUT_VERSION`], as a directory
+//! `<bpffs>/layout/<N>` (bpffs holds directories and pins only) written by `attach`. Pins
+//! without it were written before the marker existed and count as layout 1.
+//!
+//! [`check`] compares, before anything uses the pins:
+//! * the marker with this binary's version: a newer one is refused; an older one is
+//!   migrated when every map that changed since ([`CHANGES`]) holds soft state only (the flow
+//!   tables: their records are dropped, and `attach` loads the new classifier over the kept
+//!   entry maps), and refused when an entry map changed;
+//! * every pinned map's type and key/value sizes (and fixed capacities) with what this
+//!   binary's types need: a difference nothing announced (a forgotten bump) is refused too.
+//!
+//! A refusal is [`EngineError::Layout`], which names the command that starts over
+//! (`viscum detach --all --purge`, then `viscum attach`). Nothing is ever misread.
+
+use std::{fs, path::PathBuf};
+
+use aya::maps::{MapInfo, MapType};
+use viscum_common::{
+    CONFIG_MAP, DatapathConfig, FLOWS_MAP, FRAGS_MAP, FlowKey, FlowState, FragKey, FragPorts,
+    GLOBAL_COUNTERS, GLOBAL_STATS_MAP, JUMP_MAP, JUMP_SLOTS, MAP_LAYOUT_VERSION, MAX_RULES,
+    PORT_FILTER_WORDS, PORTS_MAP, PREFIXES_MAP, PrefixData, PrefixNode, REPLIES_MAP, RULES_MAP,
+    ReplyKey, ReplyState, SERVICES_MAP, ServiceEntry, ServiceKey,
+};
+
+use super::{EngineError, Pins};
+
+/// The per-CPU scratch record of the flow code (not named in `viscum-common`).
+const SCRATCH_MAP: &str = "VISCUM_SCRATCH";
+
+/// What each layout bump changed: (version, maps whose key or value layout changed from the
+/// version before). Add a row whenever [`MAP_LAYOUT_VERSION`] is bumped. A migration over
+/// versions whose rows name only [`SOFT_MAPS`] drops those maps' records; any other map
+/// makes it a refusal.
+pub const CHANGES: &[(u32, &[&str])] = &[
+    // 2: the marker itself; one edge-flow record per flow (VISCUM_REPLIES' value grew to
+    // carry the flow's timestamps, VISCUM_FLOWS keeps only UDP cloud decisions in a smaller
+    // record, the scratch slot holds an edge record); the address half of the miss
+    // pre-filter (VISCUM_PORTS grew); a counter for recovered flows (VISCUM_GLOBAL grew).
+    (
+        2,
+        &[
+            FLOWS_MAP,
+            REPLIES_MAP,
+            SCRATCH_MAP,
+            PORTS_MAP,
+            GLOBAL_STATS_MAP,
+        ],
+    ),
+];
+
+/// Maps holding soft state only, which a migration may drop: flow and fragment records the
+/// datapath re-learns (a flow that loses its record is decided again by its next packet; an
+/// edge TCP flow whose service still holds the connection gets its record back, see the
+/// classifier's flow module), the miss pre-filter (rebuilt from the entries by the next
+/// command that opens the maps), and the global counters (they start again from zero).
+pub const SOFT_MAPS: &[&str] = &[
+    FLOWS_MAP,
+    REPLIES_MAP,
+    FRAGS_MAP,
+    SCRATCH_MAP,
+    PORTS_MAP,
+    GLOBAL_STATS_MAP,
+];
+
+/// Layout of pins that carry no marker.
+pub const UNMARKED_LAYOUT: u32 = 1;
+
+/// What a pinned map of this binary's layout looks like.
+struct Expected {
+    name: &'static str,
+    map_type: MapType,
+    key: u32,
+    value: u32,
+    /// Fixed capacity (`None`: chosen at attach, like the services map's `--max-entries`).
+    max_entries: Option<u32>,
+}
+
+/// `size_of::<T>()` as the kernel's `u32` (map records are a few hundred bytes).
+fn size<T>() -> u32 {
+    u32::try_from(size_of::<T>()).unwrap_or(u32::MAX)
+}
+
+/// Every map the classifier pins, as this binary's types define it.
+fn expected() -> [Expected; 11] {
+    let e = |name, map_type, key, value, max_entries| Expected {
+        name,
+        map_type,
+        key,
+        value,
+        max_entries,
+    };
+    [
+        e(
+            SERVICES_MAP,
+            MapType::PerCpuHash,
+            size::<ServiceKey>(),
+            size::<ServiceEntry>(),
+            None,
+        ),
+        e(
+            PREFIXES_MAP,
+            MapType::LpmTrie,
+            4 + size::<PrefixData>(),
+            size::<PrefixNode>(),
+            Some(MAX_RULES),
+        ),
+        e(
+            RULES_MAP,
+            MapType::PerCpuArray,
+            4,
+            size::<ServiceEntry>(),
+            Some(MAX_RULES),
+        ),
+        e(PORTS_MAP, MapType::Array, 4, 8, Some(PORT_FILTER_WORDS)),
+        e(
+            GLOBAL_STATS_MAP,
+            MapType::PerCpuArray,
+            4,
+            8,
+            Some(GLOBAL_COUNTERS),
+        ),
+        e(
+            CONFIG_MAP,
+            MapType::Array,
+            4,
+            size::<DatapathConfig>(),
+            Some(1),
+        ),
+        e(
+            FLOWS_MAP,
+            MapType::LruHash,
+            size::<FlowKey>(),
+            size::<FlowState>(),
+            None,
+        ),
+        e(
+            REPLIES_MAP,
+            MapType::LruHash,
+            size::<ReplyKey>(),
+            size::<ReplyState>(),
+            None,
+        ),
+        e(
+            FRAGS_MAP,
+            MapType::LruHash,
+            size::<FragKey>(),
+            size::<FragPorts>(),
+            None,
+        ),
+        e(
+            SCRATCH_MAP,
+            MapType::PerCpuArray,
+            4,
+            size::<ReplyState>(),
+            Some(1),
+        ),
+        e(JUMP_MAP, MapType::ProgramArray, 4, 4, Some(JUMP_SLOTS)),
+    ]
+}
+
+/// `<dir>/layout`: holds one directory named after the layout version.
+fn marker_dir(pins: &Pins) -> PathBuf {
+    pins.dir.join("layout")
+}
+
+/// The layout version recorded in the pin directory; `None` without a marker.
+pub fn read_marker(pins: &Pins) -> Option<u32> {
+    fs::read_dir(marker_dir(pins))
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .max()
+}
+
+/// Records this binary's layout (replacing any other version). The caller holds the write
+/// lock.
+///
+/// # Errors
+/// [`EngineError::Io`] if the marker directory cannot be written.
+pub fn write_marker(pins: &Pins) -> Result<(), EngineError> {
+    let want = MAP_LAYOUT_VERSION.to_string();
+    let path = marker_dir(pins).join(&want);
+    fs::create_dir_all(&path).map_err(|e| {
+        EngineError::io(format!("cannot record the layout at {}", path.display()), e)
+    })?;
+    for e in fs::read_dir(marker_dir(pins))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        if e.file_name() != want.as_str() {
+            let _ = fs::remove_dir(e.path());
+        }
+    }
+    Ok(())
+}
+
+/// Removes the marker (`detach --purge`).
+pub fn remove_marker(pins: &Pins) {
+    for e in fs::read_dir(marker_dir(pins))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = fs::remove_dir(e.path());
+    }
+    let _ = fs::remove_dir(marker_dir(pins));
+}
+
+/// What [`check`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// No map is pinned yet: a fresh instance.
+    Fresh,
+    /// The pins are of this binary's layout.
+    Current,
+    /// The pins are of an older layout that this binary migrates: the soft-state maps named
+    /// (possibly none) are dropped by `attach`, everything else is kept as it is.
+    Migrate {
+        /// The version found.
+        from: u32,
+        /// The pinned soft-state maps to drop and re-create.
+        drop: Vec<&'static str>,
+    },
+}
+
+/// Compares the pins in `pins.dir` with this binary's layout (see the [module docs](self)).
+///
+/// # Errors
+/// [`EngineError::Layout`] when the pins are of a newer layout, of an older one whose
+/// entry maps changed, or differ from what their marker promises.
+pub fn check(pins: &Pins) -> Result<Verdict, EngineError> {
+    let found = read_marker(pins);
+    let mut pinned = 0;
+    let mut differ = Vec::new();
+    for e in expected() {
+        let path = pins.map(e.name);
+        if !path.exists() {
+            continue;
+        }
+        pinned += 1;
+        let Ok(info) = MapInfo::from_pin(&path) else {
+            differ.push((e.name, format!("{} cannot be read", e.name)));
+            continue;
+        };
+        let mut what = Vec::new();
+        match info.map_type() {
+            Ok(t) if t == e.map_type => {}
+            Ok(t) => what.push(format!("type {t:?} (expected {:?})", e.map_type)),
+            Err(_) => what.push("an unknown type".to_owned()),
+        }
+        if info.key_size() != e.key {
+            what.push(format!(
+                "key {} bytes (expected {})",
+                info.key_size(),
+                e.key
+            ));
+        }
+        if info.value_size() != e.value {
+            what.push(format!(
+                "value {} bytes (expected {})",
+                info.value_size(),
+                e.value
+            ));
+        }
+        if let Some(n) = e.max_entries
+            && info.max_entries() != n
+        {
+            what.push(format!("{} entries (expected {n})", info.max_entries()));
+        }
+        if !what.is_empty() {
+            differ.push((e.name, format!("{} {}", e.name, what.join(", "))));
+        }
+    }
+    if pinned == 0 && found.is_none() {
+        return Ok(Verdict::Fresh);
+    }
+    let found = found.unwrap_or(UNMARKED_LAYOUT);
+    let refuse = |writer: &'static str, differ: &[(&str, String)]| EngineError::Layout {
+        dir: pins.dir.clone(),
+        found,
+        want: MAP_LAYOUT_VERSION,
+        writer,
+        detail: if differ.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ": {}",
+                differ
+                    .iter()
+                    .map(|(_, d)| d.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        },
+    };
+    if found > MAP_LAYOUT_VERSION {
+        return Err(refuse("a newer viscum", &differ));
+    }
+    if found == MAP_LAYOUT_VERSION {
+        return if differ.is_empty() {
+            Ok(Verdict::Current)
+        } else {
+            Err(refuse("another build of viscum", &differ))
+        };
+    }
+    // Older: what changed since, by the table, and by what the kernel says.
+    let mut changed: Vec<&str> = CHANGES
+        .iter()
+        .filter(|(v, _)| *v > found && *v <= MAP_LAYOUT_VERSION)
+        .flat_map(|(_, maps)| maps.iter().copied())
+        .collect();
+    changed.extend(differ.iter().map(|(name, _)| *name));
+    if changed.iter().any(|m| !SOFT_MAPS.contains(m)) {
+        return Err(refuse("an older viscum", &differ));
+    }
+    let drop = SOFT_MAPS
+        .iter()
+        .copied()
+        .filter(|m| changed.contains(m) && pins.map(m).exists())
+        .collect();
+    Ok(Verdict::Migrate { from: found, drop })
+}
+
+/// For everything but `attach`: `Ok` when the pins can be used as they are, after recording
+/// the layout when an older one differs in nothing (a marker-only migration).
+///
+/// # Errors
+/// [`EngineError::NeedsMigration`] when soft-state maps must be re-created (`attach` does
+/// that); as [`check`] and [`super::lock()`] otherwise.
+pub fn ensure_usable(pins: &Pins) -> Result<(), EngineError> {
+    match check(pins)? {
+        Verdict::Fresh | Verdict::Current => Ok(()),
+        Verdict::Migrate { drop, .. } if drop.is_empty() => {
+            let _lock = super::lock(pins)?;
+            write_marker(pins)
+        }
+        Verdict::Migrate { from, drop } => Err(EngineError::NeedsMigration {
+            dir: pins.dir.clone(),
+            from,
+            want: MAP_LAYOUT_VERSION,
+            maps: drop.join(", "),
+        }),
+    }
+}
