@@ -497,11 +497,17 @@ const _: () = assert!(core::mem::size_of::<ReplyState>() == 40);
 /// Name of the program array the classifiers tail-call into for ICMP errors.
 pub const JUMP_MAP: &str = "VISCUM_JUMP";
 /// Slots of [`JUMP_MAP`].
-pub const JUMP_SLOTS: u32 = 2;
+pub const JUMP_SLOTS: u32 = 3;
 /// Slot of `viscum_icmp_ingress` (errors from the network about edge flows).
 pub const JUMP_ICMP_INGRESS: u32 = 0;
 /// Slot of `viscum_icmp_reply` (errors from edge copies about client flows).
 pub const JUMP_ICMP_REPLY: u32 = 1;
+/// Slot of `viscum_recover` (a mid-connection TCP packet whose flow record is gone).
+pub const JUMP_RECOVER: u32 = 2;
+/// Name of the program that asks a service namespace's stack whether it holds the
+/// connection of a TCP packet that has no flow record (evicted, or expired while idle), and
+/// serves it at the edge if so; tail-called from `viscum_ingress`.
+pub const RECOVER_PROG: &str = "viscum_recover";
 /// Name of the ICMP program of the client-facing side.
 pub const ICMP_INGRESS_PROG: &str = "viscum_icmp_ingress";
 /// Name of the ICMP program of the service side.

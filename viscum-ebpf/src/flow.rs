@@ -50,6 +50,9 @@ static REPLIES: LruHashMap<ReplyKey, ReplyState> = LruHashMap::pinned(DEFAULT_FL
 pub enum Decision {
     Edge,
     Cloud,
+    /// A mid-connection TCP packet without an edge record, whose service namespace may
+    /// still hold the connection: `viscum_recover` asks it (see [`recover`]).
+    Recover,
 }
 
 /// `last_seen_ns` is refreshed only once it lags by more than this (capped by an eighth
@@ -88,12 +91,7 @@ fn refresh_due(last_seen_ns: u64, now: u64, t: &Timeouts, tcp: bool) -> bool {
 
 /// Decides for a packet that matched `entry`, creating flow state for new flows.
 #[inline(always)]
-pub fn decide(
-    ctx: &TcContext,
-    p: &Parsed,
-    entry: &mut ServiceEntry,
-    cfg: &DatapathConfig,
-) -> Decision {
+pub fn decide(p: &Parsed, entry: &mut ServiceEntry, cfg: &DatapathConfig) -> Decision {
     // The coarse clock (CLOCK_MONOTONIC at tick resolution, bpf-helpers(7), 5.11+): flow
     // timeouts are seconds, the learning window milliseconds, and it costs a fraction of
     // the precise one.
@@ -133,12 +131,10 @@ pub fn decide(
     if tcp && !syn {
         // Mid-connection without an edge record. Its record may have been
         // evicted (a SYN flood larger than the table) or expired while the
-        // connection idled: if the service's own stack holds the connection,
-        // it is ours; restore the record so its replies find it again.
-        if service_holds(ctx, p, entry) {
-            put_edge(&rkey, p, 0, now);
-            counters::bump(GlobalCounter::FlowsRecovered);
-            return Decision::Edge;
+        // connection idled: the service's own stack knows (asked in a program
+        // of its own, whose verifier budget the hot path does not share).
+        if entry.peer_netns != 0 {
+            return Decision::Recover;
         }
         // Otherwise it began before the entry existed: the cloud has it.
         counters::bump(GlobalCounter::FlowOrphans);
@@ -184,6 +180,23 @@ pub fn decide(
     entry.new_flows += 1;
     counters::bump(GlobalCounter::FlowsEdge);
     Decision::Edge
+}
+
+/// For a TCP packet that [`decide`] could not place ([`Decision::Recover`]): if the
+/// service's stack holds its connection, restores the flow's edge record (so its replies
+/// find it again) and returns true; else counts an orphan (the connection began before the
+/// entry existed: the cloud has it) and returns false.
+#[inline(always)]
+pub fn recover(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> bool {
+    if service_holds(ctx, p, entry) {
+        // SAFETY: helper without arguments.
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
+        put_edge(&reply_key(p, entry), p, 0, now);
+        counters::bump(GlobalCounter::FlowsRecovered);
+        return true;
+    }
+    counters::bump(GlobalCounter::FlowOrphans);
+    false
 }
 
 /// Does the stack of `entry`'s namespace hold a TCP socket for `p`'s connection (any

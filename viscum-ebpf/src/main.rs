@@ -49,8 +49,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use viscum_common::{
-    GlobalCounter, JUMP_ICMP_INGRESS, JUMP_ICMP_REPLY, PROTO_TCP, REPLY_F_DROP, TARGET_F_MIRROR,
-    TARGET_F_NAT,
+    GlobalCounter, JUMP_ICMP_INGRESS, JUMP_ICMP_REPLY, JUMP_RECOVER, PROTO_TCP, REPLY_F_DROP,
+    ServiceEntry, TARGET_F_MIRROR, TARGET_F_NAT,
 };
 
 use crate::{
@@ -198,17 +198,33 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         return Ok(pass());
     }
 
-    if flow::decide(ctx, &p, entry, cfg) == Decision::Cloud {
-        if log {
-            debug!(
-                ctx,
-                "cloud flow proto={} port={}",
-                p.key.proto,
-                u16::from_be(p.key.port)
-            );
+    match flow::decide(&p, entry, cfg) {
+        Decision::Edge => {}
+        Decision::Cloud => {
+            if log {
+                debug!(
+                    ctx,
+                    "cloud flow proto={} port={}",
+                    p.key.proto,
+                    u16::from_be(p.key.port)
+                );
+            }
+            return Ok(pass());
         }
-        return Ok(pass());
+        Decision::Recover => {
+            icmp::jump(ctx, JUMP_RECOVER);
+            // No recovery program in its slot: as before there was one.
+            counters::bump(GlobalCounter::FlowOrphans);
+            return Ok(pass());
+        }
     }
+    deliver(ctx, &p, entry, log)
+}
+
+/// Serves a packet of an edge flow of `entry`: counts it, translates it in NAT mode,
+/// clamps a SYN's MSS, and redirects it into the service namespace.
+#[inline(always)]
+fn deliver(ctx: &TcContext, p: &Parsed, entry: &mut ServiceEntry, log: bool) -> Result<i32, i32> {
     entry.packets += 1;
     entry.bytes += u64::from(ctx.len());
 
@@ -220,7 +236,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         };
         if !nat::rewrite(
             ctx,
-            &p,
+            p,
             End::Destination,
             &p.key.addr,
             &entry.nat_addr,
@@ -234,7 +250,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     if p.key.proto == PROTO_TCP && p.tcp_flags & parse::TCP_SYN != 0 {
         // The client-facing interface's MTU bounds the segments the edge
         // copy may send back (fw4 clamps forwarded SYNs the same way).
-        mss::clamp(ctx, &p, mss::mtu_of(ctx, 0));
+        mss::clamp(ctx, p, mss::mtu_of(ctx, 0));
     }
     let action = redirect::to_service(ctx, entry, p.l2_vlan);
     if action == TC_ACT_REDIRECT {
@@ -253,6 +269,42 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         );
     }
     Ok(action)
+}
+
+/// A mid-connection TCP packet without a flow record, tail-called from `viscum_ingress`
+/// (same hook, same packet). Returns `TC_ACT_REDIRECT` when the service namespace's stack
+/// holds its connection (the record is restored and the packet served at the edge,
+/// `TC_ACT_SHOT` if that failed), else `TC_ACT_UNSPEC` (the cloud has the connection).
+#[classifier]
+pub fn viscum_recover(ctx: TcContext) -> i32 {
+    match try_recover(&ctx) {
+        Ok(action) | Err(action) => action,
+    }
+}
+
+#[inline(always)]
+fn try_recover(ctx: &TcContext) -> Result<i32, i32> {
+    let mut slot = MaybeUninit::uninit();
+    let Ok(Kind::L4) = parse::parse(ctx, &mut slot) else {
+        return Ok(pass());
+    };
+    // SAFETY: written by a successful parse.
+    let mut p = unsafe { slot.assume_init() };
+    if !frag::resolve(&mut p) {
+        return Ok(pass());
+    }
+    let Some(cfg) = counters::config() else {
+        return Ok(pass());
+    };
+    let Some(entry) = lookup::find(&p, counters::have_rules(cfg)) else {
+        return Ok(pass());
+    };
+    // SAFETY: per-CPU value, only this CPU writes it while we run.
+    let entry = unsafe { &mut *entry };
+    if !flow::recover(ctx, &p, entry) {
+        return Ok(pass());
+    }
+    deliver(ctx, &p, entry, counters::log_enabled(cfg))
 }
 
 /// Replies leaving a service namespace (TC ingress of its host veth).

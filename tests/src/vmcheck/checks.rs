@@ -80,6 +80,7 @@ pub fn program_stats(pins: &Pins) -> Vec<ProgramStats> {
             pins.icmp_ingress_program(),
         ),
         (viscum_common::ICMP_REPLY_PROG, pins.icmp_reply_program()),
+        (viscum_common::RECOVER_PROG, pins.recover_program()),
     ]
     .into_iter()
     .map(|(name, path)| {

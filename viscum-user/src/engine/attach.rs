@@ -25,8 +25,8 @@ use aya::{
     },
 };
 use viscum_common::{
-    FLOWS_MAP, ICMP_INGRESS_PROG, ICMP_REPLY_PROG, INGRESS_PROG, REPLIES_MAP, REPLY_PROG,
-    SERVICES_MAP,
+    FLOWS_MAP, ICMP_INGRESS_PROG, ICMP_REPLY_PROG, INGRESS_PROG, RECOVER_PROG, REPLIES_MAP,
+    REPLY_PROG, SERVICES_MAP,
 };
 
 use super::{EngineError, Pins, ifindex, layout::Verdict};
@@ -242,6 +242,7 @@ fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
         (REPLY_PROG, pins.reply_program()),
         (ICMP_INGRESS_PROG, pins.icmp_ingress_program()),
         (ICMP_REPLY_PROG, pins.icmp_reply_program()),
+        (RECOVER_PROG, pins.recover_program()),
     ] {
         let prog: &mut SchedClassifier = ebpf
             .program_mut(name)

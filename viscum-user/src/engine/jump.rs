@@ -3,18 +3,20 @@
 
 use aya::{Ebpf, maps::ProgramArray, programs::SchedClassifier};
 use viscum_common::{
-    ICMP_INGRESS_PROG, ICMP_REPLY_PROG, JUMP_ICMP_INGRESS, JUMP_ICMP_REPLY, JUMP_MAP,
+    ICMP_INGRESS_PROG, ICMP_REPLY_PROG, JUMP_ICMP_INGRESS, JUMP_ICMP_REPLY, JUMP_MAP, JUMP_RECOVER,
+    RECOVER_PROG,
 };
 
 use super::EngineError;
 
-/// Puts the loaded ICMP programs into their slots of the (pinned) program
+/// Puts the loaded ICMP and flow-recovery programs into their slots of the (pinned) program
 /// array. The pin keeps the entries, so a later process needs no refill.
 pub(super) fn fill(ebpf: &mut Ebpf) -> Result<(), EngineError> {
     let mut fds = Vec::new();
     for (slot, name) in [
         (JUMP_ICMP_INGRESS, ICMP_INGRESS_PROG),
         (JUMP_ICMP_REPLY, ICMP_REPLY_PROG),
+        (JUMP_RECOVER, RECOVER_PROG),
     ] {
         let prog: &SchedClassifier = ebpf
             .program(name)

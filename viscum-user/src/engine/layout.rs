@@ -42,7 +42,8 @@ pub const CHANGES: &[(u32, &[&str])] = &[
     // 2: the marker itself; one edge-flow record per flow (VISCUM_REPLIES' value grew to
     // carry the flow's timestamps, VISCUM_FLOWS keeps only UDP cloud decisions in a smaller
     // record, the scratch slot holds an edge record); the address half of the miss
-    // pre-filter (VISCUM_PORTS grew); a counter for recovered flows (VISCUM_GLOBAL grew).
+    // pre-filter (VISCUM_PORTS grew); a counter for recovered flows (VISCUM_GLOBAL grew);
+    // the flow-recovery program's slot (VISCUM_JUMP grew).
     (
         2,
         &[
@@ -51,6 +52,7 @@ pub const CHANGES: &[(u32, &[&str])] = &[
             SCRATCH_MAP,
             PORTS_MAP,
             GLOBAL_STATS_MAP,
+            JUMP_MAP,
         ],
     ),
 ];
@@ -59,7 +61,8 @@ pub const CHANGES: &[(u32, &[&str])] = &[
 /// datapath re-learns (a flow that loses its record is decided again by its next packet; an
 /// edge TCP flow whose service still holds the connection gets its record back, see the
 /// classifier's flow module), the miss pre-filter (rebuilt from the entries by the next
-/// command that opens the maps), and the global counters (they start again from zero).
+/// command that opens the maps), the global counters (they start again from zero), and the
+/// tail-call table (`attach` fills it with the programs it loads).
 pub const SOFT_MAPS: &[&str] = &[
     FLOWS_MAP,
     REPLIES_MAP,
@@ -67,6 +70,7 @@ pub const SOFT_MAPS: &[&str] = &[
     SCRATCH_MAP,
     PORTS_MAP,
     GLOBAL_STATS_MAP,
+    JUMP_MAP,
 ];
 
 /// Layout of pins that carry no marker.

@@ -237,17 +237,22 @@ impl Pins {
     pub fn icmp_ingress_program(&self) -> PathBuf {
         self.dir.join("prog_icmp_ingress")
     }
+    /// `<dir>/prog_recover`: the flow-recovery program (tail-called by the classifier).
+    pub fn recover_program(&self) -> PathBuf {
+        self.dir.join("prog_recover")
+    }
     /// `<dir>/prog_icmp_reply`: the reply path's ICMP-error program.
     pub fn icmp_reply_program(&self) -> PathBuf {
         self.dir.join("prog_icmp_reply")
     }
     /// Every program pin of the instance.
-    pub fn program_pins(&self) -> [PathBuf; 4] {
+    pub fn program_pins(&self) -> [PathBuf; 5] {
         [
             self.program(),
             self.reply_program(),
             self.icmp_ingress_program(),
             self.icmp_reply_program(),
+            self.recover_program(),
         ]
     }
     /// `<dir>/reply-links`: the reply program's links, one per service veth.
