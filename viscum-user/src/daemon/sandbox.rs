@@ -314,8 +314,12 @@ mod filter {
         libc::SYS_process_vm_readv,
         libc::SYS_process_vm_writev,
         libc::SYS_kexec_load,
-        #[cfg(not(target_arch = "riscv64"))]
+        #[cfg(target_arch = "x86_64")]
         libc::SYS_kexec_file_load,
+        // asm-generic/unistd.h (aarch64, riscv64): 294; libc has no constant for it on
+        // aarch64 musl nor riscv64.
+        #[cfg(not(target_arch = "x86_64"))]
+        294,
         libc::SYS_reboot,
         libc::SYS_swapon,
         libc::SYS_swapoff,
