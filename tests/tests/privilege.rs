@@ -327,3 +327,150 @@ fn service_names_never_become_paths() {
     assert!(!files.dir().join("x").exists());
     assert!(!lab.bpffs.path().join("prog_ingress").exists());
 }
+
+/// Capability numbers (linux/capability.h) of the names the Debian unit may list.
+fn cap_number(name: &str) -> u32 {
+    match name {
+        "CAP_KILL" => 5,
+        "CAP_SETGID" => 6,
+        "CAP_SETUID" => 7,
+        "CAP_SETPCAP" => 8,
+        "CAP_NET_ADMIN" => 12,
+        "CAP_SYS_ADMIN" => 21,
+        "CAP_PERFMON" => 38,
+        "CAP_BPF" => 39,
+        other => panic!("add {other} to cap_number"),
+    }
+}
+
+/// The daemon of the Debian package runs with `CapabilityBoundingSet=` cut to what it uses:
+/// a service must still start in its sandbox from there (emptying the bounding set needs
+/// CAP_SETPCAP, the private /tmp CAP_SYS_ADMIN). The same spawn code as the daemon's, from
+/// a thread holding exactly the unit's capabilities (bounding, effective and permitted sets
+/// are per thread, and a child inherits its forking thread's).
+#[test]
+fn a_service_starts_under_the_debian_units_capabilities() {
+    if skip_unless_root() {
+        return;
+    }
+    let unit = Path::new(env!("CARGO_MANIFEST_DIR")).join("../dist/debian/viscum.service");
+    let unit = fs::read_to_string(unit).unwrap();
+    let mask: u64 = unit
+        .lines()
+        .filter_map(|l| l.strip_prefix("CapabilityBoundingSet="))
+        .flat_map(str::split_whitespace)
+        .map(|c| 1u64 << cap_number(c))
+        .fold(0, |a, b| a | b);
+    assert_ne!(mask, 0, "no CapabilityBoundingSet= in the unit");
+    let files = DaemonFiles::new();
+    let probe = public_copy(Path::new(env!("CARGO_BIN_EXE_viscum-probe")), files.dir());
+    let out_path = files.dir().join("probe.out");
+    let out_file = out_path.clone();
+    let exit = std::thread::spawn(move || {
+        let last: u32 = fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        #[repr(C)]
+        struct Header {
+            version: u32,
+            pid: i32,
+        }
+        #[repr(C)]
+        struct Data {
+            effective: u32,
+            permitted: u32,
+            inheritable: u32,
+        }
+        let (lo, hi) = (mask as u32, (mask >> 32) as u32);
+        // SAFETY: prctl and capset on this thread only, with data on the stack.
+        unsafe {
+            for cap in 0..=last {
+                if mask & (1 << cap) == 0 {
+                    assert_eq!(
+                        libc::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap), 0, 0, 0),
+                        0
+                    );
+                }
+            }
+            let header = Header {
+                version: 0x2008_0522,
+                pid: 0,
+            };
+            let data = [
+                Data {
+                    effective: lo,
+                    permitted: lo,
+                    inheritable: 0,
+                },
+                Data {
+                    effective: hi,
+                    permitted: hi,
+                    inheritable: 0,
+                },
+            ];
+            assert_eq!(
+                libc::syscall(libc::SYS_capset, &raw const header, data.as_ptr()),
+                0,
+                "{}",
+                std::io::Error::last_os_error()
+            );
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let netns: std::os::fd::OwnedFd = fs::File::open("/proc/self/ns/net").unwrap().into();
+            let user = viscum::config::ServiceUser {
+                name: "nobody".into(),
+                uid: NOBODY,
+                gid: NOBODY,
+                groups: vec![NOBODY],
+                home: "/nonexistent".into(),
+            };
+            let output = fs::File::create(&out_file).unwrap();
+            let command: Vec<String> = [
+                probe.to_str().unwrap(),
+                "service",
+                "/nonexistent.sock",
+                "/nonexistent",
+                "--",
+                "/bin/true",
+            ]
+            .map(String::from)
+            .to_vec();
+            let spec = viscum::daemon::process::Spec {
+                command: &command,
+                user: &user,
+                env: &BTreeMap::new(),
+                netns: &netns,
+                output: Some(&output),
+                cgroup_procs: &[],
+            };
+            let mut child = viscum::daemon::process::spawn_child(&spec).unwrap_or_else(|e| {
+                let out = fs::read_to_string(&out_file).unwrap_or_default();
+                panic!("spawn under the unit's capabilities: {e}\n{out}")
+            });
+            child.wait().await.unwrap()
+        })
+    })
+    .join()
+    .unwrap();
+    let out = fs::read_to_string(&out_path).unwrap_or_default();
+    assert!(exit.success(), "{exit}:\n{out}");
+    let r = probe_results(&out);
+    assert!(out.contains("probe done"), "{out}");
+    for set in ["CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(
+            r.get(&format!("status {set}")).map(String::as_str),
+            Some("0000000000000000"),
+            "{set} in:\n{out}"
+        );
+    }
+    assert_eq!(
+        r.get("read_host_tmp_marker").map(String::as_str),
+        Some("errno 2")
+    );
+}

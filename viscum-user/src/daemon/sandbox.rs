@@ -87,6 +87,8 @@ pub fn seccomp_status() -> Result<(), &'static str> {
 impl Sandbox {
     /// Reads what the child will need. Never fails: unknowns fall back to safe defaults.
     pub fn prepare() -> Sandbox {
+        static CHECKED: std::sync::Once = std::sync::Once::new();
+        CHECKED.call_once(check_own_capabilities);
         let cap_last = std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
             .ok()
             .and_then(|s| s.trim().parse().ok())
@@ -200,6 +202,35 @@ impl Sandbox {
             }
         }
         Ok(())
+    }
+}
+
+/// Says once, in the daemon's log, why every service would fail to start when the daemon
+/// lacks what the sandbox needs (a unit file's `CapabilityBoundingSet=` without them): the
+/// child can only report an errno.
+fn check_own_capabilities() {
+    const NEEDED: [(u32, &str, &str); 2] = [
+        (
+            8,
+            "CAP_SETPCAP",
+            "empty the services' capability bounding set",
+        ),
+        (21, "CAP_SYS_ADMIN", "give services a private /tmp"),
+    ];
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap_or_default();
+    let Some(eff) = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+    else {
+        return;
+    };
+    for (cap, name, why) in NEEDED {
+        if eff & (1 << cap) == 0 {
+            log::error!(
+                "the daemon lacks {name}, needed to {why}: services will not start (add it to the daemon's capabilities)"
+            );
+        }
     }
 }
 
