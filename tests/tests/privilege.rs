@@ -474,3 +474,50 @@ fn a_service_starts_under_the_debian_units_capabilities() {
         Some("errno 2")
     );
 }
+
+/// A bpffs that viscum mounts itself (a box without systemd's) is root-only, as is every
+/// directory it makes for pins: bpffs defaults to mode 1777, where any user could make the
+/// instance directory first and own what is later pinned into it.
+#[test]
+fn the_bpffs_viscum_mounts_and_its_pin_directories_are_root_only() {
+    if skip_unless_root() {
+        return;
+    }
+    let root = Path::new(viscum_tests::guard::BPFFS_TEST_ROOT).join(unique_name("pm"));
+    let mount_point = root.join("bpf");
+    let instance = mount_point.join("viscum").join("inst");
+    struct Cleanup(PathBuf, PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.1, nix::mount::MntFlags::MNT_DETACH);
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = Cleanup(root.clone(), mount_point.clone());
+    // Open above the mount point, so only its own mode can keep nobody out.
+    fs::create_dir_all(&root).unwrap();
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+    viscum::bpffs::ensure(&mount_point).unwrap();
+    assert!(viscum::bpffs::is_bpffs(&mount_point).unwrap());
+    viscum::bpffs::ensure(&instance).unwrap();
+    for dir in [&mount_point, &mount_point.join("viscum"), &instance] {
+        let meta = fs::metadata(dir).unwrap();
+        assert_eq!(
+            (meta.uid(), meta.mode() & 0o777),
+            (0, 0o700),
+            "{} is {:o}",
+            dir.display(),
+            meta.mode()
+        );
+    }
+    // And so nobody cannot even look inside.
+    let mut ls = Command::new("/bin/ls");
+    ls.arg(&mount_point);
+    let out = as_nobody(ls);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
