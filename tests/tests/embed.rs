@@ -124,8 +124,9 @@ fn a_supervised_service_is_redirected_while_healthy_without_the_daemon() {
     let port = cloud.port();
     let name = lab.service_ns_name();
     let [v4, _] = lab.cloud_addrs(port);
-    // World-readable: the service runs as `nobody`.
-    let dir = std::path::PathBuf::from("/tmp").join(format!("viscum-embed-{}", unique_name("t")));
+    // World-readable: the service runs as `nobody`; outside /tmp, which services get private.
+    let dir =
+        std::path::PathBuf::from("/var/tmp").join(format!("viscum-embed-{}", unique_name("t")));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     let script = dir.join("edge.py");

@@ -257,8 +257,9 @@ impl Service {
 }
 
 /// The files of one daemon test: configuration, the service script ([`SERVICE_PY`]), the
-/// daemon's run directory and its output, in a fresh world-readable directory under `/tmp`
-/// (services run as `nobody` and must read the script). Dropping it also ends service
+/// daemon's run directory and its output, in a fresh world-readable directory under
+/// `/var/tmp` (services run as `nobody` and must read the script; they get a private `/tmp`,
+/// so nothing they read may live there). Dropping it also ends service
 /// processes a killed daemon left behind (found through the daemon's records) and their
 /// cgroups; so keep it alive longer than every daemon of the test.
 pub struct DaemonFiles {
@@ -268,7 +269,7 @@ pub struct DaemonFiles {
 impl DaemonFiles {
     /// Creates the directory and the script. Panics on failure.
     pub fn new() -> DaemonFiles {
-        let dir = PathBuf::from("/tmp").join(format!("viscum-daemon-{}", unique_name("t")));
+        let dir = PathBuf::from("/var/tmp").join(format!("viscum-daemon-{}", unique_name("t")));
         fs::create_dir_all(&dir).unwrap();
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
         let files = DaemonFiles { dir };

@@ -115,12 +115,14 @@ pub fn ensure(dir: &Path) -> Result<(), BpffsError> {
     }
     mkdir_all(&mount_point)?;
     if !is_bpffs(&mount_point)? {
+        // Root-only, as systemd mounts it: bpffs defaults to mode 1777, where any user could
+        // make the instance directory first and own what gets pinned into it.
         mount(
             Some("bpf"),
             &mount_point,
             Some("bpf"),
             MsFlags::empty(),
-            None::<&str>,
+            Some("mode=0700"),
         )
         .map_err(|source| BpffsError::Mount {
             path: mount_point.clone(),
@@ -131,9 +133,15 @@ pub fn ensure(dir: &Path) -> Result<(), BpffsError> {
     mkdir_all(dir)
 }
 
+/// Creates the missing directories, root-only (0700): pins are root's business.
 fn mkdir_all(dir: &Path) -> Result<(), BpffsError> {
-    std::fs::create_dir_all(dir).map_err(|source| BpffsError::Mkdir {
-        path: dir.to_owned(),
-        source,
-    })
+    use std::os::unix::fs::DirBuilderExt as _;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|source| BpffsError::Mkdir {
+            path: dir.to_owned(),
+            source,
+        })
 }

@@ -207,6 +207,12 @@ fn prepare_v2(
 /// done is in the report (and logged by the caller).
 pub fn prepare(name: &str, limits: &Limits) -> Placement {
     let mut placement = Placement::default();
+    // The name becomes a directory under every hierarchy: only a valid service name (no
+    // '/', no '.', no '..') may, whatever path it came by.
+    if let Err(e) = crate::netns::validate_name(name) {
+        log::error!("no cgroup for {name:?}: {e}");
+        return placement;
+    }
     // (limit name, controller, configured value text)
     let mut wanted: Vec<(&str, &str, String)> = Vec::new();
     if let Some(m) = limits.memory {
@@ -405,6 +411,12 @@ fn bases() -> Vec<PathBuf> {
 /// Removes the groups of service `name` wherever they are, without knowing its placement
 /// (cleanup of a service a previous daemon ran).
 pub fn remove_named(name: &str) {
+    // Names here come from file names in the state directory: a stray "..json" must not
+    // reach rmdir as "..".
+    if crate::netns::validate_name(name).is_err() {
+        log::warn!("not removing cgroups of {name:?}: not a service name");
+        return;
+    }
     remove(&Placement {
         dirs: bases().into_iter().map(|b| b.join(name)).collect(),
         ..Default::default()
@@ -441,5 +453,13 @@ mod tests {
         assert_eq!(cpu_quota(0.5), 50_000);
         assert_eq!(cpu_quota(2.0), 200_000);
         assert_eq!(cpu_quota(0.0001), 1000);
+    }
+
+    #[test]
+    fn names_that_are_not_service_names_get_no_directory() {
+        for name in ["..", ".", "../x", "a/b", "", "/etc"] {
+            let p = prepare(name, &Limits::default());
+            assert!(p.dirs.is_empty() && p.procs.is_empty(), "{name:?}: {p:?}");
+        }
     }
 }

@@ -58,6 +58,7 @@ pub mod load;
 pub mod logs;
 pub mod metrics;
 pub mod process;
+pub mod sandbox;
 pub mod service;
 pub mod state;
 

@@ -5,7 +5,8 @@
 //! (`setns` on the already open `/run/netns/NAME`), joins its cgroups, becomes a session and
 //! process-group leader (`setsid`, so stopping can signal the whole group) and drops to the
 //! configured account (`setgroups`, `setgid`, `setuid`, in that order: the later calls need
-//! the privileges the earlier ones give up). stdout and stderr go straight to the service's
+//! the privileges the earlier ones give up), inside the sandbox of [`super::sandbox`]: a
+//! private `/tmp`, no capabilities in any set, `no_new_privs` and a seccomp filter. stdout and stderr go straight to the service's
 //! log file, opened `O_APPEND`, so the process never depends on the daemon to drain a pipe:
 //! it keeps running (and logging) while the daemon restarts, which is what makes adoption by
 //! the next daemon possible.
@@ -27,6 +28,7 @@ use std::{
 
 use tokio::io::unix::AsyncFd;
 
+use super::sandbox::Sandbox;
 use crate::config::ServiceUser;
 
 /// How a process ended.
@@ -240,6 +242,7 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
         .collect::<io::Result<_>>()?;
     let groups: Vec<libc::gid_t> = spec.user.groups.clone();
     let (uid, gid) = (spec.user.uid, spec.user.gid);
+    let sandbox = Sandbox::prepare();
     // SAFETY: the closure only makes raw syscalls on data prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
@@ -261,13 +264,16 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
             if libc::setsid() < 0 {
                 return Err(io::Error::last_os_error());
             }
+            // Both need privileges the account change gives up (sandbox.rs has the order).
+            sandbox.private_tmp()?;
+            sandbox.drop_bounding_set()?;
             if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                 || libc::setgid(gid) != 0
                 || libc::setuid(uid) != 0
             {
                 return Err(io::Error::last_os_error());
             }
-            Ok(())
+            sandbox.finish()
         });
     }
     // The process must outlive the daemon (see the module docs): never kill on drop.

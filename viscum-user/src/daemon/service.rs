@@ -345,6 +345,15 @@ impl Actor {
     /// Prepares the namespace and cgroups, then adopts or replaces what a previous daemon
     /// left, and schedules the first start.
     async fn setup(&mut self) {
+        if self.cfg.user.uid == 0 {
+            // Without capabilities, yet the owner of every root file: the control socket,
+            // the pins, the daemon's records (docs/operations.md, "Least privilege").
+            log::warn!(
+                "service {}: runs as {} (uid 0): it gets no capabilities, but still owns root's files; configure an unprivileged user",
+                self.name(),
+                self.cfg.user.name
+            );
+        }
         let record: Option<ServiceRecord> =
             state::read_record(&self.ctx.paths.service_record(self.name()));
         let created = match self.ensure_namespace(record.is_some()).await {
