@@ -10,9 +10,8 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use crate::packet::checksum;
-
 use super::model::{self, Model};
+use crate::packet::checksum;
 
 /// splitmix64: tiny, seedable, good enough to spread packets; no dependency.
 #[derive(Debug, Clone)]
@@ -273,8 +272,8 @@ const SERVICES_V4: [[u8; 4]; 9] = [
 ];
 
 const PORTS: [u16; 22] = [
-    80, 53, 443, 22, 20, 30, 19, 31, 400, 450, 500, 401, 7999, 8000, 8050, 8099, 8100, 5000,
-    5010, 0, 0x5000, 0xbb01,
+    80, 53, 443, 22, 20, 30, 19, 31, 400, 450, 500, 401, 7999, 8000, 8050, 8099, 8100, 5000, 5010,
+    0, 0x5000, 0xbb01,
 ];
 
 impl Gen {
@@ -302,14 +301,15 @@ impl Gen {
             }
             a4(Ipv4Addr::from(a))
         } else {
-            let mut a = r.pick(&[
-                Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0x10),
-                Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0x13),
-                Ipv6Addr::new(0x2001, 0xdb8, 0xe, 1, 0, 0, 0, 0x99),
-                Ipv6Addr::new(0x2001, 0xdb8, 0xe, 2, 0, 0, 0, 0x22),
-                Ipv6Addr::new(0x2001, 0xdb8, 0xe, 3, 0, 0, 0, 1),
-            ])
-            .octets();
+            let mut a = r
+                .pick(&[
+                    Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0x10),
+                    Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0x13),
+                    Ipv6Addr::new(0x2001, 0xdb8, 0xe, 1, 0, 0, 0, 0x99),
+                    Ipv6Addr::new(0x2001, 0xdb8, 0xe, 2, 0, 0, 0, 0x22),
+                    Ipv6Addr::new(0x2001, 0xdb8, 0xe, 3, 0, 0, 0, 1),
+                ])
+                .octets();
             if r.pct(20) {
                 a[15] = r.byte();
             }
@@ -458,7 +458,8 @@ impl Gen {
             45..=54 => self.fragment(),
             55..=69 => self.truncated(),
             70..=81 => self.mutated(),
-            82..=89 => self.icmp(),
+            82..=87 => self.icmp(),
+            88 | 89 => self.ext_len_255(),
             _ => self.reply(model),
         }
     }
@@ -654,7 +655,9 @@ impl Gen {
                 "bad-total-length"
             }
             1 => {
-                let pl = self.rng.pick(&[0u16, 1, 8, (b.len() - l3 - 40 + 1) as u16, 0xffff]);
+                let pl = self
+                    .rng
+                    .pick(&[0u16, 1, 8, (b.len() - l3 - 40 + 1) as u16, 0xffff]);
                 b[l3 + 4..l3 + 6].copy_from_slice(&pl.to_be_bytes());
                 "bad-payload-length"
             }
@@ -667,35 +670,22 @@ impl Gen {
                 "bad-data-offset"
             }
             4 => {
-                let et = self.rng.pick(&[0x0800u16, 0x86dd, 0x8100, 0x88a8, 0x0806, 0x8847]);
+                let et = self
+                    .rng
+                    .pick(&[0x0800u16, 0x86dd, 0x8100, 0x88a8, 0x0806, 0x8847]);
                 b[l3 - 2..l3].copy_from_slice(&et.to_be_bytes());
                 "bad-ethertype"
             }
             5 => {
-                let p = self.rng.pick(&[6u8, 17, 1, 58, 0, 43, 44, 51, 60, 132, 255]);
+                let p = self
+                    .rng
+                    .pick(&[6u8, 17, 1, 58, 0, 43, 44, 51, 60, 132, 255]);
                 if v4 {
                     b[l3 + 9] = p;
                 } else {
                     b[l3 + 6] = p;
                 }
                 "bad-protocol"
-            }
-            6 if !v4 => {
-                // A hop-by-hop header with length byte 255 (2048 bytes) in front of TCP/UDP.
-                let mut nb = b[..l3 + 40].to_vec();
-                let next = nb[l3 + 6];
-                nb[l3 + 6] = 0;
-                nb.extend_from_slice(&[next, 255]);
-                let pad = self.rng.pct(50);
-                nb.extend_from_slice(&b[o.l4..o.l4 + 4]);
-                if pad {
-                    nb.resize(nb.len() + 2042, 0);
-                }
-                nb.extend_from_slice(&b[o.l4..]);
-                let pl = (nb.len() - l3 - 40) as u16;
-                nb[l3 + 4..l3 + 6].copy_from_slice(&pl.to_be_bytes());
-                b = nb;
-                "ext-len-255"
             }
             7 => {
                 let at = self.rng.below(b.len());
@@ -723,6 +713,47 @@ impl Gen {
             class,
             prog: Prog::Ingress,
             bytes: b,
+            ifindex: None,
+        }
+    }
+
+    /// An IPv6 hop-by-hop header with length byte 255 ((255 + 1) * 8 = 2048 bytes) in front of
+    /// TCP/UDP, whose first bytes after the length repeat the real destination port: read as
+    /// ports where the header stands, they would match what the real ones match. Half of them
+    /// carry the whole 2048 bytes (with a SYN where a TCP header read there has its flags).
+    fn ext_len_255(&mut self) -> Frame {
+        let mut t = self.tuple();
+        t.family = 6;
+        t.src = self.client(6);
+        (t.dst, t.dport) = if self.rng.pct(50) {
+            t.proto = self.rng.pick(&[6, 17]);
+            let svc = a6(Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0x10));
+            (svc, if t.proto == 6 { 80 } else { 53 })
+        } else {
+            (self.service(6), self.port())
+        };
+        let mut ip = self.ip_of(&t);
+        ip.exts.clear();
+        ip.vlans.clear();
+        let flags = self.flags();
+        let (b, o) = self.l4_frame(&t, &ip, flags);
+        let l3 = o.l3;
+        let mut nb = b[..l3 + 40].to_vec();
+        let next = nb[l3 + 6];
+        nb[l3 + 6] = 0;
+        nb.extend_from_slice(&[next, 255]);
+        nb.extend_from_slice(&b[o.l4 + 2..o.l4 + 4]);
+        if self.rng.pct(50) {
+            nb.resize(nb.len() + 2044, 0);
+            nb[l3 + 40 + 13] = 0x02;
+        }
+        nb.extend_from_slice(&b[o.l4..]);
+        let pl = (nb.len() - l3 - 40) as u16;
+        nb[l3 + 4..l3 + 6].copy_from_slice(&pl.to_be_bytes());
+        Frame {
+            class: "ext-len-255",
+            prog: Prog::Ingress,
+            bytes: nb,
             ifindex: None,
         }
     }
@@ -833,7 +864,12 @@ impl Gen {
         };
         let (src, sport, class, ifindex) = match model.find(&h).map(|e| e.target) {
             Some(tg) => match tg.nat {
-                Some((a, p)) => (a, if p != 0 { p } else { t.dport }, "reply-known", tg.ifindex),
+                Some((a, p)) => (
+                    a,
+                    if p != 0 { p } else { t.dport },
+                    "reply-known",
+                    tg.ifindex,
+                ),
                 None => (t.dst, t.dport, "reply-known", tg.ifindex),
             },
             None => (t.dst, t.dport, "reply-unknown", model.reply_ifindex),
@@ -869,6 +905,65 @@ impl Gen {
             prog: Prog::Reply,
             bytes: b,
             ifindex: Some(ifindex),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fuzz::model::{Kd, Parsed, parse};
+
+    fn v6_syn() -> (Vec<u8>, Offs) {
+        let ip = Ip {
+            family: 6,
+            src: a6(Ipv6Addr::new(0x2001, 0xdb8, 0xc, 0, 0, 0, 0, 5)),
+            dst: a6(Ipv6Addr::new(0x2001, 0xdb8, 0xe, 0, 0, 0, 0, 0x10)),
+            proto: 6,
+            ttl: 64,
+            ..Ip::default()
+        };
+        build(&ip, &tcp(40000, 80, 0x02, None, &[]), Some(16))
+    }
+
+    #[test]
+    fn model_parses_built_frames() {
+        let (f, o) = v6_syn();
+        match parse(&f, Kd::NONE) {
+            Parsed::L4(h) => {
+                assert_eq!((h.sport, h.dport, h.flags, h.l4), (40000, 80, 0x02, o.l4));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Every truncation inside the headers is malformed under the documented semantics.
+        for n in 14..f.len() {
+            assert!(
+                matches!(parse(&f[..n], Kd::NONE), Parsed::Malformed),
+                "length {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn ext_len_255_reads_ports_from_the_extension_header() {
+        let (b, o) = v6_syn();
+        let l3 = o.l3;
+        let mut nb = b[..l3 + 40].to_vec();
+        nb[l3 + 6] = 0;
+        nb.extend_from_slice(&[6, 255]);
+        nb.extend_from_slice(&b[o.l4 + 2..o.l4 + 4]);
+        nb.resize(nb.len() + 2044, 0);
+        nb[l3 + 40 + 13] = 0x02;
+        nb.extend_from_slice(&b[o.l4..]);
+        let pl = (nb.len() - l3 - 40) as u16;
+        nb[l3 + 4..l3 + 6].copy_from_slice(&pl.to_be_bytes());
+        match parse(&nb, Kd::CURRENT) {
+            Parsed::L4(h) => assert_eq!((h.sport, h.dport, h.flags), (0x06ff, 80, 0x02)),
+            other => panic!("{other:?}"),
+        }
+        match parse(&nb, Kd::NONE) {
+            Parsed::L4(h) => assert_eq!((h.sport, h.dport), (40000, 80)),
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -88,15 +88,96 @@ const fn fx(
 /// the local-route mode. Precedence-sensitive pairs go to different namespaces, so the
 /// translated destination address shows which entry won.
 const ENTRIES: [Fixture; 15] = [
-    fx("tcp://203.0.113.10:80", 0, false, 6, "203.0.113.10", 32, (80, 80), None),
-    fx("udp://203.0.113.10:53", 0, false, 17, "203.0.113.10", 32, (53, 53), None),
-    fx("tcp://203.0.113.11", 0, false, 6, "203.0.113.11", 32, (1, 65535), None),
-    fx("tcp://203.0.113.11:443", 1, false, 6, "203.0.113.11", 32, (443, 443), None),
-    fx("tcp://203.0.113.12:8000-8099", 1, false, 6, "203.0.113.12", 32, (8000, 8099), None),
-    fx("tcp://203.0.113.13:80", 0, true, 6, "203.0.113.13", 32, (80, 80), None),
-    fx("udp://203.0.113.20", 1, false, 17, "203.0.113.20", 32, (1, 65535), None),
-    fx("tcp://203.0.113.128/25:443", 0, false, 6, "203.0.113.128", 25, (443, 443), None),
-    fx("tcp://203.0.113.0/24:400-500", 1, false, 6, "203.0.113.0", 24, (400, 500), None),
+    fx(
+        "tcp://203.0.113.10:80",
+        0,
+        false,
+        6,
+        "203.0.113.10",
+        32,
+        (80, 80),
+        None,
+    ),
+    fx(
+        "udp://203.0.113.10:53",
+        0,
+        false,
+        17,
+        "203.0.113.10",
+        32,
+        (53, 53),
+        None,
+    ),
+    fx(
+        "tcp://203.0.113.11",
+        0,
+        false,
+        6,
+        "203.0.113.11",
+        32,
+        (1, 65535),
+        None,
+    ),
+    fx(
+        "tcp://203.0.113.11:443",
+        1,
+        false,
+        6,
+        "203.0.113.11",
+        32,
+        (443, 443),
+        None,
+    ),
+    fx(
+        "tcp://203.0.113.12:8000-8099",
+        1,
+        false,
+        6,
+        "203.0.113.12",
+        32,
+        (8000, 8099),
+        None,
+    ),
+    fx(
+        "tcp://203.0.113.13:80",
+        0,
+        true,
+        6,
+        "203.0.113.13",
+        32,
+        (80, 80),
+        None,
+    ),
+    fx(
+        "udp://203.0.113.20",
+        1,
+        false,
+        17,
+        "203.0.113.20",
+        32,
+        (1, 65535),
+        None,
+    ),
+    fx(
+        "tcp://203.0.113.128/25:443",
+        0,
+        false,
+        6,
+        "203.0.113.128",
+        25,
+        (443, 443),
+        None,
+    ),
+    fx(
+        "tcp://203.0.113.0/24:400-500",
+        1,
+        false,
+        6,
+        "203.0.113.0",
+        24,
+        (400, 500),
+        None,
+    ),
     fx(
         "tcp://203.0.113.64/26:22?from=192.0.2.0/28",
         0,
@@ -107,10 +188,46 @@ const ENTRIES: [Fixture; 15] = [
         (22, 22),
         Some(("192.0.2.0", 28)),
     ),
-    fx("tcp://203.0.113.64/26:20-30", 1, false, 6, "203.0.113.64", 26, (20, 30), None),
-    fx("tcp://[2001:db8:e::10]:80", 0, false, 6, "2001:db8:e::10", 128, (80, 80), None),
-    fx("udp://[2001:db8:e::10]:53", 1, false, 17, "2001:db8:e::10", 128, (53, 53), None),
-    fx("tcp://[2001:db8:e:1::]/64:443", 1, false, 6, "2001:db8:e:1::", 64, (443, 443), None),
+    fx(
+        "tcp://203.0.113.64/26:20-30",
+        1,
+        false,
+        6,
+        "203.0.113.64",
+        26,
+        (20, 30),
+        None,
+    ),
+    fx(
+        "tcp://[2001:db8:e::10]:80",
+        0,
+        false,
+        6,
+        "2001:db8:e::10",
+        128,
+        (80, 80),
+        None,
+    ),
+    fx(
+        "udp://[2001:db8:e::10]:53",
+        1,
+        false,
+        17,
+        "2001:db8:e::10",
+        128,
+        (53, 53),
+        None,
+    ),
+    fx(
+        "tcp://[2001:db8:e:1::]/64:443",
+        1,
+        false,
+        6,
+        "2001:db8:e:1::",
+        64,
+        (443, 443),
+        None,
+    ),
     fx(
         "tcp://[2001:db8:e:2::]/64:22?from=2001:db8:c::/60",
         0,
@@ -360,10 +477,11 @@ fn mtu_of(ifname: &str) -> Result<u32, String> {
 }
 
 fn hex(b: &[u8]) -> String {
-    b.iter().fold(String::with_capacity(b.len() * 2), |mut s, x| {
-        let _ = write!(s, "{x:02x}");
-        s
-    })
+    b.iter()
+        .fold(String::with_capacity(b.len() * 2), |mut s, x| {
+            let _ = write!(s, "{x:02x}");
+            s
+        })
 }
 
 /// Runs the fuzzer against the datapath attached on `lab.lan_if()` (call `viscum attach`
@@ -416,13 +534,12 @@ fn acts_under(model: &Model, f: &[u8], prog: Prog, kd: Kd, cur: &Parsed) -> bool
             (h.src, h.dst, h.sport, h.dport, h.proto, h.flags, h.frag)
                 == (c.src, c.dst, c.sport, c.dport, c.proto, c.flags, c.frag)
         }
-        (Parsed::Icmp(h), Parsed::Icmp(_)) if prog == Prog::Ingress => {
-            model::quoted(f, &h).is_some_and(|q| {
+        (Parsed::Icmp(h), Parsed::Icmp(_)) if prog == Prog::Ingress => model::quoted(f, &h)
+            .is_some_and(|q| {
                 let fkey = (q.dst, q.src, q.dport, q.sport, q.proto, h.family);
                 model.flows.get(&fkey).is_some_and(|s| s.edge)
                     && (kd.icmp_outer_dst || h.dst == q.src)
-            })
-        }
+            }),
         _ => false,
     }
 }
@@ -437,10 +554,34 @@ fn known_defects(model: &Model, f: &[u8], prog: Prog) -> Vec<&'static str> {
     let c = Kd::CURRENT;
     let each = [
         ("KD1-ip-length", Kd { ip_len: false, ..c }),
-        ("KD2-short-l4-header", Kd { l4_short: false, ..c }),
-        ("KD3-icmp-other-family", Kd { icmp_family: false, ..c }),
-        ("KD4-ext-len-255", Kd { ext_len_255: false, ..c }),
-        ("KD5-icmp-outer-dst", Kd { icmp_outer_dst: false, ..c }),
+        (
+            "KD2-short-l4-header",
+            Kd {
+                l4_short: false,
+                ..c
+            },
+        ),
+        (
+            "KD3-icmp-other-family",
+            Kd {
+                icmp_family: false,
+                ..c
+            },
+        ),
+        (
+            "KD4-ext-len-255",
+            Kd {
+                ext_len_255: false,
+                ..c
+            },
+        ),
+        (
+            "KD5-icmp-outer-dst",
+            Kd {
+                icmp_outer_dst: false,
+                ..c
+            },
+        ),
     ];
     let mut v: Vec<&'static str> = each
         .iter()
@@ -500,10 +641,10 @@ fn run_in_ns(
             out.resize(need, 0);
         }
         let r = match prog.test_run(TestRunOptions {
-                data_in: Some(&frame.bytes),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
+            data_in: Some(&frame.bytes),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
+            ..TestRunOptions::default()
         }) {
             Ok(r) => r,
             Err(_) if test_run_refuses(&frame.bytes) => {
@@ -522,8 +663,7 @@ fn run_in_ns(
         };
         let action = r.return_value as i32;
         let got = &out[..(r.data_size_out as usize).min(out.len())];
-        *sum
-            .actions
+        *sum.actions
             .entry(format!("{:?} {}", frame.prog, action_name(action)))
             .or_default() += 1;
         sum.packets += 1;
@@ -642,7 +782,9 @@ fn check_output(input: &[u8], got: &[u8], pred: &Prediction, problems: &mut Vec<
     let s = pred.sums;
     let check = |what: &str, ok_in: Option<bool>, ok_out: Option<bool>, p: &mut Vec<String>| {
         if ok_in == Some(true) && ok_out != Some(true) {
-            p.push(format!("{what} checksum valid before the rewrite, not after"));
+            p.push(format!(
+                "{what} checksum valid before the rewrite, not after"
+            ));
         }
     };
     if let Some(ip) = s.ip {

@@ -37,10 +37,7 @@ const RST: u8 = 0x04;
 
 /// Deviations of today's datapath from the documented semantics (see the module docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[expect(
-    clippy::struct_excessive_bools,
-    reason = "one switch per known defect"
-)]
+#[expect(clippy::struct_excessive_bools, reason = "one switch per known defect")]
 pub struct Kd {
     /// KD1: the IPv4 total length / IPv6 payload length is not checked against the frame or
     /// the headers (a datagram shorter than its own headers, or longer than the frame, is
@@ -284,8 +281,7 @@ fn parse_inner(f: &[u8], kd: Kd) -> Option<Parsed> {
     } else {
         8
     };
-    let avail = if kd.l4_short { f.len() } else { ip_end };
-    if l4 + need > avail || l4 + need > f.len() {
+    if l4 + need > ip_end || l4 + need > f.len() {
         return None;
     }
     hdr.sport = be16(f, l4)?;
@@ -665,14 +661,7 @@ impl Model {
             h.sport = s;
             h.dport = d;
         }
-        let rkey: ReplyKey = (
-            h.dst,
-            h.dport,
-            h.sport,
-            h.proto,
-            h.family,
-            ifindex,
-        );
+        let rkey: ReplyKey = (h.dst, h.dport, h.sport, h.proto, h.family, ifindex);
         let Some(&(svc, svc_port)) = self.replies.get(&rkey) else {
             return Some(Prediction::pass(f));
         };
