@@ -758,6 +758,97 @@ impl Gen {
         }
     }
 
+    /// An ICMP error the namespace's stack sends about a client's packet of a flow opened
+    /// earlier (port unreachable, packet too big...), from the address the entry translates to
+    /// (or the service address), quoting the packet as the namespace received it; or about an
+    /// unknown flow.
+    fn icmp_from_namespace(&mut self, model: &Model) -> Frame {
+        let (t, ns_addr, local_port, ifindex, class) = self.reply_identity(model);
+        let v4 = t.family == 4;
+        let qip = Ip {
+            family: t.family,
+            src: t.src,
+            dst: ns_addr,
+            proto: t.proto,
+            ttl: 63,
+            ..Ip::default()
+        };
+        let ql4 = if t.proto == 6 {
+            tcp(t.sport, local_port, 0x02, Some(1460), &[])
+        } else {
+            udp(t.sport, local_port, &[9, 9, 9, 9])
+        };
+        let (qf, qo) = build(&qip, &ql4, Some(if t.proto == 6 { 16 } else { 6 }));
+        let mut quote = qf[qo.l3..].to_vec();
+        if self.rng.pct(20) {
+            let n = self.rng.range(0, quote.len() as u32) as usize;
+            quote.truncate(n);
+        }
+        let ty = if v4 {
+            self.rng.pick(&[3u8, 3, 11, 12, 0])
+        } else {
+            self.rng.pick(&[1u8, 1, 2, 3, 4, 129])
+        };
+        let mut msg = vec![ty, 3, 0, 0, 0, 0, 0x05, 0x00];
+        msg.extend_from_slice(&quote);
+        let ip = Ip {
+            family: t.family,
+            src: ns_addr,
+            dst: t.src,
+            proto: if v4 { 1 } else { 58 },
+            ttl: if self.rng.pct(10) {
+                self.rng.range(0, 2) as u8
+            } else {
+                64
+            },
+            ..Ip::default()
+        };
+        let (b, _) = build(&ip, &msg, Some(2));
+        Frame {
+            class: if class == "reply-known" {
+                "icmp-from-namespace"
+            } else {
+                "icmp-from-ns-unknown"
+            },
+            prog: Prog::Reply,
+            bytes: b,
+            ifindex: Some(ifindex),
+        }
+    }
+
+    /// A flow opened earlier and how its namespace sees it: (flow, the namespace's address
+    /// for it, its local port, the namespace's host veth, class).
+    fn reply_identity(&mut self, model: &Model) -> (Tuple, [u8; 16], u16, u32, &'static str) {
+        let t = self.known();
+        let h = model::Hdr {
+            family: t.family,
+            proto: t.proto,
+            src: t.src,
+            dst: t.dst,
+            sport: t.sport,
+            dport: t.dport,
+            flags: 0,
+            frag: model::Frag::None,
+            frag_id: 0,
+            l3: 0,
+            l4: 0,
+            vlan: false,
+        };
+        match model.find(&h).map(|e| e.target) {
+            Some(tg) => match tg.nat {
+                Some((a, p)) => (
+                    t,
+                    a,
+                    if p != 0 { p } else { t.dport },
+                    tg.ifindex,
+                    "reply-known",
+                ),
+                None => (t, t.dst, t.dport, tg.ifindex, "reply-known"),
+            },
+            None => (t, t.dst, t.dport, model.reply_ifindex, "reply-unknown"),
+        }
+    }
+
     /// An ICMP error from the network: quoting a flow opened earlier (as the edge copy sent
     /// it: from the service to the client) or an unrelated one; to the service address or
     /// elsewhere; sometimes with the other family's ICMP protocol number or a non-error type.
@@ -847,33 +938,10 @@ impl Gen {
     /// A reply leaving the namespace: of a flow opened earlier (from the address and port the
     /// entry translates to), or unknown.
     fn reply(&mut self, model: &Model) -> Frame {
-        let t = self.known();
-        let h = model::Hdr {
-            family: t.family,
-            proto: t.proto,
-            src: t.src,
-            dst: t.dst,
-            sport: t.sport,
-            dport: t.dport,
-            flags: 0,
-            frag: model::Frag::None,
-            frag_id: 0,
-            l3: 0,
-            l4: 0,
-            vlan: false,
-        };
-        let (src, sport, class, ifindex) = match model.find(&h).map(|e| e.target) {
-            Some(tg) => match tg.nat {
-                Some((a, p)) => (
-                    a,
-                    if p != 0 { p } else { t.dport },
-                    "reply-known",
-                    tg.ifindex,
-                ),
-                None => (t.dst, t.dport, "reply-known", tg.ifindex),
-            },
-            None => (t.dst, t.dport, "reply-unknown", model.reply_ifindex),
-        };
+        if self.rng.pct(25) {
+            return self.icmp_from_namespace(model);
+        }
+        let (t, src, sport, ifindex, class) = self.reply_identity(model);
         let rt = Tuple {
             src,
             dst: t.src,

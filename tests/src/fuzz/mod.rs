@@ -686,12 +686,16 @@ fn run_in_ns(
             check_output(&frame.bytes, got, &pred, &mut problems);
         }
         if pred.action != model::UNSPEC {
-            for kd in known_defects(model, &frame.bytes, frame.prog) {
+            let kds = known_defects(model, &frame.bytes, frame.prog);
+            let only = kds.len() == 1;
+            for kd in kds {
                 let e = sum.known_defects.entry(kd).or_insert((0, String::new()));
                 e.0 += 1;
-                if e.1.is_empty() {
+                // The example: the first frame this defect alone explains, else the first.
+                if e.1.is_empty() || (only && e.1.starts_with('+')) {
+                    let mark = if only { "" } else { "+" };
                     e.1 = format!(
-                        "packet {i} ({}, {}): {}",
+                        "{mark}packet {i} ({}, {}): {}",
                         frame.class,
                         action_name(pred.action),
                         hex(&frame.bytes)

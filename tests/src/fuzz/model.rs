@@ -647,11 +647,11 @@ impl Model {
         pred
     }
 
-    /// `viscum_reply` on `f` (TCP/UDP replies; ICMP from the namespace is not generated).
+    /// `viscum_reply` on `f`, arriving on the host veth `ifindex`.
     pub fn reply(&mut self, f: &[u8], ifindex: u32, kd: Kd) -> Option<Prediction> {
         let mut h = match parse(f, kd) {
             Parsed::NotOurs | Parsed::Malformed => return Some(Prediction::pass(f)),
-            Parsed::Icmp(_) => return None,
+            Parsed::Icmp(h) => return Some(self.icmp_to_client(f, &h, ifindex)),
             Parsed::L4(h) => h,
         };
         if h.frag == Frag::Later {
@@ -770,6 +770,64 @@ fn sums(h: &Hdr, shift: usize) -> Sums {
         l4: (h.frag == Frag::None).then_some((h.l3, h.l4, h.proto)),
         inner_ip: None,
         shift,
+    }
+}
+
+impl Model {
+    /// An ICMP error the namespace's stack sends about a client's packet goes back to the
+    /// client like a reply: from the cloud address, quoting the cloud address and port.
+    fn icmp_to_client(&self, f: &[u8], h: &Hdr, ifindex: u32) -> Prediction {
+        let Some(q) = quoted(f, h) else {
+            return Prediction::pass(f);
+        };
+        let rkey: ReplyKey = (q.src, q.sport, q.dport, q.proto, h.family, ifindex);
+        let Some(&(svc, svc_port)) = self.replies.get(&rkey) else {
+            return Prediction::pass(f);
+        };
+        let mut out = f.to_vec();
+        let alen = if h.family == 4 { 4 } else { 16 };
+        let mut csum_fields = vec![h.l4 + 2];
+        if h.family == 4 {
+            csum_fields.push(h.l3 + 10);
+            csum_fields.push(q.inner + 10);
+        }
+        if svc != h.src {
+            let off = h.l3 + if h.family == 4 { 12 } else { 8 };
+            out[off..off + alen].copy_from_slice(&svc[..alen]);
+        }
+        if svc != q.dst {
+            let off = q.inner + if h.family == 4 { 16 } else { 24 };
+            out[off..off + alen].copy_from_slice(&svc[..alen]);
+        }
+        if svc_port != q.dport {
+            put(&mut out, q.inner_l4 + 2, &svc_port.to_be_bytes());
+        }
+        let mut sums = sums(h, 0);
+        if (h.family == 4) != (h.proto == ICMP) {
+            // KD3: ICMPv6 in IPv4 (or ICMP in IPv6) has no defined checksum to keep.
+            sums.l4 = None;
+        }
+        if h.family == 4 {
+            sums.inner_ip = Some(q.inner);
+        }
+        let ttl_off = h.l3 + if h.family == 4 { 8 } else { 7 };
+        if !routable(&h.dst, h.family) || out[ttl_off] <= 1 {
+            return Prediction {
+                action: UNSPEC,
+                out: Some(out),
+                free: Vec::new(),
+                csum_fields,
+                sums,
+            };
+        }
+        out[ttl_off] -= 1;
+        Prediction {
+            action: REDIRECT,
+            out: Some(out),
+            free: vec![(0, 12)],
+            csum_fields,
+            sums,
+        }
     }
 }
 
