@@ -11,7 +11,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use viscum_tests::{Lab, fuzz, skip_unless_root};
 
 /// The fixed seed of the first half.
-const FIXED_SEED: u64 = 0x5eed_0f_f022;
+const FIXED_SEED: u64 = 0x005e_ed0f_f022;
 
 fn env_u64(name: &str) -> Option<u64> {
     let v = std::env::var(name).ok()?;

@@ -23,7 +23,7 @@ impl Rng {
         Rng(seed)
     }
     /// The next 64 random bits.
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
@@ -32,15 +32,15 @@ impl Rng {
     }
     /// Uniform in `0..n` (`n > 0`).
     pub fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        (self.next_u64() % n as u64) as usize
     }
     /// Uniform in `lo..=hi`.
     pub fn range(&mut self, lo: u32, hi: u32) -> u32 {
-        lo + (self.next() % u64::from(hi - lo + 1)) as u32
+        lo + (self.next_u64() % u64::from(hi - lo + 1)) as u32
     }
     /// True with probability `pct` percent.
     pub fn pct(&mut self, pct: u32) -> bool {
-        self.next() % 100 < u64::from(pct)
+        self.next_u64() % 100 < u64::from(pct)
     }
     /// One of `xs`.
     pub fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
@@ -48,7 +48,7 @@ impl Rng {
     }
     /// A random byte.
     pub fn byte(&mut self) -> u8 {
-        self.next() as u8
+        self.next_u64() as u8
     }
     /// `n` random bytes.
     pub fn bytes(&mut self, n: usize) -> Vec<u8> {
@@ -352,7 +352,7 @@ impl Gen {
         if self.rng.pct(85) {
             self.rng.pick(&PORTS)
         } else {
-            self.rng.next() as u16
+            self.rng.next_u64() as u16
         }
     }
 
@@ -541,14 +541,14 @@ impl Gen {
             (t, id, "fragment-later")
         } else if self.rng.pct(20) {
             let t = self.tuple();
-            (t, self.rng.next() as u32, "fragment-orphan")
+            (t, self.rng.next_u64() as u32, "fragment-orphan")
         } else {
             let t = if self.rng.pct(50) {
                 self.known()
             } else {
                 self.tuple()
             };
-            let id = self.rng.next() as u32 & if t.family == 4 { 0xffff } else { u32::MAX };
+            let id = self.rng.next_u64() as u32 & if t.family == 4 { 0xffff } else { u32::MAX };
             (t, id, "fragment-first")
         };
         let mut ip = self.ip_of(&t);
@@ -640,7 +640,7 @@ impl Gen {
                 "bad-ihl"
             }
             1 if v4 => {
-                let any = self.rng.next() as u16;
+                let any = self.rng.next_u64() as u16;
                 let tot = self.rng.pick(&[
                     0u16,
                     19,

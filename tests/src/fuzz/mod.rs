@@ -61,6 +61,10 @@ struct Fixture {
     from: Option<(&'static str, u8)>,
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one table row per call, read like the table"
+)]
 const fn fx(
     spec: &'static str,
     ns: usize,
