@@ -532,27 +532,32 @@ fn open_prog(path: &PathBuf) -> Result<SchedClassifier, String> {
 
 /// Would the documented semantics (`kd`) act on `f` at all, with the header the current
 /// datapath sees (`cur`)?
-fn acts_under(model: &Model, f: &[u8], prog: Prog, kd: Kd, cur: &Parsed) -> bool {
+fn acts_under(model: &Model, f: &[u8], prog: Prog, ifindex: u32, kd: Kd, cur: &Parsed) -> bool {
     match (model::parse(f, kd), cur) {
         (Parsed::L4(h), Parsed::L4(c)) => {
             (h.src, h.dst, h.sport, h.dport, h.proto, h.flags, h.frag)
                 == (c.src, c.dst, c.sport, c.dport, c.proto, c.flags, c.frag)
         }
-        (Parsed::Icmp(h), Parsed::Icmp(_)) if prog == Prog::Ingress => model::quoted(f, &h)
-            .is_some_and(|q| {
+        (Parsed::Icmp(h), Parsed::Icmp(_)) => model::quoted(f, &h).is_some_and(|q| match prog {
+            Prog::Ingress => {
                 let fkey = (q.dst, q.src, q.dport, q.sport, q.proto, h.family);
                 model.flows.get(&fkey).is_some_and(|s| s.edge)
                     && (kd.icmp_outer_dst || h.dst == q.src)
-            }),
+            }
+            Prog::Reply => {
+                let rkey = (q.src, q.sport, q.dport, q.proto, h.family, ifindex);
+                model.replies.contains_key(&rkey)
+            }
+        }),
         _ => false,
     }
 }
 
 /// Names the known defects that make today's datapath act on `f` where the documented
 /// semantics would pass it.
-fn known_defects(model: &Model, f: &[u8], prog: Prog) -> Vec<&'static str> {
+fn known_defects(model: &Model, f: &[u8], prog: Prog, ifindex: u32) -> Vec<&'static str> {
     let cur = model::parse(f, Kd::CURRENT);
-    if acts_under(model, f, prog, Kd::NONE, &cur) {
+    if acts_under(model, f, prog, ifindex, Kd::NONE, &cur) {
         return Vec::new();
     }
     let c = Kd::CURRENT;
@@ -589,7 +594,7 @@ fn known_defects(model: &Model, f: &[u8], prog: Prog) -> Vec<&'static str> {
     ];
     let mut v: Vec<&'static str> = each
         .iter()
-        .filter(|(_, kd)| !acts_under(model, f, prog, *kd, &cur))
+        .filter(|(_, kd)| !acts_under(model, f, prog, ifindex, *kd, &cur))
         .map(|(n, _)| *n)
         .collect();
     if v.is_empty() {
@@ -690,7 +695,7 @@ fn run_in_ns(
             check_output(&frame.bytes, got, &pred, &mut problems);
         }
         if pred.action != model::UNSPEC {
-            let kds = known_defects(model, &frame.bytes, frame.prog);
+            let kds = known_defects(model, &frame.bytes, frame.prog, ifindex);
             let only = kds.len() == 1;
             for kd in kds {
                 let e = sum.known_defects.entry(kd).or_insert((0, String::new()));
