@@ -718,9 +718,9 @@ impl Gen {
     }
 
     /// An IPv6 hop-by-hop header with length byte 255 ((255 + 1) * 8 = 2048 bytes) in front of
-    /// TCP/UDP, whose first bytes after the length repeat the real destination port: read as
-    /// ports where the header stands, they would match what the real ones match. Half of them
-    /// carry the whole 2048 bytes (with a SYN where a TCP header read there has its flags).
+    /// TCP/UDP, whose first bytes after the length hold the real destination port or a matched
+    /// one (80, 53): read as ports where the header stands, they match. Half of them carry the
+    /// whole 2048 bytes (with a SYN where a TCP header read there has its flags).
     fn ext_len_255(&mut self) -> Frame {
         let mut t = self.tuple();
         t.family = 6;
@@ -742,7 +742,13 @@ impl Gen {
         let next = nb[l3 + 6];
         nb[l3 + 6] = 0;
         nb.extend_from_slice(&[next, 255]);
-        nb.extend_from_slice(&b[o.l4 + 2..o.l4 + 4]);
+        // The real destination port, or a matched one while the real port is anything.
+        let fake = if self.rng.pct(50) {
+            t.dport
+        } else {
+            self.rng.pick(&[80u16, 53])
+        };
+        nb.extend_from_slice(&fake.to_be_bytes());
         if self.rng.pct(50) {
             nb.resize(nb.len() + 2044, 0);
             nb[l3 + 40 + 13] = 0x02;
