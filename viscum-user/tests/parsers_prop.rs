@@ -19,6 +19,14 @@ use viscum::{
     spec::{Match, parse_nat_to},
 };
 
+/// Cases per property: `PROPTEST_CASES`, else 2,048.
+fn cases() -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2048)
+}
+
 /// Pieces endpoint strings are made of, right and wrong.
 fn endpoint_text() -> impl Strategy<Value = String> {
     let scheme = prop::sample::select(vec!["tcp", "udp", "UDP", "Tcp", "sctp", "", "tcp:"]);
@@ -65,7 +73,7 @@ fn usable_addr() -> impl Strategy<Value = IpAddr> {
 
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 2048,
+        cases: cases(),
         // No regression files next to the sources: a failure prints its minimal input.
         failure_persistence: None,
         ..ProptestConfig::default()
