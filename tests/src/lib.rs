@@ -13,6 +13,8 @@
 //! * [`packet`]: Ethernet/VLAN/IPv4/IPv6/TCP/UDP frames built byte by byte with checksums.
 //! * [`verdicts`]: fixtures that run such frames through the loaded classifiers with
 //!   `BPF_PROG_TEST_RUN` and check the TC action and the counters.
+//! * [`fuzz`]: the packet fuzzer, generated frames through the loaded classifiers against a
+//!   reference model of the decision (`docs/fuzzing.md`).
 //! * [`cases`]: [`CaseResult`], the named pass/fail unit fixtures and the guest runner report.
 //! * [`vmcheck`]: the `viscum-vmcheck` guest runner of the VM kernel matrix (PID 1 of a VM,
 //!   or a quick self-check anywhere).
@@ -27,6 +29,7 @@
 
 pub mod cases;
 pub mod dns;
+pub mod fuzz;
 pub mod identity;
 pub mod packet;
 pub mod verdicts;

@@ -6,7 +6,7 @@
 //! One module per command: [`setup`] installs the toolchain and test tools,
 //! [`build`] builds the `viscum` binary (and finds it), [`run`] runs it or
 //! starts the [`lab`], [`test`](mod@test) runs every test, [`vm`] runs the VM kernel
-//! matrix, [`dist`] makes release binaries, [`bench`](mod@bench) runs the benchmarks. [`process`] holds the small helpers
+//! matrix, [`dist`] makes release binaries, [`bench`](mod@bench) runs the benchmarks, [`fuzz`] the packet fuzzer. [`process`] holds the small helpers
 //! they share for running commands.
 //!
 //! xtask is an edge of the project, so errors are `anyhow` and are printed
@@ -21,6 +21,7 @@ mod build;
 mod cross;
 mod deb;
 mod dist;
+mod fuzz;
 mod lab;
 mod package;
 mod process;
@@ -55,6 +56,8 @@ enum Command {
     Deb(deb::Options),
     /// Set up, build and run the benchmarks; write bench/results/*.json and bench/RESULTS.md.
     Bench(bench::Options),
+    /// Set up, build, then run the packet fuzzer (10M frames by default; docs/fuzzing.md).
+    Fuzz(fuzz::Options),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Dist(opts) => dist::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
         Command::Deb(opts) => deb::run(&opts),
+        Command::Fuzz(opts) => fuzz::run(&opts),
     };
     match result {
         Ok(code) => code,
