@@ -200,7 +200,7 @@ pub fn recover(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> bool {
 }
 
 /// Does the stack of `entry`'s namespace hold a TCP socket for `p`'s connection (any
-/// state: established, a pending request, TIME_WAIT)? Asks it with
+/// state but listening: established, a pending request, TIME_WAIT)? Asks it with
 /// `bpf_skc_lookup_tcp` (bpf-helpers(7), 5.2+) in that namespace, by the netns id user
 /// space recorded in the entry, with the tuple the service sees: the client's address
 /// and port, and the address and port the service answers from (translated in NAT mode).
@@ -269,10 +269,18 @@ fn service_holds(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> bool {
         if sk.is_null() {
             return false;
         }
+        // The lookup falls back to listening sockets (__inet_lookup): a listener on the
+        // port says nothing about this connection, which may well be the cloud's (it began
+        // before the entry existed). Only a socket of the connection itself counts
+        // (established, a pending request, or TIME_WAIT).
+        let listening = (*sk).state == TCP_LISTEN;
         bpf_sk_release(sk.cast());
+        !listening
     }
-    true
 }
+
+/// `TCP_LISTEN` of include/net/tcp_states.h, as `bpf_sock.state` reports it.
+const TCP_LISTEN: u32 = 10;
 
 /// The reply-side key of the flow of `p` towards `entry`'s target.
 #[inline(always)]
