@@ -540,9 +540,7 @@ fn acts_under(model: &Model, f: &[u8], prog: Prog, ifindex: u32, kd: Kd, cur: &P
         }
         (Parsed::Icmp(h), Parsed::Icmp(_)) => model::quoted(f, &h).is_some_and(|q| match prog {
             Prog::Ingress => {
-                let fkey = (q.dst, q.src, q.dport, q.sport, q.proto, h.family);
-                model.flows.get(&fkey).is_some_and(|s| s.edge)
-                    && (kd.icmp_outer_dst || h.dst == q.src)
+                model.edge_entry_of(&q, h.family).is_some() && (kd.icmp_outer_dst || h.dst == q.src)
             }
             Prog::Reply => {
                 let rkey = (q.src, q.sport, q.dport, q.proto, h.family, ifindex);

@@ -375,8 +375,17 @@ pub struct FlowSt {
     pub target: Target,
 }
 
-/// A reply identity: (service address, service port).
-pub type ReplySt = ([u8; 16], u16);
+/// An edge flow's record, keyed by its [`ReplyKey`] (what the service sees): the identity
+/// its replies carry, and whether a FIN or RST was seen from either side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplySt {
+    /// The cloud address the client talked to.
+    pub svc: [u8; 16],
+    /// The cloud port.
+    pub port: u16,
+    /// A FIN or RST was seen.
+    pub closing: bool,
+}
 
 /// What the model predicts for one frame.
 #[derive(Debug, Clone)]
@@ -426,9 +435,10 @@ impl Prediction {
 pub struct Model {
     /// Installed entries.
     pub entries: Vec<Entry>,
-    /// Flow table.
+    /// Cloud decisions (UDP flows of entries that learn or drain; none do here, so it
+    /// stays empty: kept so the runner can clear the kernel's table alongside).
     pub flows: HashMap<FlowKey, FlowSt>,
-    /// Reply index.
+    /// Edge flows, one record each, read by both directions.
     pub replies: HashMap<ReplyKey, ReplySt>,
     /// Fragment table.
     pub frags: HashMap<FragKey, (u16, u16)>,
@@ -524,43 +534,37 @@ impl Model {
         (h.src, h.sport, local, h.proto, h.family, e.target.ifindex)
     }
 
-    /// The flow decision: true for the edge.
+    /// The flow decision: true for the edge. One record per edge flow, keyed as the service
+    /// sees it; a mid-connection TCP packet without one is the cloud's (the service
+    /// namespaces hold no socket of a fuzzed flow: test runs deliver nothing, so the
+    /// classifier's socket lookup never finds one).
     fn decide(&mut self, h: &Hdr, e: &Entry) -> bool {
         let tcp = h.proto == TCP;
         let syn = tcp && h.flags & (SYN | ACK) == SYN;
         let closing = tcp && h.flags & (FIN | RST) != 0;
-        let fkey: FlowKey = (h.src, h.dst, h.sport, h.dport, h.proto, h.family);
         let rkey = Self::reply_key(h, e);
-        if let Some(st) = self.flows.get_mut(&fkey) {
-            // A SYN on a finished flow starts a new connection on the same 5-tuple.
-            let reused = syn && st.closing;
-            if !reused {
+        if let Some(r) = self.replies.get_mut(&rkey) {
+            // A SYN on a finished flow starts a new connection on the same 5-tuple; a
+            // record of another cloud address answered from the same port is not this flow.
+            let reused = syn && r.closing;
+            if (r.svc, r.port) == (h.dst, h.dport) && !reused {
                 if closing {
-                    st.closing = true;
+                    r.closing = true;
                 }
-                if !st.edge {
-                    return false;
-                }
-                self.replies.entry(rkey).or_insert((h.dst, h.dport));
                 return true;
             }
         }
-        let st = FlowSt {
-            edge: true,
-            closing: false,
-            ifindex: e.target.ifindex,
-            target: e.target,
-        };
         if tcp && !syn {
-            // Mid-connection without state: the edge only if its reply record says so.
-            if self.replies.get(&rkey) == Some(&(h.dst, h.dport)) {
-                self.flows.insert(fkey, st);
-                return true;
-            }
             return false;
         }
-        self.flows.insert(fkey, st);
-        self.replies.insert(rkey, (h.dst, h.dport));
+        self.replies.insert(
+            rkey,
+            ReplySt {
+                svc: h.dst,
+                port: h.dport,
+                closing: false,
+            },
+        );
         true
     }
 
@@ -618,13 +622,19 @@ impl Model {
         let Some(q) = quoted(f, h) else {
             return Prediction::pass(f);
         };
-        let fkey: FlowKey = (q.dst, q.src, q.dport, q.sport, q.proto, h.family);
-        let Some(st) = self.flows.get(&fkey).copied() else {
+        // The entry of the quoted flow (from the service to the client), then its record.
+        let Some(e) = self.edge_entry_of(&q, h.family) else {
             return Prediction::pass(f);
         };
-        if !st.edge || (!kd.icmp_outer_dst && h.dst != q.src) {
+        if !kd.icmp_outer_dst && h.dst != q.src {
             return Prediction::pass(f);
         }
+        let st = FlowSt {
+            edge: true,
+            closing: false,
+            ifindex: e.target.ifindex,
+            target: e.target,
+        };
         let mut out = f.to_vec();
         let alen = if h.family == 4 { 4 } else { 16 };
         if let Some((naddr, nport)) = st.target.nat {
@@ -647,6 +657,29 @@ impl Model {
         pred
     }
 
+    /// The entry whose edge flow the quote `q` of an ICMP error from the network names
+    /// (the quoted packet went from the cloud address to the client), if that flow has a
+    /// record.
+    pub fn edge_entry_of(&self, q: &Quote, family: u8) -> Option<Entry> {
+        let hq = Hdr {
+            family,
+            proto: q.proto,
+            src: q.dst,
+            dst: q.src,
+            sport: q.dport,
+            dport: q.sport,
+            flags: 0,
+            frag: Frag::None,
+            frag_id: 0,
+            l3: 0,
+            l4: 0,
+            vlan: false,
+        };
+        let e = self.find(&hq)?.clone();
+        let r = self.replies.get(&Self::reply_key(&hq, &e))?;
+        ((r.svc, r.port) == (q.src, q.sport)).then_some(e)
+    }
+
     /// `viscum_reply` on `f`, arriving on the host veth `ifindex`.
     pub fn reply(&mut self, f: &[u8], ifindex: u32, kd: Kd) -> Option<Prediction> {
         let mut h = match parse(f, kd) {
@@ -662,15 +695,13 @@ impl Model {
             h.dport = d;
         }
         let rkey: ReplyKey = (h.dst, h.dport, h.sport, h.proto, h.family, ifindex);
-        let Some(&(svc, svc_port)) = self.replies.get(&rkey) else {
+        let Some(r) = self.replies.get_mut(&rkey) else {
             return Some(Prediction::pass(f));
         };
         if h.proto == TCP && h.flags & (FIN | RST) != 0 {
-            let fkey: FlowKey = (h.dst, svc, h.dport, svc_port, h.proto, h.family);
-            if let Some(st) = self.flows.get_mut(&fkey) {
-                st.closing = true;
-            }
+            r.closing = true;
         }
+        let (svc, svc_port) = (r.svc, r.port);
         if h.frag == Frag::First {
             self.frags.insert(frag_key(&h), (h.sport, h.dport));
         }
@@ -781,7 +812,12 @@ impl Model {
             return Prediction::pass(f);
         };
         let rkey: ReplyKey = (q.src, q.sport, q.dport, q.proto, h.family, ifindex);
-        let Some(&(svc, svc_port)) = self.replies.get(&rkey) else {
+        let Some(&ReplySt {
+            svc,
+            port: svc_port,
+            ..
+        }) = self.replies.get(&rkey)
+        else {
             return Prediction::pass(f);
         };
         let mut out = f.to_vec();
