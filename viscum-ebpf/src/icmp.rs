@@ -147,6 +147,11 @@ pub fn quoted(ctx: &TcContext, p: &Parsed) -> Option<Quoted> {
 #[inline(always)]
 pub fn to_edge(ctx: &TcContext, p: &Parsed) -> Option<i32> {
     let q = quoted(ctx, p)?;
+    // An error about a packet the edge sent as the cloud address is addressed to that
+    // address; one addressed elsewhere is not about this flow's packets.
+    if p.key.addr != q.src {
+        return None;
+    }
     // The quoted packet went from the service (the cloud address) to the
     // client: the entry is found by its source, the edge record by the quote
     // reversed, as the classifier keys the flow's own packets.

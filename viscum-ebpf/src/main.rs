@@ -218,13 +218,27 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
             return Ok(pass());
         }
     }
-    deliver(ctx, &p, entry, log)
+    let action = deliver(ctx, &p, entry)?;
+    // Logged here, not in `deliver`: the log macro's closure, in a function two programs
+    // inline, is left out of line by LLVM, and a BPF-to-BPF call is refused next to tail
+    // calls on a kernel without a JIT.
+    if log {
+        debug!(
+            ctx,
+            "edge proto={} port={} -> ifindex {} action {}",
+            p.key.proto,
+            u16::from_be(p.key.port),
+            entry.ifindex,
+            action
+        );
+    }
+    Ok(action)
 }
 
 /// Serves a packet of an edge flow of `entry`: counts it, translates it in NAT mode,
 /// clamps a SYN's MSS, and redirects it into the service namespace.
 #[inline(always)]
-fn deliver(ctx: &TcContext, p: &Parsed, entry: &mut ServiceEntry, log: bool) -> Result<i32, i32> {
+fn deliver(ctx: &TcContext, p: &Parsed, entry: &mut ServiceEntry) -> Result<i32, i32> {
     entry.packets += 1;
     entry.bytes += u64::from(ctx.len());
 
@@ -257,16 +271,6 @@ fn deliver(ctx: &TcContext, p: &Parsed, entry: &mut ServiceEntry, log: bool) -> 
         counters::bump(GlobalCounter::Redirected);
     } else {
         counters::bump(GlobalCounter::RedirectErrors);
-    }
-    if log {
-        debug!(
-            ctx,
-            "edge proto={} port={} -> ifindex {} action {}",
-            p.key.proto,
-            u16::from_be(p.key.port),
-            entry.ifindex,
-            action
-        );
     }
     Ok(action)
 }
@@ -304,7 +308,7 @@ fn try_recover(ctx: &TcContext) -> Result<i32, i32> {
     if !flow::recover(ctx, &p, entry) {
         return Ok(pass());
     }
-    deliver(ctx, &p, entry, counters::log_enabled(cfg))
+    deliver(ctx, &p, entry)
 }
 
 /// Replies leaving a service namespace (TC ingress of its host veth).

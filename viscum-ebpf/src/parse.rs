@@ -157,6 +157,14 @@ fn parse_linear(
     let saddr: [u8; 16];
     let mut frag = Frag::None;
     let mut frag_id: u32 = 0;
+    // The datagram's end by its own length field, which every header must lie within
+    // (RFC 791 total length, RFC 8200 payload length): a frame shorter than its datagram
+    // is malformed; one longer (Ethernet padding) is fine. A GSO packet may carry 0 there
+    // (BIG TCP, RFC 2675 jumbograms): its end is then the skb's.
+    let len = ctx.len() as usize;
+    // SAFETY: reading our own __sk_buff.
+    let gso = unsafe { (*ctx.skb.skb).gso_size } != 0;
+    let end;
     let l4 = match ethertype {
         ETH_P_IP => {
             let vihl = load::<u8>(ctx, l3)?;
@@ -166,6 +174,14 @@ fn parse_linear(
             let ihl = ((vihl & 0x0f) as usize) * 4;
             if ihl < 20 {
                 return Ok(Err(ParseError::Malformed));
+            }
+            let tot = u16::from_be(load::<u16>(ctx, l3 + 2)?) as usize;
+            if tot == 0 && gso {
+                end = len;
+            } else if tot < ihl || l3 + tot > len {
+                return Ok(Err(ParseError::Malformed));
+            } else {
+                end = l3 + tot;
             }
             let flags_off = u16::from_be(load::<u16>(ctx, l3 + 6)?);
             // RFC 791: a non-zero offset is a later fragment; offset 0 with
@@ -198,6 +214,14 @@ fn parse_linear(
             if vtc >> 4 != 6 {
                 return Ok(Err(ParseError::Malformed));
             }
+            let plen = u16::from_be(load::<u16>(ctx, l3 + 4)?) as usize;
+            if plen == 0 && gso {
+                end = len;
+            } else if l3 + IPV6_HLEN + plen > len {
+                return Ok(Err(ParseError::Malformed));
+            } else {
+                end = l3 + IPV6_HLEN + plen;
+            }
             saddr = load::<[u8; 16]>(ctx, l3 + 8)?;
             key.addr = load::<[u8; 16]>(ctx, l3 + 24)?;
             key.family = FAMILY_V6;
@@ -209,7 +233,13 @@ fn parse_linear(
                     0 | 43 | 60 => {
                         let hdr = load::<[u8; 2]>(ctx, off)?;
                         next = hdr[0];
-                        off += (((hdr[1] as usize) + 1) * 8) & 0x7f8;
+                        // Up to 256 * 8 = 2048 bytes; the mask only bounds it for the
+                        // verifier (0x7f8 wrapped 2048 to 0 and read the header as the next).
+                        let size = (((hdr[1] as usize) + 1) * 8) & 0xff8;
+                        if off + size > end {
+                            return Ok(Err(ParseError::Malformed));
+                        }
+                        off += size;
                     }
                     // RFC 8200 section 4.5: next header, reserved, 13-bit
                     // offset + M flag, 32-bit identification.
@@ -218,6 +248,9 @@ fn parse_linear(
                         next = hdr[0];
                         let off_m = u16::from_be_bytes([hdr[2], hdr[3]]);
                         frag_id = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+                        if off + 8 > end {
+                            return Ok(Err(ParseError::Malformed));
+                        }
                         off += 8;
                         if off_m >> 3 != 0 {
                             frag = Frag::Later;
@@ -240,7 +273,14 @@ fn parse_linear(
         _ => return Ok(Err(ParseError::NotIp)),
     };
     let (kind, sport, tcp_flags) = if key.proto != PROTO_TCP && key.proto != PROTO_UDP {
-        if (key.proto != PROTO_ICMP && key.proto != PROTO_ICMPV6) || frag != Frag::None {
+        // Only the family's own ICMP: ICMPv6 inside IPv4 (or ICMP inside IPv6) is no
+        // error message of that packet's network.
+        let icmp = if key.family == FAMILY_V4 {
+            PROTO_ICMP
+        } else {
+            PROTO_ICMPV6
+        };
+        if key.proto != icmp || frag != Frag::None {
             return Ok(Err(ParseError::NotIp));
         }
         (Kind::Icmp, 0, 0)
@@ -248,10 +288,22 @@ fn parse_linear(
         // No L4 header: the fragment table supplies the ports.
         (Kind::L4, 0, 0)
     } else {
+        // The whole fixed header must be there, inside the datagram: the NAT rewrite
+        // updates the checksum at its end, and a first fragment too short to hold it
+        // (RFC 1858's tiny fragment) is no packet to decide on.
+        let hlen = if key.proto == PROTO_TCP { 20 } else { 8 };
+        if l4 + hlen > end {
+            return Ok(Err(ParseError::Malformed));
+        }
+        let _tail = load::<u32>(ctx, l4 + hlen - 4)?;
         // Ports, left in network byte order (see ServiceKey::port).
         let ports = load::<[u16; 2]>(ctx, l4)?;
         key.port = ports[1];
         let tcp_flags = if key.proto == PROTO_TCP {
+            // Data offset in 32-bit words: less than the fixed header is malformed.
+            if load::<u8>(ctx, l4 + 12)? >> 4 < 5 {
+                return Ok(Err(ParseError::Malformed));
+            }
             load::<u8>(ctx, l4 + 13)?
         } else {
             0
