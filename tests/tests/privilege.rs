@@ -191,6 +191,22 @@ fn a_service_runs_without_privileges_and_still_serves() {
         );
     }
     assert_eq!(r.get("status NoNewPrivs").map(String::as_str), Some("1"));
+    // The daemon raises its own open-file limit for its control connections; a service
+    // gets the one the daemon was started with (this process's, which it inherited).
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) },
+        0
+    );
+    assert_eq!(
+        r.get("nofile"),
+        Some(&lim.rlim_cur.to_string()),
+        "the service's RLIMIT_NOFILE in:\n{log}"
+    );
     if SECCOMP {
         assert_eq!(r.get("status Seccomp").map(String::as_str), Some("2"));
     }

@@ -127,6 +127,14 @@ fn service(control: &str, marker: &str) {
         "connect_control",
         std::os::unix::net::UnixStream::connect(control).map(drop),
     );
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } == 0 {
+        println!("probe nofile: {}", lim.rlim_cur);
+    }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     for line in status.lines() {
         let key = line.split(':').next().unwrap_or("");

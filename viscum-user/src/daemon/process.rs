@@ -243,9 +243,26 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
     let groups: Vec<libc::gid_t> = spec.user.groups.clone();
     let (uid, gid) = (spec.user.uid, spec.user.gid);
     let sandbox = Sandbox::prepare();
+    // The daemon raised its own open-file limit for its control connections
+    // (`control::ORIGINAL_NOFILE`); a service gets the limit the daemon was started with,
+    // as Go does for its children: a program that still uses select(2) breaks on
+    // descriptors past 1,024.
+    let nofile = super::control::ORIGINAL_NOFILE.get().copied();
     // SAFETY: the closure only makes raw syscalls on data prepared before the fork.
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(soft) = nofile {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) == 0 && lim.rlim_cur > soft {
+                    lim.rlim_cur = soft;
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+            }
             if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
                 return Err(io::Error::last_os_error());
             }
