@@ -141,6 +141,18 @@ fn a_service_runs_without_privileges_and_still_serves() {
     files.write(&config);
     assert_eq!(who(&lab, 8080), "cloud");
 
+    // A soft open-file limit below the hard one, so the daemon can raise its own and the
+    // service must still get this one (see the RLIMIT_NOFILE check below).
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim), 0);
+        lim.rlim_cur = lim.rlim_cur.min(lim.rlim_max / 2).max(256);
+        assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &raw const lim), 0);
+    }
     let daemon = Daemon::start(&lab, &files);
     let pid = daemon.wait_redirected(&web, UP);
     // Still a working service: a client through the classifier gets the edge's answer.
