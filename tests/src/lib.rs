@@ -29,6 +29,7 @@ pub mod cases;
 pub mod dns;
 pub mod identity;
 pub mod packet;
+pub mod soak;
 pub mod verdicts;
 pub mod vmcheck;
 

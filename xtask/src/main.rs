@@ -6,7 +6,7 @@
 //! One module per command: [`setup`] installs the toolchain and test tools,
 //! [`build`] builds the `viscum` binary (and finds it), [`run`] runs it or
 //! starts the [`lab`], [`test`](mod@test) runs every test, [`vm`] runs the VM kernel
-//! matrix, [`dist`] makes release binaries, [`bench`](mod@bench) runs the benchmarks. [`process`] holds the small helpers
+//! matrix, [`dist`] makes release binaries, [`bench`](mod@bench) runs the benchmarks, [`soak`] soaks a daemon under load. [`process`] holds the small helpers
 //! they share for running commands.
 //!
 //! xtask is an edge of the project, so errors are `anyhow` and are printed
@@ -26,6 +26,7 @@ mod package;
 mod process;
 mod run;
 mod setup;
+mod soak;
 mod test;
 mod vm;
 
@@ -55,6 +56,8 @@ enum Command {
     Deb(deb::Options),
     /// Set up, build and run the benchmarks; write bench/results/*.json and bench/RESULTS.md.
     Bench(bench::Options),
+    /// Set up, build, then soak a real daemon under load, flaps and reloads (default 10 min).
+    Soak(soak::Options),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +71,7 @@ fn main() -> ExitCode {
         Command::Dist(opts) => dist::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
         Command::Deb(opts) => deb::run(&opts),
+        Command::Soak(opts) => soak::run(&opts),
     };
     match result {
         Ok(code) => code,

@@ -304,19 +304,31 @@ pub async fn run(
     link_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut shutdown = std::pin::pin!(shutdown);
+    // Control requests that arrived while another one was being handled (other than
+    // `status`, which is answered at once), in arrival order.
+    let mut deferred = std::collections::VecDeque::new();
     let mut load_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             _ = hup.recv() => {
                 log::info!("SIGHUP: reloading the configuration");
-                let response = daemon.reload().await;
+                let response = handle_answering_status(
+                    &mut daemon,
+                    Request::Reload,
+                    &mut ctl_rx,
+                    &mut scrape_rx,
+                    &mut deferred,
+                )
+                .await;
                 if !response.ok {
                     log::error!("reload refused: {}", response.problems.join("; "));
                 }
             }
-            Some((request, reply)) = ctl_rx.recv() => {
-                let response = daemon.handle(request).await;
+            Some((request, reply)) = next_request(&mut deferred, &mut ctl_rx) => {
+                let response =
+                    handle_answering_status(&mut daemon, request, &mut ctl_rx, &mut scrape_rx, &mut deferred)
+                        .await;
                 let _ = reply.send(response);
             }
             Some(reply) = scrape_rx.recv() => {
@@ -335,6 +347,55 @@ pub async fn run(
     }
     daemon.shutdown().await;
     Ok(())
+}
+
+/// The next control request: one deferred earlier, else the next from the socket.
+async fn next_request(
+    deferred: &mut std::collections::VecDeque<Envelope>,
+    ctl_rx: &mut mpsc::Receiver<Envelope>,
+) -> Option<Envelope> {
+    match deferred.pop_front() {
+        Some(e) => Some(e),
+        None => ctl_rx.recv().await,
+    }
+}
+
+/// Handles one control request. While it runs (a `reload` or `service stop` may wait for a
+/// drain, up to `drain_timeout_ms`), `status` requests and metric scrapes from other clients
+/// are answered from a [`StatusSource`] taken before it started: the service list as it was,
+/// each service's live state and counters as they are now. Other requests wait in `deferred`
+/// and are handled in order afterwards, so changes stay serialised.
+async fn handle_answering_status(
+    daemon: &mut Daemon,
+    request: Request,
+    ctl_rx: &mut mpsc::Receiver<Envelope>,
+    scrape_rx: &mut mpsc::Receiver<metrics::Scrape>,
+    deferred: &mut std::collections::VecDeque<Envelope>,
+) -> Response {
+    if matches!(request, Request::Status) {
+        return daemon.handle(request).await;
+    }
+    let source = daemon.status_source();
+    let mut work = std::pin::pin!(daemon.handle(request));
+    loop {
+        tokio::select! {
+            response = &mut work => return response,
+            Some((request, reply)) = ctl_rx.recv() => {
+                if matches!(request, Request::Status) {
+                    let _ = reply.send(Response {
+                        ok: true,
+                        status: Some(source.status().await),
+                        ..Default::default()
+                    });
+                } else {
+                    deferred.push_back((request, reply));
+                }
+            }
+            Some(reply) = scrape_rx.recv() => {
+                let _ = reply.send(metrics::render(&source.status().await));
+            }
+        }
+    }
 }
 
 /// Takes the instance lock (an `flock` on `<run_dir>/daemon.lock`, released by the kernel
@@ -430,6 +491,96 @@ struct Daemon {
     load: Option<(f64, load::Source)>,
     /// What has been said about interfaces and targets, so each change is logged once.
     link_log: LinkLog,
+}
+
+/// Everything `status` reads, owned: the daemon's settings as they were when it was taken,
+/// the services' published state and the datapath's counters as they are when
+/// [`StatusSource::status`] runs.
+struct StatusSource {
+    ctx: Arc<service::Context>,
+    /// Each service's published state, in name order.
+    services: Vec<Arc<std::sync::Mutex<service::Shared>>>,
+    config: Option<PathBuf>,
+    instance: Instance,
+    pins: Pins,
+    interfaces: Vec<String>,
+    started: Instant,
+    load: Option<(f64, load::Source)>,
+    max_load: Option<f64>,
+}
+
+impl StatusSource {
+    /// A consistent snapshot: service counters are read under the engine lock, the same lock
+    /// service tasks hold while they move entries in and out.
+    async fn status(&self) -> DaemonStatus {
+        let engine = self.ctx.engine.lock().await;
+        let now = Instant::now();
+        let mut services = Vec::new();
+        let live = engine.edge_flows().unwrap_or_default();
+        for shared in &self.services {
+            let shared = shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut s = shared.status.clone();
+            s.uptime_s = shared
+                .started
+                .map(|t| now.saturating_duration_since(t).as_secs());
+            s.next_start_in_ms = shared
+                .next_start
+                .map(|t| t.saturating_duration_since(now).as_millis() as u64);
+            let (mut packets, mut bytes) = (shared.acc_packets, shared.acc_bytes);
+            let (mut edge_flows, mut cloud_flows) = (shared.acc_edge_flows, shared.acc_cloud_flows);
+            for ep in shared.installed.iter().chain(&shared.resolved) {
+                if let Ok(Some(e)) = engine.get(ep)
+                    && Some(e.ifindex) == shared.host_ifindex
+                {
+                    packets += e.packets;
+                    bytes += e.bytes;
+                    edge_flows += e.new_flows;
+                    cloud_flows += e.cloud_flows;
+                }
+            }
+            s.packets = packets;
+            s.bytes = bytes;
+            s.edge_flows = edge_flows;
+            s.cloud_flows = cloud_flows;
+            s.live_flows = shared
+                .host_ifindex
+                .and_then(|i| live.get(&i).copied())
+                .unwrap_or(0);
+            services.push(s);
+        }
+        let datapath = engine.global_stats().ok();
+        drop(engine);
+        DaemonStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            config: self.config.clone(),
+            bpffs: self.instance.bpffs.clone(),
+            run_dir: self.instance.run_dir.clone(),
+            control: self.instance.control.clone(),
+            interfaces: engine::attached_interfaces(&self.pins),
+            attachments: self.attachments(),
+            uptime_s: self.started.elapsed().as_secs(),
+            load: self.load.map(|l| l.0),
+            load_source: self.load.map(|l| l.1),
+            max_load: self.max_load,
+            shedding: *self.ctx.shed.borrow(),
+            datapath,
+            services,
+        }
+    }
+
+    /// Every configured interface, plus any other this instance has a record for, with its
+    /// attachment as the kernel has it.
+    fn attachments(&self) -> Vec<Attachment> {
+        let mut names: BTreeSet<String> = self.interfaces.iter().cloned().collect();
+        names.extend(engine::attach::recorded_interfaces(&self.pins));
+        names
+            .iter()
+            .map(|n| engine::attach::attachment(&self.pins, n))
+            .collect()
+    }
 }
 
 /// Link-related conditions already logged.
@@ -534,71 +685,23 @@ impl Daemon {
     /// A consistent snapshot: service counters are read under the engine lock, the same lock
     /// service tasks hold while they move entries in and out.
     async fn status(&self) -> DaemonStatus {
-        let engine = self.ctx.engine.lock().await;
-        let now = Instant::now();
-        let mut services = Vec::new();
-        let live = engine.edge_flows().unwrap_or_default();
-        for handle in self.services.values() {
-            let shared = handle.lock();
-            let mut s = shared.status.clone();
-            s.uptime_s = shared
-                .started
-                .map(|t| now.saturating_duration_since(t).as_secs());
-            s.next_start_in_ms = shared
-                .next_start
-                .map(|t| t.saturating_duration_since(now).as_millis() as u64);
-            let (mut packets, mut bytes) = (shared.acc_packets, shared.acc_bytes);
-            let (mut edge_flows, mut cloud_flows) = (shared.acc_edge_flows, shared.acc_cloud_flows);
-            for ep in shared.installed.iter().chain(&shared.resolved) {
-                if let Ok(Some(e)) = engine.get(ep)
-                    && Some(e.ifindex) == shared.host_ifindex
-                {
-                    packets += e.packets;
-                    bytes += e.bytes;
-                    edge_flows += e.new_flows;
-                    cloud_flows += e.cloud_flows;
-                }
-            }
-            s.packets = packets;
-            s.bytes = bytes;
-            s.edge_flows = edge_flows;
-            s.cloud_flows = cloud_flows;
-            s.live_flows = shared
-                .host_ifindex
-                .and_then(|i| live.get(&i).copied())
-                .unwrap_or(0);
-            services.push(s);
-        }
-        let datapath = engine.global_stats().ok();
-        drop(engine);
-        DaemonStatus {
-            pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            config: self.config.source.clone(),
-            bpffs: self.instance.bpffs.clone(),
-            run_dir: self.instance.run_dir.clone(),
-            control: self.instance.control.clone(),
-            interfaces: engine::attached_interfaces(&self.pins),
-            attachments: self.attachments(),
-            uptime_s: self.started.elapsed().as_secs(),
-            load: self.load.map(|l| l.0),
-            load_source: self.load.map(|l| l.1),
-            max_load: self.config.engine.max_load,
-            shedding: *self.ctx.shed.borrow(),
-            datapath,
-            services,
-        }
+        self.status_source().status().await
     }
 
-    /// Every configured interface, plus any other this instance has a record for, with its
-    /// attachment as the kernel has it.
-    fn attachments(&self) -> Vec<Attachment> {
-        let mut names: BTreeSet<String> = self.config.engine.interfaces.iter().cloned().collect();
-        names.extend(engine::attach::recorded_interfaces(&self.pins));
-        names
-            .iter()
-            .map(|n| engine::attach::attachment(&self.pins, n))
-            .collect()
+    /// What [`StatusSource::status`] reads, detached from `self` so that status can be
+    /// answered while `self` is busy with a long request.
+    fn status_source(&self) -> StatusSource {
+        StatusSource {
+            ctx: self.ctx.clone(),
+            services: self.services.values().map(|h| h.shared.clone()).collect(),
+            config: self.config.source.clone(),
+            instance: self.instance.clone(),
+            pins: self.pins.clone(),
+            interfaces: self.config.engine.interfaces.clone(),
+            started: self.started,
+            load: self.load,
+            max_load: self.config.engine.max_load,
+        }
     }
 
     /// A batch of link events: service tasks check their veths, then everything else is
