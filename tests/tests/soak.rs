@@ -1,6 +1,6 @@
 //! The soak (issue #13, item 8) as a one-minute slice: a real daemon with three services
 //! under concurrent short and long clients while one service flaps, another comes and goes
-//! with reloads, and a 256-flow table churns (`viscum_tests::soak` has the details and the
+//! with reloads, and a 1024-flow table (the smallest `viscum attach` takes) churns (`viscum_tests::soak` has the details and the
 //! properties). `cargo xtask soak [--minutes N]` runs the same code for longer
 //! (`VISCUM_SOAK_MINUTES`).
 //!

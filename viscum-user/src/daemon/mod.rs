@@ -280,6 +280,7 @@ pub async fn run(
         link_log: LinkLog::default(),
     };
     daemon.remove_stale().await;
+    daemon.remove_half_built().await;
     for svc in daemon.config.services.clone() {
         let name = svc.name.clone();
         daemon
@@ -347,6 +348,44 @@ pub async fn run(
     }
     daemon.shutdown().await;
     Ok(())
+}
+
+/// Whether service namespace `name` was built to the end (`netns::service_ns_add`): its
+/// host veth and `eth0` exist with their pool addresses, the host veth, `lo` and `eth0` are
+/// up, and the build's last step (`arp_announce` on `eth0`) is done. `Err` says what is
+/// missing.
+async fn namespace_complete(name: &str) -> Result<(), String> {
+    let ns = netns::service_ns_get(name)
+        .await
+        .map_err(|e| service::error_chain(&e))?;
+    if ns.ns_addr.is_empty() || ns.ns_addr6.is_empty() || ns.host_addr.is_empty() {
+        return Err("addresses missing".into());
+    }
+    let host = netns::handle_here()
+        .await
+        .map_err(|e| service::error_chain(&e))?;
+    let veth = netns::link_by_index(&host, ns.host_ifindex)
+        .await
+        .map_err(|e| service::error_chain(&e))?;
+    if !veth.up {
+        return Err(format!("{} is down", ns.host_veth));
+    }
+    let inside = netns::handle_in(name)
+        .await
+        .map_err(|e| service::error_chain(&e))?;
+    for link in ["lo", netns::NS_VETH_NAME] {
+        let l = netns::link_by_name(&inside, link)
+            .await
+            .map_err(|e| service::error_chain(&e))?;
+        if !l.up {
+            return Err(format!("{link} is down inside"));
+        }
+    }
+    let key = format!("net/ipv4/conf/{}/arp_announce", netns::NS_VETH_NAME);
+    match netns::sysctl_get(Some(name), &key) {
+        Ok(v) if v.trim() == "2" => Ok(()),
+        _ => Err("its settings were never applied".into()),
+    }
 }
 
 /// The next control request: one deferred earlier, else the next from the socket.
@@ -651,6 +690,42 @@ impl Daemon {
             }
             cgroup::remove_named(&name);
             let _ = state::remove_record(&path);
+        }
+    }
+
+    /// Deletes the namespaces of configured services that a previous daemon died while
+    /// building (killed between `create_named` and the last step of the build), so their
+    /// tasks make them again. Ownership is the service's record, written before the
+    /// namespace is created. Without this, a namespace with its veth but without, say, its
+    /// loopback up passes for a finished one and the service never turns healthy; one killed
+    /// before its veth was made is refused as "not a service namespace" and the service
+    /// fails for good.
+    async fn remove_half_built(&mut self) {
+        let recorded = self.ctx.paths.recorded_services().unwrap_or_default();
+        for name in recorded {
+            if self.config.service(&name).is_none() || !netns::named_exists(&name) {
+                continue;
+            }
+            let Err(why) = namespace_complete(&name).await else {
+                continue;
+            };
+            log::warn!(
+                "service {name}: its namespace was left half-built ({why}), by a daemon that died while making it; deleting it so it is made again"
+            );
+            if let Ok(host) = netns::handle_here().await
+                && let Ok(link) = netns::link_by_name(&host, &netns::host_veth_name(&name)).await
+            {
+                {
+                    let mut engine = self.ctx.engine.lock().await;
+                    let _ = crate::redirect::del_all_to(&mut engine, link.index).await;
+                }
+                if let Err(e) = netns::delete_link(&host, link.index).await {
+                    log::warn!("service {name}: cannot delete its half-built veth: {e}");
+                }
+            }
+            if let Err(e) = netns::delete_named(&name) {
+                log::warn!("service {name}: cannot delete its half-built namespace: {e}");
+            }
         }
     }
 
