@@ -29,8 +29,11 @@ pub struct Census {
     pub namespaces: BTreeSet<String>,
     /// Interface names in the lab's edge namespace.
     pub edge_links: BTreeSet<String>,
-    /// Paths under the lab's bpffs directory, relative to it.
-    pub pins: BTreeSet<String>,
+    /// Paths under the lab's bpffs directory, relative to it, with every all-digit component
+    /// (an ifindex, e.g. `targets/4/vh-web`) written `#`: a re-created interface gets a new
+    /// index, which is not a leak; two records where there was one are, so each path is
+    /// counted.
+    pub pins: BTreeMap<String, usize>,
     /// Command lines (arguments joined by spaces) of processes mentioning the test's files
     /// directory, with how many processes run each.
     pub processes: BTreeMap<String, usize>,
@@ -58,9 +61,20 @@ impl Census {
                 .map(|l| l.name)
                 .collect::<BTreeSet<String>>()
         });
-        let mut pins = BTreeSet::new();
+        let mut pins = BTreeMap::new();
         walk(lab.bpffs.path(), lab.bpffs.path(), 6, &mut |p, _| {
-            pins.insert(p);
+            let p = p
+                .split('/')
+                .map(|c| {
+                    if !c.is_empty() && c.bytes().all(|b| b.is_ascii_digit()) {
+                        "#"
+                    } else {
+                        c
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("/");
+            *pins.entry(p).or_insert(0) += 1;
         });
         let marker = files_dir.display().to_string();
         let mut processes = BTreeMap::new();
@@ -124,23 +138,29 @@ impl Census {
             &before.edge_links,
             &mut out,
         );
-        sets("pin", &self.pins, &before.pins, &mut out);
         sets("cgroup", &self.cgroups, &before.cgroups, &mut out);
-        let keys: BTreeSet<&String> = self
-            .processes
-            .keys()
-            .chain(before.processes.keys())
-            .collect();
-        for k in keys {
-            let (now, then) = (
-                self.processes.get(k).copied().unwrap_or(0),
-                before.processes.get(k).copied().unwrap_or(0),
-            );
-            if now != then {
-                out.push(format!("processes {k:?}: {then} -> {now}"));
-            }
-        }
+        counts("pins", &self.pins, &before.pins, &mut out);
+        counts("processes", &self.processes, &before.processes, &mut out);
         out
+    }
+}
+
+/// Appends a line for each key counted differently in `now` and `then`.
+fn counts(
+    what: &str,
+    now: &BTreeMap<String, usize>,
+    then: &BTreeMap<String, usize>,
+    out: &mut Vec<String>,
+) {
+    let keys: BTreeSet<&String> = now.keys().chain(then.keys()).collect();
+    for k in keys {
+        let (n, t) = (
+            now.get(k).copied().unwrap_or(0),
+            then.get(k).copied().unwrap_or(0),
+        );
+        if n != t {
+            out.push(format!("{what} {k:?}: {t} -> {n}"));
+        }
     }
 }
 
