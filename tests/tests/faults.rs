@@ -66,20 +66,23 @@ fn wait_for(lab: &Lab, port: u16, want: &str, timeout: Duration) -> Duration {
     start.elapsed()
 }
 
+/// A port and what was answered on it (or the error).
+type Said = (u16, String);
+
 /// A client in the client namespace asking `ports` round-robin until stopped; keeps every
 /// failure (port, error) and counts the answers.
 struct Traffic {
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
-    failures: Arc<Mutex<Vec<(u16, String)>>>,
-    answers: Arc<Mutex<Vec<(u16, String)>>>,
+    failures: Arc<Mutex<Vec<Said>>>,
+    answers: Arc<Mutex<Vec<Said>>>,
 }
 
 impl Traffic {
     fn start(lab: &Lab, ports: &[u16]) -> Traffic {
         let stop = Arc::new(AtomicBool::new(false));
-        let failures: Arc<Mutex<Vec<(u16, String)>>> = Arc::default();
-        let answers: Arc<Mutex<Vec<(u16, String)>>> = Arc::default();
+        let failures: Arc<Mutex<Vec<Said>>> = Arc::default();
+        let answers: Arc<Mutex<Vec<Said>>> = Arc::default();
         let (s, f, a, ns, ports) = (
             stop.clone(),
             failures.clone(),
@@ -107,7 +110,7 @@ impl Traffic {
     }
 
     /// Stops the client; returns (answers, failures).
-    fn finish(mut self) -> (Vec<(u16, String)>, Vec<(u16, String)>) {
+    fn finish(mut self) -> (Vec<Said>, Vec<Said>) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             t.join().unwrap();
@@ -253,6 +256,73 @@ fn kill_9_mid_reload_keeps_traffic_flowing_and_the_restarted_daemon_converges_wi
         "left behind after a clean stop: {:#?}",
         after.diff(&baseline)
     );
+}
+
+#[test]
+fn kill_9_mid_drain_lets_the_draining_transfer_finish_and_the_restarted_daemon_converges() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = DaemonFiles::new();
+    let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
+    let a = lab.service_ns_name();
+    let names = vec![a.clone()];
+    let baseline = Census::take(&lab, &names, files.dir());
+    let mut c = files.config();
+    c.services.push(Service {
+        drain_timeout_ms: Some(20000),
+        ..files.service(&a, 8080, "edge")
+    });
+    files.write(&c);
+    let daemon = Daemon::start(&lab, &files);
+    let pid = daemon.wait_redirected(&a, UP);
+    wait_for(&lab, 8080, "edge", UP);
+    let before = Census::take(&lab, &names, files.dir());
+
+    const KIB: usize = 300; // ~3 s
+    let (progress, transfer) = start_transfer(&lab, 8080, KIB);
+    assert!(wait_until(Duration::from_secs(5), || progress
+        .load(Ordering::SeqCst)
+        > 0));
+    let control = files.control();
+    let line = format!(r#"{{"cmd":"stop","service":"{a}"}}"#);
+    let stop = thread::spawn(move || control_request(&control, &line, UP));
+    // Draining: new flows to the cloud, the transfer still at the edge. Then the daemon dies.
+    wait_for(&lab, 8080, "cloud", Duration::from_secs(5));
+    assert!(
+        progress.load(Ordering::SeqCst) < KIB * 1024,
+        "make the transfer longer"
+    );
+    daemon.kill();
+    let _ = stop.join();
+    assert_eq!(
+        who(&lab, 8080),
+        "cloud",
+        "a draining entry took new flows without a daemon"
+    );
+    let received = transfer
+        .join()
+        .unwrap()
+        .expect("the draining transfer broke when the daemon died");
+    assert_eq!(received, KIB * 1024, "the draining transfer was cut");
+    assert!(alive(pid), "the copy died with the daemon");
+
+    // The stop died with the daemon; the configuration says the service runs: the restarted
+    // daemon brings it back to the edge.
+    let daemon = Daemon::start(&lab, &files);
+    daemon.wait_redirected(&a, UP);
+    let back = wait_for(&lab, 8080, "edge", UP);
+    eprintln!("after a kill mid-drain: edge again {back:?} after the restart");
+    let after = Census::take(&lab, &names, files.dir());
+    assert!(
+        after.diff(&before).is_empty(),
+        "not converged back: {:#?}",
+        after.diff(&before)
+    );
+    assert!(daemon.stop().success());
+    let end = Census::take(&lab, &names, files.dir());
+    assert!(end.diff(&baseline).is_empty(), "{:#?}", end.diff(&baseline));
 }
 
 /// Deletes interface `name` in the lab's edge namespace.

@@ -130,6 +130,9 @@ struct Change {
     to: Instant,
 }
 
+/// One short request: its port, when it started and ended, the answer or the failure kind.
+type Outcome = (u16, Instant, Instant, Result<String, String>);
+
 /// One resource sample of the daemon.
 #[derive(Debug, Clone, Copy)]
 pub struct Sample {
@@ -412,7 +415,7 @@ pub fn run(lab: &Lab, options: SoakOptions) -> SoakReport {
     let deadline = started + options.duration;
 
     // Short clients: each thread enters the client namespace once and keeps asking.
-    let results: Arc<Mutex<Vec<(u16, Instant, Instant, Result<String, String>)>>> = Arc::default();
+    let results: Arc<Mutex<Vec<Outcome>>> = Arc::default();
     let mut threads = Vec::new();
     for i in 0..options.clients {
         let (results, stop, ns) = (results.clone(), stop.clone(), lab.client.name().to_string());
