@@ -281,6 +281,7 @@ pub async fn run(
     };
     daemon.remove_stale().await;
     daemon.remove_half_built().await;
+    daemon.end_orphaned_drains().await;
     for svc in daemon.config.services.clone() {
         let name = svc.name.clone();
         daemon
@@ -725,6 +726,44 @@ impl Daemon {
             }
             if let Err(e) = netns::delete_named(&name) {
                 log::warn!("service {name}: cannot delete its half-built namespace: {e}");
+            }
+        }
+    }
+
+    /// Clears the draining mark of entries into configured services' namespaces. A drain is
+    /// the work of one daemon (a `service stop`, a reload): killed during it, the daemon
+    /// leaves its entries taking no new flows, and the next one would adopt them as they
+    /// are, reporting the service redirected while all its new traffic goes to the cloud,
+    /// for good. With the mark cleared, the service's task adopts them like any other
+    /// (health-gated) or removes them.
+    async fn end_orphaned_drains(&mut self) {
+        let Ok(host) = netns::handle_here().await else {
+            return;
+        };
+        for svc in &self.config.services {
+            let Ok(link) = netns::link_by_name(&host, &netns::host_veth_name(&svc.name)).await
+            else {
+                continue;
+            };
+            let mut engine = self.ctx.engine.lock().await;
+            for ep in &svc.matches {
+                let Ok(Some(e)) = engine.get(ep) else {
+                    continue;
+                };
+                if e.ifindex != link.index || e.flags & viscum_common::TARGET_F_DRAINING == 0 {
+                    continue;
+                }
+                match engine.update_flags(ep, |f| f & !viscum_common::TARGET_F_DRAINING) {
+                    Ok(()) => log::info!(
+                        "service {}: {ep} was left draining by a previous daemon; the drain ended with it",
+                        svc.name
+                    ),
+                    Err(e) => log::warn!(
+                        "service {}: cannot end the drain of {ep}: {}",
+                        svc.name,
+                        service::error_chain(&e)
+                    ),
+                }
             }
         }
     }
