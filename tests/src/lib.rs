@@ -32,6 +32,7 @@ pub mod dns;
 pub mod fuzz;
 pub mod identity;
 pub mod packet;
+pub mod soak;
 pub mod verdicts;
 pub mod vmcheck;
 

@@ -12,12 +12,15 @@
 //! * [`daemon`]: a typed `viscum run` fixture: [`DaemonConfig`] written as the daemon's TOML,
 //!   [`DaemonFiles`] (configuration, the edge-copy service script, run directory) and
 //!   [`Daemon`], the running daemon and its control socket.
+//! * [`census`]: a leak census of a daemon test (namespaces, edge interfaces, pins, service
+//!   processes, cgroups), to compare before and after a fault.
 //! * [`say`](mod@say): output that survives a closed stdout (the lab under `| tee`, then Ctrl-C).
 //!
 //! Namespaces are entered per thread with `setns` (through `viscum::netns::in_netns`), never
 //! with `ip netns exec`, which hides the bpffs mounts viscum depends on (see
 //! `docs/toolchain.md`). Every wait is bounded and polls for the condition it needs.
 
+pub mod census;
 pub mod daemon;
 pub mod guard;
 pub mod lab;
@@ -25,6 +28,7 @@ pub mod say;
 mod vlan;
 
 pub use self::{
+    census::Census,
     daemon::{Check, Daemon, DaemonConfig, DaemonFiles, Service},
     guard::{BPFFS_TEST_ROOT, Bpffs, Netns, block_on, skip_unless_root, unique_name, wait_until},
     lab::{Lab, LabError, LabNames, LabOptions, VlanMode},

@@ -6,7 +6,8 @@
 //! One module per command: [`setup`] installs the toolchain and test tools,
 //! [`build`] builds the `viscum` binary (and finds it), [`run`] runs it or
 //! starts the [`lab`], [`test`](mod@test) runs every test, [`vm`] runs the VM kernel
-//! matrix, [`dist`] makes release binaries, [`bench`](mod@bench) runs the benchmarks, [`fuzz`] the packet fuzzer. [`process`] holds the small helpers
+//! matrix, [`dist`] makes release binaries, [`bench`](mod@bench) runs the benchmarks, [`fuzz`] the packet
+//! fuzzer, [`soak`] soaks a daemon under load. [`process`] holds the small helpers
 //! they share for running commands.
 //!
 //! xtask is an edge of the project, so errors are `anyhow` and are printed
@@ -27,6 +28,7 @@ mod package;
 mod process;
 mod run;
 mod setup;
+mod soak;
 mod test;
 mod vm;
 
@@ -58,6 +60,8 @@ enum Command {
     Bench(bench::Options),
     /// Set up, build, then run the packet fuzzer (10M frames by default; docs/fuzzing.md).
     Fuzz(fuzz::Options),
+    /// Set up, build, then soak a real daemon under load, flaps and reloads (default 10 min).
+    Soak(soak::Options),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +76,7 @@ fn main() -> ExitCode {
         Command::Bench(opts) => bench::run(&opts),
         Command::Deb(opts) => deb::run(&opts),
         Command::Fuzz(opts) => fuzz::run(&opts),
+        Command::Soak(opts) => soak::run(&opts),
     };
     match result {
         Ok(code) => code,

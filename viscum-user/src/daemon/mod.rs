@@ -281,6 +281,8 @@ pub async fn run(
         link_log: LinkLog::default(),
     };
     daemon.remove_stale().await;
+    daemon.remove_half_built().await;
+    daemon.end_orphaned_drains().await;
     for svc in daemon.config.services.clone() {
         let name = svc.name.clone();
         daemon
@@ -305,19 +307,31 @@ pub async fn run(
     link_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut shutdown = std::pin::pin!(shutdown);
+    // Control requests that arrived while another one was being handled (other than
+    // `status`, which is answered at once), in arrival order.
+    let mut deferred = std::collections::VecDeque::new();
     let mut load_tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             () = &mut shutdown => break,
             _ = hup.recv() => {
                 log::info!("SIGHUP: reloading the configuration");
-                let response = daemon.reload().await;
+                let response = handle_answering_status(
+                    &mut daemon,
+                    Request::Reload,
+                    &mut ctl_rx,
+                    &mut scrape_rx,
+                    &mut deferred,
+                )
+                .await;
                 if !response.ok {
                     log::error!("reload refused: {}", response.problems.join("; "));
                 }
             }
-            Some((request, reply)) = ctl_rx.recv() => {
-                let response = daemon.handle(request).await;
+            Some((request, reply)) = next_request(&mut deferred, &mut ctl_rx) => {
+                let response =
+                    handle_answering_status(&mut daemon, request, &mut ctl_rx, &mut scrape_rx, &mut deferred)
+                        .await;
                 let _ = reply.send(response);
             }
             Some(reply) = scrape_rx.recv() => {
@@ -336,6 +350,93 @@ pub async fn run(
     }
     daemon.shutdown().await;
     Ok(())
+}
+
+/// Whether service namespace `name` was built to the end (`netns::service_ns_add`): its
+/// host veth and `eth0` exist with their pool addresses, the host veth, `lo` and `eth0` are
+/// up, and the build's last step (`arp_announce` on `eth0`) is done. `Err` says what is
+/// missing.
+async fn namespace_complete(name: &str) -> Result<(), String> {
+    let ns = netns::service_ns_get(name)
+        .await
+        .map_err(|e| service::error_chain(&e))?;
+    if ns.ns_addr.is_empty() || ns.ns_addr6.is_empty() || ns.host_addr.is_empty() {
+        return Err("addresses missing".into());
+    }
+    let host = netns::handle_here()
+        .await
+        .map_err(|e| service::error_chain(&e))?;
+    let veth = netns::link_by_index(&host, ns.host_ifindex)
+        .await
+        .map_err(|e| service::error_chain(&e))?;
+    if !veth.up {
+        return Err(format!("{} is down", ns.host_veth));
+    }
+    let inside = netns::handle_in(name)
+        .await
+        .map_err(|e| service::error_chain(&e))?;
+    for link in ["lo", netns::NS_VETH_NAME] {
+        let l = netns::link_by_name(&inside, link)
+            .await
+            .map_err(|e| service::error_chain(&e))?;
+        if !l.up {
+            return Err(format!("{link} is down inside"));
+        }
+    }
+    let key = format!("net/ipv4/conf/{}/arp_announce", netns::NS_VETH_NAME);
+    match netns::sysctl_get(Some(name), &key) {
+        Ok(v) if v.trim() == "2" => Ok(()),
+        _ => Err("its settings were never applied".into()),
+    }
+}
+
+/// The next control request: one deferred earlier, else the next from the socket.
+async fn next_request(
+    deferred: &mut std::collections::VecDeque<Envelope>,
+    ctl_rx: &mut mpsc::Receiver<Envelope>,
+) -> Option<Envelope> {
+    match deferred.pop_front() {
+        Some(e) => Some(e),
+        None => ctl_rx.recv().await,
+    }
+}
+
+/// Handles one control request. While it runs (a `reload` or `service stop` may wait for a
+/// drain, up to `drain_timeout_ms`), `status` requests and metric scrapes from other clients
+/// are answered from a [`StatusSource`] taken before it started: the service list as it was,
+/// each service's live state and counters as they are now. Other requests wait in `deferred`
+/// and are handled in order afterwards, so changes stay serialised.
+async fn handle_answering_status(
+    daemon: &mut Daemon,
+    request: Request,
+    ctl_rx: &mut mpsc::Receiver<Envelope>,
+    scrape_rx: &mut mpsc::Receiver<metrics::Scrape>,
+    deferred: &mut std::collections::VecDeque<Envelope>,
+) -> Response {
+    if matches!(request, Request::Status) {
+        return daemon.handle(request).await;
+    }
+    let source = daemon.status_source();
+    let mut work = std::pin::pin!(daemon.handle(request));
+    loop {
+        tokio::select! {
+            response = &mut work => return response,
+            Some((request, reply)) = ctl_rx.recv() => {
+                if matches!(request, Request::Status) {
+                    let _ = reply.send(Response {
+                        ok: true,
+                        status: Some(source.status().await),
+                        ..Default::default()
+                    });
+                } else {
+                    deferred.push_back((request, reply));
+                }
+            }
+            Some(reply) = scrape_rx.recv() => {
+                let _ = reply.send(metrics::render(&source.status().await));
+            }
+        }
+    }
 }
 
 /// Takes the instance lock (an `flock` on `<run_dir>/daemon.lock`, released by the kernel
@@ -433,6 +534,96 @@ struct Daemon {
     link_log: LinkLog,
 }
 
+/// Everything `status` reads, owned: the daemon's settings as they were when it was taken,
+/// the services' published state and the datapath's counters as they are when
+/// [`StatusSource::status`] runs.
+struct StatusSource {
+    ctx: Arc<service::Context>,
+    /// Each service's published state, in name order.
+    services: Vec<Arc<std::sync::Mutex<service::Shared>>>,
+    config: Option<PathBuf>,
+    instance: Instance,
+    pins: Pins,
+    interfaces: Vec<String>,
+    started: Instant,
+    load: Option<(f64, load::Source)>,
+    max_load: Option<f64>,
+}
+
+impl StatusSource {
+    /// A consistent snapshot: service counters are read under the engine lock, the same lock
+    /// service tasks hold while they move entries in and out.
+    async fn status(&self) -> DaemonStatus {
+        let engine = self.ctx.engine.lock().await;
+        let now = Instant::now();
+        let mut services = Vec::new();
+        let live = engine.edge_flows().unwrap_or_default();
+        for shared in &self.services {
+            let shared = shared
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut s = shared.status.clone();
+            s.uptime_s = shared
+                .started
+                .map(|t| now.saturating_duration_since(t).as_secs());
+            s.next_start_in_ms = shared
+                .next_start
+                .map(|t| t.saturating_duration_since(now).as_millis() as u64);
+            let (mut packets, mut bytes) = (shared.acc_packets, shared.acc_bytes);
+            let (mut edge_flows, mut cloud_flows) = (shared.acc_edge_flows, shared.acc_cloud_flows);
+            for ep in shared.installed.iter().chain(&shared.resolved) {
+                if let Ok(Some(e)) = engine.get(ep)
+                    && Some(e.ifindex) == shared.host_ifindex
+                {
+                    packets += e.packets;
+                    bytes += e.bytes;
+                    edge_flows += e.new_flows;
+                    cloud_flows += e.cloud_flows;
+                }
+            }
+            s.packets = packets;
+            s.bytes = bytes;
+            s.edge_flows = edge_flows;
+            s.cloud_flows = cloud_flows;
+            s.live_flows = shared
+                .host_ifindex
+                .and_then(|i| live.get(&i).copied())
+                .unwrap_or(0);
+            services.push(s);
+        }
+        let datapath = engine.global_stats().ok();
+        drop(engine);
+        DaemonStatus {
+            pid: std::process::id(),
+            version: env!("CARGO_PKG_VERSION").into(),
+            config: self.config.clone(),
+            bpffs: self.instance.bpffs.clone(),
+            run_dir: self.instance.run_dir.clone(),
+            control: self.instance.control.clone(),
+            interfaces: engine::attached_interfaces(&self.pins),
+            attachments: self.attachments(),
+            uptime_s: self.started.elapsed().as_secs(),
+            load: self.load.map(|l| l.0),
+            load_source: self.load.map(|l| l.1),
+            max_load: self.max_load,
+            shedding: *self.ctx.shed.borrow(),
+            datapath,
+            services,
+        }
+    }
+
+    /// Every configured interface, plus any other this instance has a record for, with its
+    /// attachment as the kernel has it.
+    fn attachments(&self) -> Vec<Attachment> {
+        let mut names: BTreeSet<String> = self.interfaces.iter().cloned().collect();
+        names.extend(engine::attach::recorded_interfaces(&self.pins));
+        names
+            .iter()
+            .map(|n| engine::attach::attachment(&self.pins, n))
+            .collect()
+    }
+}
+
 /// Link-related conditions already logged.
 #[derive(Default)]
 struct LinkLog {
@@ -504,6 +695,80 @@ impl Daemon {
         }
     }
 
+    /// Deletes the namespaces of configured services that a previous daemon died while
+    /// building (killed between `create_named` and the last step of the build), so their
+    /// tasks make them again. Ownership is the service's record, written before the
+    /// namespace is created. Without this, a namespace with its veth but without, say, its
+    /// loopback up passes for a finished one and the service never turns healthy; one killed
+    /// before its veth was made is refused as "not a service namespace" and the service
+    /// fails for good.
+    async fn remove_half_built(&mut self) {
+        let recorded = self.ctx.paths.recorded_services().unwrap_or_default();
+        for name in recorded {
+            if self.config.service(&name).is_none() || !netns::named_exists(&name) {
+                continue;
+            }
+            let Err(why) = namespace_complete(&name).await else {
+                continue;
+            };
+            log::warn!(
+                "service {name}: its namespace was left half-built ({why}), by a daemon that died while making it; deleting it so it is made again"
+            );
+            if let Ok(host) = netns::handle_here().await
+                && let Ok(link) = netns::link_by_name(&host, &netns::host_veth_name(&name)).await
+            {
+                {
+                    let mut engine = self.ctx.engine.lock().await;
+                    let _ = crate::redirect::del_all_to(&mut engine, link.index).await;
+                }
+                if let Err(e) = netns::delete_link(&host, link.index).await {
+                    log::warn!("service {name}: cannot delete its half-built veth: {e}");
+                }
+            }
+            if let Err(e) = netns::delete_named(&name) {
+                log::warn!("service {name}: cannot delete its half-built namespace: {e}");
+            }
+        }
+    }
+
+    /// Clears the draining mark of entries into configured services' namespaces. A drain is
+    /// the work of one daemon (a `service stop`, a reload): killed during it, the daemon
+    /// leaves its entries taking no new flows, and the next one would adopt them as they
+    /// are, reporting the service redirected while all its new traffic goes to the cloud,
+    /// for good. With the mark cleared, the service's task adopts them like any other
+    /// (health-gated) or removes them.
+    async fn end_orphaned_drains(&mut self) {
+        let Ok(host) = netns::handle_here().await else {
+            return;
+        };
+        for svc in &self.config.services {
+            let Ok(link) = netns::link_by_name(&host, &netns::host_veth_name(&svc.name)).await
+            else {
+                continue;
+            };
+            let mut engine = self.ctx.engine.lock().await;
+            for ep in &svc.matches {
+                let Ok(Some(e)) = engine.get(ep) else {
+                    continue;
+                };
+                if e.ifindex != link.index || e.flags & viscum_common::TARGET_F_DRAINING == 0 {
+                    continue;
+                }
+                match engine.update_flags(ep, |f| f & !viscum_common::TARGET_F_DRAINING) {
+                    Ok(()) => log::info!(
+                        "service {}: {ep} was left draining by a previous daemon; the drain ended with it",
+                        svc.name
+                    ),
+                    Err(e) => log::warn!(
+                        "service {}: cannot end the drain of {ep}: {}",
+                        svc.name,
+                        service::error_chain(&e)
+                    ),
+                }
+            }
+        }
+    }
+
     async fn handle(&mut self, request: Request) -> Response {
         match request {
             Request::Status => Response {
@@ -535,71 +800,23 @@ impl Daemon {
     /// A consistent snapshot: service counters are read under the engine lock, the same lock
     /// service tasks hold while they move entries in and out.
     async fn status(&self) -> DaemonStatus {
-        let engine = self.ctx.engine.lock().await;
-        let now = Instant::now();
-        let mut services = Vec::new();
-        let live = engine.edge_flows().unwrap_or_default();
-        for handle in self.services.values() {
-            let shared = handle.lock();
-            let mut s = shared.status.clone();
-            s.uptime_s = shared
-                .started
-                .map(|t| now.saturating_duration_since(t).as_secs());
-            s.next_start_in_ms = shared
-                .next_start
-                .map(|t| t.saturating_duration_since(now).as_millis() as u64);
-            let (mut packets, mut bytes) = (shared.acc_packets, shared.acc_bytes);
-            let (mut edge_flows, mut cloud_flows) = (shared.acc_edge_flows, shared.acc_cloud_flows);
-            for ep in shared.installed.iter().chain(&shared.resolved) {
-                if let Ok(Some(e)) = engine.get(ep)
-                    && Some(e.ifindex) == shared.host_ifindex
-                {
-                    packets += e.packets;
-                    bytes += e.bytes;
-                    edge_flows += e.new_flows;
-                    cloud_flows += e.cloud_flows;
-                }
-            }
-            s.packets = packets;
-            s.bytes = bytes;
-            s.edge_flows = edge_flows;
-            s.cloud_flows = cloud_flows;
-            s.live_flows = shared
-                .host_ifindex
-                .and_then(|i| live.get(&i).copied())
-                .unwrap_or(0);
-            services.push(s);
-        }
-        let datapath = engine.global_stats().ok();
-        drop(engine);
-        DaemonStatus {
-            pid: std::process::id(),
-            version: env!("CARGO_PKG_VERSION").into(),
-            config: self.config.source.clone(),
-            bpffs: self.instance.bpffs.clone(),
-            run_dir: self.instance.run_dir.clone(),
-            control: self.instance.control.clone(),
-            interfaces: engine::attached_interfaces(&self.pins),
-            attachments: self.attachments(),
-            uptime_s: self.started.elapsed().as_secs(),
-            load: self.load.map(|l| l.0),
-            load_source: self.load.map(|l| l.1),
-            max_load: self.config.engine.max_load,
-            shedding: *self.ctx.shed.borrow(),
-            datapath,
-            services,
-        }
+        self.status_source().status().await
     }
 
-    /// Every configured interface, plus any other this instance has a record for, with its
-    /// attachment as the kernel has it.
-    fn attachments(&self) -> Vec<Attachment> {
-        let mut names: BTreeSet<String> = self.config.engine.interfaces.iter().cloned().collect();
-        names.extend(engine::attach::recorded_interfaces(&self.pins));
-        names
-            .iter()
-            .map(|n| engine::attach::attachment(&self.pins, n))
-            .collect()
+    /// What [`StatusSource::status`] reads, detached from `self` so that status can be
+    /// answered while `self` is busy with a long request.
+    fn status_source(&self) -> StatusSource {
+        StatusSource {
+            ctx: self.ctx.clone(),
+            services: self.services.values().map(|h| h.shared.clone()).collect(),
+            config: self.config.source.clone(),
+            instance: self.instance.clone(),
+            pins: self.pins.clone(),
+            interfaces: self.config.engine.interfaces.clone(),
+            started: self.started,
+            load: self.load,
+            max_load: self.config.engine.max_load,
+        }
     }
 
     /// A batch of link events: service tasks check their veths, then everything else is
