@@ -819,6 +819,34 @@ impl Daemon {
         }
     }
 
+    /// [`Engine::repin`] under the instance's write lock, after mounting the bpffs if it is
+    /// gone; failures are logged (the attach that follows then starts from fresh maps, and
+    /// the services' tasks put their entries back as they re-check their targets).
+    async fn repin(&self) {
+        let result = async {
+            crate::bpffs::ensure(&self.pins.dir).map_err(|e| e.to_string())?;
+            let _lock = engine::lock(&self.pins).map_err(|e| e.to_string())?;
+            self.ctx
+                .engine
+                .lock()
+                .await
+                .repin()
+                .map_err(|e| service::error_chain(&e))
+        }
+        .await;
+        match result {
+            Ok(0) => {}
+            Ok(n) => log::info!(
+                "pinned {n} map(s) again in {} (its pins were gone)",
+                self.pins.dir.display()
+            ),
+            Err(e) => log::warn!(
+                "cannot pin the maps again in {}: {e}",
+                self.pins.dir.display()
+            ),
+        }
+    }
+
     /// A batch of link events: service tasks check their veths, then everything else is
     /// brought in line with the kernel ([`Daemon::check_links`]). An empty batch means
     /// events may have been lost: same thing.
@@ -854,6 +882,13 @@ impl Daemon {
                     }
                 }
                 AttachState::Missing | AttachState::NotAttached => {
+                    if !self.pins.program().exists() {
+                        // The pins are gone (the bpffs unmounted or the directory removed
+                        // behind our back) while this daemon still holds the maps: pin them
+                        // again first, so the classifier is loaded over them and the
+                        // entries this daemon keeps writing are the ones it reads.
+                        self.repin().await;
+                    }
                     match engine::attach(
                         &self.pins,
                         std::slice::from_ref(&iface),

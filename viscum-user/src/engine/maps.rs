@@ -37,6 +37,9 @@ pub struct Engine {
     /// The miss pre-filter (`None` under pins made by a version without one).
     ports: Option<Array<MapData, u64>>,
     nr_cpus: usize,
+    /// The maps whose contents outlive a program (entries, rules, filter, counters, flows),
+    /// by pin name, for [`Engine::repin`].
+    held: Vec<(&'static str, MapData)>,
     max_entries: u32,
 }
 
@@ -103,13 +106,17 @@ impl GlobalStats {
 }
 
 fn open_map(pins: &Pins, name: &str) -> Result<Map, EngineError> {
+    let data = open_map_data(pins, name)?;
+    Map::from_map_data(data)
+        .map_err(|e| EngineError::map(format!("cannot open {}", pins.map(name).display()), e))
+}
+
+fn open_map_data(pins: &Pins, name: &str) -> Result<MapData, EngineError> {
     let path = pins.map(name);
     if !path.exists() {
         return Err(EngineError::NotAttached(pins.dir.clone()));
     }
-    let data = MapData::from_pin(&path)
-        .map_err(|e| EngineError::map(format!("cannot open {}", path.display()), e))?;
-    Map::from_map_data(data)
+    MapData::from_pin(&path)
         .map_err(|e| EngineError::map(format!("cannot open {}", path.display()), e))
 }
 
@@ -127,6 +134,21 @@ impl Engine {
             return Err(EngineError::NotAttached(pins.dir.clone()));
         }
         super::layout::ensure_usable(pins)?;
+        // Second handles on every map that holds state worth keeping, for `repin`.
+        let held = [
+            SERVICES_MAP,
+            PREFIXES_MAP,
+            RULES_MAP,
+            CONFIG_MAP,
+            PORTS_MAP,
+            GLOBAL_STATS_MAP,
+            REPLIES_MAP,
+            viscum_common::FLOWS_MAP,
+        ]
+        .into_iter()
+        .filter(|n| pins.map(n).exists())
+        .map(|n| Ok((n, open_map_data(pins, n)?)))
+        .collect::<Result<Vec<_>, EngineError>>()?;
         let services_map = open_map(pins, SERVICES_MAP)?;
         let max_entries = match &services_map {
             Map::PerCpuHashMap(m) => m.info().map(|i| i.max_entries()).unwrap_or(0),
@@ -165,6 +187,7 @@ impl Engine {
             ports,
             nr_cpus,
             max_entries,
+            held,
         };
         engine.ensure_port_filter()?;
         Ok(engine)
@@ -289,6 +312,40 @@ impl Engine {
                 .map_err(|e| EngineError::map("cannot write the port filter", e))?;
         }
         Ok(())
+    }
+
+    /// Pins the maps this engine holds open again under its pin directory, where their pins
+    /// are gone (the bpffs was unmounted, or the directory removed, behind its back), and
+    /// records the layout: an `attach` then loads the classifier over these very maps, so
+    /// the entries, flows and counters survive and this engine (a running daemon's) keeps
+    /// writing to the maps the datapath reads. Without it `attach` would create fresh, empty
+    /// maps, and the daemon would go on editing ones no program uses. Returns how many were
+    /// pinned. The caller holds the write lock and has mounted the bpffs.
+    ///
+    /// # Errors
+    /// [`EngineError::Io`] if the directory cannot be made or a map cannot be pinned.
+    pub fn repin(&self) -> Result<usize, EngineError> {
+        std::fs::create_dir_all(&self.pins.dir).map_err(|e| {
+            EngineError::io(format!("cannot create {}", self.pins.dir.display()), e)
+        })?;
+        let mut pinned = 0;
+        for (name, data) in &self.held {
+            let path = self.pins.map(name);
+            if path.exists() {
+                continue;
+            }
+            data.pin(&path).map_err(|e| {
+                EngineError::io(
+                    format!("cannot pin {name} again at {}", path.display()),
+                    std::io::Error::other(e),
+                )
+            })?;
+            pinned += 1;
+        }
+        if pinned > 0 {
+            super::layout::write_marker(&self.pins)?;
+        }
+        Ok(pinned)
     }
 
     /// The pin paths this engine was opened from.
