@@ -368,6 +368,11 @@ pub fn cargo(p: Prepared, subcommand: &str, tests: bool) -> Result<Command> {
                 "build-std=std,panic_abort"
             },
         ]);
+        if !tests {
+            // std's own size-over-speed choices (library/std's `optimize_for_size` feature):
+            // the routers these targets are for count every kilobyte of flash (B9: 5 MiB).
+            cmd.args(["-Z", "build-std-features=optimize_for_size"]);
+        }
     }
     let mut flags = vec!["-C", "target-feature=+crt-static"];
     flags.extend(p.target.rustflags);
