@@ -643,3 +643,152 @@ fn the_bpffs_unmounted_behind_the_daemons_back_keeps_traffic_and_control() {
     assert!(daemon.stop().success());
     wait_for(&lab, 8080, "cloud", Duration::from_secs(5));
 }
+
+/// A tmpfs of `size` on `path` for the test's lifetime, unmounted on drop (panics included).
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(path: &Path, size: &str) -> SmallFs {
+        use nix::mount::{MsFlags, mount};
+        std::fs::create_dir_all(path).unwrap();
+        mount(
+            Some("tmpfs"),
+            path,
+            Some("tmpfs"),
+            MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+            Some(format!("size={size},mode=0700").as_str()),
+        )
+        .unwrap_or_else(|e| panic!("tmpfs on {}: {e}", path.display()));
+        SmallFs(path.to_owned())
+    }
+
+    /// Writes a file until the filesystem says ENOSPC.
+    fn fill(&self) {
+        let mut f = std::fs::File::create(self.0.join("filler")).unwrap();
+        let block = [0u8; 4096];
+        let err = loop {
+            if let Err(e) = f.write_all(&block) {
+                break e;
+            }
+        };
+        assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "filling: {err}");
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// The services' log directory full (ENOSPC on every write): the daemon starts and restarts
+/// the copy, which serves; traffic and control go on, and the daemon stops cleanly.
+#[test]
+fn a_full_log_disk_stops_neither_the_daemon_nor_the_traffic() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = DaemonFiles::new();
+    let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
+    let a = lab.service_ns_name();
+    let names = vec![a.clone()];
+    let baseline = Census::take(&lab, &names, files.dir());
+    let logs = files.run_dir().join("logs");
+    let disk = SmallFs::mount(&logs, "64k");
+    disk.fill();
+
+    files.write(&config(&files, &[(&a, 8080)]));
+    let daemon = Daemon::start(&lab, &files);
+    daemon.wait_redirected(&a, UP);
+    wait_for(&lab, 8080, "edge", UP);
+    let traffic = Traffic::start(&lab, &[8080]);
+    let answer = control_request(
+        &files.control(),
+        &format!(r#"{{"cmd":"restart","service":"{a}"}}"#),
+        UP,
+    )
+    .unwrap();
+    assert_eq!(answer["ok"], true, "restart with a full log disk: {answer}");
+    daemon.wait_redirected(&a, UP);
+    wait_for(&lab, 8080, "edge", UP);
+    let (answers, failures) = traffic.finish();
+    assert!(
+        failures.is_empty(),
+        "requests failed while the log disk was full: {failures:?}"
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|(_, who)| who == "edge" || who == "cloud"),
+        "{answers:?}"
+    );
+    assert!(alive(daemon.pid()), "the daemon died:\n{}", daemon.log());
+    let status = daemon.stop();
+    assert!(status.success(), "clean stop: {status:?}");
+    drop(disk);
+    let after = Census::take(&lab, &names, files.dir());
+    assert!(
+        after.diff(&baseline).is_empty(),
+        "left behind: {:#?}",
+        after.diff(&baseline)
+    );
+}
+
+/// The DNS server gone while a service matches a host name: the entries keep the last
+/// answer (traffic stays at the edge over many TTLs of failed lookups), and when the server
+/// is back, a changed answer is followed.
+#[test]
+fn dns_gone_keeps_the_host_name_entries_and_they_follow_it_again_when_back() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = DaemonFiles::new();
+    let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
+    let a = lab.service_ns_name();
+    let zone = viscum_tests::Zone::default();
+    zone.lock()
+        .unwrap()
+        .insert("edge.example.net".into(), vec![IpAddr::V4(CLOUD_V4)]);
+    let dns = viscum_tests::Dns::start(lab.cloud.name(), zone.clone());
+    let mut config = config(&files, &[(&a, 8080)]);
+    config.engine.dns = vec![CLOUD_V4.to_string()];
+    config.services[0].matches = vec!["tcp://edge.example.net:8080".into()];
+    files.write(&config);
+    let daemon = Daemon::start(&lab, &files);
+    wait_for(&lab, 8080, "edge", UP);
+
+    drop(dns);
+    // The zone's TTL is 1 s and a failed lookup is retried every 5 s: 7 s spans several.
+    let gone = Instant::now();
+    let traffic = Traffic::start(&lab, &[8080]);
+    while gone.elapsed() < Duration::from_secs(7) {
+        thread::sleep(Duration::from_millis(200));
+    }
+    let (answers, failures) = traffic.finish();
+    assert!(failures.is_empty(), "{failures:?}");
+    assert!(
+        !answers.is_empty() && answers.iter().all(|(_, who)| who == "edge"),
+        "left the edge while DNS was gone: {answers:?}\n{}",
+        daemon.log()
+    );
+    assert!(alive(daemon.pid()), "the daemon died:\n{}", daemon.log());
+
+    // Back, now answering another address: the old entry goes, traffic to it is the cloud's.
+    zone.lock().unwrap().insert(
+        "edge.example.net".into(),
+        vec![IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, 99))],
+    );
+    // The old server's socket closes within its 50 ms poll.
+    assert!(wait_until(Duration::from_secs(5), || {
+        netns::in_netns(lab.cloud.name(), || {
+            std::net::UdpSocket::bind("0.0.0.0:53").is_ok()
+        })
+        .unwrap_or(false)
+    }));
+    let _dns = viscum_tests::Dns::start(lab.cloud.name(), zone.clone());
+    wait_for(&lab, 8080, "cloud", Duration::from_secs(20));
+    let status = daemon.stop();
+    assert!(status.success(), "clean stop: {status:?}");
+}

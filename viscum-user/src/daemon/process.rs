@@ -347,6 +347,17 @@ pub async fn stop_stale(pid: i32, grace: Duration) {
     }
 }
 
+/// Bytes an unprivileged writer may still add to the filesystem of `file`
+/// (`fstatvfs(3)`: available blocks times the fragment size); `None` if it cannot be read.
+pub fn free_bytes(file: &File) -> Option<u64> {
+    let st = nix::sys::statvfs::fstatvfs(file).ok()?;
+    #[allow(
+        clippy::useless_conversion,
+        reason = "the field types differ between targets"
+    )]
+    Some(u64::from(st.blocks_available()).saturating_mul(u64::from(st.fragment_size())))
+}
+
 /// Opens a log file for appending (created 0640 if missing).
 pub fn open_log(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt;

@@ -40,6 +40,9 @@ use crate::{
     redirect::{self, Target},
 };
 
+/// Free space below which a service's log is not written at start (see `start`).
+const LOG_MIN_FREE: u64 = 64 * 1024;
+
 /// First restart delay; doubled for each failure in a row.
 const BACKOFF_START: Duration = Duration::from_millis(500);
 /// Longest restart delay.
@@ -728,6 +731,18 @@ impl Actor {
         }
         let Some(ns) = &self.ns else { return };
         let output = match process::open_log(&self.log_path) {
+            // A full log filesystem would fail the copy's first write to stdout or stderr,
+            // and many programs die of that (Python exits 120): the copy then never comes
+            // up, its traffic stays with the cloud. Its output is worth less than the
+            // service: it goes to /dev/null until there is room again (checked at each start).
+            Ok(f) if process::free_bytes(&f).is_some_and(|free| free < LOG_MIN_FREE) => {
+                log::warn!(
+                    "service {}: the filesystem of {} is full: the copy's output is discarded until there is room",
+                    self.cfg.name,
+                    self.log_path.display()
+                );
+                None
+            }
             Ok(f) => Some(f),
             Err(e) => {
                 log::warn!(
