@@ -111,7 +111,8 @@ fn vmcheck_passes_on_this_kernel() {
             "viscum_ingress",
             "viscum_reply",
             "viscum_icmp_ingress",
-            "viscum_icmp_reply"
+            "viscum_icmp_reply",
+            "viscum_recover"
         ]
     );
     for p in programs {

@@ -121,7 +121,8 @@ fn loaded_programs_report_verifier_statistics() {
             "viscum_ingress",
             "viscum_reply",
             "viscum_icmp_ingress",
-            "viscum_icmp_reply"
+            "viscum_icmp_reply",
+            "viscum_recover"
         ]
     );
     for p in &stats {
@@ -137,5 +138,5 @@ fn loaded_programs_report_verifier_statistics() {
     }
     let report = features::Report::probe(&Pins::new(&s.dir));
     assert!(report.missing.is_empty(), "{report:?}");
-    assert_eq!(report.programs.len(), 4);
+    assert_eq!(report.programs.len(), 5);
 }

@@ -4,7 +4,7 @@
 //! the properties and how to reproduce a seed.
 //!
 //! Setup happens once per run: `viscum attach` on the lab's client-facing interface, two
-//! service namespaces, and the entries of [`ENTRIES`] through the real CLI. Then the frames
+//! service namespaces, and the entries of `ENTRIES` through the real CLI. Then the frames
 //! run in epochs of [`Options::epoch`] packets; at each epoch start the flow, reply and
 //! fragment tables are emptied in the kernel and in the model, so the model's tables never
 //! meet LRU eviction or a timeout (an epoch takes milliseconds; the shortest timeout, the

@@ -103,6 +103,7 @@ mod tests {
             "flows_edge",
             "flows_cloud",
             "flow_orphans",
+            "flows_recovered",
             "replies_forwarded",
             "replies_rewritten",
             "replies_to_stack",
