@@ -182,6 +182,9 @@ pub fn box_permissions(box_id: &str, groups: &[&str]) -> Permissions {
         format!("$JS.API.CONSUMER.DELETE.KV_{DESIRED}.*"),
         format!("$JS.FC.KV_{DESIRED}.>"),
         format!("$KV.{STATUS}.status.{box_id}"),
+        // Every box may read every artifact: the unfiltered create (async-nats's object get
+        // names no consumer) can only reach the store's own chunks and metadata.
+        format!("$JS.API.CONSUMER.CREATE.OBJ_{ARTIFACTS}"),
         format!("$JS.API.CONSUMER.CREATE.OBJ_{ARTIFACTS}.>"),
         format!("$JS.API.CONSUMER.DELETE.OBJ_{ARTIFACTS}.>"),
         format!("$JS.API.DIRECT.GET.OBJ_{ARTIFACTS}.>"),
