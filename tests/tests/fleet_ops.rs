@@ -27,7 +27,7 @@ use sha2::{Digest as _, Sha256};
 use viscum::config::Config;
 use viscum_lab::{
     lab::viscum_bin,
-    nats::{NatsOptions, NatsServer, NatsUser},
+    nats::{NatsCluster, NatsOptions, NatsServer, NatsUser},
     skip_unless_root,
 };
 
@@ -753,4 +753,246 @@ fn box_credentials_reach_only_their_own_keys() {
     });
     assert_eq!(a.as_deref(), Some(report.as_bytes()));
     assert_eq!(b, None, "box-b's status was written by box-a");
+}
+
+/// Simulated boxes (the fleet agent with its dry-run applier) running on a thread of their
+/// own in namespace `ns` until the returned sender says stop.
+fn simulated_boxes(
+    ns: &str,
+    urls: Vec<String>,
+    ids: Vec<String>,
+    group: &str,
+) -> (
+    tokio::sync::watch::Sender<bool>,
+    std::thread::JoinHandle<()>,
+) {
+    use viscum::fleet::{
+        agent::{self, AgentSettings, DryRun},
+        connect::ConnectSettings,
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (ns, group) = (ns.to_owned(), group.to_owned());
+    let thread = std::thread::spawn(move || {
+        viscum_lab::nats::block_on_in(&ns, move || async move {
+            let local = Config::parse("").expect("empty configuration");
+            let mut agents = Vec::new();
+            for id in ids {
+                let settings = AgentSettings::dry_run(
+                    ConnectSettings {
+                        servers: urls.clone(),
+                        name: id.clone(),
+                        credentials: viscum::config::fleet::Credentials::None,
+                        tls: None,
+                        connect_timeout: Duration::from_secs(2),
+                        max_reconnect_delay: Duration::from_secs(1),
+                    },
+                    &id,
+                    std::slice::from_ref(&group),
+                    Duration::from_secs(2),
+                );
+                let mut stop = stop_rx.clone();
+                agents.push(tokio::spawn(agent::run(
+                    settings,
+                    DryRun::new(local.clone()),
+                    async move {
+                        let _ = stop.wait_for(|s| *s).await;
+                    },
+                )));
+            }
+            for a in agents {
+                let _ = tokio::time::timeout(Duration::from_secs(10), a).await;
+            }
+        });
+    });
+    (stop_tx, thread)
+}
+
+/// Every box's report in `viscum_status`, from `viscum fleet status --json` through `urls`.
+fn box_reports(cluster: &NatsCluster, urls: &[String]) -> Vec<viscum::fleet::schema::BoxStatus> {
+    let mut cmd = cluster.command(viscum_bin());
+    cmd.arg("fleet");
+    for u in urls {
+        cmd.args(["--server", u]);
+    }
+    let out = cmd
+        .args(["--timeout", "2", "status", "--json"])
+        .output()
+        .expect("run viscum fleet status");
+    if !out.status.success() {
+        eprintln!("fleet status: {}", text_of(&out.stderr).trim());
+        return Vec::new();
+    }
+    let json: Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+    json["boxes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|b| serde_json::from_value(b.clone()).ok())
+        .collect()
+}
+
+/// Polls until every one of `ids` reports at least `revision` with `services` fleet services.
+fn wait_converged(
+    cluster: &NatsCluster,
+    urls: &[String],
+    ids: &[String],
+    revision: u64,
+    services: usize,
+    what: &str,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reports = box_reports(cluster, urls);
+        let done = ids.iter().all(|id| {
+            reports.iter().any(|r| {
+                &r.box_id == id
+                    && r.revision >= revision
+                    && r.error.is_none()
+                    && r.services.len() == services
+            })
+        });
+        if done {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: boxes did not all report revision {revision} with {services} services in 60 s: {reports:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn cluster_loses_a_node_and_boxes_keep_converging() {
+    if skip_unless_root() {
+        return;
+    }
+    let mut cluster = NatsCluster::start(&NatsOptions::default()).expect("start a 3-node cluster");
+    let urls = cluster.urls();
+    let servers: Vec<String> = urls
+        .iter()
+        .flat_map(|u| ["--server".to_owned(), u.clone()])
+        .collect();
+    let dir = std::env::temp_dir().join(viscum_lab::unique_name("vfleet"));
+    fs::create_dir_all(&dir).expect("scratch dir");
+    let _cleanup = Cleanup(dir.clone());
+    let file = dir.join("services.toml");
+    let run = |cluster: &NatsCluster, args: &[&str]| -> Output {
+        let mut cmd = cluster.command(viscum_bin());
+        cmd.arg("fleet").args(&servers).args(args);
+        cmd.output().expect("run viscum fleet")
+    };
+    // apply, retried while the cluster elects a leader for a new or moved stream.
+    let apply = |cluster: &NatsCluster, text: &str| -> u64 {
+        fs::write(&file, text).expect("write services.toml");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let out = run(
+                cluster,
+                &[
+                    "apply",
+                    "-f",
+                    file.to_str().unwrap(),
+                    "--group",
+                    "edge",
+                    "--replicas",
+                    "3",
+                ],
+            );
+            if out.status.success() {
+                let stdout = text_of(&out.stdout);
+                return stdout
+                    .lines()
+                    .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+                    .max()
+                    .expect("a revision printed");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "apply kept failing: {}",
+                text_of(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    let one = TWO_SERVICES
+        .split("[[service]]")
+        .nth(1)
+        .map(|b| format!("[[service]]{b}"))
+        .unwrap();
+    let r1 = apply(&cluster, &one);
+    let ids: Vec<String> = (0..5).map(|i| format!("sim-{i}")).collect();
+    let (stop, boxes) = simulated_boxes(cluster.client_netns(), urls.clone(), ids.clone(), "edge");
+    wait_converged(&cluster, &urls, &ids, r1, 1, "before the failure");
+
+    // The desired-state stream has three replicas; kill the node that leads it.
+    let u = urls.clone();
+    let (replicas, leader) = cluster.block_on(move || async move {
+        let client = async_nats::connect(u.as_slice()[0].as_str())
+            .await
+            .expect("connect");
+        let mut stream = jetstream::new(client)
+            .get_stream("KV_viscum_desired")
+            .await
+            .expect("stream");
+        let info = stream.info().await.expect("info");
+        (
+            info.config.num_replicas,
+            info.cluster
+                .clone()
+                .and_then(|c| c.leader)
+                .expect("a leader"),
+        )
+    });
+    assert_eq!(
+        replicas, 3,
+        "apply --replicas 3 made a bucket of {replicas}"
+    );
+    let down: usize = leader
+        .trim_start_matches('n')
+        .parse()
+        .expect("leader named n<i>");
+    cluster.stop(down);
+    let live: Vec<String> = urls
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != down)
+        .map(|(_, u)| u.clone())
+        .collect();
+
+    // A change and a removal while the leader is gone: the boxes converge on both.
+    let r2 = apply(&cluster, TWO_SERVICES);
+    assert!(r2 > r1);
+    wait_converged(&cluster, &live, &ids, r2, 2, "with the stream leader down");
+    let out = run(&cluster, &["rm", "dns", "--group", "edge"]);
+    assert!(out.status.success(), "rm: {}", text_of(&out.stderr));
+    wait_converged(
+        &cluster,
+        &live,
+        &ids,
+        r2 + 1,
+        1,
+        "after rm with the leader down",
+    );
+
+    // The node comes back; the cluster and the boxes carry on.
+    cluster.start_node(down).expect("restart the node");
+    let r4 = apply(&cluster, &one.replace("/bin/sleep", "/bin/sleep2"));
+    wait_converged(&cluster, &urls, &ids, r4, 1, "after the node returned");
+
+    let _ = stop.send(true);
+    boxes.join().expect("simulated boxes thread");
+}
+
+fn text_of(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Removes a scratch directory on drop.
+struct Cleanup(std::path::PathBuf);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }

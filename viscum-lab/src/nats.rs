@@ -436,17 +436,13 @@ impl NatsNode {
         }
     }
 
-    /// The server's own view of itself: `GET /varz` (JSON) from its monitoring port.
+    /// `GET path` from the server's monitoring port (`/varz`, `/jsz?streams=true`, ...): the
+    /// body, JSON.
     ///
     /// # Errors
     /// When the server does not answer.
-    pub fn varz(&self) -> io::Result<String> {
-        http_get_in(
-            &self.netns,
-            SocketAddr::new(self.addr, MONITOR_PORT),
-            "/varz",
-        )
-        .map(|r| r.1)
+    pub fn monitor(&self, path: &str) -> io::Result<String> {
+        http_get_in(&self.netns, SocketAddr::new(self.addr, MONITOR_PORT), path).map(|r| r.1)
     }
 }
 

@@ -510,13 +510,22 @@ async fn status(js: &jetstream::Context, args: &StatusArgs) -> Result<()> {
     let mut reports: BTreeMap<String, BoxRow> = BTreeMap::new();
     match js.get_key_value(STATUS_BUCKET).await {
         Ok(store) => {
-            let keys: Vec<String> = store
-                .keys()
+            // The keys from the stream's per-subject counts rather than `keys()`: that
+            // needs a consumer, which nats-server 2.9 may place on an offline peer of a
+            // clustered bucket (the request then times out); stream info and direct gets
+            // are answered by the live replicas.
+            let prefix = format!("$KV.{STATUS_BUCKET}.");
+            let subjects: Vec<(String, usize)> = store
+                .stream
+                .info_with_subjects(format!("{prefix}>"))
                 .await
                 .context("cannot list the status bucket")?
                 .try_collect()
                 .await
                 .context("cannot list the status bucket")?;
+            let keys = subjects
+                .into_iter()
+                .filter_map(|(s, _)| s.strip_prefix(&prefix).map(str::to_owned));
             for key in keys {
                 let Some(value) = store
                     .get(&key)
