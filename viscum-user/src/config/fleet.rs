@@ -414,8 +414,7 @@ fn check_server(_: &str) -> Result<(), String> {
 /// The file's services with the fleet's added: the configuration the daemon runs.
 ///
 /// `local` holds only the file's services. A fleet service with the name of a local one, or
-/// matching an address another service matches, is refused, naming both sources; so is one
-/// whose artifact is not installed yet (`workdir` unset).
+/// matching an address another service matches, is refused, naming both sources.
 ///
 /// # Errors
 /// Every problem, one line each.
@@ -456,12 +455,6 @@ pub fn merge(local: &Config, fleet: &[FleetService]) -> Result<Config, Vec<Strin
                     matches.insert(*m, format!("service {} of {here}", f.config.name));
                 }
             }
-        }
-        if f.config.artifact.is_some() && f.config.workdir.is_none() {
-            problems.push(format!(
-                "service {} of {here}: its artifact is not installed",
-                f.config.name
-            ));
         }
     }
     if !problems.is_empty() {

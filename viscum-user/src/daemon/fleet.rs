@@ -152,7 +152,18 @@ impl Daemon {
         match request {
             #[cfg(feature = "fleet")]
             FleetRequest::Apply(set, reply) => {
-                let merged = crate::config::fleet::merge(&self.local_config(), &set.services);
+                // The agent installs artifacts first; never run one from `/` instead.
+                let missing: Vec<String> = set
+                    .services
+                    .iter()
+                    .filter(|f| f.config.artifact.is_some() && f.config.workdir.is_none())
+                    .map(|f| format!("service {} ({}): its artifact is not installed", f.config.name, f.key))
+                    .collect();
+                let merged = if missing.is_empty() {
+                    crate::config::fleet::merge(&self.local_config(), &set.services)
+                } else {
+                    Err(missing)
+                };
                 let result = match merged {
                     Err(problems) => Err(problems),
                     Ok(config) => {

@@ -400,7 +400,17 @@ impl<A: Apply> Agent<A> {
     /// An agent that has applied nothing yet.
     pub fn new(settings: AgentSettings, applier: A) -> Agent<A> {
         Agent {
-            installer: settings.artifacts.clone().map(Installer::new),
+            installer: settings.artifacts.clone().map(|root| {
+                // `<run_dir>/fleet/artifacts`: the run directory and `fleet` must be
+                // searchable for the services' users.
+                let dirs: Vec<PathBuf> = root
+                    .ancestors()
+                    .skip(1)
+                    .take(2)
+                    .map(Path::to_path_buf)
+                    .collect();
+                Installer::new(root).searchable(&dirs)
+            }),
             settings,
             applier,
             applied: BTreeMap::new(),
