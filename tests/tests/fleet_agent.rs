@@ -501,7 +501,7 @@ fn artifacts_are_verified_before_they_run() {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(versions, [v1_sha.clone()], "only v1 is installed");
+    assert_eq!(versions, [v1_sha], "only v1 is installed");
     drop(daemon);
 }
 

@@ -20,7 +20,7 @@
 //! ```
 //!
 //! A service of the desired state (see [`crate::fleet::schema`]) is one `[[service]]` block
-//! checked by [`service_block`], the same decoder and validator as a file's. Only such a
+//! checked by the same decoder and validator as a file's (`service_block`). Only such a
 //! service may name an `artifact`; a local block that does is refused.
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
@@ -192,6 +192,7 @@ pub(super) fn validate_artifact(
 ///
 /// # Errors
 /// [`ConfigError::Invalid`] with every problem.
+#[cfg_attr(not(feature = "fleet"), expect(dead_code))]
 pub(crate) fn service_block(
     block: &toml::Value,
     origin: &str,

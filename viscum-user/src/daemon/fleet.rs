@@ -117,18 +117,18 @@ pub(super) async fn handle_answering_status(
 impl Daemon {
     /// The file's configuration as `new_local` says, with the fleet's services as last
     /// applied: what a reload applies. `[fleet]` itself cannot change while running.
-    pub(super) fn with_fleet(&self, new_local: Config) -> Result<Config, Response> {
+    pub(super) fn with_fleet(&self, new_local: Config) -> Result<Config, Box<Response>> {
         let refuse = |problems: Vec<String>| {
             log::error!(
                 "reload: keeping the running configuration: {}",
                 problems.join("; ")
             );
-            Response {
+            Box::new(Response {
                 ok: false,
                 error: Some("cannot apply, nothing changed".into()),
                 problems,
                 ..Default::default()
-            }
+            })
         };
         if new_local.fleet != self.config.fleet {
             return Err(refuse(vec![
@@ -157,7 +157,12 @@ impl Daemon {
                     .services
                     .iter()
                     .filter(|f| f.config.artifact.is_some() && f.config.workdir.is_none())
-                    .map(|f| format!("service {} ({}): its artifact is not installed", f.config.name, f.key))
+                    .map(|f| {
+                        format!(
+                            "service {} ({}): its artifact is not installed",
+                            f.config.name, f.key
+                        )
+                    })
                     .collect();
                 let merged = if missing.is_empty() {
                     crate::config::fleet::merge(&self.local_config(), &set.services)

@@ -1066,7 +1066,7 @@ impl Daemon {
         // The fleet's services join the file's.
         let new = match self.with_fleet(new) {
             Ok(c) => c,
-            Err(response) => return response,
+            Err(response) => return *response,
         };
         self.apply(new, &path).await
     }

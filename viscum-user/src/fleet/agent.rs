@@ -385,7 +385,7 @@ fn decode(prefix: &str, msg: &async_nats::Message) -> Option<(String, Option<Byt
     let key = msg.subject.as_str().strip_prefix(prefix)?.to_owned();
     let removed = msg.headers.as_ref().is_some_and(|h| {
         matches!(
-            h.get("KV-Operation").map(|v| v.as_str()),
+            h.get("KV-Operation").map(async_nats::HeaderValue::as_str),
             Some("DEL" | "PURGE")
         ) || h.get("Nats-Marker-Reason").is_some()
     });
