@@ -148,6 +148,7 @@ fn operator<T: Send + 'static, F: Future<Output = T>>(
             tls: None,
             connect_timeout: Duration::from_secs(5),
             max_reconnect_delay: Duration::from_secs(1),
+            inbox_prefix: None,
         };
         let fleet = connect(&settings, None).await.expect("operator connects");
         f(fleet).await
@@ -379,6 +380,20 @@ fn group_services_follow_the_desired_state() {
         "{}",
         daemon.log()
     );
+    // A daemon killed and started again (an upgrade, a crash) runs the checkpoint's services
+    // from its first moment: their processes are adopted, not restarted.
+    let pid_before = daemon.service(&c)["pid"].as_i64();
+    assert!(pid_before.is_some(), "{}", daemon.status());
+    daemon.kill();
+    let daemon = Daemon::start(&lab, &files);
+    let mut svc = Value::Null;
+    let adopted = wait_until(CONVERGE, || {
+        svc = daemon.service(&c);
+        svc["adopted"] == true
+    });
+    assert!(adopted, "{svc:#}\n{}", daemon.log());
+    assert_eq!(svc["pid"].as_i64(), pid_before, "{svc:#}");
+    assert_eq!(who(&lab, pc), "edge-c");
     drop(daemon);
 }
 

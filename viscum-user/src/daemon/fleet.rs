@@ -50,6 +50,33 @@ pub(super) fn start(
     None
 }
 
+/// The configuration a starting daemon runs: the file's with the services of the fleet's
+/// checkpoint (if `[fleet]` has one that is still valid), so they are there from the start
+/// and their processes adopted like the file's; and those services. On any problem, the
+/// file's alone (the agent then applies what it can).
+pub(super) fn boot(config: Config, paths: &RunPaths) -> (Config, Vec<crate::config::FleetService>) {
+    #[cfg(feature = "fleet")]
+    if let Some(fleet) = &config.fleet {
+        let settings = crate::fleet::agent::AgentSettings::from_config(fleet, &paths.run_dir);
+        let merged = crate::fleet::agent::checkpointed(&settings).map(|r| {
+            r.and_then(|services| {
+                crate::config::fleet::merge(&config, &services).map(|c| (c, services))
+            })
+        });
+        match merged {
+            Some(Ok(boot)) => return boot,
+            Some(Err(problems)) => log::warn!(
+                "fleet: starting without the checkpoint's services: {}",
+                problems.join("; ")
+            ),
+            None => {}
+        }
+    }
+    #[cfg(not(feature = "fleet"))]
+    let _ = paths;
+    (config, Vec::new())
+}
+
 /// The daemon as the agent's [`crate::fleet::agent::Apply`]: each call is a request to the
 /// supervisor's loop.
 #[cfg(feature = "fleet")]
