@@ -12,10 +12,12 @@
 //! * [`agent`]: the box side: watch, resynchronise, apply, checkpoint, report; over the
 //!   [`agent::Apply`] trait, implemented by the daemon and by [`agent::DryRun`].
 //! * [`artifact`]: fetching, verifying and installing artifacts.
+//! * [`buckets`]: opening the buckets, creating missing ones (the operator's side).
 //!
 //! Only built with the `fleet` feature of viscum-user (on by default).
 
 pub mod agent;
 pub mod artifact;
+pub mod buckets;
 pub mod connect;
 pub mod schema;
