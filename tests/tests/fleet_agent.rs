@@ -158,10 +158,21 @@ fn operator<T: Send + 'static, F: Future<Output = T>>(
 /// Creates the three buckets.
 fn create_buckets(lab: &Lab, port: u16) {
     operator(lab, port, |fleet| async move {
-        schema::create_buckets(&fleet.jetstream, schema::DEFAULT_STATUS_TTL, 1)
-            .await
-            .expect("create the buckets");
+        create_buckets_with(&fleet.jetstream).await;
     });
+}
+
+async fn create_buckets_with(js: &async_nats::jetstream::Context) {
+    use viscum::fleet::buckets;
+    buckets::ensure_kv(js, schema::desired_bucket_config())
+        .await
+        .expect("create viscum_desired");
+    buckets::ensure_kv(js, schema::status_bucket_config(schema::DEFAULT_STATUS_TTL))
+        .await
+        .expect("create viscum_status");
+    buckets::ensure_object_store(js, schema::artifact_bucket_config())
+        .await
+        .expect("create viscum_artifacts");
 }
 
 /// Puts `value` under `key`; returns the revision.
@@ -527,4 +538,129 @@ fn insert_artifact(block: &str, line: &str) -> String {
         Some(i) => format!("{}\n{line}{}", &block[..i], &block[i..]),
         None => format!("{block}{line}"),
     }
+}
+
+/// The real agent (with the dry-run applier) under a box's least-privilege credentials
+/// (`viscum_lab::nats::box_permissions`: its groups' and its own keys, its own status key,
+/// its own inbox prefix): it converges to its group's services and its override, reports its
+/// status, and follows a delete; another group's and another box's keys never reach it.
+#[test]
+fn the_agent_works_with_least_privilege_credentials() {
+    use viscum::{
+        config::{Config, fleet::Credentials},
+        fleet::agent::{self, AgentSettings, DryRun},
+    };
+    use viscum_lab::nats::{NatsOptions, NatsServer as LabNats, NatsUser};
+    if skip_unless_root() {
+        return;
+    }
+    let server = LabNats::start(&NatsOptions {
+        users: vec![
+            NatsUser::operator("op", "op-pw"),
+            NatsUser::fleet_box("box-a", "a-pw", &["ga"]),
+        ],
+        ..Default::default()
+    })
+    .expect("start nats-server");
+    let url = server.url();
+    server.block_on(move || async move {
+        let as_user = |user: &str, password: &str, inbox: Option<String>| ConnectSettings {
+            servers: vec![url.clone()],
+            name: user.into(),
+            credentials: Credentials::UserPassword {
+                user: user.into(),
+                password: password.into(),
+            },
+            tls: None,
+            connect_timeout: Duration::from_secs(5),
+            max_reconnect_delay: Duration::from_secs(1),
+            inbox_prefix: inbox,
+        };
+        let op = connect(&as_user("op", "op-pw", None), None)
+            .await
+            .expect("operator connects");
+        create_buckets_with(&op.jetstream).await;
+        let desired = op.desired().await.unwrap();
+        let status_kv = op.status().await.unwrap();
+        let block = |name: &str, port: u16| {
+            format!(
+                "[[service]]\nname = \"{name}\"\nmatch = [\"tcp://198.51.100.7:{port}\"]\n\
+                 command = [\"/bin/true\"]\n"
+            )
+        };
+        for (key, name, port) in [
+            ("group.ga.svc.web", "web", 80),
+            ("group.gb.svc.api", "api", 81),
+            ("box.box-b.svc.web", "web", 82),
+            ("box.box-a.svc.own", "own", 83),
+        ] {
+            desired.put(key, block(name, port).into()).await.unwrap();
+        }
+        let last = desired
+            .put("group.ga.svc.dns", block("dns", 53).into())
+            .await
+            .unwrap();
+
+        let settings = AgentSettings::dry_run(
+            as_user("box-a", "a-pw", Some(schema::box_inbox_prefix("box-a"))),
+            "box-a",
+            &["ga".to_string()],
+            Duration::from_millis(200),
+        );
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let agent = tokio::spawn(agent::run(
+            settings,
+            DryRun::new(Config::parse("").unwrap()),
+            async move {
+                let _ = stop_rx.await;
+            },
+        ));
+        let wait_status = |min_revision: u64, want: Vec<(&'static str, &'static str)>| {
+            let status_kv = status_kv.clone();
+            async move {
+                let deadline = Instant::now() + CONVERGE;
+                let mut seen = None;
+                while Instant::now() < deadline {
+                    if let Ok(Some(v)) = status_kv.get("status.box-a").await {
+                        let st: schema::BoxStatus = serde_json::from_slice(&v).unwrap();
+                        let got: Vec<(String, String)> = st
+                            .services
+                            .iter()
+                            .map(|s| (s.name.clone(), s.source.clone()))
+                            .collect();
+                        let want: Vec<(String, String)> = want
+                            .iter()
+                            .map(|(n, s)| ((*n).to_string(), (*s).to_string()))
+                            .collect();
+                        if st.revision >= min_revision && got == want {
+                            assert_eq!(st.error, None, "{st:?}");
+                            return st;
+                        }
+                        seen = Some(st);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                panic!("box-a did not report revision {min_revision} with {want:?}: {seen:?}");
+            }
+        };
+        let st = wait_status(
+            last,
+            vec![
+                ("dns", "group:ga"),
+                ("own", "box:box-a"),
+                ("web", "group:ga"),
+            ],
+        )
+        .await;
+        assert_eq!(st.box_id, "box-a");
+
+        desired.delete("group.ga.svc.web").await.unwrap();
+        let after = desired
+            .put("group.ga.svc.dns", block("dns", 5353).into())
+            .await
+            .unwrap();
+        wait_status(after, vec![("dns", "group:ga"), ("own", "box:box-a")]).await;
+        let _ = stop_tx.send(());
+        agent.await.unwrap();
+    });
 }

@@ -378,7 +378,8 @@ pub struct ArtifactStatus {
     pub sha256: String,
 }
 
-/// The [`DESIRED_BUCKET`] configuration operators create it with: a few revisions of
+/// The [`DESIRED_BUCKET`] configuration operators create it with ([`super::buckets`]: not
+/// `create_key_value`, which cannot talk to nats-server 2.9): a few revisions of
 /// history per key (for `viscum fleet` to show what changed), no TTL.
 pub fn desired_bucket_config() -> async_nats::jetstream::kv::Config {
     async_nats::jetstream::kv::Config {
@@ -407,66 +408,6 @@ pub fn artifact_bucket_config() -> async_nats::jetstream::object_store::Config {
         bucket: ARTIFACT_BUCKET.into(),
         description: Some("viscum: service artifacts (tarballs, static binaries)".into()),
         ..Default::default()
-    }
-}
-
-/// The stream behind a Key-Value bucket, as async-nats' `create_key_value` makes it.
-///
-/// `create_key_value` first asks `$JS.API.INFO` for the account, and async-nats 0.51 cannot
-/// read a 2.9 server's answer (it requires `reserved_memory`, which servers before 2.10 do
-/// not send): operators create the buckets with [`create_buckets`], which builds the same
-/// stream (`KV_<bucket>`, subjects `$KV.<bucket>.>`, rollups allowed, deletes denied,
-/// direct gets, discard new) without asking.
-pub fn kv_stream_config(
-    config: &async_nats::jetstream::kv::Config,
-) -> async_nats::jetstream::stream::Config {
-    async_nats::jetstream::stream::Config {
-        name: format!("KV_{}", config.bucket),
-        description: Some(config.description.clone()),
-        subjects: vec![format!("$KV.{}.>", config.bucket)],
-        max_messages_per_subject: config.history.max(1),
-        max_bytes: config.max_bytes,
-        max_age: config.max_age,
-        max_message_size: config.max_value_size,
-        storage: config.storage,
-        allow_rollup: true,
-        deny_delete: true,
-        deny_purge: false,
-        allow_direct: true,
-        num_replicas: config.num_replicas.max(1),
-        discard: async_nats::jetstream::stream::DiscardPolicy::New,
-        ..Default::default()
-    }
-}
-
-/// Creates the three buckets if they do not exist ([`desired_bucket_config`],
-/// [`status_bucket_config`] with `status_ttl`, [`artifact_bucket_config`]), each with
-/// `replicas` copies (1 on a single server, 3 on a 3-node cluster). Existing buckets are left
-/// as they are. Works with nats-server 2.9 and later.
-///
-/// # Errors
-/// The server's answer, naming the bucket: JetStream not enabled, no permission, a stream of
-/// that name with another configuration.
-pub async fn create_buckets(
-    js: &async_nats::jetstream::Context,
-    status_ttl: Duration,
-    replicas: usize,
-) -> Result<(), String> {
-    for mut kv in [desired_bucket_config(), status_bucket_config(status_ttl)] {
-        kv.num_replicas = replicas;
-        js.get_or_create_stream(kv_stream_config(&kv))
-            .await
-            .map_err(|e| format!("cannot create bucket {}: {e}", kv.bucket))?;
-    }
-    let mut obj = artifact_bucket_config();
-    obj.num_replicas = replicas;
-    match js.get_object_store(ARTIFACT_BUCKET).await {
-        Ok(_) => Ok(()),
-        Err(_) => js
-            .create_object_store(obj)
-            .await
-            .map(drop)
-            .map_err(|e| format!("cannot create bucket {ARTIFACT_BUCKET}: {e}")),
     }
 }
 
