@@ -788,6 +788,7 @@ fn simulated_boxes(
                         tls: None,
                         connect_timeout: Duration::from_secs(2),
                         max_reconnect_delay: Duration::from_secs(1),
+                        inbox_prefix: Some(viscum::fleet::schema::box_inbox_prefix(&id)),
                     },
                     &id,
                     std::slice::from_ref(&group),

@@ -291,6 +291,7 @@ async fn measure(url: &str, n: usize, rounds: usize, pid: u32) -> Result<SizeRes
                 tls: None,
                 connect_timeout: Duration::from_secs(10),
                 max_reconnect_delay: Duration::from_secs(5),
+                inbox_prefix: Some(viscum::fleet::schema::box_inbox_prefix(&box_id)),
             },
             &box_id,
             std::slice::from_ref(&group),

@@ -318,6 +318,7 @@ async fn connect(conn: &ConnArgs) -> Result<jetstream::Context> {
         tls,
         connect_timeout: timeout,
         max_reconnect_delay: Duration::from_secs(1),
+        inbox_prefix: None,
     };
     let fleet = connect::connect(&settings, None).await?;
     let mut js = fleet.jetstream;

@@ -20,7 +20,7 @@
 //! ```
 //!
 //! A service of the desired state (see [`crate::fleet::schema`]) is one `[[service]]` block
-//! checked by [`service_block`], the same decoder and validator as a file's. Only such a
+//! checked by the same decoder and validator as a file's (`service_block`). Only such a
 //! service may name an `artifact`; a local block that does is refused.
 
 use std::{collections::HashMap, path::PathBuf, time::Duration};
@@ -192,6 +192,7 @@ pub(super) fn validate_artifact(
 ///
 /// # Errors
 /// [`ConfigError::Invalid`] with every problem.
+#[cfg_attr(not(feature = "fleet"), expect(dead_code))]
 pub(crate) fn service_block(
     block: &toml::Value,
     origin: &str,
@@ -414,8 +415,7 @@ fn check_server(_: &str) -> Result<(), String> {
 /// The file's services with the fleet's added: the configuration the daemon runs.
 ///
 /// `local` holds only the file's services. A fleet service with the name of a local one, or
-/// matching an address another service matches, is refused, naming both sources; so is one
-/// whose artifact is not installed yet (`workdir` unset).
+/// matching an address another service matches, is refused, naming both sources.
 ///
 /// # Errors
 /// Every problem, one line each.
@@ -456,12 +456,6 @@ pub fn merge(local: &Config, fleet: &[FleetService]) -> Result<Config, Vec<Strin
                     matches.insert(*m, format!("service {} of {here}", f.config.name));
                 }
             }
-        }
-        if f.config.artifact.is_some() && f.config.workdir.is_none() {
-            problems.push(format!(
-                "service {} of {here}: its artifact is not installed",
-                f.config.name
-            ));
         }
     }
     if !problems.is_empty() {

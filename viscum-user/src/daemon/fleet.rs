@@ -50,6 +50,33 @@ pub(super) fn start(
     None
 }
 
+/// The configuration a starting daemon runs: the file's with the services of the fleet's
+/// checkpoint (if `[fleet]` has one that is still valid), so they are there from the start
+/// and their processes adopted like the file's; and those services. On any problem, the
+/// file's alone (the agent then applies what it can).
+pub(super) fn boot(config: Config, paths: &RunPaths) -> (Config, Vec<crate::config::FleetService>) {
+    #[cfg(feature = "fleet")]
+    if let Some(fleet) = &config.fleet {
+        let settings = crate::fleet::agent::AgentSettings::from_config(fleet, &paths.run_dir);
+        let merged = crate::fleet::agent::checkpointed(&settings).map(|r| {
+            r.and_then(|services| {
+                crate::config::fleet::merge(&config, &services).map(|c| (c, services))
+            })
+        });
+        match merged {
+            Some(Ok(boot)) => return boot,
+            Some(Err(problems)) => log::warn!(
+                "fleet: starting without the checkpoint's services: {}",
+                problems.join("; ")
+            ),
+            None => {}
+        }
+    }
+    #[cfg(not(feature = "fleet"))]
+    let _ = paths;
+    (config, Vec::new())
+}
+
 /// The daemon as the agent's [`crate::fleet::agent::Apply`]: each call is a request to the
 /// supervisor's loop.
 #[cfg(feature = "fleet")]
@@ -117,18 +144,18 @@ pub(super) async fn handle_answering_status(
 impl Daemon {
     /// The file's configuration as `new_local` says, with the fleet's services as last
     /// applied: what a reload applies. `[fleet]` itself cannot change while running.
-    pub(super) fn with_fleet(&self, new_local: Config) -> Result<Config, Response> {
+    pub(super) fn with_fleet(&self, new_local: Config) -> Result<Config, Box<Response>> {
         let refuse = |problems: Vec<String>| {
             log::error!(
                 "reload: keeping the running configuration: {}",
                 problems.join("; ")
             );
-            Response {
+            Box::new(Response {
                 ok: false,
                 error: Some("cannot apply, nothing changed".into()),
                 problems,
                 ..Default::default()
-            }
+            })
         };
         if new_local.fleet != self.config.fleet {
             return Err(refuse(vec![
@@ -152,7 +179,23 @@ impl Daemon {
         match request {
             #[cfg(feature = "fleet")]
             FleetRequest::Apply(set, reply) => {
-                let merged = crate::config::fleet::merge(&self.local_config(), &set.services);
+                // The agent installs artifacts first; never run one from `/` instead.
+                let missing: Vec<String> = set
+                    .services
+                    .iter()
+                    .filter(|f| f.config.artifact.is_some() && f.config.workdir.is_none())
+                    .map(|f| {
+                        format!(
+                            "service {} ({}): its artifact is not installed",
+                            f.config.name, f.key
+                        )
+                    })
+                    .collect();
+                let merged = if missing.is_empty() {
+                    crate::config::fleet::merge(&self.local_config(), &set.services)
+                } else {
+                    Err(missing)
+                };
                 let result = match merged {
                     Err(problems) => Err(problems),
                     Ok(config) => {

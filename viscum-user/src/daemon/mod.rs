@@ -197,6 +197,8 @@ pub async fn run(
         source,
     })?;
     let _lock = lock(&paths)?;
+    // The fleet's checkpointed services run from the start, like the file's.
+    let (config, boot_fleet) = fleet::boot(config, &paths);
 
     let control_listener = control::bind(&instance.control).await?;
     let _socket = RemoveOnDrop(instance.control.clone());
@@ -280,7 +282,7 @@ pub async fn run(
         started: Instant::now(),
         load: None,
         link_log: LinkLog::default(),
-        fleet: Vec::new(),
+        fleet: boot_fleet,
     };
     daemon.remove_stale().await;
     daemon.remove_half_built().await;
@@ -1066,7 +1068,7 @@ impl Daemon {
         // The fleet's services join the file's.
         let new = match self.with_fleet(new) {
             Ok(c) => c,
-            Err(response) => return response,
+            Err(response) => return *response,
         };
         self.apply(new, &path).await
     }

@@ -373,6 +373,22 @@ async fn sleep_or(shutdown: &mut Pin<&mut impl Future<Output = ()>>, d: Duration
     }
 }
 
+/// A number no other watch of this process, nor of an earlier one, had: the time in
+/// milliseconds, plus a counter for watches made within one millisecond.
+fn next_watch_id() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let now = now_ms();
+    let mut last = LAST.load(Ordering::Relaxed);
+    loop {
+        let next = now.max(last + 1);
+        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
+            Ok(_) => return next,
+            Err(seen) => last = seen,
+        }
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -385,11 +401,139 @@ fn decode(prefix: &str, msg: &async_nats::Message) -> Option<(String, Option<Byt
     let key = msg.subject.as_str().strip_prefix(prefix)?.to_owned();
     let removed = msg.headers.as_ref().is_some_and(|h| {
         matches!(
-            h.get("KV-Operation").map(|v| v.as_str()),
+            h.get("KV-Operation").map(async_nats::HeaderValue::as_str),
             Some("DEL" | "PURGE")
         ) || h.get("Nats-Marker-Reason").is_some()
     });
     Some((key, (!removed).then(|| msg.payload.clone())))
+}
+
+/// The services of snapshot `entries` for the box of `settings`: every value decoded and
+/// validated, keys of other boxes and groups skipped, box overrides in place of the group
+/// services they name; in name order. Artifacts are not looked at.
+///
+/// # Errors
+/// Every problem: bad keys or values, the same name from two groups without an override.
+pub fn resolve(
+    settings: &AgentSettings,
+    entries: &BTreeMap<String, Bytes>,
+) -> Result<Vec<FleetService>, Vec<String>> {
+    let mut problems = Vec::new();
+    // Name → (is a box override, service).
+    let mut by_name: BTreeMap<String, (bool, FleetService)> = BTreeMap::new();
+    for (key, value) in entries {
+        let parsed = match DesiredKey::parse(key) {
+            Ok(k) if settings.wants(&k) => k,
+            Ok(_) => continue,
+            Err(e) => {
+                problems.push(e.to_string());
+                continue;
+            }
+        };
+        let config = match schema::service_from_value(key, value) {
+            Ok(c) => c,
+            Err(e) => {
+                problems.extend(e.problems().into_iter().map(|p| {
+                    if p.starts_with(key.as_str()) {
+                        p
+                    } else {
+                        format!("{key}: {p}")
+                    }
+                }));
+                continue;
+            }
+        };
+        let is_box = matches!(parsed.scope, Scope::Box(_));
+        let svc = FleetService {
+            key: key.clone(),
+            source: parsed.source(),
+            config,
+        };
+        match by_name.get(&svc.config.name) {
+            None => {
+                by_name.insert(svc.config.name.clone(), (is_box, svc));
+            }
+            Some((true, _)) => {} // the box's override stays
+            Some((false, _)) if is_box => {
+                by_name.insert(svc.config.name.clone(), (true, svc));
+            }
+            Some((false, other)) => {
+                // Two groups, no override: which one would be arbitrary. Unless the box
+                // overrides the name (a later key), this is an error.
+                let override_key = schema::DesiredKey::for_box(&settings.box_id, &svc.config.name)
+                    .map(|k| k.to_string())
+                    .unwrap_or_default();
+                if !entries.contains_key(&override_key) {
+                    problems.push(format!(
+                        "service {}: defined by {} ({}) and by {} ({}): this box is in both \
+                             groups; give it an override {override_key} or rename one",
+                        svc.config.name, other.source, other.key, svc.source, svc.key
+                    ));
+                }
+            }
+        }
+    }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(by_name.into_values().map(|(_, s)| s).collect())
+}
+
+/// The installer of a box's artifacts, if it fetches them: `<run_dir>/fleet/artifacts`, with
+/// the run directory and `fleet` made searchable for the services' users.
+fn installer_for(settings: &AgentSettings) -> Option<Installer> {
+    settings.artifacts.clone().map(|root| {
+        let dirs: Vec<PathBuf> = root
+            .ancestors()
+            .skip(1)
+            .take(2)
+            .map(Path::to_path_buf)
+            .collect();
+        Installer::new(root).searchable(&dirs)
+    })
+}
+
+/// The services of the box's checkpoint, ready to run (artifacts installed), for a daemon
+/// that starts: it runs them from the start, so it adopts their processes like the file's.
+/// `None` without a checkpoint of this box.
+///
+/// # Errors
+/// As [`resolve`], and artifacts no longer installed.
+pub fn checkpointed(settings: &AgentSettings) -> Option<Result<Vec<FleetService>, Vec<String>>> {
+    let cp = Checkpoint::read(settings.checkpoint.as_ref()?)?;
+    if cp.box_id != settings.box_id {
+        return None;
+    }
+    let entries = cp
+        .entries
+        .into_iter()
+        .map(|(k, v)| (k, Bytes::from(v)))
+        .collect();
+    let installer = installer_for(settings);
+    Some(resolve(settings, &entries).and_then(|mut services| {
+        let mut problems = Vec::new();
+        for svc in &mut services {
+            let Some(artifact) = &svc.config.artifact else {
+                continue;
+            };
+            match installer
+                .as_ref()
+                .and_then(|i| i.installed(&svc.config.name, artifact))
+            {
+                Some(dir) => svc.config.workdir = Some(dir),
+                None if installer.is_none() => {}
+                None => problems.push(format!(
+                    "{} ({}): artifact {} is not installed",
+                    svc.config.name, svc.key, artifact.name
+                )),
+            }
+        }
+        if problems.is_empty() {
+            Ok(services)
+        } else {
+            Err(problems)
+        }
+    }))
 }
 
 type Messages = futures::stream::SelectAll<
@@ -400,7 +544,7 @@ impl<A: Apply> Agent<A> {
     /// An agent that has applied nothing yet.
     pub fn new(settings: AgentSettings, applier: A) -> Agent<A> {
         Agent {
-            installer: settings.artifacts.clone().map(Installer::new),
+            installer: installer_for(&settings),
             settings,
             applier,
             applied: BTreeMap::new(),
@@ -462,6 +606,10 @@ impl<A: Apply> Agent<A> {
                 let consumer = desired
                     .stream
                     .create_consumer(push::OrderedConfig {
+                        name: Some(schema::watch_consumer_name(
+                            &self.settings.box_id,
+                            next_watch_id(),
+                        )),
                         deliver_subject: fleet.client.new_inbox(),
                         description: Some(format!("viscum box {}", self.settings.box_id)),
                         filter_subject: format!("{}{filter}", desired.prefix),
@@ -689,66 +837,8 @@ impl<A: Apply> Agent<A> {
         entries: &BTreeMap<String, Bytes>,
         store: Option<&jetstream::object_store::ObjectStore>,
     ) -> Result<Vec<FleetService>, Vec<String>> {
+        let mut services = resolve(&self.settings, entries)?;
         let mut problems = Vec::new();
-        // Name → (is a box override, service).
-        let mut by_name: BTreeMap<String, (bool, FleetService)> = BTreeMap::new();
-        for (key, value) in entries {
-            let parsed = match DesiredKey::parse(key) {
-                Ok(k) if self.settings.wants(&k) => k,
-                Ok(_) => continue,
-                Err(e) => {
-                    problems.push(e.to_string());
-                    continue;
-                }
-            };
-            let config = match schema::service_from_value(key, value) {
-                Ok(c) => c,
-                Err(e) => {
-                    problems.extend(e.problems().into_iter().map(|p| {
-                        if p.starts_with(key.as_str()) {
-                            p
-                        } else {
-                            format!("{key}: {p}")
-                        }
-                    }));
-                    continue;
-                }
-            };
-            let is_box = matches!(parsed.scope, Scope::Box(_));
-            let svc = FleetService {
-                key: key.clone(),
-                source: parsed.source(),
-                config,
-            };
-            match by_name.get(&svc.config.name) {
-                None => {
-                    by_name.insert(svc.config.name.clone(), (is_box, svc));
-                }
-                Some((true, _)) => {} // the box's override stays
-                Some((false, _)) if is_box => {
-                    by_name.insert(svc.config.name.clone(), (true, svc));
-                }
-                Some((false, other)) => {
-                    // Two groups, no override: which one would be arbitrary. Unless the box
-                    // overrides the name (a later key), this is an error.
-                    let override_key =
-                        schema::DesiredKey::for_box(&self.settings.box_id, &svc.config.name)
-                            .map(|k| k.to_string())
-                            .unwrap_or_default();
-                    if !entries.contains_key(&override_key) {
-                        problems.push(format!(
-                            "service {}: defined by {} ({}) and by {} ({}): this box is in both \
-                             groups; give it an override {override_key} or rename one",
-                            svc.config.name, other.source, other.key, svc.source, svc.key
-                        ));
-                    }
-                }
-            }
-        }
-        if !problems.is_empty() {
-            return Err(problems);
-        }
-        let mut services: Vec<FleetService> = by_name.into_values().map(|(_, s)| s).collect();
         if let Some(installer) = &self.installer {
             for svc in &mut services {
                 let Some(artifact) = svc.config.artifact.clone() else {
@@ -821,5 +911,208 @@ impl<A: Apply> Agent<A> {
                 schema::status_key(&self.settings.box_id)
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(checkpoint: Option<PathBuf>) -> AgentSettings {
+        let connect = ConnectSettings {
+            servers: vec!["nats://192.0.2.1:4222".into()],
+            name: "b1".into(),
+            credentials: crate::config::fleet::Credentials::None,
+            tls: None,
+            connect_timeout: Duration::from_secs(1),
+            max_reconnect_delay: Duration::from_secs(1),
+            inbox_prefix: None,
+        };
+        let mut s = AgentSettings::dry_run(
+            connect,
+            "b1",
+            &["lab".into(), "eu".into()],
+            Duration::from_secs(1),
+        );
+        s.checkpoint = checkpoint;
+        s
+    }
+
+    fn svc(name: &str, port: u16, command: &str) -> Bytes {
+        Bytes::from(format!(
+            "[[service]]\nname = \"{name}\"\nmatch = [\"tcp://198.51.100.7:{port}\"]\ncommand = [\"{command}\"]\n"
+        ))
+    }
+
+    fn agent(local: &str, checkpoint: Option<PathBuf>) -> Agent<DryRun> {
+        Agent::new(
+            settings(checkpoint),
+            DryRun::new(Config::parse(local).unwrap()),
+        )
+    }
+
+    fn block_on<F: Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(f)
+    }
+
+    #[test]
+    fn box_overrides_replace_group_services() {
+        let mut a = agent("", None);
+        let entries = BTreeMap::from([
+            ("group.lab.svc.web".to_string(), svc("web", 80, "group")),
+            ("box.b1.svc.web".to_string(), svc("web", 80, "box")),
+            ("group.eu.svc.api".to_string(), svc("api", 81, "api")),
+            // Not this box's: ignored.
+            ("group.other.svc.x".to_string(), svc("x", 82, "x")),
+            ("box.b2.svc.web".to_string(), svc("web", 80, "b2")),
+        ]);
+        block_on(a.converge(&entries, 7, None));
+        assert_eq!(a.error(), None);
+        let applied = a.applier().applied().unwrap();
+        assert_eq!(applied.revision, 7);
+        let by_name: BTreeMap<&str, &FleetService> = applied
+            .services
+            .iter()
+            .map(|s| (s.config.name.as_str(), s))
+            .collect();
+        assert_eq!(by_name.len(), 2, "{by_name:?}");
+        assert_eq!(by_name["web"].source, "box:b1");
+        assert_eq!(by_name["web"].config.command, ["box"]);
+        assert_eq!(by_name["api"].source, "group:eu");
+        let st = block_on(a.box_status());
+        assert_eq!(st.revision, 7);
+        assert_eq!(st.services.len(), 2);
+        assert_eq!(st.services[0].name, "api");
+        assert_eq!(st.services[0].state, "dry-run");
+    }
+
+    #[test]
+    fn a_bad_snapshot_changes_nothing() {
+        let mut a = agent(
+            "[[service]]\nname = \"local\"\nmatch = [\"tcp://198.51.100.7:90\"]\ncommand = [\"l\"]\n",
+            None,
+        );
+        let good = BTreeMap::from([("group.lab.svc.web".to_string(), svc("web", 80, "v1"))]);
+        block_on(a.converge(&good, 3, None));
+        assert_eq!(a.applier().applies(), 1);
+
+        // The same name in two groups, a value that does not validate, a clash with the
+        // local service: each refused, naming what clashed; v1 stays applied.
+        for (entries, needle) in [
+            (
+                vec![
+                    ("group.lab.svc.web", svc("web", 80, "v2")),
+                    ("group.eu.svc.web", svc("web", 80, "v2")),
+                ],
+                "service web: defined by group:eu (group.eu.svc.web) and by group:lab \
+                 (group.lab.svc.web)",
+            ),
+            (
+                vec![("group.lab.svc.web", svc("web", 0, "v2"))],
+                "group.lab.svc.web: ",
+            ),
+            (
+                vec![("group.lab.svc.web", svc("other", 80, "v2"))],
+                "the service block is named 'other', but the key names 'web'",
+            ),
+            (
+                vec![("group.lab.svc.local", svc("local", 91, "v2"))],
+                "service local: defined by the local configuration and by group:lab",
+            ),
+            (
+                vec![("group.lab.svc.web", svc("web", 90, "v2"))],
+                "tcp://198.51.100.7:90 is already matched by service local",
+            ),
+        ] {
+            let entries: BTreeMap<String, Bytes> = entries
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+            block_on(a.converge(&entries, 9, None));
+            let error = a.error().unwrap_or_default().to_string();
+            assert!(error.contains(needle), "{needle:?} not in {error:?}");
+            assert_eq!(a.applier().applies(), 1);
+            let st = block_on(a.box_status());
+            assert_eq!(st.revision, 3);
+            assert_eq!(st.error.as_deref(), Some(error.as_str()));
+        }
+        // Back to what runs: no error, the newer revision counts as applied.
+        block_on(a.converge(&good, 11, None));
+        assert_eq!(a.error(), None);
+        assert_eq!(block_on(a.box_status()).revision, 11);
+        assert_eq!(a.applier().applies(), 1);
+    }
+
+    #[test]
+    fn checkpoint_is_written_and_booted_from() {
+        let dir = std::env::temp_dir().join(format!("viscum-agent-test-{}", std::process::id()));
+        let path = dir.join("sub/checkpoint.json");
+        let mut a = agent("", Some(path.clone()));
+        let entries = BTreeMap::from([("box.b1.svc.web".to_string(), svc("web", 80, "v1"))]);
+        block_on(a.converge(&entries, 5, None));
+        let cp = Checkpoint::read(&path).unwrap();
+        assert_eq!(cp.revision, 5);
+        assert_eq!(cp.box_id, "b1");
+        assert_eq!(cp.entries.len(), 1);
+
+        let mut booted = agent("", Some(path.clone()));
+        block_on(booted.boot_from_checkpoint());
+        let applied = booted.applier().applied().unwrap();
+        assert_eq!(applied.revision, 5);
+        assert_eq!(applied.services[0].config.command, ["v1"]);
+        assert_eq!(
+            block_on(booted.box_status()).applied_at_ms,
+            cp.applied_at_ms
+        );
+
+        // Another box's checkpoint is not applied.
+        let mut other = Agent::new(
+            AgentSettings {
+                box_id: "b2".into(),
+                ..settings(Some(path))
+            },
+            DryRun::new(Config::parse("").unwrap()),
+        );
+        block_on(other.boot_from_checkpoint());
+        assert!(other.applier().applied().is_none());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn an_artifact_needs_the_store_or_an_installed_copy() {
+        let dir = std::env::temp_dir().join(format!("viscum-agent-art-{}", std::process::id()));
+        let mut s = settings(None);
+        s.artifacts = Some(dir.join("artifacts"));
+        let mut a = Agent::new(s, DryRun::new(Config::parse("").unwrap()));
+        let sha = "ab".repeat(32);
+        let value = format!(
+            "[[service]]\nname = \"web\"\nmatch = [\"tcp://198.51.100.7:80\"]\ncommand = [\"./web\"]\nartifact = {{ name = \"web\", sha256 = \"{sha}\" }}\n"
+        );
+        let entries = BTreeMap::from([("group.lab.svc.web".to_string(), Bytes::from(value))]);
+        block_on(a.converge(&entries, 2, None));
+        let e = a.error().unwrap_or_default();
+        assert!(e.contains("artifact web: not installed"), "{e}");
+        // Installed (a directory by its final name): used as the working directory.
+        let installed = dir.join("artifacts/web").join(&sha);
+        std::fs::create_dir_all(&installed).unwrap();
+        block_on(a.converge(&entries, 2, None));
+        assert_eq!(a.error(), None);
+        let applied = a.applier().applied().unwrap();
+        assert_eq!(
+            applied.services[0].config.workdir.as_ref(),
+            Some(&installed)
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn filters_are_narrow() {
+        assert_eq!(
+            settings(None).filters(),
+            ["group.lab.svc.>", "group.eu.svc.>", "box.b1.svc.>"]
+        );
     }
 }

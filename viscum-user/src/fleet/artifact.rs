@@ -16,9 +16,10 @@
 //!    (the service runs unprivileged), set-id bits are dropped. The directory is built under a
 //!    temporary name and renamed into place, so a directory by the final name is always
 //!    complete;
-//! 4. runs the service with that directory as its working directory (`command =
-//!    ["./bin/server"]` names the artifact's files relatively: the run directory above it is
-//!    root's alone, so absolute paths into it would not be reachable by the service's user).
+//! 4. runs the service with that directory as its working directory, so `command =
+//!    ["./bin/server"]` names the artifact's files relatively. The run directory above it
+//!    (0700) is made searchable by all (0711: nobody can list it, and `state/` and `logs/`
+//!    stay 0700), so the service's user can reach its directory by its full path too.
 //!
 //! Versions are kept by digest: a new version is installed next to the running one, the
 //! daemon's reload diff replaces the process, and versions no service uses any more are
@@ -104,12 +105,25 @@ pub enum ArtifactError {
 #[derive(Debug, Clone)]
 pub struct Installer {
     root: PathBuf,
+    searchable: Vec<PathBuf>,
 }
 
 impl Installer {
-    /// An installer for `root` (created when the first artifact is installed).
+    /// An installer for `root` (created, mode 0755, when the first artifact is installed).
     pub fn new(root: impl Into<PathBuf>) -> Installer {
-        Installer { root: root.into() }
+        Installer {
+            root: root.into(),
+            searchable: Vec::new(),
+        }
+    }
+
+    /// Also makes `dirs` searchable by all (adds `o+x`, not `o+r`: nobody can list them)
+    /// when an artifact is installed: the daemon's run directory is root's alone (0700), and
+    /// a service's user must reach its artifact's directory by its full path (interpreters
+    /// such as Python open their script by its absolute path).
+    pub fn searchable(mut self, dirs: &[PathBuf]) -> Installer {
+        self.searchable = dirs.to_vec();
+        self
     }
 
     /// `<root>/<service>/<sha256>`: where `service`'s copy of `artifact` lives.
@@ -151,6 +165,14 @@ impl Installer {
             .mode(0o755)
             .create(&parent)
             .map_err(io_err(&parent))?;
+        for dir in self.searchable.iter().chain([&self.root]) {
+            let meta = fs::metadata(dir).map_err(io_err(dir))?;
+            let mode = meta.permissions().mode() & 0o7777;
+            if mode & 0o011 != 0o011 {
+                fs::set_permissions(dir, fs::Permissions::from_mode(mode | 0o011))
+                    .map_err(io_err(dir))?;
+            }
+        }
         let download = parent.join(format!(".download-{}", artifact.sha256));
         let result = self.fetch(store, artifact, &download).await;
         let actual = match result {

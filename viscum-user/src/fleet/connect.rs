@@ -26,6 +26,9 @@ pub struct ConnectSettings {
     /// Longest wait between two reconnection attempts once connected (the waits grow from
     /// 100 ms, doubling, up to this).
     pub max_reconnect_delay: Duration,
+    /// Prefix of the connection's reply inboxes (`None`: NATS's `_INBOX`); a box uses
+    /// [`schema::box_inbox_prefix`], so its permissions can be limited to its own inboxes.
+    pub inbox_prefix: Option<String>,
 }
 
 impl ConnectSettings {
@@ -38,6 +41,7 @@ impl ConnectSettings {
             tls: fleet.tls.clone(),
             connect_timeout: Duration::from_secs(5),
             max_reconnect_delay: Duration::from_secs(5),
+            inbox_prefix: Some(schema::box_inbox_prefix(&fleet.box_id)),
         }
     }
 }
@@ -129,6 +133,9 @@ pub async fn connect(
             let shift = attempts.min(16) as u32;
             Duration::from_millis(100u64 << shift).min(max_delay)
         });
+    if let Some(prefix) = &settings.inbox_prefix {
+        options = options.custom_inbox_prefix(prefix);
+    }
     if let Some(tx) = events {
         options = options.event_callback(move |event| {
             let tx = tx.clone();

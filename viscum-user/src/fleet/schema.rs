@@ -232,6 +232,21 @@ pub fn box_filter(box_id: &str) -> String {
     format!("box.{box_id}.svc.>")
 }
 
+/// The inbox prefix of a box's connection: `_INBOX_<box>` (replies and watch deliveries
+/// come to `_INBOX_<box>.>`). With the shared `_INBOX.>` a box allowed to receive its replies
+/// could also subscribe to every other box's; operators grant each box `_INBOX_<box>.>` only.
+pub fn box_inbox_prefix(box_id: &str) -> String {
+    format!("_INBOX_{box_id}")
+}
+
+/// A name for a watch consumer of box `box_id` (`vbox_<box>_<unique>`): named, so that its
+/// create request's subject (`$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>`) carries
+/// the filter and permissions can restrict a box to its own keys; unique, so that a
+/// consumer left by an earlier session or daemon never clashes with a new one.
+pub fn watch_consumer_name(box_id: &str, unique: u64) -> String {
+    format!("vbox_{box_id}_{unique}")
+}
+
 /// A box's key in [`STATUS_BUCKET`]: `status.<box>`.
 pub fn status_key(box_id: &str) -> String {
     format!("status.{box_id}")
@@ -363,7 +378,8 @@ pub struct ArtifactStatus {
     pub sha256: String,
 }
 
-/// The [`DESIRED_BUCKET`] configuration operators create it with: a few revisions of
+/// The [`DESIRED_BUCKET`] configuration operators create it with ([`super::buckets`]: not
+/// `create_key_value`, which cannot talk to nats-server 2.9): a few revisions of
 /// history per key (for `viscum fleet` to show what changed), no TTL.
 pub fn desired_bucket_config() -> async_nats::jetstream::kv::Config {
     async_nats::jetstream::kv::Config {
