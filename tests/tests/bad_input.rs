@@ -421,7 +421,7 @@ fn configuration_files_name_every_problem_in_the_files_terms() {
             "[[service]\nname = \"web\"\n".into(),
             vec!["not valid TOML", "line 1"],
         ),
-        ("name = \"web\"\n".into(), vec!["file: name: unknown section (expected [engine] and [[service]])"]),
+        ("name = \"web\"\n".into(), vec!["file: name: unknown section (expected [engine], [fleet] and [[service]])"]),
         ("service = 3\n".into(), vec!["file: service: must be an array of tables: write each one as [[service]]"]),
         (
             "[engine]\ncolour = \"blue\"\n".into(),

@@ -56,9 +56,11 @@ use std::{
 
 use crate::{endpoint::Endpoint, hostnames::HostMatch, redirect::RedirectOptions};
 
+pub mod fleet;
 mod raw;
 mod validate;
 
+pub use fleet::{ArtifactRef, FleetConfig, FleetService};
 use raw::{RawEngine, RawHealth, RawLimits, RawService, decode, decode_nested, forget_dropped};
 pub use validate::{client_interface, interface_name, parse_size};
 use validate::{validate_engine, validate_service};
@@ -83,8 +85,11 @@ pub const DEFAULT_USER: &str = "nobody";
 pub struct Config {
     /// The `[engine]` table.
     pub engine: EngineConfig,
-    /// The `[[service]]` tables, in file order.
+    /// The `[[service]]` tables, in file order (with the fleet's after them in the
+    /// configuration a daemon runs, see [`fleet::merge`]).
     pub services: Vec<ServiceConfig>,
+    /// The `[fleet]` section: desired state from NATS JetStream ([`fleet`]).
+    pub fleet: Option<FleetConfig>,
     /// The file this came from; `viscum reload` and SIGHUP re-read it.
     pub source: Option<PathBuf>,
 }
@@ -142,6 +147,11 @@ pub struct ServiceConfig {
     /// edge flows continue) before the process is stopped (`drain_timeout_ms`, default
     /// [`DEFAULT_DRAIN_TIMEOUT_MS`]). 0 = no draining.
     pub drain_timeout: Duration,
+    /// The fleet artifact it runs (`artifact`; only services from the fleet's desired state).
+    pub artifact: Option<ArtifactRef>,
+    /// Working directory of its process and health checks: the installed artifact's
+    /// directory, set by the fleet agent once it is unpacked; `None`: `/`.
+    pub workdir: Option<PathBuf>,
 }
 
 impl ServiceConfig {
@@ -392,11 +402,11 @@ impl Config {
         let mut problems = Vec::new();
 
         for key in table.keys() {
-            if key != "engine" && key != "service" {
+            if key != "engine" && key != "service" && key != "fleet" {
                 problems.push(Problem {
                     scope: "file".into(),
                     field: key.clone(),
-                    message: "unknown section (expected [engine] and [[service]])".into(),
+                    message: "unknown section (expected [engine], [fleet] and [[service]])".into(),
                 });
             }
         }
@@ -527,10 +537,13 @@ impl Config {
             }
         }
 
+        let fleet = fleet::parse_section(table.get("fleet"), &raw_services, &mut problems);
+
         match engine {
             Some(engine) if problems.is_empty() => Ok(Config {
                 engine,
                 services,
+                fleet,
                 source: None,
             }),
             _ => Err(ConfigError::Invalid {

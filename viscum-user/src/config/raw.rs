@@ -48,6 +48,7 @@ pub(super) struct RawService {
     pub(super) learn_ms: Option<i64>,
     pub(super) health: Option<RawHealth>,
     pub(super) limits: Option<RawLimits>,
+    pub(super) artifact: Option<super::fleet::RawArtifact>,
 }
 
 #[derive(Debug, Deserialize, Default)]

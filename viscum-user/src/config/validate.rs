@@ -256,6 +256,7 @@ pub(super) fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<
 
     let health = validate_health(raw.health, &matches, p);
     let limits = validate_limits(raw.limits.unwrap_or_default(), p);
+    let artifact = super::fleet::validate_artifact(raw.artifact, p);
 
     if p.out.len() != before {
         return None;
@@ -273,6 +274,8 @@ pub(super) fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<
         limits,
         stop_grace,
         drain_timeout,
+        artifact,
+        workdir: None,
     })
 }
 

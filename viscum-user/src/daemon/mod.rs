@@ -52,6 +52,7 @@
 
 pub mod cgroup;
 pub mod control;
+mod fleet;
 pub mod health;
 pub mod links;
 pub mod load;
@@ -196,6 +197,8 @@ pub async fn run(
         source,
     })?;
     let _lock = lock(&paths)?;
+    // The fleet's checkpointed services run from the start, like the file's.
+    let (config, boot_fleet) = fleet::boot(config, &paths);
 
     let control_listener = control::bind(&instance.control).await?;
     let _socket = RemoveOnDrop(instance.control.clone());
@@ -279,6 +282,7 @@ pub async fn run(
         started: Instant::now(),
         load: None,
         link_log: LinkLog::default(),
+        fleet: boot_fleet,
     };
     daemon.remove_stale().await;
     daemon.remove_half_built().await;
@@ -294,6 +298,8 @@ pub async fn run(
     let control_task = tokio::spawn(control::serve(control_listener, ctl_tx));
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<metrics::Scrape>(16);
     let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, scrape_tx)));
+    let (fleet_tx, mut fleet_rx) = mpsc::channel::<fleet::FleetRequest>(4);
+    let fleet_task = fleet::start(&daemon.config, &daemon.ctx.paths, fleet_tx);
     log::info!(
         "running {} service(s); control socket {}",
         daemon.services.len(),
@@ -338,6 +344,16 @@ pub async fn run(
                 let status = daemon.status().await;
                 let _ = reply.send(metrics::render(&status));
             }
+            Some(request) = fleet_rx.recv() => {
+                fleet::handle_answering_status(
+                    &mut daemon,
+                    request,
+                    &mut ctl_rx,
+                    &mut scrape_rx,
+                    &mut deferred,
+                )
+                .await;
+            }
             _ = load_tick.tick(), if daemon.shedder.is_some() => daemon.check_load(),
             events = watcher.next() => daemon.on_link_events(&events).await,
             _ = link_tick.tick() => daemon.check_links().await,
@@ -345,6 +361,9 @@ pub async fn run(
     }
 
     control_task.abort();
+    if let Some(t) = fleet_task {
+        t.abort();
+    }
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -532,6 +551,8 @@ struct Daemon {
     load: Option<(f64, load::Source)>,
     /// What has been said about interfaces and targets, so each change is logged once.
     link_log: LinkLog,
+    /// The fleet services among `config.services`, as last applied ([`fleet`]).
+    fleet: Vec<crate::config::FleetService>,
 }
 
 /// Everything `status` reads, owned: the daemon's settings as they were when it was taken,
@@ -1044,6 +1065,18 @@ impl Daemon {
                 };
             }
         };
+        // The fleet's services join the file's.
+        let new = match self.with_fleet(new) {
+            Ok(c) => c,
+            Err(response) => return *response,
+        };
+        self.apply(new, &path).await
+    }
+
+    /// Applies a validated configuration (the file's services and the fleet's) as a diff
+    /// against the running one; what cannot change while running refuses it whole. `path`
+    /// names the file in messages.
+    async fn apply(&mut self, new: Config, path: &Path) -> Response {
         // What only a restart can change, and interfaces that do not exist: refuse up front,
         // before anything is touched.
         let mut problems = Vec::new();

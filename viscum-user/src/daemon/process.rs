@@ -184,6 +184,9 @@ pub struct Spec<'a> {
     pub output: Option<&'a File>,
     /// `cgroup.procs` files to write "0" to (join) before exec.
     pub cgroup_procs: &'a [std::path::PathBuf],
+    /// Working directory (`None`: `/`); a fleet artifact's directory. Entered before the
+    /// account changes, so only the directory itself must be open to the service's user.
+    pub cwd: Option<&'a std::path::Path>,
 }
 
 /// The environment a service starts with: a fixed minimal one plus its `env` table. The
@@ -216,7 +219,7 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(&spec.command[0]);
     cmd.args(&spec.command[1..])
         .env_clear()
-        .current_dir("/")
+        .current_dir(spec.cwd.unwrap_or(std::path::Path::new("/")))
         .stdin(Stdio::null());
     for (k, v) in base_env(spec.user)
         .into_iter()

@@ -760,6 +760,7 @@ impl Actor {
             netns: &ns.fd,
             output: output.as_ref(),
             cgroup_procs: &self.placement.procs,
+            cwd: self.cfg.workdir.as_deref(),
         };
         match process::spawn(&spec) {
             Ok(proc) => {
