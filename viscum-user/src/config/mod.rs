@@ -108,6 +108,9 @@ pub struct EngineConfig {
     pub metrics: Option<SocketAddr>,
     /// DNS servers for host-name matches (empty: the box's /etc/resolv.conf).
     pub dns: Vec<SocketAddr>,
+    /// `[engine.network]`: the client-facing link's rate, which turns network shares on
+    /// ([`crate::shares`]); `None`: no shaping.
+    pub network: Option<crate::shares::LinkConfig>,
 }
 
 /// One `[[service]]`.
@@ -142,6 +145,9 @@ pub struct ServiceConfig {
     /// edge flows continue) before the process is stopped (`drain_timeout_ms`, default
     /// [`DEFAULT_DRAIN_TIMEOUT_MS`]). 0 = no draining.
     pub drain_timeout: Duration,
+    /// `[service.network]`: the service's share of the client-facing link and its cap
+    /// ([`crate::shares`]); `None`: the defaults (share 1, no cap). Needs `[engine.network]`.
+    pub network: Option<crate::shares::ServiceNetwork>,
 }
 
 impl ServiceConfig {
@@ -408,7 +414,11 @@ impl Config {
             };
             let raw = match table.get("engine") {
                 None => Some((RawEngine::default(), Vec::new())),
-                Some(v) => decode::<RawEngine>(v, &[], &mut p),
+                Some(v) => decode::<RawEngine>(
+                    v,
+                    &[("network", decode_nested::<crate::shares::config::RawLink>)],
+                    &mut p,
+                ),
             };
             raw.and_then(|(raw, dropped)| {
                 let since = p.out.len();
@@ -469,6 +479,7 @@ impl Config {
                 &[
                     ("health", decode_nested::<RawHealth>),
                     ("limits", decode_nested::<RawLimits>),
+                    ("network", decode_nested::<crate::shares::config::RawService>),
                 ],
                 &mut p,
             ) else {
@@ -526,6 +537,7 @@ impl Config {
                 services.push(svc);
             }
         }
+        crate::shares::config::need_link(engine.as_ref(), &services, &mut problems);
 
         match engine {
             Some(engine) if problems.is_empty() => Ok(Config {

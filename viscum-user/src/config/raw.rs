@@ -25,6 +25,7 @@ pub(super) struct RawEngine {
     pub(super) max_load: Option<f64>,
     pub(super) metrics: Option<String>,
     pub(super) dns: Option<Vec<String>>,
+    pub(super) network: Option<crate::shares::config::RawLink>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -48,6 +49,7 @@ pub(super) struct RawService {
     pub(super) learn_ms: Option<i64>,
     pub(super) health: Option<RawHealth>,
     pub(super) limits: Option<RawLimits>,
+    pub(super) network: Option<crate::shares::config::RawService>,
 }
 
 #[derive(Debug, Deserialize, Default)]
