@@ -19,7 +19,7 @@ static SHARES: HashMap<u32, u32> = HashMap::pinned(SHARES_ENTRIES, 0);
 #[inline(always)]
 pub fn classify(ctx: &TcContext, ifindex: u32) {
     // SAFETY: a read of the map value the kernel returned, copied at once.
-    if let Some(prio) = unsafe { SHARES.get(&ifindex) } {
+    if let Some(prio) = unsafe { SHARES.get(ifindex) } {
         let prio = *prio;
         // SAFETY: `priority` is a writable field of a TC program's __sk_buff.
         unsafe { (*ctx.skb.skb).priority = prio };

@@ -45,7 +45,7 @@ impl DaemonShares {
 
     /// Applies a reload's `[engine.network]` and interfaces: the qdiscs are removed, or made,
     /// or made again when the link's rate or the interfaces changed. Classes follow with the
-    /// next [`Daemon::sync_shares`].
+    /// daemon's next sync (at every link check).
     pub async fn reload(&mut self, pins: &crate::engine::Pins, new: &Config) {
         let same = match (&self.shaper, new.engine.network) {
             (None, None) => true,
