@@ -443,7 +443,7 @@ fn configuration_files_name_every_problem_in_the_files_terms() {
             svc("[service.network]\nshare = \"big\"\nburst = 1"),
             vec![
                 "service web: network.share: expected a whole number, found the string \"big\"",
-                "service web: network.burst: unknown key (valid keys: share, max)",
+                "service web: network.burst: unknown key (valid keys: share or max)",
             ],
         ),
         (
