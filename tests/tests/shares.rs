@@ -207,3 +207,87 @@ fn a_foreign_root_qdisc_is_refused_and_left_alone() {
         "nothing was attached before the refusal"
     );
 }
+
+/// Class `7663:minor`'s rate on the edge's `lan0`, in Mbit/s; `None` without such a class.
+fn class_mbit(lab: &Lab, minor: u16) -> Option<u64> {
+    let ifindex = lab.edge_ifindex(LAN_IF);
+    lab.edge.block_on(move || async move {
+        let h = netns::handle_here().await.expect("netlink in edge");
+        shares::classes(&h, ifindex)
+            .await
+            .expect("dump classes")
+            .into_iter()
+            .find(|(c, _, _)| c.major == shares::HTB_MAJOR && c.minor == minor)
+            .map(|(_, rate, _)| rate.bits() / 1_000_000)
+    })
+}
+
+/// A reload applies a changed share to the class in place (the service keeps running), and
+/// removing `[engine.network]` removes the qdisc and the map's entries; adding it back puts
+/// them back.
+#[test]
+fn a_reload_changes_shares_in_place_and_turns_them_off_and_on() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = DaemonFiles::new();
+    let svc = lab.service_ns_name();
+    files.write_raw(&config(&files, &[(&svc, 5201, 1)]));
+    let daemon = Daemon::start(&lab, &files);
+    let pid = daemon.wait_redirected(&svc, Duration::from_secs(20));
+    assert!(
+        wait_until(Duration::from_secs(10), || shares_map(&lab).len() == 1),
+        "no map entry: {}",
+        daemon.log()
+    );
+    // Link 50, other traffic 1, the service 1: 25 Mbit/s each.
+    assert_eq!(class_mbit(&lab, shares::DEFAULT_MINOR), Some(25));
+    assert_eq!(class_mbit(&lab, shares::FIRST_SERVICE_MINOR), Some(25));
+
+    let reload = |text: String| {
+        files.write_raw(&text);
+        let r = daemon
+            .request(r#"{"cmd":"reload"}"#)
+            .expect("an answer to reload");
+        assert_eq!(r["ok"], true, "reload refused: {r}\n{}", daemon.log());
+    };
+    reload(config(&files, &[(&svc, 5201, 4)]));
+    assert!(
+        wait_until(Duration::from_secs(10), || class_mbit(
+            &lab,
+            shares::FIRST_SERVICE_MINOR
+        ) == Some(40)),
+        "share 4 of 5 is 40 Mbit/s: {:?}",
+        class_mbit(&lab, shares::FIRST_SERVICE_MINOR)
+    );
+    assert_eq!(class_mbit(&lab, shares::DEFAULT_MINOR), Some(10));
+    assert_eq!(
+        daemon.service(&svc)["pid"].as_i64(),
+        Some(i64::from(pid)),
+        "a share change does not restart the service"
+    );
+
+    // Off: no qdisc, no entries.
+    let off = config(&files, &[(&svc, 5201, 1)])
+        .replace(
+            &format!("[engine.network]\nrate = \"{LINK_MBIT}mbit\"\n"),
+            "",
+        )
+        .replace("[service.network]\nshare = 1\n", "");
+    assert!(!off.contains("network"), "{off}");
+    reload(off);
+    assert_eq!(lan_root(&lab).0, "noqueue");
+    assert!(shares_map(&lab).is_empty(), "{:?}", shares_map(&lab));
+
+    // On again.
+    reload(config(&files, &[(&svc, 5201, 1)]));
+    assert_eq!(lan_root(&lab), ("htb".into(), shares::HTB_MAJOR));
+    assert!(
+        wait_until(Duration::from_secs(10), || shares_map(&lab).len() == 1),
+        "no map entry after turning shares on again: {}",
+        daemon.log()
+    );
+    assert!(daemon.stop().success());
+    assert_eq!(lan_root(&lab).0, "noqueue");
+}

@@ -8,6 +8,9 @@
 //! run_dir = "/run/viscum"          # optional: logs/ and state/ live here
 //! max_load = 0.9                   # optional load shedding threshold
 //! metrics = "127.0.0.1:9310"       # optional Prometheus endpoint
+//! [engine.network]                 # optional: network shares (crate::shares)
+//! rate = "100mbit"                 # the client-facing link's rate
+//! other_share = 1                  # weight of all other traffic to clients
 //!
 //! [[service]]
 //! name = "speedtest"
@@ -34,6 +37,9 @@
 //! memory = "64M"
 //! cpu = 0.5
 //! pids = 64
+//! [service.network]                # its share of the client-facing link
+//! share = 3                        # weight 1-100 (default 1)
+//! max = "20mbit"                   # optional ceiling
 //! ```
 //!
 //! Parsing happens in two passes so that one run reports *every* problem: the file is first

@@ -267,6 +267,93 @@ pub async fn del_class(
     .await
 }
 
+/// The HTB classes of `ifindex` with their rates (`tc class show`): (class handle, rate,
+/// ceiling), read back from each class's `TCA_HTB_PARMS` (and the 64-bit attributes).
+///
+/// # Errors
+/// [`ShareError::Netlink`] if the dump fails.
+pub async fn classes(
+    handle: &Handle,
+    ifindex: u32,
+) -> Result<Vec<(TcHandle, Rate, Rate)>, ShareError> {
+    let what = || format!("cannot list the classes of interface {ifindex}");
+    let mut m = TcMessage::default();
+    m.header.index = ifindex as i32;
+    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetTrafficClass(m));
+    req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    let mut handle = handle.clone();
+    let mut answers = handle.request(req).map_err(|e| ShareError::Netlink {
+        what: what(),
+        source: std::io::Error::other(e),
+    })?;
+    let mut out = Vec::new();
+    while let Some(answer) = answers.next().await {
+        match answer.payload {
+            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewTrafficClass(c))
+                if c.header.index == ifindex as i32 =>
+            {
+                // netlink-packet-route keeps an unknown kind's TCA_OPTIONS as raw bytes: the
+                // nested attributes, walked here.
+                let raw = c.attributes.iter().find_map(|a| match a {
+                    TcAttribute::Options(o) => o.iter().find_map(|o| match o {
+                        TcOption::Other(nla) => {
+                            let mut v = vec![0u8; rtnetlink::packet_core::Nla::value_len(nla)];
+                            rtnetlink::packet_core::Nla::emit_value(nla, &mut v);
+                            Some(v)
+                        }
+                        _ => None,
+                    }),
+                    _ => None,
+                });
+                if let Some(raw) = raw
+                    && let Some((rate, ceil)) = parse_rates(&raw)
+                {
+                    out.push((c.header.handle, rate, ceil));
+                }
+            }
+            NetlinkPayload::Error(err) if err.code.is_some() => {
+                return Err(ShareError::Netlink {
+                    what: what(),
+                    source: err.to_io(),
+                });
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Rate and ceiling from a class's nested HTB attributes.
+fn parse_rates(mut raw: &[u8]) -> Option<(Rate, Rate)> {
+    let (mut rate, mut ceil, mut rate64, mut ceil64) = (None, None, None, None);
+    let u32_at =
+        |b: &[u8], at: usize| Some(u32::from_ne_bytes(b.get(at..at + 4)?.try_into().ok()?));
+    let u64_at = |b: &[u8]| Some(u64::from_ne_bytes(b.get(..8)?.try_into().ok()?));
+    while raw.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([raw[0], raw[1]]));
+        let kind = u16::from_ne_bytes([raw[2], raw[3]]) & 0x3fff;
+        if len < 4 || len > raw.len() {
+            break;
+        }
+        let value = &raw[4..len];
+        match kind {
+            TCA_HTB_PARMS => {
+                rate = u32_at(value, 8);
+                ceil = u32_at(value, 20);
+            }
+            TCA_HTB_RATE64 => rate64 = u64_at(value),
+            TCA_HTB_CEIL64 => ceil64 = u64_at(value),
+            _ => {}
+        }
+        raw = &raw[len.next_multiple_of(4).min(raw.len())..];
+    }
+    let bytes = |small: Option<u32>, big: Option<u64>| big.or(small.map(u64::from));
+    Some((
+        Rate::from_bits(bytes(rate, rate64)? * 8),
+        Rate::from_bits(bytes(ceil, ceil64)? * 8),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,7 +52,9 @@ use std::{
 };
 
 use aya::maps::{HashMap, Map, MapData};
-pub use htb::{ClassParams, RootQdisc, add_qdisc, del_class, del_qdisc, root_qdisc, set_class};
+pub use htb::{
+    ClassParams, RootQdisc, add_qdisc, classes, del_class, del_qdisc, root_qdisc, set_class,
+};
 pub use rate::Rate;
 use rtnetlink::packet_route::tc::TcHandle;
 use viscum_common::SHARES_MAP;
