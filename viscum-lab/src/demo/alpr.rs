@@ -112,6 +112,18 @@ pub struct Figures {
 struct Collector {
     count: Arc<AtomicU64>,
     bytes: Arc<AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl Drop for Collector {
+    /// Ends the thread, which closes the socket: the cloud namespace is not kept alive.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Collector {
@@ -119,16 +131,26 @@ impl Collector {
         let sock = netns::in_netns(cloud, || {
             UdpSocket::bind((Ipv6Addr::UNSPECIFIED, COLLECTOR_PORT))
         })??;
+        // Woken now and then to see whether it should stop.
+        sock.set_read_timeout(Some(Duration::from_millis(100)))?;
         let (count, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-        let (c, b) = (count.clone(), bytes.clone());
-        thread::spawn(move || {
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (c, b, s) = (count.clone(), bytes.clone(), stop.clone());
+        let thread = thread::spawn(move || {
             let mut buf = [0u8; 2048];
-            while let Ok((n, _)) = sock.recv_from(&mut buf) {
-                c.fetch_add(1, Ordering::SeqCst);
-                b.fetch_add(n as u64, Ordering::SeqCst);
+            while !s.load(Ordering::SeqCst) {
+                if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    b.fetch_add(n as u64, Ordering::SeqCst);
+                }
             }
         });
-        Ok(Collector { count, bytes })
+        Ok(Collector {
+            count,
+            bytes,
+            stop,
+            thread: Some(thread),
+        })
     }
 
     fn counts(&self) -> (u64, u64) {
