@@ -28,7 +28,9 @@ use common::iperf3_client;
 const LINK_MBIT: u64 = 50;
 
 /// The daemon's configuration: `lan0` shaped to [`LINK_MBIT`], iperf3 services `(name,
-/// port, share)`.
+/// port, share)`. Their health check reads the socket table instead of connecting: iperf3
+/// takes a connect probe for a client, and when it gives up on it re-opens its listening
+/// socket, resetting a real client that arrives meanwhile (`viscum_lab::demo::listening_check`).
 fn config(files: &DaemonFiles, services: &[(&str, u16, u32)]) -> String {
     let mut text = format!(
         "[engine]\ninterfaces = [\"{LAN_IF}\"]\ncontrol = \"{}\"\nrun_dir = \"{}\"\n\n\
@@ -40,7 +42,7 @@ fn config(files: &DaemonFiles, services: &[(&str, u16, u32)]) -> String {
         text.push_str(&format!(
             "\n[[service]]\nname = \"{name}\"\nmatch = [\"tcp://{CLOUD_V4}:{port}\"]\n\
              command = [\"/usr/bin/iperf3\", \"-s\", \"-p\", \"{port}\"]\n\
-             [service.health]\ntcp = {port}\ninterval_ms = 1000\ntimeout_ms = 500\nrise = 1\nfall = 3\n\
+             [service.health]\nexec = [\"/usr/bin/grep\", \"-qE\", \":{port:04X} [0-9A-F]+:0000 0A\", \"/proc/net/tcp\", \"/proc/net/tcp6\"]\ninterval_ms = 1000\ntimeout_ms = 500\nrise = 1\nfall = 3\n\
              [service.network]\nshare = {share}\n"
         ));
     }

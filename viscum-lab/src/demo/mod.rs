@@ -107,25 +107,49 @@ impl std::fmt::Debug for Proc {
     }
 }
 
-/// Waits until something listens on TCP `port` in `ns` (a connect to 127.0.0.1 succeeds).
+/// Waits until something listens on TCP `port` in `ns`, from the kernel's socket table
+/// (not by connecting: an iperf3 server takes a connection that sends nothing for a client
+/// and resets the next real one while it gives up on it).
 ///
 /// # Errors
 /// When nothing does within 10 s.
 pub fn wait_listening(ns: &str, port: u16) -> Result<()> {
-    let ok = wait_until(Duration::from_secs(10), || {
+    let want = format!(":{port:04X}");
+    let listening = || {
+        let want = want.clone();
         netns::in_netns(ns, move || {
-            std::net::TcpStream::connect_timeout(
-                &(std::net::Ipv4Addr::LOCALHOST, port).into(),
-                Duration::from_millis(200),
-            )
-            .is_ok()
+            ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+                .iter()
+                .filter_map(|p| std::fs::read_to_string(p).ok())
+                .any(|t| {
+                    // local_address is the 2nd column, the state (0A: LISTEN) the 4th.
+                    t.lines().any(|l| {
+                        let cols: Vec<&str> = l.split_whitespace().collect();
+                        cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "0A"
+                    })
+                })
         })
         .unwrap_or(false)
-    });
-    if !ok {
+    };
+    if !wait_until(Duration::from_secs(10), listening) {
         bail!("nothing listens on port {port} in {ns}");
     }
     Ok(())
+}
+
+/// A health check (`exec`) that passes while something listens on TCP `port` in the
+/// service's namespace, read from the kernel's socket table. For iperf3, which a TCP
+/// connect check would disturb: it takes the probe for a client that sends nothing, and
+/// re-opens its listening socket when it gives up on it, resetting a real client that
+/// arrives meanwhile.
+pub fn listening_check(port: u16) -> Vec<String> {
+    vec![
+        "/usr/bin/grep".into(),
+        "-qE".into(),
+        format!(":{port:04X} [0-9A-F]+:0000 0A"),
+        "/proc/net/tcp".into(),
+        "/proc/net/tcp6".into(),
+    ]
 }
 
 /// Limits the egress of `iface` in namespace `ns` to `rate` with an HTB qdisc of one class

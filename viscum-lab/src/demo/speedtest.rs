@@ -126,7 +126,7 @@ pub fn run(lab: &Lab, smoke: bool) -> Result<Figures> {
             format!("udp://{CLOUD_V4}:{PORT}"),
         ],
         health: Some(Health {
-            check: Check::Tcp(u32::from(PORT)),
+            check: Check::Exec(super::listening_check(PORT)),
             interval_ms: 1000,
             timeout_ms: 500,
             rise: 1,
