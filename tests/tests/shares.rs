@@ -22,7 +22,7 @@ use viscum_tests::{
 };
 
 mod common;
-use common::iperf3_client;
+use common::{global_stats, iperf3_client};
 
 /// The link the test shapes to, in Mbit/s.
 const LINK_MBIT: u64 = 50;
@@ -139,6 +139,11 @@ fn two_services_split_the_link_by_their_shares() {
         "share 1 got {:.1} % of the link (want 25 % +- 10 points): {a:.1} vs {b:.1} Mbit/s",
         small_part * 100.0
     );
+    // Every reply took the reply classifier's redirect, the path that sets the class (the
+    // kernel's forwarding would rewrite the priority from the TOS byte).
+    let g = global_stats(&lab);
+    assert!(g["replies_forwarded"].as_u64() > Some(100), "{g}");
+    assert_eq!(g["replies_to_stack"].as_u64(), Some(0), "{g}");
     // Together they fill the link (goodput is ~95 % of the frames' bytes).
     assert!(
         total >= LINK_MBIT as f64 * 0.85,
