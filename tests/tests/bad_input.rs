@@ -425,7 +425,34 @@ fn configuration_files_name_every_problem_in_the_files_terms() {
         ("service = 3\n".into(), vec!["file: service: must be an array of tables: write each one as [[service]]"]),
         (
             "[engine]\ncolour = \"blue\"\n".into(),
-            vec!["engine: colour: unknown key (valid keys: interfaces, bpffs, control, run_dir, max_load, metrics, dns)"],
+            vec!["engine: colour: unknown key (valid keys: interfaces, bpffs, control, run_dir, max_load, metrics, dns, network)"],
+        ),
+        (
+            format!(
+                "[engine]\n[engine.network]\nrate = \"fast\"\nother_share = 0\n{}",
+                svc("[service.network]\nshare = 101\nmax = \"20mb\"")
+            ),
+            vec![
+                "engine: network.rate: 'fast' is not a rate: write a number and a unit, such as \"20mbit\"",
+                "engine: network.other_share: 0 is not a share: a whole number from 1 to 100 (a weight)",
+                "service web: network.share: 101 is not a share: a whole number from 1 to 100 (a weight)",
+                "service web: network.max: '20mb': unknown unit 'mb' (bit, kbit, mbit, gbit, tbit,",
+            ],
+        ),
+        (
+            svc("[service.network]\nshare = \"big\"\nburst = 1"),
+            vec![
+                "service web: network.share: expected a whole number, found the string \"big\"",
+                "service web: network.burst: unknown key (valid keys: share or max)",
+            ],
+        ),
+        (
+            svc("[service.network]\nshare = 3"),
+            vec!["service web: network: needs [engine.network] with the client-facing link's rate (rate = \"100mbit\"): shares divide that link"],
+        ),
+        (
+            "[engine.network]\nother_share = 2\n".into(),
+            vec!["engine: network.rate: missing: the client-facing link's rate, such as \"100mbit\""],
         ),
         (
             svc("comand = [\"typo\"]"),

@@ -513,6 +513,16 @@ pub const ICMP_INGRESS_PROG: &str = "viscum_icmp_ingress";
 /// Name of the ICMP program of the service side.
 pub const ICMP_REPLY_PROG: &str = "viscum_icmp_reply";
 
+/// Name of the hash of network shares (`u32` host-veth ifindex -> `u32` `skb->priority`),
+/// written by the daemon (`[service.network]`, `viscum-user/src/shares`): `viscum_reply` gives
+/// a reply it sends out to the client the priority of its service's veth, which is the
+/// service's HTB class handle (`major << 16 | minor`) on the client-facing interface, so the
+/// kernel's HTB qdisc there divides the link among services by their shares. A veth without
+/// an entry leaves the priority alone.
+pub const SHARES_MAP: &str = "VISCUM_SHARES";
+/// Capacity of [`SHARES_MAP`]: service veths with a share at once.
+pub const SHARES_ENTRIES: u32 = 1024;
+
 /// Name of the LRU fragment table (`FragKey` -> `FragPorts`).
 pub const FRAGS_MAP: &str = "VISCUM_FRAGS";
 /// Capacity of the fragment table: datagrams in reassembly at once.

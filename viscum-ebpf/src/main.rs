@@ -39,6 +39,7 @@ mod nat;
 mod parse;
 mod redirect;
 mod runtime;
+mod share;
 
 use core::mem::MaybeUninit;
 
@@ -367,7 +368,12 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     let mut fwd = p;
     fwd.saddr = id.service;
     fwd.sport = id.service_port;
-    Ok(redirect::reply_to_client(ctx, &fwd))
+    let action = redirect::reply_to_client(ctx, &fwd);
+    if action == TC_ACT_REDIRECT {
+        // Sent straight out to the client: its service's network share (HTB class).
+        share::classify(ctx, ifindex);
+    }
+    Ok(action)
 }
 
 /// Not ours: no verdict, so the packet continues as if Viscum were absent.

@@ -24,6 +24,7 @@
 
 pub mod census;
 pub mod daemon;
+pub mod demo;
 pub mod guard;
 pub mod lab;
 pub mod nats;

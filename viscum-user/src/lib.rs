@@ -34,6 +34,7 @@ pub mod hostnames;
 pub mod lifecycle;
 pub mod netns;
 pub mod redirect;
+pub mod shares;
 pub mod spec;
 pub mod uci;
 

@@ -30,3 +30,24 @@ pub fn run(viscum: &Path) -> Result<std::process::ExitCode> {
     let err = cmd.exec();
     Err(err).with_context(|| format!("cannot run {}", lab.display()))
 }
+
+/// Builds `viscum-demo` and execs it for demo `name` (`--smoke`: briefly) with the `viscum`
+/// binary at `viscum`; returns only on failure.
+pub fn demo(viscum: &Path, name: &str, smoke: bool) -> Result<std::process::ExitCode> {
+    if !process::is_root() {
+        bail!("the demos create network namespaces and attach eBPF programs: run them as root");
+    }
+    let bin = build::cargo_build_bin(
+        &["build", "-p", "viscum-lab", "--bin", "viscum-demo"],
+        "viscum-lab",
+        "viscum-demo",
+    )?;
+    let mut cmd = Command::new(&bin);
+    cmd.arg("--viscum").arg(viscum).args(["--demo", name]);
+    if smoke {
+        cmd.arg("--smoke");
+    }
+    println!("+ {}", process::display(&cmd));
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("cannot run {}", bin.display()))
+}

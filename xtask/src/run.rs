@@ -17,6 +17,14 @@ pub struct Options {
     /// Use this viscum binary instead of building one (e.g. a stub while working on the lab).
     #[arg(long, value_name = "PATH")]
     viscum: Option<PathBuf>,
+    /// Run one of the paper's use cases in its own lab instead, printing what it measured:
+    /// `speedtest` (iperf3 at the edge vs from the cloud) or `alpr` (image uploads, text
+    /// results to the cloud: uploaded vs uplink bytes).
+    #[arg(long, value_name = "NAME", value_parser = ["speedtest", "alpr"])]
+    demo: Option<String>,
+    /// With --demo: a few seconds of traffic instead of the full run.
+    #[arg(long, requires = "demo")]
+    smoke: bool,
     /// Arguments for `viscum` (e.g. `-- redirect list`); without any, start the lab.
     #[arg(
         trailing_var_arg = true,
@@ -34,6 +42,9 @@ pub fn run(opts: Options) -> Result<ExitCode> {
             .with_context(|| format!("cannot resolve {}", path.display()))?,
         None => build::viscum_debug()?,
     };
+    if let Some(demo) = &opts.demo {
+        return lab::demo(&viscum, demo, opts.smoke);
+    }
     if opts.args.is_empty() {
         return lab::run(&viscum);
     }

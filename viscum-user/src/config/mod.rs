@@ -8,6 +8,9 @@
 //! run_dir = "/run/viscum"          # optional: logs/ and state/ live here
 //! max_load = 0.9                   # optional load shedding threshold
 //! metrics = "127.0.0.1:9310"       # optional Prometheus endpoint
+//! [engine.network]                 # optional: network shares (crate::shares)
+//! rate = "100mbit"                 # the client-facing link's rate
+//! other_share = 1                  # weight of all other traffic to clients
 //!
 //! [[service]]
 //! name = "speedtest"
@@ -34,6 +37,9 @@
 //! memory = "64M"
 //! cpu = 0.5
 //! pids = 64
+//! [service.network]                # its share of the client-facing link
+//! share = 3                        # weight 1-100 (default 1)
+//! max = "20mbit"                   # optional ceiling
 //! ```
 //!
 //! Parsing happens in two passes so that one run reports *every* problem: the file is first
@@ -113,6 +119,9 @@ pub struct EngineConfig {
     pub metrics: Option<SocketAddr>,
     /// DNS servers for host-name matches (empty: the box's /etc/resolv.conf).
     pub dns: Vec<SocketAddr>,
+    /// `[engine.network]`: the client-facing link's rate, which turns network shares on
+    /// ([`crate::shares`]); `None`: no shaping.
+    pub network: Option<crate::shares::LinkConfig>,
 }
 
 /// One `[[service]]`.
@@ -152,6 +161,9 @@ pub struct ServiceConfig {
     /// Working directory of its process and health checks: the installed artifact's
     /// directory, set by the fleet agent once it is unpacked; `None`: `/`.
     pub workdir: Option<PathBuf>,
+    /// `[service.network]`: the service's share of the client-facing link and its cap
+    /// ([`crate::shares`]); `None`: the defaults (share 1, no cap). Needs `[engine.network]`.
+    pub network: Option<crate::shares::ServiceNetwork>,
 }
 
 impl ServiceConfig {
@@ -418,7 +430,11 @@ impl Config {
             };
             let raw = match table.get("engine") {
                 None => Some((RawEngine::default(), Vec::new())),
-                Some(v) => decode::<RawEngine>(v, &[], &mut p),
+                Some(v) => decode::<RawEngine>(
+                    v,
+                    &[("network", decode_nested::<crate::shares::config::RawLink>)],
+                    &mut p,
+                ),
             };
             raw.and_then(|(raw, dropped)| {
                 let since = p.out.len();
@@ -479,6 +495,7 @@ impl Config {
                 &[
                     ("health", decode_nested::<RawHealth>),
                     ("limits", decode_nested::<RawLimits>),
+                    ("network", decode_nested::<crate::shares::config::RawService>),
                 ],
                 &mut p,
             ) else {
@@ -536,6 +553,7 @@ impl Config {
                 services.push(svc);
             }
         }
+        crate::shares::config::need_link(engine.as_ref(), &services, &mut problems);
 
         let fleet = fleet::parse_section(table.get("fleet"), &raw_services, &mut problems);
 

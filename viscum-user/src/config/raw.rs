@@ -25,6 +25,7 @@ pub(super) struct RawEngine {
     pub(super) max_load: Option<f64>,
     pub(super) metrics: Option<String>,
     pub(super) dns: Option<Vec<String>>,
+    pub(super) network: Option<crate::shares::config::RawLink>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -49,6 +50,7 @@ pub(super) struct RawService {
     pub(super) health: Option<RawHealth>,
     pub(super) limits: Option<RawLimits>,
     pub(super) artifact: Option<super::fleet::RawArtifact>,
+    pub(super) network: Option<crate::shares::config::RawService>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -77,7 +77,16 @@ pub(super) fn validate_engine(raw: RawEngine, p: &mut Problems<'_>) -> Option<En
             },
         }
     }
+    let network = raw.network.and_then(|n| {
+        let mut out = Vec::new();
+        let link = crate::shares::config::link(n, &mut out);
+        for (field, message) in out {
+            p.add(field, message);
+        }
+        link
+    });
     (p.out.len() == before).then_some(EngineConfig {
+        network,
         interfaces,
         bpffs: raw.bpffs,
         control: raw.control,
@@ -257,6 +266,14 @@ pub(super) fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<
     let health = validate_health(raw.health, &matches, p);
     let limits = validate_limits(raw.limits.unwrap_or_default(), p);
     let artifact = super::fleet::validate_artifact(raw.artifact, p);
+    let network = raw.network.map(|n| {
+        let mut out = Vec::new();
+        let network = crate::shares::config::service(n, &mut out);
+        for (field, message) in out {
+            p.add(field, message);
+        }
+        network
+    });
 
     if p.out.len() != before {
         return None;
@@ -276,6 +293,7 @@ pub(super) fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<
         drain_timeout,
         artifact,
         workdir: None,
+        network,
     })
 }
 

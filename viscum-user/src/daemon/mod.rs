@@ -61,6 +61,7 @@ pub mod metrics;
 pub mod process;
 pub mod sandbox;
 pub mod service;
+pub mod shares;
 pub mod state;
 
 use std::{
@@ -128,6 +129,10 @@ pub enum DaemonError {
         #[source]
         source: io::Error,
     },
+    /// Network shares (`[engine.network]`) could not be put on the interfaces: one has a
+    /// root qdisc Viscum did not make, or the kernel refused the HTB qdisc.
+    #[error("cannot set up network shares")]
+    Shares(#[from] crate::shares::ShareError),
     /// A piece of the daemon's own machinery could not start.
     #[error("cannot start the daemon's {what}")]
     Setup {
@@ -219,6 +224,8 @@ pub async fn run(
 
     let pins = Pins::new(&instance.bpffs);
     let mut record: DaemonRecord = state::read_record(&paths.daemon_record()).unwrap_or_default();
+    // Before the attach: refused shares change nothing.
+    let shares = shares::DaemonShares::start(&config).await?;
     let had_program = pins.program().exists();
     let outcomes = engine::attach(&pins, &config.engine.interfaces, MapSizes::default())?;
     note_attached(&mut record, &outcomes);
@@ -283,6 +290,7 @@ pub async fn run(
         load: None,
         link_log: LinkLog::default(),
         fleet: boot_fleet,
+        shares,
     };
     daemon.remove_stale().await;
     daemon.remove_half_built().await;
@@ -553,6 +561,8 @@ struct Daemon {
     link_log: LinkLog,
     /// The fleet services among `config.services`, as last applied ([`fleet`]).
     fleet: Vec<crate::config::FleetService>,
+    /// Network shares' qdiscs and map entries ([`shares`]).
+    shares: shares::DaemonShares,
 }
 
 /// Everything `status` reads, owned: the daemon's settings as they were when it was taken,
@@ -963,6 +973,8 @@ impl Daemon {
             }
         }
 
+        self.sync_shares().await;
+
         // Entries whose target came back. The daemon's own services are their tasks'
         // business (health-gated), so their veths are skipped.
         let managed: BTreeSet<String> = self
@@ -1103,6 +1115,9 @@ impl Daemon {
                 problems.push(format!("engine: interfaces[{i}]: {e}"));
             }
         }
+        if let Err(e) = self.shares.check(&new).await {
+            problems.push(e);
+        }
         if !problems.is_empty() {
             log::error!(
                 "reload: keeping the running configuration: {}",
@@ -1126,7 +1141,7 @@ impl Daemon {
                     report.removed.push(name.clone());
                     stopping.push((self.services.remove(name).expect("listed"), true));
                 }
-                Some(cfg) if *cfg != *self.services[name].config => {
+                Some(cfg) if !shares::same_but_network(cfg, &self.services[name].config) => {
                     report.changed.push(name.clone());
                     stopping.push((self.services.remove(name).expect("listed"), false));
                 }
@@ -1195,6 +1210,7 @@ impl Daemon {
             .collect();
         report.detached = detach_ours(&self.pins, &mut self.record, &gone);
         save_record(&self.ctx.paths, &self.record);
+        self.shares.reload(&self.pins, &new).await;
 
         // Load shedding.
         if new.engine.max_load != self.config.engine.max_load {
@@ -1244,6 +1260,7 @@ impl Daemon {
         let handles: Vec<_> = std::mem::take(&mut self.services).into_values().collect();
         futures::future::join_all(handles.into_iter().map(|h| h.shutdown(true))).await;
         cgroup::remove_bases();
+        self.shares.stop(&self.pins).await;
         let ours = self.record.attached.clone();
         detach_ours(&self.pins, &mut self.record, &ours);
         let leftover = self

@@ -26,7 +26,7 @@ use viscum_common::{
     CONFIG_MAP, DatapathConfig, FLOWS_MAP, FRAGS_MAP, FlowKey, FlowState, FragKey, FragPorts,
     GLOBAL_COUNTERS, GLOBAL_STATS_MAP, JUMP_MAP, JUMP_SLOTS, MAP_LAYOUT_VERSION, MAX_RULES,
     PORT_FILTER_WORDS, PORTS_MAP, PREFIXES_MAP, PrefixData, PrefixNode, REPLIES_MAP, RULES_MAP,
-    ReplyKey, ReplyState, SERVICES_MAP, ServiceEntry, ServiceKey,
+    ReplyKey, ReplyState, SERVICES_MAP, SHARES_ENTRIES, SHARES_MAP, ServiceEntry, ServiceKey,
 };
 
 use super::{EngineError, Pins};
@@ -92,7 +92,7 @@ fn size<T>() -> u32 {
 }
 
 /// Every map the classifier pins, as this binary's types define it.
-fn expected() -> [Expected; 11] {
+fn expected() -> [Expected; 12] {
     let e = |name, map_type, key, value, max_entries| Expected {
         name,
         map_type,
@@ -166,6 +166,9 @@ fn expected() -> [Expected; 11] {
             Some(1),
         ),
         e(JUMP_MAP, MapType::ProgramArray, 4, 4, Some(JUMP_SLOTS)),
+        // Added without a layout bump: pins without it get it from the next `attach` (aya
+        // creates a missing pinned map), and older binaries never open it.
+        e(SHARES_MAP, MapType::Hash, 4, 4, Some(SHARES_ENTRIES)),
     ]
 }
 
