@@ -7,6 +7,8 @@
 //! control = "/run/viscum.sock"     # optional control socket
 //! run_dir = "/run/viscum"          # optional: logs/ and state/ live here
 //! max_load = 0.9                   # optional load shedding threshold
+//! load_scope = "system"            # or "services": whose pressure max_load compares
+//! storage_dir = "/var/lib/viscum/storage"  # optional: where [service.storage] images live
 //! metrics = "127.0.0.1:9310"       # optional Prometheus endpoint
 //!
 //! [[service]]
@@ -34,6 +36,9 @@
 //! memory = "64M"
 //! cpu = 0.5
 //! pids = 64
+//! [service.storage]                # optional: a private working directory (config::storage)
+//! size = "64M"
+//! keep = false
 //! ```
 //!
 //! Parsing happens in two passes so that one run reports *every* problem: the file is first
@@ -57,9 +62,11 @@ use std::{
 use crate::{endpoint::Endpoint, hostnames::HostMatch, redirect::RedirectOptions};
 
 mod raw;
+mod storage;
 mod validate;
 
 use raw::{RawEngine, RawHealth, RawLimits, RawService, decode, decode_nested, forget_dropped};
+pub use storage::{DEFAULT_STORAGE_DIR, MIN_STORAGE_BYTES, Storage};
 pub use validate::{client_interface, interface_name, parse_size};
 use validate::{validate_engine, validate_service};
 
@@ -104,6 +111,12 @@ pub struct EngineConfig {
     /// as [`crate::daemon::load`] measures it: PSI `some avg10` of CPU and memory, else the
     /// 1-minute load average per CPU. `None`: never shed.
     pub max_load: Option<f64>,
+    /// Whose pressure `max_load` is compared with (`load_scope`, default
+    /// [`LoadScope::System`]).
+    pub load_scope: LoadScope,
+    /// Directory of the `[service.storage]` images (`storage_dir`, default
+    /// [`DEFAULT_STORAGE_DIR`]).
+    pub storage_dir: PathBuf,
     /// Address of the Prometheus text endpoint.
     pub metrics: Option<SocketAddr>,
     /// DNS servers for host-name matches (empty: the box's /etc/resolv.conf).
@@ -135,6 +148,8 @@ pub struct ServiceConfig {
     pub health: HealthConfig,
     /// Resource limits (cgroups).
     pub limits: Limits,
+    /// A private, size-limited working directory (`[service.storage]`), if any.
+    pub storage: Option<Storage>,
     /// Time between SIGTERM and SIGKILL when stopping (`stop_grace_ms`, default
     /// [`DEFAULT_STOP_GRACE_MS`]).
     pub stop_grace: Duration,
@@ -268,6 +283,19 @@ impl Limits {
     pub fn is_empty(&self) -> bool {
         self.memory.is_none() && self.cpu.is_none() && self.pids.is_none()
     }
+}
+
+/// `load_scope = "system" | "services"`: whose pressure `max_load` is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadScope {
+    /// The whole box: `/proc/pressure/{cpu,memory}` (loadavg without PSI).
+    #[default]
+    System,
+    /// The services' own tasks: PSI of the daemon's `viscum` cgroup (v2), which holds
+    /// every service's group. Stalls of the services count, whoever causes them; a busy box
+    /// whose services are idle does not shed.
+    Services,
 }
 
 /// Why a configuration was refused.
@@ -469,6 +497,7 @@ impl Config {
                 &[
                     ("health", decode_nested::<RawHealth>),
                     ("limits", decode_nested::<RawLimits>),
+                    ("storage", decode_nested::<storage::RawStorage>),
                 ],
                 &mut p,
             ) else {

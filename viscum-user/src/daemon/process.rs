@@ -184,6 +184,8 @@ pub struct Spec<'a> {
     pub output: Option<&'a File>,
     /// `cgroup.procs` files to write "0" to (join) before exec.
     pub cgroup_procs: &'a [std::path::PathBuf],
+    /// The service's storage to mount and work in ([`super::storage`]), if it has one.
+    pub storage: Option<&'a super::storage::ChildMount>,
 }
 
 /// The environment a service starts with: a fixed minimal one plus its `env` table. The
@@ -224,6 +226,10 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
     {
         cmd.env(k, v);
     }
+    if let Some(storage) = spec.storage {
+        // systemd's name for a service's state directory.
+        cmd.env("STATE_DIRECTORY", &storage.path);
+    }
     match spec.output {
         Some(file) => {
             cmd.stdout(file.try_clone()?).stderr(file.try_clone()?);
@@ -243,6 +249,7 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
     let groups: Vec<libc::gid_t> = spec.user.groups.clone();
     let (uid, gid) = (spec.user.uid, spec.user.gid);
     let sandbox = Sandbox::prepare();
+    let storage = spec.storage.cloned();
     // The daemon raised its own open-file limit for its control connections
     // (`control::ORIGINAL_NOFILE`); a service gets the limit the daemon was started with,
     // as Go does for its children: a program that still uses select(2) breaks on
@@ -283,6 +290,10 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
             }
             // Both need privileges the account change gives up (sandbox.rs has the order).
             sandbox.private_tmp()?;
+            // In the new mount namespace, while still privileged.
+            if let Some(storage) = &storage {
+                storage.mount(uid, gid)?;
+            }
             sandbox.drop_bounding_set()?;
             if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                 || libc::setgid(gid) != 0
