@@ -3,9 +3,9 @@
 //! `/init`, `viscum` and modules: no Python there), and the host tests use the same binary,
 //! so both run the very same load.
 //!
-//! * `hog limits`: starts up to 40 sleeping threads and prints `threads N` (a `pids` limit
-//!   stops it early), spins one CPU for 1 s and prints `spun` (a `cpu` limit throttles it),
-//!   then allocates and touches memory 4 MiB at a time, printing `allocated N MiB`, up to
+//! * `hog limits`: spins five threads for 1 s and prints `spun` (a `cpu` limit throttles
+//!   it), starts up to 40 sleeping threads and prints `threads N` (a `pids` limit stops it
+//!   early), then allocates and touches memory 4 MiB at a time, printing `allocated N MiB`, up to
 //!   1 GiB (a `memory` limit has the OOM killer end it first), then sleeps.
 //! * `hog cpu N`: N threads that spin for ever (CPU pressure), printing `spinning N`.
 
@@ -35,6 +35,21 @@ pub fn main(args: &[String]) -> u8 {
         .as_slice()
     {
         ["limits"] => {
+            // Four spinners for 1 s: four CPUs' worth of demand, throttled by a `cpu` limit
+            // below that however busy the rest of the machine is.
+            let end = std::time::Instant::now() + Duration::from_secs(1);
+            let spinners: Vec<_> = (0..4)
+                .filter_map(|_| {
+                    std::thread::Builder::new()
+                        .spawn(move || spin_until(end))
+                        .ok()
+                })
+                .collect();
+            spin_until(end);
+            for s in spinners {
+                let _ = s.join();
+            }
+            say("spun");
             let mut threads = 0;
             for _ in 0..40 {
                 match std::thread::Builder::new()
@@ -46,8 +61,6 @@ pub fn main(args: &[String]) -> u8 {
                 }
             }
             say(&format!("threads {threads}"));
-            spin_until(std::time::Instant::now() + Duration::from_secs(1));
-            say("spun");
             let mut kept: Vec<Vec<u8>> = Vec::new();
             for step in 1..=256u64 {
                 // Written, not only reserved: untouched pages cost nothing.

@@ -4,12 +4,13 @@
 //! host. `tests/tests/limits.rs` runs the same check on the development machine.
 //!
 //! The service is `viscum-vmcheck hog limits` ([`crate::hog`]) with `memory = "32M"`,
-//! `cpu = 0.5`, `pids = 16`. What must be seen:
+//! `cpu = 0.05` (5 ms per 100 ms period), `pids = 16`. What must be seen:
 //!
 //! * every limit reported enforced, by the file of the expected hierarchy (`memory.max`,
 //!   `cpu.max`, `pids.max` on v2; `memory.limit_in_bytes`, `cpu.cfs_quota_us` on v1);
 //! * `pids`: the hog starts fewer than 16 threads (it tries 40);
-//! * `cpu`: the group's `cpu.stat` counts throttled periods after the hog's 1 s spin;
+//! * `cpu`: the group's `cpu.stat` counts throttled periods after the hog's 1 s spin on
+//!   five threads;
 //! * `memory`: the OOM killer ends the hog inside its own group (the daemon lives on), the
 //!   daemon restarts it, and `status` shows `oom_kills` >= 1, a restart and
 //!   `killed by signal 9`.
@@ -27,6 +28,10 @@ use crate::{
     guard::wait_until,
     lab::Lab,
 };
+
+/// The `cpu` limit: small enough that the hog's group exceeds it even when a busy host gives
+/// the whole group a small share (on v1 the group weighs as much as one task of the root).
+const CPU: f64 = 0.05;
 
 /// Bound for the whole sequence (emulated CPUs are slow; on a real one it takes seconds).
 const BOUND: Duration = Duration::from_secs(240);
@@ -96,7 +101,7 @@ pub fn cgroup_limits(lab: &Lab, hog: &Path, interfaces: &[&str]) -> CaseResult {
         svc.user = Some("root".into());
         svc.limits = Some(Limits {
             memory: Some("32M".into()),
-            cpu: Some(0.5),
+            cpu: Some(CPU),
             pids: Some(16),
         });
         config.services.push(svc);
@@ -105,8 +110,12 @@ pub fn cgroup_limits(lab: &Lab, hog: &Path, interfaces: &[&str]) -> CaseResult {
         let log = files.run_dir().join("logs").join(format!("{name}.log"));
         let start = Instant::now();
 
-        // The limits, and the files enforcing them.
-        let svc = daemon.service(&name);
+        // The limits, and the files enforcing them (reported once the task made its groups).
+        let mut svc = serde_json::Value::Null;
+        wait_until(BOUND, || {
+            svc = daemon.service(&name);
+            !svc["limits"]["memory"].is_null()
+        });
         let mem = enforcing_file(&svc, "memory")?;
         let cpu = enforcing_file(&svc, "cpu")?;
         let pids = enforcing_file(&svc, "pids")?;
@@ -129,7 +138,7 @@ pub fn cgroup_limits(lab: &Lab, hog: &Path, interfaces: &[&str]) -> CaseResult {
         let mut text = String::new();
         if !wait_until(BOUND, || {
             text = fs::read_to_string(&log).unwrap_or_default();
-            text.contains("\nspun") || text.starts_with("spun")
+            text.lines().any(|l| l.starts_with("threads "))
         }) {
             return Err(format!("the hog did not report within {BOUND:?}:\n{text}"));
         }
@@ -146,7 +155,14 @@ pub fn cgroup_limits(lab: &Lab, hog: &Path, interfaces: &[&str]) -> CaseResult {
         let throttled = stat_value(&cpu_stat, "nr_throttled").unwrap_or(0);
         if throttled == 0 {
             return Err(format!(
-                "cpu = 0.5, yet no period was throttled:\n{cpu_stat}"
+                "cpu = {CPU}, yet no period was throttled:\n{cpu_stat}"
+            ));
+        }
+        let quota = fs::read_to_string(&cpu).map_err(|e| format!("{}: {e}", cpu.display()))?;
+        if quota.split_whitespace().next() != Some("5000") {
+            return Err(format!(
+                "{}: {quota:?}, expected a 5000 us quota",
+                cpu.display()
             ));
         }
 
