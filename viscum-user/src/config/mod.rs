@@ -1064,6 +1064,51 @@ health = { exec = "true" }
     }
 
     #[test]
+    fn storage_and_load_scope() {
+        let base =
+            "[[service]]\nname = \"web\"\nmatch = [\"tcp://198.51.100.7:80\"]\ncommand = [\"x\"]\n";
+        let c = Config::parse(&format!(
+            "[engine]\nload_scope = \"services\"\nstorage_dir = \"/srv/v\"\n{base}[service.storage]\nsize = \"9M\"\nkeep = true\n"
+        ))
+        .unwrap();
+        assert_eq!(c.engine.load_scope, LoadScope::Services);
+        assert_eq!(c.engine.storage_dir, PathBuf::from("/srv/v"));
+        assert_eq!(
+            c.services[0].storage,
+            Some(Storage {
+                size: 9 << 20,
+                keep: true
+            })
+        );
+        let c = Config::parse(base).unwrap();
+        assert_eq!(c.engine.load_scope, LoadScope::System);
+        assert_eq!(c.engine.storage_dir, PathBuf::from(DEFAULT_STORAGE_DIR));
+        assert_eq!(c.services[0].storage, None);
+        // Rounded up to whole 4 KiB blocks.
+        let c = Config::parse(&format!("{base}[service.storage]\nsize = 8388609\n")).unwrap();
+        assert_eq!(
+            c.services[0].storage.as_ref().unwrap().size,
+            (8 << 20) + 4096
+        );
+        let p = problems(&format!(
+            "[engine]\nload_scope = \"box\"\nstorage_dir = \"rel\"\n{base}[service.storage]\nsize = \"1M\"\nquota = 1\n"
+        ));
+        assert_eq!(
+            p,
+            [
+                "engine: load_scope: 'box' is not one of system, services",
+                "engine: storage_dir: 'rel' must be an absolute path",
+                "service web: storage.quota: unknown key (valid keys: size, keep)",
+                "service web: storage.size: 1048576 bytes is below the minimum of 8M (an ext4 file system with its journal)",
+            ]
+        );
+        assert_eq!(
+            problems(&format!("{base}[service.storage]\nkeep = true\n")),
+            ["service web: storage.size: missing: give the size, e.g. \"64M\""]
+        );
+    }
+
+    #[test]
     fn restart_policy() {
         assert!(RestartPolicy::Always.restarts(true));
         assert!(!RestartPolicy::OnFailure.restarts(true));

@@ -279,7 +279,7 @@ struct Actor {
     last_check_error: Option<String>,
     /// Install errors are retried at every event; log each distinct one once.
     last_logged_install_error: Option<String>,
-    /// `[service.storage]` as `status` shows it (usage filled in at each publish).
+    /// `[service.storage]` as `status` shows it (its use is filled in by the status reader).
     storage: Option<StorageStatus>,
     /// The entries are draining because the box sheds load (open edge flows continue).
     shed_draining: bool,
