@@ -78,7 +78,7 @@ fn quota_enospc_isolation_persistence_and_removal() {
     let (full, other) = (lab.service_ns_name(), lab.service_ns_name());
     let svc = |name: &str, port: u16, args: &[&str]| {
         let mut command = vec!["/usr/bin/python3".to_string(), py.display().to_string()];
-        command.extend(args.iter().map(|a| a.to_string()));
+        command.extend(args.iter().map(ToString::to_string));
         Service::new(name, command).matches(&[format!("tcp://198.51.100.7:{port}")])
     };
     let mut config = files.config();

@@ -92,7 +92,7 @@ pub fn cgroup_limits(lab: &Lab, hog: &Path, interfaces: &[&str]) -> CaseResult {
         let files = DaemonFiles::new();
         let name = lab.service_ns_name();
         let mut config = files.config();
-        config.engine.interfaces = interfaces.iter().map(|i| i.to_string()).collect();
+        config.engine.interfaces = interfaces.iter().map(ToString::to_string).collect();
         let mut svc = Service::new(
             &name,
             vec![hog.display().to_string(), "hog".into(), "limits".into()],

@@ -1098,7 +1098,7 @@ health = { exec = "true" }
             [
                 "engine: load_scope: 'box' is not one of system, services",
                 "engine: storage_dir: 'rel' must be an absolute path",
-                "service web: storage.quota: unknown key (valid keys: size, keep)",
+                "service web: storage.quota: unknown key (valid keys: size or keep)",
                 "service web: storage.size: 1048576 bytes is below the minimum of 8M (an ext4 file system with its journal)",
             ]
         );

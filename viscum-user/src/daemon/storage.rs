@@ -372,10 +372,10 @@ fn attach(image: &Path) -> Result<(File, PathBuf), StorageError> {
             .custom_flags(libc::O_CLOEXEC)
             .open(path)
     };
-    if let Some(dev) = existing_device(image) {
-        if let Ok(f) = open_dev(&dev) {
-            return Ok((f, dev));
-        }
+    if let Some(dev) = existing_device(image)
+        && let Ok(f) = open_dev(&dev)
+    {
+        return Ok((f, dev));
     }
     let backing = OpenOptions::new()
         .read(true)
