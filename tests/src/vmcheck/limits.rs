@@ -3,7 +3,7 @@
 //! guests (the runner mounts cgroup2 on `/sys/fs/cgroup`), the v1 controllers on a hybrid
 //! host. `tests/tests/limits.rs` runs the same check on the development machine.
 //!
-//! The service is `viscum-vmcheck hog limits` ([`crate::hog`]) with `memory = "32M"`,
+//! The service is `viscum-vmcheck hog limits` ([`crate::hog`]) with `memory = "16M"`,
 //! `cpu = 0.05` (5 ms per 100 ms period), `pids = 16`. What must be seen:
 //!
 //! * every limit reported enforced, by the file of the expected hierarchy (`memory.max`,
@@ -100,7 +100,7 @@ pub fn cgroup_limits(lab: &Lab, hog: &Path, interfaces: &[&str]) -> CaseResult {
         .matches(&["tcp://198.51.100.7:9199".to_string()]);
         svc.user = Some("root".into());
         svc.limits = Some(Limits {
-            memory: Some("32M".into()),
+            memory: Some("16M".into()),
             cpu: Some(CPU),
             pids: Some(16),
         });
@@ -193,8 +193,8 @@ pub fn cgroup_limits(lab: &Lab, hog: &Path, interfaces: &[&str]) -> CaseResult {
             })
             .max()
             .unwrap_or(0);
-        if allocated >= 64 {
-            return Err(format!("memory = 32M, yet the hog held {allocated} MiB"));
+        if allocated >= 32 {
+            return Err(format!("memory = 16M, yet the hog held {allocated} MiB"));
         }
         // The daemon was not the victim: it still answers, with the same pid.
         let pid = daemon.status()["pid"].as_i64().unwrap_or(0);
