@@ -185,6 +185,7 @@ async fn exec(
         output: None,
         cgroup_procs: &[],
         cwd: service.workdir.as_deref(),
+        storage: None,
     };
     let mut child =
         process::spawn_child(&spec).map_err(|e| format!("cannot run {}: {e}", command[0]))?;

@@ -63,6 +63,7 @@ pub mod sandbox;
 pub mod service;
 pub mod shares;
 pub mod state;
+pub mod storage;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -276,6 +277,7 @@ pub async fn run(
         shed,
         resolver,
         links: links_changed,
+        storage_dir: config.engine.storage_dir.clone(),
     });
 
     let mut daemon = Daemon {
@@ -288,6 +290,7 @@ pub async fn run(
         services: BTreeMap::new(),
         started: Instant::now(),
         load: None,
+        load_unreadable_said: false,
         link_log: LinkLog::default(),
         fleet: boot_fleet,
         shares,
@@ -557,6 +560,8 @@ struct Daemon {
     /// Present when `max_load` is set.
     shedder: Option<Shedder>,
     load: Option<(f64, load::Source)>,
+    /// That the load cannot be read was logged already.
+    load_unreadable_said: bool,
     /// What has been said about interfaces and targets, so each change is logged once.
     link_log: LinkLog,
     /// The fleet services among `config.services`, as last applied ([`fleet`]).
@@ -611,6 +616,13 @@ impl StatusSource {
                     edge_flows += e.new_flows;
                     cloud_flows += e.cloud_flows;
                 }
+            }
+            s.oom_kills = shared.oom_events.as_deref().and_then(cgroup::oom_kills_in);
+            if let (Some(st), Some(pid)) = (s.storage.as_mut(), s.pid)
+                && let Some((total, used)) = storage::usage(pid, &st.path)
+            {
+                st.total_bytes = Some(total);
+                st.used_bytes = Some(used);
             }
             s.packets = packets;
             s.bytes = bytes;
@@ -722,6 +734,7 @@ impl Daemon {
                 ),
             }
             cgroup::remove_named(&name);
+            storage::remove(&self.ctx.storage_dir, &name);
             let _ = state::remove_record(&path);
         }
     }
@@ -1031,9 +1044,13 @@ impl Daemon {
         let Some(shedder) = &mut self.shedder else {
             return;
         };
-        let Some((value, source)) = load::current() else {
-            if self.load.is_some() {
-                log::warn!("cannot read the load any more (no PSI, no /proc/loadavg)");
+        let scope = self.config.engine.load_scope;
+        let Some((value, source)) = load::current_for(scope) else {
+            if self.load.is_some() || !self.load_unreadable_said {
+                log::warn!(
+                    "cannot read the load ({scope:?} scope: no PSI nor /proc/loadavg, or no cgroup v2 group of the services with PSI yet): not shedding on it"
+                );
+                self.load_unreadable_said = true;
             }
             self.load = None;
             return;
@@ -1108,6 +1125,11 @@ impl Daemon {
             problems
                 .push("engine: metrics: cannot change while running (restart the daemon)".into());
         }
+        if new.engine.storage_dir != self.config.engine.storage_dir {
+            problems.push(
+                "engine: storage_dir: cannot change while running (restart the daemon)".into(),
+            );
+        }
         for (i, iface) in new.engine.interfaces.iter().enumerate() {
             if !self.config.engine.interfaces.contains(iface)
                 && let Err(e) = engine::ifindex(iface)
@@ -1151,6 +1173,10 @@ impl Daemon {
         // Removed and changed services release their entries before anyone else may need
         // their matches.
         futures::future::join_all(stopping.into_iter().map(|(h, delete)| h.shutdown(delete))).await;
+        // Their data goes with them, unless configured with `keep = true`.
+        for name in &report.removed {
+            storage::remove(&self.ctx.storage_dir, name);
+        }
         // The rest of the apply is one change of the instance: CLI writers wait for it, and it
         // for them (see `engine::lock`). Not taken before: removed services drain for up to
         // their `drain_timeout_ms`, and each of their steps takes the lock on its own, so CLI

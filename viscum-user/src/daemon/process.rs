@@ -187,6 +187,8 @@ pub struct Spec<'a> {
     /// Working directory (`None`: `/`); a fleet artifact's directory. Entered before the
     /// account changes, so only the directory itself must be open to the service's user.
     pub cwd: Option<&'a std::path::Path>,
+    /// The service's storage to mount and work in ([`super::storage`]), if it has one.
+    pub storage: Option<&'a super::storage::ChildMount>,
 }
 
 /// The environment a service starts with: a fixed minimal one plus its `env` table. The
@@ -227,6 +229,10 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
     {
         cmd.env(k, v);
     }
+    if let Some(storage) = spec.storage {
+        // systemd's name for a service's state directory.
+        cmd.env("STATE_DIRECTORY", &storage.path);
+    }
     match spec.output {
         Some(file) => {
             cmd.stdout(file.try_clone()?).stderr(file.try_clone()?);
@@ -246,6 +252,17 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
     let groups: Vec<libc::gid_t> = spec.user.groups.clone();
     let (uid, gid) = (spec.user.uid, spec.user.gid);
     let sandbox = Sandbox::prepare();
+    let storage = spec.storage.cloned();
+    // A fleet artifact's directory stays the working directory of a service that also has
+    // storage (its command names the artifact's files relatively); the storage is then
+    // reached through $STATE_DIRECTORY. Prepared here: no allocation after fork.
+    let artifact_cwd = match (spec.storage, spec.cwd) {
+        (Some(_), Some(dir)) => Some(
+            std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+                .map_err(|_| io::Error::other("working directory with a NUL byte"))?,
+        ),
+        _ => None,
+    };
     // The daemon raised its own open-file limit for its control connections
     // (`control::ORIGINAL_NOFILE`); a service gets the limit the daemon was started with,
     // as Go does for its children: a program that still uses select(2) breaks on
@@ -286,6 +303,15 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
             }
             // Both need privileges the account change gives up (sandbox.rs has the order).
             sandbox.private_tmp()?;
+            // In the new mount namespace, while still privileged.
+            if let Some(storage) = &storage {
+                storage.mount(uid, gid)?;
+                if let Some(dir) = &artifact_cwd
+                    && libc::chdir(dir.as_ptr()) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             sandbox.drop_bounding_set()?;
             if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                 || libc::setgid(gid) != 0
