@@ -392,7 +392,7 @@ mod tests {
         assert_eq!(dash["__inputs"][0]["name"], "DS_PROMETHEUS");
         assert_eq!(dash["__inputs"][0]["pluginId"], "prometheus");
         let known = family_names();
-        let mut used = std::collections::BTreeSet::new();
+        let mut used = std::collections::BTreeSet::<String>::new();
         let mut exprs = 0;
         let check_ds = |what: &str, v: &serde_json::Value| {
             assert_eq!(v["datasource"]["uid"], "${DS_PROMETHEUS}", "{what}");
@@ -429,7 +429,7 @@ mod tests {
             assert!(!names.is_empty(), "{what}: {expr} names no viscum metric");
             for n in names {
                 assert!(known.contains(&n), "{what}: {expr}: {n} is not exported");
-                used.insert(n);
+                used.insert(n.to_string());
             }
         }
         for p in panels.iter().filter(|p| p["type"] != "row") {
@@ -438,7 +438,7 @@ mod tests {
         }
         assert!(exprs > 20, "{exprs}");
         for n in &known {
-            assert!(used.contains(n), "no panel shows {n}");
+            assert!(used.contains(*n), "no panel shows {n}");
         }
     }
 }
