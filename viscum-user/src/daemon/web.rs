@@ -10,8 +10,7 @@
 //! Served with hyper's HTTP/1 server on the daemon's tokio runtime. The listener never
 //! touches the daemon's state: for every answer it asks the supervisor for a
 //! [`DaemonStatus`] snapshot over a channel ([`Scrape`]), the same snapshot `viscum status`
-//! shows, and renders it here. Snapshots are shared for up to [`FRESH`], so several open
-//! pages cost the supervisor one snapshot per second at most.
+//! shows, and renders it here.
 //!
 //! The charts need history on first load, so a sampler task takes a snapshot every
 //! [`SAMPLE_INTERVAL`] and keeps the last [`HISTORY_LEN`] ([`History`], 10 minutes) in
@@ -56,8 +55,6 @@ pub type Scrape = oneshot::Sender<DaemonStatus>;
 pub const SAMPLE_INTERVAL: Duration = Duration::from_secs(5);
 /// How many samples [`History`] keeps: 10 minutes at [`SAMPLE_INTERVAL`].
 pub const HISTORY_LEN: usize = 120;
-/// How long a snapshot answers requests before a new one is asked for.
-pub const FRESH: Duration = Duration::from_secs(1);
 /// Connections served at once.
 pub const MAX_CONNECTIONS: usize = 64;
 /// Time a client has to send its request head.
@@ -194,8 +191,6 @@ struct Shared {
     tx: mpsc::Sender<Scrape>,
     started: Instant,
     history: Mutex<History>,
-    /// The latest snapshot and the listener's clock when it was taken.
-    fresh: tokio::sync::Mutex<Option<(Instant, u64, Arc<DaemonStatus>)>>,
 }
 
 impl Shared {
@@ -203,20 +198,14 @@ impl Shared {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// A snapshot at most [`FRESH`] old, with its time; `None` once the supervisor is gone.
-    async fn status(&self) -> Option<(u64, Arc<DaemonStatus>)> {
-        let mut fresh = self.fresh.lock().await;
-        if let Some((at, t, status)) = fresh.as_ref()
-            && at.elapsed() < FRESH
-        {
-            return Some((*t, status.clone()));
-        }
+    /// A snapshot of the daemon now, with the listener's clock; `None` once the supervisor is
+    /// gone. Never cached: an answer reflects the daemon at the time it was asked (a scrape
+    /// right after a change sees it), and a snapshot is cheap next to a browser's 2 s poll.
+    async fn status(&self) -> Option<(u64, DaemonStatus)> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(reply).await.ok()?;
-        let status = Arc::new(rx.await.ok()?);
-        let t = self.now_ms();
-        *fresh = Some((Instant::now(), t, status.clone()));
-        Some((t, status))
+        let status = rx.await.ok()?;
+        Some((self.now_ms(), status))
     }
 
     fn history(&self) -> std::sync::MutexGuard<'_, History> {
@@ -248,7 +237,6 @@ pub async fn serve(listener: TcpListener, tx: mpsc::Sender<Scrape>) {
         tx,
         started: Instant::now(),
         history: Mutex::new(History::new(HISTORY_LEN)),
-        fresh: tokio::sync::Mutex::new(None),
     });
     let _sampler = AbortOnDrop(tokio::spawn(sample(shared.clone())));
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -462,9 +450,13 @@ mod tests {
             let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
             let addr = listener.local_addr().unwrap();
             let (tx, mut rx) = mpsc::channel::<Scrape>(4);
+            // The fake supervisor's numbers grow with every snapshot it is asked for: the
+            // first (the sampler's, at once) has 1 edge flow, the next 2, and so on.
             tokio::spawn(async move {
+                let mut n = 0;
                 while let Some(reply) = rx.recv().await {
-                    let _ = reply.send(status(3));
+                    n += 1;
+                    let _ = reply.send(status(n));
                 }
             });
             let server = tokio::spawn(serve(listener, tx));
@@ -485,6 +477,12 @@ mod tests {
             let text = get("/metrics", "GET").await;
             assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
             assert!(
+                text.contains("viscum_service_flows_total{service=\"web\",where=\"edge\"} 2\n"),
+                "{text}"
+            );
+            // Each answer is a new snapshot (no cache hides a change from a scraper).
+            let text = get("/metrics", "GET").await;
+            assert!(
                 text.contains("viscum_service_flows_total{service=\"web\",where=\"edge\"} 3\n"),
                 "{text}"
             );
@@ -492,12 +490,14 @@ mod tests {
             let json = api.split("\r\n\r\n").nth(1).unwrap();
             let v: serde_json::Value = serde_json::from_str(json).unwrap();
             assert_eq!(v["status"]["services"][0]["name"], "web");
-            assert_eq!(v["status"]["services"][0]["edge_flows"], 3);
+            assert_eq!(v["status"]["services"][0]["edge_flows"], 4);
             assert_eq!(v["interval_s"], 5);
-            // The sampler's first sample is taken at once.
+            assert_eq!(v["window_s"], 600);
+            // The sampler's first sample, taken at once.
             let samples = v["history"].as_array().unwrap();
             assert_eq!(samples.len(), 1, "{v:#}");
-            assert_eq!(samples[0]["services"]["web"]["bytes"], 300);
+            assert_eq!(samples[0]["services"]["web"]["edge_flows"], 1);
+            assert_eq!(samples[0]["services"]["web"]["bytes"], 100);
             let later = get("/api/status?since=99999999", "GET").await;
             assert!(later.contains("\"history\":[]"), "{later}");
             assert!(get("/nope", "GET").await.starts_with("HTTP/1.0 404"));
