@@ -474,30 +474,45 @@ mod tests {
             assert!(page.starts_with("HTTP/1.0 200 OK"), "{page}");
             assert!(page.contains("content-type: text/html"), "{page}");
             assert!(page.contains("/api/status"));
-            let text = get("/metrics", "GET").await;
-            assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
-            assert!(
-                text.contains("viscum_service_flows_total{service=\"web\",where=\"edge\"} 2\n"),
-                "{text}"
-            );
+            let api = |path: &'static str| async move {
+                let answer = get(path, "GET").await;
+                let json = answer.split("\r\n\r\n").nth(1).unwrap().to_string();
+                serde_json::from_str::<serde_json::Value>(&json).unwrap()
+            };
+            // The sampler's first sample is taken at once (the next one 5 s later).
+            let mut first = serde_json::Value::Null;
+            for _ in 0..100 {
+                first = api("/api/status").await;
+                if !first["history"].as_array().unwrap().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            let samples = first["history"].as_array().unwrap();
+            assert_eq!(samples.len(), 1, "{first:#}");
+            let edge = samples[0]["services"]["web"]["edge_flows"]
+                .as_u64()
+                .unwrap();
+            assert_eq!(samples[0]["services"]["web"]["bytes"], edge * 100);
+            assert_eq!(first["interval_s"], 5);
+            assert_eq!(first["window_s"], 600);
+            assert_eq!(first["status"]["services"][0]["name"], "web");
             // Each answer is a new snapshot (no cache hides a change from a scraper).
-            let text = get("/metrics", "GET").await;
-            assert!(
-                text.contains("viscum_service_flows_total{service=\"web\",where=\"edge\"} 3\n"),
-                "{text}"
-            );
-            let api = get("/api/status", "GET").await;
-            let json = api.split("\r\n\r\n").nth(1).unwrap();
-            let v: serde_json::Value = serde_json::from_str(json).unwrap();
-            assert_eq!(v["status"]["services"][0]["name"], "web");
-            assert_eq!(v["status"]["services"][0]["edge_flows"], 4);
-            assert_eq!(v["interval_s"], 5);
-            assert_eq!(v["window_s"], 600);
-            // The sampler's first sample, taken at once.
-            let samples = v["history"].as_array().unwrap();
-            assert_eq!(samples.len(), 1, "{v:#}");
-            assert_eq!(samples[0]["services"]["web"]["edge_flows"], 1);
-            assert_eq!(samples[0]["services"]["web"]["bytes"], 100);
+            let n = first["status"]["services"][0]["edge_flows"]
+                .as_u64()
+                .unwrap();
+            for i in 1..=2 {
+                let text = get("/metrics", "GET").await;
+                assert!(text.starts_with("HTTP/1.0 200 OK"), "{text}");
+                let want = format!(
+                    "viscum_service_flows_total{{service=\"web\",where=\"edge\"}} {}\n",
+                    n + i
+                );
+                assert!(text.contains(&want), "{want}: {text}");
+            }
+            let again = api("/api/status").await;
+            assert_eq!(again["status"]["services"][0]["edge_flows"], n + 3);
+            assert_eq!(again["history"].as_array().unwrap().len(), 1);
             let later = get("/api/status?since=99999999", "GET").await;
             assert!(later.contains("\"history\":[]"), "{later}");
             assert!(get("/nope", "GET").await.starts_with("HTTP/1.0 404"));
