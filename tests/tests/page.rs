@@ -27,7 +27,7 @@ use serde_json::Value;
 use viscum::netns;
 use viscum_tests::{
     Lab,
-    daemon::{Check, Daemon, DaemonFiles},
+    daemon::{Check, Daemon, DaemonFiles, Limits},
     lab::{CLOUD_V4, EDGE_LAN_V4},
     skip_unless_root, tcp_ask, wait_until,
 };
@@ -121,9 +121,12 @@ fn run_chromium(ns: &str, profile: &Path, args: &[String]) -> Output {
         let _ = tx.send(child.wait_with_output());
     });
     let out = rx.recv_timeout(BROWSER);
-    // Chromium's helpers (zygote, renderer) share its process group: none outlives the run.
-    // SAFETY: kill(2) on the group our child leads.
-    unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    if out.is_err() {
+        // Chromium and its helpers (zygote, renderers) share the process group it leads,
+        // which still exists: the leader is not reaped until the waiter returns.
+        // SAFETY: kill(2) on the group of our own, unreaped child.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+    }
     let _ = waiter.join();
     out.unwrap_or_else(|_| panic!("chromium ran longer than {BROWSER:?}"))
         .expect("chromium's output")
@@ -179,11 +182,17 @@ fn the_page_shows_the_services_numbers_and_charts_in_a_browser() {
     let listen = SocketAddr::new(IpAddr::V4(EDGE_LAN_V4), PORT);
     let mut config = files.config();
     config.engine.metrics = Some(listen);
-    config.services.push(
-        files
-            .service(&web, 8080, "edge")
-            .check(Check::Http("/healthz".into())),
-    );
+    let mut service = files
+        .service(&web, 8080, "edge")
+        .check(Check::Http("/healthz".into()));
+    // Limits as configured show on the page (enforced or not, depending on the host's
+    // cgroup controllers).
+    service.limits = Some(Limits {
+        memory: Some("96M".into()),
+        cpu: Some(0.5),
+        pids: Some(64),
+    });
+    config.services.push(service);
     files.write(&config);
     let daemon = Daemon::start(&lab, &files);
     daemon.wait_redirected(&web, Duration::from_secs(20));
@@ -276,6 +285,27 @@ fn the_page_shows_the_services_numbers_and_charts_in_a_browser() {
     assert!(sum("edge_flows") >= REQUESTS as u64);
     let (_, edge_text) = cell(&dom, &web, "edge_flows");
     assert_eq!(edge_text, sum("edge_flows").to_string());
+    // Each configured limit as the daemon reports it (in the cell's data-value; memory in
+    // bytes, shown as "96 MiB"), with "⚠" and the reason in the title where the host cannot
+    // enforce it.
+    for (limit, shown) in [("memory", "96 MiB"), ("cpu", "0.5"), ("pids", "64")] {
+        let (tag, text) = cell(&dom, &web, limit);
+        let reported = &status["limits"][limit];
+        let value = reported["value"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{status:#}"));
+        assert_eq!(attr(tag, "data-value"), Some(value), "{tag}");
+        if reported["enforced"] == true {
+            assert_eq!(text, shown, "{tag}");
+        } else {
+            assert_eq!(text, format!("{shown} ⚠"), "{tag}");
+            assert!(tag.contains("not enforced"), "{tag}");
+        }
+    }
+    assert_eq!(
+        status["limits"]["memory"]["value"],
+        (96u64 << 20).to_string()
+    );
     let (_, pid) = cell(&dom, &web, "pid");
     assert_eq!(pid, status["pid"].as_i64().unwrap().to_string());
     // The totals card agrees with the one service.
