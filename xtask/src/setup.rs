@@ -112,6 +112,12 @@ const TOOLS: &[Tool] = &[
         package: "binutils",
         required: true,
     },
+    // The status page's browser test (tests/tests/page.rs): headless Chromium renders it.
+    Tool {
+        program: "chromium",
+        package: "chromium",
+        required: true,
+    },
     // Handy for looking at loaded programs and pinned maps; nothing needs it.
     Tool {
         program: "bpftool",

@@ -13,7 +13,7 @@
 
 use tokio::sync::mpsc;
 
-use super::{Daemon, Envelope, Response, control::Request, metrics, state::RunPaths};
+use super::{Daemon, Envelope, Response, control::Request, state::RunPaths};
 use crate::config::Config;
 
 /// A request from the agent to the supervisor.
@@ -115,7 +115,7 @@ pub(super) async fn handle_answering_status(
     daemon: &mut Daemon,
     request: FleetRequest,
     ctl_rx: &mut mpsc::Receiver<Envelope>,
-    scrape_rx: &mut mpsc::Receiver<metrics::Scrape>,
+    scrape_rx: &mut mpsc::Receiver<super::web::Scrape>,
     deferred: &mut std::collections::VecDeque<Envelope>,
 ) {
     let source = daemon.status_source();
@@ -135,7 +135,7 @@ pub(super) async fn handle_answering_status(
                 }
             }
             Some(reply) = scrape_rx.recv() => {
-                let _ = reply.send(metrics::render(&source.status().await));
+                let _ = reply.send(source.status().await);
             }
         }
     }

@@ -13,7 +13,8 @@
 //! * [`load`]: pressure figures and the shed/resume decision.
 //! * [`control`]: the line-delimited JSON control socket and the status types.
 //! * [`links`]: link events from the kernel (interfaces deleted, re-created).
-//! * [`metrics`]: the Prometheus text endpoint.
+//! * [`metrics`]: the Prometheus exposition of a status snapshot.
+//! * [`web`]: the HTTP listener of `engine.metrics`: `/metrics`, the status page, its JSON.
 //! * [`state`]: run directory, ownership records, instance paths.
 //!
 //! # Restarting the daemon
@@ -64,6 +65,7 @@ pub mod service;
 pub mod shares;
 pub mod state;
 pub mod storage;
+pub mod web;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -210,7 +212,7 @@ pub async fn run(
     let _socket = RemoveOnDrop(instance.control.clone());
     let metrics_listener = match config.engine.metrics {
         Some(addr) => Some(
-            metrics::bind(addr)
+            web::bind(addr)
                 .await
                 .map_err(|source| DaemonError::Metrics { addr, source })?,
         ),
@@ -307,8 +309,8 @@ pub async fn run(
 
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Envelope>(16);
     let control_task = tokio::spawn(control::serve(control_listener, ctl_tx));
-    let (scrape_tx, mut scrape_rx) = mpsc::channel::<metrics::Scrape>(16);
-    let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, scrape_tx)));
+    let (scrape_tx, mut scrape_rx) = mpsc::channel::<web::Scrape>(16);
+    let metrics_task = metrics_listener.map(|l| tokio::spawn(web::serve(l, scrape_tx)));
     let (fleet_tx, mut fleet_rx) = mpsc::channel::<fleet::FleetRequest>(4);
     let fleet_task = fleet::start(&daemon.config, &daemon.ctx.paths, fleet_tx);
     log::info!(
@@ -352,8 +354,7 @@ pub async fn run(
                 let _ = reply.send(response);
             }
             Some(reply) = scrape_rx.recv() => {
-                let status = daemon.status().await;
-                let _ = reply.send(metrics::render(&status));
+                let _ = reply.send(daemon.status().await);
             }
             Some(request) = fleet_rx.recv() => {
                 fleet::handle_answering_status(
@@ -440,7 +441,7 @@ async fn handle_answering_status(
     daemon: &mut Daemon,
     request: Request,
     ctl_rx: &mut mpsc::Receiver<Envelope>,
-    scrape_rx: &mut mpsc::Receiver<metrics::Scrape>,
+    scrape_rx: &mut mpsc::Receiver<web::Scrape>,
     deferred: &mut std::collections::VecDeque<Envelope>,
 ) -> Response {
     if matches!(request, Request::Status) {
@@ -463,7 +464,7 @@ async fn handle_answering_status(
                 }
             }
             Some(reply) = scrape_rx.recv() => {
-                let _ = reply.send(metrics::render(&source.status().await));
+                let _ = reply.send(source.status().await);
             }
         }
     }
