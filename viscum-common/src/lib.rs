@@ -16,7 +16,7 @@ pub const CONFIG_MAP: &str = "VISCUM_CONFIG";
 /// Bump it whenever a pinned map's key or value layout (or a fixed capacity) changes, and add
 /// a row naming the changed maps to `CHANGES` in `viscum-user/src/engine/layout.rs`; a binary
 /// then migrates or refuses older pins instead of misreading them. 1: pins without a marker.
-pub const MAP_LAYOUT_VERSION: u32 = 2;
+pub const MAP_LAYOUT_VERSION: u32 = 3;
 /// Name of the TC-ingress classifier program in the object file.
 pub const INGRESS_PROG: &str = "viscum_ingress";
 
@@ -483,16 +483,31 @@ pub struct ReplyState {
     pub service: [u8; 16],
     /// Cloud port the client talked to, network byte order.
     pub service_port: u16,
-    /// Explicit padding, always zero.
-    pub _pad: [u8; 2],
+    /// MTU of [`fib_ifindex`](Self::fib_ifindex) as the FIB lookup reported it (bytes from
+    /// the network header on); meaningful only with `fib_at_ns`.
+    pub fib_mtu: u16,
     /// `REPLY_F_*` bits.
     pub flags: u32,
+    /// The reply program's FIB result for this flow, reused for a second
+    /// ([`FIB_CACHE_NS`]): when it was taken (the coarse clock; 0 = none yet), the egress
+    /// interface and the Ethernet addresses (destination first, as on the wire). Replies of
+    /// an established flow then skip `bpf_fib_lookup` (the route, nexthop and neighbour
+    /// lookups and their cache misses) but for one a second: a route or neighbour change
+    /// reaches the flow within that second.
+    pub fib_at_ns: u64,
+    /// Egress ifindex of the cached FIB result.
+    pub fib_ifindex: u32,
+    /// Destination then source MAC of the cached FIB result.
+    pub fib_macs: [u8; 12],
 }
+
+/// How long the reply program reuses a flow's FIB result ([`ReplyState::fib_at_ns`]), ns.
+pub const FIB_CACHE_NS: u64 = 1_000_000_000;
 
 /// The flow is mirrored: the cloud answers the client, so the edge copy's
 /// replies are dropped on the service veth.
 pub const REPLY_F_DROP: u32 = 1 << 0;
-const _: () = assert!(core::mem::size_of::<ReplyState>() == 40);
+const _: () = assert!(core::mem::size_of::<ReplyState>() == 64);
 
 /// Name of the program array the classifiers tail-call into for ICMP errors.
 pub const JUMP_MAP: &str = "VISCUM_JUMP";

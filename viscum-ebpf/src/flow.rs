@@ -383,8 +383,12 @@ fn put_edge(rkey: &ReplyKey, p: &Parsed, flags: u32, now: u64) {
         }
     }
     st.service_port = p.key.port;
-    st._pad = [0; 2];
+    st.fib_mtu = 0;
     st.flags = flags;
+    // No FIB result yet: the first reply looks its route up. (The MACs are left as they
+    // are: nothing reads them while `fib_at_ns` is 0.)
+    st.fib_at_ns = 0;
+    st.fib_ifindex = 0;
     let _ = REPLIES.insert(rkey, &*st, 0);
 }
 

@@ -368,7 +368,7 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     let mut fwd = p;
     fwd.saddr = id.service;
     fwd.sport = id.service_port;
-    let action = redirect::reply_to_client(ctx, &fwd);
+    let action = redirect::reply_to_client_cached(ctx, &fwd, id);
     if action == TC_ACT_REDIRECT {
         // Sent straight out to the client: its service's network share (HTB class).
         share::classify(ctx, ifindex);

@@ -10,7 +10,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use viscum_common::{
-    FAMILY_V4, GlobalCounter, PROTO_TCP, ServiceEntry, TARGET_F_PEER, TARGET_F_SET_MAC,
+    FAMILY_V4, FIB_CACHE_NS, GlobalCounter, PROTO_TCP, ReplyState, ServiceEntry, TARGET_F_PEER,
+    TARGET_F_SET_MAC,
 };
 
 use crate::{
@@ -142,7 +143,55 @@ pub fn mirror(ctx: &TcContext, entry: &ServiceEntry) {
 /// would otherwise drop every reply.
 #[inline(always)]
 pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
+    forward(ctx, p, None)
+}
+
+/// [`reply_to_client`] for a reply of the edge flow `flow`, whose FIB result it reuses for
+/// [`FIB_CACHE_NS`] (and records when it had to look the route up).
+#[inline(always)]
+pub fn reply_to_client_cached(ctx: &TcContext, p: &Parsed, flow: &mut ReplyState) -> i32 {
+    forward(ctx, p, Some(flow))
+}
+
+#[inline(always)]
+fn forward(ctx: &TcContext, p: &Parsed, flow: Option<&mut ReplyState>) -> i32 {
     let skb = ctx.skb.skb;
+    let now = counters::now_coarse();
+    if let Some(flow) = &flow
+        && flow.fib_at_ns != 0
+        && now.saturating_sub(flow.fib_at_ns) <= FIB_CACHE_NS
+    {
+        let ifindex = flow.fib_ifindex;
+        // What the lookup's own check (is_skb_forwardable) did: a packet larger than the
+        // egress MTU goes to the stack, which fragments it or answers "fragmentation
+        // needed"; a GSO packet is judged by its segments.
+        // SAFETY: reading our own __sk_buff.
+        if unsafe { (*skb).gso_size } != 0 {
+            if !gso_fits(ctx, ifindex) {
+                counters::bump(GlobalCounter::RepliesToStack);
+                return TC_ACT_UNSPEC;
+            }
+        } else if ctx.len() > (p.l3 & 0xff) + u32::from(flow.fib_mtu) {
+            counters::bump(GlobalCounter::RepliesToStack);
+            return TC_ACT_UNSPEC;
+        }
+        if p.key.proto == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 {
+            crate::mss::clamp(ctx, p, crate::mss::mtu_of(ctx, ifindex));
+        }
+        if !decrement_ttl(ctx, p) {
+            counters::bump(GlobalCounter::RepliesToStack);
+            return TC_ACT_UNSPEC;
+        }
+        counters::bump(GlobalCounter::RepliesForwarded);
+        let macs = flow.fib_macs;
+        let start = ctx.data();
+        if start + 12 <= ctx.data_end() {
+            // SAFETY: 12 bytes checked above.
+            unsafe { write_macs(start as *mut u8, &macs) };
+        }
+        // SAFETY: egress redirect to the cached output device.
+        return unsafe { bpf_redirect(ifindex, 0) } as i32;
+    }
     let mut fib_slot = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
     // SAFETY: zeroes the slot; all-zero is a valid bpf_fib_lookup.
     let fib = unsafe {
@@ -190,16 +239,9 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
         return TC_ACT_UNSPEC;
     }
     // SAFETY: reading our own __sk_buff.
-    if unsafe { (*skb).gso_size } != 0 {
-        let mut mtu_len: u32 = 0;
-        // SAFETY: helper on our own skb with a stack out-pointer; 0 asks it
-        // to validate the skb's GSO segments against the egress MTU
-        // (skb_gso_validate_network_len).
-        let rc = unsafe { bpf_check_mtu(skb.cast(), fib.ifindex, &raw mut mtu_len, 0, 0) };
-        if rc != 0 {
-            counters::bump(GlobalCounter::RepliesToStack);
-            return TC_ACT_UNSPEC;
-        }
+    if unsafe { (*skb).gso_size } != 0 && !gso_fits(ctx, fib.ifindex) {
+        counters::bump(GlobalCounter::RepliesToStack);
+        return TC_ACT_UNSPEC;
     }
     if p.key.proto == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 {
         // The edge copy's SYN-ACK: bound the client's segments by the
@@ -212,6 +254,22 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
     }
     counters::bump(GlobalCounter::RepliesForwarded);
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
+        if let Some(flow) = flow {
+            // Invalidate first, so another CPU never takes half-written addresses for a
+            // fresh result (it looks the route up itself meanwhile).
+            flow.fib_at_ns = 0;
+            flow.fib_ifindex = fib.ifindex;
+            // SAFETY: on success the helper left the egress MTU in the union (tot_len was
+            // 0: bpf_skb_fib_lookup, net/core/filter.c).
+            flow.fib_mtu = unsafe { fib.__bindgen_anon_1.mtu_result };
+            let dst = flow.fib_macs.as_mut_ptr();
+            // SAFETY: 12 bytes of the record's own array.
+            unsafe {
+                write_mac(dst, &fib.dmac);
+                write_mac(dst.add(6), &fib.smac);
+            }
+            flow.fib_at_ns = now;
+        }
         let start = ctx.data();
         if start + 12 <= ctx.data_end() {
             // SAFETY: 12 bytes checked above.
@@ -227,6 +285,27 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
     // SAFETY: a null neighbour asks the kernel to look the next hop up itself.
     unsafe {
         bpf_redirect_neigh(fib.ifindex, core::ptr::null_mut::<bpf_redir_neigh>(), 0, 0) as i32
+    }
+}
+
+/// Do a GSO packet's segments fit the MTU of `ifindex`? `bpf_check_mtu` with length 0
+/// validates the skb's segments (skb_gso_validate_network_len).
+#[inline(always)]
+fn gso_fits(ctx: &TcContext, ifindex: u32) -> bool {
+    let mut mtu_len: u32 = 0;
+    // SAFETY: helper on our own skb with a stack out-pointer.
+    unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ifindex, &raw mut mtu_len, 0, 0) == 0 }
+}
+
+/// Twelve byte stores (destination then source MAC), volatile like [`write_mac`].
+///
+/// # Safety
+/// `dst..dst + 12` must be writable packet data, checked against `data_end`.
+#[inline(always)]
+unsafe fn write_macs(dst: *mut u8, macs: &[u8; 12]) {
+    for (i, b) in macs.iter().enumerate() {
+        // SAFETY: the caller guarantees the 12 bytes.
+        unsafe { core::ptr::write_volatile(dst.add(i), *b) };
     }
 }
 

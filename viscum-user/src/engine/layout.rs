@@ -55,6 +55,9 @@ pub const CHANGES: &[(u32, &[&str])] = &[
             JUMP_MAP,
         ],
     ),
+    // 3: the edge-flow record carries the reply program's FIB result (VISCUM_REPLIES' value
+    // and the scratch slot grew from 40 to 64 bytes).
+    (3, &[REPLIES_MAP, SCRATCH_MAP]),
 ];
 
 /// Maps holding soft state only, which a migration may drop: flow and fragment records the
