@@ -25,7 +25,8 @@ pub(super) struct RawEngine {
     pub(super) max_load: Option<f64>,
     pub(super) metrics: Option<String>,
     pub(super) dns: Option<Vec<String>>,
-    pub(super) network: Option<crate::shares::config::RawLink>,
+    // Read by crate::shares::config, from the table as it is.
+    pub(super) network: Option<toml::Table>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -49,7 +50,7 @@ pub(super) struct RawService {
     pub(super) learn_ms: Option<i64>,
     pub(super) health: Option<RawHealth>,
     pub(super) limits: Option<RawLimits>,
-    pub(super) network: Option<crate::shares::config::RawService>,
+    pub(super) network: Option<toml::Table>,
 }
 
 #[derive(Debug, Deserialize, Default)]
