@@ -30,9 +30,11 @@
 pub mod cases;
 pub mod dns;
 pub mod fuzz;
+pub mod hog;
 pub mod identity;
 pub mod packet;
 pub mod soak;
+pub mod tenant;
 pub mod verdicts;
 pub mod vmcheck;
 

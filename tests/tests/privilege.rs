@@ -476,6 +476,8 @@ fn a_service_starts_under_the_debian_units_capabilities() {
                 netns: &netns,
                 output: Some(&output),
                 cgroup_procs: &[],
+                cwd: None,
+                storage: None,
             };
             let mut child = viscum::daemon::process::spawn_child(&spec).unwrap_or_else(|e| {
                 let out = fs::read_to_string(&out_file).unwrap_or_default();

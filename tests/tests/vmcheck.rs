@@ -131,6 +131,7 @@ fn vmcheck_passes_on_this_kernel() {
         "reply-v4-udp-source-restored",
         "smoke-tcp-v4",
         "smoke-udp-v6",
+        "cgroup-limits",
         "detach-leaves-nothing",
         "teardown-leaves-nothing",
     ] {

@@ -183,15 +183,12 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     };
     // SAFETY: per-CPU value, only this CPU writes it while we run.
     let entry = unsafe { &mut *entry };
-    if !redirect::target_alive(ctx, entry.ifindex) {
-        // The edge copy's veth is gone: the cloud serves until user space
-        // points the entry at a live target again.
-        counters::bump(GlobalCounter::TargetGone);
-        return Ok(pass());
-    }
     frag::remember(&p);
 
     if entry.flags & TARGET_F_MIRROR != 0 {
+        if !flow::target_alive(ctx, entry) {
+            return Ok(pass());
+        }
         // The cloud keeps serving; the edge copy sees a clone and its
         // answers are dropped on the way back.
         flow::remember_mirror(&p, entry);
@@ -199,7 +196,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         return Ok(pass());
     }
 
-    match flow::decide(&p, entry, cfg) {
+    match flow::decide(ctx, &p, entry, cfg) {
         Decision::Edge => {}
         Decision::Cloud => {
             if log {

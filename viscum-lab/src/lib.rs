@@ -14,6 +14,8 @@
 //!   [`Daemon`], the running daemon and its control socket.
 //! * [`census`]: a leak census of a daemon test (namespaces, edge interfaces, pins, service
 //!   processes, cgroups), to compare before and after a fault.
+//! * [`nats`]: real `nats-server` processes with JetStream (one, or a three-node cluster) in
+//!   namespaces, for the fleet tests and benchmark B10.
 //! * [`say`](mod@say): output that survives a closed stdout (the lab under `| tee`, then Ctrl-C).
 //!
 //! Namespaces are entered per thread with `setns` (through `viscum::netns::in_netns`), never
@@ -25,6 +27,7 @@ pub mod daemon;
 pub mod demo;
 pub mod guard;
 pub mod lab;
+pub mod nats;
 pub mod say;
 mod vlan;
 

@@ -247,7 +247,8 @@ impl Viscum {
     /// Runs `services` as `viscum run` runs its `[[service]]`s (namespace, process as its
     /// user with its limits, health checks, restarts with back-off, entries only while
     /// healthy), each in its own task, until [`Supervisor::stop`]. Logs and state records go
-    /// under `run_dir`. The classifier must be attached ([`Viscum::attach`]); services come
+    /// under `run_dir`, and the images of services with `[service.storage]` under
+    /// `run_dir/storage`. The classifier must be attached ([`Viscum::attach`]); services come
     /// from [`crate::config::Config::parse`] or are built by hand.
     ///
     /// # Errors
@@ -273,6 +274,7 @@ impl Viscum {
             shed,
             resolver: crate::hostnames::Resolver::new(&[]).ok().map(Arc::new),
             links,
+            storage_dir: run_dir.as_ref().join("storage"),
         });
         let handles = services
             .into_iter()

@@ -282,6 +282,18 @@ pub fn drain(engine: &mut Engine, endpoints: &[Endpoint]) -> Result<(), EngineEr
     Ok(())
 }
 
+/// Ends the drain of `endpoints`' entries: they take new flows again.
+///
+/// # Errors
+/// Writing an entry failed (the ones before it take new flows again).
+pub fn undrain(engine: &mut Engine, endpoints: &[Endpoint]) -> Result<(), EngineError> {
+    let _lock = crate::engine::lock(engine.pins())?;
+    for ep in endpoints {
+        engine.update_flags(ep, |f| f & !TARGET_F_DRAINING)?;
+    }
+    Ok(())
+}
+
 /// Drains `endpoints`' entries ([`drain`]; an entry that cannot be drained is skipped) and
 /// waits, polling every 100 ms with the lock held only to look, until their edge flows have
 /// ended or `timeout` has passed. Returns the edge flows still open at the end (0: all

@@ -28,6 +28,8 @@ pub mod endpoint;
 pub mod engine;
 pub mod entries;
 pub mod features;
+#[cfg(feature = "fleet")]
+pub mod fleet;
 pub mod hostnames;
 pub mod lifecycle;
 pub mod netns;

@@ -27,6 +27,7 @@
 
 mod compare;
 mod machine;
+mod partial;
 mod render;
 mod svg;
 mod sweep;
@@ -56,7 +57,9 @@ pub struct Options {
     /// (for development; the numbers are not for publication).
     #[arg(long)]
     quick: bool,
-    /// Run only these groups (comma separated): datapath, traffic, control, failover, footprint.
+    /// Run only these groups (comma separated): datapath, traffic, control, failover,
+    /// footprint, fleet; or benchmark ids (B10 selects fleet). Such a run writes its own
+    /// results file and one marked block of RESULTS.md, leaving the last full run's alone.
     #[arg(long, value_name = "GROUPS", value_delimiter = ',')]
     only: Vec<String>,
     /// Skip `cargo xtask dist` in a full run (B9 then reports whatever target/dist holds).
@@ -135,6 +138,17 @@ const GROUPS: &[Group] = &[
         quick_limit: Duration::from_secs(240),
         full_limit: Duration::from_secs(900),
     },
+    Group {
+        name: "fleet",
+        bench: "system",
+        group: Some("fleet"),
+        ids: &[(
+            "B10",
+            "Fleet: desired-state put until simulated boxes report it",
+        )],
+        quick_limit: Duration::from_secs(300),
+        full_limit: Duration::from_secs(1200),
+    },
 ];
 
 /// Packages the benchmarks drive (program, Debian package).
@@ -176,14 +190,22 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     if !process::is_root() {
         bail!("the benchmarks create network namespaces and load eBPF programs: run them as root");
     }
+    // Benchmark ids select their group (`--only B10` is `--only fleet`).
+    let mut only: Vec<String> = Vec::new();
     for name in &opts.only {
-        if !GROUPS.iter().any(|g| g.name == name) {
+        let Some(g) = GROUPS.iter().find(|g| {
+            g.name == name || g.ids.iter().any(|(id, _)| id.eq_ignore_ascii_case(name))
+        }) else {
             bail!(
-                "unknown group '{name}' (expected one of: {})",
+                "unknown group '{name}' (expected one of: {}, or a benchmark id B1-B10)",
                 GROUPS.iter().map(|g| g.name).collect::<Vec<_>>().join(", ")
             );
+        };
+        if !only.iter().any(|o| o == g.name) {
+            only.push(g.name.to_owned());
         }
     }
+    let only = &only;
     let started_wall = SystemTime::now();
     let started = Instant::now();
     setup::ensure()?;
@@ -213,7 +235,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
 
     if !opts.quick
         && !opts.no_dist
-        && (opts.only.is_empty() || opts.only.iter().any(|g| g == "footprint"))
+        && (only.is_empty() || only.iter().any(|g| g == "footprint"))
     {
         // B9 reports the release binaries `cargo xtask dist` makes (static musl where installed).
         let mut cmd = process::cargo();
@@ -232,7 +254,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     let mut group_runs = Vec::new();
     let datapath_out = run_dir.join("datapath.json");
     for g in GROUPS {
-        if !opts.only.is_empty() && !opts.only.iter().any(|o| o == g.name) {
+        if !only.is_empty() && !only.iter().any(|o| o == g.name) {
             continue;
         }
         if interrupted() {
@@ -314,7 +336,12 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         "machine": facts,
         "fragments": fragments,
     });
-    let paths = write_outputs(&doc, opts.quick, baseline)?;
+    let paths = if partial::is_partial(only) {
+        let (json, report) = partial::write(&doc, only, opts.quick)?;
+        Outputs { json, report }
+    } else {
+        write_outputs(&doc, opts.quick, baseline)?
+    };
     println!("bench: results in {}", paths.json.display());
     println!("bench: report  in {}", paths.report.display());
     let failed: Vec<String> = doc["fragments"]

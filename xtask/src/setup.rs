@@ -88,6 +88,12 @@ const TOOLS: &[Tool] = &[
         package: "socat",
         required: true,
     },
+    // The fleet tests start their own JetStream servers (tests/tests/fleet_agent.rs).
+    Tool {
+        program: "nats-server",
+        package: "nats-server",
+        required: true,
+    },
     // `cargo xtask test` checks the OpenWrt shell scripts under dist/ with it.
     Tool {
         program: "shellcheck",

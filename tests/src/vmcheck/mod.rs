@@ -22,6 +22,9 @@
 //! * (b) the verdict fixtures of [`crate::verdicts`];
 //! * (c) real traffic ([`checks::smoke`]): TCP and UDP over IPv4 and IPv6 go cloud, edge,
 //!   cloud as an entry comes and goes;
+//! * (e) `cgroup-limits` ([`limits`]): memory, cpu and pids limits through the real daemon,
+//!   on the guest's cgroup v2 (v1 on a hybrid host): an OOM kill inside the service's group,
+//!   its restart and `oom_kills` in `status`;
 //! * (d) `detach-leaves-nothing` (`viscum detach lan0`) and `teardown-leaves-nothing`
 //!   (`viscum detach --all --purge` with a service namespace still there, then `viscum ns
 //!   del`): no pin, no clsact qdisc, no TCX program left.
@@ -42,6 +45,7 @@
 
 pub mod checks;
 pub mod init;
+pub mod limits;
 
 use std::{
     ffi::CStr,
@@ -402,6 +406,17 @@ fn run(opts: &Options, pid1: bool) {
     let (smoke, smoke_ns) = checks::smoke(&lab, &mut |c| case_line(c));
     if let Some(r) = report().as_mut() {
         r.cases.extend(smoke);
+    }
+
+    progress("cgroup limits through the daemon");
+    match std::env::current_exe() {
+        Ok(hog) => record(limits::cgroup_limits(&lab, &hog, &[])),
+        Err(e) => record(CaseResult {
+            name: "cgroup-limits".into(),
+            pass: false,
+            ms: 0,
+            detail: format!("cannot find this executable (the hog): {e}"),
+        }),
     }
 
     progress("detach and teardown");

@@ -4,7 +4,8 @@
 //! * `--group traffic`: B3 (bpf stats under load), B4 (RR), B5 (CRR), B6 (bulk);
 //! * `--group control`: B7 (update latency, time to effect);
 //! * `--group failover`: B8 (daemon failover);
-//! * `--group footprint`: B9 (RSS, binary size).
+//! * `--group footprint`: B9 (RSS, binary size);
+//! * `--group fleet`: B10 (simulated fleet boxes against a real nats-server).
 //!
 //! # Layout
 //!
@@ -23,6 +24,7 @@ mod support;
 mod control;
 mod daemon;
 mod failover;
+mod fleet;
 mod footprint;
 mod lanes;
 mod tools;
@@ -104,6 +106,9 @@ fn run(args: &Args) -> Result<Vec<report::Fragment>> {
     }
     if args.wants("footprint") && !sys::stopped() {
         out.extend(footprint::run(args, &env));
+    }
+    if args.wants("fleet") && !sys::stopped() {
+        out.extend(fleet::run(args, &env));
     }
     let _ = std::fs::remove_dir_all(&work);
     Ok(out)

@@ -3,6 +3,8 @@
 mod attach;
 mod config;
 mod doctor;
+#[cfg(feature = "fleet")]
+mod fleet;
 mod logs;
 mod ns;
 mod redirect;
@@ -82,6 +84,10 @@ pub enum Command {
     /// Convert configurations: OpenWrt's UCI file to the TOML of `viscum run`.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// The operator's side of a fleet on NATS JetStream (docs/fleet.md): put services into a
+    /// group's or a box's desired state, remove them, upload artifacts, see every box.
+    #[cfg(feature = "fleet")]
+    Fleet(fleet::FleetArgs),
 }
 
 /// Failure of a command, printed as `viscum: <message>: <causes>`.
@@ -96,6 +102,10 @@ pub type Result<T> = anyhow::Result<T>;
 pub async fn run(cli: Cli) -> Result<()> {
     if let Command::Config(cmd) = cli.command {
         return config::run(cmd); // only files: no privileges needed
+    }
+    #[cfg(feature = "fleet")]
+    if let Command::Fleet(args) = cli.command {
+        return fleet::run(args).await; // only a NATS connection: no privileges needed
     }
     check_privileges()?;
     let pins = Pins::new(&cli.bpffs);
@@ -113,6 +123,8 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Reload(args) => reload::run(&pins, args).await,
         Command::Doctor(args) => doctor::run(&pins, args),
         Command::Config(_) => unreachable!("handled above"),
+        #[cfg(feature = "fleet")]
+        Command::Fleet(_) => unreachable!("handled above"),
     }
 }
 

@@ -161,6 +161,29 @@ fn print_human(s: &DaemonStatus) {
                 ms
             );
         }
+        if let Some(n) = v.oom_kills.filter(|n| *n > 0) {
+            println!("{}: {n} process(es) killed for exceeding its memory limit", v.name);
+        }
+        if let Some(st) = &v.storage {
+            match (st.used_bytes, st.total_bytes) {
+                (Some(used), Some(total)) => println!(
+                    "{}: storage {} used of {} in {}",
+                    v.name,
+                    amount(used),
+                    amount(total),
+                    st.path.display()
+                ),
+                _ => println!(
+                    "{}: storage {} bytes in {}",
+                    v.name,
+                    st.size_bytes,
+                    st.path.display()
+                ),
+            }
+            if let Some(e) = &st.error {
+                println!("{}: storage: {e}", v.name);
+            }
+        }
         for (limit, st) in &v.limits {
             if !st.enforced {
                 println!(

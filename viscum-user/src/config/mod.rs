@@ -7,6 +7,8 @@
 //! control = "/run/viscum.sock"     # optional control socket
 //! run_dir = "/run/viscum"          # optional: logs/ and state/ live here
 //! max_load = 0.9                   # optional load shedding threshold
+//! load_scope = "system"            # or "services": whose pressure max_load compares
+//! storage_dir = "/var/lib/viscum/storage"  # optional: where [service.storage] images live
 //! metrics = "127.0.0.1:9310"       # optional Prometheus endpoint
 //! [engine.network]                 # optional: network shares (crate::shares)
 //! rate = "100mbit"                 # the client-facing link's rate
@@ -40,6 +42,9 @@
 //! [service.network]                # its share of the client-facing link
 //! share = 3                        # weight 1-100 (default 1)
 //! max = "20mbit"                   # optional ceiling
+//! [service.storage]                # optional: a private working directory (config::storage)
+//! size = "64M"
+//! keep = false
 //! ```
 //!
 //! Parsing happens in two passes so that one run reports *every* problem: the file is first
@@ -62,10 +67,14 @@ use std::{
 
 use crate::{endpoint::Endpoint, hostnames::HostMatch, redirect::RedirectOptions};
 
+pub mod fleet;
 mod raw;
+mod storage;
 mod validate;
 
+pub use fleet::{ArtifactRef, FleetConfig, FleetService};
 use raw::{RawEngine, RawHealth, RawLimits, RawService, decode, decode_nested, forget_dropped};
+pub use storage::{DEFAULT_STORAGE_DIR, MIN_STORAGE_BYTES, Storage};
 pub use validate::{client_interface, interface_name, parse_size};
 use validate::{validate_engine, validate_service};
 
@@ -89,8 +98,11 @@ pub const DEFAULT_USER: &str = "nobody";
 pub struct Config {
     /// The `[engine]` table.
     pub engine: EngineConfig,
-    /// The `[[service]]` tables, in file order.
+    /// The `[[service]]` tables, in file order (with the fleet's after them in the
+    /// configuration a daemon runs, see [`fleet::merge`]).
     pub services: Vec<ServiceConfig>,
+    /// The `[fleet]` section: desired state from NATS JetStream ([`fleet`]).
+    pub fleet: Option<FleetConfig>,
     /// The file this came from; `viscum reload` and SIGHUP re-read it.
     pub source: Option<PathBuf>,
 }
@@ -110,6 +122,12 @@ pub struct EngineConfig {
     /// as [`crate::daemon::load`] measures it: PSI `some avg10` of CPU and memory, else the
     /// 1-minute load average per CPU. `None`: never shed.
     pub max_load: Option<f64>,
+    /// Whose pressure `max_load` is compared with (`load_scope`, default
+    /// [`LoadScope::System`]).
+    pub load_scope: LoadScope,
+    /// Directory of the `[service.storage]` images (`storage_dir`, default
+    /// [`DEFAULT_STORAGE_DIR`]).
+    pub storage_dir: PathBuf,
     /// Address of the Prometheus text endpoint.
     pub metrics: Option<SocketAddr>,
     /// DNS servers for host-name matches (empty: the box's /etc/resolv.conf).
@@ -144,6 +162,8 @@ pub struct ServiceConfig {
     pub health: HealthConfig,
     /// Resource limits (cgroups).
     pub limits: Limits,
+    /// A private, size-limited working directory (`[service.storage]`), if any.
+    pub storage: Option<Storage>,
     /// Time between SIGTERM and SIGKILL when stopping (`stop_grace_ms`, default
     /// [`DEFAULT_STOP_GRACE_MS`]).
     pub stop_grace: Duration,
@@ -151,6 +171,11 @@ pub struct ServiceConfig {
     /// edge flows continue) before the process is stopped (`drain_timeout_ms`, default
     /// [`DEFAULT_DRAIN_TIMEOUT_MS`]). 0 = no draining.
     pub drain_timeout: Duration,
+    /// The fleet artifact it runs (`artifact`; only services from the fleet's desired state).
+    pub artifact: Option<ArtifactRef>,
+    /// Working directory of its process and health checks: the installed artifact's
+    /// directory, set by the fleet agent once it is unpacked; `None`: `/`.
+    pub workdir: Option<PathBuf>,
     /// `[service.network]`: the service's share of the client-facing link and its cap
     /// ([`crate::shares`]); `None`: the defaults (share 1, no cap). Needs `[engine.network]`.
     pub network: Option<crate::shares::ServiceNetwork>,
@@ -282,6 +307,19 @@ impl Limits {
     }
 }
 
+/// `load_scope = "system" | "services"`: whose pressure `max_load` is compared with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoadScope {
+    /// The whole box: `/proc/pressure/{cpu,memory}` (loadavg without PSI).
+    #[default]
+    System,
+    /// The services' own tasks: PSI of the daemon's `viscum` cgroup (v2), which holds
+    /// every service's group. Stalls of the services count, whoever causes them; a busy box
+    /// whose services are idle does not shed.
+    Services,
+}
+
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -404,11 +442,11 @@ impl Config {
         let mut problems = Vec::new();
 
         for key in table.keys() {
-            if key != "engine" && key != "service" {
+            if key != "engine" && key != "service" && key != "fleet" {
                 problems.push(Problem {
                     scope: "file".into(),
                     field: key.clone(),
-                    message: "unknown section (expected [engine] and [[service]])".into(),
+                    message: "unknown section (expected [engine], [fleet] and [[service]])".into(),
                 });
             }
         }
@@ -481,6 +519,7 @@ impl Config {
                 &[
                     ("health", decode_nested::<RawHealth>),
                     ("limits", decode_nested::<RawLimits>),
+                    ("storage", decode_nested::<storage::RawStorage>),
                 ],
                 &mut p,
             ) else {
@@ -540,10 +579,13 @@ impl Config {
         }
         crate::shares::config::need_link(engine.as_ref(), &services, &mut problems);
 
+        let fleet = fleet::parse_section(table.get("fleet"), &raw_services, &mut problems);
+
         match engine {
             Some(engine) if problems.is_empty() => Ok(Config {
                 engine,
                 services,
+                fleet,
                 source: None,
             }),
             _ => Err(ConfigError::Invalid {
@@ -1045,6 +1087,51 @@ health = { exec = "true" }
         assert_eq!(a.fingerprint(), b.fingerprint());
         b.command.push("-V".into());
         assert_ne!(a.fingerprint(), b.fingerprint());
+    }
+
+    #[test]
+    fn storage_and_load_scope() {
+        let base =
+            "[[service]]\nname = \"web\"\nmatch = [\"tcp://198.51.100.7:80\"]\ncommand = [\"x\"]\n";
+        let c = Config::parse(&format!(
+            "[engine]\nload_scope = \"services\"\nstorage_dir = \"/srv/v\"\n{base}[service.storage]\nsize = \"9M\"\nkeep = true\n"
+        ))
+        .unwrap();
+        assert_eq!(c.engine.load_scope, LoadScope::Services);
+        assert_eq!(c.engine.storage_dir, PathBuf::from("/srv/v"));
+        assert_eq!(
+            c.services[0].storage,
+            Some(Storage {
+                size: 9 << 20,
+                keep: true
+            })
+        );
+        let c = Config::parse(base).unwrap();
+        assert_eq!(c.engine.load_scope, LoadScope::System);
+        assert_eq!(c.engine.storage_dir, PathBuf::from(DEFAULT_STORAGE_DIR));
+        assert_eq!(c.services[0].storage, None);
+        // Rounded up to whole 4 KiB blocks.
+        let c = Config::parse(&format!("{base}[service.storage]\nsize = 8388609\n")).unwrap();
+        assert_eq!(
+            c.services[0].storage.as_ref().unwrap().size,
+            (8 << 20) + 4096
+        );
+        let p = problems(&format!(
+            "[engine]\nload_scope = \"box\"\nstorage_dir = \"rel\"\n{base}[service.storage]\nsize = \"1M\"\nquota = 1\n"
+        ));
+        assert_eq!(
+            p,
+            [
+                "engine: load_scope: 'box' is not one of system, services",
+                "engine: storage_dir: 'rel' must be an absolute path",
+                "service web: storage.quota: unknown key (valid keys: size or keep)",
+                "service web: storage.size: 1048576 bytes is below the minimum of 8M (an ext4 file system with its journal)",
+            ]
+        );
+        assert_eq!(
+            problems(&format!("{base}[service.storage]\nkeep = true\n")),
+            ["service web: storage.size: missing: give the size, e.g. \"64M\""]
+        );
     }
 
     #[test]

@@ -23,6 +23,8 @@ pub(super) struct RawEngine {
     pub(super) control: Option<PathBuf>,
     pub(super) run_dir: Option<PathBuf>,
     pub(super) max_load: Option<f64>,
+    pub(super) load_scope: Option<String>,
+    pub(super) storage_dir: Option<PathBuf>,
     pub(super) metrics: Option<String>,
     pub(super) dns: Option<Vec<String>>,
     // Read by crate::shares::config, from the table as it is.
@@ -50,7 +52,9 @@ pub(super) struct RawService {
     pub(super) learn_ms: Option<i64>,
     pub(super) health: Option<RawHealth>,
     pub(super) limits: Option<RawLimits>,
+    pub(super) artifact: Option<super::fleet::RawArtifact>,
     pub(super) network: Option<toml::Table>,
+    pub(super) storage: Option<super::storage::RawStorage>,
 }
 
 #[derive(Debug, Deserialize, Default)]

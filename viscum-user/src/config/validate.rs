@@ -51,6 +51,18 @@ pub(super) fn validate_engine(raw: RawEngine, p: &mut Problems<'_>) -> Option<En
             format!("{load} must be a positive fraction such as 0.9"),
         );
     }
+    let load_scope = match raw.load_scope.as_deref() {
+        None | Some("system") => super::LoadScope::System,
+        Some("services") => super::LoadScope::Services,
+        Some(other) => {
+            p.add(
+                "load_scope",
+                format!("'{other}' is not one of system, services"),
+            );
+            super::LoadScope::System
+        }
+    };
+    let storage_dir = super::storage::validate_storage_dir(raw.storage_dir, p);
     let metrics = match raw.metrics {
         None => None,
         Some(text) => match text.parse::<SocketAddr>() {
@@ -92,6 +104,8 @@ pub(super) fn validate_engine(raw: RawEngine, p: &mut Problems<'_>) -> Option<En
         control: raw.control,
         run_dir: raw.run_dir,
         max_load: raw.max_load,
+        load_scope,
+        storage_dir,
         metrics,
         dns,
     })
@@ -265,6 +279,7 @@ pub(super) fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<
 
     let health = validate_health(raw.health, &matches, p);
     let limits = validate_limits(raw.limits.unwrap_or_default(), p);
+    let artifact = super::fleet::validate_artifact(raw.artifact, p);
     let network = raw.network.map(|n| {
         let mut out = Vec::new();
         let network = crate::shares::config::service(&n, &mut out);
@@ -273,6 +288,7 @@ pub(super) fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<
         }
         network
     });
+    let storage = super::storage::validate_storage(raw.storage, p);
 
     if p.out.len() != before {
         return None;
@@ -288,8 +304,11 @@ pub(super) fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<
         restart,
         health: health?,
         limits,
+        storage,
         stop_grace,
         drain_timeout,
+        artifact,
+        workdir: None,
         network,
     })
 }

@@ -55,6 +55,9 @@ pub struct Placement {
     pub v2_dir: Option<PathBuf>,
     /// How each configured limit fared (shown in the service's status).
     pub report: LimitsReport,
+    /// The file counting the group's OOM kills (`oom_kill N`): v2 `memory.events` or v1
+    /// `memory.oom_control`; set with an enforced memory limit.
+    pub oom_events: Option<PathBuf>,
 }
 
 /// One mounted hierarchy.
@@ -150,7 +153,9 @@ fn prepare_v2(
     name: &str,
     wanted: &[&str],
 ) -> io::Result<(PathBuf, BTreeMap<String, String>)> {
-    let own = own_path(None).unwrap_or_else(|| "/".into());
+    // Not own_path: after the first service the daemon sits in `viscum-daemon`, and the
+    // next service's group belongs beside it, not under it.
+    let own = own_base(None).unwrap_or_else(|| "/".into());
     let mut own_dir = join(mount, &own);
     let available = fs::read_to_string(own_dir.join("cgroup.controllers")).unwrap_or_default();
     let available: Vec<&str> = available.split_whitespace().collect();
@@ -251,6 +256,15 @@ pub fn prepare(name: &str, limits: &Limits) -> Placement {
                     let path = dir.join(file);
                     match write(&path, &content) {
                         Ok(()) => {
+                            if *limit == "memory" {
+                                // One OOM kill ends the whole service (its helpers with
+                                // it), which the daemon then restarts as one, rather than a
+                                // half-killed service going on (memory.oom.group, 4.19).
+                                if let Err(e) = write(&dir.join("memory.oom.group"), "1") {
+                                    log::debug!("{name}: {e}");
+                                }
+                                placement.oom_events = Some(dir.join("memory.events"));
+                            }
                             placement.report.insert(
                                 (*limit).to_owned(),
                                 LimitStatus {
@@ -318,6 +332,7 @@ pub fn prepare(name: &str, limits: &Limits) -> Placement {
                 "memory" => {
                     let f = dir.join("memory.limit_in_bytes");
                     write(&f, &value)?;
+                    placement.oom_events = Some(dir.join("memory.oom_control"));
                     f
                 }
                 "cpu" => {
@@ -366,6 +381,33 @@ fn cpu_quota(cpus: f64) -> u64 {
     ((cpus * CPU_PERIOD_US as f64).round() as u64).max(1000)
 }
 
+/// `oom_kill` in `memory.events` (v2) or `memory.oom_control` (v1, Linux 4.13).
+fn parse_oom_kills(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("oom_kill "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Processes of the service the OOM killer ended, as its memory cgroup counts them; `None`
+/// without an enforced memory limit or a counter.
+pub fn oom_kills(placement: &Placement) -> Option<u64> {
+    oom_kills_in(placement.oom_events.as_ref()?)
+}
+
+/// [`oom_kills`] from the counter file itself (`memory.events` or `memory.oom_control`).
+pub fn oom_kills_in(file: &Path) -> Option<u64> {
+    parse_oom_kills(&fs::read_to_string(file).ok()?)
+}
+
+/// The daemon's v2 `viscum` group (the parent of every service's group), if it exists: its
+/// `cpu.pressure` and `memory.pressure` are the services' pressure (`load_scope =
+/// "services"`).
+pub fn services_v2_dir() -> Option<PathBuf> {
+    let v2 = mounts().into_iter().find(|h| h.v2)?;
+    let dir = join(&v2.mount, &own_base(None)?).join("viscum");
+    dir.is_dir().then_some(dir)
+}
+
 /// Kills every process left in the service's v2 group (`cgroup.kill`, Linux 5.14).
 pub fn kill_all(placement: &Placement) {
     if let Some(dir) = &placement.v2_dir {
@@ -390,14 +432,25 @@ pub fn remove(placement: &Placement) {
     }
 }
 
+/// The daemon's cgroup path as [`own_path`] gives it, without the `viscum-daemon` leaf
+/// [`prepare_v2`] may have moved it into: the group the `viscum` directory was made in.
+fn own_base(controller: Option<&str>) -> Option<String> {
+    let own = own_path(controller)?;
+    Some(match own.strip_suffix("/viscum-daemon") {
+        Some("") => "/".to_owned(),
+        Some(parent) => parent.to_owned(),
+        None => own,
+    })
+}
+
 /// The `<own>/viscum` directories of every hierarchy.
 fn bases() -> Vec<PathBuf> {
     let mut dirs = Vec::new();
     for h in mounts() {
         let own = if h.v2 {
-            own_path(None)
+            own_base(None)
         } else {
-            h.controllers.iter().find_map(|c| own_path(Some(c)))
+            h.controllers.iter().find_map(|c| own_base(Some(c)))
         };
         if let Some(own) = own {
             dirs.push(join(&h.mount, &own).join("viscum"));
@@ -447,6 +500,15 @@ pub fn members(placement: &Placement) -> Vec<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oom_kill_counters() {
+        let v2 = "low 0\nhigh 0\nmax 12\noom 3\noom_kill 2\noom_group_kill 1\n";
+        assert_eq!(parse_oom_kills(v2), Some(2));
+        let v1 = "oom_kill_disable 0\nunder_oom 0\noom_kill 5\n";
+        assert_eq!(parse_oom_kills(v1), Some(5));
+        assert_eq!(parse_oom_kills("oom_kill_disable 0\nunder_oom 0\n"), None);
+    }
 
     #[test]
     fn cpu_quota_is_per_period() {

@@ -260,6 +260,15 @@ pub struct ServiceStatus {
     pub limits: LimitsReport,
     /// Milliseconds until the next scheduled (re)start, if one is pending.
     pub next_start_in_ms: Option<u64>,
+    /// Processes of the service the kernel's OOM killer ended because of its `memory`
+    /// limit, since its cgroup was made (`oom_kill` of cgroup v2 `memory.events`, or of v1
+    /// `memory.oom_control`); `None` without a memory limit or where the kernel does not
+    /// count them.
+    #[serde(default)]
+    pub oom_kills: Option<u64>,
+    /// Its private working directory (`[service.storage]`), if it has one.
+    #[serde(default)]
+    pub storage: Option<super::storage::StorageStatus>,
 }
 
 /// What a reload did.

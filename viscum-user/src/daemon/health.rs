@@ -184,6 +184,8 @@ async fn exec(
         netns: &ctx.netns,
         output: None,
         cgroup_procs: &[],
+        cwd: service.workdir.as_deref(),
+        storage: None,
     };
     let mut child =
         process::spawn_child(&spec).map_err(|e| format!("cannot run {}: {e}", command[0]))?;

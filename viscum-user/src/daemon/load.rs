@@ -6,6 +6,16 @@
 //! number of CPUs stands in. Shedding starts above `max_load` and stops only once the load
 //! has dropped below [`RESUME_RATIO`] of it, so a load hovering at the threshold does not
 //! flap entries in and out of the datapath.
+//!
+//! With `load_scope = "services"` the pressure is that of the daemon's cgroup v2 `viscum`
+//! group instead (its `cpu.pressure` and `memory.pressure`, the same `some avg10`), which
+//! holds every service: the share of time some service task waited for a CPU or for
+//! memory, whoever caused the wait. A busy box whose services are idle then does not shed,
+//! and a box whose services are starved does, however busy the rest looks.
+//!
+//! While shedding, each service's entries drain (see `service.rs`): new flows go to the
+//! cloud, flows already at the edge continue; when the load is back below the resume level
+//! the entries take new flows again.
 
 use std::fs;
 
@@ -21,6 +31,9 @@ pub enum Source {
     Psi,
     /// `/proc/loadavg`'s 1-minute average divided by the CPU count (proc(5)), without PSI.
     Loadavg,
+    /// PSI of the services' cgroup: max of `some avg10` in the `viscum` group's
+    /// `cpu.pressure` and `memory.pressure` (`load_scope = "services"`).
+    Cgroup,
 }
 
 /// `some avg10` of a PSI file, as a fraction.
@@ -52,6 +65,24 @@ pub fn current() -> Option<(f64, Source)> {
             Some((one / cpus, Source::Loadavg))
         }
         (a, b) => Some((a.unwrap_or(0.0).max(b.unwrap_or(0.0)), Source::Psi)),
+    }
+}
+
+/// The load as `scope` defines it (see the module docs); `None` if it cannot be read (for
+/// the services' scope: no cgroup v2 `viscum` group with PSI files, e.g. a v1-only host or
+/// `CONFIG_PSI=n`).
+pub fn current_for(scope: crate::config::LoadScope) -> Option<(f64, Source)> {
+    match scope {
+        crate::config::LoadScope::System => current(),
+        crate::config::LoadScope::Services => {
+            let dir = super::cgroup::services_v2_dir()?;
+            let cpu = psi_some_avg10(&dir.join("cpu.pressure").to_string_lossy());
+            let mem = psi_some_avg10(&dir.join("memory.pressure").to_string_lossy());
+            match (cpu, mem) {
+                (None, None) => None,
+                (a, b) => Some((a.unwrap_or(0.0).max(b.unwrap_or(0.0)), Source::Cgroup)),
+            }
+        }
     }
 }
 

@@ -196,6 +196,35 @@ pub fn render(status: &DaemonStatus) -> String {
         "Automatic restarts of the service since the daemon started.",
         per(&|s| s.restarts.to_string()),
     );
+    let by_service = |f: &dyn Fn(&super::control::ServiceStatus) -> Option<u64>| {
+        status
+            .services
+            .iter()
+            .filter_map(|s| Some((format!("service=\"{}\"", label(&s.name)), f(s)?.to_string())))
+            .collect::<Vec<_>>()
+    };
+    family(
+        "viscum_service_oom_kills_total",
+        "counter",
+        "Processes of the service the OOM killer ended for exceeding its memory limit (services with one).",
+        by_service(&|s| s.oom_kills),
+    );
+    family(
+        "viscum_service_storage_size_bytes",
+        "gauge",
+        "Size of the service's storage file system (services with [service.storage]).",
+        by_service(&|s| {
+            s.storage
+                .as_ref()
+                .map(|st| st.total_bytes.unwrap_or(st.size_bytes))
+        }),
+    );
+    family(
+        "viscum_service_storage_used_bytes",
+        "gauge",
+        "Bytes in use in the service's storage while it runs.",
+        by_service(&|s| s.storage.as_ref()?.used_bytes),
+    );
     family(
         "viscum_service_health_checks_total",
         "counter",
@@ -251,10 +280,18 @@ pub fn render(status: &DaemonStatus) -> String {
             vec![(String::new(), load.to_string())],
         );
     }
+    if let Some(max) = status.max_load {
+        family(
+            "viscum_max_load",
+            "gauge",
+            "The max_load threshold (fraction); shedding ends below 0.85 of it.",
+            vec![(String::new(), max.to_string())],
+        );
+    }
     family(
         "viscum_shedding",
         "gauge",
-        "1 while every service is held back to the cloud because of load.",
+        "1 while the box sheds load: new flows go to the cloud, open edge flows continue.",
         vec![(String::new(), u8::from(status.shedding).to_string())],
     );
     family(

@@ -52,6 +52,7 @@
 
 pub mod cgroup;
 pub mod control;
+mod fleet;
 pub mod health;
 pub mod links;
 pub mod load;
@@ -62,6 +63,7 @@ pub mod sandbox;
 pub mod service;
 pub mod shares;
 pub mod state;
+pub mod storage;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -201,6 +203,8 @@ pub async fn run(
         source,
     })?;
     let _lock = lock(&paths)?;
+    // The fleet's checkpointed services run from the start, like the file's.
+    let (config, boot_fleet) = fleet::boot(config, &paths);
 
     let control_listener = control::bind(&instance.control).await?;
     let _socket = RemoveOnDrop(instance.control.clone());
@@ -280,6 +284,7 @@ pub async fn run(
         shed,
         resolver,
         links: links_changed,
+        storage_dir: config.engine.storage_dir.clone(),
     });
 
     let mut daemon = Daemon {
@@ -292,7 +297,9 @@ pub async fn run(
         services: BTreeMap::new(),
         started: Instant::now(),
         load: None,
+        load_unreadable_said: false,
         link_log: LinkLog::default(),
+        fleet: boot_fleet,
         shares,
     };
     daemon.remove_stale().await;
@@ -309,6 +316,8 @@ pub async fn run(
     let control_task = tokio::spawn(control::serve(control_listener, ctl_tx));
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<metrics::Scrape>(16);
     let metrics_task = metrics_listener.map(|l| tokio::spawn(metrics::serve(l, scrape_tx)));
+    let (fleet_tx, mut fleet_rx) = mpsc::channel::<fleet::FleetRequest>(4);
+    let fleet_task = fleet::start(&daemon.config, &daemon.ctx.paths, fleet_tx);
     log::info!(
         "running {} service(s); control socket {}",
         daemon.services.len(),
@@ -353,6 +362,16 @@ pub async fn run(
                 let status = daemon.status().await;
                 let _ = reply.send(metrics::render(&status));
             }
+            Some(request) = fleet_rx.recv() => {
+                fleet::handle_answering_status(
+                    &mut daemon,
+                    request,
+                    &mut ctl_rx,
+                    &mut scrape_rx,
+                    &mut deferred,
+                )
+                .await;
+            }
             _ = load_tick.tick(), if daemon.shedder.is_some() => daemon.check_load(),
             events = watcher.next() => daemon.on_link_events(&events).await,
             _ = link_tick.tick() => daemon.check_links().await,
@@ -360,6 +379,9 @@ pub async fn run(
     }
 
     control_task.abort();
+    if let Some(t) = fleet_task {
+        t.abort();
+    }
     if let Some(t) = metrics_task {
         t.abort();
     }
@@ -545,8 +567,12 @@ struct Daemon {
     /// Present when `max_load` is set.
     shedder: Option<Shedder>,
     load: Option<(f64, load::Source)>,
+    /// That the load cannot be read was logged already.
+    load_unreadable_said: bool,
     /// What has been said about interfaces and targets, so each change is logged once.
     link_log: LinkLog,
+    /// The fleet services among `config.services`, as last applied ([`fleet`]).
+    fleet: Vec<crate::config::FleetService>,
     /// Network shares' qdiscs and map entries ([`shares`]).
     shares: shares::DaemonShares,
 }
@@ -597,6 +623,13 @@ impl StatusSource {
                     edge_flows += e.new_flows;
                     cloud_flows += e.cloud_flows;
                 }
+            }
+            s.oom_kills = shared.oom_events.as_deref().and_then(cgroup::oom_kills_in);
+            if let (Some(st), Some(pid)) = (s.storage.as_mut(), s.pid)
+                && let Some((total, used)) = storage::usage(pid, &st.path)
+            {
+                st.total_bytes = Some(total);
+                st.used_bytes = Some(used);
             }
             s.packets = packets;
             s.bytes = bytes;
@@ -708,6 +741,7 @@ impl Daemon {
                 ),
             }
             cgroup::remove_named(&name);
+            storage::remove(&self.ctx.storage_dir, &name);
             let _ = state::remove_record(&path);
         }
     }
@@ -1017,9 +1051,13 @@ impl Daemon {
         let Some(shedder) = &mut self.shedder else {
             return;
         };
-        let Some((value, source)) = load::current() else {
-            if self.load.is_some() {
-                log::warn!("cannot read the load any more (no PSI, no /proc/loadavg)");
+        let scope = self.config.engine.load_scope;
+        let Some((value, source)) = load::current_for(scope) else {
+            if self.load.is_some() || !self.load_unreadable_said {
+                log::warn!(
+                    "cannot read the load ({scope:?} scope: no PSI nor /proc/loadavg, or no cgroup v2 group of the services with PSI yet): not shedding on it"
+                );
+                self.load_unreadable_said = true;
             }
             self.load = None;
             return;
@@ -1063,6 +1101,18 @@ impl Daemon {
                 };
             }
         };
+        // The fleet's services join the file's.
+        let new = match self.with_fleet(new) {
+            Ok(c) => c,
+            Err(response) => return *response,
+        };
+        self.apply(new, &path).await
+    }
+
+    /// Applies a validated configuration (the file's services and the fleet's) as a diff
+    /// against the running one; what cannot change while running refuses it whole. `path`
+    /// names the file in messages.
+    async fn apply(&mut self, new: Config, path: &Path) -> Response {
         // What only a restart can change, and interfaces that do not exist: refuse up front,
         // before anything is touched.
         let mut problems = Vec::new();
@@ -1081,6 +1131,11 @@ impl Daemon {
         if new.engine.metrics != self.config.engine.metrics {
             problems
                 .push("engine: metrics: cannot change while running (restart the daemon)".into());
+        }
+        if new.engine.storage_dir != self.config.engine.storage_dir {
+            problems.push(
+                "engine: storage_dir: cannot change while running (restart the daemon)".into(),
+            );
         }
         for (i, iface) in new.engine.interfaces.iter().enumerate() {
             if !self.config.engine.interfaces.contains(iface)
@@ -1125,6 +1180,10 @@ impl Daemon {
         // Removed and changed services release their entries before anyone else may need
         // their matches.
         futures::future::join_all(stopping.into_iter().map(|(h, delete)| h.shutdown(delete))).await;
+        // Their data goes with them, unless configured with `keep = true`.
+        for name in &report.removed {
+            storage::remove(&self.ctx.storage_dir, name);
+        }
         // The rest of the apply is one change of the instance: CLI writers wait for it, and it
         // for them (see `engine::lock`). Not taken before: removed services drain for up to
         // their `drain_timeout_ms`, and each of their steps takes the lock on its own, so CLI

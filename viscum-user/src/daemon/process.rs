@@ -184,6 +184,11 @@ pub struct Spec<'a> {
     pub output: Option<&'a File>,
     /// `cgroup.procs` files to write "0" to (join) before exec.
     pub cgroup_procs: &'a [std::path::PathBuf],
+    /// Working directory (`None`: `/`); a fleet artifact's directory. Entered before the
+    /// account changes, so only the directory itself must be open to the service's user.
+    pub cwd: Option<&'a std::path::Path>,
+    /// The service's storage to mount and work in ([`super::storage`]), if it has one.
+    pub storage: Option<&'a super::storage::ChildMount>,
 }
 
 /// The environment a service starts with: a fixed minimal one plus its `env` table. The
@@ -216,13 +221,17 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new(&spec.command[0]);
     cmd.args(&spec.command[1..])
         .env_clear()
-        .current_dir("/")
+        .current_dir(spec.cwd.unwrap_or(std::path::Path::new("/")))
         .stdin(Stdio::null());
     for (k, v) in base_env(spec.user)
         .into_iter()
         .chain(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())))
     {
         cmd.env(k, v);
+    }
+    if let Some(storage) = spec.storage {
+        // systemd's name for a service's state directory.
+        cmd.env("STATE_DIRECTORY", &storage.path);
     }
     match spec.output {
         Some(file) => {
@@ -243,6 +252,17 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
     let groups: Vec<libc::gid_t> = spec.user.groups.clone();
     let (uid, gid) = (spec.user.uid, spec.user.gid);
     let sandbox = Sandbox::prepare();
+    let storage = spec.storage.cloned();
+    // A fleet artifact's directory stays the working directory of a service that also has
+    // storage (its command names the artifact's files relatively); the storage is then
+    // reached through $STATE_DIRECTORY. Prepared here: no allocation after fork.
+    let artifact_cwd = match (spec.storage, spec.cwd) {
+        (Some(_), Some(dir)) => Some(
+            std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+                .map_err(|_| io::Error::other("working directory with a NUL byte"))?,
+        ),
+        _ => None,
+    };
     // The daemon raised its own open-file limit for its control connections
     // (`control::ORIGINAL_NOFILE`); a service gets the limit the daemon was started with,
     // as Go does for its children: a program that still uses select(2) breaks on
@@ -283,6 +303,15 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
             }
             // Both need privileges the account change gives up (sandbox.rs has the order).
             sandbox.private_tmp()?;
+            // In the new mount namespace, while still privileged.
+            if let Some(storage) = &storage {
+                storage.mount(uid, gid)?;
+                if let Some(dir) = &artifact_cwd
+                    && libc::chdir(dir.as_ptr()) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
             sandbox.drop_bounding_set()?;
             if libc::setgroups(groups.len(), groups.as_ptr()) != 0
                 || libc::setgid(gid) != 0

@@ -28,6 +28,7 @@ use super::{
     logs,
     process::{self, Exit, Proc},
     state::{self, RunPaths, ServiceRecord},
+    storage::{self, StorageStatus},
 };
 pub use crate::entries::error_chain;
 use crate::{
@@ -69,6 +70,8 @@ pub struct Context {
     /// Bumped when links were deleted (or events lost): each task then checks that its
     /// namespace's veth still exists.
     pub links: watch::Sender<u64>,
+    /// Where `[service.storage]` images live (`engine.storage_dir`).
+    pub storage_dir: PathBuf,
 }
 
 /// The answer to start/stop/restart.
@@ -115,6 +118,9 @@ pub struct Shared {
     pub acc_cloud_flows: u64,
     /// The namespace's host veth: entries pointing there are this service's.
     pub host_ifindex: Option<u32>,
+    /// The file counting the service's OOM kills ([`Placement::oom_events`]), read by
+    /// the status reader, like the storage's use, so both are current at every request.
+    pub oom_events: Option<PathBuf>,
     /// Entries in the datapath right now (updated under the engine lock, so counters read
     /// under the same lock add up).
     pub installed: Vec<Endpoint>,
@@ -175,6 +181,7 @@ pub fn spawn(config: ServiceConfig, ctx: Arc<Context>) -> Handle {
     let config = Arc::new(config);
     let shared = Arc::new(Mutex::new(Shared::default()));
     let (tx, rx) = mpsc::channel(8);
+    let ctx_storage_dir = ctx.storage_dir.clone();
     let actor = Actor {
         log_path: ctx.paths.log(&config.name),
         shed: ctx.shed.subscribe(),
@@ -209,6 +216,13 @@ pub fn spawn(config: ServiceConfig, ctx: Arc<Context>) -> Handle {
         last_exit: None,
         last_check_error: None,
         last_logged_install_error: None,
+        storage: config.storage.as_ref().map(|st| StorageStatus {
+            path: storage::mount_point(&ctx_storage_dir, &config.name),
+            size_bytes: st.size,
+            keep: st.keep,
+            ..StorageStatus::default()
+        }),
+        shed_draining: false,
     };
     // Visible in `status` from the start, before the task has done anything.
     actor.publish();
@@ -265,6 +279,10 @@ struct Actor {
     last_check_error: Option<String>,
     /// Install errors are retried at every event; log each distinct one once.
     last_logged_install_error: Option<String>,
+    /// `[service.storage]` as `status` shows it (its use is filled in by the status reader).
+    storage: Option<StorageStatus>,
+    /// The entries are draining because the box sheds load (open edge flows continue).
+    shed_draining: bool,
 }
 
 /// Completes when the process ends; never if there is none.
@@ -579,14 +597,67 @@ impl Actor {
 
     /// Should the entries be in the datapath right now?
     fn wants_entries(&self) -> bool {
+        self.ready_for_entries() && !*self.shed.borrow()
+    }
+
+    /// Would the entries be in the datapath if the box were not shedding load?
+    fn ready_for_entries(&self) -> bool {
         self.proc.is_some()
             && self.want_running
             && self.ns.is_some()
-            && !*self.shed.borrow()
             && (self.tracker.healthy || self.provisional)
     }
 
+    /// Drains (shedding) or un-drains the installed entries, host-name ones included.
+    async fn set_shed_draining(&mut self, on: bool) {
+        let mut eps = self.entries.installed().to_vec();
+        eps.extend(self.hosts.endpoints());
+        let mut engine = self.ctx.engine.lock().await;
+        let result = if on {
+            entries::drain(&mut engine, &eps)
+        } else {
+            entries::undrain(&mut engine, &eps)
+        };
+        drop(engine);
+        match result {
+            Ok(()) => log::info!(
+                "service {}: {}",
+                self.cfg.name,
+                if on {
+                    "load shedding: new flows go to the cloud, open edge flows continue"
+                } else {
+                    "load shedding over: new flows go to the edge again"
+                }
+            ),
+            Err(e) => log::warn!(
+                "service {}: cannot {} its entries: {}",
+                self.cfg.name,
+                if on { "drain" } else { "un-drain" },
+                error_chain(&e)
+            ),
+        }
+        self.shed_draining = on;
+    }
+
     async fn reconcile(&mut self) {
+        // Shedding load: a running, healthy service keeps its entries, draining: flows open
+        // at the edge continue (cutting them would reset them), new ones go to the cloud.
+        let shed = *self.shed.borrow();
+        let has_entries = !self.entries.installed().is_empty() || self.hosts.any_installed();
+        if shed && self.ready_for_entries() && has_entries {
+            if !self.shed_draining {
+                self.set_shed_draining(true).await;
+            }
+            return;
+        }
+        if self.shed_draining {
+            if !shed && self.ready_for_entries() {
+                self.set_shed_draining(false).await;
+            } else {
+                // The entries go below; removed entries need no un-draining.
+                self.shed_draining = false;
+            }
+        }
         if self.wants_entries() {
             if self.entries.installed().len() < self.cfg.matches.len() {
                 self.install_entries().await;
@@ -729,6 +800,15 @@ impl Actor {
             }
             self.prepare_cgroups();
         }
+        let attached = match self.prepare_storage().await {
+            Ok(a) => a,
+            Err(msg) => {
+                logs::note(&self.log_path, &msg);
+                self.error = Some(msg.clone());
+                self.schedule_restart(false, &msg);
+                return;
+            }
+        };
         let Some(ns) = &self.ns else { return };
         let output = match process::open_log(&self.log_path) {
             // A full log filesystem would fail the copy's first write to stdout or stderr,
@@ -760,8 +840,14 @@ impl Actor {
             netns: &ns.fd,
             output: output.as_ref(),
             cgroup_procs: &self.placement.procs,
+            cwd: self.cfg.workdir.as_deref(),
+            storage: attached.as_ref().map(|a| &a.child),
         };
-        match process::spawn(&spec) {
+        let spawned = process::spawn(&spec);
+        // The child's mount holds the loop device now (or the start failed: then the
+        // device detaches itself as this last holder closes it).
+        drop(attached);
+        match spawned {
             Ok(proc) => {
                 let pid = proc.pid();
                 if self.restart_pending {
@@ -792,6 +878,37 @@ impl Actor {
                 self.error = Some(msg.clone());
                 self.schedule_restart(false, &msg);
             }
+        }
+    }
+
+    /// Makes the service's storage ready for a start (see [`storage`]); `Ok(None)` without
+    /// `[service.storage]`. The error says why the service cannot start.
+    async fn prepare_storage(&mut self) -> Result<Option<storage::Attached>, String> {
+        let Some(cfg) = self.cfg.storage.clone() else {
+            return Ok(None);
+        };
+        let root = self.ctx.storage_dir.clone();
+        let name = self.cfg.name.clone();
+        let result =
+            tokio::task::spawn_blocking(move || storage::prepare(&root, &name, &cfg)).await;
+        let st = self.storage.get_or_insert_with(StorageStatus::default);
+        match result {
+            Ok(Ok(attached)) => {
+                st.device = Some(attached.device_path.display().to_string());
+                if attached.warning != st.error
+                    && let Some(w) = &attached.warning
+                {
+                    log::warn!("service {}: storage: {w}", self.cfg.name);
+                }
+                st.error = attached.warning.clone();
+                Ok(Some(attached))
+            }
+            Ok(Err(e)) => {
+                let msg = format!("storage: {}", error_chain(&e));
+                st.error = Some(msg.clone());
+                Err(msg)
+            }
+            Err(e) => Err(format!("storage: {e}")),
         }
     }
 
@@ -1121,9 +1238,12 @@ impl Actor {
             log: self.log_path.clone(),
             limits: self.placement.report.clone(),
             next_start_in_ms: None,
+            oom_kills: None,
+            storage: self.storage.clone(),
         };
         let mut shared = self.lock();
         shared.status = status;
+        shared.oom_events.clone_from(&self.placement.oom_events);
         shared.started = self.started;
         shared.next_start = self.next_start;
     }
