@@ -425,7 +425,7 @@ fn configuration_files_name_every_problem_in_the_files_terms() {
         ("service = 3\n".into(), vec!["file: service: must be an array of tables: write each one as [[service]]"]),
         (
             "[engine]\ncolour = \"blue\"\n".into(),
-            vec!["engine: colour: unknown key (valid keys: interfaces, bpffs, control, run_dir, max_load, metrics, dns, network)"],
+            vec!["engine: colour: unknown key (valid keys: interfaces, bpffs, control, run_dir, max_load, load_scope, storage_dir, metrics, dns, network)"],
         ),
         (
             format!(
@@ -453,7 +453,6 @@ fn configuration_files_name_every_problem_in_the_files_terms() {
         (
             "[engine.network]\nother_share = 2\n".into(),
             vec!["engine: network.rate: missing: the client-facing link's rate, such as \"100mbit\""],
-            vec!["engine: colour: unknown key (valid keys: interfaces, bpffs, control, run_dir, max_load, load_scope, storage_dir, metrics, dns)"],
         ),
         (
             svc("comand = [\"typo\"]"),

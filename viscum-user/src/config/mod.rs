@@ -458,11 +458,7 @@ impl Config {
             };
             let raw = match table.get("engine") {
                 None => Some((RawEngine::default(), Vec::new())),
-                Some(v) => decode::<RawEngine>(
-                    v,
-                    &[("network", decode_nested::<crate::shares::config::RawLink>)],
-                    &mut p,
-                ),
+                Some(v) => decode::<RawEngine>(v, &[], &mut p),
             };
             raw.and_then(|(raw, dropped)| {
                 let since = p.out.len();
@@ -523,7 +519,6 @@ impl Config {
                 &[
                     ("health", decode_nested::<RawHealth>),
                     ("limits", decode_nested::<RawLimits>),
-                    ("network", decode_nested::<crate::shares::config::RawService>),
                     ("storage", decode_nested::<storage::RawStorage>),
                 ],
                 &mut p,

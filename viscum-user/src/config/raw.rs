@@ -27,7 +27,8 @@ pub(super) struct RawEngine {
     pub(super) storage_dir: Option<PathBuf>,
     pub(super) metrics: Option<String>,
     pub(super) dns: Option<Vec<String>>,
-    pub(super) network: Option<crate::shares::config::RawLink>,
+    // Read by crate::shares::config, from the table as it is.
+    pub(super) network: Option<toml::Table>,
 }
 
 #[derive(Debug, Deserialize, Default)]
@@ -52,7 +53,7 @@ pub(super) struct RawService {
     pub(super) health: Option<RawHealth>,
     pub(super) limits: Option<RawLimits>,
     pub(super) artifact: Option<super::fleet::RawArtifact>,
-    pub(super) network: Option<crate::shares::config::RawService>,
+    pub(super) network: Option<toml::Table>,
     pub(super) storage: Option<super::storage::RawStorage>,
 }
 

@@ -91,7 +91,7 @@ pub(super) fn validate_engine(raw: RawEngine, p: &mut Problems<'_>) -> Option<En
     }
     let network = raw.network.and_then(|n| {
         let mut out = Vec::new();
-        let link = crate::shares::config::link(n, &mut out);
+        let link = crate::shares::config::link(&n, &mut out);
         for (field, message) in out {
             p.add(field, message);
         }
@@ -282,7 +282,7 @@ pub(super) fn validate_service(raw: RawService, p: &mut Problems<'_>) -> Option<
     let artifact = super::fleet::validate_artifact(raw.artifact, p);
     let network = raw.network.map(|n| {
         let mut out = Vec::new();
-        let network = crate::shares::config::service(n, &mut out);
+        let network = crate::shares::config::service(&n, &mut out);
         for (field, message) in out {
             p.add(field, message);
         }

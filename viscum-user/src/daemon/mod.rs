@@ -228,9 +228,16 @@ pub async fn run(
     let pins = Pins::new(&instance.bpffs);
     let mut record: DaemonRecord = state::read_record(&paths.daemon_record()).unwrap_or_default();
     // Before the attach: refused shares change nothing.
-    let shares = shares::DaemonShares::start(&config).await?;
+    let mut shares = shares::DaemonShares::start(&config).await?;
     let had_program = pins.program().exists();
-    let outcomes = engine::attach(&pins, &config.engine.interfaces, MapSizes::default())?;
+    let outcomes = match engine::attach(&pins, &config.engine.interfaces, MapSizes::default()) {
+        Ok(o) => o,
+        Err(e) => {
+            // A daemon that does not start leaves no qdisc behind.
+            shares.stop(&pins).await;
+            return Err(e.into());
+        }
+    };
     note_attached(&mut record, &outcomes);
     record.loaded_program |= !had_program;
     // Interfaces a previous daemon attached that the file no longer names.

@@ -196,8 +196,9 @@ fn ratespec(rate: Rate) -> [u8; 12] {
 
 /// The time to send `burst` bytes at `rate`, in psched ticks: how HTB sizes a bucket.
 fn ticks(rate: Rate, burst: u32) -> u32 {
-    let ns = u128::from(burst) * 1_000_000_000 / u128::from(rate.bytes().max(1));
-    u32::try_from(ns / u128::from(NS_PER_TICK)).unwrap_or(u32::MAX)
+    // A u32 burst times 10^9 fits in 64 bits.
+    let ns = u64::from(burst) * 1_000_000_000 / rate.bytes().max(1);
+    u32::try_from(ns / NS_PER_TICK).unwrap_or(u32::MAX)
 }
 
 /// Creates class `major:minor` under `parent` (or changes it when it exists).

@@ -171,8 +171,9 @@ pub const fn priority(minor: u16) -> u32 {
 
 /// `part / total` of `rate`, never below 8 bit/s (HTB refuses a zero rate).
 fn portion(rate: Rate, part: u32, total: u32) -> Rate {
-    let bits = u128::from(rate.bits()) * u128::from(part) / u128::from(total.max(1));
-    Rate::from_bits(u64::try_from(bits).unwrap_or(u64::MAX).max(8))
+    // Rates are below 2^50 bit/s and shares at most 100 each: no overflow.
+    let bits = rate.bits().saturating_mul(u64::from(part)) / u64::from(total.max(1));
+    Rate::from_bits(bits.max(8))
 }
 
 fn burst(ceil: Rate) -> u32 {
@@ -205,71 +206,93 @@ pub fn plan(link: &LinkConfig, services: &[(u16, ServiceNetwork)]) -> Vec<Planne
     out
 }
 
-/// The raw `[engine.network]` and `[service.network]` tables (see [`crate::config`]).
+/// The `[engine.network]` and `[service.network]` tables of the daemon's configuration
+/// (see [`crate::config`]), read from the TOML table as it is: no serde types of their own,
+/// which would each cost the router binary a monomorphised deserializer.
 pub mod config {
-    use serde::Deserialize;
-
     use super::{LinkConfig, MAX_SHARE, Rate, ServiceNetwork};
-
-    /// `[engine.network]` as serde reads it.
-    #[derive(Debug, Deserialize, Default)]
-    #[serde(deny_unknown_fields)]
-    pub struct RawLink {
-        /// `rate = "100mbit"`.
-        pub rate: Option<String>,
-        /// `other_share = 1`.
-        pub other_share: Option<i64>,
-    }
-
-    /// `[service.network]` as serde reads it.
-    #[derive(Debug, Deserialize, Default)]
-    #[serde(deny_unknown_fields)]
-    pub struct RawService {
-        /// `share = 3`.
-        pub share: Option<i64>,
-        /// `max = "20mbit"`.
-        pub max: Option<String>,
-    }
 
     /// A problem: (field under the table, message).
     pub type Problem = (String, String);
 
-    fn share(field: &str, v: Option<i64>, out: &mut Vec<Problem>) -> u32 {
+    /// How a value reads in a message, in TOML's terms (as serde's are rewritten for the
+    /// rest of the file, `crate::config`).
+    fn found(v: &toml::Value) -> String {
         match v {
+            toml::Value::String(s) => format!("the string {s:?}"),
+            toml::Value::Integer(n) => format!("the whole number {n}"),
+            toml::Value::Float(f) => format!("the number {f}"),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Datetime(d) => format!("the date {d}"),
+            toml::Value::Array(_) => "an array".into(),
+            toml::Value::Table(_) => "a table".into(),
+        }
+    }
+
+    /// Checks the keys of `table` against `valid`, reporting the others as serde words it
+    /// elsewhere ("unknown key (valid keys: a or b)").
+    fn unknown(table: &toml::Table, valid: [&str; 2], out: &mut Vec<Problem>) {
+        for key in table.keys().filter(|k| !valid.contains(&k.as_str())) {
+            out.push((
+                format!("network.{key}"),
+                format!("unknown key (valid keys: {} or {})", valid[0], valid[1]),
+            ));
+        }
+    }
+
+    fn share(table: &toml::Table, key: &str, out: &mut Vec<Problem>) -> u32 {
+        let field = format!("network.{key}");
+        match table.get(key) {
             None => 1,
-            Some(n) if (1..=i64::from(MAX_SHARE)).contains(&n) => n as u32,
-            Some(n) => {
+            Some(toml::Value::Integer(n)) if (1..=i64::from(MAX_SHARE)).contains(n) => *n as u32,
+            Some(toml::Value::Integer(n)) => {
                 out.push((
-                    field.into(),
+                    field,
                     format!("{n} is not a share: a whole number from 1 to {MAX_SHARE} (a weight)"),
+                ));
+                1
+            }
+            Some(v) => {
+                out.push((
+                    field,
+                    format!("expected a whole number, found {}", found(v)),
                 ));
                 1
             }
         }
     }
 
-    fn rate(field: &str, v: &str, out: &mut Vec<Problem>) -> Option<Rate> {
-        v.parse::<Rate>()
-            .map_err(|e| out.push((field.into(), e)))
-            .ok()
-    }
-
-    /// Validates `[engine.network]`; problems name `network.rate`, `network.other_share`.
-    pub fn link(raw: RawLink, out: &mut Vec<Problem>) -> Option<LinkConfig> {
-        let before = out.len();
-        let other_share = share("network.other_share", raw.other_share, out);
-        let rate = match raw.rate.as_deref() {
-            None => {
+    fn rate(table: &toml::Table, key: &str, out: &mut Vec<Problem>) -> Option<Rate> {
+        let field = format!("network.{key}");
+        match table.get(key)? {
+            toml::Value::String(t) => t.parse::<Rate>().map_err(|e| out.push((field, e))).ok(),
+            v => {
                 out.push((
-                    "network.rate".into(),
-                    "missing: the client-facing link's rate, such as \"100mbit\" (HTB needs it \
-                     to divide the link)"
-                        .into(),
+                    field,
+                    format!(
+                        "expected a rate such as \"20mbit\" (a string in quotes), found {}",
+                        found(v)
+                    ),
                 ));
                 None
             }
-            Some(t) => rate("network.rate", t, out),
-        };
+        }
+    }
+
+    /// Validates `[engine.network]`; problems name `network.rate`, `network.other_share`.
+    pub fn link(table: &toml::Table, out: &mut Vec<Problem>) -> Option<LinkConfig> {
+        let before = out.len();
+        unknown(table, ["rate", "other_share"], out);
+        let other_share = share(table, "other_share", out);
+        let rate = rate(table, "rate", out);
+        if rate.is_none() && !table.contains_key("rate") {
+            out.push((
+                "network.rate".into(),
+                "missing: the client-facing link's rate, such as \"100mbit\" (HTB needs it to \
+                 divide the link)"
+                    .into(),
+            ));
+        }
         (out.len() == before).then_some(LinkConfig {
             rate: rate?,
             other_share,
@@ -293,16 +316,19 @@ pub mod config {
             out.push(crate::config::Problem {
                 scope: format!("service {}", s.name),
                 field: "network".into(),
-                message: "needs [engine.network] with the client-facing link's rate (rate = \"100mbit\"): shares divide that link".into(),
+                message: "needs [engine.network] with the client-facing link's rate (rate = \
+                          \"100mbit\"): shares divide that link"
+                    .into(),
             });
         }
     }
 
     /// Validates `[service.network]`; problems name `network.share`, `network.max`.
-    pub fn service(raw: RawService, out: &mut Vec<Problem>) -> ServiceNetwork {
+    pub fn service(table: &toml::Table, out: &mut Vec<Problem>) -> ServiceNetwork {
+        unknown(table, ["share", "max"], out);
         ServiceNetwork {
-            share: share("network.share", raw.share, out),
-            max: raw.max.as_deref().and_then(|t| rate("network.max", t, out)),
+            share: share(table, "share", out),
+            max: rate(table, "max", out),
         }
     }
 }
@@ -670,31 +696,27 @@ mod tests {
 
     #[test]
     fn config_tables() {
+        let t = |text: &str| text.parse::<toml::Table>().unwrap();
         let mut out = Vec::new();
-        let l = config::link(
-            config::RawLink {
-                rate: Some("50mbit".into()),
-                other_share: None,
-            },
-            &mut out,
-        )
-        .unwrap();
+        let l = config::link(&t("rate = \"50mbit\""), &mut out).unwrap();
         assert_eq!(l.rate.bits(), 50_000_000);
         assert_eq!(l.other_share, 1);
         assert!(out.is_empty());
-        assert!(config::link(config::RawLink::default(), &mut out).is_none());
+        assert!(config::link(&t(""), &mut out).is_none());
         assert!(out[0].0 == "network.rate" && out[0].1.contains("missing"));
         out.clear();
-        let s = config::service(
-            config::RawService {
-                share: Some(0),
-                max: Some("20 furlongs".into()),
-            },
-            &mut out,
-        );
+        let s = config::service(&t("share = 0\nmax = \"20 furlongs\"\nburst = 1"), &mut out);
         assert_eq!(s.share, 1);
-        assert_eq!(out.len(), 2, "{out:?}");
-        assert!(out[0].1.contains("from 1 to 100"));
-        assert!(out[1].1.contains("unknown unit"));
+        assert_eq!(out.len(), 3, "{out:?}");
+        assert_eq!(out[0].1, "unknown key (valid keys: share or max)");
+        assert!(out[1].1.contains("from 1 to 100"));
+        assert!(out[2].1.contains("unknown unit"));
+        out.clear();
+        config::service(&t("share = \"big\"\nmax = 5"), &mut out);
+        assert_eq!(
+            out[0].1,
+            "expected a whole number, found the string \"big\""
+        );
+        assert!(out[1].1.ends_with("found the whole number 5"), "{out:?}");
     }
 }
