@@ -499,6 +499,11 @@ pub struct ReplyState {
     pub fib_ifindex: u32,
     /// Destination then source MAC of the cached FIB result.
     pub fib_macs: [u8; 12],
+    /// The service's network-share class (`skb->priority`, see [`SHARES_MAP`]) as it was
+    /// when the FIB result was taken; 0 = none.
+    pub fib_class: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
 }
 
 /// How long the reply program reuses a flow's FIB result ([`ReplyState::fib_at_ns`]), ns.
@@ -507,7 +512,7 @@ pub const FIB_CACHE_NS: u64 = 1_000_000_000;
 /// The flow is mirrored: the cloud answers the client, so the edge copy's
 /// replies are dropped on the service veth.
 pub const REPLY_F_DROP: u32 = 1 << 0;
-const _: () = assert!(core::mem::size_of::<ReplyState>() == 64);
+const _: () = assert!(core::mem::size_of::<ReplyState>() == 72);
 
 /// Name of the program array the classifiers tail-call into for ICMP errors.
 pub const JUMP_MAP: &str = "VISCUM_JUMP";

@@ -389,6 +389,8 @@ fn put_edge(rkey: &ReplyKey, p: &Parsed, flags: u32, now: u64) {
     // are: nothing reads them while `fib_at_ns` is 0.)
     st.fib_at_ns = 0;
     st.fib_ifindex = 0;
+    st.fib_class = 0;
+    st._pad = 0;
     let _ = REPLIES.insert(rkey, &*st, 0);
 }
 

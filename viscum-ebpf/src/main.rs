@@ -368,12 +368,9 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     let mut fwd = p;
     fwd.saddr = id.service;
     fwd.sport = id.service_port;
-    let action = redirect::reply_to_client_cached(ctx, &fwd, id);
-    if action == TC_ACT_REDIRECT {
-        // Sent straight out to the client: its service's network share (HTB class).
-        share::classify(ctx, ifindex);
-    }
-    Ok(action)
+    // Sent straight out to the client, a reply gets its service's network share (HTB class,
+    // see `share`), cached in the flow record with the FIB result.
+    Ok(redirect::reply_to_client_cached(ctx, &fwd, id, ifindex))
 }
 
 /// Not ours: no verdict, so the packet continues as if Viscum were absent.

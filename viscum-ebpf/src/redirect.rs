@@ -17,6 +17,7 @@ use viscum_common::{
 use crate::{
     counters,
     parse::{Parsed, TCP_SYN},
+    share,
 };
 
 const AF_INET: u8 = 2;
@@ -143,18 +144,25 @@ pub fn mirror(ctx: &TcContext, entry: &ServiceEntry) {
 /// would otherwise drop every reply.
 #[inline(always)]
 pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
-    forward(ctx, p, None)
+    forward(ctx, p, None, 0)
 }
 
-/// [`reply_to_client`] for a reply of the edge flow `flow`, whose FIB result it reuses for
-/// [`FIB_CACHE_NS`] (and records when it had to look the route up).
+/// [`reply_to_client`] for a reply of the edge flow `flow` that arrived on host veth
+/// `veth`: reuses the flow's FIB result for [`FIB_CACHE_NS`] (recording it when it had to
+/// look the route up), and gives a reply it sends out its service's network-share class,
+/// cached alongside.
 #[inline(always)]
-pub fn reply_to_client_cached(ctx: &TcContext, p: &Parsed, flow: &mut ReplyState) -> i32 {
-    forward(ctx, p, Some(flow))
+pub fn reply_to_client_cached(
+    ctx: &TcContext,
+    p: &Parsed,
+    flow: &mut ReplyState,
+    veth: u32,
+) -> i32 {
+    forward(ctx, p, Some(flow), veth)
 }
 
 #[inline(always)]
-fn forward(ctx: &TcContext, p: &Parsed, flow: Option<&mut ReplyState>) -> i32 {
+fn forward(ctx: &TcContext, p: &Parsed, flow: Option<&mut ReplyState>, veth: u32) -> i32 {
     let skb = ctx.skb.skb;
     let now = counters::now_coarse();
     if let Some(flow) = &flow
@@ -189,6 +197,7 @@ fn forward(ctx: &TcContext, p: &Parsed, flow: Option<&mut ReplyState>) -> i32 {
             // SAFETY: 12 bytes checked above.
             unsafe { write_macs(start as *mut u8, &macs) };
         }
+        share::classify(ctx, flow.fib_class);
         // SAFETY: egress redirect to the cached output device.
         return unsafe { bpf_redirect(ifindex, 0) } as i32;
     }
@@ -253,6 +262,12 @@ fn forward(ctx: &TcContext, p: &Parsed, flow: Option<&mut ReplyState>) -> i32 {
         return TC_ACT_UNSPEC;
     }
     counters::bump(GlobalCounter::RepliesForwarded);
+    let class = if flow.is_some() {
+        share::class_of(veth)
+    } else {
+        0
+    };
+    share::classify(ctx, class);
     if rc == BPF_FIB_LKUP_RET_SUCCESS {
         if let Some(flow) = flow {
             // Invalidate first, so another CPU never takes half-written addresses for a
@@ -268,6 +283,7 @@ fn forward(ctx: &TcContext, p: &Parsed, flow: Option<&mut ReplyState>) -> i32 {
                 write_mac(dst, &fib.dmac);
                 write_mac(dst.add(6), &fib.smac);
             }
+            flow.fib_class = class;
             flow.fib_at_ns = now;
         }
         let start = ctx.data();

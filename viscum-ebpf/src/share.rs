@@ -14,14 +14,20 @@ use viscum_common::SHARES_ENTRIES;
 #[map(name = "VISCUM_SHARES")]
 static SHARES: HashMap<u32, u32> = HashMap::pinned(SHARES_ENTRIES, 0);
 
-/// Gives a reply that arrived on host veth `ifindex` its service's class; a veth without a
-/// share keeps the packet's priority as it is.
+/// The class of replies that arrive on host veth `ifindex`; 0 for a veth without a share
+/// (0 names no HTB class: such replies keep their priority).
 #[inline(always)]
-pub fn classify(ctx: &TcContext, ifindex: u32) {
+pub fn class_of(ifindex: u32) -> u32 {
     // SAFETY: a read of the map value the kernel returned, copied at once.
-    if let Some(prio) = unsafe { SHARES.get(ifindex) } {
-        let prio = *prio;
+    unsafe { SHARES.get(ifindex).copied() }.unwrap_or(0)
+}
+
+/// Gives a reply its service's class `class` (from [`class_of`]); 0 leaves the packet's
+/// priority as it is.
+#[inline(always)]
+pub fn classify(ctx: &TcContext, class: u32) {
+    if class != 0 {
         // SAFETY: `priority` is a writable field of a TC program's __sk_buff.
-        unsafe { (*ctx.skb.skb).priority = prio };
+        unsafe { (*ctx.skb.skb).priority = class };
     }
 }

@@ -55,8 +55,8 @@ pub const CHANGES: &[(u32, &[&str])] = &[
             JUMP_MAP,
         ],
     ),
-    // 3: the edge-flow record carries the reply program's FIB result (VISCUM_REPLIES' value
-    // and the scratch slot grew from 40 to 64 bytes).
+    // 3: the edge-flow record carries the reply program's FIB result and the service's
+    // network-share class (VISCUM_REPLIES' value and the scratch slot grew from 40 to 72 bytes).
     (3, &[REPLIES_MAP, SCRATCH_MAP]),
 ];
 
