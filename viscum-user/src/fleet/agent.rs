@@ -739,9 +739,13 @@ impl<A: Apply> Agent<A> {
             .iter()
             .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v)))
             .collect();
+        // Opened once per session, the first time a key is new or has a new value (which may
+        // name an artifact not installed yet).
         let needs_store = self.installer.is_some()
             && artifacts.is_none()
-            && entries.keys().any(|k| !self.applied.contains_key(k));
+            && entries
+                .iter()
+                .any(|(k, v)| self.applied.get(k).is_none_or(|a| a.as_bytes() != &v[..]));
         if needs_store {
             *artifacts = fleet.artifacts().await.ok();
         }
