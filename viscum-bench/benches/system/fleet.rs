@@ -10,8 +10,10 @@
 //!
 //! For each fleet size N, N agents in group `gN` start and converge on a first block; then,
 //! each round, one changed block is put under `group.gN.svc.web` and a watch on
-//! `viscum_status` records when each box's `status.<box>` first reports a revision at least
-//! the new one. A round's latency per box is that moment minus the moment before the put;
+//! `viscum_status` finds each box's first `status.<box>` reporting a revision at least the new
+//! one. A round's latency per box is the server's timestamp of that status message (when it
+//! was stored) minus the wall-clock moment before the put (same machine, same clock), so the
+//! watcher's own scheduling among the agents' tasks does not count;
 //! the row values are the per-round p50, p99 and max over the N boxes (median over rounds).
 //! The server's CPU time (utime + stime of the `nats-server` process over the rounds,
 //! divided by the rounds) and its resident memory with N boxes connected come from
@@ -121,7 +123,7 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
         "Simulated boxes: the real fleet agent with its DryRun applier (no datapath, no service processes), one NATS connection each, all as tokio tasks in one process (2 runtime workers) against one {version} on 127.0.0.1 in a namespace; each change is one put of a [[service]] block into the group every box watches."
     ));
     f.note(format!(
-        "Latency per box = first status.<box> carrying the new revision (seen through a watch on viscum_status) minus the moment before the put; rows are per-round p50/p99/max over the boxes, median over {rounds} rounds (min–max over rounds). Server CPU = utime+stime of nats-server over the rounds / rounds; RSS = VmRSS with the boxes connected (idle server: {:.1} MiB).",
+        "Latency per box = the server's timestamp of the first status.<box> carrying the new revision (found through a watch on viscum_status) minus the wall-clock moment before the put; rows are per-round p50/p99/max over the boxes, median over {rounds} rounds (min–max over rounds). Server CPU = utime+stime of nats-server over the rounds / rounds; RSS = VmRSS with the boxes connected (idle server: {:.1} MiB).",
         idle.rss_bytes as f64 / (1024.0 * 1024.0)
     ));
     let mut latency = Table {
@@ -227,6 +229,13 @@ fn raise_fd_limit() {
     }
 }
 
+/// Now, ns since the Unix epoch (the clock the server stamps messages with).
+fn wall_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i128::try_from(d.as_nanos()).unwrap_or(i128::MAX))
+}
+
 fn cpu_ms(u: &ProcUsage) -> f64 {
     u.cpu.as_secs_f64() * 1000.0
 }
@@ -254,13 +263,14 @@ async fn measure(url: &str, n: usize, rounds: usize, pid: u32) -> Result<SizeRes
         .watch("status.>")
         .await
         .context("watch viscum_status")?;
-    let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel::<(String, u64, Instant)>();
+    let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel::<(String, u64, i128)>();
     let watcher = tokio::spawn(async move {
         while let Some(Ok(entry)) = watch.next().await {
-            let at = Instant::now();
+            // When the server stored the report (ns since the Unix epoch).
+            let stored = entry.created.unix_timestamp_nanos();
             if let Ok(s) = serde_json::from_slice::<BoxStatus>(&entry.value)
                 && s.box_id.starts_with(&prefix)
-                && tx.send((s.box_id, s.revision, at)).is_err()
+                && tx.send((s.box_id, s.revision, stored)).is_err()
             {
                 break;
             }
@@ -323,19 +333,18 @@ async fn measure(url: &str, n: usize, rounds: usize, pid: u32) -> Result<SizeRes
         let mut rounds_ms = Vec::with_capacity(rounds);
         for round in 1..=rounds {
             sys::check_stop()?;
-            let t0 = Instant::now();
+            let t0 = wall_ns();
             let rev = desired
                 .put(&key, block(round).into())
                 .await
                 .context("put a changed block")?;
             let mut seen: HashMap<String, f64> = HashMap::with_capacity(n);
-            let deadline = t0 + ROUND_TIMEOUT;
+            let deadline = Instant::now() + ROUND_TIMEOUT;
             while seen.len() < n {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match tokio::time::timeout(left, reports.recv()).await {
-                    Ok(Some((b, r, at))) if r >= rev => {
-                        seen.entry(b)
-                            .or_insert_with(|| at.duration_since(t0).as_secs_f64() * 1000.0);
+                    Ok(Some((b, r, stored))) if r >= rev => {
+                        seen.entry(b).or_insert_with(|| (stored - t0) as f64 / 1e6);
                     }
                     Ok(Some(_)) => {}
                     _ => bail!(
