@@ -739,6 +739,8 @@ artifact = { name = "web-1.tar.gz", sha256 = "00112233445566778899aabbccddeeff00
 name = "dns"
 match = ["udp://198.51.100.7:53"]
 command = ["/bin/true"]
+[service.health]
+exec = ["/bin/true"]
 "#;
 
     fn group(g: &str) -> Target {
