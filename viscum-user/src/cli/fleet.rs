@@ -655,7 +655,7 @@ impl<R> Progress<R> {
         // On a terminal one line redrawn; in a log one line per 10%.
         if self.tty {
             let _ = write!(err, "\r{line}");
-        } else if percent % 10 == 0 {
+        } else if percent.is_multiple_of(10) {
             let _ = writeln!(err, "{line}");
         }
     }
@@ -739,6 +739,8 @@ artifact = { name = "web-1.tar.gz", sha256 = "00112233445566778899aabbccddeeff00
 name = "dns"
 match = ["udp://198.51.100.7:53"]
 command = ["/bin/true"]
+[service.health]
+exec = ["/bin/true"]
 "#;
 
     fn group(g: &str) -> Target {
