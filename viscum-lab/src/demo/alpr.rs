@@ -22,7 +22,7 @@ use std::{
     net::{IpAddr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     thread,
     time::Duration,
@@ -110,8 +110,9 @@ pub struct Figures {
 /// The collector: a UDP socket on `[::]:9000` in the cloud, served by a thread of this
 /// process; counts datagrams and bytes.
 struct Collector {
-    count: Arc<AtomicU64>,
-    bytes: Arc<AtomicU64>,
+    // usize, not u64: 32-bit MIPS (the cross-checked router target) has no 64-bit atomics.
+    count: Arc<AtomicUsize>,
+    bytes: Arc<AtomicUsize>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -133,7 +134,7 @@ impl Collector {
         })??;
         // Woken now and then to see whether it should stop.
         sock.set_read_timeout(Some(Duration::from_millis(100)))?;
-        let (count, bytes) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let (count, bytes) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (c, b, s) = (count.clone(), bytes.clone(), stop.clone());
         let thread = thread::spawn(move || {
@@ -141,7 +142,7 @@ impl Collector {
             while !s.load(Ordering::SeqCst) {
                 if let Ok((n, _)) = sock.recv_from(&mut buf) {
                     c.fetch_add(1, Ordering::SeqCst);
-                    b.fetch_add(n as u64, Ordering::SeqCst);
+                    b.fetch_add(n, Ordering::SeqCst);
                 }
             }
         });
@@ -155,8 +156,8 @@ impl Collector {
 
     fn counts(&self) -> (u64, u64) {
         (
-            self.count.load(Ordering::SeqCst),
-            self.bytes.load(Ordering::SeqCst),
+            self.count.load(Ordering::SeqCst) as u64,
+            self.bytes.load(Ordering::SeqCst) as u64,
         )
     }
 }

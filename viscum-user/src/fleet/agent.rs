@@ -378,17 +378,13 @@ async fn sleep_or(shutdown: &mut Pin<&mut impl Future<Output = ()>>, d: Duration
 /// A number no other watch of this process, nor of an earlier one, had: the time in
 /// milliseconds, plus a counter for watches made within one millisecond.
 fn next_watch_id() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static LAST: AtomicU64 = AtomicU64::new(0);
+    // A mutex, not an AtomicU64: 32-bit MIPS and PowerPC (router targets) have no 64-bit
+    // atomics, and this runs once per watch.
+    static LAST: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
     let now = now_ms();
-    let mut last = LAST.load(Ordering::Relaxed);
-    loop {
-        let next = now.max(last + 1);
-        match LAST.compare_exchange_weak(last, next, Ordering::Relaxed, Ordering::Relaxed) {
-            Ok(_) => return next,
-            Err(seen) => last = seen,
-        }
-    }
+    let mut last = LAST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    *last = now.max(*last + 1);
+    *last
 }
 
 fn now_ms() -> u64 {
@@ -684,7 +680,8 @@ impl<A: Apply> Agent<A> {
             }
         }
         let mut artifacts = None;
-        self.converge_snapshot(&snapshot, revision, fleet, &mut artifacts)
+        let mut store_retry = self
+            .converge_snapshot(&snapshot, revision, fleet, &mut artifacts)
             .await;
         self.put_status(status_kv.as_ref()).await;
 
@@ -706,10 +703,19 @@ impl<A: Apply> Agent<A> {
                             Err(e) => return End::Failed(format!("watch failed: {e}")),
                         }
                     }
-                    self.converge_snapshot(&snapshot, revision, fleet, &mut artifacts).await;
+                    store_retry = self
+                        .converge_snapshot(&snapshot, revision, fleet, &mut artifacts)
+                        .await;
                     self.put_status(status_kv.as_ref()).await;
                 }
-                _ = tick.tick() => self.put_status(status_kv.as_ref()).await,
+                _ = tick.tick() => {
+                    if store_retry {
+                        store_retry = self
+                            .converge_snapshot(&snapshot, revision, fleet, &mut artifacts)
+                            .await;
+                    }
+                    self.put_status(status_kv.as_ref()).await;
+                }
                 e = events.recv() => {
                     if matches!(e, Some(async_nats::Event::Disconnected) | None) {
                         return End::Disconnected;
@@ -739,13 +745,16 @@ impl<A: Apply> Agent<A> {
         }
     }
 
+    /// Converges to `snapshot`, opening the artifact store first if a new or changed key
+    /// may need it. True when the revision was refused because the store could not be
+    /// opened: the session retries at its next status tick.
     async fn converge_snapshot(
         &mut self,
         snapshot: &BTreeMap<String, Option<Bytes>>,
         revision: u64,
         fleet: &Fleet,
         artifacts: &mut Option<jetstream::object_store::ObjectStore>,
-    ) {
+    ) -> bool {
         let entries: BTreeMap<String, Bytes> = snapshot
             .iter()
             .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v)))
@@ -758,9 +767,18 @@ impl<A: Apply> Agent<A> {
                 .iter()
                 .any(|(k, v)| self.applied.get(k).is_none_or(|a| a.as_bytes() != &v[..]));
         if needs_store {
-            *artifacts = fleet.artifacts().await.ok();
+            *artifacts = match fleet.artifacts().await {
+                Ok(store) => Some(store),
+                Err(e) => {
+                    log::warn!("fleet: cannot open {}: {e}", schema::ARTIFACT_BUCKET);
+                    None
+                }
+            };
         }
         self.converge(&entries, revision, artifacts.as_ref()).await;
+        // The store could not be opened (a slow or failing server) and the revision was
+        // refused for it: worth another try, unlike a refusal of the state itself.
+        needs_store && artifacts.is_none() && self.error.is_some()
     }
 
     /// Applies the snapshot `entries` (key → value of every present key) at `revision`; on
