@@ -875,7 +875,7 @@ fn wait_converged(
 /// consumers (merge of 2026-11-30 07:30), about one run in three the five simulated boxes stop
 /// reporting for good after the kill (their status keys expire; none reports again within
 /// two minutes), while the other runs converge in 15-40 s; before, with unnamed consumers,
-/// the test passed in under 30 s every time it ran (3 runs). Run it with `--ignored`.
+/// the test passed in under 30 s both times it ran. Run it with `--ignored`.
 #[test]
 #[ignore = "flaky since the agent's named consumers: see the doc comment"]
 fn cluster_loses_a_node_and_boxes_keep_converging() {
