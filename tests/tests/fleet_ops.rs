@@ -395,7 +395,7 @@ fn cli_apply_rm_status_put_artifact() {
     let stdout = ok(&out, "put-artifact");
     let stderr = text(&out.stderr);
     assert!(
-        stderr.contains(&format!("web-1.2.tar.gz: 700000 / 700000 bytes (100%)")),
+        stderr.contains("web-1.2.tar.gz: 700000 / 700000 bytes (100%)"),
         "no progress on stderr: {stderr}"
     );
     assert!(

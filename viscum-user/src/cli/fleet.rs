@@ -655,7 +655,7 @@ impl<R> Progress<R> {
         // On a terminal one line redrawn; in a log one line per 10%.
         if self.tty {
             let _ = write!(err, "\r{line}");
-        } else if percent % 10 == 0 {
+        } else if percent.is_multiple_of(10) {
             let _ = writeln!(err, "{line}");
         }
     }
