@@ -739,6 +739,7 @@ artifact = { name = "web-1.tar.gz", sha256 = "00112233445566778899aabbccddeeff00
 name = "dns"
 match = ["udp://198.51.100.7:53"]
 command = ["/bin/true"]
+health = { tcp = 53 }
 "#;
 
     fn group(g: &str) -> Target {
