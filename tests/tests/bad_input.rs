@@ -532,6 +532,35 @@ fn configuration_files_name_every_problem_in_the_files_terms() {
             ],
         ),
         ("[[service]]\n".into(), vec!["service #1: name: missing", "service #1: match: missing", "service #1: command: missing"]),
+        // `[fleet]` (docs/configuration.md): every problem under its key.
+        (
+            "[fleet]\nservers = [\"nats://[bad\"]\nbox = \"a.b\"\ngroups = [\"g\", \"g\"]\nuser = \"u\"\nnkey = \"/k\"\nstatus_interval_ms = 5\ncheckpoint = \"rel\"\ncolour = \"red\"\n".into(),
+            vec![
+                "fleet: servers[0]: 'nats://[bad' is not a NATS server URL",
+                "fleet: box: 'a.b' may hold only A-Z a-z 0-9 _ -",
+                "fleet: groups[1]: g is listed twice",
+                "fleet: user, nkey are given: use one kind of credentials (user and password, nkey or creds)",
+                "fleet: status_interval_ms: 5 is below 100 (milliseconds)",
+                "fleet: checkpoint: 'rel' is not an absolute path",
+                "fleet: colour: unknown key (valid keys: servers, box, groups, user, password, nkey, creds, tls, status_interval_ms, checkpoint)",
+            ],
+        ),
+        (
+            "[fleet]\n[fleet.tls]\ncert = \"/c.pem\"\n".into(),
+            vec![
+                "fleet: servers: missing: at least one NATS server URL",
+                "fleet: box: missing: this box's id",
+                "fleet: tls.key: missing: a client certificate needs both cert and key",
+            ],
+        ),
+        (
+            svc("artifact = { name = \"a/b\", sha256 = \"zz\" }"),
+            vec![
+                "service web: artifact: only a service from the fleet's desired state (viscum_desired) may name an artifact",
+                "service web: artifact.name: 'a/b' may not contain '/'",
+                "service web: artifact.sha256: 'zz' is not a SHA-256 digest (64 hex digits)",
+            ],
+        ),
     ];
     for (text, wants) in &cases {
         let err = check_refuses(dir, text.as_bytes());

@@ -527,7 +527,38 @@ fn artifacts_are_verified_before_they_run() {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(versions, [v1_sha], "only v1 is installed");
+    assert_eq!(versions, std::slice::from_ref(&v1_sha), "only v1 is installed");
+
+    // Back to v1, then a restarted daemon (a new session that starts with nothing new), then
+    // a good v3: fetched, run, and v1's directory removed once v3 runs.
+    let rev = put(
+        &lab,
+        NATS_PORT,
+        &key,
+        with_artifact("web-1.tar.gz", &v1_sha, "edge-v1"),
+    );
+    wait_revision(&lab, &daemon, &box_id, rev);
+    daemon.kill();
+    let daemon = Daemon::start(&lab, &files);
+    wait_revision(&lab, &daemon, &box_id, rev);
+    let mut v3 = tarball();
+    v3.extend_from_slice(&[0u8; 1024]); // another valid gzip member: another digest
+    let v3_sha = sha256_hex(&v3);
+    upload("web-3.tar.gz", v3);
+    put(
+        &lab,
+        NATS_PORT,
+        &key,
+        with_artifact("web-3.tar.gz", &v3_sha, "edge-v3"),
+    );
+    let took = wait_for(&lab, &daemon, port, "edge-v3");
+    println!("new artifact version after a restart -> serving: {took:?}");
+    let versions: Vec<String> = fs::read_dir(&installed)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(versions, [v3_sha], "v1 removed once v3 runs");
     drop(daemon);
 }
 

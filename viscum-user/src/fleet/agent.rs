@@ -66,8 +66,10 @@ use crate::config::{Config, FleetConfig, FleetService, fleet::merge};
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 /// Longest wait between two connection attempts.
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
-/// Bound on receiving the initial snapshot of one session.
+/// Bound on setting up the watches, and on receiving the initial snapshot, of one session.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on opening the status bucket and on one status put.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the agent asks an [`Apply`] to run: the fleet's services for this box.
 #[derive(Debug, Clone, PartialEq)]
@@ -629,16 +631,25 @@ impl<A: Apply> Agent<A> {
             }
             Ok::<_, String>((desired.prefix.clone(), messages, initial))
         };
+        // Bounded: a cluster without a leader for the stream may leave requests unanswered.
         let (prefix, mut messages, initial) = tokio::select! {
-            r = setup => match r {
-                Ok(x) => x,
-                Err(e) => return End::Failed(e),
+            r = tokio::time::timeout(SNAPSHOT_TIMEOUT, setup) => match r {
+                Ok(Ok(x)) => x,
+                Ok(Err(e)) => return End::Failed(e),
+                Err(_) => return End::Failed("timed out watching the desired state".into()),
             },
             () = shutdown.as_mut() => return End::Shutdown,
         };
-        let status_kv = match fleet.status().await {
-            Ok(kv) => Some(kv),
-            Err(e) => {
+        let status_kv = match tokio::time::timeout(STATUS_TIMEOUT, fleet.status()).await {
+            Err(_) => {
+                log::warn!(
+                    "fleet: no status reports this session: opening {} timed out",
+                    schema::STATUS_BUCKET
+                );
+                None
+            }
+            Ok(Ok(kv)) => Some(kv),
+            Ok(Err(e)) => {
                 log::warn!(
                     "fleet: no status reports: cannot open bucket {}: {e}",
                     schema::STATUS_BUCKET
@@ -739,9 +750,13 @@ impl<A: Apply> Agent<A> {
             .iter()
             .filter_map(|(k, v)| v.clone().map(|v| (k.clone(), v)))
             .collect();
+        // Opened once per session, the first time a key is new or has a new value (which may
+        // name an artifact not installed yet).
         let needs_store = self.installer.is_some()
             && artifacts.is_none()
-            && entries.keys().any(|k| !self.applied.contains_key(k));
+            && entries
+                .iter()
+                .any(|(k, v)| self.applied.get(k).is_none_or(|a| a.as_bytes() != &v[..]));
         if needs_store {
             *artifacts = fleet.artifacts().await.ok();
         }
@@ -902,14 +917,12 @@ impl<A: Apply> Agent<A> {
                 return;
             }
         };
-        if let Err(e) = kv
-            .put(schema::status_key(&self.settings.box_id), json.into())
-            .await
-        {
-            log::warn!(
-                "fleet: cannot put {}: {e}",
-                schema::status_key(&self.settings.box_id)
-            );
+        let key = schema::status_key(&self.settings.box_id);
+        // Bounded, so a stalled put never holds up the watch (the next tick tries again).
+        match tokio::time::timeout(STATUS_TIMEOUT, kv.put(&key, json.into())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => log::warn!("fleet: cannot put {key}: {e}"),
+            Err(_) => log::warn!("fleet: putting {key} timed out"),
         }
     }
 }
