@@ -193,9 +193,10 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     // Benchmark ids select their group (`--only B10` is `--only fleet`).
     let mut only: Vec<String> = Vec::new();
     for name in &opts.only {
-        let Some(g) = GROUPS.iter().find(|g| {
-            g.name == name || g.ids.iter().any(|(id, _)| id.eq_ignore_ascii_case(name))
-        }) else {
+        let Some(g) = GROUPS
+            .iter()
+            .find(|g| g.name == name || g.ids.iter().any(|(id, _)| id.eq_ignore_ascii_case(name)))
+        else {
             bail!(
                 "unknown group '{name}' (expected one of: {}, or a benchmark id B1-B10)",
                 GROUPS.iter().map(|g| g.name).collect::<Vec<_>>().join(", ")
@@ -233,10 +234,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         if opts.quick { "quick" } else { "full" }
     );
 
-    if !opts.quick
-        && !opts.no_dist
-        && (only.is_empty() || only.iter().any(|g| g == "footprint"))
-    {
+    if !opts.quick && !opts.no_dist && (only.is_empty() || only.iter().any(|g| g == "footprint")) {
         // B9 reports the release binaries `cargo xtask dist` makes (static musl where installed).
         let mut cmd = process::cargo();
         cmd.args(["xtask", "dist"]);

@@ -490,10 +490,54 @@ struct BoxRow {
 /// The desired-state bucket's last revision (its stream's last sequence), read now; 0 when
 /// the bucket is missing or does not answer.
 async fn desired_revision(js: &jetstream::Context) -> u64 {
-    match js.get_stream(format!("KV_{DESIRED_BUCKET}")).await {
-        Ok(mut stream) => stream.info().await.map_or(0, |i| i.state.last_sequence),
-        Err(_) => 0,
+    let Ok(stream) = js.get_stream(format!("KV_{DESIRED_BUCKET}")).await else {
+        return 0;
+    };
+    for _ in 0..20 {
+        match stream.info_with_subjects("").await {
+            Ok(i) if has_leader(&i.info) => return i.info.state.last_sequence,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+            Err(_) => return 0,
+        }
     }
+    0
+}
+
+/// Whether a stream info came from the stream's leader, or from a single server: a replica
+/// of a clustered stream whose leader is gone answers with its own, possibly stale, state
+/// (seen on nats-server 2.9: a lagging replica listed no status keys at all).
+fn has_leader(info: &jetstream::stream::Info) -> bool {
+    info.cluster
+        .as_ref()
+        .is_none_or(|c| c.leader.as_deref().is_some_and(|l| !l.is_empty()))
+}
+
+/// Every subject of `stream` matching `filter` with its message count, from the stream's
+/// leader: while the replicas elect one (a few seconds after a node is lost), asked again
+/// every 250 ms for up to 5 s.
+async fn leader_subjects(
+    stream: &jetstream::stream::Stream,
+    filter: &str,
+) -> Result<Vec<(String, usize)>> {
+    use futures::TryStreamExt as _;
+
+    for _ in 0..20 {
+        let info = stream
+            .info_with_subjects(filter)
+            .await
+            .context("cannot list the status bucket")?;
+        if has_leader(&info.info) {
+            return info
+                .try_collect()
+                .await
+                .context("cannot list the status bucket");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    bail!(
+        "cannot list the status bucket: its replicas have no leader (a node is down and no \
+         quorum elects one); try again"
+    )
 }
 
 fn now_ms() -> u64 {
@@ -503,8 +547,6 @@ fn now_ms() -> u64 {
 }
 
 async fn status(js: &jetstream::Context, args: &StatusArgs) -> Result<()> {
-    use futures::TryStreamExt as _;
-
     let desired_revision = desired_revision(js).await;
     let now = now_ms();
     let stale_after_ms = args.heartbeat_interval.saturating_mul(3000);
@@ -516,14 +558,7 @@ async fn status(js: &jetstream::Context, args: &StatusArgs) -> Result<()> {
             // clustered bucket (the request then times out); stream info and direct gets
             // are answered by the live replicas.
             let prefix = format!("$KV.{STATUS_BUCKET}.");
-            let subjects: Vec<(String, usize)> = store
-                .stream
-                .info_with_subjects(format!("{prefix}>"))
-                .await
-                .context("cannot list the status bucket")?
-                .try_collect()
-                .await
-                .context("cannot list the status bucket")?;
+            let subjects = leader_subjects(&store.stream, &format!("{prefix}>")).await?;
             let keys = subjects
                 .into_iter()
                 .filter_map(|(s, _)| s.strip_prefix(&prefix).map(str::to_owned));
@@ -739,8 +774,7 @@ artifact = { name = "web-1.tar.gz", sha256 = "00112233445566778899aabbccddeeff00
 name = "dns"
 match = ["udp://198.51.100.7:53"]
 command = ["/bin/true"]
-[service.health]
-exec = ["/bin/true"]
+health = { tcp = 53 }
 "#;
 
     fn group(g: &str) -> Target {
