@@ -527,7 +527,11 @@ fn artifacts_are_verified_before_they_run() {
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(versions, std::slice::from_ref(&v1_sha), "only v1 is installed");
+    assert_eq!(
+        versions,
+        std::slice::from_ref(&v1_sha),
+        "only v1 is installed"
+    );
 
     // Back to v1, then a restarted daemon (a new session that starts with nothing new), then
     // a good v3: fetched, run, and v1's directory removed once v3 runs.

@@ -162,7 +162,10 @@ fn print_human(s: &DaemonStatus) {
             );
         }
         if let Some(n) = v.oom_kills.filter(|n| *n > 0) {
-            println!("{}: {n} process(es) killed for exceeding its memory limit", v.name);
+            println!(
+                "{}: {n} process(es) killed for exceeding its memory limit",
+                v.name
+            );
         }
         if let Some(st) = &v.storage {
             match (st.used_bytes, st.total_bytes) {

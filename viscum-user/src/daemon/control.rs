@@ -269,6 +269,19 @@ pub struct ServiceStatus {
     /// Its private working directory (`[service.storage]`), if it has one.
     #[serde(default)]
     pub storage: Option<super::storage::StorageStatus>,
+    /// Its network share (`[service.network]`), if it has one.
+    #[serde(default)]
+    pub network: Option<NetworkReport>,
+}
+
+/// A service's `[service.network]` as configured (docs/multi-tenant.md).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkReport {
+    /// Weight among the services on the client-facing link (1-100).
+    pub share: u32,
+    /// Its ceiling as written in tc's units (e.g. `20mbit`); `None`: the whole link when
+    /// the others are idle.
+    pub max: Option<String>,
 }
 
 /// What a reload did.

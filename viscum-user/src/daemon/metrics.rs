@@ -233,9 +233,10 @@ impl Collector for Snapshot {
         // Only services that have the figure: a limit-less or storage-less service has no
         // sample rather than a misleading 0.
         let some = |f: fn(&ServiceStatus) -> Option<u64>| {
-            self.0.services.iter().filter_map(move |s| {
-                Some((vec![("service", s.name.clone())], f(s)?))
-            })
+            self.0
+                .services
+                .iter()
+                .filter_map(move |s| Some((vec![("service", s.name.clone())], f(s)?)))
         };
         family(
             &mut enc,

@@ -1240,6 +1240,14 @@ impl Actor {
             next_start_in_ms: None,
             oom_kills: None,
             storage: self.storage.clone(),
+            network: self
+                .cfg
+                .network
+                .as_ref()
+                .map(|n| super::control::NetworkReport {
+                    share: n.share,
+                    max: n.max.map(|m| m.to_string()),
+                }),
         };
         let mut shared = self.lock();
         shared.status = status;

@@ -382,7 +382,9 @@ fn next_watch_id() -> u64 {
     // atomics, and this runs once per watch.
     static LAST: std::sync::Mutex<u64> = std::sync::Mutex::new(0);
     let now = now_ms();
-    let mut last = LAST.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut last = LAST
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     *last = now.max(*last + 1);
     *last
 }
