@@ -40,15 +40,6 @@ fn who(lab: &Lab, port: u16) -> String {
         .unwrap_or_else(|e| format!("error: {e}"))
 }
 
-/// A copy of `src` in `dir` (world-readable and executable): the checkout may sit where an
-/// unprivileged user cannot enter.
-fn public_copy(src: &Path, dir: &Path) -> PathBuf {
-    let dst = dir.join(src.file_name().unwrap());
-    fs::copy(src, &dst).unwrap();
-    fs::set_permissions(&dst, fs::Permissions::from_mode(0o755)).unwrap();
-    dst
-}
-
 /// Runs `cmd` as nobody (after whatever pre_exec hooks it already has).
 fn as_nobody(mut cmd: Command) -> Output {
     // SAFETY: setgroups/setgid/setuid between fork and exec.
@@ -113,7 +104,11 @@ fn a_service_runs_without_privileges_and_still_serves() {
     let files = DaemonFiles::new();
     let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
     let web = lab.service_ns_name();
-    let probe = public_copy(Path::new(env!("CARGO_BIN_EXE_viscum-probe")), files.dir());
+    let probe = viscum_tests::vmcheck::limits::runnable_copy(
+        Path::new(env!("CARGO_BIN_EXE_viscum-probe")),
+        files.dir(),
+    )
+    .unwrap();
     // A file every user may read, in the host's /tmp: the service must not see it.
     let marker = PathBuf::from("/tmp").join(format!("viscum-marker-{}", unique_name("m")));
     fs::write(&marker, "host\n").unwrap();
@@ -257,7 +252,9 @@ fn an_unprivileged_user_cannot_read_or_edit_entries() {
     assert_eq!(before, [format!("tcp://{CLOUD_V4}:8080")]);
 
     // The CLI refuses up front, with one clear line, for reading and for editing alike.
-    let viscum = public_copy(&viscum_tests::lab::viscum_bin(), files.dir());
+    let viscum =
+        viscum_tests::vmcheck::limits::runnable_copy(&viscum_tests::lab::viscum_bin(), files.dir())
+            .unwrap();
     let control = files.control().display().to_string();
     for args in [
         vec!["redirect", "list"],
@@ -273,7 +270,11 @@ fn an_unprivileged_user_cannot_read_or_edit_entries() {
     // And the kernel refuses underneath it: the control socket is root's, mode 0600, ...
     let meta = fs::metadata(files.control()).unwrap();
     assert_eq!((meta.uid(), meta.mode() & 0o777), (0, 0o600));
-    let probe = public_copy(Path::new(env!("CARGO_BIN_EXE_viscum-probe")), files.dir());
+    let probe = viscum_tests::vmcheck::limits::runnable_copy(
+        Path::new(env!("CARGO_BIN_EXE_viscum-probe")),
+        files.dir(),
+    )
+    .unwrap();
     let mut connect = Command::new(&probe);
     connect.args(["connect", &control]);
     let out = as_nobody(connect);
@@ -391,7 +392,11 @@ fn a_service_starts_under_the_debian_units_capabilities() {
         .fold(0, |a, b| a | b);
     assert_ne!(mask, 0, "no CapabilityBoundingSet= in the unit");
     let files = DaemonFiles::new();
-    let probe = public_copy(Path::new(env!("CARGO_BIN_EXE_viscum-probe")), files.dir());
+    let probe = viscum_tests::vmcheck::limits::runnable_copy(
+        Path::new(env!("CARGO_BIN_EXE_viscum-probe")),
+        files.dir(),
+    )
+    .unwrap();
     let out_path = files.dir().join("probe.out");
     let out_file = out_path.clone();
     let exit = std::thread::spawn(move || {

@@ -12,7 +12,7 @@
 use std::{
     io::{Read, Write},
     net::{IpAddr, SocketAddr, TcpStream},
-    path::PathBuf,
+    path::Path,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -132,7 +132,11 @@ fn sheds_new_flows_under_cpu_pressure_keeps_open_ones_and_resumes() {
     );
 
     // The hog joins.
-    let hog_bin = PathBuf::from(env!("CARGO_BIN_EXE_viscum-vmcheck"));
+    let hog_bin = viscum_tests::vmcheck::limits::runnable_copy(
+        Path::new(env!("CARGO_BIN_EXE_viscum-vmcheck")),
+        files.dir(),
+    )
+    .unwrap();
     let mut hog_svc = Service::new(
         &hog,
         vec![

@@ -83,6 +83,18 @@ fn stat_value(text: &str, key: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
+/// A copy of program `bin` a service can run, in `dir`: readable and executable by all (services
+/// run as `nobody`), and outside `/tmp`: services get a private `/tmp`, so a test binary of a
+/// checkout under `/tmp` (a `mktemp -d` clone) is invisible to them ("No such file or
+/// directory" at every start).
+pub fn runnable_copy(bin: &Path, dir: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dst = dir.join(bin.file_name().unwrap_or(bin.as_os_str()));
+    fs::copy(bin, &dst)?;
+    fs::set_permissions(&dst, fs::Permissions::from_mode(0o755))?;
+    Ok(dst)
+}
+
 /// Runs the check with the daemon attached to `interfaces` of `lab` (none in the VM runner,
 /// where the lab's datapath is loaded already), the service running `hog` (this binary).
 pub fn cgroup_limits(lab: &Lab, hog: &Path, interfaces: &[&str]) -> CaseResult {
@@ -90,6 +102,8 @@ pub fn cgroup_limits(lab: &Lab, hog: &Path, interfaces: &[&str]) -> CaseResult {
         ensure_accounts()?;
         let v2 = memory_on_v2();
         let files = DaemonFiles::new();
+        let hog = &runnable_copy(hog, files.dir())
+            .map_err(|e| format!("cannot copy {} for the service: {e}", hog.display()))?;
         let name = lab.service_ns_name();
         let mut config = files.config();
         config.engine.interfaces = interfaces.iter().map(ToString::to_string).collect();
