@@ -386,11 +386,16 @@ fn put_edge(rkey: &ReplyKey, p: &Parsed, flags: u32, now: u64) {
     st.fib_mtu = 0;
     st.flags = flags;
     // No FIB result yet: the first reply looks its route up. (The MACs are left as they
-    // are: nothing reads them while `fib_at_ns` is 0.)
-    st.fib_at_ns = 0;
-    st.fib_ifindex = 0;
-    st.fib_class = 0;
-    st._pad = 0;
+    // are: nothing reads them while `fib_at_ns` is 0.) Volatile: LLVM merges adjacent zero
+    // stores into a memset subprogram call, which a kernel without a JIT refuses next to
+    // tail calls (viscum-user/tests/ebpf_object.rs).
+    // SAFETY: writes to fields of this CPU's slot.
+    unsafe {
+        core::ptr::write_volatile(&raw mut st.fib_at_ns, 0);
+        core::ptr::write_volatile(&raw mut st.fib_ifindex, 0);
+        core::ptr::write_volatile(&raw mut st.fib_class, 0);
+        core::ptr::write_volatile(&raw mut st._pad, 0);
+    }
     let _ = REPLIES.insert(rkey, &*st, 0);
 }
 
