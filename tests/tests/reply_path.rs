@@ -250,3 +250,118 @@ fn mirror_mode_feeds_the_edge_copy_while_the_cloud_answers() {
     );
     assert_eq!(global(&lab)["mirrored"], 6);
 }
+
+/// The reply program keeps each edge flow's FIB result (egress interface, MTU, MACs) for a
+/// second (`FIB_CACHE_NS` in viscum-ebpf/src/redirect.rs): a client that changes its MAC
+/// address (a new device taking over a DHCP lease, a bonded NIC failing over) and announces
+/// it (here the edge's neighbour entry is replaced, as a gratuitous ARP would) must get the
+/// replies of its *established* flow again once the cached result expires, on the same
+/// 5-tuple, without the flow being re-created. With a FIB result cached for the flow's
+/// lifetime, every reply would keep going to the old MAC and be dropped by the client.
+#[test]
+fn an_established_flow_follows_a_client_that_changed_its_mac() {
+    use std::{net::UdpSocket, time::Instant};
+
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let cloud = IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    let _edge = IdentityServer::start(&ns, cloud.port(), "edge");
+    let [v4, _] = lab.cloud_addrs(cloud.port());
+    lab.viscum_ok(&[
+        "redirect",
+        "add",
+        &url(Proto::Udp, v4),
+        "--ns",
+        &ns,
+        "--learn-ms",
+        "0",
+    ]);
+    // One socket, one 5-tuple, for the whole test.
+    let sock = viscum::netns::in_netns(lab.client.name(), move || {
+        let s = UdpSocket::bind("0.0.0.0:0")?;
+        s.connect(v4)?;
+        s.set_read_timeout(Some(std::time::Duration::from_millis(100)))?;
+        Ok::<_, std::io::Error>(s)
+    })
+    .unwrap()
+    .expect("client UDP socket");
+    let exchange = |sock: &UdpSocket| -> Option<String> {
+        sock.send(b"who\n").ok()?;
+        let mut buf = [0u8; 64];
+        let n = sock.recv(&mut buf).ok()?;
+        Some(String::from_utf8_lossy(&buf[..n]).trim().to_owned())
+    };
+    let until_answered = |sock: &UdpSocket, what: &str| -> (String, u32) {
+        let deadline = Instant::now() + std::time::Duration::from_secs(10);
+        let mut lost = 0;
+        loop {
+            if let Some(got) = exchange(sock) {
+                return (got, lost);
+            }
+            lost += 1;
+            assert!(
+                Instant::now() < deadline,
+                "{what}: no answer on the established flow in 10 s ({lost} requests lost)"
+            );
+        }
+    };
+    // Established, with its FIB result cached by the replies.
+    for _ in 0..3 {
+        assert_eq!(until_answered(&sock, "before the change").0, "edge");
+    }
+    let flows_before = global(&lab)["flows_edge"].as_u64().unwrap();
+
+    // The client's NIC is swapped: new MAC, announced to the edge.
+    let new_mac = "02:00:5e:c1:1e:57";
+    let ip = |ns: &str, args: &[&str]| {
+        let out = std::process::Command::new("ip")
+            .args(["-n", ns])
+            .args(args)
+            .output()
+            .expect("run ip");
+        assert!(
+            out.status.success(),
+            "ip -n {ns} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    ip(
+        lab.client.name(),
+        &[
+            "link",
+            "set",
+            viscum_lab::lab::CLIENT_IF,
+            "address",
+            new_mac,
+        ],
+    );
+    ip(
+        lab.edge.name(),
+        &[
+            "neigh",
+            "replace",
+            &viscum_lab::lab::CLIENT_V4.to_string(),
+            "lladdr",
+            new_mac,
+            "dev",
+            viscum_lab::lab::LAN_IF,
+            "nud",
+            "reachable",
+        ],
+    );
+    let changed = Instant::now();
+    let (got, lost) = until_answered(&sock, "after the MAC change");
+    eprintln!(
+        "answered again {} ms after the MAC change ({lost} requests lost)",
+        changed.elapsed().as_millis()
+    );
+    assert_eq!(got, "edge");
+    // The same flow, not a new one: its record (and its cached route) carried on.
+    assert_eq!(
+        global(&lab)["flows_edge"].as_u64().unwrap(),
+        flows_before,
+        "the answer came from a new flow, not the established one"
+    );
+}
