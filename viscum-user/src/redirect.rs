@@ -439,10 +439,20 @@ pub async fn del(engine: &mut Engine, endpoint: &Endpoint) -> Result<(), Redirec
     release_reply_path(engine, entry.ifindex).await
 }
 
-/// Detaches the reply classifier from a target no entry uses any more (a
-/// `--to` veth would otherwise keep it, seeing every packet it carries).
+/// Detaches the reply classifier from a `--to` target no entry uses any more (a veth
+/// Viscum does not own would otherwise keep it, seeing every packet it carries).
+///
+/// The host veth of a Viscum service namespace keeps it until the namespace is deleted
+/// (`viscum ns del`, or the daemon removing its service): creating a TCX link waits for an
+/// RCU grace period (`tcx_entry_sync()` in kernel/bpf/tcx.c), milliseconds that would
+/// otherwise be paid again by the next `redirect add` into the namespace, or by every
+/// health flap of a daemon's service; the namespace's own traffic meanwhile costs the
+/// program one flow-table miss.
 async fn release_reply_path(engine: &Engine, ifindex: u32) -> Result<(), RedirectError> {
     if engine.entries()?.iter().any(|e| e.ifindex == ifindex) {
+        return Ok(());
+    }
+    if netns::service_ns_by_host_ifindex(ifindex).await?.is_some() {
         return Ok(());
     }
     let handle = netns::handle_here().await?;

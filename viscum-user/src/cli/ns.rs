@@ -44,7 +44,7 @@ pub async fn run(pins: &Pins, cmd: NsCommand) -> Result<()> {
             // The namespace exists whatever this says: a failure is only reported.
             if let Err(e) = restore_entries(pins, &ns).await {
                 log::warn!(
-                    "cannot check for entries waiting for {}: {e:#}",
+                    "cannot attach the reply path to {} or check for entries waiting for it: {e:#}",
                     ns.host_veth
                 );
             }
@@ -134,15 +134,20 @@ pub async fn run(pins: &Pins, cmd: NsCommand) -> Result<()> {
     Ok(())
 }
 
-/// Entries into this namespace from before it was deleted and re-created (`ip netns del`, a
-/// restarted container) follow it again: the same `vh-NAME` target, as `viscum run` does on
-/// its own when it sees the veth come back (see [`crate::lifecycle`]).
+/// With an attached instance: the reply classifier on the new host veth, and entries into
+/// this namespace from before it was deleted and re-created (`ip netns del`, a restarted
+/// container) follow it again: the same `vh-NAME` target, as `viscum run` does on its own
+/// when it sees the veth come back (see [`crate::lifecycle`]).
 async fn restore_entries(pins: &Pins, ns: &netns::ServiceNs) -> Result<()> {
     let mut engine = match Engine::open(pins) {
         Ok(engine) => engine,
         Err(EngineError::NotAttached(_)) => return Ok(()),
         Err(e) => return Err(e.into()),
     };
+    // The reply path is part of the namespace's plumbing from now on (kept until `ns del`,
+    // see `redirect::release_reply_path`), so the first `redirect add` into it does not
+    // wait for the TCX link's RCU grace period.
+    engine::attach_reply(pins, &ns.host_veth)?;
     let veth = ns.host_veth.clone();
     let report = lifecycle::recover_targets(&mut engine, &|name| name != veth).await?;
     for r in &report.recovered {
