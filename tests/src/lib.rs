@@ -28,6 +28,7 @@
 //! [`skip_unless_root`] first.
 
 pub mod cases;
+pub mod clients;
 pub mod dns;
 pub mod fuzz;
 pub mod hog;

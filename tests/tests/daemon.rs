@@ -24,11 +24,11 @@ use std::{
 use nix::sys::signal::Signal;
 use viscum::{engine::Pins, netns};
 use viscum_tests::{
-    IdentityServer, Lab,
+    IdentityServer, Lab, clients,
     daemon::{Check, Daemon, DaemonFiles, Health, Limits, Service},
     guard::{alive, send_signal},
     lab::CLOUD_V4,
-    skip_unless_root, tcp_ask, wait_until,
+    skip_unless_root, wait_until,
 };
 
 /// Bound of one client request.
@@ -36,28 +36,14 @@ const ASK: Duration = Duration::from_millis(500);
 /// Bound for "the service comes up and turns healthy" (Python starts in ~100 ms).
 const UP: Duration = Duration::from_secs(20);
 
-fn cloud_addr(port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(CLOUD_V4), port)
-}
-
 /// Who answers a new connection to the cloud address right now ("edge", "cloud", or the error).
 fn who(lab: &Lab, port: u16) -> String {
-    tcp_ask(lab.client.name(), cloud_addr(port), ASK).unwrap_or_else(|e| format!("error: {e}"))
+    clients::who(lab.client.name(), port, ASK)
 }
 
 /// Waits until `who` answers `want`; returns how long it took.
 fn wait_for(lab: &Lab, port: u16, want: &str, timeout: Duration) -> Duration {
-    let start = Instant::now();
-    let mut last = String::new();
-    let ok = wait_until(timeout, || {
-        last = who(lab, port);
-        last == want
-    });
-    assert!(
-        ok,
-        "port {port}: wanted {want:?} within {timeout:?}, last answer {last:?}"
-    );
-    start.elapsed()
+    clients::wait_for(lab.client.name(), port, want, ASK, timeout)
 }
 
 /// The entries in the lab's datapath, as strings.
@@ -87,34 +73,6 @@ fn wait_entry_gone(lab: &Lab, ep: &str, timeout: Duration) -> Duration {
     });
     assert!(gone, "{ep} still in the datapath after {timeout:?}");
     start.elapsed()
-}
-
-/// Asks the service on port 8080 for a `kib` KiB stream (spread over kib x 10 ms) from the
-/// client namespace. Returns the bytes received so far, live, and the thread that finishes
-/// with the total, or the error that broke the transfer.
-fn start_transfer(
-    lab: &Lab,
-    kib: usize,
-) -> (Arc<AtomicUsize>, thread::JoinHandle<std::io::Result<usize>>) {
-    let progress = Arc::new(AtomicUsize::new(0));
-    let client = lab.client.name().to_string();
-    let counted = progress.clone();
-    let transfer = thread::spawn(move || {
-        netns::in_netns(&client, move || -> std::io::Result<usize> {
-            let mut s = TcpStream::connect_timeout(&cloud_addr(8080), Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            writeln!(s, "stream {kib}")?;
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match s.read(&mut buf)? {
-                    0 => return Ok(counted.load(Ordering::SeqCst)),
-                    n => counted.fetch_add(n, Ordering::SeqCst),
-                };
-            }
-        })
-        .unwrap()
-    });
-    (progress, transfer)
 }
 
 /// The network namespace inode of a process and of a named namespace, to compare.
@@ -490,7 +448,10 @@ fn a_daemon_restart_keeps_an_ongoing_transfer_alive() {
 
     // A 300 KiB transfer from the edge copy, spread over ~3 s.
     const KIB: usize = 300;
-    let (progress, transfer) = start_transfer(&lab, KIB);
+    let clients::Download {
+        received: progress,
+        thread: transfer,
+    } = clients::download(lab.client.name(), 8080, KIB);
 
     // The daemon dies (SIGKILL: no cleanup) in the middle of the transfer. The datapath and
     // the service carry on.
@@ -694,7 +655,10 @@ fn a_deliberate_stop_drains_the_edge_flows_before_stopping_the_service() {
 
     // A 300 KiB transfer from the edge copy, spread over ~3 s.
     const KIB: usize = 300;
-    let (progress, transfer) = start_transfer(&lab, KIB);
+    let clients::Download {
+        received: progress,
+        thread: transfer,
+    } = clients::download(lab.client.name(), 8080, KIB);
     assert!(
         wait_until(Duration::from_secs(5), || progress.load(Ordering::SeqCst)
             > 0),

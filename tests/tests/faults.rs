@@ -11,12 +11,12 @@
 //! Run with `--test-threads=1 --nocapture` to see the timings.
 
 use std::{
-    io::{Read as _, Write as _},
-    net::{IpAddr, SocketAddr, TcpStream},
+    io::Write as _,
+    net::IpAddr,
     path::Path,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     thread,
     time::{Duration, Instant},
@@ -26,7 +26,7 @@ use nix::sys::signal::Signal;
 use viscum::netns;
 use viscum_lab::Census;
 use viscum_tests::{
-    IdentityServer, Lab,
+    IdentityServer, Lab, clients,
     daemon::{Daemon, DaemonConfig, DaemonFiles, Service},
     guard::{alive, send_signal},
     lab::CLOUD_V4,
@@ -42,28 +42,14 @@ const UP: Duration = Duration::from_secs(20);
 /// How fast `status` must answer while another request drains (it takes milliseconds).
 const PROMPT: Duration = Duration::from_secs(1);
 
-fn cloud_addr(port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::V4(CLOUD_V4), port)
-}
-
 /// Who answers a new connection to the cloud address right now ("edge", "cloud", or the error).
 fn who(lab: &Lab, port: u16) -> String {
-    tcp_ask(lab.client.name(), cloud_addr(port), ASK).unwrap_or_else(|e| format!("error: {e}"))
+    clients::who(lab.client.name(), port, ASK)
 }
 
 /// Waits until `who` answers `want`; returns how long it took.
 fn wait_for(lab: &Lab, port: u16, want: &str, timeout: Duration) -> Duration {
-    let start = Instant::now();
-    let mut last = String::new();
-    let ok = wait_until(timeout, || {
-        last = who(lab, port);
-        last == want
-    });
-    assert!(
-        ok,
-        "port {port}: wanted {want:?} within {timeout:?}, last answer {last:?}"
-    );
-    start.elapsed()
+    clients::wait_for(lab.client.name(), port, want, ASK, timeout)
 }
 
 /// A port and what was answered on it (or the error).
@@ -95,7 +81,7 @@ impl Traffic {
             while !s.load(Ordering::Relaxed) {
                 let port = ports[n % ports.len()];
                 n += 1;
-                match tcp_ask(&ns, cloud_addr(port), ASK) {
+                match tcp_ask(&ns, clients::cloud_addr(port), ASK) {
                     Ok(answer) => a.lock().unwrap().push((port, answer)),
                     Err(e) => f.lock().unwrap().push((port, e.to_string())),
                 }
@@ -281,7 +267,10 @@ fn kill_9_mid_drain_lets_the_draining_transfer_finish_and_the_restarted_daemon_c
     let before = Census::take(&lab, &names, files.dir());
 
     const KIB: usize = 300; // ~3 s
-    let (progress, transfer) = start_transfer(&lab, 8080, KIB);
+    let clients::Download {
+        received: progress,
+        thread: transfer,
+    } = clients::download(lab.client.name(), 8080, KIB);
     assert!(wait_until(Duration::from_secs(5), || progress
         .load(Ordering::SeqCst)
         > 0));
@@ -464,33 +453,6 @@ fn a_service_killed_twenty_times_comes_back_each_time_without_leaks() {
     assert!(end.diff(&baseline).is_empty(), "{:#?}", end.diff(&baseline));
 }
 
-/// Asks the service on `port` for a `kib` KiB stream from the client namespace; returns the
-/// bytes received so far and the thread that ends with the total.
-fn start_transfer(
-    lab: &Lab,
-    port: u16,
-    kib: usize,
-) -> (Arc<AtomicUsize>, thread::JoinHandle<std::io::Result<usize>>) {
-    let progress = Arc::new(AtomicUsize::new(0));
-    let (client, counted) = (lab.client.name().to_string(), progress.clone());
-    let t = thread::spawn(move || {
-        netns::in_netns(&client, move || -> std::io::Result<usize> {
-            let mut s = TcpStream::connect_timeout(&cloud_addr(port), Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            writeln!(s, "stream {kib}")?;
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match s.read(&mut buf)? {
-                    0 => return Ok(counted.load(Ordering::SeqCst)),
-                    n => counted.fetch_add(n, Ordering::SeqCst),
-                };
-            }
-        })
-        .unwrap()
-    });
-    (progress, t)
-}
-
 /// Times `status` requests from another client while `busy` is true; returns the slowest,
 /// and how many were asked.
 fn time_status_while(daemon: &Daemon, busy: impl Fn() -> bool) -> (Duration, usize) {
@@ -531,7 +493,10 @@ fn status_answers_promptly_while_a_stop_or_a_reload_drains() {
     const KIB: usize = 300; // ~3 s
 
     for how in ["stop", "reload"] {
-        let (progress, transfer) = start_transfer(&lab, 8080, KIB);
+        let clients::Download {
+            received: progress,
+            thread: transfer,
+        } = clients::download(lab.client.name(), 8080, KIB);
         assert!(wait_until(Duration::from_secs(5), || progress
             .load(Ordering::SeqCst)
             > 0));

@@ -11,22 +11,17 @@
 
 use std::{
     io::{Read, Write},
-    net::{IpAddr, SocketAddr, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-    thread,
+    sync::atomic::Ordering,
     time::{Duration, Instant},
 };
 
 use viscum::netns;
 use viscum_tests::{
-    IdentityServer, Lab,
+    IdentityServer, Lab, clients,
     daemon::{Daemon, DaemonFiles, Service},
-    lab::CLOUD_V4,
-    skip_unless_root, tcp_ask,
+    skip_unless_root,
     tenant::config_with,
     wait_until,
 };
@@ -39,12 +34,7 @@ const CROSS: Duration = Duration::from_secs(30);
 const STREAM_KIB: usize = 2500;
 
 fn who(lab: &Lab) -> String {
-    tcp_ask(
-        lab.client.name(),
-        SocketAddr::new(IpAddr::V4(CLOUD_V4), 8080),
-        Duration::from_millis(500),
-    )
-    .unwrap_or_else(|e| format!("error: {e}"))
+    clients::who(lab.client.name(), 8080, Duration::from_millis(500))
 }
 
 fn scrape(lab: &Lab, addr: SocketAddr) -> String {
@@ -106,25 +96,10 @@ fn sheds_new_flows_under_cpu_pressure_keeps_open_ones_and_resumes() {
     assert!(!shedding, "shedding before any load (load {load:?})");
 
     // A long flow at the edge, open through everything that follows.
-    let received = Arc::new(AtomicUsize::new(0));
-    let counted = received.clone();
-    let client = lab.client.name().to_string();
-    let transfer = thread::spawn(move || {
-        netns::in_netns(&client, move || -> std::io::Result<usize> {
-            let addr = SocketAddr::new(IpAddr::V4(CLOUD_V4), 8080);
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-            s.set_read_timeout(Some(Duration::from_secs(10)))?;
-            writeln!(s, "stream {STREAM_KIB}")?;
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                match s.read(&mut buf)? {
-                    0 => return Ok(counted.load(Ordering::SeqCst)),
-                    n => counted.fetch_add(n, Ordering::SeqCst),
-                };
-            }
-        })
-        .unwrap()
-    });
+    let clients::Download {
+        received,
+        thread: transfer,
+    } = clients::download(lab.client.name(), 8080, STREAM_KIB);
     assert!(
         wait_until(Duration::from_secs(5), || received.load(Ordering::SeqCst)
             > 0),

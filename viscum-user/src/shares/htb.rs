@@ -60,6 +60,24 @@ pub struct RootQdisc {
     pub major: u16,
 }
 
+/// Sends `msg` with `NLM_F_REQUEST | flags`; the answers arrive on the stream.
+fn request<W: Fn() -> String>(
+    handle: &Handle,
+    msg: RouteNetlinkMessage,
+    flags: u16,
+    what: &W,
+) -> Result<impl futures::Stream<Item = NetlinkMessage<RouteNetlinkMessage>> + use<W>, ShareError> {
+    let mut req = NetlinkMessage::from(msg);
+    req.header.flags = NLM_F_REQUEST | flags;
+    handle
+        .clone()
+        .request(req)
+        .map_err(|e| ShareError::Netlink {
+            what: what(),
+            source: std::io::Error::other(e),
+        })
+}
+
 /// A netlink request that answers only with an acknowledgement (or an error).
 async fn ack(
     handle: &Handle,
@@ -67,13 +85,7 @@ async fn ack(
     flags: u16,
     what: impl Fn() -> String,
 ) -> Result<(), ShareError> {
-    let mut req = NetlinkMessage::from(msg);
-    req.header.flags = NLM_F_REQUEST | NLM_F_ACK | flags;
-    let mut handle = handle.clone();
-    let mut answers = handle.request(req).map_err(|e| ShareError::Netlink {
-        what: what(),
-        source: std::io::Error::other(e),
-    })?;
+    let mut answers = request(handle, msg, NLM_F_ACK | flags, &what)?;
     while let Some(answer) = answers.next().await {
         if let NetlinkPayload::Error(err) = answer.payload
             && err.code.is_some()
@@ -101,15 +113,9 @@ fn message(ifindex: u32, handle: TcHandle, parent: TcHandle) -> TcMessage {
 /// [`ShareError::Netlink`] if the dump fails.
 pub async fn root_qdisc(handle: &Handle, ifindex: u32) -> Result<Option<RootQdisc>, ShareError> {
     let what = || format!("cannot list the qdiscs of interface {ifindex}");
-    let mut m = TcMessage::default();
-    m.header.index = ifindex as i32;
-    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetQueueDiscipline(m));
-    req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let mut handle = handle.clone();
-    let mut answers = handle.request(req).map_err(|e| ShareError::Netlink {
-        what: what(),
-        source: std::io::Error::other(e),
-    })?;
+    let m = message(ifindex, TcHandle::default(), TcHandle::default());
+    let msg = RouteNetlinkMessage::GetQueueDiscipline(m);
+    let mut answers = request(handle, msg, NLM_F_DUMP, &what)?;
     let mut root = None;
     while let Some(answer) = answers.next().await {
         match answer.payload {
@@ -278,15 +284,9 @@ pub async fn classes(
     ifindex: u32,
 ) -> Result<Vec<(TcHandle, Rate, Rate)>, ShareError> {
     let what = || format!("cannot list the classes of interface {ifindex}");
-    let mut m = TcMessage::default();
-    m.header.index = ifindex as i32;
-    let mut req = NetlinkMessage::from(RouteNetlinkMessage::GetTrafficClass(m));
-    req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
-    let mut handle = handle.clone();
-    let mut answers = handle.request(req).map_err(|e| ShareError::Netlink {
-        what: what(),
-        source: std::io::Error::other(e),
-    })?;
+    let m = message(ifindex, TcHandle::default(), TcHandle::default());
+    let msg = RouteNetlinkMessage::GetTrafficClass(m);
+    let mut answers = request(handle, msg, NLM_F_DUMP, &what)?;
     let mut out = Vec::new();
     while let Some(answer) = answers.next().await {
         match answer.payload {
