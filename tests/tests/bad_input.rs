@@ -385,6 +385,41 @@ fn cli_arguments_are_refused_by_name_and_change_nothing() {
 }
 
 /// `viscum run --check` on `text`: its stderr (it must fail).
+/// A namespace left half-made (a `viscum ns add` killed between its steps: here the last
+/// ones, `lo` up inside) is refused as a redirect target, naming what is missing and the
+/// way out, and nothing changes; made again, it is taken.
+#[test]
+fn a_half_made_namespace_is_refused_as_a_target() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.viscum_ok(&["attach", "lan0"]);
+    let ns = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &ns]);
+    let out = std::process::Command::new("ip")
+        .args(["-n", &ns, "link", "set", "lo", "down"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let before = snapshot(&lab);
+    let err = lab.viscum_err(&["redirect", "add", "tcp://198.51.100.7:80", "--ns", &ns]);
+    assert!(
+        err.contains(&format!(
+            "namespace {ns} is not a complete viscum service namespace: lo is down inside"
+        )) && err.contains(&format!("`viscum ns del {ns}`, then `viscum ns add {ns}`")),
+        "{err}"
+    );
+    assert_eq!(
+        snapshot(&lab),
+        before,
+        "a refused redirect changed something"
+    );
+    lab.viscum_ok(&["ns", "del", &ns]);
+    lab.viscum_ok(&["ns", "add", &ns]);
+    lab.viscum_ok(&["redirect", "add", "tcp://198.51.100.7:80", "--ns", &ns]);
+}
+
 fn check_refuses(dir: &Path, text: &[u8]) -> String {
     let path = dir.join("viscum.toml");
     fs::write(&path, text).unwrap();

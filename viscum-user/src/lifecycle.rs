@@ -164,9 +164,7 @@ async fn target_for(name: &str) -> Option<Target> {
         .filter(|ns| netns::validate_name(ns).is_ok() && netns::named_exists(ns));
     match ns {
         Some(ns) => {
-            let complete = netns::service_ns_get(ns)
-                .await
-                .is_ok_and(|s| !s.ns_addr.is_empty());
+            let complete = netns::service_ns_check(ns).await.is_ok();
             complete.then(|| Target::Namespace(ns.to_owned()))
         }
         None => Some(Target::Veth(name.to_owned())),

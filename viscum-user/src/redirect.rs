@@ -203,7 +203,9 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
     match target {
         Target::Namespace(name) => {
             netns::validate_name(name)?;
-            let ns = netns::service_ns_get(name).await?;
+            // Complete, or refused: a half-made namespace (a `viscum ns add` killed half-way)
+            // would swallow what is redirected into it.
+            let ns = netns::service_ns_check(name).await?;
             Ok(Resolved {
                 ifindex: ns.host_ifindex,
                 ifname: ns.host_veth.clone(),

@@ -395,37 +395,10 @@ pub async fn run(
 /// up, and the build's last step (`arp_announce` on `eth0`) is done. `Err` says what is
 /// missing.
 async fn namespace_complete(name: &str) -> Result<(), String> {
-    let ns = netns::service_ns_get(name)
+    netns::service_ns_check(name)
         .await
-        .map_err(|e| service::error_chain(&e))?;
-    if ns.ns_addr.is_empty() || ns.ns_addr6.is_empty() || ns.host_addr.is_empty() {
-        return Err("addresses missing".into());
-    }
-    let host = netns::handle_here()
-        .await
-        .map_err(|e| service::error_chain(&e))?;
-    let veth = netns::link_by_index(&host, ns.host_ifindex)
-        .await
-        .map_err(|e| service::error_chain(&e))?;
-    if !veth.up {
-        return Err(format!("{} is down", ns.host_veth));
-    }
-    let inside = netns::handle_in(name)
-        .await
-        .map_err(|e| service::error_chain(&e))?;
-    for link in ["lo", netns::NS_VETH_NAME] {
-        let l = netns::link_by_name(&inside, link)
-            .await
-            .map_err(|e| service::error_chain(&e))?;
-        if !l.up {
-            return Err(format!("{link} is down inside"));
-        }
-    }
-    let key = format!("net/ipv4/conf/{}/arp_announce", netns::NS_VETH_NAME);
-    match netns::sysctl_get(Some(name), &key) {
-        Ok(v) if v.trim() == "2" => Ok(()),
-        _ => Err("its settings were never applied".into()),
-    }
+        .map(|_| ())
+        .map_err(|e| service::error_chain(&e))
 }
 
 /// The next control request: one deferred earlier, else the next from the socket.

@@ -453,7 +453,7 @@ impl Actor {
                     self.ctx.paths.state_dir().display()
                 ));
             }
-            match netns::service_ns_get(&name).await {
+            match netns::service_ns_check(&name).await {
                 Ok(ns) => ns,
                 Err(e) => {
                     log::warn!("service {name}: namespace is incomplete ({e}); recreating it");

@@ -478,6 +478,42 @@ pub async fn service_ns_get(name: &str) -> Result<ServiceNs, NetnsError> {
     })
 }
 
+/// Service namespace `name` as [`service_ns_get`] reads it, checked to be complete: every
+/// step of `viscum ns add` done (addresses on both ends, the host veth, `lo` and `eth0` up,
+/// the namespace's ARP settings applied, the last step). A namespace left half-built by a
+/// `viscum` killed while making it passes [`service_ns_get`] yet drops traffic; redirecting
+/// into it must be refused, and the daemon makes its own again.
+///
+/// # Errors
+/// As [`service_ns_get`]; [`NetnsError::Incomplete`] naming the first missing step.
+pub async fn service_ns_check(name: &str) -> Result<ServiceNs, NetnsError> {
+    let ns = service_ns_get(name).await?;
+    let incomplete = |detail: String| NetnsError::Incomplete {
+        name: name.to_string(),
+        detail,
+    };
+    if ns.ns_addr.is_empty() || ns.ns_addr6.is_empty() || ns.host_addr.is_empty() {
+        return Err(incomplete("addresses missing".into()));
+    }
+    let host = handle_here().await?;
+    if !link_by_index(&host, ns.host_ifindex).await?.up {
+        return Err(incomplete(format!("{} is down", ns.host_veth)));
+    }
+    let inside = handle_in(name).await?;
+    for link in ["lo", NS_VETH_NAME] {
+        if !link_by_name(&inside, link).await?.up {
+            return Err(incomplete(format!("{link} is down inside")));
+        }
+    }
+    match super::sysctl_get(
+        Some(name),
+        &format!("net/ipv4/conf/{NS_VETH_NAME}/arp_announce"),
+    ) {
+        Ok(v) if v.trim() == "2" => Ok(ns),
+        _ => Err(incomplete("its settings were never applied".into())),
+    }
+}
+
 /// The link's IPv6 address under [`ULA_PREFIX`] as "addr/p", or "" if it has none.
 async fn ula_address(handle: &Handle, index: u32) -> Result<String, NetnsError> {
     Ok(list_addresses(handle, Some(index))

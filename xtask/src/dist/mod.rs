@@ -2,7 +2,9 @@
 //! and the proof that each is right.
 //!
 //! * Build ([`crate::cross`]): stripped (release profile), statically linked musl binaries
-//!   for the six release targets, copied to `target/dist/viscum-<triple>`. Each is checked
+//!   for the six release targets, copied to `target/dist/viscum-<triple>`: without the
+//!   `fleet` feature, whose NATS and TLS stack would take a router past B9's 5 MiB (with
+//!   `--fleet`: `viscum-fleet-<triple>`). Each is checked
 //!   after the build ([`elf`]): an ELF of the target's machine and byte order, no program
 //!   interpreter (static), and an embedded eBPF object of the same byte order (`bpfeb` for
 //!   big-endian MIPS; aya-build picks it from `CARGO_CFG_TARGET_ENDIAN`).
@@ -56,6 +58,11 @@ pub struct Options {
     /// Do not build: use the binaries already in target/dist (with --test, --budget, --openwrt).
     #[arg(long)]
     pub no_build: bool,
+    /// Build with the `fleet` feature (`[fleet]`: desired state from NATS JetStream,
+    /// docs/fleet.md), into `target/dist/viscum-fleet-<triple>`. Without it the router
+    /// binaries leave fleet out: its TLS and NATS stack adds ~3 MiB, beyond B9's 5 MiB.
+    #[arg(long)]
+    pub fleet: bool,
     /// Only the cross check `cargo xtask test` runs: mips-unknown-linux-musl, debug profile,
     /// proven under qemu-user (nothing goes to target/dist).
     #[arg(long, conflicts_with_all = ["targets", "all", "test", "budget", "openwrt", "no_build"])]
@@ -100,7 +107,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
         println!("dist: {} ({})", target.triple, target.boards);
         let t = Instant::now();
         let built = if opts.no_build {
-            let path = dist.join(format!("viscum-{}", target.triple));
+            let path = dist.join(binary_name(target.triple, opts.fleet));
             if path.exists() {
                 Ok(path)
             } else {
@@ -110,7 +117,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
                 ))
             }
         } else {
-            build_one(p, &dist).inspect(|_| o.build_s = Some(t.elapsed().as_secs_f64()))
+            build_one(p, &dist, opts.fleet).inspect(|_| o.build_s = Some(t.elapsed().as_secs_f64()))
         };
         match built.and_then(|b| elf::check(&b, target).map(|facts| (b, facts))) {
             Ok((binary, facts)) => {
@@ -263,12 +270,25 @@ pub fn target_dir() -> Result<PathBuf> {
         .context("cargo metadata names no target_directory")
 }
 
-/// Release-builds `viscum` for `p` and copies it to `dist/viscum-<triple>`.
-fn build_one(p: Prepared, dist: &Path) -> Result<PathBuf> {
+/// `viscum-<triple>`, or `viscum-fleet-<triple>` for a build with the fleet feature.
+fn binary_name(triple: &str, fleet: bool) -> String {
+    if fleet {
+        format!("viscum-fleet-{triple}")
+    } else {
+        format!("viscum-{triple}")
+    }
+}
+
+/// Release-builds `viscum` for `p` (with the fleet feature if `fleet`, else without any
+/// optional feature) and copies it to `dist/` under [`binary_name`].
+fn build_one(p: Prepared, dist: &Path, fleet: bool) -> Result<PathBuf> {
     let mut cmd = cross::cargo(p, "zigbuild", false)?;
     cmd.args(["--release", "-p", "viscum-user", "--bin", "viscum"]);
+    if !fleet {
+        cmd.arg("--no-default-features");
+    }
     let binary = crate::build::built_bin(cmd, "viscum-user", "viscum")?;
-    let out = dist.join(format!("viscum-{}", p.target.triple));
+    let out = dist.join(binary_name(p.target.triple, fleet));
     // Replace rather than overwrite: a running copy (a benchmark's daemon) keeps its inode.
     let _ = fs::remove_file(&out);
     fs::copy(&binary, &out)
