@@ -803,66 +803,84 @@ fn simulated_boxes(
                     },
                 )));
             }
-            for a in agents {
-                let _ = tokio::time::timeout(Duration::from_secs(10), a).await;
-            }
+            // The agents run until told to stop; then they get ten seconds, together, to
+            // end (a bound on each join from the start would drop them, runtime and all,
+            // while the test still waits for their reports).
+            let mut stop = stop_rx.clone();
+            let _ = stop.wait_for(|s| *s).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(10), futures::future::join_all(agents))
+                    .await;
         });
     });
     (stop_tx, thread)
 }
 
 /// The reports of boxes `ids` in `viscum_status`, by direct gets through `urls` (answered by
-/// any live replica: `viscum fleet status`'s listing of the keys can come back empty for a
-/// while after the stream's leader is lost, see the report of 2026-11-30).
+/// any live replica), and why any could not be read.
 fn box_reports(
     cluster: &NatsCluster,
     urls: &[String],
     ids: &[String],
-) -> Vec<viscum::fleet::schema::BoxStatus> {
+) -> (Vec<viscum::fleet::schema::BoxStatus>, Vec<String>) {
     let (urls, ids) = (urls.to_vec(), ids.to_vec());
     cluster.block_on(move || async move {
         let servers: Vec<async_nats::ServerAddr> =
             urls.iter().map(|u| u.parse().expect("url")).collect();
-        let Ok(client) = async_nats::ConnectOptions::new()
+        let client = match async_nats::ConnectOptions::new()
             .connection_timeout(Duration::from_secs(1))
             .connect(servers.as_slice())
             .await
-        else {
-            return Vec::new();
+        {
+            Ok(c) => c,
+            Err(e) => return (Vec::new(), vec![format!("connect: {e}")]),
         };
         let mut js = jetstream::new(client);
         js.set_timeout(Duration::from_secs(2));
-        let Ok(kv) = js.get_key_value("viscum_status").await else {
-            return Vec::new();
+        let kv = match js.get_key_value("viscum_status").await {
+            Ok(kv) => kv,
+            Err(e) => return (Vec::new(), vec![format!("open viscum_status: {e}")]),
         };
         let mut out = Vec::new();
+        let mut errors = Vec::new();
         for id in ids {
-            if let Ok(Some(v)) = kv.get(format!("status.{id}")).await
-                && let Ok(s) = serde_json::from_slice(&v)
-            {
-                out.push(s);
+            match kv.get(format!("status.{id}")).await {
+                Ok(Some(v)) => match serde_json::from_slice(&v) {
+                    Ok(s) => out.push(s),
+                    Err(e) => errors.push(format!("status.{id}: {e}")),
+                },
+                Ok(None) => errors.push(format!("status.{id}: no value")),
+                Err(e) => errors.push(format!("status.{id}: {e}")),
             }
         }
-        out
+        (out, errors)
     })
 }
 
 /// Polls until every one of `ids` reports at least `revision` with `services` fleet services.
+/// On failure, the panic shows the last reports, why the others could not be read, and the
+/// cluster's view of its streams with the servers' logs.
 fn wait_converged(
-    cluster: &NatsCluster,
+    cluster: &mut NatsCluster,
     urls: &[String],
     ids: &[String],
     revision: u64,
     services: usize,
     what: &str,
-) {
-    // nats-server 2.9 may place a box's new watch consumer on the dead peer: its creation
-    // then times out (5 s) and the agent retries with a fresh consumer, each time with an
-    // even chance or better; two minutes cover the unlucky runs.
+) -> Duration {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(120);
+    let mut last_errors: Vec<String> = Vec::new();
     loop {
-        let reports = box_reports(cluster, urls, ids);
+        let (reports, errors) = box_reports(cluster, urls, ids);
+        if errors != last_errors {
+            eprintln!(
+                "{now} {what}: +{:.1?}: {errors:?}",
+                started.elapsed(),
+                now = now_ms()
+            );
+            last_errors = errors.clone();
+        }
         let done = ids.iter().all(|id| {
             reports.iter().any(|r| {
                 &r.box_id == id
@@ -872,13 +890,17 @@ fn wait_converged(
             })
         });
         if done {
-            eprintln!("{what}: converged in {:.1?}", started.elapsed());
-            return;
+            let took = started.elapsed();
+            eprintln!("{what}: converged in {took:.1?}");
+            return took;
         }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: boxes did not all report revision {revision} with {services} services in 120 s: {reports:#?}"
-        );
+        if Instant::now() >= deadline {
+            panic!(
+                "{what}: boxes did not all report revision {revision} with {services} services in \
+                 120 s: {reports:#?}\nerrors: {errors:#?}\n{}",
+                cluster.diagnostics(80)
+            );
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
 }
@@ -907,6 +929,14 @@ fn lose_a_node(kill_leader: bool) {
     if skip_unless_root() {
         return;
     }
+    let _ = env_logger::Builder::new()
+        .parse_filters("viscum=info")
+        .format(|buf, record| {
+            use std::io::Write as _;
+            writeln!(buf, "{} {} {}", now_ms(), record.level(), record.args())
+        })
+        .is_test(true)
+        .try_init();
     let mut cluster = NatsCluster::start(&NatsOptions::default()).expect("start a 3-node cluster");
     let urls = cluster.urls();
     let servers: Vec<String> = urls
@@ -963,7 +993,7 @@ fn lose_a_node(kill_leader: bool) {
     let r1 = apply(&cluster, &one);
     let ids: Vec<String> = (0..5).map(|i| format!("sim-{i}")).collect();
     let (stop, boxes) = simulated_boxes(cluster.client_netns(), urls.clone(), ids.clone(), "edge");
-    wait_converged(&cluster, &urls, &ids, r1, 1, "before the failure");
+    wait_converged(&mut cluster, &urls, &ids, r1, 1, "before the failure");
 
     // The desired-state stream has three replicas; kill the node that leads it, or one of
     // its followers.
@@ -998,6 +1028,30 @@ fn lose_a_node(kill_leader: bool) {
     } else {
         (leader + 1) % 3
     };
+    let u = urls.clone();
+    let status_leader = cluster.block_on(move || async move {
+        let client = async_nats::connect(u.as_slice()[0].as_str())
+            .await
+            .expect("connect");
+        let info = jetstream::new(client)
+            .get_stream("KV_viscum_status")
+            .await
+            .expect("status stream")
+            .info()
+            .await
+            .expect("info")
+            .clone();
+        format!("{:?} replicas {}", info.cluster, info.config.num_replicas)
+    });
+    let meta = cluster.node(0).monitor("/jsz").unwrap_or_default();
+    eprintln!(
+        "{} killing n{down} (desired leader n{leader}); status stream {status_leader}; meta {}",
+        now_ms(),
+        meta.lines()
+            .filter(|l| l.contains("leader"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
     cluster.stop(down);
     let live: Vec<String> = urls
         .iter()
@@ -1009,11 +1063,18 @@ fn lose_a_node(kill_leader: bool) {
     // A change and a removal while the leader is gone: the boxes converge on both.
     let r2 = apply(&cluster, TWO_SERVICES);
     assert!(r2 > r1);
-    wait_converged(&cluster, &live, &ids, r2, 2, "with the stream leader down");
+    wait_converged(
+        &mut cluster,
+        &live,
+        &ids,
+        r2,
+        2,
+        "with the stream leader down",
+    );
     let out = run(&cluster, &["rm", "dns", "--group", "edge"]);
     assert!(out.status.success(), "rm: {}", text_of(&out.stderr));
     wait_converged(
-        &cluster,
+        &mut cluster,
         &live,
         &ids,
         r2 + 1,
@@ -1024,7 +1085,7 @@ fn lose_a_node(kill_leader: bool) {
     // The node comes back; the cluster and the boxes carry on.
     cluster.start_node(down).expect("restart the node");
     let r4 = apply(&cluster, &one.replace("/bin/sleep", "/bin/sleep2"));
-    wait_converged(&cluster, &urls, &ids, r4, 1, "after the node returned");
+    wait_converged(&mut cluster, &urls, &ids, r4, 1, "after the node returned");
 
     let _ = stop.send(true);
     boxes.join().expect("simulated boxes thread");
