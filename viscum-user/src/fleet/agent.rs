@@ -13,7 +13,10 @@
 //!    every key, delete and purge markers included. The snapshot so built *replaces* the
 //!    applied set, so a key deleted or purged while the box was away is gone from it even
 //!    if its marker was since compacted away: what counts is the fresh snapshot, not the
-//!    events.
+//!    events. Each request of this setup (opening the bucket, creating a consumer) is
+//!    bounded and made again when it fails or goes unanswered, one consumer at a time, until
+//!    30 s: on nats-server 2.9 a new consumer may be placed on an offline server of a
+//!    cluster, and its creation then goes unanswered (see `WATCH_REQUEST_TIMEOUT`).
 //! 4. **Follow**: every later put, delete or purge updates the snapshot (changes arriving
 //!    together are applied together) and the whole desired set is applied again. When the
 //!    connection drops, back to 3 once it is up again.
@@ -29,8 +32,7 @@
 //! The status ([`schema::BoxStatus`]) is put right after every apply attempt and every
 //! `status_interval` while connected, also while the watches are being set up again or
 //! waiting to be: a box that is up keeps its status key from expiring even when its watch
-//! cannot be re-established for a while (say a node of a cluster is down, see
-//! [`WATCH_REQUEST_TIMEOUT`]).
+//! cannot be re-established for a while (say a node of a cluster is down).
 //!
 //! # Appliers
 //!
@@ -71,12 +73,17 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Bound on setting up the watches, and on receiving the initial snapshot, of one session.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on one request while setting up the watches (opening the bucket, creating one
-/// consumer); a request that times out is made again, until [`SNAPSHOT_TIMEOUT`]. Why: on
+/// Bound on the first try of a request while setting up the watches (opening the bucket,
+/// creating one consumer); a try that fails or times out is made again, its bound doubled up
+/// to [`WATCH_REQUEST_TIMEOUT_MAX`], until [`SNAPSHOT_TIMEOUT`]. Why short first: on
 /// nats-server 2.9 an ordered consumer of a replicated stream is placed on a random peer of
 /// the stream, offline ones included (fixed in 2.12, nats-server PRs #7083 and #7165), and
-/// its creation then goes unanswered; each new try has another chance of a live peer.
-const WATCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(4);
+/// its creation then goes unanswered; each new try has another chance of a live peer (two in
+/// three with one node of three down). Why growing: a server merely slow to answer still
+/// gets the time it needs.
+const WATCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Longest bound on one try of a watch request.
+const WATCH_REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(8);
 /// Bound on opening the status bucket and on one status put.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -351,8 +358,10 @@ pub async fn run<A: Apply>(
     );
     backoff = BACKOFF_MIN;
     // One heartbeat for the whole run, sessions and the waits between them alike.
+    // The first status goes out with the first apply; the first tick one interval later.
     let mut tick = tokio::time::interval(agent.settings.status_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
     loop {
         match agent
             .session(&fleet, &mut events, &mut tick, &mut shutdown)
@@ -558,27 +567,36 @@ type Messages = futures::stream::SelectAll<
 >;
 
 /// `request` made again until it succeeds or `deadline` passes, each try bounded by
-/// [`WATCH_REQUEST_TIMEOUT`], with a pause between tries (250 ms, doubling up to 2 s):
-/// the last error.
+/// [`WATCH_REQUEST_TIMEOUT`] doubling up to [`WATCH_REQUEST_TIMEOUT_MAX`], with a pause
+/// after a try that failed at once (250 ms, doubling up to 2 s). Its error: the last try's.
 async fn retried<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     deadline: tokio::time::Instant,
     what: &str,
     mut request: impl FnMut() -> F,
 ) -> Result<T, String> {
+    let mut bound = WATCH_REQUEST_TIMEOUT;
     let mut pause = Duration::from_millis(250);
     loop {
-        let bound = WATCH_REQUEST_TIMEOUT.min(deadline - tokio::time::Instant::now());
-        let error = match tokio::time::timeout(bound, request()).await {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let error = match tokio::time::timeout(bound.min(left), request()).await {
             Ok(Ok(x)) => return Ok(x),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "timed out".to_owned(),
+            Ok(Err(e)) => {
+                // Answered, with an error (no stream leader yet, say): wait a little.
+                if tokio::time::Instant::now() + pause < deadline {
+                    tokio::time::sleep(pause).await;
+                }
+                pause = (pause * 2).min(Duration::from_secs(2));
+                e.to_string()
+            }
+            Err(_) => {
+                bound = (bound * 2).min(WATCH_REQUEST_TIMEOUT_MAX);
+                "timed out".to_owned()
+            }
         };
-        if tokio::time::Instant::now() + pause >= deadline {
+        if tokio::time::Instant::now() + Duration::from_millis(100) >= deadline {
             return Err(format!("{what}: {error}"));
         }
         log::debug!("fleet: {what}: {error}; trying again");
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(2));
     }
 }
 
@@ -1226,6 +1244,34 @@ mod tests {
             Some(&installed)
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn watch_requests_are_tried_again_until_the_deadline() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // Refused twice (no stream leader yet, say), then answered.
+        let tries = std::cell::Cell::new(0);
+        let r = rt.block_on(retried(
+            tokio::time::Instant::now() + Duration::from_secs(10),
+            "cannot watch x",
+            || {
+                tries.set(tries.get() + 1);
+                let n = tries.get();
+                async move { if n < 3 { Err("no leader") } else { Ok(n) } }
+            },
+        ));
+        assert_eq!(r, Ok(3));
+        // Never answered (a consumer placed on a dead server): the deadline ends it, with
+        // what went wrong.
+        let r: Result<(), String> = rt.block_on(retried(
+            tokio::time::Instant::now() + Duration::from_millis(300),
+            "cannot watch y",
+            std::future::pending::<Result<(), &str>>,
+        ));
+        assert_eq!(r, Err("cannot watch y: timed out".to_string()));
     }
 
     #[test]
