@@ -73,15 +73,19 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Bound on setting up the watches, and on receiving the initial snapshot, of one session.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Bound on the first try of a request while setting up the watches (opening the bucket,
-/// creating one consumer); a try that fails or times out is made again, its bound doubled up
-/// to [`WATCH_REQUEST_TIMEOUT_MAX`], until [`SNAPSHOT_TIMEOUT`]. Why short first: on
-/// nats-server 2.9 an ordered consumer of a replicated stream is placed on a random peer of
-/// the stream, offline ones included (fixed in 2.12, nats-server PRs #7083 and #7165), and
-/// its creation then goes unanswered; each new try has another chance of a live peer (two in
-/// three with one node of three down). Why growing: a server merely slow to answer still
-/// gets the time it needs.
+/// Bound on the first tries of a request while setting up the watches (opening the bucket,
+/// creating one consumer); a try that fails or times out is made again until
+/// [`SNAPSHOT_TIMEOUT`], and after [`WATCH_SHORT_TRIES`] tries that timed out the bound
+/// doubles up to [`WATCH_REQUEST_TIMEOUT_MAX`]. Why short first: on nats-server 2.9 an
+/// ordered consumer of a replicated stream is placed on a random peer of the stream, offline
+/// ones included (fixed in 2.12, nats-server PRs #7083 and #7165), and its creation then goes
+/// unanswered; each new try has another chance of a live peer (two in three with one node of
+/// three down). Why growing later: a server merely slow to answer still gets the time it
+/// needs.
 const WATCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Tries that time out before [`WATCH_REQUEST_TIMEOUT`] starts to grow (three unanswered in a
+/// row by chance: one in 27 with one node of three down).
+const WATCH_SHORT_TRIES: u32 = 3;
 /// Longest bound on one try of a watch request.
 const WATCH_REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(8);
 /// Bound on opening the status bucket and on one status put.
@@ -567,7 +571,7 @@ type Messages = futures::stream::SelectAll<
 >;
 
 /// `request` made again until it succeeds or `deadline` passes, each try bounded by
-/// [`WATCH_REQUEST_TIMEOUT`] doubling up to [`WATCH_REQUEST_TIMEOUT_MAX`], with a pause
+/// [`WATCH_REQUEST_TIMEOUT`] (growing after [`WATCH_SHORT_TRIES`] timeouts), with a pause
 /// after a try that failed at once (250 ms, doubling up to 2 s). Its error: the last try's.
 async fn retried<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     deadline: tokio::time::Instant,
@@ -575,6 +579,7 @@ async fn retried<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
     mut request: impl FnMut() -> F,
 ) -> Result<T, String> {
     let mut bound = WATCH_REQUEST_TIMEOUT;
+    let mut timeouts = 0u32;
     let mut pause = Duration::from_millis(250);
     loop {
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -589,7 +594,10 @@ async fn retried<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
                 e.to_string()
             }
             Err(_) => {
-                bound = (bound * 2).min(WATCH_REQUEST_TIMEOUT_MAX);
+                timeouts += 1;
+                if timeouts >= WATCH_SHORT_TRIES {
+                    bound = (bound * 2).min(WATCH_REQUEST_TIMEOUT_MAX);
+                }
                 "timed out".to_owned()
             }
         };
