@@ -320,6 +320,8 @@ pub struct Agent<A: Apply> {
     error: Option<String>,
     /// The status bucket, once opened (the handle outlives sessions and reconnections).
     status_kv: Option<jetstream::kv::Store>,
+    /// Why the status bucket could not be opened, last time (logged once).
+    status_unavailable: Option<String>,
 }
 
 /// Runs a box's agent until `shutdown` completes: checkpoint, connect, resynchronise,
@@ -661,6 +663,7 @@ impl<A: Apply> Agent<A> {
             applied_at_ms: 0,
             error: None,
             status_kv: None,
+            status_unavailable: None,
         }
     }
 
@@ -1024,23 +1027,26 @@ impl<A: Apply> Agent<A> {
             return;
         }
         if self.status_kv.is_none() {
-            match tokio::time::timeout(STATUS_TIMEOUT, fleet.status()).await {
-                Ok(Ok(kv)) => self.status_kv = Some(kv),
-                Ok(Err(e)) => {
-                    log::warn!(
-                        "fleet: no status report: cannot open bucket {}: {e}",
-                        schema::STATUS_BUCKET
-                    );
-                    return;
+            let why = match tokio::time::timeout(STATUS_TIMEOUT, fleet.status()).await {
+                Ok(Ok(kv)) => {
+                    self.status_kv = Some(kv);
+                    None
                 }
-                Err(_) => {
-                    log::warn!(
-                        "fleet: no status report: opening bucket {} timed out",
-                        schema::STATUS_BUCKET
-                    );
-                    return;
+                Ok(Err(e)) => Some(format!("cannot open bucket {}: {e}", schema::STATUS_BUCKET)),
+                Err(_) => Some(format!(
+                    "opening bucket {} timed out",
+                    schema::STATUS_BUCKET
+                )),
+            };
+            if let Some(why) = why {
+                // Once per reason, not at every tick (the bucket may not exist yet).
+                if self.status_unavailable.as_ref() != Some(&why) {
+                    log::warn!("fleet: no status report: {why}");
+                    self.status_unavailable = Some(why);
                 }
+                return;
             }
+            self.status_unavailable = None;
         }
         let status = self.box_status().await;
         let json = match serde_json::to_vec(&status) {
