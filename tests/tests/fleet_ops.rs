@@ -949,7 +949,7 @@ fn lose_a_node(victim: Victim) {
         return;
     }
     let _ = env_logger::Builder::new()
-        .parse_filters("viscum=info")
+        .parse_filters("viscum=debug")
         .format(|buf, record| {
             use std::io::Write as _;
             writeln!(buf, "{} {} {}", now_ms(), record.level(), record.args())
