@@ -1,6 +1,7 @@
 //! The fleet agent end to end: `viscum run` with a `[fleet]` section in the lab's edge
-//! namespace, against a real `nats-server -js` that the test starts in the lab's cloud
-//! namespace (so the box reaches it over its WAN, like a real one).
+//! namespace, against a real JetStream `nats-server` that the test starts in the lab's cloud
+//! namespace with viscum-lab's `nats` fixture (so the box reaches it over its WAN, like a
+//! real one).
 //!
 //! The operator's side (putting and deleting keys, uploading artifacts, reading status) is
 //! played by the test through the same library (`viscum::fleet`), from a thread inside the
@@ -12,9 +13,7 @@
 use std::{
     fs,
     net::{IpAddr, SocketAddr},
-    os::{fd::AsRawFd, unix::process::CommandExt},
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -24,10 +23,11 @@ use viscum::fleet::{
     connect::{ConnectSettings, Fleet, connect},
     schema,
 };
+use viscum_lab::nats::{NatsOptions, NatsServer};
 use viscum_tests::{
     IdentityServer, Lab,
     daemon::{Daemon, DaemonFiles, Service},
-    guard::{send_signal, unique_name},
+    guard::unique_name,
     lab::CLOUD_V4,
     skip_unless_root, tcp_ask, wait_until,
 };
@@ -41,97 +41,23 @@ const NATS_PORT: u16 = 4222;
 /// Another port the same server store is served on while the box must not reach it.
 const NATS_HIDDEN_PORT: u16 = 4223;
 
-/// A `nats-server -js` in a namespace, its JetStream store in a directory that outlives it
-/// (so a restarted server has the same state). Killed on drop.
-struct NatsServer {
-    child: Option<Child>,
-    ns: String,
-    store: PathBuf,
-    log: PathBuf,
+/// A JetStream server in the lab's cloud namespace on `CLOUD_V4:4222` (viscum-lab's fixture:
+/// its store in a private directory that outlives restarts, killed on drop).
+fn nats_in_cloud(lab: &Lab) -> NatsServer {
+    NatsServer::start_in(
+        lab.cloud.name(),
+        IpAddr::V4(CLOUD_V4),
+        &NatsOptions::default(),
+    )
+    .expect("start nats-server (cargo xtask setup installs it)")
 }
 
-impl NatsServer {
-    fn start(ns: &str, store: &Path, port: u16) -> NatsServer {
-        fs::create_dir_all(store).unwrap();
-        let log = match std::env::var_os("FLEET_TEST_NATS_LOG") {
-            Some(dir) => PathBuf::from(dir).join(format!("nats-{port}.log")),
-            None => store.with_extension(format!("{port}.log")),
-        };
-        let ns_file = fs::File::open(Path::new("/run/netns").join(ns)).unwrap();
-        let mut cmd = Command::new("nats-server");
-        cmd.args(["-js", "-sd"])
-            .arg(store)
-            .args(["-a", &CLOUD_V4.to_string(), "-p", &port.to_string()])
-            .args(["--server_name", "viscum-test", "-l"])
-            .arg(&log)
-            .args(std::env::var_os("FLEET_TEST_NATS_LOG").map(|_| "-V"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: only setns(2), async-signal-safe, between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(ns_file.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let child = cmd
-            .spawn()
-            .expect("start nats-server (cargo xtask setup installs it)");
-        let server = NatsServer {
-            child: Some(child),
-            ns: ns.into(),
-            store: store.into(),
-            log,
-        };
-        let addr = SocketAddr::new(IpAddr::V4(CLOUD_V4), port);
-        let ns = server.ns.clone();
-        assert!(
-            wait_until(Duration::from_secs(10), || {
-                let ns = ns.clone();
-                viscum::netns::in_netns(&ns, move || {
-                    std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok()
-                })
-                .unwrap_or(false)
-            }),
-            "nats-server did not listen on {addr}:\n{}",
-            server.log()
-        );
-        server
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Stops it (SIGTERM, then waits).
-    fn stop(mut self) {
-        self.kill();
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            send_signal(child.id() as i32, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = &self.store;
-    }
+/// Kills `server` and starts it again, with its store, listening on `port`.
+fn restart_on(server: &mut NatsServer, port: u16) {
+    let node = server.node();
+    node.stop();
+    node.set_client_port(port).expect("move the client port");
+    node.start().expect("restart nats-server");
 }
 
 /// The operator: runs `f` with a fresh connection on a thread in the cloud namespace.
@@ -279,14 +205,13 @@ fn group_services_follow_the_desired_state() {
     }
     let lab = Lab::new();
     let files = DaemonFiles::new();
-    let store = files.dir().join("nats-store");
     let checkpoint = files.dir().join("checkpoint.json");
     let (pa, pb, pc) = (8091u16, 8092u16, 8093u16);
     let _cloud: Vec<_> = [pa, pb, pc]
         .iter()
         .map(|p| IdentityServer::start(lab.cloud.name(), *p, "cloud"))
         .collect();
-    let server = NatsServer::start(lab.cloud.name(), &store, NATS_PORT);
+    let mut server = nats_in_cloud(&lab);
     create_buckets(&lab, NATS_PORT);
     let box_id = unique_name("box");
     write_config(&files, &box_id, &checkpoint);
@@ -336,8 +261,7 @@ fn group_services_follow_the_desired_state() {
     wait_for(&lab, &daemon, pa, "edge-a");
     wait_for(&lab, &daemon, pb, "edge-b");
     wait_revision(&lab, &daemon, &box_id, rev_b);
-    server.stop();
-    let hidden = NatsServer::start(lab.cloud.name(), &store, NATS_HIDDEN_PORT);
+    restart_on(&mut server, NATS_HIDDEN_PORT);
     remove(&lab, NATS_HIDDEN_PORT, &key(&b), true);
     let rev_c = put(
         &lab,
@@ -354,8 +278,7 @@ fn group_services_follow_the_desired_state() {
     );
     // Meanwhile the box keeps serving what it had.
     assert_eq!(who(&lab, pb), "edge-b");
-    hidden.stop();
-    let server = NatsServer::start(lab.cloud.name(), &store, NATS_PORT);
+    restart_on(&mut server, NATS_PORT);
     let start = Instant::now();
     wait_for(&lab, &daemon, pb, "cloud");
     wait_for(&lab, &daemon, pc, "edge-c");
@@ -375,7 +298,7 @@ fn group_services_follow_the_desired_state() {
 
     // A restart with no server: the checkpoint is served.
     drop(daemon);
-    server.stop();
+    server.node().stop();
     wait_for_cloud_quietly(&lab, pc);
     let cp: Value = serde_json::from_str(&fs::read_to_string(&checkpoint).unwrap()).unwrap();
     assert_eq!(cp["box_id"], box_id.as_str(), "{cp}");
@@ -440,10 +363,9 @@ fn artifacts_are_verified_before_they_run() {
     }
     let lab = Lab::new();
     let files = DaemonFiles::new();
-    let store = files.dir().join("nats-store");
     let port = 8094u16;
     let _cloud = IdentityServer::start(lab.cloud.name(), port, "cloud");
-    let _server = NatsServer::start(lab.cloud.name(), &store, NATS_PORT);
+    let _server = nats_in_cloud(&lab);
     create_buckets(&lab, NATS_PORT);
     let box_id = unique_name("box");
     write_config(&files, &box_id, &files.dir().join("checkpoint.json"));
@@ -585,11 +507,11 @@ fn the_agent_works_with_least_privilege_credentials() {
         config::{Config, fleet::Credentials},
         fleet::agent::{self, AgentSettings, DryRun},
     };
-    use viscum_lab::nats::{NatsOptions, NatsServer as LabNats, NatsUser};
+    use viscum_lab::nats::NatsUser;
     if skip_unless_root() {
         return;
     }
-    let server = LabNats::start(&NatsOptions {
+    let server = NatsServer::start(&NatsOptions {
         users: vec![
             NatsUser::operator("op", "op-pw"),
             NatsUser::fleet_box("box-a", "a-pw", &["ga"]),

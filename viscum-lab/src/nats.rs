@@ -269,6 +269,8 @@ pub struct NatsNode {
     name: String,
     netns: String,
     addr: IpAddr,
+    /// The client port ([`CLIENT_PORT`] unless [`NatsNode::set_client_port`] moved it).
+    port: u16,
     config: PathBuf,
     log: PathBuf,
     child: Option<Child>,
@@ -322,6 +324,7 @@ impl NatsNode {
             name: name.to_string(),
             netns: netns.to_string(),
             addr,
+            port: CLIENT_PORT,
             config: path,
             log: dir.join("nats-server.log"),
             child: None,
@@ -333,9 +336,37 @@ impl NatsNode {
         &self.name
     }
 
-    /// `nats://ADDR:4222`.
+    /// `nats://ADDR:PORT` (port 4222 unless moved).
     pub fn url(&self) -> String {
-        format!("nats://{}", SocketAddr::new(self.addr, CLIENT_PORT))
+        format!("nats://{}", SocketAddr::new(self.addr, self.port))
+    }
+
+    /// Moves the client listener to `port` from the next [`NatsNode::start`] on (the
+    /// configuration file is rewritten; the store stays): a server its clients cannot reach
+    /// for a while, which an operator can still use on the other port.
+    ///
+    /// # Errors
+    /// When the configuration cannot be rewritten.
+    pub fn set_client_port(&mut self, port: u16) -> Result<(), NatsError> {
+        let what = format!("rewrite {}", self.config.display());
+        let config = fs::read_to_string(&self.config).map_err(io_err(what.clone()))?;
+        let listen = format!(
+            "listen: {}",
+            quoted(&SocketAddr::new(self.addr, port).to_string())
+        );
+        let config: Vec<String> = config
+            .lines()
+            .map(|l| {
+                if l.starts_with("listen: ") {
+                    listen.clone()
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect();
+        fs::write(&self.config, config.join("\n") + "\n").map_err(io_err(what))?;
+        self.port = port;
+        Ok(())
     }
 
     /// The process id while it runs (for `/proc/PID/stat` and `status`).
@@ -346,6 +377,18 @@ impl NatsNode {
     /// The generated configuration file.
     pub fn config_path(&self) -> &Path {
         &self.config
+    }
+
+    /// The server's log file (its stdout and stderr, appended across restarts).
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// The last `lines` lines of the server's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        let log = fs::read_to_string(&self.log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
     }
 
     /// Whether the process is running.
@@ -427,12 +470,10 @@ impl NatsNode {
     }
 
     fn not_ready(&self, why: String) -> NatsError {
-        let log = fs::read_to_string(&self.log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(20).collect();
         NatsError::NotReady {
             name: self.name.clone(),
             why,
-            log: tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            log: self.log_tail(20),
         }
     }
 
@@ -772,6 +813,30 @@ impl NatsCluster {
     /// See [`NatsNode::start`].
     pub fn start_node(&mut self, i: usize) -> Result<(), NatsError> {
         self.nodes[i].start()
+    }
+
+    /// What a failing test should show: for every node, whether it runs, its JetStream
+    /// view of the streams and consumers (`/jsz`, with their cluster and leader), and the
+    /// last `log_lines` lines of its log.
+    pub fn diagnostics(&mut self, log_lines: usize) -> String {
+        let mut out = String::new();
+        for node in &mut self.nodes {
+            let running = node.is_running();
+            let _ = writeln!(
+                out,
+                "==== node {} ({}) ====",
+                node.name,
+                if running { "running" } else { "down" }
+            );
+            if running {
+                let jsz = node
+                    .monitor("/jsz?streams=true&consumers=true&config=true")
+                    .unwrap_or_else(|e| format!("/jsz: {e}"));
+                let _ = writeln!(out, "-- /jsz --\n{jsz}");
+            }
+            let _ = writeln!(out, "-- log --\n{}", node.log_tail(log_lines));
+        }
+        out
     }
 
     /// The hub namespace, where clients reach every node.

@@ -13,7 +13,7 @@
 
 use tokio::sync::mpsc;
 
-use super::{Daemon, Envelope, Response, control::Request, state::RunPaths};
+use super::{Daemon, Response, state::RunPaths};
 use crate::config::Config;
 
 /// A request from the agent to the supervisor.
@@ -108,39 +108,6 @@ impl crate::fleet::agent::Apply for DaemonApplier {
     }
 }
 
-/// Handles one agent request; like a control request's handling, `status` requests and
-/// scrapes that come in meanwhile are answered from a snapshot, other control requests
-/// wait in `deferred`.
-pub(super) async fn handle_answering_status(
-    daemon: &mut Daemon,
-    request: FleetRequest,
-    ctl_rx: &mut mpsc::Receiver<Envelope>,
-    scrape_rx: &mut mpsc::Receiver<super::web::Scrape>,
-    deferred: &mut std::collections::VecDeque<Envelope>,
-) {
-    let source = daemon.status_source();
-    let mut work = std::pin::pin!(daemon.on_fleet(request));
-    loop {
-        tokio::select! {
-            () = &mut work => return,
-            Some((request, reply)) = ctl_rx.recv() => {
-                if matches!(request, Request::Status) {
-                    let _ = reply.send(Response {
-                        ok: true,
-                        status: Some(source.status().await),
-                        ..Default::default()
-                    });
-                } else {
-                    deferred.push_back((request, reply));
-                }
-            }
-            Some(reply) = scrape_rx.recv() => {
-                let _ = reply.send(source.status().await);
-            }
-        }
-    }
-}
-
 impl Daemon {
     /// The file's configuration as `new_local` says, with the fleet's services as last
     /// applied: what a reload applies. `[fleet]` itself cannot change while running.
@@ -175,7 +142,9 @@ impl Daemon {
         local
     }
 
-    async fn on_fleet(&mut self, request: FleetRequest) {
+    /// Handles one agent request (the supervisor runs it through
+    /// `super::answering_status`, so `status` requests are answered meanwhile).
+    pub(super) async fn on_fleet(&mut self, request: FleetRequest) {
         match request {
             #[cfg(feature = "fleet")]
             FleetRequest::Apply(set, reply) => {

@@ -364,9 +364,10 @@ pub async fn run(
                 let _ = reply.send(daemon.status().await);
             }
             Some(request) = fleet_rx.recv() => {
-                fleet::handle_answering_status(
-                    &mut daemon,
-                    request,
+                let source = daemon.status_source();
+                answering_status(
+                    source,
+                    daemon.on_fleet(request),
                     &mut ctl_rx,
                     &mut scrape_rx,
                     &mut deferred,
@@ -412,11 +413,8 @@ async fn next_request(
     }
 }
 
-/// Handles one control request. While it runs (a `reload` or `service stop` may wait for a
-/// drain, up to `drain_timeout_ms`), `status` requests and metric scrapes from other clients
-/// are answered from a [`StatusSource`] taken before it started: the service list as it was,
-/// each service's live state and counters as they are now. Other requests wait in `deferred`
-/// and are handled in order afterwards, so changes stay serialised.
+/// Handles one control request, answering `status` requests and scrapes meanwhile
+/// ([`answering_status`]); a `status` request itself is answered at once.
 async fn handle_answering_status(
     daemon: &mut Daemon,
     request: Request,
@@ -428,10 +426,26 @@ async fn handle_answering_status(
         return daemon.handle(request).await;
     }
     let source = daemon.status_source();
-    let mut work = std::pin::pin!(daemon.handle(request));
+    answering_status(source, daemon.handle(request), ctl_rx, scrape_rx, deferred).await
+}
+
+/// Runs `work`, a change to the daemon (a control request, a fleet apply) that may take long:
+/// a `reload` or `service stop` may wait for a drain, up to `drain_timeout_ms`. Meanwhile
+/// `status` requests and metric scrapes from other clients are answered from `source`, taken
+/// before `work` started: the service list as it was, each service's live state and counters
+/// as they are now. Other control requests wait in `deferred` and are handled in order
+/// afterwards, so changes stay serialised. Returns `work`'s output.
+async fn answering_status<T>(
+    source: StatusSource,
+    work: impl Future<Output = T>,
+    ctl_rx: &mut mpsc::Receiver<Envelope>,
+    scrape_rx: &mut mpsc::Receiver<web::Scrape>,
+    deferred: &mut std::collections::VecDeque<Envelope>,
+) -> T {
+    let mut work = std::pin::pin!(work);
     loop {
         tokio::select! {
-            response = &mut work => return response,
+            output = &mut work => return output,
             Some((request, reply)) = ctl_rx.recv() => {
                 if matches!(request, Request::Status) {
                     let _ = reply.send(Response {

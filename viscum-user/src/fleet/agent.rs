@@ -13,7 +13,10 @@
 //!    every key, delete and purge markers included. The snapshot so built *replaces* the
 //!    applied set, so a key deleted or purged while the box was away is gone from it even
 //!    if its marker was since compacted away: what counts is the fresh snapshot, not the
-//!    events.
+//!    events. Each request of this setup (opening the bucket, creating a consumer) is
+//!    bounded and made again when it fails or goes unanswered, one consumer at a time, until
+//!    30 s: on nats-server 2.9 a new consumer may be placed on an offline server of a
+//!    cluster, and its creation then goes unanswered (see `WATCH_REQUEST_TIMEOUT`).
 //! 4. **Follow**: every later put, delete or purge updates the snapshot (changes arriving
 //!    together are applied together) and the whole desired set is applied again. When the
 //!    connection drops, back to 3 once it is up again.
@@ -27,7 +30,9 @@
 //! those of the last good apply, and the reason goes into the status's `error`.
 //!
 //! The status ([`schema::BoxStatus`]) is put right after every apply attempt and every
-//! `status_interval`.
+//! `status_interval` while connected, also while the watches are being set up again or
+//! waiting to be: a box that is up keeps its status key from expiring even when its watch
+//! cannot be re-established for a while (say a node of a cluster is down).
 //!
 //! # Appliers
 //!
@@ -68,6 +73,21 @@ const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Bound on setting up the watches, and on receiving the initial snapshot, of one session.
 const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bound on the first tries of a request while setting up the watches (opening the bucket,
+/// creating one consumer); a try that fails or times out is made again until
+/// [`SNAPSHOT_TIMEOUT`], and after [`WATCH_SHORT_TRIES`] tries that timed out the bound
+/// doubles up to [`WATCH_REQUEST_TIMEOUT_MAX`]. Why short first: on nats-server 2.9 an
+/// ordered consumer of a replicated stream is placed on a random peer of the stream, offline
+/// ones included (fixed in 2.12, nats-server PRs #7083 and #7165), and its creation then goes
+/// unanswered; each new try has another chance of a live peer (two in three with one node of
+/// three down). Why growing later: a server merely slow to answer still gets the time it
+/// needs.
+const WATCH_REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// Tries that time out before [`WATCH_REQUEST_TIMEOUT`] starts to grow (three unanswered in a
+/// row by chance: one in 27 with one node of three down).
+const WATCH_SHORT_TRIES: u32 = 3;
+/// Longest bound on one try of a watch request.
+const WATCH_REQUEST_TIMEOUT_MAX: Duration = Duration::from_secs(8);
 /// Bound on opening the status bucket and on one status put.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -298,6 +318,10 @@ pub struct Agent<A: Apply> {
     applied_at_ms: u64,
     /// Why the newest snapshot is not applied.
     error: Option<String>,
+    /// The status bucket, once opened (the handle outlives sessions and reconnections).
+    status_kv: Option<jetstream::kv::Store>,
+    /// Why the status bucket could not be opened, last time (logged once).
+    status_unavailable: Option<String>,
 }
 
 /// Runs a box's agent until `shutdown` completes: checkpoint, connect, resynchronise,
@@ -339,8 +363,16 @@ pub async fn run<A: Apply>(
         agent.settings.groups.join(", ")
     );
     backoff = BACKOFF_MIN;
+    // One heartbeat for the whole run, sessions and the waits between them alike.
+    // The first status goes out with the first apply; the first tick one interval later.
+    let mut tick = tokio::time::interval(agent.settings.status_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.reset();
     loop {
-        match agent.session(&fleet, &mut events, &mut shutdown).await {
+        match agent
+            .session(&fleet, &mut events, &mut tick, &mut shutdown)
+            .await
+        {
             End::Shutdown => return,
             End::Disconnected => {
                 log::warn!("fleet: disconnected; resynchronising once connected again");
@@ -348,7 +380,7 @@ pub async fn run<A: Apply>(
             }
             End::Failed(e) => {
                 log::warn!("fleet: {e}; resynchronising in {} ms", backoff.as_millis());
-                if sleep_or(&mut shutdown, backoff).await {
+                if agent.idle(&fleet, &mut tick, backoff, &mut shutdown).await {
                     return;
                 }
                 backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -540,6 +572,85 @@ type Messages = futures::stream::SelectAll<
     Pin<Box<dyn futures::Stream<Item = Result<jetstream::Message, String>> + Send>>,
 >;
 
+/// `request` made again until it succeeds or `deadline` passes, each try bounded by
+/// [`WATCH_REQUEST_TIMEOUT`] (growing after [`WATCH_SHORT_TRIES`] timeouts), with a pause
+/// after a try that failed at once (250 ms, doubling up to 2 s). Its error: the last try's.
+async fn retried<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    deadline: tokio::time::Instant,
+    what: &str,
+    mut request: impl FnMut() -> F,
+) -> Result<T, String> {
+    let mut bound = WATCH_REQUEST_TIMEOUT;
+    let mut timeouts = 0u32;
+    let mut pause = Duration::from_millis(250);
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let error = match tokio::time::timeout(bound.min(left), request()).await {
+            Ok(Ok(x)) => return Ok(x),
+            Ok(Err(e)) => {
+                // Answered, with an error (no stream leader yet, say): wait a little.
+                if tokio::time::Instant::now() + pause < deadline {
+                    tokio::time::sleep(pause).await;
+                }
+                pause = (pause * 2).min(Duration::from_secs(2));
+                e.to_string()
+            }
+            Err(_) => {
+                timeouts += 1;
+                if timeouts >= WATCH_SHORT_TRIES {
+                    bound = (bound * 2).min(WATCH_REQUEST_TIMEOUT_MAX);
+                }
+                "timed out".to_owned()
+            }
+        };
+        if tokio::time::Instant::now() + Duration::from_millis(100) >= deadline {
+            return Err(format!("{what}: {error}"));
+        }
+        log::debug!("fleet: {what}: {error}; trying again");
+    }
+}
+
+/// Opens the desired-state bucket and watches `filters` of box `box_id`: one ordered
+/// consumer each, delivering the last message of every key and then every change. Returns
+/// the bucket's subject prefix, the merged messages and how many messages the snapshot has
+/// (as of the consumers' creation). Every request is tried again until `deadline` (see
+/// [`WATCH_REQUEST_TIMEOUT`]), one consumer at a time, so a consumer made is kept while the
+/// next one is tried again.
+async fn watch(
+    fleet: Fleet,
+    box_id: String,
+    filters: Vec<String>,
+    deadline: tokio::time::Instant,
+) -> Result<(String, Messages, u64), String> {
+    let what = format!("cannot open bucket {}", schema::DESIRED_BUCKET);
+    let desired = retried(deadline, &what, || fleet.desired()).await?;
+    let mut messages: Messages = futures::stream::SelectAll::new();
+    let mut initial = 0u64;
+    for filter in filters {
+        let what = format!("cannot watch {filter}");
+        let consumer = retried(deadline, &what, || {
+            desired.stream.create_consumer(push::OrderedConfig {
+                name: Some(schema::watch_consumer_name(&box_id, next_watch_id())),
+                deliver_subject: fleet.client.new_inbox(),
+                description: Some(format!("viscum box {box_id}")),
+                filter_subject: format!("{}{filter}", desired.prefix),
+                replay_policy: ReplayPolicy::Instant,
+                deliver_policy: DeliverPolicy::LastPerSubject,
+                ..Default::default()
+            })
+        })
+        .await?;
+        initial += consumer.cached_info().num_pending;
+        let stream = consumer
+            .messages()
+            .await
+            .map_err(|e| format!("{what}: {e}"))?
+            .map(|m| m.map_err(|e| e.to_string()));
+        messages.push(Box::pin(stream));
+    }
+    Ok((desired.prefix.clone(), messages, initial))
+}
+
 impl<A: Apply> Agent<A> {
     /// An agent that has applied nothing yet.
     pub fn new(settings: AgentSettings, applier: A) -> Agent<A> {
@@ -551,6 +662,8 @@ impl<A: Apply> Agent<A> {
             applied_revision: 0,
             applied_at_ms: 0,
             error: None,
+            status_kv: None,
+            status_unavailable: None,
         }
     }
 
@@ -588,71 +701,49 @@ impl<A: Apply> Agent<A> {
         }
     }
 
-    /// One connected session: full snapshot, apply, then follow until disconnected.
+    /// Waits `d`, putting the status at every `tick`; true if `shutdown` completed first.
+    async fn idle(
+        &mut self,
+        fleet: &Fleet,
+        tick: &mut tokio::time::Interval,
+        d: Duration,
+        shutdown: &mut Pin<&mut impl Future<Output = ()>>,
+    ) -> bool {
+        let until = tokio::time::Instant::now() + d;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return false,
+                _ = tick.tick() => self.put_status(fleet).await,
+                () = shutdown.as_mut() => return true,
+            }
+        }
+    }
+
+    /// One connected session: full snapshot, apply, then follow until disconnected. The
+    /// status is put at every `tick` throughout.
     async fn session(
         &mut self,
         fleet: &Fleet,
         events: &mut mpsc::UnboundedReceiver<async_nats::Event>,
+        tick: &mut tokio::time::Interval,
         shutdown: &mut Pin<&mut impl Future<Output = ()>>,
     ) -> End {
-        let setup = async {
-            let desired = fleet
-                .desired()
-                .await
-                .map_err(|e| format!("cannot open bucket {}: {e}", schema::DESIRED_BUCKET))?;
-            let mut messages: Messages = futures::stream::SelectAll::new();
-            let mut initial = 0u64;
-            for filter in self.settings.filters() {
-                let consumer = desired
-                    .stream
-                    .create_consumer(push::OrderedConfig {
-                        name: Some(schema::watch_consumer_name(
-                            &self.settings.box_id,
-                            next_watch_id(),
-                        )),
-                        deliver_subject: fleet.client.new_inbox(),
-                        description: Some(format!("viscum box {}", self.settings.box_id)),
-                        filter_subject: format!("{}{filter}", desired.prefix),
-                        replay_policy: ReplayPolicy::Instant,
-                        deliver_policy: DeliverPolicy::LastPerSubject,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| format!("cannot watch {filter}: {e}"))?;
-                initial += consumer.cached_info().num_pending;
-                let stream = consumer
-                    .messages()
-                    .await
-                    .map_err(|e| format!("cannot watch {filter}: {e}"))?
-                    .map(|m| m.map_err(|e| e.to_string()));
-                messages.push(Box::pin(stream));
-            }
-            Ok::<_, String>((desired.prefix.clone(), messages, initial))
-        };
         // Bounded: a cluster without a leader for the stream may leave requests unanswered.
-        let (prefix, mut messages, initial) = tokio::select! {
-            r = tokio::time::timeout(SNAPSHOT_TIMEOUT, setup) => match r {
-                Ok(Ok(x)) => x,
-                Ok(Err(e)) => return End::Failed(e),
-                Err(_) => return End::Failed("timed out watching the desired state".into()),
-            },
-            () = shutdown.as_mut() => return End::Shutdown,
-        };
-        let status_kv = match tokio::time::timeout(STATUS_TIMEOUT, fleet.status()).await {
-            Err(_) => {
-                log::warn!(
-                    "fleet: no status reports this session: opening {} timed out",
-                    schema::STATUS_BUCKET
-                );
-                None
-            }
-            Ok(Ok(kv)) => Some(kv),
-            Ok(Err(e)) => {
-                log::warn!(
-                    "fleet: no status reports: cannot open bucket {}: {e}",
-                    schema::STATUS_BUCKET
-                );
-                None
+        let deadline = tokio::time::Instant::now() + SNAPSHOT_TIMEOUT;
+        let mut setup = std::pin::pin!(watch(
+            fleet.clone(),
+            self.settings.box_id.clone(),
+            self.settings.filters(),
+            deadline,
+        ));
+        let (prefix, mut messages, initial) = loop {
+            tokio::select! {
+                r = &mut setup => match r {
+                    Ok(x) => break x,
+                    Err(e) => return End::Failed(e),
+                },
+                _ = tick.tick() => self.put_status(fleet).await,
+                () = shutdown.as_mut() => return End::Shutdown,
             }
         };
 
@@ -670,6 +761,10 @@ impl<A: Apply> Agent<A> {
                         "timed out receiving the snapshot ({received} of {initial} keys)"
                     ));
                 }
+                _ = tick.tick() => {
+                    self.put_status(fleet).await;
+                    continue;
+                }
                 () = shutdown.as_mut() => return End::Shutdown,
             };
             match next {
@@ -685,10 +780,7 @@ impl<A: Apply> Agent<A> {
         let mut store_retry = self
             .converge_snapshot(&snapshot, revision, fleet, &mut artifacts)
             .await;
-        self.put_status(status_kv.as_ref()).await;
-
-        let mut tick = tokio::time::interval(self.settings.status_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.put_status(fleet).await;
         tick.reset();
         loop {
             tokio::select! {
@@ -708,7 +800,7 @@ impl<A: Apply> Agent<A> {
                     store_retry = self
                         .converge_snapshot(&snapshot, revision, fleet, &mut artifacts)
                         .await;
-                    self.put_status(status_kv.as_ref()).await;
+                    self.put_status(fleet).await;
                 }
                 _ = tick.tick() => {
                     if store_retry {
@@ -716,7 +808,7 @@ impl<A: Apply> Agent<A> {
                             .converge_snapshot(&snapshot, revision, fleet, &mut artifacts)
                             .await;
                     }
-                    self.put_status(status_kv.as_ref()).await;
+                    self.put_status(fleet).await;
                 }
                 e = events.recv() => {
                     if matches!(e, Some(async_nats::Event::Disconnected) | None) {
@@ -927,8 +1019,35 @@ impl<A: Apply> Agent<A> {
         &self.applier
     }
 
-    async fn put_status(&mut self, kv: Option<&jetstream::kv::Store>) {
-        let Some(kv) = kv else { return };
+    /// Puts the status, opening the status bucket first if this run has not yet; nothing
+    /// while disconnected. Bounded by [`STATUS_TIMEOUT`] (each of opening and putting), so a
+    /// stalled server never holds up the watch: the next tick tries again.
+    async fn put_status(&mut self, fleet: &Fleet) {
+        if fleet.client.connection_state() != async_nats::connection::State::Connected {
+            return;
+        }
+        if self.status_kv.is_none() {
+            let why = match tokio::time::timeout(STATUS_TIMEOUT, fleet.status()).await {
+                Ok(Ok(kv)) => {
+                    self.status_kv = Some(kv);
+                    None
+                }
+                Ok(Err(e)) => Some(format!("cannot open bucket {}: {e}", schema::STATUS_BUCKET)),
+                Err(_) => Some(format!(
+                    "opening bucket {} timed out",
+                    schema::STATUS_BUCKET
+                )),
+            };
+            if let Some(why) = why {
+                // Once per reason, not at every tick (the bucket may not exist yet).
+                if self.status_unavailable.as_ref() != Some(&why) {
+                    log::warn!("fleet: no status report: {why}");
+                    self.status_unavailable = Some(why);
+                }
+                return;
+            }
+            self.status_unavailable = None;
+        }
         let status = self.box_status().await;
         let json = match serde_json::to_vec(&status) {
             Ok(j) => j,
@@ -937,8 +1056,8 @@ impl<A: Apply> Agent<A> {
                 return;
             }
         };
+        let Some(kv) = &self.status_kv else { return };
         let key = schema::status_key(&self.settings.box_id);
-        // Bounded, so a stalled put never holds up the watch (the next tick tries again).
         match tokio::time::timeout(STATUS_TIMEOUT, kv.put(&key, json.into())).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => log::warn!("fleet: cannot put {key}: {e}"),
@@ -1139,6 +1258,34 @@ mod tests {
             Some(&installed)
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn watch_requests_are_tried_again_until_the_deadline() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        // Refused twice (no stream leader yet, say), then answered.
+        let tries = std::cell::Cell::new(0);
+        let r = rt.block_on(retried(
+            tokio::time::Instant::now() + Duration::from_secs(10),
+            "cannot watch x",
+            || {
+                tries.set(tries.get() + 1);
+                let n = tries.get();
+                async move { if n < 3 { Err("no leader") } else { Ok(n) } }
+            },
+        ));
+        assert_eq!(r, Ok(3));
+        // Never answered (a consumer placed on a dead server): the deadline ends it, with
+        // what went wrong.
+        let r: Result<(), String> = rt.block_on(retried(
+            tokio::time::Instant::now() + Duration::from_millis(300),
+            "cannot watch y",
+            std::future::pending::<Result<(), &str>>,
+        ));
+        assert_eq!(r, Err("cannot watch y: timed out".to_string()));
     }
 
     #[test]
