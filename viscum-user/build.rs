@@ -32,7 +32,55 @@ pub(crate) fn main() -> anyhow::Result<()> {
             ..Default::default()
         }],
         aya_build::Toolchain::default(),
-    )
+    )?;
+    strip_dwarf()
+}
+
+/// Drops the DWARF sections from the eBPF object before it is embedded. bpf-linker needs
+/// them to write the object's BTF (`debug = 2` in the workspace profile), but the loader
+/// reads only the BTF (`.BTF`, `.BTF.ext`: types, function and line info for the verifier);
+/// the `.debug_*` sections and their relocations are ~830 KB of a 1.05 MB object, in every
+/// `viscum` binary (a router's budget is 5 MiB, docs/router-builds.md). `llvm-objcopy
+/// --strip-debug` keeps every other section. Without an llvm-objcopy the object is embedded
+/// whole, with a warning.
+fn strip_dwarf() -> anyhow::Result<()> {
+    let out = std::path::PathBuf::from(std::env::var("OUT_DIR").context("OUT_DIR")?);
+    let object = out.join("viscum");
+    println!("cargo:rerun-if-env-changed=LLVM_OBJCOPY");
+    // The LLVM that bpf-linker uses (llvm-config-22, docs/toolchain.md), then PATH.
+    let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+    if let Some(p) = std::env::var_os("LLVM_OBJCOPY") {
+        candidates.push(p.into());
+    }
+    if let Ok(o) = std::process::Command::new("llvm-config-22")
+        .arg("--bindir")
+        .output()
+        && o.status.success()
+    {
+        let dir = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+        candidates.push(std::path::Path::new(&dir).join("llvm-objcopy"));
+    }
+    candidates.extend(["llvm-objcopy-22".into(), "llvm-objcopy".into()]);
+    for tool in &candidates {
+        match std::process::Command::new(tool)
+            .arg("--strip-debug")
+            .arg(&object)
+            .status()
+        {
+            Ok(s) if s.success() => return Ok(()),
+            Ok(s) => anyhow::bail!("{} --strip-debug {}: {s}", tool.display(), object.display()),
+            Err(_) => continue,
+        }
+    }
+    println!(
+        "cargo:warning=no llvm-objcopy found (tried {}): the eBPF object is embedded with its DWARF (~830 KB more)",
+        candidates
+            .iter()
+            .map(|c| c.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
 }
 
 /// `rerun-if-changed` for every file under `dir`, recursively.

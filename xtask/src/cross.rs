@@ -375,13 +375,6 @@ pub fn cargo(p: Prepared, subcommand: &str, tests: bool) -> Result<Command> {
         }
     }
     let mut flags = vec!["-C", "target-feature=+crt-static"];
-    if p.build_std && !tests {
-        // A panic aborts at once, without formatting its message or unwinding tables: 261 KiB
-        // less on mips (5.16 -> 4.91 MiB without fleet, measured 2026-11-30). Only where std
-        // is built here: a prebuilt std was compiled for `panic=abort`. The daemon's supervisor
-        // (procd, systemd) still sees the abort and restarts it; the message is what is lost.
-        flags.extend(["-Z", "unstable-options", "-C", "panic=immediate-abort"]);
-    }
     flags.extend(p.target.rustflags);
     if p.build_std {
         // rustc would link musl's start files from the target's `self-contained` directory,

@@ -25,7 +25,7 @@ pub mod qemu;
 use std::{
     fs,
     path::{Path, PathBuf},
-    process::{ExitCode, Stdio},
+    process::{Command, ExitCode, Stdio},
     time::Instant,
 };
 
@@ -293,5 +293,18 @@ fn build_one(p: Prepared, dist: &Path, fleet: bool) -> Result<PathBuf> {
     let _ = fs::remove_file(&out);
     fs::copy(&binary, &out)
         .with_context(|| format!("cannot copy {} to {}", binary.display(), out.display()))?;
+    strip_all(&out)?;
     Ok(out)
+}
+
+/// `llvm-objcopy --strip-all` of the release binary: the linker's `--strip-all` (the release
+/// profile's `strip = true`) keeps sections it does not know to be debug info, such as
+/// MIPS's `.pdr` procedure descriptors (336 KB on mips) and `.comment`. The LLVM of the
+/// toolchain (llvm-config-22, docs/toolchain.md) has the tool.
+fn strip_all(binary: &Path) -> Result<()> {
+    let bindir = process::output(Command::new("llvm-config-22").arg("--bindir"))
+        .context("llvm-config-22 --bindir (run `cargo xtask setup`)")?;
+    let tool = Path::new(bindir.trim()).join("llvm-objcopy");
+    process::run(Command::new(&tool).arg("--strip-all").arg(binary))
+        .with_context(|| format!("{} --strip-all {}", tool.display(), binary.display()))
 }
