@@ -86,7 +86,7 @@ pub fn lock(pins: &Pins) -> Result<WriteLock, EngineError> {
     // here rather than taking a second `flock` on its own descriptor (which would conflict
     // with ours).
     let h = Arc::new(Held {
-        _flock: flock_dir(&pins.dir)?,
+        _flock: flock_dir(&pins.dir, LOCK_TIMEOUT)?,
     });
     held.push((pins.dir.clone(), Arc::downgrade(&h)));
     Ok(WriteLock { _held: h })
@@ -115,12 +115,13 @@ pub fn lock_if_attached(pins: &Pins) -> Result<Option<WriteLock>, EngineError> {
     }
 }
 
-/// Opens and locks `dir`, polling while another process holds it. After locking, the path
+/// Opens and locks `dir`, polling while another process holds it, for at most `timeout`
+/// ([`EngineError::Busy`] then). After locking, the path
 /// must still name the locked directory: a `detach --purge` that held the lock may have
 /// removed it (then a new attach made another), and a lock on a deleted directory protects
 /// nothing.
-fn flock_dir(dir: &Path) -> Result<Flock<File>, EngineError> {
-    let deadline = Instant::now() + LOCK_TIMEOUT;
+fn flock_dir(dir: &Path, timeout: Duration) -> Result<Flock<File>, EngineError> {
+    let deadline = Instant::now() + timeout;
     loop {
         let file = match File::open(dir) {
             Ok(f) => f,
@@ -153,7 +154,7 @@ fn flock_dir(dir: &Path) -> Result<Flock<File>, EngineError> {
         if Instant::now() >= deadline {
             return Err(EngineError::Busy {
                 dir: dir.to_owned(),
-                waited: LOCK_TIMEOUT,
+                waited: timeout,
             });
         }
         std::thread::sleep(POLL);
@@ -178,6 +179,39 @@ mod tests {
         assert!(other().is_err(), "the lock went with the first guard");
         drop(b);
         assert!(other().is_ok(), "the lock outlived its last guard");
+        let _ = std::fs::remove_dir(&dir);
+    }
+
+    /// The bound, with a real `flock` held by another open file description (what another
+    /// process's writer holds): the waiter gives up with `Busy` after its timeout, naming the
+    /// directory, and gets the lock once the holder lets go.
+    #[test]
+    fn a_writer_gives_up_after_its_timeout_and_gets_the_lock_once_released() {
+        let dir = std::env::temp_dir().join(format!("viscum-lock-timeout-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let holder =
+            Flock::lock(File::open(&dir).unwrap(), FlockArg::LockExclusiveNonblock).unwrap();
+        let bound = Duration::from_millis(200);
+        let started = Instant::now();
+        let err = flock_dir(&dir, bound).expect_err("a held lock was taken");
+        let waited = started.elapsed();
+        assert!(
+            matches!(&err, EngineError::Busy { dir: d, waited: w } if *d == dir && *w == bound),
+            "{err:?}"
+        );
+        assert!(
+            waited >= bound,
+            "gave up after {waited:?}, before its bound"
+        );
+        assert!(
+            err.to_string().contains(&dir.display().to_string()),
+            "{err}"
+        );
+        drop(holder);
+        assert!(
+            flock_dir(&dir, bound).is_ok(),
+            "the released lock was not taken"
+        );
         let _ = std::fs::remove_dir(&dir);
     }
 
