@@ -59,6 +59,24 @@ struct Fixture {
     plen: u8,
     ports: (u16, u16),
     from: Option<(&'static str, u8)>,
+    cold: Cold,
+}
+
+/// Entries that send new flows to the cloud while their open flows stay at the edge.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Cold {
+    /// An ordinary entry.
+    No,
+    /// Drained (`viscum redirect drain`): `TARGET_F_DRAINING`.
+    Drain,
+    /// Still learning (`--learn-ms` far beyond the run): `active_after_ns` in the future.
+    Learn,
+}
+
+/// `f` made a draining or learning entry.
+const fn cold(mut f: Fixture, cold: Cold) -> Fixture {
+    f.cold = cold;
+    f
 }
 
 #[expect(
@@ -84,6 +102,7 @@ const fn fx(
         plen,
         ports,
         from,
+        cold: Cold::No,
     }
 }
 
@@ -91,7 +110,7 @@ const fn fx(
 /// port ranges, nested destination prefixes, source-restricted rules over a plain one, IPv6,
 /// the local-route mode. Precedence-sensitive pairs go to different namespaces, so the
 /// translated destination address shows which entry won.
-const ENTRIES: [Fixture; 15] = [
+const ENTRIES: [Fixture; 18] = [
     fx(
         "tcp://203.0.113.10:80",
         0,
@@ -242,6 +261,47 @@ const ENTRIES: [Fixture; 15] = [
         (22, 22),
         Some(("2001:db8:c::", 60)),
     ),
+    // New flows to the cloud, open ones at the edge: a drained TCP entry, a learning UDP
+    // entry, a drained IPv6 UDP entry (UDP cloud decisions are kept in VISCUM_FLOWS).
+    cold(
+        fx(
+            "tcp://203.0.113.14:80",
+            1,
+            false,
+            6,
+            "203.0.113.14",
+            32,
+            (80, 80),
+            None,
+        ),
+        Cold::Drain,
+    ),
+    cold(
+        fx(
+            "udp://203.0.113.14:53",
+            0,
+            false,
+            17,
+            "203.0.113.14",
+            32,
+            (53, 53),
+            None,
+        ),
+        Cold::Learn,
+    ),
+    cold(
+        fx(
+            "udp://[2001:db8:e::13]:53",
+            0,
+            false,
+            17,
+            "2001:db8:e::13",
+            128,
+            (53, 53),
+            None,
+        ),
+        Cold::Drain,
+    ),
 ];
 
 /// What to run.
@@ -362,6 +422,8 @@ fn setup(lab: &Lab) -> Result<(Model, Pins, u32, [String; 2]), String> {
         lab.viscum_checked(&["ns", "add", ns])?;
     }
     for f in &ENTRIES {
+        // Learning for ten minutes: longer than any run's epoch.
+        let learn = if f.cold == Cold::Learn { "600000" } else { "0" };
         let mut args = vec![
             "redirect",
             "add",
@@ -369,12 +431,15 @@ fn setup(lab: &Lab) -> Result<(Model, Pins, u32, [String; 2]), String> {
             "--ns",
             &names[f.ns],
             "--learn-ms",
-            "0",
+            learn,
         ];
         if f.anyip {
             args.push("--anyip");
         }
         lab.viscum_checked(&args)?;
+        if f.cold == Cold::Drain {
+            lab.viscum_checked(&["redirect", "drain", f.spec])?;
+        }
     }
     let engine =
         Engine::open(&pins).map_err(|e| format!("open the engine: {}", error_chain(&e)))?;
@@ -389,7 +454,8 @@ fn setup(lab: &Lab) -> Result<(Model, Pins, u32, [String; 2]), String> {
             .map_err(|e| format!("read {}: {}", f.spec, error_chain(&e)))?
             .ok_or_else(|| format!("{} is not in the datapath's maps", f.spec))?;
         let nat = v.flags & viscum_common::TARGET_F_NAT != 0;
-        if nat == f.anyip {
+        let draining = v.flags & viscum_common::TARGET_F_DRAINING != 0;
+        if nat == f.anyip || draining != (f.cold == Cold::Drain) {
             return Err(format!("{} has flags {:#x}", f.spec, v.flags));
         }
         let addr = ip16(f.addr);
@@ -401,6 +467,7 @@ fn setup(lab: &Lab) -> Result<(Model, Pins, u32, [String; 2]), String> {
             plen: f.plen,
             ports: f.ports,
             from: f.from.map(|(a, l)| (ip16(a), l)),
+            cloud_new: f.cold != Cold::No,
             target: Target {
                 ifindex: v.target.ifindex,
                 flags: v.flags,

@@ -321,6 +321,8 @@ pub struct Entry {
     pub ports: (u16, u16),
     /// Source restriction (prefix, length).
     pub from: Option<([u8; 16], u8)>,
+    /// Draining or still learning: new flows go to the cloud, open edge flows stay.
+    pub cloud_new: bool,
     /// Where it goes.
     pub target: Target,
 }
@@ -359,7 +361,7 @@ pub type FragKey = ([u8; 16], [u8; 16], u32, u8, u8);
 /// A tracked flow.
 #[derive(Debug, Clone, Copy)]
 pub struct FlowSt {
-    /// Decided for the edge (TCP cloud flows are not recorded; no entry here learns or drains).
+    /// Decided for the edge (never, here: only cloud decisions of UDP flows are recorded).
     pub edge: bool,
     /// A FIN or RST was seen.
     pub closing: bool,
@@ -429,8 +431,7 @@ impl Prediction {
 pub struct Model {
     /// Installed entries.
     pub entries: Vec<Entry>,
-    /// Cloud decisions (UDP flows of entries that learn or drain; none do here, so it
-    /// stays empty: kept so the runner can clear the kernel's table alongside).
+    /// Cloud decisions: UDP flows that began while their entry drained or learned.
     pub flows: HashMap<FlowKey, FlowSt>,
     /// Edge flows, one record each, read by both directions.
     pub replies: HashMap<ReplyKey, ReplySt>,
@@ -549,6 +550,26 @@ impl Model {
             }
         }
         if tcp && !syn {
+            return false;
+        }
+        // UDP has no first packet: a cloud decision, taken while the entry drained or
+        // learned, holds for the flow's life.
+        let fkey = (h.src, h.dst, h.sport, h.dport, h.proto, h.family);
+        if !tcp && self.flows.get(&fkey).is_some_and(|f| !f.edge) {
+            return false;
+        }
+        if e.cloud_new {
+            if !tcp {
+                self.flows.insert(
+                    fkey,
+                    FlowSt {
+                        edge: false,
+                        closing: false,
+                        ifindex: e.target.ifindex,
+                        target: e.target,
+                    },
+                );
+            }
             return false;
         }
         self.replies.insert(
