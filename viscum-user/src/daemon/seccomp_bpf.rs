@@ -464,7 +464,11 @@ pub fn build(abi: &Abi) -> Result<Vec<sock_filter>, String> {
             ],
         );
     }
-    label(&mut body, To::Allow, vec![stmt(RET_K, libc::SECCOMP_RET_ALLOW)]);
+    label(
+        &mut body,
+        To::Allow,
+        vec![stmt(RET_K, libc::SECCOMP_RET_ALLOW)],
+    );
     let errno = |e: i32| libc::SECCOMP_RET_ERRNO | (e as u32 & libc::SECCOMP_RET_DATA);
     label(&mut body, To::Eperm, vec![stmt(RET_K, errno(libc::EPERM))]);
     label(
@@ -584,9 +588,13 @@ pub mod tests {
             .expect("at least one filter")
     }
 
+    /// `SECCOMP_RET_ALLOW`.
     pub const ALLOW: u32 = libc::SECCOMP_RET_ALLOW;
+    /// `SECCOMP_RET_ERRNO` with `EPERM`.
     pub const EPERM: u32 = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+    /// `SECCOMP_RET_ERRNO` with `ENOSYS`.
     pub const ENOSYS_RET: u32 = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+    /// `SECCOMP_RET_KILL_PROCESS`.
     pub const KILL: u32 = libc::SECCOMP_RET_KILL_PROCESS;
 
     /// Everything the policy promises, for one ABI's filters. `nr` names the ABI's numbers
@@ -791,6 +799,119 @@ pub mod tests {
         };
         let e = build(&BROKEN).unwrap_err();
         assert!(e.contains("init_module"), "{e}");
+    }
+
+    /// The hand-built program of an x86_64 table (numbers from `libc`; never used outside
+    /// this test, where `seccompiler` has the real one), installed in a forked child of the
+    /// test on this machine's kernel: the kernel's checker takes the program's shape, and the
+    /// calls get the policy's answers for real.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn the_kernel_takes_the_program_and_keeps_the_policy() {
+        const X86_64: Abi = Abi {
+            name: "x86_64 (test)",
+            audit_arch: 0xc000_003e,
+            big_endian: false,
+            nr_range: None,
+            clone_flags_arg: 0,
+            calls: &[
+                ("init_module", libc::SYS_init_module as u32),
+                ("finit_module", libc::SYS_finit_module as u32),
+                ("delete_module", libc::SYS_delete_module as u32),
+                ("bpf", libc::SYS_bpf as u32),
+                ("mount", libc::SYS_mount as u32),
+                ("umount2", libc::SYS_umount2 as u32),
+                ("pivot_root", libc::SYS_pivot_root as u32),
+                ("move_mount", libc::SYS_move_mount as u32),
+                ("fsopen", libc::SYS_fsopen as u32),
+                ("fsconfig", libc::SYS_fsconfig as u32),
+                ("fsmount", libc::SYS_fsmount as u32),
+                ("fspick", libc::SYS_fspick as u32),
+                ("open_tree", libc::SYS_open_tree as u32),
+                ("open_tree_attr", 467),
+                ("mount_setattr", libc::SYS_mount_setattr as u32),
+                ("ptrace", libc::SYS_ptrace as u32),
+                ("process_vm_readv", libc::SYS_process_vm_readv as u32),
+                ("process_vm_writev", libc::SYS_process_vm_writev as u32),
+                ("kexec_load", libc::SYS_kexec_load as u32),
+                ("kexec_file_load", libc::SYS_kexec_file_load as u32),
+                ("reboot", libc::SYS_reboot as u32),
+                ("swapon", libc::SYS_swapon as u32),
+                ("swapoff", libc::SYS_swapoff as u32),
+                ("perf_event_open", libc::SYS_perf_event_open as u32),
+                ("keyctl", libc::SYS_keyctl as u32),
+                ("add_key", libc::SYS_add_key as u32),
+                ("request_key", libc::SYS_request_key as u32),
+                ("open_by_handle_at", libc::SYS_open_by_handle_at as u32),
+                ("userfaultfd", libc::SYS_userfaultfd as u32),
+                ("acct", libc::SYS_acct as u32),
+                ("unshare", libc::SYS_unshare as u32),
+                ("clone", libc::SYS_clone as u32),
+                ("clone3", libc::SYS_clone3 as u32),
+            ],
+            absent: &["umount"],
+        };
+        let prog = build(&X86_64).unwrap();
+        let fprog = libc::sock_fprog {
+            len: prog.len() as libc::c_ushort,
+            filter: prog.as_ptr().cast_mut(),
+        };
+        // The child reports in its exit status: 0 all as expected, else the number of the
+        // first step that was not. Only raw system calls after the fork.
+        // SAFETY: fork in a test; the child makes only async-signal-safe calls and _exits.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork: {}", std::io::Error::last_os_error());
+        if child == 0 {
+            // SAFETY: raw syscalls on data owned by this frame.
+            unsafe {
+                let errno = || *libc::__errno_location();
+                let step = |n: i32, ok: bool| {
+                    if !ok {
+                        libc::_exit(n);
+                    }
+                };
+                step(1, libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0);
+                step(
+                    2,
+                    libc::syscall(
+                        libc::SYS_seccomp,
+                        libc::SECCOMP_SET_MODE_FILTER,
+                        0,
+                        &raw const fprog,
+                    ) == 0,
+                );
+                step(
+                    3,
+                    libc::unshare(libc::CLONE_NEWUSER) == -1 && errno() == libc::EPERM,
+                );
+                step(
+                    4,
+                    libc::syscall(libc::SYS_bpf, 5, std::ptr::null::<u8>(), 0) == -1
+                        && errno() == libc::EPERM,
+                );
+                step(
+                    5,
+                    libc::syscall(libc::SYS_clone3, std::ptr::null::<u8>(), 0) == -1
+                        && errno() == libc::ENOSYS,
+                );
+                step(6, libc::unshare(libc::CLONE_FILES) == 0);
+                step(7, libc::getpid() > 0);
+                libc::_exit(0);
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(child, &raw mut status, 0) }, child);
+        assert!(
+            libc::WIFEXITED(status),
+            "the child died: status {status:#x}"
+        );
+        let step = libc::WEXITSTATUS(status);
+        assert_eq!(
+            step, 0,
+            "step {step} (1 no_new_privs, 2 the kernel refused the program, 3 unshare \
+             CLONE_NEWUSER, 4 bpf, 5 clone3, 6 unshare CLONE_FILES, 7 getpid)"
+        );
     }
 
     /// On a target with a hand-built table, the table agrees with the `libc` crate.
