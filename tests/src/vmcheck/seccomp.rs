@@ -97,7 +97,7 @@ fn read_own_memory() -> libc::c_long {
 /// namespace). s390x takes the stack first and the flags second (`CONFIG_CLONE_BACKWARDS2`),
 /// the filter's hardest case. A child, were one made, leaves at once and is reaped.
 fn clone_newuser() -> libc::c_long {
-    let flags = (libc::CLONE_NEWUSER | libc::SIGCHLD) as libc::c_long;
+    let flags = libc::c_long::from(libc::CLONE_NEWUSER | libc::SIGCHLD);
     // SAFETY: fork semantics (no CLONE_VM); the child only calls _exit.
     unsafe {
         #[cfg(target_arch = "s390x")]
@@ -142,7 +142,10 @@ pub fn probe_main() -> ! {
     ));
     lines.push(format!(
         "probe thread: {}",
-        match std::thread::Builder::new().spawn(|| 7).map(|t| t.join()) {
+        match std::thread::Builder::new()
+            .spawn(|| 7)
+            .map(std::thread::JoinHandle::join)
+        {
             Ok(Ok(7)) => "ok".to_string(),
             Ok(_) => "errno 0".to_string(),
             Err(e) => format!("errno {}", e.raw_os_error().unwrap_or(0)),

@@ -18,7 +18,7 @@
 //!    `no_new_privs`, so no setuid binary or file capability gives any back either; last
 //!    the seccomp filters, which need `no_new_privs` (or `CAP_SYS_ADMIN`, already gone).
 //!
-//! The seccomp filter (the policy in [`seccomp_bpf`](super::seccomp_bpf)) allows everything
+//! The seccomp filter (the policy in [`seccomp_bpf`]) allows everything
 //! except, answered with `EPERM`: kernel modules (`init_module`, `finit_module`,
 //! `delete_module`), `bpf`, mounts (`mount`, `umount`, `umount2`, `pivot_root`, `move_mount`,
 //! `fsopen`, `fsconfig`, `fsmount`, `fspick`, `open_tree`, `open_tree_attr`,
@@ -36,7 +36,7 @@
 //! numbers would slip past the list. On x86_64 the x32 numbers of the listed calls are
 //! denied too. On x86_64, aarch64 and riscv64 the `seccompiler` crate (rust-vmm's, as used
 //! by Firecracker) compiles the policy; on arm (EABI), mips and mipsel (o32), s390x and
-//! 32-bit powerpc, which it has no tables for, [`seccomp_bpf::build`](super::seccomp_bpf::build)
+//! 32-bit powerpc, which it has no tables for, [`seccomp_bpf::build`]
 //! writes the same policy as a classic-BPF program itself. On any other architecture
 //! (big-endian arm, mips64, ...) the service runs without a filter and [`seccomp_status`]
 //! says so; everything else above applies everywhere. A kernel built without
@@ -285,7 +285,7 @@ fn build_filters() -> Result<Vec<Vec<libc::sock_filter>>, String> {
         target_arch = "aarch64",
         target_arch = "riscv64"
     ))]
-    return filter::build().map_err(|e| e.to_string());
+    return filter::build();
     #[cfg(not(any(
         target_arch = "x86_64",
         target_arch = "aarch64",

@@ -552,7 +552,7 @@ pub mod tests {
             match code {
                 c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => {
                     let off = i.k as usize;
-                    assert!(off % 4 == 0 && off + 4 <= 64, "load at {off}");
+                    assert!(off.is_multiple_of(4) && off + 4 <= 64, "load at {off}");
                     let w: [u8; 4] = data[off..off + 4].try_into().unwrap();
                     a = if big_endian {
                         u32::from_be_bytes(w)
