@@ -20,7 +20,7 @@
 //!    `SECCOMP_RET_KILL_PROCESS`: another ABI's numbers would slip past the list.
 //! 2. On mips, `nr` outside the o32 range 4000-4999 → `SECCOMP_RET_KILL_PROCESS`: a 64-bit
 //!    MIPS kernel takes n64 (5000-) and n32 (6000-) numbers from the same instruction
-//!    (arch/mips/kernel/scall64-n64.S), while `arch` still says o32.
+//!    (arch/mips/kernel/scall64-o32.S, `not_o32_scall`), while `arch` still says o32.
 //! 3. Each number of [`DENIED`] → `SECCOMP_RET_ERRNO | EPERM`.
 //! 4. [`DENIED_NEWUSER`] (`unshare`, `clone`) → to a test of the flags argument's low 32
 //!    bits (`CLONE_NEWUSER` is bit 28): set → `EPERM`, clear → allow. `args` are `__u64`
