@@ -132,6 +132,7 @@ fn vmcheck_passes_on_this_kernel() {
         "smoke-tcp-v4",
         "smoke-udp-v6",
         "cgroup-limits",
+        "seccomp",
         "detach-leaves-nothing",
         "teardown-leaves-nothing",
     ] {

@@ -38,7 +38,7 @@ const BOUND: Duration = Duration::from_secs(240);
 
 /// Minimal account files for a guest whose initramfs has none (the daemon resolves the
 /// service's user); a host's are never touched.
-fn ensure_accounts() -> Result<(), String> {
+pub fn ensure_accounts() -> Result<(), String> {
     if Path::new("/etc/passwd").exists() {
         return Ok(());
     }

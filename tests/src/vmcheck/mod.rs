@@ -25,6 +25,9 @@
 //! * (e) `cgroup-limits` ([`limits`]): memory, cpu and pids limits through the real daemon,
 //!   on the guest's cgroup v2 (v1 on a hybrid host): an OOM kill inside the service's group,
 //!   its restart and `oom_kills` in `status`;
+//! * (f) `seccomp` ([`seccomp`]): a service of the real daemon runs under its seccomp filter
+//!   (`Seccomp: 2`, `NoNewPrivs: 1`; `bpf`, `unshare(CLONE_NEWUSER)` refused, `clone3`
+//!   `ENOSYS`) — on s390x, the hand-built classic-BPF filter;
 //! * (d) `detach-leaves-nothing` (`viscum detach lan0`) and `teardown-leaves-nothing`
 //!   (`viscum detach --all --purge` with a service namespace still there, then `viscum ns
 //!   del`): no pin, no clsact qdisc, no TCX program left.
@@ -46,6 +49,7 @@
 pub mod checks;
 pub mod init;
 pub mod limits;
+pub mod seccomp;
 
 use std::{
     ffi::CStr,
@@ -284,6 +288,9 @@ fn inject_panic_for_test() {
 /// Entry point of the `viscum-vmcheck` binary.
 pub fn main() -> ExitCode {
     let pid1 = std::process::id() == 1;
+    if !pid1 && std::env::args().nth(1).as_deref() == Some(seccomp::PROBE_ARG) {
+        seccomp::probe_main();
+    }
     let opts = match parse_args() {
         Ok(opts) => opts,
         Err(e) => {
@@ -416,6 +423,17 @@ fn run(opts: &Options, pid1: bool) {
             pass: false,
             ms: 0,
             detail: format!("cannot find this executable (the hog): {e}"),
+        }),
+    }
+
+    progress("the services' seccomp filter through the daemon");
+    match std::env::current_exe() {
+        Ok(probe) => record(seccomp::seccomp(&lab, &probe, &[])),
+        Err(e) => record(CaseResult {
+            name: "seccomp".into(),
+            pass: false,
+            ms: 0,
+            detail: format!("cannot find this executable (the probe): {e}"),
         }),
     }
 

@@ -61,6 +61,7 @@ pub mod logs;
 pub mod metrics;
 pub mod process;
 pub mod sandbox;
+pub mod seccomp_bpf;
 pub mod service;
 pub mod shares;
 pub mod state;

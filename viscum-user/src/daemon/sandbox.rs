@@ -18,10 +18,10 @@
 //!    `no_new_privs`, so no setuid binary or file capability gives any back either; last
 //!    the seccomp filters, which need `no_new_privs` (or `CAP_SYS_ADMIN`, already gone).
 //!
-//! The seccomp filters (built by the `seccompiler` crate, rust-vmm's, as used by
-//! Firecracker) allow everything except, answered with `EPERM`: kernel modules
-//! (`init_module`, `finit_module`, `delete_module`), `bpf`, mounts (`mount`, `umount2`,
-//! `pivot_root`, `move_mount`, `fsopen`, `fsconfig`, `fsmount`, `fspick`, `open_tree`,
+//! The seccomp filter (the policy in [`seccomp_bpf`]) allows everything
+//! except, answered with `EPERM`: kernel modules (`init_module`, `finit_module`,
+//! `delete_module`), `bpf`, mounts (`mount`, `umount`, `umount2`, `pivot_root`, `move_mount`,
+//! `fsopen`, `fsconfig`, `fsmount`, `fspick`, `open_tree`, `open_tree_attr`,
 //! `mount_setattr`), `ptrace`, `process_vm_readv`/`writev`, `kexec_load`/`kexec_file_load`,
 //! `reboot`, `swapon`/`swapoff`, `perf_event_open`, the kernel keyring (`keyctl`, `add_key`,
 //! `request_key`), `open_by_handle_at` (reads any file by handle), `userfaultfd`, `acct`,
@@ -34,12 +34,17 @@
 //! Each filter first checks the architecture (`seccomp_data.arch`): a system call made
 //! through another ABI (a 32-bit i386 binary on x86_64) kills the process, since its
 //! numbers would slip past the list. On x86_64 the x32 numbers of the listed calls are
-//! denied too. The filters exist for the architectures `seccompiler` supports (x86_64,
-//! aarch64, riscv64); on the others (arm, mips, s390x, ...) the service runs without one
-//! and [`seccomp_status`] says so; everything else above applies everywhere. A kernel built
-//! without `CONFIG_SECCOMP_FILTER` is the same: no filter, said once in the daemon's log.
+//! denied too. On x86_64, aarch64 and riscv64 the `seccompiler` crate (rust-vmm's, as used
+//! by Firecracker) compiles the policy; on arm (EABI), mips and mipsel (o32), s390x and
+//! 32-bit powerpc, which it has no tables for, [`seccomp_bpf::build`]
+//! writes the same policy as a classic-BPF program itself. On any other architecture
+//! (big-endian arm, mips64, ...) the service runs without a filter and [`seccomp_status`]
+//! says so; everything else above applies everywhere. A kernel built without
+//! `CONFIG_SECCOMP_FILTER` is the same: no filter, said once in the daemon's log.
 
 use std::{io, sync::OnceLock};
+
+use super::seccomp_bpf;
 
 /// The capability sets of `capset(2)` (`struct __user_cap_header_struct`).
 #[repr(C)]
@@ -248,11 +253,6 @@ fn fail_with(msg: &[u8], e: io::Error) -> io::Result<()> {
 /// Does this kernel take seccomp filters? `PR_GET_SECCOMP` fails with `EINVAL` without
 /// `CONFIG_SECCOMP`; the filter mode itself is probed by installing nothing: a
 /// `SECCOMP_GET_ACTION_AVAIL` query (Linux 4.14) answers only where filters exist.
-#[cfg(any(
-    target_arch = "x86_64",
-    target_arch = "aarch64",
-    target_arch = "riscv64"
-))]
 fn kernel_has_seccomp_filters() -> bool {
     let action: u32 = libc::SECCOMP_RET_ERRNO;
     // SAFETY: plain syscall reading a u32 we own.
@@ -267,38 +267,54 @@ fn kernel_has_seccomp_filters() -> bool {
     rc == 0
 }
 
-/// Whether this build has the filters at all.
-const SUPPORTED_ARCH: bool = cfg!(any(
+/// Whether `seccompiler` builds this architecture's filters.
+const SECCOMPILER_ARCH: bool = cfg!(any(
     target_arch = "x86_64",
     target_arch = "aarch64",
     target_arch = "riscv64"
 ));
 
+/// Whether this build has the filters at all.
+const SUPPORTED_ARCH: bool = SECCOMPILER_ARCH || seccomp_bpf::native().is_some();
+
+/// The filters of this architecture: `seccompiler`'s where it has tables, else the
+/// hand-built program of [`seccomp_bpf`].
+fn build_filters() -> Result<Vec<Vec<libc::sock_filter>>, String> {
+    #[cfg(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "riscv64"
+    ))]
+    return filter::build();
+    #[cfg(not(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "riscv64"
+    )))]
+    match seccomp_bpf::native() {
+        Some(abi) => seccomp_bpf::build(abi).map(|p| vec![p]),
+        None => Ok(Vec::new()),
+    }
+}
+
 /// The compiled filters, built once per daemon.
 fn filters() -> &'static [Vec<libc::sock_filter>] {
     static FILTERS: OnceLock<Vec<Vec<libc::sock_filter>>> = OnceLock::new();
     FILTERS.get_or_init(|| {
-        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64"))]
-        {
-            if kernel_has_seccomp_filters() {
-                match filter::build() {
-                    Ok(f) => return f,
-                    Err(e) => log::error!("cannot build the services' seccomp filter: {e}"),
-                }
-            } else {
-                log::warn!(
-                    "services run without a seccomp filter: the kernel has none (CONFIG_SECCOMP_FILTER)"
-                );
+        if !SUPPORTED_ARCH {
+            log::info!(
+                "services run without a seccomp filter: none is built for this architecture (docs/operations.md)"
+            );
+        } else if !kernel_has_seccomp_filters() {
+            log::warn!(
+                "services run without a seccomp filter: the kernel has none (CONFIG_SECCOMP_FILTER)"
+            );
+        } else {
+            match build_filters() {
+                Ok(f) => return f,
+                Err(e) => log::error!("cannot build the services' seccomp filter: {e}"),
             }
         }
-        #[cfg(not(any(
-            target_arch = "x86_64",
-            target_arch = "aarch64",
-            target_arch = "riscv64"
-        )))]
-        log::info!(
-            "services run without a seccomp filter: none is built for this architecture (docs/operations.md)"
-        );
         Vec::new()
     })
 }
@@ -309,7 +325,7 @@ fn filters() -> &'static [Vec<libc::sock_filter>] {
     target_arch = "riscv64"
 ))]
 mod filter {
-    //! The filters, as `seccompiler` rules.
+    //! The policy of [`seccomp_bpf`] as `seccompiler` rules, numbered by the `libc` crate.
 
     use std::collections::BTreeMap;
 
@@ -318,6 +334,8 @@ mod filter {
         SeccompRule, TargetArch,
     };
 
+    use super::seccomp_bpf::{DENIED, DENIED_NEWUSER, ENOSYS};
+
     #[cfg(target_arch = "x86_64")]
     const ARCH: TargetArch = TargetArch::x86_64;
     #[cfg(target_arch = "aarch64")]
@@ -325,53 +343,76 @@ mod filter {
     #[cfg(target_arch = "riscv64")]
     const ARCH: TargetArch = TargetArch::riscv64;
 
-    /// System calls answered `EPERM` whatever their arguments.
-    pub(super) const DENIED: &[libc::c_long] = &[
-        libc::SYS_init_module,
-        libc::SYS_finit_module,
-        libc::SYS_delete_module,
-        libc::SYS_bpf,
-        libc::SYS_mount,
-        libc::SYS_umount2,
-        libc::SYS_pivot_root,
-        libc::SYS_move_mount,
-        libc::SYS_fsopen,
-        libc::SYS_fsconfig,
-        libc::SYS_fsmount,
-        libc::SYS_fspick,
-        libc::SYS_open_tree,
-        libc::SYS_mount_setattr,
-        libc::SYS_ptrace,
-        libc::SYS_process_vm_readv,
-        libc::SYS_process_vm_writev,
-        libc::SYS_kexec_load,
-        #[cfg(target_arch = "x86_64")]
-        libc::SYS_kexec_file_load,
-        // asm-generic/unistd.h (aarch64, riscv64): 294; libc has no constant for it on
-        // aarch64 musl nor riscv64.
-        #[cfg(not(target_arch = "x86_64"))]
-        294,
-        libc::SYS_reboot,
-        libc::SYS_swapon,
-        libc::SYS_swapoff,
-        libc::SYS_perf_event_open,
-        libc::SYS_keyctl,
-        libc::SYS_add_key,
-        libc::SYS_request_key,
-        libc::SYS_open_by_handle_at,
-        libc::SYS_userfaultfd,
-        libc::SYS_acct,
-    ];
+    /// Policy calls this architecture does not have: only `umount2` unmounts on x86_64 and
+    /// asm-generic (aarch64, riscv64).
+    pub(super) const ABSENT: &[&str] = &["umount"];
 
-    /// System calls answered `EPERM` when their first argument (the flags of `unshare` and
-    /// `clone`, on every supported architecture) asks for a new user namespace.
-    const DENIED_NEWUSER: &[libc::c_long] = &[libc::SYS_unshare, libc::SYS_clone];
+    /// The number of policy call `name` here (`None`: absent or unknown).
+    pub(super) fn nr(name: &str) -> Option<libc::c_long> {
+        Some(match name {
+            "init_module" => libc::SYS_init_module,
+            "finit_module" => libc::SYS_finit_module,
+            "delete_module" => libc::SYS_delete_module,
+            "bpf" => libc::SYS_bpf,
+            "mount" => libc::SYS_mount,
+            "umount2" => libc::SYS_umount2,
+            "pivot_root" => libc::SYS_pivot_root,
+            "move_mount" => libc::SYS_move_mount,
+            "fsopen" => libc::SYS_fsopen,
+            "fsconfig" => libc::SYS_fsconfig,
+            "fsmount" => libc::SYS_fsmount,
+            "fspick" => libc::SYS_fspick,
+            "open_tree" => libc::SYS_open_tree,
+            // Linux 6.15; libc has no constant yet. 467 in every table since the numbers
+            // were unified at 424 (arch/x86/entry/syscalls/syscall_64.tbl,
+            // include/uapi/asm-generic/unistd.h).
+            "open_tree_attr" => 467,
+            "mount_setattr" => libc::SYS_mount_setattr,
+            "ptrace" => libc::SYS_ptrace,
+            "process_vm_readv" => libc::SYS_process_vm_readv,
+            "process_vm_writev" => libc::SYS_process_vm_writev,
+            "kexec_load" => libc::SYS_kexec_load,
+            #[cfg(target_arch = "x86_64")]
+            "kexec_file_load" => libc::SYS_kexec_file_load,
+            // asm-generic/unistd.h (aarch64, riscv64): 294; libc has no constant for it on
+            // aarch64 musl nor riscv64.
+            #[cfg(not(target_arch = "x86_64"))]
+            "kexec_file_load" => 294,
+            "reboot" => libc::SYS_reboot,
+            "swapon" => libc::SYS_swapon,
+            "swapoff" => libc::SYS_swapoff,
+            "perf_event_open" => libc::SYS_perf_event_open,
+            "keyctl" => libc::SYS_keyctl,
+            "add_key" => libc::SYS_add_key,
+            "request_key" => libc::SYS_request_key,
+            "open_by_handle_at" => libc::SYS_open_by_handle_at,
+            "userfaultfd" => libc::SYS_userfaultfd,
+            "acct" => libc::SYS_acct,
+            "unshare" => libc::SYS_unshare,
+            "clone" => libc::SYS_clone,
+            "clone3" => libc::SYS_clone3,
+            _ => return None,
+        })
+    }
+
+    /// The numbers of `names`; a name neither numbered nor in [`ABSENT`] is an error.
+    fn nrs(names: &[&str]) -> Result<Vec<libc::c_long>, String> {
+        let mut out = Vec::new();
+        for name in names {
+            match nr(name) {
+                Some(n) => out.push(n),
+                None if ABSENT.contains(name) => {}
+                None => return Err(format!("no system call number for {name}")),
+            }
+        }
+        Ok(out)
+    }
 
     /// x86_64's x32 ABI: the same calls with bit 30 set; a handful have numbers of their
     /// own (x32-only entries of arch/x86/entry/syscalls/syscall_64.tbl: ptrace 521,
     /// kexec_load 528, process_vm_readv 539, process_vm_writev 540).
     #[cfg(target_arch = "x86_64")]
-    fn with_x32(nrs: &[libc::c_long], x32_only: &[libc::c_long]) -> Vec<libc::c_long> {
+    pub(super) fn with_x32(nrs: &[libc::c_long], x32_only: &[libc::c_long]) -> Vec<libc::c_long> {
         const X32: libc::c_long = 0x4000_0000;
         let mut all = nrs.to_vec();
         all.extend(nrs.iter().map(|n| n | X32));
@@ -379,23 +420,36 @@ mod filter {
         all
     }
     #[cfg(not(target_arch = "x86_64"))]
-    fn with_x32(nrs: &[libc::c_long], _: &[libc::c_long]) -> Vec<libc::c_long> {
+    pub(super) fn with_x32(nrs: &[libc::c_long], _: &[libc::c_long]) -> Vec<libc::c_long> {
         nrs.to_vec()
     }
 
+    /// The x32-only numbers of denied calls.
+    pub(super) const X32_ONLY: &[libc::c_long] = &[521, 528, 539, 540];
+
     /// The filters to install, in order: the `EPERM` list, then `clone3` → `ENOSYS`.
-    pub(super) fn build() -> Result<Vec<Vec<libc::sock_filter>>, seccompiler::BackendError> {
+    ///
+    /// # Errors
+    /// `seccompiler`'s, or a policy call without a number here.
+    pub(super) fn build() -> Result<Vec<Vec<libc::sock_filter>>, String> {
+        let err = |e: seccompiler::BackendError| e.to_string();
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-        for nr in with_x32(DENIED, &[521, 528, 539, 540]) {
+        for nr in with_x32(&nrs(DENIED)?, X32_ONLY) {
             rules.insert(nr, Vec::new());
         }
-        let newuser = SeccompRule::new(vec![SeccompCondition::new(
-            0,
-            SeccompCmpArgLen::Qword,
-            SeccompCmpOp::MaskedEq(libc::CLONE_NEWUSER as u64),
-            libc::CLONE_NEWUSER as u64,
-        )?])?;
-        for nr in with_x32(DENIED_NEWUSER, &[]) {
+        // The flags are the first argument of `unshare` and, on these three architectures,
+        // of `clone` too.
+        let newuser = SeccompRule::new(vec![
+            SeccompCondition::new(
+                0,
+                SeccompCmpArgLen::Qword,
+                SeccompCmpOp::MaskedEq(libc::CLONE_NEWUSER as u64),
+                libc::CLONE_NEWUSER as u64,
+            )
+            .map_err(err)?,
+        ])
+        .map_err(err)?;
+        for nr in with_x32(&nrs(DENIED_NEWUSER)?, &[]) {
             rules.insert(nr, vec![newuser.clone()]);
         }
         let eperm = SeccompFilter::new(
@@ -403,16 +457,18 @@ mod filter {
             SeccompAction::Allow,
             SeccompAction::Errno(libc::EPERM as u32),
             ARCH,
-        )?;
+        )
+        .map_err(err)?;
         let clone3 = SeccompFilter::new(
-            with_x32(&[libc::SYS_clone3], &[])
+            with_x32(&nrs(ENOSYS)?, &[])
                 .into_iter()
                 .map(|nr| (nr, Vec::new()))
                 .collect(),
             SeccompAction::Allow,
             SeccompAction::Errno(libc::ENOSYS as u32),
             ARCH,
-        )?;
+        )
+        .map_err(err)?;
         let to_libc = |prog: BpfProgram| {
             prog.into_iter()
                 .map(|i| libc::sock_filter {
@@ -424,8 +480,8 @@ mod filter {
                 .collect::<Vec<_>>()
         };
         Ok(vec![
-            to_libc(BpfProgram::try_from(eperm)?),
-            to_libc(BpfProgram::try_from(clone3)?),
+            to_libc(BpfProgram::try_from(eperm).map_err(err)?),
+            to_libc(BpfProgram::try_from(clone3).map_err(err)?),
         ])
     }
 }
@@ -436,29 +492,70 @@ mod tests {
 
     #[test]
     fn filters_build_where_supported() {
-        #[cfg(any(
-            target_arch = "x86_64",
-            target_arch = "aarch64",
-            target_arch = "riscv64"
-        ))]
-        {
-            let built = filter::build().expect("the filters compile");
-            assert_eq!(built.len(), 2);
-            // The arch check (3 instructions) and a compare per denied call at least.
-            assert!(built[0].len() > 3 + filter::DENIED.len());
-            // qemu-user (the cross targets' unit tests) has no seccomp: no filter, said so.
-            if kernel_has_seccomp_filters() {
-                assert_eq!(seccomp_status(), Ok(()));
-                assert_eq!(filters().len(), 2);
-            } else {
-                assert!(seccomp_status().is_err());
-            }
+        assert!(SUPPORTED_ARCH || seccomp_status().is_err());
+        if !SUPPORTED_ARCH {
+            return;
         }
-        #[cfg(not(any(
-            target_arch = "x86_64",
-            target_arch = "aarch64",
-            target_arch = "riscv64"
-        )))]
-        assert!(seccomp_status().is_err());
+        let built = build_filters().expect("the filters compile");
+        assert!(!built.is_empty());
+        // The arch check (3 instructions) and a compare per denied call at least.
+        assert!(built[0].len() > 3 + seccomp_bpf::DENIED.len() - 2);
+        // qemu-user (the cross targets' unit tests) has no seccomp: no filter, said so.
+        if kernel_has_seccomp_filters() {
+            assert_eq!(seccomp_status(), Ok(()));
+            assert_eq!(filters().len(), built.len());
+        } else {
+            assert!(seccomp_status().is_err());
+        }
+    }
+
+    /// The `seccompiler` filters of this machine keep the same policy as the hand-built
+    /// ones, run through the same interpreter.
+    #[cfg(any(
+        target_arch = "x86_64",
+        target_arch = "aarch64",
+        target_arch = "riscv64"
+    ))]
+    #[test]
+    fn seccompiler_filters_enforce_the_policy() {
+        use seccomp_bpf::tests::{EPERM, check_policy, seccomp_data, verdict};
+        #[cfg(target_arch = "x86_64")]
+        let (audit_arch, harmless) = (0xc000_003e_u32, [0, 1]); // AUDIT_ARCH_X86_64; read, write
+        #[cfg(target_arch = "aarch64")]
+        let (audit_arch, harmless) = (0xc000_00b7_u32, [63, 64]); // AUDIT_ARCH_AARCH64
+        #[cfg(target_arch = "riscv64")]
+        let (audit_arch, harmless) = (0xc000_00f3_u32, [63, 64]); // AUDIT_ARCH_RISCV64
+        let progs = filter::build().expect("the filters compile");
+        for name in seccomp_bpf::DENIED
+            .iter()
+            .chain(seccomp_bpf::DENIED_NEWUSER)
+            .chain(seccomp_bpf::ENOSYS)
+        {
+            assert!(
+                filter::nr(name).is_some() != filter::ABSENT.contains(name),
+                "{name}"
+            );
+        }
+        check_policy(
+            "seccompiler",
+            &progs,
+            audit_arch,
+            false,
+            0,
+            &|name| filter::nr(name).map(|n| n as u32),
+            &harmless,
+        );
+        // x32: the same calls with bit 30, and the x32-only numbers.
+        #[cfg(target_arch = "x86_64")]
+        for n in filter::with_x32(
+            &seccomp_bpf::DENIED
+                .iter()
+                .filter_map(|name| filter::nr(name))
+                .collect::<Vec<_>>(),
+            filter::X32_ONLY,
+        ) {
+            let d = seccomp_data(n as u32, audit_arch, [0; 6], false);
+            assert_eq!(verdict(&progs, &d, false), EPERM, "x32 {n:#x}");
+        }
     }
 }
