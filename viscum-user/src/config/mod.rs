@@ -605,6 +605,26 @@ impl Config {
 mod tests {
     use super::*;
 
+    /// The README's example configuration is one a user can copy: it passes the same
+    /// validation as `viscum run --check` (it once lacked the `[engine.network]` its
+    /// `[service.network]` needs, and its storage block sat outside the code fence).
+    #[test]
+    fn the_readme_example_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let start = readme
+            .find("```toml\n[engine]\n")
+            .expect("the README has a ```toml block starting with [engine]")
+            + "```toml\n".len();
+        let len = readme[start..]
+            .find("```")
+            .expect("the README's example is closed");
+        let example = &readme[start..start + len];
+        assert!(example.contains("[service.storage]"), "{example}");
+        if let Err(e) = Config::parse(example) {
+            panic!("the README's example is refused:\n{e}\n---\n{example}");
+        }
+    }
+
     const GOOD: &str = r#"
 [engine]
 interfaces = ["br-lan"]
