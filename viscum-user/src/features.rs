@@ -162,6 +162,39 @@ pub struct Report {
     pub missing: Vec<&'static str>,
     /// Programs pinned under the instance's bpffs directory, if loaded.
     pub programs: Vec<ProgramStats>,
+    /// What this network namespace's forwarding settings break ([`forwarding_problems`]);
+    /// empty when both families forward.
+    pub forwarding: Vec<String>,
+}
+
+/// The families whose forwarding is off in this network namespace, as warnings naming the
+/// sysctl: replies from service namespaces are forwarded to clients (`bpf_fib_lookup` answers
+/// `BPF_FIB_LKUP_RET_FWD_DISABLED` and the stack drops them when it is off), so edge flows of
+/// that family hang while their entries count them as live. Read from
+/// `/proc/sys/net/ipv4/ip_forward` and `/proc/sys/net/ipv6/conf/all/forwarding`; a family
+/// whose file cannot be read (IPv6 disabled) is not reported.
+pub fn forwarding_problems() -> Vec<String> {
+    let off = |path: &str| {
+        fs::read_to_string(path)
+            .map(|v| v.trim() == "0")
+            .unwrap_or(false)
+    };
+    let mut out = Vec::new();
+    for (family, path, sysctl) in [
+        ("IPv4", "/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward"),
+        (
+            "IPv6",
+            "/proc/sys/net/ipv6/conf/all/forwarding",
+            "net.ipv6.conf.all.forwarding",
+        ),
+    ] {
+        if off(path) {
+            out.push(format!(
+                "{family} forwarding is off in this network namespace: replies from service namespaces cannot reach {family} clients (sysctl -w {sysctl}=1)"
+            ));
+        }
+    }
+    out
 }
 
 impl Report {
@@ -192,6 +225,7 @@ impl Report {
             helpers,
             missing,
             programs,
+            forwarding: forwarding_problems(),
         }
     }
 }

@@ -89,13 +89,8 @@ pub fn attach(pins: &Pins, args: AttachArgs) -> Result<()> {
     if let Err(e) = on_own_runtime(recover_targets(pins)) {
         log::warn!("{e:#}");
     }
-    if std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
-        .map(|v| v.trim() == "0")
-        .unwrap_or(false)
-    {
-        log::warn!(
-            "IPv4 forwarding is off in this namespace: replies from service namespaces will not be routed back to clients"
-        );
+    for problem in crate::features::forwarding_problems() {
+        log::warn!("{problem}");
     }
     Ok(())
 }

@@ -40,6 +40,13 @@ pub fn run(pins: &Pins, args: DoctorArgs) -> Result<()> {
             None => "unknown".to_owned(),
         }
     );
+    if report.forwarding.is_empty() {
+        println!("forwarding  on for IPv4 and IPv6");
+    } else {
+        for problem in &report.forwarding {
+            println!("forwarding  {problem}");
+        }
+    }
     if report.missing.is_empty() {
         println!("helpers     all required helpers present");
     } else {

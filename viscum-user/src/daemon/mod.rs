@@ -260,6 +260,9 @@ pub async fn run(
         },
         instance.bpffs.display()
     );
+    for problem in crate::features::forwarding_problems() {
+        log::warn!("{problem}");
+    }
 
     let sockets = SocketMaker::start().map_err(|source| DaemonError::Setup {
         what: "socket helper thread",
