@@ -254,6 +254,43 @@ fn serves_at_the_edge_while_healthy_and_fails_over_when_the_service_dies() {
     assert_eq!(who(&lab, 8080), "cloud");
 }
 
+/// The configuration decides what is redirected: an entry of a running service deleted
+/// behind the daemon's back (a one-shot `viscum redirect del`) is put back by the daemon,
+/// its local route with it, and the edge serves again. `status` never goes on reporting an
+/// entry the datapath lost.
+#[test]
+fn an_entry_deleted_behind_the_daemons_back_is_restored() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = DaemonFiles::new();
+    let _cloud = IdentityServer::start(lab.cloud.name(), 8080, "cloud");
+    let web = lab.service_ns_name();
+    let mut config = files.config();
+    config.services.push(files.service(&web, 8080, "edge"));
+    files.write(&config);
+    let daemon = Daemon::start(&lab, &files);
+    daemon.wait_redirected(&web, UP);
+    wait_for(&lab, 8080, "edge", UP);
+    let ep = format!("tcp://{CLOUD_V4}:8080");
+
+    let deleted = Instant::now();
+    lab.viscum_ok(&["redirect", "del", &ep, "--now"]);
+    let back = wait_until(UP, || entries(&lab) == vec![ep.clone()]);
+    assert!(
+        back,
+        "the deleted entry was not restored: {:?}",
+        entries(&lab)
+    );
+    let t = wait_for(&lab, 8080, "edge", UP);
+    eprintln!(
+        "entry restored and served at the edge {:?} after the delete",
+        deleted.elapsed().max(t)
+    );
+    assert!(daemon.stop().success());
+}
+
 #[test]
 fn a_service_whose_check_never_passes_is_never_redirected() {
     if skip_unless_root() {

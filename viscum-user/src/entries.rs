@@ -106,6 +106,22 @@ impl EntrySet {
         &self.installed
     }
 
+    /// Forgets the installed entries that are no longer in the datapath (another writer
+    /// deleted them: `viscum redirect del`, `ns del`, a purge) and returns them, so that the
+    /// next [`EntrySet::install`] puts them back. An entry read as present, or that cannot
+    /// be read, is kept.
+    pub fn forget_missing(&mut self, engine: &Engine) -> Vec<Endpoint> {
+        let mut gone = Vec::new();
+        self.installed.retain(|ep| match engine.get(ep) {
+            Ok(None) => {
+                gone.push(*ep);
+                false
+            }
+            Ok(Some(_)) | Err(_) => true,
+        });
+        gone
+    }
+
     /// Is `entry_ifindex` the owner's (or is there no owner to check)?
     fn owns(&self, entry_ifindex: u32) -> bool {
         match self.owner {

@@ -181,7 +181,11 @@ pub fn forwarding_problems() -> Vec<String> {
     };
     let mut out = Vec::new();
     for (family, path, sysctl) in [
-        ("IPv4", "/proc/sys/net/ipv4/ip_forward", "net.ipv4.ip_forward"),
+        (
+            "IPv4",
+            "/proc/sys/net/ipv4/ip_forward",
+            "net.ipv4.ip_forward",
+        ),
         (
             "IPv6",
             "/proc/sys/net/ipv6/conf/all/forwarding",

@@ -659,6 +659,24 @@ impl Actor {
             }
         }
         if self.wants_entries() {
+            // The configuration is what holds: an entry of this service deleted behind the
+            // daemon's back (a one-shot `viscum redirect del`) is put back, and `status`
+            // never reports an entry the datapath does not have.
+            let gone = {
+                let engine = self.ctx.engine.lock().await;
+                self.entries.forget_missing(&engine)
+            };
+            if !gone.is_empty() {
+                log::warn!(
+                    "service {}: {} removed from the datapath by another writer; restoring (the configuration decides what is redirected: change it and reload, or `viscum service stop`)",
+                    self.name(),
+                    gone.iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                self.publish_installed();
+            }
             if self.entries.installed().len() < self.cfg.matches.len() {
                 self.install_entries().await;
             }
