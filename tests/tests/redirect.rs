@@ -442,3 +442,35 @@ fn several_instances_coexist_with_their_own_bpffs() {
     );
     assert!(wait_until(TIMEOUT, || answer(&a, Proto::Tcp, va) == "edge"));
 }
+
+/// `--to` the host veth of a namespace Viscum made (AnyIP, the `--to` default) works like
+/// `--ns NAME --anyip`: the namespace gets the local route that makes it answer as the cloud
+/// address, and loses it with the entry. (It once took the entry without the route: the
+/// namespace dropped what it was sent, and clients timed out.)
+#[test]
+fn to_a_viscum_namespaces_veth_answers_as_the_cloud_address() {
+    if skip_unless_root() {
+        return;
+    }
+    let s = setup(LabOptions::default());
+    let veth = format!("vh-{}", s.ns);
+    let [v4, v6] = s.lab.cloud_addrs(s.cloud.port());
+    for addr in [v4, v6] {
+        let m = url(Proto::Tcp, addr);
+        s.lab.viscum_ok(&["redirect", "add", &m, "--to", &veth]);
+        assert_eq!(answer(&s, Proto::Tcp, addr), "edge", "{m} --to {veth}");
+    }
+    let routes = s.lab.service_ns_info(&s.ns)["local_routes"].clone();
+    assert_eq!(
+        routes.as_array().map(Vec::len),
+        Some(2),
+        "one local route per address: {routes}"
+    );
+    for addr in [v4, v6] {
+        s.lab
+            .viscum_ok(&["redirect", "del", &url(Proto::Tcp, addr), "--now"]);
+        assert_eq!(answer(&s, Proto::Tcp, addr), "cloud");
+    }
+    let routes = s.lab.service_ns_info(&s.ns)["local_routes"].clone();
+    assert_eq!(routes, serde_json::json!([]));
+}

@@ -226,15 +226,18 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
                         .unwrap_or_else(|| "a device without a kind".into()),
                 });
             }
-            // If it happens to be one of ours we know the peer's MAC; for a
-            // foreign veth we rely on the kernel (>= 6.15 marks peer-redirected
-            // frames PACKET_HOST) and skip the rewrite.
-            let ns = netns::service_ns_by_host_ifindex(link.index).await?;
+            // If it happens to be one of ours we know the peer's MAC, and the namespace
+            // gets the local route its mode needs, as with `--ns` (without it an AnyIP
+            // entry into a Viscum namespace would deliver to an address nobody there
+            // answers); for a foreign veth we rely on the kernel (>= 6.15 marks
+            // peer-redirected frames PACKET_HOST), skip the rewrite, and its routes are
+            // its owner's.
+            let ns = match netns::service_ns_by_host_ifindex(link.index).await? {
+                Some(name) => Some(netns::service_ns_check(&name).await?),
+                None => None,
+            };
             let (flags, mac) = match &ns {
-                Some(name) => (
-                    peer | TARGET_F_SET_MAC,
-                    netns::service_ns_get(name).await?.ns_mac,
-                ),
+                Some(ns) => (peer | TARGET_F_SET_MAC, ns.ns_mac),
                 None => (peer, [0; 6]),
             };
             Ok(Resolved {
@@ -242,7 +245,7 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
                 ifname: link.name,
                 flags,
                 mac,
-                ns: None,
+                ns,
             })
         }
     }
