@@ -24,7 +24,7 @@ use crate::engine::Pins;
 /// Viscum: serve cloud addresses from local copies at the edge, with an eBPF
 /// classifier at TC ingress.
 #[derive(Debug, Parser)]
-#[command(name = "viscum", version, propagate_version = true)]
+#[command(name = "viscum", version = VERSION, propagate_version = true)]
 pub struct Cli {
     /// bpffs directory holding this instance's pinned program, maps and links.
     /// Independent instances use different directories. A bpffs is mounted
@@ -207,3 +207,11 @@ fn parse_log_level(s: &str) -> std::result::Result<log::LevelFilter, String> {
         format!("'{s}' is not a log level: give off, error, warn, info, debug or trace")
     })
 }
+
+/// `--version`: the crate version and the optional features built in (a router build leaves
+/// `fleet` out, see docs/router-builds.md), e.g. `0.1.0 (features: fleet)`.
+const VERSION: &str = if cfg!(feature = "fleet") {
+    concat!(env!("CARGO_PKG_VERSION"), " (features: fleet)")
+} else {
+    concat!(env!("CARGO_PKG_VERSION"), " (features: none)")
+};

@@ -261,8 +261,9 @@ pub(super) fn parse_section(
     if !cfg!(feature = "fleet") {
         p.add(
             "",
-            "this viscum was built without the `fleet` feature: remove [fleet] or use a build \
-             with it",
+            "this viscum was built without the `fleet` feature (router builds leave it out): \
+             remove [fleet], or use a build with it (`cargo xtask dist --fleet`, or `cargo build` \
+             with the default features)",
         );
         return None;
     }

@@ -376,7 +376,7 @@ fn validate_health(
             None => first_tcp_port(matches).or_else(|| {
                 p.add(
                     "health.port",
-                    "missing: no tcp match with a port to take it from",
+                    "missing: no tcp match with a port to take it from; set port = N in [service.health]",
                 );
                 None
             }),
