@@ -474,3 +474,35 @@ fn to_a_viscum_namespaces_veth_answers_as_the_cloud_address() {
     let routes = s.lab.service_ns_info(&s.ns)["local_routes"].clone();
     assert_eq!(routes, serde_json::json!([]));
 }
+
+/// `ns del` of a namespace where a process still runs (a server started with `ip netns
+/// exec`) deletes it and names the process left behind, unreachable, and how to stop it.
+#[test]
+fn ns_del_names_the_processes_left_inside() {
+    if skip_unless_root() {
+        return;
+    }
+    let s = setup(LabOptions::default());
+    let mut sleeper = std::process::Command::new("ip")
+        .args(["netns", "exec", &s.ns, "sleep", "60"])
+        .spawn()
+        .expect("start a process in the namespace");
+    let pid = sleeper.id();
+    // `ip netns exec` enters the namespace before it execs sleep: wait until it is inside.
+    let inside = wait_until(Duration::from_secs(5), || {
+        viscum::netns::pids_in(&s.ns).contains(&(pid as i32))
+    });
+    assert!(inside, "pid {pid} never entered {}", s.ns);
+    let out = s.lab.viscum(&["ns", "del", &s.ns]);
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "still run in the deleted namespace {}, unreachable: pid {pid}",
+            s.ns
+        )),
+        "{stderr}"
+    );
+}

@@ -85,8 +85,22 @@ pub async fn run(pins: &Pins, cmd: NsCommand) -> Result<()> {
             }
             let stale = std::path::Path::new(netns::NETNS_RUN_DIR).join(&name);
             let stale = stale.symlink_metadata().is_ok() && !netns::named_exists(&name);
+            // What `ip netns exec NAME server` started there outlives the name and the veth,
+            // unreachable: said, not killed (they are the user's processes).
+            let inside = netns::pids_in(&name);
             match netns::service_ns_del(&name).await {
-                Ok(()) => println!("deleted namespace {name}"),
+                Ok(()) => {
+                    println!("deleted namespace {name}");
+                    if !inside.is_empty() {
+                        let pids: Vec<String> = inside.iter().map(ToString::to_string).collect();
+                        log::warn!(
+                            "{} process(es) still run in the deleted namespace {name}, unreachable: pid {} (stop them with `kill {}`)",
+                            inside.len(),
+                            pids.join(", "),
+                            pids.join(" ")
+                        );
+                    }
+                }
                 Err(NetnsError::UnknownNamespace { .. }) if stale => {}
                 Err(e) => return Err(e.into()),
             }

@@ -38,7 +38,7 @@ pub use self::{
     },
     named::{
         NETNS_RUN_DIR, create_named, delete_named, in_netns, in_netns_path, list_named,
-        named_exists,
+        named_exists, pids_in,
     },
     nsid::peer_netnsid,
     route::{RTPROT_VISCUM, add_local_route, add_route, del_local_route, list_local_routes},
