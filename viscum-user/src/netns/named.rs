@@ -489,6 +489,29 @@ pub fn list_named() -> Result<Vec<String>, NetnsError> {
     Ok(names)
 }
 
+/// The processes whose network namespace is the named namespace `name` (by the inode of
+/// `/proc/PID/ns/net`), sorted. Processes that vanish or cannot be read while the list is
+/// made are skipped; an unknown namespace has none.
+pub fn pids_in(name: &str) -> Vec<i32> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(target) = std::fs::metadata(Path::new(NETNS_RUN_DIR).join(name)) else {
+        return Vec::new();
+    };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut pids: Vec<i32> = dir
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::metadata(format!("/proc/{pid}/ns/net"))
+                .is_ok_and(|m| m.ino() == target.ino() && m.dev() == target.dev())
+        })
+        .collect();
+    pids.sort_unstable();
+    pids
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -527,27 +550,4 @@ mod tests {
         );
         assert!(!named_exists("viscum-surely-missing-ns"));
     }
-}
-
-/// The processes whose network namespace is the named namespace `name` (by the inode of
-/// `/proc/PID/ns/net`), sorted. Processes that vanish or cannot be read while the list is
-/// made are skipped; an unknown namespace has none.
-pub fn pids_in(name: &str) -> Vec<i32> {
-    use std::os::unix::fs::MetadataExt as _;
-    let Ok(target) = std::fs::metadata(Path::new(NETNS_RUN_DIR).join(name)) else {
-        return Vec::new();
-    };
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    let mut pids: Vec<i32> = dir
-        .flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            std::fs::metadata(format!("/proc/{pid}/ns/net"))
-                .is_ok_and(|m| m.ino() == target.ino() && m.dev() == target.dev())
-        })
-        .collect();
-    pids.sort_unstable();
-    pids
 }
