@@ -174,6 +174,8 @@ fn a_service_runs_without_privileges_and_still_serves() {
         ("write_own_tmp", "ok".into()),
         // The socket is root's, 0600.
         ("connect_control", errno(libc::EACCES)),
+        // Started in its private /tmp, not in the box's root.
+        ("cwd", "/tmp".into()),
     ] {
         assert_eq!(r.get(probe), Some(&want), "{probe} in:\n{log}");
     }

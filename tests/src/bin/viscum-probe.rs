@@ -135,6 +135,10 @@ fn service(control: &str, marker: &str) {
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut lim) } == 0 {
         println!("probe nofile: {}", lim.rlim_cur);
     }
+    match std::env::current_dir() {
+        Ok(dir) => println!("probe cwd: {}", dir.display()),
+        Err(e) => println!("probe cwd: errno {}", e.raw_os_error().unwrap_or(0)),
+    }
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     for line in status.lines() {
         let key = line.split(':').next().unwrap_or("");

@@ -174,7 +174,8 @@ pub struct ServiceConfig {
     /// The fleet artifact it runs (`artifact`; only services from the fleet's desired state).
     pub artifact: Option<ArtifactRef>,
     /// Working directory of its process and health checks: the installed artifact's
-    /// directory, set by the fleet agent once it is unpacked; `None`: `/`.
+    /// directory, set by the fleet agent once it is unpacked; `None`: its storage, if it has
+    /// one, else its private, empty `/tmp`.
     pub workdir: Option<PathBuf>,
     /// `[service.network]`: the service's share of the client-facing link and its cap
     /// ([`crate::shares`]); `None`: the defaults (share 1, no cap). Needs `[engine.network]`.

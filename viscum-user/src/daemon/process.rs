@@ -256,6 +256,10 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
     // A fleet artifact's directory stays the working directory of a service that also has
     // storage (its command names the artifact's files relatively); the storage is then
     // reached through $STATE_DIRECTORY. Prepared here: no allocation after fork.
+    // Without a directory of its own (an artifact's, its storage), a service starts in its
+    // private, empty /tmp rather than in `/`: a file server started with no directory
+    // argument (`python3 -m http.server`) would otherwise publish the box's root.
+    let tmp_cwd = spec.cwd.is_none() && spec.storage.is_none();
     let artifact_cwd = match (spec.storage, spec.cwd) {
         (Some(_), Some(dir)) => Some(
             std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
@@ -311,6 +315,8 @@ pub fn spawn_child(spec: &Spec<'_>) -> io::Result<tokio::process::Child> {
                 {
                     return Err(io::Error::last_os_error());
                 }
+            } else if tmp_cwd && libc::chdir(c"/tmp".as_ptr()) != 0 {
+                return Err(io::Error::last_os_error());
             }
             sandbox.drop_bounding_set()?;
             if libc::setgroups(groups.len(), groups.as_ptr()) != 0
