@@ -528,6 +528,12 @@ fn configuration_files_name_every_problem_in_the_files_terms() {
             ],
         ),
         (
+            svc("[service.limits]\nmemory = 64"),
+            vec![
+                "service web: limits.memory: 64 bytes is below the 1M minimum: give a unit, e.g. \"64M\"",
+            ],
+        ),
+        (
             "[engine]\nmetrics = \"nope\"\ndns = [\"resolver.lan\"]\nbpffs = \"rel/dir\"\nmax_load = -1\n\n[[service]]\nname = \"web\"\nmatch = [\"tcp://198.51.100.300:80\", \"tcp://198.51.100.0/33:80\", \"sctp://198.51.100.7:80\", \"tcp://198.51.100.7:0\"]\ncommand = [\"x\"]\nfrom = \"192.0.2.0/40\"\nnat_to = \"10.0.0.1:99999\"\n".into(),
             vec![
                 "engine: metrics: 'nope' is not an ADDRESS:PORT such as 127.0.0.1:9310",

@@ -454,9 +454,20 @@ fn validate_health(
     })
 }
 
+/// The smallest memory limit taken: below it no process gets as far as `exec`, and the
+/// service is OOM-killed in a loop (a bare `memory = 1` means one byte, not 1 MiB).
+const MIN_MEMORY: u64 = 1 << 20;
+
 fn validate_limits(raw: RawLimits, p: &mut Problems<'_>) -> Limits {
     let memory = match raw.memory {
         None => None,
+        Some(SizeValue::Bytes(b)) if b > 0 && (b as u64) < MIN_MEMORY => {
+            p.add(
+                "limits.memory",
+                format!("{b} bytes is below the 1M minimum: give a unit, e.g. \"{b}M\""),
+            );
+            None
+        }
         Some(SizeValue::Bytes(b)) if b > 0 => Some(b as u64),
         Some(SizeValue::Bytes(b)) => {
             p.add(
@@ -466,6 +477,13 @@ fn validate_limits(raw: RawLimits, p: &mut Problems<'_>) -> Limits {
             None
         }
         Some(SizeValue::Text(t)) => match parse_size(&t) {
+            Some(b) if b > 0 && b < MIN_MEMORY => {
+                p.add(
+                    "limits.memory",
+                    format!("'{t}' is below the 1M minimum (a size without a unit is in bytes)"),
+                );
+                None
+            }
             Some(b) if b > 0 => Some(b),
             _ => {
                 p.add(
