@@ -5,7 +5,6 @@ use std::{
     fs,
     future::Future,
     io,
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     process::Child,
     sync::atomic::{AtomicU32, Ordering},
@@ -18,7 +17,7 @@ use nix::{
     sys::signal::{self, Signal},
     unistd::Pid,
 };
-use viscum::netns::{self, NETNS_RUN_DIR, NetnsError};
+use viscum::netns::{self, NetnsError};
 
 /// Where [`Bpffs`] mounts its instances: outside `/sys`, so they are the same in every
 /// mount namespace that shares the root one (`docs/toolchain.md`).
@@ -178,21 +177,11 @@ pub fn delete_quietly(name: &str) {
 /// The processes whose network namespace is the named namespace `name` (what `ip netns pids`
 /// lists), this process excluded. Empty when the name does not exist.
 pub fn processes_in(name: &str) -> Vec<Pid> {
-    let Ok(ns) = fs::metadata(Path::new(NETNS_RUN_DIR).join(name)) else {
-        return Vec::new();
-    };
-    let me = std::process::id();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+    let me = i32::try_from(std::process::id()).unwrap_or(-1);
+    netns::pids_in(name)
+        .into_iter()
         .filter(|&pid| pid != me)
-        .filter(|pid| {
-            fs::metadata(format!("/proc/{pid}/ns/net"))
-                .is_ok_and(|m| m.dev() == ns.dev() && m.ino() == ns.ino())
-        })
-        .filter_map(|pid| i32::try_from(pid).ok().map(Pid::from_raw))
+        .map(Pid::from_raw)
         .collect()
 }
 
