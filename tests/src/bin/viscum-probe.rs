@@ -29,32 +29,11 @@ fn report_io(name: &str, r: io::Result<()>) {
     }
 }
 
-/// `bpf(BPF_PROG_LOAD)` of the smallest valid socket filter: `r0 = 0; exit`.
-fn bpf_prog_load() -> libc::c_long {
-    // struct bpf_insn: code u8, dst/src u4:u4, off i16, imm i32.
-    let insns: [u64; 2] = [
-        0x0000_0000_0000_00b7, // BPF_ALU64 | BPF_MOV | BPF_K, r0 = 0
-        0x0000_0000_0000_0095, // BPF_JMP | BPF_EXIT
-    ];
-    let license = c"GPL";
-    // union bpf_attr, BPF_PROG_LOAD part: prog_type u32, insn_cnt u32, insns u64,
-    // license u64, then log fields and the rest, all zero.
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&1u32.to_ne_bytes()); // BPF_PROG_TYPE_SOCKET_FILTER
-    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
-    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
-    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
-    // SAFETY: the attribute points at live buffers for the duration of the call.
-    let fd = unsafe { libc::syscall(libc::SYS_bpf, 5, attr.as_ptr(), attr.len()) };
-    if fd >= 0 {
-        // SAFETY: a descriptor we just got.
-        unsafe { libc::close(fd as libc::c_int) };
-    }
-    fd
-}
-
 fn service(control: &str, marker: &str) {
-    report("bpf_prog_load", bpf_prog_load());
+    report(
+        "bpf_prog_load",
+        viscum_tests::vmcheck::seccomp::bpf_prog_load(),
+    );
     // SAFETY: plain system calls with static or null arguments.
     unsafe {
         // Before unshare_user: in a user namespace of its own (no filter) uid 0 is unmapped.

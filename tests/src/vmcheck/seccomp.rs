@@ -45,8 +45,11 @@ fn outcome(rc: libc::c_long) -> String {
     }
 }
 
-/// `bpf(BPF_PROG_LOAD)` of the smallest socket filter, `r0 = 0; exit`.
-fn bpf_prog_load() -> libc::c_long {
+/// `bpf(BPF_PROG_LOAD)` of the smallest socket filter, `r0 = 0; exit`: the probes' test of
+/// whether a service may load BPF (here and in `viscum-probe`). Returns the raw result (the
+/// descriptor, closed at once, or -1 with `errno` set). The instructions are stored code
+/// byte first on either byte order (`to_le`), so the same program is valid on s390x.
+pub fn bpf_prog_load() -> libc::c_long {
     let insns: [u64; 2] = [
         0x0000_0000_0000_00b7u64.to_le(), // BPF_ALU64 | BPF_MOV | BPF_K, r0 = 0 (code byte first)
         0x0000_0000_0000_0095u64.to_le(), // BPF_JMP | BPF_EXIT
