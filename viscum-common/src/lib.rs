@@ -13,10 +13,11 @@ pub const GLOBAL_STATS_MAP: &str = "VISCUM_GLOBAL";
 /// Name of the single-slot array holding the runtime [`DatapathConfig`].
 pub const CONFIG_MAP: &str = "VISCUM_CONFIG";
 /// Layout version of the pinned maps, recorded by user space in the pin directory at attach.
-/// Bump it whenever a pinned map's key or value layout (or a fixed capacity) changes, and add
-/// a row naming the changed maps to `CHANGES` in `viscum-user/src/engine/layout.rs`; a binary
-/// then migrates or refuses older pins instead of misreading them. 1: pins without a marker.
-pub const MAP_LAYOUT_VERSION: u32 = 3;
+/// Bump it whenever a pinned map's key or value layout (or a fixed capacity, or a map flag user
+/// space relies on) changes, and add a row naming the changed maps to `CHANGES` in
+/// `viscum-user/src/engine/layout.rs`; a binary then migrates or refuses older pins instead of
+/// misreading them. 1: pins without a marker.
+pub const MAP_LAYOUT_VERSION: u32 = 4;
 /// Name of the TC-ingress classifier program in the object file.
 pub const INGRESS_PROG: &str = "viscum_ingress";
 

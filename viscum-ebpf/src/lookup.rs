@@ -15,6 +15,7 @@
 //!    to the next shorter prefix.
 
 use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE,
     macros::map,
     maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
 };
@@ -41,9 +42,11 @@ static PREFIXES: LpmTrie<PrefixData, PrefixNode> = LpmTrie::pinned(MAX_RULES, 0)
 static RULES: PerCpuArray<ServiceEntry> = PerCpuArray::pinned(MAX_RULES, 0);
 
 /// The miss pre-filter (see `viscum_common::PORTS_MAP`): a set bit means no entry or rule
-/// matches that (protocol, destination port). Shared, not per-CPU: only user space writes it.
+/// matches that (protocol, destination port). Shared, not per-CPU: only user space writes it,
+/// through a shared mapping of its memory (`BPF_F_MMAPABLE`, 5.5+: a word is a store, not a
+/// system call, in every entry change).
 #[map(name = "VISCUM_PORTS")]
-static PORTS: Array<u64> = Array::pinned(PORT_FILTER_WORDS, 0);
+static PORTS: Array<u64> = Array::pinned(PORT_FILTER_WORDS, BPF_F_MMAPABLE);
 
 /// True when no entry or rule can match `p`'s protocol and destination port, so the
 /// packet can pass without a hash or trie lookup. An unbuilt (zero) filter says false.

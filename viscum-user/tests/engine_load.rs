@@ -140,3 +140,52 @@ fn loaded_programs_report_verifier_statistics() {
     assert!(report.missing.is_empty(), "{report:?}");
     assert_eq!(report.programs.len(), 5);
 }
+
+/// The miss pre-filter is written through a shared mapping of the map (`BPF_F_MMAPABLE`),
+/// and what the engine stores there is what the kernel's map holds: read back through
+/// bpf(2), the new entry's port and address bits are clear (managed) and the "built" marker
+/// is set, while a port no entry uses stays filtered.
+#[test]
+fn the_miss_prefilter_is_written_through_shared_memory() {
+    use aya::maps::{Array, Map, MapData};
+    use viscum_common::{
+        PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORTS_MAP, PROTO_TCP, ServiceEntry,
+        addr_filter_slot, port_filter_slot,
+    };
+    if skip_unless_root() {
+        return;
+    }
+    let s = Scratch::new();
+    let dir = s.dir.clone();
+    s.run(move || {
+        let pins = Pins::new(&dir);
+        engine::attach(&pins, &["lo".to_owned()], MapSizes::default()).expect("attach");
+        let mut e = engine::Engine::open(&pins).expect("open");
+        assert!(e.filter_mapped(), "the filter was not mapped");
+        let ep: viscum::endpoint::Endpoint = "tcp://192.0.2.9:8080".parse().unwrap();
+        e.insert(&ep, ServiceEntry::new(1, 0, [0; 6]))
+            .expect("insert");
+        let words: Array<MapData, u64> =
+            Array::try_from(Map::Array(MapData::from_pin(pins.map(PORTS_MAP)).unwrap())).unwrap();
+        let (w, bit) = port_filter_slot(PROTO_TCP, 8080);
+        assert_eq!(
+            words.get(&w, 0).unwrap() & bit,
+            0,
+            "port 8080 still filtered"
+        );
+        let (w, bit) = port_filter_slot(PROTO_TCP, 8081);
+        assert_ne!(words.get(&w, 0).unwrap() & bit, 0, "port 8081 not filtered");
+        let mut addr = [0u8; 16];
+        addr[..4].copy_from_slice(&[192, 0, 2, 9]);
+        let (w, bit) = addr_filter_slot(&addr);
+        assert_eq!(
+            words.get(&w, 0).unwrap() & bit,
+            0,
+            "the address still filtered"
+        );
+        assert_eq!(
+            words.get(&PORT_FILTER_BITMAP_WORDS, 0).unwrap(),
+            PORT_FILTER_BUILT
+        );
+    });
+}

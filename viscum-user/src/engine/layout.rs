@@ -58,6 +58,9 @@ pub const CHANGES: &[(u32, &[&str])] = &[
     // 3: the edge-flow record carries the reply program's FIB result and the service's
     // network-share class (VISCUM_REPLIES' value and the scratch slot grew from 40 to 72 bytes).
     (3, &[REPLIES_MAP, SCRATCH_MAP]),
+    // 4: the miss pre-filter is made `BPF_F_MMAPABLE` (user space maps its words instead of
+    // a bpf(2) call per word); same key and value, rebuilt from the entries.
+    (4, &[PORTS_MAP]),
 ];
 
 /// Maps holding soft state only, which a migration may drop: flow and fragment records the

@@ -21,16 +21,13 @@
 
 use std::{
     fs::File,
-    os::unix::fs::MetadataExt as _,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
 
-use nix::{
-    errno::Errno,
-    fcntl::{Flock, FlockArg},
-};
+use nix::errno::Errno;
 
 use super::{EngineError, Pins};
 
@@ -44,7 +41,7 @@ const POLL: Duration = Duration::from_millis(2);
 
 /// The `flock` this process holds on one pin directory.
 struct Held {
-    _flock: Flock<File>,
+    _flock: DirFlock,
 }
 
 /// The instance's write lock, held until the last clone in this process drops.
@@ -115,40 +112,127 @@ pub fn lock_if_attached(pins: &Pins) -> Result<Option<WriteLock>, EngineError> {
     }
 }
 
-/// Opens and locks `dir`, polling while another process holds it, for at most `timeout`
-/// ([`EngineError::Busy`] then). After locking, the path
-/// must still name the locked directory: a `detach --purge` that held the lock may have
-/// removed it (then a new attach made another), and a lock on a deleted directory protects
-/// nothing.
-fn flock_dir(dir: &Path, timeout: Duration) -> Result<Flock<File>, EngineError> {
+/// The directories this process keeps open for locking, with the identity (device, inode)
+/// each had when opened. While an [`Engine`](super::Engine) of the instance lives (a daemon,
+/// a CLI command) it holds the description ([`DirHandle`]), so a lock costs a `flock`, a
+/// `stat` and an unlock, rather than also an `open`, an `fstat` and a `close`: a library
+/// update, `Engine::insert`, is a few bpf(2) calls, and the lock was most of its time (B7 in
+/// `docs/benchmarks.md`). Weak: once no engine holds it the directory is closed, so a bpffs
+/// holding it can be unmounted. A directory removed and made again (a `detach --purge`, then
+/// an `attach`) has a new inode: the stale description is replaced.
+static OPENED: Mutex<Vec<Opened>> = Mutex::new(Vec::new());
+
+/// One of [`OPENED`]'s directories: its path, its description, its (device, inode) then.
+type Opened = (PathBuf, Weak<File>, (u64, u64));
+
+/// An instance's pin directory, kept open for the write locks taken while this value lives:
+/// each then costs a `flock`, a `stat` and an unlock instead of also an `open`, an `fstat`
+/// and a `close`.
+#[derive(Debug, Clone)]
+pub struct DirHandle(#[allow(dead_code, reason = "held for its descriptor")] Arc<File>);
+
+/// Opens `pins.dir` for the write locks of the caller's lifetime (an engine's); `None` if it
+/// cannot be opened now (each lock then opens it itself, and reports why).
+pub fn keep_open(pins: &Pins) -> Option<DirHandle> {
+    opened(&pins.dir, None).ok().map(DirHandle)
+}
+
+/// The flock this process holds through one of [`OPENED`]'s descriptions; unlocked on drop
+/// (the description stays open for the next lock).
+#[derive(Debug)]
+struct DirFlock(Arc<File>);
+
+impl Drop for DirFlock {
+    fn drop(&mut self) {
+        // SAFETY: flock(2) on a descriptor this value keeps open.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// `dir`'s cached open file description, opened (and cached) if there is none or the cached
+/// one is not `now` (the path's current device and inode, once a lock found them differ).
+fn opened(dir: &Path, now: Option<(u64, u64)>) -> Result<Arc<File>, EngineError> {
+    let mut cache = OPENED
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((_, f, cached)) = cache.iter().find(|(p, _, _)| p == dir)
+        && now.is_none_or(|now| now == *cached)
+        && let Some(f) = f.upgrade()
+    {
+        return Ok(f);
+    }
+    let file = match File::open(dir) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(EngineError::NotAttached(dir.to_owned()));
+        }
+        Err(e) => return Err(EngineError::io(format!("cannot open {}", dir.display()), e)),
+    };
+    let meta = file
+        .metadata()
+        .map_err(|e| EngineError::io(format!("cannot stat {}", dir.display()), e))?;
+    let file = Arc::new(file);
+    cache.retain(|(p, f, _)| p != dir && f.strong_count() > 0);
+    cache.push((
+        dir.to_owned(),
+        Arc::downgrade(&file),
+        (meta.dev(), meta.ino()),
+    ));
+    Ok(file)
+}
+
+/// The device and inode `dir` names now; `NotAttached` if it does not exist.
+fn identity(dir: &Path) -> Result<Option<(u64, u64)>, EngineError> {
+    match std::fs::metadata(dir) {
+        Ok(m) => Ok(Some((m.dev(), m.ino()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            Err(EngineError::NotAttached(dir.to_owned()))
+        }
+        Err(_) => Ok(None),
+    }
+}
+
+/// Locks `dir`, polling while another process holds it, for at most `timeout`
+/// ([`EngineError::Busy`] then). After locking, the path must still name the locked
+/// directory: a `detach --purge` that held the lock may have removed it (then a new attach
+/// made another), and a lock on a deleted directory protects nothing.
+fn flock_dir(dir: &Path, timeout: Duration) -> Result<DirFlock, EngineError> {
     let deadline = Instant::now() + timeout;
+    let mut id = None;
     loop {
-        let file = match File::open(dir) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(EngineError::NotAttached(dir.to_owned()));
+        let file = opened(dir, id)?;
+        // SAFETY: flock(2) on a descriptor `file` keeps open.
+        let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc == 0 {
+            let locked = DirFlock(file);
+            let cached = OPENED
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .iter()
+                .find(|(p, f, _)| p == dir && std::ptr::eq(f.as_ptr(), Arc::as_ptr(&locked.0)))
+                .map(|(_, _, c)| *c);
+            id = identity(dir)?;
+            if id.is_some() && id == cached {
+                return Ok(locked);
             }
-            Err(e) => return Err(EngineError::io(format!("cannot open {}", dir.display()), e)),
-        };
-        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-            Ok(flock) => {
-                let same = match (flock.metadata(), std::fs::metadata(dir)) {
-                    (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
-                    (_, Err(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                        return Err(EngineError::NotAttached(dir.to_owned()));
-                    }
-                    _ => false,
-                };
-                if same {
-                    return Ok(flock);
+            if id.is_none() {
+                // The path cannot be checked (a stat error other than "gone"): open it afresh.
+                OPENED
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .retain(|(p, _, _)| p != dir);
+            }
+            // Not the directory the path names now: unlocked on drop, and the next round
+            // opens the path afresh.
+        } else {
+            match Errno::last() {
+                Errno::EWOULDBLOCK | Errno::EINTR => {}
+                e => {
+                    return Err(EngineError::io(
+                        format!("cannot lock {}", dir.display()),
+                        e.into(),
+                    ));
                 }
-            }
-            Err((_, Errno::EWOULDBLOCK | Errno::EINTR)) => {}
-            Err((_, e)) => {
-                return Err(EngineError::io(
-                    format!("cannot lock {}", dir.display()),
-                    e.into(),
-                ));
             }
         }
         if Instant::now() >= deadline {
@@ -163,6 +247,8 @@ fn flock_dir(dir: &Path, timeout: Duration) -> Result<Flock<File>, EngineError> 
 
 #[cfg(test)]
 mod tests {
+    use nix::fcntl::{Flock, FlockArg};
+
     use super::*;
 
     #[test]
@@ -211,6 +297,55 @@ mod tests {
         assert!(
             flock_dir(&dir, bound).is_ok(),
             "the released lock was not taken"
+        );
+        let _ = std::fs::remove_dir(&dir);
+    }
+
+    /// A directory removed and made again (`detach --purge`, then `attach`) while this process
+    /// kept the old one open for locking: the lock is taken on the directory the path names
+    /// now, not on the stale description.
+    #[test]
+    fn a_directory_made_again_is_locked_afresh() {
+        let dir = std::env::temp_dir().join(format!("viscum-lock-again-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pins = Pins::new(&dir);
+        // An engine's handle keeps the old directory open (and cached) throughout.
+        let handle = keep_open(&pins).unwrap();
+        drop(lock(&pins).unwrap());
+        std::fs::remove_dir(&dir).unwrap();
+        std::fs::create_dir(&dir).unwrap();
+        let held = lock(&pins).unwrap();
+        let other = || Flock::lock(File::open(&dir).unwrap(), FlockArg::LockExclusiveNonblock);
+        assert!(other().is_err(), "the lock is not on the new directory");
+        drop(held);
+        assert!(other().is_ok(), "the lock outlived its guard");
+        drop(handle);
+        let _ = std::fs::remove_dir(&dir);
+    }
+
+    /// Without an engine's handle nothing stays open: a bpffs whose directory was locked can
+    /// be unmounted (plainly, not lazily) once the lock is released.
+    #[test]
+    fn nothing_stays_open_without_a_handle() {
+        let dir = std::env::temp_dir().join(format!("viscum-lock-closed-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pins = Pins::new(&dir);
+        let handle = keep_open(&pins).unwrap();
+        drop(lock(&pins).unwrap());
+        let open = |d: &Path| {
+            std::fs::read_dir("/proc/self/fd")
+                .unwrap()
+                .flatten()
+                .filter(|e| std::fs::read_link(e.path()).is_ok_and(|t| t == d))
+                .count()
+        };
+        assert_eq!(open(&dir), 1, "the handle's descriptor");
+        drop(handle);
+        drop(lock(&pins).unwrap());
+        assert_eq!(
+            open(&dir),
+            0,
+            "a descriptor outlived the handle and the lock"
         );
         let _ = std::fs::remove_dir(&dir);
     }

@@ -35,12 +35,15 @@ pub struct Engine {
     prefixes: LpmTrie<MapData, PrefixData, PrefixNode>,
     rules: PerCpuArray<MapData, ServiceEntry>,
     /// The miss pre-filter (`None` under pins made by a version without one).
-    ports: Option<Array<MapData, u64>>,
+    ports: Option<super::filter_words::FilterWords>,
     nr_cpus: usize,
     /// The maps whose contents outlive a program (entries, rules, filter, counters, flows),
     /// by pin name, for [`Engine::repin`].
     held: Vec<(&'static str, MapData)>,
     max_entries: u32,
+    /// The pin directory, kept open for this engine's write locks (`None` if it could not
+    /// be opened; each lock then opens it).
+    _dir: Option<super::lock::DirHandle>,
 }
 
 /// One redirect entry with its counters summed over CPUs.
@@ -167,10 +170,9 @@ impl Engine {
         let rules = PerCpuArray::try_from(open_map(pins, RULES_MAP)?)
             .map_err(|e| EngineError::map("the rules array has an unexpected layout", e))?;
         let ports = if pins.map(PORTS_MAP).exists() {
-            Some(
-                Array::try_from(open_map(pins, PORTS_MAP)?)
-                    .map_err(|e| EngineError::map("the port filter has an unexpected layout", e))?,
-            )
+            Some(super::filter_words::FilterWords::new(open_map_data(
+                pins, PORTS_MAP,
+            )?)?)
         } else {
             None
         };
@@ -188,6 +190,7 @@ impl Engine {
             nr_cpus,
             max_entries,
             held,
+            _dir: super::lock::keep_open(pins),
         };
         engine.ensure_port_filter()?;
         Ok(engine)
@@ -200,7 +203,7 @@ impl Engine {
         let built = |e: &Self| {
             e.ports
                 .as_ref()
-                .and_then(|m| m.get(&PORT_FILTER_BITMAP_WORDS, 0).ok())
+                .and_then(|m| m.get(PORT_FILTER_BITMAP_WORDS).ok())
                 == Some(PORT_FILTER_BUILT)
         };
         if self.ports.is_none() || built(self) {
@@ -211,6 +214,15 @@ impl Engine {
             self.rebuild_port_filter(&[(0, PORT_FILTER_WORDS - 1)])?;
         }
         Ok(())
+    }
+
+    /// Whether this engine writes the miss pre-filter through a shared mapping of its memory
+    /// (a map made `BPF_F_MMAPABLE`, layout 4 on) rather than a bpf(2) call per word; false
+    /// for a filter pinned without the flag, or none at all.
+    pub fn filter_mapped(&self) -> bool {
+        self.ports
+            .as_ref()
+            .is_some_and(super::filter_words::FilterWords::mapped)
     }
 
     /// The instance's write lock ([`super::lock()`]), taken by every method that changes the
@@ -253,18 +265,11 @@ impl Engine {
             .flat_map(|&(first, last)| first..=last.min(len.saturating_sub(1)))
         {
             let Some(want) = filter.word(i) else { continue };
-            let cur = ports
-                .get(&i, 0)
-                .map_err(|e| EngineError::map("cannot read the port filter", e))?;
-            if cur != want {
-                ports
-                    .set(i, want, 0)
-                    .map_err(|e| EngineError::map("cannot write the port filter", e))?;
+            if ports.get(i)? != want {
+                ports.set(i, want)?;
             }
         }
-        ports
-            .set(PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, 0)
-            .map_err(|e| EngineError::map("cannot write the port filter", e))
+        ports.set(PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT)
     }
 
     /// Marks `proto` ports `lo..=hi` (host order) as managed in the filter, before an entry
@@ -279,14 +284,10 @@ impl Engine {
         let mut want = PortFilter::new();
         want.manage(proto, lo, hi);
         for i in first..=last {
-            let cur = ports
-                .get(&i, 0)
-                .map_err(|e| EngineError::map("cannot read the port filter", e))?;
+            let cur = ports.get(i)?;
             let new = cur & want.words[i as usize];
             if new != cur {
-                ports
-                    .set(i, new, 0)
-                    .map_err(|e| EngineError::map("cannot write the port filter", e))?;
+                ports.set(i, new)?;
             }
         }
         Ok(())
@@ -303,13 +304,9 @@ impl Engine {
         if i >= ports.len() {
             return Ok(());
         }
-        let cur = ports
-            .get(&i, 0)
-            .map_err(|e| EngineError::map("cannot read the port filter", e))?;
+        let cur = ports.get(i)?;
         if cur & bit != 0 {
-            ports
-                .set(i, cur & !bit, 0)
-                .map_err(|e| EngineError::map("cannot write the port filter", e))?;
+            ports.set(i, cur & !bit)?;
         }
         Ok(())
     }

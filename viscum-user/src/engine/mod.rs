@@ -28,6 +28,7 @@
 
 pub mod attach;
 mod clsact;
+mod filter_words;
 mod jump;
 pub mod layout;
 pub mod lock;
@@ -111,12 +112,14 @@ pub enum EngineError {
         /// 48), ...`; empty when only the marker says so.
         detail: String,
     },
-    /// The pins are of an older layout that `viscum attach` migrates (dropping the flow
-    /// records named); other commands refuse until it has.
+    /// The pins are of an older layout that `viscum attach` migrates (dropping the soft
+    /// state named: flow records, counters, the miss pre-filter, rebuilt from the entries);
+    /// other commands refuse until it has.
     #[error(
         "the pins in {dir} are of an older map layout ({from}; this viscum uses {want}): run \
          `viscum attach IFACE...` (or restart `viscum run`) to migrate them — entries are kept, \
-         the flow records in {maps} are dropped"
+         the soft state in {maps} (flow records, counters, the miss pre-filter) is dropped and \
+         rebuilt"
     )]
     NeedsMigration {
         /// The pin directory.

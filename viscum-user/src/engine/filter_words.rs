@@ -1,0 +1,141 @@
+//! The miss pre-filter's words (`VISCUM_PORTS`), read and written through a shared mapping
+//! of the map's memory.
+//!
+//! Every entry change reads and may write a word or two of the filter (its port, its address)
+//! under the writers' lock. Through bpf(2) that is a system call per word, most of a library
+//! update's time (B7 in `docs/benchmarks.md`: `Engine::insert` is otherwise one map update).
+//! The classifier declares the array `BPF_F_MMAPABLE` (Linux 5.5, commit fc9702273e2e "bpf:
+//! Add mmap() support for BPF_MAP_TYPE_ARRAY"), so user space maps it `MAP_SHARED` and a
+//! word is a load or a store, seen by the classifier as soon as it is made. A filter pinned
+//! by an older version without the flag cannot be mapped: its words then go through bpf(2)
+//! as before.
+//!
+//! Each word is accessed as an `AtomicU64`: the kernel and other processes use the same
+//! memory, and a word is only ever replaced whole (the writers' lock orders the writers;
+//! the classifier only reads). A store is followed by the map update that makes an entry
+//! visible, a system call, which orders it before the entry.
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use aya::maps::{Array, MapData};
+
+use super::EngineError;
+
+/// The filter's words: the map, and its memory when it could be mapped.
+pub(super) struct FilterWords {
+    map: Array<MapData, u64>,
+    mem: Option<Mapping>,
+}
+
+/// A shared mapping of an array map's values.
+struct Mapping {
+    ptr: NonNull<AtomicU64>,
+    words: u32,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is plain shared memory, accessed only through atomics.
+unsafe impl Send for Mapping {}
+// SAFETY: as above.
+unsafe impl Sync for Mapping {}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `map_words` mapped; nothing borrows it past `self`.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.bytes) };
+    }
+}
+
+/// Maps the `words` values of array map `data` (8 bytes each), or `None` if the kernel
+/// refuses (a map made without `BPF_F_MMAPABLE`).
+fn map_words(data: &MapData, words: u32) -> Option<Mapping> {
+    if words == 0 {
+        return None;
+    }
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    let bytes = (words as usize * 8).div_ceil(page) * page;
+    // SAFETY: a fresh shared mapping of the map's descriptor; the kernel checks the length
+    // against the map's size and the flag (array_map_mmap, kernel/bpf/arraymap.c).
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            bytes,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            data.fd().as_fd().as_raw_fd(),
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        return None;
+    }
+    Some(Mapping {
+        ptr: NonNull::new(ptr.cast())?,
+        words,
+        bytes,
+    })
+}
+
+impl FilterWords {
+    /// Opens the filter from its pinned map data, mapping it when the kernel allows.
+    ///
+    /// # Errors
+    /// [`EngineError::Map`] if the map is not an array of `u64`.
+    pub(super) fn new(data: MapData) -> Result<Self, EngineError> {
+        let words = data.info().map(|i| i.max_entries()).unwrap_or(0);
+        let mem = map_words(&data, words);
+        let map = Array::try_from(aya::maps::Map::Array(data))
+            .map_err(|e| EngineError::map("the port filter has an unexpected layout", e))?;
+        Ok(FilterWords { map, mem })
+    }
+
+    /// Number of words.
+    pub(super) fn len(&self) -> u32 {
+        self.map.len()
+    }
+
+    /// Whether the words go through shared memory (not bpf(2)).
+    pub(super) const fn mapped(&self) -> bool {
+        self.mem.is_some()
+    }
+
+    /// Word `i`.
+    ///
+    /// # Errors
+    /// [`EngineError::Map`] if it cannot be read (out of range, through bpf(2)).
+    pub(super) fn get(&self, i: u32) -> Result<u64, EngineError> {
+        match &self.mem {
+            Some(m) if i < m.words => {
+                // SAFETY: `i` is within the mapping.
+                Ok(unsafe { m.ptr.add(i as usize).as_ref() }.load(Ordering::Acquire))
+            }
+            _ => self
+                .map
+                .get(&i, 0)
+                .map_err(|e| EngineError::map("cannot read the port filter", e)),
+        }
+    }
+
+    /// Writes word `i`.
+    ///
+    /// # Errors
+    /// [`EngineError::Map`] if it cannot be written (out of range, through bpf(2)).
+    pub(super) fn set(&mut self, i: u32, value: u64) -> Result<(), EngineError> {
+        match &self.mem {
+            Some(m) if i < m.words => {
+                // SAFETY: `i` is within the mapping.
+                unsafe { m.ptr.add(i as usize).as_ref() }.store(value, Ordering::Release);
+                Ok(())
+            }
+            _ => self
+                .map
+                .set(i, value, 0)
+                .map_err(|e| EngineError::map("cannot write the port filter", e)),
+        }
+    }
+}
