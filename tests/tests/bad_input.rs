@@ -417,6 +417,24 @@ fn a_half_made_namespace_is_refused_as_a_target() {
     );
     lab.viscum_ok(&["ns", "del", &ns]);
     lab.viscum_ok(&["ns", "add", &ns]);
+    // The build's last step, its ARP settings (read with the link, IFLA_INET_CONF), undone.
+    let arp_announce = |v: &str| {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "exec", &ns, "sysctl", "-qw"])
+            .arg(format!("net.ipv4.conf.eth0.arp_announce={v}"))
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    };
+    arp_announce("0");
+    let err = lab.viscum_err(&["redirect", "add", "tcp://198.51.100.7:80", "--ns", &ns]);
+    assert!(
+        err.contains(&format!(
+            "namespace {ns} is not a complete viscum service namespace: its settings were never applied"
+        )),
+        "{err}"
+    );
+    arp_announce("2");
     lab.viscum_ok(&["redirect", "add", "tcp://198.51.100.7:80", "--ns", &ns]);
 }
 

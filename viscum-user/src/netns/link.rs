@@ -4,7 +4,8 @@ use std::{fs::File, os::fd::AsRawFd};
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{
-    self as nl, InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage, MacVlanMode,
+    self as nl, AfSpecInet, AfSpecUnspec, InfoData, InfoVeth, LinkAttribute, LinkFlags,
+    LinkMessage, MacVlanMode,
 };
 use rtnetlink::{Handle, LinkMacVlan, LinkUnspec, LinkVlan};
 
@@ -34,6 +35,10 @@ pub struct LinkInfo {
     /// the moment a link comes up without carrier until the kernel's deferred link-watch
     /// work activates it; a link is only ready to carry traffic once it is something else.
     pub qdisc: Option<String>,
+    /// The link's IPv4 `arp_announce` setting (`IFLA_INET_CONF`, the value of
+    /// `net.ipv4.conf.<link>.arp_announce`), when the kernel reports it: readable with the
+    /// link, so a check needs no visit to the namespace's `/proc/sys`.
+    pub arp_announce: Option<i32>,
 }
 
 impl LinkInfo {
@@ -47,6 +52,7 @@ impl LinkInfo {
             peer_index: None,
             running: msg.header.flags.contains(LinkFlags::Running),
             qdisc: None,
+            arp_announce: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -54,6 +60,19 @@ impl LinkInfo {
                 LinkAttribute::Address(addr) => info.mac = <[u8; 6]>::try_from(&addr[..]).ok(),
                 LinkAttribute::Link(index) => info.peer_index = Some(*index),
                 LinkAttribute::Qdisc(qdisc) => info.qdisc = Some(qdisc.clone()),
+                LinkAttribute::AfSpecUnspec(specs) => {
+                    info.arp_announce = specs
+                        .iter()
+                        .filter_map(|s| match s {
+                            AfSpecUnspec::Inet(inet) => Some(inet),
+                            _ => None,
+                        })
+                        .flatten()
+                        .find_map(|a| match a {
+                            AfSpecInet::DevConf(conf) => Some(conf.arp_announce),
+                            _ => None,
+                        });
+                }
                 LinkAttribute::LinkInfo(infos) => {
                     info.kind = infos.iter().find_map(|i| match i {
                         nl::LinkInfo::Kind(kind) => Some(kind.to_string()),
