@@ -174,6 +174,9 @@ impl Loaded {
             .load(BENCH_OBJECT)
             .context("cannot load the viscum-bench object")?;
         load_prog(&mut ebpf, "bench_noop")?;
+        // The mechanism's floor beside it (B1's hook row); HOOK_IFINDEX stays 0, which
+        // BPF_PROG_TEST_RUN never redirects to.
+        load_prog(&mut ebpf, "bench_hook")?;
         Ok(Loaded {
             ebpf,
             prog_name: "bench_noop",
@@ -182,10 +185,14 @@ impl Loaded {
     }
 
     fn prog(&self) -> Result<&SchedClassifier> {
+        self.named_prog(self.prog_name)
+    }
+
+    fn named_prog(&self, name: &str) -> Result<&SchedClassifier> {
         let p = self
             .ebpf
-            .program(self.prog_name)
-            .with_context(|| format!("no program {}", self.prog_name))?;
+            .program(name)
+            .with_context(|| format!("no program {name}"))?;
         Ok(p.try_into()?)
     }
 
@@ -558,6 +565,7 @@ fn b1(args: &Args, bpffs: &PrivateBpffs) -> Result<Fragment> {
     };
 
     let np = noop.prog()?;
+    let hp = noop.named_prog("bench_hook")?;
     let vp = vis.prog()?;
     let hit_dst = v4_entry(B1_ENTRIES / 2);
     let hit6_dst = v6_entry(B1_ENTRIES / 2);
@@ -628,6 +636,14 @@ fn b1(args: &Args, bpffs: &PrivateBpffs) -> Result<Fragment> {
                 TCP_ACK,
             ),
             TC_ACT_OK,
+        ),
+        // The floor of the mechanism: bpf_redirect_peer alone, no parsing or lookup. An
+        // established hit's cost over this row is what Viscum's own work adds.
+        (
+            "hook (bench_hook: bpf_redirect_peer only)",
+            hp,
+            v4_tcp(CLIENT, hit_dst, 40_000, 80, TCP_ACK),
+            TC_ACT_REDIRECT,
         ),
     ];
     let miss_spread = spread_packets(0, TCP_ACK, SPREAD_FLOWS);
