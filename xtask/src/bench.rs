@@ -544,7 +544,17 @@ fn write_outputs(doc: &Value, quick: bool, baseline: Option<(&Value, &Path)>) ->
         .unwrap_or("unknown")
         .replace('/', "_");
     let suffix = if quick { "-quick" } else { "" };
-    let json_path = results.join(format!("{date}-{kernel}{suffix}.json"));
+    let mut json_path = results.join(format!("{date}-{kernel}{suffix}.json"));
+    if !quick && json_path.exists() {
+        // A second full run the same day keeps the first (a before/after within a day): its
+        // start time, HHMM, goes into the name.
+        let hhmm: String = doc["started_utc"]
+            .as_str()
+            .and_then(|s| s.get(11..16))
+            .unwrap_or("0000")
+            .replace(':', "");
+        json_path = results.join(format!("{date}-{hhmm}-{kernel}.json"));
+    }
     fs::write(&json_path, serde_json::to_string_pretty(doc)?)
         .with_context(|| format!("cannot write {}", json_path.display()))?;
     render_outputs(doc, quick, &json_path, baseline)

@@ -393,6 +393,32 @@ const GOALS: &[Goal] = &[
     },
 ];
 
+/// Fewest packets per run for a B3 program row to speak for the lane's traffic: below it the
+/// program is not on the lane's path and saw only stray packets (the reply program on the
+/// strict-cloud lane, whose namespace's own neighbour traffic is a packet now and then, each
+/// cache-cold: one packet of 2.7 µs in one round of five made "every lane" read 2,724 ns).
+pub const B3_MIN_PACKETS_PER_RUN: f64 = 100.0;
+
+/// Whether B3 row `name` ("PROG in LANE, BENCH") saw at least [`B3_MIN_PACKETS_PER_RUN`]
+/// packets per run, from the fragment's raw `BENCH/LANE/PROG` (`[run_time_ns, run_cnt]` per
+/// round); rows of other benchmarks, or without raw counts, count.
+fn on_path(frag: Option<&Value>, name: &str) -> bool {
+    let Some((prog, rest)) = name.split_once(" in ") else {
+        return true;
+    };
+    let Some((lane, bench)) = rest.rsplit_once(", ") else {
+        return true;
+    };
+    let Some(rounds) = frag
+        .and_then(|f| f["raw"][format!("{bench}/{lane}/{prog}")].as_array())
+        .filter(|r| !r.is_empty())
+    else {
+        return true;
+    };
+    let packets: f64 = rounds.iter().filter_map(|r| r[1].as_f64()).sum();
+    packets / rounds.len() as f64 >= B3_MIN_PACKETS_PER_RUN
+}
+
 /// One run's figure for a goal: the cell text and the verdict (`None` when a figure is
 /// missing and none of the others fails).
 fn figure(doc: &Value, g: &Goal) -> (String, Option<bool>) {
@@ -407,9 +433,11 @@ fn figure(doc: &Value, g: &Goal) -> (String, Option<bool>) {
             .map(|n| median(all.iter().find(|r| r["name"] == *n), field))
             .collect(),
         Rows::Range(prefix) => {
+            let frag = fragment(doc, g.id);
             let v: Vec<Option<f64>> = all
                 .iter()
                 .filter(|r| r["name"].as_str().is_some_and(|s| s.starts_with(prefix)))
+                .filter(|r| on_path(frag, r["name"].as_str().unwrap_or_default()))
                 .map(|r| median(Some(r), field))
                 .collect();
             if v.is_empty() { vec![None] } else { v }
@@ -555,6 +583,29 @@ mod tests {
                 ("gone".into(), "-".into()),
             ]
         );
+    }
+
+    /// A program that saw only stray packets on a lane (fewer than the minimum per run) is
+    /// left out of a goal's range; the lanes it serves count.
+    #[test]
+    fn a_goal_range_leaves_out_programs_off_the_lanes_path() {
+        let doc = json!({ "fragments": [{ "id": "B3",
+            "raw": {
+                "bulk/strict-edge/viscum_reply": [[441_000, 1000], [450_000, 1000]],
+                "bulk/strict-cloud/viscum_reply": [[0, 0], [2724, 1]],
+            },
+            "tables": [{ "title": "ns per packet inside the kernel, by program", "rows": [
+                row("viscum_reply in strict-edge, bulk", 441.0, None),
+                row("viscum_reply in strict-cloud, bulk", 2724.0, None),
+            ]}],
+        }]});
+        let goal = GOALS
+            .iter()
+            .find(|g| matches!(g.rows, Rows::Range(_)))
+            .unwrap();
+        let (text, verdict) = figure(&doc, goal);
+        assert_eq!(text, "441 ns");
+        assert_eq!(verdict, Some(false));
     }
 
     #[test]
