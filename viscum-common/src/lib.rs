@@ -513,6 +513,13 @@ pub const FIB_CACHE_NS: u64 = 1_000_000_000;
 /// The flow is mirrored: the cloud answers the client, so the edge copy's
 /// replies are dropped on the service veth.
 pub const REPLY_F_DROP: u32 = 1 << 0;
+/// The flow is under way: for TCP, a client packet other than a bare SYN arrived on the
+/// record (the handshake's ACK), or the record was restored from the service's stack, which
+/// held the connection; UDP flows have it from their first datagram. A TCP record without it
+/// is a half-open flow, a SYN nobody followed (a scan, a spoofed SYN of a flood, a client
+/// that gave up): it is no open flow for `stats`, and no drain waits for it. Records written
+/// by a version without the bit get it with their flow's next client packet.
+pub const REPLY_F_ESTABLISHED: u32 = 1 << 1;
 const _: () = assert!(core::mem::size_of::<ReplyState>() == 72);
 
 /// Name of the program array the classifiers tail-call into for ICMP errors.

@@ -27,7 +27,8 @@ use aya_ebpf::{
 };
 use viscum_common::{
     DEFAULT_FLOW_ENTRIES, DatapathConfig, FAMILY_V4, FLOW_CLOUD, FlowKey, FlowState, GlobalCounter,
-    PROTO_TCP, REPLY_F_DROP, ReplyKey, ReplyState, ServiceEntry, TARGET_F_DRAINING, TARGET_F_NAT,
+    PROTO_TCP, REPLY_F_DROP, REPLY_F_ESTABLISHED, ReplyKey, ReplyState, ServiceEntry,
+    TARGET_F_DRAINING, TARGET_F_NAT,
 };
 
 use crate::{
@@ -141,6 +142,11 @@ pub fn decide(
             && state.service == p.key.addr
             && state.service_port == p.key.port;
         if ours && !reused && is_live(state.last_seen_ns, state.closing_at_ns, now, &t, tcp) {
+            // The handshake's ACK (any client packet but a bare SYN): the flow is under way.
+            // Written once per flow; afterwards only read.
+            if !syn && state.flags & REPLY_F_ESTABLISHED == 0 {
+                state.flags |= REPLY_F_ESTABLISHED;
+            }
             if refresh_due(state.last_seen_ns, now, &t, tcp) {
                 if !target_alive(ctx, entry) {
                     return Decision::Cloud;
@@ -205,7 +211,10 @@ pub fn decide(
         return Decision::Cloud;
     }
 
-    put_edge(&rkey, p, 0, now);
+    // A UDP flow is under way from its first datagram; a TCP one once its handshake's ACK
+    // follows the SYN (see REPLY_F_ESTABLISHED).
+    let flags = if tcp { 0 } else { REPLY_F_ESTABLISHED };
+    put_edge(&rkey, p, flags, now);
     entry.new_flows += 1;
     counters::bump(GlobalCounter::FlowsEdge);
     Decision::Edge
@@ -219,7 +228,8 @@ pub fn decide(
 pub fn recover(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> bool {
     if service_holds(ctx, p, entry) {
         let now = counters::now_coarse();
-        put_edge(&reply_key(p, entry), p, 0, now);
+        // The service's stack holds the connection: it is under way.
+        put_edge(&reply_key(p, entry), p, REPLY_F_ESTABLISHED, now);
         counters::bump(GlobalCounter::FlowsRecovered);
         return true;
     }

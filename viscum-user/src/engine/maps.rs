@@ -667,7 +667,8 @@ impl Engine {
     }
 
     /// Open edge flows per target ifindex (for draining and `stats`). A flow
-    /// that has seen FIN/RST is finishing and no longer counts.
+    /// that has seen FIN/RST is finishing and no longer counts, nor does a half-open TCP
+    /// flow (a SYN nobody followed: [`REPLY_F_ESTABLISHED`](viscum_common::REPLY_F_ESTABLISHED)).
     ///
     /// # Errors
     /// None today: unreadable flow records are skipped.
@@ -677,10 +678,7 @@ impl Engine {
         let mut out = std::collections::HashMap::new();
         for item in &self.edge {
             let Ok((key, state)) = item else { continue };
-            if state.flags & REPLY_F_DROP != 0
-                || state.closing_at_ns != 0
-                || now.saturating_sub(state.last_seen_ns) > cfg.idle_ns(key.proto)
-            {
+            if state.flags & REPLY_F_DROP != 0 || !open_flow(&key, &state, now, &cfg) {
                 continue;
             }
             *out.entry(key.ifindex).or_insert(0) += 1;
@@ -708,9 +706,7 @@ impl Engine {
         let cfg = self.config.get(&0, 0).unwrap_or_default();
         let mut counts = vec![0; entries.len()];
         for (key, state) in self.edge.iter().flatten() {
-            if state.closing_at_ns != 0
-                || now.saturating_sub(state.last_seen_ns) > cfg.idle_ns(key.proto)
-            {
+            if !open_flow(&key, &state, now, &cfg) {
                 continue;
             }
             for (count, (endpoint, ifindex)) in counts.iter_mut().zip(entries) {
@@ -890,6 +886,18 @@ pub(crate) fn monotonic_ns() -> u64 {
     // SAFETY: valid out pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &raw mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// Is this edge record an open flow at `now` (ns of `CLOCK_MONOTONIC`)? Not once it saw a
+/// FIN/RST (finishing), nor idle past its protocol's timeout, nor a TCP flow whose handshake
+/// never went on past the SYN (a scan, a spoofed SYN, a client that gave up: nothing to wait
+/// for, and a SYN flood would otherwise hold every drain for its whole timeout).
+fn open_flow(key: &ReplyKey, state: &ReplyState, now: u64, cfg: &DatapathConfig) -> bool {
+    let half_open = key.proto == viscum_common::PROTO_TCP
+        && state.flags & viscum_common::REPLY_F_ESTABLISHED == 0;
+    state.closing_at_ns == 0
+        && !half_open
+        && now.saturating_sub(state.last_seen_ns) <= cfg.idle_ns(key.proto)
 }
 
 /// Is this edge record a flow that `endpoint`'s entry into `ifindex` decided (mirror
