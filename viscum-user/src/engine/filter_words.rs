@@ -13,8 +13,10 @@
 //! Each word is accessed as an `AtomicU64`: the kernel and other processes use the same
 //! memory, and a word is only ever replaced whole (the writers' lock orders the writers;
 //! the classifier only reads). A store is followed by the map update that makes an entry
-//! visible, a system call, which orders it before the entry.
+//! visible, a system call, which orders it before the entry. CPUs without 64-bit atomics
+//! (32-bit MIPS, PowerPC) keep bpf(2), which replaces a word whole in the kernel.
 
+#[cfg(target_has_atomic = "64")]
 use std::{
     os::fd::{AsFd as _, AsRawFd as _},
     ptr::NonNull,
@@ -32,6 +34,7 @@ pub(super) struct FilterWords {
 }
 
 /// A shared mapping of an array map's values.
+#[cfg(target_has_atomic = "64")]
 struct Mapping {
     ptr: NonNull<AtomicU64>,
     words: u32,
@@ -39,10 +42,13 @@ struct Mapping {
 }
 
 // SAFETY: the mapping is plain shared memory, accessed only through atomics.
+#[cfg(target_has_atomic = "64")]
 unsafe impl Send for Mapping {}
 // SAFETY: as above.
+#[cfg(target_has_atomic = "64")]
 unsafe impl Sync for Mapping {}
 
+#[cfg(target_has_atomic = "64")]
 impl Drop for Mapping {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what `map_words` mapped; nothing borrows it past `self`.
@@ -50,8 +56,44 @@ impl Drop for Mapping {
     }
 }
 
+/// Without 64-bit atomics a word could not be stored whole: no mapping.
+#[cfg(not(target_has_atomic = "64"))]
+struct Mapping {
+    words: u32,
+}
+
+#[cfg(not(target_has_atomic = "64"))]
+impl Mapping {
+    fn load(&self, _i: u32) -> u64 {
+        unreachable!("never made")
+    }
+
+    fn store(&self, _i: u32, _value: u64) {
+        unreachable!("never made")
+    }
+}
+
+#[cfg(not(target_has_atomic = "64"))]
+fn map_words(_data: &MapData, _words: u32) -> Option<Mapping> {
+    None
+}
+
+#[cfg(target_has_atomic = "64")]
+impl Mapping {
+    fn load(&self, i: u32) -> u64 {
+        // SAFETY: callers pass `i < self.words`, within the mapping.
+        unsafe { self.ptr.add(i as usize).as_ref() }.load(Ordering::Acquire)
+    }
+
+    fn store(&self, i: u32, value: u64) {
+        // SAFETY: callers pass `i < self.words`, within the mapping.
+        unsafe { self.ptr.add(i as usize).as_ref() }.store(value, Ordering::Release);
+    }
+}
+
 /// Maps the `words` values of array map `data` (8 bytes each), or `None` if the kernel
 /// refuses (a map made without `BPF_F_MMAPABLE`).
+#[cfg(target_has_atomic = "64")]
 fn map_words(data: &MapData, words: u32) -> Option<Mapping> {
     if words == 0 {
         return None;
@@ -110,10 +152,7 @@ impl FilterWords {
     /// [`EngineError::Map`] if it cannot be read (out of range, through bpf(2)).
     pub(super) fn get(&self, i: u32) -> Result<u64, EngineError> {
         match &self.mem {
-            Some(m) if i < m.words => {
-                // SAFETY: `i` is within the mapping.
-                Ok(unsafe { m.ptr.add(i as usize).as_ref() }.load(Ordering::Acquire))
-            }
+            Some(m) if i < m.words => Ok(m.load(i)),
             _ => self
                 .map
                 .get(&i, 0)
@@ -128,8 +167,7 @@ impl FilterWords {
     pub(super) fn set(&mut self, i: u32, value: u64) -> Result<(), EngineError> {
         match &self.mem {
             Some(m) if i < m.words => {
-                // SAFETY: `i` is within the mapping.
-                unsafe { m.ptr.add(i as usize).as_ref() }.store(value, Ordering::Release);
+                m.store(i, value);
                 Ok(())
             }
             _ => self
