@@ -785,6 +785,8 @@ fn b6_fragment(
 /// Fewest packets per run (mean over rounds) for a program's per-packet figure: below it the
 /// program is not on the lane's path (the reply program of the strict-cloud lane sees only
 /// the namespace's own stray packets) and the figure would be a few cold runs, not a cost.
+/// The report's goal table applies the same floor to older results
+/// (`B3_MIN_PACKETS_PER_RUN` in `xtask/src/bench/compare.rs`).
 const MIN_PACKETS_PER_RUN: f64 = 100.0;
 
 fn b3_fragment(

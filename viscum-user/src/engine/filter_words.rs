@@ -56,20 +56,18 @@ impl Drop for Mapping {
     }
 }
 
-/// Without 64-bit atomics a word could not be stored whole: no mapping.
+/// Without 64-bit atomics a word could not be stored whole: there is never a mapping.
 #[cfg(not(target_has_atomic = "64"))]
-struct Mapping {
-    words: u32,
-}
+enum Mapping {}
 
 #[cfg(not(target_has_atomic = "64"))]
 impl Mapping {
-    fn load(&self, _i: u32) -> u64 {
-        unreachable!("never made")
+    fn load(&self, _i: u32) -> Option<u64> {
+        match *self {}
     }
 
-    fn store(&self, _i: u32, _value: u64) {
-        unreachable!("never made")
+    fn store(&self, _i: u32, _value: u64) -> bool {
+        match *self {}
     }
 }
 
@@ -80,14 +78,23 @@ fn map_words(_data: &MapData, _words: u32) -> Option<Mapping> {
 
 #[cfg(target_has_atomic = "64")]
 impl Mapping {
-    fn load(&self, i: u32) -> u64 {
-        // SAFETY: callers pass `i < self.words`, within the mapping.
-        unsafe { self.ptr.add(i as usize).as_ref() }.load(Ordering::Acquire)
+    /// Word `i`, or `None` past the mapping's end.
+    fn load(&self, i: u32) -> Option<u64> {
+        if i >= self.words {
+            return None;
+        }
+        // SAFETY: `i` is within the mapping.
+        Some(unsafe { self.ptr.add(i as usize).as_ref() }.load(Ordering::Acquire))
     }
 
-    fn store(&self, i: u32, value: u64) {
-        // SAFETY: callers pass `i < self.words`, within the mapping.
+    /// Stores word `i`; false (nothing stored) past the mapping's end.
+    fn store(&self, i: u32, value: u64) -> bool {
+        if i >= self.words {
+            return false;
+        }
+        // SAFETY: `i` is within the mapping.
         unsafe { self.ptr.add(i as usize).as_ref() }.store(value, Ordering::Release);
+        true
     }
 }
 
@@ -151,9 +158,9 @@ impl FilterWords {
     /// # Errors
     /// [`EngineError::Map`] if it cannot be read (out of range, through bpf(2)).
     pub(super) fn get(&self, i: u32) -> Result<u64, EngineError> {
-        match &self.mem {
-            Some(m) if i < m.words => Ok(m.load(i)),
-            _ => self
+        match self.mem.as_ref().and_then(|m| m.load(i)) {
+            Some(word) => Ok(word),
+            None => self
                 .map
                 .get(&i, 0)
                 .map_err(|e| EngineError::map("cannot read the port filter", e)),
@@ -165,15 +172,11 @@ impl FilterWords {
     /// # Errors
     /// [`EngineError::Map`] if it cannot be written (out of range, through bpf(2)).
     pub(super) fn set(&mut self, i: u32, value: u64) -> Result<(), EngineError> {
-        match &self.mem {
-            Some(m) if i < m.words => {
-                m.store(i, value);
-                Ok(())
-            }
-            _ => self
-                .map
-                .set(i, value, 0)
-                .map_err(|e| EngineError::map("cannot write the port filter", e)),
+        if self.mem.as_ref().is_some_and(|m| m.store(i, value)) {
+            return Ok(());
         }
+        self.map
+            .set(i, value, 0)
+            .map_err(|e| EngineError::map("cannot write the port filter", e))
     }
 }

@@ -134,7 +134,7 @@ pub struct DirHandle(#[allow(dead_code, reason = "held for its descriptor")] Arc
 /// Opens `pins.dir` for the write locks of the caller's lifetime (an engine's); `None` if it
 /// cannot be opened now (each lock then opens it itself, and reports why).
 pub fn keep_open(pins: &Pins) -> Option<DirHandle> {
-    opened(&pins.dir, None).ok().map(DirHandle)
+    opened(&pins.dir, None).ok().map(|(f, _)| DirHandle(f))
 }
 
 /// The flock this process holds through one of [`OPENED`]'s descriptions; unlocked on drop
@@ -149,9 +149,10 @@ impl Drop for DirFlock {
     }
 }
 
-/// `dir`'s cached open file description, opened (and cached) if there is none or the cached
-/// one is not `now` (the path's current device and inode, once a lock found them differ).
-fn opened(dir: &Path, now: Option<(u64, u64)>) -> Result<Arc<File>, EngineError> {
+/// `dir`'s cached open file description with the (device, inode) it had when opened; opened
+/// (and cached) if there is none or the cached one is not `now` (the path's current device
+/// and inode, once a lock found them differ).
+fn opened(dir: &Path, now: Option<(u64, u64)>) -> Result<(Arc<File>, (u64, u64)), EngineError> {
     let mut cache = OPENED
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -159,7 +160,7 @@ fn opened(dir: &Path, now: Option<(u64, u64)>) -> Result<Arc<File>, EngineError>
         && now.is_none_or(|now| now == *cached)
         && let Some(f) = f.upgrade()
     {
-        return Ok(f);
+        return Ok((f, *cached));
     }
     let file = match File::open(dir) {
         Ok(f) => f,
@@ -172,13 +173,10 @@ fn opened(dir: &Path, now: Option<(u64, u64)>) -> Result<Arc<File>, EngineError>
         .metadata()
         .map_err(|e| EngineError::io(format!("cannot stat {}", dir.display()), e))?;
     let file = Arc::new(file);
+    let id = (meta.dev(), meta.ino());
     cache.retain(|(p, f, _)| p != dir && f.strong_count() > 0);
-    cache.push((
-        dir.to_owned(),
-        Arc::downgrade(&file),
-        (meta.dev(), meta.ino()),
-    ));
-    Ok(file)
+    cache.push((dir.to_owned(), Arc::downgrade(&file), id));
+    Ok((file, id))
 }
 
 /// The device and inode `dir` names now; `NotAttached` if it does not exist.
@@ -200,19 +198,13 @@ fn flock_dir(dir: &Path, timeout: Duration) -> Result<DirFlock, EngineError> {
     let deadline = Instant::now() + timeout;
     let mut id = None;
     loop {
-        let file = opened(dir, id)?;
+        let (file, opened_as) = opened(dir, id)?;
         // SAFETY: flock(2) on a descriptor `file` keeps open.
         let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if rc == 0 {
             let locked = DirFlock(file);
-            let cached = OPENED
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .iter()
-                .find(|(p, f, _)| p == dir && std::ptr::eq(f.as_ptr(), Arc::as_ptr(&locked.0)))
-                .map(|(_, _, c)| *c);
             id = identity(dir)?;
-            if id.is_some() && id == cached {
+            if id == Some(opened_as) {
                 return Ok(locked);
             }
             if id.is_none() {

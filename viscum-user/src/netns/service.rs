@@ -526,15 +526,14 @@ pub async fn service_ns_check(name: &str) -> Result<ServiceNs, NetnsError> {
     }
     // The ARP settings are the build's last step. Read with the link (IFLA_INET_CONF); a
     // kernel that did not report them is asked through the namespace's /proc/sys.
-    let arp_announce = match read.eth0.arp_announce {
-        Some(v) => Some(v),
-        None => super::sysctl_get(
+    let arp_announce = read.eth0.arp_announce.or_else(|| {
+        super::sysctl_get(
             Some(name),
             &format!("net/ipv4/conf/{NS_VETH_NAME}/arp_announce"),
         )
         .ok()
-        .and_then(|v| v.trim().parse().ok()),
-    };
+        .and_then(|v| v.trim().parse().ok())
+    });
     if arp_announce == Some(2) {
         Ok(ns)
     } else {
