@@ -6,6 +6,8 @@
 //! verbatim: a stray padding byte would make two equal keys miss each other.
 #![no_std]
 
+pub mod csum;
+
 /// Name of the map holding redirect entries (`ServiceKey` -> `ServiceEntry`).
 pub const SERVICES_MAP: &str = "VISCUM_SERVICES";
 /// Name of the per-CPU array of global counters, indexed by [`GlobalCounter`].

@@ -176,7 +176,7 @@ pub fn to_edge(ctx: &TcContext, p: &Parsed) -> Option<i32> {
         } else {
             q.sport
         };
-        if !nat::rewrite_icmp_outer(ctx, p, false, &p.key.addr, &entry.nat_addr)
+        if nat::rewrite_icmp_outer(ctx, p, false, &p.key.addr, &entry.nat_addr).is_none()
             || !rewrite_quote(ctx, p, &q, true, &q.src, &entry.nat_addr, q.sport, nat_port)
         {
             return Some(TC_ACT_SHOT);
@@ -207,12 +207,14 @@ pub fn to_client(ctx: &TcContext, p: &Parsed, ifindex: u32) -> Option<i32> {
         counters::bump(GlobalCounter::IcmpDropped);
         return Some(TC_ACT_SHOT);
     }
+    let mut ip_check = p.ip_check;
     if id.service != p.saddr {
         // Sent from the namespace's own address: the client must see the
         // error come from the address it talked to.
-        if !nat::rewrite_icmp_outer(ctx, p, true, &p.saddr, &id.service) {
+        let Some(check) = nat::rewrite_icmp_outer(ctx, p, true, &p.saddr, &id.service) else {
             return Some(TC_ACT_SHOT);
-        }
+        };
+        ip_check = check;
     }
     if (id.service != q.dst || id.service_port != q.dport)
         && !rewrite_quote(
@@ -233,6 +235,8 @@ pub fn to_client(ctx: &TcContext, p: &Parsed, ifindex: u32) -> Option<i32> {
     counters::bump(GlobalCounter::IcmpToClient);
     let mut fwd = *p;
     fwd.saddr = id.service;
+    // The header checksum the TTL decrement starts from: the outer rewrite changed it.
+    fwd.ip_check = ip_check;
     Some(redirect::reply_to_client(ctx, &fwd))
 }
 

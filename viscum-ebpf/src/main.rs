@@ -246,7 +246,7 @@ fn deliver(ctx: &TcContext, p: &Parsed, entry: &mut ServiceEntry) -> Result<i32,
         } else {
             p.key.port
         };
-        if !nat::rewrite(
+        if nat::rewrite(
             ctx,
             p,
             End::Destination,
@@ -254,7 +254,9 @@ fn deliver(ctx: &TcContext, p: &Parsed, entry: &mut ServiceEntry) -> Result<i32,
             &entry.nat_addr,
             p.key.port,
             port,
-        ) {
+        )
+        .is_none()
+        {
             counters::bump(GlobalCounter::RedirectErrors);
             return Err(TC_ACT_SHOT);
         }
@@ -348,11 +350,12 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
         flow::close_from_service(id);
     }
     frag::remember(&p);
+    let mut ip_check = p.ip_check;
     if id.service != p.saddr || id.service_port != p.sport {
         // NAT mode, or a UDP server that answered from its veth address
         // (plain sendto() on a 0.0.0.0 socket): restore the cloud identity
         // the client expects, or a connected client drops the reply.
-        if !nat::rewrite(
+        let Some(check) = nat::rewrite(
             ctx,
             &p,
             End::Source,
@@ -360,14 +363,16 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
             &id.service,
             p.sport,
             id.service_port,
-        ) {
+        ) else {
             return Err(TC_ACT_SHOT);
-        }
+        };
+        ip_check = check;
         counters::bump(GlobalCounter::RepliesRewritten);
     }
     let mut fwd = p;
     fwd.saddr = id.service;
     fwd.sport = id.service_port;
+    fwd.ip_check = ip_check;
     // Sent straight out to the client, a reply gets its service's network share (HTB class,
     // see `share`), cached in the flow record with the FIB result.
     Ok(redirect::reply_to_client_cached(ctx, &fwd, id, ifindex))

@@ -41,15 +41,16 @@ pub fn clamp(ctx: &TcContext, p: &Parsed, mtu: u32) {
     if l4 > 512 {
         return;
     }
-    let Ok(doff) = ctx.load::<u8>(l4 + 12) else {
+    // Data offset, then the first option, in one load: bytes 12..24 of the TCP header.
+    // Helper loads and stores at a scalar offset, not packet pointers (see
+    // `Parsed::ip_check`).
+    let Ok(hdr) = ctx.load::<[u8; 12]>(l4 + 12) else {
         return;
     };
-    if (doff >> 4) < 6 {
+    if (hdr[0] >> 4) < 6 {
         return;
     }
-    let Ok(opt) = ctx.load::<[u8; 4]>(l4 + 20) else {
-        return;
-    };
+    let opt = [hdr[8], hdr[9], hdr[10], hdr[11]];
     if opt[0] != TCPOPT_MSS || opt[1] != TCPOLEN_MSS {
         return;
     }

@@ -9,10 +9,12 @@
 
 use aya_ebpf::{
     bindings::{BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR},
-    helpers::bpf_csum_diff,
     programs::TcContext,
 };
-use viscum_common::{FAMILY_V4, PROTO_UDP};
+use viscum_common::{
+    FAMILY_V4, PROTO_UDP,
+    csum::{csum_diff16, ip_csum_replace4},
+};
 
 use crate::parse::{Frag, Parsed};
 
@@ -43,8 +45,19 @@ fn l4_flags(p: &Parsed) -> u64 {
     }
 }
 
-/// Rewrites one end's address and port. Returns false if a helper failed
-/// (the packet is then left to the stack, never sent half-rewritten on purpose).
+/// Rewrites one end's address and port. Returns the IPv4 header checksum now in the packet
+/// (as [`Parsed::ip_check`] holds it: the parse's, or the rewritten one; 0 for IPv6), or
+/// `None` if a helper failed (the packet is then dropped by the caller, never sent
+/// half-rewritten on purpose).
+///
+/// The TCP/UDP checksum goes through `bpf_l4_csum_replace`: only the kernel knows how the
+/// skb carries it (`CHECKSUM_PARTIAL`: the field holds the pseudo-header sum alone and the
+/// port is not in it; `CHECKSUM_COMPLETE`: `skb->csum` moves too), and `__sk_buff` does not
+/// say. The IPv4 header checksum, which covers the header alone and is never offloaded, is
+/// computed here from the parse (RFC 1624) instead of by `bpf_l3_csum_replace`, and written
+/// with the addresses, and with the ports when no IP options lie between (`l4 == l3 + 20`),
+/// in one `bpf_skb_store_bytes`: IPv4 NAT of address and port is three helper calls, not
+/// five. Stores at a scalar offset, not through packet pointers: see [`Parsed::ip_check`].
 #[inline(always)]
 pub fn rewrite(
     ctx: &TcContext,
@@ -54,82 +67,105 @@ pub fn rewrite(
     new_addr: &[u8; 16],
     old_port: u16,
     new_port: u16,
-) -> bool {
-    let csum = l4_csum_off(p);
+) -> Option<u16> {
+    let csum = l4_csum_off(p) as usize;
     let l4f = l4_flags(p);
+    let v4 = p.key.family == FAMILY_V4;
     // A later fragment has no L4 header: only its addresses change. The
     // datagram's L4 checksum sits in the first fragment, which gets the
     // whole pseudo-header update.
     let has_l4 = p.frag != Frag::Later;
-    if old_addr != new_addr {
-        if p.key.family == FAMILY_V4 {
-            let off = p.l3 + if end == End::Source { 12 } else { 16 };
+    let addr_moves = old_addr != new_addr;
+    let port_moves = has_l4 && old_port != new_port;
+
+    if addr_moves && has_l4 {
+        let ok = if v4 {
             let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
             let new = u32::from_ne_bytes([new_addr[0], new_addr[1], new_addr[2], new_addr[3]]);
-            if ctx
-                .l3_csum_replace(p.l3 as usize + 10, u64::from(old), u64::from(new), 4)
-                .is_err()
-                || (has_l4
-                    && ctx
-                        .l4_csum_replace(
-                            csum as usize,
-                            u64::from(old),
-                            u64::from(new),
-                            l4f | u64::from(BPF_F_PSEUDO_HDR) | 4,
-                        )
-                        .is_err())
-                || ctx.store(off as usize, &new, 0).is_err()
-            {
-                return false;
+            ctx.l4_csum_replace(
+                csum,
+                u64::from(old),
+                u64::from(new),
+                l4f | u64::from(BPF_F_PSEUDO_HDR) | 4,
+            )
+            .is_ok()
+        } else {
+            ctx.l4_csum_replace(
+                csum,
+                0,
+                u64::from(csum_diff16(old_addr, new_addr)),
+                l4f | u64::from(BPF_F_PSEUDO_HDR),
+            )
+            .is_ok()
+        };
+        if !ok {
+            return None;
+        }
+    }
+    if port_moves
+        && ctx
+            .l4_csum_replace(csum, u64::from(old_port), u64::from(new_port), l4f | 2)
+            .is_err()
+    {
+        return None;
+    }
+
+    let mut check = p.ip_check;
+    let mut ports_written = false;
+    if addr_moves {
+        if v4 {
+            check = u16::from_ne_bytes(ip_csum_replace4(
+                p.ip_check.to_ne_bytes(),
+                old_addr,
+                new_addr,
+            ));
+            let (src, dst, sport, dport) = match end {
+                End::Source => (new_addr, &p.key.addr, new_port, p.key.port),
+                End::Destination => (&p.saddr, new_addr, p.sport, new_port),
+            };
+            let c = check.to_ne_bytes();
+            let sp = sport.to_ne_bytes();
+            let dp = dport.to_ne_bytes();
+            // The header from its checksum on (checksum, source, destination), then the
+            // ports when they follow at once: every byte is the packet's own or its new value.
+            let tail = [
+                c[0], c[1], src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], sp[0],
+                sp[1], dp[0], dp[1],
+            ];
+            let off = p.l3 as usize + 10;
+            let stored = if port_moves && p.l4 == p.l3 + 20 {
+                ports_written = true;
+                ctx.store(off, &tail, 0)
+            } else {
+                let head = [
+                    c[0], c[1], src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3],
+                ];
+                ctx.store(off, &head, 0)
+            };
+            if stored.is_err() {
+                return None;
             }
         } else {
-            let off = p.l3 + if end == End::Source { 8 } else { 24 };
-            // bpf_csum_diff wants 4-byte aligned words.
-            let mut old: [u32; 4] = unsafe { core::mem::transmute(*old_addr) };
-            let mut new: [u32; 4] = unsafe { core::mem::transmute(*new_addr) };
-            if has_l4 {
-                // SAFETY: two 16-byte stack buffers.
-                let diff = unsafe { bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
-                if diff < 0
-                    || ctx
-                        .l4_csum_replace(
-                            csum as usize,
-                            0,
-                            diff as u64,
-                            l4f | u64::from(BPF_F_PSEUDO_HDR),
-                        )
-                        .is_err()
-                {
-                    return false;
-                }
-            }
-            if ctx.store(off as usize, &new, 0).is_err() {
-                return false;
+            let off = p.l3 as usize + if end == End::Source { 8 } else { 24 };
+            if ctx.store(off, new_addr, 0).is_err() {
+                return None;
             }
         }
     }
-    if has_l4 && old_port != new_port {
-        let off = p.l4 + if end == End::Source { 0 } else { 2 };
-        if ctx
-            .l4_csum_replace(
-                csum as usize,
-                u64::from(old_port),
-                u64::from(new_port),
-                l4f | 2,
-            )
-            .is_err()
-            || ctx.store(off as usize, &new_port, 0).is_err()
-        {
-            return false;
+    if port_moves && !ports_written {
+        let off = p.l4 as usize + if end == End::Source { 0 } else { 2 };
+        if ctx.store(off, &new_port, 0).is_err() {
+            return None;
         }
     }
-    true
+    Some(check)
 }
 
 /// Rewrites the outer source (`src`) or destination address of an ICMP
 /// (IPv4) or ICMPv6 packet. ICMPv4's checksum covers only the ICMP message;
 /// ICMPv6's also covers the IPv6 pseudo-header (RFC 4443 section 2.3), so it
-/// changes with the address.
+/// changes with the address. Returns the IPv4 header checksum now in the packet (see
+/// [`rewrite`]; 0 for IPv6), or `None` if a helper failed.
 #[inline(always)]
 pub fn rewrite_icmp_outer(
     ctx: &TcContext,
@@ -137,30 +173,33 @@ pub fn rewrite_icmp_outer(
     src: bool,
     old_addr: &[u8; 16],
     new_addr: &[u8; 16],
-) -> bool {
+) -> Option<u16> {
+    // ICMP errors are rare: the helpers here (`bpf_l3_csum_replace` updates the header
+    // checksum in the packet), with the new checksum computed alongside for the TTL
+    // decrement that follows. The stores of `rewrite`, spliced into this tail-called
+    // program, doubled its verified instructions on 6.1.
     if p.key.family == FAMILY_V4 {
-        let off = p.l3 as usize + if src { 12 } else { 16 };
         let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
         let new = u32::from_ne_bytes([new_addr[0], new_addr[1], new_addr[2], new_addr[3]]);
+        let off = p.l3 as usize + if src { 12 } else { 16 };
         ctx.l3_csum_replace(p.l3 as usize + 10, u64::from(old), u64::from(new), 4)
-            .is_ok()
-            && ctx.store(off, &new, 0).is_ok()
+            .ok()?;
+        ctx.store(off, &new, 0).ok()?;
+        Some(u16::from_ne_bytes(ip_csum_replace4(
+            p.ip_check.to_ne_bytes(),
+            old_addr,
+            new_addr,
+        )))
     } else {
+        ctx.l4_csum_replace(
+            p.l4 as usize + 2,
+            0,
+            u64::from(csum_diff16(old_addr, new_addr)),
+            u64::from(BPF_F_PSEUDO_HDR),
+        )
+        .ok()?;
         let off = p.l3 as usize + if src { 8 } else { 24 };
-        // SAFETY: plain byte reinterpretation of 16-byte arrays.
-        let mut old: [u32; 4] = unsafe { core::mem::transmute(*old_addr) };
-        let mut new: [u32; 4] = unsafe { core::mem::transmute(*new_addr) };
-        // SAFETY: two 16-byte stack buffers.
-        let diff = unsafe { bpf_csum_diff(old.as_mut_ptr(), 16, new.as_mut_ptr(), 16, 0) };
-        diff >= 0
-            && ctx
-                .l4_csum_replace(
-                    p.l4 as usize + 2,
-                    0,
-                    diff as u64,
-                    u64::from(BPF_F_PSEUDO_HDR),
-                )
-                .is_ok()
-            && ctx.store(off, &new, 0).is_ok()
+        ctx.store(off, new_addr, 0).ok()?;
+        Some(0)
     }
 }

@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use viscum_common::{
     FAMILY_V4, FIB_CACHE_NS, GlobalCounter, PROTO_TCP, ReplyState, ServiceEntry, TARGET_F_PEER,
-    TARGET_F_SET_MAC,
+    TARGET_F_SET_MAC, csum::ip_csum_replace2,
 };
 
 use crate::{
@@ -66,19 +66,25 @@ unsafe fn write_mac(dst: *mut u8, mac: &[u8; 6]) {
     }
 }
 
+/// A `bpf_fib_lookup` on an 8-byte boundary: its own fields only make it 4-byte aligned, and
+/// [`zero_fib`] stores u64 words, which the verifier refuses at a misaligned stack offset
+/// (where LLVM puts the struct depends on the rest of the frame).
+#[repr(C, align(8))]
+struct FibSlot(bpf_fib_lookup);
+
 /// Zeroes a `bpf_fib_lookup` in place with eight u64 stores (not a memset
 /// call, see `write_mac`; and in place, since returning it by value makes
 /// LLVM zero a copy with a memset).
 ///
 /// # Safety
-/// `fib` must point to a writable `bpf_fib_lookup`.
+/// `fib` must point to a writable, 8-byte aligned `bpf_fib_lookup`.
 #[inline(always)]
 unsafe fn zero_fib(fib: *mut bpf_fib_lookup) {
     const WORDS: usize = core::mem::size_of::<bpf_fib_lookup>() / 8;
     const _: () = assert!(core::mem::size_of::<bpf_fib_lookup>() == WORDS * 8);
     let words = fib.cast::<u64>();
     for i in 0..WORDS {
-        // SAFETY: within the struct, which is 8-byte aligned.
+        // SAFETY: within the struct, which its `FibSlot` puts on an 8-byte boundary.
         unsafe { core::ptr::write_volatile(words.add(i), 0) };
     }
 }
@@ -201,11 +207,11 @@ fn forward(ctx: &TcContext, p: &Parsed, flow: Option<&mut ReplyState>, veth: u32
         // SAFETY: egress redirect to the cached output device.
         return unsafe { bpf_redirect(ifindex, 0) } as i32;
     }
-    let mut fib_slot = core::mem::MaybeUninit::<bpf_fib_lookup>::uninit();
+    let mut fib_slot = core::mem::MaybeUninit::<FibSlot>::uninit();
     // SAFETY: zeroes the slot; all-zero is a valid bpf_fib_lookup.
     let fib = unsafe {
-        zero_fib(fib_slot.as_mut_ptr());
-        &mut *fib_slot.as_mut_ptr()
+        zero_fib(fib_slot.as_mut_ptr().cast());
+        &mut (*fib_slot.as_mut_ptr()).0
     };
     fib.l4_protocol = p.key.proto;
     fib.sport = p.sport;
@@ -327,52 +333,31 @@ unsafe fn write_macs(dst: *mut u8, macs: &[u8; 12]) {
 
 /// Forwarding decrements the TTL / hop limit like any router hop; a packet
 /// about to expire is left to the stack, which sends the ICMP error.
+///
+/// From the parse (`p.ttl`, and `p.ip_check` as the rewrites left it), with one store at a
+/// scalar offset: TTL, protocol and the header checksum updated in place (RFC 1624) for
+/// IPv4, the hop limit for IPv6 (see [`Parsed::ip_check`] for why not through packet
+/// pointers).
 #[inline(always)]
 fn decrement_ttl(ctx: &TcContext, p: &Parsed) -> bool {
-    let start = ctx.data();
-    let end = ctx.data_end();
-    let l3 = (p.l3 & 0xff) as usize;
-    if p.key.family == FAMILY_V4 {
-        if start + l3 + 20 > end {
-            return false;
-        }
-        // SAFETY: bounds checked above.
-        let ttl = unsafe { *((start + l3 + 8) as *const u8) };
-        if ttl <= 1 {
-            return false;
-        }
-        // TTL and protocol share one 16-bit word of the header checksum.
-        let old = u16::from_be_bytes([ttl, p.key.proto]);
-        let new = u16::from_be_bytes([ttl - 1, p.key.proto]);
-        if ctx
-            .l3_csum_replace(
-                p.l3 as usize + 10,
-                u64::from(old.to_be()),
-                u64::from(new.to_be()),
-                2,
-            )
-            .is_err()
-        {
-            return false;
-        }
-        // Re-validate: the csum helper invalidates packet pointers.
-        let start = ctx.data();
-        if start + l3 + 20 > ctx.data_end() {
-            return false;
-        }
-        // SAFETY: bounds checked just above.
-        unsafe { *((start + l3 + 8) as *mut u8) = ttl - 1 };
-    } else {
-        if start + l3 + 40 > end {
-            return false;
-        }
-        // SAFETY: bounds checked above.
-        let hop = unsafe { *((start + l3 + 7) as *const u8) };
-        if hop <= 1 {
-            return false;
-        }
-        // SAFETY: as above; IPv6 has no header checksum.
-        unsafe { *((start + l3 + 7) as *mut u8) = hop - 1 };
+    let ttl = p.ttl;
+    if ttl <= 1 {
+        return false;
     }
-    true
+    if p.key.family == FAMILY_V4 {
+        // TTL and protocol share one 16-bit word of the header checksum.
+        let check = ip_csum_replace2(
+            p.ip_check.to_ne_bytes(),
+            [ttl, p.key.proto],
+            [ttl - 1, p.key.proto],
+        );
+        ctx.store(
+            p.l3 as usize + 8,
+            &[ttl - 1, p.key.proto, check[0], check[1]],
+            0,
+        )
+        .is_ok()
+    } else {
+        ctx.store(p.l3 as usize + 7, &(ttl - 1), 0).is_ok()
+    }
 }
