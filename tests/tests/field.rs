@@ -646,3 +646,125 @@ fn refused_and_cut_flows_do_not_hold_a_delete() {
         lab.viscum_ok(&["redirect", "del", &url, "--now"]);
     }
 }
+
+/// A raw packet socket on `ifname` in namespace `ns` (what tcpdump, a DHCP client or an
+/// LLDP daemon holds): the kernel clones every packet the interface receives for it, before
+/// TC ingress runs. Closed on drop.
+fn packet_tap(ns: &str, ifname: &str) -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    let name = std::ffi::CString::new(ifname).unwrap();
+    viscum::netns::in_netns(ns, move || {
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket(2); the descriptor is owned below.
+        let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        assert!(
+            fd >= 0,
+            "socket(AF_PACKET): {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: a descriptor we just opened and own.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+        // SAFETY: a NUL-terminated name.
+        let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        assert!(ifindex != 0, "no interface {name:?}");
+        // SAFETY: all-zero is a valid sockaddr_ll.
+        let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = proto;
+        sll.sll_ifindex = ifindex as i32;
+        // SAFETY: bind(2) with a sockaddr_ll of its own size.
+        let rc = unsafe {
+            libc::bind(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                (&raw const sll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        assert!(
+            rc == 0,
+            "bind(AF_PACKET): {}",
+            std::io::Error::last_os_error()
+        );
+        fd
+    })
+    .unwrap()
+}
+
+/// With a packet tap open on the client-facing interface, every packet reaching the
+/// classifier is a clone. A program that writes a packet through a pointer gets an unclone
+/// prepended by the verifier (`bpf_unclone_prologue`): every clone, unmanaged traffic
+/// included, would be copied before the program even looked at it, and dropped when that
+/// copy failed. The client-facing programs must carry no such prologue (their writes go
+/// through `bpf_skb_store_bytes`, for their own packets only), and with the tap open a
+/// redirect (NAT, IPv4 and IPv6, TCP and UDP) still serves from the edge while other traffic
+/// reaches the cloud.
+#[test]
+fn a_packet_tap_leaves_traffic_that_is_not_ours_uncopied() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let doctor = lab.viscum_ok(&["doctor"]);
+    let mut seen = 0;
+    for line in doctor.lines() {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        let [name, id, ..] = cols[..] else { continue };
+        if !matches!(
+            name,
+            "viscum_ingress" | "viscum_recover" | "viscum_icmp_ingress"
+        ) {
+            continue;
+        }
+        seen += 1;
+        let out = std::process::Command::new("bpftool")
+            .args(["prog", "dump", "xlated", "id", id])
+            .output()
+            .expect("bpftool (the kernel's program dump) is needed");
+        assert!(
+            out.status.success(),
+            "bpftool prog dump xlated id {id} failed"
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        // The prologue is the program's first instructions: load skb->cloned, and if set,
+        // call bpf_skb_pull_data(skb, 0).
+        let head: Vec<&str> = text.lines().take(12).collect();
+        assert!(
+            !head.iter().any(|l| l.contains("skb_pull_data")),
+            "{name} starts by uncloning every cloned packet:\n{}",
+            head.join("\n")
+        );
+    }
+    assert_eq!(
+        seen, 3,
+        "viscum doctor listed no client-facing programs:\n{doctor}"
+    );
+
+    let _tap = packet_tap(lab.edge.name(), "lan0");
+    let cloud = viscum_tests::IdentityServer::start(lab.cloud.name(), 0, "cloud");
+    let _edge = viscum_tests::IdentityServer::start(&ns, cloud.port(), "edge");
+    let other = viscum_tests::IdentityServer::start(lab.cloud.name(), 0, "other");
+    let timeout = std::time::Duration::from_secs(3);
+    for addr in lab.cloud_addrs(cloud.port()) {
+        for (proto, scheme) in [
+            (viscum_tests::Proto::Tcp, "tcp"),
+            (viscum_tests::Proto::Udp, "udp"),
+        ] {
+            let url = format!("{scheme}://{addr}");
+            lab.viscum_ok(&["redirect", "add", &url, "--ns", &ns, "--learn-ms", "0"]);
+            let got = viscum_tests::ask(lab.client.name(), proto, addr, timeout)
+                .unwrap_or_else(|e| panic!("{url} with a tap open: {e}"));
+            assert_eq!(got, "edge", "{url} with a tap open");
+            let mut unmanaged = addr;
+            unmanaged.set_port(other.port());
+            let got = viscum_tests::ask(lab.client.name(), proto, unmanaged, timeout)
+                .unwrap_or_else(|e| panic!("{scheme}://{unmanaged} with a tap open: {e}"));
+            assert_eq!(got, "other", "{scheme}://{unmanaged} with a tap open");
+        }
+    }
+    let stats: serde_json::Value =
+        serde_json::from_str(&lab.viscum_ok(&["stats", "--json"])).unwrap();
+    assert!(
+        stats["global"]["redirect_errors"].as_u64() == Some(0),
+        "rewrites or redirects failed on cloned packets: {stats}"
+    );
+}

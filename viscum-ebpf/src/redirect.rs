@@ -42,14 +42,17 @@ fn strip_vlan(ctx: &TcContext, l2_vlan: bool) {
     }
 }
 
+/// Writes the destination MAC with `bpf_skb_store_bytes`, never through a packet pointer:
+/// one direct packet write anywhere in a program makes the verifier prepend an unclone to it
+/// (`bpf_unclone_prologue`, net/core/filter.c): every cloned skb, which is every packet while
+/// a packet tap such as tcpdump is open on the interface, would be copied with
+/// `bpf_skb_pull_data` before the program runs, and dropped (`TC_ACT_SHOT`) if that
+/// allocation failed, unmanaged traffic included. The helper makes the head private only
+/// for the packets it writes. The client-facing programs (`viscum_ingress`,
+/// `viscum_recover`, `viscum_icmp_ingress`) write nothing else directly.
 #[inline(always)]
 fn set_dst_mac(ctx: &TcContext, mac: &[u8; 6]) {
-    // Re-read the pointers: vlan_pop invalidated any earlier ones.
-    let start = ctx.data();
-    if start + 6 <= ctx.data_end() {
-        // SAFETY: 6 bytes checked above; the TC prologue made the head writable.
-        unsafe { write_mac(start as *mut u8, mac) };
-    }
+    let _ = ctx.store(0, mac, 0);
 }
 
 /// Six byte stores. Volatile, so LLVM cannot merge them into a `memmove`
