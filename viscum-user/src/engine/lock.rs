@@ -243,10 +243,29 @@ mod tests {
 
     use super::*;
 
+    /// A directory of its own under the temp dir for one test (`tag` names the test), removed
+    /// on drop, a failing test's included.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let dir =
+                std::env::temp_dir().join(format!("viscum-lock-{tag}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir(&self.0);
+        }
+    }
+
     #[test]
     fn reentrant_within_a_process_and_released_with_the_last_guard() {
-        let dir = std::env::temp_dir().join(format!("viscum-lock-test-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = Scratch::new("reentrant");
+        let dir = scratch.0.clone();
         let pins = Pins::new(&dir);
         let a = lock(&pins).unwrap();
         // A second lock of the same directory in this process shares the first.
@@ -257,7 +276,6 @@ mod tests {
         assert!(other().is_err(), "the lock went with the first guard");
         drop(b);
         assert!(other().is_ok(), "the lock outlived its last guard");
-        let _ = std::fs::remove_dir(&dir);
     }
 
     /// The bound, with a real `flock` held by another open file description (what another
@@ -265,8 +283,8 @@ mod tests {
     /// directory, and gets the lock once the holder lets go.
     #[test]
     fn a_writer_gives_up_after_its_timeout_and_gets_the_lock_once_released() {
-        let dir = std::env::temp_dir().join(format!("viscum-lock-timeout-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = Scratch::new("timeout");
+        let dir = scratch.0.clone();
         let holder =
             Flock::lock(File::open(&dir).unwrap(), FlockArg::LockExclusiveNonblock).unwrap();
         let bound = Duration::from_millis(200);
@@ -290,7 +308,6 @@ mod tests {
             flock_dir(&dir, bound).is_ok(),
             "the released lock was not taken"
         );
-        let _ = std::fs::remove_dir(&dir);
     }
 
     /// A directory removed and made again (`detach --purge`, then `attach`) while this process
@@ -298,8 +315,8 @@ mod tests {
     /// now, not on the stale description.
     #[test]
     fn a_directory_made_again_is_locked_afresh() {
-        let dir = std::env::temp_dir().join(format!("viscum-lock-again-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = Scratch::new("again");
+        let dir = scratch.0.clone();
         let pins = Pins::new(&dir);
         // An engine's handle keeps the old directory open (and cached) throughout.
         let handle = keep_open(&pins).unwrap();
@@ -312,15 +329,14 @@ mod tests {
         drop(held);
         assert!(other().is_ok(), "the lock outlived its guard");
         drop(handle);
-        let _ = std::fs::remove_dir(&dir);
     }
 
     /// Without an engine's handle nothing stays open: a bpffs whose directory was locked can
     /// be unmounted (plainly, not lazily) once the lock is released.
     #[test]
     fn nothing_stays_open_without_a_handle() {
-        let dir = std::env::temp_dir().join(format!("viscum-lock-closed-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let scratch = Scratch::new("closed");
+        let dir = scratch.0.clone();
         let pins = Pins::new(&dir);
         let handle = keep_open(&pins).unwrap();
         drop(lock(&pins).unwrap());
@@ -339,7 +355,6 @@ mod tests {
             0,
             "a descriptor outlived the handle and the lock"
         );
-        let _ = std::fs::remove_dir(&dir);
     }
 
     #[test]
