@@ -200,6 +200,17 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
     } else {
         0
     };
+    // The destination MAC: a plain redirect goes out of the host veth, whose peer takes the
+    // frame as PACKET_OTHERHOST unless it is addressed to it; so did a peer redirect before
+    // 6.15, which kept the client-facing interface's classification. From 6.15 a peer
+    // redirect marks the frame PACKET_HOST (kernel commit c4327229948879), so the rewrite,
+    // a helper call on every packet of every edge flow, is skipped, as
+    // `features::redirect_mode` reports. Mirror mode always writes the MAC it clones to.
+    let set_mac = if peer != 0 && crate::features::kernel_at_least(6, 15) {
+        0
+    } else {
+        TARGET_F_SET_MAC
+    };
     match target {
         Target::Namespace(name) => {
             netns::validate_name(name)?;
@@ -209,7 +220,7 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
             Ok(Resolved {
                 ifindex: ns.host_ifindex,
                 ifname: ns.host_veth.clone(),
-                flags: peer | TARGET_F_SET_MAC,
+                flags: peer | set_mac,
                 mac: ns.ns_mac,
                 ns: Some(ns),
             })
@@ -237,7 +248,7 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
                 None => None,
             };
             let (flags, mac) = match &ns {
-                Some(ns) => (peer | TARGET_F_SET_MAC, ns.ns_mac),
+                Some(ns) => (peer | set_mac, ns.ns_mac),
                 None => (peer, [0; 6]),
             };
             Ok(Resolved {
