@@ -17,6 +17,8 @@
 //! The kernel is the only state: which namespace an entry goes to is read
 //! back from its target ifindex.
 
+pub mod request;
+
 use std::{net::IpAddr, time::Duration};
 
 use viscum_common::{
