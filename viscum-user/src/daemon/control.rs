@@ -598,7 +598,7 @@ async fn connection(
 ) -> io::Result<()> {
     // Who is asking, for the redirect requests: they act in the daemon's network namespace
     // and instance, which the daemon checks are the client's too (SO_PEERCRED).
-    let peer = stream.peer_cred().ok().and_then(|c| c.pid());
+    let peer = Some(crate::redirect::request::Peer::of(&stream));
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut send = async |response: &Response| -> io::Result<()> {

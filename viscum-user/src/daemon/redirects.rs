@@ -27,7 +27,7 @@ use tokio::sync::{Mutex, oneshot};
 use super::control::{Envelope, Request, Response};
 use crate::{
     engine::{Engine, Pins},
-    redirect::request::{self, AddRequest, DelRequest},
+    redirect::request::{self, AddRequest, DelRequest, Peer},
     spec::Match,
 };
 
@@ -137,17 +137,38 @@ fn identity(path: &Path) -> std::io::Result<(u64, u64)> {
     std::fs::metadata(path).map(|m| (m.dev(), m.ino()))
 }
 
-/// Whether the client `peer` is in the daemon's network namespace and names the daemon's
-/// instance with `bpffs` (as it sees the path: through `/proc/PID/root`, so a client in
-/// another mount namespace is compared by what it would open). `Err` says why not.
-fn same_instance(peer: Option<i32>, bpffs: &Path, pins: &Pins) -> Result<(), String> {
-    let pid = peer.ok_or("the client's process is unknown (no SO_PEERCRED)")?;
+/// The cookie of the daemon's own network namespace (its tasks never leave it: code that
+/// enters another namespace does so on a thread of its own).
+fn own_netns_cookie() -> Option<u64> {
+    static COOKIE: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    *COOKIE.get_or_init(|| {
+        use std::os::fd::AsFd as _;
+        let socket = std::os::unix::net::UnixDatagram::unbound().ok()?;
+        request::netns_cookie(socket.as_fd()).ok()
+    })
+}
+
+/// Whether the client `peer` is in the daemon's network namespace (by the namespace cookie
+/// of its socket; before Linux 5.14, by its process's `/proc/PID/ns/net`) and names the
+/// daemon's instance with `bpffs` (as it sees the path: through `/proc/PID/root`, so a
+/// client in another mount namespace is compared by what it would open). `Err` says why not.
+fn same_instance(peer: Option<Peer>, bpffs: &Path, pins: &Pins) -> Result<(), String> {
+    let peer = peer.unwrap_or_default();
+    let pid = peer
+        .pid
+        .ok_or("the client's process is unknown (no SO_PEERCRED)")?;
     let proc = PathBuf::from(format!("/proc/{pid}"));
-    let theirs = identity(&proc.join("ns/net"))
-        .map_err(|e| format!("cannot read the client's network namespace: {e}"))?;
-    let ours = identity(Path::new("/proc/self/ns/net"))
-        .map_err(|e| format!("cannot read the daemon's network namespace: {e}"))?;
-    if theirs != ours {
+    let same_netns = match (peer.netns_cookie, own_netns_cookie()) {
+        (Some(theirs), Some(ours)) => theirs == ours,
+        _ => {
+            let theirs = identity(&proc.join("ns/net"))
+                .map_err(|e| format!("cannot read the client's network namespace: {e}"))?;
+            let ours = identity(Path::new("/proc/self/ns/net"))
+                .map_err(|e| format!("cannot read the daemon's network namespace: {e}"))?;
+            theirs == ours
+        }
+    };
+    if !same_netns {
         return Err("the client is in another network namespace than the daemon".into());
     }
     let Ok(relative) = bpffs.strip_prefix("/") else {
@@ -173,19 +194,31 @@ mod tests {
 
     #[test]
     fn same_instance_compares_namespace_and_directory() {
-        let me = i32::try_from(std::process::id()).unwrap();
+        let me = Some(Peer {
+            pid: Some(i32::try_from(std::process::id()).unwrap()),
+            netns_cookie: own_netns_cookie(),
+        });
         let dir = std::env::temp_dir();
         let pins = Pins::new(&dir);
-        assert_eq!(same_instance(Some(me), &dir, &pins), Ok(()));
+        assert_eq!(same_instance(me, &dir, &pins), Ok(()));
         let other = Pins::new("/");
-        let e = same_instance(Some(me), &dir, &other).unwrap_err();
+        let e = same_instance(me, &dir, &other).unwrap_err();
         assert!(e.contains("not the daemon's instance"), "{e}");
         assert!(
             same_instance(None, &dir, &pins)
                 .unwrap_err()
                 .contains("SO_PEERCRED")
         );
-        let e = same_instance(Some(me), Path::new("relative"), &pins).unwrap_err();
+        let e = same_instance(me, Path::new("relative"), &pins).unwrap_err();
         assert!(e.contains("not an absolute path"), "{e}");
+        // Another namespace's cookie (where the kernel has cookies): declined.
+        if let Some(cookie) = own_netns_cookie() {
+            let elsewhere = Some(Peer {
+                netns_cookie: Some(cookie + 1),
+                ..me.unwrap()
+            });
+            let e = same_instance(elsewhere, &dir, &pins).unwrap_err();
+            assert!(e.contains("another network namespace"), "{e}");
+        }
     }
 }

@@ -72,10 +72,10 @@ pub struct AddRequest {
     /// [`MAX_DNS_SERVERS`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns: Vec<SocketAddr>,
-    /// The requesting process (its pid, from the control socket's `SO_PEERCRED`), filled in
-    /// by the daemon's connection: never read from or written to the wire.
+    /// Who sent it, filled in by the daemon's connection from the socket: never read from or
+    /// written to the wire.
     #[serde(skip)]
-    pub peer: Option<i32>,
+    pub peer: Option<Peer>,
 }
 
 impl AddRequest {
@@ -136,10 +136,10 @@ pub struct DelRequest {
     /// `--drain-timeout`: the longest wait for open edge flows, seconds (0 to
     /// [`MAX_DRAIN_TIMEOUT_S`]).
     pub drain_timeout_s: u64,
-    /// The requesting process (its pid, from the control socket's `SO_PEERCRED`), filled in
-    /// by the daemon's connection: never read from or written to the wire.
+    /// Who sent it, filled in by the daemon's connection from the socket: never read from or
+    /// written to the wire.
     #[serde(skip)]
-    pub peer: Option<i32>,
+    pub peer: Option<Peer>,
 }
 
 impl DelRequest {
@@ -164,6 +164,53 @@ impl DelRequest {
         let spec = RedirectSpec::new(&fields, Target::Veth(String::new()))?;
         Ok(spec.matches[0].clone())
     }
+}
+
+/// The process at the other end of a control connection, as the kernel tells it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Peer {
+    /// Its pid (`SO_PEERCRED`), if known.
+    pub pid: Option<i32>,
+    /// The cookie of the network namespace its socket was made in (`SO_NETNS_COOKIE` of the
+    /// accepted socket, which the kernel creates in the connecting socket's namespace; Linux
+    /// 5.14 on). Unlike `/proc/PID/ns/net` it is right for a client thread that entered
+    /// another namespace than its process's.
+    pub netns_cookie: Option<u64>,
+}
+
+impl Peer {
+    /// The peer of a connected Unix socket.
+    pub fn of(socket: &tokio::net::UnixStream) -> Peer {
+        use std::os::fd::AsFd as _;
+        Peer {
+            pid: socket.peer_cred().ok().and_then(|c| c.pid()),
+            netns_cookie: netns_cookie(socket.as_fd()).ok(),
+        }
+    }
+}
+
+/// The cookie of the network namespace socket `fd` belongs to (`SO_NETNS_COOKIE`).
+///
+/// # Errors
+/// `ENOPROTOOPT` before Linux 5.14; what `getsockopt(2)` fails with otherwise.
+pub fn netns_cookie(fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
+    use std::os::fd::AsRawFd as _;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cookie`, which is that large.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &raw mut len,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(cookie)
 }
 
 fn check_dns(dns: &[SocketAddr]) -> anyhow::Result<()> {
