@@ -10,8 +10,14 @@
 //! * Time to effect: a client probing the cloud address back to back (a new connection every
 //!   ~0.1 ms, each answered by 'K' for the cloud or 'S' for the edge copy); from the start of
 //!   `viscum redirect add` until the first probe served locally, and from the start of
-//!   `viscum redirect del` until the first one served by the cloud again. Also through the
-//!   library (`redirect::add` in-process), which leaves out process start-up.
+//!   `viscum redirect del` until the first one served by the cloud again. Then the same with
+//!   a daemon of the instance running (`viscum run`, no services), to which the commands hand
+//!   the change, interleaved with `--no-daemon` rounds (the CLI alone, same conditions). Also
+//!   through the library (`redirect::add` in-process), which leaves out process start-up.
+//!   Every `viscum` runs in the edge namespace by `setns(2)` between fork and exec (see
+//!   `support::sys::command_in`), not under `ip netns exec`, whose private mount namespace and
+//!   fresh `/sys` mount a user on a router never pays: the figures are the CLI's, not
+//!   iproute2's. Wall times are stamped when the process exits (`sys::wait_rusage`).
 
 use std::{
     process::Stdio,
@@ -29,6 +35,7 @@ use viscum_common::{ServiceEntry, TARGET_F_PEER};
 use viscum_lab::Netns;
 
 use crate::{
+    daemon::Daemon,
     lanes::{self, Env},
     support::{
         cli::Args,
@@ -203,6 +210,27 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
                     median(&t.cli_add_wall)
                 )),
                 Row::new(
+                    "viscum redirect add, daemon running → served locally",
+                    "ms",
+                    t.daemon_add.clone(),
+                )
+                .target_value("< 1 ms", |v| v < 1.0)
+                .note(format!(
+                    "handed to the daemon ({} of {} applied by it); the command itself runs {:.2} ms (median)",
+                    t.daemon_applied,
+                    t.daemon_add.len(),
+                    median(&t.daemon_add_wall)
+                )),
+                Row::new(
+                    "viscum redirect add --no-daemon, daemon running → served locally",
+                    "ms",
+                    t.beside_add.clone(),
+                )
+                .note(format!(
+                    "interleaved with the row above; the command itself runs {:.2} ms (median)",
+                    median(&t.beside_add_wall)
+                )),
+                Row::new(
                     "viscum redirect del → first connection served by the cloud",
                     "ms",
                     t.cli_del.clone(),
@@ -210,6 +238,15 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
                 .note(format!(
                     "the command itself runs {:.2} ms (median)",
                     median(&t.cli_del_wall)
+                )),
+                Row::new(
+                    "viscum redirect del, daemon running → served by the cloud",
+                    "ms",
+                    t.daemon_del.clone(),
+                )
+                .note(format!(
+                    "the command itself runs {:.2} ms (median; it waits for the drain)",
+                    median(&t.daemon_del_wall)
                 )),
                 Row::new(
                     "redirect::add (library, in-process) → served locally",
@@ -247,7 +284,10 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
                 rows,
             });
             f.raw("time_to_effect_ms", json!({ "cli_add": t.cli_add, "cli_del": t.cli_del, "lib_add": t.lib_add, "lib_del": t.lib_del,
-                "cli_add_wall": t.cli_add_wall, "cli_del_wall": t.cli_del_wall, "map_add": t.map_add, "map_del": t.map_del }));
+                "cli_add_wall": t.cli_add_wall, "cli_del_wall": t.cli_del_wall, "map_add": t.map_add, "map_del": t.map_del,
+                "daemon_add": t.daemon_add, "daemon_del": t.daemon_del, "daemon_add_wall": t.daemon_add_wall,
+                "daemon_del_wall": t.daemon_del_wall, "beside_add": t.beside_add, "beside_add_wall": t.beside_add_wall,
+                "daemon_applied": t.daemon_applied }));
         }
         Err(e) => f.tables.push(Table {
             title: "time to effect".into(),
@@ -511,6 +551,16 @@ struct Tte {
     cli_del: Vec<f64>,
     cli_add_wall: Vec<f64>,
     cli_del_wall: Vec<f64>,
+    /// The same commands with a daemon of the instance running (they hand the change to it).
+    daemon_add: Vec<f64>,
+    daemon_del: Vec<f64>,
+    daemon_add_wall: Vec<f64>,
+    daemon_del_wall: Vec<f64>,
+    /// `--no-daemon` next to that daemon, interleaved with the rounds through it.
+    beside_add: Vec<f64>,
+    beside_add_wall: Vec<f64>,
+    /// Requests the daemon logged as applied (to tell it really served the rounds).
+    daemon_applied: usize,
     lib_add: Vec<f64>,
     lib_del: Vec<f64>,
     map_add: Vec<f64>,
@@ -554,6 +604,13 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
         cli_del: vec![],
         cli_add_wall: vec![],
         cli_del_wall: vec![],
+        daemon_add: vec![],
+        daemon_del: vec![],
+        daemon_add_wall: vec![],
+        daemon_del_wall: vec![],
+        beside_add: vec![],
+        beside_add_wall: vec![],
+        daemon_applied: 0,
         lib_add: vec![],
         lib_del: vec![],
         map_add: vec![],
@@ -664,6 +721,55 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
         }
     }
     t.probe_period_ms = median(&periods);
+
+    // Through the daemon: `viscum run` on this instance (no services), and the same commands,
+    // which now hand the change to it; `--no-daemon` rounds interleaved, for the CLI alone
+    // under the same conditions.
+    let mut daemon = Daemon::start_on(env, e, &format!("{base}d"), "lan0", dir.clone(), &[])?;
+    daemon.wait("answering", Duration::from_secs(20), |_| true)?;
+    let control = daemon.control.display().to_string();
+    for _ in 0..rounds {
+        sys::check_stop()?;
+        prober.clear();
+        let t0 = Instant::now();
+        let done = v.run(
+            e,
+            &[
+                "redirect",
+                "add",
+                &target,
+                "--ns",
+                &s_name,
+                "--control",
+                &control,
+            ],
+        )?;
+        let served = prober.wait_for(b'S', t0, wait)?;
+        t.daemon_add.push(ms(t0, served));
+        t.daemon_add_wall.push(done.elapsed.as_secs_f64() * 1e3);
+        let t0 = Instant::now();
+        let done = v.run(e, &["redirect", "del", &target, "--control", &control])?;
+        let served = prober.wait_for(b'K', t0, wait)?;
+        t.daemon_del.push(ms(t0, served));
+        t.daemon_del_wall.push(done.elapsed.as_secs_f64() * 1e3);
+        let t0 = Instant::now();
+        let done = v.run(
+            e,
+            &["redirect", "add", &target, "--ns", &s_name, "--no-daemon"],
+        )?;
+        let served = prober.wait_for(b'S', t0, wait)?;
+        t.beside_add.push(ms(t0, served));
+        t.beside_add_wall.push(done.elapsed.as_secs_f64() * 1e3);
+        // Untimed: back to the cloud for the next round.
+        v.run(e, &["redirect", "del", &target, "--now", "--no-daemon"])?;
+        prober.wait_for(b'K', Instant::now(), wait)?;
+    }
+    t.daemon_applied = daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("control: redirecting"))
+        .count();
+    daemon.shutdown(Duration::from_secs(10));
     drop(prober);
     Ok(t)
 }
