@@ -138,6 +138,9 @@ pub struct Finished {
     pub stderr: String,
     /// Peak resident set size of the child, KiB (from `wait4`).
     pub max_rss_kib: i64,
+    /// Just before the child was spawned.
+    pub started: Instant,
+    /// From `started` until the child exited.
     pub elapsed: Duration,
 }
 
@@ -195,6 +198,7 @@ pub fn run(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Result
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
         max_rss_kib: rss,
+        started: start,
         elapsed,
     })
 }

@@ -876,6 +876,18 @@ mod tests {
                 b"{\"cmd\":\"stop\",\"service\":\"web\",\"now\":true}",
                 "unknown key \"now\" for \"stop\" (it takes \"service\")",
             ),
+            (
+                b"{\"cmd\":\"redirect-add\",\"bpffs\":\"/b\"}",
+                "\"redirect-add\": missing field `match`",
+            ),
+            (
+                b"{\"cmd\":\"redirect-del\",\"bpffs\":\"/b\",\"match\":\"tcp://198.51.100.7:80\",\"drain_timeout_s\":\"10\"}",
+                "\"redirect-del\": invalid type: string \"10\", expected u64",
+            ),
+            (
+                b"{\"cmd\":\"redirect-add\",\"bpffs\":\"/b\",\"match\":\"tcp://198.51.100.7:80\",\"ns\":\"web\",\"peer\":1}",
+                "\"redirect-add\": unknown field `peer`",
+            ),
         ] {
             let e = parse_request(line).unwrap_err();
             assert!(
