@@ -227,6 +227,12 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
                     median(&t.daemon_add_wall)
                 )),
                 Row::new(
+                    "the daemon's part of that add (request → answer)",
+                    "ms",
+                    t.daemon_share.clone(),
+                )
+                .note("from the daemon's log: checks, namespace and target lookups, entry"),
+                Row::new(
                     "viscum redirect add --no-daemon, daemon running → served locally",
                     "ms",
                     t.beside_add.clone(),
@@ -305,7 +311,7 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
                 "daemon_add": t.daemon_add, "daemon_del": t.daemon_del, "daemon_add_wall": t.daemon_add_wall,
                 "daemon_del_wall": t.daemon_del_wall, "beside_add": t.beside_add, "beside_add_wall": t.beside_add_wall,
                 "daemon_applied": t.daemon_applied,
-                "floor_true": t.floor_true, "floor_version": t.floor_version }));
+                "floor_true": t.floor_true, "floor_version": t.floor_version, "daemon_share": t.daemon_share }));
         }
         Err(e) => f.tables.push(Table {
             title: "time to effect".into(),
@@ -579,6 +585,8 @@ struct Tte {
     beside_add_wall: Vec<f64>,
     /// Requests the daemon logged as applied (to tell it really served the rounds).
     daemon_applied: usize,
+    /// The daemon's own time for each add, request to answer, from its log.
+    daemon_share: Vec<f64>,
     /// Process floors, started the same way in the same rounds: `/bin/true`, `viscum
     /// --version` (ms until exit).
     floor_true: Vec<f64>,
@@ -633,6 +641,7 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
         beside_add: vec![],
         beside_add_wall: vec![],
         daemon_applied: 0,
+        daemon_share: vec![],
         floor_true: vec![],
         floor_version: vec![],
         lib_add: vec![],
@@ -792,11 +801,17 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
         let done = v.run_spawned(e, &["--version"])?;
         t.floor_version.push(done.elapsed.as_secs_f64() * 1e3);
     }
-    t.daemon_applied = daemon
+    // "control: redirecting ... (0.42 ms)": what each add cost inside the daemon.
+    t.daemon_share = daemon
         .log()
         .lines()
         .filter(|l| l.contains("control: redirecting"))
-        .count();
+        .filter_map(|l| {
+            let ms = l.rsplit_once('(')?.1.strip_suffix(" ms)")?;
+            ms.parse().ok()
+        })
+        .collect();
+    t.daemon_applied = t.daemon_share.len();
     daemon.shutdown(Duration::from_secs(10));
     drop(prober);
     Ok(t)

@@ -19,7 +19,7 @@ use std::{
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use tokio::sync::{Mutex, oneshot};
@@ -53,7 +53,16 @@ impl Redirects {
     }
 
     async fn answer(&self, request: Request, reply: oneshot::Sender<Response>) {
+        let started = Instant::now();
         let response = self.serve(request).await;
+        // What each request cost the daemon, from the request to its answer (B7 reads it).
+        if let Some(report) = &response.redirect {
+            log::info!(
+                "control: {} ({:.2} ms)",
+                report.out.join("; "),
+                started.elapsed().as_secs_f64() * 1e3
+            );
+        }
         let _ = reply.send(response);
     }
 
@@ -79,14 +88,11 @@ impl Redirects {
         }
         let mut engine = self.engine.lock().await;
         match request::apply_add(&mut engine, &spec, &r.dns).await {
-            Ok(report) => {
-                log::info!("control: {}", report.out.join("; "));
-                Response {
-                    ok: true,
-                    redirect: Some(report),
-                    ..Response::default()
-                }
-            }
+            Ok(report) => Response {
+                ok: true,
+                redirect: Some(report),
+                ..Response::default()
+            },
             Err(e) => Response::error(format!("{e:#}")),
         }
     }
@@ -117,7 +123,6 @@ impl Redirects {
             Ok(mut report) => {
                 said.append(&mut report.out);
                 report.out = said;
-                log::info!("control: {}", report.out.join("; "));
                 Response {
                     ok: true,
                     redirect: Some(report),
