@@ -199,10 +199,11 @@ mod tests {
 
     #[test]
     fn same_instance_compares_namespace_and_directory() {
-        let me = Some(Peer {
+        let peer = Peer {
             pid: Some(i32::try_from(std::process::id()).unwrap()),
             netns_cookie: own_netns_cookie(),
-        });
+        };
+        let me = Some(peer);
         let dir = std::env::temp_dir();
         let pins = Pins::new(&dir);
         assert_eq!(same_instance(me, &dir, &pins), Ok(()));
@@ -220,7 +221,7 @@ mod tests {
         if let Some(cookie) = own_netns_cookie() {
             let elsewhere = Some(Peer {
                 netns_cookie: Some(cookie + 1),
-                ..me.unwrap()
+                ..peer
             });
             let e = same_instance(elsewhere, &dir, &pins).unwrap_err();
             assert!(e.contains("another network namespace"), "{e}");
