@@ -227,6 +227,16 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
                     median(&t.daemon_add_wall)
                 )),
                 Row::new(
+                    "the same, over the /bin/true floor of its round",
+                    "ms",
+                    t.daemon_add
+                        .iter()
+                        .zip(&t.floor_true)
+                        .map(|(add, floor)| add - floor)
+                        .collect(),
+                )
+                .note("what a process that starts and exits as cheaply as /bin/true would see: the CLI's own start, the request, the daemon, the next probe"),
+                Row::new(
                     "the daemon's part of that add (request → answer)",
                     "ms",
                     t.daemon_share.clone(),
