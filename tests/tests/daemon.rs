@@ -934,3 +934,91 @@ fn redirect_add_and_del_go_through_a_running_daemon() {
     wait_for(&lab, port, "cloud", UP);
     assert!(daemon.stop().success());
 }
+
+/// `viscum redirect del` through a running daemon drains like the CLI's own: with an edge
+/// connection open, new connections go to the cloud at once while the command waits (up to
+/// `--drain-timeout`), then the entry goes and the command reports the drain and the cut flow.
+#[test]
+fn redirect_del_through_a_running_daemon_drains_first() {
+    use std::net::TcpListener;
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = DaemonFiles::new();
+    let port = 8088;
+    let _cloud = IdentityServer::start(lab.cloud.name(), port, "cloud");
+    let svc = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &svc]);
+    // An edge server that accepts and holds every connection open.
+    let listener = netns::in_netns(&svc, move || TcpListener::bind(("0.0.0.0", port)))
+        .unwrap()
+        .unwrap();
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let holder = held.clone();
+    thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            holder.lock().unwrap().push(s);
+        }
+    });
+    files.write(&files.config());
+    let daemon = Daemon::start(&lab, &files);
+    let control = files.control().display().to_string();
+    let ep = format!("tcp://{CLOUD_V4}:{port}");
+    lab.viscum_ok(&["redirect", "add", &ep, "--ns", &svc, "--control", &control]);
+    let dst = SocketAddr::new(IpAddr::V4(CLOUD_V4), port);
+    let client = netns::in_netns(lab.client.name(), move || {
+        TcpStream::connect_timeout(&dst, Duration::from_secs(2))
+    })
+    .unwrap()
+    .expect("an edge connection");
+    assert!(
+        wait_until(Duration::from_secs(5), || held.lock().unwrap().len() == 1),
+        "the edge server never saw the connection"
+    );
+
+    let started = Instant::now();
+    let out = thread::scope(|scope| {
+        let del = scope.spawn(|| {
+            lab.viscum(&[
+                "redirect",
+                "del",
+                &ep,
+                "--control",
+                &control,
+                "--drain-timeout",
+                "3",
+            ])
+        });
+        // Draining: new connections go to the cloud while the edge one stays open.
+        wait_for(&lab, port, "cloud", UP);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "new connections reached the cloud only after the drain"
+        );
+        del.join().unwrap()
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("draining: new flows go to the cloud; waiting up to 3 s for"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("deleted {ep} (cut 1 open edge flow(s))")),
+        "{stdout}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(3), "no drain wait");
+    assert!(
+        daemon.log().contains("control: draining"),
+        "the daemon did not drain it:\n{}",
+        daemon.log()
+    );
+    assert!(entries(&lab).is_empty(), "{:?}", entries(&lab));
+    drop(client);
+    assert!(daemon.stop().success());
+}
