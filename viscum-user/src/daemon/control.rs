@@ -457,17 +457,36 @@ pub const MAX_CONNECTIONS: usize = 1024;
 /// The commands, as error messages list them.
 const COMMANDS: &str = "status, start, stop, restart, reload, redirect-add, redirect-del";
 
+/// Answers the requests it takes in the connection's own task, without the daemon's main
+/// loop (which may be busy for a while: a reload's drain, a periodic scan of every entry);
+/// hands any other request back (`Err`, boxed: a request is large next to a future) to go
+/// through the channel.
+pub type Direct = Arc<
+    dyn Fn(Request) -> Result<futures::future::BoxFuture<'static, Response>, Box<Request>>
+        + Send
+        + Sync,
+>;
+
 /// Accepts connections and forwards each request line to `tx`, until `tx`'s receiver goes,
 /// within the default [`Limits`] (the connection cap lowered to half the file-descriptor
 /// limit, which is first raised to its hard limit).
 pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Envelope>) {
+    serve_direct(listener, tx, None).await;
+}
+
+/// [`serve`], with the requests `direct` takes answered by it in each connection's task.
+pub async fn serve_direct(
+    listener: UnixListener,
+    tx: mpsc::Sender<Envelope>,
+    direct: Option<Direct>,
+) {
     let fds = raise_fd_limit();
     let mut limits = Limits::default();
     if let Some(fds) = fds {
         let half = usize::try_from(fds / 2).unwrap_or(usize::MAX).max(1);
         limits.max_connections = limits.max_connections.min(half);
     }
-    serve_with(listener, tx, limits).await;
+    serve_inner(listener, tx, limits, direct).await;
 }
 
 /// The soft `RLIMIT_NOFILE` the daemon was started with, before [`serve`] raised it (`None`
@@ -504,6 +523,15 @@ fn raise_fd_limit() -> Option<libc::rlim_t> {
 
 /// [`serve`] within `limits`.
 pub async fn serve_with(listener: UnixListener, tx: mpsc::Sender<Envelope>, limits: Limits) {
+    serve_inner(listener, tx, limits, None).await;
+}
+
+async fn serve_inner(
+    listener: UnixListener,
+    tx: mpsc::Sender<Envelope>,
+    limits: Limits,
+    direct: Option<Direct>,
+) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (stream, _) = match listener.accept().await {
@@ -525,8 +553,9 @@ pub async fn serve_with(listener: UnixListener, tx: mpsc::Sender<Envelope>, limi
             continue;
         };
         let tx = tx.clone();
+        let direct = direct.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, tx, limits).await {
+            if let Err(e) = connection(stream, tx, limits, direct).await {
                 log::debug!("control connection ended: {e}");
             }
             drop(slot);
@@ -595,6 +624,7 @@ async fn connection(
     stream: UnixStream,
     tx: mpsc::Sender<Envelope>,
     limits: Limits,
+    direct: Option<Direct>,
 ) -> io::Result<()> {
     // Who is asking, for the redirect requests: they act in the daemon's network namespace
     // and instance, which the daemon checks are the client's too (SO_PEERCRED).
@@ -641,12 +671,21 @@ async fn connection(
                     Request::RedirectDel(r) => r.peer = peer,
                     _ => {}
                 }
-                let (reply, rx) = oneshot::channel();
-                if tx.send((request, reply)).await.is_err() {
-                    Response::error("the daemon is shutting down")
-                } else {
-                    rx.await
-                        .unwrap_or_else(|_| Response::error("the daemon is shutting down"))
+                let taken = match &direct {
+                    Some(d) => d(request),
+                    None => Err(Box::new(request)),
+                };
+                match taken {
+                    Ok(answer) => answer.await,
+                    Err(request) => {
+                        let (reply, rx) = oneshot::channel();
+                        if tx.send((*request, reply)).await.is_err() {
+                            Response::error("the daemon is shutting down")
+                        } else {
+                            rx.await
+                                .unwrap_or_else(|_| Response::error("the daemon is shutting down"))
+                        }
+                    }
                 }
             }
         };

@@ -320,7 +320,16 @@ pub async fn run(
     }
 
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Envelope>(16);
-    let control_task = tokio::spawn(control::serve(control_listener, ctl_tx));
+    // `redirect-add`/`redirect-del` are served by their connections' tasks, never queued.
+    let redirects = redirects::Redirects {
+        engine: daemon.ctx.engine.clone(),
+        pins: daemon.pins.clone(),
+    };
+    let control_task = tokio::spawn(control::serve_direct(
+        control_listener,
+        ctl_tx,
+        Some(redirects.direct()),
+    ));
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<web::Scrape>(16);
     let metrics_task = metrics_listener.map(|l| tokio::spawn(web::serve(l, scrape_tx)));
     let (fleet_tx, mut fleet_rx) = mpsc::channel::<fleet::FleetRequest>(4);
@@ -337,11 +346,6 @@ pub async fn run(
     let mut link_tick = tokio::time::interval(LINK_RECHECK);
     link_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
-    // `redirect-add`/`redirect-del` are served by tasks of their own, never queued.
-    let redirects = redirects::Redirects {
-        engine: daemon.ctx.engine.clone(),
-        pins: daemon.pins.clone(),
-    };
     let mut shutdown = std::pin::pin!(shutdown);
     // Control requests that arrived while another one was being handled (other than
     // `status`, which is answered at once), in arrival order.

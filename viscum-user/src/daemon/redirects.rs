@@ -2,9 +2,11 @@
 //! its change to the running daemon, which applies it with the engine it holds open (see
 //! [`crate::redirect::request`] for why).
 //!
-//! Each request is served in a task of its own as soon as it arrives, not queued behind a
-//! `reload` or `service stop` that may wait seconds for a drain: a CLI that applied the
-//! change itself would not wait for those either. It is serialised with the daemon's own
+//! Each request is served in its connection's task as soon as it is read ([`Redirects::direct`];
+//! a request that reaches the main loop anyway gets a task of its own, [`Redirects::take`]),
+//! not queued behind a `reload` or `service stop` that may wait seconds for a drain, nor
+//! behind the main loop's periodic work: a CLI that applied the change itself would not wait
+//! for those either. It is serialised with the daemon's own
 //! changes the way a CLI's is: by the engine mutex, and the instance's write lock taken by
 //! every step ([`crate::engine::lock`]). The entries it adds belong to no service, exactly as
 //! if the CLI had added them, so no service's reconciliation removes them.
@@ -24,7 +26,7 @@ use std::{
 
 use tokio::sync::{Mutex, oneshot};
 
-use super::control::{Envelope, Request, Response};
+use super::control::{Direct, Envelope, Request, Response};
 use crate::{
     engine::{Engine, Pins},
     redirect::request::{self, AddRequest, DelRequest, Peer},
@@ -52,10 +54,31 @@ impl Redirects {
         None
     }
 
+    /// The control socket's [`Direct`] answer: redirect requests are served in their
+    /// connection's task, so not even the daemon's main loop (busy for tens of ms every
+    /// `LINK_RECHECK` scanning the entries among thousands) stands between a request and the
+    /// engine.
+    pub fn direct(&self) -> Direct {
+        let this = self.clone();
+        Arc::new(move |request| match request {
+            r @ (Request::RedirectAdd(_) | Request::RedirectDel(_)) => {
+                let this = this.clone();
+                Ok(Box::pin(async move { this.timed(r).await }))
+            }
+            other => Err(Box::new(other)),
+        })
+    }
+
     async fn answer(&self, request: Request, reply: oneshot::Sender<Response>) {
+        let response = self.timed(request).await;
+        let _ = reply.send(response);
+    }
+
+    /// [`Redirects::serve`], logging what each change cost the daemon, from the request to
+    /// its answer (B7 reads it).
+    async fn timed(&self, request: Request) -> Response {
         let started = Instant::now();
         let response = self.serve(request).await;
-        // What each request cost the daemon, from the request to its answer (B7 reads it).
         if let Some(report) = &response.redirect {
             log::info!(
                 "control: {} ({:.2} ms)",
@@ -63,7 +86,7 @@ impl Redirects {
                 started.elapsed().as_secs_f64() * 1e3
             );
         }
-        let _ = reply.send(response);
+        response
     }
 
     /// The answer to a redirect request (others get an error).
