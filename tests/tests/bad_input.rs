@@ -935,7 +935,7 @@ fn the_control_socket_survives_hostile_clients_and_serves_the_others() {
         ),
         (
             b"{\"cmd\":null}",
-            "bad request: \"cmd\" must be a string (one of status, start, stop, restart, reload), got null",
+            "bad request: \"cmd\" must be a string (one of status, start, stop, restart, reload, redirect-add, redirect-del), got null",
         ),
         (
             b"{\"cmd\":\"explode\"}",

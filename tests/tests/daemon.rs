@@ -810,3 +810,215 @@ fn a_host_name_service_follows_dns() {
     daemon.stop();
     assert!(entries(&lab).is_empty(), "{:?}", entries(&lab));
 }
+
+/// One request line on the daemon's control socket, sent from the lab's edge namespace (as
+/// `viscum` in the lab runs), and its JSON answer.
+fn ask_from_edge(lab: &Lab, files: &DaemonFiles, line: &str) -> serde_json::Value {
+    use std::{io::BufRead as _, os::unix::net::UnixStream};
+    let (control, line) = (files.control(), line.to_owned());
+    netns::in_netns(lab.edge.name(), move || {
+        let mut s = UnixStream::connect(&control).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        writeln!(s, "{line}").unwrap();
+        let mut answer = String::new();
+        std::io::BufReader::new(s).read_line(&mut answer).unwrap();
+        serde_json::from_str(&answer).unwrap()
+    })
+    .unwrap()
+}
+
+/// `viscum redirect add/del` next to a running daemon hand the change to it (the daemon logs
+/// it as a control request and applies it with its open engine); the entry belongs to no
+/// service, so a reload leaves it alone; a bad request is refused by the daemon and changes
+/// nothing.
+#[test]
+fn redirect_add_and_del_go_through_a_running_daemon() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = DaemonFiles::new();
+    let port = 8087;
+    let _cloud = IdentityServer::start(lab.cloud.name(), port, "cloud");
+    // A namespace made by hand, not a daemon service.
+    let svc = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &svc]);
+    let _edge = IdentityServer::start(&svc, port, "edge");
+    files.write(&files.config());
+    let daemon = Daemon::start(&lab, &files);
+    let control = files.control().display().to_string();
+    let ep = format!("tcp://{CLOUD_V4}:{port}");
+    assert_eq!(who(&lab, port), "cloud");
+
+    // Refused by the daemon: a namespace that does not exist, and a request whose port no
+    // match can have (sent raw: the CLI would refuse it before asking). Nothing changes.
+    let err = lab.viscum_err(&[
+        "redirect",
+        "add",
+        &ep,
+        "--ns",
+        "nosuchns",
+        "--control",
+        &control,
+    ]);
+    assert!(err.contains("nosuchns"), "{err}");
+    let bpffs = lab.bpffs.path().display().to_string();
+    let bad = serde_json::json!({
+        "cmd": "redirect-add",
+        "bpffs": bpffs,
+        "match": format!("tcp://{CLOUD_V4}:99999"),
+        "ns": svc,
+    });
+    let answer = ask_from_edge(&lab, &files, &bad.to_string());
+    assert_eq!(answer["ok"], false, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("99999"),
+        "{answer}"
+    );
+    let unknown = ask_from_edge(
+        &lab,
+        &files,
+        &format!(
+            r#"{{"cmd":"redirect-add","bpffs":"{bpffs}","match":"{ep}","ns":"{svc}","force":1}}"#
+        ),
+    );
+    assert!(
+        unknown["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown field `force`"),
+        "{unknown}"
+    );
+    // A valid request from another network namespace (this test's): the daemon would
+    // resolve the namespace and interfaces in its own, so it declines and the client applies
+    // it itself.
+    let good = serde_json::json!({
+        "cmd": "redirect-add",
+        "bpffs": bpffs,
+        "match": ep,
+        "ns": svc,
+    });
+    let declined = daemon.request(&good.to_string()).expect("an answer");
+    assert_eq!(declined["declined"], true, "{declined}");
+    assert!(entries(&lab).is_empty(), "{:?}", entries(&lab));
+    assert_eq!(who(&lab, port), "cloud");
+
+    // Added by the daemon, served at the edge.
+    let out = lab.viscum_ok(&["redirect", "add", &ep, "--ns", &svc, "--control", &control]);
+    assert!(
+        out.contains(&format!("redirecting {ep} to namespace {svc}")),
+        "{out}"
+    );
+    assert!(
+        daemon.log().contains(&format!("control: redirecting {ep}")),
+        "the daemon did not apply it:\n{}",
+        daemon.log()
+    );
+    wait_for(&lab, port, "edge", UP);
+    // A reload (the daemon reconciling its configuration) leaves an entry it was asked for
+    // alone: no service owns it.
+    let reloaded = daemon.request(r#"{"cmd":"reload"}"#).expect("an answer");
+    assert_eq!(reloaded["ok"], true, "{reloaded}");
+    assert_eq!(entries(&lab), vec![ep.clone()]);
+    assert_eq!(who(&lab, port), "edge");
+
+    // Deleted by the daemon (no open flows: at once), served by the cloud again.
+    let out = lab.viscum_ok(&["redirect", "del", &ep, "--control", &control]);
+    assert!(out.contains(&format!("deleted {ep}")), "{out}");
+    assert!(
+        daemon.log().contains(&format!("control: deleted {ep}")),
+        "the daemon did not delete it:\n{}",
+        daemon.log()
+    );
+    assert!(entries(&lab).is_empty(), "{:?}", entries(&lab));
+    wait_for(&lab, port, "cloud", UP);
+    assert!(daemon.stop().success());
+}
+
+/// `viscum redirect del` through a running daemon drains like the CLI's own: with an edge
+/// connection open, new connections go to the cloud at once while the command waits (up to
+/// `--drain-timeout`), then the entry goes and the command reports the drain and the cut flow.
+#[test]
+fn redirect_del_through_a_running_daemon_drains_first() {
+    use std::net::TcpListener;
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = DaemonFiles::new();
+    let port = 8088;
+    let _cloud = IdentityServer::start(lab.cloud.name(), port, "cloud");
+    let svc = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &svc]);
+    // An edge server that accepts and holds every connection open.
+    let listener = netns::in_netns(&svc, move || TcpListener::bind(("0.0.0.0", port)))
+        .unwrap()
+        .unwrap();
+    let held = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let holder = held.clone();
+    thread::spawn(move || {
+        for s in listener.incoming().flatten() {
+            holder.lock().unwrap().push(s);
+        }
+    });
+    files.write(&files.config());
+    let daemon = Daemon::start(&lab, &files);
+    let control = files.control().display().to_string();
+    let ep = format!("tcp://{CLOUD_V4}:{port}");
+    lab.viscum_ok(&["redirect", "add", &ep, "--ns", &svc, "--control", &control]);
+    let dst = SocketAddr::new(IpAddr::V4(CLOUD_V4), port);
+    let client = netns::in_netns(lab.client.name(), move || {
+        TcpStream::connect_timeout(&dst, Duration::from_secs(2))
+    })
+    .unwrap()
+    .expect("an edge connection");
+    assert!(
+        wait_until(Duration::from_secs(5), || held.lock().unwrap().len() == 1),
+        "the edge server never saw the connection"
+    );
+
+    let started = Instant::now();
+    let out = thread::scope(|scope| {
+        let del = scope.spawn(|| {
+            lab.viscum(&[
+                "redirect",
+                "del",
+                &ep,
+                "--control",
+                &control,
+                "--drain-timeout",
+                "3",
+            ])
+        });
+        // Draining: new connections go to the cloud while the edge one stays open.
+        wait_for(&lab, port, "cloud", UP);
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "new connections reached the cloud only after the drain"
+        );
+        del.join().unwrap()
+    });
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("draining: new flows go to the cloud; waiting up to 3 s for"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("deleted {ep} (cut 1 open edge flow(s))")),
+        "{stdout}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(3), "no drain wait");
+    assert!(
+        daemon.log().contains("control: draining"),
+        "the daemon did not drain it:\n{}",
+        daemon.log()
+    );
+    assert!(entries(&lab).is_empty(), "{:?}", entries(&lab));
+    drop(client);
+    assert!(daemon.stop().success());
+}

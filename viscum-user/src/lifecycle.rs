@@ -114,11 +114,17 @@ pub async fn recover_targets(
     // Which entries are gone and re-pointing them, as one change (see `engine::lock`).
     let _lock = engine::lock(engine.pins())?;
     let mut report = Recovery::default();
-    let gone: Vec<EntryView> = engine
+    let (gone, alive): (Vec<EntryView>, Vec<EntryView>) = engine
         .entries()?
         .into_iter()
-        .filter(|e| !ifindex_alive(e.ifindex))
-        .collect();
+        .partition(|e| !ifindex_alive(e.ifindex));
+    // Nothing gone, nothing re-pointed: the scan above already names every referenced
+    // target. Scanning again read every entry's per-CPU value a second time under the
+    // engine and the write lock (tens of ms among 10k entries, every `LINK_RECHECK`), which
+    // a `redirect add` arriving then at a daemon, or from the CLI, waited out.
+    let unchanged = gone
+        .is_empty()
+        .then(|| alive.iter().map(|e| e.ifindex).collect::<HashSet<u32>>());
     for old in gone {
         let waiting = GoneTarget {
             endpoint: old.endpoint,
@@ -150,7 +156,10 @@ pub async fn recover_targets(
             Err(e) => report.failed.push((old.endpoint, e)),
         }
     }
-    let referenced: HashSet<u32> = engine.entries()?.iter().map(|e| e.ifindex).collect();
+    let referenced = match unchanged {
+        Some(r) => r,
+        None => engine.entries()?.iter().map(|e| e.ifindex).collect(),
+    };
     engine::attach::prune_targets(engine.pins(), &referenced);
     Ok(report)
 }

@@ -10,10 +10,20 @@
 //! * Time to effect: a client probing the cloud address back to back (a new connection every
 //!   ~0.1 ms, each answered by 'K' for the cloud or 'S' for the edge copy); from the start of
 //!   `viscum redirect add` until the first probe served locally, and from the start of
-//!   `viscum redirect del` until the first one served by the cloud again. Also through the
-//!   library (`redirect::add` in-process), which leaves out process start-up.
+//!   `viscum redirect del` until the first one served by the cloud again. Then the same with
+//!   a daemon of the instance running (`viscum run`, no services), to which the commands hand
+//!   the change, interleaved with `--no-daemon` rounds (the CLI alone, same conditions). Also
+//!   through the library (`redirect::add` in-process), which leaves out process start-up.
+//!   Every timed `viscum` is started in the edge namespace as a shell there would start it:
+//!   `posix_spawn` from a thread that entered the namespace (`Viscum::run_spawned`), not
+//!   under `ip netns exec`, whose private mount namespace and fresh `/sys` mount a user on a
+//!   router never pays, and not by a `fork` of this large, busy benchmark process: the
+//!   figures are the CLI's, not iproute2's or the harness's. Its clock starts just before the
+//!   spawn; wall times are stamped when the process exits (`sys::wait_rusage`). The process
+//!   floors (`/bin/true`, `viscum --version`) are started the same way in the same rounds.
 
 use std::{
+    path::Path,
     process::Stdio,
     time::{Duration, Instant},
 };
@@ -29,6 +39,7 @@ use viscum_common::{ServiceEntry, TARGET_F_PEER};
 use viscum_lab::Netns;
 
 use crate::{
+    daemon::Daemon,
     lanes::{self, Env},
     support::{
         cli::Args,
@@ -37,6 +48,7 @@ use crate::{
         sys::{self, Proc},
     },
     tools::{self, IDENT_PORT, Prober},
+    viscum_cli::Viscum,
 };
 
 const B7: (&str, &str) = ("B7", "Control plane: update latency and time to effect");
@@ -203,6 +215,43 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
                     median(&t.cli_add_wall)
                 )),
                 Row::new(
+                    "viscum redirect add, daemon running → served locally",
+                    "ms",
+                    t.daemon_add.clone(),
+                )
+                .target_value("< 1 ms", |v| v < 1.0)
+                .note(format!(
+                    "handed to the daemon ({} of {} applied by it); the command itself runs {:.2} ms (median)",
+                    t.daemon_applied,
+                    t.daemon_add.len(),
+                    median(&t.daemon_add_wall)
+                )),
+                Row::new(
+                    "the same, over the /bin/true floor of its round",
+                    "ms",
+                    t.daemon_add
+                        .iter()
+                        .zip(&t.floor_true)
+                        .map(|(add, floor)| add - floor)
+                        .collect(),
+                )
+                .note("what a process that starts and exits as cheaply as /bin/true would see: the CLI's own start, the request, the daemon, the next probe"),
+                Row::new(
+                    "the daemon's part of that add (request → answer)",
+                    "ms",
+                    t.daemon_share.clone(),
+                )
+                .note("from the daemon's log: checks, namespace and target lookups, entry"),
+                Row::new(
+                    "viscum redirect add --no-daemon, daemon running → served locally",
+                    "ms",
+                    t.beside_add.clone(),
+                )
+                .note(format!(
+                    "interleaved with the row above; the command itself runs {:.2} ms (median)",
+                    median(&t.beside_add_wall)
+                )),
+                Row::new(
                     "viscum redirect del → first connection served by the cloud",
                     "ms",
                     t.cli_del.clone(),
@@ -210,6 +259,15 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
                 .note(format!(
                     "the command itself runs {:.2} ms (median)",
                     median(&t.cli_del_wall)
+                )),
+                Row::new(
+                    "viscum redirect del, daemon running → served by the cloud",
+                    "ms",
+                    t.daemon_del.clone(),
+                )
+                .note(format!(
+                    "the command itself runs {:.2} ms (median; it waits for the drain)",
+                    median(&t.daemon_del_wall)
                 )),
                 Row::new(
                     "redirect::add (library, in-process) → served locally",
@@ -234,6 +292,18 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
                     t.map_del.clone(),
                 ),
                 Row::new(
+                    "floor: /bin/true, started the same way → exited",
+                    "ms",
+                    t.floor_true.clone(),
+                )
+                .note("in the daemon rounds, the prober running"),
+                Row::new(
+                    "floor: viscum --version → exited",
+                    "ms",
+                    t.floor_version.clone(),
+                )
+                .note("process start and exit of this viscum build, nothing else"),
+                Row::new(
                     "probe period (new connection every …)",
                     "ms",
                     vec![t.probe_period_ms],
@@ -247,7 +317,11 @@ fn run_inner(args: &Args, env: &Env<'_>) -> Result<Fragment> {
                 rows,
             });
             f.raw("time_to_effect_ms", json!({ "cli_add": t.cli_add, "cli_del": t.cli_del, "lib_add": t.lib_add, "lib_del": t.lib_del,
-                "cli_add_wall": t.cli_add_wall, "cli_del_wall": t.cli_del_wall, "map_add": t.map_add, "map_del": t.map_del }));
+                "cli_add_wall": t.cli_add_wall, "cli_del_wall": t.cli_del_wall, "map_add": t.map_add, "map_del": t.map_del,
+                "daemon_add": t.daemon_add, "daemon_del": t.daemon_del, "daemon_add_wall": t.daemon_add_wall,
+                "daemon_del_wall": t.daemon_del_wall, "beside_add": t.beside_add, "beside_add_wall": t.beside_add_wall,
+                "daemon_applied": t.daemon_applied,
+                "floor_true": t.floor_true, "floor_version": t.floor_version, "daemon_share": t.daemon_share }));
         }
         Err(e) => f.tables.push(Table {
             title: "time to effect".into(),
@@ -511,6 +585,22 @@ struct Tte {
     cli_del: Vec<f64>,
     cli_add_wall: Vec<f64>,
     cli_del_wall: Vec<f64>,
+    /// The same commands with a daemon of the instance running (they hand the change to it).
+    daemon_add: Vec<f64>,
+    daemon_del: Vec<f64>,
+    daemon_add_wall: Vec<f64>,
+    daemon_del_wall: Vec<f64>,
+    /// `--no-daemon` next to that daemon, interleaved with the rounds through it.
+    beside_add: Vec<f64>,
+    beside_add_wall: Vec<f64>,
+    /// Requests the daemon logged as applied (to tell it really served the rounds).
+    daemon_applied: usize,
+    /// The daemon's own time for each add, request to answer, from its log.
+    daemon_share: Vec<f64>,
+    /// Process floors, started the same way in the same rounds: `/bin/true`, `viscum
+    /// --version` (ms until exit).
+    floor_true: Vec<f64>,
+    floor_version: Vec<f64>,
     lib_add: Vec<f64>,
     lib_del: Vec<f64>,
     map_add: Vec<f64>,
@@ -554,6 +644,16 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
         cli_del: vec![],
         cli_add_wall: vec![],
         cli_del_wall: vec![],
+        daemon_add: vec![],
+        daemon_del: vec![],
+        daemon_add_wall: vec![],
+        daemon_del_wall: vec![],
+        beside_add: vec![],
+        beside_add_wall: vec![],
+        daemon_applied: 0,
+        daemon_share: vec![],
+        floor_true: vec![],
+        floor_version: vec![],
         lib_add: vec![],
         lib_del: vec![],
         map_add: vec![],
@@ -569,8 +669,8 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
         sys::check_stop()?;
         prober.clear();
         // CLI add.
-        let t0 = Instant::now();
-        let done = v.run(e, &["redirect", "add", &target, "--ns", &s_name])?;
+        let done = v.run_spawned(e, &["redirect", "add", &target, "--ns", &s_name])?;
+        let t0 = done.started;
         let served = prober.wait_for(b'S', t0, wait)?;
         t.cli_add.push(ms(t0, served));
         t.cli_add_wall.push(done.elapsed.as_secs_f64() * 1e3);
@@ -580,8 +680,8 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
             .map(|v| v.target)
             .context("the CLI added no entry")?;
         // CLI del.
-        let t0 = Instant::now();
-        let done = v.run(e, &["redirect", "del", &target])?;
+        let done = v.run_spawned(e, &["redirect", "del", &target])?;
+        let t0 = done.started;
         let served = prober.wait_for(b'K', t0, wait)?;
         t.cli_del.push(ms(t0, served));
         t.cli_del_wall.push(done.elapsed.as_secs_f64() * 1e3);
@@ -664,6 +764,65 @@ fn time_to_effect(env: &Env<'_>, rounds: usize) -> Result<Tte> {
         }
     }
     t.probe_period_ms = median(&periods);
+
+    // Through the daemon: `viscum run` on this instance (no services), and the same commands,
+    // which now hand the change to it; `--no-daemon` rounds interleaved, for the CLI alone
+    // under the same conditions.
+    let mut daemon = Daemon::start_on(env, e, &format!("{base}d"), "lan0", dir.clone(), &[])?;
+    daemon.wait("answering", Duration::from_secs(20), |_| true)?;
+    let control = daemon.control.display().to_string();
+    for _ in 0..rounds {
+        sys::check_stop()?;
+        prober.clear();
+        let done = v.run_spawned(
+            e,
+            &[
+                "redirect",
+                "add",
+                &target,
+                "--ns",
+                &s_name,
+                "--control",
+                &control,
+            ],
+        )?;
+        let t0 = done.started;
+        let served = prober.wait_for(b'S', t0, wait)?;
+        t.daemon_add.push(ms(t0, served));
+        t.daemon_add_wall.push(done.elapsed.as_secs_f64() * 1e3);
+        let done = v.run_spawned(e, &["redirect", "del", &target, "--control", &control])?;
+        let t0 = done.started;
+        let served = prober.wait_for(b'K', t0, wait)?;
+        t.daemon_del.push(ms(t0, served));
+        t.daemon_del_wall.push(done.elapsed.as_secs_f64() * 1e3);
+        let done = v.run_spawned(
+            e,
+            &["redirect", "add", &target, "--ns", &s_name, "--no-daemon"],
+        )?;
+        let t0 = done.started;
+        let served = prober.wait_for(b'S', t0, wait)?;
+        t.beside_add.push(ms(t0, served));
+        t.beside_add_wall.push(done.elapsed.as_secs_f64() * 1e3);
+        // Untimed: back to the cloud for the next round.
+        v.run(e, &["redirect", "del", &target, "--now", "--no-daemon"])?;
+        prober.wait_for(b'K', Instant::now(), wait)?;
+        let done = Viscum::spawn_other(e, Path::new("/bin/true"), &[])?;
+        t.floor_true.push(done.elapsed.as_secs_f64() * 1e3);
+        let done = v.run_spawned(e, &["--version"])?;
+        t.floor_version.push(done.elapsed.as_secs_f64() * 1e3);
+    }
+    // "control: redirecting ... (0.42 ms)": what each add cost inside the daemon.
+    t.daemon_share = daemon
+        .log()
+        .lines()
+        .filter(|l| l.contains("control: redirecting"))
+        .filter_map(|l| {
+            let ms = l.rsplit_once('(')?.1.strip_suffix(" ms)")?;
+            ms.parse().ok()
+        })
+        .collect();
+    t.daemon_applied = t.daemon_share.len();
+    daemon.shutdown(Duration::from_secs(10));
     drop(prober);
     Ok(t)
 }

@@ -35,6 +35,8 @@ pub struct Daemon {
     pub cli: Viscum,
     pub control: PathBuf,
     pub edge: String,
+    /// Its stderr (the log, at info level with `viscum run`'s default).
+    log: PathBuf,
 }
 
 impl ServiceDef {
@@ -57,7 +59,8 @@ impl ServiceDef {
 }
 
 impl Daemon {
-    /// Writes the configuration and starts `viscum run` in `edge`, attached to `iface`.
+    /// Writes the configuration and starts `viscum run` in `edge`, attached to `iface`, on a
+    /// fresh instance of its own.
     pub fn start(
         env: &Env<'_>,
         edge: &str,
@@ -66,6 +69,18 @@ impl Daemon {
         services: &[ServiceDef],
     ) -> Result<Daemon> {
         let bpffs = env.bpffs.subdir(&format!("{tag}-bpf"))?;
+        Daemon::start_on(env, edge, tag, iface, bpffs, services)
+    }
+
+    /// [`Daemon::start`] on the instance pinned in `bpffs` (one the CLI made already).
+    pub fn start_on(
+        env: &Env<'_>,
+        edge: &str,
+        tag: &str,
+        iface: &str,
+        bpffs: PathBuf,
+        services: &[ServiceDef],
+    ) -> Result<Daemon> {
         let control = env.work.join(format!("{tag}.sock"));
         let run_dir = env.work.join(format!("{tag}-run"));
         // The configuration type of the tests' daemon fixture, serialised as viscum reads it.
@@ -90,7 +105,8 @@ impl Daemon {
             &["run", "--config", &config.display().to_string(), "--check"],
         )
         .context("the generated configuration is invalid")?;
-        let log = std::fs::File::create(env.work.join(format!("{tag}-daemon.log")))?;
+        let log_path = env.work.join(format!("{tag}-daemon.log"));
+        let log = std::fs::File::create(&log_path)?;
         let mut cmd = sys::command_in_with(Some(edge), None, Some(Signal::SIGTERM), &cli.bin)?;
         cmd.arg("--bpffs")
             .arg(&bpffs)
@@ -104,7 +120,13 @@ impl Daemon {
             cli,
             control,
             edge: edge.to_owned(),
+            log: log_path,
         })
+    }
+
+    /// What the daemon has written to its log so far (empty if unreadable).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
     pub fn pid(&self) -> Option<u32> {

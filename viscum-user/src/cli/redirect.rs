@@ -1,15 +1,21 @@
 //! `viscum redirect add|del|list`.
 
+use std::{path::Path, time::Duration};
+
 use clap::{Args, Subcommand};
 
-use super::{Result, print_json, print_table};
+use super::{Result, print_json, print_table, status::ControlArg};
 use crate::{
+    daemon::control::{self, ControlError, Request},
     endpoint::Endpoint,
     engine::{Engine, Pins},
     entries::{self, EntrySet},
     hostnames::{HostMatch, HostTracker, Resolver},
-    redirect::{self, Target},
-    spec::{self, Match, RedirectSpec, SpecFields},
+    redirect::{
+        self, Target,
+        request::{self as req, AddRequest, DelRequest, Report, refuse_client_target},
+    },
+    spec::{Match, RedirectSpec, SpecFields},
 };
 
 #[derive(Debug, Subcommand)]
@@ -113,17 +119,6 @@ pub struct MatchArgs {
     pub from: Option<String>,
 }
 
-impl MatchArgs {
-    /// The spec's fields for this match (mode flags unset).
-    fn fields(&self) -> SpecFields {
-        SpecFields {
-            matches: vec![self.endpoint.clone()],
-            from: self.from.clone(),
-            ..SpecFields::default()
-        }
-    }
-}
-
 /// `redirect add`: the flags are the redirect spec's fields ([`SpecFields`]), validated by
 /// [`RedirectSpec::new`] like a `[[service]]`'s keys of the same names.
 #[derive(Debug, Args)]
@@ -134,6 +129,19 @@ pub struct AddArgs {
     pub target: TargetArgs,
     #[command(flatten)]
     pub mode: ModeArgs,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+/// Whether `redirect add/del` go through a running daemon.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    #[command(flatten)]
+    pub control: ControlArg,
+    /// Apply the change in this process even when a daemon of this instance answers on its
+    /// control socket (by default the daemon applies it, with its engine already open).
+    #[arg(long)]
+    pub no_daemon: bool,
 }
 
 /// How entries redirect: the spec's mode and learning fields (the same keys in `[[service]]`).
@@ -176,10 +184,29 @@ impl ModeArgs {
 }
 
 impl AddArgs {
-    /// The validated spec, or every problem with it.
-    fn spec(self) -> Result<RedirectSpec> {
-        self.mode.spec(self.matched.fields(), self.target.target())
+    /// The request as the daemon's control socket carries it (not validated yet).
+    fn request(&self, pins: &Pins) -> Result<AddRequest> {
+        Ok(AddRequest {
+            bpffs: absolute(&pins.dir)?,
+            matched: self.matched.endpoint.clone(),
+            from: self.matched.from.clone(),
+            ns: self.target.ns.clone(),
+            to: self.target.to.clone(),
+            nat: self.mode.nat,
+            nat_to: self.mode.nat_to.clone(),
+            anyip: self.mode.anyip,
+            mirror: self.mode.mirror,
+            learn_ms: self.mode.learn_ms,
+            dns: self.matched.dns.servers.clone(),
+            peer: None,
+        })
     }
+}
+
+/// `dir` as an absolute path (the daemon finds it through `/proc/PID/root`).
+fn absolute(dir: &Path) -> Result<std::path::PathBuf> {
+    std::path::absolute(dir)
+        .map_err(|e| anyhow::anyhow!("cannot make {} absolute: {e}", dir.display()))
 }
 
 #[derive(Debug, Args)]
@@ -191,15 +218,88 @@ pub struct DelArgs {
     #[arg(long, conflicts_with = "drain_timeout")]
     pub now: bool,
     /// Longest wait, in seconds, for open edge flows to finish before deleting anyway.
-    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=req::MAX_DRAIN_TIMEOUT_S))]
     pub drain_timeout: u64,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
 }
 
 impl DelArgs {
-    /// The match named, with `--from` folded in (the spec's validation, the mode aside).
-    fn target_match(&self) -> Result<Match> {
-        let spec = RedirectSpec::new(&self.matched.fields(), Target::Veth(String::new()))?;
-        Ok(spec.matches[0].clone())
+    /// The request as the daemon's control socket carries it (not validated yet).
+    fn request(&self, pins: &Pins) -> Result<DelRequest> {
+        Ok(DelRequest {
+            bpffs: absolute(&pins.dir)?,
+            matched: self.matched.endpoint.clone(),
+            from: self.matched.from.clone(),
+            dns: self.matched.dns.servers.clone(),
+            now: self.now,
+            drain_timeout_s: self.drain_timeout,
+            peer: None,
+        })
+    }
+}
+
+/// How long a daemon may take to answer a redirect request before this command gives up
+/// (beyond a delete's drain): as long as this process itself would wait for another
+/// writer's lock, plus a margin for the daemon's own queue.
+const DAEMON_ANSWER: Duration =
+    Duration::from_secs(crate::engine::lock::LOCK_TIMEOUT.as_secs() + 10);
+
+/// Hands `request` to this instance's daemon if one answers on its control socket and takes
+/// it; `Ok(None)`: no daemon (no socket, or nobody listening), `--no-daemon`, an older daemon
+/// without redirect requests, or a daemon that declined (another network namespace or
+/// instance): the caller applies the request itself.
+///
+/// # Errors
+/// The daemon refused the request (nothing was changed), the connection broke, or no answer
+/// came within `wait` (whether the daemon applied it is then unknown).
+async fn via_daemon(
+    pins: &Pins,
+    daemon: &DaemonArgs,
+    request: &Request,
+    wait: Duration,
+) -> Result<Option<Report>> {
+    if daemon.no_daemon {
+        return Ok(None);
+    }
+    let path = daemon.control.path(pins);
+    // Without a daemon this is all it costs: one stat.
+    if !path.exists() {
+        return Ok(None);
+    }
+    let response = match tokio::time::timeout(wait, control::request(&path, request)).await {
+        Err(_) => anyhow::bail!(
+            "the daemon at {} did not answer within {} s: whether it applied the change is              unknown (see `viscum redirect list`); --no-daemon makes the change without it",
+            path.display(),
+            wait.as_secs()
+        ),
+        // A socket file nobody listens on: a daemon that died without removing it.
+        Ok(Err(ControlError::Connect { .. })) => return Ok(None),
+        Ok(Err(e)) => return Err(e.into()),
+        Ok(Ok(r)) => r,
+    };
+    if response.ok {
+        return Ok(Some(response.redirect.unwrap_or_default()));
+    }
+    let error = response.error.unwrap_or_default();
+    if response.declined {
+        log::info!("the daemon leaves this change to us: {error}");
+        return Ok(None);
+    }
+    // A daemon from before redirect requests: it changed nothing.
+    if error.starts_with("bad request: unknown command") {
+        log::info!("the daemon does not take redirect requests; making the change here");
+        return Ok(None);
+    }
+    anyhow::bail!("{error}");
+}
+
+fn print_report(report: &Report) {
+    for line in &report.out {
+        println!("{line}");
+    }
+    for line in &report.notes {
+        eprintln!("{line}");
     }
 }
 
@@ -214,71 +314,61 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
     // Each command validates its arguments before it opens (and can change) anything.
     match cmd {
         RedirectCommand::Add(args) => {
-            let dns = args.matched.dns.servers.clone();
-            let spec = args.spec()?;
-            let mut engine = Engine::open(pins)?;
-            refuse_client_target(pins, &spec.target)?;
-            let to = match &spec.target {
-                Target::Namespace(n) => format!("namespace {n}"),
-                Target::Veth(v) => v.clone(),
+            let request = args.request(pins)?;
+            let spec = request.spec()?;
+            // Host names are resolved here: a daemon would hold its engine during the lookup.
+            let by_name = matches!(spec.matches.first(), Some(Match::Host(_)));
+            let handed = if by_name {
+                None
+            } else {
+                let request = Request::RedirectAdd(request.clone());
+                via_daemon(pins, &args.daemon, &request, DAEMON_ANSWER).await?
             };
-            for ep in spec::add_entries(&mut engine, &spec, &dns).await? {
-                println!("redirecting {ep} to {to}");
-            }
-            if let Some(Match::Host(host)) = spec.matches.first() {
-                eprintln!(
-                    "note: these entries follow DNS only while `viscum redirect follow {host}` or `viscum run` manages them"
-                );
-            }
+            let report = match handed {
+                Some(report) => report,
+                None => {
+                    let mut engine = Engine::open(pins)?;
+                    req::apply_add(&mut engine, &spec, &request.dns).await?
+                }
+            };
+            print_report(&report);
         }
         RedirectCommand::Del(args) => {
-            let matched = args.target_match()?;
-            let mut engine = Engine::open(pins)?;
-            let endpoints = match matched {
-                Match::Addr(ep) => vec![ep],
-                Match::Host(host) => {
-                    let resolver = Resolver::new(&args.matched.dns.servers)?;
-                    let answer = resolver.lookup(&host.host).await?;
-                    let mut eps = Vec::new();
-                    for addr in answer.addrs {
-                        let ep = host.endpoint(addr);
-                        if engine.get(&ep)?.is_some() {
-                            eps.push(ep);
-                        }
+            let request = args.request(pins)?;
+            let matched = request.target_match()?;
+            if !matches!(matched, Match::Host(_)) {
+                let wait = DAEMON_ANSWER + Duration::from_secs(request.drain_timeout_s);
+                let del = Request::RedirectDel(request.clone());
+                let handed = via_daemon(pins, &args.daemon, &del, wait);
+                // Ctrl-C during the daemon's drain: the same delete again, at once.
+                let report = tokio::select! {
+                    r = handed => r?,
+                    _ = tokio::signal::ctrl_c() => {
+                        let now = DelRequest { now: true, ..request.clone() };
+                        via_daemon(pins, &args.daemon, &Request::RedirectDel(now), DAEMON_ANSWER)
+                            .await?
                     }
-                    if eps.is_empty() {
-                        anyhow::bail!("no entry for any address of {host}");
-                    }
-                    eps
+                };
+                if let Some(report) = report {
+                    print_report(&report);
+                    return Ok(());
                 }
+            }
+            let engine = tokio::sync::Mutex::new(Engine::open(pins)?);
+            let interrupt = async {
+                let _ = tokio::signal::ctrl_c().await;
             };
-            let mut set = EntrySet::existing(&engine, &endpoints)?;
-            let open = set.live_flows(&engine);
-            if !args.now && open > 0 {
-                println!(
-                    "draining: new flows go to the cloud; waiting up to {} s for {open} open edge \
-                     flow(s) (Ctrl-C deletes at once)",
-                    args.drain_timeout
-                );
-                let timeout = std::time::Duration::from_secs(args.drain_timeout);
-                let shared = tokio::sync::Mutex::new(engine);
-                // Interrupted: delete at once rather than leave entries draining for nobody.
-                tokio::select! {
-                    _ = set.drain_and_wait(&shared, timeout) => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-                engine = shared.into_inner();
-            }
-            let (removed, errors) = set.remove(&mut engine).await;
-            for r in &removed {
-                match r.cut_flows {
-                    0 => println!("deleted {}", r.endpoint),
-                    n => println!("deleted {} (cut {n} open edge flow(s))", r.endpoint),
-                }
-            }
-            if !errors.is_empty() {
-                anyhow::bail!("{}", errors.join("; "));
-            }
+            let report = req::apply_del(
+                &engine,
+                matched,
+                &request.dns,
+                request.now,
+                Duration::from_secs(request.drain_timeout_s),
+                interrupt,
+                |line| println!("{line}"),
+            )
+            .await?;
+            print_report(&report);
         }
         RedirectCommand::Follow(args) => {
             let host = SpecFields {
@@ -353,20 +443,6 @@ pub async fn run(pins: &Pins, cmd: RedirectCommand) -> Result<()> {
                 print_entries(&rows);
             }
         }
-    }
-    Ok(())
-}
-
-/// A `--to` target must lead into a service's namespace: the interface the classifier is
-/// attached to (a veth in a lab, a bridge port...) would loop clients' traffic back at them.
-fn refuse_client_target(pins: &Pins, target: &Target) -> Result<()> {
-    if let Target::Veth(to) = target
-        && crate::engine::attach::recorded_interfaces(pins).contains(to)
-    {
-        anyhow::bail!(
-            "--to {to}: {to} is a client-facing interface the classifier is attached to; --to \
-             takes the host side of a veth into a service's namespace"
-        );
     }
     Ok(())
 }

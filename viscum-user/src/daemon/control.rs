@@ -9,8 +9,12 @@
 //! <- {"ok":false,"error":"...: 2 problems","problems":["service a: match[0]: ..", ..]}
 //! ```
 //!
-//! Commands: `status`, `start`/`stop`/`restart` (with `service`), `reload`. A connection may
-//! send several requests; each gets exactly one reply line. The socket is created mode 0600
+//! Commands: `status`, `start`/`stop`/`restart` (with `service`), `reload`, and
+//! `redirect-add`/`redirect-del` (the fields of [`AddRequest`] and [`DelRequest`]: what
+//! `viscum redirect add/del` hand to a running daemon, which applies them with its engine
+//! already open; a reply with `"declined":true` means the daemon did not act and the client
+//! should apply the request itself). A connection may send several requests; each gets
+//! exactly one reply line. The socket is created mode 0600
 //! (root only): everything it offers, even status, is an administrator's business.
 //!
 //! Hostile or broken clients are expected ([`Limits`]; `docs/bad-input.md` lists every case
@@ -37,6 +41,7 @@ use tokio::{
 };
 
 use super::{cgroup::LimitsReport, load};
+use crate::redirect::request::{AddRequest, DelRequest, Report};
 
 /// A request line.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -62,6 +67,14 @@ pub enum Request {
     /// `{"cmd":"reload"}`: re-read the configuration file and apply the difference (as SIGHUP
     /// does); answered with [`Response::reload`], or `problems` if the file is refused.
     Reload,
+    /// `{"cmd":"redirect-add","bpffs":..,"match":..,"ns":..}`: add entries as `viscum
+    /// redirect add` does; answered with [`Response::redirect`], or `declined` when the
+    /// client is in another network namespace or names another instance.
+    RedirectAdd(AddRequest),
+    /// `{"cmd":"redirect-del","bpffs":..,"match":..,"drain_timeout_s":..}`: delete entries
+    /// as `viscum redirect del` does (draining first unless `now`); answered as
+    /// [`Request::RedirectAdd`] is.
+    RedirectDel(DelRequest),
 }
 
 /// A reply line. Fields that do not apply are left out.
@@ -84,6 +97,16 @@ pub struct Response {
     /// The answer to a successful [`Request::Reload`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reload: Option<ReloadReport>,
+    /// The answer to a successful [`Request::RedirectAdd`] or [`Request::RedirectDel`]: the
+    /// lines `viscum redirect` prints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Report>,
+    /// With `ok: false`: the daemon did not act on the request (it is not for this daemon:
+    /// another network namespace or instance); `error` says why, and the client applies the
+    /// request itself. A plain `ok: false` is a refusal: nothing was changed and the client
+    /// must not try again on its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub declined: bool,
 }
 
 impl Response {
@@ -102,6 +125,14 @@ impl Response {
             ok: false,
             error: Some(error.into()),
             ..Default::default()
+        }
+    }
+
+    /// A request this daemon leaves to the client, with the reason.
+    pub fn declined(why: impl Into<String>) -> Self {
+        Response {
+            declined: true,
+            ..Response::error(why)
         }
     }
 }
@@ -424,19 +455,38 @@ pub const MAX_LINE: usize = 64 * 1024;
 pub const MAX_CONNECTIONS: usize = 1024;
 
 /// The commands, as error messages list them.
-const COMMANDS: &str = "status, start, stop, restart, reload";
+const COMMANDS: &str = "status, start, stop, restart, reload, redirect-add, redirect-del";
+
+/// Answers the requests it takes in the connection's own task, without the daemon's main
+/// loop (which may be busy for a while: a reload's drain, a periodic scan of every entry);
+/// hands any other request back (`Err`, boxed: a request is large next to a future) to go
+/// through the channel.
+pub type Direct = Arc<
+    dyn Fn(Request) -> Result<futures::future::BoxFuture<'static, Response>, Box<Request>>
+        + Send
+        + Sync,
+>;
 
 /// Accepts connections and forwards each request line to `tx`, until `tx`'s receiver goes,
 /// within the default [`Limits`] (the connection cap lowered to half the file-descriptor
 /// limit, which is first raised to its hard limit).
 pub async fn serve(listener: UnixListener, tx: mpsc::Sender<Envelope>) {
+    serve_direct(listener, tx, None).await;
+}
+
+/// [`serve`], with the requests `direct` takes answered by it in each connection's task.
+pub async fn serve_direct(
+    listener: UnixListener,
+    tx: mpsc::Sender<Envelope>,
+    direct: Option<Direct>,
+) {
     let fds = raise_fd_limit();
     let mut limits = Limits::default();
     if let Some(fds) = fds {
         let half = usize::try_from(fds / 2).unwrap_or(usize::MAX).max(1);
         limits.max_connections = limits.max_connections.min(half);
     }
-    serve_with(listener, tx, limits).await;
+    serve_inner(listener, tx, limits, direct).await;
 }
 
 /// The soft `RLIMIT_NOFILE` the daemon was started with, before [`serve`] raised it (`None`
@@ -473,6 +523,15 @@ fn raise_fd_limit() -> Option<libc::rlim_t> {
 
 /// [`serve`] within `limits`.
 pub async fn serve_with(listener: UnixListener, tx: mpsc::Sender<Envelope>, limits: Limits) {
+    serve_inner(listener, tx, limits, None).await;
+}
+
+async fn serve_inner(
+    listener: UnixListener,
+    tx: mpsc::Sender<Envelope>,
+    limits: Limits,
+    direct: Option<Direct>,
+) {
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     loop {
         let (stream, _) = match listener.accept().await {
@@ -494,8 +553,9 @@ pub async fn serve_with(listener: UnixListener, tx: mpsc::Sender<Envelope>, limi
             continue;
         };
         let tx = tx.clone();
+        let direct = direct.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection(stream, tx, limits).await {
+            if let Err(e) = connection(stream, tx, limits, direct).await {
                 log::debug!("control connection ended: {e}");
             }
             drop(slot);
@@ -564,7 +624,11 @@ async fn connection(
     stream: UnixStream,
     tx: mpsc::Sender<Envelope>,
     limits: Limits,
+    direct: Option<Direct>,
 ) -> io::Result<()> {
+    // Who is asking, for the redirect requests: they act in the daemon's network namespace
+    // and instance, which the daemon checks are the client's too (SO_PEERCRED).
+    let peer = Some(crate::redirect::request::Peer::of(&stream));
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     let mut send = async |response: &Response| -> io::Result<()> {
@@ -601,13 +665,27 @@ async fn connection(
         }
         let response = match parse_request(&line) {
             Err(e) => Response::error(format!("bad request: {e}")),
-            Ok(request) => {
-                let (reply, rx) = oneshot::channel();
-                if tx.send((request, reply)).await.is_err() {
-                    Response::error("the daemon is shutting down")
-                } else {
-                    rx.await
-                        .unwrap_or_else(|_| Response::error("the daemon is shutting down"))
+            Ok(mut request) => {
+                match &mut request {
+                    Request::RedirectAdd(r) => r.peer = peer,
+                    Request::RedirectDel(r) => r.peer = peer,
+                    _ => {}
+                }
+                let taken = match &direct {
+                    Some(d) => d(request),
+                    None => Err(Box::new(request)),
+                };
+                match taken {
+                    Ok(answer) => answer.await,
+                    Err(request) => {
+                        let (reply, rx) = oneshot::channel();
+                        if tx.send((*request, reply)).await.is_err() {
+                            Response::error("the daemon is shutting down")
+                        } else {
+                            rx.await
+                                .unwrap_or_else(|_| Response::error("the daemon is shutting down"))
+                        }
+                    }
                 }
             }
         };
@@ -662,6 +740,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
             ));
         }
     };
+    if let Some(request) = parse_redirect(cmd, &obj)? {
+        return Ok(request);
+    }
     let takes_service = match cmd {
         "status" | "reload" => false,
         "start" | "stop" | "restart" => true,
@@ -717,6 +798,24 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         "stop" => Request::Stop { service },
         _ => Request::Restart { service },
     })
+}
+
+/// `redirect-add` / `redirect-del`: their keys are [`AddRequest`]'s and [`DelRequest`]'s
+/// (checked by serde, whose messages name the keys); `None` for other commands. The values
+/// themselves are validated where the request is applied.
+fn parse_redirect(
+    cmd: &str,
+    obj: &serde_json::Map<String, serde_json::Value>,
+) -> Result<Option<Request>, String> {
+    let mut fields = obj.clone();
+    fields.remove("cmd");
+    let fields = serde_json::Value::Object(fields);
+    let named = |e: serde_json::Error| format!("\"{cmd}\": {e}");
+    Ok(Some(match cmd {
+        "redirect-add" => Request::RedirectAdd(serde_json::from_value(fields).map_err(named)?),
+        "redirect-del" => Request::RedirectDel(serde_json::from_value(fields).map_err(named)?),
+        _ => return Ok(None),
+    }))
 }
 
 /// Sends one request to the daemon at `path` and returns its reply.
@@ -815,6 +914,18 @@ mod tests {
             (
                 b"{\"cmd\":\"stop\",\"service\":\"web\",\"now\":true}",
                 "unknown key \"now\" for \"stop\" (it takes \"service\")",
+            ),
+            (
+                b"{\"cmd\":\"redirect-add\",\"bpffs\":\"/b\"}",
+                "\"redirect-add\": missing field `match`",
+            ),
+            (
+                b"{\"cmd\":\"redirect-del\",\"bpffs\":\"/b\",\"match\":\"tcp://198.51.100.7:80\",\"drain_timeout_s\":\"10\"}",
+                "\"redirect-del\": invalid type: string \"10\", expected u64",
+            ),
+            (
+                b"{\"cmd\":\"redirect-add\",\"bpffs\":\"/b\",\"match\":\"tcp://198.51.100.7:80\",\"ns\":\"web\",\"peer\":1}",
+                "\"redirect-add\": unknown field `peer`",
             ),
         ] {
             let e = parse_request(line).unwrap_err();

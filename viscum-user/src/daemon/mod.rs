@@ -60,6 +60,7 @@ pub mod load;
 pub mod logs;
 pub mod metrics;
 pub mod process;
+mod redirects;
 pub mod sandbox;
 pub mod seccomp_bpf;
 pub mod service;
@@ -319,7 +320,16 @@ pub async fn run(
     }
 
     let (ctl_tx, mut ctl_rx) = mpsc::channel::<Envelope>(16);
-    let control_task = tokio::spawn(control::serve(control_listener, ctl_tx));
+    // `redirect-add`/`redirect-del` are served by their connections' tasks, never queued.
+    let redirects = redirects::Redirects {
+        engine: daemon.ctx.engine.clone(),
+        pins: daemon.pins.clone(),
+    };
+    let control_task = tokio::spawn(control::serve_direct(
+        control_listener,
+        ctl_tx,
+        Some(redirects.direct()),
+    ));
     let (scrape_tx, mut scrape_rx) = mpsc::channel::<web::Scrape>(16);
     let metrics_task = metrics_listener.map(|l| tokio::spawn(web::serve(l, scrape_tx)));
     let (fleet_tx, mut fleet_rx) = mpsc::channel::<fleet::FleetRequest>(4);
@@ -348,6 +358,7 @@ pub async fn run(
                 log::info!("SIGHUP: reloading the configuration");
                 let response = handle_answering_status(
                     &mut daemon,
+                    &redirects,
                     Request::Reload,
                     &mut ctl_rx,
                     &mut scrape_rx,
@@ -358,11 +369,19 @@ pub async fn run(
                     log::error!("reload refused: {}", response.problems.join("; "));
                 }
             }
-            Some((request, reply)) = next_request(&mut deferred, &mut ctl_rx) => {
-                let response =
-                    handle_answering_status(&mut daemon, request, &mut ctl_rx, &mut scrape_rx, &mut deferred)
-                        .await;
-                let _ = reply.send(response);
+            Some(envelope) = next_request(&mut deferred, &mut ctl_rx) => {
+                if let Some((request, reply)) = redirects.take(envelope) {
+                    let response = handle_answering_status(
+                        &mut daemon,
+                        &redirects,
+                        request,
+                        &mut ctl_rx,
+                        &mut scrape_rx,
+                        &mut deferred,
+                    )
+                    .await;
+                    let _ = reply.send(response);
+                }
             }
             Some(reply) = scrape_rx.recv() => {
                 let _ = reply.send(daemon.status().await);
@@ -371,6 +390,7 @@ pub async fn run(
                 let source = daemon.status_source();
                 answering_status(
                     source,
+                    &redirects,
                     daemon.on_fleet(request),
                     &mut ctl_rx,
                     &mut scrape_rx,
@@ -421,6 +441,7 @@ async fn next_request(
 /// ([`answering_status`]); a `status` request itself is answered at once.
 async fn handle_answering_status(
     daemon: &mut Daemon,
+    redirects: &redirects::Redirects,
     request: Request,
     ctl_rx: &mut mpsc::Receiver<Envelope>,
     scrape_rx: &mut mpsc::Receiver<web::Scrape>,
@@ -430,17 +451,27 @@ async fn handle_answering_status(
         return daemon.handle(request).await;
     }
     let source = daemon.status_source();
-    answering_status(source, daemon.handle(request), ctl_rx, scrape_rx, deferred).await
+    answering_status(
+        source,
+        redirects,
+        daemon.handle(request),
+        ctl_rx,
+        scrape_rx,
+        deferred,
+    )
+    .await
 }
 
 /// Runs `work`, a change to the daemon (a control request, a fleet apply) that may take long:
 /// a `reload` or `service stop` may wait for a drain, up to `drain_timeout_ms`. Meanwhile
 /// `status` requests and metric scrapes from other clients are answered from `source`, taken
 /// before `work` started: the service list as it was, each service's live state and counters
-/// as they are now. Other control requests wait in `deferred` and are handled in order
-/// afterwards, so changes stay serialised. Returns `work`'s output.
+/// as they are now. Redirect requests are served at once by `redirects`, as a CLI applying
+/// them itself would be. Other control requests wait in `deferred` and are handled in order
+/// afterwards, so the daemon's own changes stay serialised. Returns `work`'s output.
 async fn answering_status<T>(
     source: StatusSource,
+    redirects: &redirects::Redirects,
     work: impl Future<Output = T>,
     ctl_rx: &mut mpsc::Receiver<Envelope>,
     scrape_rx: &mut mpsc::Receiver<web::Scrape>,
@@ -457,8 +488,8 @@ async fn answering_status<T>(
                         status: Some(source.status().await),
                         ..Default::default()
                     });
-                } else {
-                    deferred.push_back((request, reply));
+                } else if let Some(envelope) = redirects.take((request, reply)) {
+                    deferred.push_back(envelope);
                 }
             }
             Some(reply) = scrape_rx.recv() => {
@@ -823,6 +854,15 @@ impl Daemon {
             Request::Start { service } => self.forward(&service, Command::Start).await,
             Request::Stop { service } => self.forward(&service, Command::Stop).await,
             Request::Restart { service } => self.forward(&service, Command::Restart).await,
+            // Served by `redirects::Redirects::take` before they get here.
+            r @ (Request::RedirectAdd(_) | Request::RedirectDel(_)) => {
+                redirects::Redirects {
+                    engine: self.ctx.engine.clone(),
+                    pins: self.pins.clone(),
+                }
+                .serve(r)
+                .await
+            }
         }
     }
 
