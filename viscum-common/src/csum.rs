@@ -77,14 +77,22 @@ mod tests {
         }
     }
 
+    /// A random IPv4 header with a TTL of at least 2 and a valid checksum.
     fn header(seed: &mut u64) -> [u8; 20] {
         let mut h = [0u8; 20];
         bytes(seed, &mut h);
+        h[8] = h[8].max(2);
         h[10] = 0;
         h[11] = 0;
         let c = full(&h);
         h[10..12].copy_from_slice(&c);
         h
+    }
+
+    /// Writes `check` into header `h` and asserts that the header verifies.
+    fn assert_verifies(h: &mut [u8; 20], check: [u8; 2], case: usize) {
+        h[10..12].copy_from_slice(&check);
+        assert_eq!(full(h), [0, 0], "case {case}: header {h:02x?} does not verify");
     }
 
     #[test]
@@ -104,12 +112,7 @@ mod tests {
             old[..4].copy_from_slice(&h[at..at + 4]);
             let check = ip_csum_replace4([h[10], h[11]], &old, &new);
             h[at..at + 4].copy_from_slice(&new[..4]);
-            h[10..12].copy_from_slice(&check);
-            assert_eq!(
-                full(&h),
-                [0, 0],
-                "case {case}: header {h:02x?} does not verify"
-            );
+            assert_verifies(&mut h, check, case);
         }
     }
 
@@ -118,23 +121,11 @@ mod tests {
         let mut seed = 0x2545_f491_4f6c_dd1d;
         for case in 0..20_000 {
             let mut h = header(&mut seed);
-            h[8] = h[8].max(2);
-            let c = {
-                h[10] = 0;
-                h[11] = 0;
-                full(&h)
-            };
-            h[10..12].copy_from_slice(&c);
             let old = [h[8], h[9]];
             let new = [h[8] - 1, h[9]];
             let check = ip_csum_replace2([h[10], h[11]], old, new);
             h[8] = new[0];
-            h[10..12].copy_from_slice(&check);
-            assert_eq!(
-                full(&h),
-                [0, 0],
-                "case {case}: header {h:02x?} does not verify"
-            );
+            assert_verifies(&mut h, check, case);
         }
     }
 
