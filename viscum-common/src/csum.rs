@@ -92,7 +92,11 @@ mod tests {
     /// Writes `check` into header `h` and asserts that the header verifies.
     fn assert_verifies(h: &mut [u8; 20], check: [u8; 2], case: usize) {
         h[10..12].copy_from_slice(&check);
-        assert_eq!(full(h), [0, 0], "case {case}: header {h:02x?} does not verify");
+        assert_eq!(
+            full(h),
+            [0, 0],
+            "case {case}: header {h:02x?} does not verify"
+        );
     }
 
     #[test]
