@@ -432,11 +432,14 @@ pub fn reply_identity(p: &Parsed, ifindex: u32) -> Option<*mut ReplyState> {
     REPLIES.get_ptr_mut(&rkey)
 }
 
-/// The edge record of `rkey`, copied out.
+/// The edge record of `rkey`, by reference into the map value: copied out whole, the
+/// 72-byte record made LLVM emit `memmove` subprogram calls (refused next to tail calls on
+/// a kernel without a JIT; viscum-user/tests/ebpf_object.rs). Callers read a few fields.
 #[inline(always)]
-pub fn reply_state(rkey: &ReplyKey) -> Option<ReplyState> {
-    // SAFETY: copied out of the map value at once.
-    unsafe { REPLIES.get(rkey).copied() }
+pub fn reply_state(rkey: &ReplyKey) -> Option<&'static ReplyState> {
+    // SAFETY: a value pointer from the kernel, valid while this program runs (RCU); the
+    // fields read are written only when the flow is created.
+    unsafe { REPLIES.get(rkey) }
 }
 
 /// Marks a flow whose service sent a FIN or RST as closing, so it lingers and
