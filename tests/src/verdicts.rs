@@ -72,7 +72,7 @@ use viscum::{
     engine::{Engine, Pins},
     netns,
 };
-use viscum_common::{TARGET_F_NAT, TARGET_F_SET_MAC};
+use viscum_common::{TARGET_F_NAT, TARGET_F_PEER, TARGET_F_SET_MAC};
 
 use crate::{
     cases::{CaseResult, error_chain, run_case},
@@ -579,7 +579,8 @@ fn pass(name: &'static str, frame: Vec<u8>, extra: &'static [(&'static str, u64)
 
 /// Checks a redirected frame: from `src` to `dst` (the cloud address, or the namespace's own
 /// for a translated entry; the port kept), untagged, checksums valid (so a translation
-/// updated them), and with the target's MAC when the entry asks for the MAC rewrite.
+/// updated them), and with the target's MAC when the entry asks for the MAC rewrite (a
+/// plain redirect with `TARGET_F_SET_MAC`).
 fn redirected_intact(entry: &'static str, src: SocketAddr, dst: SocketAddr) -> OutCheck {
     Box::new(move |i: &Inspected, env: &Env| {
         if i.vlan.is_some() {
@@ -595,7 +596,8 @@ fn redirected_intact(entry: &'static str, src: SocketAddr, dst: SocketAddr) -> O
         }
         let snap = snapshot(&env.pins)?;
         let (flags, mac) = snap.targets[entry];
-        if flags & TARGET_F_SET_MAC != 0 && i.dst_mac != mac {
+        // A peer redirect marks the skb PACKET_HOST instead of rewriting the frame.
+        if flags & TARGET_F_SET_MAC != 0 && flags & TARGET_F_PEER == 0 && i.dst_mac != mac {
             return Err(format!(
                 "destination MAC {:02x?}, expected the target's {mac:02x?} (flags {flags:#x})",
                 i.dst_mac

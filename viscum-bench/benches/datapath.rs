@@ -213,9 +213,11 @@ impl Loaded {
     fn fill(&mut self, keys: impl Iterator<Item = ServiceKey>) -> Result<usize> {
         let n =
             nr_cpus().map_err(|(what, e)| anyhow::anyhow!("cannot count CPUs ({what}): {e}"))?;
+        // The flags `redirect add` gives an entry on this kernel, so the rows measure what a
+        // router running it pays (on 6.15+ no PACKET_HOST mark: the kernel sets it).
         let entry = ServiceEntry::new(
             1,
-            TARGET_F_PEER | TARGET_F_SET_MAC,
+            viscum::features::entry_redirect_flags(),
             [0x02, 0, 0, 0, 0, 0x53],
         );
         let mut filter = self.filter.clone();
@@ -786,7 +788,8 @@ fn b1(args: &Args, bpffs: &PrivateBpffs) -> Result<Fragment> {
         f.note("hit with flow-table insert: a TCP SYN of a never-seen flow (fresh source address/port) per call.");
     }
     f.note(format!(
-        "map: {B1_ENTRIES} IPv4 + {B1_ENTRIES} IPv6 entries (TCP port 80); packets are TCP ACKs of 54/74 bytes; miss = address not in the map (exact-port then all-ports lookup); miss, unmanaged port = TCP port 443, which no entry uses (rejected by the port pre-filter where the object has one)."
+        "map: {B1_ENTRIES} IPv4 + {B1_ENTRIES} IPv6 entries (TCP port 80, redirect flags {}: what `redirect add` gives on this kernel); packets are TCP ACKs of 54/74 bytes; miss = address not in the map (exact-port then all-ports lookup); miss, unmanaged port = TCP port 443, which no entry uses (rejected by the port pre-filter where the object has one).",
+        redirect_flag_names(viscum::features::entry_redirect_flags())
     ));
     f.note("hot = the kernel's mean over repeat = 1e6 runs of one packet (all in cache); spread = one run per BPF_PROG_TEST_RUN call, a different flow every call.");
 
@@ -1006,4 +1009,18 @@ fn b2(args: &Args, bpffs: &PrivateBpffs) -> Result<Fragment> {
     );
     f.raw("plan", json!({ "rounds": plan.rounds, "repeat": plan.repeat, "spread_calls_per_round": plan.spread_calls }));
     Ok(f.finish())
+}
+
+/// `TARGET_F_*` redirect bits by name, for the report.
+fn redirect_flag_names(flags: u32) -> String {
+    let names: Vec<&str> = [(TARGET_F_PEER, "PEER"), (TARGET_F_SET_MAC, "SET_MAC")]
+        .into_iter()
+        .filter(|(bit, _)| flags & bit != 0)
+        .map(|(_, name)| name)
+        .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join("|")
+    }
 }

@@ -77,9 +77,13 @@ impl ServiceKey {
 /// `bpf_redirect` to the host-side veth's egress, which still arrives on the
 /// peer but costs a second trip through the stack (kernels < 5.10).
 pub const TARGET_F_PEER: u32 = 1 << 0;
-/// `mac` is valid: rewrite the Ethernet destination to it before redirecting.
-/// Needed for plain redirect, and for `bpf_redirect_peer` on kernels < 6.15,
-/// where the peer would otherwise drop the frame as `PACKET_OTHERHOST`.
+/// Make the frame the namespace's own before redirecting, for the namespace's IP layer
+/// drops a frame classified `PACKET_OTHERHOST` (one not addressed to the client-facing
+/// interface's MAC, as on a bridge port whose MAC is not the bridge's). With
+/// [`TARGET_F_PEER`] (kernels < 6.15; from 6.15 `bpf_redirect_peer` does it, commit
+/// c4327229948879) the classifier marks the skb `PACKET_HOST` (`bpf_skb_change_type`);
+/// without it, it rewrites the Ethernet destination to `mac`, which the peer veth then
+/// classifies as its own.
 pub const TARGET_F_SET_MAC: u32 = 1 << 1;
 
 /// Destination rewrite on the way in and source restore on the way out
@@ -106,7 +110,8 @@ pub struct ServiceEntry {
     pub ifindex: u32,
     /// `TARGET_F_*` bits.
     pub flags: u32,
-    /// MAC of the namespace-side veth (valid with [`TARGET_F_SET_MAC`]).
+    /// MAC of the namespace-side veth (written with [`TARGET_F_SET_MAC`] when not
+    /// [`TARGET_F_PEER`]; mirror mode clones to it).
     pub mac: [u8; 6],
     /// Explicit padding, always zero (see the crate docs).
     pub _pad: [u8; 2],

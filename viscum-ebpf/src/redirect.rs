@@ -5,7 +5,7 @@ use aya_ebpf::{
     bindings::{TC_ACT_UNSPEC, bpf_fib_lookup, bpf_redir_neigh},
     helpers::{
         bpf_check_mtu, bpf_clone_redirect, bpf_fib_lookup as fib_lookup, bpf_redirect,
-        bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_vlan_pop,
+        bpf_redirect_neigh, bpf_redirect_peer, bpf_skb_change_type, bpf_skb_vlan_pop,
     },
     programs::TcContext,
 };
@@ -113,20 +113,40 @@ pub fn to_service(ctx: &TcContext, entry: &ServiceEntry, l2_vlan: bool) -> i32 {
 
 /// Redirects into the namespace behind host veth `ifindex` (`flags`:
 /// `TARGET_F_*`, `mac`: the namespace veth's MAC).
+///
+/// With [`TARGET_F_SET_MAC`] the frame is made the namespace's own, which it need not be at
+/// L2: on a bridge port whose MAC is not the bridge's (a Wi-Fi interface under `br-lan`),
+/// frames to the gateway arrive `PACKET_OTHERHOST`, and the namespace's IP layer drops those
+/// (`ip_rcv`). How depends on the way in:
+/// * a peer redirect skips the veth's transmit path, so nothing re-reads the destination
+///   MAC: the classification is set directly with `bpf_skb_change_type(PACKET_HOST)`, as
+///   the kernel does itself from 6.15 (commit c4327229948879; the helper: bpf-helpers(7),
+///   4.8+). A field of the skb, not the packet: no copy of a cloned head, no helper store;
+/// * a plain redirect goes out of the host veth, whose peer classifies the frame again
+///   (`eth_type_trans`) by its destination MAC, which is rewritten to `mac`.
 #[inline(always)]
 pub fn to_target(ctx: &TcContext, ifindex: u32, flags: u32, mac: &[u8; 6], l2_vlan: bool) -> i32 {
     strip_vlan(ctx, l2_vlan);
-    if flags & TARGET_F_SET_MAC != 0 {
-        set_dst_mac(ctx, mac);
-    }
-    // SAFETY: helper calls with a plain ifindex; flags must be 0.
     let ret = if flags & TARGET_F_PEER != 0 {
+        if flags & TARGET_F_SET_MAC != 0 {
+            // SAFETY: helper on our own skb; it only fails for a pkt_type above
+            // PACKET_OTHERHOST (loopback, outgoing), which a frame at TC ingress does not have.
+            unsafe { bpf_skb_change_type(ctx.skb.skb, PACKET_HOST) };
+        }
+        // SAFETY: helper call with a plain ifindex; flags must be 0.
         unsafe { bpf_redirect_peer(ifindex, 0) }
     } else {
+        if flags & TARGET_F_SET_MAC != 0 {
+            set_dst_mac(ctx, mac);
+        }
+        // SAFETY: as above.
         unsafe { bpf_redirect(ifindex, 0) }
     };
     ret as i32
 }
+
+/// `PACKET_HOST` of include/uapi/linux/if_packet.h.
+const PACKET_HOST: u32 = 0;
 
 /// Mirror mode: a clone goes to the edge copy, the original continues to
 /// the cloud unchanged (the MAC is restored before returning).

@@ -510,6 +510,59 @@ impl Lab {
         })
     }
 
+    /// Points the client's neighbour entries for its gateway (the edge's LAN addresses, IPv4
+    /// and IPv6) at `mac` (permanent), or, with `None`, removes them so that ARP and neighbour
+    /// discovery find the edge again. With a MAC that is not `lan0`'s the edge receives the
+    /// client's frames as `PACKET_OTHERHOST`, as a bridge port whose own MAC is not the
+    /// bridge's receives those addressed to the bridge (a Wi-Fi interface under `br-lan`).
+    /// Without a VLAN only.
+    pub fn set_client_gateway_mac(&self, mac: Option<[u8; 6]>) -> Result<(), LabError> {
+        let client = self.client.name().to_owned();
+        block_on(async move {
+            let c = netns::handle_in(&client)
+                .await
+                .map_err(LabError::netns(format!("netlink in {client}")))?;
+            let link = netns::link_by_name(&c, CLIENT_IF)
+                .await
+                .map_err(LabError::netns(format!("{CLIENT_IF} in {client}")))?;
+            for addr in [IpAddr::V4(EDGE_LAN_V4), IpAddr::V6(EDGE_LAN_V6)] {
+                let what = format!("neighbour {addr} on {CLIENT_IF} in {client}");
+                let io = |e: rtnetlink::Error| LabError::Io {
+                    what: what.clone(),
+                    source: io::Error::other(e),
+                };
+                match mac {
+                    Some(mac) => c
+                        .neighbours()
+                        .add(link.index, addr)
+                        .link_layer_address(&mac)
+                        .state(NeighbourState::Permanent)
+                        .replace()
+                        .execute()
+                        .await
+                        .map_err(io)?,
+                    None => {
+                        let mut found = c.neighbours().get().execute();
+                        while let Some(n) = futures::TryStreamExt::try_next(&mut found)
+                            .await
+                            .map_err(io)?
+                        {
+                            let ours = n.header.ifindex == link.index
+                                && n.attributes.iter().any(|a| {
+                                    matches!(a, netlink_packet_route::neighbour::NeighbourAttribute::Destination(d)
+                                        if neighbour_addr(d) == Some(addr))
+                                });
+                            if ours {
+                                c.neighbours().del(n).execute().await.map_err(io)?;
+                            }
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Service namespace `name` as `viscum ns list --json` shows it; panics if it is not listed.
     pub fn service_ns_info(&self, name: &str) -> serde_json::Value {
         let out = self.viscum_ok(&["ns", "list", "--json"]);
@@ -734,5 +787,14 @@ pub async fn links_ready(
             )));
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The address of a neighbour entry's destination attribute.
+fn neighbour_addr(d: &netlink_packet_route::neighbour::NeighbourAddress) -> Option<IpAddr> {
+    match d {
+        netlink_packet_route::neighbour::NeighbourAddress::Inet(a) => Some(IpAddr::V4(*a)),
+        netlink_packet_route::neighbour::NeighbourAddress::Inet6(a) => Some(IpAddr::V6(*a)),
+        _ => None,
     }
 }

@@ -249,14 +249,33 @@ fn jit_setting(programs: &[ProgramStats]) -> Option<u8> {
         })
 }
 
+/// The redirect flags (`TARGET_F_PEER`, `TARGET_F_SET_MAC`) `redirect add` gives an entry
+/// into a namespace on this kernel: a peer redirect where `bpf_redirect_peer` exists
+/// (5.10+, probed, not assumed from the version), else `bpf_redirect` to the host veth's
+/// egress. The frame must reach the namespace as its own (`PACKET_HOST`): a plain redirect
+/// goes through the peer veth's classification by destination MAC, which the classifier
+/// rewrites; a peer redirect kept the client-facing interface's classification before
+/// 6.15, so the classifier marks the skb itself. From 6.15 a peer redirect does that
+/// (kernel commit c4327229948879) and `TARGET_F_SET_MAC`, a helper call on every packet of
+/// every edge flow, is left off, as [`redirect_mode`] reports.
+pub fn entry_redirect_flags() -> u32 {
+    use viscum_common::{TARGET_F_PEER, TARGET_F_SET_MAC};
+    if !has_redirect_peer() {
+        TARGET_F_SET_MAC
+    } else if kernel_at_least(6, 15) {
+        TARGET_F_PEER
+    } else {
+        TARGET_F_PEER | TARGET_F_SET_MAC
+    }
+}
+
 /// How a hit enters its namespace, given `bpf_redirect_peer` support.
 pub fn redirect_mode(peer: bool) -> &'static str {
     match (peer, kernel_at_least(6, 15)) {
         (true, true) => "bpf_redirect_peer",
-        // Before 6.15 (commit "bpf: Set pkt_type to PACKET_HOST in
-        // redirect_peer") the peer keeps the frame's pkt_type, so the
-        // destination MAC is rewritten to the namespace veth's.
-        (true, false) => "bpf_redirect_peer + destination MAC rewrite",
+        // Before 6.15 (commit c4327229948879) the peer keeps the frame's pkt_type, so the
+        // classifier marks it PACKET_HOST itself (bpf_skb_change_type).
+        (true, false) => "bpf_redirect_peer + PACKET_HOST mark",
         (false, _) => "bpf_redirect to the host veth + destination MAC rewrite",
     }
 }

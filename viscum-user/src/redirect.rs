@@ -194,25 +194,8 @@ struct Resolved {
 }
 
 async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
-    // bpf_redirect_peer exists from 5.10 (probed, not assumed from the
-    // version); without it the slower redirect to the host veth's egress
-    // (with the MAC rewritten) is used.
-    let peer = if crate::features::has_redirect_peer() {
-        TARGET_F_PEER
-    } else {
-        0
-    };
-    // The destination MAC: a plain redirect goes out of the host veth, whose peer takes the
-    // frame as PACKET_OTHERHOST unless it is addressed to it; so did a peer redirect before
-    // 6.15, which kept the client-facing interface's classification. From 6.15 a peer
-    // redirect marks the frame PACKET_HOST (kernel commit c4327229948879), so the rewrite,
-    // a helper call on every packet of every edge flow, is skipped, as
-    // `features::redirect_mode` reports. Mirror mode always writes the MAC it clones to.
-    let set_mac = if peer != 0 && crate::features::kernel_at_least(6, 15) {
-        0
-    } else {
-        TARGET_F_SET_MAC
-    };
+    let flags = crate::features::entry_redirect_flags();
+    let (peer, set_mac) = (flags & TARGET_F_PEER, flags & TARGET_F_SET_MAC);
     match target {
         Target::Namespace(name) => {
             netns::validate_name(name)?;
@@ -242,15 +225,16 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
             // If it happens to be one of ours we know the peer's MAC, and the namespace
             // gets the local route its mode needs, as with `--ns` (without it an AnyIP
             // entry into a Viscum namespace would deliver to an address nobody there
-            // answers); for a foreign veth we rely on the kernel (>= 6.15 marks
-            // peer-redirected frames PACKET_HOST), skip the rewrite, and its routes are
-            // its owner's.
+            // answers). For a foreign veth its routes are its owner's, and its peer's MAC is
+            // unknown: a peer redirect still gets the PACKET_HOST mark (it needs no MAC),
+            // a plain one goes without the rewrite.
             let ns = match netns::service_ns_by_host_ifindex(link.index).await? {
                 Some(name) => Some(netns::service_ns_check(&name).await?),
                 None => None,
             };
             let (flags, mac) = match &ns {
                 Some(ns) => (peer | set_mac, ns.ns_mac),
+                None if peer != 0 => (peer | set_mac, [0; 6]),
                 None => (peer, [0; 6]),
             };
             Ok(Resolved {

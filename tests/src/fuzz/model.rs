@@ -298,7 +298,7 @@ pub struct Target {
     pub ifindex: u32,
     /// `TARGET_F_*`.
     pub flags: u32,
-    /// The namespace veth's MAC (written when `TARGET_F_SET_MAC`).
+    /// The namespace veth's MAC (written when `TARGET_F_SET_MAC` without `TARGET_F_PEER`).
     pub mac: [u8; 6],
     /// Translated to this address (and port, 0 = keep) when `Some`.
     pub nat: Option<([u8; 16], u16)>,
@@ -620,7 +620,10 @@ impl Model {
         } else {
             0
         };
-        if t.flags & viscum_common::TARGET_F_SET_MAC != 0 {
+        // A peer redirect marks the skb PACKET_HOST instead (not visible in the frame).
+        if t.flags & viscum_common::TARGET_F_SET_MAC != 0
+            && t.flags & viscum_common::TARGET_F_PEER == 0
+        {
             out[..6].copy_from_slice(&t.mac);
         }
         Prediction {
