@@ -31,7 +31,7 @@ use viscum_common::{
     TARGET_F_NAT,
 };
 
-use crate::{counters, flow, lookup, nat, parse::Parsed, redirect};
+use crate::{counters, flow, lookup, nat, nat::End, parse::Parsed, redirect};
 
 /// ICMP handling runs as its own programs, reached by tail call from the two
 /// classifiers: each program gets its own 512-byte stack and its own
@@ -145,7 +145,7 @@ pub fn quoted(ctx: &TcContext, p: &Parsed) -> Option<Quoted> {
 /// Client side: an error about a packet the edge copy sent. Returns the TC
 /// action if the error was ours, `None` to pass it on.
 #[inline(always)]
-pub fn to_edge(ctx: &TcContext, p: &Parsed) -> Option<i32> {
+pub fn to_edge(ctx: &TcContext, p: &mut Parsed) -> Option<i32> {
     let q = quoted(ctx, p)?;
     // An error about a packet the edge sent as the cloud address is addressed to that
     // address; one addressed elsewhere is not about this flow's packets.
@@ -176,7 +176,7 @@ pub fn to_edge(ctx: &TcContext, p: &Parsed) -> Option<i32> {
         } else {
             q.sport
         };
-        if nat::rewrite_icmp_outer(ctx, p, false, &p.key.addr, &entry.nat_addr).is_none()
+        if nat::rewrite_icmp_outer(ctx, p, End::Destination, &entry.nat_addr).is_none()
             || !rewrite_quote(ctx, p, &q, true, &q.src, &entry.nat_addr, q.sport, nat_port)
         {
             return Some(TC_ACT_SHOT);
@@ -207,14 +207,15 @@ pub fn to_client(ctx: &TcContext, p: &Parsed, ifindex: u32) -> Option<i32> {
         counters::bump(GlobalCounter::IcmpDropped);
         return Some(TC_ACT_SHOT);
     }
-    let mut ip_check = p.ip_check;
+    // The packet as it leaves: the outer rewrite keeps its header checksum current for the
+    // TTL decrement that follows.
+    let mut fwd = *p;
     if id.service != p.saddr {
         // Sent from the namespace's own address: the client must see the
         // error come from the address it talked to.
-        let Some(check) = nat::rewrite_icmp_outer(ctx, p, true, &p.saddr, &id.service) else {
+        if nat::rewrite_icmp_outer(ctx, &mut fwd, End::Source, &id.service).is_none() {
             return Some(TC_ACT_SHOT);
-        };
-        ip_check = check;
+        }
     }
     if (id.service != q.dst || id.service_port != q.dport)
         && !rewrite_quote(
@@ -233,10 +234,6 @@ pub fn to_client(ctx: &TcContext, p: &Parsed, ifindex: u32) -> Option<i32> {
         return Some(TC_ACT_SHOT);
     }
     counters::bump(GlobalCounter::IcmpToClient);
-    let mut fwd = *p;
-    fwd.saddr = id.service;
-    // The header checksum the TTL decrement starts from: the outer rewrite changed it.
-    fwd.ip_check = ip_check;
     Some(redirect::reply_to_client(ctx, &fwd))
 }
 

@@ -93,7 +93,7 @@ pub fn viscum_icmp_ingress(ctx: TcContext) -> i32 {
     match parse::parse(&ctx, &mut slot) {
         Ok(Kind::Icmp) => {
             // SAFETY: written by a successful parse.
-            let p = unsafe { slot.assume_init_ref() };
+            let p = unsafe { slot.assume_init_mut() };
             match icmp::to_edge(&ctx, p) {
                 Some(action) => action,
                 None => pass(),
@@ -155,7 +155,7 @@ fn parse_or_pass(ctx: &TcContext) -> Result<Parsed, i32> {
 /// classifier could not or would not handle (always "no verdict", see `pass`).
 #[inline(always)]
 fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
-    let p = parse_or_pass(ctx)?;
+    let mut p = parse_or_pass(ctx)?;
     // The miss pre-filter: no entry or rule has this protocol and destination port.
     // After the parse, so ICMP errors have gone to their own program and a later
     // fragment is judged by the ports its first fragment recorded.
@@ -216,16 +216,17 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
             return Ok(pass());
         }
     }
-    let action = deliver(ctx, &p, entry)?;
+    let port = p.key.port;
+    let action = deliver(ctx, &mut p, entry)?;
     // Logged here, not in `deliver`: the log macro's closure, in a function two programs
     // inline, is left out of line by LLVM, and a BPF-to-BPF call is refused next to tail
-    // calls on a kernel without a JIT.
+    // calls on a kernel without a JIT. The port the client asked for, not the translated one.
     if log {
         debug!(
             ctx,
             "edge proto={} port={} -> ifindex {} action {}",
             p.key.proto,
-            u16::from_be(p.key.port),
+            u16::from_be(port),
             entry.ifindex,
             action
         );
@@ -235,8 +236,10 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
 
 /// Serves a packet of an edge flow of `entry`: counts it, translates it in NAT mode,
 /// clamps a SYN's MSS, and redirects it into the service namespace.
+///
+/// In NAT mode `p` describes the translated packet afterwards (see [`nat::rewrite`]).
 #[inline(always)]
-fn deliver(ctx: &TcContext, p: &Parsed, entry: &mut ServiceEntry) -> Result<i32, i32> {
+fn deliver(ctx: &TcContext, p: &mut Parsed, entry: &mut ServiceEntry) -> Result<i32, i32> {
     entry.packets += 1;
     entry.bytes += u64::from(ctx.len());
 
@@ -246,17 +249,7 @@ fn deliver(ctx: &TcContext, p: &Parsed, entry: &mut ServiceEntry) -> Result<i32,
         } else {
             p.key.port
         };
-        if nat::rewrite(
-            ctx,
-            p,
-            End::Destination,
-            &p.key.addr,
-            &entry.nat_addr,
-            p.key.port,
-            port,
-        )
-        .is_none()
-        {
+        if nat::rewrite(ctx, p, End::Destination, &entry.nat_addr, port).is_none() {
             counters::bump(GlobalCounter::RedirectErrors);
             return Err(TC_ACT_SHOT);
         }
@@ -308,7 +301,7 @@ fn try_recover(ctx: &TcContext) -> Result<i32, i32> {
     if !flow::recover(ctx, &p, entry) {
         return Ok(pass());
     }
-    deliver(ctx, &p, entry)
+    deliver(ctx, &mut p, entry)
 }
 
 /// Replies leaving a service namespace (TC ingress of its host veth).
@@ -350,29 +343,16 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
         flow::close_from_service(id);
     }
     frag::remember(&p);
-    let mut ip_check = p.ip_check;
+    let mut fwd = p;
     if id.service != p.saddr || id.service_port != p.sport {
         // NAT mode, or a UDP server that answered from its veth address
         // (plain sendto() on a 0.0.0.0 socket): restore the cloud identity
         // the client expects, or a connected client drops the reply.
-        let Some(check) = nat::rewrite(
-            ctx,
-            &p,
-            End::Source,
-            &p.saddr,
-            &id.service,
-            p.sport,
-            id.service_port,
-        ) else {
+        if nat::rewrite(ctx, &mut fwd, End::Source, &id.service, id.service_port).is_none() {
             return Err(TC_ACT_SHOT);
-        };
-        ip_check = check;
+        }
         counters::bump(GlobalCounter::RepliesRewritten);
     }
-    let mut fwd = p;
-    fwd.saddr = id.service;
-    fwd.sport = id.service_port;
-    fwd.ip_check = ip_check;
     // Sent straight out to the client, a reply gets its service's network share (HTB class,
     // see `share`), cached in the flow record with the FIB result.
     Ok(redirect::reply_to_client_cached(ctx, &fwd, id, ifindex))

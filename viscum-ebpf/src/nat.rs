@@ -45,10 +45,10 @@ fn l4_flags(p: &Parsed) -> u64 {
     }
 }
 
-/// Rewrites one end's address and port. Returns the IPv4 header checksum now in the packet
-/// (as [`Parsed::ip_check`] holds it: the parse's, or the rewritten one; 0 for IPv6), or
-/// `None` if a helper failed (the packet is then dropped by the caller, never sent
-/// half-rewritten on purpose).
+/// Rewrites one end's address and port, and updates `p` to describe the packet as it now
+/// is (that end's address and port, and [`Parsed::ip_check`]), so what follows (the TTL
+/// decrement, a log line) cannot start from a stale header. `None` if a helper failed (the
+/// packet is then dropped by the caller, never sent half-rewritten on purpose).
 ///
 /// The TCP/UDP checksum goes through `bpf_l4_csum_replace`: only the kernel knows how the
 /// skb carries it (`CHECKSUM_PARTIAL`: the field holds the pseudo-header sum alone and the
@@ -61,13 +61,15 @@ fn l4_flags(p: &Parsed) -> u64 {
 #[inline(always)]
 pub fn rewrite(
     ctx: &TcContext,
-    p: &Parsed,
+    p: &mut Parsed,
     end: End,
-    old_addr: &[u8; 16],
     new_addr: &[u8; 16],
-    old_port: u16,
     new_port: u16,
-) -> Option<u16> {
+) -> Option<()> {
+    let (old_addr, old_port) = match end {
+        End::Source => (p.saddr, p.sport),
+        End::Destination => (p.key.addr, p.key.port),
+    };
     let csum = l4_csum_off(p) as usize;
     let l4f = l4_flags(p);
     let v4 = p.key.family == FAMILY_V4;
@@ -75,17 +77,15 @@ pub fn rewrite(
     // datagram's L4 checksum sits in the first fragment, which gets the
     // whole pseudo-header update.
     let has_l4 = p.frag != Frag::Later;
-    let addr_moves = old_addr != new_addr;
+    let addr_moves = old_addr != *new_addr;
     let port_moves = has_l4 && old_port != new_port;
 
     if addr_moves && has_l4 {
         let ok = if v4 {
-            let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
-            let new = u32::from_ne_bytes([new_addr[0], new_addr[1], new_addr[2], new_addr[3]]);
             ctx.l4_csum_replace(
                 csum,
-                u64::from(old),
-                u64::from(new),
+                u64::from(v4_word(&old_addr)),
+                u64::from(v4_word(new_addr)),
                 l4f | u64::from(BPF_F_PSEUDO_HDR) | 4,
             )
             .is_ok()
@@ -93,7 +93,7 @@ pub fn rewrite(
             ctx.l4_csum_replace(
                 csum,
                 0,
-                u64::from(csum_diff16(old_addr, new_addr)),
+                u64::from(csum_diff16(&old_addr, new_addr)),
                 l4f | u64::from(BPF_F_PSEUDO_HDR),
             )
             .is_ok()
@@ -110,13 +110,12 @@ pub fn rewrite(
         return None;
     }
 
-    let mut check = p.ip_check;
     let mut ports_written = false;
     if addr_moves {
         if v4 {
-            check = u16::from_ne_bytes(ip_csum_replace4(
+            let check = u16::from_ne_bytes(ip_csum_replace4(
                 p.ip_check.to_ne_bytes(),
-                old_addr,
+                &old_addr,
                 new_addr,
             ));
             let (src, dst, sport, dport) = match end {
@@ -137,14 +136,15 @@ pub fn rewrite(
                 ports_written = true;
                 ctx.store(off, &tail, 0)
             } else {
-                let head = [
-                    c[0], c[1], src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3],
-                ];
-                ctx.store(off, &head, 0)
+                match tail.first_chunk::<10>() {
+                    Some(head) => ctx.store(off, head, 0),
+                    None => return None,
+                }
             };
             if stored.is_err() {
                 return None;
             }
+            p.ip_check = check;
         } else {
             let off = p.l3 as usize + if end == End::Source { 8 } else { 24 };
             if ctx.store(off, new_addr, 0).is_err() {
@@ -158,48 +158,84 @@ pub fn rewrite(
             return None;
         }
     }
-    Some(check)
+    match end {
+        End::Source => {
+            p.saddr = *new_addr;
+            p.sport = new_port;
+        }
+        End::Destination => {
+            p.key.addr = *new_addr;
+            p.key.port = new_port;
+        }
+    }
+    Some(())
 }
 
-/// Rewrites the outer source (`src`) or destination address of an ICMP
-/// (IPv4) or ICMPv6 packet. ICMPv4's checksum covers only the ICMP message;
-/// ICMPv6's also covers the IPv6 pseudo-header (RFC 4443 section 2.3), so it
-/// changes with the address. Returns the IPv4 header checksum now in the packet (see
-/// [`rewrite`]; 0 for IPv6), or `None` if a helper failed.
+/// An IPv4 address (the first four bytes of the 16-byte layout) as the 32-bit word it is in
+/// the packet, for the checksum helpers.
+#[inline(always)]
+fn v4_word(a: &[u8; 16]) -> u32 {
+    u32::from_ne_bytes([a[0], a[1], a[2], a[3]])
+}
+
+/// Rewrites the outer source or destination address of an ICMP (IPv4) or ICMPv6 packet,
+/// and updates `p` to match (see [`rewrite`]). ICMPv4's checksum covers only the ICMP
+/// message; ICMPv6's also covers the IPv6 pseudo-header (RFC 4443 section 2.3), so it
+/// changes with the address. `None` if a helper failed.
 #[inline(always)]
 pub fn rewrite_icmp_outer(
     ctx: &TcContext,
-    p: &Parsed,
-    src: bool,
-    old_addr: &[u8; 16],
+    p: &mut Parsed,
+    end: End,
     new_addr: &[u8; 16],
-) -> Option<u16> {
-    // ICMP errors are rare: the helpers here (`bpf_l3_csum_replace` updates the header
-    // checksum in the packet), with the new checksum computed alongside for the TTL
-    // decrement that follows. The stores of `rewrite`, spliced into this tail-called
-    // program, doubled its verified instructions on 6.1.
+) -> Option<()> {
+    let old_addr = match end {
+        End::Source => p.saddr,
+        End::Destination => p.key.addr,
+    };
     if p.key.family == FAMILY_V4 {
-        let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
-        let new = u32::from_ne_bytes([new_addr[0], new_addr[1], new_addr[2], new_addr[3]]);
-        let off = p.l3 as usize + if src { 12 } else { 16 };
-        ctx.l3_csum_replace(p.l3 as usize + 10, u64::from(old), u64::from(new), 4)
-            .ok()?;
-        ctx.store(off, &new, 0).ok()?;
-        Some(u16::from_ne_bytes(ip_csum_replace4(
+        // The header checksum from the parse (RFC 1624), written in the same store as the
+        // address where they touch (the source follows the checksum at once); the
+        // destination, four bytes further on, gets a store of its own.
+        let check = u16::from_ne_bytes(ip_csum_replace4(
             p.ip_check.to_ne_bytes(),
-            old_addr,
+            &old_addr,
             new_addr,
-        )))
+        ));
+        let c = check.to_ne_bytes();
+        let base = p.l3 as usize + 10;
+        match end {
+            End::Source => {
+                let head = [
+                    c[0],
+                    c[1],
+                    new_addr[0],
+                    new_addr[1],
+                    new_addr[2],
+                    new_addr[3],
+                ];
+                ctx.store(base, &head, 0).ok()?;
+            }
+            End::Destination => {
+                ctx.store(base, &c, 0).ok()?;
+                ctx.store(p.l3 as usize + 16, &v4_word(new_addr), 0).ok()?;
+            }
+        }
+        p.ip_check = check;
     } else {
         ctx.l4_csum_replace(
             p.l4 as usize + 2,
             0,
-            u64::from(csum_diff16(old_addr, new_addr)),
+            u64::from(csum_diff16(&old_addr, new_addr)),
             u64::from(BPF_F_PSEUDO_HDR),
         )
         .ok()?;
-        let off = p.l3 as usize + if src { 8 } else { 24 };
+        let off = p.l3 as usize + if end == End::Source { 8 } else { 24 };
         ctx.store(off, new_addr, 0).ok()?;
-        Some(0)
     }
+    match end {
+        End::Source => p.saddr = *new_addr,
+        End::Destination => p.key.addr = *new_addr,
+    }
+    Some(())
 }
