@@ -1028,6 +1028,12 @@ fn cases(nat: Nat) -> Vec<Case> {
         Packet::tcp(client4(40080), svc80, TCP_ACK).build(),
         &[("flow_orphans", 1)],
     ));
+    // Its next segment: the answer is on record, so no second socket lookup (no orphan).
+    out.push(pass(
+        "v4-tcp-mid-connection-known-pass",
+        Packet::tcp(client4(40080), svc80, TCP_ACK).build(),
+        &[],
+    ));
 
     // --- MSS clamping: a redirected SYN skips the router's forward chain, where the MSS
     // would be clamped to the route's MTU, so the classifier clamps it to the client-facing

@@ -434,8 +434,11 @@ const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 /// [`FlowState::decision`]: the flow went to the cloud.
 pub const FLOW_CLOUD: u32 = 2;
 
-/// A cloud decision for a flow that matched an entry (UDP only: TCP needs no state for
-/// the cloud, see the classifier's flow module), and when it was last seen.
+/// A cloud decision for a flow that matched an entry, and when it was last seen: a UDP flow
+/// that began while its entry learned or drained (kept for the flow's life), or a TCP
+/// connection found mid-way that the service's stack did not hold (kept for
+/// [`DatapathConfig::linger_ns`] past its last packet, so its later packets skip the socket
+/// lookup; see the classifier's flow module).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowState {

@@ -8,10 +8,12 @@
 //! decides a client packet and one restores a reply's identity, and the two
 //! directions can never disagree (two LRU tables could evict one half of a flow).
 //!
-//! TCP needs no state for the cloud: a mid-connection packet without an edge
-//! record belongs to a connection that began before the entry existed, i.e.
-//! with the cloud. UDP has no "first packet" marker, so its cloud decisions
-//! (taken while an entry learns or drains) are kept in `VISCUM_FLOWS`.
+//! TCP needs no state to decide for the cloud: a mid-connection packet without an edge
+//! record belongs to a connection that began before the entry existed, i.e. with the
+//! cloud, unless the service's stack holds it (its record was evicted; see [`recover`]).
+//! The answer is kept a short while in `VISCUM_FLOWS` so the connection's later packets
+//! need not ask again. UDP has no "first packet" marker, so its cloud decisions (taken
+//! while an entry learns or drains) are kept there for the flow's life.
 
 #![allow(
     clippy::needless_borrows_for_generic_args,
@@ -82,13 +84,7 @@ fn idle_of(t: &Timeouts, tcp: bool) -> u64 {
 /// Whether `last_seen` is stale enough to be rewritten (see [`LAST_SEEN_GRAIN_NS`]).
 #[inline(always)]
 fn refresh_due(last_seen_ns: u64, now: u64, t: &Timeouts, tcp: bool) -> bool {
-    let grain = idle_of(t, tcp) >> 3;
-    let grain = if grain < LAST_SEEN_GRAIN_NS {
-        grain
-    } else {
-        LAST_SEEN_GRAIN_NS
-    };
-    now.saturating_sub(last_seen_ns) > grain
+    now.saturating_sub(last_seen_ns) > grain(idle_of(t, tcp))
 }
 
 /// Is `entry`'s target veth still there? Counts `TargetGone` when it is not: the cloud
@@ -160,6 +156,22 @@ pub fn decide(
         }
     }
 
+    // A cloud decision on record: for UDP, one taken while the entry learned or drained (it
+    // holds for the flow's life); for TCP, a mid-connection flow the service's stack did not
+    // hold (see `remember_cloud`). A TCP SYN decides afresh: a new connection on the 5-tuple.
+    let fkey = flow_key(p);
+    if !syn && let Some(state) = FLOWS.get_ptr_mut(&fkey) {
+        // SAFETY: as above.
+        let state = unsafe { &mut *state };
+        let life = cloud_life(&t, tcp);
+        if state.decision == FLOW_CLOUD && now.saturating_sub(state.last_seen_ns) <= life {
+            if now.saturating_sub(state.last_seen_ns) > grain(life) {
+                state.last_seen_ns = now;
+            }
+            return Decision::Cloud;
+        }
+    }
+
     if !target_alive(ctx, entry) {
         return Decision::Cloud;
     }
@@ -173,27 +185,8 @@ pub fn decide(
         }
         // Otherwise it began before the entry existed: the cloud has it.
         counters::bump(GlobalCounter::FlowOrphans);
+        remember_cloud(&fkey, now);
         return Decision::Cloud;
-    }
-    // UDP: a cloud decision taken while the entry learned or drained holds.
-    let fkey = FlowKey {
-        client: p.saddr,
-        service: p.key.addr,
-        client_port: p.sport,
-        service_port: p.key.port,
-        proto: p.key.proto,
-        family: p.key.family,
-        _pad: [0; 2],
-    };
-    if !tcp && let Some(state) = FLOWS.get_ptr_mut(&fkey) {
-        // SAFETY: as above.
-        let state = unsafe { &mut *state };
-        if state.decision == FLOW_CLOUD && is_live(state.last_seen_ns, 0, now, &t, false) {
-            if refresh_due(state.last_seen_ns, now, &t, false) {
-                state.last_seen_ns = now;
-            }
-            return Decision::Cloud;
-        }
     }
 
     let learning = now < entry.active_after_ns;
@@ -201,12 +194,7 @@ pub fn decide(
         entry.cloud_flows += 1;
         counters::bump(GlobalCounter::FlowsCloud);
         if !tcp {
-            let state = FlowState {
-                last_seen_ns: now,
-                decision: FLOW_CLOUD,
-                _pad: 0,
-            };
-            let _ = FLOWS.insert(&fkey, &state, 0);
+            remember_cloud(&fkey, now);
         }
         return Decision::Cloud;
     }
@@ -234,7 +222,62 @@ pub fn recover(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> bool {
         return true;
     }
     counters::bump(GlobalCounter::FlowOrphans);
+    remember_cloud(&flow_key(p), counters::now_coarse());
     false
+}
+
+/// The client-side 5-tuple of `p`, as `VISCUM_FLOWS` keys it.
+#[inline(always)]
+fn flow_key(p: &Parsed) -> FlowKey {
+    FlowKey {
+        client: p.saddr,
+        service: p.key.addr,
+        client_port: p.sport,
+        service_port: p.key.port,
+        proto: p.key.proto,
+        family: p.key.family,
+        _pad: [0; 2],
+    }
+}
+
+/// Records a cloud decision for the flow of `fkey` in `VISCUM_FLOWS`: a UDP flow that began
+/// while its entry learned or drained, or a TCP connection found mid-way without an edge
+/// record whose service did not hold it (it began with the cloud before the entry existed).
+///
+/// The TCP memo spares the connection's every later packet the liveness check, the tail
+/// call and the socket lookup in the service's namespace (a cloud transfer that outlives a
+/// cutover would otherwise pay them per packet). It lives [`DatapathConfig::linger_ns`]
+/// past the connection's last client packet, not the TCP idle timeout: a SYN decides afresh
+/// without it, but a connection that reuses the 5-tuple and then loses its edge record
+/// (evicted under a flood) is recovered only once the memo has lapsed, so the memo is kept
+/// short. A connection idle for longer is asked about again, once.
+#[inline(always)]
+fn remember_cloud(fkey: &FlowKey, now: u64) {
+    let state = FlowState {
+        last_seen_ns: now,
+        decision: FLOW_CLOUD,
+        _pad: 0,
+    };
+    let _ = FLOWS.insert(fkey, &state, 0);
+}
+
+/// How long a cloud decision on record holds past the flow's last client packet, ns: a UDP
+/// flow's idle timeout; a TCP memo's linger (see [`remember_cloud`]).
+#[inline(always)]
+fn cloud_life(t: &Timeouts, tcp: bool) -> u64 {
+    if tcp { t.linger_ns } else { t.udp_idle_ns }
+}
+
+/// How stale a record's `last_seen_ns` may grow before it is rewritten, for a record that
+/// lives `life` ns past it: an eighth of that, at most [`LAST_SEEN_GRAIN_NS`].
+#[inline(always)]
+fn grain(life: u64) -> u64 {
+    let g = life >> 3;
+    if g < LAST_SEEN_GRAIN_NS {
+        g
+    } else {
+        LAST_SEEN_GRAIN_NS
+    }
 }
 
 /// Does the stack of `entry`'s namespace hold a TCP socket for `p`'s connection (any
