@@ -191,24 +191,24 @@ struct Resolved {
     flags: u32,
     mac: [u8; 6],
     ns: Option<netns::ServiceNs>,
+    /// The target veth's `IFLA_LINK_NETNSID` (the peer's namespace), read with the link.
+    peer_netnsid: Option<i32>,
 }
 
 async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
-    // bpf_redirect_peer exists from 5.10 (probed, not assumed from the
-    // version); without it the slower redirect to the host veth's egress
-    // (with the MAC rewritten) is used.
-    let peer = if crate::features::has_redirect_peer() {
-        TARGET_F_PEER
-    } else {
-        0
-    };
+    // Redirect straight into the namespace with bpf_redirect_peer. Not probed here (a
+    // BPF_PROG_LOAD, a tenth of a CLI add's own time, B7): every caller has an engine open,
+    // so the classifier is loaded, and it calls the helper (one of
+    // `features::REQUIRED_HELPERS`: the verifier refuses a program calling a helper the
+    // kernel lacks, and `attach` refuses such a kernel up front).
+    let peer = TARGET_F_PEER;
     // The destination MAC: a plain redirect goes out of the host veth, whose peer takes the
     // frame as PACKET_OTHERHOST unless it is addressed to it; so did a peer redirect before
     // 6.15, which kept the client-facing interface's classification. From 6.15 a peer
     // redirect marks the frame PACKET_HOST (kernel commit c4327229948879), so the rewrite,
     // a helper call on every packet of every edge flow, is skipped, as
     // `features::redirect_mode` reports. Mirror mode always writes the MAC it clones to.
-    let set_mac = if peer != 0 && crate::features::kernel_at_least(6, 15) {
+    let set_mac = if crate::features::kernel_at_least(6, 15) {
         0
     } else {
         TARGET_F_SET_MAC
@@ -218,13 +218,14 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
             netns::validate_name(name)?;
             // Complete, or refused: a half-made namespace (a `viscum ns add` killed half-way)
             // would swallow what is redirected into it.
-            let ns = netns::service_ns_check(name).await?;
+            let (ns, peer_netnsid) = netns::service_ns_check_nsid(name).await?;
             Ok(Resolved {
                 ifindex: ns.host_ifindex,
                 ifname: ns.host_veth.clone(),
                 flags: peer | set_mac,
                 mac: ns.ns_mac,
                 ns: Some(ns),
+                peer_netnsid,
             })
         }
         Target::Veth(ifname) => {
@@ -259,6 +260,7 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
                 flags,
                 mac,
                 ns,
+                peer_netnsid: link.link_netnsid,
             })
         }
     }
@@ -341,17 +343,11 @@ pub async fn add_with(
     // Lets the classifier ask the service's stack about a TCP packet whose flow record
     // was evicted (see `ServiceEntry::peer_netns`); without one it only falls back to
     // the cloud, as before.
-    entry.peer_netns = match netns::peer_netnsid(r.ifindex).await {
-        Ok(Some(id)) => u32::try_from(id).map_or(0, |id| id + 1),
-        Ok(None) => 0,
-        Err(e) => {
-            log::warn!(
-                "cannot read the namespace id of {} ({e}); flows evicted from the flow table will fall back to the cloud",
-                r.ifname
-            );
-            0
-        }
-    };
+    // The id comes with the target's link, read by `resolve`: no second request.
+    entry.peer_netns = r
+        .peer_netnsid
+        .and_then(|id| u32::try_from(id).ok())
+        .map_or(0, |id| id + 1);
     if opts.mode == Mode::Mirror {
         entry.flags |= TARGET_F_MIRROR;
     }

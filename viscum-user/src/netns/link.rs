@@ -39,6 +39,9 @@ pub struct LinkInfo {
     /// `net.ipv4.conf.<link>.arp_announce`), when the kernel reports it: readable with the
     /// link, so a check needs no visit to the namespace's `/proc/sys`.
     pub arp_announce: Option<i32>,
+    /// `IFLA_LINK_NETNSID`: the id, in this link's namespace, of the namespace its veth peer
+    /// is in (`None` when the peer is in the same namespace, or none is assigned).
+    pub link_netnsid: Option<i32>,
 }
 
 impl LinkInfo {
@@ -53,6 +56,7 @@ impl LinkInfo {
             running: msg.header.flags.contains(LinkFlags::Running),
             qdisc: None,
             arp_announce: None,
+            link_netnsid: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -60,6 +64,8 @@ impl LinkInfo {
                 LinkAttribute::Address(addr) => info.mac = <[u8; 6]>::try_from(&addr[..]).ok(),
                 LinkAttribute::Link(index) => info.peer_index = Some(*index),
                 LinkAttribute::Qdisc(qdisc) => info.qdisc = Some(qdisc.clone()),
+                // Negative ids mean "none assigned" (NETNSA_NSID_NOT_ASSIGNED, -1).
+                LinkAttribute::LinkNetNsId(id) if *id >= 0 => info.link_netnsid = Some(*id),
                 LinkAttribute::AfSpecUnspec(specs) => {
                     info.arp_announce = specs
                         .iter()

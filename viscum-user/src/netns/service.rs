@@ -17,7 +17,7 @@ use rtnetlink::Handle;
 use serde::{Serialize, Serializer};
 
 use super::{
-    LinkInfo, NetnsError, add_address, add_route, create_named, create_veth, delete_link,
+    AddrInfo, LinkInfo, NetnsError, add_address, add_route, create_named, create_veth, delete_link,
     delete_named, handle_here, handle_in, link_by_index, link_by_name, list_addresses, list_links,
     list_local_routes, named_exists,
     route::{add_local_route, del_local_route},
@@ -454,7 +454,7 @@ async fn service_ns_read(name: &str) -> Result<ServiceNsRead, NetnsError> {
         Ok(_) | Err(NetnsError::UnknownInterface { .. }) => return Err(unknown()),
         Err(e) => return Err(e),
     };
-    let host_addr = pool_address(&host, host_link.index).await?;
+    let host_addr = pool_address_of(&list_addresses(&host, Some(host_link.index)).await?);
 
     let ns = handle_in(name).await?;
     let incomplete = |detail: &str| NetnsError::Incomplete {
@@ -471,8 +471,10 @@ async fn service_ns_read(name: &str) -> Result<ServiceNsRead, NetnsError> {
     let ns_mac = eth0
         .mac
         .ok_or_else(|| incomplete("eth0 has no MAC address"))?;
-    let ns_addr = pool_address(&ns, eth0.index).await?;
-    let ns_addr6 = ula_address(&ns, eth0.index).await?;
+    // One dump for both families' addresses.
+    let inside_addrs = list_addresses(&ns, Some(eth0.index)).await?;
+    let ns_addr = pool_address_of(&inside_addrs);
+    let ns_addr6 = ula_address_of(&inside_addrs);
     let local_routes = list_local_routes(&ns)
         .await?
         .into_iter()
@@ -506,7 +508,19 @@ async fn service_ns_read(name: &str) -> Result<ServiceNsRead, NetnsError> {
 /// # Errors
 /// As [`service_ns_get`]; [`NetnsError::Incomplete`] naming the first missing step.
 pub async fn service_ns_check(name: &str) -> Result<ServiceNs, NetnsError> {
+    Ok(service_ns_check_nsid(name).await?.0)
+}
+
+/// [`service_ns_check`], with the id under which viscum's namespace knows the service
+/// namespace (the host veth's `IFLA_LINK_NETNSID`, read with it; `None`: none assigned), which
+/// a redirect entry records ([`viscum_common::ServiceEntry::peer_netns`]) and would otherwise
+/// ask the kernel for again.
+///
+/// # Errors
+/// As [`service_ns_check`].
+pub async fn service_ns_check_nsid(name: &str) -> Result<(ServiceNs, Option<i32>), NetnsError> {
     let read = service_ns_read(name).await?;
+    let nsid = read.host_link.link_netnsid;
     let ns = read.ns;
     let incomplete = |detail: String| NetnsError::Incomplete {
         name: name.to_string(),
@@ -535,40 +549,40 @@ pub async fn service_ns_check(name: &str) -> Result<ServiceNs, NetnsError> {
         .and_then(|v| v.trim().parse().ok())
     });
     if arp_announce == Some(2) {
-        Ok(ns)
+        Ok((ns, nsid))
     } else {
         Err(incomplete("its settings were never applied".into()))
     }
 }
 
-/// The link's IPv6 address under [`ULA_PREFIX`] as "addr/p", or "" if it has none.
-async fn ula_address(handle: &Handle, index: u32) -> Result<String, NetnsError> {
-    Ok(list_addresses(handle, Some(index))
-        .await?
-        .into_iter()
+/// The IPv6 address under [`ULA_PREFIX`] among a link's `addrs` as "addr/p", or "" if it
+/// has none.
+fn ula_address_of(addrs: &[AddrInfo]) -> String {
+    addrs
+        .iter()
         .find_map(|a| match a.addr {
             IpAddr::V6(v6) if v6.segments()[..6] == ULA_PREFIX => {
                 Some(format!("{v6}/{}", a.prefix))
             }
             _ => None,
         })
-        .unwrap_or_default())
+        .unwrap_or_default()
 }
 
-/// The link's IPv4 address from [`LINK_POOL`] as "a.b.c.d/p", or "" if it has none.
-async fn pool_address(handle: &Handle, index: u32) -> Result<String, NetnsError> {
+/// The IPv4 address from [`LINK_POOL`] among a link's `addrs` as "a.b.c.d/p", or "" if it
+/// has none.
+fn pool_address_of(addrs: &[AddrInfo]) -> String {
     let (pool, pool_prefix) = LINK_POOL;
     let pool_mask = u32::MAX << (32 - pool_prefix);
-    Ok(list_addresses(handle, Some(index))
-        .await?
-        .into_iter()
+    addrs
+        .iter()
         .find_map(|a| match a.addr {
             IpAddr::V4(v4) if u32::from(v4) & pool_mask == u32::from(pool) => {
                 Some(format!("{v4}/{}", a.prefix))
             }
             _ => None,
         })
-        .unwrap_or_default())
+        .unwrap_or_default()
 }
 
 /// Whether a link in viscum's namespace is the host veth of a service namespace, and which.
