@@ -218,7 +218,7 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
             netns::validate_name(name)?;
             // Complete, or refused: a half-made namespace (a `viscum ns add` killed half-way)
             // would swallow what is redirected into it.
-            let (ns, peer_netnsid) = netns::service_ns_check_nsid(name).await?;
+            let (ns, peer_netnsid) = netns::service_ns_check_for_redirect(name).await?;
             Ok(Resolved {
                 ifindex: ns.host_ifindex,
                 ifname: ns.host_veth.clone(),
@@ -247,7 +247,7 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
             // peer-redirected frames PACKET_HOST), skip the rewrite, and its routes are
             // its owner's.
             let ns = match netns::service_ns_by_host_ifindex(link.index).await? {
-                Some(name) => Some(netns::service_ns_check(&name).await?),
+                Some(name) => Some(netns::service_ns_check_for_redirect(&name).await?.0),
                 None => None,
             };
             let (flags, mac) = match &ns {
@@ -406,11 +406,18 @@ pub async fn add_with(
     if let Some(ns) = &r.ns {
         let (addr, len) = local_route(endpoint, &entry);
         let own = |a: &str| a.split('/').next() == Some(addr.to_string().as_str());
-        let is_own = own(&ns.ns_addr) || own(&ns.ns_addr6);
-        let want = format!("{addr}/{len}");
-        if !is_own && !ns.local_routes.contains(&want) {
-            netns::service_ns_add_local(&ns.name, addr, len).await?;
-            added_route = Some((ns.name.clone(), addr, len));
+        // NAT to the namespace's own address (the default) needs no route, and then nothing
+        // here enters the namespace; the other modes read its routes (the check above left
+        // them out) and add theirs through the same socket inside.
+        if !own(&ns.ns_addr) && !own(&ns.ns_addr6) {
+            let inside = netns::handle_in(&ns.name).await?;
+            if !netns::list_local_routes(&inside)
+                .await?
+                .contains(&(addr, len))
+            {
+                netns::add_local_route(&inside, addr, len).await?;
+                added_route = Some((ns.name.clone(), addr, len));
+            }
         }
     }
     if let Err(e) = engine.insert(endpoint, entry) {

@@ -407,3 +407,58 @@ pub(super) fn usable(pins: &Pins, verdict: Verdict) -> Result<(), EngineError> {
         }),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pin directory on the ordinary file system holding only a layout marker: what the
+    /// check reads besides the maps, which [`check_with`] is told about instead.
+    fn marked_dir(version: u32) -> (PathBuf, Pins) {
+        let dir =
+            std::env::temp_dir().join(format!("viscum-layout-{}-{version}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("layout").join(version.to_string())).unwrap();
+        let pins = Pins::new(&dir);
+        (dir, pins)
+    }
+
+    #[test]
+    fn check_with_skips_absent_maps_and_refuses_an_unreadable_one_by_name() {
+        let (dir, pins) = marked_dir(MAP_LAYOUT_VERSION);
+        // Nothing pinned but the marker: the current layout, nothing to refuse.
+        assert_eq!(
+            check_with(&pins, |_| Pinned::Absent).unwrap(),
+            Verdict::Current
+        );
+        // A map whose pin cannot be opened or read is named, as from a pin.
+        let e = check_with(&pins, |name| {
+            if name == SERVICES_MAP {
+                Pinned::Unreadable
+            } else {
+                Pinned::Absent
+            }
+        })
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(e, EngineError::Layout { .. })
+                && text.contains("VISCUM_SERVICES cannot be read"),
+            "{text}"
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn check_with_refuses_a_newer_marker_and_finds_fresh_pins() {
+        let (dir, pins) = marked_dir(MAP_LAYOUT_VERSION + 1);
+        let e = check_with(&pins, |_| Pinned::Absent).unwrap_err();
+        assert!(e.to_string().contains("a newer viscum"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+        // No marker and no map: a fresh instance.
+        assert_eq!(
+            check_with(&pins, |_| Pinned::Absent).unwrap(),
+            Verdict::Fresh
+        );
+    }
+}

@@ -98,6 +98,20 @@ impl LinkInfo {
 /// [`NetnsError::UnknownInterface`] if there is no such link (or the name cannot be one);
 /// [`NetnsError::Netlink`] if the request fails otherwise.
 pub async fn link_by_name(handle: &Handle, name: &str) -> Result<LinkInfo, NetnsError> {
+    link_by_name_at(handle, None, name).await
+}
+
+/// [`link_by_name`] in the namespace that `handle`'s own namespace knows by id `nsid`
+/// (`IFLA_TARGET_NETNSID`, Linux 4.15), or in `handle`'s own for `None`: no socket inside
+/// that namespace is needed.
+///
+/// # Errors
+/// As [`link_by_name`].
+pub(crate) async fn link_by_name_at(
+    handle: &Handle,
+    nsid: Option<i32>,
+    name: &str,
+) -> Result<LinkInfo, NetnsError> {
     let unknown = || NetnsError::UnknownInterface {
         name: name.to_string(),
     };
@@ -105,7 +119,14 @@ pub async fn link_by_name(handle: &Handle, name: &str) -> Result<LinkInfo, Netns
     if name.is_empty() || name.len() > IFNAME_MAX {
         return Err(unknown());
     }
-    let mut links = handle.link().get().match_name(name).execute();
+    let mut request = handle.link().get().match_name(name);
+    if let Some(id) = nsid {
+        request
+            .message_mut()
+            .attributes
+            .push(LinkAttribute::IfNetnsId(id));
+    }
+    let mut links = request.execute();
     match links.try_next().await {
         Ok(Some(msg)) => Ok(LinkInfo::from_message(&msg)),
         Ok(None) => Err(unknown()),
