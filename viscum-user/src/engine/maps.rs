@@ -422,7 +422,12 @@ impl Engine {
             (PREFIXES_MAP, Some(self.prefixes.map())),
             (RULES_MAP, Some(self.rules.map())),
             (CONFIG_MAP, Some(self.config.map())),
-            (PORTS_MAP, self.ports.as_ref().map(|p| p.map_data())),
+            (
+                PORTS_MAP,
+                self.ports
+                    .as_ref()
+                    .map(super::filter_words::FilterWords::map_data),
+            ),
             (GLOBAL_STATS_MAP, Some(self.global.map())),
             (REPLIES_MAP, Some(self.edge.map())),
             (FLOWS_MAP, self.flows.as_ref()),
