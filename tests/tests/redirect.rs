@@ -264,6 +264,69 @@ fn the_datapath_keeps_working_after_the_attaching_process_exits() {
     );
 }
 
+/// `Engine::repin` (what a daemon runs when the bpffs was unmounted behind its back) pins
+/// again the very maps the engine opened, from the handles it uses, the layout marker with
+/// them: a second engine opened from the new pins sees the first one's entries and writes
+/// where the first one reads.
+#[test]
+fn repin_pins_the_maps_the_engine_holds_and_records_the_layout() {
+    if skip_unless_root() {
+        return;
+    }
+    let s = setup(LabOptions::default());
+    let [v4, _] = s.lab.cloud_addrs(s.cloud.port());
+    let first: viscum::endpoint::Endpoint = url(Proto::Tcp, v4).parse().unwrap();
+    add(&s, &first.to_string());
+    let dir = s.lab.bpffs.path();
+    let pins = viscum::engine::Pins::new(dir);
+    let engine = viscum::engine::Engine::open(&pins).unwrap();
+    let held = [
+        viscum_common::SERVICES_MAP,
+        viscum_common::PREFIXES_MAP,
+        viscum_common::RULES_MAP,
+        viscum_common::CONFIG_MAP,
+        viscum_common::PORTS_MAP,
+        viscum_common::GLOBAL_STATS_MAP,
+        viscum_common::REPLIES_MAP,
+        viscum_common::FLOWS_MAP,
+    ];
+    for name in held {
+        std::fs::remove_file(pins.map(name)).unwrap();
+    }
+    std::fs::remove_dir_all(dir.join("layout")).unwrap();
+    let pinned = {
+        let _lock = viscum::engine::lock(&pins).unwrap();
+        engine.repin().unwrap()
+    };
+    assert_eq!(
+        pinned,
+        held.len(),
+        "every map the engine holds is pinned again"
+    );
+    for name in held {
+        assert!(pins.map(name).exists(), "{name} is pinned again");
+    }
+    // The marker is back, or the next open would take the pins for an older layout's.
+    let mut again = viscum::engine::Engine::open(&pins).unwrap();
+    let seen = again
+        .get(&first)
+        .unwrap()
+        .expect("the entry is in the re-pinned map");
+    let target = seen.target;
+    let second: viscum::endpoint::Endpoint =
+        url(Proto::Tcp, SocketAddr::new(v4.ip(), v4.port() + 1))
+            .parse()
+            .unwrap();
+    again.insert(&second, target).unwrap();
+    assert!(
+        engine.get(&second).unwrap().is_some(),
+        "the re-pinned map is the one the first engine holds"
+    );
+    // Nothing left to do: a second repin pins nothing.
+    let _lock = viscum::engine::lock(&pins).unwrap();
+    assert_eq!(engine.repin().unwrap(), 0);
+}
+
 #[test]
 fn bad_input_is_rejected_with_a_clear_error_and_changes_nothing() {
     if skip_unless_root() {

@@ -250,19 +250,17 @@ fn jit_setting(programs: &[ProgramStats]) -> Option<u8> {
 }
 
 /// The redirect flags (`TARGET_F_PEER`, `TARGET_F_SET_MAC`) `redirect add` gives an entry
-/// into a namespace on this kernel: a peer redirect where `bpf_redirect_peer` exists
-/// (5.10+, probed, not assumed from the version), else `bpf_redirect` to the host veth's
-/// egress. The frame must reach the namespace as its own (`PACKET_HOST`): a plain redirect
-/// goes through the peer veth's classification by destination MAC, which the classifier
-/// rewrites; a peer redirect kept the client-facing interface's classification before
-/// 6.15, so the classifier marks the skb itself. From 6.15 a peer redirect does that
-/// (kernel commit c4327229948879) and `TARGET_F_SET_MAC`, a helper call on every packet of
-/// every edge flow, is left off, as [`redirect_mode`] reports.
+/// into a namespace on this kernel. Always a peer redirect: `bpf_redirect_peer` (5.10) is
+/// one of [`REQUIRED_HELPERS`], `attach` refuses a kernel without it, and an add has the
+/// loaded classifier, which calls it, so it is not probed again (a `BPF_PROG_LOAD`, a tenth
+/// of a CLI add's own time, B7). The frame must reach the namespace as its own
+/// (`PACKET_HOST`): a peer redirect kept the client-facing interface's classification
+/// before 6.15, so the classifier marks the skb itself (`TARGET_F_SET_MAC`); from 6.15 the
+/// helper does (kernel commit c4327229948879) and the flag, a helper call on every packet
+/// of every edge flow, is left off, as [`redirect_mode`] reports.
 pub fn entry_redirect_flags() -> u32 {
     use viscum_common::{TARGET_F_PEER, TARGET_F_SET_MAC};
-    if !has_redirect_peer() {
-        TARGET_F_SET_MAC
-    } else if kernel_at_least(6, 15) {
+    if kernel_at_least(6, 15) {
         TARGET_F_PEER
     } else {
         TARGET_F_PEER | TARGET_F_SET_MAC

@@ -191,6 +191,8 @@ struct Resolved {
     flags: u32,
     mac: [u8; 6],
     ns: Option<netns::ServiceNs>,
+    /// The target veth's `IFLA_LINK_NETNSID` (the peer's namespace), read with the link.
+    peer_netnsid: Option<i32>,
 }
 
 async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
@@ -201,13 +203,14 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
             netns::validate_name(name)?;
             // Complete, or refused: a half-made namespace (a `viscum ns add` killed half-way)
             // would swallow what is redirected into it.
-            let ns = netns::service_ns_check(name).await?;
+            let (ns, peer_netnsid) = netns::service_ns_check_for_redirect(name).await?;
             Ok(Resolved {
                 ifindex: ns.host_ifindex,
                 ifname: ns.host_veth.clone(),
                 flags: peer | set_mac,
                 mac: ns.ns_mac,
                 ns: Some(ns),
+                peer_netnsid,
             })
         }
         Target::Veth(ifname) => {
@@ -229,7 +232,7 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
             // unknown: a peer redirect still gets the PACKET_HOST mark (it needs no MAC),
             // a plain one goes without the rewrite.
             let ns = match netns::service_ns_by_host_ifindex(link.index).await? {
-                Some(name) => Some(netns::service_ns_check(&name).await?),
+                Some(name) => Some(netns::service_ns_check_for_redirect(&name).await?.0),
                 None => None,
             };
             let (flags, mac) = match &ns {
@@ -243,6 +246,7 @@ async fn resolve(target: &Target) -> Result<Resolved, RedirectError> {
                 flags,
                 mac,
                 ns,
+                peer_netnsid: link.link_netnsid,
             })
         }
     }
@@ -325,17 +329,11 @@ pub async fn add_with(
     // Lets the classifier ask the service's stack about a TCP packet whose flow record
     // was evicted (see `ServiceEntry::peer_netns`); without one it only falls back to
     // the cloud, as before.
-    entry.peer_netns = match netns::peer_netnsid(r.ifindex).await {
-        Ok(Some(id)) => u32::try_from(id).map_or(0, |id| id + 1),
-        Ok(None) => 0,
-        Err(e) => {
-            log::warn!(
-                "cannot read the namespace id of {} ({e}); flows evicted from the flow table will fall back to the cloud",
-                r.ifname
-            );
-            0
-        }
-    };
+    // The id comes with the target's link, read by `resolve`: no second request.
+    entry.peer_netns = r
+        .peer_netnsid
+        .and_then(|id| u32::try_from(id).ok())
+        .map_or(0, |id| id + 1);
     if opts.mode == Mode::Mirror {
         entry.flags |= TARGET_F_MIRROR;
     }
@@ -394,11 +392,18 @@ pub async fn add_with(
     if let Some(ns) = &r.ns {
         let (addr, len) = local_route(endpoint, &entry);
         let own = |a: &str| a.split('/').next() == Some(addr.to_string().as_str());
-        let is_own = own(&ns.ns_addr) || own(&ns.ns_addr6);
-        let want = format!("{addr}/{len}");
-        if !is_own && !ns.local_routes.contains(&want) {
-            netns::service_ns_add_local(&ns.name, addr, len).await?;
-            added_route = Some((ns.name.clone(), addr, len));
+        // NAT to the namespace's own address (the default) needs no route, and then nothing
+        // here enters the namespace; the other modes read its routes (the check above left
+        // them out) and add theirs through the same socket inside.
+        if !own(&ns.ns_addr) && !own(&ns.ns_addr6) {
+            let inside = netns::handle_in(&ns.name).await?;
+            if !netns::list_local_routes(&inside)
+                .await?
+                .contains(&(addr, len))
+            {
+                netns::add_local_route(&inside, addr, len).await?;
+                added_route = Some((ns.name.clone(), addr, len));
+            }
         }
     }
     if let Err(e) = engine.insert(endpoint, entry) {

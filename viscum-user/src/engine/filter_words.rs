@@ -23,7 +23,7 @@ use std::{
     sync::atomic::{AtomicU64, Ordering},
 };
 
-use aya::maps::{Array, MapData};
+use aya::maps::{Array, IterableMap as _, MapData};
 
 use super::EngineError;
 
@@ -136,11 +136,16 @@ impl FilterWords {
     /// # Errors
     /// [`EngineError::Map`] if the map is not an array of `u64`.
     pub(super) fn new(data: MapData) -> Result<Self, EngineError> {
-        let words = data.info().map(|i| i.max_entries()).unwrap_or(0);
-        let mem = map_words(&data, words);
         let map = Array::try_from(aya::maps::Map::Array(data))
             .map_err(|e| EngineError::map("the port filter has an unexpected layout", e))?;
+        // The capacity as read when the map was opened: no second query of the kernel.
+        let mem = map_words(map.map(), map.len());
         Ok(FilterWords { map, mem })
+    }
+
+    /// The map itself, for pinning it again ([`super::Engine::repin`]).
+    pub(super) fn map_data(&self) -> &MapData {
+        self.map.map()
     }
 
     /// Number of words.

@@ -21,7 +21,7 @@
 
 use std::{fs, path::PathBuf};
 
-use aya::maps::{MapInfo, MapType};
+use aya::maps::{MapError, MapInfo, MapType};
 use viscum_common::{
     CONFIG_MAP, DatapathConfig, FLOWS_MAP, FRAGS_MAP, FlowKey, FlowState, FragKey, FragPorts,
     GLOBAL_COUNTERS, GLOBAL_STATS_MAP, JUMP_MAP, JUMP_SLOTS, MAP_LAYOUT_VERSION, MAX_RULES,
@@ -250,19 +250,58 @@ pub enum Verdict {
 /// [`EngineError::Layout`] when the pins are of a newer layout, of an older one whose
 /// entry maps changed, or differ from what their marker promises.
 pub fn check(pins: &Pins) -> Result<Verdict, EngineError> {
+    check_with(pins, |name| info_from_pin(pins, name))
+}
+
+/// What [`check_with`] is told about one map of the layout.
+pub(super) enum Pinned {
+    /// There is no pin of this name.
+    Absent,
+    /// The pin exists but cannot be opened or read.
+    Unreadable,
+    /// What the kernel says about the pinned map.
+    Info(MapInfo),
+}
+
+impl From<Result<MapInfo, MapError>> for Pinned {
+    fn from(r: Result<MapInfo, MapError>) -> Self {
+        r.map_or(Pinned::Unreadable, Pinned::Info)
+    }
+}
+
+/// What the kernel says about the map pinned as `name`, opening its pin.
+pub(super) fn info_from_pin(pins: &Pins, name: &str) -> Pinned {
+    match MapInfo::from_pin(pins.map(name)) {
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+            Pinned::Absent
+        }
+        other => other.into(),
+    }
+}
+
+/// [`check`], with each map's information from `info_of`, so that a caller that has the
+/// maps open already (`Engine::open`) need not open their pins again.
+///
+/// # Errors
+/// As [`check`].
+pub(super) fn check_with(
+    pins: &Pins,
+    mut info_of: impl FnMut(&'static str) -> Pinned,
+) -> Result<Verdict, EngineError> {
     let found = read_marker(pins);
     let mut pinned = 0;
     let mut differ = Vec::new();
     for e in expected() {
-        let path = pins.map(e.name);
-        if !path.exists() {
-            continue;
-        }
-        pinned += 1;
-        let Ok(info) = MapInfo::from_pin(&path) else {
-            differ.push((e.name, format!("{} cannot be read", e.name)));
-            continue;
+        let info = match info_of(e.name) {
+            Pinned::Absent => continue,
+            Pinned::Unreadable => {
+                pinned += 1;
+                differ.push((e.name, format!("{} cannot be read", e.name)));
+                continue;
+            }
+            Pinned::Info(info) => info,
         };
+        pinned += 1;
         let mut what = Vec::new();
         match info.map_type() {
             Ok(t) if t == e.map_type => {}
@@ -349,7 +388,12 @@ pub fn check(pins: &Pins) -> Result<Verdict, EngineError> {
 /// [`EngineError::NeedsMigration`] when soft-state maps must be re-created (`attach` does
 /// that); as [`check`] and [`super::lock()`] otherwise.
 pub fn ensure_usable(pins: &Pins) -> Result<(), EngineError> {
-    match check(pins)? {
+    usable(pins, check(pins)?)
+}
+
+/// What [`ensure_usable`] does with a verdict of [`check`] or [`check_with`].
+pub(super) fn usable(pins: &Pins, verdict: Verdict) -> Result<(), EngineError> {
+    match verdict {
         Verdict::Fresh | Verdict::Current => Ok(()),
         Verdict::Migrate { drop, .. } if drop.is_empty() => {
             let _lock = super::lock(pins)?;
@@ -361,5 +405,60 @@ pub fn ensure_usable(pins: &Pins) -> Result<(), EngineError> {
             want: MAP_LAYOUT_VERSION,
             maps: drop.join(", "),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pin directory on the ordinary file system holding only a layout marker: what the
+    /// check reads besides the maps, which [`check_with`] is told about instead.
+    fn marked_dir(version: u32) -> (PathBuf, Pins) {
+        let dir =
+            std::env::temp_dir().join(format!("viscum-layout-{}-{version}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("layout").join(version.to_string())).unwrap();
+        let pins = Pins::new(&dir);
+        (dir, pins)
+    }
+
+    #[test]
+    fn check_with_skips_absent_maps_and_refuses_an_unreadable_one_by_name() {
+        let (dir, pins) = marked_dir(MAP_LAYOUT_VERSION);
+        // Nothing pinned but the marker: the current layout, nothing to refuse.
+        assert_eq!(
+            check_with(&pins, |_| Pinned::Absent).unwrap(),
+            Verdict::Current
+        );
+        // A map whose pin cannot be opened or read is named, as from a pin.
+        let e = check_with(&pins, |name| {
+            if name == SERVICES_MAP {
+                Pinned::Unreadable
+            } else {
+                Pinned::Absent
+            }
+        })
+        .unwrap_err();
+        let text = e.to_string();
+        assert!(
+            matches!(e, EngineError::Layout { .. })
+                && text.contains("VISCUM_SERVICES cannot be read"),
+            "{text}"
+        );
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn check_with_refuses_a_newer_marker_and_finds_fresh_pins() {
+        let (dir, pins) = marked_dir(MAP_LAYOUT_VERSION + 1);
+        let e = check_with(&pins, |_| Pinned::Absent).unwrap_err();
+        assert!(e.to_string().contains("a newer viscum"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+        // No marker and no map: a fresh instance.
+        assert_eq!(
+            check_with(&pins, |_| Pinned::Absent).unwrap(),
+            Verdict::Fresh
+        );
     }
 }

@@ -2,20 +2,20 @@
 
 use aya::{
     maps::{
-        Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray, PerCpuHashMap, PerCpuValues,
-        lpm_trie::Key as LpmKey,
+        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
+        PerCpuHashMap, PerCpuValues, lpm_trie::Key as LpmKey,
     },
     util::nr_cpus,
 };
 use viscum_common::{
-    CONFIG_MAP, CounterInfo, DatapathConfig, GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter,
-    MAX_RULES, PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORT_FILTER_WORDS, PORTS_MAP,
-    PREFIXES_MAP, PortFilter, PortRule, PrefixData, PrefixNode, REPLIES_MAP, REPLY_F_DROP,
-    RULES_MAP, RULES_PER_PREFIX, ReplyKey, ReplyState, SERVICES_MAP, ServiceEntry, ServiceKey,
-    addr_filter_slot, port_filter_slot,
+    CONFIG_MAP, CounterInfo, DatapathConfig, FLOWS_MAP, GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP,
+    GlobalCounter, MAX_RULES, PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORT_FILTER_WORDS,
+    PORTS_MAP, PREFIXES_MAP, PortFilter, PortRule, PrefixData, PrefixNode, REPLIES_MAP,
+    REPLY_F_DROP, RULES_MAP, RULES_PER_PREFIX, ReplyKey, ReplyState, SERVICES_MAP, ServiceEntry,
+    ServiceKey, addr_filter_slot, port_filter_slot,
 };
 
-use super::{EngineError, Pins};
+use super::{EngineError, Pins, layout::Pinned};
 use crate::endpoint::Endpoint;
 
 /// `BPF_EXIST`: update only an existing element.
@@ -37,10 +37,9 @@ pub struct Engine {
     /// The miss pre-filter (`None` under pins made by a version without one).
     ports: Option<super::filter_words::FilterWords>,
     nr_cpus: usize,
-    /// The maps whose contents outlive a program (entries, rules, filter, counters, flows),
-    /// by pin name, for [`Engine::repin`].
-    held: Vec<(&'static str, MapData)>,
-    max_entries: u32,
+    /// The UDP flow table (`VISCUM_FLOWS`), which no method reads: held only so that
+    /// [`Engine::repin`] can pin it again with the maps above (`None` under pins without it).
+    flows: Option<MapData>,
     /// The pin directory, kept open for this engine's write locks (`None` if it could not
     /// be opened; each lock then opens it).
     _dir: Option<super::lock::DirHandle>,
@@ -108,24 +107,104 @@ impl GlobalStats {
     }
 }
 
-fn open_map(pins: &Pins, name: &str) -> Result<Map, EngineError> {
-    let data = open_map_data(pins, name)?;
-    Map::from_map_data(data)
-        .map_err(|e| EngineError::map(format!("cannot open {}", pins.map(name).display()), e))
+/// The maps an engine uses, each opened once from its pin: the typed handles are made from
+/// these very handles, and [`Engine::repin`] pins them again. `None`: no such pin.
+struct Opened {
+    services: Option<Result<MapData, MapError>>,
+    prefixes: Option<Result<MapData, MapError>>,
+    rules: Option<Result<MapData, MapError>>,
+    config: Option<Result<MapData, MapError>>,
+    ports: Option<Result<MapData, MapError>>,
+    global: Option<Result<MapData, MapError>>,
+    edge: Option<Result<MapData, MapError>>,
+    flows: Option<Result<MapData, MapError>>,
 }
 
-fn open_map_data(pins: &Pins, name: &str) -> Result<MapData, EngineError> {
-    let path = pins.map(name);
-    if !path.exists() {
-        return Err(EngineError::NotAttached(pins.dir.clone()));
+impl Opened {
+    fn open(pins: &Pins) -> Opened {
+        // One BPF_OBJ_GET each; a missing pin is ENOENT, not a stat first.
+        let open = |name: &str| match MapData::from_pin(pins.map(name)) {
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+                None
+            }
+            other => Some(other),
+        };
+        Opened {
+            services: open(SERVICES_MAP),
+            prefixes: open(PREFIXES_MAP),
+            rules: open(RULES_MAP),
+            config: open(CONFIG_MAP),
+            ports: open(PORTS_MAP),
+            global: open(GLOBAL_STATS_MAP),
+            edge: open(REPLIES_MAP),
+            flows: open(FLOWS_MAP),
+        }
     }
-    MapData::from_pin(&path)
-        .map_err(|e| EngineError::map(format!("cannot open {}", path.display()), e))
+
+    /// The open handle of `name`, if it is one of these maps (outer `None`: it is not).
+    fn get(&self, name: &str) -> Option<Option<&Result<MapData, MapError>>> {
+        let slot = match name {
+            SERVICES_MAP => &self.services,
+            PREFIXES_MAP => &self.prefixes,
+            RULES_MAP => &self.rules,
+            CONFIG_MAP => &self.config,
+            PORTS_MAP => &self.ports,
+            GLOBAL_STATS_MAP => &self.global,
+            REPLIES_MAP => &self.edge,
+            FLOWS_MAP => &self.flows,
+            _ => return None,
+        };
+        Some(slot.as_ref())
+    }
+
+    /// The layout check's view of `name`: from the open handle when it is one of these
+    /// maps (a `BPF_OBJ_GET_INFO_BY_FD`, no second open), else from its pin.
+    fn info(&self, pins: &Pins, name: &str) -> Pinned {
+        match self.get(name) {
+            Some(None) => Pinned::Absent,
+            Some(Some(Ok(data))) => data.info().into(),
+            // The open failed: the check reports the map as unreadable, as for a pin.
+            Some(Some(Err(_))) => Pinned::Unreadable,
+            None => super::layout::info_from_pin(pins, name),
+        }
+    }
+}
+
+/// A map the engine cannot do without, from [`Opened`]: a missing pin means nothing is
+/// attached there; one that cannot be opened is an error naming it.
+fn required(
+    pins: &Pins,
+    name: &str,
+    slot: Option<Result<MapData, MapError>>,
+) -> Result<MapData, EngineError> {
+    match slot {
+        None => Err(EngineError::NotAttached(pins.dir.clone())),
+        Some(r) => {
+            r.map_err(|e| EngineError::map(format!("cannot open {}", pins.map(name).display()), e))
+        }
+    }
+}
+
+/// [`required`] as the typed handle `T`; `what` names the map in a layout error.
+fn typed<T: TryFrom<Map, Error = MapError>>(
+    pins: &Pins,
+    name: &str,
+    slot: Option<Result<MapData, MapError>>,
+    what: &str,
+) -> Result<T, EngineError> {
+    let map = Map::from_map_data(required(pins, name, slot)?)
+        .map_err(|e| EngineError::map(format!("cannot open {}", pins.map(name).display()), e))?;
+    T::try_from(map).map_err(|e| EngineError::map(format!("{what} has an unexpected layout"), e))
 }
 
 impl Engine {
     /// Opens the maps pinned under `pins.dir`; fails with
     /// [`EngineError::NotAttached`] when nothing was ever attached there.
+    ///
+    /// Each map is opened once: the layout check reads what the kernel says about the very
+    /// handles the engine then keeps (and [`Engine::repin`] pins again). A fresh process's
+    /// `redirect add` opens the maps for nothing else, so every second open was on its
+    /// critical path (B7).
     ///
     /// # Errors
     /// [`EngineError::NotAttached`] as above, or when a map pin is missing;
@@ -136,45 +215,36 @@ impl Engine {
         if !pins.dir.exists() || !pins.program().exists() {
             return Err(EngineError::NotAttached(pins.dir.clone()));
         }
-        super::layout::ensure_usable(pins)?;
-        // Second handles on every map that holds state worth keeping, for `repin`.
-        let held = [
-            SERVICES_MAP,
-            PREFIXES_MAP,
-            RULES_MAP,
-            CONFIG_MAP,
-            PORTS_MAP,
-            GLOBAL_STATS_MAP,
-            REPLIES_MAP,
-            viscum_common::FLOWS_MAP,
-        ]
-        .into_iter()
-        .filter(|n| pins.map(n).exists())
-        .map(|n| Ok((n, open_map_data(pins, n)?)))
-        .collect::<Result<Vec<_>, EngineError>>()?;
-        let services_map = open_map(pins, SERVICES_MAP)?;
-        let max_entries = match &services_map {
-            Map::PerCpuHashMap(m) => m.info().map(|i| i.max_entries()).unwrap_or(0),
-            _ => 0,
+        let opened = Opened::open(pins);
+        let verdict = super::layout::check_with(pins, |name| opened.info(pins, name))?;
+        super::layout::usable(pins, verdict)?;
+        let Opened {
+            services,
+            prefixes,
+            rules,
+            config,
+            ports,
+            global,
+            edge,
+            flows,
+        } = opened;
+        let services = typed(pins, SERVICES_MAP, services, "the services map")?;
+        let global = typed(pins, GLOBAL_STATS_MAP, global, "the counters map")?;
+        let config = typed(pins, CONFIG_MAP, config, "the config map")?;
+        let edge = typed(pins, REPLIES_MAP, edge, "the edge flow table")?;
+        let prefixes = typed(pins, PREFIXES_MAP, prefixes, "the prefix table")?;
+        let rules = typed(pins, RULES_MAP, rules, "the rules array")?;
+        let ports = match ports {
+            None => None,
+            Some(r) => Some(super::filter_words::FilterWords::new(required(
+                pins,
+                PORTS_MAP,
+                Some(r),
+            )?)?),
         };
-        let services = PerCpuHashMap::try_from(services_map)
-            .map_err(|e| EngineError::map("the services map has an unexpected layout", e))?;
-        let global = PerCpuArray::try_from(open_map(pins, GLOBAL_STATS_MAP)?)
-            .map_err(|e| EngineError::map("the counters map has an unexpected layout", e))?;
-        let config = Array::try_from(open_map(pins, CONFIG_MAP)?)
-            .map_err(|e| EngineError::map("the config map has an unexpected layout", e))?;
-        let edge = HashMap::try_from(open_map(pins, REPLIES_MAP)?)
-            .map_err(|e| EngineError::map("the edge flow table has an unexpected layout", e))?;
-        let prefixes = LpmTrie::try_from(open_map(pins, PREFIXES_MAP)?)
-            .map_err(|e| EngineError::map("the prefix table has an unexpected layout", e))?;
-        let rules = PerCpuArray::try_from(open_map(pins, RULES_MAP)?)
-            .map_err(|e| EngineError::map("the rules array has an unexpected layout", e))?;
-        let ports = if pins.map(PORTS_MAP).exists() {
-            Some(super::filter_words::FilterWords::new(open_map_data(
-                pins, PORTS_MAP,
-            )?)?)
-        } else {
-            None
+        let flows = match flows {
+            None => None,
+            Some(r) => Some(required(pins, FLOWS_MAP, Some(r))?),
         };
         let nr_cpus = nr_cpus()
             .map_err(|(what, e)| EngineError::io(format!("cannot count CPUs ({what})"), e))?;
@@ -188,8 +258,7 @@ impl Engine {
             rules,
             ports,
             nr_cpus,
-            max_entries,
-            held,
+            flows,
             _dir: super::lock::keep_open(pins),
         };
         engine.ensure_port_filter()?;
@@ -326,7 +395,7 @@ impl Engine {
             EngineError::io(format!("cannot create {}", self.pins.dir.display()), e)
         })?;
         let mut pinned = 0;
-        for (name, data) in &self.held {
+        for (name, data) in self.held() {
             let path = self.pins.map(name);
             if path.exists() {
                 continue;
@@ -343,6 +412,28 @@ impl Engine {
             super::layout::write_marker(&self.pins)?;
         }
         Ok(pinned)
+    }
+
+    /// The maps whose contents outlive a program (entries, rules, filter, counters, flows),
+    /// by pin name: what [`Engine::repin`] pins again.
+    fn held(&self) -> impl Iterator<Item = (&'static str, &MapData)> {
+        [
+            (SERVICES_MAP, Some(self.services.map())),
+            (PREFIXES_MAP, Some(self.prefixes.map())),
+            (RULES_MAP, Some(self.rules.map())),
+            (CONFIG_MAP, Some(self.config.map())),
+            (
+                PORTS_MAP,
+                self.ports
+                    .as_ref()
+                    .map(super::filter_words::FilterWords::map_data),
+            ),
+            (GLOBAL_STATS_MAP, Some(self.global.map())),
+            (REPLIES_MAP, Some(self.edge.map())),
+            (FLOWS_MAP, self.flows.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, data)| Some((name, data?)))
     }
 
     /// The pin paths this engine was opened from.
@@ -615,7 +706,9 @@ impl Engine {
                 Err(EngineError::Duplicate(endpoint.to_string()))
             }
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::E2BIG) => {
-                Err(EngineError::Full(self.max_entries))
+                // Asked only now: a full map is rare, and every open would pay for it.
+                let max = self.services.map().info().map_or(0, |i| i.max_entries());
+                Err(EngineError::Full(max))
             }
             Err(e) => Err(EngineError::map(
                 format!("cannot add the entry for {endpoint}"),

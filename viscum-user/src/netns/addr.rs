@@ -61,7 +61,28 @@ pub async fn list_addresses(
     handle: &Handle,
     index: Option<u32>,
 ) -> Result<Vec<AddrInfo>, NetnsError> {
+    list_addresses_at(handle, None, index).await
+}
+
+/// [`list_addresses`] in the namespace that `handle`'s own namespace knows by id `nsid`
+/// (`IFA_TARGET_NETNSID`, Linux 4.20), or in `handle`'s own for `None`: no socket inside
+/// that namespace is needed. The kernel reads the attribute of a dump request only from a
+/// socket with `NETLINK_GET_STRICT_CHK` on ([`super::handle_here_strict`]).
+///
+/// # Errors
+/// As [`list_addresses`].
+pub(crate) async fn list_addresses_at(
+    handle: &Handle,
+    nsid: Option<i32>,
+    index: Option<u32>,
+) -> Result<Vec<AddrInfo>, NetnsError> {
     let mut request = handle.address().get();
+    if let Some(id) = nsid {
+        request
+            .message_mut()
+            .attributes
+            .push(AddressAttribute::TargetNetNsId(id));
+    }
     if let Some(index) = index {
         request = request.set_link_index_filter(index);
     }

@@ -25,6 +25,22 @@ pub async fn handle_here() -> Result<Handle, NetnsError> {
     connect(socket, None)
 }
 
+/// [`handle_here`] with `NETLINK_GET_STRICT_CHK` on: the kernel checks each request's header
+/// and attributes instead of ignoring what it does not use, which is what makes it read a
+/// dump request's target namespace (`IFA_TARGET_NETNSID`): a namespace viscum's own knows
+/// by id can then be read without a socket opened inside it (a thread entering it).
+///
+/// # Errors
+/// As [`handle_here`], or if the option cannot be set.
+pub async fn handle_here_strict() -> Result<Handle, NetnsError> {
+    let socket_err = |source| NetnsError::Socket { ns: None, source };
+    let socket = Socket::new(NETLINK_ROUTE).map_err(socket_err)?;
+    socket
+        .set_netlink_get_strict_chk(true)
+        .map_err(socket_err)?;
+    connect(socket, None)
+}
+
 /// rtnetlink handle for the named namespace: its socket is opened inside it (via
 /// [`in_netns`]); the connection future is spawned on the current tokio runtime.
 ///

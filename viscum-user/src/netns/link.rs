@@ -39,6 +39,9 @@ pub struct LinkInfo {
     /// `net.ipv4.conf.<link>.arp_announce`), when the kernel reports it: readable with the
     /// link, so a check needs no visit to the namespace's `/proc/sys`.
     pub arp_announce: Option<i32>,
+    /// `IFLA_LINK_NETNSID`: the id, in this link's namespace, of the namespace its veth peer
+    /// is in (`None` when the peer is in the same namespace, or none is assigned).
+    pub link_netnsid: Option<i32>,
 }
 
 impl LinkInfo {
@@ -53,6 +56,7 @@ impl LinkInfo {
             running: msg.header.flags.contains(LinkFlags::Running),
             qdisc: None,
             arp_announce: None,
+            link_netnsid: None,
         };
         for attr in &msg.attributes {
             match attr {
@@ -60,6 +64,8 @@ impl LinkInfo {
                 LinkAttribute::Address(addr) => info.mac = <[u8; 6]>::try_from(&addr[..]).ok(),
                 LinkAttribute::Link(index) => info.peer_index = Some(*index),
                 LinkAttribute::Qdisc(qdisc) => info.qdisc = Some(qdisc.clone()),
+                // Negative ids mean "none assigned" (NETNSA_NSID_NOT_ASSIGNED, -1).
+                LinkAttribute::LinkNetNsId(id) if *id >= 0 => info.link_netnsid = Some(*id),
                 LinkAttribute::AfSpecUnspec(specs) => {
                     info.arp_announce = specs
                         .iter()
@@ -92,6 +98,20 @@ impl LinkInfo {
 /// [`NetnsError::UnknownInterface`] if there is no such link (or the name cannot be one);
 /// [`NetnsError::Netlink`] if the request fails otherwise.
 pub async fn link_by_name(handle: &Handle, name: &str) -> Result<LinkInfo, NetnsError> {
+    link_by_name_at(handle, None, name).await
+}
+
+/// [`link_by_name`] in the namespace that `handle`'s own namespace knows by id `nsid`
+/// (`IFLA_TARGET_NETNSID`, Linux 4.15), or in `handle`'s own for `None`: no socket inside
+/// that namespace is needed.
+///
+/// # Errors
+/// As [`link_by_name`].
+pub(crate) async fn link_by_name_at(
+    handle: &Handle,
+    nsid: Option<i32>,
+    name: &str,
+) -> Result<LinkInfo, NetnsError> {
     let unknown = || NetnsError::UnknownInterface {
         name: name.to_string(),
     };
@@ -99,7 +119,14 @@ pub async fn link_by_name(handle: &Handle, name: &str) -> Result<LinkInfo, Netns
     if name.is_empty() || name.len() > IFNAME_MAX {
         return Err(unknown());
     }
-    let mut links = handle.link().get().match_name(name).execute();
+    let mut request = handle.link().get().match_name(name);
+    if let Some(id) = nsid {
+        request
+            .message_mut()
+            .attributes
+            .push(LinkAttribute::IfNetnsId(id));
+    }
+    let mut links = request.execute();
     match links.try_next().await {
         Ok(Some(msg)) => Ok(LinkInfo::from_message(&msg)),
         Ok(None) => Err(unknown()),

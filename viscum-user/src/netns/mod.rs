@@ -31,7 +31,7 @@ mod sysctl;
 
 pub use self::{
     addr::{AddrInfo, add_address, list_addresses},
-    handle::{handle_here, handle_in},
+    handle::{handle_here, handle_here_strict, handle_in},
     link::{
         LinkInfo, create_macvlan_passthru, create_veth, create_veth_indexed, create_vlan,
         delete_link, link_by_index, link_by_name, list_links, set_mtu, set_up,
@@ -45,8 +45,9 @@ pub use self::{
     service::{
         HOST_VETH_PREFIX, LINK_POOL, MAX_NAME_LEN, NS_VETH_NAME, ServiceNs, ULA_PREFIX,
         allocate_link_subnet, format_mac, host_veth_name, pair_ula, service_mac, service_ns_add,
-        service_ns_add_local, service_ns_by_host_ifindex, service_ns_check, service_ns_del,
-        service_ns_del_local, service_ns_get, service_ns_list, validate_name,
+        service_ns_add_local, service_ns_by_host_ifindex, service_ns_check,
+        service_ns_check_for_redirect, service_ns_del, service_ns_del_local, service_ns_get,
+        service_ns_list, validate_name,
     },
     sysctl::{sysctl_get, sysctl_set},
 };

@@ -17,9 +17,12 @@ use rtnetlink::Handle;
 use serde::{Serialize, Serializer};
 
 use super::{
-    LinkInfo, NetnsError, add_address, add_route, create_named, create_veth, delete_link,
-    delete_named, handle_here, handle_in, link_by_index, link_by_name, list_addresses, list_links,
-    list_local_routes, named_exists,
+    AddrInfo, LinkInfo, NetnsError, add_address, add_route,
+    addr::list_addresses_at,
+    create_named, create_veth, delete_link, delete_named, handle_here, handle_here_strict,
+    handle_in,
+    link::link_by_name_at,
+    link_by_index, link_by_name, list_addresses, list_links, list_local_routes, named_exists,
     route::{add_local_route, del_local_route},
     set_up, sysctl_set,
 };
@@ -426,20 +429,58 @@ pub async fn service_ns_del(name: &str) -> Result<(), NetnsError> {
 /// [`NetnsError::Incomplete`] if the inside is not finished (no `eth0`, no MAC);
 /// netlink or namespace errors of the queries.
 pub async fn service_ns_get(name: &str) -> Result<ServiceNs, NetnsError> {
-    Ok(service_ns_read(name).await?.ns)
+    Ok(service_ns_read(name, Routes::Read).await?.ns)
+}
+
+/// Whether [`service_ns_read`] reads the namespace's local routes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Routes {
+    /// Into [`ServiceNs::local_routes`].
+    Read,
+    /// Left empty: a route dump needs a socket inside the namespace (a thread entering it),
+    /// and a redirect needs the routes only in the modes that add one.
+    Skip,
+}
+
+/// How [`service_ns_read`] asks about the inside of the namespace.
+enum Inside {
+    /// Through viscum's own socket, naming the namespace by the id viscum's namespace knows
+    /// it by (the host veth's `IFLA_LINK_NETNSID`): no thread, no second socket.
+    ById(i32),
+    /// Through a socket opened inside it (a thread entering it), when the host veth reports
+    /// no id.
+    Entered(Handle),
+}
+
+impl Inside {
+    async fn link(&self, host: &Handle, name: &str) -> Result<LinkInfo, NetnsError> {
+        match self {
+            Inside::ById(id) => link_by_name_at(host, Some(*id), name).await,
+            Inside::Entered(inside) => link_by_name(inside, name).await,
+        }
+    }
+
+    async fn addresses(&self, host: &Handle, index: u32) -> Result<Vec<AddrInfo>, NetnsError> {
+        match self {
+            Inside::ById(id) => list_addresses_at(host, Some(*id), Some(index)).await,
+            Inside::Entered(inside) => list_addresses(inside, Some(index)).await,
+        }
+    }
 }
 
 /// What [`service_ns_get`] reads, with what [`service_ns_check`] judges besides: the links at
-/// both ends and a handle inside, so the check needs no second visit to the namespace (each
-/// visit is a thread entering it: a third of a `redirect add`'s own time, B7).
+/// both ends and the way inside, so the check needs no second visit to the namespace (a
+/// visit through a socket inside it is a thread entering it: a third of a `redirect add`'s
+/// own time, B7).
 struct ServiceNsRead {
     ns: ServiceNs,
     host_link: LinkInfo,
     eth0: LinkInfo,
-    inside: Handle,
+    host: Handle,
+    inside: Inside,
 }
 
-async fn service_ns_read(name: &str) -> Result<ServiceNsRead, NetnsError> {
+async fn service_ns_read(name: &str, routes: Routes) -> Result<ServiceNsRead, NetnsError> {
     validate_name(name)?;
     let unknown = || NetnsError::UnknownNamespace {
         name: name.to_string(),
@@ -447,21 +488,27 @@ async fn service_ns_read(name: &str) -> Result<ServiceNsRead, NetnsError> {
     if !named_exists(name) {
         return Err(unknown());
     }
-    let host = handle_here().await?;
+    // Strict checking, so that the address dump of the inside below honours its target id.
+    let host = handle_here_strict().await?;
     let host_veth = host_veth_name(name);
     let host_link = match link_by_name(&host, &host_veth).await {
         Ok(link) if is_service_veth(&link) => link,
         Ok(_) | Err(NetnsError::UnknownInterface { .. }) => return Err(unknown()),
         Err(e) => return Err(e),
     };
-    let host_addr = pool_address(&host, host_link.index).await?;
+    let host_addr = pool_address_of(&list_addresses(&host, Some(host_link.index)).await?);
 
-    let ns = handle_in(name).await?;
+    // The kernel gives the peer's namespace an id as it reports the veth (peernet2id_alloc in
+    // net/core/rtnetlink.c), so there is one whenever the peer is in another namespace.
+    let inside = match host_link.link_netnsid {
+        Some(id) => Inside::ById(id),
+        None => Inside::Entered(handle_in(name).await?),
+    };
     let incomplete = |detail: &str| NetnsError::Incomplete {
         name: name.to_string(),
         detail: detail.to_string(),
     };
-    let eth0 = match link_by_name(&ns, NS_VETH_NAME).await {
+    let eth0 = match inside.link(&host, NS_VETH_NAME).await {
         Ok(link) => link,
         Err(NetnsError::UnknownInterface { .. }) => {
             return Err(incomplete("no eth0 inside"));
@@ -471,13 +518,18 @@ async fn service_ns_read(name: &str) -> Result<ServiceNsRead, NetnsError> {
     let ns_mac = eth0
         .mac
         .ok_or_else(|| incomplete("eth0 has no MAC address"))?;
-    let ns_addr = pool_address(&ns, eth0.index).await?;
-    let ns_addr6 = ula_address(&ns, eth0.index).await?;
-    let local_routes = list_local_routes(&ns)
-        .await?
-        .into_iter()
-        .map(|(addr, prefix)| format!("{addr}/{prefix}"))
-        .collect();
+    // One dump for both families' addresses.
+    let inside_addrs = inside.addresses(&host, eth0.index).await?;
+    let ns_addr = pool_address_of(&inside_addrs);
+    let ns_addr6 = ula_address_of(&inside_addrs);
+    let local_routes = match (routes, &inside) {
+        (Routes::Skip, _) => Vec::new(),
+        (Routes::Read, Inside::Entered(handle)) => list_local_routes(handle).await?,
+        (Routes::Read, Inside::ById(_)) => list_local_routes(&handle_in(name).await?).await?,
+    }
+    .into_iter()
+    .map(|(addr, prefix)| format!("{addr}/{prefix}"))
+    .collect();
 
     Ok(ServiceNsRead {
         ns: ServiceNs {
@@ -493,7 +545,8 @@ async fn service_ns_read(name: &str) -> Result<ServiceNsRead, NetnsError> {
         },
         host_link,
         eth0,
-        inside: ns,
+        host,
+        inside,
     })
 }
 
@@ -506,7 +559,27 @@ async fn service_ns_read(name: &str) -> Result<ServiceNsRead, NetnsError> {
 /// # Errors
 /// As [`service_ns_get`]; [`NetnsError::Incomplete`] naming the first missing step.
 pub async fn service_ns_check(name: &str) -> Result<ServiceNs, NetnsError> {
-    let read = service_ns_read(name).await?;
+    Ok(check(name, Routes::Read).await?.0)
+}
+
+/// [`service_ns_check`] for a redirect into the namespace: its [`ServiceNs::local_routes`]
+/// are left empty (not read: a route dump needs a socket inside the namespace, a thread
+/// entering it, and only a redirect whose mode adds a route needs them; see
+/// [`list_local_routes`]), and it comes with the id under which viscum's namespace knows the
+/// service namespace (the host veth's `IFLA_LINK_NETNSID`, read with it; `None`: none
+/// assigned), which the entry records ([`viscum_common::ServiceEntry::peer_netns`]).
+///
+/// # Errors
+/// As [`service_ns_check`].
+pub async fn service_ns_check_for_redirect(
+    name: &str,
+) -> Result<(ServiceNs, Option<i32>), NetnsError> {
+    check(name, Routes::Skip).await
+}
+
+async fn check(name: &str, routes: Routes) -> Result<(ServiceNs, Option<i32>), NetnsError> {
+    let read = service_ns_read(name, routes).await?;
+    let nsid = read.host_link.link_netnsid;
     let ns = read.ns;
     let incomplete = |detail: String| NetnsError::Incomplete {
         name: name.to_string(),
@@ -518,7 +591,7 @@ pub async fn service_ns_check(name: &str) -> Result<ServiceNs, NetnsError> {
     if !read.host_link.up {
         return Err(incomplete(format!("{} is down", ns.host_veth)));
     }
-    if !link_by_name(&read.inside, "lo").await?.up {
+    if !read.inside.link(&read.host, "lo").await?.up {
         return Err(incomplete("lo is down inside".into()));
     }
     if !read.eth0.up {
@@ -535,40 +608,40 @@ pub async fn service_ns_check(name: &str) -> Result<ServiceNs, NetnsError> {
         .and_then(|v| v.trim().parse().ok())
     });
     if arp_announce == Some(2) {
-        Ok(ns)
+        Ok((ns, nsid))
     } else {
         Err(incomplete("its settings were never applied".into()))
     }
 }
 
-/// The link's IPv6 address under [`ULA_PREFIX`] as "addr/p", or "" if it has none.
-async fn ula_address(handle: &Handle, index: u32) -> Result<String, NetnsError> {
-    Ok(list_addresses(handle, Some(index))
-        .await?
-        .into_iter()
+/// The IPv6 address under [`ULA_PREFIX`] among a link's `addrs` as "addr/p", or "" if it
+/// has none.
+fn ula_address_of(addrs: &[AddrInfo]) -> String {
+    addrs
+        .iter()
         .find_map(|a| match a.addr {
             IpAddr::V6(v6) if v6.segments()[..6] == ULA_PREFIX => {
                 Some(format!("{v6}/{}", a.prefix))
             }
             _ => None,
         })
-        .unwrap_or_default())
+        .unwrap_or_default()
 }
 
-/// The link's IPv4 address from [`LINK_POOL`] as "a.b.c.d/p", or "" if it has none.
-async fn pool_address(handle: &Handle, index: u32) -> Result<String, NetnsError> {
+/// The IPv4 address from [`LINK_POOL`] among a link's `addrs` as "a.b.c.d/p", or "" if it
+/// has none.
+fn pool_address_of(addrs: &[AddrInfo]) -> String {
     let (pool, pool_prefix) = LINK_POOL;
     let pool_mask = u32::MAX << (32 - pool_prefix);
-    Ok(list_addresses(handle, Some(index))
-        .await?
-        .into_iter()
+    addrs
+        .iter()
         .find_map(|a| match a.addr {
             IpAddr::V4(v4) if u32::from(v4) & pool_mask == u32::from(pool) => {
                 Some(format!("{v4}/{}", a.prefix))
             }
             _ => None,
         })
-        .unwrap_or_default())
+        .unwrap_or_default()
 }
 
 /// Whether a link in viscum's namespace is the host veth of a service namespace, and which.
