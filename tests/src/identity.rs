@@ -377,6 +377,42 @@ pub fn udp_ask(ns: &str, addr: SocketAddr, timeout: Duration) -> io::Result<Stri
     .map_err(io::Error::other)?
 }
 
+/// [`udp_ask`] from `n` sockets bound at once, one datagram each, in turn; returns the `n`
+/// answers. Bound together, their source ports, hence their flows, are distinct: sockets
+/// asked one after another may each be given a port an earlier, closed one had (the kernel
+/// picks a free port at random), which a datapath rightly takes for the same flow.
+pub fn udp_ask_distinct(
+    ns: &str,
+    addr: SocketAddr,
+    n: usize,
+    timeout: Duration,
+) -> io::Result<Vec<String>> {
+    netns::in_netns(ns, move || -> io::Result<Vec<String>> {
+        let local: IpAddr = match addr {
+            SocketAddr::V4(_) => Ipv4Addr::UNSPECIFIED.into(),
+            SocketAddr::V6(_) => Ipv6Addr::UNSPECIFIED.into(),
+        };
+        let socks = (0..n)
+            .map(|_| {
+                let sock = UdpSocket::bind((local, 0))?;
+                sock.connect(addr)?;
+                sock.set_read_timeout(Some(timeout))?;
+                Ok(sock)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        socks
+            .iter()
+            .map(|sock| {
+                sock.send(REQUEST)?;
+                let mut buf = [0u8; 2048];
+                let got = sock.recv(&mut buf).map_err(timed_out)?;
+                Ok(String::from_utf8_lossy(&buf[..got]).into_owned())
+            })
+            .collect()
+    })
+    .map_err(io::Error::other)?
+}
+
 /// [`tcp_ask`] or [`udp_ask`].
 pub fn ask(ns: &str, proto: Proto, addr: SocketAddr, timeout: Duration) -> io::Result<String> {
     match proto {

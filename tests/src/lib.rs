@@ -47,6 +47,6 @@ pub use self::{
     cases::CaseResult,
     dns::{Dns, Zone},
     guard::{Bpffs, Netns, block_on, skip_unless_root, unique_name, wait_until},
-    identity::{IdentityServer, Proto, ask, tcp_ask, udp_ask},
+    identity::{IdentityServer, Proto, ask, tcp_ask, udp_ask, udp_ask_distinct},
     lab::{Lab, LabOptions, VlanMode},
 };
