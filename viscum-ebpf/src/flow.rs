@@ -308,8 +308,8 @@ fn service_holds(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> bool {
         // SAFETY: writes inside the 40-byte slot (the IPv4 tuple is 12 bytes).
         unsafe {
             let t = &raw mut (*tuple).__bindgen_anon_1.ipv4;
-            (*t).saddr = u32::from_ne_bytes([p.saddr[0], p.saddr[1], p.saddr[2], p.saddr[3]]);
-            (*t).daddr = u32::from_ne_bytes([local[0], local[1], local[2], local[3]]);
+            (*t).saddr = crate::nat::v4_word(&p.saddr);
+            (*t).daddr = crate::nat::v4_word(local);
             (*t).sport = p.sport;
             (*t).dport = local_port;
         }

@@ -259,8 +259,8 @@ fn rewrite_quote(
     if old_addr != new_addr {
         if p.key.family == FAMILY_V4 {
             let off = inner + if src { 12 } else { 16 };
-            let old = u32::from_ne_bytes([old_addr[0], old_addr[1], old_addr[2], old_addr[3]]);
-            let new = u32::from_ne_bytes([new_addr[0], new_addr[1], new_addr[2], new_addr[3]]);
+            let old = nat::v4_word(old_addr);
+            let new = nat::v4_word(new_addr);
             if ctx
                 .l3_csum_replace(inner + 10, u64::from(old), u64::from(new), 4)
                 .is_err()

@@ -174,7 +174,7 @@ pub fn rewrite(
 /// An IPv4 address (the first four bytes of the 16-byte layout) as the 32-bit word it is in
 /// the packet, for the checksum helpers.
 #[inline(always)]
-fn v4_word(a: &[u8; 16]) -> u32 {
+pub fn v4_word(a: &[u8; 16]) -> u32 {
     u32::from_ne_bytes([a[0], a[1], a[2], a[3]])
 }
 

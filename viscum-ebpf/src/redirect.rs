@@ -249,10 +249,8 @@ fn forward(ctx: &TcContext, p: &Parsed, flow: Option<&mut ReplyState>, veth: u32
     fib.ifindex = unsafe { (*skb).ifindex };
     if p.key.family == FAMILY_V4 {
         fib.family = AF_INET;
-        fib.__bindgen_anon_3.ipv4_src =
-            u32::from_ne_bytes([p.saddr[0], p.saddr[1], p.saddr[2], p.saddr[3]]);
-        fib.__bindgen_anon_4.ipv4_dst =
-            u32::from_ne_bytes([p.key.addr[0], p.key.addr[1], p.key.addr[2], p.key.addr[3]]);
+        fib.__bindgen_anon_3.ipv4_src = crate::nat::v4_word(&p.saddr);
+        fib.__bindgen_anon_4.ipv4_dst = crate::nat::v4_word(&p.key.addr);
     } else {
         fib.family = AF_INET6;
         // SAFETY: same size, plain bytes.

@@ -269,12 +269,14 @@ pub fn entry_redirect_flags() -> u32 {
 
 /// How a hit enters its namespace, given `bpf_redirect_peer` support.
 pub fn redirect_mode(peer: bool) -> &'static str {
-    match (peer, kernel_at_least(6, 15)) {
-        (true, true) => "bpf_redirect_peer",
-        // Before 6.15 (commit c4327229948879) the peer keeps the frame's pkt_type, so the
-        // classifier marks it PACKET_HOST itself (bpf_skb_change_type).
-        (true, false) => "bpf_redirect_peer + PACKET_HOST mark",
-        (false, _) => "bpf_redirect to the host veth + destination MAC rewrite",
+    if !peer {
+        return "bpf_redirect to the host veth + destination MAC rewrite";
+    }
+    // What `redirect add` writes on this kernel ([`entry_redirect_flags`] holds the 6.15 rule).
+    if entry_redirect_flags() & viscum_common::TARGET_F_SET_MAC != 0 {
+        "bpf_redirect_peer + PACKET_HOST mark"
+    } else {
+        "bpf_redirect_peer"
     }
 }
 
