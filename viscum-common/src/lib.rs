@@ -431,6 +431,38 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
+/// Slots per CPU of the classifier's flow cache (`VISCUM_FCACHE`, a per-CPU array, not
+/// pinned): 16,384 × 64 bytes = 1 MiB per CPU. A power of two (the slot index is the top
+/// bits of a hash).
+pub const FLOW_CACHE_SLOTS: u32 = 16_384;
+
+/// One slot of the classifier's per-CPU flow cache (64 bytes: one cache line): an
+/// established TCP edge flow's client-side 5-tuple, the target its edge record was found for, and until when that decision may be
+/// repeated without looking the record up.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlowCacheSlot {
+    /// Client address as four native-order words of its network-order bytes.
+    pub client: [u32; 4],
+    /// Service (destination) address, as `client`.
+    pub service: [u32; 4],
+    /// Client port | service port << 16 | protocol << 32 | family << 40 (ports in network
+    /// order).
+    pub tail: u64,
+    /// Host-side veth of the target the record belongs to.
+    pub ifindex: u32,
+    /// Port the service answers from (the NAT port, or the service port), network order.
+    pub local_port: u16,
+    /// Explicit padding.
+    pub _pad: u16,
+    /// Coarse-clock ns before which the slot may be used; 0 = empty.
+    pub valid_until_ns: u64,
+    /// The classifier's churn count (edge-flow inserts, and replies that found no record)
+    /// when the slot was filled.
+    pub churn: u64,
+}
+const _: () = assert!(core::mem::size_of::<FlowCacheSlot>() == 64);
+
 /// [`FlowState::decision`]: the flow went to the cloud.
 pub const FLOW_CLOUD: u32 = 2;
 

@@ -34,6 +34,7 @@ use viscum_common::{
 };
 
 use crate::{
+    cache,
     counters::{self, Timeouts},
     parse::{Parsed, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
     redirect,
@@ -121,6 +122,13 @@ pub fn decide(
     let tcp = p.key.proto == PROTO_TCP;
     let syn = tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let closing = tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
+    // A segment that changes nothing in its flow's record may be decided by the flow cache
+    // (see `cache`): TCP without SYN, FIN or RST.
+    let plain = tcp && p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0;
+    let local_port = local_port_of(p.key.port, entry);
+    if plain && cache::hit(p, entry.ifindex, local_port, now) {
+        return Decision::Edge;
+    }
 
     // The edge record: the key carries the entry's target veth, so an entry that now
     // points elsewhere (the namespace re-created, the entry re-added) finds none and
@@ -151,6 +159,11 @@ pub fn decide(
             }
             if closing && state.closing_at_ns == 0 {
                 state.closing_at_ns = now;
+            }
+            if plain && state.flags & REPLY_F_ESTABLISHED != 0 && state.closing_at_ns == 0 {
+                cache::fill(p, entry.ifindex, local_port, now);
+            } else if closing {
+                cache::forget(p);
             }
             return Decision::Edge;
         }
@@ -387,12 +400,7 @@ pub fn edge_key(
     family: u8,
     entry: &ServiceEntry,
 ) -> ReplyKey {
-    // In NAT mode the service answers from its own port.
-    let local_port = if entry.flags & TARGET_F_NAT != 0 && entry.nat_port != 0 {
-        entry.nat_port
-    } else {
-        service_port
-    };
+    let local_port = local_port_of(service_port, entry);
     ReplyKey {
         client: *client,
         client_port,
@@ -401,6 +409,17 @@ pub fn edge_key(
         family,
         _pad: [0; 2],
         ifindex: entry.ifindex,
+    }
+}
+
+/// The port `entry`'s service answers from for a flow to `service_port` (network order):
+/// in NAT mode its own port, when the entry names one.
+#[inline(always)]
+fn local_port_of(service_port: u16, entry: &ServiceEntry) -> u16 {
+    if entry.flags & TARGET_F_NAT != 0 && entry.nat_port != 0 {
+        entry.nat_port
+    } else {
+        service_port
     }
 }
 
@@ -450,6 +469,7 @@ fn put_edge(rkey: &ReplyKey, p: &Parsed, flags: u32, now: u64) {
         core::ptr::write_volatile(&raw mut st._pad, 0);
     }
     let _ = REPLIES.insert(rkey, &*st, 0);
+    cache::note_insert();
 }
 
 /// Records a mirrored flow: its edge copy's replies are dropped on the way back.

@@ -52,7 +52,14 @@ static PORTS: Array<u64> = Array::pinned(PORT_FILTER_WORDS, BPF_F_MMAPABLE);
 /// packet can pass without a hash or trie lookup. An unbuilt (zero) filter says false.
 #[inline(always)]
 pub fn unmanaged(p: &Parsed) -> bool {
-    let (word, bit) = port_filter_slot(p.key.proto, u16::from_be(p.key.port));
+    port_unmanaged(p.key.proto, p.key.port)
+}
+
+/// True when no entry or rule can match protocol `proto` and destination port `port`
+/// (network order); see [`unmanaged`].
+#[inline(always)]
+pub fn port_unmanaged(proto: u8, port: u16) -> bool {
+    let (word, bit) = port_filter_slot(proto, u16::from_be(port));
     match PORTS.get(word) {
         Some(w) => *w & bit != 0,
         None => false,

@@ -29,6 +29,7 @@
     reason = "aya's #[classifier] drops the programs' doc comments"
 )]
 
+mod cache;
 mod counters;
 mod flow;
 mod frag;
@@ -328,6 +329,14 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     let Some(id) = flow::reply_identity(&p, ifindex) else {
         // The namespace's own traffic (DNS lookups, updates...): routed as usual.
         counters::bump(GlobalCounter::RepliesUnknown);
+        if p.key.proto == PROTO_TCP
+            && p.tcp_flags & parse::TCP_SYN == 0
+            && !lookup::port_unmanaged(p.key.proto, p.sport)
+        {
+            // From a served port, it is likely a flow whose record was evicted: its next
+            // client packet must not be served from the flow cache (see `cache`).
+            cache::note_unknown_reply();
+        }
         return Ok(TC_ACT_UNSPEC);
     };
     // SAFETY: LRU value pointer from the kernel; the fields read below are
