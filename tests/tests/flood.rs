@@ -187,14 +187,9 @@ fn a_syn_flood_larger_than_the_flow_table_breaks_no_edge_connection() {
 /// On 2741ba7 its segment finds no record in `viscum_reply`, leaves with the namespace's own
 /// address (`replies_unknown`), the client answers with a RST that the edge routes into the
 /// namespace (the service's socket dies), and the client's next segment finds neither a record
-/// nor a socket (`flow_orphans`), goes to the cloud and is reset. Fails until replies have a
-/// way back to their cloud identity that an eviction cannot take.
-///
-/// Ignored: a known defect, open (issue 12's closing note of 2026-12-01 has the analysis and
-/// the proposed fix: a reply-side identity map and a reply-miss tail call). Run it with
-/// `--ignored`; it is the acceptance test of that fix.
+/// nor a socket (`flow_orphans`), goes to the cloud and is reset. Now the reply path restores
+/// the record from the entry it answers for (`flow::restore_from_reply`).
 #[test]
-#[ignore = "known defect: a reply whose record was evicted leaves with the namespace's address"]
 fn a_push_after_a_flood_reaches_the_client_as_the_cloud() {
     if skip_unless_root() {
         return;
@@ -268,4 +263,59 @@ fn a_push_after_a_flood_reaches_the_client_as_the_cloud() {
     assert_eq!(line, "push\n", "the push did not reach the client: {got:?}");
     drop(conn);
     server.join().unwrap();
+}
+
+/// A flood right after an exchange evicts the held connection's record while the
+/// classifier's per-CPU flow cache still repeats its decision (for a tenth of a second). Two
+/// things keep the flow whole: the flood's inserts retire the slot (`cache::INSERT_BUDGET`),
+/// so the next client segment looks the record up and restores it; and a reply that comes
+/// first restores it from the entry (`flow::restore_from_reply`). Either alone passes this
+/// test (checked with the churn limit disabled); served from the slot with neither, the
+/// answer would leave with the namespace's own address and the connection be reset.
+#[test]
+fn a_flood_right_after_an_exchange_leaves_no_flow_served_without_its_record() {
+    if skip_unless_root() {
+        return;
+    }
+    const FAST_ROUNDS: usize = 10;
+    let lab = Lab::new();
+    lab.viscum_ok(&["attach", "lan0", "--flow-table-size", &TABLE.to_string()]);
+    let ns = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &ns]);
+    let edge = EchoServer::start(&ns, 9301, "edge");
+    let [SocketAddr::V4(addr), _] = lab.cloud_addrs(edge.port) else {
+        panic!("the lab's first cloud address is IPv4");
+    };
+    lab.viscum_ok(&["redirect", "add", &format!("tcp://{addr}"), "--ns", &ns]);
+    let mut held = Held::open(lab.client.name(), SocketAddr::V4(addr));
+    let before = global_stats(&lab);
+    for round in 0..FAST_ROUNDS {
+        // The exchange's segments fill the flow's slot; the flood (a few thousand SYNs, tens
+        // of milliseconds) follows at once, and so does the next exchange.
+        let tag = format!("a{round}-");
+        assert_eq!(held.exchange(&tag, 1).unwrap(), [format!("edge:{tag}0")]);
+        syn_flood(&lab, addr, 4 * TABLE, 100 + round);
+        let tag = format!("b{round}-");
+        let got = held.exchange(&tag, 1).unwrap_or_else(|e| {
+            let now = global_stats(&lab);
+            let d = |k: &str| now[k].as_u64().unwrap() - before[k].as_u64().unwrap();
+            panic!(
+                "round {round}: the connection broke after the flood: {e} (recovered +{}, orphans +{}, replies unknown +{}, flows edge +{})",
+                d("flows_recovered"),
+                d("flow_orphans"),
+                d("replies_unknown"),
+                d("flows_edge")
+            )
+        });
+        assert_eq!(got, [format!("edge:{tag}0")], "round {round}");
+    }
+    let after = global_stats(&lab);
+    let recovered =
+        after["flows_recovered"].as_u64().unwrap() - before["flows_recovered"].as_u64().unwrap();
+    eprintln!("{FAST_ROUNDS} floods: the held connection's record restored {recovered} times");
+    assert!(
+        recovered > 0,
+        "no flood evicted the held connection's record"
+    );
+    held.close();
 }

@@ -365,3 +365,55 @@ fn an_established_flow_follows_a_client_that_changed_its_mac() {
         "the answer came from a new flow, not the established one"
     );
 }
+
+/// A connection made straight to a service namespace from the box itself (an operator's
+/// `curl` to the service's own address) has no edge record by nature. Its replies come from a
+/// served port of a NAT entry whose cloud identity the reply path has learned, exactly like an
+/// edge flow's whose record was lost; they must keep their addresses, or the box's own socket
+/// would hear from the cloud address and the connection fail. `flow::restore_from_reply` asks
+/// the FIB first: a destination the box delivers locally is not a client.
+#[test]
+fn the_box_reaches_a_served_namespace_port_directly() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let edge = IdentityServer::start(&ns, 0, "edge");
+    let [v4, _] = lab.cloud_addrs(edge.port());
+    let ns_addr = lab.service_ns_info(&ns)["ns_addr"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    let direct: SocketAddr = format!("{ns_addr}:{}", edge.port()).parse().unwrap();
+    for proto in [Proto::Tcp, Proto::Udp] {
+        lab.viscum_ok(&[
+            "redirect",
+            "add",
+            &url(proto, v4),
+            "--ns",
+            &ns,
+            "--learn-ms",
+            "0",
+        ]);
+        // A client's flow teaches the reply path the port's cloud identity.
+        assert_eq!(
+            ask(lab.client.name(), proto, v4, TIMEOUT).unwrap(),
+            "edge",
+            "{proto:?}"
+        );
+        let before = global(&lab)["flows_recovered"].as_u64().unwrap();
+        assert_eq!(
+            ask(lab.edge.name(), proto, direct, TIMEOUT).unwrap(),
+            "edge",
+            "{proto:?}: the box's own connection to {direct}"
+        );
+        let after = global(&lab)["flows_recovered"].as_u64().unwrap();
+        assert_eq!(
+            after, before,
+            "{proto:?}: the box's connection was taken for an edge flow"
+        );
+    }
+}

@@ -699,7 +699,7 @@ macro_rules! global_counters {
                 "Redirected TCP SYNs (and edge SYN-ACKs) whose MSS option was lowered to fit the interface MTU.";
             FlowsRecovered = 20, flows_recovered, "RECOVERED", Flows, DATAPATH_FLOWS_RECOVERED,
                 "",
-                "Mid-flow TCP packets with no flow record whose connection the service's own stack holds (the record was evicted, e.g. by a SYN flood, or expired): the record is restored and the flow stays at the edge.";
+                "Edge flows whose lost record (evicted, e.g. by a SYN flood, or expired) was restored: by a mid-flow TCP packet whose connection the service's own stack holds, or by a reply that answers for a live entry of its veth and port; the flow stays at the edge.";
             TargetGone = 19, target_gone, "TARGET_GONE", Icmp, DATAPATH_TARGET_GONE, "",
                 "Hits whose target interface no longer exists (namespace or veth deleted): passed to the cloud instead of being black-holed.";
         }

@@ -30,7 +30,7 @@ use aya_ebpf::{
 use viscum_common::{
     DEFAULT_FLOW_ENTRIES, DatapathConfig, FAMILY_V4, FLOW_CLOUD, FlowKey, FlowState, GlobalCounter,
     PROTO_TCP, REPLY_F_DROP, REPLY_F_ESTABLISHED, ReplyKey, ReplyState, ServiceEntry,
-    TARGET_F_DRAINING, TARGET_F_NAT,
+    TARGET_F_DRAINING, TARGET_F_MIRROR, TARGET_F_NAT,
 };
 
 use crate::{
@@ -215,7 +215,7 @@ pub fn decide(
     // A UDP flow is under way from its first datagram; a TCP one once its handshake's ACK
     // follows the SYN (see REPLY_F_ESTABLISHED).
     let flags = if tcp { 0 } else { REPLY_F_ESTABLISHED };
-    put_edge(&rkey, p, flags, now);
+    put_edge(&rkey, &p.key.addr, p.key.port, flags, now);
     entry.new_flows += 1;
     counters::bump(GlobalCounter::FlowsEdge);
     Decision::Edge
@@ -230,7 +230,13 @@ pub fn recover(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> bool {
     if service_holds(ctx, p, entry) {
         let now = counters::now_coarse();
         // The service's stack holds the connection: it is under way.
-        put_edge(&reply_key(p, entry), p, REPLY_F_ESTABLISHED, now);
+        put_edge(
+            &reply_key(p, entry),
+            &p.key.addr,
+            p.key.port,
+            REPLY_F_ESTABLISHED,
+            now,
+        );
         counters::bump(GlobalCounter::FlowsRecovered);
         return true;
     }
@@ -431,7 +437,7 @@ static SCRATCH: PerCpuArray<ReplyState> = PerCpuArray::pinned(1, 0);
 
 /// Writes the edge record of a new flow (`flags`: `REPLY_F_*`).
 #[inline(always)]
-fn put_edge(rkey: &ReplyKey, p: &Parsed, flags: u32, now: u64) {
+fn put_edge(rkey: &ReplyKey, service: &[u8; 16], service_port: u16, flags: u32, now: u64) {
     let Some(slot) = SCRATCH.get_ptr_mut(0) else {
         return;
     };
@@ -442,7 +448,7 @@ fn put_edge(rkey: &ReplyKey, p: &Parsed, flags: u32, now: u64) {
     // Word by word, volatile: LLVM would otherwise turn the copy into a
     // memcpy subprogram call, whose frame counts against the 512-byte stack
     // (see redirect::write_mac).
-    let a = &p.key.addr;
+    let a = service;
     let dst = st.service.as_mut_ptr().cast::<u32>();
     for i in 0..4 {
         // SAFETY: four in-bounds u32 writes into the slot's 16-byte array; BPF
@@ -454,7 +460,7 @@ fn put_edge(rkey: &ReplyKey, p: &Parsed, flags: u32, now: u64) {
             );
         }
     }
-    st.service_port = p.key.port;
+    st.service_port = service_port;
     st.fib_mtu = 0;
     st.flags = flags;
     // No FIB result yet: the first reply looks its route up. (The MACs are left as they
@@ -476,7 +482,13 @@ fn put_edge(rkey: &ReplyKey, p: &Parsed, flags: u32, now: u64) {
 #[inline(always)]
 pub fn remember_mirror(p: &Parsed, entry: &ServiceEntry) {
     let now = counters::now_coarse();
-    put_edge(&reply_key(p, entry), p, REPLY_F_DROP, now);
+    put_edge(
+        &reply_key(p, entry),
+        &p.key.addr,
+        p.key.port,
+        REPLY_F_DROP,
+        now,
+    );
 }
 
 /// The edge record a reply arriving on `ifindex` belongs to, if any: a pointer into
@@ -492,6 +504,156 @@ pub fn reply_identity(p: &Parsed, ifindex: u32) -> Option<*mut ReplyState> {
         _pad: [0; 2],
         ifindex,
     };
+    REPLIES.get_ptr_mut(&rkey)
+}
+
+/// What a reply carries of its flow's target: the host veth it arrives on, the port the
+/// service answers from, the protocol and family.
+#[repr(C)]
+pub struct IdentityKey {
+    ifindex: u32,
+    local_port: u16,
+    proto: u8,
+    family: u8,
+}
+
+/// The cloud endpoint the flows of an [`IdentityKey`] were served for; `ambiguous` once two
+/// flows there were served for two different ones (two cloud endpoints translated to one
+/// namespace port), after which no reply is given an identity from here.
+#[repr(C)]
+pub struct Identity {
+    service: [u8; 16],
+    service_port: u16,
+    ambiguous: u16,
+}
+
+/// Cloud identities learned from edge records by the reply path (see [`restore_from_reply`]).
+/// Not pinned: learned again by each loaded copy of the object, from its flows' first
+/// replies. One key per served port of each target: small.
+#[map(name = "VISCUM_IDENTITIES")]
+static IDENTITIES: LruHashMap<IdentityKey, Identity> = LruHashMap::with_max_entries(4096, 0);
+
+#[inline(always)]
+fn identity_key(p: &Parsed, ifindex: u32) -> IdentityKey {
+    IdentityKey {
+        ifindex,
+        local_port: p.sport,
+        proto: p.key.proto,
+        family: p.key.family,
+    }
+}
+
+/// Are two addresses equal? Word by word: an array comparison may become a `bcmp` call.
+#[inline(always)]
+fn same_addr(a: &[u8; 16], b: &[u8; 16]) -> bool {
+    let w = |x: &[u8; 16], i: usize| {
+        u32::from_ne_bytes([x[4 * i], x[4 * i + 1], x[4 * i + 2], x[4 * i + 3]])
+    };
+    ((w(a, 0) ^ w(b, 0)) | (w(a, 1) ^ w(b, 1)) | (w(a, 2) ^ w(b, 2)) | (w(a, 3) ^ w(b, 3))) == 0
+}
+
+/// Records, from the first reply of an edge flow whose source the reply path rewrites (NAT
+/// mode, or a UDP server answering from its veth address), which cloud endpoint the
+/// service's `(veth, local port)` answers for; marks it ambiguous if another flow there was
+/// served for another one.
+#[inline(always)]
+pub fn learn_identity(p: &Parsed, ifindex: u32, state: &ReplyState) {
+    let key = identity_key(p, ifindex);
+    if let Some(known) = IDENTITIES.get_ptr_mut(&key) {
+        // SAFETY: LRU value pointer from the kernel; a racing writer can only set the flag.
+        let known = unsafe { &mut *known };
+        if known.ambiguous == 0
+            && (known.service_port != state.service_port
+                || !same_addr(&known.service, &state.service))
+        {
+            known.ambiguous = 1;
+        }
+        return;
+    }
+    let id = Identity {
+        service: state.service,
+        service_port: state.service_port,
+        ambiguous: 0,
+    };
+    let _ = IDENTITIES.insert(&key, &id, 0);
+}
+
+/// For a reply `p` on host veth `ifindex` that found no edge record: if it answers for a
+/// live entry whose target is this veth, restores the record and returns it; else `None`
+/// (the namespace's own traffic, or nothing to go by).
+///
+/// A record can be lost while its flow lives (evicted from the full LRU table by a SYN
+/// flood, or expired while the connection idled). The client side restores it from the
+/// service's socket on the flow's next client packet (`recover`); a reply that comes first
+/// (a server push, a delayed ACK) would otherwise leave with the namespace's own address,
+/// and the client's answer to that stranger, a RST routed into the namespace, would kill
+/// the connection. The cloud endpoint is the reply's own source (AnyIP mode), or the one
+/// learned for this `(veth, local port)` ([`learn_identity`], NAT mode), checked against
+/// the entry the services map holds for it now: same target veth, same local port, and in
+/// NAT mode the namespace's address as the reply's source. A mirror's record is restored as
+/// one, so the copy's answer is dropped.
+///
+/// Not for a SYN: neither the namespace's own connections out nor a SYN-ACK (a flood's
+/// SYN-ACKs to spoofed sources would put back the records the flood evicts, as established
+/// flows; a real client retries its SYN). Nor where two cloud endpoints
+/// share the namespace port (ambiguous), nor for flows of prefix rules or all-ports entries
+/// (exact entries only, see below), nor for a reply to one of the box's own addresses (a
+/// connection made straight to the namespace from the box: the FIB would deliver it
+/// locally). Limitation: a connection made straight to a namespace's NAT address on a served
+/// port from elsewhere (a LAN host routing to it) is taken for an edge flow whose record was
+/// lost.
+#[inline(always)]
+pub fn restore_from_reply(ctx: &TcContext, p: &Parsed, ifindex: u32) -> Option<*mut ReplyState> {
+    if p.key.proto == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 {
+        return None;
+    }
+    // SAFETY: LRU value pointer from the kernel, read at once.
+    let (service, service_port) = match IDENTITIES.get_ptr(&identity_key(p, ifindex)) {
+        Some(known) => unsafe {
+            if (*known).ambiguous != 0 {
+                return None;
+            }
+            ((*known).service, (*known).service_port)
+        },
+        None => (p.saddr, p.sport),
+    };
+    let skey = viscum_common::ServiceKey {
+        addr: service,
+        port: service_port,
+        proto: p.key.proto,
+        family: p.key.family,
+    };
+    // The exact-match entries only: a prefix rule's walk would not fit the reply program's
+    // stack beside its FIB lookup, and its cloud addresses are many behind one namespace port.
+    // SAFETY: per-CPU value pointer, read only.
+    let entry = unsafe { &*crate::lookup::find_key(&skey, &p.key.addr, false)? };
+    if entry.ifindex != ifindex || local_port_of(service_port, entry) != p.sport {
+        return None;
+    }
+    if entry.flags & TARGET_F_NAT != 0 && !same_addr(&entry.nat_addr, &p.saddr) {
+        return None;
+    }
+    // A destination the box delivers locally (one of its own addresses) is not a client:
+    // a connection made straight to the namespace from the box itself.
+    if !redirect::forwarded(ctx, p) {
+        return None;
+    }
+    let flags = if entry.flags & TARGET_F_MIRROR != 0 {
+        REPLY_F_DROP
+    } else {
+        REPLY_F_ESTABLISHED
+    };
+    let rkey = ReplyKey {
+        client: p.key.addr,
+        client_port: p.key.port,
+        local_port: p.sport,
+        proto: p.key.proto,
+        family: p.key.family,
+        _pad: [0; 2],
+        ifindex,
+    };
+    put_edge(&rkey, &service, service_port, flags, counters::now_coarse());
+    counters::bump(GlobalCounter::FlowsRecovered);
     REPLIES.get_ptr_mut(&rkey)
 }
 

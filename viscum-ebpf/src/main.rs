@@ -326,18 +326,27 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
         }
         Err(_) => return Err(TC_ACT_UNSPEC),
     };
-    let Some(id) = flow::reply_identity(&p, ifindex) else {
-        // The namespace's own traffic (DNS lookups, updates...): routed as usual.
-        counters::bump(GlobalCounter::RepliesUnknown);
-        if p.key.proto == PROTO_TCP
-            && p.tcp_flags & parse::TCP_SYN == 0
-            && !lookup::port_unmanaged(p.key.proto, p.sport)
-        {
-            // From a served port, it is likely a flow whose record was evicted: its next
-            // client packet must not be served from the flow cache (see `cache`).
-            cache::note_unknown_reply();
+    let id = match flow::reply_identity(&p, ifindex) {
+        Some(id) => id,
+        None => {
+            match flow::restore_from_reply(ctx, &p, ifindex) {
+                Some(id) => id,
+                None => {
+                    // The namespace's own traffic (DNS lookups, updates...): routed as usual.
+                    counters::bump(GlobalCounter::RepliesUnknown);
+                    if p.key.proto == PROTO_TCP
+                        && p.tcp_flags & parse::TCP_SYN == 0
+                        && !lookup::port_unmanaged(p.key.proto, p.sport)
+                    {
+                        // From a served port, it may be a flow whose record was lost: its
+                        // next client packet must not be served from the flow cache (see
+                        // `cache`).
+                        cache::note_unknown_reply();
+                    }
+                    return Ok(TC_ACT_UNSPEC);
+                }
+            }
         }
-        return Ok(TC_ACT_UNSPEC);
     };
     // SAFETY: LRU value pointer from the kernel; the fields read below are
     // written only when a flow is created, and a race on `closing_at_ns` only
@@ -354,6 +363,11 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     frag::remember(&p);
     let mut fwd = p;
     if id.service != p.saddr || id.service_port != p.sport {
+        if id.fib_at_ns == 0 {
+            // The flow's first reply (or first since its record was restored): the reply path
+            // learns which cloud endpoint this namespace port answers for.
+            flow::learn_identity(&p, ifindex, id);
+        }
         // NAT mode, or a UDP server that answered from its veth address
         // (plain sendto() on a 0.0.0.0 socket): restore the cloud identity
         // the client expects, or a connected client drops the reply.

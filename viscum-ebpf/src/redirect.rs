@@ -331,6 +331,47 @@ fn forward(ctx: &TcContext, p: &Parsed, flow: Option<&mut ReplyState>, veth: u32
     }
 }
 
+/// Would the kernel forward `p` (a packet arriving on our device) rather than deliver it
+/// locally or drop it? One `bpf_fib_lookup` (bpf-helpers(7), 4.18+): `SUCCESS` or `NO_NEIGH`
+/// mean a forwarding route; a destination that is one of the box's own addresses gives
+/// `NOT_FWDED`.
+#[inline(always)]
+pub fn forwarded(ctx: &TcContext, p: &Parsed) -> bool {
+    let mut fib_slot = core::mem::MaybeUninit::<FibSlot>::uninit();
+    // SAFETY: zeroes the slot; all-zero is a valid bpf_fib_lookup.
+    let fib = unsafe {
+        zero_fib(fib_slot.as_mut_ptr().cast());
+        &mut (*fib_slot.as_mut_ptr()).0
+    };
+    fib.l4_protocol = p.key.proto;
+    fib.sport = p.sport;
+    fib.dport = p.key.port;
+    // SAFETY: reading our own __sk_buff.
+    fib.ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if p.key.family == FAMILY_V4 {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = crate::nat::v4_word(&p.saddr);
+        fib.__bindgen_anon_4.ipv4_dst = crate::nat::v4_word(&p.key.addr);
+    } else {
+        fib.family = AF_INET6;
+        // SAFETY: same size, plain bytes.
+        fib.__bindgen_anon_3.ipv6_src =
+            unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(p.saddr) };
+        fib.__bindgen_anon_4.ipv6_dst =
+            unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(p.key.addr) };
+    }
+    // SAFETY: the params struct lives on our stack with its real size.
+    let rc = unsafe {
+        fib_lookup(
+            ctx.skb.skb.cast(),
+            fib,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH
+}
+
 /// Do a GSO packet's segments fit the MTU of `ifindex`? `bpf_check_mtu` with length 0
 /// validates the skb's segments (skb_gso_validate_network_len).
 #[inline(always)]

@@ -355,6 +355,10 @@ pub fn in_prefix(a: &[u8; 16], p: &[u8; 16], len: u8) -> bool {
 pub type FlowKey = ([u8; 16], [u8; 16], u16, u16, u8, u8);
 /// A reply key: (client, client port, local port, proto, family, ifindex).
 pub type ReplyKey = ([u8; 16], u16, u16, u8, u8, u32);
+/// What a reply carries of its flow's target: (veth ifindex, local port, proto, family).
+pub type IdentityKey = (u32, u16, u8, u8);
+/// A learned cloud identity: (cloud address, cloud port, ambiguous).
+pub type Identity = ([u8; 16], u16, bool);
 /// A fragment key: (src, dst, id, proto, family).
 pub type FragKey = ([u8; 16], [u8; 16], u32, u8, u8);
 
@@ -441,6 +445,10 @@ pub struct Model {
     pub mtu: u32,
     /// Reply program's device (the namespace's host veth).
     pub reply_ifindex: u32,
+    /// Cloud identities the reply path learned, by (veth, local port, proto, family): the
+    /// cloud address and port, and whether two differed (ambiguous). Not cleared with the
+    /// tables: the kernel's map is not pinned, so the runner cannot clear it either.
+    pub identities: HashMap<IdentityKey, Identity>,
 }
 
 fn frag_key(h: &Hdr) -> FragKey {
@@ -713,13 +721,25 @@ impl Model {
             h.dport = d;
         }
         let rkey: ReplyKey = (h.dst, h.dport, h.sport, h.proto, h.family, ifindex);
-        let Some(r) = self.replies.get_mut(&rkey) else {
+        if !self.replies.contains_key(&rkey) && !self.restore_from_reply(&h, ifindex, rkey) {
             return Some(Prediction::pass(f));
-        };
+        }
+        let r = self.replies.get_mut(&rkey)?;
         if h.proto == TCP && h.flags & (FIN | RST) != 0 {
             r.closing = true;
         }
         let (svc, svc_port) = (r.svc, r.port);
+        if svc != h.src || svc_port != h.sport {
+            // The reply path learns which cloud endpoint this namespace port answers for.
+            let ikey = (ifindex, h.sport, h.proto, h.family);
+            let known = self
+                .identities
+                .entry(ikey)
+                .or_insert((svc, svc_port, false));
+            if (known.0, known.1) != (svc, svc_port) {
+                known.2 = true;
+            }
+        }
         if h.frag == Frag::First {
             self.frags.insert(frag_key(&h), (h.sport, h.dport));
         }
@@ -777,6 +797,58 @@ impl Model {
             csum_fields: csum_fields(&h),
             sums: sums(&h, 0),
         })
+    }
+}
+
+impl Model {
+    /// `viscum_reply` for a reply without a record (`flow::restore_from_reply`): restores
+    /// the record of `rkey` when the reply answers for an exact entry whose target is this
+    /// veth and port (in NAT mode, from the namespace address), by the identity learned for
+    /// the port or, unlearned, by its own source, towards a destination the edge forwards to.
+    /// Never for a SYN, nor an ambiguous port.
+    fn restore_from_reply(&mut self, h: &Hdr, ifindex: u32, rkey: ReplyKey) -> bool {
+        if h.proto == TCP && h.flags & SYN != 0 {
+            return false;
+        }
+        let (svc, port) = match self.identities.get(&(ifindex, h.sport, h.proto, h.family)) {
+            Some(&(_, _, true)) => return false,
+            Some(&(s, p, false)) => (s, p),
+            None => (h.src, h.sport),
+        };
+        let Some(e) = self.entries.iter().find(|e| {
+            e.exact()
+                && e.proto == h.proto
+                && e.family == h.family
+                && e.addr == svc
+                && e.ports.0 == port
+        }) else {
+            return false;
+        };
+        let local = match e.target.nat {
+            Some((_, p)) if p != 0 => p,
+            _ => port,
+        };
+        if e.target.ifindex != ifindex || local != h.sport {
+            return false;
+        }
+        if let Some((naddr, _)) = e.target.nat
+            && naddr != h.src
+        {
+            return false;
+        }
+        // Only towards a destination the edge forwards to (not one of its own addresses).
+        if !routable(&h.dst, h.family) {
+            return false;
+        }
+        self.replies.insert(
+            rkey,
+            ReplySt {
+                svc,
+                port,
+                closing: false,
+            },
+        );
+        true
     }
 }
 
