@@ -16,7 +16,8 @@
 //!   side of the lab sends its own frames onto the classifier's link now and then (IPv6 router
 //!   solicitations, MLD reports, ARP), which the classifier counts as seen and passed; so
 //!   `passed` may exceed its expected delta by a little ([`BACKGROUND_NOISE`]), while
-//!   `seen - passed` must match exactly, background frames adding one to each;
+//!   `seen - passed` must match, background frames adding one to each, up to the frames
+//!   caught between their two bumps by the counters' reads ([`IN_FLIGHT`]);
 //! * the counters of every fixture entry: the one the case names moves by the given packets
 //!   (and exactly `packets * frame length` bytes) and new flows, all others stay;
 //! * for some cases, the frame the program wrote back (stripped VLAN tag, translated
@@ -91,6 +92,11 @@ pub const TC_ACT_REDIRECT: i32 = 7;
 
 /// How many background frames (see the module docs) a case tolerates in `passed`.
 pub const BACKGROUND_NOISE: u64 = 64;
+/// How far `seen - passed` may stray from the case's own: a background frame being
+/// classified on another CPU while the counters are read has bumped `seen` and not yet
+/// `passed` (or, read at the start, moves only `passed` within the case). One per CPU at most;
+/// the VMs have fewer than four. (Seen on the 6.12 VM under TCG: seen +1, passed +2.)
+pub const IN_FLIGHT: u64 = 4;
 
 /// Exact-match service address: TCP port 80 and UDP port 53.
 const SVC_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -462,7 +468,8 @@ fn run_one(env: &Env, case: &Case) -> Result<String, String> {
     }
     let (d_seen, d_passed) = (delta("seen"), delta("passed"));
     let want_passed = i128::from(case.passed);
-    if d_seen - d_passed != i128::from(seen) - want_passed
+    let skew = (d_seen - d_passed) - (i128::from(seen) - want_passed);
+    if skew.abs() > i128::from(IN_FLIGHT)
         || d_passed < want_passed
         || d_passed > want_passed + i128::from(BACKGROUND_NOISE)
     {
