@@ -19,7 +19,7 @@ use viscum_tests::{IdentityServer, Lab, Proto, ask, skip_unless_root};
 
 const BPF_MAP_CREATE: libc::c_long = 0;
 const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_MAP_TYPE_PERCPU_HASH: u32 = 5;
+const BPF_MAP_TYPE_HASH: u32 = 1;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 
 /// Creates a map with raw `bpf(BPF_MAP_CREATE)` and pins it at `path` (replacing what is
@@ -71,6 +71,18 @@ fn marker(bpffs: &Path) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The oldest layout from which every change up to this binary's is to a soft-state map
+/// (`layout::SOFT_MAPS`): pins of it are migrated by `attach`, keeping the entries.
+fn soft_migration_from() -> Option<u32> {
+    use viscum::engine::layout::{CHANGES, SOFT_MAPS};
+    (viscum::engine::layout::UNMARKED_LAYOUT..MAP_LAYOUT_VERSION).find(|&from| {
+        CHANGES
+            .iter()
+            .filter(|(v, _)| *v > from)
+            .all(|(_, maps)| maps.iter().all(|m| SOFT_MAPS.contains(m)))
+    })
 }
 
 fn size<T>() -> u32 {
@@ -139,6 +151,23 @@ fn unmarked_pins_are_adopted_or_migrated_as_the_layout_table_says() {
         .filter(|(v, _)| *v > viscum::engine::layout::UNMARKED_LAYOUT)
         .flat_map(|(_, maps)| maps.iter().copied())
         .collect();
+    let hard = changed
+        .iter()
+        .any(|m| !viscum::engine::layout::SOFT_MAPS.contains(m));
+    if hard {
+        // An entry map changed since layout 1: every command refuses the pins, names the
+        // command that starts over, and changes nothing.
+        for cmd in [vec!["attach", s.lab.lan_if()], vec!["redirect", "list"]] {
+            let err = s.lab.viscum_err(&cmd);
+            assert!(
+                err.contains("an older viscum") && err.contains("viscum detach --all --purge"),
+                "{changed:?}: viscum {cmd:?}: {err}"
+            );
+        }
+        assert!(marker(s.lab.bpffs.path()).is_empty());
+        assert_eq!(answer(&s), "edge", "the running datapath is left alone");
+        return;
+    }
     if changed.is_empty() {
         // A command that opens the maps finds them readable as they are and records the
         // layout.
@@ -155,7 +184,7 @@ fn unmarked_pins_are_adopted_or_migrated_as_the_layout_table_says() {
 }
 
 #[test]
-fn an_older_flow_table_is_migrated_by_attach_keeping_the_entries() {
+fn an_older_flow_table_is_migrated_by_attach_keeping_the_entries_or_refused_with_older_entries() {
     if skip_unless_root() {
         return;
     }
@@ -173,6 +202,26 @@ fn an_older_flow_table_is_migrated_by_attach_keeping_the_entries() {
         1024,
     );
     unmark(bpffs);
+    // The pins' layout: the oldest from which only soft-state maps changed (the flow table
+    // among them), so the migration is possible.
+    let Some(from) = soft_migration_from() else {
+        // Every older layout differs in an entry map too (layout 5 changed the services
+        // map): such pins are refused whatever else they hold, and nothing is touched.
+        let err = s.lab.viscum_err(&["attach", s.lab.lan_if()]);
+        assert!(
+            err.contains("an older viscum") && err.contains("viscum detach --all --purge"),
+            "{err}"
+        );
+        let info = MapInfo::from_pin(bpffs.join(FLOWS_MAP)).unwrap();
+        assert_eq!(
+            info.value_size(),
+            old,
+            "the refused pins were left as they were"
+        );
+        assert!(marker(bpffs).is_empty());
+        return;
+    };
+    std::fs::create_dir_all(bpffs.join("layout").join(from.to_string())).unwrap();
 
     // Until migrated, nothing uses the pins, and the error says what to run.
     let err = s.lab.viscum_err(&["redirect", "list"]);
@@ -208,7 +257,7 @@ fn an_older_services_map_is_refused_with_the_command_to_run() {
     let bpffs = s.lab.bpffs.path();
     pin_fixture_map(
         &bpffs.join(SERVICES_MAP),
-        BPF_MAP_TYPE_PERCPU_HASH,
+        BPF_MAP_TYPE_HASH,
         size::<ServiceKey>(),
         size::<ServiceEntry>() - 8,
         16,

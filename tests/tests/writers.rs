@@ -22,11 +22,11 @@ use std::{
     time::Duration,
 };
 
-use aya::maps::{Array, LpmTrie, MapData, PerCpuArray, PerCpuHashMap};
+use aya::maps::{Array, HashMap, LpmTrie, MapData};
 use serde_json::Value;
 use viscum_common::{
-    PORT_FILTER_BITMAP_WORDS, PORTS_MAP, PREFIXES_MAP, PortFilter, PrefixData, PrefixNode,
-    RULES_MAP, SERVICES_MAP, ServiceEntry, ServiceKey,
+    MAX_RULES, PORT_FILTER_BITMAP_WORDS, PORTS_MAP, PREFIXES_MAP, PortFilter, PrefixData,
+    PrefixNode, RULES_MAP, SERVICES_MAP, STATS_IDS_BASE, ServiceEntry, ServiceKey,
 };
 use viscum_tests::{
     Lab,
@@ -189,20 +189,44 @@ fn check_entries(lab: &Lab, expected: &Expected) {
 /// exactly what the entries need.
 fn check_maps(bpffs: &Path, entries: &usize) {
     let open = |name: &str| MapData::from_pin(bpffs.join(name)).unwrap();
-    let services: PerCpuHashMap<_, ServiceKey, ServiceEntry> =
-        PerCpuHashMap::try_from(aya::maps::Map::PerCpuHashMap(open(SERVICES_MAP))).unwrap();
+    let services: HashMap<_, ServiceKey, ServiceEntry> =
+        HashMap::try_from(aya::maps::Map::HashMap(open(SERVICES_MAP))).unwrap();
     let prefixes: LpmTrie<_, PrefixData, PrefixNode> =
         LpmTrie::try_from(aya::maps::Map::LpmTrie(open(PREFIXES_MAP))).unwrap();
-    let rules: PerCpuArray<_, ServiceEntry> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(open(RULES_MAP))).unwrap();
+    let rules: Array<_, ServiceEntry> =
+        Array::try_from(aya::maps::Map::Array(open(RULES_MAP))).unwrap();
     let ports: Array<_, u64> = Array::try_from(aya::maps::Map::Array(open(PORTS_MAP))).unwrap();
 
     let mut filter = PortFilter::new();
     let mut exact = 0;
-    for key in services.keys() {
-        filter.manage_key(&key.unwrap());
+    // Counter slots: one per entry, never shared, each marked in the slot bitmap.
+    let mut slots = BTreeSet::new();
+    for item in &services {
+        let (key, entry) = item.unwrap();
+        filter.manage_key(&key);
         exact += 1;
+        assert!(
+            slots.insert(entry.stats_id),
+            "counter slot {} used twice ({key:?})",
+            entry.stats_id
+        );
+        let slot = entry.stats_id.checked_sub(MAX_RULES).unwrap_or_else(|| {
+            panic!("entry {key:?} counts into a rule's slot {}", entry.stats_id)
+        });
+        let word = ports.get(&(STATS_IDS_BASE + slot / 64), 0).unwrap();
+        assert_ne!(
+            word & 1 << (slot % 64),
+            0,
+            "slot {slot} of {key:?} not marked used"
+        );
     }
+    let marked: u32 = (STATS_IDS_BASE..ports.len())
+        .map(|i| ports.get(&i, 0).unwrap().count_ones())
+        .sum();
+    assert_eq!(
+        marked as usize, exact,
+        "slots marked used against exact entries"
+    );
     let mut ids = BTreeSet::new();
     let mut rule_count = 0;
     for item in &prefixes {
@@ -216,8 +240,12 @@ fn check_maps(bpffs: &Path, entries: &usize) {
                 key.data()
             );
             let slot = rules.get(&rule.rule_id, 0).unwrap();
+            assert_eq!(
+                slot.stats_id, rule.rule_id,
+                "a rule counts into its own slot"
+            );
             assert_ne!(
-                slot[0].ifindex, 0,
+                slot.ifindex, 0,
                 "rule {} points at an empty rules slot",
                 rule.rule_id
             );

@@ -34,15 +34,15 @@ use std::{
 use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuHashMap, PerCpuValues},
+    maps::{Array, HashMap, MapData},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
-    util::nr_cpus,
 };
 use serde_json::json;
 use viscum::endpoint::Endpoint;
 use viscum_common::{
-    FLOWS_MAP, INGRESS_PROG, PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORTS_MAP, PortFilter,
-    REPLIES_MAP, SERVICES_MAP, ServiceEntry, ServiceKey, TARGET_F_PEER, TARGET_F_SET_MAC,
+    ENTRY_STATS_MAP, FLOWS_MAP, INGRESS_PROG, PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT,
+    PORTS_MAP, PortFilter, REPLIES_MAP, SERVICES_MAP, ServiceEntry, ServiceKey, TARGET_F_PEER,
+    TARGET_F_SET_MAC, entry_stats_id, entry_stats_slots,
 };
 
 use crate::support::{
@@ -150,7 +150,8 @@ impl Loaded {
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(&dir)
-            .map_max_entries(SERVICES_MAP, max_entries);
+            .map_max_entries(SERVICES_MAP, max_entries)
+            .map_max_entries(ENTRY_STATS_MAP, entry_stats_slots(max_entries));
         if let Some(n) = flow_entries {
             loader
                 .map_max_entries(FLOWS_MAP, n)
@@ -200,19 +201,17 @@ impl Loaded {
         self.ebpf.map(FLOWS_MAP).is_some()
     }
 
-    fn services(&mut self) -> Result<PerCpuHashMap<&mut MapData, ServiceKey, ServiceEntry>> {
+    fn services(&mut self) -> Result<HashMap<&mut MapData, ServiceKey, ServiceEntry>> {
         let map = self
             .ebpf
             .map_mut(SERVICES_MAP)
             .context("the object has no services map")?;
-        Ok(PerCpuHashMap::try_from(map)?)
+        Ok(HashMap::try_from(map)?)
     }
 
     /// Inserts `keys` as entries redirecting to ifindex 1 (any ifindex will do: a test run
     /// only records the redirect target).
     fn fill(&mut self, keys: impl Iterator<Item = ServiceKey>) -> Result<usize> {
-        let n =
-            nr_cpus().map_err(|(what, e)| anyhow::anyhow!("cannot count CPUs ({what}): {e}"))?;
         // The flags `redirect add` gives an entry on this kernel, so the rows measure what a
         // router running it pays (on 6.15+ no PACKET_HOST mark: the kernel sets it).
         let entry = ServiceEntry::new(
@@ -224,8 +223,12 @@ impl Loaded {
         let mut map = self.services()?;
         let mut count = 0;
         for key in keys {
-            let values = PerCpuValues::try_from(vec![entry; n])?;
-            map.insert(key, values, 0)
+            // Each entry its own counter slot, as `redirect add` gives it.
+            let value = ServiceEntry {
+                stats_id: entry_stats_id(count as u32),
+                ..entry
+            };
+            map.insert(key, value, 0)
                 .with_context(|| format!("cannot insert entry {count}"))?;
             filter.manage_key(&key);
             count += 1;

@@ -8,8 +8,13 @@
 
 pub mod csum;
 
-/// Name of the map holding redirect entries (`ServiceKey` -> `ServiceEntry`).
+/// Name of the map holding redirect entries (`ServiceKey` -> `ServiceEntry`): one shared
+/// hash (not per-CPU), read-only to the classifier.
 pub const SERVICES_MAP: &str = "VISCUM_SERVICES";
+/// Name of the per-CPU array of entry counters ([`EntryStats`]), indexed by
+/// [`ServiceEntry::stats_id`]: prefix rules by their rule id (`0..MAX_RULES`), exact entries
+/// from [`MAX_RULES`] on. Sized by the loader to `MAX_RULES + max_entries`.
+pub const ENTRY_STATS_MAP: &str = "VISCUM_ENTRY_STATS";
 /// Name of the per-CPU array of global counters, indexed by [`GlobalCounter`].
 pub const GLOBAL_STATS_MAP: &str = "VISCUM_GLOBAL";
 /// Name of the single-slot array holding the runtime [`DatapathConfig`].
@@ -19,7 +24,7 @@ pub const CONFIG_MAP: &str = "VISCUM_CONFIG";
 /// space relies on) changes, and add a row naming the changed maps to `CHANGES` in
 /// `viscum-user/src/engine/layout.rs`; a binary then migrates or refuses older pins instead of
 /// misreading them. 1: pins without a marker.
-pub const MAP_LAYOUT_VERSION: u32 = 4;
+pub const MAP_LAYOUT_VERSION: u32 = 5;
 /// Name of the TC-ingress classifier program in the object file.
 pub const INGRESS_PROG: &str = "viscum_ingress";
 
@@ -98,11 +103,12 @@ pub const TARGET_F_DRAINING: u32 = 1 << 3;
 /// original continues to the cloud, which keeps serving the client.
 pub const TARGET_F_MIRROR: u32 = 1 << 4;
 
-/// Where a matching packet goes, plus the entry's counters.
+/// Where a matching packet goes: the target only, written by user space and read by the
+/// classifier (its counters are in [`EntryStats`], by [`ServiceEntry::stats_id`]).
 ///
-/// The map holding it is per-CPU, so each CPU bumps its own counters
-/// without atomics; user space writes the same target to every CPU's copy
-/// and sums the counters when it reads them.
+/// One copy for every CPU (a shared hash, 56 bytes): the per-CPU 80-byte value it replaced
+/// (target and counters together) cost every lookup the per-CPU indirection, one more cache
+/// line and TLB entry at a million entries (B2), for counters only delivered packets need.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ServiceEntry {
@@ -122,28 +128,26 @@ pub struct ServiceEntry {
     /// Explicit padding, always zero.
     pub _pad2: [u8; 2],
     /// The namespace behind the veth, as its netns id in the classifier's namespace (the
-    /// veth's `IFLA_LINK_NETNSID`, rtnetlink(7)) **plus one**; 0 = unknown (entries written
-    /// by older versions, whose padding this was). With it the classifier asks the
-    /// service's stack whether it holds a connection (`bpf_skc_lookup_tcp`) before it gives
-    /// up a mid-connection TCP packet that has no flow record.
+    /// veth's `IFLA_LINK_NETNSID`, rtnetlink(7)) **plus one**; 0 = unknown. With it the
+    /// classifier asks the service's stack whether it holds a connection
+    /// (`bpf_skc_lookup_tcp`) before it gives up a mid-connection TCP packet that has no
+    /// flow record.
     pub peer_netns: u32,
-    /// `bpf_ktime_get_ns()` time (ns of `CLOCK_MONOTONIC`, bpf-helpers(7)) before which the entry only *learns*: new
-    /// UDP 5-tuples are recorded as cloud flows, so datagram flows that were
-    /// already talking to the cloud when the entry appeared stay there.
+    /// `bpf_ktime_get_ns()` time (ns of `CLOCK_MONOTONIC`, bpf-helpers(7)) before which the
+    /// entry only *learns*: new UDP 5-tuples are recorded as cloud flows, so datagram flows
+    /// that were already talking to the cloud when the entry appeared stay there.
     pub active_after_ns: u64,
-    /// Packets redirected by this entry (this CPU's share).
-    pub packets: u64,
-    /// Bytes (L2 length as seen at ingress) redirected by this entry.
-    pub bytes: u64,
-    /// Flows that started at the edge.
-    pub new_flows: u64,
-    /// New flows that matched but went to the cloud (learning or draining).
-    pub cloud_flows: u64,
+    /// Index of this entry's counters in [`ENTRY_STATS_MAP`] (see there), chosen by user
+    /// space when the entry is added and kept for its life.
+    pub stats_id: u32,
+    /// Explicit padding, always zero.
+    pub _pad3: u32,
 }
-const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 80);
+const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 56);
 
 impl ServiceEntry {
-    /// A target with zeroed counters.
+    /// A target (counters slot 0: user space assigns [`ServiceEntry::stats_id`] when it adds
+    /// the entry).
     pub const fn new(ifindex: u32, flags: u32, mac: [u8; 6]) -> Self {
         ServiceEntry {
             ifindex,
@@ -155,12 +159,38 @@ impl ServiceEntry {
             _pad2: [0; 2],
             peer_netns: 0,
             active_after_ns: 0,
-            packets: 0,
-            bytes: 0,
-            new_flows: 0,
-            cloud_flows: 0,
+            stats_id: 0,
+            _pad3: 0,
         }
     }
+}
+
+/// One entry's counters on one CPU (a slot of the per-CPU [`ENTRY_STATS_MAP`]); user space
+/// sums the CPUs' copies.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryStats {
+    /// Packets redirected by the entry.
+    pub packets: u64,
+    /// Bytes (L2 length as seen at ingress) redirected by the entry.
+    pub bytes: u64,
+    /// Flows that started at the edge.
+    pub new_flows: u64,
+    /// New flows that matched but went to the cloud (learning or draining).
+    pub cloud_flows: u64,
+}
+const _: () = assert!(core::mem::size_of::<EntryStats>() == 32);
+
+/// The [`ENTRY_STATS_MAP`] index of exact entry number `slot` (a bit of the id bitmap, see
+/// [`STATS_IDS_BASE`]).
+#[inline(always)]
+pub const fn entry_stats_id(slot: u32) -> u32 {
+    MAX_RULES + slot
+}
+
+/// Size of [`ENTRY_STATS_MAP`] for a services map of `max_entries`.
+pub const fn entry_stats_slots(max_entries: u32) -> u32 {
+    MAX_RULES + max_entries
 }
 
 /// Name of the LPM trie of prefix / port-range / source-restricted rules
@@ -283,10 +313,23 @@ pub const PORT_FILTER_BITMAP_WORDS: u32 = 2 * 1024;
 pub const ADDR_FILTER_WORDS: u32 = 1024;
 /// Index of the first word of the address bitmap in [`PORTS_MAP`].
 pub const ADDR_FILTER_BASE: u32 = PORT_FILTER_BITMAP_WORDS + 1;
-/// Size of [`PORTS_MAP`]: the port bitmap, one marker word (index
+/// Words of the miss pre-filter, at the start of [`PORTS_MAP`]: the port bitmap, one marker word (index
 /// [`PORT_FILTER_BITMAP_WORDS`]) that user space sets to [`PORT_FILTER_BUILT`] once it has built
 /// the filter from the maps' contents (the classifier never reads it), then the address bitmap.
 pub const PORT_FILTER_WORDS: u32 = ADDR_FILTER_BASE + ADDR_FILTER_WORDS;
+/// First word, in [`PORTS_MAP`], of the bitmap of exact entries' counter slots in use (bit
+/// `n` set: [`entry_stats_id`]`(n)` belongs to an entry). User space's bookkeeping, never read
+/// by the classifier: it lives here for the shared mapping user space already has of this
+/// map (a free slot is found by scanning words, not by a bpf(2) call per word), and like
+/// the filter it is rebuilt from the entries when the map is new. The loader sizes the map
+/// with [`ports_words`].
+pub const STATS_IDS_BASE: u32 = PORT_FILTER_WORDS;
+
+/// Size of [`PORTS_MAP`] for a services map of `max_entries`: the filter, then one bit per
+/// possible exact entry.
+pub const fn ports_words(max_entries: u32) -> u32 {
+    STATS_IDS_BASE + max_entries.div_ceil(64)
+}
 
 /// The word index (into [`PORTS_MAP`]) and bit of destination address `addr` (16 bytes,
 /// network order, IPv4 in the first four, the rest zero) in the address bitmap: the four
@@ -925,6 +968,7 @@ mod pod {
     // and have no implicit padding (asserted above).
     unsafe impl aya::Pod for super::ServiceKey {}
     unsafe impl aya::Pod for super::ServiceEntry {}
+    unsafe impl aya::Pod for super::EntryStats {}
     unsafe impl aya::Pod for super::DatapathConfig {}
     unsafe impl aya::Pod for super::FlowKey {}
     unsafe impl aya::Pod for super::FlowState {}

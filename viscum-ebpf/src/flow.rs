@@ -109,12 +109,7 @@ pub fn target_alive(ctx: &TcContext, entry: &ServiceEntry) -> bool {
 /// Decides for a packet that matched `entry`, creating flow state for new flows (only
 /// while the entry's target veth exists).
 #[inline(always)]
-pub fn decide(
-    ctx: &TcContext,
-    p: &Parsed,
-    entry: &mut ServiceEntry,
-    cfg: &DatapathConfig,
-) -> Decision {
+pub fn decide(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry, cfg: &DatapathConfig) -> Decision {
     // The coarse clock (CLOCK_MONOTONIC at tick resolution, cached per CPU per jiffy):
     // flow timeouts are seconds, the learning window milliseconds.
     let now = counters::now_coarse();
@@ -204,7 +199,9 @@ pub fn decide(
 
     let learning = now < entry.active_after_ns;
     if entry.flags & TARGET_F_DRAINING != 0 || learning {
-        entry.cloud_flows += 1;
+        if let Some(s) = crate::lookup::stats_of(entry) {
+            s.cloud_flows += 1;
+        }
         counters::bump(GlobalCounter::FlowsCloud);
         if !tcp {
             remember_cloud(&fkey, now);
@@ -216,7 +213,9 @@ pub fn decide(
     // follows the SYN (see REPLY_F_ESTABLISHED).
     let flags = if tcp { 0 } else { REPLY_F_ESTABLISHED };
     put_edge(&rkey, &p.key.addr, p.key.port, flags, now);
-    entry.new_flows += 1;
+    if let Some(s) = crate::lookup::stats_of(entry) {
+        s.new_flows += 1;
+    }
     counters::bump(GlobalCounter::FlowsEdge);
     Decision::Edge
 }
@@ -625,8 +624,7 @@ pub fn restore_from_reply(ctx: &TcContext, p: &Parsed, ifindex: u32) -> Option<*
     };
     // The exact-match entries only: a prefix rule's walk would not fit the reply program's
     // stack beside its FIB lookup, and its cloud addresses are many behind one namespace port.
-    // SAFETY: per-CPU value pointer, read only.
-    let entry = unsafe { &*crate::lookup::find_key(&skey, &p.key.addr, false)? };
+    let entry = crate::lookup::find_key(&skey, &p.key.addr, false)?;
     if entry.ifindex != ifindex || local_port_of(service_port, entry) != p.sport {
         return None;
     }

@@ -162,8 +162,7 @@ pub fn to_edge(ctx: &TcContext, p: &mut Parsed) -> Option<i32> {
         proto: q.proto,
         family: p.key.family,
     };
-    // SAFETY: per-CPU value; only read here.
-    let entry = unsafe { &*lookup::find_key(&key, &q.dst, counters::have_rules(cfg))? };
+    let entry = lookup::find_key(&key, &q.dst, counters::have_rules(cfg))?;
     let rkey = flow::edge_key(&q.dst, q.dport, q.sport, q.proto, p.key.family, entry);
     let state = flow::reply_state(&rkey)?;
     if state.flags & REPLY_F_DROP != 0 || state.service != q.src || state.service_port != q.sport {

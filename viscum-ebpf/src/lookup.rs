@@ -17,29 +17,46 @@
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
     macros::map,
-    maps::{Array, LpmTrie, PerCpuArray, PerCpuHashMap, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use viscum_common::{
-    DEFAULT_MAX_ENTRIES, MAX_PREFIX_LEVELS, MAX_RULES, PORT_FILTER_WORDS, PREFIX_KEY_FIXED_BITS,
-    PortRule, PrefixData, PrefixNode, RULES_PER_PREFIX, ServiceEntry, ServiceKey, addr_filter_slot,
-    port_filter_slot,
+    DEFAULT_MAX_ENTRIES, EntryStats, MAX_PREFIX_LEVELS, MAX_RULES, PORT_FILTER_WORDS,
+    PREFIX_KEY_FIXED_BITS, PortRule, PrefixData, PrefixNode, RULES_PER_PREFIX, ServiceEntry,
+    ServiceKey, addr_filter_slot, entry_stats_slots, port_filter_slot,
 };
 
 use crate::parse::Parsed;
 
-/// Per-CPU so each CPU bumps its own entry counters without atomics; user
-/// space writes the same target into every CPU's copy. The size here is a
+/// Targets only, one copy for all CPUs: the classifier never writes an entry (its counters
+/// are in `ENTRY_STATS`). User space replaces a value whole, and a hash update swaps the
+/// element, so a reader sees the old target or the new one, never a mix. The size here is a
 /// default: the loader overrides it (`viscum attach --max-entries`).
 #[map(name = "VISCUM_SERVICES")]
-static SERVICES: PerCpuHashMap<ServiceKey, ServiceEntry> =
-    PerCpuHashMap::pinned(DEFAULT_MAX_ENTRIES, 0);
+static SERVICES: HashMap<ServiceKey, ServiceEntry> = HashMap::pinned(DEFAULT_MAX_ENTRIES, 0);
 
 #[map(name = "VISCUM_PREFIXES")]
 static PREFIXES: LpmTrie<PrefixData, PrefixNode> = LpmTrie::pinned(MAX_RULES, 0);
 
-/// Targets and counters of prefix rules, by rule id (per-CPU like `SERVICES`).
+/// Targets of prefix rules, by rule id (shared like `SERVICES`).
 #[map(name = "VISCUM_RULES")]
-static RULES: PerCpuArray<ServiceEntry> = PerCpuArray::pinned(MAX_RULES, 0);
+static RULES: Array<ServiceEntry> = Array::pinned(MAX_RULES, 0);
+
+/// Every entry's and rule's counters, by `ServiceEntry::stats_id` (see
+/// `viscum_common::ENTRY_STATS_MAP`). Per-CPU, so each CPU counts without atomics; the size
+/// here is the default's, the loader overrides it with the services map's.
+#[map(name = "VISCUM_ENTRY_STATS")]
+static ENTRY_STATS: PerCpuArray<EntryStats> =
+    PerCpuArray::pinned(entry_stats_slots(DEFAULT_MAX_ENTRIES), 0);
+
+/// This CPU's counters of `entry` (`None` only for a `stats_id` past the array, which user
+/// space never writes).
+#[inline(always)]
+pub fn stats_of(entry: &ServiceEntry) -> Option<&'static mut EntryStats> {
+    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
+    ENTRY_STATS
+        .get_ptr_mut(entry.stats_id)
+        .map(|s| unsafe { &mut *s })
+}
 
 /// The miss pre-filter (see `viscum_common::PORTS_MAP`): a set bit means no entry or rule
 /// matches that (protocol, destination port). Shared, not per-CPU: only user space writes it,
@@ -79,14 +96,20 @@ pub fn address_unmanaged(p: &Parsed) -> bool {
 }
 
 #[inline(always)]
-pub fn find(p: &Parsed, have_rules: bool) -> Option<*mut ServiceEntry> {
+pub fn find(p: &Parsed, have_rules: bool) -> Option<&'static ServiceEntry> {
     find_key(&p.key, &p.saddr, have_rules)
 }
 
 /// The entry for destination `key` and source `saddr` (see the module docs).
 #[inline(always)]
-pub fn find_key(key: &ServiceKey, saddr: &[u8; 16], have_rules: bool) -> Option<*mut ServiceEntry> {
-    if let Some(e) = SERVICES.get_ptr_mut(key) {
+pub fn find_key(
+    key: &ServiceKey,
+    saddr: &[u8; 16],
+    have_rules: bool,
+) -> Option<&'static ServiceEntry> {
+    // SAFETY: a map value the kernel keeps alive while the program runs (RCU), never
+    // written by the classifier.
+    if let Some(e) = unsafe { SERVICES.get(key) } {
         return Some(e);
     }
     if have_rules {
@@ -96,7 +119,7 @@ pub fn find_key(key: &ServiceKey, saddr: &[u8; 16], have_rules: bool) -> Option<
 }
 
 #[inline(always)]
-fn find_rule(key: &ServiceKey, saddr: &[u8; 16]) -> Option<*mut ServiceEntry> {
+fn find_rule(key: &ServiceKey, saddr: &[u8; 16]) -> Option<&'static ServiceEntry> {
     let data = PrefixData {
         proto: key.proto,
         family: key.family,
@@ -114,7 +137,7 @@ fn find_rule(key: &ServiceKey, saddr: &[u8; 16]) -> Option<*mut ServiceEntry> {
         let node = PREFIXES.get(Key::new(prefix_len, data))?;
         for i in 0..RULES_PER_PREFIX {
             if (i as u32) < node.count && rule_matches(&node.rules[i], port, saddr) {
-                return RULES.get_ptr_mut(node.rules[i].rule_id);
+                return RULES.get(node.rules[i].rule_id);
             }
         }
         if node.prefix_len <= PREFIX_KEY_FIXED_BITS {

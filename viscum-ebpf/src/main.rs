@@ -182,8 +182,6 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         }
         return Ok(pass());
     };
-    // SAFETY: per-CPU value, only this CPU writes it while we run.
-    let entry = unsafe { &mut *entry };
     frag::remember(&p);
 
     if entry.flags & TARGET_F_MIRROR != 0 {
@@ -240,9 +238,11 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
 ///
 /// In NAT mode `p` describes the translated packet afterwards (see [`nat::rewrite`]).
 #[inline(always)]
-fn deliver(ctx: &TcContext, p: &mut Parsed, entry: &mut ServiceEntry) -> Result<i32, i32> {
-    entry.packets += 1;
-    entry.bytes += u64::from(ctx.len());
+fn deliver(ctx: &TcContext, p: &mut Parsed, entry: &ServiceEntry) -> Result<i32, i32> {
+    if let Some(s) = lookup::stats_of(entry) {
+        s.packets += 1;
+        s.bytes += u64::from(ctx.len());
+    }
 
     if entry.flags & TARGET_F_NAT != 0 {
         let port = if entry.nat_port != 0 {
@@ -297,8 +297,6 @@ fn try_recover(ctx: &TcContext) -> Result<i32, i32> {
     let Some(entry) = lookup::find(&p, counters::have_rules(cfg)) else {
         return Ok(pass());
     };
-    // SAFETY: per-CPU value, only this CPU writes it while we run.
-    let entry = unsafe { &mut *entry };
     if !flow::recover(ctx, &p, entry) {
         return Ok(pass());
     }

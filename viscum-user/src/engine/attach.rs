@@ -25,8 +25,8 @@ use aya::{
     },
 };
 use viscum_common::{
-    FLOWS_MAP, ICMP_INGRESS_PROG, ICMP_REPLY_PROG, INGRESS_PROG, RECOVER_PROG, REPLIES_MAP,
-    REPLY_PROG, SERVICES_MAP,
+    ENTRY_STATS_MAP, FLOWS_MAP, ICMP_INGRESS_PROG, ICMP_REPLY_PROG, INGRESS_PROG, PORTS_MAP,
+    RECOVER_PROG, REPLIES_MAP, REPLY_PROG, SERVICES_MAP, entry_stats_slots, ports_words,
 };
 
 use super::{EngineError, Pins, ifindex, layout::Verdict};
@@ -233,6 +233,8 @@ fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&pins.dir)
         .map_max_entries(SERVICES_MAP, sizes.services)
+        .map_max_entries(ENTRY_STATS_MAP, entry_stats_slots(sizes.services))
+        .map_max_entries(PORTS_MAP, ports_words(sizes.services))
         .map_max_entries(FLOWS_MAP, sizes.flows)
         .map_max_entries(REPLIES_MAP, sizes.flows)
         .load(crate::EBPF_OBJECT)

@@ -23,10 +23,11 @@ use std::{fs, path::PathBuf};
 
 use aya::maps::{MapError, MapInfo, MapType};
 use viscum_common::{
-    CONFIG_MAP, DatapathConfig, FLOWS_MAP, FRAGS_MAP, FlowKey, FlowState, FragKey, FragPorts,
-    GLOBAL_COUNTERS, GLOBAL_STATS_MAP, JUMP_MAP, JUMP_SLOTS, MAP_LAYOUT_VERSION, MAX_RULES,
-    PORT_FILTER_WORDS, PORTS_MAP, PREFIXES_MAP, PrefixData, PrefixNode, REPLIES_MAP, RULES_MAP,
-    ReplyKey, ReplyState, SERVICES_MAP, SHARES_ENTRIES, SHARES_MAP, ServiceEntry, ServiceKey,
+    CONFIG_MAP, DatapathConfig, ENTRY_STATS_MAP, EntryStats, FLOWS_MAP, FRAGS_MAP, FlowKey,
+    FlowState, FragKey, FragPorts, GLOBAL_COUNTERS, GLOBAL_STATS_MAP, JUMP_MAP, JUMP_SLOTS,
+    MAP_LAYOUT_VERSION, MAX_RULES, PORTS_MAP, PREFIXES_MAP, PrefixData, PrefixNode, REPLIES_MAP,
+    RULES_MAP, ReplyKey, ReplyState, SERVICES_MAP, SHARES_ENTRIES, SHARES_MAP, ServiceEntry,
+    ServiceKey,
 };
 
 use super::{EngineError, Pins};
@@ -61,6 +62,10 @@ pub const CHANGES: &[(u32, &[&str])] = &[
     // 4: the miss pre-filter is made `BPF_F_MMAPABLE` (user space maps its words instead of
     // a bpf(2) call per word); same key and value, rebuilt from the entries.
     (4, &[PORTS_MAP]),
+    // 5: entries and rules hold their target only, one copy for all CPUs (VISCUM_SERVICES
+    // a hash, VISCUM_RULES an array, 56-byte values); their counters moved to
+    // VISCUM_ENTRY_STATS by slot; the miss pre-filter's map grew the slot bitmap.
+    (5, &[SERVICES_MAP, RULES_MAP, PORTS_MAP, ENTRY_STATS_MAP]),
 ];
 
 /// Maps holding soft state only, which a migration may drop: flow and fragment records the
@@ -98,7 +103,7 @@ fn size<T>() -> u32 {
 }
 
 /// Every map the classifier pins, as this binary's types define it.
-fn expected() -> [Expected; 12] {
+fn expected() -> [Expected; 13] {
     let e = |name, map_type, key, value, max_entries| Expected {
         name,
         map_type,
@@ -109,9 +114,16 @@ fn expected() -> [Expected; 12] {
     [
         e(
             SERVICES_MAP,
-            MapType::PerCpuHash,
+            MapType::Hash,
             size::<ServiceKey>(),
             size::<ServiceEntry>(),
+            None,
+        ),
+        e(
+            ENTRY_STATS_MAP,
+            MapType::PerCpuArray,
+            4,
+            size::<EntryStats>(),
             None,
         ),
         e(
@@ -123,12 +135,13 @@ fn expected() -> [Expected; 12] {
         ),
         e(
             RULES_MAP,
-            MapType::PerCpuArray,
+            MapType::Array,
             4,
             size::<ServiceEntry>(),
             Some(MAX_RULES),
         ),
-        e(PORTS_MAP, MapType::Array, 4, 8, Some(PORT_FILTER_WORDS)),
+        // The filter, then the counter-slot bitmap sized with the services map.
+        e(PORTS_MAP, MapType::Array, 4, 8, None),
         e(
             GLOBAL_STATS_MAP,
             MapType::PerCpuArray,

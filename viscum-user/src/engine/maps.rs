@@ -3,16 +3,17 @@
 use aya::{
     maps::{
         Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
-        PerCpuHashMap, PerCpuValues, lpm_trie::Key as LpmKey,
+        PerCpuValues, lpm_trie::Key as LpmKey,
     },
     util::nr_cpus,
 };
 use viscum_common::{
-    CONFIG_MAP, CounterInfo, DatapathConfig, FLOWS_MAP, GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP,
-    GlobalCounter, MAX_RULES, PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORT_FILTER_WORDS,
-    PORTS_MAP, PREFIXES_MAP, PortFilter, PortRule, PrefixData, PrefixNode, REPLIES_MAP,
-    REPLY_F_DROP, RULES_MAP, RULES_PER_PREFIX, ReplyKey, ReplyState, SERVICES_MAP, ServiceEntry,
-    ServiceKey, addr_filter_slot, port_filter_slot,
+    CONFIG_MAP, CounterInfo, DatapathConfig, ENTRY_STATS_MAP, EntryStats, FLOWS_MAP,
+    GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter, MAX_RULES, PORT_FILTER_BITMAP_WORDS,
+    PORT_FILTER_BUILT, PORT_FILTER_WORDS, PORTS_MAP, PREFIXES_MAP, PortFilter, PortRule,
+    PrefixData, PrefixNode, REPLIES_MAP, REPLY_F_DROP, RULES_MAP, RULES_PER_PREFIX, ReplyKey,
+    ReplyState, SERVICES_MAP, STATS_IDS_BASE, ServiceEntry, ServiceKey, addr_filter_slot,
+    entry_stats_id, port_filter_slot,
 };
 
 use super::{EngineError, Pins, layout::Pinned};
@@ -27,13 +28,15 @@ const BPF_NOEXIST: u64 = 1;
 /// Handles to the pinned maps of one Viscum instance.
 pub struct Engine {
     pins: Pins,
-    services: PerCpuHashMap<MapData, ServiceKey, ServiceEntry>,
+    services: HashMap<MapData, ServiceKey, ServiceEntry>,
     global: PerCpuArray<MapData, u64>,
     config: Array<MapData, DatapathConfig>,
     /// The edge flows (`VISCUM_REPLIES`: one record per flow served at the edge).
     edge: HashMap<MapData, ReplyKey, ReplyState>,
     prefixes: LpmTrie<MapData, PrefixData, PrefixNode>,
-    rules: PerCpuArray<MapData, ServiceEntry>,
+    rules: Array<MapData, ServiceEntry>,
+    /// Every entry's and rule's counters, by `stats_id` ([`ENTRY_STATS_MAP`]).
+    stats: PerCpuArray<MapData, EntryStats>,
     /// The miss pre-filter (`None` under pins made by a version without one).
     ports: Option<super::filter_words::FilterWords>,
     nr_cpus: usize,
@@ -50,7 +53,7 @@ pub struct Engine {
 pub struct EntryView {
     /// The match, rebuilt from the map key (exact) or the prefix rule.
     pub endpoint: Endpoint,
-    /// The target as written (counters of CPU 0 only; use the sums below).
+    /// The target as written.
     pub target: ServiceEntry,
     /// Ifindex of the target's host-side veth, in the classifier's namespace.
     pub ifindex: u32,
@@ -113,6 +116,7 @@ struct Opened {
     services: Option<Result<MapData, MapError>>,
     prefixes: Option<Result<MapData, MapError>>,
     rules: Option<Result<MapData, MapError>>,
+    stats: Option<Result<MapData, MapError>>,
     config: Option<Result<MapData, MapError>>,
     ports: Option<Result<MapData, MapError>>,
     global: Option<Result<MapData, MapError>>,
@@ -133,6 +137,7 @@ impl Opened {
             services: open(SERVICES_MAP),
             prefixes: open(PREFIXES_MAP),
             rules: open(RULES_MAP),
+            stats: open(ENTRY_STATS_MAP),
             config: open(CONFIG_MAP),
             ports: open(PORTS_MAP),
             global: open(GLOBAL_STATS_MAP),
@@ -147,6 +152,7 @@ impl Opened {
             SERVICES_MAP => &self.services,
             PREFIXES_MAP => &self.prefixes,
             RULES_MAP => &self.rules,
+            ENTRY_STATS_MAP => &self.stats,
             CONFIG_MAP => &self.config,
             PORTS_MAP => &self.ports,
             GLOBAL_STATS_MAP => &self.global,
@@ -222,6 +228,7 @@ impl Engine {
             services,
             prefixes,
             rules,
+            stats,
             config,
             ports,
             global,
@@ -234,6 +241,7 @@ impl Engine {
         let edge = typed(pins, REPLIES_MAP, edge, "the edge flow table")?;
         let prefixes = typed(pins, PREFIXES_MAP, prefixes, "the prefix table")?;
         let rules = typed(pins, RULES_MAP, rules, "the rules array")?;
+        let stats = typed(pins, ENTRY_STATS_MAP, stats, "the entry counters array")?;
         let ports = match ports {
             None => None,
             Some(r) => Some(super::filter_words::FilterWords::new(required(
@@ -256,6 +264,7 @@ impl Engine {
             edge,
             prefixes,
             rules,
+            stats,
             ports,
             nr_cpus,
             flows,
@@ -280,9 +289,125 @@ impl Engine {
         }
         let _lock = self.write_lock()?;
         if !built(self) {
+            // The counter slots first: the filter's marker, written last, says both are built.
+            self.rebuild_stats_slots()?;
             self.rebuild_port_filter(&[(0, PORT_FILTER_WORDS - 1)])?;
         }
         Ok(())
+    }
+
+    /// Marks in the slot bitmap ([`STATS_IDS_BASE`]) the counter slot of every exact entry
+    /// and clears the rest. The caller holds [`Self::write_lock`]. O(entries): run when the
+    /// filter map is new, i.e. right after `attach` (when there are none, or after pins were
+    /// made again over kept entries).
+    fn rebuild_stats_slots(&mut self) -> Result<(), EngineError> {
+        let mut words = vec![0u64; self.stats_slot_words() as usize];
+        for item in &self.services {
+            let (_, entry) =
+                item.map_err(|e| EngineError::map("cannot read the services map", e))?;
+            if let Some(slot) = entry.stats_id.checked_sub(MAX_RULES)
+                && let Some(w) = words.get_mut(slot as usize / 64)
+            {
+                *w |= 1 << (slot % 64);
+            }
+        }
+        let Some(ports) = self.ports.as_mut() else {
+            return Ok(());
+        };
+        for (i, want) in (STATS_IDS_BASE..).zip(words) {
+            if ports.get(i)? != want {
+                ports.set(i, want)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Words of the slot bitmap: enough for every slot of the counters array past the rules'.
+    fn stats_slot_words(&self) -> u32 {
+        let slots = self.stats.len().saturating_sub(MAX_RULES);
+        let words = slots.div_ceil(64);
+        let room = self
+            .ports
+            .as_ref()
+            .map_or(0, |p| p.len().saturating_sub(STATS_IDS_BASE));
+        words.min(room)
+    }
+
+    /// Claims a free counter slot for a new exact entry and zeroes its counters (a slot
+    /// freed by a removed entry keeps what that entry counted last). The caller holds
+    /// [`Self::write_lock`]. Returns the entry's `stats_id`.
+    ///
+    /// # Errors
+    /// [`EngineError::Full`] when every slot is taken (as many as the services map has room
+    /// for); [`EngineError::Map`] if the bitmap or the counters cannot be written.
+    fn claim_stats_slot(&mut self) -> Result<u32, EngineError> {
+        let slots = self.stats.len().saturating_sub(MAX_RULES);
+        let words = self.stats_slot_words();
+        let Some(ports) = self.ports.as_mut() else {
+            return Err(EngineError::Full(0));
+        };
+        for w in 0..words {
+            let cur = ports.get(STATS_IDS_BASE + w)?;
+            if cur == u64::MAX {
+                continue;
+            }
+            let bit = (!cur).trailing_zeros();
+            let slot = w * 64 + bit;
+            if slot >= slots {
+                break;
+            }
+            ports.set(STATS_IDS_BASE + w, cur | 1 << bit)?;
+            let id = entry_stats_id(slot);
+            self.zero_stats(id)?;
+            return Ok(id);
+        }
+        Err(EngineError::Full(slots))
+    }
+
+    /// Gives back the counter slot of a removed exact entry (rules' slots are their rule
+    /// ids, never in the bitmap). The caller holds [`Self::write_lock`].
+    fn release_stats_slot(&mut self, id: u32) -> Result<(), EngineError> {
+        let Some(slot) = id.checked_sub(MAX_RULES) else {
+            return Ok(());
+        };
+        let Some(ports) = self.ports.as_mut() else {
+            return Ok(());
+        };
+        let i = STATS_IDS_BASE + slot / 64;
+        if i >= ports.len() {
+            return Ok(());
+        }
+        let cur = ports.get(i)?;
+        let bit = 1u64 << (slot % 64);
+        if cur & bit != 0 {
+            ports.set(i, cur & !bit)?;
+        }
+        Ok(())
+    }
+
+    /// Every CPU's counters of slot `id` set to zero.
+    fn zero_stats(&mut self, id: u32) -> Result<(), EngineError> {
+        let zero = PerCpuValues::try_from(vec![EntryStats::default(); self.nr_cpus])
+            .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
+        self.stats
+            .set(id, zero, 0)
+            .map_err(|e| EngineError::map("cannot reset the entry counters", e))
+    }
+
+    /// The counters of slot `id`, summed over CPUs.
+    fn stats_sum(&self, id: u32) -> Result<EntryStats, EngineError> {
+        let values = self
+            .stats
+            .get(&id, 0)
+            .map_err(|e| EngineError::map("cannot read the entry counters", e))?;
+        Ok(values
+            .iter()
+            .fold(EntryStats::default(), |a, v| EntryStats {
+                packets: a.packets + v.packets,
+                bytes: a.bytes + v.bytes,
+                new_flows: a.new_flows + v.new_flows,
+                cloud_flows: a.cloud_flows + v.cloud_flows,
+            }))
     }
 
     /// Whether this engine writes the miss pre-filter through a shared mapping of its memory
@@ -421,6 +546,7 @@ impl Engine {
             (SERVICES_MAP, Some(self.services.map())),
             (PREFIXES_MAP, Some(self.prefixes.map())),
             (RULES_MAP, Some(self.rules.map())),
+            (ENTRY_STATS_MAP, Some(self.stats.map())),
             (CONFIG_MAP, Some(self.config.map())),
             (
                 PORTS_MAP,
@@ -441,15 +567,8 @@ impl Engine {
         &self.pins
     }
 
-    /// The same value for every CPU's copy (targets are written whole;
-    /// each CPU then counts into its own copy).
-    fn per_cpu(&self, value: ServiceEntry) -> Result<PerCpuValues<ServiceEntry>, EngineError> {
-        PerCpuValues::try_from(vec![value; self.nr_cpus])
-            .map_err(|e| EngineError::io("cannot build per-CPU values", e))
-    }
-
-    /// Every CPU's copy of a prefix rule's target and counters.
-    fn rule_values(&self, id: u32) -> Result<PerCpuValues<ServiceEntry>, EngineError> {
+    /// A prefix rule's target.
+    fn rule(&self, id: u32) -> Result<ServiceEntry, EngineError> {
         self.rules
             .get(&id, 0)
             .map_err(|e| EngineError::map("cannot read the rules array", e))
@@ -462,21 +581,20 @@ impl Engine {
     pub fn entries(&self) -> Result<Vec<EntryView>, EngineError> {
         let mut out = Vec::new();
         for item in &self.services {
-            let (key, values) =
+            let (key, target) =
                 item.map_err(|e| EngineError::map("cannot read the services map", e))?;
             let Some(endpoint) = Endpoint::from_key(&key) else {
                 log::warn!("skipping an undecodable key in the services map: {key:?}");
                 continue;
             };
-            out.push(Self::view(endpoint, &values));
+            out.push(self.view(endpoint, target)?);
         }
         for (len, data, node) in self.nodes()? {
             for rule in &node.rules[..node.count as usize] {
                 let Some(endpoint) = Endpoint::from_rule(len, &data, rule) else {
                     continue;
                 };
-                let values = self.rule_values(rule.rule_id)?;
-                out.push(Self::view(endpoint, &values));
+                out.push(self.view(endpoint, self.rule(rule.rule_id)?)?);
             }
         }
         out.sort_by_key(|e| {
@@ -585,9 +703,13 @@ impl Engine {
         // port of a rule it can find.
         let want = endpoint.port_rule();
         self.manage_ports(data.proto, want.port_lo, want.port_hi)?;
-        let values = self.per_cpu(value)?;
+        self.zero_stats(id)?;
+        let value = ServiceEntry {
+            stats_id: id,
+            ..value
+        };
         self.rules
-            .set(id, values, 0)
+            .set(id, value, 0)
             .map_err(|e| EngineError::map("cannot write the rules array", e))?;
         let mut rules: Vec<PortRule> = node.rules[..node.count as usize].to_vec();
         rules.push(PortRule {
@@ -623,9 +745,8 @@ impl Engine {
                     EngineError::map(format!("cannot delete the rule for {endpoint}"), e)
                 })?;
         }
-        let empty = self.per_cpu(ServiceEntry::new(0, 0, [0; 6]))?;
         self.rules
-            .set(id, empty, 0)
+            .set(id, ServiceEntry::new(0, 0, [0; 6]), 0)
             .map_err(|e| EngineError::map("cannot clear the rules slot", e))?;
         self.sync_rule_count()?;
         let rule = endpoint.port_rule();
@@ -634,21 +755,18 @@ impl Engine {
         self.rebuild_port_filter(&[(first, last)])
     }
 
-    fn view(endpoint: Endpoint, values: &PerCpuValues<ServiceEntry>) -> EntryView {
-        let first = values
-            .first()
-            .copied()
-            .unwrap_or(ServiceEntry::new(0, 0, [0; 6]));
-        EntryView {
+    fn view(&self, endpoint: Endpoint, target: ServiceEntry) -> Result<EntryView, EngineError> {
+        let s = self.stats_sum(target.stats_id)?;
+        Ok(EntryView {
             endpoint,
-            target: first,
-            ifindex: first.ifindex,
-            flags: first.flags,
-            packets: values.iter().map(|v| v.packets).sum(),
-            bytes: values.iter().map(|v| v.bytes).sum(),
-            new_flows: values.iter().map(|v| v.new_flows).sum(),
-            cloud_flows: values.iter().map(|v| v.cloud_flows).sum(),
-        }
+            target,
+            ifindex: target.ifindex,
+            flags: target.flags,
+            packets: s.packets,
+            bytes: s.bytes,
+            new_flows: s.new_flows,
+            cloud_flows: s.cloud_flows,
+        })
     }
 
     /// One entry, if present.
@@ -660,11 +778,11 @@ impl Engine {
             let Some((node, idx)) = self.find_rule(endpoint)? else {
                 return Ok(None);
             };
-            let values = self.rule_values(node.rules[idx].rule_id)?;
-            return Ok(Some(Self::view(*endpoint, &values)));
+            let target = self.rule(node.rules[idx].rule_id)?;
+            return Ok(Some(self.view(*endpoint, target)?));
         }
         match self.services.get(&endpoint.key(), 0) {
-            Ok(values) => Ok(Some(Self::view(*endpoint, &values))),
+            Ok(target) => Ok(Some(self.view(*endpoint, target)?)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(EngineError::map(
                 format!("cannot read the entry for {endpoint}"),
@@ -679,19 +797,24 @@ impl Engine {
     /// [`EngineError::Duplicate`] if an entry has this exact match; [`EngineError::Full`] or
     /// [`EngineError::PrefixFull`] when there is no room; [`EngineError::Map`] otherwise.
     pub fn insert(&mut self, endpoint: &Endpoint, target: ServiceEntry) -> Result<(), EngineError> {
-        let value = ServiceEntry {
-            packets: 0,
-            bytes: 0,
-            new_flows: 0,
-            cloud_flows: 0,
-            ..target
-        };
         if !endpoint.is_exact() {
-            return self.insert_rule(endpoint, value);
+            return self.insert_rule(endpoint, target);
         }
-        let values = self.per_cpu(value)?;
         let key = endpoint.key();
         let _lock = self.write_lock()?;
+        // Refused before a counter slot is claimed: a duplicate must not reset the
+        // counters of the entry it duplicates (its slot is another one, but the claim and
+        // release would be wasted work on the common "already there" path of a reload).
+        match self.services.get(&key, 0) {
+            Ok(_) => return Err(EngineError::Duplicate(endpoint.to_string())),
+            Err(MapError::KeyNotFound) => {}
+            Err(e) => {
+                return Err(EngineError::map(
+                    format!("cannot read the entry for {endpoint}"),
+                    e,
+                ));
+            }
+        }
         // The port is marked managed before the entry exists, so no packet the entry
         // matches is ever filtered out. A failed insert leaves it marked: that only
         // costs the port's unmanaged traffic a lookup until the next rebuild.
@@ -700,7 +823,15 @@ impl Engine {
             port => self.manage_ports(key.proto, port, port)?,
         }
         self.manage_address(&key.addr)?;
-        match self.services.insert(key, values, BPF_NOEXIST) {
+        let value = ServiceEntry {
+            stats_id: self.claim_stats_slot()?,
+            ..target
+        };
+        let result = self.services.insert(key, value, BPF_NOEXIST);
+        if result.is_err() {
+            self.release_stats_slot(value.stats_id)?;
+        }
+        match result {
             Ok(()) => Ok(()),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 Err(EngineError::Duplicate(endpoint.to_string()))
@@ -717,9 +848,9 @@ impl Engine {
         }
     }
 
-    /// Changes an entry's flags (e.g. sets `TARGET_F_DRAINING`), keeping
-    /// its target and counters. Increments made by the datapath between our
-    /// read and write are lost; the flag change itself is atomic per CPU copy.
+    /// Changes an entry's flags (e.g. sets `TARGET_F_DRAINING`), keeping the rest of its
+    /// target and its counters (which live apart, in [`ENTRY_STATS_MAP`]). An exact entry's
+    /// value is swapped whole by the kernel; a rule's is rewritten in place.
     ///
     /// # Errors
     /// [`EngineError::NoSuchEntry`] if there is no entry; [`EngineError::Map`] if reading or
@@ -735,13 +866,17 @@ impl Engine {
                 return Err(EngineError::NoSuchEntry(endpoint.to_string()));
             };
             let id = node.rules[idx].rule_id;
-            let values = with_flags(&self.rule_values(id)?, f)?;
+            let value = self.rule(id)?;
+            let value = ServiceEntry {
+                flags: f(value.flags),
+                ..value
+            };
             return self
                 .rules
-                .set(id, values, 0)
+                .set(id, value, 0)
                 .map_err(|e| EngineError::map("cannot update the rule", e));
         }
-        let values = match self.services.get(&endpoint.key(), 0) {
+        let value = match self.services.get(&endpoint.key(), 0) {
             Ok(v) => v,
             Err(MapError::KeyNotFound) => {
                 return Err(EngineError::NoSuchEntry(endpoint.to_string()));
@@ -753,9 +888,12 @@ impl Engine {
                 ));
             }
         };
-        let values = with_flags(&values, f)?;
+        let value = ServiceEntry {
+            flags: f(value.flags),
+            ..value
+        };
         self.services
-            .insert(endpoint.key(), values, BPF_EXIST)
+            .insert(endpoint.key(), value, BPF_EXIST)
             .map_err(|e| EngineError::map(format!("cannot update the entry for {endpoint}"), e))
     }
 
@@ -885,8 +1023,15 @@ impl Engine {
             }
         };
         let (addr_word, _) = addr_filter_slot(&key.addr);
+        // Its counter slot, given back once the entry is gone.
+        let stats_id = self.services.get(&key, 0).ok().map(|e| e.stats_id);
         match self.services.remove(&key) {
-            Ok(()) => self.rebuild_port_filter(&[(first, last), (addr_word, addr_word)]),
+            Ok(()) => {
+                if let Some(id) = stats_id {
+                    self.release_stats_slot(id)?;
+                }
+                self.rebuild_port_filter(&[(first, last), (addr_word, addr_word)])
+            }
             Err(MapError::KeyNotFound) => Err(EngineError::NoSuchEntry(endpoint.to_string())),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
                 Err(EngineError::NoSuchEntry(endpoint.to_string()))
@@ -945,21 +1090,6 @@ impl Engine {
             .map_err(|e| EngineError::prog("cannot read the classifier's info", e))?;
         Ok(info.id())
     }
-}
-
-/// Each CPU's copy with its flags changed by `f`, counters kept.
-fn with_flags(
-    values: &PerCpuValues<ServiceEntry>,
-    f: impl Fn(u32) -> u32,
-) -> Result<PerCpuValues<ServiceEntry>, EngineError> {
-    let updated: Vec<ServiceEntry> = values
-        .iter()
-        .map(|v| ServiceEntry {
-            flags: f(v.flags),
-            ..*v
-        })
-        .collect();
-    PerCpuValues::try_from(updated).map_err(|e| EngineError::io("cannot build per-CPU values", e))
 }
 
 /// Stores `rules` (already in precedence order) as the node's rules.
