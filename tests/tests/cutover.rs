@@ -148,6 +148,51 @@ fn a_draining_entry_keeps_its_edge_flows_and_sends_new_ones_to_the_cloud() {
     );
 }
 
+/// An entry re-pointed at another namespace while one of its connections is busy (its
+/// segments served by the flow cache a moment before): the connection is cut (its next
+/// segment reaches the cloud, which resets it), never answered by the old copy again, and a
+/// new connection reaches the new namespace. The cache's part is checked packet by packet,
+/// on one CPU, in `flow_cache.rs`; this is the same change under real traffic.
+#[test]
+fn a_busy_edge_connection_obeys_a_re_pointed_entry_from_its_next_segment() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let other = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &other]);
+    let cloud = EchoServer::start(lab.cloud.name(), 0, "cloud");
+    let _edge = EchoServer::start(&ns, cloud.port, "edge");
+    let _other = EchoServer::start(&other, cloud.port, "other");
+    for addr in lab.cloud_addrs(cloud.port) {
+        let entry = format!("tcp://{addr}");
+        lab.viscum_ok(&["redirect", "add", &entry, "--ns", &ns]);
+        let mut busy = Held::open(lab.client.name(), addr);
+        // Enough exchanges that every CPU the client ran on has the flow in its cache.
+        let lines = busy.exchange("a", 200).unwrap();
+        assert!(lines.iter().all(|l| l.starts_with("edge:")), "{lines:?}");
+
+        lab.viscum_ok(&["redirect", "del", &entry, "--now"]);
+        lab.viscum_ok(&["redirect", "add", &entry, "--ns", &other]);
+        match busy.exchange("b", 1) {
+            Ok(l) => panic!("{addr}: the cut connection was still answered: {l:?}"),
+            Err(e) => assert!(
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::UnexpectedEof
+                ),
+                "{addr}: the cut connection ended with {e} (expected the cloud's reset)"
+            ),
+        }
+        assert_eq!(
+            tcp_ask_line(&lab, addr),
+            "other:x",
+            "{addr}: a new connection"
+        );
+        lab.viscum_ok(&["redirect", "del", &entry, "--now"]);
+    }
+}
+
 fn tcp_ask_line(lab: &Lab, addr: SocketAddr) -> String {
     let mut h = Held::open(lab.client.name(), addr);
     let r = h.exchange("x", 1).unwrap().remove(0);

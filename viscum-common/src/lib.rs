@@ -323,10 +323,16 @@ pub const PORT_FILTER_WORDS: u32 = ADDR_FILTER_BASE + ADDR_FILTER_WORDS;
 /// map (a free slot is found by scanning words, not by a bpf(2) call per word), and like
 /// the filter it is rebuilt from the entries when the map is new. The loader sizes the map
 /// with [`ports_words`].
-pub const STATS_IDS_BASE: u32 = PORT_FILTER_WORDS;
+pub const STATS_IDS_BASE: u32 = ENTRIES_GEN_WORD + 1;
 
-/// Size of [`PORTS_MAP`] for a services map of `max_entries`: the filter, then one bit per
-/// possible exact entry.
+/// Index, in [`PORTS_MAP`], of the entries' generation: a count user space moves after
+/// every change to an entry or rule (its store is the change's last write). The flow cache
+/// repeats a decision only under the generation it was taken in, so an entry removed,
+/// re-targeted or shadowed by a new one is obeyed from the next packet on.
+pub const ENTRIES_GEN_WORD: u32 = PORT_FILTER_WORDS;
+
+/// Size of [`PORTS_MAP`] for a services map of `max_entries`: the filter, the entries'
+/// generation, then one bit per possible exact entry.
 pub const fn ports_words(max_entries: u32) -> u32 {
     STATS_IDS_BASE + max_entries.div_ceil(64)
 }
@@ -475,13 +481,14 @@ pub struct FlowKey {
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
 /// Slots per CPU of the classifier's flow cache (`VISCUM_FCACHE`, a per-CPU array, not
-/// pinned): 16,384 × 64 bytes = 1 MiB per CPU. A power of two (the slot index is the top
+/// pinned): 16,384 × 128 bytes = 2 MiB per CPU. A power of two (the slot index is the top
 /// bits of a hash).
 pub const FLOW_CACHE_SLOTS: u32 = 16_384;
 
-/// One slot of the classifier's per-CPU flow cache (64 bytes: one cache line): an
-/// established TCP edge flow's client-side 5-tuple, the target its edge record was found for, and until when that decision may be
-/// repeated without looking the record up.
+/// One slot of the classifier's per-CPU flow cache (128 bytes: two cache lines): an
+/// established TCP edge flow's client-side 5-tuple, until when its decision may be repeated
+/// without looking anything up, and a copy of the entry it was decided for, which the
+/// packet is then delivered by (no services-map lookup).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct FlowCacheSlot {
@@ -492,19 +499,19 @@ pub struct FlowCacheSlot {
     /// Client port | service port << 16 | protocol << 32 | family << 40 (ports in network
     /// order).
     pub tail: u64,
-    /// Host-side veth of the target the record belongs to.
-    pub ifindex: u32,
-    /// Port the service answers from (the NAT port, or the service port), network order.
-    pub local_port: u16,
-    /// Explicit padding.
-    pub _pad: u16,
     /// Coarse-clock ns before which the slot may be used; 0 = empty.
     pub valid_until_ns: u64,
     /// The classifier's churn count (edge-flow inserts, and replies that found no record)
     /// when the slot was filled.
     pub churn: u64,
+    /// The entries' generation ([`ENTRIES_GEN_WORD`]) read before the entry was looked up.
+    pub generation: u64,
+    /// The entry the flow's record was found for, as it was at the fill.
+    pub target: ServiceEntry,
+    /// Explicit padding.
+    pub _pad: u64,
 }
-const _: () = assert!(core::mem::size_of::<FlowCacheSlot>() == 64);
+const _: () = assert!(core::mem::size_of::<FlowCacheSlot>() == 128);
 
 /// [`FlowState::decision`]: the flow went to the cloud.
 pub const FLOW_CLOUD: u32 = 2;

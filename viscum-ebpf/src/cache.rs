@@ -1,14 +1,21 @@
-//! The per-CPU flow cache: an established TCP edge flow's packets decided without the
-//! hashed edge record.
+//! The per-CPU flow cache: an established TCP edge flow's packets delivered without the
+//! entry lookup or the hashed edge record.
 //!
 //! A direct-mapped array per CPU (the exact-match cache of Open vSwitch's userspace
 //! datapath, `dpif-netdev.c`, on the same principle): a slot holds one flow's client-side
-//! 5-tuple, the target it was decided for, and how long that decision may be repeated. The
-//! slot is found by a multiplicative hash of the 5-tuple and one array index, compared
-//! word by word, and is one cache line of this CPU's memory; `VISCUM_REPLIES`' lookup
-//! (jhash of a 28-byte key, the bucket, the element, the LRU's reference bit) and the
-//! record's checks cost ~45 ns of a ~100 ns hit and touch two or three lines shared with
-//! every CPU.
+//! 5-tuple, a copy of the entry it was decided for, and how long that decision may be
+//! repeated. The slot is found by a multiplicative hash of the 5-tuple and one array index,
+//! compared word by word, and is two cache lines of this CPU's memory (the 5-tuple and
+//! validity in the first, the entry in the second). The classifier asks it right after the
+//! miss pre-filter, so a hit skips both hashed lookups: the services map's (jhash of a
+//! 20-byte key, its bucket and element, shared with every CPU) and `VISCUM_REPLIES`'
+//! (jhash of a 28-byte key, the bucket, the element, the LRU's reference bit).
+//!
+//! The entries are obeyed exactly: a slot is filled under the entries' generation read
+//! before the entry was looked up (`viscum_common::ENTRIES_GEN_WORD`), and used only while
+//! it is unchanged. User space moves it after every change to an entry or a rule (and when
+//! it forgets flows), so a removed, re-targeted or newly shadowed entry decides the next
+//! packet.
 //!
 //! The edge record stays the truth: the cache repeats a decision the record gave less than
 //! [`CACHE_LIFE_NS`] ago, and only for packets that change nothing in it: TCP segments
@@ -38,7 +45,7 @@ use aya_ebpf::{
     macros::map,
     maps::{Array, PerCpuArray},
 };
-use viscum_common::{FLOW_CACHE_SLOTS, FlowCacheSlot};
+use viscum_common::{FLOW_CACHE_SLOTS, FlowCacheSlot, ServiceEntry};
 
 use crate::parse::Parsed;
 
@@ -88,31 +95,35 @@ pub fn note_unknown_reply() {
     }
 }
 
-/// Is `p`'s flow in this CPU's cache, decided for target veth `ifindex` answering from
-/// `local_port`, with a decision that may still be repeated at `now`?
+/// The entry `p`'s flow was decided for, if this CPU's cache holds the flow with a
+/// decision that may still be repeated at `now` under entries' generation `generation`
+/// (read before anything was looked up for this packet).
 ///
-/// Self-contained (the slot pointer is not handed back): a pointer that may be null, kept
-/// alive through the caller's flow checks, doubles the states the verifier walks through
-/// them (on 6.18 the classifier's count went from ~0.3M to 0.74M of the 1M limit).
+/// The packet is then delivered by the slot's copy of the entry: no services-map lookup,
+/// no flow record. The copy is this CPU's, and nothing else runs on this CPU while the
+/// program does.
 #[inline(always)]
-pub fn hit(p: &Parsed, ifindex: u32, local_port: u16, now: u64) -> bool {
+pub fn hit(p: &Parsed, now: u64, generation: u64) -> Option<&'static ServiceEntry> {
     let probe = Probe::of(p);
-    let Some(slot) = probe.slot() else {
-        return false;
-    };
+    let slot = probe.slot()?;
     // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
     let slot = unsafe { &*slot };
-    now < slot.valid_until_ns
+    if now < slot.valid_until_ns
+        && slot.generation == generation
         && churn().wrapping_sub(slot.churn) < INSERT_BUDGET
-        && slot.ifindex == ifindex
-        && slot.local_port == local_port
         && probe.holds(slot)
+    {
+        Some(&slot.target)
+    } else {
+        None
+    }
 }
 
-/// Records in this CPU's cache that `p`'s flow was decided for `ifindex` / `local_port` at
-/// `now` (its record found established and not closing).
+/// Records in this CPU's cache that `p`'s flow was decided for `entry` at `now` (its record
+/// found established and not closing), under entries' generation `generation` (read
+/// before `entry` was looked up).
 #[inline(always)]
-pub fn fill(p: &Parsed, ifindex: u32, local_port: u16, now: u64) {
+pub fn fill(p: &Parsed, entry: &ServiceEntry, now: u64, generation: u64) {
     let probe = Probe::of(p);
     let Some(slot) = probe.slot() else {
         return;
@@ -122,9 +133,9 @@ pub fn fill(p: &Parsed, ifindex: u32, local_port: u16, now: u64) {
     slot.client = probe.client;
     slot.service = probe.service;
     slot.tail = probe.tail;
-    slot.ifindex = ifindex;
-    slot.local_port = local_port;
+    slot.target = *entry;
     slot.churn = churn();
+    slot.generation = generation;
     slot.valid_until_ns = now + CACHE_LIFE_NS;
 }
 

@@ -107,9 +107,16 @@ pub fn target_alive(ctx: &TcContext, entry: &ServiceEntry) -> bool {
 }
 
 /// Decides for a packet that matched `entry`, creating flow state for new flows (only
-/// while the entry's target veth exists).
+/// while the entry's target veth exists). `generation`: the entries' generation read before
+/// `entry` was looked up (see `cache::fill`).
 #[inline(always)]
-pub fn decide(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry, cfg: &DatapathConfig) -> Decision {
+pub fn decide(
+    ctx: &TcContext,
+    p: &Parsed,
+    entry: &ServiceEntry,
+    cfg: &DatapathConfig,
+    generation: u64,
+) -> Decision {
     // The coarse clock (CLOCK_MONOTONIC at tick resolution, cached per CPU per jiffy):
     // flow timeouts are seconds, the learning window milliseconds.
     let now = counters::now_coarse();
@@ -117,13 +124,9 @@ pub fn decide(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry, cfg: &DatapathC
     let tcp = p.key.proto == PROTO_TCP;
     let syn = tcp && p.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
     let closing = tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
-    // A segment that changes nothing in its flow's record may be decided by the flow cache
-    // (see `cache`): TCP without SYN, FIN or RST.
+    // A segment that changes nothing in its flow's record (TCP without SYN, FIN or RST)
+    // fills the flow cache, which the classifier asks before the entry (see `cache`).
     let plain = tcp && p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0;
-    let local_port = local_port_of(p.key.port, entry);
-    if plain && cache::hit(p, entry.ifindex, local_port, now) {
-        return Decision::Edge;
-    }
 
     // The edge record: the key carries the entry's target veth, so an entry that now
     // points elsewhere (the namespace re-created, the entry re-added) finds none and
@@ -156,7 +159,7 @@ pub fn decide(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry, cfg: &DatapathC
                 state.closing_at_ns = now;
             }
             if plain && state.flags & REPLY_F_ESTABLISHED != 0 && state.closing_at_ns == 0 {
-                cache::fill(p, entry.ifindex, local_port, now);
+                cache::fill(p, entry, now, generation);
             } else if closing {
                 cache::forget(p);
             }

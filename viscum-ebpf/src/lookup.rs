@@ -20,9 +20,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
 };
 use viscum_common::{
-    DEFAULT_MAX_ENTRIES, EntryStats, MAX_PREFIX_LEVELS, MAX_RULES, PORT_FILTER_WORDS,
+    DEFAULT_MAX_ENTRIES, ENTRIES_GEN_WORD, EntryStats, MAX_PREFIX_LEVELS, MAX_RULES,
     PREFIX_KEY_FIXED_BITS, PortRule, PrefixData, PrefixNode, RULES_PER_PREFIX, ServiceEntry,
-    ServiceKey, addr_filter_slot, entry_stats_slots, port_filter_slot,
+    ServiceKey, addr_filter_slot, entry_stats_slots, port_filter_slot, ports_words,
 };
 
 use crate::parse::Parsed;
@@ -63,7 +63,7 @@ pub fn stats_of(entry: &ServiceEntry) -> Option<&'static mut EntryStats> {
 /// through a shared mapping of its memory (`BPF_F_MMAPABLE`, 5.5+: a word is a store, not a
 /// system call, in every entry change).
 #[map(name = "VISCUM_PORTS")]
-static PORTS: Array<u64> = Array::pinned(PORT_FILTER_WORDS, BPF_F_MMAPABLE);
+static PORTS: Array<u64> = Array::pinned(ports_words(DEFAULT_MAX_ENTRIES), BPF_F_MMAPABLE);
 
 /// True when no entry or rule can match `p`'s protocol and destination port, so the
 /// packet can pass without a hash or trie lookup. An unbuilt (zero) filter says false.
@@ -81,6 +81,13 @@ pub fn port_unmanaged(proto: u8, port: u16) -> bool {
         Some(w) => *w & bit != 0,
         None => false,
     }
+}
+
+/// The entries' generation (`viscum_common::ENTRIES_GEN_WORD`): read before an entry is
+/// looked up for a decision the flow cache may repeat, compared by every repetition.
+#[inline(always)]
+pub fn entries_generation() -> u64 {
+    PORTS.get(ENTRIES_GEN_WORD).copied().unwrap_or(0)
 }
 
 /// True when no services-map key has `p`'s destination address (its bit in the address

@@ -51,8 +51,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use viscum_common::{
-    GlobalCounter, JUMP_ICMP_INGRESS, JUMP_ICMP_REPLY, JUMP_RECOVER, PROTO_TCP, REPLY_F_DROP,
-    ServiceEntry, TARGET_F_MIRROR, TARGET_F_NAT,
+    DatapathConfig, GlobalCounter, JUMP_ICMP_INGRESS, JUMP_ICMP_REPLY, JUMP_RECOVER, PROTO_TCP,
+    REPLY_F_DROP, ServiceEntry, TARGET_F_MIRROR, TARGET_F_NAT,
 };
 
 use crate::{
@@ -171,50 +171,26 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         return Ok(pass());
     }
     let log = counters::log_enabled(cfg);
-    let Some(entry) = lookup::find(&p, have_rules) else {
-        if log {
-            debug!(
-                ctx,
-                "miss proto={} port={}",
-                p.key.proto,
-                u16::from_be(p.key.port)
-            );
-        }
-        return Ok(pass());
+    // An established TCP segment (no SYN, FIN or RST) of a flow this CPU decided less than
+    // `cache::CACHE_LIFE_NS` ago, under the same entries, is delivered by the flow cache's
+    // copy of its entry, with no entry or flow lookup (see `cache`). The generation is read
+    // before any lookup, so a fill never records an entry older than it.
+    let generation = lookup::entries_generation();
+    let cached = if p.key.proto == PROTO_TCP
+        && p.tcp_flags & (parse::TCP_SYN | parse::TCP_FIN | parse::TCP_RST) == 0
+    {
+        cache::hit(&p, counters::now_coarse(), generation)
+    } else {
+        None
     };
-    frag::remember(&p);
-
-    if entry.flags & TARGET_F_MIRROR != 0 {
-        if !flow::target_alive(ctx, entry) {
-            return Ok(pass());
+    let entry = match cached {
+        Some(entry) => {
+            // A first fragment records its ports for the later ones, as on the full path.
+            frag::remember(&p);
+            entry
         }
-        // The cloud keeps serving; the edge copy sees a clone and its
-        // answers are dropped on the way back.
-        flow::remember_mirror(&p, entry);
-        redirect::mirror(ctx, entry);
-        return Ok(pass());
-    }
-
-    match flow::decide(ctx, &p, entry, cfg) {
-        Decision::Edge => {}
-        Decision::Cloud => {
-            if log {
-                debug!(
-                    ctx,
-                    "cloud flow proto={} port={}",
-                    p.key.proto,
-                    u16::from_be(p.key.port)
-                );
-            }
-            return Ok(pass());
-        }
-        Decision::Recover => {
-            icmp::jump(ctx, JUMP_RECOVER);
-            // No recovery program in its slot: as before there was one.
-            counters::bump(GlobalCounter::FlowOrphans);
-            return Ok(pass());
-        }
-    }
+        None => decide_edge(ctx, &p, cfg, log, generation)?,
+    };
     let port = p.key.port;
     let action = deliver(ctx, &mut p, entry)?;
     // Logged here, not in `deliver`: the log macro's closure, in a function two programs
@@ -231,6 +207,62 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
         );
     }
     Ok(action)
+}
+
+/// The entry a packet is served at the edge by, when its flow is (or becomes) an edge flow
+/// of it; `Err` carries the verdict otherwise (a miss, a mirror, a cloud flow, a recovery).
+#[inline(always)]
+fn decide_edge(
+    ctx: &TcContext,
+    p: &Parsed,
+    cfg: &'static DatapathConfig,
+    log: bool,
+    generation: u64,
+) -> Result<&'static ServiceEntry, i32> {
+    let Some(entry) = lookup::find(p, counters::have_rules(cfg)) else {
+        if log {
+            debug!(
+                ctx,
+                "miss proto={} port={}",
+                p.key.proto,
+                u16::from_be(p.key.port)
+            );
+        }
+        return Err(pass());
+    };
+    frag::remember(p);
+
+    if entry.flags & TARGET_F_MIRROR != 0 {
+        if !flow::target_alive(ctx, entry) {
+            return Err(pass());
+        }
+        // The cloud keeps serving; the edge copy sees a clone and its
+        // answers are dropped on the way back.
+        flow::remember_mirror(p, entry);
+        redirect::mirror(ctx, entry);
+        return Err(pass());
+    }
+
+    match flow::decide(ctx, p, entry, cfg, generation) {
+        Decision::Edge => Ok(entry),
+        Decision::Cloud => {
+            if log {
+                debug!(
+                    ctx,
+                    "cloud flow proto={} port={}",
+                    p.key.proto,
+                    u16::from_be(p.key.port)
+                );
+            }
+            Err(pass())
+        }
+        Decision::Recover => {
+            icmp::jump(ctx, JUMP_RECOVER);
+            // No recovery program in its slot: as before there was one.
+            counters::bump(GlobalCounter::FlowOrphans);
+            Err(pass())
+        }
+    }
 }
 
 /// Serves a packet of an edge flow of `entry`: counts it, translates it in NAT mode,

@@ -8,12 +8,12 @@ use aya::{
     util::nr_cpus,
 };
 use viscum_common::{
-    CONFIG_MAP, CounterInfo, DatapathConfig, ENTRY_STATS_MAP, EntryStats, FLOWS_MAP,
-    GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter, MAX_RULES, PORT_FILTER_BITMAP_WORDS,
-    PORT_FILTER_BUILT, PORT_FILTER_WORDS, PORTS_MAP, PREFIXES_MAP, PortFilter, PortRule,
-    PrefixData, PrefixNode, REPLIES_MAP, REPLY_F_DROP, RULES_MAP, RULES_PER_PREFIX, ReplyKey,
-    ReplyState, SERVICES_MAP, STATS_IDS_BASE, ServiceEntry, ServiceKey, addr_filter_slot,
-    entry_stats_id, port_filter_slot,
+    CONFIG_MAP, CounterInfo, DatapathConfig, ENTRIES_GEN_WORD, ENTRY_STATS_MAP, EntryStats,
+    FLOWS_MAP, GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter, MAX_RULES,
+    PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORT_FILTER_WORDS, PORTS_MAP, PREFIXES_MAP,
+    PortFilter, PortRule, PrefixData, PrefixNode, REPLIES_MAP, REPLY_F_DROP, RULES_MAP,
+    RULES_PER_PREFIX, ReplyKey, ReplyState, SERVICES_MAP, STATS_IDS_BASE, ServiceEntry, ServiceKey,
+    addr_filter_slot, entry_stats_id, port_filter_slot,
 };
 
 use super::{EngineError, Pins, layout::Pinned};
@@ -385,6 +385,20 @@ impl Engine {
         Ok(())
     }
 
+    /// Moves the entries' generation ([`ENTRIES_GEN_WORD`]) after a change to an entry, a
+    /// rule or the flows they own: the flow cache's slots filled before it are no longer
+    /// used. The caller holds [`Self::write_lock`] and has made the change.
+    fn entries_changed(&mut self) -> Result<(), EngineError> {
+        let Some(ports) = self.ports.as_mut() else {
+            return Ok(());
+        };
+        if ENTRIES_GEN_WORD >= ports.len() {
+            return Ok(());
+        }
+        let cur = ports.get(ENTRIES_GEN_WORD)?;
+        ports.set(ENTRIES_GEN_WORD, cur.wrapping_add(1))
+    }
+
     /// Every CPU's counters of slot `id` set to zero.
     fn zero_stats(&mut self, id: u32) -> Result<(), EngineError> {
         let zero = PerCpuValues::try_from(vec![EntryStats::default(); self.nr_cpus])
@@ -721,6 +735,7 @@ impl Engine {
         self.prefixes
             .insert(&LpmKey::new(len, data), node, 0)
             .map_err(|e| EngineError::map(format!("cannot add the rule for {endpoint}"), e))?;
+        self.entries_changed()?;
         self.sync_rule_count()
     }
 
@@ -748,6 +763,7 @@ impl Engine {
         self.rules
             .set(id, ServiceEntry::new(0, 0, [0; 6]), 0)
             .map_err(|e| EngineError::map("cannot clear the rules slot", e))?;
+        self.entries_changed()?;
         self.sync_rule_count()?;
         let rule = endpoint.port_rule();
         let (first, _) = port_filter_slot(data.proto, rule.port_lo);
@@ -832,7 +848,8 @@ impl Engine {
             self.release_stats_slot(value.stats_id)?;
         }
         match result {
-            Ok(()) => Ok(()),
+            // A new exact entry may shadow a prefix rule that flows were decided by.
+            Ok(()) => self.entries_changed(),
             Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::EEXIST) => {
                 Err(EngineError::Duplicate(endpoint.to_string()))
             }
@@ -871,10 +888,10 @@ impl Engine {
                 flags: f(value.flags),
                 ..value
             };
-            return self
-                .rules
+            self.rules
                 .set(id, value, 0)
-                .map_err(|e| EngineError::map("cannot update the rule", e));
+                .map_err(|e| EngineError::map("cannot update the rule", e))?;
+            return self.entries_changed();
         }
         let value = match self.services.get(&endpoint.key(), 0) {
             Ok(v) => v,
@@ -894,7 +911,8 @@ impl Engine {
         };
         self.services
             .insert(endpoint.key(), value, BPF_EXIST)
-            .map_err(|e| EngineError::map(format!("cannot update the entry for {endpoint}"), e))
+            .map_err(|e| EngineError::map(format!("cannot update the entry for {endpoint}"), e))?;
+        self.entries_changed()
     }
 
     /// Open edge flows per target ifindex (for draining and `stats`). A flow
@@ -974,6 +992,10 @@ impl Engine {
             // Already evicted by the LRU in between: nothing to do.
             let _ = self.edge.remove(k);
         }
+        if !keys.is_empty() {
+            // The flow cache must not go on serving the forgotten flows.
+            self.entries_changed()?;
+        }
         Ok(keys.len())
     }
 
@@ -1027,6 +1049,7 @@ impl Engine {
         let stats_id = self.services.get(&key, 0).ok().map(|e| e.stats_id);
         match self.services.remove(&key) {
             Ok(()) => {
+                self.entries_changed()?;
                 if let Some(id) = stats_id {
                     self.release_stats_slot(id)?;
                 }
