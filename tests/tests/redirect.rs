@@ -284,6 +284,7 @@ fn repin_pins_the_maps_the_engine_holds_and_records_the_layout() {
         viscum_common::SERVICES_MAP,
         viscum_common::PREFIXES_MAP,
         viscum_common::RULES_MAP,
+        viscum_common::ENTRY_STATS_MAP,
         viscum_common::CONFIG_MAP,
         viscum_common::PORTS_MAP,
         viscum_common::GLOBAL_STATS_MAP,

@@ -36,6 +36,7 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    util::nr_cpus,
 };
 use serde_json::json;
 use viscum::endpoint::Endpoint;
@@ -147,11 +148,17 @@ impl Loaded {
         flow_entries: Option<u32>,
     ) -> Result<Loaded> {
         let dir = bpffs.subdir(tag)?;
+        let cpus =
+            nr_cpus().map_err(|(what, e)| anyhow::anyhow!("cannot count CPUs ({what}): {e}"))?;
+        let cpus = u32::try_from(cpus)?;
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(&dir)
             .map_max_entries(SERVICES_MAP, max_entries)
-            .map_max_entries(ENTRY_STATS_MAP, entry_stats_slots(max_entries));
+            .map_max_entries(
+                ENTRY_STATS_MAP,
+                entry_stats_slots(max_entries).saturating_mul(cpus),
+            );
         if let Some(n) = flow_entries {
             loader
                 .map_max_entries(FLOWS_MAP, n)
@@ -160,6 +167,7 @@ impl Loaded {
         let mut ebpf = loader.load(viscum::EBPF_OBJECT).with_context(|| {
             format!("cannot load the classifier with {max_entries} map entries")
         })?;
+        viscum::engine::attach::write_stats_stride(&mut ebpf, cpus)?;
         load_prog(&mut ebpf, INGRESS_PROG)?;
         Ok(Loaded {
             ebpf,

@@ -11,9 +11,14 @@ pub mod csum;
 /// Name of the map holding redirect entries (`ServiceKey` -> `ServiceEntry`): one shared
 /// hash (not per-CPU), read-only to the classifier.
 pub const SERVICES_MAP: &str = "VISCUM_SERVICES";
-/// Name of the per-CPU array of entry counters ([`EntryStats`]), indexed by
+/// Name of the array of entry counters ([`EntryStats`]): one region per possible CPU, of
+/// [`DatapathConfig::stats_stride`] slots each, so CPU `c` counts entry `id` at index
+/// `c * stride + id` and never shares a line with another CPU. Slot `id` is
 /// [`ServiceEntry::stats_id`]: prefix rules by their rule id (`0..MAX_RULES`), exact entries
-/// from [`MAX_RULES`] on. Sized by the loader to `MAX_RULES + max_entries`.
+/// from [`MAX_RULES`] on. A plain array, not a per-CPU one: a per-CPU array's lookup loads
+/// the element's per-CPU pointer from a table first, one more cache and TLB miss per packet
+/// when the packets' entries are many (B2). `BPF_F_MMAPABLE`: user space reads it as memory.
+/// Sized by the loader to `possible CPUs * entry_stats_slots(max_entries)`.
 pub const ENTRY_STATS_MAP: &str = "VISCUM_ENTRY_STATS";
 /// Name of the per-CPU array of global counters, indexed by [`GlobalCounter`].
 pub const GLOBAL_STATS_MAP: &str = "VISCUM_GLOBAL";
@@ -165,8 +170,8 @@ impl ServiceEntry {
     }
 }
 
-/// One entry's counters on one CPU (a slot of the per-CPU [`ENTRY_STATS_MAP`]); user space
-/// sums the CPUs' copies.
+/// One entry's counters on one CPU (a slot of one CPU's region of [`ENTRY_STATS_MAP`]);
+/// user space sums the CPUs' copies.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EntryStats {
@@ -188,7 +193,8 @@ pub const fn entry_stats_id(slot: u32) -> u32 {
     MAX_RULES + slot
 }
 
-/// Size of [`ENTRY_STATS_MAP`] for a services map of `max_entries`.
+/// Slots of one CPU's region of [`ENTRY_STATS_MAP`] (its stride) for a services map of
+/// `max_entries`.
 pub const fn entry_stats_slots(max_entries: u32) -> u32 {
     MAX_RULES + max_entries
 }
@@ -930,8 +936,13 @@ pub struct DatapathConfig {
     pub udp_idle_ns: u64,
     /// How long a TCP flow is remembered after its first FIN/RST (0 = 10 s).
     pub linger_ns: u64,
+    /// Slots per CPU in [`ENTRY_STATS_MAP`], written by `attach` before the programs are
+    /// attached (0: nothing is counted).
+    pub stats_stride: u32,
+    /// Explicit padding, always zero.
+    pub _pad: u32,
 }
-const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<DatapathConfig>() == 40);
 
 /// Idle timeout of a TCP flow, in seconds, when [`DatapathConfig::tcp_idle_ns`] is 0.
 pub const DEFAULT_TCP_IDLE_SECS: u64 = 7200;

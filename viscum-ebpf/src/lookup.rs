@@ -16,8 +16,9 @@
 
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
+    helpers::bpf_get_smp_processor_id,
     macros::map,
-    maps::{Array, HashMap, LpmTrie, PerCpuArray, lpm_trie::Key},
+    maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
 };
 use viscum_common::{
     DEFAULT_MAX_ENTRIES, ENTRIES_GEN_WORD, EntryStats, MAX_PREFIX_LEVELS, MAX_RULES,
@@ -41,20 +42,26 @@ static PREFIXES: LpmTrie<PrefixData, PrefixNode> = LpmTrie::pinned(MAX_RULES, 0)
 #[map(name = "VISCUM_RULES")]
 static RULES: Array<ServiceEntry> = Array::pinned(MAX_RULES, 0);
 
-/// Every entry's and rule's counters, by `ServiceEntry::stats_id` (see
-/// `viscum_common::ENTRY_STATS_MAP`). Per-CPU, so each CPU counts without atomics; the size
-/// here is the default's, the loader overrides it with the services map's.
+/// Every entry's and rule's counters, one region per CPU (see
+/// `viscum_common::ENTRY_STATS_MAP`), so each CPU counts without atomics. The size here is
+/// one CPU's worth of the default; the loader sizes it for every possible CPU.
 #[map(name = "VISCUM_ENTRY_STATS")]
-static ENTRY_STATS: PerCpuArray<EntryStats> =
-    PerCpuArray::pinned(entry_stats_slots(DEFAULT_MAX_ENTRIES), 0);
+static ENTRY_STATS: Array<EntryStats> =
+    Array::pinned(entry_stats_slots(DEFAULT_MAX_ENTRIES), BPF_F_MMAPABLE);
 
-/// This CPU's counters of `entry` (`None` only for a `stats_id` past the array, which user
-/// space never writes).
+/// This CPU's counters of `entry` (`None` before `attach` wrote the stride, or for a slot
+/// past the array, which user space never assigns).
 #[inline(always)]
 pub fn stats_of(entry: &ServiceEntry) -> Option<&'static mut EntryStats> {
-    // SAFETY: this CPU's slot; nothing else runs on this CPU while we do.
+    let stride = crate::counters::config()?.stats_stride;
+    if stride == 0 {
+        return None;
+    }
+    // SAFETY: helper without arguments.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    // SAFETY: this CPU's region; nothing else runs on this CPU while we do.
     ENTRY_STATS
-        .get_ptr_mut(entry.stats_id)
+        .get_ptr_mut(cpu.wrapping_mul(stride).wrapping_add(entry.stats_id))
         .map(|s| unsafe { &mut *s })
 }
 

@@ -25,8 +25,9 @@ use aya::{
     },
 };
 use viscum_common::{
-    ENTRY_STATS_MAP, FLOWS_MAP, ICMP_INGRESS_PROG, ICMP_REPLY_PROG, INGRESS_PROG, PORTS_MAP,
-    RECOVER_PROG, REPLIES_MAP, REPLY_PROG, SERVICES_MAP, entry_stats_slots, ports_words,
+    CONFIG_MAP, DatapathConfig, ENTRY_STATS_MAP, FLOWS_MAP, ICMP_INGRESS_PROG, ICMP_REPLY_PROG,
+    INGRESS_PROG, PORTS_MAP, RECOVER_PROG, REPLIES_MAP, REPLY_PROG, SERVICES_MAP,
+    entry_stats_slots, ports_words,
 };
 
 use super::{EngineError, Pins, ifindex, layout::Verdict};
@@ -227,18 +228,25 @@ fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
     }
     crate::features::check_object(crate::EBPF_OBJECT)?;
     crate::features::check_required_helpers()?;
+    let cpus = aya::util::nr_cpus()
+        .map_err(|(what, e)| EngineError::io(format!("cannot count CPUs ({what})"), e))?;
+    let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
     // Maps are pinned by name in the directory; if they are already there
     // (a previous attach whose program was purged), aya reuses them and the
     // entries survive.
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(&pins.dir)
         .map_max_entries(SERVICES_MAP, sizes.services)
-        .map_max_entries(ENTRY_STATS_MAP, entry_stats_slots(sizes.services))
+        .map_max_entries(
+            ENTRY_STATS_MAP,
+            entry_stats_slots(sizes.services).saturating_mul(cpus),
+        )
         .map_max_entries(PORTS_MAP, ports_words(sizes.services))
         .map_max_entries(FLOWS_MAP, sizes.flows)
         .map_max_entries(REPLIES_MAP, sizes.flows)
         .load(crate::EBPF_OBJECT)
         .map_err(|e| EngineError::Load(Box::new(e)))?;
+    write_stats_stride(&mut ebpf, cpus)?;
     for (name, pin) in [
         (INGRESS_PROG, pins.program()),
         (REPLY_PROG, pins.reply_program()),
@@ -268,6 +276,50 @@ fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
     }
     super::jump::fill(&mut ebpf)?;
     Ok(())
+}
+
+/// Writes the counters array's per-CPU stride ([`DatapathConfig::stats_stride`]) into the
+/// datapath config of a loaded object, before any program is attached: the array as loaded
+/// (a kept pin may have been sized by an earlier attach) divided by `cpus`, the possible
+/// CPUs it was sized for (`aya::util::nr_cpus`). Used by `attach`, and by anything that
+/// loads the object itself (the benchmarks).
+///
+/// # Errors
+/// [`EngineError::Io`] if the object lacks the maps; [`EngineError::Map`] if the config
+/// cannot be written.
+pub fn write_stats_stride(ebpf: &mut aya::Ebpf, cpus: u32) -> Result<(), EngineError> {
+    let len = ebpf
+        .map(ENTRY_STATS_MAP)
+        .and_then(|m| match m {
+            aya::maps::Map::Array(data) => data.info().ok().map(|i| i.max_entries()),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            EngineError::io(
+                "the embedded object has no entry counters array",
+                io::ErrorKind::NotFound.into(),
+            )
+        })?;
+    let map = ebpf.map_mut(CONFIG_MAP).ok_or_else(|| {
+        EngineError::io(
+            "the embedded object has no config map",
+            io::ErrorKind::NotFound.into(),
+        )
+    })?;
+    let mut config: aya::maps::Array<&mut aya::maps::MapData, DatapathConfig> =
+        aya::maps::Array::try_from(map)
+            .map_err(|e| EngineError::map("the config map has an unexpected layout", e))?;
+    let cur = config.get(&0, 0).unwrap_or_default();
+    config
+        .set(
+            0,
+            DatapathConfig {
+                stats_stride: len / cpus.max(1),
+                ..cur
+            },
+            0,
+        )
+        .map_err(|e| EngineError::map("cannot write the datapath config", e))
 }
 
 /// How many lines of the verifier's log a rejection quotes: the verdict and

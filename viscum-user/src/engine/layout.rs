@@ -64,8 +64,18 @@ pub const CHANGES: &[(u32, &[&str])] = &[
     (4, &[PORTS_MAP]),
     // 5: entries and rules hold their target only, one copy for all CPUs (VISCUM_SERVICES
     // a hash, VISCUM_RULES an array, 56-byte values); their counters moved to
-    // VISCUM_ENTRY_STATS by slot; the miss pre-filter's map grew the slot bitmap.
-    (5, &[SERVICES_MAP, RULES_MAP, PORTS_MAP, ENTRY_STATS_MAP]),
+    // VISCUM_ENTRY_STATS, one region per CPU, whose stride the config records (40 bytes);
+    // the miss pre-filter's map grew the entries' generation and the slot bitmap.
+    (
+        5,
+        &[
+            SERVICES_MAP,
+            RULES_MAP,
+            PORTS_MAP,
+            ENTRY_STATS_MAP,
+            CONFIG_MAP,
+        ],
+    ),
 ];
 
 /// Maps holding soft state only, which a migration may drop: flow and fragment records the
@@ -121,7 +131,7 @@ fn expected() -> [Expected; 13] {
         ),
         e(
             ENTRY_STATS_MAP,
-            MapType::PerCpuArray,
+            MapType::Array,
             4,
             size::<EntryStats>(),
             None,

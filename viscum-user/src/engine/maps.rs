@@ -3,7 +3,7 @@
 use aya::{
     maps::{
         Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
-        PerCpuValues, lpm_trie::Key as LpmKey,
+        lpm_trie::Key as LpmKey,
     },
     util::nr_cpus,
 };
@@ -35,8 +35,8 @@ pub struct Engine {
     edge: HashMap<MapData, ReplyKey, ReplyState>,
     prefixes: LpmTrie<MapData, PrefixData, PrefixNode>,
     rules: Array<MapData, ServiceEntry>,
-    /// Every entry's and rule's counters, by `stats_id` ([`ENTRY_STATS_MAP`]).
-    stats: PerCpuArray<MapData, EntryStats>,
+    /// Every entry's and rule's counters, one region per CPU ([`ENTRY_STATS_MAP`]).
+    stats: Array<MapData, EntryStats>,
     /// The miss pre-filter (`None` under pins made by a version without one).
     ports: Option<super::filter_words::FilterWords>,
     nr_cpus: usize,
@@ -324,7 +324,7 @@ impl Engine {
 
     /// Words of the slot bitmap: enough for every slot of the counters array past the rules'.
     fn stats_slot_words(&self) -> u32 {
-        let slots = self.stats.len().saturating_sub(MAX_RULES);
+        let slots = self.stats_stride().saturating_sub(MAX_RULES);
         let words = slots.div_ceil(64);
         let room = self
             .ports
@@ -341,7 +341,7 @@ impl Engine {
     /// [`EngineError::Full`] when every slot is taken (as many as the services map has room
     /// for); [`EngineError::Map`] if the bitmap or the counters cannot be written.
     fn claim_stats_slot(&mut self) -> Result<u32, EngineError> {
-        let slots = self.stats.len().saturating_sub(MAX_RULES);
+        let slots = self.stats_stride().saturating_sub(MAX_RULES);
         let words = self.stats_slot_words();
         let Some(ports) = self.ports.as_mut() else {
             return Err(EngineError::Full(0));
@@ -399,29 +399,42 @@ impl Engine {
         ports.set(ENTRIES_GEN_WORD, cur.wrapping_add(1))
     }
 
+    /// Slots per CPU region of [`ENTRY_STATS_MAP`] (`attach` sized it for every possible
+    /// CPU, and wrote the same stride into the datapath config).
+    fn stats_stride(&self) -> u32 {
+        self.stats.len() / u32::try_from(self.nr_cpus.max(1)).unwrap_or(u32::MAX)
+    }
+
+    /// The indexes of slot `id` in every CPU's region.
+    fn stats_indexes(&self, id: u32) -> impl Iterator<Item = u32> + use<> {
+        let stride = self.stats_stride();
+        (0..u32::try_from(self.nr_cpus).unwrap_or(0)).map(move |cpu| cpu * stride + id)
+    }
+
     /// Every CPU's counters of slot `id` set to zero.
     fn zero_stats(&mut self, id: u32) -> Result<(), EngineError> {
-        let zero = PerCpuValues::try_from(vec![EntryStats::default(); self.nr_cpus])
-            .map_err(|e| EngineError::io("cannot build per-CPU values", e))?;
-        self.stats
-            .set(id, zero, 0)
-            .map_err(|e| EngineError::map("cannot reset the entry counters", e))
+        for i in self.stats_indexes(id) {
+            self.stats
+                .set(i, EntryStats::default(), 0)
+                .map_err(|e| EngineError::map("cannot reset the entry counters", e))?;
+        }
+        Ok(())
     }
 
     /// The counters of slot `id`, summed over CPUs.
     fn stats_sum(&self, id: u32) -> Result<EntryStats, EngineError> {
-        let values = self
-            .stats
-            .get(&id, 0)
-            .map_err(|e| EngineError::map("cannot read the entry counters", e))?;
-        Ok(values
-            .iter()
-            .fold(EntryStats::default(), |a, v| EntryStats {
-                packets: a.packets + v.packets,
-                bytes: a.bytes + v.bytes,
-                new_flows: a.new_flows + v.new_flows,
-                cloud_flows: a.cloud_flows + v.cloud_flows,
-            }))
+        let mut sum = EntryStats::default();
+        for i in self.stats_indexes(id) {
+            let v = self
+                .stats
+                .get(&i, 0)
+                .map_err(|e| EngineError::map("cannot read the entry counters", e))?;
+            sum.packets += v.packets;
+            sum.bytes += v.bytes;
+            sum.new_flows += v.new_flows;
+            sum.cloud_flows += v.cloud_flows;
+        }
+        Ok(sum)
     }
 
     /// Whether this engine writes the miss pre-filter through a shared mapping of its memory
