@@ -29,6 +29,18 @@ fn global(lab: &Lab) -> Value {
     v["global"].clone()
 }
 
+/// Namespace `ns`'s own IPv4 address, from the viscum that made it (`ns list`'s
+/// `ns_addr`, without its prefix length).
+fn ns_v4(lab: &Lab, ns: &str) -> String {
+    lab.service_ns_info(ns)["ns_addr"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
 #[test]
 fn replies_survive_a_strict_router_firewall() {
     if skip_unless_root() {
@@ -155,14 +167,7 @@ fn nat_mode_serves_tcp_and_udp_over_ipv4_and_ipv6_with_software_checksums() {
     let edge = IdentityServer::start(&ns, 0, "edge-nat");
     let [v4, v6] = lab.cloud_addrs(cloud.port());
     let nat6 = format!("[fd00:7669:7363::1]:{}", edge.port());
-    // The namespace's own IPv4 address, from the viscum that made it.
-    let ns_addr = lab.service_ns_info(&ns)["ns_addr"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let ns_addr = ns_v4(&lab, &ns);
     let nat4 = format!("{ns_addr}:{}", edge.port());
     for proto in [Proto::Tcp, Proto::Udp] {
         lab.viscum_ok(&[
@@ -380,13 +385,7 @@ fn the_box_reaches_a_served_namespace_port_directly() {
     let (lab, ns) = setup();
     let edge = IdentityServer::start(&ns, 0, "edge");
     let [v4, _] = lab.cloud_addrs(edge.port());
-    let ns_addr = lab.service_ns_info(&ns)["ns_addr"]
-        .as_str()
-        .unwrap()
-        .split('/')
-        .next()
-        .unwrap()
-        .to_string();
+    let ns_addr = ns_v4(&lab, &ns);
     let direct: SocketAddr = format!("{ns_addr}:{}", edge.port()).parse().unwrap();
     for proto in [Proto::Tcp, Proto::Udp] {
         lab.viscum_ok(&[

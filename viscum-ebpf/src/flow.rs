@@ -497,7 +497,14 @@ pub fn remember_mirror(p: &Parsed, entry: &ServiceEntry) {
 /// the map value (the reply path marks it closing on the service's FIN/RST).
 #[inline(always)]
 pub fn reply_identity(p: &Parsed, ifindex: u32) -> Option<*mut ReplyState> {
-    let rkey = ReplyKey {
+    REPLIES.get_ptr_mut(&reply_key_of(p, ifindex))
+}
+
+/// The edge record key of reply `p` (the client is its destination) arriving on host veth
+/// `ifindex`.
+#[inline(always)]
+fn reply_key_of(p: &Parsed, ifindex: u32) -> ReplyKey {
+    ReplyKey {
         client: p.key.addr,
         client_port: p.key.port,
         local_port: p.sport,
@@ -505,8 +512,7 @@ pub fn reply_identity(p: &Parsed, ifindex: u32) -> Option<*mut ReplyState> {
         family: p.key.family,
         _pad: [0; 2],
         ifindex,
-    };
-    REPLIES.get_ptr_mut(&rkey)
+    }
 }
 
 /// What a reply carries of its flow's target: the host veth it arrives on, the port the
@@ -644,15 +650,7 @@ pub fn restore_from_reply(ctx: &TcContext, p: &Parsed, ifindex: u32) -> Option<*
     } else {
         REPLY_F_ESTABLISHED
     };
-    let rkey = ReplyKey {
-        client: p.key.addr,
-        client_port: p.key.port,
-        local_port: p.sport,
-        proto: p.key.proto,
-        family: p.key.family,
-        _pad: [0; 2],
-        ifindex,
-    };
+    let rkey = reply_key_of(p, ifindex);
     put_edge(&rkey, &service, service_port, flags, counters::now_coarse());
     counters::bump(GlobalCounter::FlowsRecovered);
     REPLIES.get_ptr_mut(&rkey)

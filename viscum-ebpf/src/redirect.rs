@@ -231,43 +231,7 @@ fn forward(ctx: &TcContext, p: &Parsed, flow: Option<&mut ReplyState>, veth: u32
         return unsafe { bpf_redirect(ifindex, 0) } as i32;
     }
     let mut fib_slot = core::mem::MaybeUninit::<FibSlot>::uninit();
-    // SAFETY: zeroes the slot; all-zero is a valid bpf_fib_lookup.
-    let fib = unsafe {
-        zero_fib(fib_slot.as_mut_ptr().cast());
-        &mut (*fib_slot.as_mut_ptr()).0
-    };
-    fib.l4_protocol = p.key.proto;
-    fib.sport = p.sport;
-    fib.dport = p.key.port;
-    // tot_len 0: the kernel then checks the skb itself against the egress
-    // MTU (is_skb_forwardable) instead of comparing a length we pass. The IP
-    // header's length of a GSO super-packet (up to 64 KiB) would always
-    // exceed it and send every bulk reply to the slow path; a GSO packet's
-    // real test is its segment size, done with bpf_check_mtu below.
-    fib.__bindgen_anon_1.tot_len = 0;
-    // SAFETY: reading our own __sk_buff.
-    fib.ifindex = unsafe { (*skb).ifindex };
-    if p.key.family == FAMILY_V4 {
-        fib.family = AF_INET;
-        fib.__bindgen_anon_3.ipv4_src = crate::nat::v4_word(&p.saddr);
-        fib.__bindgen_anon_4.ipv4_dst = crate::nat::v4_word(&p.key.addr);
-    } else {
-        fib.family = AF_INET6;
-        // SAFETY: same size, plain bytes.
-        fib.__bindgen_anon_3.ipv6_src =
-            unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(p.saddr) };
-        fib.__bindgen_anon_4.ipv6_dst =
-            unsafe { core::mem::transmute::<[u8; 16], [u32; 4]>(p.key.addr) };
-    }
-    // SAFETY: the params struct lives on our stack with its real size.
-    let rc = unsafe {
-        fib_lookup(
-            skb.cast(),
-            fib,
-            core::mem::size_of::<bpf_fib_lookup>() as i32,
-            0,
-        )
-    };
+    let (rc, fib) = route(ctx, p, &mut fib_slot);
     if rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH {
         // No route, forwarding off, fragmentation needed...: the kernel's
         // own path knows how to answer those (ICMP errors and so on).
@@ -338,10 +302,28 @@ fn forward(ctx: &TcContext, p: &Parsed, flow: Option<&mut ReplyState>, veth: u32
 #[inline(always)]
 pub fn forwarded(ctx: &TcContext, p: &Parsed) -> bool {
     let mut fib_slot = core::mem::MaybeUninit::<FibSlot>::uninit();
+    let (rc, _) = route(ctx, p, &mut fib_slot);
+    rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH
+}
+
+/// Asks the FIB for `p`'s route, from the device it arrived on, with parameters built in
+/// `slot` (zeroed first): returns `bpf_fib_lookup`'s result code (bpf-helpers(7)) and the
+/// parameters, which on success hold the egress device and MACs.
+///
+/// `tot_len` stays 0: the kernel then checks the skb itself against the egress MTU
+/// (`is_skb_forwardable`) instead of comparing a length we pass. The IP header's length of a
+/// GSO super-packet (up to 64 KiB) would always exceed it and send every bulk reply to the
+/// slow path; a GSO packet's real test is its segment size (`gso_fits`).
+#[inline(always)]
+fn route<'a>(
+    ctx: &TcContext,
+    p: &Parsed,
+    slot: &'a mut core::mem::MaybeUninit<FibSlot>,
+) -> (i64, &'a mut bpf_fib_lookup) {
     // SAFETY: zeroes the slot; all-zero is a valid bpf_fib_lookup.
     let fib = unsafe {
-        zero_fib(fib_slot.as_mut_ptr().cast());
-        &mut (*fib_slot.as_mut_ptr()).0
+        zero_fib(slot.as_mut_ptr().cast());
+        &mut (*slot.as_mut_ptr()).0
     };
     fib.l4_protocol = p.key.proto;
     fib.sport = p.sport;
@@ -369,7 +351,7 @@ pub fn forwarded(ctx: &TcContext, p: &Parsed) -> bool {
             0,
         )
     };
-    rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH
+    (rc, fib)
 }
 
 /// Do a GSO packet's segments fit the MTU of `ifindex`? `bpf_check_mtu` with length 0
