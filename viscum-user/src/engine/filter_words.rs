@@ -35,7 +35,7 @@ pub(super) struct FilterWords {
 
 /// A shared mapping of an array map's values.
 #[cfg(target_has_atomic = "64")]
-struct Mapping {
+pub(super) struct Mapping {
     ptr: NonNull<AtomicU64>,
     words: u32,
     bytes: usize,
@@ -58,28 +58,28 @@ impl Drop for Mapping {
 
 /// Without 64-bit atomics a word could not be stored whole: there is never a mapping.
 #[cfg(not(target_has_atomic = "64"))]
-enum Mapping {}
+pub(super) enum Mapping {}
 
 #[cfg(not(target_has_atomic = "64"))]
 impl Mapping {
-    fn load(&self, _i: u32) -> Option<u64> {
+    pub(super) fn load(&self, _i: u32) -> Option<u64> {
         match *self {}
     }
 
-    fn store(&self, _i: u32, _value: u64) -> bool {
+    pub(super) fn store(&self, _i: u32, _value: u64) -> bool {
         match *self {}
     }
 }
 
 #[cfg(not(target_has_atomic = "64"))]
-fn map_words(_data: &MapData, _words: u32) -> Option<Mapping> {
+pub(super) fn map_words(_data: &MapData, _words: u32) -> Option<Mapping> {
     None
 }
 
 #[cfg(target_has_atomic = "64")]
 impl Mapping {
     /// Word `i`, or `None` past the mapping's end.
-    fn load(&self, i: u32) -> Option<u64> {
+    pub(super) fn load(&self, i: u32) -> Option<u64> {
         if i >= self.words {
             return None;
         }
@@ -88,7 +88,7 @@ impl Mapping {
     }
 
     /// Stores word `i`; false (nothing stored) past the mapping's end.
-    fn store(&self, i: u32, value: u64) -> bool {
+    pub(super) fn store(&self, i: u32, value: u64) -> bool {
         if i >= self.words {
             return false;
         }
@@ -101,7 +101,7 @@ impl Mapping {
 /// Maps the `words` values of array map `data` (8 bytes each), or `None` if the kernel
 /// refuses (a map made without `BPF_F_MMAPABLE`).
 #[cfg(target_has_atomic = "64")]
-fn map_words(data: &MapData, words: u32) -> Option<Mapping> {
+pub(super) fn map_words(data: &MapData, words: u32) -> Option<Mapping> {
     if words == 0 {
         return None;
     }

@@ -19,6 +19,11 @@ use viscum_common::{
 use super::{EngineError, Pins, layout::Pinned};
 use crate::endpoint::Endpoint;
 
+/// 64-bit words of one [`EntryStats`] in the counters array's mapped memory (its fields in
+/// order; the kernel lays array values out back to back, each rounded up to 8 bytes).
+const STATS_WORDS: u32 = (size_of::<EntryStats>() / 8) as u32;
+const _: () = assert!(size_of::<EntryStats>().is_multiple_of(8));
+
 /// `BPF_EXIST`: update only an existing element.
 const BPF_EXIST: u64 = 2;
 /// `BPF_NOEXIST`: fail instead of overwriting, so a duplicate add is caught
@@ -37,6 +42,9 @@ pub struct Engine {
     rules: Array<MapData, ServiceEntry>,
     /// Every entry's and rule's counters, one region per CPU ([`ENTRY_STATS_MAP`]).
     stats: Array<MapData, EntryStats>,
+    /// The counters' memory, mapped (`BPF_F_MMAPABLE`): a slot is read and reset with loads
+    /// and stores, not a bpf(2) call per CPU (`None`: not mappable here; the calls are made).
+    stats_mem: Option<super::filter_words::Mapping>,
     /// The miss pre-filter (`None` under pins made by a version without one).
     ports: Option<super::filter_words::FilterWords>,
     nr_cpus: usize,
@@ -241,7 +249,10 @@ impl Engine {
         let edge = typed(pins, REPLIES_MAP, edge, "the edge flow table")?;
         let prefixes = typed(pins, PREFIXES_MAP, prefixes, "the prefix table")?;
         let rules = typed(pins, RULES_MAP, rules, "the rules array")?;
-        let stats = typed(pins, ENTRY_STATS_MAP, stats, "the entry counters array")?;
+        let stats: Array<MapData, EntryStats> =
+            typed(pins, ENTRY_STATS_MAP, stats, "the entry counters array")?;
+        let stats_mem =
+            super::filter_words::map_words(stats.map(), stats.len().saturating_mul(STATS_WORDS));
         let ports = match ports {
             None => None,
             Some(r) => Some(super::filter_words::FilterWords::new(required(
@@ -265,6 +276,7 @@ impl Engine {
             prefixes,
             rules,
             stats,
+            stats_mem,
             ports,
             nr_cpus,
             flows,
@@ -414,6 +426,11 @@ impl Engine {
     /// Every CPU's counters of slot `id` set to zero.
     fn zero_stats(&mut self, id: u32) -> Result<(), EngineError> {
         for i in self.stats_indexes(id) {
+            if let Some(mem) = &self.stats_mem
+                && (0..STATS_WORDS).all(|w| mem.store(i * STATS_WORDS + w, 0))
+            {
+                continue;
+            }
             self.stats
                 .set(i, EntryStats::default(), 0)
                 .map_err(|e| EngineError::map("cannot reset the entry counters", e))?;
@@ -425,10 +442,22 @@ impl Engine {
     fn stats_sum(&self, id: u32) -> Result<EntryStats, EngineError> {
         let mut sum = EntryStats::default();
         for i in self.stats_indexes(id) {
-            let v = self
-                .stats
-                .get(&i, 0)
-                .map_err(|e| EngineError::map("cannot read the entry counters", e))?;
+            let mapped = self.stats_mem.as_ref().and_then(|mem| {
+                let w = |k| mem.load(i * STATS_WORDS + k);
+                Some(EntryStats {
+                    packets: w(0)?,
+                    bytes: w(1)?,
+                    new_flows: w(2)?,
+                    cloud_flows: w(3)?,
+                })
+            });
+            let v = match mapped {
+                Some(v) => v,
+                None => self
+                    .stats
+                    .get(&i, 0)
+                    .map_err(|e| EngineError::map("cannot read the entry counters", e))?,
+            };
             sum.packets += v.packets;
             sum.bytes += v.bytes;
             sum.new_flows += v.new_flows;
@@ -831,19 +860,6 @@ impl Engine {
         }
         let key = endpoint.key();
         let _lock = self.write_lock()?;
-        // Refused before a counter slot is claimed: a duplicate must not reset the
-        // counters of the entry it duplicates (its slot is another one, but the claim and
-        // release would be wasted work on the common "already there" path of a reload).
-        match self.services.get(&key, 0) {
-            Ok(_) => return Err(EngineError::Duplicate(endpoint.to_string())),
-            Err(MapError::KeyNotFound) => {}
-            Err(e) => {
-                return Err(EngineError::map(
-                    format!("cannot read the entry for {endpoint}"),
-                    e,
-                ));
-            }
-        }
         // The port is marked managed before the entry exists, so no packet the entry
         // matches is ever filtered out. A failed insert leaves it marked: that only
         // costs the port's unmanaged traffic a lookup until the next rebuild.
@@ -852,6 +868,8 @@ impl Engine {
             port => self.manage_ports(key.proto, port, port)?,
         }
         self.manage_address(&key.addr)?;
+        // A free slot, reset: a duplicate is refused by the insert below (`BPF_NOEXIST`),
+        // and the slot, never seen by the datapath, is given back.
         let value = ServiceEntry {
             stats_id: self.claim_stats_slot()?,
             ..target
