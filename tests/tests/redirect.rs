@@ -570,3 +570,56 @@ fn ns_del_names_the_processes_left_inside() {
         "{stderr}"
     );
 }
+
+/// Every exact entry gets a counter slot of its own (`ServiceEntry::stats_id`), claimed from
+/// the bitmap in `VISCUM_PORTS` from its search hint: past a full first word, and a freed
+/// slot below the hint is the next one given out (the hint moves back), so the slots stay
+/// dense and an add never scans the whole bitmap.
+#[test]
+fn counter_slots_are_unique_and_a_freed_one_is_given_out_next() {
+    if skip_unless_root() {
+        return;
+    }
+    let s = setup(LabOptions::default());
+    let pins = viscum::engine::Pins::new(s.lab.bpffs.path());
+    let mut engine = viscum::engine::Engine::open(&pins).unwrap();
+    let [v4, _] = s.lab.cloud_addrs(s.cloud.port());
+    add(&s, &url(Proto::Tcp, v4));
+    let target = engine
+        .get(&url(Proto::Tcp, v4).parse().unwrap())
+        .unwrap()
+        .unwrap()
+        .target;
+    // 150 entries: three words of the bitmap (64 bits each).
+    let ep = |i: u16| -> viscum::endpoint::Endpoint {
+        format!("tcp://198.51.100.{}:{}", 1 + i % 200, 20_000 + i)
+            .parse()
+            .unwrap()
+    };
+    let slot_of = |engine: &viscum::engine::Engine, e: &viscum::endpoint::Endpoint| {
+        engine.get(e).unwrap().unwrap().target.stats_id
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    seen.insert(slot_of(&engine, &url(Proto::Tcp, v4).parse().unwrap()));
+    for i in 0..150 {
+        engine.insert(&ep(i), target).unwrap();
+        assert!(
+            seen.insert(slot_of(&engine, &ep(i))),
+            "entry {i} was given a slot already in use"
+        );
+    }
+    // Slots are given out densely from the first: the 151 entries hold the first 151.
+    let first = viscum_common::entry_stats_id(0);
+    assert_eq!(seen, (first..first + 151).collect(), "slots are dense");
+    // Free one in the first word; the next add reuses it, the one after continues above.
+    let freed = slot_of(&engine, &ep(10));
+    engine.remove(&ep(10)).unwrap();
+    engine.insert(&ep(200), target).unwrap();
+    assert_eq!(
+        slot_of(&engine, &ep(200)),
+        freed,
+        "the freed slot is given out next"
+    );
+    engine.insert(&ep(201), target).unwrap();
+    assert_eq!(slot_of(&engine, &ep(201)), first + 151);
+}

@@ -329,7 +329,13 @@ pub const PORT_FILTER_WORDS: u32 = ADDR_FILTER_BASE + ADDR_FILTER_WORDS;
 /// map (a free slot is found by scanning words, not by a bpf(2) call per word), and like
 /// the filter it is rebuilt from the entries when the map is new. The loader sizes the map
 /// with [`ports_words`].
-pub const STATS_IDS_BASE: u32 = ENTRIES_GEN_WORD + 1;
+pub const STATS_IDS_BASE: u32 = STATS_HINT_WORD + 1;
+
+/// Index, in [`PORTS_MAP`], of the slot bitmap's search hint: the first of its words that
+/// may hold a free bit (every word before it is full). A claim starts there and a release
+/// below it moves it back, so adding an entry scans a word or two, not the whole bitmap
+/// (16,384 words at a million entries).
+pub const STATS_HINT_WORD: u32 = ENTRIES_GEN_WORD + 1;
 
 /// Index, in [`PORTS_MAP`], of the entries' generation: a count user space moves after
 /// every change to an entry or rule (its store is the change's last write). The flow cache
@@ -338,7 +344,7 @@ pub const STATS_IDS_BASE: u32 = ENTRIES_GEN_WORD + 1;
 pub const ENTRIES_GEN_WORD: u32 = PORT_FILTER_WORDS;
 
 /// Size of [`PORTS_MAP`] for a services map of `max_entries`: the filter, the entries'
-/// generation, then one bit per possible exact entry.
+/// generation, the slot bitmap's hint, then one bit per possible exact entry.
 pub const fn ports_words(max_entries: u32) -> u32 {
     STATS_IDS_BASE + max_entries.div_ceil(64)
 }

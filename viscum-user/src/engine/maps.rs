@@ -12,8 +12,8 @@ use viscum_common::{
     FLOWS_MAP, GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter, MAX_RULES,
     PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORT_FILTER_WORDS, PORTS_MAP, PREFIXES_MAP,
     PortFilter, PortRule, PrefixData, PrefixNode, REPLIES_MAP, REPLY_F_DROP, RULES_MAP,
-    RULES_PER_PREFIX, ReplyKey, ReplyState, SERVICES_MAP, STATS_IDS_BASE, ServiceEntry, ServiceKey,
-    addr_filter_slot, entry_stats_id, port_filter_slot,
+    RULES_PER_PREFIX, ReplyKey, ReplyState, SERVICES_MAP, STATS_HINT_WORD, STATS_IDS_BASE,
+    ServiceEntry, ServiceKey, addr_filter_slot, entry_stats_id, port_filter_slot,
 };
 
 use super::{EngineError, Pins, layout::Pinned};
@@ -331,7 +331,7 @@ impl Engine {
                 ports.set(i, want)?;
             }
         }
-        Ok(())
+        ports.set(STATS_HINT_WORD, 0)
     }
 
     /// Words of the slot bitmap: enough for every slot of the counters array past the rules'.
@@ -358,7 +358,11 @@ impl Engine {
         let Some(ports) = self.ports.as_mut() else {
             return Err(EngineError::Full(0));
         };
-        for w in 0..words {
+        // From the hint on (every word before it is full), then once around from the start
+        // in case a hint was lost: a claim scans a word or two, not the whole bitmap.
+        let hint = ports.get(STATS_HINT_WORD)?;
+        let hint = u32::try_from(hint).ok().filter(|&h| h < words).unwrap_or(0);
+        for w in (hint..words).chain(0..hint) {
             let cur = ports.get(STATS_IDS_BASE + w)?;
             if cur == u64::MAX {
                 continue;
@@ -366,9 +370,12 @@ impl Engine {
             let bit = (!cur).trailing_zeros();
             let slot = w * 64 + bit;
             if slot >= slots {
-                break;
+                continue;
             }
             ports.set(STATS_IDS_BASE + w, cur | 1 << bit)?;
+            if w != hint {
+                ports.set(STATS_HINT_WORD, u64::from(w))?;
+            }
             let id = entry_stats_id(slot);
             self.zero_stats(id)?;
             return Ok(id);
@@ -393,6 +400,10 @@ impl Engine {
         let bit = 1u64 << (slot % 64);
         if cur & bit != 0 {
             ports.set(i, cur & !bit)?;
+        }
+        // The freed word may now be the first with room.
+        if u64::from(slot / 64) < ports.get(STATS_HINT_WORD)? {
+            ports.set(STATS_HINT_WORD, u64::from(slot / 64))?;
         }
         Ok(())
     }
