@@ -1,12 +1,12 @@
 //! The per-CPU flow cache: an established TCP edge flow's packets delivered without the
 //! entry lookup or the hashed edge record.
 //!
-//! A direct-mapped array per CPU (the exact-match cache of Open vSwitch's userspace
-//! datapath, `dpif-netdev.c`, on the same principle): a slot holds one flow's client-side
-//! 5-tuple, a copy of the entry it was decided for, and how long that decision may be
-//! repeated. The slot is found by a multiplicative hash of the 5-tuple and one array index,
-//! compared word by word, and is two cache lines of this CPU's memory (the 5-tuple and
-//! validity in the first, the entry in the second). The classifier asks it right after the
+//! A two-way set-associative array per CPU (the exact-match cache of Open vSwitch's
+//! userspace datapath, `dpif-netdev.c`, on the same principle): a slot holds one flow's
+//! client-side 5-tuple, a copy of the entry it was decided for, and how long that decision
+//! may be repeated. A flow may take either slot of a neighbouring pair, found by a
+//! multiplicative hash of the 5-tuple and compared word by word; a slot is two cache lines
+//! of this CPU's memory (the 5-tuple and validity in the first, the entry in the second). The classifier asks it right after the
 //! miss pre-filter, so a hit skips both hashed lookups: the services map's (jhash of a
 //! 20-byte key, its bucket and element, shared with every CPU) and `VISCUM_REPLIES`'
 //! (jhash of a 28-byte key, the bucket, the element, the LRU's reference bit).
@@ -30,9 +30,9 @@
 //!   [`INSERT_BUDGET`] inserts happened since it was filled: far fewer than the LRU needs to
 //!   evict a record referenced at the fill (it evicts unreferenced records first, in
 //!   batches, after rotating the referenced ones);
-//! * anything else (a record evicted anyway from a table whose every flow is busy, or
-//!   removed by user space with its entry and the entry re-added at once): the flow's
-//!   replies find no record, and the first such reply from a managed port moves the churn
+//! * anything else (a record evicted anyway from a table whose every flow is busy; user
+//!   space removing records moves the generation instead): the flow's replies find no
+//!   record, and the first such reply from a managed port moves the churn
 //!   count by the whole budget ([`note_unknown_reply`]), emptying every slot of every CPU.
 //!
 //! Then the flow's next client packet finds its record missing and restores it
