@@ -384,6 +384,28 @@ fn skb_ctx(ifindex: u32) -> [u8; 44] {
     ctx
 }
 
+/// Runs `prog` once (`BPF_PROG_TEST_RUN`, on the calling thread's CPU) on `frame` as if it
+/// arrived on device `ifindex`; returns the action and the frame as the program left it.
+///
+/// # Errors
+/// The kernel's refusal of the test run (an unknown ifindex, a frame it cannot take).
+pub fn run_classifier(
+    prog: &SchedClassifier,
+    frame: &[u8],
+    ifindex: u32,
+) -> Result<(i32, Vec<u8>), aya::programs::ProgramError> {
+    let ctx = skb_ctx(ifindex);
+    let mut out = vec![0u8; frame.len() + 256];
+    let r = prog.test_run(TestRunOptions {
+        data_in: Some(frame),
+        data_out: Some(&mut out),
+        ctx_in: Some(&ctx),
+        ..TestRunOptions::default()
+    })?;
+    out.truncate(r.data_size_out as usize);
+    Ok((r.return_value as i32, out))
+}
+
 /// Runs the pinned program at `path` on `frame` in namespace `edge` with device `ifindex`;
 /// returns the action and the frame as the program left it.
 fn test_run(
@@ -400,24 +422,13 @@ fn test_run(
                 error_chain(&e)
             )
         })?;
-        let ctx = skb_ctx(ifindex);
-        let mut out = vec![0u8; frame.len() + 256];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .map_err(|e| {
-                format!(
-                    "BPF_PROG_TEST_RUN of {}: {}",
-                    path.display(),
-                    error_chain(&e)
-                )
-            })?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value as i32, out))
+        run_classifier(&prog, &frame, ifindex).map_err(|e| {
+            format!(
+                "BPF_PROG_TEST_RUN of {}: {}",
+                path.display(),
+                error_chain(&e)
+            )
+        })
     })
     .map_err(|e| format!("enter namespace {edge}: {e}"))?
 }

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 
 use aya::{
     maps::{HashMap, MapData},
-    programs::{SchedClassifier, TestRun as _, TestRunOptions},
+    programs::SchedClassifier,
 };
 use viscum::{
     endpoint::Endpoint,
@@ -21,6 +21,7 @@ use viscum_tests::{
     lab::CLIENT_V4,
     packet::{Packet, TCP_ACK, TCP_SYN},
     skip_unless_root,
+    verdicts::run_classifier,
 };
 
 const TC_ACT_UNSPEC: i32 = -1;
@@ -43,17 +44,9 @@ fn pin_to_cpu0() {
 
 /// Runs the pinned ingress program on `frame` as if it arrived on device `ifindex`.
 fn run(prog: &SchedClassifier, ifindex: u32, frame: &[u8]) -> i32 {
-    let mut ctx = [0u8; 44];
-    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    let mut out = vec![0u8; frame.len() + 256];
-    prog.test_run(TestRunOptions {
-        data_in: Some(frame),
-        data_out: Some(&mut out),
-        ctx_in: Some(&ctx),
-        ..TestRunOptions::default()
-    })
-    .expect("BPF_PROG_TEST_RUN")
-    .return_value as i32
+    run_classifier(prog, frame, ifindex)
+        .expect("BPF_PROG_TEST_RUN")
+        .0
 }
 
 #[test]

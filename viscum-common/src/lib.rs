@@ -199,6 +199,14 @@ pub const fn entry_stats_slots(max_entries: u32) -> u32 {
     MAX_RULES + max_entries
 }
 
+/// Slots per CPU region of [`ENTRY_STATS_MAP`] ([`DatapathConfig::stats_stride`]): the
+/// array's `len` as loaded (every region the same size) over the `cpus` it was sized for,
+/// the possible CPUs (`/sys/devices/system/cpu/possible`). CPU `c`'s counters of slot `id`
+/// are at `c * stride + id`.
+pub const fn stats_stride(len: u32, cpus: u32) -> u32 {
+    len / if cpus == 0 { 1 } else { cpus }
+}
+
 /// Name of the LPM trie of prefix / port-range / source-restricted rules
 /// (`lpm Key<PrefixData>` -> `PrefixNode`).
 pub const PREFIXES_MAP: &str = "VISCUM_PREFIXES";

@@ -132,6 +132,21 @@ pub fn decide(
     // points elsewhere (the namespace re-created, the entry re-added) finds none and
     // its old flows end; they are never sent to the new target.
     let rkey = reply_key(p, entry);
+
+    // The usual SYN: a new connection to an entry that takes new flows, its target alive.
+    // Its record is written only if the table holds none for the 5-tuple, so the key is
+    // hashed once (in the update) instead of twice (a lookup's, then the update's). A SYN
+    // that finds a record (a retransmission, a reused 5-tuple) takes the path below, as
+    // does one the entry is not taking (learning, draining).
+    if syn
+        && entry.flags & TARGET_F_DRAINING == 0
+        && now >= entry.active_after_ns
+        && target_alive(ctx, entry)
+        && write_edge(&rkey, &p.key.addr, p.key.port, 0, now, BPF_NOEXIST)
+    {
+        return new_edge_flow(entry);
+    }
+
     if let Some(state) = REPLIES.get_ptr_mut(&rkey) {
         // SAFETY: LRU value pointer from the kernel; races only lose a
         // timestamp update, never the decision.
@@ -216,6 +231,12 @@ pub fn decide(
     // follows the SYN (see REPLY_F_ESTABLISHED).
     let flags = if tcp { 0 } else { REPLY_F_ESTABLISHED };
     put_edge(&rkey, &p.key.addr, p.key.port, flags, now);
+    new_edge_flow(entry)
+}
+
+/// Counts a flow just given an edge record for `entry`.
+#[inline(always)]
+fn new_edge_flow(entry: &ServiceEntry) -> Decision {
     if let Some(s) = crate::lookup::stats_of(entry) {
         s.new_flows += 1;
     }
@@ -437,11 +458,26 @@ fn local_port_of(service_port: u16, entry: &ServiceEntry) -> u16 {
 #[map(name = "VISCUM_SCRATCH")]
 static SCRATCH: PerCpuArray<ReplyState> = PerCpuArray::pinned(1, 0);
 
-/// Writes the edge record of a new flow (`flags`: `REPLY_F_*`).
+/// Writes the edge record of a new flow (`flags`: `REPLY_F_*`), replacing any record of
+/// the key.
 #[inline(always)]
 fn put_edge(rkey: &ReplyKey, service: &[u8; 16], service_port: u16, flags: u32, now: u64) {
+    write_edge(rkey, service, service_port, flags, now, BPF_ANY);
+}
+
+/// [`put_edge`] under the map update's `map_flags` (`BPF_ANY`, or `BPF_NOEXIST` to write
+/// only a record the table does not hold yet); true when the record was written.
+#[inline(always)]
+fn write_edge(
+    rkey: &ReplyKey,
+    service: &[u8; 16],
+    service_port: u16,
+    flags: u32,
+    now: u64,
+    map_flags: u64,
+) -> bool {
     let Some(slot) = SCRATCH.get_ptr_mut(0) else {
-        return;
+        return false;
     };
     // SAFETY: this CPU's slot, nobody else writes it while we run.
     let st = unsafe { &mut *slot };
@@ -476,9 +512,16 @@ fn put_edge(rkey: &ReplyKey, service: &[u8; 16], service_port: u16, flags: u32, 
         core::ptr::write_volatile(&raw mut st.fib_class, 0);
         core::ptr::write_volatile(&raw mut st._pad, 0);
     }
-    let _ = REPLIES.insert(rkey, &*st, 0);
+    if REPLIES.insert(rkey, &*st, map_flags).is_err() {
+        return false;
+    }
     cache::note_insert();
+    true
 }
+
+/// `BPF_ANY` and `BPF_NOEXIST` of include/uapi/linux/bpf.h (map update flags).
+const BPF_ANY: u64 = 0;
+const BPF_NOEXIST: u64 = 1;
 
 /// Records a mirrored flow: its edge copy's replies are dropped on the way back.
 #[inline(always)]

@@ -51,6 +51,11 @@ static ENTRY_STATS: Array<EntryStats> =
 
 /// This CPU's counters of `entry` (`None` before `attach` wrote the stride, or for a slot
 /// past the array, which user space never assigns).
+///
+/// The config is looked up here again rather than passed in from the packet's one read: an
+/// array lookup with a constant key costs no call (the verifier inlines it to an address),
+/// while a map-value pointer kept live across the whole delivery measured 10 % more
+/// verified instructions on 6.18.
 #[inline(always)]
 pub fn stats_of(entry: &ServiceEntry) -> Option<&'static mut EntryStats> {
     let stride = crate::counters::config()?.stats_stride;

@@ -29,6 +29,11 @@
     reason = "aya's #[classifier] drops the programs' doc comments"
 )]
 
+// Every program is `#[inline(always)]`: `#[classifier]` makes the item a function nested in
+// the exported one, which LLVM is otherwise free to leave out of line once the body is
+// large (it did for `viscum_ingress` on bpfeb), and a BPF-to-BPF call next to tail calls is
+// refused by a kernel without a JIT ("tail_calls are not allowed in non-JITed programs
+// with bpf-to-bpf calls": s390x on Debian 6.1).
 mod cache;
 mod counters;
 mod flow;
@@ -66,6 +71,7 @@ use crate::{
 /// redirect helper or a NAT rewrite failed), `TC_ACT_UNSPEC` for everything
 /// else (no match, cloud flow, mirror mode, not TCP/UDP over IP).
 #[classifier]
+#[inline(always)]
 pub fn viscum_ingress(ctx: TcContext) -> i32 {
     counters::bump(GlobalCounter::Seen);
     match try_ingress(&ctx) {
@@ -79,6 +85,7 @@ pub fn viscum_ingress(ctx: TcContext) -> i32 {
 /// `TC_ACT_UNSPEC` for the namespace's own traffic and what the FIB lookup
 /// leaves to the kernel.
 #[classifier]
+#[inline(always)]
 pub fn viscum_reply(ctx: TcContext) -> i32 {
     match try_reply(&ctx) {
         Ok(action) | Err(action) => action,
@@ -89,6 +96,7 @@ pub fn viscum_reply(ctx: TcContext) -> i32 {
 /// hook). Returns `TC_ACT_REDIRECT` for an error about an edge flow, sent into
 /// its service namespace (`TC_ACT_SHOT` if that failed), else `TC_ACT_UNSPEC`.
 #[classifier]
+#[inline(always)]
 pub fn viscum_icmp_ingress(ctx: TcContext) -> i32 {
     let mut slot = MaybeUninit::uninit();
     match parse::parse(&ctx, &mut slot) {
@@ -109,6 +117,7 @@ pub fn viscum_icmp_ingress(ctx: TcContext) -> i32 {
 /// the client, `TC_ACT_SHOT` for a mirror-mode flow (or a failed rewrite),
 /// else `TC_ACT_UNSPEC`.
 #[classifier]
+#[inline(always)]
 pub fn viscum_icmp_reply(ctx: TcContext) -> i32 {
     // SAFETY: reading our own __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
@@ -306,6 +315,7 @@ fn deliver(ctx: &TcContext, p: &mut Parsed, entry: &ServiceEntry) -> Result<i32,
 /// holds its connection (the record is restored and the packet served at the edge,
 /// `TC_ACT_SHOT` if that failed), else `TC_ACT_UNSPEC` (the cloud has the connection).
 #[classifier]
+#[inline(always)]
 pub fn viscum_recover(ctx: TcContext) -> i32 {
     match try_recover(&ctx) {
         Ok(action) | Err(action) => action,

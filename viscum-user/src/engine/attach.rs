@@ -314,7 +314,7 @@ pub fn write_stats_stride(ebpf: &mut aya::Ebpf, cpus: u32) -> Result<(), EngineE
         .set(
             0,
             DatapathConfig {
-                stats_stride: len / cpus.max(1),
+                stats_stride: viscum_common::stats_stride(len, cpus),
                 ..cur
             },
             0,

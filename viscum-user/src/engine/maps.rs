@@ -13,7 +13,7 @@ use viscum_common::{
     PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORT_FILTER_WORDS, PORTS_MAP, PREFIXES_MAP,
     PortFilter, PortRule, PrefixData, PrefixNode, REPLIES_MAP, REPLY_F_DROP, RULES_MAP,
     RULES_PER_PREFIX, ReplyKey, ReplyState, SERVICES_MAP, STATS_HINT_WORD, STATS_IDS_BASE,
-    ServiceEntry, ServiceKey, addr_filter_slot, entry_stats_id, port_filter_slot,
+    ServiceEntry, ServiceKey, addr_filter_slot, entry_stats_id, port_filter_slot, stats_stride,
 };
 
 use super::{EngineError, Pins, layout::Pinned};
@@ -425,7 +425,10 @@ impl Engine {
     /// Slots per CPU region of [`ENTRY_STATS_MAP`] (`attach` sized it for every possible
     /// CPU, and wrote the same stride into the datapath config).
     fn stats_stride(&self) -> u32 {
-        self.stats.len() / u32::try_from(self.nr_cpus.max(1)).unwrap_or(u32::MAX)
+        stats_stride(
+            self.stats.len(),
+            u32::try_from(self.nr_cpus).unwrap_or(u32::MAX),
+        )
     }
 
     /// The indexes of slot `id` in every CPU's region.
