@@ -6,8 +6,9 @@
 //! client-side 5-tuple, a copy of the entry it was decided for, and how long that decision
 //! may be repeated. A flow may take either slot of a neighbouring pair, found by a
 //! multiplicative hash of the 5-tuple and compared word by word; a slot is two cache lines
-//! of this CPU's memory (the 5-tuple and validity in the first, the entry in the second). The classifier asks it right after the
-//! miss pre-filter, so a hit skips both hashed lookups: the services map's (jhash of a
+//! of this CPU's memory (the 5-tuple and validity in the first, the entry in the second).
+//! The classifier asks it right after the miss pre-filter, so a hit skips both hashed
+//! lookups: the services map's (jhash of a
 //! 20-byte key, its bucket and element, shared with every CPU) and `VISCUM_REPLIES`'
 //! (jhash of a 28-byte key, the bucket, the element, the LRU's reference bit).
 //!
