@@ -500,10 +500,24 @@ pub struct FlowKey {
 }
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);
 
-/// Slots per CPU of the classifier's flow cache (`VISCUM_FCACHE`, a per-CPU array, not
-/// pinned): 16,384 × 128 bytes = 2 MiB per CPU. A power of two (the slot index is the top
-/// bits of a hash).
+/// Name of the classifier's flow cache: an array of [`FlowCacheSlot`]s, one region of
+/// [`FLOW_CACHE_SLOTS`] per possible CPU (CPU `c`'s slot `i` at index
+/// `c * FLOW_CACHE_SLOTS + i`), not pinned. A plain array rather than a per-CPU one: a
+/// per-CPU array's lookup first reads the element's pointer from a table of 16,384 (128 KiB,
+/// a cache line and often a TLB entry of its own on every packet) before the slot itself.
+/// The loader sizes it for every possible CPU; the object's own size is one CPU's worth (a
+/// loader that does not size it leaves the other CPUs without a cache: their packets take
+/// the full path).
+pub const FLOW_CACHE_MAP: &str = "VISCUM_FCACHE";
+
+/// Slots per CPU of the classifier's flow cache ([`FLOW_CACHE_MAP`]): 16,384 × 128 bytes
+/// = 2 MiB per CPU. A power of two (the slot index is the top bits of a hash).
 pub const FLOW_CACHE_SLOTS: u32 = 16_384;
+
+/// Entries of the flow cache ([`FLOW_CACHE_MAP`]) for `cpus` possible CPUs.
+pub const fn flow_cache_entries(cpus: u32) -> u32 {
+    FLOW_CACHE_SLOTS.saturating_mul(cpus)
+}
 
 /// One slot of the classifier's per-CPU flow cache (128 bytes: two cache lines): an
 /// established TCP edge flow's client-side 5-tuple, until when its decision may be repeated
@@ -519,8 +533,10 @@ pub struct FlowCacheSlot {
     /// Client port | service port << 16 | protocol << 32 | family << 40 (ports in network
     /// order).
     pub tail: u64,
-    /// Coarse-clock ns before which the slot may be used; 0 = empty.
-    pub valid_until_ns: u64,
+    /// The kernel tick (`bpf_jiffies64`, 5.5+) before which the slot may be used; 0 =
+    /// empty. Ticks, not ns: a packet served from the slot then reads no clock but the
+    /// jiffies counter (the coarse clock costs a per-CPU cache of it, two more lines).
+    pub valid_until_tick: u64,
     /// The classifier's churn count (edge-flow inserts, and replies that found no record)
     /// when the slot was filled.
     pub churn: u64,

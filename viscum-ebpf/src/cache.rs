@@ -6,7 +6,8 @@
 //! client-side 5-tuple, a copy of the entry it was decided for, and how long that decision
 //! may be repeated. A flow may take either slot of a neighbouring pair, found by a
 //! multiplicative hash of the 5-tuple and compared word by word; a slot is two cache lines
-//! of this CPU's memory (the 5-tuple and validity in the first, the entry in the second).
+//! of this CPU's region of one plain array (the 5-tuple and validity in the first, the entry
+//! in the second), found by arithmetic alone (see `viscum_common::FLOW_CACHE_MAP`).
 //! The classifier asks it right after the miss pre-filter, so a hit skips both hashed
 //! lookups: the services map's (jhash of a
 //! 20-byte key, its bucket and element, shared with every CPU) and `VISCUM_REPLIES`'
@@ -19,7 +20,7 @@
 //! packet.
 //!
 //! The edge record stays the truth: the cache repeats a decision the record gave less than
-//! [`CACHE_LIFE_NS`] ago, and only for packets that change nothing in it: TCP segments
+//! [`CACHE_LIFE_TICKS`] ago, and only for packets that change nothing in it: TCP segments
 //! without SYN, FIN or RST. Whatever the record's checks would notice (an idle or closed
 //! flow, a target veth that is gone) is noticed within that time, as the record itself
 //! notices a vanished target only once a second. A FIN or RST takes the full path and
@@ -42,24 +43,24 @@
 //! port) would be served from the slot of an evicted record, its answer lost before any
 //! reply could tell.
 
-use aya_ebpf::{
-    macros::map,
-    maps::{Array, PerCpuArray},
-};
+use aya_ebpf::{helpers::bpf_get_smp_processor_id, macros::map, maps::Array};
 use viscum_common::{FLOW_CACHE_SLOTS, FlowCacheSlot, ServiceEntry};
 
 use crate::parse::Parsed;
 
-/// How long a slot repeats its record's decision, ns: short, because until it lapses the
-/// record is not looked at, so an evicted record is restored (and its flow's replies
-/// found again) only then; long enough that a busy flow pays the full path a few times a
-/// second at most.
-pub const CACHE_LIFE_NS: u64 = 100_000_000;
+/// How long a slot repeats its record's decision, in kernel ticks (`bpf_jiffies64`): 100 ms
+/// at `CONFIG_HZ=250` (Debian's), 25 ms at 1000, 250 ms at 100. Short, because until it
+/// lapses the record is not looked at, so an evicted record is restored (and its flow's
+/// replies found again) only then; long enough that a busy flow pays the full path a few
+/// times a second at most. Ticks rather than ns: a hit then reads no clock but the jiffies
+/// counter.
+pub const CACHE_LIFE_TICKS: u64 = 25;
 
-/// This CPU's slots. Not pinned: a cache private to each loaded copy of the object, which
-/// a fresh load starts empty.
+/// Every CPU's slots, a region of [`FLOW_CACHE_SLOTS`] each (`viscum_common::FLOW_CACHE_MAP`;
+/// the loader sizes it for every possible CPU). Not pinned: a cache private to each loaded
+/// copy of the object, which a fresh load starts empty.
 #[map(name = "VISCUM_FCACHE")]
-static CACHE: PerCpuArray<FlowCacheSlot> = PerCpuArray::with_max_entries(FLOW_CACHE_SLOTS, 0);
+static CACHE: Array<FlowCacheSlot> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
 
 /// Inserts into the edge-flow table after which a slot is no longer used: 1/16 of the
 /// smallest table the loader accepts (`viscum attach --flow-table-size`, 1024).
@@ -97,41 +98,42 @@ pub fn note_unknown_reply() {
 }
 
 /// The entry `p`'s flow was decided for, if this CPU's cache holds the flow with a
-/// decision that may still be repeated at `now` under entries' generation `generation`
-/// (read before anything was looked up for this packet).
+/// decision that may still be repeated at kernel tick `tick` (`bpf_jiffies64`) under
+/// entries' generation `generation` (read before anything was looked up for this packet).
 ///
 /// The packet is then delivered by the slot's copy of the entry: no services-map lookup,
 /// no flow record. The copy is this CPU's, and nothing else runs on this CPU while the
 /// program does.
 #[inline(always)]
-pub fn hit(p: &Parsed, now: u64, generation: u64) -> Option<&'static ServiceEntry> {
+pub fn hit(p: &Parsed, tick: u64, generation: u64) -> Option<&'static ServiceEntry> {
     let probe = Probe::of(p);
     let (first, second) = probe.slots()?;
     let churn = churn();
     // SAFETY: this CPU's slots; nothing else runs on this CPU while we do.
     let first = unsafe { &*first };
-    if usable(first, now, generation, churn) && probe.holds(first) {
+    if usable(first, tick, generation, churn) && probe.holds(first) {
         return Some(&first.target);
     }
     // SAFETY: as above.
     let second = unsafe { &*second };
-    if usable(second, now, generation, churn) && probe.holds(second) {
+    if usable(second, tick, generation, churn) && probe.holds(second) {
         return Some(&second.target);
     }
     None
 }
 
-/// May `slot`'s decision be repeated at `now`, under `generation` and churn count `churn`?
+/// May `slot`'s decision be repeated at kernel tick `tick`, under `generation` and churn
+/// count `churn`?
 #[inline(always)]
-fn usable(slot: &FlowCacheSlot, now: u64, generation: u64, churn: u64) -> bool {
-    now < slot.valid_until_ns
+fn usable(slot: &FlowCacheSlot, tick: u64, generation: u64, churn: u64) -> bool {
+    tick < slot.valid_until_tick
         && slot.generation == generation
         && churn.wrapping_sub(slot.churn) < INSERT_BUDGET
 }
 
-/// Records in this CPU's cache that `p`'s flow was decided for `entry` at `now` (its record
-/// found established and not closing), under entries' generation `generation` (read
-/// before `entry` was looked up).
+/// Records in this CPU's cache that `p`'s flow was decided for `entry` at kernel tick `tick`
+/// (its record found established and not closing), under entries' generation `generation`
+/// (read before `entry` was looked up).
 ///
 /// Into the flow's first slot, unless that one holds another flow whose decision is still
 /// good: then the second, unless that too, in which case the one filled longer ago is
@@ -139,7 +141,7 @@ fn usable(slot: &FlowCacheSlot, now: u64, generation: u64, churn: u64) -> bool {
 /// each other on every packet (4,096 flows in 16,384 single slots leave a fifth of them
 /// colliding; in pairs of slots, a few in a thousand).
 #[inline(always)]
-pub fn fill(p: &Parsed, entry: &ServiceEntry, now: u64, generation: u64) {
+pub fn fill(p: &Parsed, entry: &ServiceEntry, tick: u64, generation: u64) {
     let probe = Probe::of(p);
     let Some((first, second)) = probe.slots() else {
         return;
@@ -147,10 +149,10 @@ pub fn fill(p: &Parsed, entry: &ServiceEntry, now: u64, generation: u64) {
     let churn = churn();
     // SAFETY: as above.
     let (first, second) = unsafe { (&mut *first, &mut *second) };
-    let taken = |s: &FlowCacheSlot| usable(s, now, generation, churn) && !probe.holds(s);
+    let taken = |s: &FlowCacheSlot| usable(s, tick, generation, churn) && !probe.holds(s);
     let slot = if !taken(first) {
         first
-    } else if !taken(second) || second.valid_until_ns < first.valid_until_ns {
+    } else if !taken(second) || second.valid_until_tick < first.valid_until_tick {
         second
     } else {
         first
@@ -161,7 +163,7 @@ pub fn fill(p: &Parsed, entry: &ServiceEntry, now: u64, generation: u64) {
     slot.target = *entry;
     slot.churn = churn;
     slot.generation = generation;
-    slot.valid_until_ns = now + CACHE_LIFE_NS;
+    slot.valid_until_tick = tick + CACHE_LIFE_TICKS;
 }
 
 /// Empties this CPU's slot of `p`'s flow, if it holds it (the flow is closing).
@@ -174,10 +176,10 @@ pub fn forget(p: &Parsed) {
     // SAFETY: as above.
     let (first, second) = unsafe { (&mut *first, &mut *second) };
     if probe.holds(first) {
-        first.valid_until_ns = 0;
+        first.valid_until_tick = 0;
     }
     if probe.holds(second) {
-        second.valid_until_ns = 0;
+        second.valid_until_tick = 0;
     }
 }
 
@@ -202,7 +204,7 @@ impl Probe {
         }
     }
 
-    /// This CPU's two slots for the flow: a pair of neighbours.
+    /// This CPU's two slots for the flow: a pair of neighbours in its region.
     ///
     /// Fibonacci hashing (Knuth, TAOCP 6.4) of the 5-tuple folded to 32 bits: the top
     /// bits of the product index the table. Not a defence against chosen collisions, and
@@ -215,7 +217,9 @@ impl Probe {
         let b = d[0] ^ d[1] ^ d[2] ^ d[3];
         let h = (a ^ b.rotate_left(16) ^ (self.tail as u32) ^ ((self.tail >> 32) as u32))
             .wrapping_mul(0x9e37_79b1);
-        let i = h >> (32 - FLOW_CACHE_BITS);
+        // SAFETY: helper without arguments.
+        let base = unsafe { bpf_get_smp_processor_id() }.wrapping_mul(FLOW_CACHE_SLOTS);
+        let i = base | (h >> (32 - FLOW_CACHE_BITS));
         Some((CACHE.get_ptr_mut(i)?, CACHE.get_ptr_mut(i ^ 1)?))
     }
 

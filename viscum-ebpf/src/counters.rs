@@ -57,6 +57,14 @@ pub fn now_coarse() -> u64 {
     unsafe { bpf_ktime_get_coarse_ns() }
 }
 
+/// The kernel tick (`bpf_jiffies64`, 5.5+): one load of a word every CPU reads, what the
+/// flow cache's validity is kept in.
+#[inline(always)]
+pub fn tick() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_jiffies64() }
+}
+
 /// The runtime configuration, read once per packet: the slot is a pointer into the array's
 /// value (no copy), and every decision of the packet uses the same one. `None` only if
 /// the array were empty, which its fixed size of one rules out.

@@ -173,7 +173,7 @@ pub fn decide(
                 state.closing_at_ns = now;
             }
             if plain && state.flags & REPLY_F_ESTABLISHED != 0 && state.closing_at_ns == 0 {
-                cache::fill(p, entry, now, generation);
+                cache::fill(p, entry, counters::tick(), generation);
             } else if closing {
                 cache::forget(p);
             }

@@ -181,14 +181,14 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     }
     let log = counters::log_enabled(cfg);
     // An established TCP segment (no SYN, FIN or RST) of a flow this CPU decided less than
-    // `cache::CACHE_LIFE_NS` ago, under the same entries, is delivered by the flow cache's
+    // `cache::CACHE_LIFE_TICKS` ago, under the same entries, is delivered by the flow cache's
     // copy of its entry, with no entry or flow lookup (see `cache`). The generation is read
     // before any lookup, so a fill never records an entry older than it.
     let generation = lookup::entries_generation();
     let cached = if p.key.proto == PROTO_TCP
         && p.tcp_flags & (parse::TCP_SYN | parse::TCP_FIN | parse::TCP_RST) == 0
     {
-        cache::hit(&p, counters::now_coarse(), generation)
+        cache::hit(&p, counters::tick(), generation)
     } else {
         None
     };

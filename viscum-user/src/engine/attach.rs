@@ -25,9 +25,9 @@ use aya::{
     },
 };
 use viscum_common::{
-    CONFIG_MAP, DatapathConfig, ENTRY_STATS_MAP, FLOWS_MAP, ICMP_INGRESS_PROG, ICMP_REPLY_PROG,
-    INGRESS_PROG, PORTS_MAP, RECOVER_PROG, REPLIES_MAP, REPLY_PROG, SERVICES_MAP,
-    entry_stats_slots, ports_words,
+    CONFIG_MAP, DatapathConfig, ENTRY_STATS_MAP, FLOW_CACHE_MAP, FLOWS_MAP, ICMP_INGRESS_PROG,
+    ICMP_REPLY_PROG, INGRESS_PROG, PORTS_MAP, RECOVER_PROG, REPLIES_MAP, REPLY_PROG, SERVICES_MAP,
+    entry_stats_slots, flow_cache_entries, ports_words,
 };
 
 use super::{EngineError, Pins, ifindex, layout::Verdict};
@@ -242,6 +242,7 @@ fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
             entry_stats_slots(sizes.services).saturating_mul(cpus),
         )
         .map_max_entries(PORTS_MAP, ports_words(sizes.services))
+        .map_max_entries(FLOW_CACHE_MAP, flow_cache_entries(cpus))
         .map_max_entries(FLOWS_MAP, sizes.flows)
         .map_max_entries(REPLIES_MAP, sizes.flows)
         .load(crate::EBPF_OBJECT)
