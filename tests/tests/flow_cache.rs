@@ -4,7 +4,7 @@
 //! every change user space makes to the entries from the very next packet (the entries'
 //! generation, `viscum_common::ENTRIES_GEN_WORD`), not only after the cache's 100 ms.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 
 use aya::{
     maps::{HashMap, MapData},
@@ -15,7 +15,7 @@ use viscum::{
     engine::{Engine, Pins},
     netns,
 };
-use viscum_common::{REPLIES_MAP, ReplyKey, ReplyState};
+use viscum_common::{REPLIES_MAP, REPLY_CACHE_FILL_AFTER_NS, ReplyKey, ReplyState, TARGET_F_NAT};
 use viscum_tests::{
     Lab,
     lab::CLIENT_V4,
@@ -146,4 +146,160 @@ fn a_cached_flow_is_served_without_its_record_and_obeys_entry_changes_at_once() 
         open(40_004);
     })
     .unwrap();
+}
+
+/// The reply program's cache (`viscum_ebpf::reply_cache`), driven the same way: once an
+/// established flow is a little old, its replies are sent out from this CPU's copy of its
+/// record without the record, rewritten to the cloud address as the record says; an entry
+/// change retires the copy at once, and so does a second cloud endpoint appearing on the
+/// namespace port (a client that reuses its port for it gets a new record under the same
+/// key, which no copy may stand in for).
+#[test]
+fn replies_of_an_established_flow_are_sent_from_the_reply_cache_and_obey_changes_at_once() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    // The client's neighbour entry, so the reply program's FIB lookup succeeds and its result
+    // is kept in the record (a reply without one is never cached).
+    lab.pin_neighbours().unwrap();
+    lab.viscum_ok(&["attach", lab.lan_if()]);
+    let ns = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &ns]);
+    let [cloud, _] = lab.cloud_addrs(8443);
+    let entry = format!("tcp://{cloud}");
+    lab.viscum_ok(&["redirect", "add", &entry, "--ns", &ns]);
+    // A second cloud address that the same namespace serves on the same port (step 3).
+    let cloud_b = SocketAddr::new(Ipv4Addr::new(198, 51, 100, 77).into(), 8443);
+    lab.viscum_ok(&["redirect", "add", &format!("tcp://{cloud_b}"), "--ns", &ns]);
+
+    let pins = Pins::new(lab.bpffs.path());
+    let lan = lab.edge_ifindex(lab.lan_if());
+    let veth = lab.edge_ifindex(&viscum::netns::host_veth_name(&ns));
+    let endpoint: Endpoint = entry.parse().unwrap();
+    netns::in_netns(lab.edge.name(), move || {
+        pin_to_cpu0();
+        let ingress = SchedClassifier::from_pin(pins.program()).unwrap();
+        let reply_prog = SchedClassifier::from_pin(pins.reply_program()).unwrap();
+        let mut engine = Engine::open(&pins).unwrap();
+        let mut records: HashMap<MapData, ReplyKey, ReplyState> = HashMap::try_from(
+            aya::maps::Map::from_map_data(MapData::from_pin(pins.map(REPLIES_MAP)).unwrap())
+                .unwrap(),
+        )
+        .unwrap();
+        // The service answers from its namespace address (NAT mode, the default); the reply
+        // program makes its replies the cloud's.
+        let target = engine.get(&endpoint).unwrap().unwrap().target;
+        assert_ne!(target.flags & TARGET_F_NAT, 0, "NAT mode");
+        let n = target.nat_addr;
+        let service = SocketAddr::new(Ipv4Addr::new(n[0], n[1], n[2], n[3]).into(), 8443);
+        let client = |port: u16| SocketAddr::new(CLIENT_V4.into(), port);
+        let open = |port: u16, to: SocketAddr| {
+            let syn = Packet::tcp(client(port), to, TCP_SYN).build();
+            assert_eq!(run(&ingress, lan, &syn), TC_ACT_REDIRECT, "SYN from {port}");
+            let ack = Packet::tcp(client(port), to, TCP_ACK).build();
+            assert_eq!(run(&ingress, lan, &ack), TC_ACT_REDIRECT, "ACK from {port}");
+        };
+        // Runs the reply program on the service's segment to `port`: the action, and the
+        // source address the reply leaves with.
+        let reply_with = |port: u16, flags: u8| {
+            let frame = Packet::tcp(service, client(port), flags).build();
+            let (action, out) = run_classifier(&reply_prog, &frame, veth).expect("test run");
+            // Ethernet (no tag here), then the IPv4 header: the source at bytes 12..16.
+            let src = Ipv4Addr::new(out[26], out[27], out[28], out[29]);
+            (action, src)
+        };
+        let reply = |port: u16| reply_with(port, TCP_ACK);
+        let sent_as = |to: &SocketAddr| (TC_ACT_REDIRECT, *cloud_ip(to));
+        let key_of = |port: u16, records: &HashMap<MapData, ReplyKey, ReplyState>| {
+            records
+                .keys()
+                .map(Result::unwrap)
+                .find(|k| u16::from_be(k.client_port) == port)
+        };
+        // A flow is cached once its FIB result (taken by its first reply) is
+        // REPLY_CACHE_FILL_AFTER_NS old: its next reply, sent out by the record, then fills
+        // this CPU's slot.
+        let first_replies = |port: u16, records: &HashMap<MapData, ReplyKey, ReplyState>| {
+            assert_eq!(reply(port), sent_as(&cloud), "first reply to {port}");
+            let key = key_of(port, records).expect("the flow's record");
+            let fib_at = records.get(&key, 0).unwrap().fib_at_ns;
+            assert_ne!(fib_at, 0, "FIB result kept");
+            wait_for_coarse_clock_past(fib_at + REPLY_CACHE_FILL_AFTER_NS);
+            assert_eq!(reply(port), sent_as(&cloud), "second reply to {port}");
+            key
+        };
+
+        // 1. With the record then removed behind the program's back, the next reply is sent
+        //    out from the copy, rewritten as the record said: no record is restored for it.
+        open(41_001, cloud);
+        let key = first_replies(41_001, &records);
+        records.remove(&key).unwrap();
+        assert_eq!(reply(41_001), sent_as(&cloud), "a cached reply");
+        assert!(
+            key_of(41_001, &records).is_none(),
+            "the reply was not served from the reply cache: its record was restored"
+        );
+
+        // 2. The entry removed: a cached flow's reply is no longer sent out as the cloud's,
+        //    although its copy was made microseconds ago.
+        open(41_002, cloud);
+        let key = first_replies(41_002, &records);
+        records.remove(&key).unwrap();
+        engine.remove(&endpoint).unwrap();
+        assert_eq!(
+            reply(41_002).0,
+            TC_ACT_UNSPEC,
+            "a removed entry's cached reply was still sent out as the cloud's"
+        );
+
+        // 3. The entry back, a flow cached; then the client reuses its port for the other
+        //    cloud address the namespace port serves. The new connection's replies are its
+        //    own endpoint's from its handshake on, never the copy of the first one's record.
+        engine.insert(&endpoint, target).unwrap();
+        open(41_003, cloud);
+        first_replies(41_003, &records);
+        open(41_003, cloud_b);
+        assert_eq!(
+            reply_with(41_003, TCP_SYN | TCP_ACK),
+            sent_as(&cloud_b),
+            "the new connection's SYN-ACK"
+        );
+        assert_eq!(
+            reply(41_003),
+            sent_as(&cloud_b),
+            "a reply of the new connection on a reused port was sent as the old one's cloud"
+        );
+    })
+    .unwrap();
+}
+
+/// Polls (bounded) until `CLOCK_MONOTONIC_COARSE`, the clock of `bpf_ktime_get_coarse_ns`,
+/// is past `ns`: the next tick.
+fn wait_for_coarse_clock_past(ns: u64) {
+    let coarse = || {
+        let mut t = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: a valid timespec to fill.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut t) };
+        t.tv_sec as u64 * 1_000_000_000 + t.tv_nsec as u64
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while coarse() <= ns {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the coarse clock did not move"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// The IPv4 address of `addr` (the lab's cloud addresses here are IPv4).
+fn cloud_ip(addr: &SocketAddr) -> &Ipv4Addr {
+    match addr {
+        SocketAddr::V4(a) => a.ip(),
+        SocketAddr::V6(_) => panic!("an IPv4 address expected, got {addr}"),
+    }
 }

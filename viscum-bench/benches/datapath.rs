@@ -42,8 +42,9 @@ use serde_json::json;
 use viscum::endpoint::Endpoint;
 use viscum_common::{
     ENTRY_STATS_MAP, FLOW_CACHE_MAP, FLOWS_MAP, INGRESS_PROG, PORT_FILTER_BITMAP_WORDS,
-    PORT_FILTER_BUILT, PORTS_MAP, PortFilter, REPLIES_MAP, SERVICES_MAP, ServiceEntry, ServiceKey,
-    TARGET_F_PEER, TARGET_F_SET_MAC, entry_stats_id, entry_stats_slots, flow_cache_entries,
+    PORT_FILTER_BUILT, PORTS_MAP, PortFilter, REPLIES_MAP, REPLY_CACHE_MAP, SERVICES_MAP,
+    ServiceEntry, ServiceKey, TARGET_F_PEER, TARGET_F_SET_MAC, entry_stats_id, entry_stats_slots,
+    flow_cache_entries, reply_cache_entries,
 };
 
 use crate::support::{
@@ -159,7 +160,8 @@ impl Loaded {
                 ENTRY_STATS_MAP,
                 entry_stats_slots(max_entries).saturating_mul(cpus),
             )
-            .map_max_entries(FLOW_CACHE_MAP, flow_cache_entries(cpus));
+            .map_max_entries(FLOW_CACHE_MAP, flow_cache_entries(cpus))
+            .map_max_entries(REPLY_CACHE_MAP, reply_cache_entries(cpus));
         if let Some(n) = flow_entries {
             loader
                 .map_max_entries(FLOWS_MAP, n)

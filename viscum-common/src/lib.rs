@@ -549,6 +549,56 @@ pub struct FlowCacheSlot {
 }
 const _: () = assert!(core::mem::size_of::<FlowCacheSlot>() == 128);
 
+/// Name of the reply program's cache: an array of [`ReplyCacheSlot`]s, one region of
+/// [`REPLY_CACHE_SLOTS`] per possible CPU, laid out and sized like [`FLOW_CACHE_MAP`], not
+/// pinned.
+pub const REPLY_CACHE_MAP: &str = "VISCUM_RCACHE";
+
+/// Slots per CPU of the reply cache ([`REPLY_CACHE_MAP`]): 8,192 × 128 bytes = 1 MiB per
+/// CPU. A power of two.
+pub const REPLY_CACHE_SLOTS: u32 = 8_192;
+
+/// How old an edge flow's FIB result (taken by its first reply) must be, ns, before the reply
+/// program caches the flow ([`REPLY_CACHE_MAP`]): longer than a connection-per-request
+/// exchange lives, so that such a load, which the cache could not serve, pays for no fills.
+pub const REPLY_CACHE_FILL_AFTER_NS: u64 = 10_000_000;
+
+/// Entries of the reply cache ([`REPLY_CACHE_MAP`]) for `cpus` possible CPUs.
+pub const fn reply_cache_entries(cpus: u32) -> u32 {
+    REPLY_CACHE_SLOTS.saturating_mul(cpus)
+}
+
+/// One slot of the reply program's per-CPU cache (128 bytes: two cache lines): the edge
+/// record key of an established TCP flow's replies, until when the slot may be used, and a
+/// copy of the record with its FIB result, which such a reply is then sent out by (no
+/// edge-record lookup).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyCacheSlot {
+    /// The client (the reply's destination) as four native-order words of its
+    /// network-order bytes.
+    pub client: [u32; 4],
+    /// Client port | service's local port << 16 | protocol << 32 | family << 40 (ports in
+    /// network order).
+    pub tail: u64,
+    /// The host veth the replies arrive on.
+    pub ifindex: u32,
+    /// 1 when the flow's replies are rewritten to the record's cloud endpoint (NAT mode), 0
+    /// when they already come from it (then a reply from any other source is not this
+    /// flow's).
+    pub rewritten: u32,
+    /// The kernel tick (`bpf_jiffies64`) before which the slot may be used; 0 = empty.
+    pub valid_until_tick: u64,
+    /// The reply program's identity generation (moved when a namespace port's cloud
+    /// endpoint becomes ambiguous or is learned afresh) when the slot was filled.
+    pub identities: u64,
+    /// The entries' generation ([`ENTRIES_GEN_WORD`]) when the slot was filled.
+    pub generation: u64,
+    /// The flow's edge record as it was at the fill, FIB result included.
+    pub record: ReplyState,
+}
+const _: () = assert!(core::mem::size_of::<ReplyCacheSlot>() == 128);
+
 /// [`FlowState::decision`]: the flow went to the cloud.
 pub const FLOW_CLOUD: u32 = 2;
 

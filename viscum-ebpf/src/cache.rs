@@ -206,20 +206,19 @@ impl Probe {
 
     /// This CPU's two slots for the flow: a pair of neighbours in its region.
     ///
-    /// Fibonacci hashing (Knuth, TAOCP 6.4) of the 5-tuple folded to 32 bits: the top
-    /// bits of the product index the table. Not a defence against chosen collisions, and
-    /// it need not be one: a collision only sends a flow down the full path.
+    /// The 5-tuple folded to 32 bits, then [`region_index`]. Not a defence against chosen
+    /// collisions, and it need not be one: a collision only sends a flow down the full
+    /// path.
     #[inline(always)]
     fn slots(&self) -> Option<(*mut FlowCacheSlot, *mut FlowCacheSlot)> {
         let s = &self.client;
         let d = &self.service;
         let a = s[0] ^ s[1] ^ s[2] ^ s[3];
         let b = d[0] ^ d[1] ^ d[2] ^ d[3];
-        let h = (a ^ b.rotate_left(16) ^ (self.tail as u32) ^ ((self.tail >> 32) as u32))
-            .wrapping_mul(0x9e37_79b1);
-        // SAFETY: helper without arguments.
-        let base = unsafe { bpf_get_smp_processor_id() }.wrapping_mul(FLOW_CACHE_SLOTS);
-        let i = base | (h >> (32 - FLOW_CACHE_BITS));
+        let i = region_index(
+            FLOW_CACHE_SLOTS,
+            a ^ b.rotate_left(16) ^ (self.tail as u32) ^ ((self.tail >> 32) as u32),
+        );
         Some((CACHE.get_ptr_mut(i)?, CACHE.get_ptr_mut(i ^ 1)?))
     }
 
@@ -240,11 +239,23 @@ impl Probe {
     }
 }
 
-const FLOW_CACHE_BITS: u32 = FLOW_CACHE_SLOTS.trailing_zeros();
 const _: () = assert!(FLOW_CACHE_SLOTS.is_power_of_two());
 
+/// The index, in an array of one region of `slots` per CPU (`slots` a power of two), of this
+/// CPU's slot for a key that folds to `h`: the top bits of `h`'s Fibonacci hash (Knuth,
+/// TAOCP 6.4). The reply cache (`crate::reply_cache`) is laid out the same way.
 #[inline(always)]
-fn words(a: &[u8; 16]) -> [u32; 4] {
+pub fn region_index(slots: u32, h: u32) -> u32 {
+    let bits = slots.trailing_zeros();
+    // SAFETY: helper without arguments.
+    let base = unsafe { bpf_get_smp_processor_id() }.wrapping_mul(slots);
+    base | (h.wrapping_mul(0x9e37_79b1) >> (32 - bits))
+}
+
+/// An address as four native-order words of its network-order bytes (how the caches keep
+/// and compare addresses: four loads, no byte loop).
+#[inline(always)]
+pub fn words(a: &[u8; 16]) -> [u32; 4] {
     [
         u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
         u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),

@@ -624,6 +624,9 @@ pub fn learn_identity(p: &Parsed, ifindex: u32, state: &ReplyState) {
                 || !same_addr(&known.service, &state.service))
         {
             known.ambiguous = 1;
+            // Slots filled while the port looked unambiguous may hold the other endpoint's
+            // record for this flow's key.
+            crate::reply_cache::retire_all();
         }
         return;
     }
@@ -633,6 +636,25 @@ pub fn learn_identity(p: &Parsed, ifindex: u32, state: &ReplyState) {
         ambiguous: 0,
     };
     let _ = IDENTITIES.insert(&key, &id, 0);
+    // Learned afresh (first reply, or the entry was evicted and with it what was known of
+    // the port): slots filled under what is now forgotten are retired.
+    crate::reply_cache::retire_all();
+}
+
+/// Is `record`'s cloud endpoint the only one known for reply `p`'s namespace port on host
+/// veth `ifindex` (learned by [`learn_identity`], never found ambiguous)? The reply cache
+/// repeats a rewritten flow's record only then.
+#[inline(always)]
+pub fn sole_identity(p: &Parsed, ifindex: u32, record: &ReplyState) -> bool {
+    // SAFETY: LRU value pointer from the kernel, read at once.
+    match IDENTITIES.get_ptr(&identity_key(p, ifindex)) {
+        Some(known) => unsafe {
+            (*known).ambiguous == 0
+                && (*known).service_port == record.service_port
+                && same_addr(&(*known).service, &record.service)
+        },
+        None => false,
+    }
 }
 
 /// For a reply `p` on host veth `ifindex` that found no edge record: if it answers for a

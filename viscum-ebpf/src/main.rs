@@ -5,6 +5,8 @@
 //! * [`parse`]: Ethernet / VLAN / IPv4 / IPv6 / TCP / UDP, every access bounds-checked.
 //! * [`lookup`]: the services map and its exact-port-then-all-ports precedence.
 //! * [`flow`]: per-flow decisions (cutover consistency) and the reply index.
+//! * [`cache`], [`reply_cache`]: per-CPU copies of established TCP flows' decisions and
+//!   records, which their packets are served from without the hashed lookups.
 //! * [`nat`]: address/port rewrites with incremental checksums.
 //! * [`redirect`]: into the service namespace, back to the client, mirrors.
 //! * [`counters`]: global per-CPU counters and the runtime config.
@@ -44,6 +46,7 @@ mod mss;
 mod nat;
 mod parse;
 mod redirect;
+mod reply_cache;
 mod runtime;
 mod share;
 
@@ -57,7 +60,7 @@ use aya_ebpf::{
 use aya_log_ebpf::debug;
 use viscum_common::{
     DatapathConfig, GlobalCounter, JUMP_ICMP_INGRESS, JUMP_ICMP_REPLY, JUMP_RECOVER, PROTO_TCP,
-    REPLY_F_DROP, ServiceEntry, TARGET_F_MIRROR, TARGET_F_NAT,
+    REPLY_F_DROP, ReplyState, ServiceEntry, TARGET_F_MIRROR, TARGET_F_NAT,
 };
 
 use crate::{
@@ -351,7 +354,7 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     // SAFETY: reading our own __sk_buff.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     let mut slot = MaybeUninit::uninit();
-    let p = match parse::parse(ctx, &mut slot) {
+    let mut p = match parse::parse(ctx, &mut slot) {
         Ok(Kind::L4) => {
             // SAFETY: written by a successful parse.
             let mut p = unsafe { slot.assume_init() };
@@ -366,6 +369,20 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
         }
         Err(_) => return Err(TC_ACT_UNSPEC),
     };
+    // An established TCP reply (no SYN, FIN or RST) of a record this CPU copied less than
+    // `cache::CACHE_LIFE_TICKS` ago, with no entry changed and no namespace port's cloud
+    // endpoint learned or found ambiguous since, is sent out by the reply cache's copy (see
+    // `reply_cache`). Both generations are read before any lookup, so a fill never records
+    // a record older than them.
+    let generation = lookup::entries_generation();
+    let identities = reply_cache::identities();
+    if reply_cache::plain(&p)
+        && let Some(copy) = reply_cache::hit(&p, ifindex, counters::tick(), generation, identities)
+    {
+        frag::remember(&p);
+        rewrite_reply_source(ctx, &mut p, copy)?;
+        return Ok(redirect::forward_known(ctx, &p, copy));
+    }
     let id = match flow::reply_identity(&p, ifindex) {
         Some(id) => id,
         None => {
@@ -399,26 +416,37 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
         // The service ends the connection (or refuses it: nothing listens):
         // the flow lingers and is then over, as when the client ends it.
         flow::close_from_service(id);
+        reply_cache::forget(&p, ifindex);
     }
     frag::remember(&p);
-    let mut fwd = p;
-    if id.service != p.saddr || id.service_port != p.sport {
-        if id.fib_at_ns == 0 {
-            // The flow's first reply (or first since its record was restored): the reply path
-            // learns which cloud endpoint this namespace port answers for.
-            flow::learn_identity(&p, ifindex, id);
-        }
-        // NAT mode, or a UDP server that answered from its veth address
-        // (plain sendto() on a 0.0.0.0 socket): restore the cloud identity
-        // the client expects, or a connected client drops the reply.
-        if nat::rewrite(ctx, &mut fwd, End::Source, &id.service, id.service_port).is_none() {
+    if id.fib_at_ns == 0 && (id.service != p.saddr || id.service_port != p.sport) {
+        // The flow's first reply (or first since its record was restored) that is rewritten
+        // below: the reply path learns which cloud endpoint this namespace port answers for.
+        flow::learn_identity(&p, ifindex, id);
+    }
+    if reply_cache::plain(&p) {
+        let now = counters::now_coarse();
+        reply_cache::fill(&p, ifindex, id, now, generation, identities);
+    }
+    // Rewritten in place: a copy would not fit the 512-byte stack.
+    rewrite_reply_source(ctx, &mut p, id)?;
+    Ok(redirect::reply_to_client_cached(ctx, &p, id, ifindex))
+}
+
+/// Makes reply `p` come from the cloud endpoint of its edge record `record`, as the client
+/// expects: rewritten when the service answered from another address or port (NAT mode, or
+/// a UDP server that answered from its veth address: plain sendto() on a 0.0.0.0 socket),
+/// or a connected client drops it. `p` then describes the rewritten packet;
+/// `Err(TC_ACT_SHOT)` if the rewrite failed.
+#[inline(always)]
+fn rewrite_reply_source(ctx: &TcContext, p: &mut Parsed, record: &ReplyState) -> Result<(), i32> {
+    if record.service != p.saddr || record.service_port != p.sport {
+        if nat::rewrite(ctx, p, End::Source, &record.service, record.service_port).is_none() {
             return Err(TC_ACT_SHOT);
         }
         counters::bump(GlobalCounter::RepliesRewritten);
     }
-    // Sent straight out to the client, a reply gets its service's network share (HTB class,
-    // see `share`), cached in the flow record with the FIB result.
-    Ok(redirect::reply_to_client_cached(ctx, &fwd, id, ifindex))
+    Ok(())
 }
 
 /// Not ours: no verdict, so the packet continues as if Viscum were absent.

@@ -10,8 +10,8 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use viscum_common::{
-    FAMILY_V4, FIB_CACHE_NS, GlobalCounter, PROTO_TCP, ReplyState, ServiceEntry, TARGET_F_PEER,
-    TARGET_F_SET_MAC, csum::ip_csum_replace2,
+    FAMILY_V4, GlobalCounter, PROTO_TCP, ReplyState, ServiceEntry, TARGET_F_PEER, TARGET_F_SET_MAC,
+    csum::ip_csum_replace2,
 };
 
 use crate::{
@@ -177,9 +177,9 @@ pub fn reply_to_client(ctx: &TcContext, p: &Parsed) -> i32 {
 }
 
 /// [`reply_to_client`] for a reply of the edge flow `flow` that arrived on host veth
-/// `veth`: reuses the flow's FIB result for [`FIB_CACHE_NS`] (recording it when it had to
-/// look the route up), and gives a reply it sends out its service's network-share class,
-/// cached alongside.
+/// `veth`: reuses the flow's FIB result for `reply_cache::FIB_REUSE_NS` (recording it when it
+/// had to look the route up), and gives a reply it sends out its service's network-share
+/// class, cached alongside.
 #[inline(always)]
 pub fn reply_to_client_cached(
     ctx: &TcContext,
@@ -190,45 +190,55 @@ pub fn reply_to_client_cached(
     forward(ctx, p, Some(flow), veth)
 }
 
+/// Sends reply `p` of an edge flow out by the FIB result in `flow`, taken less than
+/// `viscum_common::FIB_CACHE_NS` ago (the caller's check; the reply cache's, see
+/// `crate::reply_cache`), as the lookup's own path would: a packet too large for the egress
+/// MTU, or whose TTL runs out, goes to the stack instead (`TC_ACT_UNSPEC`).
+#[inline(always)]
+pub fn forward_known(ctx: &TcContext, p: &Parsed, flow: &ReplyState) -> i32 {
+    let skb = ctx.skb.skb;
+    let ifindex = flow.fib_ifindex;
+    // What the lookup's own check (is_skb_forwardable) did: a packet larger than the
+    // egress MTU goes to the stack, which fragments it or answers "fragmentation
+    // needed"; a GSO packet is judged by its segments.
+    // SAFETY: reading our own __sk_buff.
+    if unsafe { (*skb).gso_size } != 0 {
+        if !gso_fits(ctx, ifindex) {
+            counters::bump(GlobalCounter::RepliesToStack);
+            return TC_ACT_UNSPEC;
+        }
+    } else if ctx.len() > (p.l3 & 0xff) + u32::from(flow.fib_mtu) {
+        counters::bump(GlobalCounter::RepliesToStack);
+        return TC_ACT_UNSPEC;
+    }
+    if p.key.proto == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 {
+        crate::mss::clamp(ctx, p, crate::mss::mtu_of(ctx, ifindex));
+    }
+    if !decrement_ttl(ctx, p) {
+        counters::bump(GlobalCounter::RepliesToStack);
+        return TC_ACT_UNSPEC;
+    }
+    counters::bump(GlobalCounter::RepliesForwarded);
+    let macs = flow.fib_macs;
+    let start = ctx.data();
+    if start + 12 <= ctx.data_end() {
+        // SAFETY: 12 bytes checked above.
+        unsafe { write_macs(start as *mut u8, &macs) };
+    }
+    share::classify(ctx, flow.fib_class);
+    // SAFETY: egress redirect to the cached output device.
+    unsafe { bpf_redirect(ifindex, 0) as i32 }
+}
+
 #[inline(always)]
 fn forward(ctx: &TcContext, p: &Parsed, flow: Option<&mut ReplyState>, veth: u32) -> i32 {
     let skb = ctx.skb.skb;
     let now = counters::now_coarse();
     if let Some(flow) = &flow
         && flow.fib_at_ns != 0
-        && now.saturating_sub(flow.fib_at_ns) <= FIB_CACHE_NS
+        && now.saturating_sub(flow.fib_at_ns) <= crate::reply_cache::FIB_REUSE_NS
     {
-        let ifindex = flow.fib_ifindex;
-        // What the lookup's own check (is_skb_forwardable) did: a packet larger than the
-        // egress MTU goes to the stack, which fragments it or answers "fragmentation
-        // needed"; a GSO packet is judged by its segments.
-        // SAFETY: reading our own __sk_buff.
-        if unsafe { (*skb).gso_size } != 0 {
-            if !gso_fits(ctx, ifindex) {
-                counters::bump(GlobalCounter::RepliesToStack);
-                return TC_ACT_UNSPEC;
-            }
-        } else if ctx.len() > (p.l3 & 0xff) + u32::from(flow.fib_mtu) {
-            counters::bump(GlobalCounter::RepliesToStack);
-            return TC_ACT_UNSPEC;
-        }
-        if p.key.proto == PROTO_TCP && p.tcp_flags & TCP_SYN != 0 {
-            crate::mss::clamp(ctx, p, crate::mss::mtu_of(ctx, ifindex));
-        }
-        if !decrement_ttl(ctx, p) {
-            counters::bump(GlobalCounter::RepliesToStack);
-            return TC_ACT_UNSPEC;
-        }
-        counters::bump(GlobalCounter::RepliesForwarded);
-        let macs = flow.fib_macs;
-        let start = ctx.data();
-        if start + 12 <= ctx.data_end() {
-            // SAFETY: 12 bytes checked above.
-            unsafe { write_macs(start as *mut u8, &macs) };
-        }
-        share::classify(ctx, flow.fib_class);
-        // SAFETY: egress redirect to the cached output device.
-        return unsafe { bpf_redirect(ifindex, 0) } as i32;
+        return forward_known(ctx, p, flow);
     }
     let mut fib_slot = core::mem::MaybeUninit::<FibSlot>::uninit();
     let (rc, fib) = route(ctx, p, &mut fib_slot);

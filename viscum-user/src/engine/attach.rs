@@ -26,8 +26,9 @@ use aya::{
 };
 use viscum_common::{
     CONFIG_MAP, DatapathConfig, ENTRY_STATS_MAP, FLOW_CACHE_MAP, FLOWS_MAP, ICMP_INGRESS_PROG,
-    ICMP_REPLY_PROG, INGRESS_PROG, PORTS_MAP, RECOVER_PROG, REPLIES_MAP, REPLY_PROG, SERVICES_MAP,
-    entry_stats_slots, flow_cache_entries, ports_words,
+    ICMP_REPLY_PROG, INGRESS_PROG, PORTS_MAP, RECOVER_PROG, REPLIES_MAP, REPLY_CACHE_MAP,
+    REPLY_PROG, SERVICES_MAP, entry_stats_slots, flow_cache_entries, ports_words,
+    reply_cache_entries,
 };
 
 use super::{EngineError, Pins, ifindex, layout::Verdict};
@@ -243,6 +244,7 @@ fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
         )
         .map_max_entries(PORTS_MAP, ports_words(sizes.services))
         .map_max_entries(FLOW_CACHE_MAP, flow_cache_entries(cpus))
+        .map_max_entries(REPLY_CACHE_MAP, reply_cache_entries(cpus))
         .map_max_entries(FLOWS_MAP, sizes.flows)
         .map_max_entries(REPLIES_MAP, sizes.flows)
         .load(crate::EBPF_OBJECT)
