@@ -266,7 +266,8 @@ fn a_push_after_a_flood_reaches_the_client_as_the_cloud() {
 }
 
 /// A flood right after an exchange evicts the held connection's record while the
-/// classifier's per-CPU flow cache still repeats its decision (for a tenth of a second). Two
+/// classifier's per-CPU flow cache still repeats its decision (for 25 ticks, 100 ms at
+/// `CONFIG_HZ=250`). Two
 /// things keep the flow whole: the flood's inserts retire the slot (`cache::INSERT_BUDGET`),
 /// so the next client segment looks the record up and restores it; and a reply that comes
 /// first restores it from the entry (`flow::restore_from_reply`). Either alone passes this

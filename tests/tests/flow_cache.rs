@@ -2,7 +2,8 @@
 //! one CPU (the cache is per CPU, and a test run executes on the caller's): an established
 //! TCP segment is delivered from the cache without the flow record, and the cache obeys
 //! every change user space makes to the entries from the very next packet (the entries'
-//! generation, `viscum_common::ENTRIES_GEN_WORD`), not only after the cache's 100 ms.
+//! generation, `viscum_common::ENTRIES_GEN_WORD`), not only after the cache's 25 ticks. The
+//! reply program's cache likewise.
 
 use std::net::{Ipv4Addr, SocketAddr};
 
@@ -40,6 +41,14 @@ fn pin_to_cpu0() {
             std::io::Error::last_os_error()
         );
     }
+}
+
+/// The instance's edge-flow records (`VISCUM_REPLIES`), opened from its pin.
+fn edge_records(pins: &Pins) -> HashMap<MapData, ReplyKey, ReplyState> {
+    HashMap::try_from(
+        aya::maps::Map::from_map_data(MapData::from_pin(pins.map(REPLIES_MAP)).unwrap()).unwrap(),
+    )
+    .unwrap()
 }
 
 /// Runs the pinned ingress program on `frame` as if it arrived on device `ifindex`.
@@ -87,11 +96,7 @@ fn a_cached_flow_is_served_without_its_record_and_obeys_entry_changes_at_once() 
         pin_to_cpu0();
         let prog = SchedClassifier::from_pin(pins.program()).unwrap();
         let mut engine = Engine::open(&pins).unwrap();
-        let mut records: HashMap<MapData, ReplyKey, ReplyState> = HashMap::try_from(
-            aya::maps::Map::from_map_data(MapData::from_pin(pins.map(REPLIES_MAP)).unwrap())
-                .unwrap(),
-        )
-        .unwrap();
+        let mut records = edge_records(&pins);
         let client = |port: u16| SocketAddr::new(CLIENT_V4.into(), port);
         let ack = |port: u16| Packet::tcp(client(port), cloud, TCP_ACK).build();
         // Opens an edge flow from `port` and fills this CPU's slot (the handshake's ACK
@@ -151,9 +156,10 @@ fn a_cached_flow_is_served_without_its_record_and_obeys_entry_changes_at_once() 
 /// The reply program's cache (`viscum_ebpf::reply_cache`), driven the same way: once an
 /// established flow is a little old, its replies are sent out from this CPU's copy of its
 /// record without the record, rewritten to the cloud address as the record says; an entry
-/// change retires the copy at once, and so does a second cloud endpoint appearing on the
-/// namespace port (a client that reuses its port for it gets a new record under the same
-/// key, which no copy may stand in for).
+/// change retires the copy at once; and a client that reuses its port for another cloud
+/// endpoint of the same namespace port (a new record under the same key) never has its
+/// replies sent from the old connection's copy, whether that endpoint answers as itself
+/// (AnyIP) or from the namespace's address (NAT).
 #[test]
 fn replies_of_an_established_flow_are_sent_from_the_reply_cache_and_obey_changes_at_once() {
     if skip_unless_root() {
@@ -169,9 +175,13 @@ fn replies_of_an_established_flow_are_sent_from_the_reply_cache_and_obey_changes
     let [cloud, _] = lab.cloud_addrs(8443);
     let entry = format!("tcp://{cloud}");
     lab.viscum_ok(&["redirect", "add", &entry, "--ns", &ns]);
-    // A second cloud address that the same namespace serves on the same port (step 3).
+    // A second cloud address that the same namespace serves on the same port (step 4), and
+    // a third it serves there in AnyIP mode, answering as that address itself (step 3).
     let cloud_b = SocketAddr::new(Ipv4Addr::new(198, 51, 100, 77).into(), 8443);
     lab.viscum_ok(&["redirect", "add", &format!("tcp://{cloud_b}"), "--ns", &ns]);
+    let cloud_c = SocketAddr::new(Ipv4Addr::new(198, 51, 100, 78).into(), 8443);
+    let anyip = format!("tcp://{cloud_c}");
+    lab.viscum_ok(&["redirect", "add", &anyip, "--ns", &ns, "--anyip"]);
 
     let pins = Pins::new(lab.bpffs.path());
     let lan = lab.edge_ifindex(lab.lan_if());
@@ -182,11 +192,7 @@ fn replies_of_an_established_flow_are_sent_from_the_reply_cache_and_obey_changes
         let ingress = SchedClassifier::from_pin(pins.program()).unwrap();
         let reply_prog = SchedClassifier::from_pin(pins.reply_program()).unwrap();
         let mut engine = Engine::open(&pins).unwrap();
-        let mut records: HashMap<MapData, ReplyKey, ReplyState> = HashMap::try_from(
-            aya::maps::Map::from_map_data(MapData::from_pin(pins.map(REPLIES_MAP)).unwrap())
-                .unwrap(),
-        )
-        .unwrap();
+        let mut records = edge_records(&pins);
         // The service answers from its namespace address (NAT mode, the default); the reply
         // program makes its replies the cloud's.
         let target = engine.get(&endpoint).unwrap().unwrap().target;
@@ -210,6 +216,12 @@ fn replies_of_an_established_flow_are_sent_from_the_reply_cache_and_obey_changes
             (action, src)
         };
         let reply = |port: u16| reply_with(port, TCP_ACK);
+        // The AnyIP endpoint's segment to `port`, from its own address.
+        let reply_as_c = |port: u16, flags: u8| {
+            let frame = Packet::tcp(cloud_c, client(port), flags).build();
+            let (action, out) = run_classifier(&reply_prog, &frame, veth).expect("test run");
+            (action, Ipv4Addr::new(out[26], out[27], out[28], out[29]))
+        };
         let sent_as = |to: &SocketAddr| (TC_ACT_REDIRECT, *cloud_ip(to));
         let key_of = |port: u16, records: &HashMap<MapData, ReplyKey, ReplyState>| {
             records
@@ -253,20 +265,38 @@ fn replies_of_an_established_flow_are_sent_from_the_reply_cache_and_obey_changes
             "a removed entry's cached reply was still sent out as the cloud's"
         );
 
-        // 3. The entry back, a flow cached; then the client reuses its port for the other
-        //    cloud address the namespace port serves. The new connection's replies are its
-        //    own endpoint's from its handshake on, never the copy of the first one's record.
+        // 3. The entry back, a flow cached; then the client reuses its port for the cloud
+        //    address the namespace port serves in AnyIP mode. Nothing is ambiguous among the
+        //    NAT endpoints (no identity moves), but the new connection's replies come from
+        //    another source than the cached flow's, and are never rewritten to its cloud.
         engine.insert(&endpoint, target).unwrap();
         open(41_003, cloud);
         first_replies(41_003, &records);
-        open(41_003, cloud_b);
+        open(41_003, cloud_c);
         assert_eq!(
-            reply_with(41_003, TCP_SYN | TCP_ACK),
+            reply_as_c(41_003, TCP_SYN | TCP_ACK),
+            sent_as(&cloud_c),
+            "the AnyIP connection's SYN-ACK"
+        );
+        assert_eq!(
+            reply_as_c(41_003, TCP_ACK),
+            sent_as(&cloud_c),
+            "an AnyIP connection's reply on a reused port was rewritten to the old one's cloud"
+        );
+
+        // 4. A flow cached; then the client reuses its port for the other NAT cloud address
+        //    the namespace port serves. The new connection's replies are its own endpoint's
+        //    from its handshake on, never the copy of the first one's record.
+        open(41_004, cloud);
+        first_replies(41_004, &records);
+        open(41_004, cloud_b);
+        assert_eq!(
+            reply_with(41_004, TCP_SYN | TCP_ACK),
             sent_as(&cloud_b),
             "the new connection's SYN-ACK"
         );
         assert_eq!(
-            reply(41_003),
+            reply(41_004),
             sent_as(&cloud_b),
             "a reply of the new connection on a reused port was sent as the old one's cloud"
         );

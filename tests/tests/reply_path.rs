@@ -256,8 +256,8 @@ fn mirror_mode_feeds_the_edge_copy_while_the_cloud_answers() {
     assert_eq!(global(&lab)["mirrored"], 6);
 }
 
-/// The reply program keeps each edge flow's FIB result (egress interface, MTU, MACs) for a
-/// second (`FIB_CACHE_NS` in viscum-ebpf/src/redirect.rs): a client that changes its MAC
+/// The reply program keeps each edge flow's FIB result (egress interface, MTU, MACs) for at
+/// most a second (`viscum_common::FIB_CACHE_NS`, with the reply cache's copies): a client that changes its MAC
 /// address (a new device taking over a DHCP lease, a bonded NIC failing over) and announces
 /// it (here the edge's neighbour entry is replaced, as a gratuitous ARP would) must get the
 /// replies of its *established* flow again once the cached result expires, on the same

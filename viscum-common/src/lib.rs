@@ -583,10 +583,8 @@ pub struct ReplyCacheSlot {
     pub tail: u64,
     /// The host veth the replies arrive on.
     pub ifindex: u32,
-    /// 1 when the flow's replies are rewritten to the record's cloud endpoint (NAT mode), 0
-    /// when they already come from it (then a reply from any other source is not this
-    /// flow's).
-    pub rewritten: u32,
+    /// Explicit padding.
+    pub _pad: u32,
     /// The kernel tick (`bpf_jiffies64`) before which the slot may be used; 0 = empty.
     pub valid_until_tick: u64,
     /// The reply program's identity generation (moved when a namespace port's cloud
@@ -594,7 +592,9 @@ pub struct ReplyCacheSlot {
     pub identities: u64,
     /// The entries' generation ([`ENTRIES_GEN_WORD`]) when the slot was filled.
     pub generation: u64,
-    /// The flow's edge record as it was at the fill, FIB result included.
+    /// The flow's edge record as it was at the fill, FIB result included, but for its two
+    /// timestamps, which a hit never reads: they hold the source address the flow's replies
+    /// come from (as sent by the service, before any rewrite), which a reply must match.
     pub record: ReplyState,
 }
 const _: () = assert!(core::mem::size_of::<ReplyCacheSlot>() == 128);
@@ -667,11 +667,12 @@ pub struct ReplyState {
     pub fib_mtu: u16,
     /// `REPLY_F_*` bits.
     pub flags: u32,
-    /// The reply program's FIB result for this flow, reused for a second
-    /// ([`FIB_CACHE_NS`]): when it was taken (the coarse clock; 0 = none yet), the egress
-    /// interface and the Ethernet addresses (destination first, as on the wire). Replies of
-    /// an established flow then skip `bpf_fib_lookup` (the route, nexthop and neighbour
-    /// lookups and their cache misses) but for one a second: a route or neighbour change
+    /// The reply program's FIB result for this flow, used for at most a second
+    /// ([`FIB_CACHE_NS`]: the record reuses it for 750 ms, its copies in the reply cache for
+    /// the rest): when it was taken (the coarse clock; 0 = none yet), the egress interface
+    /// and the Ethernet addresses (destination first, as on the wire). Replies of an
+    /// established flow then skip `bpf_fib_lookup` (the route, nexthop and neighbour lookups
+    /// and their cache misses) but for about one a second: a route or neighbour change
     /// reaches the flow within that second.
     pub fib_at_ns: u64,
     /// Egress ifindex of the cached FIB result.
@@ -685,7 +686,8 @@ pub struct ReplyState {
     pub _pad: u32,
 }
 
-/// How long the reply program reuses a flow's FIB result ([`ReplyState::fib_at_ns`]), ns.
+/// The longest the reply program uses a flow's FIB result ([`ReplyState::fib_at_ns`]) for,
+/// ns: the record's own reuse ends earlier, so that the reply cache's copies end by then.
 pub const FIB_CACHE_NS: u64 = 1_000_000_000;
 
 /// The flow is mirrored: the cloud answers the client, so the edge copy's

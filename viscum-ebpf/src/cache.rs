@@ -74,26 +74,36 @@ static CHURN: Array<u64> = Array::with_max_entries(1, 0);
 /// The current churn count.
 #[inline(always)]
 pub fn churn() -> u64 {
-    CHURN.get(0).copied().unwrap_or(0)
+    count(&CHURN)
 }
 
 /// An edge-flow record was inserted (it may have evicted another). Not atomic: two CPUs
 /// inserting at once may count one; the budget is far below what eviction needs.
 #[inline(always)]
 pub fn note_insert() {
-    if let Some(c) = CHURN.get_ptr_mut(0) {
-        // SAFETY: a plain store to the map's value.
-        unsafe { *c = (*c).wrapping_add(1) };
-    }
+    advance(&CHURN, 1);
 }
 
 /// A reply of a TCP flow from a managed port found no edge record: no slot of any CPU may
 /// be used any more (see the module docs).
 #[inline(always)]
 pub fn note_unknown_reply() {
-    if let Some(c) = CHURN.get_ptr_mut(0) {
-        // SAFETY: as above.
-        unsafe { *c = (*c).wrapping_add(INSERT_BUDGET) };
+    advance(&CHURN, INSERT_BUDGET);
+}
+
+/// The count a one-word shared array holds (the caches' churn and generation counts).
+#[inline(always)]
+pub fn count(word: &Array<u64>) -> u64 {
+    word.get(0).copied().unwrap_or(0)
+}
+
+/// Moves the count `word` holds by `n`, with a plain store: two CPUs at once may move it
+/// by one `n` only, which still moves it (what a reader compares against).
+#[inline(always)]
+pub fn advance(word: &Array<u64>, n: u64) {
+    if let Some(c) = word.get_ptr_mut(0) {
+        // SAFETY: a plain store to the map's value.
+        unsafe { *c = (*c).wrapping_add(n) };
     }
 }
 

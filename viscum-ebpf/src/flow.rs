@@ -126,7 +126,7 @@ pub fn decide(
     let closing = tcp && p.tcp_flags & (TCP_FIN | TCP_RST) != 0;
     // A segment that changes nothing in its flow's record (TCP without SYN, FIN or RST)
     // fills the flow cache, which the classifier asks before the entry (see `cache`).
-    let plain = tcp && p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0;
+    let plain = crate::parse::plain_tcp(p);
 
     // The edge record: the key carries the entry's target veth, so an entry that now
     // points elsewhere (the namespace re-created, the entry re-added) finds none and
@@ -639,6 +639,14 @@ pub fn learn_identity(p: &Parsed, ifindex: u32, state: &ReplyState) {
     // Learned afresh (first reply, or the entry was evicted and with it what was known of
     // the port): slots filled under what is now forgotten are retired.
     crate::reply_cache::retire_all();
+}
+
+/// Does reply `p` come from elsewhere than its edge record's cloud endpoint `record` (NAT
+/// mode, or a UDP server that answered from its veth address), so that the reply path
+/// rewrites its source?
+#[inline(always)]
+pub fn answered_elsewhere(record: &ReplyState, p: &Parsed) -> bool {
+    record.service != p.saddr || record.service_port != p.sport
 }
 
 /// Is `record`'s cloud endpoint the only one known for reply `p`'s namespace port on host

@@ -188,9 +188,7 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     // copy of its entry, with no entry or flow lookup (see `cache`). The generation is read
     // before any lookup, so a fill never records an entry older than it.
     let generation = lookup::entries_generation();
-    let cached = if p.key.proto == PROTO_TCP
-        && p.tcp_flags & (parse::TCP_SYN | parse::TCP_FIN | parse::TCP_RST) == 0
-    {
+    let cached = if parse::plain_tcp(&p) {
         cache::hit(&p, counters::tick(), generation)
     } else {
         None
@@ -376,7 +374,7 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     // a record older than them.
     let generation = lookup::entries_generation();
     let identities = reply_cache::identities();
-    if reply_cache::plain(&p)
+    if parse::plain_tcp(&p)
         && let Some(copy) = reply_cache::hit(&p, ifindex, counters::tick(), generation, identities)
     {
         frag::remember(&p);
@@ -419,12 +417,12 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
         reply_cache::forget(&p, ifindex);
     }
     frag::remember(&p);
-    if id.fib_at_ns == 0 && (id.service != p.saddr || id.service_port != p.sport) {
+    if id.fib_at_ns == 0 && flow::answered_elsewhere(id, &p) {
         // The flow's first reply (or first since its record was restored) that is rewritten
         // below: the reply path learns which cloud endpoint this namespace port answers for.
         flow::learn_identity(&p, ifindex, id);
     }
-    if reply_cache::plain(&p) {
+    if parse::plain_tcp(&p) {
         let now = counters::now_coarse();
         reply_cache::fill(&p, ifindex, id, now, generation, identities);
     }
@@ -440,7 +438,7 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
 /// `Err(TC_ACT_SHOT)` if the rewrite failed.
 #[inline(always)]
 fn rewrite_reply_source(ctx: &TcContext, p: &mut Parsed, record: &ReplyState) -> Result<(), i32> {
-    if record.service != p.saddr || record.service_port != p.sport {
+    if flow::answered_elsewhere(record, p) {
         if nat::rewrite(ctx, p, End::Source, &record.service, record.service_port).is_none() {
             return Err(TC_ACT_SHOT);
         }

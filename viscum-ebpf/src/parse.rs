@@ -99,6 +99,13 @@ pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
 
+/// Is `p` a TCP segment without SYN, FIN or RST: one that changes nothing in its flow's
+/// record, which the caches (`crate::cache`, `crate::reply_cache`) may serve?
+#[inline(always)]
+pub fn plain_tcp(p: &Parsed) -> bool {
+    p.key.proto == viscum_common::PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+}
+
 enum Short {
     Yes,
 }
