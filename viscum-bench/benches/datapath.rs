@@ -36,7 +36,6 @@ use aya::{
     Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData},
     programs::{SchedClassifier, TestRun as _, TestRunOptions},
-    util::nr_cpus,
 };
 use serde_json::json;
 use viscum::endpoint::Endpoint;
@@ -149,9 +148,8 @@ impl Loaded {
         flow_entries: Option<u32>,
     ) -> Result<Loaded> {
         let dir = bpffs.subdir(tag)?;
-        let cpus =
-            nr_cpus().map_err(|(what, e)| anyhow::anyhow!("cannot count CPUs ({what}): {e}"))?;
-        let cpus = u32::try_from(cpus)?;
+        // As `viscum attach` sizes them: a region per possible CPU id.
+        let cpus = viscum::engine::cpus::cpu_regions()?;
         let mut loader = EbpfLoader::new();
         loader
             .default_map_pin_directory(&dir)

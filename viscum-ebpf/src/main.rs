@@ -428,6 +428,8 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     }
     // Rewritten in place: a copy would not fit the 512-byte stack.
     rewrite_reply_source(ctx, &mut p, id)?;
+    // Sent straight out to the client, a reply gets its service's network share (HTB class,
+    // see `share`), cached in the flow record with the FIB result.
     Ok(redirect::reply_to_client_cached(ctx, &p, id, ifindex))
 }
 

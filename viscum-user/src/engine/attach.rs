@@ -229,9 +229,8 @@ fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
     }
     crate::features::check_object(crate::EBPF_OBJECT)?;
     crate::features::check_required_helpers()?;
-    let cpus = aya::util::nr_cpus()
-        .map_err(|(what, e)| EngineError::io(format!("cannot count CPUs ({what})"), e))?;
-    let cpus = u32::try_from(cpus).unwrap_or(u32::MAX);
+    // One region per possible CPU id in the arrays the datapath indexes by CPU (see `cpus`).
+    let cpus = super::cpus::cpu_regions()?;
     // Maps are pinned by name in the directory; if they are already there
     // (a previous attach whose program was purged), aya reuses them and the
     // entries survive.
@@ -284,7 +283,7 @@ fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
 /// Writes the counters array's per-CPU stride ([`DatapathConfig::stats_stride`]) into the
 /// datapath config of a loaded object, before any program is attached: the array as loaded
 /// (a kept pin may have been sized by an earlier attach) divided by `cpus`, the possible
-/// CPUs it was sized for (`aya::util::nr_cpus`). Used by `attach`, and by anything that
+/// CPU regions it was sized for ([`cpu_regions`](super::cpus::cpu_regions)). Used by `attach`, and by anything that
 /// loads the object itself (the benchmarks).
 ///
 /// # Errors

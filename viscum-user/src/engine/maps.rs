@@ -1,11 +1,8 @@
 //! Reading and editing the pinned maps of a running datapath.
 
-use aya::{
-    maps::{
-        Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
-        lpm_trie::Key as LpmKey,
-    },
-    util::nr_cpus,
+use aya::maps::{
+    Array, HashMap, IterableMap as _, LpmTrie, Map, MapData, MapError, PerCpuArray,
+    lpm_trie::Key as LpmKey,
 };
 use viscum_common::{
     CONFIG_MAP, CounterInfo, DatapathConfig, ENTRIES_GEN_WORD, ENTRY_STATS_MAP, EntryStats,
@@ -47,7 +44,8 @@ pub struct Engine {
     stats_mem: Option<super::filter_words::Mapping>,
     /// The miss pre-filter (`None` under pins made by a version without one).
     ports: Option<super::filter_words::FilterWords>,
-    nr_cpus: usize,
+    /// Regions of the counters array, one per possible CPU id (see [`super::cpus`]).
+    cpu_regions: u32,
     /// The UDP flow table (`VISCUM_FLOWS`), which no method reads: held only so that
     /// [`Engine::repin`] can pin it again with the maps above (`None` under pins without it).
     flows: Option<MapData>,
@@ -265,8 +263,7 @@ impl Engine {
             None => None,
             Some(r) => Some(required(pins, FLOWS_MAP, Some(r))?),
         };
-        let nr_cpus = nr_cpus()
-            .map_err(|(what, e)| EngineError::io(format!("cannot count CPUs ({what})"), e))?;
+        let cpu_regions = super::cpus::cpu_regions()?;
         let mut engine = Engine {
             pins: pins.clone(),
             services,
@@ -278,7 +275,7 @@ impl Engine {
             stats,
             stats_mem,
             ports,
-            nr_cpus,
+            cpu_regions,
             flows,
             _dir: super::lock::keep_open(pins),
         };
@@ -425,16 +422,13 @@ impl Engine {
     /// Slots per CPU region of [`ENTRY_STATS_MAP`] (`attach` sized it for every possible
     /// CPU, and wrote the same stride into the datapath config).
     fn stats_stride(&self) -> u32 {
-        stats_stride(
-            self.stats.len(),
-            u32::try_from(self.nr_cpus).unwrap_or(u32::MAX),
-        )
+        stats_stride(self.stats.len(), self.cpu_regions)
     }
 
     /// The indexes of slot `id` in every CPU's region.
     fn stats_indexes(&self, id: u32) -> impl Iterator<Item = u32> + use<> {
         let stride = self.stats_stride();
-        (0..u32::try_from(self.nr_cpus).unwrap_or(0)).map(move |cpu| cpu * stride + id)
+        (0..self.cpu_regions).map(move |cpu| cpu * stride + id)
     }
 
     /// Every CPU's counters of slot `id` set to zero.

@@ -28,6 +28,7 @@
 
 pub mod attach;
 mod clsact;
+pub mod cpus;
 mod filter_words;
 mod jump;
 pub mod layout;
