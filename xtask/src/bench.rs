@@ -30,7 +30,7 @@ mod machine;
 mod partial;
 mod render;
 mod svg;
-mod sweep;
+pub(crate) mod sweep;
 
 use std::{
     fs,
@@ -76,17 +76,30 @@ pub struct Options {
 }
 
 /// One bench process.
-struct Group {
+pub(crate) struct Group {
     /// Name for --only and messages.
-    name: &'static str,
+    pub(crate) name: &'static str,
     /// Which binary (`datapath` or `system`).
-    bench: &'static str,
+    pub(crate) bench: &'static str,
     /// `--group` value passed to it (none for datapath).
     group: Option<&'static str>,
     /// The fragments it produces, so a crash can be reported against each.
-    ids: &'static [(&'static str, &'static str)],
-    quick_limit: Duration,
-    full_limit: Duration,
+    pub(crate) ids: &'static [(&'static str, &'static str)],
+    pub(crate) quick_limit: Duration,
+    pub(crate) full_limit: Duration,
+}
+
+/// The group named `name`, or holding benchmark `name` (`B3` is `traffic`).
+pub(crate) fn group(name: &str) -> Result<&'static Group> {
+    GROUPS
+        .iter()
+        .find(|g| g.name == name || g.ids.iter().any(|(id, _)| id.eq_ignore_ascii_case(name)))
+        .with_context(|| {
+            format!(
+                "unknown group '{name}' (expected one of: {}, or a benchmark id B1-B10)",
+                GROUPS.iter().map(|g| g.name).collect::<Vec<_>>().join(", ")
+            )
+        })
 }
 
 const GROUPS: &[Group] = &[
@@ -193,15 +206,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     // Benchmark ids select their group (`--only B10` is `--only fleet`).
     let mut only: Vec<String> = Vec::new();
     for name in &opts.only {
-        let Some(g) = GROUPS
-            .iter()
-            .find(|g| g.name == name || g.ids.iter().any(|(id, _)| id.eq_ignore_ascii_case(name)))
-        else {
-            bail!(
-                "unknown group '{name}' (expected one of: {}, or a benchmark id B1-B10)",
-                GROUPS.iter().map(|g| g.name).collect::<Vec<_>>().join(", ")
-            );
-        };
+        let g = group(name)?;
         if !only.iter().any(|o| o == g.name) {
             only.push(g.name.to_owned());
         }
@@ -367,7 +372,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
 
 /// Installs missing tools with apt-get, saying so; a failure only warns (the benchmarks
 /// that need a missing tool report it).
-fn ensure_tools() {
+pub(crate) fn ensure_tools() {
     let mut missing: Vec<&str> = TOOLS
         .iter()
         .filter(|(p, _)| !process::have(p))
@@ -396,7 +401,7 @@ fn ensure_tools() {
 /// Builds both bench binaries and `viscum` with the bench profile (the release settings) in
 /// one cargo invocation, so the dependencies are resolved and built once for both packages;
 /// returns the benches as (name, executable) and viscum's path.
-fn build() -> Result<(Vec<(String, PathBuf)>, PathBuf)> {
+pub(crate) fn build() -> Result<(Vec<(String, PathBuf)>, PathBuf)> {
     let mut cmd = process::cargo();
     cmd.args([
         "build",
@@ -443,7 +448,7 @@ fn build() -> Result<(Vec<(String, PathBuf)>, PathBuf)> {
 
 /// Runs one bench process and reads its fragments.
 #[allow(clippy::too_many_arguments, reason = "one call site, all plain inputs")]
-fn run_group(
+pub(crate) fn run_group(
     exe: &Path,
     viscum: &Path,
     g: &Group,

@@ -26,6 +26,7 @@ mod fuzz;
 mod lab;
 mod package;
 mod process;
+mod profile;
 mod run;
 mod setup;
 mod soak;
@@ -58,6 +59,9 @@ enum Command {
     Deb(deb::Options),
     /// Set up, build and run the benchmarks; write bench/results/*.json and bench/RESULTS.md.
     Bench(bench::Options),
+    /// Profile one benchmark group's load: samples per kernel function and source line of the
+    /// classifier (perf cpu-clock; target/profile/*.md).
+    Profile(profile::Options),
     /// Set up, build, then run the packet fuzzer (10M frames by default; docs/fuzzing.md).
     Fuzz(fuzz::Options),
     /// Set up, build, then soak a real daemon under load, flaps and reloads (default 10 min).
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
         Command::Dist(opts) => dist::run(&opts),
         Command::Bench(opts) => bench::run(&opts),
         Command::Deb(opts) => deb::run(&opts),
+        Command::Profile(opts) => profile::run(&opts),
         Command::Fuzz(opts) => fuzz::run(&opts),
         Command::Soak(opts) => soak::run(&opts),
     };
