@@ -373,24 +373,15 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
 /// Installs missing tools with apt-get, saying so; a failure only warns (the benchmarks
 /// that need a missing tool report it).
 pub(crate) fn ensure_tools() {
-    let mut missing: Vec<&str> = TOOLS
-        .iter()
-        .filter(|(p, _)| !process::have(p))
-        .map(|(_, pkg)| *pkg)
-        .collect();
-    missing.dedup();
+    let missing = process::missing_packages(TOOLS);
     if missing.is_empty() {
         return;
     }
     println!(
-        "bench: installing tools the benchmarks drive: {} (apt-get install -y)",
+        "bench: installing tools the benchmarks drive: {}",
         missing.join(" ")
     );
-    let mut cmd = Command::new("apt-get");
-    cmd.args(["install", "-y", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    if let Err(e) = process::run(&mut cmd) {
+    if let Err(e) = process::apt_install(&missing) {
         eprintln!(
             "bench: warning: could not install {} ({e:#}); benchmarks that need them will report errors",
             missing.join(" ")

@@ -197,7 +197,7 @@ pub fn ensure() -> Result<bool> {
     let mut did = false;
     if TARGETS.iter().any(|t| !process::have(t.qemu)) {
         println!("setup: qemu-user is missing (runs the cross-built tests)");
-        apt_install(&["qemu-user"])?;
+        process::apt_install(&["qemu-user"])?;
         did = true;
     }
     if !tools_present()? {
@@ -218,7 +218,7 @@ pub fn ensure() -> Result<bool> {
         if !venv(&dir)? {
             // Debian's python3 makes a virtualenv with pip only with python3-venv.
             let _ = std::fs::remove_dir_all(&dir);
-            apt_install(&["python3-venv"])?;
+            process::apt_install(&["python3-venv"])?;
             if !venv(&dir)? {
                 bail!("`python3 -m venv {}` fails", dir.display());
             }
@@ -244,33 +244,6 @@ pub fn ensure() -> Result<bool> {
         did = true;
     }
     Ok(did)
-}
-
-fn apt_install(packages: &[&str]) -> Result<()> {
-    if !process::have("apt-get") {
-        bail!(
-            "no apt-get on this system: install {} (Debian names) yourself",
-            packages.join(" ")
-        );
-    }
-    if !process::is_root() {
-        bail!(
-            "installing {} needs root: run `apt-get install -y {}` as root",
-            packages.join(" "),
-            packages.join(" ")
-        );
-    }
-    let apt = || {
-        let mut c = Command::new("apt-get");
-        c.env("DEBIAN_FRONTEND", "noninteractive");
-        c
-    };
-    process::run(apt().arg("update"))?;
-    process::run(
-        apt()
-            .args(["install", "-y", "--no-install-recommends"])
-            .args(packages),
-    )
 }
 
 /// How one target is built here: whether std comes prebuilt, after `rustup target add`.

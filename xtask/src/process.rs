@@ -139,3 +139,42 @@ pub fn is_ci() -> bool {
 pub fn is_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// Installs Debian `packages` with `apt-get update` and `apt-get install -y`, printing the
+/// commands; fails, naming what to install, without apt-get or root.
+pub fn apt_install(packages: &[&str]) -> Result<()> {
+    if !have("apt-get") {
+        bail!(
+            "no apt-get on this system: install {} (Debian names) yourself",
+            packages.join(" ")
+        );
+    }
+    if !is_root() {
+        bail!(
+            "installing {} needs root: run `apt-get install -y {}` as root",
+            packages.join(" "),
+            packages.join(" ")
+        );
+    }
+    let apt = || {
+        let mut c = Command::new("apt-get");
+        c.env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    run(apt().arg("update"))?;
+    run(apt()
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(packages))
+}
+
+/// The packages of `tools` ((program, Debian package) pairs) whose program is not on `PATH`,
+/// each once.
+pub fn missing_packages<'a>(tools: &[(&str, &'a str)]) -> Vec<&'a str> {
+    let mut missing: Vec<&str> = Vec::new();
+    for (program, package) in tools {
+        if !have(program) && !missing.contains(package) {
+            missing.push(package);
+        }
+    }
+    missing
+}

@@ -192,23 +192,12 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
 
 /// Installs perf and bpftool when missing (Debian's linux-perf and bpftool packages).
 fn ensure_profilers() -> Result<()> {
-    let missing: Vec<&str> = [("perf", "linux-perf"), ("bpftool", "bpftool")]
-        .iter()
-        .filter(|(p, _)| !process::have(p))
-        .map(|(_, pkg)| *pkg)
-        .collect();
+    let missing = process::missing_packages(&[("perf", "linux-perf"), ("bpftool", "bpftool")]);
     if missing.is_empty() {
         return Ok(());
     }
-    println!(
-        "profile: installing {} (apt-get install -y)",
-        missing.join(" ")
-    );
-    let mut cmd = Command::new("apt-get");
-    cmd.args(["install", "-y", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive");
-    process::run(&mut cmd)
+    println!("profile: installing {}", missing.join(" "));
+    process::apt_install(&missing)
 }
 
 fn git_commit() -> String {
