@@ -267,7 +267,7 @@ fn watch_programs(stop: &AtomicBool) -> HashMap<String, ProgramLines> {
                 info.tag.clone(),
                 ProgramLines {
                     jited: info.jited_lines,
-                    source: parse_linum(&xlated),
+                    source: parse_linum(&xlated, bpf::map_name),
                 },
             );
         }
@@ -280,18 +280,35 @@ fn watch_programs(stop: &AtomicBool) -> HashMap<String, ProgramLines> {
 
 /// The source line each run of instructions of a `bpftool prog dump xlated linum` listing
 /// comes from: `; text [file:PATH line_num:N line_col:C]` comments before instructions
-/// `  12: (79) r1 = ...`.
-fn parse_linum(text: &str) -> BTreeMap<u32, String> {
-    let mut out = BTreeMap::new();
+/// `  12: (79) r1 = ...`. A run that loads a map (`r1 = map[id:N]`) is labelled with the
+/// first map's name (`map_name`), so the inlined lookups of aya's one `fun(map, key)` line
+/// tell their maps apart.
+fn parse_linum(text: &str, map_name: impl Fn(u32) -> Option<String>) -> BTreeMap<u32, String> {
+    let mut out: BTreeMap<u32, String> = BTreeMap::new();
     let mut current: Option<String> = None;
+    // The run being read: its first instruction, and whether its label names a map yet.
+    let mut run: Option<(u32, bool)> = None;
     for line in text.lines() {
         if let Some(comment) = line.strip_prefix(';') {
             current = Some(source_label(comment));
-        } else if let Some((index, _)) = line.trim_start().split_once(':')
+        } else if let Some((index, insn)) = line.trim_start().split_once(':')
             && let Ok(index) = index.parse::<u32>()
-            && let Some(label) = current.take()
         {
-            out.insert(index, label);
+            if let Some(label) = current.take() {
+                out.insert(index, label);
+                run = Some((index, false));
+            }
+            if let Some((start, false)) = run
+                && let Some(id) = insn
+                    .split_once("map[id:")
+                    .and_then(|(_, rest)| rest.split_once(']'))
+                    .and_then(|(id, _)| id.parse::<u32>().ok())
+                && let Some(label) = out.get_mut(&start)
+            {
+                let name = map_name(id).unwrap_or_else(|| format!("map {id}"));
+                let _ = write!(label, " ({name})");
+                run = Some((start, true));
+            }
         }
     }
     out
@@ -476,7 +493,11 @@ mod bpf {
 
     const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
     const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
     const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    /// Offset of `name` in struct bpf_map_info, and the struct's size up to it and past.
+    const MAP_NAME: usize = 24;
+    const MAP_INFO_LEN: usize = 88;
 
     // Offsets in struct bpf_prog_info (include/uapi/linux/bpf.h), stable ABI.
     const TAG: usize = 8;
@@ -526,6 +547,20 @@ mod bpf {
         attr[4..8].copy_from_slice(&(info.len() as u32).to_ne_bytes());
         attr[8..16].copy_from_slice(&(info.as_mut_ptr() as u64).to_ne_bytes());
         sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr).map(|_| ())
+    }
+
+    /// The name of map `id`, if it is still loaded.
+    pub fn map_name(id: u32) -> Option<String> {
+        let mut attr = [0u8; 12];
+        attr[..4].copy_from_slice(&id.to_ne_bytes());
+        let fd = sys_bpf(BPF_MAP_GET_FD_BY_ID, &mut attr).ok()?;
+        // SAFETY: a descriptor the kernel just gave us, owned from here.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let mut info = [0u8; MAP_INFO_LEN];
+        info_by_fd(&fd, &mut info).ok()?;
+        let name = &info[MAP_NAME..MAP_NAME + 16];
+        let len = name.iter().position(|&b| b == 0).unwrap_or(16);
+        Some(String::from_utf8_lossy(&name[..len]).into_owned())
     }
 
     /// Name, tag and JIT line table of program `id`.
@@ -594,9 +629,15 @@ mod tests {
     fn a_linum_listing_gives_each_run_of_instructions_its_source_line() {
         let text = "int viscum_ingress(struct __sk_buff * skb):\n\
             ; #[classifier] [file:/x/viscum-ebpf/src/main.rs line_num:76 line_col:1]\n   0: (bf) r6 = r1\n   1: (b7) r0 = 0\n\
-            ; tick < slot.valid_until_tick [file:/x/viscum-ebpf/src/cache.rs line_num:139 line_col:5]\n   2: (79) r1 = *(u64 *)(r1 +40)\n   3: (95) exit\n";
-        let src = parse_linum(text);
-        assert_eq!(src.len(), 2);
+            ; tick < slot.valid_until_tick [file:/x/viscum-ebpf/src/cache.rs line_num:139 line_col:5]\n   2: (79) r1 = *(u64 *)(r1 +40)\n   3: (95) exit\n\
+            ; fun(map, key) [file:/r/aya-ebpf-bindings-0.2.0/src/x86_64/helpers.rs line_num:10 line_col:5]\n   4: (18) r1 = map[id:7]\n   6: (18) r2 = map[id:8]\n";
+        let src = parse_linum(text, |id| (id == 7).then(|| "VISCUM_CONFIG".to_owned()));
+        assert_eq!(src.len(), 3);
+        assert!(
+            src[&4].ends_with("`fun(map, key)` (VISCUM_CONFIG)"),
+            "{}",
+            src[&4]
+        );
         assert!(
             src[&0].ends_with("main.rs:76 `#[classifier]`"),
             "{}",
