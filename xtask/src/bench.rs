@@ -229,11 +229,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
             .with_context(|| format!("cannot handle {sig}"))?;
     }
 
-    sweep::stale_runs();
-    let run_id = sweep::new_run_id()?;
-    let run_dir = sweep::run_dir(&run_id);
-    fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
-    fs::write(run_dir.join("owner"), std::process::id().to_string())?;
+    let (run_id, run_dir) = sweep::begin()?;
     println!(
         "bench: run {run_id} ({} mode)",
         if opts.quick { "quick" } else { "full" }

@@ -69,11 +69,7 @@ pub fn run(opts: &Options) -> Result<ExitCode> {
     bench::ensure_tools();
     ensure_profilers()?;
 
-    bench::sweep::stale_runs();
-    let run_id = bench::sweep::new_run_id()?;
-    let run_dir = bench::sweep::run_dir(&run_id);
-    fs::create_dir_all(&run_dir).with_context(|| format!("cannot create {}", run_dir.display()))?;
-    fs::write(run_dir.join("owner"), std::process::id().to_string())?;
+    let (run_id, run_dir) = bench::sweep::begin()?;
     let out_dir = process::workspace_root().join("target/profile");
     fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
     let (exes, viscum) = bench::build()?;

@@ -283,8 +283,8 @@ fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
 /// Writes the counters array's per-CPU stride ([`DatapathConfig::stats_stride`]) into the
 /// datapath config of a loaded object, before any program is attached: the array as loaded
 /// (a kept pin may have been sized by an earlier attach) divided by `cpus`, the possible
-/// CPU regions it was sized for ([`cpu_regions`](super::cpus::cpu_regions)). Used by `attach`, and by anything that
-/// loads the object itself (the benchmarks).
+/// CPU regions it was sized for ([`cpu_regions`](super::cpus::cpu_regions)). Used by
+/// `attach`, and by anything that loads the object itself (the benchmarks).
 ///
 /// # Errors
 /// [`EngineError::Io`] if the object lacks the maps; [`EngineError::Map`] if the config

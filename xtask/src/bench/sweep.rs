@@ -8,7 +8,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use anyhow::{Result, bail};
+use anyhow::{Context as _, Result, bail};
 use nix::{
     mount::{MntFlags, umount2},
     sys::signal::{self, Signal},
@@ -19,6 +19,18 @@ const PREFIX: &str = "viscum-bench-";
 
 pub fn run_dir(run_id: &str) -> PathBuf {
     Path::new("/run").join(format!("{PREFIX}{run_id}"))
+}
+
+/// Starts a run: sweeps stale runs, then takes a fresh id and creates its directory, owned
+/// by this process (what [`stale_runs`] checks). Returns the id and the directory.
+pub fn begin() -> Result<(String, PathBuf)> {
+    stale_runs();
+    let run_id = new_run_id()?;
+    let dir = run_dir(&run_id);
+    fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fs::write(dir.join("owner"), std::process::id().to_string())
+        .with_context(|| format!("cannot write {}/owner", dir.display()))?;
+    Ok((run_id, dir))
 }
 
 /// A fresh id `vb` + 4 hex digits that no directory or namespace uses yet.
