@@ -218,6 +218,39 @@ fn counters_match_the_traffic_sent() {
         g["redirected"].as_u64().unwrap() + g["passed"].as_u64().unwrap()
     );
     assert_eq!(stats["interfaces"], serde_json::json!(["lan0"]));
+
+    // The classifier counts a redirect in its entry's counters only; the global count is
+    // their sum, so a removed entry's packets must stay in it, and an entry added again in
+    // its counter slot must start from zero without counting them twice.
+    let m4 = url(Proto::Udp, v4);
+    s.lab.viscum_ok(&["redirect", "del", &m4, "--now"]);
+    let g = json(&s, &["stats", "--json"])["global"].clone();
+    assert_eq!(g["redirected"], 2 * N, "after removing {m4}: {g}");
+    add(&s, &m4);
+    let stats = json(&s, &["stats", "--json"]);
+    assert_eq!(
+        stats["global"]["redirected"],
+        2 * N,
+        "after adding {m4} again: {stats}"
+    );
+    let again = stats["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["match"] == m4.as_str());
+    assert_eq!(
+        again.map(|e| e["packets"].clone()),
+        Some(0.into()),
+        "{stats}"
+    );
+    let answers = udp_ask_distinct(s.lab.client.name(), v4, N as usize, TIMEOUT).unwrap();
+    assert_eq!(answers, vec!["edge"; N as usize], "{v4} again");
+    let g = json(&s, &["stats", "--json"])["global"].clone();
+    assert_eq!(g["redirected"], 3 * N, "{g}");
+    assert_eq!(
+        g["seen"].as_u64().unwrap(),
+        g["redirected"].as_u64().unwrap() + g["passed"].as_u64().unwrap()
+    );
 }
 
 #[test]

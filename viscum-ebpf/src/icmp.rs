@@ -178,6 +178,8 @@ pub fn to_edge(ctx: &TcContext, p: &mut Parsed) -> Option<i32> {
         if nat::rewrite_icmp_outer(ctx, p, End::Destination, &entry.nat_addr).is_none()
             || !rewrite_quote(ctx, p, &q, true, &q.src, &entry.nat_addr, q.sport, nat_port)
         {
+            // An exit of the ingress classifier: counted as one (see `INGRESS_EXITS`).
+            counters::bump(GlobalCounter::RedirectErrors);
             return Some(TC_ACT_SHOT);
         }
     }

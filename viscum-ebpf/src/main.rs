@@ -76,7 +76,7 @@ use crate::{
 #[classifier]
 #[inline(always)]
 pub fn viscum_ingress(ctx: TcContext) -> i32 {
-    counters::bump(GlobalCounter::Seen);
+    // Counted by its exit only (`viscum_common::INGRESS_EXITS`): one bump per packet.
     match try_ingress(&ctx) {
         Ok(action) | Err(action) => action,
     }
@@ -275,17 +275,16 @@ fn decide_edge(
     }
 }
 
-/// Serves a packet of an edge flow of `entry`: counts it, translates it in NAT mode,
-/// clamps a SYN's MSS, and redirects it into the service namespace.
+/// Serves a packet of an edge flow of `entry`: translates it in NAT mode, clamps a SYN's
+/// MSS, redirects it into the service namespace, and counts it once: in the entry's
+/// counters when redirected (the global `redirected` is their sum, see
+/// `viscum_common::GlobalCounter::Redirected`), as a redirect error otherwise.
 ///
 /// In NAT mode `p` describes the translated packet afterwards (see [`nat::rewrite`]).
 #[inline(always)]
 fn deliver(ctx: &TcContext, p: &mut Parsed, entry: &ServiceEntry) -> Result<i32, i32> {
-    if let Some(s) = lookup::stats_of(entry) {
-        s.packets += 1;
-        s.bytes += u64::from(ctx.len());
-    }
-
+    // The length as it arrived: the redirect may strip a VLAN tag.
+    let len = ctx.len();
     if entry.flags & TARGET_F_NAT != 0 {
         let port = if entry.nat_port != 0 {
             entry.nat_port
@@ -304,7 +303,10 @@ fn deliver(ctx: &TcContext, p: &mut Parsed, entry: &ServiceEntry) -> Result<i32,
     }
     let action = redirect::to_service(ctx, entry, p.l2_vlan);
     if action == TC_ACT_REDIRECT {
-        counters::bump(GlobalCounter::Redirected);
+        if let Some(s) = lookup::stats_of(entry) {
+            s.packets += 1;
+            s.bytes += u64::from(len);
+        }
     } else {
         counters::bump(GlobalCounter::RedirectErrors);
     }

@@ -76,14 +76,19 @@ pub const CHANGES: &[(u32, &[&str])] = &[
             CONFIG_MAP,
         ],
     ),
+    // 6: the classifier counts a redirect once, in its entry's counters; the global
+    // `redirected` slot keeps what removed entries counted (moved there by user space), so
+    // an older classifier's per-packet count in that slot must not be added to the entries'.
+    (6, &[GLOBAL_STATS_MAP]),
 ];
 
 /// Maps holding soft state only, which a migration may drop: flow and fragment records the
 /// datapath re-learns (a flow that loses its record is decided again by its next packet; an
 /// edge TCP flow whose service still holds the connection gets its record back, see the
 /// classifier's flow module), the miss pre-filter (rebuilt from the entries by the next
-/// command that opens the maps), the global counters (they start again from zero), and the
-/// tail-call table (`attach` fills it with the programs it loads).
+/// command that opens the maps), the global counters (they start again from zero;
+/// `redirected` from the kept entries' counters), and the tail-call table (`attach` fills it
+/// with the programs it loads).
 pub const SOFT_MAPS: &[&str] = &[
     FLOWS_MAP,
     REPLIES_MAP,

@@ -6,7 +6,7 @@ use aya::maps::{
 };
 use viscum_common::{
     CONFIG_MAP, CounterInfo, DatapathConfig, ENTRIES_GEN_WORD, ENTRY_STATS_MAP, EntryStats,
-    FLOWS_MAP, GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter, MAX_RULES,
+    FLOWS_MAP, GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter, INGRESS_EXITS, MAX_RULES,
     PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORT_FILTER_WORDS, PORTS_MAP, PREFIXES_MAP,
     PortFilter, PortRule, PrefixData, PrefixNode, REPLIES_MAP, REPLY_F_DROP, RULES_MAP,
     RULES_PER_PREFIX, ReplyKey, ReplyState, SERVICES_MAP, STATS_HINT_WORD, STATS_IDS_BASE,
@@ -398,6 +398,13 @@ impl Engine {
         if cur & bit != 0 {
             ports.set(i, cur & !bit)?;
         }
+        // Out of the live slots `global_stats` sums: what it counted moves to the global
+        // `redirected` slot (packets a flow cache still delivers by it until the entries'
+        // generation moves are moved there when the slot is claimed again).
+        self.zero_stats(id)?;
+        let Some(ports) = self.ports.as_mut() else {
+            return Ok(());
+        };
         // The freed word may now be the first with room.
         if u64::from(slot / 64) < ports.get(STATS_HINT_WORD)? {
             ports.set(STATS_HINT_WORD, u64::from(slot / 64))?;
@@ -431,8 +438,12 @@ impl Engine {
         (0..self.cpu_regions).map(move |cpu| cpu * stride + id)
     }
 
-    /// Every CPU's counters of slot `id` set to zero.
+    /// Every CPU's counters of slot `id` set to zero, the packets they counted first moved
+    /// to the global `redirected` slot (see [`Self::retire_redirected`]). The caller holds
+    /// [`Self::write_lock`].
     fn zero_stats(&mut self, id: u32) -> Result<(), EngineError> {
+        let packets = self.stats_sum(id)?.packets;
+        self.retire_redirected(packets)?;
         for i in self.stats_indexes(id) {
             if let Some(mem) = &self.stats_mem
                 && (0..STATS_WORDS).all(|w| mem.store(i * STATS_WORDS + w, 0))
@@ -444,6 +455,58 @@ impl Engine {
                 .map_err(|e| EngineError::map("cannot reset the entry counters", e))?;
         }
         Ok(())
+    }
+
+    /// Adds `packets` to the global `redirected` slot's CPU-0 value: it keeps what entries
+    /// counted before their counters were reset (a removed entry's, or late packets of one
+    /// removed before its slot was reused), since the classifier counts a redirect only in
+    /// its entry's counters and [`Self::global_stats`] sums the live ones. The classifier
+    /// never writes the slot, so a read-modify-write under [`Self::write_lock`] is exact.
+    fn retire_redirected(&mut self, packets: u64) -> Result<(), EngineError> {
+        if packets == 0 {
+            return Ok(());
+        }
+        let slot = GlobalCounter::Redirected as u32;
+        let cur = self
+            .global
+            .get(&slot, 0)
+            .map_err(|e| EngineError::map("cannot read the global counters", e))?;
+        let mut values: Vec<u64> = cur.iter().copied().collect();
+        if let Some(first) = values.first_mut() {
+            *first = first.wrapping_add(packets);
+        }
+        let values = aya::maps::PerCpuValues::try_from(values).map_err(|e| {
+            EngineError::map("cannot write the global counters", MapError::IoError(e))
+        })?;
+        self.global
+            .set(slot, values, 0)
+            .map_err(|e| EngineError::map("cannot write the global counters", e))
+    }
+
+    /// The counter slots in use: every prefix rule's (its rule id) and every exact entry's
+    /// (a set bit of the slot bitmap, see [`STATS_IDS_BASE`]).
+    fn live_stats_ids(&self) -> Result<Vec<u32>, EngineError> {
+        let mut ids: Vec<u32> = self
+            .nodes()?
+            .iter()
+            .flat_map(|(_, _, n)| {
+                n.rules[..n.count as usize]
+                    .iter()
+                    .map(|r| r.rule_id)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        if let Some(ports) = self.ports.as_ref() {
+            for w in 0..self.stats_slot_words() {
+                let mut word = ports.get(STATS_IDS_BASE + w)?;
+                while word != 0 {
+                    let bit = word.trailing_zeros();
+                    word &= word - 1;
+                    ids.push(entry_stats_id(w * 64 + bit));
+                }
+            }
+        }
+        Ok(ids)
     }
 
     /// The counters of slot `id`, summed over CPUs.
@@ -813,6 +876,8 @@ impl Engine {
         self.rules
             .set(id, ServiceEntry::new(0, 0, [0; 6]), 0)
             .map_err(|e| EngineError::map("cannot clear the rules slot", e))?;
+        // No longer a live slot: its count moves to the global `redirected` slot.
+        self.zero_stats(id)?;
         self.entries_changed()?;
         self.sync_rule_count()?;
         let rule = endpoint.port_rule();
@@ -1117,10 +1182,21 @@ impl Engine {
                 .map_err(|e| EngineError::map("cannot read the global counters", e))?;
             Ok(v.iter().sum())
         };
+        // A writer moves a reset slot's count into the `redirected` slot: under the lock the
+        // sum below sees it in one place or the other, never both or neither.
+        let _lock = self.write_lock()?;
         let mut stats = GlobalStats::default();
         for info in GLOBAL_COUNTER_INFO {
-            *stats.get_mut(info.counter) = read(info.counter)?;
+            if info.counter != GlobalCounter::Seen {
+                *stats.get_mut(info.counter) = read(info.counter)?;
+            }
         }
+        // Counted by the classifier in the entries' counters only (see `retire_redirected`).
+        for id in self.live_stats_ids()? {
+            stats.redirected = stats.redirected.wrapping_add(self.stats_sum(id)?.packets);
+        }
+        // Not counted by the classifier: every packet ends in one of its exits.
+        stats.seen = INGRESS_EXITS.iter().map(|&c| stats.get(c)).sum();
         Ok(stats)
     }
 
