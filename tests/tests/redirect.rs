@@ -224,8 +224,10 @@ fn counters_match_the_traffic_sent() {
     // its counter slot must start from zero without counting them twice.
     let m4 = url(Proto::Udp, v4);
     s.lab.viscum_ok(&["redirect", "del", &m4, "--now"]);
+    assert_eq!(g["flows_edge"], 2 * N, "{g}");
     let g = json(&s, &["stats", "--json"])["global"].clone();
     assert_eq!(g["redirected"], 2 * N, "after removing {m4}: {g}");
+    assert_eq!(g["flows_edge"], 2 * N, "after removing {m4}: {g}");
     add(&s, &m4);
     let stats = json(&s, &["stats", "--json"]);
     assert_eq!(
@@ -247,6 +249,7 @@ fn counters_match_the_traffic_sent() {
     assert_eq!(answers, vec!["edge"; N as usize], "{v4} again");
     let g = json(&s, &["stats", "--json"])["global"].clone();
     assert_eq!(g["redirected"], 3 * N, "{g}");
+    assert_eq!(g["flows_edge"], 3 * N, "{g}");
     assert_eq!(
         g["seen"].as_u64().unwrap(),
         g["redirected"].as_u64().unwrap() + g["passed"].as_u64().unwrap()

@@ -806,9 +806,9 @@ macro_rules! global_counters {
                 "redirect_errors",
                 "A hit whose redirect helper failed (target gone).";
             FlowsEdge = 6, flows_edge, "EDGE_FLOWS", Flows, DATAPATH_FLOWS, "edge",
-                "Flows that started at the edge.";
+                "Flows that started at the edge: the sum of every entry's and rule's edge_flows, counted once by the classifier in the entry's counters; the slot keeps what removed entries counted.";
             FlowsCloud = 7, flows_cloud, "CLOUD_FLOWS", Flows, DATAPATH_FLOWS, "cloud",
-                "Matched flows sent to the cloud (entry learning or draining).";
+                "Matched flows sent to the cloud (entry learning or draining): the sum of every entry's and rule's cloud_flows, counted as edge_flows is.";
             FlowOrphans = 8, flow_orphans, "ORPHANS", Flows, DATAPATH_FLOW_ORPHANS, "",
                 "Mid-flow TCP packets for a matched service with no flow state: flows opened before the entry, or evicted from a full flow table.";
             RepliesForwarded = 9, replies_forwarded, "REPLIES_FWD", Flows, DATAPATH_REPLIES,

@@ -215,10 +215,10 @@ pub fn decide(
     }
 
     if !takes_new_flows(entry, now) {
+        // Counted once, in the entry's counters (the global count is their sum).
         if let Some(s) = crate::lookup::stats_of(entry) {
             s.cloud_flows += 1;
         }
-        counters::bump(GlobalCounter::FlowsCloud);
         if !tcp {
             remember_cloud(&fkey, now);
         }
@@ -243,10 +243,10 @@ fn takes_new_flows(entry: &ServiceEntry, now: u64) -> bool {
 /// Counts a flow just given an edge record for `entry`.
 #[inline(always)]
 fn new_edge_flow(entry: &ServiceEntry) -> Decision {
+    // Counted once, in the entry's counters (the global count is their sum).
     if let Some(s) = crate::lookup::stats_of(entry) {
         s.new_flows += 1;
     }
-    counters::bump(GlobalCounter::FlowsEdge);
     Decision::Edge
 }
 

@@ -76,9 +76,10 @@ pub const CHANGES: &[(u32, &[&str])] = &[
             CONFIG_MAP,
         ],
     ),
-    // 6: the classifier counts a redirect once, in its entry's counters; the global
-    // `redirected` slot keeps what removed entries counted (moved there by user space), so
-    // an older classifier's per-packet count in that slot must not be added to the entries'.
+    // 6: the classifier counts a redirect or a new flow once, in its entry's counters; the
+    // global `redirected` and flow slots keep what removed entries counted (moved there by
+    // user space), so an older classifier's own counts there must not be added to the
+    // entries'.
     (6, &[GLOBAL_STATS_MAP]),
 ];
 

@@ -19,6 +19,18 @@ use crate::endpoint::Endpoint;
 /// 64-bit words of one [`EntryStats`] in the counters array's mapped memory (its fields in
 /// order; the kernel lays array values out back to back, each rounded up to 8 bytes).
 const STATS_WORDS: u32 = (size_of::<EntryStats>() / 8) as u32;
+
+/// Reads one counter of an entry's [`EntryStats`].
+type EntryField = fn(&EntryStats) -> u64;
+
+/// The global counters the classifier counts only per entry, with the entry counter each
+/// sums: a global value is its slot (what reset entry slots counted, see
+/// [`Engine::retire`]) plus the live entries' and rules' counters.
+const RETIRED: [(GlobalCounter, EntryField); 3] = [
+    (GlobalCounter::Redirected, |s| s.packets),
+    (GlobalCounter::FlowsEdge, |s| s.new_flows),
+    (GlobalCounter::FlowsCloud, |s| s.cloud_flows),
+];
 const _: () = assert!(size_of::<EntryStats>().is_multiple_of(8));
 
 /// `BPF_EXIST`: update only an existing element.
@@ -399,8 +411,8 @@ impl Engine {
             ports.set(i, cur & !bit)?;
         }
         // Out of the live slots `global_stats` sums: what it counted moves to the global
-        // `redirected` slot (packets a flow cache still delivers by it until the entries'
-        // generation moves are moved there when the slot is claimed again).
+        // slots (packets a flow cache still delivers by it until the entries' generation
+        // moves are moved there when the slot is claimed again).
         self.zero_stats(id)?;
         let Some(ports) = self.ports.as_mut() else {
             return Ok(());
@@ -438,12 +450,11 @@ impl Engine {
         (0..self.cpu_regions).map(move |cpu| cpu * stride + id)
     }
 
-    /// Every CPU's counters of slot `id` set to zero, the packets they counted first moved
-    /// to the global `redirected` slot (see [`Self::retire_redirected`]). The caller holds
-    /// [`Self::write_lock`].
+    /// Every CPU's counters of slot `id` set to zero, what they counted first moved to the
+    /// global slots (see [`Self::retire`]). The caller holds [`Self::write_lock`].
     fn zero_stats(&mut self, id: u32) -> Result<(), EngineError> {
-        let packets = self.stats_sum(id)?.packets;
-        self.retire_redirected(packets)?;
+        let counted = self.stats_sum(id)?;
+        self.retire(&counted)?;
         for i in self.stats_indexes(id) {
             if let Some(mem) = &self.stats_mem
                 && (0..STATS_WORDS).all(|w| mem.store(i * STATS_WORDS + w, 0))
@@ -457,30 +468,34 @@ impl Engine {
         Ok(())
     }
 
-    /// Adds `packets` to the global `redirected` slot's CPU-0 value: it keeps what entries
-    /// counted before their counters were reset (a removed entry's, or late packets of one
-    /// removed before its slot was reused), since the classifier counts a redirect only in
-    /// its entry's counters and [`Self::global_stats`] sums the live ones. The classifier
-    /// never writes the slot, so a read-modify-write under [`Self::write_lock`] is exact.
-    fn retire_redirected(&mut self, packets: u64) -> Result<(), EngineError> {
-        if packets == 0 {
-            return Ok(());
+    /// Adds `counted` (a slot's counters about to be reset) to the global slots they are
+    /// sums into, CPU 0's value of each ([`RETIRED`]): a removed entry's counts, or late
+    /// packets of one removed before its slot was reused. The classifier counts redirects
+    /// and new flows only in the entries' counters, and [`Self::global_stats`] sums the live
+    /// ones with these. It never writes these slots, so a read-modify-write under
+    /// [`Self::write_lock`] is exact.
+    fn retire(&mut self, counted: &EntryStats) -> Result<(), EngineError> {
+        for (counter, n) in RETIRED.map(|(c, field)| (c, field(counted))) {
+            if n == 0 {
+                continue;
+            }
+            let slot = counter as u32;
+            let cur = self
+                .global
+                .get(&slot, 0)
+                .map_err(|e| EngineError::map("cannot read the global counters", e))?;
+            let mut values: Vec<u64> = cur.iter().copied().collect();
+            if let Some(first) = values.first_mut() {
+                *first = first.wrapping_add(n);
+            }
+            let values = aya::maps::PerCpuValues::try_from(values).map_err(|e| {
+                EngineError::map("cannot write the global counters", MapError::IoError(e))
+            })?;
+            self.global
+                .set(slot, values, 0)
+                .map_err(|e| EngineError::map("cannot write the global counters", e))?;
         }
-        let slot = GlobalCounter::Redirected as u32;
-        let cur = self
-            .global
-            .get(&slot, 0)
-            .map_err(|e| EngineError::map("cannot read the global counters", e))?;
-        let mut values: Vec<u64> = cur.iter().copied().collect();
-        if let Some(first) = values.first_mut() {
-            *first = first.wrapping_add(packets);
-        }
-        let values = aya::maps::PerCpuValues::try_from(values).map_err(|e| {
-            EngineError::map("cannot write the global counters", MapError::IoError(e))
-        })?;
-        self.global
-            .set(slot, values, 0)
-            .map_err(|e| EngineError::map("cannot write the global counters", e))
+        Ok(())
     }
 
     /// The counter slots in use: every prefix rule's (its rule id) and every exact entry's
@@ -876,7 +891,7 @@ impl Engine {
         self.rules
             .set(id, ServiceEntry::new(0, 0, [0; 6]), 0)
             .map_err(|e| EngineError::map("cannot clear the rules slot", e))?;
-        // No longer a live slot: its count moves to the global `redirected` slot.
+        // No longer a live slot: its counts move to the global slots.
         self.zero_stats(id)?;
         self.entries_changed()?;
         self.sync_rule_count()?;
@@ -1182,8 +1197,8 @@ impl Engine {
                 .map_err(|e| EngineError::map("cannot read the global counters", e))?;
             Ok(v.iter().sum())
         };
-        // A writer moves a reset slot's count into the `redirected` slot: under the lock the
-        // sum below sees it in one place or the other, never both or neither.
+        // A writer moves a reset slot's counts into the global slots: under the lock the sums
+        // below see them in one place or the other, never both or neither.
         let _lock = self.write_lock()?;
         let mut stats = GlobalStats::default();
         for info in GLOBAL_COUNTER_INFO {
@@ -1191,9 +1206,13 @@ impl Engine {
                 *stats.get_mut(info.counter) = read(info.counter)?;
             }
         }
-        // Counted by the classifier in the entries' counters only (see `retire_redirected`).
+        // Counted by the classifier in the entries' counters only (see `retire`).
         for id in self.live_stats_ids()? {
-            stats.redirected = stats.redirected.wrapping_add(self.stats_sum(id)?.packets);
+            let counted = self.stats_sum(id)?;
+            for (counter, field) in RETIRED {
+                let total = stats.get_mut(counter);
+                *total = total.wrapping_add(field(&counted));
+            }
         }
         // Not counted by the classifier: every packet ends in one of its exits.
         stats.seen = INGRESS_EXITS.iter().map(|&c| stats.get(c)).sum();
