@@ -498,19 +498,19 @@ impl Engine {
         Ok(())
     }
 
+    /// The rule id of every prefix rule (its slot in `VISCUM_RULES` and its counter slot).
+    fn rule_ids(&self) -> Result<Vec<u32>, EngineError> {
+        Ok(self
+            .nodes()?
+            .iter()
+            .flat_map(|(_, _, n)| n.rules[..n.count as usize].iter().map(|r| r.rule_id))
+            .collect())
+    }
+
     /// The counter slots in use: every prefix rule's (its rule id) and every exact entry's
     /// (a set bit of the slot bitmap, see [`STATS_IDS_BASE`]).
     fn live_stats_ids(&self) -> Result<Vec<u32>, EngineError> {
-        let mut ids: Vec<u32> = self
-            .nodes()?
-            .iter()
-            .flat_map(|(_, _, n)| {
-                n.rules[..n.count as usize]
-                    .iter()
-                    .map(|r| r.rule_id)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let mut ids = self.rule_ids()?;
         if let Some(ports) = self.ports.as_ref() {
             for w in 0..self.stats_slot_words() {
                 let mut word = ports.get(STATS_IDS_BASE + w)?;
@@ -827,16 +827,7 @@ impl Engine {
                 max: RULES_PER_PREFIX,
             });
         }
-        let used: std::collections::HashSet<u32> = self
-            .nodes()?
-            .iter()
-            .flat_map(|(_, _, n)| {
-                n.rules[..n.count as usize]
-                    .iter()
-                    .map(|r| r.rule_id)
-                    .collect::<Vec<_>>()
-            })
-            .collect();
+        let used: std::collections::HashSet<u32> = self.rule_ids()?.into_iter().collect();
         let id = (0..MAX_RULES)
             .find(|i| !used.contains(i))
             .ok_or(EngineError::Full(MAX_RULES))?;
