@@ -19,6 +19,7 @@ use crate::endpoint::Endpoint;
 /// 64-bit words of one [`EntryStats`] in the counters array's mapped memory (its fields in
 /// order; the kernel lays array values out back to back, each rounded up to 8 bytes).
 const STATS_WORDS: u32 = (size_of::<EntryStats>() / 8) as u32;
+const _: () = assert!(size_of::<EntryStats>().is_multiple_of(8));
 
 /// Reads one counter of an entry's [`EntryStats`].
 type EntryField = fn(&EntryStats) -> u64;
@@ -31,7 +32,6 @@ const RETIRED: [(GlobalCounter, EntryField); 3] = [
     (GlobalCounter::FlowsEdge, |s| s.new_flows),
     (GlobalCounter::FlowsCloud, |s| s.cloud_flows),
 ];
-const _: () = assert!(size_of::<EntryStats>().is_multiple_of(8));
 
 /// `BPF_EXIST`: update only an existing element.
 const BPF_EXIST: u64 = 2;
@@ -411,8 +411,8 @@ impl Engine {
             ports.set(i, cur & !bit)?;
         }
         // Out of the live slots `global_stats` sums: what it counted moves to the global
-        // slots (packets a flow cache still delivers by it until the entries' generation
-        // moves are moved there when the slot is claimed again).
+        // slots now, and a packet counted in it later (delivered by a flow-cache slot filled
+        // before the entries' generation moved) when the slot is claimed again.
         self.zero_stats(id)?;
         let Some(ports) = self.ports.as_mut() else {
             return Ok(());
