@@ -222,9 +222,9 @@ fn counters_match_the_traffic_sent() {
     // The classifier counts a redirect in its entry's counters only; the global count is
     // their sum, so a removed entry's packets must stay in it, and an entry added again in
     // its counter slot must start from zero without counting them twice.
+    assert_eq!(g["flows_edge"], 2 * N, "{g}");
     let m4 = url(Proto::Udp, v4);
     s.lab.viscum_ok(&["redirect", "del", &m4, "--now"]);
-    assert_eq!(g["flows_edge"], 2 * N, "{g}");
     let g = json(&s, &["stats", "--json"])["global"].clone();
     assert_eq!(g["redirected"], 2 * N, "after removing {m4}: {g}");
     assert_eq!(g["flows_edge"], 2 * N, "after removing {m4}: {g}");

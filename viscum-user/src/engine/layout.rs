@@ -88,8 +88,8 @@ pub const CHANGES: &[(u32, &[&str])] = &[
 /// edge TCP flow whose service still holds the connection gets its record back, see the
 /// classifier's flow module), the miss pre-filter (rebuilt from the entries by the next
 /// command that opens the maps), the global counters (they start again from zero;
-/// `redirected` from the kept entries' counters), and the tail-call table (`attach` fills it
-/// with the programs it loads).
+/// `redirected` and the flow counts from the kept entries' counters), and the tail-call
+/// table (`attach` fills it with the programs it loads).
 pub const SOFT_MAPS: &[&str] = &[
     FLOWS_MAP,
     REPLIES_MAP,

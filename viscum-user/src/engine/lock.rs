@@ -7,9 +7,10 @@
 //! namespace's local routes and the reply path), attach, detach and purge, `ns add/del`, and
 //! each daemon reload. Reads (`redirect list`, `status`) take nothing: every map update is
 //! atomic on its own, so a reader sees each entry either before or after a change. The one
-//! read that takes it is the global counters' ([`Engine::global_stats`](super::Engine::global_stats)):
-//! `redirected` is summed from the live entries' counters and a slot reset by a change
-//! moves its count to the global slot, which a reader must see in one place, not both.
+//! read that takes it is the global counters'
+//! ([`Engine::global_stats`](super::Engine::global_stats)): `redirected` and the flow counts
+//! are summed from the live entries' counters, and a slot reset by a change moves its counts
+//! to the global slots, which a reader must see in one place, not both.
 //!
 //! The daemon does not hold it while idle; it takes it per change like any CLI command, so the
 //! CLI keeps working next to a running daemon (why: see "One writer per instance" in
