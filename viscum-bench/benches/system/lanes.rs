@@ -10,6 +10,8 @@
 //! noop     as route, plus bench_noop (returns TC_ACT_OK) at TC ingress of lan0
 //! hook     C ── lan0 [E: bench_hook, bpf_redirect_peer of every frame] vs0 ── T (AnyIP)
 //! viscum   C ── lan0 [E: viscum attach + redirect add --ns] vh-NAME ── T = viscum ns NAME
+//! viscum-anyip  as viscum, with `redirect add --ns NAME --anyip` (no NAT: T answers as
+//!          the cloud address, as in hook and tc-mirred; see below)
 //! iptables C ── lan0 [E: nat PREROUTING DNAT to 10.77.0.2] vs0 ── T eth0 10.77.0.2
 //! nft      C ── lan0 [E: ip daddr . tcp dport vmap { … : goto dnat }] vs0 ── T
 //! tc-mirred C ── lan0 [E: tc flower + skbmod dmac + mirred egress redirect] vs0 ── T (AnyIP)
@@ -92,6 +94,9 @@ pub enum Kind {
     Noop,
     Hook,
     Viscum,
+    /// Viscum in AnyIP mode (`--anyip`): no address translation either way, the mechanism
+    /// hook and tc-mirred have; `viscum` is the default for `--ns`, NAT.
+    ViscumAnyip,
     Iptables,
     Nft,
     Flower,
@@ -110,6 +115,7 @@ impl Kind {
             Kind::Noop => "noop",
             Kind::Hook => "hook",
             Kind::Viscum => "viscum",
+            Kind::ViscumAnyip => "viscum-anyip",
             Kind::Iptables => "iptables",
             Kind::Nft => "nft",
             Kind::Flower => "tc-mirred",
@@ -253,7 +259,8 @@ impl Lane {
                 }
                 lane.start_servers(env, &t)?;
             }
-            Kind::Viscum => lane.build_viscum(env, &e, &base)?,
+            Kind::Viscum => lane.build_viscum(env, &e, &base, false)?,
+            Kind::ViscumAnyip => lane.build_viscum(env, &e, &base, true)?,
             Kind::Hook | Kind::Iptables | Kind::Nft | Kind::Flower | Kind::Proxy => {
                 let t = lane.ns(&lane.target.clone())?;
                 veth(&e, "vs0", MAC_VS, &t, "eth0", MAC_S)?;
@@ -358,7 +365,8 @@ impl Lane {
         Ok(())
     }
 
-    fn build_viscum(&mut self, env: &Env<'_>, e: &str, base: &str) -> Result<()> {
+    /// The `viscum` lanes: `anyip` adds `--anyip` to every `redirect add` (no NAT).
+    fn build_viscum(&mut self, env: &Env<'_>, e: &str, base: &str, anyip: bool) -> Result<()> {
         let pins = env.bpffs.subdir(&format!("{base}-viscum"))?;
         let v = env.viscum.with_bpffs(&pins);
         v.run(e, &["attach", "lan0"])?;
@@ -369,16 +377,12 @@ impl Lane {
         self.target = name.clone();
         self.start_servers(env, &name)?;
         for port in PORTS {
-            v.run(
-                e,
-                &[
-                    "redirect",
-                    "add",
-                    &format!("tcp://198.51.100.7:{port}"),
-                    "--ns",
-                    &name,
-                ],
-            )?;
+            let target = format!("tcp://198.51.100.7:{port}");
+            let mut args = vec!["redirect", "add", &target, "--ns", &name];
+            if anyip {
+                args.push("--anyip");
+            }
+            v.run(e, &args)?;
         }
         if self.spec.fill > 0 {
             let host = format!("vh-{name}");

@@ -69,6 +69,10 @@ const HOOK: Spec = Spec::new(Kind::Hook, 0);
 const V: Spec = Spec::new(Kind::Viscum, 0);
 const V1K: Spec = Spec::new(Kind::Viscum, 1_000);
 const V10K: Spec = Spec::new(Kind::Viscum, 10_000);
+/// Viscum without NAT (`--anyip`): the like-for-like lane for hook and tc-mirred, whose
+/// servers answer as the cloud address too; `viscum` (NAT, the default for `--ns`) also
+/// pays the address rewrites both ways.
+const VA: Spec = Spec::new(Kind::ViscumAnyip, 0);
 const IPT: Spec = Spec::new(Kind::Iptables, 0);
 const IPT1K: Spec = Spec::new(Kind::Iptables, 1_000);
 const IPT10K: Spec = Spec::new(Kind::Iptables, 10_000);
@@ -79,7 +83,7 @@ const FLOWER: Spec = Spec::new(Kind::Flower, 0);
 const PROXY: Spec = Spec::new(Kind::Proxy, 0);
 
 /// Lanes every traffic benchmark uses; B5 adds the filled ones.
-const BASE: [Spec; 9] = [W, R, NOOP, HOOK, V, IPT, NFT, FLOWER, PROXY];
+const BASE: [Spec; 10] = [W, R, NOOP, HOOK, V, VA, IPT, NFT, FLOWER, PROXY];
 const FILLED: [Spec; 6] = [V1K, V10K, IPT1K, IPT10K, NFT1K, NFT10K];
 /// B6 only: one strict topology, two lanes ([`lanes::build_strict`]).
 const STRICT_EDGE: Spec = Spec::new(Kind::StrictEdge, 0);
@@ -452,6 +456,19 @@ fn b4_fragment(
             Some(("≤ 0.6", |x| x <= 0.6)),
         ),
         ratio_row("viscum / nftables DNAT", &t("viscum"), &t("nft"), None),
+        ratio_row("viscum-anyip / hook", &t("viscum-anyip"), &t("hook"), None),
+        ratio_row(
+            "viscum-anyip / tc-mirred",
+            &t("viscum-anyip"),
+            &t("tc-mirred"),
+            None,
+        ),
+        ratio_row(
+            "viscum / viscum-anyip (NAT's share)",
+            &t("viscum"),
+            &t("viscum-anyip"),
+            None,
+        ),
         ratio_row("route / wire", &t("route"), &t("wire"), None),
     ];
     for row in &mut r {
@@ -563,6 +580,19 @@ fn b5_fragment(
         ratio_row("viscum / hook", &c("viscum"), &c("hook"), None),
         ratio_row("noop / route", &c("noop"), &c("route"), None),
         ratio_row("viscum / tc-mirred", &c("viscum"), &c("tc-mirred"), None),
+        ratio_row("viscum-anyip / hook", &c("viscum-anyip"), &c("hook"), None),
+        ratio_row(
+            "viscum-anyip / tc-mirred",
+            &c("viscum-anyip"),
+            &c("tc-mirred"),
+            None,
+        ),
+        ratio_row(
+            "viscum / viscum-anyip (NAT's share)",
+            &c("viscum"),
+            &c("viscum-anyip"),
+            None,
+        ),
     ];
     f.tables.push(Table {
         title: "ratios of connections/s (per round)".into(),
@@ -758,6 +788,18 @@ fn b6_fragment(
         ratio_row(
             "viscum / tc-mirred, per core",
             &pc("viscum"),
+            &pc("tc-mirred"),
+            None,
+        ),
+        ratio_row(
+            "viscum-anyip / hook, raw",
+            &g("viscum-anyip"),
+            &g("hook"),
+            None,
+        ),
+        ratio_row(
+            "viscum-anyip / tc-mirred, per core",
+            &pc("viscum-anyip"),
             &pc("tc-mirred"),
             None,
         ),
