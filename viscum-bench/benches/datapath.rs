@@ -27,6 +27,7 @@ mod support;
 
 use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::Path,
     process::ExitCode,
     time::Instant,
 };
@@ -41,14 +42,15 @@ use serde_json::json;
 use viscum::endpoint::Endpoint;
 use viscum_common::{
     ENTRY_STATS_MAP, FLOW_CACHE_MAP, FLOWS_MAP, INGRESS_PROG, PORT_FILTER_BITMAP_WORDS,
-    PORT_FILTER_BUILT, PORTS_MAP, PortFilter, REPLIES_MAP, REPLY_CACHE_MAP, SERVICES_MAP,
-    ServiceEntry, ServiceKey, TARGET_F_PEER, TARGET_F_SET_MAC, entry_stats_id, entry_stats_slots,
-    flow_cache_entries, reply_cache_entries,
+    PORT_FILTER_BUILT, PORTS_MAP, PortFilter, REPLIES_MAP, REPLY_CACHE_MAP, REPLY_PROG,
+    SERVICES_MAP, ServiceEntry, ServiceKey, TARGET_F_NAT, TARGET_F_PEER, TARGET_F_SET_MAC,
+    entry_stats_id, entry_stats_slots, flow_cache_entries, reply_cache_entries,
 };
 
 use crate::support::{
     bpffs::PrivateBpffs,
     cli::Args,
+    netns,
     report::{self, Bar, Fragment, Plot, Row, Series, Table},
     sys,
 };
@@ -147,12 +149,16 @@ impl Loaded {
         max_entries: u32,
         flow_entries: Option<u32>,
     ) -> Result<Loaded> {
-        let dir = bpffs.subdir(tag)?;
+        Loaded::viscum_in(&bpffs.subdir(tag)?, max_entries, flow_entries)
+    }
+
+    /// [`Loaded::viscum`] with its maps pinned in `dir`.
+    fn viscum_in(dir: &Path, max_entries: u32, flow_entries: Option<u32>) -> Result<Loaded> {
         // As `viscum attach` sizes them: a region per possible CPU id.
         let cpus = viscum::engine::cpus::cpu_regions()?;
         let mut loader = EbpfLoader::new();
         loader
-            .default_map_pin_directory(&dir)
+            .default_map_pin_directory(dir)
             .map_max_entries(SERVICES_MAP, max_entries)
             .map_max_entries(
                 ENTRY_STATS_MAP,
@@ -178,9 +184,13 @@ impl Loaded {
     }
 
     fn noop(bpffs: &PrivateBpffs) -> Result<Loaded> {
-        let dir = bpffs.subdir("noop")?;
+        Loaded::noop_in(&bpffs.subdir("noop")?)
+    }
+
+    /// [`Loaded::noop`] with its maps pinned in `dir`.
+    fn noop_in(dir: &Path) -> Result<Loaded> {
         let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&dir)
+            .default_map_pin_directory(dir)
             .load(BENCH_OBJECT)
             .context("cannot load the viscum-bench object")?;
         load_prog(&mut ebpf, "bench_noop")?;
@@ -805,6 +815,11 @@ fn b1(args: &Args, bpffs: &PrivateBpffs) -> Result<Fragment> {
     ));
     f.note("hot = the kernel's mean over repeat = 1e6 runs of one packet (all in cache); spread = one run per BPF_PROG_TEST_RUN call, a different flow every call.");
 
+    f.tables.push(reply_table(bpffs, &args.run_id, &plan));
+    f.note(format!(
+        "reply program: in a namespace of its own, an AnyIP entry ({REPLY_CLOUD}:80) and a NAT entry ({REPLY_CLOUD_NAT}:80, served at {REPLY_SERVICE}) on host veth vh0, each with a flow opened by a SYN and an ACK through viscum_ingress; then a 54-byte TCP ACK back from the service, run on vh0 (__sk_buff.ifindex), forwarded to the client behind lan0 (permanent neighbour) by the reply cache's copy after the first call. One run per call: the program rewrites the packet (TTL, and the source in NAT mode), so a repeated run would not see the same packet twice."
+    ));
+
     let bars: Vec<Bar> = f.tables[0].rows.iter().filter_map(Bar::from_row).collect();
     f.plots.push(Plot::Bars {
         file: "b1-hot".into(),
@@ -851,6 +866,218 @@ fn b1(args: &Args, bpffs: &PrivateBpffs) -> Result<Fragment> {
         f.raw("hit_v4_hot_net_ns", s.median);
     }
     Ok(f.finish())
+}
+
+// ---------------------------------------------------------------------------------------------
+// B1: the reply program
+
+/// The cloud address of the reply rows' AnyIP entry.
+const REPLY_CLOUD: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+/// The cloud address of their NAT entry, and the service's own address it translates to.
+const REPLY_CLOUD_NAT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 8);
+const REPLY_SERVICE: Ipv4Addr = Ipv4Addr::new(169, 254, 128, 2);
+
+/// Per round, the single-run mean (ns) of bench_noop and of viscum_reply on each reply.
+struct ReplyRuns {
+    noop: Vec<f64>,
+    anyip: Vec<f64>,
+    nat: Vec<f64>,
+    calls: usize,
+}
+
+/// B1's reply table: what `viscum_reply` costs per packet on a reply of an established edge
+/// flow, with and without the source rewrite, over bench_noop measured the same way. A
+/// failure becomes the table's one row; the rest of B1 stands.
+fn reply_table(bpffs: &PrivateBpffs, run_id: &str, plan: &Plan) -> Table {
+    let title = |calls: usize| {
+        format!(
+            "reply: viscum_reply on a reply of an established edge flow, one run per call, {calls} calls per variant per round (mean below p99)"
+        )
+    };
+    let r = match reply_runs(bpffs, run_id, plan) {
+        Ok(r) => r,
+        Err(e) => {
+            return Table {
+                title: title(plan.spread_calls),
+                rows: vec![Row::failed("reply program", format!("{e:#}"))],
+            };
+        }
+    };
+    let over = |name: &str, v: &[f64]| {
+        let raw = report::Stat::of(v).map(|s| s.median).unwrap_or(f64::NAN);
+        Row::new(format!("{name}, over noop"), "ns", minus(v, &r.noop))
+            .note(format!("raw {raw:.1} ns"))
+            .target_value("≤ 120 ns", |v| v <= 120.0)
+    };
+    Table {
+        title: title(r.calls),
+        rows: vec![
+            Row::new(
+                "noop (bench_noop), same packet and device",
+                "ns",
+                r.noop.clone(),
+            )
+            .note("reference; includes the kernel's two timer reads per call"),
+            over("reply, AnyIP (forwarded as it came)", &r.anyip),
+            over("reply, NAT (source rewritten to the cloud address)", &r.nat),
+        ],
+    }
+}
+
+/// Builds the reply rows' namespace (client-facing `lan0` with the client as a permanent
+/// neighbour, host veth `vh0`, forwarding on) and measures in it.
+fn reply_runs(bpffs: &PrivateBpffs, run_id: &str, plan: &Plan) -> Result<ReplyRuns> {
+    let name = format!("{run_id}-b1r");
+    let _ns = netns::create(&name)?;
+    for (a, b) in [("vh0", "vs0"), ("lan0", "lan1")] {
+        netns::ip(&[
+            "-n", &name, "link", "add", a, "type", "veth", "peer", "name", b,
+        ])?;
+    }
+    for dev in ["vh0", "vs0", "lan0", "lan1"] {
+        netns::ip(&["-n", &name, "link", "set", dev, "up"])?;
+    }
+    netns::ip(&["-n", &name, "addr", "add", "169.254.128.1/30", "dev", "vh0"])?;
+    netns::ip(&["-n", &name, "addr", "add", "192.0.2.1/24", "dev", "lan0"])?;
+    netns::neigh(&name, "lan0", &CLIENT.to_string(), "02:00:00:00:00:02")?;
+    netns::sysctl(&name, "net/ipv4/ip_forward", "1")?;
+    let dirs = (bpffs.subdir("b1-reply")?, bpffs.subdir("b1-reply-noop")?);
+    let (rounds, calls) = (plan.rounds, plan.spread_calls);
+    // The FIB lookups and the target checks act in the thread's namespace.
+    viscum::netns::in_netns(&name, move || {
+        reply_runs_here(&dirs.0, &dirs.1, rounds, calls)
+    })
+    .with_context(|| format!("cannot enter {name}"))?
+}
+
+/// [`reply_runs`], on a thread inside the namespace.
+fn reply_runs_here(
+    vis_dir: &Path,
+    noop_dir: &Path,
+    rounds: usize,
+    calls: usize,
+) -> Result<ReplyRuns> {
+    // SAFETY: a NUL-terminated name; the call only reads it.
+    let vh0 = unsafe { libc::if_nametoindex(c"vh0".as_ptr()) };
+    if vh0 == 0 {
+        bail!("no vh0 in the namespace");
+    }
+    let noop = Loaded::noop_in(noop_dir)?;
+    let mut vis = Loaded::viscum_in(vis_dir, 64, None)?;
+    load_prog(&mut vis.ebpf, REPLY_PROG)?;
+    let flags = viscum::features::entry_redirect_flags();
+    let anyip = ServiceEntry {
+        stats_id: entry_stats_id(0),
+        ..ServiceEntry::new(vh0, flags, [0x02, 0, 0, 0, 0, 0x53])
+    };
+    let nat = ServiceEntry {
+        stats_id: entry_stats_id(1),
+        flags: flags | TARGET_F_NAT,
+        nat_addr: key(IpAddr::V4(REPLY_SERVICE)).addr,
+        ..anyip
+    };
+    let entries = [
+        (key(IpAddr::V4(REPLY_CLOUD)), anyip),
+        (key(IpAddr::V4(REPLY_CLOUD_NAT)), nat),
+    ];
+    {
+        let mut map = vis.services()?;
+        for (k, v) in &entries {
+            map.insert(k, v, 0)
+                .context("cannot insert a reply-row entry")?;
+        }
+    }
+    for (k, _) in &entries {
+        vis.filter.manage_key(k);
+    }
+    vis.write_port_filter()?;
+
+    // The flows, opened as on the wire (SYN, then the handshake's ACK); each its own client
+    // port, as the edge records are keyed by the client's side and the veth.
+    let ingress = vis.prog()?;
+    for (dst, port) in [(REPLY_CLOUD, 40_000), (REPLY_CLOUD_NAT, 40_001)] {
+        for tcp_flags in [TCP_SYN, TCP_ACK] {
+            let r = ingress
+                .test_run(TestRunOptions {
+                    data_in: Some(&v4_tcp(CLIENT, dst, port, 80, tcp_flags)),
+                    repeat: 1,
+                    ..Default::default()
+                })
+                .context("BPF_PROG_TEST_RUN failed")?;
+            if r.return_value != TC_ACT_REDIRECT {
+                bail!(
+                    "opening the flow to {dst}: viscum_ingress returned {} instead of {TC_ACT_REDIRECT}",
+                    r.return_value as i32
+                );
+            }
+        }
+    }
+    let reply = vis.named_prog(REPLY_PROG)?;
+    let np = noop.prog()?;
+    let anyip_pkt = v4_tcp(REPLY_CLOUD, CLIENT, 80, 40_000, TCP_ACK);
+    let nat_pkt = v4_tcp(REPLY_SERVICE, CLIENT, 80, 40_001, TCP_ACK);
+    // struct __sk_buff up to `ifindex` (include/uapi/linux/bpf.h: offset 40); a test run
+    // with an ifindex runs on that device (net/bpf/test_run.c), as a reply arriving on vh0.
+    let mut skb = [0u8; 44];
+    skb[40..44].copy_from_slice(&vh0.to_ne_bytes());
+    let mut out = ReplyRuns {
+        noop: Vec::new(),
+        anyip: Vec::new(),
+        nat: Vec::new(),
+        calls,
+    };
+    for round in 0..rounds {
+        sys::check_stop()?;
+        let mut jobs: [(usize, &SchedClassifier, &[u8], u32); 3] = [
+            (0, np, &anyip_pkt, TC_ACT_OK),
+            (1, reply, &anyip_pkt, TC_ACT_REDIRECT),
+            (2, reply, &nat_pkt, TC_ACT_REDIRECT),
+        ];
+        if round % 2 == 1 {
+            jobs.reverse();
+        }
+        for (slot, prog, pkt, want) in jobs {
+            let mean = single_runs(prog, pkt, &skb, calls, want)?;
+            match slot {
+                0 => out.noop.push(mean),
+                1 => out.anyip.push(mean),
+                _ => out.nat.push(mean),
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// `calls` single runs of `pkt` (a fresh copy each) with context `ctx`; the mean below p99.
+fn single_runs(
+    prog: &SchedClassifier,
+    pkt: &[u8],
+    ctx: &[u8],
+    calls: usize,
+    want: u32,
+) -> Result<f64> {
+    let mut ns = Vec::with_capacity(calls);
+    for i in 0..calls {
+        let r = prog
+            .test_run(TestRunOptions {
+                data_in: Some(pkt),
+                ctx_in: Some(ctx),
+                repeat: 1,
+                ..Default::default()
+            })
+            .context("BPF_PROG_TEST_RUN failed")?;
+        if !verdict_ok(want, r.return_value) {
+            bail!(
+                "call {i} returned {} instead of {want}",
+                r.return_value as i32
+            );
+        }
+        ns.push(r.duration.as_nanos() as u32);
+        if i % 16_384 == 0 {
+            sys::check_stop()?;
+        }
+    }
+    Ok(trimmed_mean(&ns))
 }
 
 // ---------------------------------------------------------------------------------------------
