@@ -819,7 +819,7 @@ macro_rules! global_counters {
                 "Replies whose source was rewritten to the cloud identity.";
             RepliesToStack = 11, replies_to_stack, "REPLIES_TO_STACK", Flows, DATAPATH_REPLIES,
                 "to_stack",
-                "Replies left to the kernel's routing (no FIB result, or TTL expiring).";
+                "Replies left to the kernel's routing (no FIB result, too large for the egress MTU, TTL expiring, or a VLAN tag in the frame).";
             RepliesUnknown = 12, replies_unknown, "REPLIES_UNKNOWN", Flows, DATAPATH_REPLIES,
                 "unknown",
                 "Packets from service namespaces that belong to no known flow.";

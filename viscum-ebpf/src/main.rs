@@ -67,6 +67,7 @@ use crate::{
     flow::Decision,
     nat::End,
     parse::{Kind, ParseError, Parsed},
+    redirect::Writes,
 };
 
 /// TC ingress of client-facing interfaces. Returns `TC_ACT_REDIRECT` for a
@@ -291,7 +292,16 @@ fn deliver(ctx: &TcContext, p: &mut Parsed, entry: &ServiceEntry) -> Result<i32,
         } else {
             p.key.port
         };
-        if nat::rewrite(ctx, p, End::Destination, &entry.nat_addr, port).is_none() {
+        if nat::rewrite(
+            ctx,
+            p,
+            End::Destination,
+            &entry.nat_addr,
+            port,
+            Writes::Helper,
+        )
+        .is_none()
+        {
             counters::bump(GlobalCounter::RedirectErrors);
             return Err(TC_ACT_SHOT);
         }
@@ -377,6 +387,7 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     let generation = lookup::entries_generation();
     let identities = reply_cache::identities();
     if parse::plain_tcp(&p)
+        && redirect::untagged(&p)
         && let Some(copy) = reply_cache::hit(&p, ifindex, counters::tick(), generation, identities)
     {
         frag::remember(&p);
@@ -428,6 +439,13 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
         let now = counters::now_coarse();
         reply_cache::fill(&p, ifindex, id, now, generation, identities);
     }
+    if !redirect::untagged(&p) {
+        // A tag in the frame, which our veth never puts there (it carries tags in the skb):
+        // the reply side writes headers at untagged offsets only (`redirect::Writes`), so
+        // the kernel routes this one as it is.
+        counters::bump(GlobalCounter::RepliesToStack);
+        return Ok(TC_ACT_UNSPEC);
+    }
     // Rewritten in place: a copy would not fit the 512-byte stack.
     rewrite_reply_source(ctx, &mut p, id)?;
     // Sent straight out to the client, a reply gets its service's network share (HTB class,
@@ -443,7 +461,16 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
 #[inline(always)]
 fn rewrite_reply_source(ctx: &TcContext, p: &mut Parsed, record: &ReplyState) -> Result<(), i32> {
     if flow::answered_elsewhere(record, p) {
-        if nat::rewrite(ctx, p, End::Source, &record.service, record.service_port).is_none() {
+        if nat::rewrite(
+            ctx,
+            p,
+            End::Source,
+            &record.service,
+            record.service_port,
+            Writes::Direct,
+        )
+        .is_none()
+        {
             return Err(TC_ACT_SHOT);
         }
         counters::bump(GlobalCounter::RepliesRewritten);

@@ -16,7 +16,10 @@ use viscum_common::{
     csum::{csum_diff16, ip_csum_replace4},
 };
 
-use crate::parse::{Frag, Parsed};
+use crate::{
+    parse::{Frag, Parsed},
+    redirect::{Writes, put_header},
+};
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -56,8 +59,9 @@ fn l4_flags(p: &Parsed) -> u64 {
 /// say. The IPv4 header checksum, which covers the header alone and is never offloaded, is
 /// computed here from the parse (RFC 1624) instead of by `bpf_l3_csum_replace`, and written
 /// with the addresses, and with the ports when no IP options lie between (`l4 == l3 + 20`),
-/// in one `bpf_skb_store_bytes`: IPv4 NAT of address and port is three helper calls, not
-/// five. Stores at a scalar offset, not through packet pointers: see [`Parsed::ip_check`].
+/// in one write: IPv4 NAT of address and port is three helper calls, not five, and on the
+/// reply side ([`Writes::Direct`], an untagged frame) one: the header goes through a packet
+/// pointer ([`redirect::put_header`]).
 #[inline(always)]
 pub fn rewrite(
     ctx: &TcContext,
@@ -65,6 +69,7 @@ pub fn rewrite(
     end: End,
     new_addr: &[u8; 16],
     new_port: u16,
+    how: Writes,
 ) -> Option<()> {
     let (old_addr, old_port) = match end {
         End::Source => (p.saddr, p.sport),
@@ -131,23 +136,22 @@ pub fn rewrite(
                 c[0], c[1], src[0], src[1], src[2], src[3], dst[0], dst[1], dst[2], dst[3], sp[0],
                 sp[1], dp[0], dp[1],
             ];
-            let off = p.l3 as usize + 10;
             let stored = if port_moves && p.l4 == p.l3 + 20 {
                 ports_written = true;
-                ctx.store(off, &tail, 0)
+                put_header(ctx, p, how, 10, &tail)
             } else {
                 match tail.first_chunk::<10>() {
-                    Some(head) => ctx.store(off, head, 0),
+                    Some(head) => put_header(ctx, p, how, 10, head),
                     None => return None,
                 }
             };
-            if stored.is_err() {
+            if !stored {
                 return None;
             }
             p.ip_check = check;
         } else {
-            let off = p.l3 as usize + if end == End::Source { 8 } else { 24 };
-            if ctx.store(off, new_addr, 0).is_err() {
+            let off = if end == End::Source { 8 } else { 24 };
+            if !put_header(ctx, p, how, off, new_addr) {
                 return None;
             }
         }

@@ -11,7 +11,8 @@ use viscum_common::{
     FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ServiceKey,
 };
 
-const ETH_HLEN: usize = 14;
+/// Length of an untagged Ethernet header: where `l3` is in a frame without a VLAN tag.
+pub const ETH_HLEN: usize = 14;
 const VLAN_HLEN: usize = 4;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86DD;

@@ -16,7 +16,7 @@ use viscum_common::{
 
 use crate::{
     counters,
-    parse::{Parsed, TCP_SYN},
+    parse::{ETH_HLEN, Parsed, TCP_SYN},
     share,
 };
 
@@ -388,10 +388,9 @@ unsafe fn write_macs(dst: *mut u8, macs: &[u8; 12]) {
 /// Forwarding decrements the TTL / hop limit like any router hop; a packet
 /// about to expire is left to the stack, which sends the ICMP error.
 ///
-/// From the parse (`p.ttl`, and `p.ip_check` as the rewrites left it), with one store at a
-/// scalar offset: TTL, protocol and the header checksum updated in place (RFC 1624) for
-/// IPv4, the hop limit for IPv6 (see [`Parsed::ip_check`] for why not through packet
-/// pointers).
+/// From the parse (`p.ttl`, and `p.ip_check` as the rewrites left it): TTL, protocol and
+/// the header checksum updated in place (RFC 1624) for IPv4, the hop limit for IPv6, in one
+/// write ([`put_header`]). Reply side only: see [`Writes::Direct`].
 #[inline(always)]
 fn decrement_ttl(ctx: &TcContext, p: &Parsed) -> bool {
     let ttl = p.ttl;
@@ -405,13 +404,68 @@ fn decrement_ttl(ctx: &TcContext, p: &Parsed) -> bool {
             [ttl, p.key.proto],
             [ttl - 1, p.key.proto],
         );
-        ctx.store(
-            p.l3 as usize + 8,
+        put_header(
+            ctx,
+            p,
+            Writes::Direct,
+            8,
             &[ttl - 1, p.key.proto, check[0], check[1]],
-            0,
         )
-        .is_ok()
     } else {
-        ctx.store(p.l3 as usize + 7, &(ttl - 1), 0).is_ok()
+        put_header(ctx, p, Writes::Direct, 7, &[ttl - 1])
+    }
+}
+
+/// How a program writes the IP header: see [`put_header`].
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Writes {
+    /// `bpf_skb_store_bytes`: the client-facing programs (`viscum_ingress`, `viscum_recover`,
+    /// `viscum_icmp_ingress`), which must not write through packet pointers (see
+    /// [`set_dst_mac`]).
+    Helper,
+    /// Through packet pointers, at offsets from an untagged Ethernet header: the reply-side
+    /// programs, which write the MACs that way already (the verifier's unclone prologue is
+    /// theirs anyway) and whose packets come from our own veth, whose VLAN tags (if a
+    /// service used any) travel in the skb, not in the frame ([`untagged`]). Each
+    /// `bpf_skb_store_bytes` saved is a helper call: 40-50 ns of a reply in B1 on a kernel
+    /// with return-thunk mitigations, which pay for every nested return.
+    Direct,
+}
+
+/// Does `p`'s IP header follow an untagged Ethernet header (`l3` = [`ETH_HLEN`]), where
+/// [`Writes::Direct`] writes it? The reply programs leave any other frame to the stack.
+#[inline(always)]
+pub fn untagged(p: &Parsed) -> bool {
+    p.l3 as usize == ETH_HLEN
+}
+
+/// Writes `bytes` at offset `off` of `p`'s IP header, as `how` says. [`Writes::Direct`]
+/// writes at a constant offset from the frame's start, which the verifier checks once,
+/// rather than at `l3`, a scalar it would then track through the rest of the program (see
+/// [`Parsed::ip_check`]); it fails on a frame that is not [`untagged`]. False if the write
+/// failed.
+#[inline(always)]
+pub fn put_header<const N: usize>(
+    ctx: &TcContext,
+    p: &Parsed,
+    how: Writes,
+    off: usize,
+    bytes: &[u8; N],
+) -> bool {
+    match how {
+        Writes::Helper => ctx.store(p.l3 as usize + off, bytes, 0).is_ok(),
+        Writes::Direct => {
+            let start = ctx.data();
+            let at = ETH_HLEN + off;
+            if !untagged(p) || start + at + N > ctx.data_end() {
+                return false;
+            }
+            for (i, b) in bytes.iter().enumerate() {
+                // SAFETY: `at + N` bytes checked against data_end above. Volatile, so LLVM
+                // cannot merge the stores into a memcpy call (see `write_mac`).
+                unsafe { core::ptr::write_volatile((start + at + i) as *mut u8, *b) };
+            }
+            true
+        }
     }
 }
