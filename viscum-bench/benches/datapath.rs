@@ -436,26 +436,45 @@ fn spread(
 ) -> Result<(f64, Vec<u32>)> {
     let mut ns = Vec::with_capacity(calls);
     for i in 0..calls {
-        let pkt = &pkts[(start + i) % pkts.len()];
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(pkt),
-                repeat: 1,
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN failed")?;
-        if !verdict_ok(want, r.return_value) {
-            bail!(
-                "call {i} returned {} instead of {want}",
-                r.return_value as i32
-            );
-        }
-        ns.push(r.duration.as_nanos() as u32);
-        if i % 16_384 == 0 {
-            sys::check_stop()?;
-        }
+        ns.push(single_run(
+            prog,
+            &pkts[(start + i) % pkts.len()],
+            None,
+            want,
+            i,
+        )?);
     }
     Ok((trimmed_mean(&ns), ns))
+}
+
+/// Call `i` of a series of single runs: `pkt` once (a fresh copy), with context `ctx` when
+/// given; its duration in ns, or an error if it returned other than `want`. Checks for a
+/// stop request every 16k calls.
+fn single_run(
+    prog: &SchedClassifier,
+    pkt: &[u8],
+    ctx: Option<&[u8]>,
+    want: u32,
+    i: usize,
+) -> Result<u32> {
+    let r = prog
+        .test_run(TestRunOptions {
+            data_in: Some(pkt),
+            ctx_in: ctx,
+            repeat: 1,
+            ..Default::default()
+        })
+        .context("BPF_PROG_TEST_RUN failed")?;
+    if !verdict_ok(want, r.return_value) {
+        bail!(
+            "call {i} returned {} instead of {want}",
+            r.return_value as i32
+        );
+    }
+    if i.is_multiple_of(16_384) {
+        sys::check_stop()?;
+    }
+    Ok(r.duration.as_nanos() as u32)
 }
 
 /// Runs each packet once, expecting a redirect: the SYNs that open the flows later packets
@@ -492,23 +511,7 @@ fn spread_new_flows(
         let f = first_flow + i;
         let src = Ipv4Addr::from(0x6440_0000 + (f as u32 >> 14)); // 100.64/10: never reused
         let pkt = v4_tcp(src, dst, 1024 + (f as u16 & 0x3fff), 80, TCP_SYN);
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(&pkt),
-                repeat: 1,
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN failed")?;
-        if !verdict_ok(want, r.return_value) {
-            bail!(
-                "call {i} returned {} instead of {want}",
-                r.return_value as i32
-            );
-        }
-        ns.push(r.duration.as_nanos() as u32);
-        if i % 16_384 == 0 {
-            sys::check_stop()?;
-        }
+        ns.push(single_run(prog, &pkt, None, want, i)?);
     }
     Ok(trimmed_mean(&ns))
 }
@@ -1058,24 +1061,7 @@ fn single_runs(
 ) -> Result<f64> {
     let mut ns = Vec::with_capacity(calls);
     for i in 0..calls {
-        let r = prog
-            .test_run(TestRunOptions {
-                data_in: Some(pkt),
-                ctx_in: Some(ctx),
-                repeat: 1,
-                ..Default::default()
-            })
-            .context("BPF_PROG_TEST_RUN failed")?;
-        if !verdict_ok(want, r.return_value) {
-            bail!(
-                "call {i} returned {} instead of {want}",
-                r.return_value as i32
-            );
-        }
-        ns.push(r.duration.as_nanos() as u32);
-        if i % 16_384 == 0 {
-            sys::check_stop()?;
-        }
+        ns.push(single_run(prog, pkt, Some(ctx), want, i)?);
     }
     Ok(trimmed_mean(&ns))
 }
