@@ -477,8 +477,8 @@ fn single_run(
     Ok(r.duration.as_nanos() as u32)
 }
 
-/// Runs each packet once, expecting a redirect: the SYNs that open the flows later packets
-/// belong to.
+/// Runs each packet once, expecting a redirect: the packets (SYNs, a handshake's ACK) that
+/// open the flows later packets belong to.
 fn prewarm(prog: &SchedClassifier, syns: &[Vec<u8>]) -> Result<()> {
     for (i, pkt) in syns.iter().enumerate() {
         let r = prog
@@ -490,8 +490,8 @@ fn prewarm(prog: &SchedClassifier, syns: &[Vec<u8>]) -> Result<()> {
             .context("BPF_PROG_TEST_RUN failed")?;
         if r.return_value != TC_ACT_REDIRECT {
             bail!(
-                "opening flow {i}: the SYN returned {} instead of {TC_ACT_REDIRECT}",
-                r.return_value
+                "opening flows: packet {i} returned {} instead of {TC_ACT_REDIRECT}",
+                r.return_value as i32
             );
         }
     }
@@ -997,24 +997,13 @@ fn reply_runs_here(
 
     // The flows, opened as on the wire (SYN, then the handshake's ACK); each its own client
     // port, as the edge records are keyed by the client's side and the veth.
-    let ingress = vis.prog()?;
+    let mut opening = Vec::new();
     for (dst, port) in [(REPLY_CLOUD, 40_000), (REPLY_CLOUD_NAT, 40_001)] {
         for tcp_flags in [TCP_SYN, TCP_ACK] {
-            let r = ingress
-                .test_run(TestRunOptions {
-                    data_in: Some(&v4_tcp(CLIENT, dst, port, 80, tcp_flags)),
-                    repeat: 1,
-                    ..Default::default()
-                })
-                .context("BPF_PROG_TEST_RUN failed")?;
-            if r.return_value != TC_ACT_REDIRECT {
-                bail!(
-                    "opening the flow to {dst}: viscum_ingress returned {} instead of {TC_ACT_REDIRECT}",
-                    r.return_value as i32
-                );
-            }
+            opening.push(v4_tcp(CLIENT, dst, port, 80, tcp_flags));
         }
     }
+    prewarm(vis.prog()?, &opening)?;
     let reply = vis.named_prog(REPLY_PROG)?;
     let np = noop.prog()?;
     let anyip_pkt = v4_tcp(REPLY_CLOUD, CLIENT, 80, 40_000, TCP_ACK);

@@ -491,7 +491,7 @@ fn write_edge(
     st.closing_at_ns = 0;
     // Word by word, volatile: LLVM would otherwise turn the copy into a
     // memcpy subprogram call, whose frame counts against the 512-byte stack
-    // (see redirect::write_mac).
+    // (see redirect::write_bytes).
     let a = service;
     let dst = st.service.as_mut_ptr().cast::<u32>();
     for i in 0..4 {

@@ -100,7 +100,7 @@ pub fn quoted(ctx: &TcContext, p: &Parsed) -> Option<Quoted> {
     // The ICMP header is 8 bytes; the quoted IP header follows.
     let inner = l4 + 8;
     // Word arrays: zeroing a byte array becomes a memset call (see
-    // redirect::write_mac for why that matters).
+    // redirect::write_bytes for why that matters).
     let mut src = [0u32; 4];
     let mut dst = [0u32; 4];
     let proto: u8;

@@ -55,16 +55,16 @@ fn set_dst_mac(ctx: &TcContext, mac: &[u8; 6]) {
     let _ = ctx.store(0, mac, 0);
 }
 
-/// Six byte stores. Volatile, so LLVM cannot merge them into a `memmove`
-/// call: a BPF-to-BPF call adds its frame to ours, and the combined stack
+/// `N` byte stores (a MAC, both MACs, header fields). Volatile, so LLVM cannot merge them
+/// into a `memmove` call: a BPF-to-BPF call adds its frame to ours, and the combined stack
 /// must stay within 512 bytes (6.1 checks it strictly).
 ///
 /// # Safety
-/// `dst..dst + 6` must be writable packet data, checked against `data_end`.
+/// `dst..dst + N` must be writable packet data, checked against `data_end`.
 #[inline(always)]
-unsafe fn write_mac(dst: *mut u8, mac: &[u8; 6]) {
-    for (i, b) in mac.iter().enumerate() {
-        // SAFETY: the caller guarantees the 6 bytes.
+unsafe fn write_bytes<const N: usize>(dst: *mut u8, bytes: &[u8; N]) {
+    for (i, b) in bytes.iter().enumerate() {
+        // SAFETY: the caller guarantees the N bytes.
         unsafe { core::ptr::write_volatile(dst.add(i), *b) };
     }
 }
@@ -76,7 +76,7 @@ unsafe fn write_mac(dst: *mut u8, mac: &[u8; 6]) {
 struct FibSlot(bpf_fib_lookup);
 
 /// Zeroes a `bpf_fib_lookup` in place with eight u64 stores (not a memset
-/// call, see `write_mac`; and in place, since returning it by value makes
+/// call, see `write_bytes`; and in place, since returning it by value makes
 /// LLVM zero a copy with a memset).
 ///
 /// # Safety
@@ -223,7 +223,7 @@ pub fn forward_known(ctx: &TcContext, p: &Parsed, flow: &ReplyState) -> i32 {
     let start = ctx.data();
     if start + 12 <= ctx.data_end() {
         // SAFETY: 12 bytes checked above.
-        unsafe { write_macs(start as *mut u8, &macs) };
+        unsafe { write_bytes(start as *mut u8, &macs) };
     }
     share::classify(ctx, flow.fib_class);
     // SAFETY: egress redirect to the cached output device.
@@ -281,8 +281,8 @@ fn forward(ctx: &TcContext, p: &Parsed, flow: Option<&mut ReplyState>, veth: u32
             let dst = flow.fib_macs.as_mut_ptr();
             // SAFETY: 12 bytes of the record's own array.
             unsafe {
-                write_mac(dst, &fib.dmac);
-                write_mac(dst.add(6), &fib.smac);
+                write_bytes(dst, &fib.dmac);
+                write_bytes(dst.add(6), &fib.smac);
             }
             flow.fib_class = class;
             flow.fib_at_ns = now;
@@ -291,8 +291,8 @@ fn forward(ctx: &TcContext, p: &Parsed, flow: Option<&mut ReplyState>, veth: u32
         if start + 12 <= ctx.data_end() {
             // SAFETY: 12 bytes checked above.
             unsafe {
-                write_mac(start as *mut u8, &fib.dmac);
-                write_mac((start + 6) as *mut u8, &fib.smac);
+                write_bytes(start as *mut u8, &fib.dmac);
+                write_bytes((start + 6) as *mut u8, &fib.smac);
             }
         }
         // SAFETY: egress redirect to the FIB's output device.
@@ -373,18 +373,6 @@ fn gso_fits(ctx: &TcContext, ifindex: u32) -> bool {
     unsafe { bpf_check_mtu(ctx.skb.skb.cast(), ifindex, &raw mut mtu_len, 0, 0) == 0 }
 }
 
-/// Twelve byte stores (destination then source MAC), volatile like [`write_mac`].
-///
-/// # Safety
-/// `dst..dst + 12` must be writable packet data, checked against `data_end`.
-#[inline(always)]
-unsafe fn write_macs(dst: *mut u8, macs: &[u8; 12]) {
-    for (i, b) in macs.iter().enumerate() {
-        // SAFETY: the caller guarantees the 12 bytes.
-        unsafe { core::ptr::write_volatile(dst.add(i), *b) };
-    }
-}
-
 /// Forwarding decrements the TTL / hop limit like any router hop; a packet
 /// about to expire is left to the stack, which sends the ICMP error.
 ///
@@ -460,11 +448,8 @@ pub fn put_header<const N: usize>(
             if !untagged(p) || start + at + N > ctx.data_end() {
                 return false;
             }
-            for (i, b) in bytes.iter().enumerate() {
-                // SAFETY: `at + N` bytes checked against data_end above. Volatile, so LLVM
-                // cannot merge the stores into a memcpy call (see `write_mac`).
-                unsafe { core::ptr::write_volatile((start + at + i) as *mut u8, *b) };
-            }
+            // SAFETY: `at + N` bytes checked against data_end above.
+            unsafe { write_bytes((start + at) as *mut u8, bytes) };
             true
         }
     }
