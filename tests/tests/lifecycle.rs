@@ -18,7 +18,7 @@ use std::{
 };
 
 use serde_json::Value;
-use viscum::netns;
+use viscum::{features::ProgramLoad, netns};
 use viscum_tests::{
     IdentityServer, Lab, Netns, Proto, ask,
     daemon::{Daemon, DaemonFiles, Service},
@@ -277,6 +277,59 @@ fn start_daemon(lab: &Lab, files: &DaemonFiles, env: &[(&str, &str)]) -> Daemon 
 /// CLI: after `lan0` is re-created the classifier is gone with the old interface. `stats`
 /// says so (and traffic reaches the cloud, untouched); `viscum attach lan0` re-attaches (it
 /// must not answer "already attached" from the stale record) and the edge serves again.
+/// `viscum attach --log-level info` logs every program's load with its duration and
+/// `verified_insns` (what the VM kernel matrix collects, and B11 reports), in load order, with
+/// the counts the kernel reports for the pinned programs (`viscum doctor`); an attach that
+/// reuses the pins loads, and logs, nothing.
+#[test]
+fn attach_logs_each_program_load_once() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let loads = |out: &std::process::Output| -> Vec<ProgramLoad> {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "viscum attach failed ({}):\n{stderr}",
+            out.status
+        );
+        stderr.lines().filter_map(ProgramLoad::parse).collect()
+    };
+    let first = loads(&lab.viscum(&["attach", "lan0", "--log-level", "info"]));
+    let names: Vec<&str> = first.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            viscum_common::INGRESS_PROG,
+            viscum_common::REPLY_PROG,
+            viscum_common::ICMP_INGRESS_PROG,
+            viscum_common::ICMP_REPLY_PROG,
+            viscum_common::RECOVER_PROG,
+        ],
+        "the load lines: {first:?}"
+    );
+    let doctor = lab.viscum_ok(&["doctor"]);
+    for l in &first {
+        assert!(
+            l.load_ms > 0.0 && l.load_ms < 900_000.0,
+            "{}: load time {} ms",
+            l.name,
+            l.load_ms
+        );
+        let row = doctor
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(l.name.as_str()))
+            .unwrap_or_else(|| panic!("viscum doctor lists no {}:\n{doctor}", l.name));
+        // PROGRAM ID VERIFIED_INSNS XLATED_BYTES JITED_BYTES
+        let cols: Vec<&str> = row.split_whitespace().collect();
+        let logged = l.verified_insns.map_or("-".to_string(), |n| n.to_string());
+        assert_eq!(cols.get(2).copied(), Some(logged.as_str()), "{row}");
+    }
+    let again = loads(&lab.viscum(&["attach", "lan0", "--log-level", "info"]));
+    assert!(again.is_empty(), "the pins were reused, yet: {again:?}");
+}
+
 #[test]
 fn attach_reattaches_a_recreated_client_interface() {
     if skip_unless_root() {

@@ -1,5 +1,6 @@
 //! B1 and B2 of `docs/benchmarks.md`: what the classifier costs per packet, measured
-//! in the kernel with `BPF_PROG_TEST_RUN` (aya's `TestRun` on `SchedClassifier`).
+//! in the kernel with `BPF_PROG_TEST_RUN` (aya's `TestRun` on `SchedClassifier`); and B11,
+//! what loading it costs the verifier (see [`b11`]).
 //!
 //! Two ways of running a packet are used, and both are reported:
 //!
@@ -41,10 +42,11 @@ use aya::{
 use serde_json::json;
 use viscum::endpoint::Endpoint;
 use viscum_common::{
-    ENTRY_STATS_MAP, FLOW_CACHE_MAP, FLOWS_MAP, INGRESS_PROG, PORT_FILTER_BITMAP_WORDS,
-    PORT_FILTER_BUILT, PORTS_MAP, PortFilter, REPLIES_MAP, REPLY_CACHE_MAP, REPLY_PROG,
-    SERVICES_MAP, ServiceEntry, ServiceKey, TARGET_F_NAT, TARGET_F_PEER, TARGET_F_SET_MAC,
-    entry_stats_id, entry_stats_slots, flow_cache_entries, reply_cache_entries,
+    ENTRY_STATS_MAP, FLOW_CACHE_MAP, FLOWS_MAP, ICMP_INGRESS_PROG, ICMP_REPLY_PROG, INGRESS_PROG,
+    PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORTS_MAP, PortFilter, RECOVER_PROG, REPLIES_MAP,
+    REPLY_CACHE_MAP, REPLY_PROG, SERVICES_MAP, ServiceEntry, ServiceKey, TARGET_F_NAT,
+    TARGET_F_PEER, TARGET_F_SET_MAC, entry_stats_id, entry_stats_slots, flow_cache_entries,
+    reply_cache_entries,
 };
 
 use crate::support::{
@@ -104,6 +106,7 @@ fn main() -> ExitCode {
 
 const B1_TITLE: &str = "Classifier cost per packet (BPF_PROG_TEST_RUN)";
 const B2_TITLE: &str = "Hit cost against map size";
+const B11_TITLE: &str = "Verifier: instructions and load time per kernel";
 
 fn run(args: &Args) -> Vec<Fragment> {
     let bpffs = match PrivateBpffs::mount(&args.run_id) {
@@ -112,6 +115,7 @@ fn run(args: &Args) -> Vec<Fragment> {
             return vec![
                 Fragment::failed("B1", B1_TITLE, &e),
                 Fragment::failed("B2", B2_TITLE, &e),
+                Fragment::failed("B11", B11_TITLE, &e),
             ];
         }
     };
@@ -124,6 +128,9 @@ fn run(args: &Args) -> Vec<Fragment> {
     }
     if args.wants("B2") {
         out.push(b2(args, &bpffs).unwrap_or_else(|e| Fragment::failed("B2", B2_TITLE, &e)));
+    }
+    if args.wants("B11") {
+        out.push(b11(args, &bpffs).unwrap_or_else(|e| Fragment::failed("B11", B11_TITLE, &e)));
     }
     out
 }
@@ -1237,4 +1244,144 @@ fn redirect_flag_names(flags: u32) -> String {
     } else {
         names.join("|")
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// B11
+
+/// The programs `viscum attach` loads, in its order.
+const ATTACH_PROGRAMS: [&str; 5] = [
+    INGRESS_PROG,
+    REPLY_PROG,
+    ICMP_INGRESS_PROG,
+    ICMP_REPLY_PROG,
+    RECOVER_PROG,
+];
+
+/// B11: what the verifier costs. On this kernel: each program of the embedded object loaded
+/// (`BPF_PROG_LOAD`: the verifier, then the JIT) as `viscum attach` loads it, once per round,
+/// timed, with `verified_insns` from `bpf_prog_info`. On the other kernels: the VM kernel
+/// matrix's last report (`target/vm/summary.json`, written by `cargo xtask vm` and `cargo
+/// xtask test`), whose load times are `viscum attach`'s own (its log at level info) under
+/// TCG emulation, so comparable within the matrix only.
+fn b11(args: &Args, bpffs: &PrivateBpffs) -> Result<Fragment> {
+    let plan = Plan::of(args);
+    let mut f = Fragment::new("B11", B11_TITLE);
+    let mut ms: Vec<Vec<f64>> = vec![Vec::new(); ATTACH_PROGRAMS.len()];
+    let mut insns: Vec<Option<u32>> = vec![None; ATTACH_PROGRAMS.len()];
+    let cpus = viscum::engine::cpus::cpu_regions()?;
+    for round in 0..plan.rounds {
+        sys::check_stop()?;
+        let dir = bpffs.subdir(&format!("b11-{round}"))?;
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .map_max_entries(FLOW_CACHE_MAP, flow_cache_entries(cpus))
+            .map_max_entries(REPLY_CACHE_MAP, reply_cache_entries(cpus))
+            .load(viscum::EBPF_OBJECT)
+            .context("cannot load the embedded object")?;
+        for (i, name) in ATTACH_PROGRAMS.iter().enumerate() {
+            let started = Instant::now();
+            load_prog(&mut ebpf, name)?;
+            ms[i].push(started.elapsed().as_secs_f64() * 1e3);
+            let prog: &SchedClassifier = ebpf
+                .program(name)
+                .with_context(|| format!("no program {name}"))?
+                .try_into()?;
+            insns[i] = prog
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count());
+        }
+    }
+    let kernel = viscum::features::kernel_release();
+    let rows = ATTACH_PROGRAMS
+        .iter()
+        .zip(&ms)
+        .zip(&insns)
+        .map(|((name, ms), insns)| {
+            Row::new(format!("load {name}"), "ms", ms.clone()).note(format!(
+                "verified_insns {}",
+                insns.map_or("n/a".into(), |n| n.to_string())
+            ))
+        })
+        .collect();
+    f.tables.push(Table {
+        title: format!(
+            "this kernel ({kernel}): BPF_PROG_LOAD per program, {} loads",
+            plan.rounds
+        ),
+        rows,
+    });
+    f.raw("host_load_ms", &ms);
+    f.raw("host_verified_insns", &insns);
+
+    let summary = vm_summary_path();
+    match std::fs::read(&summary) {
+        Ok(bytes) => {
+            let doc: serde_json::Value = serde_json::from_slice(&bytes)
+                .with_context(|| format!("cannot parse {}", summary.display()))?;
+            let (table, notes) = vm_table(&doc);
+            f.tables.push(table);
+            for n in notes {
+                f.note(n);
+            }
+            f.raw("vm_summary", doc);
+        }
+        Err(e) => f.note(format!(
+            "no VM kernel matrix report at {} ({e}): run `cargo xtask vm` first for the other kernels",
+            summary.display()
+        )),
+    }
+    f.note("load = the wall time of BPF_PROG_LOAD (the verifier, then the JIT); verified_insns = the instructions the verifier processed (bpf_prog_info, 5.16+), the work that grows with the program and is bounded by tests/vm/budget.toml per VM kernel.");
+    Ok(f.finish())
+}
+
+/// Where `cargo xtask vm` leaves its summary (`xtask/src/vm/mod.rs`, `work_dir`).
+fn vm_summary_path() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"))
+        .join("vm/summary.json")
+}
+
+/// The VM kernel matrix's programs as a table (one row per VM and program: its load time,
+/// verified_insns and budget in the note) and notes on the report itself.
+fn vm_table(doc: &serde_json::Value) -> (Table, Vec<String>) {
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    let vms = doc["vms"].as_array().cloned().unwrap_or_default();
+    for vm in &vms {
+        let name = vm["vm"].as_str().unwrap_or("?");
+        let release = vm["release"].as_str().unwrap_or("?");
+        if vm["passed"].as_bool() != Some(true) {
+            notes.push(format!("VM {name} ({release}) did not pass its checks"));
+        }
+        for line in vm["budget"].as_array().cloned().unwrap_or_default() {
+            let program = line["program"].as_str().unwrap_or("?");
+            let n = |v: &serde_json::Value| v.as_u64().map_or("n/a".into(), |n| n.to_string());
+            let note = format!(
+                "verified_insns {} (budget {}, {}); kernel {release}",
+                n(&line["verified_insns"]),
+                n(&line["budget"]),
+                line["status"].as_str().unwrap_or("?")
+            );
+            let label = format!("{name}: load {program}");
+            rows.push(match line["load_ms"].as_f64() {
+                Some(ms) => Row::new(label, "ms", vec![ms]).note(note),
+                None => Row::failed(label, format!("no load time reported; {note}")),
+            });
+        }
+    }
+    if vms.is_empty() {
+        notes.push("the VM kernel matrix report lists no VMs".into());
+    }
+    notes.push("VM rows: one `viscum attach` per kernel under qemu TCG (emulated CPU), as the matrix runs it: the times compare programs and kernels within the matrix, not with this kernel's.".into());
+    (
+        Table {
+            title: "VM kernel matrix (last `cargo xtask vm` report): viscum attach per program"
+                .into(),
+            rows,
+        },
+        notes,
+    )
 }

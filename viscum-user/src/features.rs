@@ -137,6 +137,59 @@ pub struct ProgramStats {
     pub jited_bytes: Option<u32>,
 }
 
+/// How long the kernel took to load one program (`BPF_PROG_LOAD`: the verifier, then the
+/// JIT), as `viscum attach` and the daemon log it at level info when they load the datapath
+/// (a reused pin loads nothing). The verifier dominates, and it is what grows with the
+/// program and differs by kernel: `verified_insns` is the work, this the time it took here.
+/// Logged as one line ([`ProgramLoad`]'s `Display`), which [`ProgramLoad::parse`] reads back
+/// (the VM kernel matrix collects it from `viscum attach --log-level info`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ProgramLoad {
+    /// The program's name in the object (`viscum_ingress`, ...).
+    pub name: String,
+    /// Wall time of the load, ms.
+    pub load_ms: f64,
+    /// Instructions the verifier processed (`verified_insns`, kernel >= 5.16).
+    pub verified_insns: Option<u32>,
+}
+
+/// What every [`ProgramLoad`] line starts with.
+const LOADED: &str = "loaded program ";
+
+impl std::fmt::Display for ProgramLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{LOADED}{} in {:.1} ms (verifier and JIT), verified_insns ",
+            self.name, self.load_ms
+        )?;
+        match self.verified_insns {
+            Some(n) => write!(f, "{n}"),
+            None => f.write_str("n/a"),
+        }
+    }
+}
+
+impl ProgramLoad {
+    /// Reads a line of `viscum attach`'s log back: `None` unless the line holds one written by
+    /// `Display` (a log line's prefix before it is skipped).
+    pub fn parse(line: &str) -> Option<ProgramLoad> {
+        let rest = &line[line.find(LOADED)? + LOADED.len()..];
+        let (name, rest) = rest.split_once(" in ")?;
+        let (ms, rest) = rest.split_once(" ms (verifier and JIT), verified_insns ")?;
+        let insns = rest.split_whitespace().next()?;
+        Some(ProgramLoad {
+            name: name.to_owned(),
+            load_ms: ms.parse().ok()?,
+            verified_insns: if insns == "n/a" {
+                None
+            } else {
+                Some(insns.parse().ok()?)
+            },
+        })
+    }
+}
+
 /// Everything `viscum doctor` reports.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -493,6 +546,37 @@ mod tests {
         let mut v = b"\x7fELF".to_vec();
         v.extend([2, data, 1, 0]);
         v
+    }
+
+    #[test]
+    fn a_program_load_line_reads_back_from_a_log_line() {
+        let load = ProgramLoad {
+            name: "viscum_ingress".into(),
+            load_ms: 212.46,
+            verified_insns: Some(45_123),
+        };
+        let line = format!("[2026-12-03T08:00:00Z INFO  viscum::engine::attach] {load}");
+        let back = ProgramLoad::parse(&line).unwrap();
+        assert_eq!(back.name, "viscum_ingress");
+        assert!((back.load_ms - 212.5).abs() < 1e-9, "{}", back.load_ms);
+        assert_eq!(back.verified_insns, Some(45_123));
+        let old_kernel = ProgramLoad {
+            verified_insns: None,
+            ..load
+        };
+        assert_eq!(
+            ProgramLoad::parse(&old_kernel.to_string())
+                .unwrap()
+                .verified_insns,
+            None
+        );
+        for other in [
+            "attached to lan0 (tcx; kernel 6.1.0; redirect: peer)",
+            "loaded program viscum_reply in fast ms (verifier and JIT), verified_insns 1",
+            "loaded program viscum_reply in 3.0 ms (verifier and JIT), verified_insns many",
+        ] {
+            assert_eq!(ProgramLoad::parse(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -57,8 +57,8 @@ pub struct Options {
     /// (for development; the numbers are not for publication).
     #[arg(long)]
     quick: bool,
-    /// Run only these groups (comma separated): datapath, traffic, control, failover,
-    /// footprint, fleet; or benchmark ids (B10 selects fleet). Such a run writes its own
+    /// Run only these groups (comma separated): datapath, verifier, traffic, control,
+    /// failover, footprint, fleet; or benchmark ids (B10 selects fleet). Such a run writes its own
     /// results file and one marked block of RESULTS.md, leaving the last full run's alone.
     #[arg(long, value_name = "GROUPS", value_delimiter = ',')]
     only: Vec<String>,
@@ -81,7 +81,7 @@ pub(crate) struct Group {
     pub(crate) name: &'static str,
     /// Which binary (`datapath` or `system`).
     pub(crate) bench: &'static str,
-    /// `--group` value passed to it (none for datapath).
+    /// `--group` value passed to it: which of the binary's benchmarks run.
     group: Option<&'static str>,
     /// The fragments it produces, so a crash can be reported against each.
     pub(crate) ids: &'static [(&'static str, &'static str)],
@@ -96,7 +96,7 @@ pub(crate) fn group(name: &str) -> Result<&'static Group> {
         .find(|g| g.name == name || g.ids.iter().any(|(id, _)| id.eq_ignore_ascii_case(name)))
         .with_context(|| {
             format!(
-                "unknown group '{name}' (expected one of: {}, or a benchmark id B1-B10)",
+                "unknown group '{name}' (expected one of: {}, or a benchmark id B1-B11)",
                 GROUPS.iter().map(|g| g.name).collect::<Vec<_>>().join(", ")
             )
         })
@@ -106,13 +106,21 @@ const GROUPS: &[Group] = &[
     Group {
         name: "datapath",
         bench: "datapath",
-        group: None,
+        group: Some("B1,B2"),
         ids: &[
             ("B1", "Classifier cost per packet (BPF_PROG_TEST_RUN)"),
             ("B2", "Hit cost against map size"),
         ],
         quick_limit: Duration::from_secs(180),
         full_limit: Duration::from_secs(1800),
+    },
+    Group {
+        name: "verifier",
+        bench: "datapath",
+        group: Some("B11"),
+        ids: &[("B11", "Verifier: instructions and load time per kernel")],
+        quick_limit: Duration::from_secs(120),
+        full_limit: Duration::from_secs(600),
     },
     Group {
         name: "traffic",

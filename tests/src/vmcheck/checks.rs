@@ -12,7 +12,7 @@ use std::{
 use aya::programs::{SchedClassifier, TcAttachType};
 use futures::TryStreamExt as _;
 use netlink_packet_route::tc::TcAttribute;
-use viscum::{engine::Pins, netns};
+use viscum::{engine::Pins, features::ProgramLoad, netns};
 
 use crate::{
     cases::{CaseResult, run_case},
@@ -33,7 +33,7 @@ const CLSACT_KINDS: [&str; 2] = ["clsact", "ingress"];
 
 /// Sizes of one pinned program, as `bpf_prog_info` reports them (`None`: the kernel does not
 /// report it, or the program is not loaded).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProgramStats {
     /// The program's name in the object, e.g. [`viscum_common::INGRESS_PROG`].
     pub name: &'static str,
@@ -43,6 +43,11 @@ pub struct ProgramStats {
     pub xlated_bytes: Option<u32>,
     /// Size of the JIT-compiled code in bytes; `None` without a JIT (s390x 6.1 interprets).
     pub jited_bytes: Option<u32>,
+    /// How long `viscum attach` took to load it (the verifier, then the JIT), ms, as its log
+    /// says ([`viscum::features::ProgramLoad`]); under emulation (TCG) only comparable with
+    /// other programs and kernels of the same matrix. `None`: not in the log (the load
+    /// failed, or a pin was reused).
+    pub load_ms: Option<f64>,
 }
 
 impl ProgramStats {
@@ -53,17 +58,20 @@ impl ProgramStats {
             "verified_insns": self.verified_insns,
             "xlated_bytes": self.xlated_bytes,
             "jited_bytes": self.jited_bytes,
+            "load_ms": self.load_ms,
         })
     }
 
     fn summary(&self) -> String {
         let n = |v: Option<u32>| v.map_or("n/a".to_string(), |v| v.to_string());
         format!(
-            "{} verified_insns={} xlated={} jited={}",
+            "{} verified_insns={} xlated={} jited={} load_ms={}",
             self.name,
             n(self.verified_insns),
             n(self.xlated_bytes),
-            n(self.jited_bytes)
+            n(self.jited_bytes),
+            self.load_ms
+                .map_or("n/a".to_string(), |ms| format!("{ms:.0}"))
         )
     }
 }
@@ -99,6 +107,7 @@ pub fn program_stats(pins: &Pins) -> Vec<ProgramStats> {
                 .as_ref()
                 .map(aya::programs::ProgramInfo::size_jitted)
                 .filter(|&bytes| bytes > 0),
+            load_ms: None,
         }
     })
     .collect()
@@ -124,11 +133,19 @@ pub fn attach(lab: &Lab) -> Attached {
     let mut error_lines = Vec::new();
     let mut programs = Vec::new();
     let case = run_case("attach", || {
-        let out = lab.viscum_within(ATTACH_TIMEOUT, &["attach", lab.lan_if()]);
+        // At level info, the load of each program is logged with its duration.
+        let out = lab.viscum_within(
+            ATTACH_TIMEOUT,
+            &["attach", lab.lan_if(), "--log-level", "info"],
+        );
         stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let loads: Vec<ProgramLoad> = stderr.lines().filter_map(ProgramLoad::parse).collect();
         programs = program_stats(&pins);
+        for p in &mut programs {
+            p.load_ms = loads.iter().find(|l| l.name == p.name).map(|l| l.load_ms);
+        }
         if !out.status.success() {
-            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
             error_lines = stderr.lines().map(str::to_string).collect();
             return Err(format!(
                 "viscum attach {} failed ({}):\n{}",

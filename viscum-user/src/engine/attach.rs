@@ -14,7 +14,7 @@
 //! plain files), so an entry whose target veth was deleted can be re-pointed at a new veth of
 //! the same name ([`target_name`], used by [`crate::lifecycle`]).
 
-use std::{collections::HashSet, fs, io, path::Path};
+use std::{collections::HashSet, fs, io, path::Path, time::Instant};
 
 use aya::{
     EbpfLoader,
@@ -268,7 +268,20 @@ fn load_and_pin(pins: &Pins, sizes: MapSizes) -> Result<(), EngineError> {
             .map_err(|e| {
                 EngineError::prog(format!("the embedded program {name} has the wrong type"), e)
             })?;
+        let started = Instant::now();
         prog.load().map_err(|e| rejected(name, e))?;
+        // What the verifier cost on this kernel, for the operator of a slow router (and the VM
+        // kernel matrix, which reads it back): see `ProgramLoad`.
+        let load = crate::features::ProgramLoad {
+            name: name.to_owned(),
+            load_ms: started.elapsed().as_secs_f64() * 1e3,
+            verified_insns: prog
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count())
+                .filter(|&n| n > 0),
+        };
+        log::info!("{load}");
         prog.pin(&pin).map_err(|e| {
             EngineError::io(
                 format!("cannot pin the classifier at {}", pin.display()),

@@ -150,6 +150,7 @@ mod tests {
                     verified_insns: *n,
                     xlated_bytes: None,
                     jited_bytes: None,
+                    load_ms: None,
                 })
                 .collect(),
             jit: None,

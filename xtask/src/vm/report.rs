@@ -71,6 +71,11 @@ pub struct Program {
     pub verified_insns: Option<u64>,
     pub xlated_bytes: Option<u64>,
     pub jited_bytes: Option<u64>,
+    /// How long `viscum attach` took to load it (verifier and JIT), ms, from its log; under
+    /// TCG, comparable only within the matrix. `None`: not reported (a runner before this
+    /// field, or the load failed).
+    #[serde(default)]
+    pub load_ms: Option<f64>,
 }
 
 /// Parses one console line; `None` when it holds no record.

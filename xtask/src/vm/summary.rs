@@ -236,7 +236,10 @@ pub fn print(outcomes: &[Outcome], totals: &Totals) {
     );
 
     println!();
-    println!("verifier: verified_insns per program against tests/vm/budget.toml");
+    println!(
+        "verifier: verified_insns per program against tests/vm/budget.toml; load ms = \
+         `viscum attach`'s BPF_PROG_LOAD (verifier and JIT) under TCG: compare within the table"
+    );
     let mut rows = Vec::new();
     for o in outcomes {
         let programs = o
@@ -246,6 +249,7 @@ pub fn print(outcomes: &[Outcome], totals: &Totals) {
         if o.budget.is_empty() {
             rows.push(vec![
                 o.vm.name.clone(),
+                "-".into(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
@@ -263,6 +267,8 @@ pub fn print(outcomes: &[Outcome], totals: &Totals) {
                 opt(line.budget),
                 opt(p.and_then(|p| p.xlated_bytes)),
                 opt(p.and_then(|p| p.jited_bytes)),
+                p.and_then(|p| p.load_ms)
+                    .map_or("-".to_string(), |ms| format!("{ms:.0}")),
                 line.verdict.to_string(),
             ]);
         }
@@ -277,6 +283,7 @@ pub fn print(outcomes: &[Outcome], totals: &Totals) {
                 "budget",
                 "xlated B",
                 "jited B",
+                "load ms",
                 "status"
             ],
             &rows
@@ -346,6 +353,7 @@ pub fn write_json(path: &Path, outcomes: &[Outcome], totals: &Totals) -> Result<
                     "program": l.program,
                     "verified_insns": l.verified_insns,
                     "budget": l.budget,
+                    "load_ms": o.report().and_then(|r| r.programs.iter().find(|p| p.name == l.program)).and_then(|p| p.load_ms),
                     "status": l.verdict.to_string(),
                 })).collect::<Vec<_>>(),
                 "problems": o.problems,
