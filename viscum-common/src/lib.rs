@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod csum;
+pub mod hash;
 
 /// Name of the map holding redirect entries (`ServiceKey` -> `ServiceEntry`): one shared
 /// hash (not per-CPU), read-only to the classifier.

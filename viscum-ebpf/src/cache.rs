@@ -5,7 +5,7 @@
 //! userspace datapath, `dpif-netdev.c`, on the same principle): a slot holds one flow's
 //! client-side 5-tuple, a copy of the entry it was decided for, and how long that decision
 //! may be repeated. A flow may take either slot of a neighbouring pair, found by a
-//! multiplicative hash of the 5-tuple and compared word by word; a slot is two cache lines
+//! hash of the 5-tuple ([`mix`]) and compared word by word; a slot is two cache lines
 //! of this CPU's region of one plain array (the 5-tuple and validity in the first, the entry
 //! in the second), found by arithmetic alone (see `viscum_common::FLOW_CACHE_MAP`).
 //! The classifier asks it right after the miss pre-filter, so a hit skips both hashed
@@ -44,6 +44,7 @@
 //! reply could tell.
 
 use aya_ebpf::{helpers::bpf_get_smp_processor_id, macros::map, maps::Array};
+pub use viscum_common::hash::mix;
 use viscum_common::{FLOW_CACHE_SLOTS, FlowCacheSlot, ServiceEntry};
 
 use crate::parse::Parsed;
@@ -214,20 +215,24 @@ impl Probe {
         }
     }
 
-    /// This CPU's two slots for the flow: a pair of neighbours in its region.
+    /// This CPU's two slots for the flow: a pair of neighbours in its region, chosen by
+    /// [`mix`] of the 5-tuple (each address folded to a word, then both with the ports,
+    /// protocol and family).
     ///
-    /// The 5-tuple folded to 32 bits, then [`region_index`]. Not a defence against chosen
-    /// collisions, and it need not be one: a collision only sends a flow down the full
-    /// path.
+    /// Not a defence against chosen collisions, and it need not be one: a collision only
+    /// sends a flow down the full path.
     #[inline(always)]
     fn slots(&self) -> Option<(*mut FlowCacheSlot, *mut FlowCacheSlot)> {
         let s = &self.client;
         let d = &self.service;
-        let a = s[0] ^ s[1] ^ s[2] ^ s[3];
-        let b = d[0] ^ d[1] ^ d[2] ^ d[3];
         let i = region_index(
             FLOW_CACHE_SLOTS,
-            a ^ b.rotate_left(16) ^ (self.tail as u32) ^ ((self.tail >> 32) as u32),
+            mix([
+                s[0] ^ s[1] ^ s[2] ^ s[3],
+                d[0] ^ d[1] ^ d[2] ^ d[3],
+                self.tail as u32,
+                (self.tail >> 32) as u32,
+            ]),
         );
         Some((CACHE.get_ptr_mut(i)?, CACHE.get_ptr_mut(i ^ 1)?))
     }
@@ -252,14 +257,14 @@ impl Probe {
 const _: () = assert!(FLOW_CACHE_SLOTS.is_power_of_two());
 
 /// The index, in an array of one region of `slots` per CPU (`slots` a power of two), of this
-/// CPU's slot for a key that folds to `h`: the top bits of `h`'s Fibonacci hash (Knuth,
-/// TAOCP 6.4). The reply cache (`crate::reply_cache`) is laid out the same way.
+/// CPU's slot for a key hashed to `h` by [`mix`]: its top bits. The reply cache
+/// (`crate::reply_cache`) is laid out the same way.
 #[inline(always)]
 pub fn region_index(slots: u32, h: u32) -> u32 {
     let bits = slots.trailing_zeros();
     // SAFETY: helper without arguments.
     let base = unsafe { bpf_get_smp_processor_id() }.wrapping_mul(slots);
-    base | (h.wrapping_mul(0x9e37_79b1) >> (32 - bits))
+    base | (h >> (32 - bits))
 }
 
 /// An address as four native-order words of its network-order bytes (how the caches keep

@@ -261,18 +261,18 @@ impl<'a> Probe<'a> {
         u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
     }
 
-    /// This CPU's two slots for the key: a pair of neighbours in its region.
+    /// This CPU's two slots for the key: a pair of neighbours in its region, chosen by
+    /// [`cache::mix`] of the key.
     #[inline(always)]
     fn slots(&self) -> Option<(*mut ReplyCacheSlot, *mut ReplyCacheSlot)> {
         let i = cache::region_index(
             REPLY_CACHE_SLOTS,
-            self.client(0)
-                ^ self.client(1)
-                ^ self.client(2)
-                ^ self.client(3)
-                ^ (self.tail as u32)
-                ^ ((self.tail >> 32) as u32)
-                ^ self.ifindex.rotate_left(16),
+            cache::mix([
+                self.client(0) ^ self.client(1) ^ self.client(2) ^ self.client(3),
+                self.tail as u32,
+                (self.tail >> 32) as u32,
+                self.ifindex,
+            ]),
         );
         Some((CACHE.get_ptr_mut(i)?, CACHE.get_ptr_mut(i ^ 1)?))
     }
