@@ -88,9 +88,13 @@ mod tests {
             let n = overflow(keys, mix);
             assert!(n < 250, "{name}: {n} of 4096 flows beyond two per pair");
         }
-        // What the XOR fold did with B2's flows.
+        // What the XOR fold did with B2's flows on a little-endian CPU, where the native words
+        // put the address's last bytes on the port's bits (on a big-endian one the same fold
+        // cancels other patterns instead).
         let fold =
             |k: [u32; 4]| (k[0] ^ k[1].rotate_left(16) ^ k[2] ^ k[3]).wrapping_mul(0x9e37_79b1);
-        assert!(overflow(&b2, fold) > 3000);
+        if cfg!(target_endian = "little") {
+            assert!(overflow(&b2, fold) > 3000);
+        }
     }
 }
