@@ -768,3 +768,120 @@ fn a_packet_tap_leaves_traffic_that_is_not_ours_uncopied() {
         "rewrites or redirects failed on cloned packets: {stats}"
     );
 }
+
+/// Client-side counts of what the client sent to TCP `port`: packets and bytes (IP length)
+/// per family, from an nft counter on the client namespace's output hook (verification
+/// tooling, not the product). Installs the rules on first use.
+fn client_sent(ns: &str, port: u16) -> [(u64, u64); 2] {
+    let nft = |args: &[&str]| {
+        let out = std::process::Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg("nft")
+            .args(args)
+            .output()
+            .expect("run nft (apt-get install nftables)");
+        assert!(
+            out.status.success(),
+            "nft {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let list = ["-j", "list", "chain", "inet", "viscumcount", "out"];
+    let listed = std::process::Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .args(["nft"])
+        .args(list)
+        .output()
+        .unwrap();
+    if !listed.status.success() {
+        let rules = format!(
+            "table inet viscumcount {{\n chain out {{\n  type filter hook output priority filter; policy accept;\n  meta nfproto ipv4 tcp dport {port} counter\n  meta nfproto ipv6 tcp dport {port} counter\n }}\n}}\n"
+        );
+        let path = std::env::temp_dir().join(format!("viscum-count-{ns}.nft"));
+        std::fs::write(&path, rules).unwrap();
+        nft(&["-f", path.to_str().unwrap()]);
+    }
+    let v: serde_json::Value = serde_json::from_str(&nft(&list)).unwrap();
+    let counters: Vec<(u64, u64)> = v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["rule"]["expr"].as_array())
+        .filter_map(|exprs| exprs.iter().find_map(|e| e.get("counter")))
+        .map(|c| (c["packets"].as_u64().unwrap(), c["bytes"].as_u64().unwrap()))
+        .collect();
+    [counters[0], counters[1]]
+}
+
+/// Every packet a client sends on an edge flow is counted once, in its entry, bytes as they
+/// arrive (Ethernet header included), exactly what the client's own firewall counted:
+/// while the connection carries bulk (GSO) segments, while it sits idle after them (the
+/// flow cache's slot still holds the last hits, which every reader adds), and after it
+/// closes. The global `redirected` is the same sum.
+#[test]
+fn counters_match_the_client_for_a_connection_that_idles_and_closes() {
+    if skip_unless_root() {
+        return;
+    }
+    let (lab, ns) = setup();
+    let port = 7310;
+    let _edge = common::EchoServer::start(&ns, port, "edge");
+    let client = lab.client.name().to_owned();
+    assert_eq!(
+        client_sent(&client, port),
+        [(0, 0); 2],
+        "the rules start from zero"
+    );
+    let mut total = 0;
+    for (family, addr) in lab.cloud_addrs(port).into_iter().enumerate() {
+        let url = format!("tcp://{addr}");
+        lab.viscum_ok(&["redirect", "add", &url, "--ns", &ns]);
+        let ours = || -> (u64, u64, u64) {
+            let v: serde_json::Value =
+                serde_json::from_str(&lab.viscum_ok(&["stats", "--json"])).unwrap();
+            let e = v["entries"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["match"] == url.as_str())
+                .unwrap_or_else(|| panic!("no {url} in {v}"))
+                .clone();
+            (
+                e["packets"].as_u64().unwrap(),
+                e["bytes"].as_u64().unwrap(),
+                v["global"]["redirected"].as_u64().unwrap(),
+            )
+        };
+        // Ours count the Ethernet header; nft's output hook the IP packet. Both see a GSO
+        // segment as one packet (the veth carries it whole). Polled: a delayed ACK may be
+        // on its way between the two reads.
+        let matches = |total: u64| {
+            let (packets, bytes, global) = ours();
+            let (sent, sent_bytes) = client_sent(&client, port)[family];
+            packets == sent && bytes == sent_bytes + 14 * sent && global == total + packets
+        };
+        let mut held = common::Held::open(&client, addr);
+        let big = "x".repeat(60_000);
+        for round in 0..20 {
+            let lines = held.exchange(&format!("{round}{big}"), 1).unwrap();
+            assert!(lines[0].starts_with("edge:"), "{addr}: {}", &lines[0][..20]);
+        }
+        let sent = client_sent(&client, port)[family];
+        assert!(sent.0 > 40, "{addr}: only {sent:?} sent");
+        assert!(
+            viscum_tests::wait_until(std::time::Duration::from_secs(10), || matches(total)),
+            "{addr}: the counters of an idle connection: ours {:?}, the client's {:?}",
+            ours(),
+            client_sent(&client, port)[family]
+        );
+        held.close();
+        assert!(
+            viscum_tests::wait_until(std::time::Duration::from_secs(10), || matches(total)),
+            "{addr}: the counters of a closed connection: ours {:?}, the client's {:?}",
+            ours(),
+            client_sent(&client, port)[family]
+        );
+        total += ours().0;
+    }
+}

@@ -8,7 +8,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 
 use aya::{
-    maps::{HashMap, MapData},
+    maps::{Array, HashMap, MapData, PerCpuArray},
     programs::SchedClassifier,
 };
 use viscum::{
@@ -16,11 +16,14 @@ use viscum::{
     engine::{Engine, Pins},
     netns,
 };
-use viscum_common::{REPLIES_MAP, REPLY_CACHE_FILL_AFTER_NS, ReplyKey, ReplyState, TARGET_F_NAT};
+use viscum_common::{
+    ENTRY_STATS_MAP, EntryStats, GLOBAL_STATS_MAP, LATE_REDIRECTS_SLOT, REPLIES_MAP,
+    REPLY_CACHE_FILL_AFTER_NS, ReplyKey, ReplyState, TARGET_F_NAT,
+};
 use viscum_tests::{
     Lab,
     lab::CLIENT_V4,
-    packet::{Packet, TCP_ACK, TCP_SYN},
+    packet::{Packet, TCP_ACK, TCP_FIN, TCP_SYN},
     skip_unless_root,
     verdicts::run_classifier,
 };
@@ -149,6 +152,179 @@ fn a_cached_flow_is_served_without_its_record_and_obeys_entry_changes_at_once() 
         );
         // A new connection goes to the new target.
         open(40_004);
+    })
+    .unwrap();
+}
+
+/// This CPU's pair of flow-cache slots for a TCP flow from `client` to `server` (IPv4), as
+/// the classifier picks it (`viscum_ebpf::cache`: the top bits of `mix` of the 5-tuple; the
+/// two slots of a pair share all but the lowest bit).
+fn slot_pair(client: SocketAddr, server: SocketAddr) -> u32 {
+    let word = |a: &SocketAddr| match a.ip() {
+        std::net::IpAddr::V4(ip) => u32::from_ne_bytes(ip.octets()),
+        std::net::IpAddr::V6(_) => unreachable!("IPv4 flows only"),
+    };
+    let port = |a: &SocketAddr| u64::from(u16::from_ne_bytes(a.port().to_be_bytes()));
+    let tail = port(&client)
+        | port(&server) << 16
+        | u64::from(viscum_common::PROTO_TCP) << 32
+        | u64::from(viscum_common::FAMILY_V4) << 40;
+    let h = viscum_common::hash::mix([
+        word(&client),
+        word(&server),
+        tail as u32,
+        (tail >> 32) as u32,
+    ]);
+    (h >> (32 - viscum_common::FLOW_CACHE_SLOTS.trailing_zeros())) >> 1
+}
+
+/// A hit counts in its flow-cache slot (`viscum_common::FlowCacheSlot::pending`), not in the
+/// entry's counter line; every reader adds what the slots hold, and the classifier moves it
+/// to the entry when the slot is emptied or filled again, or, when the entry is gone by then
+/// (even if the same match was added again since), to the global count alone. Through all
+/// of it the entry's and the global counts stay exact.
+#[test]
+fn cached_hits_count_in_their_slot_and_every_count_stays_exact() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.viscum_ok(&["attach", lab.lan_if()]);
+    let ns = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &ns]);
+    let [cloud, _] = lab.cloud_addrs(8443);
+    let [aside, _] = lab.cloud_addrs(8444);
+    let entry = format!("tcp://{cloud}");
+    lab.viscum_ok(&["redirect", "add", &entry, "--ns", &ns]);
+    lab.viscum_ok(&["redirect", "add", &format!("tcp://{aside}"), "--ns", &ns]);
+
+    let pins = Pins::new(lab.bpffs.path());
+    let lan = lab.edge_ifindex(lab.lan_if());
+    let endpoint: Endpoint = entry.parse().unwrap();
+    let aside_endpoint: Endpoint = format!("tcp://{aside}").parse().unwrap();
+    netns::in_netns(lab.edge.name(), move || {
+        pin_to_cpu0();
+        let prog = SchedClassifier::from_pin(pins.program()).unwrap();
+        let mut engine = Engine::open(&pins).unwrap();
+        // CPU 0's region of the counters comes first: slot `id` is index `id`.
+        let raw_stats: Array<MapData, EntryStats> = Array::try_from(aya::maps::Map::Array(
+            MapData::from_pin(pins.map(ENTRY_STATS_MAP)).unwrap(),
+        ))
+        .unwrap();
+        let global: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(
+            MapData::from_pin(pins.map(GLOBAL_STATS_MAP)).unwrap(),
+        ))
+        .unwrap();
+        let late = || global.get(&LATE_REDIRECTS_SLOT, 0).unwrap()[0];
+        let client = |port: u16| SocketAddr::new(CLIENT_V4.into(), port);
+        let seg =
+            |port: u16, to: SocketAddr, flags: u8| Packet::tcp(client(port), to, flags).build();
+        let send = |frame: &[u8]| assert_eq!(run(&prog, lan, frame), TC_ACT_REDIRECT);
+        const K: u64 = 5;
+        // Opens a flow (SYN, then the ACK that fills its slot: both counted in the entry) and
+        // sends K more ACKs, served and counted by the slot. Returns the bytes sent.
+        let flow = |port: u16, to: SocketAddr| -> u64 {
+            let (syn, ack) = (seg(port, to, TCP_SYN), seg(port, to, TCP_ACK));
+            send(&syn);
+            for _ in 0..=K {
+                send(&ack);
+            }
+            (syn.len() + (K as usize + 1) * ack.len()) as u64
+        };
+        let view = |engine: &Engine, e: &Endpoint| engine.get(e).unwrap().unwrap();
+        let redirected = |engine: &Engine| engine.global_stats().unwrap().redirected;
+
+        // 1. The hits are in the slot: the entry's own counters have the SYN and the ACK
+        //    only, yet every read shows all K + 2.
+        let bytes = flow(41_001, cloud);
+        let e = view(&engine, &endpoint);
+        assert_eq!(
+            (e.packets, e.bytes),
+            (K + 2, bytes),
+            "read with the slot's counts"
+        );
+        let id = e.target.stats_id;
+        assert_eq!(
+            raw_stats.get(&id, 0).unwrap().packets,
+            2,
+            "hits went to the slot"
+        );
+        assert_eq!(redirected(&engine), K + 2);
+        // Another entry's change moves the generation: the slot's counts are still this
+        // entry's, to every reader, and to the classifier when the FIN below empties it.
+        engine.update_flags(&aside_endpoint, |flags| flags).unwrap();
+        let e = view(&engine, &endpoint);
+        assert_eq!(
+            (e.packets, e.bytes),
+            (K + 2, bytes),
+            "after another entry changed"
+        );
+
+        // 2. A FIN empties the slot into the entry: the same counts, now all the entry's.
+        let fin = seg(41_001, cloud, TCP_FIN | TCP_ACK);
+        send(&fin);
+        let e = view(&engine, &endpoint);
+        assert_eq!((e.packets, e.bytes), (K + 3, bytes + fin.len() as u64));
+        assert_eq!(
+            raw_stats.get(&id, 0).unwrap().packets,
+            K + 3,
+            "the FIN flushed the slot"
+        );
+        let mut total = K + 3;
+
+        // 3. The entry removed with K hits still in a flow's slot: they stay in the global
+        //    count, and when another flow takes the slot they go there alone (the entry's
+        //    counter slot is no longer its own).
+        let b = 41_002;
+        let c = (20_000..60_000)
+            .find(|&p| slot_pair(client(p), aside) == slot_pair(client(b), cloud))
+            .expect("a port whose flow to the other entry shares the slot pair");
+        // A second flow in its own pair, still holding counts when the match is added again.
+        let g = (41_003..60_000)
+            .find(|&p| {
+                let pair = slot_pair(client(p), cloud);
+                pair != slot_pair(client(b), cloud) && pair != slot_pair(client(41_001), cloud)
+            })
+            .unwrap();
+        flow(b, cloud);
+        flow(g, cloud);
+        total += 2 * (K + 2);
+        assert_eq!(redirected(&engine), total);
+        let target = e.target;
+        engine.remove(&endpoint).unwrap();
+        assert_eq!(
+            redirected(&engine),
+            total,
+            "after the removal, slots still holding counts"
+        );
+        assert_eq!(late(), 0);
+        flow(c, aside);
+        total += K + 2;
+        assert_eq!(
+            late(),
+            K,
+            "flow {c} took flow {b}'s slot: its counts went to the global count"
+        );
+        assert_eq!(redirected(&engine), total);
+        assert_eq!(view(&engine, &aside_endpoint).packets, K + 2);
+
+        // 4. The same match added again, in the same counter slot (the lowest free one) but
+        //    another epoch, starts from zero: flow g's counts, still in its slot, are not its.
+        engine.insert(&endpoint, target).unwrap();
+        let again = view(&engine, &endpoint);
+        assert_eq!(
+            again.target.stats_id, id,
+            "the removed entry's counter slot is reused"
+        );
+        assert_ne!(again.target.stats_epoch, target.stats_epoch);
+        assert_eq!(again.packets, 0, "the re-added entry starts from zero");
+        assert_eq!(redirected(&engine), total);
+        // g's FIN: the entry's first packet; g's slot, emptied, gives its K to the global count.
+        send(&seg(g, cloud, TCP_FIN | TCP_ACK));
+        total += 1;
+        assert_eq!(view(&engine, &endpoint).packets, 1);
+        assert_eq!(late(), 2 * K);
+        assert_eq!(redirected(&engine), total);
     })
     .unwrap();
 }

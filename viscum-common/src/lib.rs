@@ -146,8 +146,14 @@ pub struct ServiceEntry {
     /// Index of this entry's counters in [`ENTRY_STATS_MAP`] (see there), chosen by user
     /// space when the entry is added and kept for its life.
     pub stats_id: u32,
-    /// Explicit padding, always zero.
-    pub _pad3: u32,
+    /// Which owner of counter slot `stats_id` this entry is: chosen by user space when it
+    /// gives the entry the slot (the entries' generation then, [`ENTRIES_GEN_WORD`], so two
+    /// entries that hold the slot one after the other differ), kept for the entry's life.
+    /// The classifier compares it before it adds a flow-cache slot's counts to the entry
+    /// (see [`FlowCacheSlot::pending`]): an entry removed and added again under the same
+    /// match, given the same counter slot, starts from zero. 0 in entries written before it
+    /// (the field was padding).
+    pub stats_epoch: u32,
 }
 const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 56);
 
@@ -166,7 +172,7 @@ impl ServiceEntry {
             peer_netns: 0,
             active_after_ns: 0,
             stats_id: 0,
-            _pad3: 0,
+            stats_epoch: 0,
         }
     }
 }
@@ -545,10 +551,53 @@ pub struct FlowCacheSlot {
     pub generation: u64,
     /// The entry the flow's record was found for, as it was at the fill.
     pub target: ServiceEntry,
-    /// Explicit padding.
-    pub _pad: u64,
+    /// Redirects delivered from this slot and not yet added to the entry's counters
+    /// ([`ENTRY_STATS_MAP`]): packets in the low 32 bits, bytes in the high 32 (see
+    /// [`pending_packets`], [`pending_bytes`]). A hit counts here, in the line it already
+    /// read the entry from, instead of in the entry's own counter line, a cache and TLB miss
+    /// per packet once the entries outnumber the cache (B2, a million entries). The
+    /// classifier adds them to the entry when the slot is filled again or emptied (a flow's
+    /// slot is refilled by its first packet after the slot's life, a fraction of a second),
+    /// and user space adds what is still here when it reads the counters.
+    pub pending: u64,
 }
 const _: () = assert!(core::mem::size_of::<FlowCacheSlot>() == 128);
+
+/// Packets of a [`FlowCacheSlot::pending`] word.
+#[inline(always)]
+pub const fn pending_packets(pending: u64) -> u64 {
+    pending & 0xffff_ffff
+}
+
+/// Bytes (L2 length at ingress, as [`EntryStats::bytes`]) of a [`FlowCacheSlot::pending`]
+/// word.
+#[inline(always)]
+pub const fn pending_bytes(pending: u64) -> u64 {
+    pending >> 32
+}
+
+/// One more redirect of `len` bytes in a [`FlowCacheSlot::pending`] word, or `None` when
+/// either half would overflow (the slot's counts must then go to the entry first).
+#[inline(always)]
+pub const fn pending_add(pending: u64, len: u32) -> Option<u64> {
+    if pending_packets(pending) == 0xffff_ffff || pending_bytes(pending) + len as u64 > 0xffff_ffff
+    {
+        return None;
+    }
+    Some(pending + 1 + ((len as u64) << 32))
+}
+
+/// Word of a [`FlowCacheSlot`] (as `u64`s, native order) holding [`FlowCacheSlot::pending`].
+pub const FLOW_CACHE_PENDING_WORD: usize = 15;
+const _: () = assert!(core::mem::offset_of!(FlowCacheSlot, pending) == FLOW_CACHE_PENDING_WORD * 8);
+
+/// The slot of the global counter array ([`GLOBAL_STATS_MAP`]) where the classifier adds
+/// redirects a flow-cache slot held (see [`FlowCacheSlot::pending`]) whose entry was gone
+/// by the time they were added: the packets still count in the global `redirected`, which
+/// user space reads as the entries' counters, plus the removed entries' (its own slot), plus
+/// this. It is [`GlobalCounter::Seen`]'s slot, which nothing else writes (`seen` is computed,
+/// see [`INGRESS_EXITS`]).
+pub const LATE_REDIRECTS_SLOT: u32 = GlobalCounter::Seen as u32;
 
 /// Name of the reply program's cache: an array of [`ReplyCacheSlot`]s, one region of
 /// [`REPLY_CACHE_SLOTS`] per possible CPU, laid out and sized like [`FLOW_CACHE_MAP`], not
@@ -1089,6 +1138,7 @@ mod pod {
     unsafe impl aya::Pod for super::ReplyState {}
     unsafe impl aya::Pod for super::PrefixData {}
     unsafe impl aya::Pod for super::PrefixNode {}
+    unsafe impl aya::Pod for super::FlowCacheSlot {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragPorts {}
 }
@@ -1096,6 +1146,33 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::PortRule;
+
+    /// A flow-cache slot's count word: packets and bytes add up in their halves, and an add
+    /// that would carry out of either half is refused (the slot's counts must go to the
+    /// entry first), never wrapped into the other.
+    #[test]
+    fn pending_counts_add_up_and_refuse_to_overflow() {
+        use super::{pending_add, pending_bytes, pending_packets};
+        let mut w = 0;
+        for len in [54, 1514, 65_226] {
+            w = pending_add(w, len).unwrap();
+        }
+        assert_eq!(
+            (pending_packets(w), pending_bytes(w)),
+            (3, 54 + 1514 + 65_226)
+        );
+        let full_bytes = (0xffff_ff00u64 << 32) | 7;
+        assert_eq!(
+            pending_add(full_bytes, 0xff),
+            Some(full_bytes + 1 + (0xff << 32))
+        );
+        assert_eq!(pending_add(full_bytes, 0x100), None);
+        assert_eq!(pending_add(0xffff_ffff, 1), None);
+        assert_eq!(
+            pending_add(0, u32::MAX).map(pending_bytes),
+            Some(u64::from(u32::MAX))
+        );
+    }
 
     #[test]
     fn port_filter_marks_exactly_the_managed_ports() {

@@ -42,10 +42,17 @@
 //! packet, so a new flow on a reused 5-tuple (a client's new socket given an earlier one's
 //! port) would be served from the slot of an evicted record, its answer lost before any
 //! reply could tell.
+//!
+//! A hit counts in its slot (`viscum_common::FlowCacheSlot::pending`), in the line it read
+//! the entry's copy from, rather than in the entry's counter slot, a cold line per packet
+//! once the entries are many; [`flush`] moves the counts to the entry when the slot is
+//! filled again or emptied, and user space adds what slots still hold when it reads.
 
-use aya_ebpf::{helpers::bpf_get_smp_processor_id, macros::map, maps::Array};
+use aya_ebpf::{
+    bindings::BPF_F_MMAPABLE, helpers::bpf_get_smp_processor_id, macros::map, maps::Array,
+};
 pub use viscum_common::hash::mix;
-use viscum_common::{FLOW_CACHE_SLOTS, FlowCacheSlot, ServiceEntry};
+use viscum_common::{FLOW_CACHE_SLOTS, FlowCacheSlot, ServiceEntry, pending_add, pending_packets};
 
 use crate::parse::Parsed;
 
@@ -61,7 +68,7 @@ pub const CACHE_LIFE_TICKS: u64 = 25;
 /// the loader sizes it for every possible CPU). Not pinned: a cache private to each loaded
 /// copy of the object, which a fresh load starts empty.
 #[map(name = "VISCUM_FCACHE")]
-static CACHE: Array<FlowCacheSlot> = Array::with_max_entries(FLOW_CACHE_SLOTS, 0);
+static CACHE: Array<FlowCacheSlot> = Array::with_max_entries(FLOW_CACHE_SLOTS, BPF_F_MMAPABLE);
 
 /// Inserts into the edge-flow table after which a slot is no longer used: 1/16 of the
 /// smallest table the loader accepts (`viscum attach --flow-table-size`, 1024).
@@ -108,29 +115,64 @@ pub fn advance(word: &Array<u64>, n: u64) {
     }
 }
 
-/// The entry `p`'s flow was decided for, if this CPU's cache holds the flow with a
-/// decision that may still be repeated at kernel tick `tick` (`bpf_jiffies64`) under
-/// entries' generation `generation` (read before anything was looked up for this packet).
+/// This CPU's slot of `p`'s flow, if it holds the flow with a decision that may still be
+/// repeated at kernel tick `tick` (`bpf_jiffies64`) under entries' generation `generation`
+/// (read before anything was looked up for this packet).
 ///
-/// The packet is then delivered by the slot's copy of the entry: no services-map lookup,
-/// no flow record. The copy is this CPU's, and nothing else runs on this CPU while the
-/// program does.
+/// The packet is then delivered by the slot's copy of the entry (`target`): no services-map
+/// lookup, no flow record; and counted in the slot ([`count_redirect`]). The slot is this
+/// CPU's, and nothing else runs on this CPU while the program does.
 #[inline(always)]
-pub fn hit(p: &Parsed, tick: u64, generation: u64) -> Option<&'static ServiceEntry> {
+pub fn hit(p: &Parsed, tick: u64, generation: u64) -> Option<*mut FlowCacheSlot> {
     let probe = Probe::of(p);
     let (first, second) = probe.slots()?;
     let churn = churn();
     // SAFETY: this CPU's slots; nothing else runs on this CPU while we do.
-    let first = unsafe { &*first };
-    if usable(first, tick, generation, churn) && probe.holds(first) {
-        return Some(&first.target);
+    if usable(unsafe { &*first }, tick, generation, churn) && probe.holds(unsafe { &*first }) {
+        return Some(first);
     }
     // SAFETY: as above.
-    let second = unsafe { &*second };
-    if usable(second, tick, generation, churn) && probe.holds(second) {
-        return Some(&second.target);
+    if usable(unsafe { &*second }, tick, generation, churn) && probe.holds(unsafe { &*second }) {
+        return Some(second);
     }
     None
+}
+
+/// Counts a packet of `len` bytes (L2, as it arrived) that `slot`'s copy of its entry
+/// redirected, in the slot (`viscum_common::FlowCacheSlot::pending`) rather than in the
+/// entry's counters: the slot's line is in cache already, the entry's counter line, one per
+/// entry and CPU, is not once there are many entries. Should a half of the word overflow, the
+/// slot's counts go to the entry first (the slot was usable just now: the entry is the same).
+#[inline(always)]
+pub fn count_redirect(slot: &mut FlowCacheSlot, len: u32) {
+    match pending_add(slot.pending, len) {
+        Some(pending) => slot.pending = pending,
+        None => {
+            crate::lookup::add_pending(&slot.target, slot.pending);
+            slot.pending = pending_add(0, len).unwrap_or(0);
+        }
+    }
+}
+
+/// Adds what `slot` counted ([`count_redirect`]) to its entry's counters and empties its
+/// count, before the slot is filled again or emptied; `generation`: the entries' generation now.
+/// Under the generation the slot was filled in, the entry is the one it copied; otherwise
+/// it may be gone, its counter slot even given to another entry, so the entry's ownership
+/// is checked (`crate::lookup::still_owns`), and counts of a gone entry go to the global
+/// count of redirects alone (`viscum_common::LATE_REDIRECTS_SLOT`), as its other counts did
+/// when user space removed it.
+#[inline(always)]
+fn flush(slot: &mut FlowCacheSlot, generation: u64) {
+    let pending = slot.pending;
+    if pending == 0 {
+        return;
+    }
+    slot.pending = 0;
+    if slot.generation == generation || crate::lookup::still_owns(slot) {
+        crate::lookup::add_pending(&slot.target, pending);
+    } else {
+        crate::counters::add_late_redirects(pending_packets(pending));
+    }
 }
 
 /// May `slot`'s decision be repeated at kernel tick `tick`, under `generation` and churn
@@ -168,6 +210,7 @@ pub fn fill(p: &Parsed, entry: &ServiceEntry, tick: u64, generation: u64) {
     } else {
         first
     };
+    flush(slot, generation);
     slot.client = probe.client;
     slot.service = probe.service;
     slot.tail = probe.tail;
@@ -177,9 +220,10 @@ pub fn fill(p: &Parsed, entry: &ServiceEntry, tick: u64, generation: u64) {
     slot.valid_until_tick = tick + CACHE_LIFE_TICKS;
 }
 
-/// Empties this CPU's slot of `p`'s flow, if it holds it (the flow is closing).
+/// Empties this CPU's slot of `p`'s flow, if it holds it (the flow is closing), its counts
+/// added to the entry ([`flush`]; `generation`: the entries' generation now).
 #[inline(always)]
-pub fn forget(p: &Parsed) {
+pub fn forget(p: &Parsed, generation: u64) {
     let probe = Probe::of(p);
     let Some((first, second)) = probe.slots() else {
         return;
@@ -187,9 +231,11 @@ pub fn forget(p: &Parsed) {
     // SAFETY: as above.
     let (first, second) = unsafe { (&mut *first, &mut *second) };
     if probe.holds(first) {
+        flush(first, generation);
         first.valid_until_tick = 0;
     }
     if probe.holds(second) {
+        flush(second, generation);
         second.valid_until_tick = 0;
     }
 }

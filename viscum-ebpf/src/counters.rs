@@ -7,7 +7,7 @@ use aya_ebpf::{
 };
 use viscum_common::{
     DEFAULT_LINGER_SECS, DEFAULT_TCP_IDLE_SECS, DEFAULT_UDP_IDLE_SECS, DatapathConfig,
-    GLOBAL_COUNTERS, GlobalCounter,
+    GLOBAL_COUNTERS, GlobalCounter, LATE_REDIRECTS_SLOT,
 };
 
 /// Per-CPU so the hot path never needs an atomic add.
@@ -23,6 +23,16 @@ pub fn bump(counter: GlobalCounter) {
     if let Some(slot) = GLOBAL.get_ptr_mut(counter as u32) {
         // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
         unsafe { *slot += 1 };
+    }
+}
+
+/// Adds `packets` redirects whose entry was gone when a flow-cache slot gave them up (see
+/// `viscum_common::LATE_REDIRECTS_SLOT`).
+#[inline(always)]
+pub fn add_late_redirects(packets: u64) {
+    if let Some(slot) = GLOBAL.get_ptr_mut(LATE_REDIRECTS_SLOT) {
+        // SAFETY: per-CPU slot, no other writer while this program runs on this CPU.
+        unsafe { *slot += packets };
     }
 }
 

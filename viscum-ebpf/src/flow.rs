@@ -175,7 +175,7 @@ pub fn decide(
             if plain && state.flags & REPLY_F_ESTABLISHED != 0 && state.closing_at_ns == 0 {
                 cache::fill(p, entry, counters::tick(), generation);
             } else if closing {
-                cache::forget(p);
+                cache::forget(p, generation);
             }
             return Decision::Edge;
         }

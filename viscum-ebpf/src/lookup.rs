@@ -21,9 +21,10 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, lpm_trie::Key},
 };
 use viscum_common::{
-    DEFAULT_MAX_ENTRIES, ENTRIES_GEN_WORD, EntryStats, MAX_PREFIX_LEVELS, MAX_RULES,
+    DEFAULT_MAX_ENTRIES, ENTRIES_GEN_WORD, EntryStats, FlowCacheSlot, MAX_PREFIX_LEVELS, MAX_RULES,
     PREFIX_KEY_FIXED_BITS, PortRule, PrefixData, PrefixNode, RULES_PER_PREFIX, ServiceEntry,
-    ServiceKey, addr_filter_slot, entry_stats_slots, port_filter_slot, ports_words,
+    ServiceKey, addr_filter_slot, entry_stats_slots, pending_bytes, pending_packets,
+    port_filter_slot, ports_words,
 };
 
 use crate::parse::Parsed;
@@ -68,6 +69,41 @@ pub fn stats_of(entry: &ServiceEntry) -> Option<&'static mut EntryStats> {
     ENTRY_STATS
         .get_ptr_mut(cpu.wrapping_mul(stride).wrapping_add(entry.stats_id))
         .map(|s| unsafe { &mut *s })
+}
+
+/// Does the entry `slot` was filled for still own its counters, so that what the slot
+/// counted may be added to them (see `crate::cache::flush`)? Asked only when the entries
+/// changed since the fill, when the entry may be gone and its counter slot given to another:
+/// an exact entry must still be the services map's entry for the slot's destination, a
+/// prefix rule still in its rule slot (a removed rule's is cleared), with the same counter
+/// slot and epoch (`ServiceEntry::stats_epoch`: not the same match removed and added again).
+#[inline(always)]
+pub fn still_owns(slot: &FlowCacheSlot) -> bool {
+    let t = &slot.target;
+    if t.stats_id < MAX_RULES {
+        return matches!(RULES.get(t.stats_id),
+            Some(r) if r.stats_id == t.stats_id && r.stats_epoch == t.stats_epoch);
+    }
+    let key = ServiceKey {
+        // SAFETY: same size, plain bytes: the words are the address's bytes in order.
+        addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(slot.service) },
+        port: (slot.tail >> 16) as u16,
+        proto: (slot.tail >> 32) as u8,
+        family: (slot.tail >> 40) as u8,
+    };
+    // SAFETY: a map value the kernel keeps alive while the program runs.
+    matches!(unsafe { SERVICES.get(key) },
+        Some(e) if e.stats_id == t.stats_id && e.stats_epoch == t.stats_epoch)
+}
+
+/// Adds a flow-cache slot's `pending` redirects (`viscum_common::FlowCacheSlot::pending`) to
+/// this CPU's counters of `entry`.
+#[inline(always)]
+pub fn add_pending(entry: &ServiceEntry, pending: u64) {
+    if let Some(s) = stats_of(entry) {
+        s.packets += pending_packets(pending);
+        s.bytes += pending_bytes(pending);
+    }
 }
 
 /// The miss pre-filter (see `viscum_common::PORTS_MAP`): a set bit means no entry or rule

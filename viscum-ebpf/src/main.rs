@@ -59,8 +59,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::debug;
 use viscum_common::{
-    DatapathConfig, GlobalCounter, JUMP_ICMP_INGRESS, JUMP_ICMP_REPLY, JUMP_RECOVER, PROTO_TCP,
-    REPLY_F_DROP, ReplyState, ServiceEntry, TARGET_F_MIRROR, TARGET_F_NAT,
+    DatapathConfig, FlowCacheSlot, GlobalCounter, JUMP_ICMP_INGRESS, JUMP_ICMP_REPLY, JUMP_RECOVER,
+    PROTO_TCP, REPLY_F_DROP, ReplyState, ServiceEntry, TARGET_F_MIRROR, TARGET_F_NAT,
 };
 
 use crate::{
@@ -194,16 +194,17 @@ fn try_ingress(ctx: &TcContext) -> Result<i32, i32> {
     } else {
         None
     };
-    let entry = match cached {
-        Some(entry) => {
+    let (entry, slot) = match cached {
+        Some(slot) => {
             // A first fragment records its ports for the later ones, as on the full path.
             frag::remember(&p);
-            entry
+            // SAFETY: this CPU's slot (see `cache::hit`).
+            (unsafe { &(*slot).target }, Some(slot))
         }
-        None => decide_edge(ctx, &p, cfg, log, generation)?,
+        None => (decide_edge(ctx, &p, cfg, log, generation)?, None),
     };
     let port = p.key.port;
-    let action = deliver(ctx, &mut p, entry)?;
+    let action = deliver(ctx, &mut p, entry, slot)?;
     // Logged here, not in `deliver`: the log macro's closure, in a function two programs
     // inline, is left out of line by LLVM, and a BPF-to-BPF call is refused next to tail
     // calls on a kernel without a JIT. The port the client asked for, not the translated one.
@@ -279,11 +280,18 @@ fn decide_edge(
 /// Serves a packet of an edge flow of `entry`: translates it in NAT mode, clamps a SYN's
 /// MSS, redirects it into the service namespace, and counts it once: in the entry's
 /// counters when redirected (the global `redirected` is their sum, see
-/// `viscum_common::GlobalCounter::Redirected`), as a redirect error otherwise.
+/// `viscum_common::GlobalCounter::Redirected`), or in the flow-cache slot `cached` that
+/// `entry` is the copy of, which adds them to the entry's later (see
+/// `cache::count_redirect`); as a redirect error otherwise.
 ///
 /// In NAT mode `p` describes the translated packet afterwards (see [`nat::rewrite`]).
 #[inline(always)]
-fn deliver(ctx: &TcContext, p: &mut Parsed, entry: &ServiceEntry) -> Result<i32, i32> {
+fn deliver(
+    ctx: &TcContext,
+    p: &mut Parsed,
+    entry: &ServiceEntry,
+    cached: Option<*mut FlowCacheSlot>,
+) -> Result<i32, i32> {
     // The length as it arrived: the redirect may strip a VLAN tag.
     let len = ctx.len();
     if entry.flags & TARGET_F_NAT != 0 {
@@ -313,9 +321,16 @@ fn deliver(ctx: &TcContext, p: &mut Parsed, entry: &ServiceEntry) -> Result<i32,
     }
     let action = redirect::to_service(ctx, entry, p.l2_vlan);
     if action == TC_ACT_REDIRECT {
-        if let Some(s) = lookup::stats_of(entry) {
-            s.packets += 1;
-            s.bytes += u64::from(len);
+        match cached {
+            // SAFETY: this CPU's slot (see `cache::hit`); `entry`, read from it, is not used
+            // after this.
+            Some(slot) => cache::count_redirect(unsafe { &mut *slot }, len),
+            None => {
+                if let Some(s) = lookup::stats_of(entry) {
+                    s.packets += 1;
+                    s.bytes += u64::from(len);
+                }
+            }
         }
     } else {
         counters::bump(GlobalCounter::RedirectErrors);
@@ -355,7 +370,7 @@ fn try_recover(ctx: &TcContext) -> Result<i32, i32> {
     if !flow::recover(ctx, &p, entry) {
         return Ok(pass());
     }
-    deliver(ctx, &mut p, entry)
+    deliver(ctx, &mut p, entry, None)
 }
 
 /// Replies leaving a service namespace (TC ingress of its host veth).

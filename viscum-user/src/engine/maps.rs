@@ -6,11 +6,12 @@ use aya::maps::{
 };
 use viscum_common::{
     CONFIG_MAP, CounterInfo, DatapathConfig, ENTRIES_GEN_WORD, ENTRY_STATS_MAP, EntryStats,
-    FLOWS_MAP, GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter, INGRESS_EXITS, MAX_RULES,
-    PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORT_FILTER_WORDS, PORTS_MAP, PREFIXES_MAP,
-    PortFilter, PortRule, PrefixData, PrefixNode, REPLIES_MAP, REPLY_F_DROP, RULES_MAP,
-    RULES_PER_PREFIX, ReplyKey, ReplyState, SERVICES_MAP, STATS_HINT_WORD, STATS_IDS_BASE,
-    ServiceEntry, ServiceKey, addr_filter_slot, entry_stats_id, port_filter_slot, stats_stride,
+    FLOWS_MAP, FlowCacheSlot, GLOBAL_COUNTER_INFO, GLOBAL_STATS_MAP, GlobalCounter, INGRESS_EXITS,
+    LATE_REDIRECTS_SLOT, MAX_RULES, PORT_FILTER_BITMAP_WORDS, PORT_FILTER_BUILT, PORT_FILTER_WORDS,
+    PORTS_MAP, PREFIXES_MAP, PortFilter, PortRule, PrefixData, PrefixNode, REPLIES_MAP,
+    REPLY_F_DROP, RULES_MAP, RULES_PER_PREFIX, ReplyKey, ReplyState, SERVICES_MAP, STATS_HINT_WORD,
+    STATS_IDS_BASE, ServiceEntry, ServiceKey, addr_filter_slot, entry_stats_id, port_filter_slot,
+    stats_stride,
 };
 
 use super::{EngineError, Pins, layout::Pinned};
@@ -352,6 +353,19 @@ impl Engine {
             .as_ref()
             .map_or(0, |p| p.len().saturating_sub(STATS_IDS_BASE));
         words.min(room)
+    }
+
+    /// The [`ServiceEntry::stats_epoch`] of an entry given a counter slot now: the entries'
+    /// generation after the change that adds it (never 0, the epoch of entries written
+    /// before there were epochs). Every change moves the generation, so an entry that
+    /// takes over a removed one's slot has another epoch. The caller holds
+    /// [`Self::write_lock`].
+    fn next_stats_epoch(&self) -> Result<u32, EngineError> {
+        let generation = match self.ports.as_ref() {
+            Some(ports) if ENTRIES_GEN_WORD < ports.len() => ports.get(ENTRIES_GEN_WORD)?,
+            _ => 0,
+        };
+        Ok((generation.wrapping_add(1) as u32).max(1))
     }
 
     /// Claims a free counter slot for a new exact entry and zeroes its counters (a slot
@@ -721,6 +735,7 @@ impl Engine {
     /// # Errors
     /// [`EngineError::Map`] if a map cannot be read.
     pub fn entries(&self) -> Result<Vec<EntryView>, EngineError> {
+        let pending = self.pending()?;
         let mut out = Vec::new();
         for item in &self.services {
             let (key, target) =
@@ -729,14 +744,14 @@ impl Engine {
                 log::warn!("skipping an undecodable key in the services map: {key:?}");
                 continue;
             };
-            out.push(self.view(endpoint, target)?);
+            out.push(self.view(endpoint, target, &pending)?);
         }
         for (len, data, node) in self.nodes()? {
             for rule in &node.rules[..node.count as usize] {
                 let Some(endpoint) = Endpoint::from_rule(len, &data, rule) else {
                     continue;
                 };
-                out.push(self.view(endpoint, self.rule(rule.rule_id)?)?);
+                out.push(self.view(endpoint, self.rule(rule.rule_id)?, &pending)?);
             }
         }
         out.sort_by_key(|e| {
@@ -839,6 +854,7 @@ impl Engine {
         self.zero_stats(id)?;
         let value = ServiceEntry {
             stats_id: id,
+            stats_epoch: self.next_stats_epoch()?,
             ..value
         };
         self.rules
@@ -892,15 +908,58 @@ impl Engine {
         self.rebuild_port_filter(&[(first, last)])
     }
 
-    fn view(&self, endpoint: Endpoint, target: ServiceEntry) -> Result<EntryView, EngineError> {
+    /// What the classifier's flow cache counted and has not yet added to the entries'
+    /// counters (see [`super::flow_cache`]), attributed as the classifier will.
+    fn pending(&self) -> Result<super::flow_cache::PendingCounts, EngineError> {
+        let generation = match self.ports.as_ref() {
+            Some(ports) if ENTRIES_GEN_WORD < ports.len() => Some(ports.get(ENTRIES_GEN_WORD)?),
+            _ => None,
+        };
+        super::flow_cache::pending(&self.pins.program(), generation, |slot| {
+            self.still_owns(slot)
+        })
+    }
+
+    /// Does the entry a flow-cache slot was filled for still own its counter slot? As the
+    /// classifier decides it (`viscum_ebpf::lookup::still_owns`): an exact entry is still the
+    /// services map's entry for the slot's destination, a rule still in its rule slot, with
+    /// the same counter slot and [`ServiceEntry::stats_epoch`].
+    fn still_owns(&self, slot: &FlowCacheSlot) -> Result<bool, EngineError> {
+        let t = &slot.target;
+        if t.stats_id < MAX_RULES {
+            let r = self.rule(t.stats_id)?;
+            return Ok(r.stats_id == t.stats_id && r.stats_epoch == t.stats_epoch);
+        }
+        // SAFETY: same size, plain bytes: the words are the address's bytes in order.
+        let addr = unsafe { std::mem::transmute::<[u32; 4], [u8; 16]>(slot.service) };
+        let key = ServiceKey {
+            addr,
+            port: (slot.tail >> 16) as u16,
+            proto: (slot.tail >> 32) as u8,
+            family: (slot.tail >> 40) as u8,
+        };
+        match self.services.get(&key, 0) {
+            Ok(e) => Ok(e.stats_id == t.stats_id && e.stats_epoch == t.stats_epoch),
+            Err(MapError::KeyNotFound) => Ok(false),
+            Err(e) => Err(EngineError::map("cannot read the services map", e)),
+        }
+    }
+
+    fn view(
+        &self,
+        endpoint: Endpoint,
+        target: ServiceEntry,
+        pending: &super::flow_cache::PendingCounts,
+    ) -> Result<EntryView, EngineError> {
         let s = self.stats_sum(target.stats_id)?;
+        let (packets, bytes) = pending.of(target.stats_id);
         Ok(EntryView {
             endpoint,
             target,
             ifindex: target.ifindex,
             flags: target.flags,
-            packets: s.packets,
-            bytes: s.bytes,
+            packets: s.packets + packets,
+            bytes: s.bytes + bytes,
             new_flows: s.new_flows,
             cloud_flows: s.cloud_flows,
         })
@@ -916,10 +975,10 @@ impl Engine {
                 return Ok(None);
             };
             let target = self.rule(node.rules[idx].rule_id)?;
-            return Ok(Some(self.view(*endpoint, target)?));
+            return Ok(Some(self.view(*endpoint, target, &self.pending()?)?));
         }
         match self.services.get(&endpoint.key(), 0) {
-            Ok(target) => Ok(Some(self.view(*endpoint, target)?)),
+            Ok(target) => Ok(Some(self.view(*endpoint, target, &self.pending()?)?)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(EngineError::map(
                 format!("cannot read the entry for {endpoint}"),
@@ -951,6 +1010,7 @@ impl Engine {
         // and the slot, never seen by the datapath, is given back.
         let value = ServiceEntry {
             stats_id: self.claim_stats_slot()?,
+            stats_epoch: self.next_stats_epoch()?,
             ..target
         };
         let result = self.services.insert(key, value, BPF_NOEXIST);
@@ -1197,7 +1257,20 @@ impl Engine {
                 *stats.get_mut(info.counter) = read(info.counter)?;
             }
         }
-        // Counted by the classifier in the entries' counters only (see `retire`).
+        // Counted by the classifier in the entries' counters only (see `retire`), or in its
+        // flow cache's slots until it adds them to those (see `super::flow_cache`), or, for
+        // a slot's counts whose entry was gone by then, in the slot of `seen`, which it
+        // does not count otherwise (see `LATE_REDIRECTS_SLOT`).
+        let late = self
+            .global
+            .get(&LATE_REDIRECTS_SLOT, 0)
+            .map_err(|e| EngineError::map("cannot read the global counters", e))?
+            .iter()
+            .sum::<u64>();
+        let redirected = stats.get_mut(GlobalCounter::Redirected);
+        *redirected = redirected
+            .wrapping_add(late)
+            .wrapping_add(self.pending()?.packets);
         for id in self.live_stats_ids()? {
             let counted = self.stats_sum(id)?;
             for (counter, field) in RETIRED {

@@ -30,6 +30,7 @@ pub mod attach;
 mod clsact;
 pub mod cpus;
 mod filter_words;
+mod flow_cache;
 mod jump;
 pub mod layout;
 pub mod lock;
