@@ -842,7 +842,7 @@ macro_rules! global_counters {
             Seen = 0, seen, "SEEN", Packets, DATAPATH_PACKETS, "seen",
                 "Every packet the classifier ran on: the sum of its exits (INGRESS_EXITS), each counted once by the packet that takes it.";
             Redirected = 1, redirected, "REDIRECTED", Packets, DATAPATH_PACKETS, "redirected",
-                "Packets redirected into a service namespace: the sum of every entry's and rule's packets, counted once by the classifier in the entry's counters; the slot keeps what removed entries counted (user space moves it there).";
+                "Packets redirected into a service namespace: the sum of every entry's and rule's packets, counted once by the classifier in the entry's counters (a flow-cache hit first in its cache slot); the slot keeps what removed entries counted (user space moves it there).";
             Passed = 2, passed, "PASSED", Packets, DATAPATH_PACKETS, "passed",
                 "Packets left to the normal stack (misses and non-IP).";
             Fragments = 3, fragments, "FRAGMENTS", Packets, DATAPATH_PACKETS, "fragments",
@@ -1034,7 +1034,7 @@ global_counters!(define_global_counters);
 /// it tail-calls): every packet takes exactly one of these exits and bumps its counter once,
 /// so [`GlobalCounter::Seen`] is their sum, computed by user space, instead of a second
 /// per-CPU counter every packet would bump (a map lookup and a store per packet, measured
-/// at ~6 % of a hit's program time on 6.18). The slot of `Seen` stays in the array, unused.
+/// at ~6 % of a hit's program time on 6.18). The slot of `Seen` stays in the array, for [`LATE_REDIRECTS_SLOT`].
 pub const INGRESS_EXITS: [GlobalCounter; 4] = [
     GlobalCounter::Passed,
     GlobalCounter::Redirected,

@@ -143,13 +143,21 @@ pub fn hit(p: &Parsed, tick: u64, generation: u64) -> Option<*mut FlowCacheSlot>
 /// entry's counters: the slot's line is in cache already, the entry's counter line, one per
 /// entry and CPU, is not once there are many entries. Should a half of the word overflow, the
 /// slot's counts go to the entry first (the slot was usable just now: the entry is the same).
+///
+/// A raw pointer, written through its `pending` field alone: the caller still holds a
+/// shared reference to the slot's `target`.
 #[inline(always)]
-pub fn count_redirect(slot: &mut FlowCacheSlot, len: u32) {
-    match pending_add(slot.pending, len) {
-        Some(pending) => slot.pending = pending,
-        None => {
-            crate::lookup::add_pending(&slot.target, slot.pending);
-            slot.pending = pending_add(0, len).unwrap_or(0);
+pub fn count_redirect(slot: *mut FlowCacheSlot, len: u32) {
+    // SAFETY: this CPU's slot (see `hit`); only `pending` is written, and no reference to it
+    // is live.
+    unsafe {
+        let pending = (*slot).pending;
+        match pending_add(pending, len) {
+            Some(next) => (*slot).pending = next,
+            None => {
+                crate::lookup::add_pending(&(*slot).target, pending);
+                (*slot).pending = pending_add(0, len).unwrap_or(0);
+            }
         }
     }
 }

@@ -75,14 +75,14 @@ pub fn stats_of(entry: &ServiceEntry) -> Option<&'static mut EntryStats> {
 /// counted may be added to them (see `crate::cache::flush`)? Asked only when the entries
 /// changed since the fill, when the entry may be gone and its counter slot given to another:
 /// an exact entry must still be the services map's entry for the slot's destination, a
-/// prefix rule still in its rule slot (a removed rule's is cleared), with the same counter
+/// prefix rule still in its rule slot (a removed rule's is cleared: no target veth), with the same counter
 /// slot and epoch (`ServiceEntry::stats_epoch`: not the same match removed and added again).
 #[inline(always)]
 pub fn still_owns(slot: &FlowCacheSlot) -> bool {
     let t = &slot.target;
     if t.stats_id < MAX_RULES {
         return matches!(RULES.get(t.stats_id),
-            Some(r) if r.stats_id == t.stats_id && r.stats_epoch == t.stats_epoch);
+            Some(r) if r.ifindex != 0 && r.stats_id == t.stats_id && r.stats_epoch == t.stats_epoch);
     }
     let key = ServiceKey {
         // SAFETY: same size, plain bytes: the words are the address's bytes in order.

@@ -322,9 +322,7 @@ fn deliver(
     let action = redirect::to_service(ctx, entry, p.l2_vlan);
     if action == TC_ACT_REDIRECT {
         match cached {
-            // SAFETY: this CPU's slot (see `cache::hit`); `entry`, read from it, is not used
-            // after this.
-            Some(slot) => cache::count_redirect(unsafe { &mut *slot }, len),
+            Some(slot) => cache::count_redirect(slot, len),
             None => {
                 if let Some(s) = lookup::stats_of(entry) {
                     s.packets += 1;

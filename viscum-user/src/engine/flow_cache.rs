@@ -19,7 +19,7 @@ use std::{
 };
 
 use aya::{
-    maps::{Array, IterableMap as _, MapData, MapInfo},
+    maps::{Array, IterableMap as _, MapData, MapError, MapInfo},
     programs::SchedClassifier,
 };
 use viscum_common::{
@@ -49,16 +49,35 @@ impl PendingCounts {
     }
 }
 
-/// The ingress program's flow cache, or `None` when there is no pinned program or it has
+/// The flow cache of one loaded ingress program, opened and mapped once and kept by the
+/// [`super::Engine`] for as long as that program stays pinned (a re-attach that loads a new
+/// object brings a new cache, found again by the program's id).
+pub(super) struct Handle {
+    program_id: u32,
+    slots: Array<MapData, FlowCacheSlot>,
+    mem: Option<filter_words::Mapping>,
+}
+
+/// The id of the program pinned at `program`, or `None` without a pin.
+fn program_id(program: &Path) -> Result<Option<u32>, EngineError> {
+    if !program.exists() {
+        return Ok(None);
+    }
+    let prog = SchedClassifier::from_pin(program)
+        .map_err(|e| EngineError::prog("cannot open the pinned classifier", e))?;
+    let info = prog
+        .info()
+        .map_err(|e| EngineError::prog("cannot read the classifier's info", e))?;
+    Ok(Some(info.id()))
+}
+
+/// The flow cache of the ingress program pinned at `program` (id `id`), or `None` when it has
 /// no such map (an object from before the cache).
 ///
 /// # Errors
 /// [`EngineError::Program`] / [`EngineError::Map`] if the program's maps cannot be listed
-/// or the cache opened.
-fn open(program: &Path) -> Result<Option<MapData>, EngineError> {
-    if !program.exists() {
-        return Ok(None);
-    }
+/// or opened (opening a map by id needs `CAP_SYS_ADMIN`).
+fn open(program: &Path, id: u32) -> Result<Option<Handle>, EngineError> {
     let prog = SchedClassifier::from_pin(program)
         .map_err(|e| EngineError::prog("cannot open the pinned classifier", e))?;
     let ids = prog
@@ -66,22 +85,35 @@ fn open(program: &Path) -> Result<Option<MapData>, EngineError> {
         .and_then(|info| info.map_ids())
         .map_err(|e| EngineError::prog("cannot list the classifier's maps", e))?
         .unwrap_or_default();
-    for id in ids {
-        // A map that went away between the listing and here is not the cache.
-        let Ok(info) = MapInfo::from_id(id) else {
-            continue;
+    for map_id in ids {
+        let info = match MapInfo::from_id(map_id) {
+            Ok(info) => info,
+            // Gone between the listing and here: not the cache of a live program.
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                continue;
+            }
+            Err(e) => return Err(EngineError::map("cannot open the classifier's maps", e)),
         };
-        if info.name_as_str() == Some(FLOW_CACHE_MAP) {
-            return MapData::from_id(id)
-                .map(Some)
-                .map_err(|e| EngineError::map("cannot open the classifier's flow cache", e));
+        if info.name_as_str() != Some(FLOW_CACHE_MAP) {
+            continue;
         }
+        let data = MapData::from_id(map_id)
+            .map_err(|e| EngineError::map("cannot open the classifier's flow cache", e))?;
+        let slots: Array<MapData, FlowCacheSlot> = Array::try_from(aya::maps::Map::Array(data))
+            .map_err(|e| EngineError::map("the flow cache has an unexpected layout", e))?;
+        let mem = filter_words::map_words(slots.map(), slots.len().saturating_mul(SLOT_WORDS));
+        return Ok(Some(Handle {
+            program_id: id,
+            slots,
+            mem,
+        }));
     }
     Ok(None)
 }
 
 /// Reads what the flow cache of the classifier pinned at `program` holds (see
-/// [`PendingCounts`]). `generation`: the entries' generation now
+/// [`PendingCounts`]), through `handle` (kept by the caller between reads; reopened when the
+/// pinned program changed). `generation`: the entries' generation now
 /// (`viscum_common::ENTRIES_GEN_WORD`); a slot filled under another may count for an entry
 /// that is gone, which `still_owns` decides as the classifier does
 /// (`viscum_ebpf::lookup::still_owns`).
@@ -89,18 +121,26 @@ fn open(program: &Path) -> Result<Option<MapData>, EngineError> {
 /// A cache that cannot be opened (a reader without `CAP_SYS_ADMIN`) counts as empty, with
 /// a warning, once per process.
 ///
+/// Not a snapshot: the classifier may move a slot's counts to its entry between this read
+/// and the caller's read of the entries' counters, which then shows them twice (or, moved
+/// to the late slot, not at all) until the next read.
+///
 /// # Errors
-/// [`EngineError::Map`] if the cache is not an array of slots or a slot cannot be read
-/// through bpf(2); `still_owns`'s errors.
+/// [`EngineError::Map`] if a slot cannot be read through bpf(2); `still_owns`'s errors.
 pub(super) fn pending(
     program: &Path,
+    handle: &mut Option<Handle>,
     generation: Option<u64>,
     still_owns: impl Fn(&FlowCacheSlot) -> Result<bool, EngineError>,
 ) -> Result<PendingCounts, EngineError> {
     let mut out = PendingCounts::default();
-    let data = match open(program) {
-        Ok(Some(data)) => data,
-        Ok(None) => return Ok(out),
+    let opened = program_id(program).and_then(|id| match (id, handle.take()) {
+        (None, _) => Ok(None),
+        (Some(id), Some(h)) if h.program_id == id => Ok(Some(h)),
+        (Some(id), _) => open(program, id),
+    });
+    *handle = match opened {
+        Ok(h) => h,
         // Opening maps by id needs CAP_SYS_ADMIN, which a reader of the pins may lack: the
         // counters are still right, only late by what the cache holds.
         Err(e) => {
@@ -111,8 +151,11 @@ pub(super) fn pending(
                      (a fraction of a second of each busy flow's packets)"
                 );
             }
-            return Ok(out);
+            None
         }
+    };
+    let Some(h) = handle.as_ref() else {
+        return Ok(out);
     };
     let mut add = |slot: &FlowCacheSlot| -> Result<(), EngineError> {
         let (packets, bytes) = (pending_packets(slot.pending), pending_bytes(slot.pending));
@@ -124,10 +167,8 @@ pub(super) fn pending(
         }
         Ok(())
     };
-    let slots: Array<MapData, FlowCacheSlot> = Array::try_from(aya::maps::Map::Array(data))
-        .map_err(|e| EngineError::map("the flow cache has an unexpected layout", e))?;
-    let n = slots.len();
-    if let Some(mem) = filter_words::map_words(slots.map(), n.saturating_mul(SLOT_WORDS)) {
+    let n = h.slots.len();
+    if let Some(mem) = &h.mem {
         for i in 0..n {
             let base = i * SLOT_WORDS;
             if mem.load(base + FLOW_CACHE_PENDING_WORD as u32) != Some(0) {
@@ -143,7 +184,8 @@ pub(super) fn pending(
         return Ok(out);
     }
     for i in 0..n {
-        let slot = slots
+        let slot = h
+            .slots
             .get(&i, 0)
             .map_err(|e| EngineError::map("cannot read the flow cache", e))?;
         if slot.pending != 0 {

@@ -59,6 +59,9 @@ pub struct Engine {
     ports: Option<super::filter_words::FilterWords>,
     /// Regions of the counters array, one per possible CPU id (see [`super::cpus`]).
     cpu_regions: u32,
+    /// The classifier's flow cache, opened at the first read of the counters and kept while
+    /// the same program is pinned (see [`super::flow_cache`]).
+    flow_cache: std::sync::Mutex<Option<super::flow_cache::Handle>>,
     /// The UDP flow table (`VISCUM_FLOWS`), which no method reads: held only so that
     /// [`Engine::repin`] can pin it again with the maps above (`None` under pins without it).
     flows: Option<MapData>,
@@ -289,6 +292,7 @@ impl Engine {
             stats_mem,
             ports,
             cpu_regions,
+            flow_cache: std::sync::Mutex::new(None),
             flows,
             _dir: super::lock::keep_open(pins),
         };
@@ -485,8 +489,9 @@ impl Engine {
     /// Adds `counted` (a slot's counters about to be reset) to the global slots they are
     /// sums into, CPU 0's value of each ([`RETIRED`]): a removed entry's counts, or late
     /// packets of one removed before its slot was reused. The classifier counts redirects
-    /// and new flows only in the entries' counters, and [`Self::global_stats`] sums the live
-    /// ones with these. It never writes these slots, so a read-modify-write under
+    /// and new flows only in the entries' counters (and its flow cache's slots, then the late
+    /// slot, see [`Self::global_stats`]), and [`Self::global_stats`] sums the live ones with
+    /// these. It never writes these slots, so a read-modify-write under
     /// [`Self::write_lock`] is exact.
     fn retire(&mut self, counted: &EntryStats) -> Result<(), EngineError> {
         for (counter, n) in RETIRED.map(|(c, field)| (c, field(counted))) {
@@ -898,9 +903,11 @@ impl Engine {
         self.rules
             .set(id, ServiceEntry::new(0, 0, [0; 6]), 0)
             .map_err(|e| EngineError::map("cannot clear the rules slot", e))?;
+        // The generation first: a flow-cache slot of the rule flushed after this checks that
+        // the rule still owns its counters (it does not), instead of adding to a slot reset.
+        self.entries_changed()?;
         // No longer a live slot: its counts move to the global slots.
         self.zero_stats(id)?;
-        self.entries_changed()?;
         self.sync_rule_count()?;
         let rule = endpoint.port_rule();
         let (first, _) = port_filter_slot(data.proto, rule.port_lo);
@@ -915,7 +922,12 @@ impl Engine {
             Some(ports) if ENTRIES_GEN_WORD < ports.len() => Some(ports.get(ENTRIES_GEN_WORD)?),
             _ => None,
         };
-        super::flow_cache::pending(&self.pins.program(), generation, |slot| {
+        // A poisoned lock only means a reader panicked mid-read: the handle is still whole.
+        let mut handle = self
+            .flow_cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        super::flow_cache::pending(&self.pins.program(), &mut handle, generation, |slot| {
             self.still_owns(slot)
         })
     }
@@ -928,7 +940,9 @@ impl Engine {
         let t = &slot.target;
         if t.stats_id < MAX_RULES {
             let r = self.rule(t.stats_id)?;
-            return Ok(r.stats_id == t.stats_id && r.stats_epoch == t.stats_epoch);
+            return Ok(r.ifindex != 0
+                && r.stats_id == t.stats_id
+                && r.stats_epoch == t.stats_epoch);
         }
         // SAFETY: same size, plain bytes: the words are the address's bytes in order.
         let addr = unsafe { std::mem::transmute::<[u32; 4], [u8; 16]>(slot.service) };
@@ -1249,7 +1263,8 @@ impl Engine {
             Ok(v.iter().sum())
         };
         // A writer moves a reset slot's counts into the global slots: under the lock the sums
-        // below see them in one place or the other, never both or neither.
+        // below see them in one place or the other, never both or neither. The classifier
+        // moving a flow-cache slot's counts is not under it (see `super::flow_cache::pending`).
         let _lock = self.write_lock()?;
         let mut stats = GlobalStats::default();
         for info in GLOBAL_COUNTER_INFO {
