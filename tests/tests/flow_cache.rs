@@ -61,15 +61,22 @@ fn run(prog: &SchedClassifier, ifindex: u32, frame: &[u8]) -> i32 {
         .0
 }
 
+/// A lab with the classifier attached to its client-facing interface and one service
+/// namespace.
+fn attached() -> (Lab, String) {
+    let lab = Lab::new();
+    lab.viscum_ok(&["attach", lab.lan_if()]);
+    let ns = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &ns]);
+    (lab, ns)
+}
+
 #[test]
 fn a_cached_flow_is_served_without_its_record_and_obeys_entry_changes_at_once() {
     if skip_unless_root() {
         return;
     }
-    let lab = Lab::new();
-    lab.viscum_ok(&["attach", lab.lan_if()]);
-    let ns = lab.service_ns_name();
-    lab.viscum_ok(&["ns", "add", &ns]);
+    let (lab, ns) = attached();
     let other = lab.service_ns_name();
     lab.viscum_ok(&["ns", "add", &other]);
     let [cloud, _] = lab.cloud_addrs(8443);
@@ -188,10 +195,7 @@ fn cached_hits_count_in_their_slot_and_every_count_stays_exact() {
     if skip_unless_root() {
         return;
     }
-    let lab = Lab::new();
-    lab.viscum_ok(&["attach", lab.lan_if()]);
-    let ns = lab.service_ns_name();
-    lab.viscum_ok(&["ns", "add", &ns]);
+    let (lab, ns) = attached();
     let [cloud, _] = lab.cloud_addrs(8443);
     let [aside, _] = lab.cloud_addrs(8444);
     let entry = format!("tcp://{cloud}");
