@@ -171,11 +171,13 @@ fn slot_pair(client: SocketAddr, server: SocketAddr) -> u32 {
         std::net::IpAddr::V4(ip) => u32::from_ne_bytes(ip.octets()),
         std::net::IpAddr::V6(_) => unreachable!("IPv4 flows only"),
     };
-    let port = |a: &SocketAddr| u64::from(u16::from_ne_bytes(a.port().to_be_bytes()));
-    let tail = port(&client)
-        | port(&server) << 16
-        | u64::from(viscum_common::PROTO_TCP) << 32
-        | u64::from(viscum_common::FAMILY_V4) << 40;
+    let port = |a: &SocketAddr| u16::from_ne_bytes(a.port().to_be_bytes());
+    let tail = viscum_common::FlowCacheSlot::tail_of(
+        port(&client),
+        port(&server),
+        viscum_common::PROTO_TCP,
+        viscum_common::FAMILY_V4,
+    );
     let h = viscum_common::hash::mix([
         word(&client),
         word(&server),

@@ -158,6 +158,14 @@ pub struct ServiceEntry {
 const _: () = assert!(core::mem::size_of::<ServiceEntry>() == 56);
 
 impl ServiceEntry {
+    /// Does this entry (as the maps hold it now) own the counters `copy` (an earlier copy of
+    /// an entry) counted for: the same counter slot under the same
+    /// [`ServiceEntry::stats_epoch`]?
+    #[inline(always)]
+    pub const fn owns_counters_of(&self, copy: &ServiceEntry) -> bool {
+        self.stats_id == copy.stats_id && self.stats_epoch == copy.stats_epoch
+    }
+
     /// A target (counters slot 0: user space assigns [`ServiceEntry::stats_id`] when it adds
     /// the entry).
     pub const fn new(ifindex: u32, flags: u32, mac: [u8; 6]) -> Self {
@@ -562,6 +570,31 @@ pub struct FlowCacheSlot {
     pub pending: u64,
 }
 const _: () = assert!(core::mem::size_of::<FlowCacheSlot>() == 128);
+
+impl FlowCacheSlot {
+    /// [`FlowCacheSlot::tail`] of a flow: client port, service port (both network order),
+    /// protocol and family.
+    #[inline(always)]
+    pub const fn tail_of(client_port: u16, service_port: u16, proto: u8, family: u8) -> u64 {
+        client_port as u64
+            | (service_port as u64) << 16
+            | (proto as u64) << 32
+            | (family as u64) << 40
+    }
+
+    /// The services-map key of the slot's destination (what an exact entry for its flow is
+    /// found by).
+    #[inline(always)]
+    pub fn service_key(&self) -> ServiceKey {
+        ServiceKey {
+            // SAFETY: same size, plain bytes: the words are the address's bytes in order.
+            addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(self.service) },
+            port: (self.tail >> 16) as u16,
+            proto: (self.tail >> 32) as u8,
+            family: (self.tail >> 40) as u8,
+        }
+    }
+}
 
 /// Packets of a [`FlowCacheSlot::pending`] word.
 #[inline(always)]

@@ -262,10 +262,7 @@ impl Probe {
         Probe {
             client: words(&p.saddr),
             service: words(&p.key.addr),
-            tail: u64::from(p.sport)
-                | (u64::from(p.key.port) << 16)
-                | (u64::from(p.key.proto) << 32)
-                | (u64::from(p.key.family) << 40),
+            tail: FlowCacheSlot::tail_of(p.sport, p.key.port, p.key.proto, p.key.family),
         }
     }
 

@@ -81,19 +81,10 @@ pub fn stats_of(entry: &ServiceEntry) -> Option<&'static mut EntryStats> {
 pub fn still_owns(slot: &FlowCacheSlot) -> bool {
     let t = &slot.target;
     if t.stats_id < MAX_RULES {
-        return matches!(RULES.get(t.stats_id),
-            Some(r) if r.ifindex != 0 && r.stats_id == t.stats_id && r.stats_epoch == t.stats_epoch);
+        return matches!(RULES.get(t.stats_id), Some(r) if r.ifindex != 0 && r.owns_counters_of(t));
     }
-    let key = ServiceKey {
-        // SAFETY: same size, plain bytes: the words are the address's bytes in order.
-        addr: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(slot.service) },
-        port: (slot.tail >> 16) as u16,
-        proto: (slot.tail >> 32) as u8,
-        family: (slot.tail >> 40) as u8,
-    };
     // SAFETY: a map value the kernel keeps alive while the program runs.
-    matches!(unsafe { SERVICES.get(key) },
-        Some(e) if e.stats_id == t.stats_id && e.stats_epoch == t.stats_epoch)
+    matches!(unsafe { SERVICES.get(slot.service_key()) }, Some(e) if e.owns_counters_of(t))
 }
 
 /// Adds a flow-cache slot's `pending` redirects (`viscum_common::FlowCacheSlot::pending`) to

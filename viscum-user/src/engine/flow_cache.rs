@@ -20,7 +20,7 @@ use std::{
 
 use aya::{
     maps::{Array, IterableMap as _, MapData, MapError, MapInfo},
-    programs::SchedClassifier,
+    programs::{ProgramInfo, SchedClassifier},
 };
 use viscum_common::{
     FLOW_CACHE_MAP, FLOW_CACHE_PENDING_WORD, FlowCacheSlot, pending_bytes, pending_packets,
@@ -58,31 +58,27 @@ pub(super) struct Handle {
     mem: Option<filter_words::Mapping>,
 }
 
-/// The id of the program pinned at `program`, or `None` without a pin.
-fn program_id(program: &Path) -> Result<Option<u32>, EngineError> {
+/// What the kernel says of the program pinned at `program` (its id, its maps), or `None`
+/// without a pin.
+fn pinned(program: &Path) -> Result<Option<ProgramInfo>, EngineError> {
     if !program.exists() {
         return Ok(None);
     }
-    let prog = SchedClassifier::from_pin(program)
-        .map_err(|e| EngineError::prog("cannot open the pinned classifier", e))?;
-    let info = prog
-        .info()
-        .map_err(|e| EngineError::prog("cannot read the classifier's info", e))?;
-    Ok(Some(info.id()))
+    SchedClassifier::from_pin(program)
+        .and_then(|prog| prog.info())
+        .map(Some)
+        .map_err(|e| EngineError::prog("cannot read the pinned classifier's info", e))
 }
 
-/// The flow cache of the ingress program pinned at `program` (id `id`), or `None` when it has
-/// no such map (an object from before the cache).
+/// The flow cache of the ingress program described by `info`, or `None` when it has no such
+/// map (an object from before the cache).
 ///
 /// # Errors
 /// [`EngineError::Program`] / [`EngineError::Map`] if the program's maps cannot be listed
 /// or opened (opening a map by id needs `CAP_SYS_ADMIN`).
-fn open(program: &Path, id: u32) -> Result<Option<Handle>, EngineError> {
-    let prog = SchedClassifier::from_pin(program)
-        .map_err(|e| EngineError::prog("cannot open the pinned classifier", e))?;
-    let ids = prog
-        .info()
-        .and_then(|info| info.map_ids())
+fn open(info: &ProgramInfo) -> Result<Option<Handle>, EngineError> {
+    let ids = info
+        .map_ids()
         .map_err(|e| EngineError::prog("cannot list the classifier's maps", e))?
         .unwrap_or_default();
     for map_id in ids {
@@ -103,7 +99,7 @@ fn open(program: &Path, id: u32) -> Result<Option<Handle>, EngineError> {
             .map_err(|e| EngineError::map("the flow cache has an unexpected layout", e))?;
         let mem = filter_words::map_words(slots.map(), slots.len().saturating_mul(SLOT_WORDS));
         return Ok(Some(Handle {
-            program_id: id,
+            program_id: info.id(),
             slots,
             mem,
         }));
@@ -134,10 +130,10 @@ pub(super) fn pending(
     still_owns: impl Fn(&FlowCacheSlot) -> Result<bool, EngineError>,
 ) -> Result<PendingCounts, EngineError> {
     let mut out = PendingCounts::default();
-    let opened = program_id(program).and_then(|id| match (id, handle.take()) {
+    let opened = pinned(program).and_then(|info| match (info, handle.take()) {
         (None, _) => Ok(None),
-        (Some(id), Some(h)) if h.program_id == id => Ok(Some(h)),
-        (Some(id), _) => open(program, id),
+        (Some(info), Some(h)) if h.program_id == info.id() => Ok(Some(h)),
+        (Some(info), _) => open(&info),
     });
     *handle = match opened {
         Ok(h) => h,

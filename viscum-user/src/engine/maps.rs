@@ -365,11 +365,17 @@ impl Engine {
     /// takes over a removed one's slot has another epoch. The caller holds
     /// [`Self::write_lock`].
     fn next_stats_epoch(&self) -> Result<u32, EngineError> {
-        let generation = match self.ports.as_ref() {
-            Some(ports) if ENTRIES_GEN_WORD < ports.len() => ports.get(ENTRIES_GEN_WORD)?,
-            _ => 0,
-        };
+        let generation = self.entries_generation()?.unwrap_or(0);
         Ok((generation.wrapping_add(1) as u32).max(1))
+    }
+
+    /// The entries' generation ([`ENTRIES_GEN_WORD`]; `None` under pins whose filter map
+    /// has no such word).
+    fn entries_generation(&self) -> Result<Option<u64>, EngineError> {
+        match self.ports.as_ref() {
+            Some(ports) if ENTRIES_GEN_WORD < ports.len() => Ok(Some(ports.get(ENTRIES_GEN_WORD)?)),
+            _ => Ok(None),
+        }
     }
 
     /// Claims a free counter slot for a new exact entry and zeroes its counters (a slot
@@ -918,10 +924,7 @@ impl Engine {
     /// What the classifier's flow cache counted and has not yet added to the entries'
     /// counters (see [`super::flow_cache`]), attributed as the classifier will.
     fn pending(&self) -> Result<super::flow_cache::PendingCounts, EngineError> {
-        let generation = match self.ports.as_ref() {
-            Some(ports) if ENTRIES_GEN_WORD < ports.len() => Some(ports.get(ENTRIES_GEN_WORD)?),
-            _ => None,
-        };
+        let generation = self.entries_generation()?;
         // A poisoned lock only means a reader panicked mid-read: the handle is still whole.
         let mut handle = self
             .flow_cache
@@ -940,20 +943,10 @@ impl Engine {
         let t = &slot.target;
         if t.stats_id < MAX_RULES {
             let r = self.rule(t.stats_id)?;
-            return Ok(r.ifindex != 0
-                && r.stats_id == t.stats_id
-                && r.stats_epoch == t.stats_epoch);
+            return Ok(r.ifindex != 0 && r.owns_counters_of(t));
         }
-        // SAFETY: same size, plain bytes: the words are the address's bytes in order.
-        let addr = unsafe { std::mem::transmute::<[u32; 4], [u8; 16]>(slot.service) };
-        let key = ServiceKey {
-            addr,
-            port: (slot.tail >> 16) as u16,
-            proto: (slot.tail >> 32) as u8,
-            family: (slot.tail >> 40) as u8,
-        };
-        match self.services.get(&key, 0) {
-            Ok(e) => Ok(e.stats_id == t.stats_id && e.stats_epoch == t.stats_epoch),
+        match self.services.get(&slot.service_key(), 0) {
+            Ok(e) => Ok(e.owns_counters_of(t)),
             Err(MapError::KeyNotFound) => Ok(false),
             Err(e) => Err(EngineError::map("cannot read the services map", e)),
         }
@@ -1255,10 +1248,11 @@ impl Engine {
     /// # Errors
     /// [`EngineError::Map`] if `VISCUM_GLOBAL` cannot be read.
     pub fn global_stats(&self) -> Result<GlobalStats, EngineError> {
-        let read = |c: GlobalCounter| -> Result<u64, EngineError> {
+        // A slot of the global array, summed over CPUs.
+        let read = |slot: u32| -> Result<u64, EngineError> {
             let v = self
                 .global
-                .get(&(c as u32), 0)
+                .get(&slot, 0)
                 .map_err(|e| EngineError::map("cannot read the global counters", e))?;
             Ok(v.iter().sum())
         };
@@ -1269,19 +1263,14 @@ impl Engine {
         let mut stats = GlobalStats::default();
         for info in GLOBAL_COUNTER_INFO {
             if info.counter != GlobalCounter::Seen {
-                *stats.get_mut(info.counter) = read(info.counter)?;
+                *stats.get_mut(info.counter) = read(info.counter as u32)?;
             }
         }
         // Counted by the classifier in the entries' counters only (see `retire`), or in its
         // flow cache's slots until it adds them to those (see `super::flow_cache`), or, for
         // a slot's counts whose entry was gone by then, in the slot of `seen`, which it
         // does not count otherwise (see `LATE_REDIRECTS_SLOT`).
-        let late = self
-            .global
-            .get(&LATE_REDIRECTS_SLOT, 0)
-            .map_err(|e| EngineError::map("cannot read the global counters", e))?
-            .iter()
-            .sum::<u64>();
+        let late = read(LATE_REDIRECTS_SLOT)?;
         let redirected = stats.get_mut(GlobalCounter::Redirected);
         *redirected = redirected
             .wrapping_add(late)
