@@ -5,7 +5,8 @@
 //! packet of such a connection would look like a connection that began with the cloud and
 //! be sent there, to be reset. The classifier instead asks the service namespace's stack
 //! (`bpf_skc_lookup_tcp`) whether it holds the connection, and restores the record when it
-//! does; the test counts those recoveries and the evictions directly.
+//! does; the test counts those recoveries and the evictions directly. And the finished
+//! connections that would otherwise fill the table: a record goes at its connection's last ACK.
 
 mod common;
 
@@ -319,4 +320,162 @@ fn a_flood_right_after_an_exchange_leaves_no_flow_served_without_its_record() {
         "no flood evicted the held connection's record"
     );
     held.close();
+}
+
+/// Connections a batch of [`a_closed_connection_leaves_no_record_behind`] opens and closes.
+const CLOSED: usize = 40;
+
+/// A line server for [`a_closed_connection_leaves_no_record_behind`] on `[::]:port`
+/// (dual-stack), one connection at a time, on CPU 1: answers each line with itself but `q`
+/// (quiet); after `s` it closes first, after `c` it waits for the client's FIN (the end of
+/// the stream) and then closes.
+fn closing_server(ns: &str, port: u16) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    use std::io::{BufRead as _, Write as _};
+    let listener = viscum::netns::in_netns(ns, move || {
+        std::net::TcpListener::bind(("::", port)).unwrap()
+    })
+    .unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let s = stop.clone();
+    std::thread::spawn(move || {
+        common::pin_to_cpu(1);
+        while !s.load(std::sync::atomic::Ordering::SeqCst) {
+            let Ok((conn, _)) = listener.accept() else {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+                continue;
+            };
+            conn.set_nonblocking(false).unwrap();
+            conn.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+            let mut r = std::io::BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            while matches!(r.read_line(&mut line), Ok(n) if n > 0) {
+                // A quiet line is only acknowledged, by the stack, from the CPU it arrived on.
+                if line != "q\n" && ((&conn).write_all(line.as_bytes()).is_err() || line == "s\n") {
+                    break;
+                }
+                line.clear();
+            }
+        }
+    });
+    stop
+}
+
+/// One connection to `addr` for [`a_closed_connection_leaves_no_record_behind`]: `lines`
+/// exchanges, each after a quiet line and `pause`, then `first` (`s`: the server closes first, `c`: the client
+/// does), until both FINs are in and everything is read (the drop then sends no RST).
+fn closed_connection(
+    addr: std::net::SocketAddr,
+    lines: usize,
+    pause: std::time::Duration,
+    first: &str,
+) -> std::io::Result<()> {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let conn = std::net::TcpStream::connect_timeout(&addr, common::TIMEOUT)?;
+    conn.set_read_timeout(Some(common::TIMEOUT))?;
+    conn.set_nodelay(true)?;
+    let mut r = std::io::BufReader::new(&conn);
+    for i in 0..=lines {
+        let line = if i < lines {
+            format!("{i}\n")
+        } else {
+            format!("{first}\n")
+        };
+        if i < lines {
+            // Past the service's delayed ACK (40 ms): its pure ACK, sent by a timer on the
+            // CPU the line came in on, is a reply the reply cache may serve from there.
+            (&conn).write_all(b"q\n")?;
+            std::thread::sleep(pause);
+        }
+        (&conn).write_all(line.as_bytes())?;
+        let mut got = String::new();
+        r.read_line(&mut got)?;
+        if got != line {
+            return Err(std::io::Error::other(format!("sent {line:?}, got {got:?}")));
+        }
+    }
+    if first == "c" {
+        conn.shutdown(std::net::Shutdown::Write)?;
+    }
+    let mut rest = Vec::new();
+    r.read_to_end(&mut rest)?;
+    Ok(())
+}
+
+/// A TCP connection's flow record goes with the ACK of the second FIN, whichever side closes
+/// first, in NAT and AnyIP mode, over IPv4 and IPv6, through an edge whose firewall drops
+/// what conntrack finds invalid: the table keeps no finished connections for new flows to
+/// evict. Short connections, and connections that lived long enough for their segments to be
+/// served by both per-CPU caches (the reply cache fills only from a flow's FIB result 10 ms
+/// old), whose copies must not carry the last ACK past the record. Nothing of a connection
+/// comes after its record is gone: no recovery from the service's stack, no reply without a
+/// record, and no socket on either side left waiting for its close to finish.
+///
+/// The client runs on CPU 0 and the server on CPU 1, as a router's LAN interrupts and its
+/// service may: the ACK of a FIN is then sent from the CPU that delivered the FIN, not the
+/// one its own side's earlier segments were cached on.
+#[test]
+fn a_closed_connection_leaves_no_record_behind() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.viscum_ok(&["attach", "lan0"]);
+    let ns = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &ns]);
+    common::harden(&lab, &ns);
+    let port = 9310;
+    let stop = closing_server(&ns, port);
+    let client = lab.client.name().to_owned();
+    for mode in ["nat", "anyip"] {
+        for addr in lab.cloud_addrs(port) {
+            let url = format!("tcp://{addr}");
+            let mut add = vec!["redirect", "add", &url, "--ns", &ns];
+            if mode == "anyip" {
+                add.push("--anyip");
+            }
+            lab.viscum_ok(&add);
+            let before = global_stats(&lab);
+            for (first, lines, pause_ms, count) in [
+                ("s", 0, 0, CLOSED),
+                ("c", 0, 0, CLOSED),
+                ("s", 3, 60, 3),
+                ("c", 3, 60, 3),
+            ] {
+                let failures = viscum::netns::in_netns(&client, move || {
+                    common::pin_to_cpu(0);
+                    let pause = std::time::Duration::from_millis(pause_ms);
+                    (0..count)
+                        .filter_map(|i| {
+                            closed_connection(addr, lines, pause, first)
+                                .err()
+                                .map(|e| format!("connection {i}: {e}"))
+                        })
+                        .collect::<Vec<_>>()
+                })
+                .unwrap();
+                let what = format!("{mode} {addr}, {first} closing first after {lines} exchanges");
+                assert!(failures.is_empty(), "{what}: {failures:?}");
+                let done = || {
+                    records(&lab) == 0
+                        && common::tcp_closing(&client, port).is_empty()
+                        && common::tcp_closing(&ns, port).is_empty()
+                };
+                assert!(
+                    viscum_tests::wait_until(std::time::Duration::from_secs(5), done),
+                    "{what}: {} records left of {count} closed connections; sockets still closing: client {:?}, service {:?}",
+                    records(&lab),
+                    common::tcp_closing(&client, port),
+                    common::tcp_closing(&ns, port),
+                );
+            }
+            let after = global_stats(&lab);
+            for counter in ["flows_recovered", "replies_unknown"] {
+                let moved = after[counter].as_u64().unwrap() - before[counter].as_u64().unwrap();
+                assert_eq!(moved, 0, "{mode} {addr}: {counter} +{moved}");
+            }
+            lab.viscum_ok(&["redirect", "del", &url, "--now"]);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
 }

@@ -5,6 +5,8 @@
 //! generation, `viscum_common::ENTRIES_GEN_WORD`), not only after the cache's 25 ticks. The
 //! reply program's cache likewise.
 
+mod common;
+
 use std::net::{Ipv4Addr, SocketAddr};
 
 use aya::{
@@ -30,21 +32,6 @@ use viscum_tests::{
 
 const TC_ACT_UNSPEC: i32 = -1;
 const TC_ACT_REDIRECT: i32 = 7;
-
-/// Pins the calling thread to CPU 0, so that every test run sees the same CPU's cache.
-fn pin_to_cpu0() {
-    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread (pid 0).
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(0, &mut set);
-        assert_eq!(
-            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set),
-            0,
-            "sched_setaffinity: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
 
 /// The instance's edge-flow records (`VISCUM_REPLIES`), opened from its pin.
 fn edge_records(pins: &Pins) -> HashMap<MapData, ReplyKey, ReplyState> {
@@ -103,7 +90,7 @@ fn a_cached_flow_is_served_without_its_record_and_obeys_entry_changes_at_once() 
     let endpoint: Endpoint = entry.parse().unwrap();
     let other_target: Endpoint = format!("tcp://{aside}").parse().unwrap();
     netns::in_netns(lab.edge.name(), move || {
-        pin_to_cpu0();
+        common::pin_to_cpu(0);
         let prog = SchedClassifier::from_pin(pins.program()).unwrap();
         let mut engine = Engine::open(&pins).unwrap();
         let mut records = edge_records(&pins);
@@ -209,7 +196,7 @@ fn cached_hits_count_in_their_slot_and_every_count_stays_exact() {
     let endpoint: Endpoint = entry.parse().unwrap();
     let aside_endpoint: Endpoint = format!("tcp://{aside}").parse().unwrap();
     netns::in_netns(lab.edge.name(), move || {
-        pin_to_cpu0();
+        common::pin_to_cpu(0);
         let prog = SchedClassifier::from_pin(pins.program()).unwrap();
         let mut engine = Engine::open(&pins).unwrap();
         // CPU 0's region of the counters comes first: slot `id` is index `id`.
@@ -370,7 +357,7 @@ fn replies_of_an_established_flow_are_sent_from_the_reply_cache_and_obey_changes
     let veth = lab.edge_ifindex(&viscum::netns::host_veth_name(&ns));
     let endpoint: Endpoint = entry.parse().unwrap();
     netns::in_netns(lab.edge.name(), move || {
-        pin_to_cpu0();
+        common::pin_to_cpu(0);
         let ingress = SchedClassifier::from_pin(pins.program()).unwrap();
         let reply_prog = SchedClassifier::from_pin(pins.reply_program()).unwrap();
         let mut engine = Engine::open(&pins).unwrap();

@@ -6,6 +6,7 @@
 //! verbatim: a stray padding byte would make two equal keys miss each other.
 #![no_std]
 
+pub mod close;
 pub mod csum;
 pub mod hash;
 
@@ -765,8 +766,11 @@ pub struct ReplyState {
     /// The service's network-share class (`skb->priority`, see [`SHARES_MAP`]) as it was
     /// when the FIB result was taken; 0 = none.
     pub fib_class: u32,
-    /// Explicit padding, always zero.
-    pub _pad: u32,
+    /// The sequence number (host order) just past the close's latest FIN: the first one
+    /// until the other side's FIN acknowledges it ([`REPLY_F_LAST_ACK`]), then the second.
+    /// Meaningful only with [`REPLY_F_FIN_CLIENT`] or [`REPLY_F_FIN_SERVICE`]; see
+    /// [`close`]. (Padding, always zero, in records written before 2026-12-03.)
+    pub fin_seq: u32,
 }
 
 /// The longest the reply program uses a flow's FIB result ([`ReplyState::fib_at_ns`]) for,
@@ -783,6 +787,14 @@ pub const REPLY_F_DROP: u32 = 1 << 0;
 /// that gave up): it is no open flow for `stats`, and no drain waits for it. Records written
 /// by a version without the bit get it with their flow's next client packet.
 pub const REPLY_F_ESTABLISHED: u32 = 1 << 1;
+/// The client sent the connection's first FIN (see [`close`]).
+pub const REPLY_F_FIN_CLIENT: u32 = 1 << 2;
+/// The service sent the connection's first FIN (see [`close`]).
+pub const REPLY_F_FIN_SERVICE: u32 = 1 << 3;
+/// The other side's FIN acknowledged the first one: the first side's ACK of
+/// [`ReplyState::fin_seq`] is the connection's last segment, after which the record is removed
+/// (see [`close`]).
+pub const REPLY_F_LAST_ACK: u32 = 1 << 4;
 const _: () = assert!(core::mem::size_of::<ReplyState>() == 72);
 
 /// Name of the program array the classifiers tail-call into for ICMP errors.

@@ -24,7 +24,9 @@
 //! without SYN, FIN or RST. Whatever the record's checks would notice (an idle or closed
 //! flow, a target veth that is gone) is noticed within that time, as the record itself
 //! notices a vanished target only once a second. A FIN or RST takes the full path and
-//! empties the slot; a closing record is never cached.
+//! empties the slot; a closing record is never cached. A service's FIN ends the slot of this
+//! CPU too, from the reply program ([`expire`]): the client's ACK of it is sent from here,
+//! and the record must see it to know the close finished (`viscum_common::close`).
 //!
 //! What may take a record away while a slot repeats it, and how the slot notices:
 //! * eviction from the full LRU table, by new flows' inserts. Every insert moves the shared
@@ -250,6 +252,39 @@ pub fn forget(p: &Parsed, generation: u64) {
 
 /// `p`'s flow as the cache compares it: both addresses as words, and the ports,
 /// protocol and family in one.
+/// Ends this CPU's slot of the client-side flow (`client`:`client_port` to
+/// `service`:`service_port`, network order) if it holds it, its pending counts left in it
+/// (the next fill of the slot, or a reader, takes them): the reply program saw the service's
+/// FIN. The client's ACK of that FIN is sent from the CPU that delivered it, this one, and
+/// must take the full path, where the record sees the close (`viscum_common::close`).
+/// Nothing is looked up: the reply program does not carry a flush's ownership check.
+#[inline(always)]
+pub fn expire(
+    client: &[u8; 16],
+    client_port: u16,
+    service: &[u8; 16],
+    service_port: u16,
+    proto: u8,
+    family: u8,
+) {
+    let probe = Probe {
+        client: words(client),
+        service: words(service),
+        tail: FlowCacheSlot::tail_of(client_port, service_port, proto, family),
+    };
+    let Some((first, second)) = probe.slots() else {
+        return;
+    };
+    // SAFETY: this CPU's slots; nothing else runs on this CPU while we do.
+    let (first, second) = unsafe { (&mut *first, &mut *second) };
+    if probe.holds(first) {
+        first.valid_until_tick = 0;
+    }
+    if probe.holds(second) {
+        second.valid_until_tick = 0;
+    }
+}
+
 struct Probe {
     client: [u32; 4],
     service: [u32; 4],

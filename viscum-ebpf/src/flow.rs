@@ -31,6 +31,7 @@ use viscum_common::{
     DEFAULT_FLOW_ENTRIES, DatapathConfig, FAMILY_V4, FLOW_CLOUD, FlowKey, FlowState, GlobalCounter,
     PROTO_TCP, REPLY_F_DROP, REPLY_F_ESTABLISHED, ReplyKey, ReplyState, ServiceEntry,
     TARGET_F_DRAINING, TARGET_F_MIRROR, TARGET_F_NAT,
+    close::{self, CloseStep},
 };
 
 use crate::{
@@ -141,7 +142,7 @@ pub fn decide(
     if syn
         && takes_new_flows(entry, now)
         && target_alive(ctx, entry)
-        && write_edge(&rkey, &p.key.addr, p.key.port, 0, now, BPF_NOEXIST)
+        && write_edge(&rkey, &p.key.addr, p.key.port, 0, now, 0, BPF_NOEXIST)
     {
         return new_edge_flow(entry);
     }
@@ -176,6 +177,10 @@ pub fn decide(
                 cache::fill(p, entry, counters::tick(), generation);
             } else if closing {
                 cache::forget(p, generation);
+            }
+            // Last: the verifier then walks the code above once, whatever the close's state.
+            if tcp {
+                client_close(ctx, p, state, &rkey);
             }
             return Decision::Edge;
         }
@@ -228,7 +233,7 @@ pub fn decide(
     // A UDP flow is under way from its first datagram; a TCP one once its handshake's ACK
     // follows the SYN (see REPLY_F_ESTABLISHED).
     let flags = if tcp { 0 } else { REPLY_F_ESTABLISHED };
-    put_edge(&rkey, &p.key.addr, p.key.port, flags, now);
+    put_edge(&rkey, &p.key.addr, p.key.port, flags, now, 0);
     new_edge_flow(entry)
 }
 
@@ -256,15 +261,19 @@ fn new_edge_flow(entry: &ServiceEntry) -> Decision {
 /// entry existed: the cloud has it) and returns false.
 #[inline(always)]
 pub fn recover(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> bool {
-    if service_holds(ctx, p, entry) {
+    if let Some(sk_state) = service_holds(ctx, p, entry) {
         let now = counters::now_coarse();
-        // The service's stack holds the connection: it is under way.
+        // The service's stack holds the connection: it is under way, or closing (a FIN or
+        // RST now, or the socket past its open states: the segment of a close whose record
+        // was removed at its last ACK, see `viscum_common::close`), when the record lingers.
+        let closing = p.tcp_flags & (TCP_FIN | TCP_RST) != 0 || !socket_open(sk_state);
         put_edge(
             &reply_key(p, entry),
             &p.key.addr,
             p.key.port,
             REPLY_F_ESTABLISHED,
             now,
+            if closing { now } else { 0 },
         );
         counters::bump(GlobalCounter::FlowsRecovered);
         return true;
@@ -333,11 +342,12 @@ fn grain(life: u64) -> u64 {
 /// `bpf_skc_lookup_tcp` (bpf-helpers(7), 5.2+) in that namespace, by the netns id user
 /// space recorded in the entry, with the tuple the service sees: the client's address
 /// and port, and the address and port the service answers from (translated in NAT mode).
-/// False when the entry has no netns id (written by an older version).
+/// The socket's state (`TCP_*` of include/net/tcp_states.h) when it does; `None` when not,
+/// or when the entry has no netns id (written by an older version).
 #[inline(always)]
-fn service_holds(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> bool {
+fn service_holds(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> Option<u32> {
     if entry.peer_netns == 0 {
-        return false;
+        return None;
     }
     let nat = entry.flags & TARGET_F_NAT != 0;
     let local_port = if nat && entry.nat_port != 0 {
@@ -347,9 +357,7 @@ fn service_holds(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> bool {
     };
     // The tuple lives in the per-CPU scratch slot (its 36 bytes would not fit the
     // classifier's stack); put_edge only reuses the slot after the lookup is over.
-    let Some(slot) = SCRATCH.get_ptr_mut(0) else {
-        return false;
-    };
+    let slot = SCRATCH.get_ptr_mut(0)?;
     let tuple = slot.cast::<bpf_sock_tuple>();
     let local = if nat { &entry.nat_addr } else { &p.key.addr };
     let size = if p.key.family == FAMILY_V4 {
@@ -396,20 +404,103 @@ fn service_holds(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> bool {
             0,
         );
         if sk.is_null() {
-            return false;
+            return None;
         }
         // The lookup falls back to listening sockets (__inet_lookup): a listener on the
         // port says nothing about this connection, which may well be the cloud's (it began
         // before the entry existed). Only a socket of the connection itself counts
         // (established, a pending request, or TIME_WAIT).
-        let listening = (*sk).state == TCP_LISTEN;
+        let state = (*sk).state;
         bpf_sk_release(sk.cast());
-        !listening
+        (state != TCP_LISTEN).then_some(state)
     }
 }
 
-/// `TCP_LISTEN` of include/net/tcp_states.h, as `bpf_sock.state` reports it.
+/// `TCP_*` states of include/net/tcp_states.h, as `bpf_sock.state` reports them.
+const TCP_ESTABLISHED: u32 = 1;
+const TCP_SYN_RECV: u32 = 3;
 const TCP_LISTEN: u32 = 10;
+const TCP_NEW_SYN_RECV: u32 = 12;
+
+/// Is a socket in `state` a connection that neither side has begun to close?
+#[inline(always)]
+fn socket_open(state: u32) -> bool {
+    state == TCP_ESTABLISHED || state == TCP_SYN_RECV || state == TCP_NEW_SYN_RECV
+}
+
+/// Follows the orderly close of edge flow `p` (`from_client`: a client segment, else the
+/// service's) in its record `state` (see `viscum_common::close`), reading the segment's
+/// sequence numbers only for a FIN or when the last ACK is due; true when `p` is the
+/// connection's last segment, after which the record goes.
+///
+/// The programs ask it last, once they no longer read the record: a result carried across
+/// the rest of a program (or a branch on the segment's flags before it) makes the verifier
+/// walk all of that twice.
+#[inline(always)]
+fn is_last(ctx: &TcContext, p: &Parsed, state: &mut ReplyState, from_client: bool) -> bool {
+    if !close::concerns(state.flags, p.tcp_flags) {
+        return false;
+    }
+    let Some(seg) = crate::parse::tcp_segment(ctx, p, from_client) else {
+        return false;
+    };
+    match close::step(state.flags, state.fin_seq, &seg) {
+        CloseStep::Keep => false,
+        CloseStep::Update { flags, fin_seq } => {
+            state.flags = flags;
+            state.fin_seq = fin_seq;
+            false
+        }
+        CloseStep::Remove => true,
+    }
+}
+
+/// The close as client segment `p` shows it, for the record `state` of key `rkey`, once
+/// nothing reads the record any more (see [`is_last`]): the connection's last segment,
+/// delivered by the entry alone, removes the record (an LRU record may be reused as soon as
+/// it is removed). A client FIN empties this CPU's reply-cache slot of the flow: the
+/// service's ACK of it leaves from this CPU, and must take the full path, where the record
+/// sees the close, not a copy.
+#[inline(always)]
+fn client_close(ctx: &TcContext, p: &Parsed, state: &mut ReplyState, rkey: &ReplyKey) {
+    if p.tcp_flags & TCP_FIN != 0 {
+        crate::reply_cache::forget_record(rkey);
+    }
+    if is_last(ctx, p, state, true) {
+        let _ = REPLIES.remove(rkey);
+    }
+}
+
+/// The close as reply `p` shows it (sent on from host veth `ifindex`, answered from
+/// namespace port `local_port`, network order: `p`'s source port before a rewrite), for its
+/// record `state`, once nothing reads the record any more (see [`is_last`]): the
+/// connection's last segment, already sent, removes the record. A service FIN ends this
+/// CPU's flow-cache slot of the flow: the client's ACK of it comes in on this CPU, and must
+/// take the full path, where the record sees the close, not a copy.
+#[inline(always)]
+pub fn service_close(
+    ctx: &TcContext,
+    p: &Parsed,
+    state: &mut ReplyState,
+    local_port: u16,
+    ifindex: u32,
+) {
+    if p.tcp_flags & TCP_FIN != 0 {
+        cache::expire(
+            &p.key.addr,
+            p.key.port,
+            &state.service,
+            state.service_port,
+            p.key.proto,
+            p.key.family,
+        );
+    }
+    if is_last(ctx, p, state, false) {
+        let mut rkey = reply_key_of(p, ifindex);
+        rkey.local_port = local_port;
+        let _ = REPLIES.remove(&rkey);
+    }
+}
 
 /// The reply-side key of the flow of `p` towards `entry`'s target.
 #[inline(always)]
@@ -467,8 +558,23 @@ static SCRATCH: PerCpuArray<ReplyState> = PerCpuArray::pinned(1, 0);
 /// Writes the edge record of a new flow (`flags`: `REPLY_F_*`), replacing any record of
 /// the key.
 #[inline(always)]
-fn put_edge(rkey: &ReplyKey, service: &[u8; 16], service_port: u16, flags: u32, now: u64) {
-    write_edge(rkey, service, service_port, flags, now, BPF_ANY);
+fn put_edge(
+    rkey: &ReplyKey,
+    service: &[u8; 16],
+    service_port: u16,
+    flags: u32,
+    now: u64,
+    closing_at_ns: u64,
+) {
+    write_edge(
+        rkey,
+        service,
+        service_port,
+        flags,
+        now,
+        closing_at_ns,
+        BPF_ANY,
+    );
 }
 
 /// [`put_edge`] under the map update's `map_flags` (`BPF_ANY`, or `BPF_NOEXIST` to write
@@ -480,6 +586,7 @@ fn write_edge(
     service_port: u16,
     flags: u32,
     now: u64,
+    closing_at_ns: u64,
     map_flags: u64,
 ) -> bool {
     let Some(slot) = SCRATCH.get_ptr_mut(0) else {
@@ -488,7 +595,7 @@ fn write_edge(
     // SAFETY: this CPU's slot, nobody else writes it while we run.
     let st = unsafe { &mut *slot };
     st.last_seen_ns = now;
-    st.closing_at_ns = 0;
+    st.closing_at_ns = closing_at_ns;
     // Word by word, volatile: LLVM would otherwise turn the copy into a
     // memcpy subprogram call, whose frame counts against the 512-byte stack
     // (see redirect::write_bytes).
@@ -516,7 +623,7 @@ fn write_edge(
         core::ptr::write_volatile(&raw mut st.fib_at_ns, 0);
         core::ptr::write_volatile(&raw mut st.fib_ifindex, 0);
         core::ptr::write_volatile(&raw mut st.fib_class, 0);
-        core::ptr::write_volatile(&raw mut st._pad, 0);
+        core::ptr::write_volatile(&raw mut st.fin_seq, 0);
     }
     if REPLIES.insert(rkey, &*st, map_flags).is_err() {
         return false;
@@ -539,6 +646,7 @@ pub fn remember_mirror(p: &Parsed, entry: &ServiceEntry) {
         p.key.port,
         REPLY_F_DROP,
         now,
+        0,
     );
 }
 
@@ -730,7 +838,14 @@ pub fn restore_from_reply(ctx: &TcContext, p: &Parsed, ifindex: u32) -> Option<*
         REPLY_F_ESTABLISHED
     };
     let rkey = reply_key_of(p, ifindex);
-    put_edge(&rkey, &service, service_port, flags, counters::now_coarse());
+    put_edge(
+        &rkey,
+        &service,
+        service_port,
+        flags,
+        counters::now_coarse(),
+        0,
+    );
     counters::bump(GlobalCounter::FlowsRecovered);
     REPLIES.get_ptr_mut(&rkey)
 }

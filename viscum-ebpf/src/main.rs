@@ -436,6 +436,8 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     if id.flags & REPLY_F_DROP != 0 {
         return Ok(TC_ACT_SHOT);
     }
+    // The port the record is keyed by, before a rewrite moves it.
+    let local_port = p.sport;
     if p.key.proto == PROTO_TCP && p.tcp_flags & (parse::TCP_FIN | parse::TCP_RST) != 0 {
         // The service ends the connection (or refuses it: nothing listens):
         // the flow lingers and is then over, as when the client ends it.
@@ -463,7 +465,13 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     rewrite_reply_source(ctx, &mut p, id)?;
     // Sent straight out to the client, a reply gets its service's network share (HTB class,
     // see `share`), cached in the flow record with the FIB result.
-    Ok(redirect::reply_to_client_cached(ctx, &p, id, ifindex))
+    let action = redirect::reply_to_client_cached(ctx, &p, id, ifindex);
+    // Last: the verifier then walks the rewrite and the send once, whatever the close's
+    // state (the rewrite moved nothing the close tracking reads).
+    if p.key.proto == PROTO_TCP {
+        flow::service_close(ctx, &p, id, local_port, ifindex);
+    }
+    Ok(action)
 }
 
 /// Makes reply `p` come from the cloud endpoint of its edge record `record`, as the client

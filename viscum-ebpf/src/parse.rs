@@ -8,7 +8,7 @@
 
 use aya_ebpf::{helpers::bpf_skb_pull_data, programs::TcContext};
 use viscum_common::{
-    FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ServiceKey,
+    FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, ServiceKey, close,
 };
 
 /// Length of an untagged Ethernet header: where `l3` is in a frame without a VLAN tag.
@@ -105,6 +105,41 @@ pub const TCP_ACK: u8 = 0x10;
 #[inline(always)]
 pub fn plain_tcp(p: &Parsed) -> bool {
     p.key.proto == viscum_common::PROTO_TCP && p.tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST) == 0
+}
+
+/// The sequence numbers and payload length of TCP segment `p` from `from_client`'s side, for
+/// the close tracking (`viscum_common::close`); `None` for a fragment (its IP length is not
+/// the segment's), a header that cannot be read, or lengths that do not add up (an IPv6
+/// jumbogram's payload length of 0). Read with helper loads at scalar offsets, as the
+/// rewrites write (see `Parsed::ip_check`): only FINs and a due last ACK pay for them.
+#[inline(always)]
+pub fn tcp_segment(ctx: &TcContext, p: &Parsed, from_client: bool) -> Option<close::Segment> {
+    if p.frag != Frag::None {
+        return None;
+    }
+    let (l3, l4) = (p.l3 as usize, p.l4 as usize);
+    // The datagram's length from the IP header on: IPv4's total length (bytes 2..4); IPv6's
+    // payload length (bytes 4..6) does not count the 40-byte fixed header. Arithmetic, not
+    // a branch on the family: each branch here is walked again by the verifier for every
+    // state that reaches it.
+    let v6 = u32::from(p.key.family != FAMILY_V4);
+    let len = ctx.load::<[u8; 2]>(l3 + 2 + 2 * v6 as usize).ok()?;
+    let ip_len = u32::from(u16::from_be_bytes(len)) + 40 * v6;
+    // Sequence number, acknowledgment number, data offset and flags: the TCP header's words
+    // 1 to 3.
+    let w = ctx.load::<[u32; 3]>(l4 + 4).ok()?;
+    let w3 = u32::from_be(w[2]);
+    let headers = (l4 - l3) as u32 + (w3 >> 28) * 4;
+    Some(close::Segment {
+        from_client,
+        // Read again rather than taken from `p`: branches on `p.tcp_flags`, whose bits
+        // earlier tests made known on some paths, would make the verifier track it
+        // precisely back through the whole program.
+        flags: (w3 >> 16) as u8,
+        seq: u32::from_be(w[0]),
+        ack: u32::from_be(w[1]),
+        payload: ip_len.wrapping_sub(headers),
+    })
 }
 
 enum Short {

@@ -13,7 +13,9 @@
 //! * filled from a record found established, not closing, not a mirror's, by a plain TCP
 //!   segment (no SYN, FIN or RST) on the full path; a FIN or RST from the service takes the
 //!   full path and empties this CPU's slot (another CPU's lapses within its life, while the
-//!   record lingers and would send the same replies out anyway);
+//!   record lingers and would send the same replies out anyway), and so does a client's FIN
+//!   on the CPU it comes in on ([`forget_record`]): the service's ACK of it leaves from
+//!   there, and the record must see it to know the close finished (`viscum_common::close`);
 //! * used for at most [`cache::CACHE_LIFE_TICKS`] (250 ms at `CONFIG_HZ=100`): the full
 //!   path reuses a FIB result for [`FIB_REUSE_NS`] only, so a copy of it is never used past
 //!   `viscum_common::FIB_CACHE_NS` from its lookup;
@@ -40,7 +42,7 @@ use aya_ebpf::{
 };
 use viscum_common::{
     FIB_CACHE_NS, REPLY_CACHE_FILL_AFTER_NS as FILL_AFTER_NS, REPLY_CACHE_SLOTS, REPLY_F_DROP,
-    REPLY_F_ESTABLISHED, ReplyCacheSlot, ReplyState,
+    REPLY_F_ESTABLISHED, ReplyCacheSlot, ReplyKey, ReplyState,
 };
 
 use crate::{
@@ -203,7 +205,27 @@ pub fn fill(
 /// Empties this CPU's slot of reply `p`'s flow, if it holds it (the flow is closing).
 #[inline(always)]
 pub fn forget(p: &Parsed, ifindex: u32) {
-    let probe = Probe::of(p, p.sport, ifindex);
+    forget_probe(&Probe::of(p, p.sport, ifindex));
+}
+
+/// Empties this CPU's slot of the flow whose edge record `rkey` names, if it holds it: the
+/// client side saw the flow's FIN. The service's ACK of that FIN is sent from the CPU that
+/// delivered it, this one, and must take the full path, where the record sees the close
+/// (`viscum_common::close`), rather than a copy filled before it.
+#[inline(always)]
+pub fn forget_record(rkey: &ReplyKey) {
+    forget_probe(&Probe::new(
+        &rkey.client,
+        rkey.client_port,
+        rkey.local_port,
+        rkey.proto,
+        rkey.family,
+        rkey.ifindex,
+    ));
+}
+
+#[inline(always)]
+fn forget_probe(probe: &Probe<'_>) {
     let Some((first, second)) = probe.slots() else {
         return;
     };
@@ -236,7 +258,7 @@ const _: () = assert!(core::mem::size_of::<ReplyState>().is_multiple_of(8));
 /// A reply's edge-record key as the cache compares it: read from the parsed packet where it
 /// lies, not copied (the reply program's stack is nearly all taken).
 struct Probe<'a> {
-    p: &'a Parsed,
+    client: &'a [u8; 16],
     tail: u64,
     ifindex: u32,
 }
@@ -244,12 +266,33 @@ struct Probe<'a> {
 impl<'a> Probe<'a> {
     #[inline(always)]
     fn of(p: &'a Parsed, local_port: u16, ifindex: u32) -> Self {
+        Probe::new(
+            &p.key.addr,
+            p.key.port,
+            local_port,
+            p.key.proto,
+            p.key.family,
+            ifindex,
+        )
+    }
+
+    /// The key of the edge record (client, client port, the port the service answers from,
+    /// protocol, family, host veth; ports in network order).
+    #[inline(always)]
+    fn new(
+        client: &'a [u8; 16],
+        client_port: u16,
+        local_port: u16,
+        proto: u8,
+        family: u8,
+        ifindex: u32,
+    ) -> Self {
         Probe {
-            p,
-            tail: u64::from(p.key.port)
+            client,
+            tail: u64::from(client_port)
                 | (u64::from(local_port) << 16)
-                | (u64::from(p.key.proto) << 32)
-                | (u64::from(p.key.family) << 40),
+                | (u64::from(proto) << 32)
+                | (u64::from(family) << 40),
             ifindex,
         }
     }
@@ -257,7 +300,7 @@ impl<'a> Probe<'a> {
     /// Word `i` of the client's address (see [`cache::words`]).
     #[inline(always)]
     fn client(&self, i: usize) -> u32 {
-        let a = &self.p.key.addr;
+        let a = self.client;
         u32::from_ne_bytes([a[4 * i], a[4 * i + 1], a[4 * i + 2], a[4 * i + 3]])
     }
 

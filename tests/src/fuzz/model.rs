@@ -541,6 +541,13 @@ impl Model {
     /// sees it; a mid-connection TCP packet without one is the cloud's (the service
     /// namespaces hold no socket of a fuzzed flow: test runs deliver nothing, so the
     /// classifier's socket lookup never finds one).
+    ///
+    /// A record is never removed here: the datapath removes one at its connection's last
+    /// ACK (`viscum_common::close`), which takes a FIN acknowledging the other side's FIN by
+    /// its exact sequence number, and the generator's segments all carry sequence number
+    /// 0x01020304 and acknowledgment number 0 (`frames::tcp`), so no fuzzed close finishes.
+    /// (Modelling it would mean modelling the per-CPU caches, which may serve a segment of a
+    /// close without the record.)
     fn decide(&mut self, h: &Hdr, e: &Entry) -> bool {
         let tcp = h.proto == TCP;
         let syn = tcp && h.flags & (SYN | ACK) == SYN;

@@ -187,6 +187,46 @@ pub fn no_checksum_offload(ns: &str, ifname: &str) {
     .unwrap();
 }
 
+/// Pins the calling thread to `cpu` (taken modulo the CPUs there are): its packets are
+/// then sent from that CPU, whose per-CPU caches (`viscum-ebpf/src/cache.rs`,
+/// `reply_cache.rs`) are the ones they meet.
+pub fn pin_to_cpu(cpu: usize) {
+    let cpu = cpu % thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    // SAFETY: a zeroed cpu_set_t with one bit set, for the calling thread (pid 0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &raw const set),
+            0,
+            "sched_setaffinity: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
+/// TCP sockets in namespace `ns` with `port` at either end that wait for their
+/// connection's close to finish: `FIN_WAIT1`, `CLOSE_WAIT`, `LAST_ACK` or `CLOSING` (the
+/// states of /proc/net/tcp's 4th column: 04, 08, 09, 0B). A close whose last segments were
+/// lost or refused leaves its sockets there, retransmitting.
+pub fn tcp_closing(ns: &str, port: u16) -> Vec<String> {
+    let want = format!(":{port:04X}");
+    netns::in_netns(ns, move || {
+        ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .flat_map(|t| t.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+            .filter(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                cols.len() > 3
+                    && (cols[1].ends_with(&want) || cols[2].ends_with(&want))
+                    && ["04", "08", "09", "0B"].contains(&cols[3])
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
 /// An OpenWrt-like edge: the forward chain drops what conntrack calls invalid (conntrack
 /// never saw the redirected requests, so every reply would be), conntrack is strict about
 /// mid-stream TCP, and reverse-path filtering is strict everywhere.
