@@ -29,8 +29,8 @@ use aya_ebpf::{
 };
 use viscum_common::{
     DEFAULT_FLOW_ENTRIES, DatapathConfig, FAMILY_V4, FLOW_CLOUD, FlowKey, FlowState, GlobalCounter,
-    PROTO_TCP, REPLY_F_DROP, REPLY_F_ESTABLISHED, ReplyKey, ReplyState, ServiceEntry,
-    TARGET_F_DRAINING, TARGET_F_MIRROR, TARGET_F_NAT,
+    PROTO_TCP, REPLY_F_DROP, REPLY_F_ESTABLISHED, REPLY_F_FIN_CLIENT, REPLY_F_FIN_SERVICE,
+    ReplyKey, ReplyState, ServiceEntry, TARGET_F_DRAINING, TARGET_F_MIRROR, TARGET_F_NAT,
     close::{self, CloseStep},
 };
 
@@ -458,12 +458,12 @@ fn is_last(ctx: &TcContext, p: &Parsed, state: &mut ReplyState, from_client: boo
 /// The close as client segment `p` shows it, for the record `state` of key `rkey`, once
 /// nothing reads the record any more (see [`is_last`]): the connection's last segment,
 /// delivered by the entry alone, removes the record (an LRU record may be reused as soon as
-/// it is removed). A client FIN empties this CPU's reply-cache slot of the flow: the
-/// service's ACK of it leaves from this CPU, and must take the full path, where the record
-/// sees the close, not a copy.
+/// it is removed). A client FIN after the service's empties this CPU's reply-cache slot of
+/// the flow: the service's ACK of it, the connection's last segment, leaves from this CPU,
+/// and must take the full path, where the record sees the close, not a copy.
 #[inline(always)]
 fn client_close(ctx: &TcContext, p: &Parsed, state: &mut ReplyState, rkey: &ReplyKey) {
-    if p.tcp_flags & TCP_FIN != 0 {
+    if p.tcp_flags & TCP_FIN != 0 && state.flags & REPLY_F_FIN_SERVICE != 0 {
         crate::reply_cache::forget_record(rkey);
     }
     if is_last(ctx, p, state, true) {
@@ -474,9 +474,12 @@ fn client_close(ctx: &TcContext, p: &Parsed, state: &mut ReplyState, rkey: &Repl
 /// The close as reply `p` shows it (sent on from host veth `ifindex`, answered from
 /// namespace port `local_port`, network order: `p`'s source port before a rewrite), for its
 /// record `state`, once nothing reads the record any more (see [`is_last`]): the
-/// connection's last segment, already sent, removes the record. A service FIN ends this
-/// CPU's flow-cache slot of the flow: the client's ACK of it comes in on this CPU, and must
-/// take the full path, where the record sees the close, not a copy.
+/// connection's last segment, already sent, removes the record. A service FIN after the
+/// client's ends this CPU's flow-cache slot of the flow: the client's ACK of it, the
+/// connection's last segment, comes in on this CPU, and must take the full path, where the
+/// record sees the close, not a copy. (The first FIN's side leaves the other cache alone: the
+/// line of a slot the flow most likely never had here would cost a cache miss per
+/// connection.)
 #[inline(always)]
 pub fn service_close(
     ctx: &TcContext,
@@ -485,7 +488,7 @@ pub fn service_close(
     local_port: u16,
     ifindex: u32,
 ) {
-    if p.tcp_flags & TCP_FIN != 0 {
+    if p.tcp_flags & TCP_FIN != 0 && state.flags & REPLY_F_FIN_CLIENT != 0 {
         cache::expire(
             &p.key.addr,
             p.key.port,

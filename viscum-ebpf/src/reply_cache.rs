@@ -214,6 +214,12 @@ pub fn forget(p: &Parsed, ifindex: u32) {
 /// (`viscum_common::close`), rather than a copy filled before it.
 #[inline(always)]
 pub fn forget_record(rkey: &ReplyKey) {
+    // No fill on this CPU for a slot's life: none of its slots is in use, and their lines
+    // (cold under a connection per request, which never fills) are left alone.
+    let tick = crate::counters::tick();
+    if tick.wrapping_sub(FILLED.get(0).copied().unwrap_or(0)) >= CACHE_LIFE_TICKS {
+        return;
+    }
     forget_probe(&Probe::new(
         &rkey.client,
         rkey.client_port,
