@@ -19,16 +19,25 @@
 //!    [`REPLY_F_LAST_ACK`], and `fin_seq` becomes the sequence number past this second FIN;
 //! 3. the first side's ACK of exactly that (a segment without SYN, FIN or RST, whose ACK
 //!    number is `fin_seq`) is the connection's last segment: the record is removed once the
-//!    segment has been delivered with it.
+//!    program no longer reads it (the classifier delivers the segment by its entry alone;
+//!    the reply program removes it after the send).
 //!
 //! Anything else changes nothing, and the record lingers as before: a RST; a simultaneous
 //! close (a second FIN sent before the first arrived does not acknowledge it, so the last
 //! ACK could come from either side); a close seen only in part (a cache served one of the
 //! segments without reading the record). A segment of the connection that comes after the
-//! removal (the last ACK lost on its way, so the other side sends its FIN again) finds no
-//! record: the classifier recovers it from the service's stack, which holds the connection
-//! in `TIME_WAIT` or `LAST_ACK`, and the reply path restores it from the entry; either way
-//! the restored record is closing and lingers.
+//! removal finds no record:
+//! * a client's (the last ACK lost on its way, so the service sends its FIN again and the
+//!   client answers): the classifier recovers it from the service's stack, which holds the
+//!   connection in `TIME_WAIT`, `LAST_ACK` or `CLOSING`, and the restored record is closing
+//!   and lingers; once the service's socket is gone, a late duplicate goes to the cloud,
+//!   which resets a client that is itself done with the connection;
+//! * a service's: the reply path restores the record from the entry (exact entries whose
+//!   namespace port answers for one cloud endpoint), closing when the segment is a FIN or
+//!   RST, open otherwise (a bare ACK of a late duplicate: counted as an open flow until the
+//!   idle timeout, a rare case left as it is); where it cannot (prefix rules, all-ports
+//!   entries), the segment leaves untranslated and the client's stack answers it with a
+//!   RST, as for any lost record.
 
 use crate::{REPLY_F_FIN_CLIENT, REPLY_F_FIN_SERVICE, REPLY_F_LAST_ACK};
 

@@ -24,9 +24,10 @@
 //! without SYN, FIN or RST. Whatever the record's checks would notice (an idle or closed
 //! flow, a target veth that is gone) is noticed within that time, as the record itself
 //! notices a vanished target only once a second. A FIN or RST takes the full path and
-//! empties the slot; a closing record is never cached. A service's FIN ends the slot of this
-//! CPU too, from the reply program ([`expire`]): the client's ACK of it is sent from here,
-//! and the record must see it to know the close finished (`viscum_common::close`).
+//! empties the slot; a closing record is never cached. A service's FIN that follows the
+//! client's ends the slot of this CPU too, from the reply program ([`expire`]): a local
+//! client's ACK of it, the connection's last segment, is sent from here, and the record
+//! must see it to know the close finished (`viscum_common::close`).
 //!
 //! What may take a record away while a slot repeats it, and how the slot notices:
 //! * eviction from the full LRU table, by new flows' inserts. Every insert moves the shared
@@ -250,14 +251,14 @@ pub fn forget(p: &Parsed, generation: u64) {
     }
 }
 
-/// `p`'s flow as the cache compares it: both addresses as words, and the ports,
-/// protocol and family in one.
 /// Ends this CPU's slot of the client-side flow (`client`:`client_port` to
 /// `service`:`service_port`, network order) if it holds it, its pending counts left in it
 /// (the next fill of the slot, or a reader, takes them): the reply program saw the service's
-/// FIN. The client's ACK of that FIN is sent from the CPU that delivered it, this one, and
-/// must take the full path, where the record sees the close (`viscum_common::close`).
-/// Nothing is looked up: the reply program does not carry a flush's ownership check.
+/// FIN after the client's. A local client's ACK of that FIN is sent from the CPU that
+/// delivered it, this one (a LAN client's comes in wherever the NIC's receive hashing puts
+/// it), and must take the full path, where the record sees the close
+/// (`viscum_common::close`). Nothing is looked up: the reply program does not carry a
+/// flush's ownership check.
 #[inline(always)]
 pub fn expire(
     client: &[u8; 16],
@@ -285,6 +286,8 @@ pub fn expire(
     }
 }
 
+/// `p`'s flow as the cache compares it: both addresses as words, and the ports,
+/// protocol and family in one.
 struct Probe {
     client: [u32; 4],
     service: [u32; 4],

@@ -264,9 +264,11 @@ pub fn recover(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> bool {
     if let Some(sk_state) = service_holds(ctx, p, entry) {
         let now = counters::now_coarse();
         // The service's stack holds the connection: it is under way, or closing (a FIN or
-        // RST now, or the socket past its open states: the segment of a close whose record
-        // was removed at its last ACK, see `viscum_common::close`), when the record lingers.
-        let closing = p.tcp_flags & (TCP_FIN | TCP_RST) != 0 || !socket_open(sk_state);
+        // RST now, or a socket whose close is over but for its last segments: the segment
+        // of a close whose record was removed at its last ACK, see `viscum_common::close`),
+        // when the record lingers. A half-closed connection (CLOSE_WAIT, FIN_WAIT) may go
+        // on for long: restored as open, as before.
+        let closing = p.tcp_flags & (TCP_FIN | TCP_RST) != 0 || socket_closed(sk_state);
         put_edge(
             &reply_key(p, entry),
             &p.key.addr,
@@ -417,15 +419,16 @@ fn service_holds(ctx: &TcContext, p: &Parsed, entry: &ServiceEntry) -> Option<u3
 }
 
 /// `TCP_*` states of include/net/tcp_states.h, as `bpf_sock.state` reports them.
-const TCP_ESTABLISHED: u32 = 1;
-const TCP_SYN_RECV: u32 = 3;
+const TCP_TIME_WAIT: u32 = 6;
+const TCP_LAST_ACK: u32 = 9;
 const TCP_LISTEN: u32 = 10;
-const TCP_NEW_SYN_RECV: u32 = 12;
+const TCP_CLOSING: u32 = 11;
 
-/// Is a socket in `state` a connection that neither side has begun to close?
+/// Is a socket in `state` a connection both of whose sides sent their FIN (what follows a
+/// removal at the last ACK: `TIME_WAIT`, `LAST_ACK`, `CLOSING`)?
 #[inline(always)]
-fn socket_open(state: u32) -> bool {
-    state == TCP_ESTABLISHED || state == TCP_SYN_RECV || state == TCP_NEW_SYN_RECV
+fn socket_closed(state: u32) -> bool {
+    state == TCP_TIME_WAIT || state == TCP_LAST_ACK || state == TCP_CLOSING
 }
 
 /// Follows the orderly close of edge flow `p` (`from_client`: a client segment, else the
@@ -447,8 +450,10 @@ fn is_last(ctx: &TcContext, p: &Parsed, state: &mut ReplyState, from_client: boo
     match close::step(state.flags, state.fin_seq, &seg) {
         CloseStep::Keep => false,
         CloseStep::Update { flags, fin_seq } => {
-            state.flags = flags;
+            // The number first: the other program, reading the record at the same time,
+            // then never pairs a new flag with the old number.
             state.fin_seq = fin_seq;
+            state.flags = flags;
             false
         }
         CloseStep::Remove => true,

@@ -109,9 +109,11 @@ pub fn plain_tcp(p: &Parsed) -> bool {
 
 /// The sequence numbers and payload length of TCP segment `p` from `from_client`'s side, for
 /// the close tracking (`viscum_common::close`); `None` for a fragment (its IP length is not
-/// the segment's), a header that cannot be read, or lengths that do not add up (an IPv6
-/// jumbogram's payload length of 0). Read with helper loads at scalar offsets, as the
-/// rewrites write (see `Parsed::ip_check`): only FINs and a due last ACK pay for them.
+/// the segment's), a header that cannot be read, or a length field of 0 (a BIG TCP
+/// super-packet, RFC 2675 and kernel commit 7c4e983c4f3c: its length is the skb's, which
+/// the close tracking does without). A length that does not cover the headers gives a
+/// payload that matches no acknowledgment. Read with helper loads at scalar offsets, as
+/// the rewrites write (see `Parsed::ip_check`): only FINs and a due last ACK pay for them.
 #[inline(always)]
 pub fn tcp_segment(ctx: &TcContext, p: &Parsed, from_client: bool) -> Option<close::Segment> {
     if p.frag != Frag::None {
@@ -123,8 +125,13 @@ pub fn tcp_segment(ctx: &TcContext, p: &Parsed, from_client: bool) -> Option<clo
     // a branch on the family: each branch here is walked again by the verifier for every
     // state that reaches it.
     let v6 = u32::from(p.key.family != FAMILY_V4);
-    let len = ctx.load::<[u8; 2]>(l3 + 2 + 2 * v6 as usize).ok()?;
-    let ip_len = u32::from(u16::from_be_bytes(len)) + 40 * v6;
+    let len = u32::from(u16::from_be_bytes(
+        ctx.load::<[u8; 2]>(l3 + 2 + 2 * v6 as usize).ok()?,
+    ));
+    if len == 0 {
+        return None;
+    }
+    let ip_len = len + 40 * v6;
     // Sequence number, acknowledgment number, data offset and flags: the TCP header's words
     // 1 to 3.
     let w = ctx.load::<[u32; 3]>(l4 + 4).ok()?;

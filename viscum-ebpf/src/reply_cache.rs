@@ -14,8 +14,10 @@
 //!   segment (no SYN, FIN or RST) on the full path; a FIN or RST from the service takes the
 //!   full path and empties this CPU's slot (another CPU's lapses within its life, while the
 //!   record lingers and would send the same replies out anyway), and so does a client's FIN
-//!   on the CPU it comes in on ([`forget_record`]): the service's ACK of it leaves from
-//!   there, and the record must see it to know the close finished (`viscum_common::close`);
+//!   that follows the service's, on the CPU it comes in on, if that CPU filled a slot
+//!   within a slot's life ([`forget_record`]): the service's ACK of it, the connection's
+//!   last segment, leaves from there, and the record must see it to know the close
+//!   finished (`viscum_common::close`);
 //! * used for at most [`cache::CACHE_LIFE_TICKS`] (250 ms at `CONFIG_HZ=100`): the full
 //!   path reuses a FIB result for [`FIB_REUSE_NS`] only, so a copy of it is never used past
 //!   `viscum_common::FIB_CACHE_NS` from its lookup;

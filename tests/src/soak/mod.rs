@@ -25,7 +25,11 @@
 //!   failure outside every disruption window (the control request's duration plus
 //!   [`SETTLE`]) is a reset of a flow whose edge stayed up, and counts as a problem;
 //! * the least-squares slopes of RSS and fd count over the run after [`WARM_UP`] stay within
-//!   [`RSS_SLOPE_KIB_MIN`] and [`FD_SLOPE_MIN`].
+//!   [`RSS_SLOPE_KIB_MIN`] and [`FD_SLOPE_MIN`]; for RSS, a slope over the tolerance counts
+//!   only when the net growth ([`net_growth`]: the median of the last fifth of the samples
+//!   over the first fifth's) is over it too. A leak raises both; the allocator's ups and
+//!   downs, a few hundred KiB in a one-minute slice, can tilt the slope alone (a CI run,
+//!   2026-12-03: RSS 33,844 -> 33,952 KiB over the minute, slope 1,110 KiB/min).
 
 use std::{
     collections::BTreeMap,
@@ -163,6 +167,8 @@ pub struct SoakReport {
     pub samples: Vec<Sample>,
     /// RSS slope after warm-up, KiB/min.
     pub rss_slope: f64,
+    /// RSS net growth after warm-up, KiB/min ([`net_growth`]).
+    pub rss_growth: f64,
     /// fd slope after warm-up, per minute.
     pub fd_slope: f64,
     /// The datapath's counters at the end (`status.datapath`).
@@ -211,10 +217,10 @@ impl SoakReport {
                 self.change_failures
             ));
         }
-        if self.rss_slope > RSS_SLOPE_KIB_MIN {
+        if self.rss_slope > RSS_SLOPE_KIB_MIN && self.rss_growth > RSS_SLOPE_KIB_MIN {
             p.push(format!(
-                "daemon RSS grows {:.0} KiB/min (tolerance {RSS_SLOPE_KIB_MIN})",
-                self.rss_slope
+                "daemon RSS grows {:.0} KiB/min, net {:.0} KiB/min (tolerance {RSS_SLOPE_KIB_MIN})",
+                self.rss_slope, self.rss_growth
             ));
         }
         if self.fd_slope > FD_SLOPE_MIN {
@@ -263,10 +269,11 @@ impl fmt::Display for SoakReport {
         if let (Some(a), Some(b)) = (first, last) {
             writeln!(
                 f,
-                "  daemon RSS {:.0} -> {:.0} KiB, slope {:.1} KiB/min (tolerance {RSS_SLOPE_KIB_MIN}); fds {:.0} -> {:.0}, slope {:.2}/min (tolerance {FD_SLOPE_MIN}); {} samples",
+                "  daemon RSS {:.0} -> {:.0} KiB, slope {:.1} KiB/min, net {:.1} KiB/min (tolerance {RSS_SLOPE_KIB_MIN}); fds {:.0} -> {:.0}, slope {:.2}/min (tolerance {FD_SLOPE_MIN}); {} samples",
                 a.rss_kib,
                 b.rss_kib,
                 self.rss_slope,
+                self.rss_growth,
                 a.fds,
                 b.fds,
                 self.fd_slope,
@@ -275,6 +282,29 @@ impl fmt::Display for SoakReport {
         }
         write!(f, "  datapath: {}", self.datapath)
     }
+}
+
+/// Growth of `y` per unit of `x` from the first fifth of `points` (in `x` order) to the last
+/// fifth, each taken at its median (both coordinates): a level change, robust to a hump or a
+/// dip between them; 0 with fewer than two points or no distance in `x`.
+pub fn net_growth(points: &[(f64, f64)]) -> f64 {
+    if points.len() < 2 {
+        return 0.0;
+    }
+    let k = (points.len() / 5).max(1);
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let part = |ps: &[(f64, f64)]| {
+        (
+            median(&mut ps.iter().map(|p| p.0).collect()),
+            median(&mut ps.iter().map(|p| p.1).collect()),
+        )
+    };
+    let (x0, y0) = part(&points[..k]);
+    let (x1, y1) = part(&points[points.len() - k..]);
+    if x1 <= x0 { 0.0 } else { (y1 - y0) / (x1 - x0) }
 }
 
 /// Least-squares slope of `y` over `x` (0 with fewer than two distinct `x`).
@@ -552,12 +582,9 @@ pub fn run(lab: &Lab, options: SoakOptions) -> SoakReport {
         .iter()
         .filter(|s| s.t >= WARM_UP.as_secs_f64())
         .collect();
-    report.rss_slope = slope(
-        &after
-            .iter()
-            .map(|s| (s.t / 60.0, s.rss_kib))
-            .collect::<Vec<_>>(),
-    );
+    let rss: Vec<(f64, f64)> = after.iter().map(|s| (s.t / 60.0, s.rss_kib)).collect();
+    report.rss_slope = slope(&rss);
+    report.rss_growth = net_growth(&rss);
     report.fd_slope = slope(
         &after
             .iter()
@@ -615,5 +642,20 @@ mod tests {
         assert!((slope(&pts) - 3.0).abs() < 1e-9);
         assert_eq!(slope(&[(1.0, 5.0)]), 0.0);
         assert_eq!(slope(&[(1.0, 5.0), (1.0, 7.0)]), 0.0);
+    }
+
+    #[test]
+    fn net_growth_sees_a_leak_but_not_a_hump() {
+        let leak: Vec<(f64, f64)> = (0..25)
+            .map(|i| (f64::from(i), 2.0 * f64::from(i)))
+            .collect();
+        assert!((net_growth(&leak) - 2.0).abs() < 1e-9);
+        // Up by 10 in the middle, back down at the end: the slope leans, the level does not.
+        let hump: Vec<(f64, f64)> = (0..25)
+            .map(|i| (f64::from(i), if (8..20).contains(&i) { 10.0 } else { 0.0 }))
+            .collect();
+        assert!(slope(&hump) > 0.0);
+        assert_eq!(net_growth(&hump), 0.0);
+        assert_eq!(net_growth(&[(1.0, 5.0)]), 0.0);
     }
 }
