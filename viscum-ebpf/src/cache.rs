@@ -268,11 +268,7 @@ pub fn expire(
     proto: u8,
     family: u8,
 ) {
-    let probe = Probe {
-        client: words(client),
-        service: words(service),
-        tail: FlowCacheSlot::tail_of(client_port, service_port, proto, family),
-    };
+    let probe = Probe::new(client, client_port, service, service_port, proto, family);
     let Some((first, second)) = probe.slots() else {
         return;
     };
@@ -297,10 +293,30 @@ struct Probe {
 impl Probe {
     #[inline(always)]
     fn of(p: &Parsed) -> Self {
+        Probe::new(
+            &p.saddr,
+            p.sport,
+            &p.key.addr,
+            p.key.port,
+            p.key.proto,
+            p.key.family,
+        )
+    }
+
+    /// The flow from `client`:`client_port` to `service`:`service_port` (network order).
+    #[inline(always)]
+    fn new(
+        client: &[u8; 16],
+        client_port: u16,
+        service: &[u8; 16],
+        service_port: u16,
+        proto: u8,
+        family: u8,
+    ) -> Self {
         Probe {
-            client: words(&p.saddr),
-            service: words(&p.key.addr),
-            tail: FlowCacheSlot::tail_of(p.sport, p.key.port, p.key.proto, p.key.family),
+            client: words(client),
+            service: words(service),
+            tail: FlowCacheSlot::tail_of(client_port, service_port, proto, family),
         }
     }
 

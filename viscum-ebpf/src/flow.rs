@@ -180,7 +180,7 @@ pub fn decide(
             }
             // Last: the verifier then walks the code above once, whatever the close's state.
             if tcp {
-                client_close(ctx, p, state, &rkey);
+                track_client_close(ctx, p, state, &rkey);
             }
             return Decision::Edge;
         }
@@ -467,7 +467,7 @@ fn is_last(ctx: &TcContext, p: &Parsed, state: &mut ReplyState, from_client: boo
 /// the flow: the service's ACK of it, the connection's last segment, leaves from this CPU,
 /// and must take the full path, where the record sees the close, not a copy.
 #[inline(always)]
-fn client_close(ctx: &TcContext, p: &Parsed, state: &mut ReplyState, rkey: &ReplyKey) {
+fn track_client_close(ctx: &TcContext, p: &Parsed, state: &mut ReplyState, rkey: &ReplyKey) {
     if p.tcp_flags & TCP_FIN != 0 && state.flags & REPLY_F_FIN_SERVICE != 0 {
         crate::reply_cache::forget_record(rkey);
     }
@@ -486,7 +486,7 @@ fn client_close(ctx: &TcContext, p: &Parsed, state: &mut ReplyState, rkey: &Repl
 /// line of a slot the flow most likely never had here would cost a cache miss per
 /// connection.)
 #[inline(always)]
-pub fn service_close(
+pub fn track_service_close(
     ctx: &TcContext,
     p: &Parsed,
     state: &mut ReplyState,

@@ -469,7 +469,7 @@ fn try_reply(ctx: &TcContext) -> Result<i32, i32> {
     // Last: the verifier then walks the rewrite and the send once, whatever the close's
     // state (the rewrite moved nothing the close tracking reads).
     if p.key.proto == PROTO_TCP {
-        flow::service_close(ctx, &p, id, local_port, ifindex);
+        flow::track_service_close(ctx, &p, id, local_port, ifindex);
     }
     Ok(action)
 }
