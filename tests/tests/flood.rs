@@ -6,7 +6,8 @@
 //! be sent there, to be reset. The classifier instead asks the service namespace's stack
 //! (`bpf_skc_lookup_tcp`) whether it holds the connection, and restores the record when it
 //! does; the test counts those recoveries and the evictions directly. And the finished
-//! connections that would otherwise fill the table: a record goes at its connection's last ACK.
+//! connections that would otherwise fill the table: a record goes at its connection's last ACK,
+//! and a close whose last ACK is lost after that still finishes.
 
 mod common;
 
@@ -519,4 +520,156 @@ fn a_closed_connection_leaves_no_record_behind() {
         }
     }
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// The last ACK of a close lost after the edge removed the connection's record with it
+/// (`viscum_common::close`): the side that closed second resends its FIN, and the edge must
+/// carry that FIN and the answer to it as before, or the client's resent FIN reaches the
+/// cloud (which resets it) and the service's resent FIN leaves untranslated.
+///
+/// Real networks lose segments; here nft drops the one segment, in the namespace of the
+/// side that closed second, once the exchange before the close is acknowledged both ways
+/// (so no other bare ACK is due): the service's ACK of the client's FIN when the service
+/// closed first, the client's ACK of the service's FIN when the client did. The edge's
+/// firewall drops what conntrack finds invalid. Both modes, both families.
+#[test]
+fn a_last_ack_lost_after_the_record_went_is_recovered() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.viscum_ok(&["attach", "lan0"]);
+    let ns = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &ns]);
+    common::harden(&lab, &ns);
+    let port = 9320;
+    let stop = closing_server(&ns, port);
+    let cloud = lab.cloud.name().to_owned();
+    // Whatever the edge does not carry reaches the cloud, which holds no socket for it.
+    common::nft_load(
+        &cloud,
+        &format!(
+            "table inet viscumcloud {{\n chain pre {{\n  type filter hook prerouting priority raw; policy accept;\n  tcp dport {port} counter\n }}\n}}\n"
+        ),
+    );
+    for mode in ["nat", "anyip"] {
+        for addr in lab.cloud_addrs(port) {
+            let url = format!("tcp://{addr}");
+            let mut add = vec!["redirect", "add", &url, "--ns", &ns];
+            if mode == "anyip" {
+                add.push("--anyip");
+            }
+            lab.viscum_ok(&add);
+            for first in ["s", "c"] {
+                let what = format!("{mode} {addr}, {first} closing first");
+                let before = global_stats(&lab);
+                lose_last_ack(&lab, &ns, addr, first, &what);
+                let after = global_stats(&lab);
+                let moved = |c: &str| after[c].as_u64().unwrap() - before[c].as_u64().unwrap();
+                assert!(
+                    moved("flows_recovered") >= 1,
+                    "{what}: the resent FIN restored no record ({after})"
+                );
+                assert_eq!(
+                    moved("replies_unknown"),
+                    0,
+                    "{what}: a reply went untranslated"
+                );
+                assert_eq!(
+                    common::nft_packets(&cloud, "viscumcloud"),
+                    0,
+                    "{what}: a segment of the connection reached the cloud"
+                );
+            }
+            lab.viscum_ok(&["redirect", "del", &url, "--now"]);
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
+/// One connection through the edge to `closing_server`, closed by `first` (`s`: the service,
+/// `c`: the client), whose last ACK nft drops once in the namespace of the side closing
+/// second; returns when both sides' sockets are past their close (panics, naming `what`,
+/// if they are not within a few retransmissions).
+fn lose_last_ack(lab: &Lab, ns: &str, addr: SocketAddr, first: &str, what: &str) {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let port = addr.port();
+    let client = lab.client.name();
+    // Made in the client's namespace; used from here.
+    let conn = viscum::netns::in_netns(client, move || {
+        std::net::TcpStream::connect_timeout(&addr, common::TIMEOUT)
+    })
+    .unwrap()
+    .unwrap_or_else(|e| panic!("{what}: connect: {e}"));
+    conn.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+    let line = format!("{first}\n");
+    (&conn).write_all(line.as_bytes()).unwrap();
+    let mut r = std::io::BufReader::new(&conn);
+    let mut got = String::new();
+    r.read_line(&mut got).unwrap();
+    assert_eq!(got, line, "{what}: echo");
+    // No bare ACK may be due but the one to drop: the echo (and, when the service closed
+    // first, its FIN) acknowledged by the client, the request by the service.
+    let service_state = if first == "s" {
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+        "05" // FIN_WAIT2: its FIN acknowledged
+    } else {
+        "01"
+    };
+    // The connection's own sockets, by the client's port (earlier ones may be in TIME_WAIT).
+    let client_port = conn.local_addr().unwrap().port();
+    let ours = |ns: &str| {
+        common::tcp_sockets(ns, port)
+            .into_iter()
+            .filter(|s| s.local_port == client_port || s.remote_port == client_port)
+            .collect::<Vec<_>>()
+    };
+    let settled = || {
+        let (service, client) = (ours(ns), ours(client));
+        service.len() == 1
+            && service[0].state == service_state
+            && service[0].tx_queue == 0
+            && client.len() == 1
+            && client[0].tx_queue == 0
+    };
+    assert!(
+        viscum_tests::wait_until(common::TIMEOUT, settled),
+        "{what}: the exchange before the close never settled: service {:?}, client {:?}",
+        ours(ns),
+        ours(client)
+    );
+    let (loser, dir) = if first == "s" {
+        (client, "sport")
+    } else {
+        (ns, "dport")
+    };
+    common::nft_load(
+        loser,
+        &format!(
+            "table inet viscumloss {{\n chain input {{\n  type filter hook input priority filter; policy accept;\n  tcp {dir} {port} tcp flags == ack counter drop\n }}\n}}\n"
+        ),
+    );
+    if first == "c" {
+        conn.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).unwrap();
+    }
+    drop(r);
+    drop(conn);
+    // Dropped once; the resent FIN (at the retransmission timeout, 200 ms or more) and its
+    // answer then pass. Should the answer be dropped too, the FIN is resent again.
+    let lost = viscum_tests::wait_until(common::TIMEOUT, || {
+        common::nft_packets(loser, "viscumloss") >= 1
+    });
+    common::nft(loser, &["delete", "table", "inet", "viscumloss"]);
+    assert!(lost, "{what}: no last ACK was sent to drop");
+    let done =
+        || common::tcp_closing(client, port).is_empty() && common::tcp_closing(ns, port).is_empty();
+    assert!(
+        viscum_tests::wait_until(std::time::Duration::from_secs(10), done),
+        "{what}: sockets still closing: client {:?}, service {:?}",
+        common::tcp_closing(client, port),
+        common::tcp_closing(ns, port),
+    );
 }

@@ -227,24 +227,92 @@ pub fn tcp_closing(ns: &str, port: u16) -> Vec<String> {
     .unwrap()
 }
 
-/// An OpenWrt-like edge: the forward chain drops what conntrack calls invalid (conntrack
-/// never saw the redirected requests, so every reply would be), conntrack is strict about
-/// mid-stream TCP, and reverse-path filtering is strict everywhere.
-pub fn harden(lab: &Lab, ns: &str) {
-    let rules = "table inet viscumfw {\n chain forward {\n  type filter hook forward priority filter; policy accept;\n  ct state invalid counter drop\n }\n}\n";
-    let path = std::env::temp_dir().join(format!("viscum-fw-{}.nft", lab.edge.name()));
-    std::fs::write(&path, rules).unwrap();
-    // `nft` only loads the rules (verification tooling, not the product).
+/// A TCP socket as /proc/net/tcp shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcpRow {
+    /// Its local port.
+    pub local_port: u16,
+    /// Its peer's port.
+    pub remote_port: u16,
+    /// Its state, the 4th column: `01` ESTABLISHED, `05` FIN_WAIT2, `06` TIME_WAIT...
+    pub state: String,
+    /// Bytes it sent that are not acknowledged yet (the 5th column's first half).
+    pub tx_queue: u64,
+}
+
+/// TCP sockets in namespace `ns` with `port` at either end, listeners left out.
+pub fn tcp_sockets(ns: &str, port: u16) -> Vec<TcpRow> {
+    let port_of = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
+    netns::in_netns(ns, move || {
+        ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .flat_map(|t| t.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
+            .filter_map(|l| {
+                let cols: Vec<&str> = l.split_whitespace().collect();
+                let row = TcpRow {
+                    local_port: port_of(cols.get(1)?)?,
+                    remote_port: port_of(cols.get(2)?)?,
+                    state: (*cols.get(3)?).to_owned(),
+                    tx_queue: u64::from_str_radix(cols.get(4)?.split(':').next()?, 16).ok()?,
+                };
+                (row.state != "0A" && (row.local_port == port || row.remote_port == port))
+                    .then_some(row)
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
+/// Runs `nft ARGS` in namespace `ns` and returns its output; panics if it fails
+/// (verification tooling, not the product).
+pub fn nft(ns: &str, args: &[&str]) -> String {
     let out = std::process::Command::new("nsenter")
-        .arg(format!("--net=/run/netns/{}", lab.edge.name()))
-        .args(["nft", "-f"])
-        .arg(&path)
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg("nft")
+        .args(args)
         .output()
         .expect("run nft (apt-get install nftables)");
     assert!(
         out.status.success(),
-        "nft: {}",
+        "nft {args:?} in {ns}: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Loads nft ruleset `rules` in namespace `ns` (`nft -f`).
+pub fn nft_load(ns: &str, rules: &str) {
+    static LOADS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = LOADS.fetch_add(1, Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("viscum-{ns}-{}-{n}.nft", std::process::id()));
+    std::fs::write(&path, rules).unwrap();
+    nft(ns, &["-f", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+}
+
+/// The packets counted so far by the `counter` statements of nft table `inet TABLE` in
+/// namespace `ns`, summed.
+pub fn nft_packets(ns: &str, table: &str) -> u64 {
+    let v: serde_json::Value =
+        serde_json::from_str(&nft(ns, &["-j", "list", "table", "inet", table])).unwrap();
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o["rule"]["expr"].as_array())
+        .flat_map(|exprs| exprs.iter().filter_map(|e| e.get("counter")))
+        .map(|c| c["packets"].as_u64().unwrap())
+        .sum()
+}
+
+/// An OpenWrt-like edge: the forward chain drops what conntrack calls invalid (conntrack
+/// never saw the redirected requests, so every reply would be), conntrack is strict about
+/// mid-stream TCP, and reverse-path filtering is strict everywhere.
+pub fn harden(lab: &Lab, ns: &str) {
+    nft_load(
+        lab.edge.name(),
+        "table inet viscumfw {\n chain forward {\n  type filter hook forward priority filter; policy accept;\n  ct state invalid counter drop\n }\n}\n",
     );
     let host_veth = format!("vh-{ns}");
     lab.edge
