@@ -371,6 +371,37 @@ fn closing_server(ns: &str, port: u16) -> std::sync::Arc<std::sync::atomic::Atom
     stop
 }
 
+/// The lab of the close tests: Viscum on `lan0`, a service namespace behind an edge that
+/// drops what conntrack finds invalid ([`common::harden`]), and [`closing_server`] on `port`
+/// in it (stopped by setting the flag returned).
+fn closing_lab(port: u16) -> (Lab, String, std::sync::Arc<std::sync::atomic::AtomicBool>) {
+    let lab = Lab::new();
+    lab.viscum_ok(&["attach", "lan0"]);
+    let ns = lab.service_ns_name();
+    lab.viscum_ok(&["ns", "add", &ns]);
+    common::harden(&lab, &ns);
+    let stop = closing_server(&ns, port);
+    (lab, ns, stop)
+}
+
+/// Runs `body` with each way of serving `port` from service namespace `ns`: NAT and AnyIP
+/// (`mode`), for each of the lab's cloud addresses (IPv4, IPv6), the redirect added before
+/// and deleted after.
+fn each_redirect(lab: &Lab, ns: &str, port: u16, mut body: impl FnMut(&str, SocketAddr)) {
+    for mode in ["nat", "anyip"] {
+        for addr in lab.cloud_addrs(port) {
+            let url = format!("tcp://{addr}");
+            let mut add = vec!["redirect", "add", &url, "--ns", ns];
+            if mode == "anyip" {
+                add.push("--anyip");
+            }
+            lab.viscum_ok(&add);
+            body(mode, addr);
+            lab.viscum_ok(&["redirect", "del", &url, "--now"]);
+        }
+    }
+}
+
 /// Sets `TCP_CORK` on `conn` (tcp(7)): nothing leaves before a full segment or the FIN, which
 /// then rides on the data.
 fn cork(conn: &std::net::TcpStream) {
@@ -460,65 +491,51 @@ fn a_closed_connection_leaves_no_record_behind() {
     if std::thread::available_parallelism().map_or(1, std::num::NonZero::get) < 2 {
         eprintln!("one CPU: the client and the server share it, so no close crosses CPUs here");
     }
-    let lab = Lab::new();
-    lab.viscum_ok(&["attach", "lan0"]);
-    let ns = lab.service_ns_name();
-    lab.viscum_ok(&["ns", "add", &ns]);
-    common::harden(&lab, &ns);
     let port = 9310;
-    let stop = closing_server(&ns, port);
+    let (lab, ns, stop) = closing_lab(port);
     let client = lab.client.name().to_owned();
-    for mode in ["nat", "anyip"] {
-        for addr in lab.cloud_addrs(port) {
-            let url = format!("tcp://{addr}");
-            let mut add = vec!["redirect", "add", &url, "--ns", &ns];
-            if mode == "anyip" {
-                add.push("--anyip");
-            }
-            lab.viscum_ok(&add);
-            let before = global_stats(&lab);
-            for (first, lines, pause_ms, count) in [
-                ("s", 0, 0, CLOSED),
-                ("c", 0, 0, CLOSED),
-                ("d", 0, 0, CLOSED),
-                ("s", 3, 60, 3),
-                ("c", 3, 60, 3),
-            ] {
-                let failures = viscum::netns::in_netns(&client, move || {
-                    common::pin_to_cpu(0);
-                    let pause = std::time::Duration::from_millis(pause_ms);
-                    (0..count)
-                        .filter_map(|i| {
-                            closed_connection(addr, lines, pause, first)
-                                .err()
-                                .map(|e| format!("connection {i}: {e}"))
-                        })
-                        .collect::<Vec<_>>()
-                })
-                .unwrap();
-                let what = format!("{mode} {addr}, {first} closing first after {lines} exchanges");
-                assert!(failures.is_empty(), "{what}: {failures:?}");
-                let done = || {
-                    records(&lab) == 0
-                        && common::tcp_closing(&client, port).is_empty()
-                        && common::tcp_closing(&ns, port).is_empty()
-                };
-                assert!(
-                    viscum_tests::wait_until(std::time::Duration::from_secs(5), done),
-                    "{what}: {} records left of {count} closed connections; sockets still closing: client {:?}, service {:?}",
-                    records(&lab),
-                    common::tcp_closing(&client, port),
-                    common::tcp_closing(&ns, port),
-                );
-            }
-            let after = global_stats(&lab);
-            for counter in ["flows_recovered", "replies_unknown"] {
-                let moved = after[counter].as_u64().unwrap() - before[counter].as_u64().unwrap();
-                assert_eq!(moved, 0, "{mode} {addr}: {counter} +{moved}");
-            }
-            lab.viscum_ok(&["redirect", "del", &url, "--now"]);
+    each_redirect(&lab, &ns, port, |mode, addr| {
+        let before = global_stats(&lab);
+        for (first, lines, pause_ms, count) in [
+            ("s", 0, 0, CLOSED),
+            ("c", 0, 0, CLOSED),
+            ("d", 0, 0, CLOSED),
+            ("s", 3, 60, 3),
+            ("c", 3, 60, 3),
+        ] {
+            let failures = viscum::netns::in_netns(&client, move || {
+                common::pin_to_cpu(0);
+                let pause = std::time::Duration::from_millis(pause_ms);
+                (0..count)
+                    .filter_map(|i| {
+                        closed_connection(addr, lines, pause, first)
+                            .err()
+                            .map(|e| format!("connection {i}: {e}"))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .unwrap();
+            let what = format!("{mode} {addr}, {first} closing first after {lines} exchanges");
+            assert!(failures.is_empty(), "{what}: {failures:?}");
+            let done = || {
+                records(&lab) == 0
+                    && common::tcp_closing(&client, port).is_empty()
+                    && common::tcp_closing(&ns, port).is_empty()
+            };
+            assert!(
+                viscum_tests::wait_until(std::time::Duration::from_secs(5), done),
+                "{what}: {} records left of {count} closed connections; sockets still closing: client {:?}, service {:?}",
+                records(&lab),
+                common::tcp_closing(&client, port),
+                common::tcp_closing(&ns, port),
+            );
         }
-    }
+        let after = global_stats(&lab);
+        for counter in ["flows_recovered", "replies_unknown"] {
+            let moved = after[counter].as_u64().unwrap() - before[counter].as_u64().unwrap();
+            assert_eq!(moved, 0, "{mode} {addr}: {counter} +{moved}");
+        }
+    });
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 
@@ -537,13 +554,8 @@ fn a_last_ack_lost_after_the_record_went_is_recovered() {
     if skip_unless_root() {
         return;
     }
-    let lab = Lab::new();
-    lab.viscum_ok(&["attach", "lan0"]);
-    let ns = lab.service_ns_name();
-    lab.viscum_ok(&["ns", "add", &ns]);
-    common::harden(&lab, &ns);
     let port = 9320;
-    let stop = closing_server(&ns, port);
+    let (lab, ns, stop) = closing_lab(port);
     let cloud = lab.cloud.name().to_owned();
     // Whatever the edge does not carry reaches the cloud, which holds no socket for it.
     common::nft_load(
@@ -552,38 +564,29 @@ fn a_last_ack_lost_after_the_record_went_is_recovered() {
             "table inet viscumcloud {{\n chain pre {{\n  type filter hook prerouting priority raw; policy accept;\n  tcp dport {port} counter\n }}\n}}\n"
         ),
     );
-    for mode in ["nat", "anyip"] {
-        for addr in lab.cloud_addrs(port) {
-            let url = format!("tcp://{addr}");
-            let mut add = vec!["redirect", "add", &url, "--ns", &ns];
-            if mode == "anyip" {
-                add.push("--anyip");
-            }
-            lab.viscum_ok(&add);
-            for first in ["s", "c"] {
-                let what = format!("{mode} {addr}, {first} closing first");
-                let before = global_stats(&lab);
-                lose_last_ack(&lab, &ns, addr, first, &what);
-                let after = global_stats(&lab);
-                let moved = |c: &str| after[c].as_u64().unwrap() - before[c].as_u64().unwrap();
-                assert!(
-                    moved("flows_recovered") >= 1,
-                    "{what}: the resent FIN restored no record ({after})"
-                );
-                assert_eq!(
-                    moved("replies_unknown"),
-                    0,
-                    "{what}: a reply went untranslated"
-                );
-                assert_eq!(
-                    common::nft_packets(&cloud, "viscumcloud"),
-                    0,
-                    "{what}: a segment of the connection reached the cloud"
-                );
-            }
-            lab.viscum_ok(&["redirect", "del", &url, "--now"]);
+    each_redirect(&lab, &ns, port, |mode, addr| {
+        for first in ["s", "c"] {
+            let what = format!("{mode} {addr}, {first} closing first");
+            let before = global_stats(&lab);
+            lose_last_ack(&lab, &ns, addr, first, &what);
+            let after = global_stats(&lab);
+            let moved = |c: &str| after[c].as_u64().unwrap() - before[c].as_u64().unwrap();
+            assert!(
+                moved("flows_recovered") >= 1,
+                "{what}: the resent FIN restored no record ({after})"
+            );
+            assert_eq!(
+                moved("replies_unknown"),
+                0,
+                "{what}: a reply went untranslated"
+            );
+            assert_eq!(
+                common::nft_packets(&cloud, "viscumcloud"),
+                0,
+                "{what}: a segment of the connection reached the cloud"
+            );
         }
-    }
+    });
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
 }
 

@@ -205,26 +205,40 @@ pub fn pin_to_cpu(cpu: usize) {
     }
 }
 
+/// The socket lines of /proc/net/tcp and /proc/net/tcp6 in namespace `ns` (headers left
+/// out), split into columns: local address, remote address, state, tx:rx queues... from the
+/// 2nd column on (`cols[1]` is the local address).
+fn proc_tcp(ns: &str) -> Vec<Vec<String>> {
+    netns::in_netns(ns, || {
+        ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .flat_map(|t| {
+                t.lines()
+                    .skip(1)
+                    .map(|l| l.split_whitespace().map(str::to_owned).collect())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    })
+    .unwrap()
+}
+
 /// TCP sockets in namespace `ns` with `port` at either end that wait for their
 /// connection's close to finish: `FIN_WAIT1`, `CLOSE_WAIT`, `LAST_ACK` or `CLOSING` (the
 /// states of /proc/net/tcp's 4th column: 04, 08, 09, 0B). A close whose last segments were
 /// lost or refused leaves its sockets there, retransmitting.
 pub fn tcp_closing(ns: &str, port: u16) -> Vec<String> {
     let want = format!(":{port:04X}");
-    netns::in_netns(ns, move || {
-        ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
-            .iter()
-            .filter_map(|p| std::fs::read_to_string(p).ok())
-            .flat_map(|t| t.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
-            .filter(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                cols.len() > 3
-                    && (cols[1].ends_with(&want) || cols[2].ends_with(&want))
-                    && ["04", "08", "09", "0B"].contains(&cols[3])
-            })
-            .collect()
-    })
-    .unwrap()
+    proc_tcp(ns)
+        .into_iter()
+        .filter(|cols| {
+            cols.len() > 3
+                && (cols[1].ends_with(&want) || cols[2].ends_with(&want))
+                && ["04", "08", "09", "0B"].contains(&cols[3].as_str())
+        })
+        .map(|cols| cols.join(" "))
+        .collect()
 }
 
 /// A TCP socket as /proc/net/tcp shows it.
@@ -243,25 +257,19 @@ pub struct TcpRow {
 /// TCP sockets in namespace `ns` with `port` at either end, listeners left out.
 pub fn tcp_sockets(ns: &str, port: u16) -> Vec<TcpRow> {
     let port_of = |a: &str| u16::from_str_radix(a.rsplit(':').next()?, 16).ok();
-    netns::in_netns(ns, move || {
-        ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
-            .iter()
-            .filter_map(|p| std::fs::read_to_string(p).ok())
-            .flat_map(|t| t.lines().skip(1).map(str::to_owned).collect::<Vec<_>>())
-            .filter_map(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                let row = TcpRow {
-                    local_port: port_of(cols.get(1)?)?,
-                    remote_port: port_of(cols.get(2)?)?,
-                    state: (*cols.get(3)?).to_owned(),
-                    tx_queue: u64::from_str_radix(cols.get(4)?.split(':').next()?, 16).ok()?,
-                };
-                (row.state != "0A" && (row.local_port == port || row.remote_port == port))
-                    .then_some(row)
-            })
-            .collect()
-    })
-    .unwrap()
+    proc_tcp(ns)
+        .into_iter()
+        .filter_map(|cols| {
+            let row = TcpRow {
+                local_port: port_of(cols.get(1)?)?,
+                remote_port: port_of(cols.get(2)?)?,
+                state: cols.get(3)?.clone(),
+                tx_queue: u64::from_str_radix(cols.get(4)?.split(':').next()?, 16).ok()?,
+            };
+            (row.state != "0A" && (row.local_port == port || row.remote_port == port))
+                .then_some(row)
+        })
+        .collect()
 }
 
 /// Runs `nft ARGS` in namespace `ns` and returns its output; panics if it fails
@@ -325,19 +333,11 @@ pub fn harden(lab: &Lab, ns: &str) {
 
 /// Is something listening on TCP `port` in namespace `ns` (IPv4 or IPv6 table)?
 pub fn tcp_listening(ns: &str, port: u16) -> bool {
-    let want = format!(":{port:04X} ");
-    netns::in_netns(ns, move || {
-        ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"]
-            .iter()
-            .filter_map(|p| std::fs::read_to_string(p).ok())
-            .flat_map(|t| t.lines().map(str::to_owned).collect::<Vec<_>>())
-            // local_address is the 2nd column, state (0A = LISTEN) the 4th.
-            .any(|l| {
-                let cols: Vec<&str> = l.split_whitespace().collect();
-                cols.len() > 3 && format!("{} ", cols[1]).ends_with(&want) && cols[3] == "0A"
-            })
-    })
-    .unwrap()
+    let want = format!(":{port:04X}");
+    // local_address is the 2nd column, state (0A = LISTEN) the 4th.
+    proc_tcp(ns)
+        .iter()
+        .any(|cols| cols.len() > 3 && cols[1].ends_with(&want) && cols[3] == "0A")
 }
 
 /// `iperf3 -s` in a namespace, killed on drop.
