@@ -819,3 +819,64 @@ fn ns_del_leaves_foreign_namespaces_alone() {
     });
     assert!(links.iter().any(|l| l.name == "eth0"), "{links:?}");
 }
+
+/// A command run outside the namespace the instance is attached in (its `--bpffs` is
+/// reachable from any namespace, its interfaces are not) says so, instead of calling the
+/// interface gone: `stats` warns and shows the attachment as in another namespace, with an
+/// interface of the same name in the wrong namespace too. In the right namespace, no warning,
+/// and an interface really deleted still reads as gone.
+#[test]
+fn a_command_in_another_namespace_says_so() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    lab.viscum_ok(&["attach", "lan0"]);
+    let elsewhere = |ns: &str| {
+        let out = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg(viscum_tests::lab::viscum_bin())
+            .arg("--bpffs")
+            .arg(lab.bpffs.path())
+            .args(["stats"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // The client namespace has no lan0; another has one, at the edge's lan0's very index
+    // (indexes are per namespace).
+    let other = Netns::create(&unique_name("vt")).unwrap();
+    let name = other.name().to_owned();
+    let index = lab.edge_ifindex("lan0");
+    viscum_tests::block_on(async move {
+        let h = netns::handle_in(&name).await.unwrap();
+        netns::create_veth_indexed(&h, "lan0", index, "lan0p", &name, index + 1000, None)
+            .await
+            .unwrap();
+    });
+    for ns in [lab.client.name(), other.name()] {
+        let (stdout, stderr) = elsewhere(ns);
+        assert!(
+            stderr.contains("attached to lan0 in another network namespace"),
+            "{ns}: {stderr}"
+        );
+        assert!(
+            stdout.contains("lan0: attached in another network namespace"),
+            "{ns}: {stdout}"
+        );
+    }
+    let (stdout, stderr) = elsewhere(lab.edge.name());
+    assert!(!stderr.contains("another network namespace"), "{stderr}");
+    assert!(stdout.contains("attached to: lan0"), "{stdout}");
+    delete_edge_link(&lab, "lan0");
+    let (stdout, stderr) = elsewhere(lab.edge.name());
+    assert!(!stderr.contains("another network namespace"), "{stderr}");
+    assert!(
+        stdout.contains("lan0: missing (interface gone)"),
+        "{stdout}"
+    );
+}

@@ -109,6 +109,9 @@ pub async fn run(cli: Cli) -> Result<()> {
     }
     check_privileges()?;
     let pins = Pins::new(&cli.bpffs);
+    if !matches!(cli.command, Command::Run(_)) {
+        warn_other_netns(&pins);
+    }
     match cli.command {
         Command::Attach(args) => attach::attach(&pins, args),
         Command::Detach(args) => attach::detach(&pins, args),
@@ -125,6 +128,21 @@ pub async fn run(cli: Cli) -> Result<()> {
         Command::Config(_) => unreachable!("handled above"),
         #[cfg(feature = "fleet")]
         Command::Fleet(_) => unreachable!("handled above"),
+    }
+}
+
+/// Warns when this instance is attached in another network namespace than the command
+/// runs in (a `viscum` started outside the edge's namespace, e.g. without `nsenter --net=...`):
+/// what it would show or change (interface names, indexes, service namespaces) is this
+/// namespace's, not the instance's. The daemon logs the same (`viscum run`).
+fn warn_other_netns(pins: &Pins) {
+    let elsewhere = crate::engine::attach::attached_elsewhere(pins);
+    if !elsewhere.is_empty() {
+        eprintln!(
+            "viscum: warning: the classifier in {} is attached to {} in another network namespace than this command's; interfaces, indexes and namespaces shown or changed here are this namespace's: run viscum in the namespace where it was attached (nsenter --net=/run/netns/NAME viscum ...)",
+            pins.dir.display(),
+            elsewhere.join(", ")
+        );
     }
 }
 

@@ -996,6 +996,15 @@ impl Daemon {
                         }
                     }
                 }
+                AttachState::OtherNetns => {
+                    // Not ours to re-attach: this daemon runs in another namespace than
+                    // the instance it shares a bpffs with.
+                    if self.link_log.gone.insert(iface.clone()) {
+                        log::warn!(
+                            "{iface}: the classifier of this bpffs is attached to an {iface} in another network namespace; this daemon runs in the wrong one"
+                        );
+                    }
+                }
                 AttachState::Unknown => log::debug!("{iface}: {}", a.describe()),
             }
         }

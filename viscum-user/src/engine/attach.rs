@@ -667,6 +667,11 @@ pub enum AttachState {
     /// Recorded, the interface exists, but our program is not on it: the interface was
     /// re-created (or the link/filter removed behind Viscum's back).
     Missing,
+    /// Attached, but to an interface of another network namespace: the TCX link still
+    /// holds a live interface, which this namespace does not have under that name. The
+    /// command runs in the wrong namespace (the instance's interfaces, indexes and service
+    /// namespaces are not this one's); run it where `viscum attach` ran.
+    OtherNetns,
     /// Never attached here, or detached.
     NotAttached,
     /// The kernel could not be asked (see [`Attachment::error`]).
@@ -695,6 +700,9 @@ impl Attachment {
                 format!("attached ({})", self.mode.as_deref().unwrap_or("?"))
             }
             AttachState::InterfaceGone => "missing (interface gone)".into(),
+            AttachState::OtherNetns => {
+                "attached in another network namespace (run viscum there)".into()
+            }
             AttachState::Missing => {
                 "missing (interface re-created, or the classifier removed)".into()
             }
@@ -731,8 +739,21 @@ fn state_of(program: &Path, record: &Path, name: &str) -> Attachment {
     }
     let tcx = !record.is_dir();
     a.mode = Some(if tcx { "tcx" } else { "clsact" }.to_owned());
+    // The link's own interface, alive (non-zero) and not this namespace's `name`: the
+    // attachment is in another namespace (clsact records cannot tell, and read as gone).
+    // The link is alive (on some interface) and holds the program pinned here.
+    let elsewhere = || {
+        tcx && matches!(
+            (tcx_link(record), pinned_program_id(program)),
+            (Some((i, link_prog)), Ok(prog)) if i != 0 && link_prog == prog
+        )
+    };
     let Ok(index) = ifindex(name) else {
-        a.state = AttachState::InterfaceGone;
+        a.state = if elsewhere() {
+            AttachState::OtherNetns
+        } else {
+            AttachState::InterfaceGone
+        };
         return a;
     };
     let checked = pinned_program_id(program).and_then(|id| on_hook(id, name, index, tcx));
@@ -743,6 +764,10 @@ fn state_of(program: &Path, record: &Path, name: &str) -> Attachment {
             a.state = AttachState::Missing;
         }
         Ok(true) => a.state = AttachState::Attached,
+        // A live link of our program, which is not on this namespace's interface of the
+        // name: the link's interface is another one (a re-created or detached one would
+        // read 0), in another namespace, whatever its index (indexes are per namespace).
+        Ok(false) if elsewhere() => a.state = AttachState::OtherNetns,
         Ok(false) => a.state = AttachState::Missing,
         Err(e) => {
             a.state = AttachState::Unknown;
@@ -750,6 +775,83 @@ fn state_of(program: &Path, record: &Path, name: &str) -> Attachment {
         }
     }
     a
+}
+
+/// The TCX link pinned at `record`, as the kernel has it: the index of the interface it is
+/// attached to (`bpf_link_info.tcx.ifindex` from `BPF_OBJ_GET_INFO_BY_FD`; kernel/bpf/tcx.c
+/// reports 0 once the interface is gone; an index of the link's own namespace, which need
+/// not be this one's) and its program's id. `None` if the pin cannot be opened or is not a
+/// TCX link. Raw bpf(2): aya's `LinkInfo` does not expose the link's interface.
+fn tcx_link(record: &Path) -> Option<(u32, u32)> {
+    use std::os::{
+        fd::{AsRawFd as _, FromRawFd as _, OwnedFd},
+        unix::ffi::OsStrExt as _,
+    };
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_LINK_TYPE_TCX: u32 = 11;
+    /// `union bpf_attr` for `BPF_OBJ_GET`.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    /// `union bpf_attr` for `BPF_OBJ_GET_INFO_BY_FD`.
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    /// The head of `struct bpf_link_info` (include/uapi/linux/bpf.h) with its union as the
+    /// `tcx` member (8-byte aligned, at offset 16), and room for the union's larger members.
+    #[repr(C)]
+    #[derive(Default)]
+    struct LinkInfo {
+        type_: u32,
+        id: u32,
+        prog_id: u32,
+        _pad: u32,
+        tcx_ifindex: u32,
+        tcx_attach_type: u32,
+        _rest: [u64; 4],
+    }
+    let path = std::ffi::CString::new(record.as_os_str().as_bytes()).ok()?;
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: bpf(2) with an attr of the size passed, naming a NUL-terminated path that
+    // outlives the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &raw const get,
+            size_of::<ObjGet>(),
+        )
+    };
+    let fd = i32::try_from(fd).ok().filter(|fd| *fd >= 0)?;
+    // SAFETY: a descriptor bpf(2) just returned to us, owned from here on.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut info = LinkInfo::default();
+    let req = InfoByFd {
+        bpf_fd: u32::try_from(fd.as_raw_fd()).ok()?,
+        info_len: size_of::<LinkInfo>() as u32,
+        info: (&raw mut info) as u64,
+    };
+    // SAFETY: bpf(2) writing at most `info_len` bytes into `info`, which lives past the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &raw const req,
+            size_of::<InfoByFd>(),
+        )
+    };
+    (rc == 0 && info.type_ == BPF_LINK_TYPE_TCX).then_some((info.tcx_ifindex, info.prog_id))
 }
 
 /// An error with its causes on one line.
@@ -779,6 +881,25 @@ pub fn attached_interfaces(pins: &Pins) -> Vec<String> {
         .into_iter()
         .filter(|a| a.state == AttachState::Attached)
         .map(|a| a.interface)
+        .collect()
+}
+
+/// Recorded interfaces whose TCX link is attached to an interface of another network
+/// namespace (see [`AttachState::OtherNetns`]), for a warning before any command: a link
+/// read per record, and the full check ([`attachment`]) for live links only.
+pub fn attached_elsewhere(pins: &Pins) -> Vec<String> {
+    recorded_interfaces(pins)
+        .into_iter()
+        .filter(|name| {
+            let record = pins.link(name);
+            if record.is_dir() {
+                return false;
+            }
+            match tcx_link(&record) {
+                Some((0, _)) | None => false,
+                Some(_) => attachment(pins, name).state == AttachState::OtherNetns,
+            }
+        })
         .collect()
 }
 
