@@ -80,6 +80,25 @@ fn prefixes_ranges_and_sources_with_precedence() {
         &subs,
     ]);
     assert_eq!(who(&lab, Proto::Tcp, v4), "subscribers");
+    // A match that exists only for some clients, named without them: no such entry, and the
+    // error names the entries of that match (changing nothing).
+    let only = format!("tcp://198.51.100.0/25:{}", p ^ 1);
+    lab.viscum_ok(&[
+        "redirect",
+        "add",
+        &only,
+        "--from",
+        "192.0.2.0/28",
+        "--ns",
+        &subs,
+    ]);
+    let err = lab.viscum_err(&["redirect", "del", &only]);
+    assert!(
+        err.contains(&format!("{only}?from=192.0.2.0/28")) && err.contains("give its --from"),
+        "{err}"
+    );
+    lab.viscum_ok(&["redirect", "del", &only, "--from", "192.0.2.0/28"]);
+    assert_eq!(who(&lab, Proto::Tcp, v4), "subscribers");
     lab.viscum_ok(&[
         "redirect",
         "del",

@@ -82,11 +82,27 @@ impl EntrySet {
     ///
     /// # Errors
     /// [`EngineError::NoSuchEntry`] for the first endpoint without an entry (then nothing
-    /// is taken).
+    /// is taken), naming the entries of the same match for other clients (`?from=`) if
+    /// there are any: the match a user meant, with or without the `--from` it needs.
     pub fn existing(engine: &Engine, endpoints: &[Endpoint]) -> Result<EntrySet, RedirectError> {
         for ep in endpoints {
             if engine.get(ep)?.is_none() {
-                return Err(EngineError::NoSuchEntry(ep.to_string()).into());
+                let any_clients = |e: &Endpoint| Endpoint { source: None, ..*e };
+                let others: Vec<String> = engine
+                    .entries()?
+                    .into_iter()
+                    .filter(|e| any_clients(&e.endpoint) == any_clients(ep))
+                    .map(|e| e.endpoint.to_string())
+                    .collect();
+                let what = if others.is_empty() {
+                    ep.to_string()
+                } else {
+                    format!(
+                        "{ep} (that match exists for other clients as {}: give its --from)",
+                        others.join(", ")
+                    )
+                };
+                return Err(EngineError::NoSuchEntry(what).into());
             }
         }
         Ok(EntrySet {

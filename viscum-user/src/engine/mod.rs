@@ -66,7 +66,8 @@ pub enum EngineError {
     /// An entry with exactly this match exists already; holds the match.
     #[error("an entry for {0} already exists (delete it first to change its target)")]
     Duplicate(String),
-    /// No entry has exactly this match; holds the match.
+    /// No entry has exactly this match; holds the match (and what entries of the same match
+    /// for other clients there are, when a caller looked).
     #[error("no entry for {0}")]
     NoSuchEntry(String),
     /// The exact-match map (`VISCUM_SERVICES`, `E2BIG` from the kernel) or the
