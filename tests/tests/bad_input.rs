@@ -117,7 +117,7 @@ fn cli_arguments_are_refused_by_name_and_change_nothing() {
             &["redirect", "add", ep, "--ns", &ns, "--to", &veth],
             "cannot be used with",
         ),
-        (&["redirect", "add", ep], "--ns <NAME>"),
+        (&["redirect", "add", ep], "<--ns <NAME>|--to <HOST_VETH>>"),
         (
             &[
                 "redirect",

@@ -48,16 +48,12 @@ pub struct FollowArgs {
     pub mode: ModeArgs,
 }
 
-/// Where entries go.
+/// Where entries go: one of `--ns` and `--to` (a group, so that a missing target names both).
 #[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
 pub struct TargetArgs {
     /// Service namespace made with `viscum ns add`.
-    #[arg(
-        long,
-        value_name = "NAME",
-        required_unless_present = "to",
-        conflicts_with = "to"
-    )]
+    #[arg(long, value_name = "NAME")]
     pub ns: Option<String>,
     /// Host side of a veth into a namespace Viscum did not create (its routes are yours;
     /// entries keep the cloud address, or translate with --nat-to; --mirror also applies).
