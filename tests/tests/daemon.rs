@@ -618,8 +618,26 @@ command = ["x"]
     let mut good = files.config();
     good.services.push(files.service(&name, 8080, "edge"));
     files.write(&good);
-    let out = lab.viscum_ok(&["run", "--config", config, "--check"]);
-    assert!(out.contains("ok (1 service"), "{out}");
+    let out = lab.viscum(&["run", "--config", config, "--check"]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && stdout.contains("ok (1 service"),
+        "{out:?}"
+    );
+    assert!(!stderr.contains("does not exist"), "{stderr}");
+    // An interface this namespace lacks is fine (attached when it appears), but said.
+    good.engine.interfaces = vec!["br-nope".into()];
+    files.write(&good);
+    let out = lab.viscum(&["run", "--config", config, "--check"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains("interface br-nope does not exist in this network namespace"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -32,6 +32,16 @@ pub async fn run(pins: &Pins, args: RunArgs) -> Result<()> {
             n => format!("{n} services: {}", names.join(", ")),
         };
         println!("{}: ok ({services})", args.config.display());
+        // Not an error: a daemon attaches an interface that appears later (a bridge made
+        // after it starts). But a name that exists nowhere here is as often a typo, or a
+        // check run in another network namespace than the daemon's.
+        for iface in &config.engine.interfaces {
+            if crate::engine::ifindex(iface).is_err() {
+                eprintln!(
+                    "note: interface {iface} does not exist in this network namespace (the daemon attaches it when it appears)"
+                );
+            }
+        }
         return Ok(());
     }
     daemon::run(
