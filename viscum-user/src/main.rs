@@ -19,7 +19,22 @@ fn main() {
         cli::Command::Run(_) => cli.log_level.unwrap_or(log::LevelFilter::Info),
         _ => cli.log_level.unwrap_or(log::LevelFilter::Warn),
     };
-    env_logger::Builder::new()
+    let trace = matches!(cli.command, cli::Command::Trace(_));
+    let mut logger = env_logger::Builder::new();
+    if trace {
+        // The classifier's records, which arrive through aya-log as `log` records, in words.
+        logger.format(|buf, record| {
+            use std::io::Write as _;
+            let text = record.args().to_string();
+            let described = cli::trace::describe(&text, cli::trace::interface_name);
+            if described == text {
+                writeln!(buf, "[{} {}] {text}", record.level(), record.target())
+            } else {
+                writeln!(buf, "{described}")
+            }
+        });
+    }
+    logger
         .filter_level(level)
         // aya's own debug output (feature probing) drowns the records we want.
         .filter_module("aya", level.min(log::LevelFilter::Info))

@@ -13,7 +13,7 @@ mod run;
 mod service;
 mod stats;
 mod status;
-mod trace;
+pub mod trace;
 
 use std::{io::Write as _, path::PathBuf};
 
@@ -65,7 +65,9 @@ pub enum Command {
     Redirect(redirect::RedirectCommand),
     /// Show datapath counters and entries.
     Stats(stats::StatsArgs),
-    /// Stream the classifier's per-packet decisions until Ctrl-C.
+    /// Stream the classifier's per-packet decisions until Ctrl-C ("edge tcp/80 -> vh-web
+    /// (ifindex 4): redirected", "miss", "cloud"). Packets to a protocol and port no entry
+    /// uses are passed by the pre-filter before any record.
     Trace(trace::TraceArgs),
     /// Run the daemon: services from a configuration file, each redirected only while healthy.
     Run(run::RunArgs),
