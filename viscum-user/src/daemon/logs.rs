@@ -40,13 +40,12 @@ pub fn rotate_if_needed(path: &Path, max: u64) -> io::Result<bool> {
     Ok(true)
 }
 
-/// Appends a line written by the daemon itself (process started, exited), marked as such.
+/// Appends a line written by the daemon itself (process started, exited), marked as such
+/// and stamped with the time in UTC, as an HTTP date (`Thu, 03 Dec 2026 17:58:02 GMT`, RFC
+/// 9110 section 5.6.7): readable beside the service's own lines, whatever their format.
 pub fn note(path: &Path, line: &str) {
     use std::io::Write;
-    let stamp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let stamp = httpdate::fmt_http_date(std::time::SystemTime::now());
     let result =
         super::process::open_log(path).and_then(|mut f| writeln!(f, "[viscum {stamp}] {line}"));
     if let Err(e) = result {
@@ -127,7 +126,14 @@ mod tests {
         note(&log, "hello");
         let t = tail(&log, 2).unwrap();
         assert!(t.starts_with("c\n[viscum "), "{t:?}");
-        assert!(t.ends_with("] hello\n"), "{t:?}");
+        assert!(t.ends_with(" GMT] hello\n"), "{t:?}");
+        // The stamp is a date a person reads, and parses back to now.
+        let stamp = &t[t.find("[viscum ").unwrap() + 8..t.find("] hello").unwrap()];
+        let at = httpdate::parse_http_date(stamp).unwrap();
+        let age = std::time::SystemTime::now()
+            .duration_since(at)
+            .unwrap_or_default();
+        assert!(age.as_secs() < 60, "{stamp}");
         assert_eq!(tail(&dir.join("missing.log"), 5).unwrap(), "");
         fs::remove_dir_all(&dir).unwrap();
     }
