@@ -773,32 +773,16 @@ fn a_packet_tap_leaves_traffic_that_is_not_ours_uncopied() {
 /// per family, from an nft counter on the client namespace's output hook (verification
 /// tooling, not the product). Installs the rules on first use.
 fn client_sent(ns: &str, port: u16) -> [(u64, u64); 2] {
-    let nft = |args: &[&str]| {
-        std::process::Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{ns}"))
-            .arg("nft")
-            .args(args)
-            .output()
-            .expect("run nft (apt-get install nftables)")
-    };
-    let ok = |out: std::process::Output| {
-        assert!(
-            out.status.success(),
-            "nft: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
     let list = ["-j", "list", "chain", "inet", "viscumcount", "out"];
-    if !nft(&list).status.success() {
-        let rules = format!(
-            "table inet viscumcount {{\n chain out {{\n  type filter hook output priority filter; policy accept;\n  meta nfproto ipv4 tcp dport {port} counter\n  meta nfproto ipv6 tcp dport {port} counter\n }}\n}}\n"
+    if common::nft_try(ns, &list).is_err() {
+        common::nft_load(
+            ns,
+            &format!(
+                "table inet viscumcount {{\n chain out {{\n  type filter hook output priority filter; policy accept;\n  meta nfproto ipv4 tcp dport {port} counter\n  meta nfproto ipv6 tcp dport {port} counter\n }}\n}}\n"
+            ),
         );
-        let path = std::env::temp_dir().join(format!("viscum-count-{ns}.nft"));
-        std::fs::write(&path, rules).unwrap();
-        ok(nft(&["-f", path.to_str().unwrap()]));
     }
-    let v: serde_json::Value = serde_json::from_str(&ok(nft(&list))).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&common::nft(ns, &list)).unwrap();
     let counters: Vec<(u64, u64)> = v["nftables"]
         .as_array()
         .unwrap()

@@ -272,21 +272,25 @@ pub fn tcp_sockets(ns: &str, port: u16) -> Vec<TcpRow> {
         .collect()
 }
 
-/// Runs `nft ARGS` in namespace `ns` and returns its output; panics if it fails
+/// Runs `nft ARGS` in namespace `ns`: its output, or its error output if it failed
 /// (verification tooling, not the product).
-pub fn nft(ns: &str, args: &[&str]) -> String {
+pub fn nft_try(ns: &str, args: &[&str]) -> Result<String, String> {
     let out = std::process::Command::new("nsenter")
         .arg(format!("--net=/run/netns/{ns}"))
         .arg("nft")
         .args(args)
         .output()
         .expect("run nft (apt-get install nftables)");
-    assert!(
-        out.status.success(),
-        "nft {args:?} in {ns}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+    if out.status.success() {
+        Ok(String::from_utf8(out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// [`nft_try`], panicking if nft fails.
+pub fn nft(ns: &str, args: &[&str]) -> String {
+    nft_try(ns, args).unwrap_or_else(|e| panic!("nft {args:?} in {ns}: {e}"))
 }
 
 /// Loads nft ruleset `rules` in namespace `ns` (`nft -f`).
