@@ -11,12 +11,6 @@
 //! among the maps of the pinned ingress program. It is `BPF_F_MMAPABLE`, so a read is a pass
 //! over shared memory (16,384 slots of 128 bytes per CPU: a word each, and the slot itself
 //! when it holds counts), not a bpf(2) call per slot, except on CPUs without 64-bit atomics.
-//!
-//! The mapping lives for one read only. The kernel maps every page of the array at `mmap`
-//! (`remap_vmalloc_range`), so a mapping kept between reads made the cache's 2 MiB per CPU
-//! count in the daemon's resident memory for as long as it ran (B9, `docs/benchmarks.md`:
-//! an idle daemon's RSS 17.0 MiB on 2 CPUs, 4 MiB of it this mapping); the memory is the
-//! map's, charged to it whether mapped or not. Mapping it again costs a read ~0.1 ms.
 
 use std::{
     collections::HashMap,
@@ -55,13 +49,13 @@ impl PendingCounts {
     }
 }
 
-/// The flow cache of one loaded ingress program, opened once and kept by the
+/// The flow cache of one loaded ingress program, opened and mapped once and kept by the
 /// [`super::Engine`] for as long as that program stays pinned (a re-attach that loads a new
-/// object brings a new cache, found again by the program's id). Mapped for each read only
-/// (see the module docs).
+/// object brings a new cache, found again by the program's id).
 pub(super) struct Handle {
     program_id: u32,
     slots: Array<MapData, FlowCacheSlot>,
+    mem: Option<filter_words::Mapping>,
 }
 
 /// What the kernel says of the program pinned at `program` (its id, its maps), or `None`
@@ -103,9 +97,11 @@ fn open(info: &ProgramInfo) -> Result<Option<Handle>, EngineError> {
             .map_err(|e| EngineError::map("cannot open the classifier's flow cache", e))?;
         let slots: Array<MapData, FlowCacheSlot> = Array::try_from(aya::maps::Map::Array(data))
             .map_err(|e| EngineError::map("the flow cache has an unexpected layout", e))?;
+        let mem = filter_words::map_words(slots.map(), slots.len().saturating_mul(SLOT_WORDS));
         return Ok(Some(Handle {
             program_id: info.id(),
             slots,
+            mem,
         }));
     }
     Ok(None)
@@ -168,9 +164,7 @@ pub(super) fn pending(
         Ok(())
     };
     let n = h.slots.len();
-    // Unmapped when `mem` drops, at the end of this read.
-    let mem = filter_words::map_words(h.slots.map(), n.saturating_mul(SLOT_WORDS));
-    if let Some(mem) = &mem {
+    if let Some(mem) = &h.mem {
         for i in 0..n {
             let base = i * SLOT_WORDS;
             if mem.load(base + FLOW_CACHE_PENDING_WORD as u32) != Some(0) {
