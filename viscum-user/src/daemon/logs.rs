@@ -46,8 +46,11 @@ pub fn rotate_if_needed(path: &Path, max: u64) -> io::Result<bool> {
 pub fn note(path: &Path, line: &str) {
     use std::io::Write;
     let stamp = httpdate::fmt_http_date(std::time::SystemTime::now());
-    let result =
-        super::process::open_log(path).and_then(|mut f| writeln!(f, "[viscum {stamp}] {line}"));
+    // One write(2) of the whole line: the service appends to the same file, and a line
+    // written in pieces (as `writeln!` formats it) can have the service's output land
+    // between them.
+    let text = format!("[viscum {stamp}] {line}\n");
+    let result = super::process::open_log(path).and_then(|mut f| f.write_all(text.as_bytes()));
     if let Err(e) = result {
         log::debug!("cannot write to {}: {e}", path.display());
     }
