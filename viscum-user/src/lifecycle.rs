@@ -64,16 +64,8 @@ pub struct Recovery {
 }
 
 /// Does interface index `ifindex` exist in this thread's network namespace?
-///
-/// (Not through `nix::net::if_::if_indextoname`: nix 0.31 takes the NULL that
-/// if_indextoname(3) returns on failure for success, and answers `Ok("")` for any index.)
 pub fn ifindex_alive(ifindex: u32) -> bool {
-    if ifindex == 0 {
-        return false;
-    }
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: the buffer holds IF_NAMESIZE bytes, as if_indextoname(3) requires.
-    !unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) }.is_null()
+    crate::engine::interface_name(ifindex).is_some()
 }
 
 /// Entries whose target interface is gone, with the name it had.

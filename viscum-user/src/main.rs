@@ -26,7 +26,7 @@ fn main() {
         logger.format(|buf, record| {
             use std::io::Write as _;
             let text = record.args().to_string();
-            let described = cli::trace::describe(&text, cli::trace::interface_name);
+            let described = cli::trace::describe(&text, viscum::engine::interface_name);
             if described == text {
                 writeln!(buf, "[{} {}] {text}", record.level(), record.target())
             } else {

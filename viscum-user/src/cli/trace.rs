@@ -105,23 +105,6 @@ pub fn describe(record: &str, name_of: impl Fn(u32) -> Option<String>) -> String
     }
 }
 
-/// The name interface index `ifindex` has in this network namespace (if_indextoname(3)).
-pub fn interface_name(ifindex: u32) -> Option<String> {
-    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
-    // SAFETY: the buffer holds IF_NAMESIZE bytes, as if_indextoname(3) requires; on success
-    // it holds a NUL-terminated name.
-    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
-    if name.is_null() {
-        return None;
-    }
-    // SAFETY: NUL-terminated within the buffer (see above).
-    Some(
-        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
-            .to_string_lossy()
-            .into_owned(),
-    )
-}
-
 #[cfg(test)]
 mod tests {
     use super::describe;

@@ -739,36 +739,37 @@ fn state_of(program: &Path, record: &Path, name: &str) -> Attachment {
     }
     let tcx = !record.is_dir();
     a.mode = Some(if tcx { "tcx" } else { "clsact" }.to_owned());
+    // Read once: both the hook query and the other-namespace check compare against it.
+    let prog_id = pinned_program_id(program);
     // The link's own interface, alive (non-zero) and not this namespace's `name`: the
     // attachment is in another namespace (clsact records cannot tell, and read as gone).
     // The link is alive (on some interface) and holds the program pinned here.
-    let elsewhere = || {
-        tcx && matches!(
-            (tcx_link(record), pinned_program_id(program)),
-            (Some((i, link_prog)), Ok(prog)) if i != 0 && link_prog == prog
+    let elsewhere = |prog: Option<u32>| {
+        tcx && prog.is_some_and(
+            |prog| matches!(tcx_link(record), Some((i, link_prog)) if i != 0 && link_prog == prog),
         )
     };
     let Ok(index) = ifindex(name) else {
-        a.state = if elsewhere() {
+        a.state = if elsewhere(prog_id.as_ref().ok().copied()) {
             AttachState::OtherNetns
         } else {
             AttachState::InterfaceGone
         };
         return a;
     };
-    let checked = pinned_program_id(program).and_then(|id| on_hook(id, name, index, tcx));
+    let checked = prog_id.and_then(|id| on_hook(id, name, index, tcx).map(|on| (on, id)));
     match checked {
-        Ok(true) if !tcx && !record_is_for(record, name) => {
+        Ok((true, _)) if !tcx && !record_is_for(record, name) => {
             // Our program, but on an interface instance we never recorded: someone
             // attached it by hand. Ours is gone with the old instance.
             a.state = AttachState::Missing;
         }
-        Ok(true) => a.state = AttachState::Attached,
+        Ok((true, _)) => a.state = AttachState::Attached,
         // A live link of our program, which is not on this namespace's interface of the
         // name: the link's interface is another one (a re-created or detached one would
         // read 0), in another namespace, whatever its index (indexes are per namespace).
-        Ok(false) if elsewhere() => a.state = AttachState::OtherNetns,
-        Ok(false) => a.state = AttachState::Missing,
+        Ok((false, id)) if elsewhere(Some(id)) => a.state = AttachState::OtherNetns,
+        Ok((false, _)) => a.state = AttachState::Missing,
         Err(e) => {
             a.state = AttachState::Unknown;
             a.error = Some(chain(&e));

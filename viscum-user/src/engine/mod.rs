@@ -295,3 +295,27 @@ pub fn ifindex(name: &str) -> Result<u32, EngineError> {
     }
     nix::net::if_::if_nametoindex(name).map_err(|_| EngineError::UnknownInterface(name.to_owned()))
 }
+
+/// The name interface index `ifindex` has in the calling thread's network namespace
+/// (if_indextoname(3)), or `None` when there is no such interface (or `ifindex` is 0).
+///
+/// (Not through `nix::net::if_::if_indextoname`: nix 0.31 takes the NULL that
+/// if_indextoname(3) returns on failure for success, and answers `Ok("")` for any index.)
+pub fn interface_name(ifindex: u32) -> Option<String> {
+    if ifindex == 0 {
+        return None;
+    }
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as if_indextoname(3) requires; on success
+    // it holds a NUL-terminated name.
+    let name = unsafe { libc::if_indextoname(ifindex, buf.as_mut_ptr()) };
+    if name.is_null() {
+        return None;
+    }
+    // SAFETY: NUL-terminated within the buffer (see above).
+    Some(
+        unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) }
+            .to_string_lossy()
+            .into_owned(),
+    )
+}
