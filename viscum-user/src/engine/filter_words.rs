@@ -76,6 +76,17 @@ pub(super) fn map_words(_data: &MapData, _words: u32) -> Option<Mapping> {
     None
 }
 
+#[cfg(not(target_has_atomic = "64"))]
+pub(super) fn map_window(_data: &MapData, _first_page: usize, _words: u32) -> Option<Mapping> {
+    None
+}
+
+/// The size of a memory page, in bytes.
+pub(super) fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
+}
+
 #[cfg(target_has_atomic = "64")]
 impl Mapping {
     /// Word `i`, or `None` past the mapping's end.
@@ -102,14 +113,23 @@ impl Mapping {
 /// refuses (a map made without `BPF_F_MMAPABLE`).
 #[cfg(target_has_atomic = "64")]
 pub(super) fn map_words(data: &MapData, words: u32) -> Option<Mapping> {
+    map_window(data, 0, words)
+}
+
+/// Maps `words` values (8 bytes each) of array map `data` from its page `first_page` on (the
+/// values from byte `first_page * page_size()`): a window of a large map, or `None` if the
+/// kernel refuses (a map made without `BPF_F_MMAPABLE`, a window past the map's end).
+/// Word 0 of the mapping is the window's first.
+#[cfg(target_has_atomic = "64")]
+pub(super) fn map_window(data: &MapData, first_page: usize, words: u32) -> Option<Mapping> {
     if words == 0 {
         return None;
     }
-    // SAFETY: sysconf has no preconditions.
-    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).ok()?;
+    let page = page_size();
     let bytes = (words as usize * 8).div_ceil(page) * page;
-    // SAFETY: a fresh shared mapping of the map's descriptor; the kernel checks the length
-    // against the map's size and the flag (array_map_mmap, kernel/bpf/arraymap.c).
+    let offset = libc::off_t::try_from(first_page.checked_mul(page)?).ok()?;
+    // SAFETY: a fresh shared mapping of the map's descriptor; the kernel checks the offset and
+    // length against the map's size and the flag (array_map_mmap, kernel/bpf/arraymap.c).
     let ptr = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
@@ -117,7 +137,7 @@ pub(super) fn map_words(data: &MapData, words: u32) -> Option<Mapping> {
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_SHARED,
             data.fd().as_fd().as_raw_fd(),
-            0,
+            offset,
         )
     };
     if ptr == libc::MAP_FAILED {

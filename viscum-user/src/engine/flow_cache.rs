@@ -11,6 +11,15 @@
 //! among the maps of the pinned ingress program. It is `BPF_F_MMAPABLE`, so a read is a pass
 //! over shared memory (16,384 slots of 128 bytes per CPU: a word each, and the slot itself
 //! when it holds counts), not a bpf(2) call per slot, except on CPUs without 64-bit atomics.
+//!
+//! The read maps the cache one window of [`WINDOW_BYTES`] at a time, never whole and never
+//! between reads. The kernel maps every page of such an array at `mmap`
+//! (`remap_vmalloc_range`), so a whole mapping kept between reads made the cache's 2 MiB per
+//! CPU count in the daemon's resident memory for as long as it ran (B9, `docs/benchmarks.md`:
+//! 4 of an idle daemon's 17.0 MiB on 2 CPUs), and a whole mapping made for each read showed
+//! as 4 MiB spikes in the RSS of a daemon read often (the soak test read them as growth).
+//! A window costs a `mmap`/`munmap` pair per 512 slots; the memory is the map's, charged to
+//! it whether mapped or not.
 
 use std::{
     collections::HashMap,
@@ -49,13 +58,17 @@ impl PendingCounts {
     }
 }
 
-/// The flow cache of one loaded ingress program, opened and mapped once and kept by the
+/// Bytes of the cache mapped at once by a read (a whole number of pages: page sizes are
+/// powers of two up to 64 KiB; a larger page is a window of its own).
+const WINDOW_BYTES: usize = 64 * 1024;
+
+/// The flow cache of one loaded ingress program, opened once and kept by the
 /// [`super::Engine`] for as long as that program stays pinned (a re-attach that loads a new
-/// object brings a new cache, found again by the program's id).
+/// object brings a new cache, found again by the program's id). Mapped a window at a time
+/// by each read (see the module docs).
 pub(super) struct Handle {
     program_id: u32,
     slots: Array<MapData, FlowCacheSlot>,
-    mem: Option<filter_words::Mapping>,
 }
 
 /// What the kernel says of the program pinned at `program` (its id, its maps), or `None`
@@ -97,11 +110,9 @@ fn open(info: &ProgramInfo) -> Result<Option<Handle>, EngineError> {
             .map_err(|e| EngineError::map("cannot open the classifier's flow cache", e))?;
         let slots: Array<MapData, FlowCacheSlot> = Array::try_from(aya::maps::Map::Array(data))
             .map_err(|e| EngineError::map("the flow cache has an unexpected layout", e))?;
-        let mem = filter_words::map_words(slots.map(), slots.len().saturating_mul(SLOT_WORDS));
         return Ok(Some(Handle {
             program_id: info.id(),
             slots,
-            mem,
         }));
     }
     Ok(None)
@@ -164,29 +175,43 @@ pub(super) fn pending(
         Ok(())
     };
     let n = h.slots.len();
-    if let Some(mem) = &h.mem {
-        for i in 0..n {
-            let base = i * SLOT_WORDS;
-            if mem.load(base + FLOW_CACHE_PENDING_WORD as u32) != Some(0) {
-                let mut words = [0u64; SLOT_WORDS as usize];
-                for (w, word) in words.iter_mut().enumerate() {
-                    *word = mem.load(base + w as u32).unwrap_or(0);
+    let page = filter_words::page_size();
+    let window_bytes = WINDOW_BYTES.max(page);
+    let per_window = u32::try_from(window_bytes / size_of::<FlowCacheSlot>()).unwrap_or(1);
+    let mut first = 0u32;
+    while first < n {
+        let count = per_window.min(n - first);
+        // Unmapped when `mem` drops, at the end of this window.
+        let mem = filter_words::map_window(
+            h.slots.map(),
+            first as usize * size_of::<FlowCacheSlot>() / page,
+            count * SLOT_WORDS,
+        );
+        for i in 0..count {
+            let slot = match &mem {
+                Some(mem) => {
+                    let base = i * SLOT_WORDS;
+                    if mem.load(base + FLOW_CACHE_PENDING_WORD as u32) == Some(0) {
+                        continue;
+                    }
+                    let mut words = [0u64; SLOT_WORDS as usize];
+                    for (w, word) in words.iter_mut().enumerate() {
+                        *word = mem.load(base + w as u32).unwrap_or(0);
+                    }
+                    // SAFETY: a plain-integer `repr(C)` struct of exactly these 128 bytes.
+                    unsafe { std::mem::transmute::<[u64; 16], FlowCacheSlot>(words) }
                 }
-                // SAFETY: a plain-integer `repr(C)` struct of exactly these 128 bytes.
-                let slot = unsafe { std::mem::transmute::<[u64; 16], FlowCacheSlot>(words) };
+                // Not mappable (no 64-bit atomics, a cache made without the flag): bpf(2).
+                None => h
+                    .slots
+                    .get(&(first + i), 0)
+                    .map_err(|e| EngineError::map("cannot read the flow cache", e))?,
+            };
+            if slot.pending != 0 {
                 add(&slot)?;
             }
         }
-        return Ok(out);
-    }
-    for i in 0..n {
-        let slot = h
-            .slots
-            .get(&i, 0)
-            .map_err(|e| EngineError::map("cannot read the flow cache", e))?;
-        if slot.pending != 0 {
-            add(&slot)?;
-        }
+        first += count;
     }
     Ok(out)
 }
