@@ -19,7 +19,8 @@ pub const SERVICES_MAP: &str = "VISCUM_SERVICES";
 /// [`ServiceEntry::stats_id`]: prefix rules by their rule id (`0..MAX_RULES`), exact entries
 /// from [`MAX_RULES`] on. A plain array, not a per-CPU one: a per-CPU array's lookup loads
 /// the element's per-CPU pointer from a table first, one more cache and TLB miss per packet
-/// when the packets' entries are many (B2). `BPF_F_MMAPABLE`: user space reads it as memory.
+/// when the packets' entries are many (B2). `BPF_F_MMAPABLE`: user space reads it as memory,
+/// a window at a time (a pass over every entry's counters maps each window once).
 /// Sized by the loader to `possible CPUs * entry_stats_slots(max_entries)`.
 pub const ENTRY_STATS_MAP: &str = "VISCUM_ENTRY_STATS";
 /// Name of the per-CPU array of global counters, indexed by [`GlobalCounter`].

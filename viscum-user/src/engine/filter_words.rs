@@ -150,6 +150,65 @@ pub(super) fn map_window(data: &MapData, first_page: usize, words: u32) -> Optio
     })
 }
 
+/// Bytes of an array map mapped at once by a [`WindowReader`] (a whole number of pages: page
+/// sizes are powers of two up to 64 KiB; a larger page is a window of its own).
+const WINDOW_BYTES: usize = 64 * 1024;
+
+/// Reads the words of an array map through one window of its memory at a time: mapped when
+/// a word outside the current one is asked for, unmapped when the next is mapped or the
+/// reader drops. The kernel maps every page of a `BPF_F_MMAPABLE` array at `mmap`
+/// (`remap_vmalloc_range`), so a mapping of a whole large map (the flow cache's 2 MiB per
+/// CPU, the counters') counts in the reader's resident memory while it lasts: for as long as
+/// a daemon runs if kept, as spikes if made for each read. Words read in ascending order map
+/// each window once.
+pub(super) struct WindowReader<'a> {
+    data: &'a MapData,
+    words: u32,
+    window_words: u32,
+    page: usize,
+    /// The window mapped now: its first word and its mapping.
+    current: Option<(u32, Mapping)>,
+    /// The map cannot be mapped here (no 64-bit atomics, a map without the flag).
+    unmappable: bool,
+}
+
+impl<'a> WindowReader<'a> {
+    /// A reader of the first `words` words of array map `data`; nothing is mapped yet.
+    pub(super) fn new(data: &'a MapData, words: u32) -> Self {
+        let page = page_size();
+        WindowReader {
+            data,
+            words,
+            window_words: u32::try_from(WINDOW_BYTES.max(page) / 8).unwrap_or(u32::MAX),
+            page,
+            current: None,
+            unmappable: false,
+        }
+    }
+
+    /// Word `i`, or `None` when the map cannot be mapped (the caller reads it through
+    /// bpf(2)) or `i` is past its end.
+    pub(super) fn load(&mut self, i: u32) -> Option<u64> {
+        if self.unmappable || i >= self.words {
+            return None;
+        }
+        let first = i / self.window_words * self.window_words;
+        if self.current.as_ref().is_none_or(|(f, _)| *f != first) {
+            // The old window goes before the new one is made: one at a time, at most.
+            self.current = None;
+            let count = self.window_words.min(self.words - first);
+            match map_window(self.data, first as usize * 8 / self.page, count) {
+                Some(m) => self.current = Some((first, m)),
+                None => {
+                    self.unmappable = true;
+                    return None;
+                }
+            }
+        }
+        self.current.as_ref()?.1.load(i - first)
+    }
+}
+
 impl FilterWords {
     /// Opens the filter from its pinned map data, mapping it when the kernel allows.
     ///

@@ -12,8 +12,8 @@
 //! over shared memory (16,384 slots of 128 bytes per CPU: a word each, and the slot itself
 //! when it holds counts), not a bpf(2) call per slot, except on CPUs without 64-bit atomics.
 //!
-//! The read maps the cache one window of [`WINDOW_BYTES`] at a time, never whole and never
-//! between reads. The kernel maps every page of such an array at `mmap`
+//! The read maps the cache one 64 KiB window at a time ([`filter_words::WindowReader`]),
+//! never whole and never between reads. The kernel maps every page of such an array at `mmap`
 //! (`remap_vmalloc_range`), so a whole mapping kept between reads made the cache's 2 MiB per
 //! CPU count in the daemon's resident memory for as long as it ran (B9, `docs/benchmarks.md`:
 //! 4 of an idle daemon's 17.0 MiB on 2 CPUs), and a whole mapping made for each read showed
@@ -57,10 +57,6 @@ impl PendingCounts {
         self.by_id.get(&id).copied().unwrap_or_default()
     }
 }
-
-/// Bytes of the cache mapped at once by a read (a whole number of pages: page sizes are
-/// powers of two up to 64 KiB; a larger page is a window of its own).
-const WINDOW_BYTES: usize = 64 * 1024;
 
 /// The flow cache of one loaded ingress program, opened once and kept by the
 /// [`super::Engine`] for as long as that program stays pinned (a re-attach that loads a new
@@ -175,43 +171,28 @@ pub(super) fn pending(
         Ok(())
     };
     let n = h.slots.len();
-    let page = filter_words::page_size();
-    let window_bytes = WINDOW_BYTES.max(page);
-    let per_window = u32::try_from(window_bytes / size_of::<FlowCacheSlot>()).unwrap_or(1);
-    let mut first = 0u32;
-    while first < n {
-        let count = per_window.min(n - first);
-        // Unmapped when `mem` drops, at the end of this window.
-        let mem = filter_words::map_window(
-            h.slots.map(),
-            first as usize * size_of::<FlowCacheSlot>() / page,
-            count * SLOT_WORDS,
-        );
-        for i in 0..count {
-            let slot = match &mem {
-                Some(mem) => {
-                    let base = i * SLOT_WORDS;
-                    if mem.load(base + FLOW_CACHE_PENDING_WORD as u32) == Some(0) {
-                        continue;
-                    }
-                    let mut words = [0u64; SLOT_WORDS as usize];
-                    for (w, word) in words.iter_mut().enumerate() {
-                        *word = mem.load(base + w as u32).unwrap_or(0);
-                    }
-                    // SAFETY: a plain-integer `repr(C)` struct of exactly these 128 bytes.
-                    unsafe { std::mem::transmute::<[u64; 16], FlowCacheSlot>(words) }
+    let mut mem = filter_words::WindowReader::new(h.slots.map(), n.saturating_mul(SLOT_WORDS));
+    for i in 0..n {
+        let base = i * SLOT_WORDS;
+        let slot = match mem.load(base + FLOW_CACHE_PENDING_WORD as u32) {
+            Some(0) => continue,
+            Some(_) => {
+                let mut words = [0u64; SLOT_WORDS as usize];
+                for (w, word) in words.iter_mut().enumerate() {
+                    *word = mem.load(base + w as u32).unwrap_or(0);
                 }
-                // Not mappable (no 64-bit atomics, a cache made without the flag): bpf(2).
-                None => h
-                    .slots
-                    .get(&(first + i), 0)
-                    .map_err(|e| EngineError::map("cannot read the flow cache", e))?,
-            };
-            if slot.pending != 0 {
-                add(&slot)?;
+                // SAFETY: a plain-integer `repr(C)` struct of exactly these 128 bytes.
+                unsafe { std::mem::transmute::<[u64; 16], FlowCacheSlot>(words) }
             }
+            // Not mappable (no 64-bit atomics, a cache made without the flag): bpf(2).
+            None => h
+                .slots
+                .get(&i, 0)
+                .map_err(|e| EngineError::map("cannot read the flow cache", e))?,
+        };
+        if slot.pending != 0 {
+            add(&slot)?;
         }
-        first += count;
     }
     Ok(out)
 }

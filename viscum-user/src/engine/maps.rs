@@ -52,9 +52,6 @@ pub struct Engine {
     rules: Array<MapData, ServiceEntry>,
     /// Every entry's and rule's counters, one region per CPU ([`ENTRY_STATS_MAP`]).
     stats: Array<MapData, EntryStats>,
-    /// The counters' memory, mapped (`BPF_F_MMAPABLE`): a slot is read and reset with loads
-    /// and stores, not a bpf(2) call per CPU (`None`: not mappable here; the calls are made).
-    stats_mem: Option<super::filter_words::Mapping>,
     /// The miss pre-filter (`None` under pins made by a version without one).
     ports: Option<super::filter_words::FilterWords>,
     /// Regions of the counters array, one per possible CPU id (see [`super::cpus`]).
@@ -265,8 +262,6 @@ impl Engine {
         let rules = typed(pins, RULES_MAP, rules, "the rules array")?;
         let stats: Array<MapData, EntryStats> =
             typed(pins, ENTRY_STATS_MAP, stats, "the entry counters array")?;
-        let stats_mem =
-            super::filter_words::map_words(stats.map(), stats.len().saturating_mul(STATS_WORDS));
         let ports = match ports {
             None => None,
             Some(r) => Some(super::filter_words::FilterWords::new(required(
@@ -289,7 +284,6 @@ impl Engine {
             prefixes,
             rules,
             stats,
-            stats_mem,
             ports,
             cpu_regions,
             flow_cache: std::sync::Mutex::new(None),
@@ -480,11 +474,6 @@ impl Engine {
         let counted = self.stats_sum(id)?;
         self.retire(&counted)?;
         for i in self.stats_indexes(id) {
-            if let Some(mem) = &self.stats_mem
-                && (0..STATS_WORDS).all(|w| mem.store(i * STATS_WORDS + w, 0))
-            {
-                continue;
-            }
             self.stats
                 .set(i, EntryStats::default(), 0)
                 .map_err(|e| EngineError::map("cannot reset the entry counters", e))?;
@@ -551,30 +540,60 @@ impl Engine {
 
     /// The counters of slot `id`, summed over CPUs.
     fn stats_sum(&self, id: u32) -> Result<EntryStats, EngineError> {
-        let mut sum = EntryStats::default();
-        for i in self.stats_indexes(id) {
-            let mapped = self.stats_mem.as_ref().and_then(|mem| {
-                let w = |k| mem.load(i * STATS_WORDS + k);
-                Some(EntryStats {
-                    packets: w(0)?,
-                    bytes: w(1)?,
-                    new_flows: w(2)?,
-                    cloud_flows: w(3)?,
-                })
-            });
-            let v = match mapped {
-                Some(v) => v,
-                None => self
-                    .stats
-                    .get(&i, 0)
-                    .map_err(|e| EngineError::map("cannot read the entry counters", e))?,
-            };
-            sum.packets += v.packets;
-            sum.bytes += v.bytes;
-            sum.new_flows += v.new_flows;
-            sum.cloud_flows += v.cloud_flows;
+        Ok(self.stats_sums(&[id])?.remove(&id).unwrap_or_default())
+    }
+
+    /// The counters of each slot of `ids`, summed over CPUs, by slot.
+    ///
+    /// Read from the array's memory (`BPF_F_MMAPABLE`) one window at a time, in ascending
+    /// order so that each window is mapped once
+    /// ([`super::filter_words::WindowReader`]): never the whole array, whose region per CPU
+    /// would otherwise stay in the daemon's resident memory (0.6 MiB per CPU). Through bpf(2),
+    /// a call per slot and CPU, where it cannot be mapped.
+    fn stats_sums(
+        &self,
+        ids: &[u32],
+    ) -> Result<std::collections::HashMap<u32, EntryStats>, EngineError> {
+        let mut ids = ids.to_vec();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut sums: std::collections::HashMap<u32, EntryStats> =
+            ids.iter().map(|&id| (id, EntryStats::default())).collect();
+        let mut mem = super::filter_words::WindowReader::new(
+            self.stats.map(),
+            self.stats.len().saturating_mul(STATS_WORDS),
+        );
+        let stride = self.stats_stride();
+        for cpu in 0..self.cpu_regions {
+            for &id in &ids {
+                let i = cpu * stride + id;
+                let base = i * STATS_WORDS;
+                let mapped = match mem.load(base) {
+                    None => None,
+                    Some(packets) => (|| {
+                        Some(EntryStats {
+                            packets,
+                            bytes: mem.load(base + 1)?,
+                            new_flows: mem.load(base + 2)?,
+                            cloud_flows: mem.load(base + 3)?,
+                        })
+                    })(),
+                };
+                let v = match mapped {
+                    Some(v) => v,
+                    None => self
+                        .stats
+                        .get(&i, 0)
+                        .map_err(|e| EngineError::map("cannot read the entry counters", e))?,
+                };
+                let sum = sums.entry(id).or_default();
+                sum.packets += v.packets;
+                sum.bytes += v.bytes;
+                sum.new_flows += v.new_flows;
+                sum.cloud_flows += v.cloud_flows;
+            }
         }
-        Ok(sum)
+        Ok(sums)
     }
 
     /// Whether this engine writes the miss pre-filter through a shared mapping of its memory
@@ -747,7 +766,7 @@ impl Engine {
     /// [`EngineError::Map`] if a map cannot be read.
     pub fn entries(&self) -> Result<Vec<EntryView>, EngineError> {
         let pending = self.pending()?;
-        let mut out = Vec::new();
+        let mut found = Vec::new();
         for item in &self.services {
             let (key, target) =
                 item.map_err(|e| EngineError::map("cannot read the services map", e))?;
@@ -755,16 +774,26 @@ impl Engine {
                 log::warn!("skipping an undecodable key in the services map: {key:?}");
                 continue;
             };
-            out.push(self.view(endpoint, target, &pending)?);
+            found.push((endpoint, target));
         }
         for (len, data, node) in self.nodes()? {
             for rule in &node.rules[..node.count as usize] {
                 let Some(endpoint) = Endpoint::from_rule(len, &data, rule) else {
                     continue;
                 };
-                out.push(self.view(endpoint, self.rule(rule.rule_id)?, &pending)?);
+                found.push((endpoint, self.rule(rule.rule_id)?));
             }
         }
+        // Every counter in one pass over the array.
+        let ids: Vec<u32> = found.iter().map(|(_, t)| t.stats_id).collect();
+        let sums = self.stats_sums(&ids)?;
+        let mut out: Vec<EntryView> = found
+            .into_iter()
+            .map(|(endpoint, target)| {
+                let counted = sums.get(&target.stats_id).copied().unwrap_or_default();
+                Self::view(endpoint, target, &counted, &pending)
+            })
+            .collect();
         out.sort_by_key(|e| {
             (
                 e.endpoint.addr,
@@ -952,24 +981,31 @@ impl Engine {
         }
     }
 
+    /// What an entry shows: its counters `counted` (summed over CPUs) and what the flow
+    /// cache holds for it (`pending`).
     fn view(
-        &self,
         endpoint: Endpoint,
         target: ServiceEntry,
+        counted: &EntryStats,
         pending: &super::flow_cache::PendingCounts,
-    ) -> Result<EntryView, EngineError> {
-        let s = self.stats_sum(target.stats_id)?;
+    ) -> EntryView {
         let (packets, bytes) = pending.of(target.stats_id);
-        Ok(EntryView {
+        EntryView {
             endpoint,
             target,
             ifindex: target.ifindex,
             flags: target.flags,
-            packets: s.packets + packets,
-            bytes: s.bytes + bytes,
-            new_flows: s.new_flows,
-            cloud_flows: s.cloud_flows,
-        })
+            packets: counted.packets + packets,
+            bytes: counted.bytes + bytes,
+            new_flows: counted.new_flows,
+            cloud_flows: counted.cloud_flows,
+        }
+    }
+
+    /// [`Self::view`] of one entry, its counters read for it.
+    fn view_one(&self, endpoint: Endpoint, target: ServiceEntry) -> Result<EntryView, EngineError> {
+        let counted = self.stats_sum(target.stats_id)?;
+        Ok(Self::view(endpoint, target, &counted, &self.pending()?))
     }
 
     /// One entry, if present.
@@ -982,10 +1018,10 @@ impl Engine {
                 return Ok(None);
             };
             let target = self.rule(node.rules[idx].rule_id)?;
-            return Ok(Some(self.view(*endpoint, target, &self.pending()?)?));
+            return Ok(Some(self.view_one(*endpoint, target)?));
         }
         match self.services.get(&endpoint.key(), 0) {
-            Ok(target) => Ok(Some(self.view(*endpoint, target, &self.pending()?)?)),
+            Ok(target) => Ok(Some(self.view_one(*endpoint, target)?)),
             Err(MapError::KeyNotFound) => Ok(None),
             Err(e) => Err(EngineError::map(
                 format!("cannot read the entry for {endpoint}"),
@@ -1275,11 +1311,10 @@ impl Engine {
         *redirected = redirected
             .wrapping_add(late)
             .wrapping_add(self.pending()?.packets);
-        for id in self.live_stats_ids()? {
-            let counted = self.stats_sum(id)?;
+        for counted in self.stats_sums(&self.live_stats_ids()?)?.values() {
             for (counter, field) in RETIRED {
                 let total = stats.get_mut(counter);
-                *total = total.wrapping_add(field(&counted));
+                *total = total.wrapping_add(field(counted));
             }
         }
         // Not counted by the classifier: every packet ends in one of its exits.
