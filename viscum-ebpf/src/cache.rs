@@ -235,10 +235,20 @@ pub fn fill(p: &Parsed, entry: &ServiceEntry, tick: u64, generation: u64) {
 /// added to the entry ([`flush`]; `generation`: the entries' generation now).
 #[inline(always)]
 pub fn forget(p: &Parsed, generation: u64) {
-    Probe::of(p).each_held(|slot| {
-        flush(slot, generation);
-        slot.valid_until_tick = 0;
-    });
+    let probe = Probe::of(p);
+    let Some((first, second)) = probe.slots() else {
+        return;
+    };
+    // SAFETY: as above.
+    let (first, second) = unsafe { (&mut *first, &mut *second) };
+    if probe.holds(first) {
+        flush(first, generation);
+        first.valid_until_tick = 0;
+    }
+    if probe.holds(second) {
+        flush(second, generation);
+        second.valid_until_tick = 0;
+    }
 }
 
 /// Ends this CPU's slot of the client-side flow (`client`:`client_port` to
@@ -258,8 +268,18 @@ pub fn expire(
     proto: u8,
     family: u8,
 ) {
-    Probe::new(client, client_port, service, service_port, proto, family)
-        .each_held(|slot| slot.valid_until_tick = 0);
+    let probe = Probe::new(client, client_port, service, service_port, proto, family);
+    let Some((first, second)) = probe.slots() else {
+        return;
+    };
+    // SAFETY: this CPU's slots; nothing else runs on this CPU while we do.
+    let (first, second) = unsafe { (&mut *first, &mut *second) };
+    if probe.holds(first) {
+        first.valid_until_tick = 0;
+    }
+    if probe.holds(second) {
+        second.valid_until_tick = 0;
+    }
 }
 
 /// `p`'s flow as the cache compares it: both addresses as words, and the ports,
@@ -320,22 +340,6 @@ impl Probe {
             ]),
         );
         Some((CACHE.get_ptr_mut(i)?, CACHE.get_ptr_mut(i ^ 1)?))
-    }
-
-    /// Calls `f` on each of this CPU's two slots of this flow that holds it.
-    #[inline(always)]
-    fn each_held(&self, mut f: impl FnMut(&mut FlowCacheSlot)) {
-        let Some((first, second)) = self.slots() else {
-            return;
-        };
-        // SAFETY: this CPU's slots; nothing else runs on this CPU while we do.
-        let (first, second) = unsafe { (&mut *first, &mut *second) };
-        if self.holds(first) {
-            f(first);
-        }
-        if self.holds(second) {
-            f(second);
-        }
     }
 
     /// Does `slot` hold this flow?
