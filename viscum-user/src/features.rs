@@ -13,7 +13,7 @@
 
 use std::{ffi::CStr, fs, path::Path};
 
-use aya::{programs::SchedClassifier, util::KernelVersion};
+use aya::util::KernelVersion;
 use serde::Serialize;
 
 use crate::engine::{EngineError, Pins};
@@ -402,10 +402,11 @@ pub fn program_stats(pins: &Pins) -> Vec<ProgramStats> {
         if !path.exists() {
             continue;
         }
-        let Ok(prog) = SchedClassifier::from_pin(&path) else {
+        // Not through `SchedClassifier::from_pin`, which makes aya probe the kernel's
+        // features (see `engine::attach`'s `pinned_program_id`).
+        let Ok(info) = aya::programs::ProgramInfo::from_pin(&path) else {
             continue;
         };
-        let Ok(info) = prog.info() else { continue };
         out.push(ProgramStats {
             name: name.to_owned(),
             id: info.id(),

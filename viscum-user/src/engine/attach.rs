@@ -641,16 +641,19 @@ fn on_hook(prog_id: u32, name: &str, index: u32, tcx: bool) -> Result<bool, Engi
 }
 
 /// The id of the program pinned at `path`.
+///
+/// Through `ProgramInfo::from_pin`, not `SchedClassifier::from_pin`: the latter asks for
+/// the program's name as a string, which makes aya probe the kernel's features first (a
+/// score of bpf(2) calls, five of them program loads) in every process that reads a pin,
+/// every CLI command among them.
 fn pinned_program_id(path: &Path) -> Result<u32, EngineError> {
-    let prog = SchedClassifier::from_pin(path).map_err(|e| {
-        EngineError::prog(
-            format!("cannot open the pinned program {}", path.display()),
-            e,
-        )
-    })?;
-    Ok(prog
-        .info()
-        .map_err(|e| EngineError::prog("cannot read the program's info", e))?
+    Ok(aya::programs::ProgramInfo::from_pin(path)
+        .map_err(|e| {
+            EngineError::prog(
+                format!("cannot open the pinned program {}", path.display()),
+                e,
+            )
+        })?
         .id())
 }
 

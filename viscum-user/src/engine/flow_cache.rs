@@ -29,7 +29,7 @@ use std::{
 
 use aya::{
     maps::{Array, IterableMap as _, MapData, MapError, MapInfo},
-    programs::{ProgramInfo, SchedClassifier},
+    programs::ProgramInfo,
 };
 use viscum_common::{
     FLOW_CACHE_MAP, FLOW_CACHE_PENDING_WORD, FlowCacheSlot, pending_bytes, pending_packets,
@@ -73,8 +73,9 @@ fn pinned(program: &Path) -> Result<Option<ProgramInfo>, EngineError> {
     if !program.exists() {
         return Ok(None);
     }
-    SchedClassifier::from_pin(program)
-        .and_then(|prog| prog.info())
+    // Not through `SchedClassifier::from_pin`, which makes aya probe the kernel's features
+    // (see `attach::pinned_program_id`).
+    ProgramInfo::from_pin(program)
         .map(Some)
         .map_err(|e| EngineError::prog("cannot read the pinned classifier's info", e))
 }
@@ -99,7 +100,8 @@ fn open(info: &ProgramInfo) -> Result<Option<Handle>, EngineError> {
             }
             Err(e) => return Err(EngineError::map("cannot open the classifier's maps", e)),
         };
-        if info.name_as_str() != Some(FLOW_CACHE_MAP) {
+        // The bytes, not `name_as_str`, which makes aya probe the kernel's features.
+        if info.name() != FLOW_CACHE_MAP.as_bytes() {
             continue;
         }
         let data = MapData::from_id(map_id)

@@ -1343,11 +1343,10 @@ impl Engine {
     /// # Errors
     /// [`EngineError::Program`] if the program pin cannot be opened or queried.
     pub fn program_id(&self) -> Result<u32, EngineError> {
-        let prog = aya::programs::SchedClassifier::from_pin(self.pins.program())
-            .map_err(|e| EngineError::prog("cannot open the pinned classifier", e))?;
-        let info = prog
-            .info()
-            .map_err(|e| EngineError::prog("cannot read the classifier's info", e))?;
+        // Not through `SchedClassifier::from_pin`, which makes aya probe the kernel's
+        // features (see `attach::pinned_program_id`).
+        let info = aya::programs::ProgramInfo::from_pin(self.pins.program())
+            .map_err(|e| EngineError::prog("cannot read the pinned classifier's info", e))?;
         Ok(info.id())
     }
 }
