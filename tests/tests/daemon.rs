@@ -159,6 +159,17 @@ fn serves_at_the_edge_while_healthy_and_fails_over_when_the_service_dies() {
     );
     let table = lab.viscum_ok(&["status", "--control", files.control().to_str().unwrap()]);
     assert!(table.contains(&web) && table.contains("healthy"), "{table}");
+    // The configuration names its own control socket; a command given only --bpffs finds
+    // the daemon through the link at the instance's default path.
+    let default_control = viscum::daemon::state::default_control(lab.bpffs.path());
+    assert_eq!(
+        std::fs::read_link(&default_control).ok(),
+        Some(files.control()),
+        "no link at {}",
+        default_control.display()
+    );
+    let table = lab.viscum_ok(&["status"]);
+    assert!(table.contains(&web) && table.contains("healthy"), "{table}");
     let logs = lab.viscum_ok(&["logs", &web, "--control", files.control().to_str().unwrap()]);
     assert!(
         logs.contains("listening on 8080") && logs.contains(&format!("started process {pid}")),
@@ -251,6 +262,11 @@ fn serves_at_the_edge_while_healthy_and_fails_over_when_the_service_dies() {
         "pins left behind"
     );
     assert!(!files.control().exists(), "control socket left behind");
+    assert!(
+        std::fs::symlink_metadata(&default_control).is_err(),
+        "control link left behind at {}",
+        default_control.display()
+    );
     assert_eq!(who(&lab, 8080), "cloud");
 }
 

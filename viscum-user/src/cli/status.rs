@@ -17,7 +17,8 @@ use crate::{
 #[derive(Debug, Args)]
 pub struct ControlArg {
     /// The daemon's control socket. Default: derived from --bpffs, /run/viscum.sock for the
-    /// default instance (or the `control` path of the daemon's configuration).
+    /// default instance (a daemon whose configuration sets another `control` path links it
+    /// there).
     #[arg(long, env = "VISCUM_CONTROL")]
     pub control: Option<PathBuf>,
 }

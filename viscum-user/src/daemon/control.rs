@@ -417,6 +417,88 @@ pub async fn bind(path: &Path) -> Result<UnixListener, ControlError> {
     Ok(listener)
 }
 
+/// A symbolic link at the instance's default control path ([`super::state::default_control`]
+/// of its bpffs) to the socket the daemon's configuration names instead (`engine.control`),
+/// removed when dropped if it still points there. The CLI derives the socket from `--bpffs`
+/// alone: without the link, `viscum status` and `redirect add` of an instance configured with
+/// its own `control` found no daemon (and `redirect add` applied the change itself, silently)
+/// unless the operator passed `--control` or `VISCUM_CONTROL`.
+#[derive(Debug)]
+pub struct ControlLink {
+    link: PathBuf,
+    target: PathBuf,
+    /// The link's directory and those made for it, deepest first: removed with it when
+    /// empty.
+    made_dirs: Vec<PathBuf>,
+}
+
+impl Drop for ControlLink {
+    fn drop(&mut self) {
+        if std::fs::read_link(&self.link).is_ok_and(|t| t == self.target) {
+            let _ = std::fs::remove_file(&self.link);
+        }
+        for dir in &self.made_dirs {
+            // Fails, leaving it, when something else is in it.
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+/// Links `default` to the bound socket `control` (see [`ControlLink`]); `None`, and nothing
+/// made, when they are the same path, or when `default` holds something other than a link
+/// (another instance's socket: left alone, with a warning). A link left by a daemon that
+/// died is replaced.
+pub fn link_default(control: &Path, default: &Path) -> Option<ControlLink> {
+    let target = std::path::absolute(control).ok()?;
+    if std::path::absolute(default).ok()? == target {
+        return None;
+    }
+    match std::fs::symlink_metadata(default) {
+        Ok(m) if m.file_type().is_symlink() => {
+            let _ = std::fs::remove_file(default);
+        }
+        Ok(_) => {
+            log::warn!(
+                "{} exists and is not a link: commands without --control will not find this \
+                 daemon (its socket is {})",
+                default.display(),
+                target.display()
+            );
+            return None;
+        }
+        Err(_) => {}
+    }
+    // The link's own directory (the instance's default run directory, which a daemon that
+    // was killed may have left), then those made for it now.
+    let made_dirs: Vec<PathBuf> = default
+        .ancestors()
+        .skip(1)
+        .enumerate()
+        .take_while(|(i, d)| !d.as_os_str().is_empty() && (*i == 0 || !d.exists()))
+        .map(|(_, d)| d.to_path_buf())
+        .collect();
+    let made = default
+        .parent()
+        .map_or(Ok(()), std::fs::create_dir_all)
+        .and_then(|()| std::os::unix::fs::symlink(&target, default));
+    match made {
+        Ok(()) => Some(ControlLink {
+            link: default.to_owned(),
+            target,
+            made_dirs,
+        }),
+        Err(e) => {
+            log::warn!(
+                "cannot link {} to the control socket {}: {e}; commands without --control \
+                 will not find this daemon",
+                default.display(),
+                target.display()
+            );
+            None
+        }
+    }
+}
+
 /// How much a control client may ask of the daemon: each connection is served by its own
 /// task, within these bounds, so one client that misbehaves (never finishes a line, never
 /// reads its replies, connects and says nothing, or opens connections by the thousand) costs

@@ -214,6 +214,8 @@ pub async fn run(
 
     let control_listener = control::bind(&instance.control).await?;
     let _socket = RemoveOnDrop(instance.control.clone());
+    // Dropped before `_socket` (declared after it): the link goes first.
+    let _link = control::link_default(&instance.control, &state::default_control(&instance.bpffs));
     let metrics_listener = match config.engine.metrics {
         Some(addr) => Some(
             web::bind(addr)
