@@ -762,6 +762,9 @@ fn a_reload_with_one_bad_service_changes_nothing() {
         "{}",
         daemon.log()
     );
+    // Named once, with the problem (a refused reload was logged twice).
+    let log = daemon.log();
+    assert_eq!(log.matches("port '70000'").count(), 1, "{log}");
     unchanged(&daemon, "SIGHUP with a bad service");
     // The same over the raw protocol: every problem listed.
     let r = daemon.request(r#"{"cmd":"reload"}"#).unwrap();

@@ -170,6 +170,14 @@ fn serves_at_the_edge_while_healthy_and_fails_over_when_the_service_dies() {
     );
     let table = lab.viscum_ok(&["status"]);
     assert!(table.contains(&web) && table.contains("healthy"), "{table}");
+    // A service's entry is refused to `redirect del` through the daemon (the service would
+    // restore it at once), naming the service; the entry stays.
+    let err = lab.viscum_err(&["redirect", "del", &format!("tcp://{CLOUD_V4}:8080")]);
+    assert!(
+        err.contains(&format!("is an entry of service {web}")),
+        "{err}"
+    );
+    assert_eq!(entries(&lab), vec![format!("tcp://{CLOUD_V4}:8080")]);
     let logs = lab.viscum_ok(&["logs", &web, "--control", files.control().to_str().unwrap()]);
     assert!(
         logs.contains("listening on 8080") && logs.contains(&format!("started process {pid}")),
@@ -292,7 +300,8 @@ fn an_entry_deleted_behind_the_daemons_back_is_restored() {
     let ep = format!("tcp://{CLOUD_V4}:8080");
 
     let deleted = Instant::now();
-    lab.viscum_ok(&["redirect", "del", &ep, "--now"]);
+    // Behind its back: not through the daemon, which refuses to delete a service's entry.
+    lab.viscum_ok(&["redirect", "del", &ep, "--now", "--no-daemon"]);
     let back = wait_until(UP, || entries(&lab) == vec![ep.clone()]);
     assert!(
         back,

@@ -183,7 +183,7 @@ impl Collector for Snapshot {
         family(
             &mut enc,
             "viscum_service_flows_total",
-            "Flows matching the service, by where they went (edge: kept off the uplink; cloud: fell back).",
+            "Flows that matched the service's entries, by where the classifier sent them (edge: served here; cloud: matched while an entry was learning or draining). While the service is down it has no entries: its flows go to the cloud uncounted.",
             self.per_pair(
                 "where",
                 ("edge", |s| s.edge_flows),

@@ -298,7 +298,10 @@ pub async fn run(
         storage_dir: config.engine.storage_dir.clone(),
     });
 
+    let owned = redirects::Owned::default();
+    redirects::set_owned(&owned, &config);
     let mut daemon = Daemon {
+        owned: owned.clone(),
         shedder: config.engine.max_load.map(Shedder::new),
         config,
         instance,
@@ -328,6 +331,7 @@ pub async fn run(
     let redirects = redirects::Redirects {
         engine: daemon.ctx.engine.clone(),
         pins: daemon.pins.clone(),
+        owned,
     };
     let control_task = tokio::spawn(control::serve_direct(
         control_listener,
@@ -373,7 +377,12 @@ pub async fn run(
                 )
                 .await;
                 if !response.ok {
-                    log::error!("reload refused: {}", response.problems.join("; "));
+                    log::error!(
+                        "reload refused, keeping the running configuration: {}{}{}",
+                        response.error.as_deref().unwrap_or("refused"),
+                        if response.problems.is_empty() { "" } else { ": " },
+                        response.problems.join("; ")
+                    );
                 }
             }
             Some(envelope) = next_request(&mut deferred, &mut ctl_rx) => {
@@ -588,6 +597,9 @@ fn save_record(paths: &RunPaths, record: &DaemonRecord) {
 /// The supervisor's state.
 struct Daemon {
     config: Config,
+    /// The configuration's exact matches by service, for `redirect-del` to refuse deleting
+    /// an entry a service would restore ([`redirects::Redirects`]).
+    owned: redirects::Owned,
     instance: Instance,
     pins: Pins,
     ctx: Arc<service::Context>,
@@ -867,6 +879,7 @@ impl Daemon {
                 redirects::Redirects {
                     engine: self.ctx.engine.clone(),
                     pins: self.pins.clone(),
+                    owned: self.owned.clone(),
                 }
                 .serve(r)
                 .await
@@ -1137,8 +1150,8 @@ impl Daemon {
         };
         let new = match Config::load(&path) {
             Ok(c) => c,
+            // Logged by a SIGHUP's caller; a control request's client shows it.
             Err(e) => {
-                log::error!("reload: keeping the running configuration: {e}");
                 return Response {
                     ok: false,
                     error: Some(format!(
@@ -1310,6 +1323,7 @@ impl Daemon {
             }
         }
 
+        redirects::set_owned(&self.owned, &new);
         self.config = new;
         // A reload is also the operator's way of saying "look again": re-attach where the
         // kernel lost the classifier, re-point entries at re-created targets.

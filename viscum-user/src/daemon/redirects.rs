@@ -28,6 +28,8 @@ use tokio::sync::{Mutex, oneshot};
 
 use super::control::{Direct, Envelope, Request, Response};
 use crate::{
+    config::Config,
+    endpoint::Endpoint,
     engine::{Engine, Pins},
     redirect::request::{self, AddRequest, DelRequest, Peer},
     spec::Match,
@@ -40,6 +42,26 @@ pub(super) struct Redirects {
     pub engine: Arc<Mutex<Engine>>,
     /// The daemon's instance.
     pub pins: Pins,
+    /// The running configuration's matches, by service.
+    pub owned: Owned,
+}
+
+/// The exact matches of the running configuration's services: (service, match). A
+/// `redirect-del` of one is refused, since the service's task would restore the entry
+/// within a second (with its counters reset) after reporting the delete done.
+pub(super) type Owned = Arc<std::sync::RwLock<Vec<(String, Endpoint)>>>;
+
+/// Records `config`'s matches in `owned` (at start and at each applied reload).
+pub(super) fn set_owned(owned: &Owned, config: &Config) {
+    let now = config
+        .services
+        .iter()
+        .flat_map(|s| s.matches.iter().map(|m| (s.name.clone(), *m)))
+        .collect();
+    // A poisoned lock only means a writer panicked mid-replace: the value is replaced whole.
+    *owned
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = now;
 }
 
 impl Redirects {
@@ -129,6 +151,19 @@ impl Redirects {
             Ok(m) => m,
             Err(e) => return Response::error(format!("{e:#}")),
         };
+        if let Match::Addr(endpoint) = &matched {
+            let owned = self
+                .owned
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if let Some((service, _)) = owned.iter().find(|(_, m)| m == endpoint) {
+                return Response::error(format!(
+                    "{endpoint} is an entry of service {service} in the daemon's configuration, \
+                     which would restore it: remove the match from the configuration and \
+                     reload, or stop the service (viscum service stop {service})"
+                ));
+            }
+        }
         // No interrupt of our own: a client that wants the drain cut short (Ctrl-C) sends
         // the same delete again with `now`.
         let mut said = Vec::new();
