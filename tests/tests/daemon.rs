@@ -317,6 +317,38 @@ fn an_entry_deleted_behind_the_daemons_back_is_restored() {
 }
 
 #[test]
+fn a_command_that_cannot_start_is_retried_counted_and_never_redirected() {
+    if skip_unless_root() {
+        return;
+    }
+    let lab = Lab::new();
+    let files = DaemonFiles::new();
+    let _cloud = IdentityServer::start(lab.cloud.name(), 8084, "cloud");
+    let web = lab.service_ns_name();
+    let mut config = files.config();
+    config.services.push(Service {
+        command: vec!["/nonexistent/viscum-test-server".into()],
+        ..files.service(&web, 8084, "edge")
+    });
+    files.write(&config);
+    let daemon = Daemon::start(&lab, &files);
+    // Each failed start is retried with back-off (0.5 s, then 1 s): the attempts count.
+    let mut last = serde_json::Value::Null;
+    let retried = wait_until(UP, || {
+        last = daemon.service(&web);
+        last["restarts"].as_u64().is_some_and(|n| n >= 2)
+    });
+    assert!(retried, "{last:#}\n{}", daemon.log());
+    assert!(
+        ["backoff", "starting"].contains(&last["state"].as_str().unwrap_or("")),
+        "{last:#}"
+    );
+    assert!(entries(&lab).is_empty(), "{:?}", entries(&lab));
+    assert_eq!(who(&lab, 8084), "cloud");
+    assert!(daemon.stop().success());
+}
+
+#[test]
 fn a_service_whose_check_never_passes_is_never_redirected() {
     if skip_unless_root() {
         return;

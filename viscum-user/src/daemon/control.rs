@@ -256,7 +256,7 @@ pub struct ServiceStatus {
     pub adopted: bool,
     /// Seconds since the current process started; `None` while none runs.
     pub uptime_s: Option<u64>,
-    /// Automatic restarts since this daemon started.
+    /// Automatic restarts since this daemon started, attempted (a start that fails counts).
     pub restarts: u32,
     /// How the last process ended, e.g. `exit status 1` or `killed by signal 9 (SIGKILL)`.
     pub last_exit: Option<String>,

@@ -217,7 +217,7 @@ impl Collector for Snapshot {
         family(
             &mut enc,
             "viscum_service_restarts_total",
-            "Automatic restarts of the service since the daemon started.",
+            "Automatic restarts of the service since the daemon started, attempted (a start that fails counts).",
             self.per(|s| Value::Counter(u64::from(s.restarts))),
         )?;
         family(
@@ -386,7 +386,7 @@ mod tests {
         }
         assert!(text.contains("# TYPE viscum_shedding gauge\nviscum_shedding 0\n"));
         assert!(text.contains(
-            "# HELP viscum_service_flows_total Flows matching the service, by where they went"
+            "# HELP viscum_service_flows_total Flows that matched the service's entries, by where"
         ));
         assert!(text.contains("viscum_service_flows_total{service=\"web\",where=\"edge\"} 0\n"));
         assert!(

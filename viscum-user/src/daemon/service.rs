@@ -861,6 +861,12 @@ impl Actor {
             cwd: self.cfg.workdir.as_deref(),
             storage: attached.as_ref().map(|a| &a.child),
         };
+        // An automatic restart counts when it is attempted, not only when it succeeds: a
+        // command that cannot start, retried with back-off, shows its attempts (it read 0).
+        if self.restart_pending {
+            self.restarts += 1;
+            self.restart_pending = false;
+        }
         let spawned = process::spawn(&spec);
         // The child's mount holds the loop device now (or the start failed: then the
         // device detaches itself as this last holder closes it).
@@ -868,10 +874,6 @@ impl Actor {
         match spawned {
             Ok(proc) => {
                 let pid = proc.pid();
-                if self.restart_pending {
-                    self.restarts += 1;
-                    self.restart_pending = false;
-                }
                 logs::note(
                     &self.log_path,
                     &format!(
