@@ -695,6 +695,19 @@ command = ["x"]
         stderr.contains("interface br-nope does not exist in this network namespace"),
         "{stderr}"
     );
+    assert!(!stderr.contains("not an executable file"), "{stderr}");
+    // A command that resolves nowhere: said, still ok (it may live in the service's storage).
+    good.services[0].command[0] = "/usr/bin/pyth0n3".into();
+    files.write(&good);
+    let out = lab.viscum(&["run", "--config", config, "--check"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stderr.contains(&format!(
+            "service {name}: command /usr/bin/pyth0n3 is not an executable file here"
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -17,6 +17,8 @@ pub struct RunArgs {
     #[arg(long, short = 'c', env = "VISCUM_CONFIG")]
     pub config: PathBuf,
     /// Only validate the file: print every problem it has (exit status 1) or "ok", and exit.
+    /// An "ok" file may still get notes: an interface this network namespace lacks, a
+    /// service command that is not an executable file here.
     #[arg(long)]
     pub check: bool,
 }
@@ -39,6 +41,19 @@ pub async fn run(pins: &Pins, args: RunArgs) -> Result<()> {
             if crate::engine::ifindex(iface).is_err() {
                 eprintln!(
                     "note: interface {iface} does not exist in this network namespace (the daemon attaches it when it appears)"
+                );
+            }
+        }
+        // Not an error either: a command may live in the service's storage, mounted only
+        // when it starts. But a path that resolves nowhere is most often a typo, and the
+        // daemon would only retry it with back-off.
+        for svc in &config.services {
+            if let Some(program) = svc.command.first()
+                && !command_found(program, svc.env.get("PATH"), svc.workdir.as_deref())
+            {
+                eprintln!(
+                    "note: service {}: command {program} is not an executable file here (the daemon would retry it with back-off)",
+                    svc.name
                 );
             }
         }
@@ -68,4 +83,56 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>> {
             _ = term.recv() => log::info!("SIGTERM: shutting down"),
         }
     })
+}
+
+/// The search path a service starts with unless its `env` sets `PATH`
+/// (`daemon::process`'s base environment).
+const SERVICE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// Whether `program` names an executable file as the daemon would run it: a path with a `/`
+/// as it is (relative ones from `workdir`), a bare name through the service's `PATH`
+/// (its `env`'s, else [`SERVICE_PATH`]), as execvp(3) searches it.
+fn command_found(program: &str, path: Option<&String>, workdir: Option<&std::path::Path>) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    let executable = |p: &std::path::Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        let p = std::path::Path::new(program);
+        return match workdir {
+            Some(dir) if p.is_relative() => executable(&dir.join(p)),
+            _ => executable(p),
+        };
+    }
+    path.map_or(SERVICE_PATH, String::as_str)
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .any(|d| executable(&std::path::Path::new(d).join(program)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::command_found;
+
+    #[test]
+    fn commands_resolve_as_the_daemon_would_run_them() {
+        assert!(command_found("/bin/sh", None, None));
+        assert!(command_found("sh", None, None));
+        assert!(!command_found("/usr/bin/pyth0n3", None, None));
+        assert!(!command_found("pyth0n3", None, None));
+        // A service PATH without /bin does not find sh there.
+        assert!(!command_found("sh", Some(&"/nonexistent".to_owned()), None));
+        // Relative paths from the working directory.
+        assert!(command_found(
+            "./sh",
+            None,
+            Some(std::path::Path::new("/bin"))
+        ));
+        // A file without an execute bit.
+        let plain = std::env::temp_dir().join(format!("viscum-plain-{}", std::process::id()));
+        std::fs::write(&plain, "#!/bin/sh\n").unwrap();
+        let found = command_found(plain.to_str().unwrap(), None, None);
+        std::fs::remove_file(&plain).unwrap();
+        assert!(!found);
+    }
 }
